@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs the Debian packages that `make test` and `make demo` need, only when missing.
+# Idempotent and quiet when everything is present.
+set -euo pipefail
+
+packages=(
+  pkg-config          # pcsc crate build
+  libpcsclite-dev     # pcsc crate link
+  pcscd               # PC/SC daemon (started by the test harness, never by systemd here)
+  vsmartcard-vpcd     # virtual reader driver the virtual PIV card connects to
+  pcsc-tools          # pcsc_scan, for operators
+  fuse3               # fusermount3, /etc/fuse.conf
+  samtools            # real CRAM writer/reader
+  htslib-test         # real CRAM fixtures under /usr/share/htslib-test/test/
+  fio                 # volume baseline in `qgenome-mountd bench`
+  libgfshare-bin      # gfsplit, the sharing peer baseline in `qgenome bench split`
+  gocryptfs           # the encrypted-FUSE peer baseline in `qgenome bench e2e`
+  iproute2 util-linux # ip netns, losetup
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

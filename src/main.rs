@@ -1,0 +1,13 @@
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    qgenome::cli::init_tracing();
+    let cli = qgenome::cli::Cli::parse();
+    match cli.run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("qgenome: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
