@@ -1,11 +1,194 @@
-//! `qgenome bench ...`: throughput of the pipeline stages.
-use clap::Subcommand;
+//! `qgenome bench ...`: throughput of the pipeline stages, with same-run baselines.
+//!
+//! MB/s here is 10^6 bytes per second of secret (plaintext) processed.
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use crate::sharing::{Drbg, RandomSource, Scheme};
 
 #[derive(Debug, Subcommand)]
-pub enum BenchCommand {}
+pub enum BenchCommand {
+    /// Split and combine throughput of the (k,n) scheme on one core, including random
+    /// generation, with gfsplit (Shamir over GF(256)) on the same data as the baseline.
+    Split(SplitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SplitArgs {
+    /// Bytes of secret to split (K, M, G suffixes).
+    #[arg(long, default_value = "256M", value_parser = super::parse_size)]
+    pub size: u64,
+    #[arg(long, default_value_t = 2)]
+    pub k: usize,
+    #[arg(long, default_value_t = 3)]
+    pub n: usize,
+    /// Chunk size the secret is cut into, as the filesystem does.
+    #[arg(long, default_value = "1M", value_parser = super::parse_size)]
+    pub chunk: u64,
+    /// Threads (1 = the single-core figure the targets are set for).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Passes over the data; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub passes: usize,
+    /// Skip the gfsplit baseline.
+    #[arg(long)]
+    pub no_baseline: bool,
+    /// Directory for the baseline's files (tmpfs keeps the disk out of the measurement).
+    #[arg(long, default_value = "/dev/shm")]
+    pub dir: PathBuf,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
 
 impl BenchCommand {
     pub fn run(self) -> anyhow::Result<()> {
-        match self {}
+        match self {
+            BenchCommand::Split(args) => bench_split(&args),
+        }
     }
+}
+
+fn mbps(bytes: u64, t: Duration) -> f64 {
+    bytes as f64 / t.as_secs_f64() / 1e6
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn bench_split(args: &SplitArgs) -> anyhow::Result<()> {
+    let scheme = Scheme::new(args.k, args.n)?;
+    if args.size == 0 || args.chunk == 0 || args.passes == 0 || args.threads == 0 {
+        bail!("--size, --chunk, --passes and --threads must be greater than zero");
+    }
+    let size = usize::try_from(args.size).context("--size does not fit in memory")?;
+    let chunk = usize::try_from(args.chunk).context("--chunk does not fit in memory")?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads)
+        .build()?;
+
+    let mut data = vec![0u8; size];
+    Drbg::from_os()?.fill(&mut data)?;
+    let lens: Vec<usize> = data
+        .chunks(chunk)
+        .map(|c| scheme.share_len(c.len()))
+        .collect();
+    let total: usize = lens.iter().sum();
+    // Written once before timing so page faults are not measured.
+    let mut shares: Vec<Vec<u8>> = (0..args.n).map(|_| vec![1u8; total]).collect();
+    let mut out = vec![1u8; size];
+
+    let mut split_runs = Vec::new();
+    let mut combine_runs = Vec::new();
+    let subsets: Vec<Vec<usize>> = (0u32..1 << args.n)
+        .filter(|m| m.count_ones() as usize == args.k)
+        .map(|m| (0..args.n).filter(|i| m >> i & 1 == 1).collect())
+        .collect();
+    for _ in 0..args.passes {
+        let mut refs: Vec<&mut [u8]> = shares.iter_mut().map(Vec::as_mut_slice).collect();
+        let start = Instant::now();
+        pool.install(|| scheme.split_chunks(&data, chunk, &mut refs))?;
+        split_runs.push(mbps(args.size, start.elapsed()));
+
+        let start = Instant::now();
+        pool.install(|| {
+            use rayon::prelude::*;
+            let mut jobs = Vec::with_capacity(lens.len());
+            let mut off = 0;
+            for (c, dst) in out.chunks_mut(chunk).enumerate() {
+                jobs.push((c, off, dst));
+                off += lens[c];
+            }
+            jobs.into_par_iter().try_for_each(|(c, off, dst)| {
+                // Rotate through every k-subset, as reads that route around sites do.
+                let given: Vec<(usize, &[u8])> = subsets[c % subsets.len()]
+                    .iter()
+                    .map(|&i| (i, &shares[i][off..off + lens[c]]))
+                    .collect();
+                let len = dst.len();
+                scheme.combine(&given, len, dst)
+            })
+        })?;
+        combine_runs.push(mbps(args.size, start.elapsed()));
+        if out != data {
+            bail!("combine did not rebuild the secret: the scheme is broken");
+        }
+    }
+    let split_mbps = median(split_runs);
+    let combine_mbps = median(combine_runs);
+    let gfsplit_mbps = if args.no_baseline {
+        None
+    } else {
+        Some(gfsplit_baseline(&data, args)?)
+    };
+    if args.json {
+        let mut v = json!({
+            "k": args.k, "n": args.n, "size": args.size, "chunk": args.chunk,
+            "threads": args.threads, "split_mbps": round1(split_mbps),
+            "combine_mbps": round1(combine_mbps),
+        });
+        if let Some(g) = gfsplit_mbps {
+            v["gfsplit_mbps"] = json!(round1(g));
+            v["split_vs_gfsplit"] = json!(round1(split_mbps / g));
+        }
+        println!("{v}");
+    } else {
+        println!(
+            "({},{}) scheme, {} MiB in {} KiB chunks, {} thread(s), median of {} passes",
+            args.k,
+            args.n,
+            args.size >> 20,
+            args.chunk >> 10,
+            args.threads,
+            args.passes
+        );
+        println!("split   {split_mbps:>9.1} MB/s (including random generation)");
+        println!("combine {combine_mbps:>9.1} MB/s");
+        if let Some(g) = gfsplit_mbps {
+            println!(
+                "gfsplit {g:>9.1} MB/s (-n {} -m {}, same data) -> split is {:.1}x",
+                args.k,
+                args.n,
+                split_mbps / g
+            );
+        }
+    }
+    Ok(())
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// Time `gfsplit -n k -m n` on the same bytes, from and to tmpfs.
+fn gfsplit_baseline(data: &[u8], args: &SplitArgs) -> anyhow::Result<f64> {
+    let dir = tempfile::Builder::new()
+        .prefix("qgenome-bench-")
+        .tempdir_in(&args.dir)
+        .with_context(|| format!("creating a scratch directory in {}", args.dir.display()))?;
+    let input = dir.path().join("secret");
+    std::fs::write(&input, data).with_context(|| format!("writing {}", input.display()))?;
+    let start = Instant::now();
+    let status = Command::new("gfsplit")
+        .arg("-n")
+        .arg(args.k.to_string())
+        .arg("-m")
+        .arg(args.n.to_string())
+        .arg(&input)
+        .arg(dir.path().join("share"))
+        .status()
+        .context("running gfsplit (Debian package libgfshare-bin; `make deps` installs it)")?;
+    let elapsed = start.elapsed();
+    if !status.success() {
+        bail!("gfsplit failed: {status}");
+    }
+    Ok(mbps(data.len() as u64, elapsed))
 }

@@ -1,0 +1,126 @@
+//! Sources of the random pieces that make a sharing secret.
+//!
+//! Any k-1 shares reveal nothing only if the random pieces are uniform, fresh for every chunk and
+//! never used twice. [`Drbg`] is the default: AES-256 in counter mode under a key drawn from the
+//! operating system, rekeyed from the OS every [`Drbg::RESEED_BYTES`]. Its state is neither
+//! `Clone` nor `Copy`, so two sharings can never draw the same stream.
+use aes::cipher::{KeyIvInit, StreamCipher};
+use zeroize::Zeroize;
+
+/// Why random bytes could not be produced.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RandomError {
+    #[error("the operating system's random source failed: {0}")]
+    Os(getrandom::Error),
+    #[error("random pool {path}: {reason}")]
+    Pool { path: String, reason: String },
+}
+
+/// A source of uniformly random bytes. Every call returns bytes never returned before.
+pub trait RandomSource {
+    fn fill(&mut self, buf: &mut [u8]) -> Result<(), RandomError>;
+}
+
+type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
+
+/// AES-256-CTR keyed from the OS (`getrandom`), rekeyed every [`Drbg::RESEED_BYTES`].
+///
+/// The keystream is the output: each call zeroes the buffer and encrypts it in place, so no
+/// output byte depends on anything but the key and a counter that only moves forward.
+pub struct Drbg {
+    cipher: Aes256Ctr,
+    since_reseed: u64,
+}
+
+impl Drbg {
+    /// Output between two rekeys from the OS: far below the 2^64-block birthday bound of AES.
+    pub const RESEED_BYTES: u64 = 1 << 30;
+
+    /// A generator keyed from the operating system's CSPRNG.
+    pub fn from_os() -> Result<Self, RandomError> {
+        Ok(Self {
+            cipher: Self::os_cipher()?,
+            since_reseed: 0,
+        })
+    }
+
+    fn os_cipher() -> Result<Aes256Ctr, RandomError> {
+        let mut seed = [0u8; 48];
+        getrandom::getrandom(&mut seed).map_err(RandomError::Os)?;
+        let cipher = Aes256Ctr::new(seed[..32].into(), seed[32..].into());
+        seed.zeroize();
+        Ok(cipher)
+    }
+}
+
+impl RandomSource for Drbg {
+    fn fill(&mut self, buf: &mut [u8]) -> Result<(), RandomError> {
+        // Rekey per call boundary, never mid-buffer: simpler, and a buffer is at most a tile.
+        if self.since_reseed >= Self::RESEED_BYTES {
+            self.cipher = Self::os_cipher()?;
+            self.since_reseed = 0;
+        }
+        buf.fill(0);
+        self.cipher.apply_keystream(buf);
+        self.since_reseed += buf.len() as u64;
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Drbg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Drbg")
+            .field("since_reseed", &self.since_reseed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The operating system's CSPRNG directly: slower than [`Drbg`], no state in the process.
+#[derive(Debug, Default)]
+pub struct OsRandom;
+
+impl RandomSource for OsRandom {
+    fn fill(&mut self, buf: &mut [u8]) -> Result<(), RandomError> {
+        getrandom::getrandom(buf).map_err(RandomError::Os)
+    }
+}
+
+impl<R: RandomSource + ?Sized> RandomSource for &mut R {
+    fn fill(&mut self, buf: &mut [u8]) -> Result<(), RandomError> {
+        (**self).fill(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drbg_never_repeats_and_looks_uniform() {
+        let mut a = Drbg::from_os().unwrap();
+        let mut b = Drbg::from_os().unwrap();
+        let mut x = vec![0u8; 1 << 16];
+        let mut y = vec![0u8; 1 << 16];
+        a.fill(&mut x).unwrap();
+        a.fill(&mut y).unwrap();
+        assert_ne!(x, y, "one generator repeated its output");
+        b.fill(&mut y).unwrap();
+        assert_ne!(x, y, "two generators produced the same stream");
+        // Each bit position set about half the time: 2^16 bytes, 8 sigma is ~ +-512 around 32768.
+        for bit in 0..8 {
+            let ones = x.iter().filter(|v| *v >> bit & 1 == 1).count() as i64;
+            assert!((ones - 32768).abs() < 1024, "bit {bit}: {ones} ones");
+        }
+    }
+
+    #[test]
+    fn drbg_rekeys_after_the_reseed_limit() {
+        let mut d = Drbg::from_os().unwrap();
+        d.since_reseed = Drbg::RESEED_BYTES;
+        let mut x = [0u8; 64];
+        d.fill(&mut x).unwrap();
+        assert_eq!(d.since_reseed, 64);
+        assert!(!format!("{d:?}").contains("cipher"));
+    }
+}
