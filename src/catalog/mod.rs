@@ -1,0 +1,709 @@
+//! The home site's catalog in sled: patients, files, chunks and where each share lives, sites,
+//! and an append-only audit log.
+//!
+//! Trees and keys (values are JSON, so an operator can read them with any sled tool):
+//!
+//! | tree       | key                              | value            |
+//! |------------|----------------------------------|------------------|
+//! | `patients` | patient id (UTF-8)               | [`PatientRecord`] |
+//! | `names`    | patient id, 0x00, file name      | file id (16 bytes) of the committed version |
+//! | `files`    | file id (16 bytes)               | [`FileRecord`]   |
+//! | `chunks`   | file id, chunk index (u64 BE)    | [`ChunkRecord`]  |
+//! | `audit`    | sequence (u64 BE)                | [`AuditEntry`]   |
+//!
+//! A file is written under a fresh file id in state `Writing`, invisible in `names`; commit
+//! flips it to `Committed` and points its name at it in one transaction, then flushes. So a
+//! crash at any point leaves either the old version or the new one visible, never a mix, and
+//! a `Writing` record left by a crash is found and garbage-collected at the next mount.
+pub mod merkle;
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+pub use merkle::Hash;
+
+pub type FileId = [u8; 16];
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CatalogError {
+    #[error("catalog {path}: {source}")]
+    Db { path: PathBuf, source: sled::Error },
+    #[error("catalog {path}: record {key} is unreadable: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+    #[error("patient id {0:?} is invalid: use 1-64 characters from A-Z a-z 0-9 . _ - not starting with '.'")]
+    InvalidPatient(String),
+    #[error("file name {0:?} is invalid: 1-255 bytes, no '/' or NUL, not '.' or '..'")]
+    InvalidName(String),
+    #[error("patient {0} does not exist")]
+    NoPatient(String),
+    #[error("patient {0} already exists")]
+    PatientExists(String),
+    #[error("patient {0} still has files")]
+    PatientNotEmpty(String),
+    #[error("{patient}/{name} does not exist")]
+    NoFile { patient: String, name: String },
+    #[error("file version {0} is not being written")]
+    NotWriting(String),
+}
+
+type Result<T> = std::result::Result<T, CatalogError>;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PatientRecord {
+    pub created: u64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FileState {
+    Writing,
+    Committed,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileRecord {
+    #[serde(with = "hex16")]
+    pub id: FileId,
+    pub patient: String,
+    pub name: String,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub k: u8,
+    pub n: u8,
+    pub state: FileState,
+    /// Merkle root over the chunk hashes, set at commit.
+    #[serde(default, with = "opt_hex32")]
+    pub root: Option<Hash>,
+    pub mode: u32,
+    pub created: u64,
+    pub mtime: u64,
+}
+
+/// Where share `share` of a chunk lives.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ShareLocation {
+    pub share: u8,
+    pub site: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChunkRecord {
+    /// Plaintext bytes in the chunk.
+    pub len: u32,
+    #[serde(with = "hex32")]
+    pub hash: Hash,
+    pub shares: Vec<ShareLocation>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuditEntry {
+    /// Milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    pub event: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patient: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub fn validate_patient(id: &str) -> Result<()> {
+    let ok = (1..=64).contains(&id.len())
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    ok.then_some(())
+        .ok_or_else(|| CatalogError::InvalidPatient(id.to_string()))
+}
+
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = (1..=255).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\0']);
+    ok.then_some(())
+        .ok_or_else(|| CatalogError::InvalidName(name.to_string()))
+}
+
+fn name_key(patient: &str, name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(patient.len() + 1 + name.len());
+    k.extend_from_slice(patient.as_bytes());
+    k.push(0);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn chunk_key(id: &FileId, index: u64) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..16].copy_from_slice(id);
+    k[16..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+pub struct Catalog {
+    path: PathBuf,
+    db: sled::Db,
+    patients: sled::Tree,
+    names: sled::Tree,
+    files: sled::Tree,
+    chunks: sled::Tree,
+    audit: sled::Tree,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Catalog").field("path", &self.path).finish()
+    }
+}
+
+impl Catalog {
+    pub fn open(path: &Path) -> Result<Self> {
+        let err = |source| CatalogError::Db {
+            path: path.to_path_buf(),
+            source,
+        };
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(err)?;
+        let tree = |name: &str| db.open_tree(name).map_err(err);
+        Ok(Self {
+            path: path.to_path_buf(),
+            patients: tree("patients")?,
+            names: tree("names")?,
+            files: tree("files")?,
+            chunks: tree("chunks")?,
+            audit: tree("audit")?,
+            db,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn db_err(&self, source: sled::Error) -> CatalogError {
+        CatalogError::Db {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn decode<T: for<'de> Deserialize<'de>>(&self, key: &[u8], value: &[u8]) -> Result<T> {
+        serde_json::from_slice(value).map_err(|e| CatalogError::Corrupt {
+            path: self.path.clone(),
+            key: String::from_utf8_lossy(key).into_owned(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+        serde_json::to_vec(value).expect("catalog records always serialize")
+    }
+
+    /// Make every earlier write durable (fsync). Called at every commit point.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush().map(|_| ()).map_err(|e| self.db_err(e))
+    }
+
+    // ---- patients -------------------------------------------------------------------------
+
+    pub fn add_patient(&self, id: &str) -> Result<()> {
+        validate_patient(id)?;
+        let rec = Self::encode(&PatientRecord {
+            created: now_secs(),
+        });
+        let prev = self
+            .patients
+            .compare_and_swap(id, None as Option<&[u8]>, Some(rec))
+            .map_err(|e| self.db_err(e))?;
+        if prev.is_err() {
+            return Err(CatalogError::PatientExists(id.to_string()));
+        }
+        self.flush()
+    }
+
+    pub fn patient(&self, id: &str) -> Result<Option<PatientRecord>> {
+        match self.patients.get(id).map_err(|e| self.db_err(e))? {
+            Some(v) => self.decode(id.as_bytes(), &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    pub fn patients(&self) -> Result<Vec<String>> {
+        self.patients
+            .iter()
+            .keys()
+            .map(|k| {
+                k.map(|k| String::from_utf8_lossy(&k).into_owned())
+                    .map_err(|e| self.db_err(e))
+            })
+            .collect()
+    }
+
+    pub fn remove_patient(&self, id: &str) -> Result<()> {
+        if self.patient(id)?.is_none() {
+            return Err(CatalogError::NoPatient(id.to_string()));
+        }
+        if !self.files_of(id)?.is_empty() {
+            return Err(CatalogError::PatientNotEmpty(id.to_string()));
+        }
+        self.patients.remove(id).map_err(|e| self.db_err(e))?;
+        self.flush()
+    }
+
+    // ---- files ----------------------------------------------------------------------------
+
+    /// Committed files of a patient, by name.
+    pub fn files_of(&self, patient: &str) -> Result<Vec<FileRecord>> {
+        let mut prefix = patient.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for item in self.names.scan_prefix(&prefix) {
+            let (_, id) = item.map_err(|e| self.db_err(e))?;
+            if let Some(rec) = self.file_by_id(&to_id(&id))? {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The committed version of `patient/name`.
+    pub fn file(&self, patient: &str, name: &str) -> Result<Option<FileRecord>> {
+        match self
+            .names
+            .get(name_key(patient, name))
+            .map_err(|e| self.db_err(e))?
+        {
+            Some(id) => self.file_by_id(&to_id(&id)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn file_by_id(&self, id: &FileId) -> Result<Option<FileRecord>> {
+        match self.files.get(id).map_err(|e| self.db_err(e))? {
+            Some(v) => self.decode(id, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Start a new version of `patient/name` (invisible until [`Catalog::commit`]).
+    pub fn begin(
+        &self,
+        patient: &str,
+        name: &str,
+        chunk_size: u32,
+        k: u8,
+        n: u8,
+        mode: u32,
+    ) -> Result<FileRecord> {
+        validate_name(name)?;
+        if self.patient(patient)?.is_none() {
+            return Err(CatalogError::NoPatient(patient.to_string()));
+        }
+        let mut id = [0u8; 16];
+        getrandom::getrandom(&mut id).expect("OS random source");
+        let now = now_secs();
+        let rec = FileRecord {
+            id,
+            patient: patient.to_string(),
+            name: name.to_string(),
+            size: 0,
+            chunk_size,
+            k,
+            n,
+            state: FileState::Writing,
+            root: None,
+            mode,
+            created: now,
+            mtime: now,
+        };
+        self.files
+            .insert(id, Self::encode(&rec))
+            .map_err(|e| self.db_err(e))?;
+        Ok(rec)
+    }
+
+    pub fn put_chunk(&self, id: &FileId, index: u64, chunk: &ChunkRecord) -> Result<()> {
+        self.chunks
+            .insert(chunk_key(id, index), Self::encode(chunk))
+            .map(|_| ())
+            .map_err(|e| self.db_err(e))
+    }
+
+    pub fn chunk(&self, id: &FileId, index: u64) -> Result<Option<ChunkRecord>> {
+        let key = chunk_key(id, index);
+        match self.chunks.get(key).map_err(|e| self.db_err(e))? {
+            Some(v) => self.decode(&key, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    pub fn chunks(&self, id: &FileId) -> Result<Vec<ChunkRecord>> {
+        self.chunks
+            .scan_prefix(id)
+            .map(|item| {
+                let (k, v) = item.map_err(|e| self.db_err(e))?;
+                self.decode(&k, &v)
+            })
+            .collect()
+    }
+
+    /// Commit a written version: set its size and Merkle root, point its name at it, flush.
+    /// Returns the version it replaced, whose shares the caller deletes.
+    pub fn commit(&self, id: &FileId, size: u64, root: Hash) -> Result<Option<FileRecord>> {
+        let mut rec = self
+            .file_by_id(id)?
+            .filter(|r| r.state == FileState::Writing)
+            .ok_or_else(|| CatalogError::NotWriting(merkle::hex(id)))?;
+        rec.state = FileState::Committed;
+        rec.size = size;
+        rec.root = Some(root);
+        rec.mtime = now_secs();
+        let key = name_key(&rec.patient, &rec.name);
+        let value = Self::encode(&rec);
+        let replaced = self.swap_name(&key, Some(id), Some((id, value)), None)?;
+        self.flush()?;
+        Ok(replaced)
+    }
+
+    /// Atomically set (or remove) `names[key]` and write a file record; returns the record
+    /// of the version the name pointed at before, removed from `files` (its chunks stay until
+    /// [`Catalog::forget`]).
+    fn swap_name(
+        &self,
+        key: &[u8],
+        id: Option<&FileId>,
+        record: Option<(&FileId, Vec<u8>)>,
+        also_remove: Option<&[u8]>,
+    ) -> Result<Option<FileRecord>> {
+        use sled::Transactional;
+        let res: std::result::Result<Option<sled::IVec>, TransactionError<()>> =
+            (&self.names, &self.files).transaction(|(names, files)| {
+                let prev = match id {
+                    Some(id) => names.insert(key, id.as_slice())?,
+                    None => names.remove(key)?,
+                };
+                let mut old = None;
+                if let Some(prev) = prev {
+                    if id.is_none_or(|id| prev.as_ref() != id) {
+                        old = files.remove(prev.as_ref())?;
+                    }
+                }
+                if let Some((id, value)) = &record {
+                    files.insert(id.as_slice(), value.as_slice())?;
+                }
+                if let Some(other) = also_remove {
+                    names.remove(other)?;
+                }
+                Ok::<_, ConflictableTransactionError<()>>(old)
+            });
+        let old = res.map_err(|e| match e {
+            TransactionError::Storage(e) => self.db_err(e),
+            TransactionError::Abort(()) => unreachable!("no abort"),
+        })?;
+        old.map(|v| self.decode(key, &v)).transpose()
+    }
+
+    /// Remove `patient/name`; returns the removed version, whose shares the caller deletes.
+    pub fn unlink(&self, patient: &str, name: &str) -> Result<FileRecord> {
+        let key = name_key(patient, name);
+        let old = self.swap_name(&key, None, None, None)?;
+        self.flush()?;
+        old.ok_or_else(|| CatalogError::NoFile {
+            patient: patient.to_string(),
+            name: name.to_string(),
+        })
+    }
+
+    /// Rename within or across patients; returns a version replaced at the target, if any.
+    pub fn rename(
+        &self,
+        patient: &str,
+        name: &str,
+        new_patient: &str,
+        new_name: &str,
+    ) -> Result<Option<FileRecord>> {
+        validate_name(new_name)?;
+        if self.patient(new_patient)?.is_none() {
+            return Err(CatalogError::NoPatient(new_patient.to_string()));
+        }
+        let mut rec = self
+            .file(patient, name)?
+            .ok_or_else(|| CatalogError::NoFile {
+                patient: patient.to_string(),
+                name: name.to_string(),
+            })?;
+        if patient == new_patient && name == new_name {
+            return Ok(None);
+        }
+        rec.patient = new_patient.to_string();
+        rec.name = new_name.to_string();
+        let id = rec.id;
+        let value = Self::encode(&rec);
+        let old_key = name_key(patient, name);
+        let replaced = self.swap_name(
+            &name_key(new_patient, new_name),
+            Some(&id),
+            Some((&id, value)),
+            Some(&old_key),
+        )?;
+        self.flush()?;
+        Ok(replaced)
+    }
+
+    /// Versions left in state `Writing` (by a crash, or an abandoned write).
+    pub fn unfinished(&self) -> Result<Vec<FileRecord>> {
+        let mut out = Vec::new();
+        for item in self.files.iter() {
+            let (k, v) = item.map_err(|e| self.db_err(e))?;
+            let rec: FileRecord = self.decode(&k, &v)?;
+            if rec.state == FileState::Writing {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drop a version's record and chunk records (after its shares were deleted).
+    pub fn forget(&self, id: &FileId) -> Result<()> {
+        let keys: Vec<sled::IVec> = self
+            .chunks
+            .scan_prefix(id)
+            .keys()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| self.db_err(e))?;
+        for k in keys {
+            self.chunks.remove(k).map_err(|e| self.db_err(e))?;
+        }
+        if let Some(v) = self.files.get(id).map_err(|e| self.db_err(e))? {
+            let rec: FileRecord = self.decode(id, &v)?;
+            // A committed version still named must not disappear.
+            if rec.state == FileState::Writing
+                || self.names.get(name_key(&rec.patient, &rec.name)).map_err(|e| self.db_err(e))?.as_deref()
+                    != Some(id.as_slice())
+            {
+                self.files.remove(id).map_err(|e| self.db_err(e))?;
+            }
+        }
+        self.flush()
+    }
+
+    // ---- audit ----------------------------------------------------------------------------
+
+    /// Append an audit entry (never removed). Flushed with the next commit, or by the caller.
+    pub fn audit(&self, event: &str, patient: Option<&str>, file: Option<&str>, detail: &str) {
+        let entry = AuditEntry {
+            time_ms: now_ms(),
+            event: event.to_string(),
+            patient: patient.map(str::to_string),
+            file: file.map(str::to_string),
+            detail: detail.to_string(),
+        };
+        let appended = self
+            .db
+            .generate_id()
+            .and_then(|seq| self.audit.insert(seq.to_be_bytes(), Self::encode(&entry)));
+        if let Err(e) = appended {
+            tracing::error!(catalog = %self.path.display(), "audit append failed: {e}");
+        }
+        tracing::info!(target: "qgenome::audit", event, patient, file, detail);
+    }
+
+    pub fn audit_log(&self) -> Result<Vec<AuditEntry>> {
+        self.audit
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(|e| self.db_err(e))?;
+                self.decode(&k, &v)
+            })
+            .collect()
+    }
+}
+
+fn to_id(bytes: &[u8]) -> FileId {
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&bytes[..16]);
+    id
+}
+
+mod hex16 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::merkle::hex(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 16], D::Error> {
+        let s = String::deserialize(d)?;
+        super::unhex(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::merkle::hex(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let s = String::deserialize(d)?;
+        super::unhex(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+mod opt_hex32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.serialize_some(&super::merkle::hex(v)),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| super::unhex(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// Parse lower- or upper-case hex into exactly N bytes.
+pub fn unhex<const N: usize>(s: &str) -> std::result::Result<[u8; N], String> {
+    if s.len() != 2 * N {
+        return Err(format!("expected {} hex digits, got {}", 2 * N, s.len()));
+    }
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
+            .map_err(|_| format!("not hex: {s:?}"))?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cat() -> (tempfile::TempDir, Catalog) {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("catalog")).unwrap();
+        (dir, c)
+    }
+
+    fn chunk(i: u8) -> ChunkRecord {
+        ChunkRecord {
+            len: 10,
+            hash: [i; 32],
+            shares: vec![ShareLocation {
+                share: 0,
+                site: "home".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_version_is_invisible_until_commit_and_replaces_atomically() {
+        let (_d, c) = cat();
+        c.add_patient("P0001").unwrap();
+        let v1 = c.begin("P0001", "a.cram", 1 << 20, 2, 3, 0o644).unwrap();
+        c.put_chunk(&v1.id, 0, &chunk(1)).unwrap();
+        assert!(c.file("P0001", "a.cram").unwrap().is_none());
+        assert_eq!(c.unfinished().unwrap().len(), 1);
+        assert!(c.commit(&v1.id, 10, [9; 32]).unwrap().is_none());
+        let got = c.file("P0001", "a.cram").unwrap().unwrap();
+        assert_eq!((got.size, got.state, got.root), (10, FileState::Committed, Some([9; 32])));
+        let v2 = c.begin("P0001", "a.cram", 1 << 20, 2, 3, 0o644).unwrap();
+        assert_eq!(c.file("P0001", "a.cram").unwrap().unwrap().id, v1.id);
+        let replaced = c.commit(&v2.id, 0, [0; 32]).unwrap().unwrap();
+        assert_eq!(replaced.id, v1.id);
+        assert_eq!(c.file("P0001", "a.cram").unwrap().unwrap().id, v2.id);
+        assert_eq!(c.chunks(&v1.id).unwrap(), vec![chunk(1)]);
+        c.forget(&v1.id).unwrap();
+        assert!(c.chunks(&v1.id).unwrap().is_empty());
+        assert!(c.file_by_id(&v1.id).unwrap().is_none());
+        assert!(c.unfinished().unwrap().is_empty());
+    }
+
+    #[test]
+    fn rename_and_unlink_move_names_and_report_replaced_versions() {
+        let (_d, c) = cat();
+        c.add_patient("P1").unwrap();
+        c.add_patient("P2").unwrap();
+        let a = c.begin("P1", "a", 1024, 2, 3, 0o600).unwrap();
+        c.commit(&a.id, 1, [1; 32]).unwrap();
+        let b = c.begin("P2", "b", 1024, 2, 3, 0o600).unwrap();
+        c.commit(&b.id, 2, [2; 32]).unwrap();
+        let replaced = c.rename("P1", "a", "P2", "b").unwrap().unwrap();
+        assert_eq!(replaced.id, b.id);
+        assert!(c.file("P1", "a").unwrap().is_none());
+        let moved = c.file("P2", "b").unwrap().unwrap();
+        assert_eq!((moved.id, moved.patient.as_str()), (a.id, "P2"));
+        assert!(matches!(c.remove_patient("P2"), Err(CatalogError::PatientNotEmpty(_))));
+        assert_eq!(c.unlink("P2", "b").unwrap().id, a.id);
+        assert!(matches!(c.unlink("P2", "b"), Err(CatalogError::NoFile { .. })));
+        c.remove_patient("P2").unwrap();
+        assert_eq!(c.patients().unwrap(), vec!["P1".to_string()]);
+    }
+
+    #[test]
+    fn bad_names_are_refused_by_name() {
+        let (_d, c) = cat();
+        for bad in ["", ".hidden", "a/b", "x y", &"p".repeat(65)] {
+            let err = c.add_patient(bad).unwrap_err();
+            assert!(err.to_string().contains("patient id"), "{err}");
+        }
+        c.add_patient("P1").unwrap();
+        assert!(matches!(c.add_patient("P1"), Err(CatalogError::PatientExists(_))));
+        for bad in ["", ".", "..", "a/b"] {
+            assert!(matches!(c.begin("P1", bad, 1, 2, 3, 0), Err(CatalogError::InvalidName(_))));
+        }
+        assert!(matches!(c.begin("P9", "a", 1, 2, 3, 0), Err(CatalogError::NoPatient(_))));
+    }
+
+    #[test]
+    fn audit_is_append_only_and_ordered() {
+        let (_d, c) = cat();
+        c.audit("grant", Some("P1"), None, "admin, 5 min");
+        c.audit("read", Some("P1"), Some("a.cram"), "");
+        let log = c.audit_log().unwrap();
+        assert_eq!(log.iter().map(|e| e.event.as_str()).collect::<Vec<_>>(), ["grant", "read"]);
+        assert_eq!(log[1].file.as_deref(), Some("a.cram"));
+    }
+
+    #[test]
+    fn records_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog");
+        let id = {
+            let c = Catalog::open(&path).unwrap();
+            c.add_patient("P1").unwrap();
+            let v = c.begin("P1", "f", 1024, 2, 3, 0o600).unwrap();
+            c.put_chunk(&v.id, 0, &chunk(3)).unwrap();
+            c.commit(&v.id, 10, [5; 32]).unwrap();
+            v.id
+        };
+        let c = Catalog::open(&path).unwrap();
+        assert_eq!(c.file("P1", "f").unwrap().unwrap().id, id);
+        assert_eq!(c.chunk(&id, 0).unwrap(), Some(chunk(3)));
+    }
+}
