@@ -5,9 +5,17 @@
 //! - [`sharing`]: the Kurihara XOR (k,n) threshold scheme, XOR kernels, randomness sources.
 //! - [`catalog`]: the home site's sled catalog (patients, files, chunks, share locations,
 //!   audit) and the per-file Merkle tree.
+//! - [`sites`]: the share-site boundary (trait, in-memory fault-injecting site).
+//! - [`placement`]: share control: which site holds which share, read order.
+//! - [`consent`]: consent sessions and the audit of every grant, refusal and end.
+//! - [`fs`]: the data path (split-on-write, rebuild-on-read) and the FUSE tree.
 //! - [`cli`]: the `qgenome` subcommands (argument parsing and dispatch only).
 //!
 //! Byte-level formats and the reasons behind the choices are in `docs/design.md`.
 pub mod catalog;
 pub mod cli;
+pub mod consent;
+pub mod fs;
+pub mod placement;
 pub mod sharing;
+pub mod sites;

@@ -96,6 +96,9 @@ pub struct ShareLocation {
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ChunkRecord {
+    /// Offset of the chunk's first byte in the file. Chunks are `chunk_size` long except where
+    /// an fsync cut one short, and the last.
+    pub offset: u64,
     /// Plaintext bytes in the chunk.
     pub len: u32,
     #[serde(with = "hex32")]
@@ -373,11 +376,11 @@ impl Catalog {
     }
 
     /// Commit a written version: set its size and Merkle root, point its name at it, flush.
-    /// Returns the version it replaced, whose shares the caller deletes.
+    /// Returns the version it replaced, whose shares the caller deletes. A version may be
+    /// committed again as it grows (fsync, then more appends).
     pub fn commit(&self, id: &FileId, size: u64, root: Hash) -> Result<Option<FileRecord>> {
         let mut rec = self
             .file_by_id(id)?
-            .filter(|r| r.state == FileState::Writing)
             .ok_or_else(|| CatalogError::NotWriting(merkle::hex(id)))?;
         rec.state = FileState::Committed;
         rec.size = size;
@@ -475,6 +478,23 @@ impl Catalog {
         Ok(replaced)
     }
 
+    /// Change a version's mode bits and/or modification time.
+    pub fn set_attrs(&self, id: &FileId, mode: Option<u32>, mtime: Option<u64>) -> Result<()> {
+        let mut rec = self
+            .file_by_id(id)?
+            .ok_or_else(|| CatalogError::NotWriting(merkle::hex(id)))?;
+        if let Some(m) = mode {
+            rec.mode = m & 0o7777;
+        }
+        if let Some(t) = mtime {
+            rec.mtime = t;
+        }
+        self.files
+            .insert(id, Self::encode(&rec))
+            .map_err(|e| self.db_err(e))?;
+        self.flush()
+    }
+
     /// Versions left in state `Writing` (by a crash, or an abandoned write).
     pub fn unfinished(&self) -> Result<Vec<FileRecord>> {
         let mut out = Vec::new();
@@ -503,7 +523,11 @@ impl Catalog {
             let rec: FileRecord = self.decode(id, &v)?;
             // A committed version still named must not disappear.
             if rec.state == FileState::Writing
-                || self.names.get(name_key(&rec.patient, &rec.name)).map_err(|e| self.db_err(e))?.as_deref()
+                || self
+                    .names
+                    .get(name_key(&rec.patient, &rec.name))
+                    .map_err(|e| self.db_err(e))?
+                    .as_deref()
                     != Some(id.as_slice())
             {
                 self.files.remove(id).map_err(|e| self.db_err(e))?;
@@ -594,8 +618,7 @@ pub fn unhex<const N: usize>(s: &str) -> std::result::Result<[u8; N], String> {
     }
     let mut out = [0u8; N];
     for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
-            .map_err(|_| format!("not hex: {s:?}"))?;
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| format!("not hex: {s:?}"))?;
     }
     Ok(out)
 }
@@ -612,6 +635,7 @@ mod tests {
 
     fn chunk(i: u8) -> ChunkRecord {
         ChunkRecord {
+            offset: 0,
             len: 10,
             hash: [i; 32],
             shares: vec![ShareLocation {
@@ -631,7 +655,10 @@ mod tests {
         assert_eq!(c.unfinished().unwrap().len(), 1);
         assert!(c.commit(&v1.id, 10, [9; 32]).unwrap().is_none());
         let got = c.file("P0001", "a.cram").unwrap().unwrap();
-        assert_eq!((got.size, got.state, got.root), (10, FileState::Committed, Some([9; 32])));
+        assert_eq!(
+            (got.size, got.state, got.root),
+            (10, FileState::Committed, Some([9; 32]))
+        );
         let v2 = c.begin("P0001", "a.cram", 1 << 20, 2, 3, 0o644).unwrap();
         assert_eq!(c.file("P0001", "a.cram").unwrap().unwrap().id, v1.id);
         let replaced = c.commit(&v2.id, 0, [0; 32]).unwrap().unwrap();
@@ -658,9 +685,15 @@ mod tests {
         assert!(c.file("P1", "a").unwrap().is_none());
         let moved = c.file("P2", "b").unwrap().unwrap();
         assert_eq!((moved.id, moved.patient.as_str()), (a.id, "P2"));
-        assert!(matches!(c.remove_patient("P2"), Err(CatalogError::PatientNotEmpty(_))));
+        assert!(matches!(
+            c.remove_patient("P2"),
+            Err(CatalogError::PatientNotEmpty(_))
+        ));
         assert_eq!(c.unlink("P2", "b").unwrap().id, a.id);
-        assert!(matches!(c.unlink("P2", "b"), Err(CatalogError::NoFile { .. })));
+        assert!(matches!(
+            c.unlink("P2", "b"),
+            Err(CatalogError::NoFile { .. })
+        ));
         c.remove_patient("P2").unwrap();
         assert_eq!(c.patients().unwrap(), vec!["P1".to_string()]);
     }
@@ -673,11 +706,20 @@ mod tests {
             assert!(err.to_string().contains("patient id"), "{err}");
         }
         c.add_patient("P1").unwrap();
-        assert!(matches!(c.add_patient("P1"), Err(CatalogError::PatientExists(_))));
+        assert!(matches!(
+            c.add_patient("P1"),
+            Err(CatalogError::PatientExists(_))
+        ));
         for bad in ["", ".", "..", "a/b"] {
-            assert!(matches!(c.begin("P1", bad, 1, 2, 3, 0), Err(CatalogError::InvalidName(_))));
+            assert!(matches!(
+                c.begin("P1", bad, 1, 2, 3, 0),
+                Err(CatalogError::InvalidName(_))
+            ));
         }
-        assert!(matches!(c.begin("P9", "a", 1, 2, 3, 0), Err(CatalogError::NoPatient(_))));
+        assert!(matches!(
+            c.begin("P9", "a", 1, 2, 3, 0),
+            Err(CatalogError::NoPatient(_))
+        ));
     }
 
     #[test]
@@ -686,7 +728,10 @@ mod tests {
         c.audit("grant", Some("P1"), None, "admin, 5 min");
         c.audit("read", Some("P1"), Some("a.cram"), "");
         let log = c.audit_log().unwrap();
-        assert_eq!(log.iter().map(|e| e.event.as_str()).collect::<Vec<_>>(), ["grant", "read"]);
+        assert_eq!(
+            log.iter().map(|e| e.event.as_str()).collect::<Vec<_>>(),
+            ["grant", "read"]
+        );
         assert_eq!(log[1].file.as_deref(), Some("a.cram"));
     }
 

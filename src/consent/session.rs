@@ -1,0 +1,288 @@
+//! Consent sessions.
+//!
+//! A session belongs to one patient and ends at its expiry, when revoked, or (for card
+//! sessions in "until removed" mode) when the card leaves the reader. Readers block in
+//! [`Consent::wait`] until a session for their patient is active or their limit passes. Every
+//! grant, expiry, revoke and refusal is written to the audit log; ending a session runs the
+//! registered hooks, which wipe that patient's cached plaintext.
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::catalog::Catalog;
+
+/// Where audit entries go (the catalog's append-only log in production).
+pub trait Audit: Send + Sync {
+    fn record(&self, event: &str, patient: Option<&str>, file: Option<&str>, detail: &str);
+}
+
+impl Audit for Catalog {
+    fn record(&self, event: &str, patient: Option<&str>, file: Option<&str>, detail: &str) {
+        self.audit(event, patient, file, detail);
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConsentError {
+    #[error("no consent for patient {patient} within {waited:?}")]
+    TimedOut { patient: String, waited: Duration },
+}
+
+/// The gate every read of plaintext passes.
+pub trait Consent: Send + Sync {
+    /// Return once a consent session for `patient` is active, or fail after `limit`.
+    fn wait(&self, patient: &str, limit: Duration) -> Result<(), ConsentError>;
+    fn is_active(&self, patient: &str) -> bool;
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct GrantInfo {
+    pub patient: String,
+    /// Who granted it: `admin`, or `card <GUID>`.
+    pub source: String,
+    /// Seconds left, or `None` for "until the card is removed".
+    pub remaining_secs: Option<u64>,
+}
+
+struct Grant {
+    source: String,
+    expires: Option<Instant>,
+}
+
+type Hook = Box<dyn Fn(&str) + Send + Sync>;
+
+pub struct ConsentRegistry {
+    grants: Mutex<HashMap<String, Grant>>,
+    changed: Condvar,
+    hooks: Mutex<Vec<Hook>>,
+    audit: Arc<dyn Audit>,
+}
+
+impl std::fmt::Debug for ConsentRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsentRegistry").finish_non_exhaustive()
+    }
+}
+
+impl ConsentRegistry {
+    pub fn new(audit: Arc<dyn Audit>) -> Arc<Self> {
+        let reg = Arc::new(Self {
+            grants: Mutex::new(HashMap::new()),
+            changed: Condvar::new(),
+            hooks: Mutex::new(Vec::new()),
+            audit,
+        });
+        // Expire sessions on time even when nobody is reading, so cached plaintext is wiped.
+        let weak = Arc::downgrade(&reg);
+        std::thread::Builder::new()
+            .name("consent-expiry".into())
+            .spawn(move || {
+                while let Some(reg) = weak.upgrade() {
+                    reg.sweep();
+                    drop(reg);
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            })
+            .expect("spawn consent expiry thread");
+        reg
+    }
+
+    /// Run `hook(patient)` whenever a patient's session ends.
+    pub fn on_end(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        self.hooks.lock().expect("hooks").push(Box::new(hook));
+    }
+
+    /// Open (or extend) a session. `ttl = None` lasts until [`ConsentRegistry::end`].
+    pub fn grant(&self, patient: &str, ttl: Option<Duration>, source: &str) {
+        let expires = ttl.map(|t| Instant::now() + t);
+        self.grants.lock().expect("grants").insert(
+            patient.to_string(),
+            Grant {
+                source: source.to_string(),
+                expires,
+            },
+        );
+        let detail = match ttl {
+            Some(t) => format!("{source}, {} s", t.as_secs()),
+            None => format!("{source}, until removed"),
+        };
+        self.audit
+            .record("consent-grant", Some(patient), None, &detail);
+        self.changed.notify_all();
+    }
+
+    /// End a session (revoke, card removed). Returns whether one was active.
+    pub fn end(&self, patient: &str, reason: &str) -> bool {
+        let ended = self
+            .grants
+            .lock()
+            .expect("grants")
+            .remove(patient)
+            .is_some();
+        if ended {
+            self.audit
+                .record("consent-end", Some(patient), None, reason);
+            self.run_hooks(patient);
+        }
+        ended
+    }
+
+    pub fn list(&self) -> Vec<GrantInfo> {
+        self.sweep();
+        let now = Instant::now();
+        let grants = self.grants.lock().expect("grants");
+        let mut v: Vec<GrantInfo> = grants
+            .iter()
+            .map(|(p, g)| GrantInfo {
+                patient: p.clone(),
+                source: g.source.clone(),
+                remaining_secs: g
+                    .expires
+                    .map(|e| e.saturating_duration_since(now).as_secs()),
+            })
+            .collect();
+        v.sort_by(|a, b| a.patient.cmp(&b.patient));
+        v
+    }
+
+    /// End every session past its expiry.
+    fn sweep(&self) {
+        let now = Instant::now();
+        let expired: Vec<String> = {
+            let mut grants = self.grants.lock().expect("grants");
+            let gone: Vec<String> = grants
+                .iter()
+                .filter(|(_, g)| g.expires.is_some_and(|e| e <= now))
+                .map(|(p, _)| p.clone())
+                .collect();
+            for p in &gone {
+                grants.remove(p);
+            }
+            gone
+        };
+        for p in expired {
+            self.audit.record("consent-expired", Some(&p), None, "");
+            self.run_hooks(&p);
+        }
+    }
+
+    fn run_hooks(&self, patient: &str) {
+        for hook in self.hooks.lock().expect("hooks").iter() {
+            hook(patient);
+        }
+    }
+
+    fn active_locked(grants: &HashMap<String, Grant>, patient: &str, now: Instant) -> bool {
+        grants
+            .get(patient)
+            .is_some_and(|g| g.expires.is_none_or(|e| e > now))
+    }
+}
+
+impl Consent for ConsentRegistry {
+    fn wait(&self, patient: &str, limit: Duration) -> Result<(), ConsentError> {
+        let start = Instant::now();
+        let deadline = start + limit;
+        let mut grants = self.grants.lock().expect("grants");
+        loop {
+            let now = Instant::now();
+            if Self::active_locked(&grants, patient, now) {
+                return Ok(());
+            }
+            if now >= deadline {
+                drop(grants);
+                self.audit.record(
+                    "consent-refused",
+                    Some(patient),
+                    None,
+                    &format!("no consent within {} s", limit.as_secs()),
+                );
+                return Err(ConsentError::TimedOut {
+                    patient: patient.to_string(),
+                    waited: limit,
+                });
+            }
+            // Wake at the deadline, or at any grant; re-check a session's own expiry too.
+            let step = (deadline - now).min(Duration::from_millis(500));
+            grants = self.changed.wait_timeout(grants, step).expect("grants").0;
+        }
+    }
+
+    fn is_active(&self, patient: &str) -> bool {
+        let grants = self.grants.lock().expect("grants");
+        Self::active_locked(&grants, patient, Instant::now())
+    }
+}
+
+/// Audit entries kept in memory, for tests.
+#[derive(Default)]
+pub struct MemAudit(pub Mutex<Vec<String>>);
+
+impl Audit for MemAudit {
+    fn record(&self, event: &str, patient: Option<&str>, _file: Option<&str>, detail: &str) {
+        self.0
+            .lock()
+            .expect("audit")
+            .push(format!("{event} {} {detail}", patient.unwrap_or("-")));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn a_blocked_reader_wakes_at_the_grant() {
+        let audit = Arc::new(MemAudit::default());
+        let reg = ConsentRegistry::new(audit.clone());
+        let r2 = reg.clone();
+        let waiter = std::thread::spawn(move || r2.wait("P1", Duration::from_secs(20)));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!waiter.is_finished(), "read returned before consent");
+        reg.grant("P1", Some(Duration::from_secs(60)), "admin");
+        assert_eq!(waiter.join().unwrap(), Ok(()));
+        assert!(reg.is_active("P1"));
+        assert!(!reg.is_active("P2"));
+    }
+
+    #[test]
+    fn the_wait_limit_refuses_and_audits() {
+        let audit = Arc::new(MemAudit::default());
+        let reg = ConsentRegistry::new(audit.clone());
+        let err = reg.wait("P9", Duration::from_millis(50)).unwrap_err();
+        assert!(err.to_string().contains("P9"));
+        assert!(audit
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.starts_with("consent-refused P9")));
+    }
+
+    #[test]
+    fn expiry_and_revoke_end_sessions_and_run_hooks() {
+        let audit = Arc::new(MemAudit::default());
+        let reg = ConsentRegistry::new(audit.clone());
+        let wiped = Arc::new(AtomicUsize::new(0));
+        let w = wiped.clone();
+        reg.on_end(move |_| {
+            w.fetch_add(1, Ordering::SeqCst);
+        });
+        reg.grant("P1", Some(Duration::from_millis(50)), "admin");
+        reg.grant("P2", None, "card 00ff");
+        assert_eq!(reg.list().len(), 2);
+        std::thread::sleep(Duration::from_millis(700));
+        assert!(!reg.is_active("P1"), "expired session still active");
+        assert_eq!(wiped.load(Ordering::SeqCst), 1, "expiry ran no wipe hook");
+        assert!(reg.end("P2", "card removed"));
+        assert!(!reg.end("P2", "again"));
+        assert_eq!(wiped.load(Ordering::SeqCst), 2);
+        let log = audit.0.lock().unwrap().join("\n");
+        assert!(
+            log.contains("consent-expired P1") && log.contains("consent-end P2 card removed"),
+            "{log}"
+        );
+    }
+}

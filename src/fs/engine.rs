@@ -1,0 +1,871 @@
+//! The data path behind the mount, free of FUSE so it can be tested directly.
+//!
+//! Write: bytes appended to a [`FileWriter`] fill a chunk buffer; each full chunk goes to the
+//! upload pool, where a worker hashes it (SHA-256), splits it (k,n) and puts share i on site i,
+//! all sites in parallel. At most `max_in_flight` chunks per file are in the pool, so memory is
+//! bounded and a slow site slows the writer instead of filling RAM. A version is committed
+//! (made visible, flushed) only once every chunk's every share is acknowledged.
+//!
+//! Read: a chunk is fetched from k sites in [`placement::read_order`], combined, and checked
+//! against its hash in the catalog. A site that fails or a share that is damaged is routed
+//! around: more shares are fetched and every k-subset tried until one rebuilds the hashed
+//! chunk. Rebuilt chunks go to a bounded cache that is wiped when the patient's consent ends.
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use zeroize::Zeroizing;
+
+use crate::catalog::merkle::{self, Hash};
+use crate::catalog::{Catalog, CatalogError, ChunkRecord, FileId, FileRecord, ShareLocation};
+use crate::consent::{Consent, ConsentError, ConsentRegistry};
+use crate::placement;
+use crate::sharing::{with_thread_drbg, Scheme, SharingError};
+use crate::sites::{ShareKey, ShareMeta, ShareSite, SiteError};
+
+/// Plaintext in memory: zeroized when dropped.
+pub type Plain = Zeroizing<Vec<u8>>;
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub k: usize,
+    pub n: usize,
+    pub chunk_size: usize,
+    /// How long a read waits for consent before failing with EACCES.
+    pub consent_wait: Duration,
+    /// Plaintext cache budget, bytes.
+    pub cache_bytes: usize,
+    pub upload_workers: usize,
+    /// Chunks of one file in the upload pool at once.
+    pub max_in_flight: usize,
+    /// Chunks fetched ahead of a sequential reader.
+    pub readahead: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            k: 2,
+            n: 3,
+            chunk_size: 1 << 20,
+            consent_wait: Duration::from_secs(300),
+            cache_bytes: 256 << 20,
+            upload_workers: 4,
+            max_in_flight: 8,
+            readahead: 4,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Sharing(#[from] SharingError),
+    #[error(transparent)]
+    Consent(#[from] ConsentError),
+    #[error("{file}: chunk {chunk}: {reason}")]
+    Store {
+        file: String,
+        chunk: u64,
+        reason: String,
+    },
+    #[error(
+        "{file}: chunk {chunk}: only {good} of the {need} shares needed could be read ({detail})"
+    )]
+    TooFewShares {
+        file: String,
+        chunk: u64,
+        good: usize,
+        need: usize,
+        detail: String,
+    },
+    #[error("{file}: chunk {chunk}: no {k} of the shares rebuild data matching the catalog hash")]
+    Corrupt { file: String, chunk: u64, k: usize },
+    #[error("{file}: writes must append: offset {offset} but {size} bytes written so far (rewriting shared data is not supported; write a new file and rename it over)")]
+    NotAppend {
+        file: String,
+        offset: u64,
+        size: u64,
+    },
+    #[error("{file}: an earlier chunk failed, the file will not be committed: {reason}")]
+    Failed { file: String, reason: String },
+}
+
+impl EngineError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            EngineError::Consent(_) => libc::EACCES,
+            EngineError::NotAppend { .. } => libc::EINVAL,
+            EngineError::Catalog(CatalogError::NoFile { .. } | CatalogError::NoPatient(_)) => {
+                libc::ENOENT
+            }
+            EngineError::Catalog(
+                CatalogError::InvalidName(_) | CatalogError::InvalidPatient(_),
+            ) => libc::EINVAL,
+            EngineError::Catalog(CatalogError::PatientExists(_)) => libc::EEXIST,
+            EngineError::Catalog(CatalogError::PatientNotEmpty(_)) => libc::ENOTEMPTY,
+            _ => libc::EIO,
+        }
+    }
+}
+
+/// Counters an operator (and the tests) can read through the control socket.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub chunks_written: AtomicU64,
+    pub chunks_read: AtomicU64,
+    /// Share fetches that failed (site down, share damaged) and were routed around.
+    pub share_failures: AtomicU64,
+    /// Chunks whose first k shares did not rebuild the hashed data.
+    pub bad_rebuilds: AtomicU64,
+    /// Reads that failed for lack of good shares.
+    pub failed_reads: AtomicU64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        BTreeMap::from([
+            ("chunks_written", get(&self.chunks_written)),
+            ("chunks_read", get(&self.chunks_read)),
+            ("share_failures", get(&self.share_failures)),
+            ("bad_rebuilds", get(&self.bad_rebuilds)),
+            ("failed_reads", get(&self.failed_reads)),
+        ])
+    }
+}
+
+/// What the upload workers and readers share.
+struct Core {
+    scheme: Scheme,
+    sites: Vec<Arc<dyn ShareSite>>,
+    by_name: HashMap<String, Arc<dyn ShareSite>>,
+    stats: Stats,
+}
+
+struct UploadJob {
+    file: FileId,
+    label: String,
+    index: u64,
+    offset: u64,
+    data: Plain,
+    done: Sender<(u64, Result<ChunkRecord, EngineError>)>,
+}
+
+pub struct Engine {
+    pub catalog: Arc<Catalog>,
+    pub consent: Arc<ConsentRegistry>,
+    cfg: EngineConfig,
+    core: Arc<Core>,
+    uploads: Mutex<SyncSender<UploadJob>>,
+    prefetch: Mutex<SyncSender<(FileRecord, u64, ChunkRecord)>>,
+    cache: Arc<ChunkCache>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+fn label(rec: &FileRecord) -> String {
+    format!("{}/{}", rec.patient, rec.name)
+}
+
+impl Engine {
+    /// `sites[i]` receives share i; `sites[0]` is the home site.
+    pub fn new(
+        catalog: Arc<Catalog>,
+        consent: Arc<ConsentRegistry>,
+        sites: Vec<Arc<dyn ShareSite>>,
+        cfg: EngineConfig,
+    ) -> Result<Arc<Self>, EngineError> {
+        let scheme = Scheme::new(cfg.k, cfg.n)?;
+        if sites.len() != cfg.n {
+            return Err(EngineError::Sharing(SharingError::ShareCount {
+                expected: cfg.n,
+                actual: sites.len(),
+            }));
+        }
+        let by_name = sites
+            .iter()
+            .map(|s| (s.name().to_string(), s.clone()))
+            .collect();
+        let core = Arc::new(Core {
+            scheme,
+            sites,
+            by_name,
+            stats: Stats::default(),
+        });
+        let (tx, rx) = mpsc::sync_channel::<UploadJob>(cfg.upload_workers);
+        let rx = Arc::new(Mutex::new(rx));
+        for w in 0..cfg.upload_workers {
+            let (core, rx) = (core.clone(), rx.clone());
+            std::thread::Builder::new()
+                .name(format!("upload-{w}"))
+                .spawn(move || loop {
+                    let job = match rx.lock().expect("upload queue").recv() {
+                        Ok(job) => job,
+                        Err(_) => return,
+                    };
+                    let result = core.upload(&job);
+                    let _ = job.done.send((job.index, result));
+                })
+                .expect("spawn upload worker");
+        }
+        let cache = Arc::new(ChunkCache::new(cfg.cache_bytes));
+        let wipe = cache.clone();
+        consent.on_end(move |patient| wipe.wipe(patient));
+
+        let (ptx, prx) = mpsc::sync_channel::<(FileRecord, u64, ChunkRecord)>(64);
+        let engine = Arc::new(Self {
+            catalog,
+            consent,
+            cfg,
+            core,
+            uploads: Mutex::new(tx),
+            prefetch: Mutex::new(ptx),
+            cache,
+        });
+        let weak = Arc::downgrade(&engine);
+        std::thread::Builder::new()
+            .name("readahead".into())
+            .spawn(move || {
+                while let Ok((rec, index, chunk)) = prx.recv() {
+                    let Some(engine) = weak.upgrade() else { return };
+                    if engine.consent.is_active(&rec.patient) {
+                        let _ = engine.chunk(&rec, index, &chunk);
+                    }
+                }
+            })
+            .expect("spawn readahead thread");
+        Ok(engine)
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.core.stats
+    }
+
+    /// Start writing a new version of `patient/name`.
+    pub fn create(&self, patient: &str, name: &str, mode: u32) -> Result<FileWriter, EngineError> {
+        let rec = self.catalog.begin(
+            patient,
+            name,
+            self.cfg.chunk_size as u32,
+            self.cfg.k as u8,
+            self.cfg.n as u8,
+            mode,
+        )?;
+        let (done, results) = mpsc::channel();
+        Ok(FileWriter {
+            label: label(&rec),
+            rec,
+            buf: Zeroizing::new(Vec::with_capacity(self.cfg.chunk_size)),
+            size: 0,
+            next_index: 0,
+            in_flight: 0,
+            hashes: BTreeMap::new(),
+            done,
+            results,
+            failed: None,
+            committed: None,
+        })
+    }
+
+    /// Wait for consent, then read up to `size` bytes at `offset` of a committed version.
+    pub fn read(
+        &self,
+        rec: &FileRecord,
+        chunks: &[ChunkRecord],
+        offset: u64,
+        size: usize,
+    ) -> Result<Vec<u8>, EngineError> {
+        self.consent.wait(&rec.patient, self.cfg.consent_wait)?;
+        let end = rec.size.min(offset.saturating_add(size as u64));
+        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        let first = chunks.partition_point(|c| c.offset + u64::from(c.len) <= offset);
+        let mut last_index = None;
+        for (index, chunk) in chunks.iter().enumerate().skip(first) {
+            if chunk.offset >= end {
+                break;
+            }
+            let data = self.chunk(rec, index as u64, chunk)?;
+            let from = (offset.max(chunk.offset) - chunk.offset) as usize;
+            let to = (end.min(chunk.offset + u64::from(chunk.len)) - chunk.offset) as usize;
+            out.extend_from_slice(&data[from..to]);
+            last_index = Some(index);
+        }
+        if let Some(last) = last_index {
+            let tx = self.prefetch.lock().expect("prefetch").clone();
+            for (index, chunk) in chunks
+                .iter()
+                .enumerate()
+                .skip(last + 1)
+                .take(self.cfg.readahead)
+            {
+                if !self.cache.contains(&(rec.id, index as u64)) {
+                    let _ = tx.try_send((rec.clone(), index as u64, chunk.clone()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn chunk(
+        &self,
+        rec: &FileRecord,
+        index: u64,
+        chunk: &ChunkRecord,
+    ) -> Result<Arc<Plain>, EngineError> {
+        self.cache.get_or_fetch((rec.id, index), &rec.patient, || {
+            let data = self.core.fetch(rec, index, chunk)?;
+            // A consent that ended during the fetch must not leave plaintext in the cache.
+            Ok((data, self.consent.is_active(&rec.patient)))
+        })
+    }
+
+    /// Delete a version's shares from every site, then its catalog records. Errors are logged:
+    /// an orphaned share reveals nothing alone, and `qgenome catalog gc` can retry.
+    ///
+    /// A crash can leave up to `max_in_flight` chunks uploaded but not yet recorded (the writer
+    /// blocks before more are in flight), so those indices past the last recorded chunk are
+    /// deleted too, at every site.
+    pub fn discard(&self, rec: &FileRecord) {
+        let recorded = self.catalog.chunks(&rec.id).unwrap_or_default().len() as u64;
+        let unrecorded = recorded..recorded + self.cfg.max_in_flight as u64 + 1;
+        for index in (0..recorded).chain(unrecorded.clone()) {
+            for (share, site) in self.core.sites.iter().enumerate() {
+                let key = ShareKey {
+                    file: rec.id,
+                    chunk: index,
+                    share: share as u8,
+                };
+                match site.delete(&key) {
+                    Ok(()) | Err(SiteError::NotFound { .. }) => {}
+                    Err(e) if unrecorded.contains(&index) => {
+                        tracing::debug!("{}: deleting {key}: {e}", label(rec))
+                    }
+                    Err(e) => tracing::warn!("{}: deleting {key}: {e}", label(rec)),
+                }
+            }
+        }
+        if let Err(e) = self.catalog.forget(&rec.id) {
+            tracing::warn!("{}: forgetting version: {e}", label(rec));
+        }
+    }
+
+    /// Garbage-collect versions a crash left half-written: never served, shares deleted.
+    pub fn recover(&self) -> Result<usize, EngineError> {
+        let unfinished = self.catalog.unfinished()?;
+        for rec in &unfinished {
+            tracing::warn!(
+                "{}: discarding a version left incomplete by a crash",
+                label(rec)
+            );
+            self.catalog.audit(
+                "discard-incomplete",
+                Some(&rec.patient),
+                Some(&rec.name),
+                "",
+            );
+            self.discard(rec);
+        }
+        Ok(unfinished.len())
+    }
+
+    pub fn sites(&self) -> &[Arc<dyn ShareSite>] {
+        &self.core.sites
+    }
+}
+
+impl Core {
+    fn upload(&self, job: &UploadJob) -> Result<ChunkRecord, EngineError> {
+        let hash = merkle::chunk_hash(&job.data);
+        let share_len = self.scheme.share_len(job.data.len());
+        let mut shares: Vec<Zeroizing<Vec<u8>>> = (0..self.scheme.n())
+            .map(|_| Zeroizing::new(vec![0u8; share_len]))
+            .collect();
+        {
+            let mut refs: Vec<&mut [u8]> = shares.iter_mut().map(|s| s.as_mut_slice()).collect();
+            with_thread_drbg(|rng| self.scheme.split(&job.data, rng, &mut refs))
+                .map_err(SharingError::from)??;
+        }
+        let meta = ShareMeta {
+            k: self.scheme.k() as u8,
+            n: self.scheme.n() as u8,
+            secret_len: job.data.len() as u32,
+        };
+        let results: Vec<Result<(), SiteError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = shares
+                .iter()
+                .enumerate()
+                .map(|(i, share)| {
+                    let site = &self.sites[i];
+                    let key = ShareKey {
+                        file: job.file,
+                        chunk: job.index,
+                        share: i as u8,
+                    };
+                    s.spawn(move || site.put(&key, &meta, share))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("put thread"))
+                .collect()
+        });
+        let failures: Vec<String> = results
+            .into_iter()
+            .filter_map(|r| r.err().map(|e| e.to_string()))
+            .collect();
+        if !failures.is_empty() {
+            return Err(EngineError::Store {
+                file: job.label.clone(),
+                chunk: job.index,
+                reason: failures.join("; "),
+            });
+        }
+        self.stats.chunks_written.fetch_add(1, Ordering::Relaxed);
+        Ok(ChunkRecord {
+            offset: job.offset,
+            len: job.data.len() as u32,
+            hash,
+            shares: (0..self.scheme.n())
+                .map(|i| ShareLocation {
+                    share: i as u8,
+                    site: self.sites[i].name().to_string(),
+                })
+                .collect(),
+        })
+    }
+
+    fn get_share(
+        &self,
+        rec: &FileRecord,
+        index: u64,
+        loc: &ShareLocation,
+    ) -> Result<Vec<u8>, String> {
+        let site = self
+            .by_name
+            .get(&loc.site)
+            .ok_or_else(|| format!("site {} is not configured", loc.site))?;
+        let key = ShareKey {
+            file: rec.id,
+            chunk: index,
+            share: loc.share,
+        };
+        site.get(&key).map_err(|e| e.to_string())
+    }
+
+    fn fetch(
+        &self,
+        rec: &FileRecord,
+        index: u64,
+        chunk: &ChunkRecord,
+    ) -> Result<Plain, EngineError> {
+        let k = self.scheme.k();
+        let file = label(rec);
+        let share_len = self.scheme.share_len(chunk.len as usize);
+        let home = self.sites[0].name();
+        let key_left = |s: &str| self.by_name.get(s).and_then(|x| x.key_remaining());
+        let order = placement::read_order(&chunk.shares, home, key_left, |_| false);
+        let mut good: Vec<(usize, Vec<u8>)> = Vec::with_capacity(order.len());
+        let mut failures: Vec<String> = Vec::new();
+        let mut next = 0;
+        let mut fetch_more =
+            |want: usize, good: &mut Vec<(usize, Vec<u8>)>, failures: &mut Vec<String>| {
+                while good.len() < want && next < order.len() {
+                    let batch = &order[next..(next + want - good.len()).min(order.len())];
+                    next += batch.len();
+                    let got: Vec<Result<Vec<u8>, String>> = std::thread::scope(|s| {
+                        let hs: Vec<_> = batch
+                            .iter()
+                            .map(|loc| s.spawn(move || self.get_share(rec, index, loc)))
+                            .collect();
+                        hs.into_iter()
+                            .map(|h| h.join().expect("get thread"))
+                            .collect()
+                    });
+                    for (loc, r) in batch.iter().zip(got) {
+                        match r {
+                            Ok(d) if d.len() == share_len => good.push((loc.share as usize, d)),
+                            Ok(d) => failures.push(format!(
+                                "site {}: share {} is {} bytes, expected {share_len}",
+                                loc.site,
+                                loc.share,
+                                d.len()
+                            )),
+                            Err(e) => failures.push(e),
+                        }
+                    }
+                }
+            };
+        fetch_more(k, &mut good, &mut failures);
+        for f in &failures {
+            self.stats.share_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("{file}: chunk {index}: routed around a failed share: {f}");
+        }
+        let mut out = Zeroizing::new(vec![0u8; chunk.len as usize]);
+        let rebuild =
+            |subset: &[&(usize, Vec<u8>)], out: &mut Plain| -> Result<bool, EngineError> {
+                let given: Vec<(usize, &[u8])> =
+                    subset.iter().map(|(i, d)| (*i, d.as_slice())).collect();
+                self.scheme.combine(&given, chunk.len as usize, out)?;
+                Ok(merkle::chunk_hash(out) == chunk.hash)
+            };
+        if good.len() >= k && rebuild(&good.iter().take(k).collect::<Vec<_>>(), &mut out)? {
+            self.stats.chunks_read.fetch_add(1, Ordering::Relaxed);
+            return Ok(out);
+        }
+        if good.len() >= k {
+            // Some share is wrong without its site knowing: get them all, find k that agree.
+            self.stats.bad_rebuilds.fetch_add(1, Ordering::Relaxed);
+            let before = failures.len();
+            fetch_more(order.len(), &mut good, &mut failures);
+            for f in &failures[before..] {
+                self.stats.share_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("{file}: chunk {index}: routed around a failed share: {f}");
+            }
+            for subset in k_subsets(good.len(), k) {
+                let pick: Vec<&(usize, Vec<u8>)> = subset.iter().map(|&i| &good[i]).collect();
+                if rebuild(&pick, &mut out)? {
+                    let used: Vec<usize> = pick.iter().map(|p| p.0).collect();
+                    let suspects: Vec<usize> = good
+                        .iter()
+                        .map(|g| g.0)
+                        .filter(|s| !used.contains(s))
+                        .collect();
+                    self.stats
+                        .share_failures
+                        .fetch_add(suspects.len() as u64, Ordering::Relaxed);
+                    tracing::warn!(
+                        "{file}: chunk {index}: share(s) {suspects:?} failed verification; rebuilt from shares {used:?}"
+                    );
+                    self.stats.chunks_read.fetch_add(1, Ordering::Relaxed);
+                    return Ok(out);
+                }
+            }
+            self.stats.failed_reads.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("{file}: chunk {index}: no {k} shares rebuild the hashed data");
+            return Err(EngineError::Corrupt {
+                file,
+                chunk: index,
+                k,
+            });
+        }
+        self.stats.failed_reads.fetch_add(1, Ordering::Relaxed);
+        let err = EngineError::TooFewShares {
+            file,
+            chunk: index,
+            good: good.len(),
+            need: k,
+            detail: failures.join("; "),
+        };
+        tracing::error!("{err}");
+        Err(err)
+    }
+}
+
+fn k_subsets(n: usize, k: usize) -> Vec<Vec<usize>> {
+    (0u32..1 << n)
+        .filter(|m| m.count_ones() as usize == k)
+        .map(|m| (0..n).filter(|i| m >> i & 1 == 1).collect())
+        .collect()
+}
+
+/// An open version being written. Appends only.
+pub struct FileWriter {
+    rec: FileRecord,
+    label: String,
+    buf: Plain,
+    size: u64,
+    next_index: u64,
+    in_flight: usize,
+    hashes: BTreeMap<u64, Hash>,
+    done: Sender<(u64, Result<ChunkRecord, EngineError>)>,
+    results: Receiver<(u64, Result<ChunkRecord, EngineError>)>,
+    failed: Option<String>,
+    /// Size at the last commit.
+    committed: Option<u64>,
+}
+
+impl std::fmt::Debug for FileWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileWriter")
+            .field("file", &self.label)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FileWriter {
+    pub fn record(&self) -> &FileRecord {
+        &self.rec
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn is_committed(&self) -> bool {
+        self.committed == Some(self.size)
+    }
+
+    pub fn write(
+        &mut self,
+        engine: &Engine,
+        offset: u64,
+        mut data: &[u8],
+    ) -> Result<(), EngineError> {
+        self.check_failed()?;
+        if offset != self.size {
+            return Err(EngineError::NotAppend {
+                file: self.label.clone(),
+                offset,
+                size: self.size,
+            });
+        }
+        let chunk_size = engine.cfg.chunk_size;
+        while !data.is_empty() {
+            let take = (chunk_size - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..take]);
+            self.size += take as u64;
+            data = &data[take..];
+            if self.buf.len() == chunk_size {
+                self.submit(engine)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_failed(&self) -> Result<(), EngineError> {
+        match &self.failed {
+            Some(reason) => Err(EngineError::Failed {
+                file: self.label.clone(),
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn submit(&mut self, engine: &Engine) -> Result<(), EngineError> {
+        let data = std::mem::replace(
+            &mut self.buf,
+            Zeroizing::new(Vec::with_capacity(engine.cfg.chunk_size)),
+        );
+        let job = UploadJob {
+            file: self.rec.id,
+            label: self.label.clone(),
+            index: self.next_index,
+            offset: self.size - data.len() as u64,
+            data,
+            done: self.done.clone(),
+        };
+        self.next_index += 1;
+        self.in_flight += 1;
+        let tx = engine.uploads.lock().expect("uploads").clone();
+        tx.send(job)
+            .expect("upload workers run for the engine's life");
+        while let Ok(r) = self.results.try_recv() {
+            self.settle(engine, r);
+        }
+        while self.in_flight >= engine.cfg.max_in_flight {
+            let r = self.results.recv().expect("sender held by self");
+            self.settle(engine, r);
+        }
+        self.check_failed()
+    }
+
+    fn settle(
+        &mut self,
+        engine: &Engine,
+        (index, result): (u64, Result<ChunkRecord, EngineError>),
+    ) {
+        self.in_flight -= 1;
+        match result.and_then(|c| {
+            engine.catalog.put_chunk(&self.rec.id, index, &c)?;
+            Ok(c)
+        }) {
+            Ok(c) => {
+                self.hashes.insert(index, c.hash);
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                self.failed.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+
+    /// Make everything written so far durable at every site and commit it (fsync, close).
+    pub fn commit(&mut self, engine: &Engine) -> Result<(), EngineError> {
+        if self.is_committed() {
+            return Ok(());
+        }
+        if !self.buf.is_empty() {
+            self.submit(engine)?;
+        }
+        while self.in_flight > 0 {
+            let r = self.results.recv().expect("sender held by self");
+            self.settle(engine, r);
+        }
+        self.check_failed()?;
+        let leaves: Vec<Hash> = self.hashes.values().copied().collect();
+        let root = merkle::root(&leaves);
+        if let Some(old) = engine.catalog.commit(&self.rec.id, self.size, root)? {
+            engine.discard(&old);
+        }
+        engine.catalog.audit(
+            "write",
+            Some(&self.rec.patient),
+            Some(&self.rec.name),
+            &format!(
+                "{} bytes, {} chunks, root {}",
+                self.size,
+                leaves.len(),
+                merkle::hex(&root)
+            ),
+        );
+        self.committed = Some(self.size);
+        Ok(())
+    }
+
+    /// Drop an uncommitted version (failed write): shares deleted, nothing visible.
+    pub fn abort(mut self, engine: &Engine) {
+        while self.in_flight > 0 {
+            let r = self.results.recv().expect("sender held by self");
+            self.settle(engine, r);
+        }
+        if self.committed.is_none() {
+            engine.discard(&self.rec);
+        }
+    }
+}
+
+type CacheKey = (FileId, u64);
+
+struct CacheEntry {
+    data: Arc<Plain>,
+    patient: String,
+    used: u64,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    map: HashMap<CacheKey, CacheEntry>,
+    fetching: HashSet<CacheKey>,
+    bytes: usize,
+    tick: u64,
+}
+
+/// Rebuilt chunks, bounded by bytes, least recently used out first, wiped per patient.
+struct ChunkCache {
+    inner: Mutex<CacheInner>,
+    ready: Condvar,
+    budget: usize,
+}
+
+impl ChunkCache {
+    fn new(budget: usize) -> Self {
+        Self {
+            inner: Mutex::new(CacheInner::default()),
+            ready: Condvar::new(),
+            budget,
+        }
+    }
+
+    fn contains(&self, key: &CacheKey) -> bool {
+        let inner = self.inner.lock().expect("cache");
+        inner.map.contains_key(key) || inner.fetching.contains(key)
+    }
+
+    /// The cached chunk, or `fetch()`'s (only one fetch per chunk at a time). `fetch` also
+    /// says whether the result may be kept.
+    fn get_or_fetch(
+        &self,
+        key: CacheKey,
+        patient: &str,
+        fetch: impl FnOnce() -> Result<(Plain, bool), EngineError>,
+    ) -> Result<Arc<Plain>, EngineError> {
+        let mut inner = self.inner.lock().expect("cache");
+        loop {
+            inner.tick += 1;
+            let tick = inner.tick;
+            if let Some(e) = inner.map.get_mut(&key) {
+                e.used = tick;
+                return Ok(e.data.clone());
+            }
+            if !inner.fetching.contains(&key) {
+                break;
+            }
+            inner = self
+                .ready
+                .wait_timeout(inner, Duration::from_secs(1))
+                .expect("cache")
+                .0;
+        }
+        inner.fetching.insert(key);
+        drop(inner);
+        let started = Instant::now();
+        let result = fetch();
+        let mut inner = self.inner.lock().expect("cache");
+        inner.fetching.remove(&key);
+        self.ready.notify_all();
+        let (data, keep) = result?;
+        let data = Arc::new(data);
+        if keep && data.len() <= self.budget {
+            inner.bytes += data.len();
+            let used = inner.tick;
+            inner.map.insert(
+                key,
+                CacheEntry {
+                    data: data.clone(),
+                    patient: patient.to_string(),
+                    used,
+                },
+            );
+            while inner.bytes > self.budget {
+                let oldest = inner
+                    .map
+                    .iter()
+                    .min_by_key(|(_, e)| e.used)
+                    .map(|(k, _)| *k)
+                    .expect("non-empty while over budget");
+                let e = inner.map.remove(&oldest).expect("present");
+                inner.bytes -= e.data.len();
+            }
+        }
+        tracing::trace!("fetched chunk in {:?}", started.elapsed());
+        Ok(data)
+    }
+
+    /// Drop every cached chunk of a patient (the buffers zeroize when their last reader ends).
+    fn wipe(&self, patient: &str) {
+        let mut inner = self.inner.lock().expect("cache");
+        let before = inner.map.len();
+        let mut freed = 0;
+        inner.map.retain(|_, e| {
+            let keep = e.patient != patient;
+            if !keep {
+                freed += e.data.len();
+            }
+            keep
+        });
+        inner.bytes -= freed;
+        tracing::info!(
+            patient,
+            chunks = before - inner.map.len(),
+            "wiped cached plaintext"
+        );
+    }
+}

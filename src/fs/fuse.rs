@@ -1,0 +1,740 @@
+//! The `/qgenome` tree over FUSE: `/<patient>/<file>`.
+//!
+//! Every open uses FOPEN_DIRECT_IO: no plaintext lingers in the kernel page cache where a read
+//! without consent could find it, and writes arrive in large requests. Opens and reads that may
+//! wait for consent are answered later from a worker pool, so a blocked reader never holds up
+//! listings, other patients' writes, or the request loops.
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
+    OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+
+use super::engine::{Engine, EngineError, FileWriter};
+use crate::catalog::{ChunkRecord, FileRecord};
+
+const ROOT: u64 = 1;
+const DIR_TTL: Duration = Duration::from_secs(1);
+/// File sizes change while they are written: no attribute caching for files.
+const FILE_TTL: Duration = Duration::ZERO;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Node {
+    Root,
+    Patient(String),
+    File(String, String),
+}
+
+#[derive(Default)]
+struct Inodes {
+    by_ino: HashMap<u64, Node>,
+    by_node: HashMap<Node, u64>,
+    next: u64,
+}
+
+impl Inodes {
+    fn ino(&mut self, node: Node) -> u64 {
+        if let Some(&i) = self.by_node.get(&node) {
+            return i;
+        }
+        self.next += 1;
+        let i = self.next;
+        self.by_ino.insert(i, node.clone());
+        self.by_node.insert(node, i);
+        i
+    }
+
+    fn rename(&mut self, from: &Node, to: Node) {
+        if let Some(i) = self.by_node.remove(from) {
+            if let Some(old) = self.by_node.insert(to.clone(), i) {
+                self.by_ino.remove(&old);
+            }
+            self.by_ino.insert(i, to);
+        }
+    }
+}
+
+enum Handle {
+    Write {
+        writer: SharedWriter,
+        node: (String, String),
+    },
+    Read {
+        rec: FileRecord,
+        chunks: Arc<Vec<ChunkRecord>>,
+    },
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+/// A writer shared by its handle and the by-name table; `None` once released.
+type SharedWriter = Arc<Mutex<Option<FileWriter>>>;
+
+/// The filesystem. `fuser` calls it from several request loops at once.
+pub struct QgenomeFs {
+    engine: Arc<Engine>,
+    inodes: Mutex<Inodes>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    /// Open writers by (patient, name), so the file shows up while it is written.
+    writing: Mutex<HashMap<(String, String), SharedWriter>>,
+    next_fh: AtomicU64,
+    workers: Mutex<mpsc::Sender<Job>>,
+    uid: u32,
+    gid: u32,
+}
+
+fn errno(e: &EngineError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn secs(t: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(t)
+}
+
+impl QgenomeFs {
+    /// `workers` threads answer opens and reads that may wait for consent.
+    pub fn new(engine: Arc<Engine>, workers: usize) -> Self {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for w in 0..workers.max(1) {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("fs-worker-{w}"))
+                .spawn(move || loop {
+                    let job = match rx.lock().expect("jobs").recv() {
+                        Ok(job) => job,
+                        Err(_) => return,
+                    };
+                    job();
+                })
+                .expect("spawn fs worker");
+        }
+        let mut inodes = Inodes {
+            next: ROOT,
+            ..Inodes::default()
+        };
+        inodes.by_ino.insert(ROOT, Node::Root);
+        inodes.by_node.insert(Node::Root, ROOT);
+        Self {
+            engine,
+            inodes: Mutex::new(inodes),
+            handles: Mutex::new(HashMap::new()),
+            writing: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            workers: Mutex::new(tx),
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+        }
+    }
+
+    fn spawn(&self, job: impl FnOnce() + Send + 'static) {
+        let tx = self.workers.lock().expect("workers").clone();
+        let _ = tx.send(Box::new(job));
+    }
+
+    fn node(&self, ino: INodeNo) -> Option<Node> {
+        self.inodes
+            .lock()
+            .expect("inodes")
+            .by_ino
+            .get(&ino.0)
+            .cloned()
+    }
+
+    fn ino(&self, node: Node) -> u64 {
+        self.inodes.lock().expect("inodes").ino(node)
+    }
+
+    fn dir_attr(&self, ino: u64, mtime: u64) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(ino),
+            size: 0,
+            blocks: 0,
+            atime: secs(mtime),
+            mtime: secs(mtime),
+            ctime: secs(mtime),
+            crtime: secs(mtime),
+            kind: FileType::Directory,
+            perm: 0o755,
+            nlink: 2,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 1 << 20,
+            flags: 0,
+        }
+    }
+
+    fn file_attr(&self, ino: u64, size: u64, mode: u32, mtime: u64, created: u64) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: secs(mtime),
+            mtime: secs(mtime),
+            ctime: secs(mtime),
+            crtime: secs(created),
+            kind: FileType::RegularFile,
+            perm: (mode & 0o7777) as u16,
+            nlink: 1,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 1 << 20,
+            flags: 0,
+        }
+    }
+
+    /// Attributes of a node, or None if it does not exist (any more).
+    fn attr(&self, node: &Node) -> Result<Option<(FileAttr, Duration)>, EngineError> {
+        let cat = &self.engine.catalog;
+        Ok(match node {
+            Node::Root => Some((self.dir_attr(ROOT, 0), DIR_TTL)),
+            Node::Patient(p) => cat
+                .patient(p)?
+                .map(|r| (self.dir_attr(self.ino(node.clone()), r.created), DIR_TTL)),
+            Node::File(p, n) => {
+                let ino = self.ino(node.clone());
+                let writing = self
+                    .writing
+                    .lock()
+                    .expect("writing")
+                    .get(&(p.clone(), n.clone()))
+                    .cloned();
+                if let Some(w) = writing {
+                    let w = w.lock().expect("writer");
+                    if let Some(w) = w.as_ref() {
+                        let r = w.record();
+                        return Ok(Some((
+                            self.file_attr(ino, w.size(), r.mode, r.mtime, r.created),
+                            FILE_TTL,
+                        )));
+                    }
+                }
+                cat.file(p, n)?.map(|r| {
+                    (
+                        self.file_attr(ino, r.size, r.mode, r.mtime, r.created),
+                        FILE_TTL,
+                    )
+                })
+            }
+        })
+    }
+
+    fn child(&self, parent: INodeNo, name: &OsStr) -> Result<Node, Errno> {
+        let name = name.to_str().ok_or(Errno::EINVAL)?.to_string();
+        match self.node(parent) {
+            Some(Node::Root) => Ok(Node::Patient(name)),
+            Some(Node::Patient(p)) => Ok(Node::File(p, name)),
+            Some(Node::File(..)) => Err(Errno::ENOTDIR),
+            None => Err(Errno::ENOENT),
+        }
+    }
+
+    fn new_fh(&self, handle: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().expect("handles").insert(fh, handle);
+        fh
+    }
+
+    /// Open a writer for `patient/name` and register it.
+    fn open_writer(&self, patient: &str, name: &str, mode: u32) -> Result<u64, EngineError> {
+        let writer = Arc::new(Mutex::new(Some(self.engine.create(patient, name, mode)?)));
+        let node = (patient.to_string(), name.to_string());
+        self.writing
+            .lock()
+            .expect("writing")
+            .insert(node.clone(), writer.clone());
+        Ok(self.new_fh(Handle::Write { writer, node }))
+    }
+
+    fn writer(&self, fh: FileHandle) -> Option<SharedWriter> {
+        match self.handles.lock().expect("handles").get(&fh.0) {
+            Some(Handle::Write { writer, .. }) => Some(writer.clone()),
+            _ => None,
+        }
+    }
+
+    fn commit(&self, fh: FileHandle) -> Result<(), Errno> {
+        let Some(writer) = self.writer(fh) else {
+            return Ok(());
+        };
+        let mut w = writer.lock().expect("writer");
+        match w.as_mut() {
+            Some(w) => w.commit(&self.engine).map_err(|e| {
+                tracing::error!("commit failed: {e}");
+                errno(&e)
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Filesystem for QgenomeFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let node = match self.child(parent, name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        match self.attr(&node) {
+            Ok(Some((attr, ttl))) => reply.entry(&ttl, &attr, Generation(0)),
+            Ok(None) => reply.error(Errno::ENOENT),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let Some(node) = self.node(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match self.attr(&node) {
+            Ok(Some((attr, ttl))) => reply.attr(&ttl, &attr),
+            Ok(None) => reply.error(Errno::ENOENT),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let Some(node) = self.node(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Node::File(p, n) = &node else {
+            // Directories: nothing to change; report what is there.
+            return match self.attr(&node) {
+                Ok(Some((a, ttl))) => reply.attr(&ttl, &a),
+                _ => reply.error(Errno::ENOENT),
+            };
+        };
+        let current = match self.attr(&node) {
+            Ok(Some((a, _))) => a,
+            Ok(None) => return reply.error(Errno::ENOENT),
+            Err(e) => return reply.error(errno(&e)),
+        };
+        if let Some(size) = size {
+            if size != current.size {
+                let open_writer = fh.and_then(|fh| self.writer(fh)).is_some();
+                if size != 0 || open_writer {
+                    tracing::warn!("{p}/{n}: truncate to {size} refused: only truncation of a closed file to zero is supported");
+                    return reply.error(Errno::EINVAL);
+                }
+                // Truncate a closed file to zero: commit an empty version over it.
+                let result = self
+                    .engine
+                    .create(p, n, u32::from(current.perm))
+                    .and_then(|mut w| w.commit(&self.engine));
+                if let Err(e) = result {
+                    return reply.error(errno(&e));
+                }
+            }
+        }
+        if mode.is_some() || mtime.is_some() {
+            if let Ok(Some(rec)) = self.engine.catalog.file(p, n) {
+                let m = mtime.map(|t| match t {
+                    TimeOrNow::Now => crate::catalog::now_secs(),
+                    TimeOrNow::SpecificTime(t) => {
+                        t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+                    }
+                });
+                if let Err(e) = self.engine.catalog.set_attrs(&rec.id, mode, m) {
+                    return reply.error(errno(&e.into()));
+                }
+            }
+        }
+        match self.attr(&node) {
+            Ok(Some((a, ttl))) => reply.attr(&ttl, &a),
+            Ok(None) => reply.error(Errno::ENOENT),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        if parent.0 != ROOT {
+            return reply.error(Errno::EPERM);
+        }
+        let Some(id) = name.to_str() else {
+            return reply.error(Errno::EINVAL);
+        };
+        if let Err(e) = self.engine.catalog.add_patient(id) {
+            tracing::warn!("mkdir {id}: {e}");
+            return reply.error(errno(&e.into()));
+        }
+        self.engine.catalog.audit("patient-add", Some(id), None, "");
+        match self.attr(&Node::Patient(id.to_string())) {
+            Ok(Some((a, ttl))) => reply.entry(&ttl, &a, Generation(0)),
+            _ => reply.error(Errno::EIO),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if parent.0 != ROOT {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let Some(id) = name.to_str() else {
+            return reply.error(Errno::EINVAL);
+        };
+        match self.engine.catalog.remove_patient(id) {
+            Ok(()) => {
+                self.engine
+                    .catalog
+                    .audit("patient-remove", Some(id), None, "");
+                reply.ok()
+            }
+            Err(e) => reply.error(errno(&e.into())),
+        }
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let Ok(Node::File(p, n)) = self.child(parent, name) else {
+            return reply.error(Errno::EPERM);
+        };
+        match self.open_writer(&p, &n, mode & !umask & 0o7777) {
+            Ok(fh) => match self.attr(&Node::File(p, n)) {
+                Ok(Some((a, ttl))) => reply.created(
+                    &ttl,
+                    &a,
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_DIRECT_IO,
+                ),
+                _ => reply.error(Errno::EIO),
+            },
+            Err(e) => {
+                tracing::warn!("create {p}/{n}: {e}");
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let Some(Node::File(p, n)) = self.node(ino) else {
+            return reply.error(Errno::EISDIR);
+        };
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            if flags.0 & libc::O_TRUNC == 0 {
+                let size = self
+                    .engine
+                    .catalog
+                    .file(&p, &n)
+                    .ok()
+                    .flatten()
+                    .map_or(0, |r| r.size);
+                if size > 0 {
+                    tracing::warn!("{p}/{n}: opening for write without O_TRUNC refused: stored data cannot be rewritten in place");
+                    return reply.error(Errno::EPERM);
+                }
+            }
+            let mode = self
+                .engine
+                .catalog
+                .file(&p, &n)
+                .ok()
+                .flatten()
+                .map_or(0o644, |r| r.mode);
+            return match self.open_writer(&p, &n, mode) {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+                Err(e) => reply.error(errno(&e)),
+            };
+        }
+        let engine = self.engine.clone();
+        let rec = match engine.catalog.file(&p, &n) {
+            Ok(Some(r)) => r,
+            Ok(None) => return reply.error(Errno::ENOENT),
+            Err(e) => return reply.error(errno(&e.into())),
+        };
+        // The handle is registered now; the reply waits for consent on a worker.
+        let chunks = match engine.catalog.chunks(&rec.id) {
+            Ok(c) => Arc::new(c),
+            Err(e) => return reply.error(errno(&e.into())),
+        };
+        let fh = self.new_fh(Handle::Read {
+            rec: rec.clone(),
+            chunks,
+        });
+        self.spawn(move || {
+            use crate::consent::Consent;
+            match engine
+                .consent
+                .wait(&rec.patient, engine.config().consent_wait)
+            {
+                Ok(()) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+                Err(e) => {
+                    tracing::warn!("open {}/{}: {e}", rec.patient, rec.name);
+                    reply.error(Errno::EACCES)
+                }
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let (rec, chunks) = match self.handles.lock().expect("handles").get(&fh.0) {
+            Some(Handle::Read { rec, chunks }) => (rec.clone(), chunks.clone()),
+            Some(Handle::Write { .. }) => return reply.error(Errno::EBADF),
+            None => return reply.error(Errno::EBADF),
+        };
+        let engine = self.engine.clone();
+        self.spawn(
+            move || match engine.read(&rec, &chunks, offset, size as usize) {
+                Ok(data) => {
+                    reply.data(&data);
+                    // `data` held plaintext: wipe it before the allocator reuses it.
+                    let mut data = data;
+                    zeroize::Zeroize::zeroize(&mut data);
+                }
+                Err(e) => {
+                    tracing::warn!("read {}/{} at {offset}: {e}", rec.patient, rec.name);
+                    reply.error(errno(&e))
+                }
+            },
+        );
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let Some(writer) = self.writer(fh) else {
+            return reply.error(Errno::EBADF);
+        };
+        let mut w = writer.lock().expect("writer");
+        let Some(w) = w.as_mut() else {
+            return reply.error(Errno::EBADF);
+        };
+        match w.write(&self.engine, offset, data) {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => {
+                tracing::warn!("{e}");
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        match self.commit(fh) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.commit(fh) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let handle = self.handles.lock().expect("handles").remove(&fh.0);
+        if let Some(Handle::Write { writer, node }) = handle {
+            let taken = writer.lock().expect("writer").take();
+            {
+                let mut writing = self.writing.lock().expect("writing");
+                if writing.get(&node).is_some_and(|w| Arc::ptr_eq(w, &writer)) {
+                    writing.remove(&node);
+                }
+            }
+            if let Some(mut w) = taken {
+                if let Err(e) = w.commit(&self.engine) {
+                    tracing::error!("{}/{}: not committed, discarding: {e}", node.0, node.1);
+                    w.abort(&self.engine);
+                }
+            }
+        }
+        reply.ok();
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let Ok(Node::File(p, n)) = self.child(parent, name) else {
+            return reply.error(Errno::EPERM);
+        };
+        match self.engine.catalog.unlink(&p, &n) {
+            Ok(old) => {
+                self.engine.catalog.audit("unlink", Some(&p), Some(&n), "");
+                self.engine.discard(&old);
+                reply.ok()
+            }
+            Err(e) => reply.error(errno(&e.into())),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        _flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (Ok(from), Ok(to)) = (self.child(parent, name), self.child(newparent, newname)) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let (Node::File(p, n), Node::File(np, nn)) = (&from, &to) else {
+            return reply.error(Errno::EPERM);
+        };
+        match self.engine.catalog.rename(p, n, np, nn) {
+            Ok(replaced) => {
+                self.engine
+                    .catalog
+                    .audit("rename", Some(p), Some(n), &format!("to {np}/{nn}"));
+                if let Some(old) = replaced {
+                    self.engine.discard(&old);
+                }
+                self.inodes.lock().expect("inodes").rename(&from, to);
+                reply.ok()
+            }
+            Err(e) => {
+                tracing::warn!("rename {p}/{n} -> {np}/{nn}: {e}");
+                reply.error(errno(&e.into()))
+            }
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(node) = self.node(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let mut entries: Vec<(u64, FileType, String)> = vec![
+            (ino.0, FileType::Directory, ".".into()),
+            (ROOT, FileType::Directory, "..".into()),
+        ];
+        let cat = &self.engine.catalog;
+        match &node {
+            Node::Root => match cat.patients() {
+                Ok(ps) => entries.extend(
+                    ps.into_iter()
+                        .map(|p| (self.ino(Node::Patient(p.clone())), FileType::Directory, p)),
+                ),
+                Err(e) => return reply.error(errno(&e.into())),
+            },
+            Node::Patient(p) => {
+                let mut names: Vec<String> = match cat.files_of(p) {
+                    Ok(fs) => fs.into_iter().map(|f| f.name).collect(),
+                    Err(e) => return reply.error(errno(&e.into())),
+                };
+                for (wp, wn) in self.writing.lock().expect("writing").keys() {
+                    if wp == p && !names.contains(wn) {
+                        names.push(wn.clone());
+                    }
+                }
+                names.sort();
+                entries.extend(names.into_iter().map(|n| {
+                    (
+                        self.ino(Node::File(p.clone(), n.clone())),
+                        FileType::RegularFile,
+                        n,
+                    )
+                }));
+            }
+            Node::File(..) => return reply.error(Errno::ENOTDIR),
+        }
+        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // Capacity is the sites'; `qgenome status` reports it per site. Report ample room.
+        reply.statfs(
+            1 << 32,
+            1 << 31,
+            1 << 31,
+            1 << 20,
+            1 << 19,
+            1 << 20,
+            255,
+            1 << 20,
+        );
+    }
+}
