@@ -1,9 +1,30 @@
 //! The store on the in-memory volume: round trips, replace, delete, full volume, torn writes,
 //! tampering, restart and index rebuild.
 
-mod common;
+use qgenome_mountd::layout::{ShareKey, ShareMeta};
 
-use common::{key, share_bytes, META};
+const META: ShareMeta = ShareMeta {
+    k: 2,
+    n: 3,
+    secret_len: 1 << 20,
+};
+
+fn key(file: u8, chunk: u64, share: u8) -> ShareKey {
+    let mut file_id = [0u8; 16];
+    file_id[0] = file;
+    file_id[15] = 0xF1;
+    ShareKey {
+        file_id,
+        chunk,
+        share,
+    }
+}
+
+fn share_bytes(seed: u64, key: &ShareKey, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    qgenome_mountd::bench::pattern(seed, key, &mut v);
+    v
+}
 use qgenome_mountd::store::{FormatOptions, Store, StoreError, StoreOptions};
 use qgenome_mountd::volume::{Alignment, MemVolume};
 
