@@ -1,1 +1,404 @@
-fn main() {}
+//! `qgenome-mountd`: format, scrub, inspect and benchmark a site's share volume.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use qgenome_mountd::bench::{bench_store, pattern, run_fio, run_key, RUN_META};
+use qgenome_mountd::config::parse_size;
+use qgenome_mountd::store::{FormatOptions, Store, StoreOptions};
+use qgenome_mountd::volume::{
+    create_file_volume, Durability, UringOptions, UringVolume, VolumeKind,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "qgenome-mountd",
+    version,
+    about = "qgenome site daemon: share volumes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct VolumeArgs {
+    /// The share volume: a block device or a (preallocated) file.
+    #[arg(long)]
+    volume: PathBuf,
+    /// The index directory (default: VOLUME.state next to a file volume).
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// How writes are made durable: rwf-dsync, o-dsync or fdatasync.
+    #[arg(long, default_value = "rwf-dsync")]
+    durability: Durability,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write a fresh superblock; creates and preallocates a file volume when --size is given.
+    Format {
+        #[command(flatten)]
+        vol: VolumeArgs,
+        /// The site name recorded in the superblock.
+        #[arg(long)]
+        site: String,
+        /// Size of a file volume to create (e.g. 10G) if it does not exist.
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        /// Allocation unit in bytes (default: the block size).
+        #[arg(long, value_parser = parse_size)]
+        alloc_unit: Option<u64>,
+        /// Discard an existing index in the state directory.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Re-read and verify every stored share; non-zero exit if any is damaged.
+    Scrub {
+        #[command(flatten)]
+        vol: VolumeArgs,
+    },
+    /// Print capacity, free space and share count as JSON.
+    Stat {
+        #[command(flatten)]
+        vol: VolumeArgs,
+    },
+    /// Rebuild the index from the share headers on the volume (the old index is kept aside).
+    RebuildIndex {
+        #[command(flatten)]
+        vol: VolumeArgs,
+    },
+    /// Measure store put/get of shares against fio on the same filesystem.
+    Bench {
+        #[command(flatten)]
+        vol: VolumeArgs,
+        /// Bytes to put and get (and for fio to write and read).
+        #[arg(long, value_parser = parse_size, default_value = "2G")]
+        size: u64,
+        #[arg(long, value_parser = parse_size, default_value = "1M")]
+        share_size: u64,
+        /// Concurrent puts/gets (threads), and fio's iodepth.
+        #[arg(long, default_value_t = 4)]
+        jobs: usize,
+        /// Skip the fio baseline.
+        #[arg(long)]
+        no_fio: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Test load: put shares of file FILE, printing "ACK i" after each put returns.
+    #[command(hide = true)]
+    Stress {
+        #[command(flatten)]
+        vol: VolumeArgs,
+        #[arg(long)]
+        file: u8,
+        #[arg(long)]
+        seed: u64,
+        #[arg(long, default_value_t = 1000)]
+        count: u64,
+        #[arg(long, value_parser = parse_size, default_value = "64K")]
+        share_size: u64,
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
+    },
+}
+
+impl VolumeArgs {
+    fn state_dir(&self) -> Result<PathBuf> {
+        if let Some(s) = &self.state {
+            return Ok(s.clone());
+        }
+        if self.volume.starts_with("/dev") {
+            bail!(
+                "volume {} is a device: give the index directory with --state",
+                self.volume.display()
+            );
+        }
+        let mut s = self.volume.clone().into_os_string();
+        s.push(".state");
+        Ok(PathBuf::from(s))
+    }
+
+    fn open_volume(&self) -> Result<UringVolume> {
+        let opts = UringOptions {
+            durability: self.durability,
+            ..UringOptions::default()
+        };
+        Ok(UringVolume::open(&self.volume, &opts)?)
+    }
+
+    fn open_store(&self) -> Result<Store<UringVolume>> {
+        let dir = self.state_dir()?;
+        Ok(Store::open(
+            self.open_volume()?,
+            &dir,
+            StoreOptions::default(),
+        )?)
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("qgenome-mountd: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Format {
+            vol,
+            site,
+            size,
+            alloc_unit,
+            force,
+        } => {
+            format(&vol, &site, size, alloc_unit, force)?;
+        }
+        Cmd::Scrub { vol } => {
+            let store = vol.open_store()?;
+            let r = store.scrub()?;
+            for d in &r.damaged {
+                println!("DAMAGED {} at offset {}: {}", d.key, d.offset, d.reason);
+            }
+            println!(
+                "scrubbed {} shares ({} bytes): {} damaged",
+                r.checked,
+                r.bytes,
+                r.damaged.len()
+            );
+            if !r.damaged.is_empty() {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Cmd::Stat { vol } => {
+            let store = vol.open_store()?;
+            println!("{}", serde_json::to_string_pretty(&store.stat())?);
+        }
+        Cmd::RebuildIndex { vol } => {
+            let dir = vol.state_dir()?;
+            let r = Store::rebuild_index(&vol.open_volume()?, &dir)?;
+            println!(
+                "rebuilt index {}: {} shares, {} superseded, {} torn, {} bytes scanned{}",
+                dir.display(),
+                r.shares,
+                r.superseded,
+                r.torn,
+                r.scanned_bytes,
+                r.old_index
+                    .map(|p| format!(", old index kept at {}", p.display()))
+                    .unwrap_or_default()
+            );
+        }
+        Cmd::Bench {
+            vol,
+            size,
+            share_size,
+            jobs,
+            no_fio,
+            json,
+        } => {
+            bench(&vol, size, share_size, jobs.max(1), no_fio, json)?;
+        }
+        Cmd::Stress {
+            vol,
+            file,
+            seed,
+            count,
+            share_size,
+            jobs,
+        } => {
+            stress(&vol, file, seed, count, share_size as usize, jobs.max(1))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn format(
+    vol: &VolumeArgs,
+    site: &str,
+    size: Option<u64>,
+    au: Option<u64>,
+    force: bool,
+) -> Result<()> {
+    if !vol.volume.exists() {
+        let Some(size) = size else {
+            bail!(
+                "volume {} does not exist; give --size to create a file volume",
+                vol.volume.display()
+            );
+        };
+        create_file_volume(&vol.volume, size)?;
+    }
+    let dir = vol.state_dir()?;
+    let index = dir.join("index");
+    if index.exists() {
+        if !force {
+            bail!(
+                "index {} exists (from an earlier format); pass --force to discard it",
+                index.display()
+            );
+        }
+        std::fs::remove_dir_all(&index)
+            .with_context(|| format!("removing index {}", index.display()))?;
+    }
+    let dev = vol.open_volume()?;
+    let alloc_unit = au
+        .map(u32::try_from)
+        .transpose()
+        .context("--alloc-unit too large")?;
+    let sb = Store::format(&dev, site, &FormatOptions { alloc_unit })?;
+    drop(Store::open(dev, &dir, StoreOptions::default())?);
+    println!(
+        "formatted {} for site {}: {} bytes, block {} unit {}, index {}",
+        vol.volume.display(),
+        sb.site,
+        sb.volume_len,
+        sb.block_size,
+        sb.alloc_unit,
+        dir.display()
+    );
+    Ok(())
+}
+
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+fn bench(
+    vol: &VolumeArgs,
+    size: u64,
+    share_size: u64,
+    jobs: usize,
+    no_fio: bool,
+    json: bool,
+) -> Result<()> {
+    let count = size / share_size;
+    if count == 0 {
+        bail!("--size must be at least one share");
+    }
+    let mut created = false;
+    if !vol.volume.exists() {
+        // Room for the shares, their header blocks and the superblock.
+        let need = count * (share_size + 64 * 1024) + (64 << 20);
+        create_file_volume(&vol.volume, need)?;
+        let dev = vol.open_volume()?;
+        Store::format(&dev, "bench", &FormatOptions::default())?;
+        created = true;
+    }
+    let dir = vol.state_dir()?;
+    let store = Store::open(
+        vol.open_volume()?,
+        &dir,
+        StoreOptions {
+            max_share_len: share_size.max(1 << 20),
+            ..StoreOptions::default()
+        },
+    )?;
+    let fixed = store.device().has_fixed_buffers();
+    let kind = store.device().kind();
+    let r = bench_store(&store, count, share_size as usize, jobs)?;
+    drop(store);
+    let fio = if no_fio || kind == VolumeKind::BlockDevice {
+        None
+    } else {
+        let f = sibling(&vol.volume, ".fio");
+        let bytes = count * share_size;
+        let w = run_fio(&f, "write", bytes, jobs, &[]);
+        let rd = w
+            .as_ref()
+            .ok()
+            .map(|_| run_fio(&f, "read", bytes, jobs, &[]));
+        let wd = w
+            .as_ref()
+            .ok()
+            .map(|_| run_fio(&f, "write", bytes, jobs, &["--sync=dsync"]));
+        let _ = std::fs::remove_file(&f);
+        Some((
+            w.map_err(anyhow::Error::msg)?,
+            rd.transpose().map_err(anyhow::Error::msg)?,
+            wd.transpose().map_err(anyhow::Error::msg)?,
+        ))
+    };
+    if created {
+        let _ = std::fs::remove_file(&vol.volume);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let mut out = serde_json::json!({
+        "put_mbps": r.put_mbps,
+        "get_mbps": r.get_mbps,
+        "shares": r.shares,
+        "share_size": share_size,
+        "jobs": jobs,
+        "durability": vol.durability,
+        "fixed_buffers": fixed,
+    });
+    if let Some((w, rd, wd)) = fio {
+        out["fio_write_mbps"] = w.into();
+        out["fio_read_mbps"] = rd.unwrap_or(f64::NAN).into();
+        out["fio_write_dsync_mbps"] = wd.unwrap_or(f64::NAN).into();
+        out["put_vs_fio_write"] = (r.put_mbps / w).into();
+        out["get_vs_fio_read"] = rd.map_or(f64::NAN, |rd| r.get_mbps / rd).into();
+    }
+    if json {
+        println!("{out}");
+    } else {
+        for (k, v) in out.as_object().expect("object") {
+            println!("{k:>22}: {v}");
+        }
+    }
+    Ok(())
+}
+
+fn stress(
+    vol: &VolumeArgs,
+    file: u8,
+    seed: u64,
+    count: u64,
+    share_len: usize,
+    jobs: usize,
+) -> Result<()> {
+    let store = vol.open_store()?;
+    let mut file_id = [0u8; 16];
+    file_id[0] = file;
+    let next = AtomicU64::new(0);
+    let out = Mutex::new(std::io::stdout());
+    std::thread::scope(|s| -> Result<()> {
+        let hs: Vec<_> = (0..jobs)
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    let mut data = vec![0u8; share_len];
+                    loop {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        if i >= count {
+                            return Ok(());
+                        }
+                        let key = run_key(file_id, i);
+                        pattern(seed, &key, &mut data);
+                        store.put(key, RUN_META, &data)?;
+                        let mut o = out.lock().unwrap_or_else(|e| e.into_inner());
+                        writeln!(o, "ACK {i}")?;
+                        o.flush()?;
+                    }
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .try_for_each(|h| h.join().expect("stress thread"))
+    })
+}

@@ -1,0 +1,187 @@
+//! Throughput measurement of the store, with fio as the baseline on the same filesystem, and
+//! the deterministic share contents used by benchmarks and crash tests.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use crate::layout::{ShareKey, ShareMeta};
+use crate::store::{Store, StoreError};
+use crate::volume::BlockDevice;
+
+/// Fills `out` with bytes determined by (seed, key): a child process can write them and its
+/// parent check them without any channel between the two.
+pub fn pattern(seed: u64, key: &ShareKey, out: &mut [u8]) {
+    let mut x = seed ^ key.chunk.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (u64::from(key.share) << 56);
+    for b in key.file_id {
+        x = x.rotate_left(8) ^ u64::from(b);
+    }
+    x |= 1;
+    let mut chunks = out.chunks_exact_mut(8);
+    for c in &mut chunks {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes());
+    }
+    for b in chunks.into_remainder() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+}
+
+/// The key of share `i` of a benchmark or stress run on file `file_id`.
+pub fn run_key(file_id: [u8; 16], i: u64) -> ShareKey {
+    ShareKey {
+        file_id,
+        chunk: i,
+        share: (i % 3) as u8,
+    }
+}
+
+pub const RUN_META: ShareMeta = ShareMeta {
+    k: 2,
+    n: 3,
+    secret_len: 1 << 20,
+};
+
+/// Store throughput in MB/s (10^6 bytes of share data per second).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct StoreBench {
+    pub put_mbps: f64,
+    pub get_mbps: f64,
+    pub shares: u64,
+}
+
+/// Puts `count` shares of `share_len` bytes from `jobs` threads, then gets (and verifies) them
+/// all, then deletes them. Share contents are made before timing starts.
+pub fn bench_store<D: BlockDevice>(
+    store: &Store<D>,
+    count: u64,
+    share_len: usize,
+    jobs: usize,
+) -> Result<StoreBench, StoreError> {
+    let mut file_id = [0u8; 16];
+    getrandom::getrandom(&mut file_id).expect("OS randomness");
+    let templates: Vec<Vec<u8>> = (0..jobs as u64)
+        .map(|j| {
+            let mut v = vec![0u8; share_len];
+            pattern(j, &run_key(file_id, j), &mut v);
+            v
+        })
+        .collect();
+    let run = |phase: u8| -> Result<f64, StoreError> {
+        let next = AtomicU64::new(0);
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..jobs)
+                .map(|j| {
+                    let next = &next;
+                    let tpl = &templates[j];
+                    s.spawn(move || -> Result<(), StoreError> {
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            if i >= count {
+                                return Ok(());
+                            }
+                            let key = run_key(file_id, i);
+                            match phase {
+                                0 => {
+                                    let mut b = store.share_buf(share_len);
+                                    b.as_mut_slice().copy_from_slice(tpl);
+                                    b.as_mut_slice()[..8].copy_from_slice(&i.to_le_bytes());
+                                    store.put_buf(key, RUN_META, b)?;
+                                }
+                                _ => {
+                                    let d = store.get(&key)?;
+                                    assert_eq!(&d.bytes()[..8], &i.to_le_bytes(), "share {key}");
+                                }
+                            }
+                        }
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .try_for_each(|h| h.join().expect("bench thread"))
+        })?;
+        let secs = start.elapsed().as_secs_f64();
+        Ok((count * share_len as u64) as f64 / secs / 1e6)
+    };
+    let put_mbps = run(0)?;
+    let get_mbps = run(1)?;
+    for i in 0..count {
+        store.delete(&run_key(file_id, i))?;
+    }
+    Ok(StoreBench {
+        put_mbps,
+        get_mbps,
+        shares: count,
+    })
+}
+
+/// fio's result for one job, in MB/s.
+pub fn run_fio(
+    file: &Path,
+    rw: &str,
+    size: u64,
+    iodepth: usize,
+    extra: &[&str],
+) -> Result<f64, String> {
+    let out = Command::new("fio")
+        .arg("--name=qgenome-baseline")
+        .arg(format!("--filename={}", file.display()))
+        .args([
+            "--direct=1",
+            "--ioengine=io_uring",
+            "--bs=1M",
+            "--output-format=json",
+        ])
+        .arg(format!("--size={size}"))
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--iodepth={iodepth}"))
+        .args(extra)
+        .output()
+        .map_err(|e| format!("cannot run fio (install it with scripts/install-deps.sh): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "fio {rw} on {} failed: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    // fio may print warnings before the JSON object.
+    let json = text
+        .find('{')
+        .map(|i| &text[i..])
+        .ok_or("fio printed no JSON")?;
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("fio JSON: {e}"))?;
+    let dir = if rw.contains("read") { "read" } else { "write" };
+    let bw = v["jobs"][0][dir]["bw_bytes"]
+        .as_f64()
+        .ok_or_else(|| format!("fio JSON has no jobs[0].{dir}.bw_bytes"))?;
+    Ok(bw / 1e6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_depends_on_seed_and_key_only() {
+        let k = run_key([1; 16], 5);
+        let mut a = vec![0u8; 1001];
+        let mut b = vec![0u8; 1001];
+        pattern(9, &k, &mut a);
+        pattern(9, &k, &mut b);
+        assert_eq!(a, b);
+        pattern(10, &k, &mut b);
+        assert_ne!(a, b);
+        pattern(9, &run_key([1; 16], 6), &mut b);
+        assert_ne!(a, b);
+    }
+}

@@ -1,0 +1,213 @@
+//! The site configuration file (TOML).
+//!
+//! ```toml
+//! site = "sendai-1"
+//! volume = "/srv/qgenome/shares.vol"
+//! state_dir = "/var/lib/qgenome-mountd"
+//! [limits]
+//! max_share_bytes = 67108864
+//! queue_depth = 32
+//! fixed_buffers = 16
+//! durability = "rwf-dsync"
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use crate::store::StoreOptions;
+use crate::volume::{Durability, UringOptions};
+
+/// Errors loading a configuration; each names the file, and the key when one is at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("config {path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: key `{key}`: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        reason: String,
+    },
+}
+
+/// One site's mountd settings.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    /// The site name written into the volume's superblock.
+    pub site: String,
+    /// The share volume: a block device or a preallocated file.
+    pub volume: PathBuf,
+    /// Where the share index lives.
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// Limits and tuning.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// The largest share accepted, in bytes.
+    pub max_share_bytes: u64,
+    /// io_uring submission queue entries (>= 16).
+    pub queue_depth: u32,
+    /// Registered buffers of the io_uring thread.
+    pub fixed_buffers: u16,
+    /// How writes are made durable before a put is acknowledged.
+    pub durability: Durability,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_share_bytes: StoreOptions::default().max_share_len,
+            queue_depth: 32,
+            fixed_buffers: 16,
+            durability: Durability::default(),
+        }
+    }
+}
+
+impl SiteConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `path` is only used in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        // toml's message names the unknown or mistyped key and its line.
+        let c: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let bad = |key, reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            reason,
+        };
+        if c.site.is_empty() || c.site.len() > crate::layout::MAX_SITE_LEN {
+            return Err(bad(
+                "site",
+                format!("must be 1..={} bytes", crate::layout::MAX_SITE_LEN),
+            ));
+        }
+        if c.limits.queue_depth < 16 || c.limits.queue_depth > 4096 {
+            return Err(bad(
+                "limits.queue_depth",
+                format!("{} (allowed 16..=4096)", c.limits.queue_depth),
+            ));
+        }
+        if c.limits.max_share_bytes == 0 || c.limits.max_share_bytes > 1 << 30 {
+            return Err(bad(
+                "limits.max_share_bytes",
+                format!("{} (allowed 1..=1 GiB)", c.limits.max_share_bytes),
+            ));
+        }
+        Ok(c)
+    }
+
+    pub fn uring_options(&self) -> UringOptions {
+        UringOptions {
+            queue_depth: self.limits.queue_depth,
+            durability: self.limits.durability,
+            fixed_buffers: self.limits.fixed_buffers,
+            ..UringOptions::default()
+        }
+    }
+
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            max_share_len: self.limits.max_share_bytes,
+            ..StoreOptions::default()
+        }
+    }
+}
+
+/// Parses a size: plain bytes, or a number with K/M/G/T (powers of 1024; "KiB", "MB" alike).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("size {s:?}: expected a number with an optional K/M/G/T"))?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        other => return Err(format!("size {s:?}: unknown unit {other:?}")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("size {s:?} overflows"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+site = "sendai-1"
+volume = "/srv/q/shares.vol"
+state_dir = "/var/lib/q"
+[limits]
+queue_depth = 64
+durability = "fdatasync"
+"#;
+
+    #[test]
+    fn parses_with_defaults() {
+        let c = SiteConfig::parse(GOOD, Path::new("site.toml")).unwrap();
+        assert_eq!(c.site, "sendai-1");
+        assert_eq!(c.limits.queue_depth, 64);
+        assert_eq!(c.limits.durability, Durability::Fdatasync);
+        assert_eq!(c.limits.fixed_buffers, 16);
+        assert_eq!(c.uring_options().queue_depth, 64);
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key_and_file() {
+        let e = SiteConfig::parse(
+            &format!("{GOOD}\nqueue_dpth = 3\n"),
+            Path::new("/etc/q/site.toml"),
+        )
+        .unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("/etc/q/site.toml") && m.contains("queue_dpth"),
+            "{m}"
+        );
+        let e =
+            SiteConfig::parse("site = \"a\"\nvolume = \"/v\"\n", Path::new("x.toml")).unwrap_err();
+        assert!(e.to_string().contains("state_dir"), "{e}");
+        let e = SiteConfig::parse(&GOOD.replace("64", "8"), Path::new("x.toml")).unwrap_err();
+        assert!(e.to_string().contains("limits.queue_depth"), "{e}");
+        let e = SiteConfig::parse(&GOOD.replace("fdatasync", "fsync"), Path::new("x.toml"))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("durability") || e.to_string().contains("fsync"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("2X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

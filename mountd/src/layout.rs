@@ -1,0 +1,598 @@
+//! On-volume byte formats, pure: the superblock, the share header, the index entry, and the
+//! geometry of an extent. Every integer is little-endian. See `docs/design/mountd.md`.
+//!
+//! ```text
+//! volume:  [superblock block | ... padding to data_start ... | extent | extent | free | ...]
+//! extent:  [share header, one block | share bytes, padded to a block | padding to the unit]
+//! ```
+
+use sha2::{Digest, Sha256};
+
+/// "QGVOLUM1": a qgenome share volume.
+pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"QGVOLUM1";
+/// "QGSHARE1": the first block of a stored share extent.
+pub const HEADER_MAGIC: [u8; 8] = *b"QGSHARE1";
+pub const FORMAT_VERSION: u16 = 1;
+/// Encoded superblock bytes (the rest of its block is zero).
+pub const SUPERBLOCK_LEN: usize = 160;
+/// Encoded share header bytes (the rest of its block is zero).
+pub const HEADER_LEN: usize = 160;
+/// The longest site name the superblock holds.
+pub const MAX_SITE_LEN: usize = 63;
+/// Encoded index entry bytes.
+pub const INDEX_ENTRY_LEN: usize = 80;
+/// Encoded share key bytes (the index key).
+pub const SHARE_KEY_LEN: usize = 25;
+
+/// Why bytes did not decode. Layout errors carry no location; callers add volume and share.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LayoutError {
+    #[error("bad magic {found:02x?}")]
+    BadMagic { found: [u8; 8] },
+    #[error("unsupported format version {found}")]
+    BadVersion { found: u16 },
+    #[error("checksum mismatch")]
+    Checksum,
+    #[error("too short: {len} bytes, need {need}")]
+    Short { len: usize, need: usize },
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> LayoutError {
+    LayoutError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+fn u16_at(b: &[u8], o: usize) -> u16 {
+    u16::from_le_bytes(b[o..o + 2].try_into().expect("2 bytes"))
+}
+fn u32_at(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"))
+}
+fn u64_at(b: &[u8], o: usize) -> u64 {
+    u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"))
+}
+fn arr<const N: usize>(b: &[u8], o: usize) -> [u8; N] {
+    b[o..o + N].try_into().expect("N bytes")
+}
+
+/// Identifies one stored share: which file, which chunk of it, which of the n shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ShareKey {
+    pub file_id: [u8; 16],
+    pub chunk: u64,
+    pub share: u8,
+}
+
+impl ShareKey {
+    /// The index key: file id, chunk (big-endian, so keys sort by file then chunk), share.
+    pub fn encode(&self) -> [u8; SHARE_KEY_LEN] {
+        let mut k = [0u8; SHARE_KEY_LEN];
+        k[..16].copy_from_slice(&self.file_id);
+        k[16..24].copy_from_slice(&self.chunk.to_be_bytes());
+        k[24] = self.share;
+        k
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
+        if b.len() != SHARE_KEY_LEN {
+            return Err(invalid(
+                "share key",
+                format!("{} bytes, need {SHARE_KEY_LEN}", b.len()),
+            ));
+        }
+        Ok(Self {
+            file_id: arr(b, 0),
+            chunk: u64::from_be_bytes(arr(b, 16)),
+            share: b[24],
+        })
+    }
+}
+
+impl std::fmt::Display for ShareKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in self.file_id {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, " chunk {} share {}", self.chunk, self.share)
+    }
+}
+
+/// What the sharing scheme says about a share: (k, n) and the length of the chunk it encodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShareMeta {
+    pub k: u8,
+    pub n: u8,
+    /// Bytes of the chunk plaintext (the secret) this share is one of n shares of.
+    pub secret_len: u64,
+}
+
+impl ShareMeta {
+    /// Checks 1 <= k <= n and that `key.share` is one of the n.
+    pub fn validate(&self, key: &ShareKey) -> Result<(), LayoutError> {
+        if self.k == 0 || self.k > self.n {
+            return Err(invalid(
+                "scheme",
+                format!("k={} n={} (need 1 <= k <= n)", self.k, self.n),
+            ));
+        }
+        if key.share >= self.n {
+            return Err(invalid(
+                "share index",
+                format!("{} of n={}", key.share, self.n),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The volume's first block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superblock {
+    pub volume_id: [u8; 16],
+    pub site: String,
+    /// Header block size and request granularity; a multiple of the device's alignment.
+    pub block_size: u32,
+    /// Extents start and end on multiples of this; a multiple of `block_size`.
+    pub alloc_unit: u32,
+    /// Bytes of the volume in use: a multiple of `alloc_unit`, at most the device size.
+    pub volume_len: u64,
+    /// Offset of the first extent: the end of the superblock's allocation unit.
+    pub data_start: u64,
+    /// Seconds since the Unix epoch at format time (information only).
+    pub created: u64,
+}
+
+impl Superblock {
+    /// Builds a superblock for a device of `device_len` bytes, checking the geometry.
+    pub fn new(
+        volume_id: [u8; 16],
+        site: &str,
+        block_size: u32,
+        alloc_unit: u32,
+        device_len: u64,
+        created: u64,
+    ) -> Result<Self, LayoutError> {
+        let sb = Self {
+            volume_id,
+            site: site.to_owned(),
+            block_size,
+            alloc_unit,
+            volume_len: device_len / u64::from(alloc_unit.max(1)) * u64::from(alloc_unit.max(1)),
+            data_start: u64::from(alloc_unit),
+            created,
+        };
+        sb.validate()?;
+        Ok(sb)
+    }
+
+    fn validate(&self) -> Result<(), LayoutError> {
+        if self.site.is_empty() || self.site.len() > MAX_SITE_LEN {
+            return Err(invalid(
+                "site",
+                format!("{} bytes, need 1..={MAX_SITE_LEN}", self.site.len()),
+            ));
+        }
+        if !self.block_size.is_power_of_two() || self.block_size < 512 {
+            return Err(invalid(
+                "block size",
+                format!("{} (need a power of two >= 512)", self.block_size),
+            ));
+        }
+        if self.alloc_unit == 0 || self.alloc_unit % self.block_size != 0 {
+            return Err(invalid(
+                "allocation unit",
+                format!(
+                    "{} (need a multiple of the block size {})",
+                    self.alloc_unit, self.block_size
+                ),
+            ));
+        }
+        if self.data_start != u64::from(self.alloc_unit) {
+            return Err(invalid("data start", self.data_start.to_string()));
+        }
+        if self.volume_len % u64::from(self.alloc_unit) != 0 || self.volume_len <= self.data_start {
+            return Err(invalid(
+                "volume length",
+                format!(
+                    "{} (need a multiple of {} above {})",
+                    self.volume_len, self.alloc_unit, self.data_start
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn encode(&self) -> [u8; SUPERBLOCK_LEN] {
+        let mut b = [0u8; SUPERBLOCK_LEN];
+        b[0..8].copy_from_slice(&SUPERBLOCK_MAGIC);
+        b[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[10..12].copy_from_slice(&(SUPERBLOCK_LEN as u16).to_le_bytes());
+        b[16..32].copy_from_slice(&self.volume_id);
+        b[32..36].copy_from_slice(&self.block_size.to_le_bytes());
+        b[36..40].copy_from_slice(&self.alloc_unit.to_le_bytes());
+        b[40..48].copy_from_slice(&self.volume_len.to_le_bytes());
+        b[48..56].copy_from_slice(&self.data_start.to_le_bytes());
+        b[56..64].copy_from_slice(&self.created.to_le_bytes());
+        let site = self.site.as_bytes();
+        b[64] = site.len() as u8;
+        b[65..65 + site.len()].copy_from_slice(site);
+        let sum = sha256(&b[..128]);
+        b[128..160].copy_from_slice(&sum);
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
+        if b.len() < SUPERBLOCK_LEN {
+            return Err(LayoutError::Short {
+                len: b.len(),
+                need: SUPERBLOCK_LEN,
+            });
+        }
+        let magic: [u8; 8] = arr(b, 0);
+        if magic != SUPERBLOCK_MAGIC {
+            return Err(LayoutError::BadMagic { found: magic });
+        }
+        if sha256(&b[..128]) != arr::<32>(b, 128) {
+            return Err(LayoutError::Checksum);
+        }
+        let version = u16_at(b, 8);
+        if version != FORMAT_VERSION {
+            return Err(LayoutError::BadVersion { found: version });
+        }
+        let site_len = usize::from(b[64]);
+        if site_len > MAX_SITE_LEN {
+            return Err(invalid("site", format!("length {site_len}")));
+        }
+        let site = std::str::from_utf8(&b[65..65 + site_len])
+            .map_err(|_| invalid("site", "not UTF-8"))?
+            .to_owned();
+        let sb = Self {
+            volume_id: arr(b, 16),
+            site,
+            block_size: u32_at(b, 32),
+            alloc_unit: u32_at(b, 36),
+            volume_len: u64_at(b, 40),
+            data_start: u64_at(b, 48),
+            created: u64_at(b, 56),
+        };
+        sb.validate()?;
+        Ok(sb)
+    }
+
+    /// Bytes written for a share of `share_len` bytes: header block + share rounded to blocks.
+    pub fn write_len(&self, share_len: u64) -> u64 {
+        let bs = u64::from(self.block_size);
+        bs + share_len.div_ceil(bs) * bs
+    }
+
+    /// Bytes allocated for a share of `share_len` bytes: the write rounded up to the unit.
+    pub fn extent_len(&self, share_len: u64) -> u64 {
+        let au = u64::from(self.alloc_unit);
+        self.write_len(share_len).div_ceil(au) * au
+    }
+}
+
+/// The self-describing first block of every stored share extent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareHeader {
+    /// The volume this extent belongs to (a header copied from elsewhere does not validate).
+    pub volume_id: [u8; 16],
+    pub key: ShareKey,
+    pub meta: ShareMeta,
+    pub share_len: u64,
+    /// Store-wide sequence number, never reused: the newest generation of a key wins.
+    pub generation: u64,
+    /// Bytes allocated to this extent, header included (lets a scan skip over it).
+    pub extent_len: u64,
+    /// SHA-256 of the share bytes.
+    pub share_sha256: [u8; 32],
+}
+
+impl ShareHeader {
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..8].copy_from_slice(&HEADER_MAGIC);
+        b[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[10..12].copy_from_slice(&(HEADER_LEN as u16).to_le_bytes());
+        b[16..32].copy_from_slice(&self.volume_id);
+        b[32..48].copy_from_slice(&self.key.file_id);
+        b[48..56].copy_from_slice(&self.key.chunk.to_le_bytes());
+        b[56] = self.key.share;
+        b[57] = self.meta.k;
+        b[58] = self.meta.n;
+        b[64..72].copy_from_slice(&self.meta.secret_len.to_le_bytes());
+        b[72..80].copy_from_slice(&self.share_len.to_le_bytes());
+        b[80..88].copy_from_slice(&self.generation.to_le_bytes());
+        b[88..96].copy_from_slice(&self.extent_len.to_le_bytes());
+        b[96..128].copy_from_slice(&self.share_sha256);
+        let sum = sha256(&b[..128]);
+        b[128..160].copy_from_slice(&sum);
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
+        if b.len() < HEADER_LEN {
+            return Err(LayoutError::Short {
+                len: b.len(),
+                need: HEADER_LEN,
+            });
+        }
+        let magic: [u8; 8] = arr(b, 0);
+        if magic != HEADER_MAGIC {
+            return Err(LayoutError::BadMagic { found: magic });
+        }
+        if sha256(&b[..128]) != arr::<32>(b, 128) {
+            return Err(LayoutError::Checksum);
+        }
+        let version = u16_at(b, 8);
+        if version != FORMAT_VERSION {
+            return Err(LayoutError::BadVersion { found: version });
+        }
+        let h = Self {
+            volume_id: arr(b, 16),
+            key: ShareKey {
+                file_id: arr(b, 32),
+                chunk: u64_at(b, 48),
+                share: b[56],
+            },
+            meta: ShareMeta {
+                k: b[57],
+                n: b[58],
+                secret_len: u64_at(b, 64),
+            },
+            share_len: u64_at(b, 72),
+            generation: u64_at(b, 80),
+            extent_len: u64_at(b, 88),
+            share_sha256: arr(b, 96),
+        };
+        h.meta.validate(&h.key)?;
+        Ok(h)
+    }
+
+    /// True when the header could describe an extent of a volume with this superblock.
+    pub fn fits(&self, sb: &Superblock, offset: u64) -> bool {
+        self.volume_id == sb.volume_id
+            && self.share_len > 0
+            && self.extent_len == sb.extent_len(self.share_len)
+            && offset >= sb.data_start
+            && offset % u64::from(sb.alloc_unit) == 0
+            && offset
+                .checked_add(self.extent_len)
+                .is_some_and(|end| end <= sb.volume_len)
+    }
+}
+
+/// What the index stores for one key: where the extent is and what its header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub offset: u64,
+    pub extent_len: u64,
+    pub generation: u64,
+    pub share_len: u64,
+    pub meta: ShareMeta,
+    pub share_sha256: [u8; 32],
+}
+
+impl IndexEntry {
+    pub fn from_header(h: &ShareHeader, offset: u64) -> Self {
+        Self {
+            offset,
+            extent_len: h.extent_len,
+            generation: h.generation,
+            share_len: h.share_len,
+            meta: h.meta,
+            share_sha256: h.share_sha256,
+        }
+    }
+
+    /// Whether a header read from the volume is exactly the one this entry recorded.
+    pub fn matches(&self, h: &ShareHeader, key: &ShareKey, volume_id: &[u8; 16]) -> bool {
+        h.volume_id == *volume_id
+            && h.key == *key
+            && IndexEntry::from_header(h, self.offset) == *self
+    }
+
+    pub fn encode(&self) -> [u8; INDEX_ENTRY_LEN] {
+        let mut b = [0u8; INDEX_ENTRY_LEN];
+        b[0] = 1; // entry version
+        b[1] = self.meta.k;
+        b[2] = self.meta.n;
+        b[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        b[16..24].copy_from_slice(&self.extent_len.to_le_bytes());
+        b[24..32].copy_from_slice(&self.generation.to_le_bytes());
+        b[32..40].copy_from_slice(&self.share_len.to_le_bytes());
+        b[40..48].copy_from_slice(&self.meta.secret_len.to_le_bytes());
+        b[48..80].copy_from_slice(&self.share_sha256);
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
+        if b.len() != INDEX_ENTRY_LEN {
+            return Err(LayoutError::Short {
+                len: b.len(),
+                need: INDEX_ENTRY_LEN,
+            });
+        }
+        if b[0] != 1 {
+            return Err(LayoutError::BadVersion {
+                found: u16::from(b[0]),
+            });
+        }
+        Ok(Self {
+            offset: u64_at(b, 8),
+            extent_len: u64_at(b, 16),
+            generation: u64_at(b, 24),
+            share_len: u64_at(b, 32),
+            meta: ShareMeta {
+                k: b[1],
+                n: b[2],
+                secret_len: u64_at(b, 40),
+            },
+            share_sha256: arr(b, 48),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sb() -> Superblock {
+        Superblock::new(
+            [7; 16],
+            "sendai-1",
+            4096,
+            65536,
+            (1 << 30) + 12345,
+            1_700_000_000,
+        )
+        .unwrap()
+    }
+
+    prop_compose! {
+        fn header()(vid in any::<[u8; 16]>(), fid in any::<[u8; 16]>(), chunk in any::<u64>(),
+                    n in 1u8..=255, kf in any::<u8>(), sf in any::<u8>(), secret_len in any::<u64>(),
+                    share_len in any::<u64>(), generation in any::<u64>(), extent_len in any::<u64>(),
+                    sha in any::<[u8; 32]>()) -> ShareHeader {
+            let k = 1 + kf % n;
+            let share = sf % n;
+            ShareHeader {
+                volume_id: vid,
+                key: ShareKey { file_id: fid, chunk, share },
+                meta: ShareMeta { k, n, secret_len },
+                share_len, generation, extent_len, share_sha256: sha,
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn header_round_trips(h in header()) {
+            prop_assert_eq!(ShareHeader::decode(&h.encode()), Ok(h));
+        }
+
+        #[test]
+        fn any_flipped_header_bit_is_caught(h in header(), bit in 0usize..(HEADER_LEN * 8)) {
+            let mut b = h.encode();
+            b[bit / 8] ^= 1 << (bit % 8);
+            prop_assert!(ShareHeader::decode(&b).is_err());
+        }
+
+        #[test]
+        fn random_bytes_never_decode(b in proptest::collection::vec(any::<u8>(), 0..400)) {
+            prop_assert!(ShareHeader::decode(&b).is_err());
+            prop_assert!(Superblock::decode(&b).is_err());
+        }
+
+        #[test]
+        fn superblock_round_trips(vid in any::<[u8; 16]>(), site in "[a-z0-9-]{1,63}",
+                                  bs_shift in 9u32..14, au_mult in 1u32..64, len in 0u64..(1 << 44),
+                                  created in any::<u64>()) {
+            let bs = 1 << bs_shift;
+            let au = bs * au_mult;
+            if let Ok(sb) = Superblock::new(vid, &site, bs, au, len, created) {
+                prop_assert_eq!(sb.volume_len % u64::from(au), 0);
+                prop_assert!(sb.volume_len <= len);
+                prop_assert_eq!(Superblock::decode(&sb.encode()), Ok(sb.clone()));
+                let mut b = sb.encode();
+                b[(created as usize) % SUPERBLOCK_LEN] ^= 0x10;
+                prop_assert!(Superblock::decode(&b).is_err());
+            } else {
+                prop_assert!(len < 2 * u64::from(au));
+            }
+        }
+
+        #[test]
+        fn extent_geometry(share_len in 1u64..(1 << 30)) {
+            let s = sb();
+            let w = s.write_len(share_len);
+            let e = s.extent_len(share_len);
+            prop_assert!(w >= share_len + 4096 && w < share_len + 2 * 4096);
+            prop_assert_eq!(w % 4096, 0);
+            prop_assert!(e >= w && e - w < 65536 && e % 65536 == 0);
+        }
+
+        #[test]
+        fn index_entry_round_trips(h in header(), offset in any::<u64>()) {
+            let e = IndexEntry::from_header(&h, offset);
+            prop_assert_eq!(IndexEntry::decode(&e.encode()), Ok(e));
+            prop_assert!(e.matches(&h, &h.key, &h.volume_id));
+        }
+
+        #[test]
+        fn share_keys_sort_by_file_then_chunk(a in any::<([u8; 16], u64, u8)>(), b in any::<([u8; 16], u64, u8)>()) {
+            let ka = ShareKey { file_id: a.0, chunk: a.1, share: a.2 };
+            let kb = ShareKey { file_id: b.0, chunk: b.1, share: b.2 };
+            prop_assert_eq!(ka.encode().cmp(&kb.encode()), ka.cmp(&kb));
+            prop_assert_eq!(ShareKey::decode(&ka.encode()), Ok(ka));
+        }
+    }
+
+    #[test]
+    fn header_from_another_volume_or_place_does_not_fit() {
+        let s = sb();
+        let h = ShareHeader {
+            volume_id: s.volume_id,
+            key: ShareKey {
+                file_id: [1; 16],
+                chunk: 3,
+                share: 0,
+            },
+            meta: ShareMeta {
+                k: 2,
+                n: 3,
+                secret_len: 1 << 20,
+            },
+            share_len: 1 << 20,
+            generation: 9,
+            extent_len: s.extent_len(1 << 20),
+            share_sha256: [0; 32],
+        };
+        assert!(h.fits(&s, s.data_start));
+        assert!(!h.fits(&s, s.data_start + 4096), "not on a unit boundary");
+        assert!(!h.fits(&s, s.volume_len - 65536), "runs past the end");
+        assert!(!ShareHeader {
+            volume_id: [8; 16],
+            ..h.clone()
+        }
+        .fits(&s, s.data_start));
+        assert!(!ShareHeader { extent_len: 1, ..h }.fits(&s, s.data_start));
+    }
+
+    #[test]
+    fn invalid_scheme_is_named() {
+        let key = ShareKey {
+            file_id: [0; 16],
+            chunk: 0,
+            share: 3,
+        };
+        let e = ShareMeta {
+            k: 2,
+            n: 3,
+            secret_len: 1,
+        }
+        .validate(&key)
+        .unwrap_err();
+        assert!(e.to_string().contains("share index"), "{e}");
+        let e = ShareMeta {
+            k: 4,
+            n: 3,
+            secret_len: 1,
+        }
+        .validate(&ShareKey { share: 0, ..key })
+        .unwrap_err();
+        assert!(e.to_string().contains("scheme"), "{e}");
+        assert!(Superblock::new([0; 16], "", 4096, 4096, 1 << 20, 0).is_err());
+        assert!(Superblock::new([0; 16], "s", 4096, 6000, 1 << 20, 0).is_err());
+    }
+}

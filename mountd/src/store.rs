@@ -1,0 +1,816 @@
+//! The share store: extents on a volume, an index in sled, one durable write per share.
+//!
+//! Commit protocol of a put (see `docs/design/mountd.md` for the crash argument):
+//! 1. allocate an extent (in memory; the allocator is rebuilt from the index at open);
+//! 2. write `[header | share]` with ONE durable write;
+//! 3. insert the index entry and flush the index (group commit: one flush covers every put
+//!    whose entry was inserted before it started);
+//! 4. only then return Ok; a replaced extent is tombstoned and its space freed afterwards.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock};
+
+use sha2::{Digest, Sha256};
+
+use crate::alloc::{AllocError, Allocator};
+use crate::layout::{
+    IndexEntry, LayoutError, ShareHeader, ShareKey, ShareMeta, Superblock, HEADER_LEN,
+};
+use crate::volume::{BlockDevice, IoBuf, VolumeError};
+
+/// Generations are reserved in the index this many at a time, so none is ever reused.
+const GEN_BATCH: u64 = 1 << 16;
+const KEY_LOCKS: usize = 64;
+const META_VOLUME_ID: &[u8] = b"volume_id";
+const META_GEN_RESERVED: &[u8] = b"gen_reserved";
+
+/// Errors from the store; each names the site, volume, index directory or share at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    #[error("volume {path}: no valid superblock ({source}); format it first")]
+    NoSuperblock { path: PathBuf, source: LayoutError },
+    #[error("volume {path}: cannot format: {source}")]
+    Format { path: PathBuf, source: LayoutError },
+    #[error("volume {path}: superblock says {volume_len} bytes but the device has {device_len}")]
+    DeviceShrank {
+        path: PathBuf,
+        volume_len: u64,
+        device_len: u64,
+    },
+    #[error("index {dir}: {source}")]
+    Index { dir: PathBuf, source: sled::Error },
+    #[error("index {dir}: cannot prepare the state directory: {source}")]
+    StateDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("index {dir} belongs to volume {found}, not to {volume} (volume id {expected})")]
+    StateMismatch {
+        dir: PathBuf,
+        volume: PathBuf,
+        expected: String,
+        found: String,
+    },
+    #[error("index {dir} is corrupt: {reason}")]
+    CorruptIndex { dir: PathBuf, reason: String },
+    #[error("site {site}: volume full: need {needed} bytes, {free} free (largest free extent {largest_free})")]
+    VolumeFull {
+        site: String,
+        needed: u64,
+        free: u64,
+        largest_free: u64,
+    },
+    #[error("site {site}: no share file {key}")]
+    NotFound { site: String, key: ShareKey },
+    #[error("site {site}: share file {key} is damaged: {reason}")]
+    Damaged {
+        site: String,
+        key: ShareKey,
+        reason: String,
+    },
+    #[error("site {site}: refused share file {key}: {reason}")]
+    InvalidShare {
+        site: String,
+        key: ShareKey,
+        reason: String,
+    },
+}
+
+/// Options for [`Store::open`].
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// The largest share accepted.
+    pub max_share_len: u64,
+    /// sled's page cache.
+    pub index_cache_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            max_share_len: 64 << 20,
+            index_cache_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Options for [`Store::format`].
+#[derive(Debug, Clone, Default)]
+pub struct FormatOptions {
+    /// Allocation unit in bytes (default: the block size).
+    pub alloc_unit: Option<u32>,
+}
+
+/// A share read back and verified. The bytes stay in the aligned buffer they were read into.
+pub struct ShareData {
+    pub key: ShareKey,
+    pub meta: ShareMeta,
+    pub generation: u64,
+    buf: IoBuf,
+    start: usize,
+    len: usize,
+}
+
+impl ShareData {
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf.as_slice()[self.start..self.start + self.len]
+    }
+
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.bytes().to_vec()
+    }
+}
+
+impl fmt::Debug for ShareData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShareData")
+            .field("key", &self.key)
+            .field("meta", &self.meta)
+            .field("generation", &self.generation)
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A buffer to fill with share bytes and hand to [`Store::put_buf`] (no copy on the way).
+pub struct ShareBuf {
+    buf: IoBuf,
+    start: usize,
+    len: usize,
+}
+
+impl ShareBuf {
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.buf.as_mut_slice()[self.start..self.start + self.len]
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl fmt::Debug for ShareBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShareBuf")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The health the store reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Health {
+    Ok,
+    /// Some read since open failed verification; run a scrub.
+    Damaged,
+}
+
+/// Capacity and usage.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StoreStat {
+    pub site: String,
+    pub volume_id: String,
+    pub capacity: u64,
+    pub free: u64,
+    pub largest_free: u64,
+    pub shares: u64,
+    pub damaged_reads: u64,
+    pub health: Health,
+}
+
+/// A damaged share found by [`Store::scrub`].
+#[derive(Debug, Clone)]
+pub struct Damage {
+    pub key: ShareKey,
+    pub offset: u64,
+    pub reason: String,
+}
+
+/// What a scrub read and found.
+#[derive(Debug, Clone, Default)]
+pub struct ScrubReport {
+    pub checked: u64,
+    pub bytes: u64,
+    pub damaged: Vec<Damage>,
+}
+
+/// What [`Store::rebuild_index`] found on the volume.
+#[derive(Debug, Clone, Default)]
+pub struct RebuildReport {
+    pub scanned_bytes: u64,
+    pub shares: u64,
+    /// Older generations of a key also found on the volume (not indexed).
+    pub superseded: u64,
+    /// Valid headers whose share bytes failed SHA-256 (torn or damaged; not indexed).
+    pub torn: u64,
+    /// Where the previous index was moved, if there was one.
+    pub old_index: Option<PathBuf>,
+    /// The highest generation in any valid header (the new index reserves above it).
+    pub max_generation_seen: u64,
+}
+
+struct Gens {
+    next: u64,
+    reserved: u64,
+}
+
+/// The share store of one site on one volume.
+pub struct Store<D: BlockDevice> {
+    dev: D,
+    sb: Superblock,
+    dir: PathBuf,
+    db: sled::Db,
+    shares: sled::Tree,
+    meta: sled::Tree,
+    alloc: Mutex<Allocator>,
+    gens: Mutex<Gens>,
+    /// Highest commit sequence number known flushed.
+    flushed: Mutex<u64>,
+    /// Commit sequence numbers handed out (after the index insert they follow).
+    applied: AtomicU64,
+    key_locks: Vec<RwLock<()>>,
+    damaged_reads: AtomicU64,
+    opts: StoreOptions,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn sha256(b: &[u8]) -> [u8; 32] {
+    Sha256::digest(b).into()
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn read_superblock<D: BlockDevice>(dev: &D) -> Result<Superblock, StoreError> {
+    let len = (dev.alignment().step() as usize).max(4096);
+    let buf = dev.read_at(dev.alloc_buf(len), 0)?;
+    let sb = Superblock::decode(buf.as_slice()).map_err(|source| StoreError::NoSuperblock {
+        path: dev.path().to_path_buf(),
+        source,
+    })?;
+    if sb.volume_len > dev.size() {
+        return Err(StoreError::DeviceShrank {
+            path: dev.path().to_path_buf(),
+            volume_len: sb.volume_len,
+            device_len: dev.size(),
+        });
+    }
+    if sb.block_size % dev.alignment().offset != 0 {
+        return Err(StoreError::NoSuperblock {
+            path: dev.path().to_path_buf(),
+            source: LayoutError::Invalid {
+                field: "block size",
+                reason: format!(
+                    "{} is not a multiple of the device alignment {}",
+                    sb.block_size,
+                    dev.alignment().offset
+                ),
+            },
+        });
+    }
+    Ok(sb)
+}
+
+impl<D: BlockDevice> Store<D> {
+    /// Writes a fresh superblock (new random volume id) to `dev`. Existing shares become
+    /// unreachable; a previous index no longer matches the volume and is refused at open.
+    pub fn format(dev: &D, site: &str, opts: &FormatOptions) -> Result<Superblock, StoreError> {
+        let fmt_err = |source| StoreError::Format {
+            path: dev.path().to_path_buf(),
+            source,
+        };
+        let block = dev.alignment().step().max(4096).next_power_of_two();
+        let mut volume_id = [0u8; 16];
+        getrandom::getrandom(&mut volume_id).map_err(|e| {
+            fmt_err(LayoutError::Invalid {
+                field: "volume id",
+                reason: e.to_string(),
+            })
+        })?;
+        let au = opts.alloc_unit.unwrap_or(block);
+        let sb =
+            Superblock::new(volume_id, site, block, au, dev.size(), now_secs()).map_err(fmt_err)?;
+        let mut buf = dev.alloc_buf(block as usize);
+        buf.as_mut_slice()[..crate::layout::SUPERBLOCK_LEN].copy_from_slice(&sb.encode());
+        dev.write_at(buf, 0, true)?;
+        Ok(sb)
+    }
+
+    /// Opens the store on a formatted volume with its index in `state_dir` (created if absent).
+    /// The free space is recomputed from the index.
+    pub fn open(dev: D, state_dir: &Path, opts: StoreOptions) -> Result<Self, StoreError> {
+        let sb = read_superblock(&dev)?;
+        let dir = state_dir.to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|source| StoreError::StateDir {
+            dir: dir.clone(),
+            source,
+        })?;
+        let ix = |source| StoreError::Index {
+            dir: dir.clone(),
+            source,
+        };
+        let db = sled::Config::new()
+            .path(dir.join("index"))
+            .cache_capacity(opts.index_cache_bytes)
+            .open()
+            .map_err(ix)?;
+        let shares = db.open_tree("shares").map_err(ix)?;
+        let meta = db.open_tree("meta").map_err(ix)?;
+        match meta.get(META_VOLUME_ID).map_err(ix)? {
+            Some(v) if v.as_ref() == sb.volume_id => {}
+            Some(v) => {
+                return Err(StoreError::StateMismatch {
+                    dir,
+                    volume: dev.path().to_path_buf(),
+                    expected: hex(&sb.volume_id),
+                    found: hex(&v),
+                })
+            }
+            None => {
+                if !shares.is_empty() {
+                    return Err(StoreError::CorruptIndex {
+                        dir,
+                        reason: "shares without a volume id".into(),
+                    });
+                }
+                meta.insert(META_VOLUME_ID, &sb.volume_id[..]).map_err(ix)?;
+            }
+        }
+        let mut live = Vec::new();
+        for item in shares.iter() {
+            let (k, v) = item.map_err(ix)?;
+            let corrupt = |e: LayoutError| StoreError::CorruptIndex {
+                dir: dir.clone(),
+                reason: e.to_string(),
+            };
+            let key = ShareKey::decode(&k).map_err(corrupt)?;
+            let e = IndexEntry::decode(&v).map_err(|e| StoreError::CorruptIndex {
+                dir: dir.clone(),
+                reason: format!("entry of {key}: {e}"),
+            })?;
+            live.push((e.offset, e.extent_len));
+        }
+        let alloc =
+            Allocator::from_live(sb.data_start, sb.volume_len, u64::from(sb.alloc_unit), live)
+                .map_err(|e: AllocError| StoreError::CorruptIndex {
+                    dir: dir.clone(),
+                    reason: e.to_string(),
+                })?;
+        // Generations below the stored reservation may have been used before a crash: skip them.
+        let reserved =
+            match meta.get(META_GEN_RESERVED).map_err(ix)? {
+                Some(v) => u64::from_le_bytes(v.as_ref().try_into().map_err(|_| {
+                    StoreError::CorruptIndex {
+                        dir: dir.clone(),
+                        reason: "generation reservation is not 8 bytes".into(),
+                    }
+                })?),
+                None => 1,
+            };
+        let next = reserved;
+        let reserved = next + GEN_BATCH;
+        meta.insert(META_GEN_RESERVED, &reserved.to_le_bytes())
+            .map_err(ix)?;
+        db.flush().map_err(ix)?;
+        Ok(Self {
+            dev,
+            sb,
+            dir,
+            db,
+            shares,
+            meta,
+            alloc: Mutex::new(alloc),
+            gens: Mutex::new(Gens { next, reserved }),
+            flushed: Mutex::new(0),
+            applied: AtomicU64::new(0),
+            key_locks: (0..KEY_LOCKS).map(|_| RwLock::new(())).collect(),
+            damaged_reads: AtomicU64::new(0),
+            opts,
+        })
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+
+    pub fn site(&self) -> &str {
+        &self.sb.site
+    }
+
+    pub fn device(&self) -> &D {
+        &self.dev
+    }
+
+    fn ix(&self, source: sled::Error) -> StoreError {
+        StoreError::Index {
+            dir: self.dir.clone(),
+            source,
+        }
+    }
+
+    fn key_lock(&self, key: &ShareKey) -> &RwLock<()> {
+        let mut h = key.chunk ^ u64::from(key.share).rotate_left(40);
+        for (i, b) in key.file_id.iter().enumerate() {
+            h ^= u64::from(*b) << ((i % 8) * 8);
+        }
+        h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        &self.key_locks[(h >> 58) as usize % KEY_LOCKS]
+    }
+
+    fn next_generation(&self) -> Result<u64, StoreError> {
+        let mut g = lock(&self.gens);
+        if g.next >= g.reserved {
+            let reserved = g.reserved + GEN_BATCH;
+            self.meta
+                .insert(META_GEN_RESERVED, &reserved.to_le_bytes())
+                .map_err(|e| self.ix(e))?;
+            self.db.flush().map_err(|e| self.ix(e))?;
+            g.reserved = reserved;
+        }
+        g.next += 1;
+        Ok(g.next - 1)
+    }
+
+    /// Group commit: returns once an index flush that started after our insert has finished.
+    fn commit(&self, seq: u64) -> Result<(), StoreError> {
+        let mut flushed = lock(&self.flushed);
+        if *flushed >= seq {
+            return Ok(());
+        }
+        let target = self.applied.load(Ordering::SeqCst);
+        self.db.flush().map_err(|e| self.ix(e))?;
+        *flushed = target;
+        Ok(())
+    }
+
+    fn invalid(&self, key: ShareKey, reason: impl Into<String>) -> StoreError {
+        StoreError::InvalidShare {
+            site: self.sb.site.clone(),
+            key,
+            reason: reason.into(),
+        }
+    }
+
+    /// A buffer for a share of `len` bytes, to be filled and passed to [`Store::put_buf`].
+    pub fn share_buf(&self, len: usize) -> ShareBuf {
+        let write_len = self.sb.write_len(len as u64) as usize;
+        ShareBuf {
+            buf: self.dev.alloc_buf(write_len),
+            start: self.sb.block_size as usize,
+            len,
+        }
+    }
+
+    /// Stores a share; durable (and readable after any crash) once this returns Ok. Putting an
+    /// existing key replaces it atomically: readers see the old or the new share, never a mix.
+    pub fn put(&self, key: ShareKey, meta: ShareMeta, data: &[u8]) -> Result<(), StoreError> {
+        let mut b = self.share_buf(data.len());
+        b.as_mut_slice().copy_from_slice(data);
+        self.put_buf(key, meta, b)
+    }
+
+    /// [`Store::put`] from a buffer obtained with [`Store::share_buf`].
+    pub fn put_buf(
+        &self,
+        key: ShareKey,
+        meta: ShareMeta,
+        share: ShareBuf,
+    ) -> Result<(), StoreError> {
+        meta.validate(&key)
+            .map_err(|e| self.invalid(key, e.to_string()))?;
+        let len = share.len as u64;
+        if len == 0 || len > self.opts.max_share_len {
+            return Err(self.invalid(
+                key,
+                format!("{len} bytes (allowed 1..={})", self.opts.max_share_len),
+            ));
+        }
+        if share.start != self.sb.block_size as usize
+            || share.buf.len() as u64 != self.sb.write_len(len)
+        {
+            return Err(self.invalid(key, "buffer not from share_buf of this store"));
+        }
+        let _guard = self
+            .key_lock(&key)
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let extent_len = self.sb.extent_len(len);
+        let offset = {
+            let mut a = lock(&self.alloc);
+            a.allocate(extent_len)
+                .ok_or_else(|| StoreError::VolumeFull {
+                    site: self.sb.site.clone(),
+                    needed: extent_len,
+                    free: a.free_bytes(),
+                    largest_free: a.largest_free(),
+                })?
+        };
+        // Until the index entry is inserted, a failure gives the extent back.
+        let release = |e: StoreError| {
+            lock(&self.alloc).free(offset, extent_len);
+            e
+        };
+        let generation = self.next_generation().map_err(release)?;
+        let mut buf = share.buf;
+        let start = share.start;
+        let header = ShareHeader {
+            volume_id: self.sb.volume_id,
+            key,
+            meta,
+            share_len: len,
+            generation,
+            extent_len,
+            share_sha256: sha256(&buf.as_slice()[start..start + share.len]),
+        };
+        buf.as_mut_slice()[..HEADER_LEN].copy_from_slice(&header.encode());
+        // The header block after HEADER_LEN and the padding after the share are zero: alloc_buf
+        // zero-fills and only the share range was handed out.
+        self.dev
+            .write_at(buf, offset, true)
+            .map_err(|e| release(e.into()))?;
+        let entry = IndexEntry::from_header(&header, offset);
+        let old = self
+            .shares
+            .insert(key.encode(), &entry.encode()[..])
+            .map_err(|e| release(self.ix(e)))?;
+        let seq = self.applied.fetch_add(1, Ordering::SeqCst) + 1;
+        // From here the index may reference the extent: never give it back on failure.
+        self.commit(seq)?;
+        if let Some(old) = old {
+            if let Ok(old) = IndexEntry::decode(&old) {
+                self.retire(&old, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Overwrites an extent's header block so a volume scan no longer sees it, then frees it.
+    fn retire(&self, e: &IndexEntry, durable: bool) -> Result<(), StoreError> {
+        let buf = self.dev.alloc_buf(self.sb.block_size as usize);
+        self.dev.write_at(buf, e.offset, durable)?;
+        lock(&self.alloc).free(e.offset, e.extent_len);
+        Ok(())
+    }
+
+    fn entry(&self, key: &ShareKey) -> Result<IndexEntry, StoreError> {
+        let v = self.shares.get(key.encode()).map_err(|e| self.ix(e))?;
+        let v = v.ok_or_else(|| StoreError::NotFound {
+            site: self.sb.site.clone(),
+            key: *key,
+        })?;
+        IndexEntry::decode(&v).map_err(|e| StoreError::CorruptIndex {
+            dir: self.dir.clone(),
+            reason: format!("entry of {key}: {e}"),
+        })
+    }
+
+    /// Reads a share and verifies its header and SHA-256; a mismatch is an error, never data.
+    pub fn get(&self, key: &ShareKey) -> Result<ShareData, StoreError> {
+        let _guard = self.key_lock(key).read().unwrap_or_else(|e| e.into_inner());
+        let e = self.entry(key)?;
+        self.read_extent(key, &e)
+    }
+
+    fn damaged(&self, key: &ShareKey, reason: String) -> StoreError {
+        self.damaged_reads.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(site = %self.sb.site, share = %key, %reason, "damaged share");
+        StoreError::Damaged {
+            site: self.sb.site.clone(),
+            key: *key,
+            reason,
+        }
+    }
+
+    fn read_extent(&self, key: &ShareKey, e: &IndexEntry) -> Result<ShareData, StoreError> {
+        let write_len = self.sb.write_len(e.share_len) as usize;
+        let buf = self.dev.read_at(self.dev.alloc_buf(write_len), e.offset)?;
+        let h = ShareHeader::decode(buf.as_slice())
+            .map_err(|err| self.damaged(key, format!("header at offset {}: {err}", e.offset)))?;
+        if !e.matches(&h, key, &self.sb.volume_id) {
+            return Err(self.damaged(
+                key,
+                format!(
+                    "header at offset {} does not match the index (generation {} vs {})",
+                    e.offset, h.generation, e.generation
+                ),
+            ));
+        }
+        let start = self.sb.block_size as usize;
+        let len = e.share_len as usize;
+        if sha256(&buf.as_slice()[start..start + len]) != e.share_sha256 {
+            return Err(self.damaged(
+                key,
+                format!(
+                    "share bytes at offset {} fail SHA-256",
+                    e.offset + start as u64
+                ),
+            ));
+        }
+        Ok(ShareData {
+            key: *key,
+            meta: e.meta,
+            generation: e.generation,
+            buf,
+            start,
+            len,
+        })
+    }
+
+    /// Deletes a share; once this returns it is gone from the index and from a volume scan.
+    pub fn delete(&self, key: &ShareKey) -> Result<(), StoreError> {
+        let _guard = self
+            .key_lock(key)
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let e = self.entry(key)?;
+        // Header first, durably: a crash after it leaves an index entry that reads as damaged
+        // (the caller asked for it gone), never a deleted share that a rebuild brings back.
+        let buf = self.dev.alloc_buf(self.sb.block_size as usize);
+        self.dev.write_at(buf, e.offset, true)?;
+        self.shares
+            .remove(key.encode())
+            .map_err(|err| self.ix(err))?;
+        let seq = self.applied.fetch_add(1, Ordering::SeqCst) + 1;
+        self.commit(seq)?;
+        lock(&self.alloc).free(e.offset, e.extent_len);
+        Ok(())
+    }
+
+    /// Every indexed share and its entry, in key order.
+    pub fn list(&self) -> impl Iterator<Item = Result<(ShareKey, IndexEntry), StoreError>> + '_ {
+        self.shares.iter().map(move |item| {
+            let (k, v) = item.map_err(|e| self.ix(e))?;
+            let corrupt = |e: LayoutError| StoreError::CorruptIndex {
+                dir: self.dir.clone(),
+                reason: e.to_string(),
+            };
+            Ok((
+                ShareKey::decode(&k).map_err(corrupt)?,
+                IndexEntry::decode(&v).map_err(corrupt)?,
+            ))
+        })
+    }
+
+    pub fn stat(&self) -> StoreStat {
+        let a = lock(&self.alloc);
+        let damaged_reads = self.damaged_reads.load(Ordering::Relaxed);
+        StoreStat {
+            site: self.sb.site.clone(),
+            volume_id: hex(&self.sb.volume_id),
+            capacity: a.capacity(),
+            free: a.free_bytes(),
+            largest_free: a.largest_free(),
+            shares: self.shares.len() as u64,
+            damaged_reads,
+            health: if damaged_reads == 0 {
+                Health::Ok
+            } else {
+                Health::Damaged
+            },
+        }
+    }
+
+    /// Re-reads and verifies every indexed share; damaged ones are reported, not fatal.
+    pub fn scrub(&self) -> Result<ScrubReport, StoreError> {
+        let mut report = ScrubReport::default();
+        for item in self.list() {
+            let (key, e) = item?;
+            report.checked += 1;
+            report.bytes += e.share_len;
+            match self.read_extent(&key, &e) {
+                Ok(_) => {}
+                Err(StoreError::Damaged { reason, .. }) => report.damaged.push(Damage {
+                    key,
+                    offset: e.offset,
+                    reason,
+                }),
+                Err(StoreError::Volume(v)) => report.damaged.push(Damage {
+                    key,
+                    offset: e.offset,
+                    reason: v.to_string(),
+                }),
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(report)
+    }
+
+    /// Rebuilds the index in `state_dir` from the share headers on the volume (when the index is
+    /// lost or corrupt). The previous index, if any, is moved aside, not deleted.
+    pub fn rebuild_index(dev: &D, state_dir: &Path) -> Result<RebuildReport, StoreError> {
+        let sb = read_superblock(dev)?;
+        let dir = state_dir.to_path_buf();
+        let io = |source| StoreError::StateDir {
+            dir: dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let mut report = RebuildReport::default();
+        let index = dir.join("index");
+        if index.exists() {
+            let aside = dir.join(format!("index.old-{}", now_secs()));
+            std::fs::rename(&index, &aside).map_err(io)?;
+            report.old_index = Some(aside);
+        }
+        let found = scan(dev, &sb, &mut report)?;
+        let ix = |source| StoreError::Index {
+            dir: dir.clone(),
+            source,
+        };
+        let db = sled::Config::new().path(&index).open().map_err(ix)?;
+        let shares = db.open_tree("shares").map_err(ix)?;
+        let meta = db.open_tree("meta").map_err(ix)?;
+        let mut max_gen = 0;
+        for (key, e) in &found {
+            shares.insert(key.encode(), &e.encode()[..]).map_err(ix)?;
+            max_gen = max_gen.max(e.generation);
+        }
+        max_gen = max_gen.max(report.max_generation_seen);
+        meta.insert(META_VOLUME_ID, &sb.volume_id[..]).map_err(ix)?;
+        meta.insert(META_GEN_RESERVED, &(max_gen + 1).to_le_bytes())
+            .map_err(ix)?;
+        db.flush().map_err(ix)?;
+        report.shares = found.len() as u64;
+        Ok(report)
+    }
+}
+
+/// Scans the data area for valid extents: every allocation unit not inside an accepted extent
+/// is tried as a header; a header counts only if it belongs to this volume, fits the geometry
+/// and its share bytes match its SHA-256. The newest generation of each key wins.
+fn scan<D: BlockDevice>(
+    dev: &D,
+    sb: &Superblock,
+    report: &mut RebuildReport,
+) -> Result<std::collections::BTreeMap<ShareKey, IndexEntry>, StoreError> {
+    let au = u64::from(sb.alloc_unit);
+    let window = (8u64 << 20).div_ceil(au) * au;
+    let bs = sb.block_size as usize;
+    let mut found: std::collections::BTreeMap<ShareKey, IndexEntry> = Default::default();
+    let mut pos = sb.data_start;
+    while pos < sb.volume_len {
+        let wlen = window.min(sb.volume_len - pos);
+        let win = dev.read_at(dev.alloc_buf(wlen as usize), pos)?;
+        report.scanned_bytes += wlen;
+        let mut u = pos;
+        while u < pos + wlen {
+            let at = (u - pos) as usize;
+            let Ok(h) = ShareHeader::decode(&win.as_slice()[at..at + HEADER_LEN]) else {
+                u += au;
+                continue;
+            };
+            if !h.fits(sb, u) {
+                u += au;
+                continue;
+            }
+            report.max_generation_seen = report.max_generation_seen.max(h.generation);
+            let wl = sb.write_len(h.share_len);
+            let len = h.share_len as usize;
+            let ok = if u + wl <= pos + wlen {
+                sha256(&win.as_slice()[at + bs..at + bs + len]) == h.share_sha256
+            } else {
+                let b = dev.read_at(dev.alloc_buf(wl as usize), u)?;
+                sha256(&b.as_slice()[bs..bs + len]) == h.share_sha256
+            };
+            if !ok {
+                report.torn += 1;
+                u += au;
+                continue;
+            }
+            let e = IndexEntry::from_header(&h, u);
+            match found.get(&h.key) {
+                Some(prev) if prev.generation > e.generation => report.superseded += 1,
+                Some(_) => {
+                    report.superseded += 1;
+                    found.insert(h.key, e);
+                }
+                None => {
+                    found.insert(h.key, e);
+                }
+            }
+            u += h.extent_len;
+        }
+        pos = u.max(pos + wlen);
+    }
+    Ok(found)
+}

@@ -1,0 +1,705 @@
+//! The real volume: O_DIRECT file descriptor, one thread owning an io_uring, requests fed by a
+//! channel and answered through a oneshot (usable from plain threads and from async code).
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::mpsc::{self, TryRecvError};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+
+use io_uring::{opcode, squeue, types, IoUring};
+use tokio::sync::oneshot;
+
+use super::buf::FixedPool;
+use super::{check_request, Alignment, BlockDevice, IoBuf, VolumeError};
+
+/// How a write is made durable before it is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// `RWF_DSYNC` on each durable write (pwritev2 flag in the SQE); other writes stay plain.
+    #[default]
+    RwfDsync,
+    /// The volume is opened with `O_DSYNC`: every write is durable.
+    ODsync,
+    /// A plain write followed by an `fdatasync` of the volume (IORING_OP_FSYNC, DATASYNC).
+    Fdatasync,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "rwf-dsync" => Ok(Self::RwfDsync),
+            "o-dsync" => Ok(Self::ODsync),
+            "fdatasync" => Ok(Self::Fdatasync),
+            other => Err(format!(
+                "unknown durability {other:?} (rwf-dsync, o-dsync, fdatasync)"
+            )),
+        }
+    }
+}
+
+/// Options for [`UringVolume::open`].
+#[derive(Debug, Clone)]
+pub struct UringOptions {
+    /// Submission queue entries; at least 16.
+    pub queue_depth: u32,
+    pub durability: Durability,
+    /// Registered buffers (0: none). Requests whose buffer is a slot use READ/WRITE_FIXED.
+    pub fixed_buffers: u16,
+    /// Bytes per registered buffer.
+    pub fixed_buffer_len: usize,
+}
+
+impl Default for UringOptions {
+    fn default() -> Self {
+        Self {
+            queue_depth: 32,
+            durability: Durability::default(),
+            fixed_buffers: 16,
+            // One 1 MiB share plus its header block and padding.
+            fixed_buffer_len: (1 << 20) + (64 << 10),
+        }
+    }
+}
+
+/// Whether the volume is a regular file or a block device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeKind {
+    File,
+    BlockDevice,
+}
+
+/// A volume opened with O_DIRECT and served by its own io_uring thread.
+pub struct UringVolume {
+    path: Arc<Path>,
+    align: Alignment,
+    size: u64,
+    kind: VolumeKind,
+    durability: Durability,
+    pool: Option<Arc<FixedPool>>,
+    tx: Option<mpsc::Sender<Req>>,
+    wake: Arc<OwnedFd>,
+    thread: Option<JoinHandle<()>>,
+    _file: Arc<File>,
+}
+
+enum Kind {
+    Read,
+    Write {
+        durable: bool,
+    },
+    /// fdatasync; `then` carries the buffer of a write it completes (Durability::Fdatasync).
+    Sync,
+}
+
+struct Req {
+    kind: Kind,
+    buf: Option<IoBuf>,
+    offset: u64,
+    reply: oneshot::Sender<Result<Option<IoBuf>, VolumeError>>,
+}
+
+/// A request in flight; `.wait()` blocks a plain thread, `.await` suspends a task.
+pub struct Pending {
+    path: Arc<Path>,
+    state: PendingState,
+}
+
+enum PendingState {
+    Ready(Option<Result<Option<IoBuf>, VolumeError>>),
+    Waiting(oneshot::Receiver<Result<Option<IoBuf>, VolumeError>>),
+}
+
+impl Pending {
+    /// Blocks until the request completes. Must not be called from inside an async runtime.
+    pub fn wait(self) -> Result<Option<IoBuf>, VolumeError> {
+        match self.state {
+            PendingState::Ready(r) => r.unwrap_or_else(|| {
+                Err(VolumeError::RingGone {
+                    path: self.path.to_path_buf(),
+                })
+            }),
+            PendingState::Waiting(rx) => rx.blocking_recv().unwrap_or_else(|_| {
+                Err(VolumeError::RingGone {
+                    path: self.path.to_path_buf(),
+                })
+            }),
+        }
+    }
+}
+
+impl Future for Pending {
+    type Output = Result<Option<IoBuf>, VolumeError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let gone = || VolumeError::RingGone {
+            path: this.path.to_path_buf(),
+        };
+        match &mut this.state {
+            PendingState::Ready(r) => Poll::Ready(r.take().unwrap_or_else(|| Err(gone()))),
+            PendingState::Waiting(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or_else(|_| Err(gone()))),
+        }
+    }
+}
+
+fn os_err(path: &Path, source: io::Error) -> VolumeError {
+    VolumeError::Open {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Alignment and size of an open O_DIRECT descriptor, from the device, never assumed.
+fn probe(path: &Path, file: &File) -> Result<(Alignment, u64, VolumeKind), VolumeError> {
+    let meta = file.metadata().map_err(|e| os_err(path, e))?;
+    let fd = file.as_raw_fd();
+    if meta.file_type().is_block_device() {
+        let mut logical: libc::c_int = 0;
+        // SAFETY: BLKSSZGET writes one int through the pointer.
+        if unsafe { libc::ioctl(fd, libc::BLKSSZGET, &mut logical) } != 0 {
+            return Err(os_err(path, io::Error::last_os_error()));
+        }
+        // SAFETY: plain lseek on an owned descriptor; O_DIRECT I/O uses explicit offsets.
+        let end = unsafe { libc::lseek(fd, 0, libc::SEEK_END) };
+        if end < 0 {
+            return Err(os_err(path, io::Error::last_os_error()));
+        }
+        let a = u32::try_from(logical)
+            .ok()
+            .and_then(|l| Alignment::new(l, l));
+        let align = a.ok_or_else(|| VolumeError::NoDirectIo {
+            path: path.to_path_buf(),
+        })?;
+        Ok((align, end as u64, VolumeKind::BlockDevice))
+    } else if meta.file_type().is_file() {
+        // SAFETY: statx fills the zeroed struct; AT_EMPTY_PATH with "" describes `fd` itself.
+        let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+        let rc = unsafe {
+            libc::statx(
+                fd,
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH,
+                libc::STATX_DIOALIGN,
+                &mut stx,
+            )
+        };
+        if rc != 0 {
+            return Err(os_err(path, io::Error::last_os_error()));
+        }
+        if stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+            return Err(VolumeError::NoDirectIo {
+                path: path.to_path_buf(),
+            });
+        }
+        let align =
+            Alignment::new(stx.stx_dio_offset_align, stx.stx_dio_mem_align).ok_or_else(|| {
+                VolumeError::NoDirectIo {
+                    path: path.to_path_buf(),
+                }
+            })?;
+        Ok((align, meta.len(), VolumeKind::File))
+    } else {
+        Err(VolumeError::NotAVolume {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl UringVolume {
+    /// Opens `path` (regular file or block device) with O_DIRECT and starts its ring thread.
+    pub fn open(path: &Path, opts: &UringOptions) -> Result<Self, VolumeError> {
+        let mut flags = libc::O_DIRECT | libc::O_CLOEXEC;
+        if opts.durability == Durability::ODsync {
+            flags |= libc::O_DSYNC;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(flags)
+            .open(path)
+            .map_err(|e| os_err(path, e))?;
+        let (align, raw_size, kind) = probe(path, &file)?;
+        let ring_err = |source| VolumeError::Ring {
+            path: path.to_path_buf(),
+            source,
+        };
+        let ring: IoUring<squeue::Entry> = IoUring::builder()
+            .build(opts.queue_depth.max(16))
+            .map_err(ring_err)?;
+        let pool = if opts.fixed_buffers > 0 {
+            let align_bytes = (align.step() as usize).max(4096);
+            FixedPool::new(opts.fixed_buffers, opts.fixed_buffer_len, align_bytes).and_then(|p| {
+                // SAFETY: the pool's memory outlives the ring: the ring thread holds an Arc to the
+                // pool and drops its ring first.
+                match unsafe { ring.submitter().register_buffers(&p.iovecs()) } {
+                    Ok(()) => Some(p),
+                    Err(e) => {
+                        tracing::warn!(volume = %path.display(), error = %e, "fixed buffers not registered; using plain buffers");
+                        None
+                    }
+                }
+            })
+        } else {
+            None
+        };
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(ring_err(io::Error::last_os_error()));
+        }
+        // SAFETY: efd is a fresh descriptor we own.
+        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
+        let file = Arc::new(file);
+        let path: Arc<Path> = Arc::from(path);
+        let (tx, rx) = mpsc::channel();
+        let worker = Worker {
+            fd: file.as_raw_fd(),
+            _file: Arc::clone(&file),
+            wake: Arc::clone(&wake),
+            rx,
+            path: Arc::clone(&path),
+            align,
+            durability: opts.durability,
+            depth: opts.queue_depth.max(16) as usize,
+            _pool: pool.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("qgenome-uring".into())
+            .spawn(move || worker.run(ring))
+            .map_err(ring_err)?;
+        Ok(Self {
+            path,
+            align,
+            size: align.floor(raw_size),
+            kind,
+            durability: opts.durability,
+            pool,
+            tx: Some(tx),
+            wake,
+            thread: Some(thread),
+            _file: file,
+        })
+    }
+
+    pub fn kind(&self) -> VolumeKind {
+        self.kind
+    }
+
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// Whether registered buffers are in use.
+    pub fn has_fixed_buffers(&self) -> bool {
+        self.pool.is_some()
+    }
+
+    fn send(&self, kind: Kind, buf: Option<IoBuf>, offset: u64) -> Pending {
+        let path = Arc::clone(&self.path);
+        if let Some(b) = &buf {
+            if let Err(source) =
+                check_request(self.align, self.size, offset, b.len(), b.as_ptr() as usize)
+            {
+                let err = VolumeError::Request {
+                    path: path.to_path_buf(),
+                    source,
+                };
+                return Pending {
+                    path,
+                    state: PendingState::Ready(Some(Err(err))),
+                };
+            }
+        }
+        let (reply, rx) = oneshot::channel();
+        let req = Req {
+            kind,
+            buf,
+            offset,
+            reply,
+        };
+        let Some(tx) = &self.tx else {
+            return Pending {
+                path,
+                state: PendingState::Ready(None),
+            };
+        };
+        if tx.send(req).is_err() {
+            return Pending {
+                path,
+                state: PendingState::Ready(None),
+            };
+        }
+        wake(&self.wake);
+        Pending {
+            path,
+            state: PendingState::Waiting(rx),
+        }
+    }
+
+    /// Queues a read filling `buf` from `offset`.
+    pub fn submit_read(&self, buf: IoBuf, offset: u64) -> Pending {
+        self.send(Kind::Read, Some(buf), offset)
+    }
+
+    /// Queues a write of `buf` at `offset`; `durable` as in [`BlockDevice::write_at`].
+    pub fn submit_write(&self, buf: IoBuf, offset: u64, durable: bool) -> Pending {
+        self.send(Kind::Write { durable }, Some(buf), offset)
+    }
+
+    /// Queues an fdatasync of the volume.
+    pub fn submit_sync(&self) -> Pending {
+        self.send(Kind::Sync, None, 0)
+    }
+
+    fn expect_buf(&self, r: Option<IoBuf>) -> Result<IoBuf, VolumeError> {
+        r.ok_or_else(|| VolumeError::RingGone {
+            path: self.path.to_path_buf(),
+        })
+    }
+}
+
+fn wake(fd: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a local to an eventfd we own. A failure can only be EAGAIN on
+    // counter overflow, which still leaves the reader woken.
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+impl BlockDevice for UringVolume {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn alignment(&self) -> Alignment {
+        self.align
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn alloc_buf(&self, len: usize) -> IoBuf {
+        self.pool
+            .as_ref()
+            .and_then(|p| p.take(len))
+            .unwrap_or_else(|| IoBuf::heap((self.align.step() as usize).max(4096), len))
+    }
+
+    fn read_at(&self, buf: IoBuf, offset: u64) -> Result<IoBuf, VolumeError> {
+        let r = self.submit_read(buf, offset).wait()?;
+        self.expect_buf(r)
+    }
+
+    fn write_at(&self, buf: IoBuf, offset: u64, durable: bool) -> Result<IoBuf, VolumeError> {
+        let r = self.submit_write(buf, offset, durable).wait()?;
+        self.expect_buf(r)
+    }
+
+    fn sync(&self) -> Result<(), VolumeError> {
+        self.submit_sync().wait().map(|_| ())
+    }
+}
+
+impl Drop for UringVolume {
+    fn drop(&mut self) {
+        // Closing the channel and waking the thread lets it finish what is in flight and exit.
+        self.tx = None;
+        wake(&self.wake);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for UringVolume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringVolume")
+            .field("path", &self.path)
+            .field("align", &self.align)
+            .field("size", &self.size)
+            .field("kind", &self.kind)
+            .field("durability", &self.durability)
+            .field("fixed_buffers", &self.pool.is_some())
+            .finish()
+    }
+}
+
+/// The state the ring thread owns.
+struct Worker {
+    fd: RawFd,
+    _file: Arc<File>,
+    wake: Arc<OwnedFd>,
+    rx: mpsc::Receiver<Req>,
+    path: Arc<Path>,
+    align: Alignment,
+    durability: Durability,
+    depth: usize,
+    _pool: Option<Arc<FixedPool>>,
+}
+
+/// A request being served: `done` bytes have completed so far.
+struct Op {
+    kind: Kind,
+    buf: Option<IoBuf>,
+    offset: u64,
+    done: usize,
+    /// Retries that made no aligned progress (EAGAIN, EINTR, unaligned short counts).
+    stalls: u32,
+    reply: oneshot::Sender<Result<Option<IoBuf>, VolumeError>>,
+}
+
+const WAKE: u64 = u64::MAX;
+const MAX_STALLS: u32 = 1000;
+
+impl Worker {
+    fn run(self, ring: IoUring) {
+        // Declaration order matters: the ring is dropped first (cancelling anything still in the
+        // kernel), then the memory it may point into (ops' buffers, the eventfd word).
+        let mut wake_word = Box::new(0u64);
+        let mut slots: Vec<Option<Op>> = Vec::new();
+        let mut free: Vec<usize> = Vec::new();
+        let mut backlog: VecDeque<usize> = VecDeque::new();
+        let mut ring = ring;
+        let mut in_flight = 0usize;
+        let mut wake_armed = false;
+        let mut closed = false;
+        loop {
+            // Take new requests.
+            while !closed {
+                match self.rx.try_recv() {
+                    Ok(req) => {
+                        let op = Op {
+                            kind: req.kind,
+                            buf: req.buf,
+                            offset: req.offset,
+                            done: 0,
+                            stalls: 0,
+                            reply: req.reply,
+                        };
+                        let id = match free.pop() {
+                            Some(id) => {
+                                slots[id] = Some(op);
+                                id
+                            }
+                            None => {
+                                slots.push(Some(op));
+                                slots.len() - 1
+                            }
+                        };
+                        backlog.push_back(id);
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => closed = true,
+                }
+            }
+            // Queue as much as the ring takes, keeping one entry for the wake-up read.
+            while in_flight + 1 < self.depth {
+                let Some(id) = backlog.pop_front() else { break };
+                let Some(op) = slots[id].as_mut() else {
+                    continue;
+                };
+                let entry = self.entry(op).user_data(id as u64);
+                // SAFETY: the buffer lives in `slots` until its completion is reaped.
+                if unsafe { ring.submission().push(&entry) }.is_err() {
+                    backlog.push_front(id);
+                    break;
+                }
+                in_flight += 1;
+            }
+            if !wake_armed && !closed {
+                let entry = opcode::Read::new(
+                    types::Fd(self.wake.as_raw_fd()),
+                    (&mut *wake_word as *mut u64).cast(),
+                    8,
+                )
+                .build()
+                .user_data(WAKE);
+                // SAFETY: wake_word outlives the ring (declared before it).
+                if unsafe { ring.submission().push(&entry) }.is_ok() {
+                    wake_armed = true;
+                }
+            }
+            if closed && in_flight == 0 && backlog.is_empty() && !wake_armed {
+                break;
+            }
+            match ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => {
+                    tracing::error!(volume = %self.path.display(), error = %e, "io_uring submit failed");
+                    // Fail everything queued; the thread ends and later requests see RingGone.
+                    for op in slots.iter_mut().filter_map(Option::take) {
+                        let _ = op.reply.send(Err(VolumeError::Ring {
+                            path: self.path.to_path_buf(),
+                            source: io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(0)),
+                        }));
+                    }
+                    return;
+                }
+            }
+            let cqes: Vec<(u64, i32)> = ring
+                .completion()
+                .map(|c| (c.user_data(), c.result()))
+                .collect();
+            for (id, res) in cqes {
+                if id == WAKE {
+                    wake_armed = false;
+                    continue;
+                }
+                in_flight -= 1;
+                let id = id as usize;
+                let Some(mut op) = slots[id].take() else {
+                    continue;
+                };
+                match self.complete(&mut op, res) {
+                    Next::Again => {
+                        slots[id] = Some(op);
+                        backlog.push_back(id);
+                    }
+                    Next::Done(result) => {
+                        let _ = op.reply.send(result);
+                        free.push(id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The SQE for the remaining part of `op`.
+    fn entry(&self, op: &mut Op) -> squeue::Entry {
+        let fd = types::Fd(self.fd);
+        let offset = op.offset + op.done as u64;
+        match (&op.kind, op.buf.as_mut()) {
+            (Kind::Read, Some(buf)) => {
+                let len = (buf.len() - op.done) as u32;
+                // SAFETY: done < len, so the pointer stays inside the buffer.
+                let ptr = unsafe { buf.as_mut_ptr().add(op.done) };
+                match buf.fixed_index() {
+                    Some(i) => opcode::ReadFixed::new(fd, ptr, len, i)
+                        .offset(offset)
+                        .build(),
+                    None => opcode::Read::new(fd, ptr, len).offset(offset).build(),
+                }
+            }
+            (Kind::Write { durable }, Some(buf)) => {
+                let len = (buf.len() - op.done) as u32;
+                // SAFETY: as above.
+                let ptr = unsafe { buf.as_ptr().add(op.done) };
+                let flags = if *durable && self.durability == Durability::RwfDsync {
+                    libc::RWF_DSYNC
+                } else {
+                    0
+                };
+                match buf.fixed_index() {
+                    Some(i) => opcode::WriteFixed::new(fd, ptr, len, i)
+                        .offset(offset)
+                        .rw_flags(flags)
+                        .build(),
+                    None => opcode::Write::new(fd, ptr, len)
+                        .offset(offset)
+                        .rw_flags(flags)
+                        .build(),
+                }
+            }
+            _ => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+        }
+    }
+
+    /// Handles one completion: finished, or to be issued again (the rest of a short transfer,
+    /// EAGAIN, or the fdatasync that makes a write durable).
+    fn complete(&self, op: &mut Op, res: i32) -> Next {
+        let name = match op.kind {
+            Kind::Read => "read",
+            Kind::Write { .. } => "write",
+            Kind::Sync => "fdatasync",
+        };
+        let at = op.offset + op.done as u64;
+        if res < 0 {
+            let errno = -res;
+            if (errno == libc::EAGAIN || errno == libc::EINTR) && op.stalls < MAX_STALLS {
+                op.stalls += 1;
+                return Next::Again;
+            }
+            return Next::Done(Err(VolumeError::Io {
+                path: self.path.to_path_buf(),
+                op: name,
+                offset: at,
+                source: io::Error::from_raw_os_error(errno),
+            }));
+        }
+        let total = op.buf.as_ref().map_or(0, IoBuf::len);
+        if matches!(op.kind, Kind::Sync) {
+            return Next::Done(Ok(op.buf.take()));
+        }
+        if res == 0 {
+            return Next::Done(Err(VolumeError::NoProgress {
+                path: self.path.to_path_buf(),
+                op: name,
+                offset: at,
+            }));
+        }
+        // Keep only whole aligned steps of a short transfer and re-issue the rest from there.
+        let reached = op.done + res as usize;
+        if reached < total {
+            let step = self.align.step() as usize;
+            let aligned = reached / step * step;
+            if aligned == op.done {
+                op.stalls += 1;
+                if op.stalls >= MAX_STALLS {
+                    return Next::Done(Err(VolumeError::NoProgress {
+                        path: self.path.to_path_buf(),
+                        op: name,
+                        offset: at,
+                    }));
+                }
+            }
+            op.done = aligned;
+            return Next::Again;
+        }
+        if let Kind::Write { durable: true } = op.kind {
+            if self.durability == Durability::Fdatasync {
+                op.kind = Kind::Sync;
+                return Next::Again;
+            }
+        }
+        Next::Done(Ok(op.buf.take()))
+    }
+}
+
+enum Next {
+    Again,
+    Done(Result<Option<IoBuf>, VolumeError>),
+}
+
+/// Creates (if missing) a file volume of `size` bytes with fallocate, so its blocks are reserved.
+pub fn create_file_volume(path: &Path, size: u64) -> Result<PathBuf, VolumeError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| os_err(path, e))?;
+    // SAFETY: fallocate on a descriptor we own.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        let _ = std::fs::remove_file(path);
+        return Err(os_err(path, e));
+    }
+    file.sync_all().map_err(|e| os_err(path, e))?;
+    Ok(path.to_path_buf())
+}

@@ -1,0 +1,306 @@
+//! The store on the in-memory volume: round trips, replace, delete, full volume, torn writes,
+//! tampering, restart and index rebuild.
+
+use qgenome_mountd::layout::{ShareKey, ShareMeta};
+
+const META: ShareMeta = ShareMeta {
+    k: 2,
+    n: 3,
+    secret_len: 1 << 20,
+};
+
+fn key(file: u8, chunk: u64, share: u8) -> ShareKey {
+    let mut file_id = [0u8; 16];
+    file_id[0] = file;
+    file_id[15] = 0xF1;
+    ShareKey {
+        file_id,
+        chunk,
+        share,
+    }
+}
+
+fn share_bytes(seed: u64, key: &ShareKey, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    qgenome_mountd::bench::pattern(seed, key, &mut v);
+    v
+}
+use qgenome_mountd::store::{FormatOptions, Store, StoreError, StoreOptions};
+use qgenome_mountd::volume::{Alignment, MemVolume};
+
+const A: Alignment = Alignment {
+    offset: 512,
+    mem: 512,
+};
+
+fn fresh(size: u64) -> MemVolume {
+    let v = MemVolume::new("mem-vol", size, A);
+    Store::format(&v, "site-a", &FormatOptions::default()).unwrap();
+    v
+}
+
+fn reopen(image: Vec<u8>, dir: &std::path::Path) -> Store<MemVolume> {
+    Store::open(
+        MemVolume::from_image("mem-vol", image, A),
+        dir,
+        StoreOptions::default(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn many_shares_round_trip_list_stat_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(fresh(64 << 20), dir.path(), StoreOptions::default()).unwrap();
+    let sizes = [1usize, 511, 512, 4096, 4097, 100_000, 1 << 20];
+    let mut keys = Vec::new();
+    for (i, &len) in sizes.iter().cycle().take(40).enumerate() {
+        let k = key(1, i as u64, (i % 3) as u8);
+        s.put(k, META, &share_bytes(7, &k, len)).unwrap();
+        keys.push((k, len));
+    }
+    for (k, len) in &keys {
+        let d = s.get(k).unwrap();
+        assert_eq!(d.bytes(), &share_bytes(7, k, *len)[..], "{k}");
+        assert_eq!(d.meta, META);
+        assert!(
+            !format!("{d:?}").contains("bytes: ["),
+            "Debug must not dump share bytes"
+        );
+    }
+    let listed: Vec<_> = s.list().map(|r| r.unwrap().0).collect();
+    let mut want: Vec<_> = keys.iter().map(|x| x.0).collect();
+    want.sort();
+    assert_eq!(listed, want, "list is in key order and complete");
+    let st = s.stat();
+    assert_eq!(st.shares, 40);
+    assert!(st.free < st.capacity);
+    let free_before = st.free;
+    let image = s.device().image();
+    drop(s);
+    let s = reopen(image, dir.path());
+    assert_eq!(
+        s.stat().free,
+        free_before,
+        "free space recomputed from the index"
+    );
+    for (k, len) in &keys {
+        assert_eq!(s.get(k).unwrap().bytes(), &share_bytes(7, k, *len)[..]);
+    }
+}
+
+#[test]
+fn replace_and_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(fresh(8 << 20), dir.path(), StoreOptions::default()).unwrap();
+    let k = key(2, 0, 1);
+    s.put(k, META, &share_bytes(1, &k, 5000)).unwrap();
+    let g1 = s.get(&k).unwrap().generation;
+    let free1 = s.stat().free;
+    s.put(k, META, &share_bytes(2, &k, 5000)).unwrap();
+    let d = s.get(&k).unwrap();
+    assert_eq!(d.bytes(), &share_bytes(2, &k, 5000)[..]);
+    assert!(d.generation > g1);
+    assert_eq!(s.stat().free, free1, "the replaced extent was freed");
+    s.delete(&k).unwrap();
+    assert!(matches!(s.get(&k), Err(StoreError::NotFound { .. })));
+    assert!(matches!(s.delete(&k), Err(StoreError::NotFound { .. })));
+    assert_eq!(s.stat().free, s.stat().capacity);
+}
+
+#[test]
+fn full_volume_is_a_clear_error_and_earlier_shares_stay_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(fresh(4 << 20), dir.path(), StoreOptions::default()).unwrap();
+    let mut stored = Vec::new();
+    let err = loop {
+        let k = key(3, stored.len() as u64, 0);
+        match s.put(k, META, &share_bytes(3, &k, 300_000)) {
+            Ok(()) => stored.push(k),
+            Err(e) => break e,
+        }
+    };
+    assert!(stored.len() >= 10, "{} shares fit", stored.len());
+    match &err {
+        StoreError::VolumeFull {
+            site, needed, free, ..
+        } => {
+            assert_eq!(site, "site-a");
+            assert!(needed > free, "{err}");
+        }
+        other => panic!("expected VolumeFull, got {other}"),
+    }
+    assert!(err.to_string().contains("site-a") && err.to_string().contains("full"));
+    for k in &stored {
+        assert_eq!(s.get(k).unwrap().bytes(), &share_bytes(3, k, 300_000)[..]);
+    }
+    // Deleting one makes room again.
+    s.delete(&stored[0]).unwrap();
+    let k = key(3, 999, 0);
+    s.put(k, META, &share_bytes(3, &k, 300_000)).unwrap();
+}
+
+#[test]
+fn torn_write_is_never_served_and_failed_puts_give_space_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(fresh(8 << 20), dir.path(), StoreOptions::default()).unwrap();
+    let good = key(4, 0, 0);
+    s.put(good, META, &share_bytes(4, &good, 70_000)).unwrap();
+    let free = s.stat().free;
+    let torn = key(4, 1, 0);
+    // The header block and part of the share reach the volume, the rest does not.
+    s.device().tear_next_write(8192);
+    assert!(s.put(torn, META, &share_bytes(4, &torn, 70_000)).is_err());
+    assert_eq!(s.stat().free, free, "the failed put's extent is free again");
+    assert!(matches!(s.get(&torn), Err(StoreError::NotFound { .. })));
+    // After a "crash" the torn extent is still not served, and a rebuild from the headers
+    // rejects it by its SHA-256.
+    let image = s.device().image();
+    drop(s);
+    let s = reopen(image.clone(), dir.path());
+    assert!(matches!(s.get(&torn), Err(StoreError::NotFound { .. })));
+    drop(s);
+    let dir2 = tempfile::tempdir().unwrap();
+    let v = MemVolume::from_image("mem-vol", image, A);
+    let r = Store::rebuild_index(&v, dir2.path()).unwrap();
+    assert_eq!((r.shares, r.torn), (1, 1), "{r:?}");
+    let s = Store::open(v, dir2.path(), StoreOptions::default()).unwrap();
+    assert!(matches!(s.get(&torn), Err(StoreError::NotFound { .. })));
+    assert_eq!(
+        s.get(&good).unwrap().bytes(),
+        &share_bytes(4, &good, 70_000)[..]
+    );
+}
+
+#[test]
+fn tampered_bytes_are_detected_named_and_never_returned() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(fresh(8 << 20), dir.path(), StoreOptions::default()).unwrap();
+    let keys: Vec<_> = (0..5).map(|c| key(5, c, 2)).collect();
+    for k in &keys {
+        s.put(*k, META, &share_bytes(5, k, 10_000)).unwrap();
+    }
+    let (k0, e0) = s.list().next().unwrap().unwrap();
+    let bs = u64::from(s.superblock().block_size);
+    s.device().poke(e0.offset + bs + 1234, |b| b ^ 0x01);
+    let err = s.get(&k0).unwrap_err();
+    assert!(matches!(err, StoreError::Damaged { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("chunk {}", k0.chunk)) && msg.contains("050000"),
+        "{msg}"
+    );
+    // A changed header byte is caught too.
+    let (k1, e1) = s.list().nth(1).unwrap().unwrap();
+    s.device().poke(e1.offset + 50, |b| b ^ 0x80);
+    assert!(matches!(s.get(&k1), Err(StoreError::Damaged { .. })));
+    let report = s.scrub().unwrap();
+    assert_eq!(report.checked, 5);
+    let mut bad: Vec<_> = report.damaged.iter().map(|d| d.key).collect();
+    bad.sort();
+    assert_eq!(bad, vec![k0, k1]);
+    assert_eq!(s.stat().health, qgenome_mountd::store::Health::Damaged);
+}
+
+#[test]
+fn rebuild_index_restores_live_shares_newest_generation_and_not_deleted_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(fresh(16 << 20), dir.path(), StoreOptions::default()).unwrap();
+    for c in 0..10 {
+        let k = key(6, c, 0);
+        s.put(k, META, &share_bytes(6, &k, 20_000 + c as usize * 1000))
+            .unwrap();
+    }
+    let replaced = key(6, 3, 0);
+    s.put(replaced, META, &share_bytes(66, &replaced, 9_000))
+        .unwrap();
+    let deleted = key(6, 4, 0);
+    s.delete(&deleted).unwrap();
+    let image = s.device().image();
+    drop(s);
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let v = MemVolume::from_image("mem-vol", image, A);
+    let r = Store::rebuild_index(&v, dir.path()).unwrap();
+    assert_eq!(r.shares, 9, "{r:?}");
+    let s = Store::open(v, dir.path(), StoreOptions::default()).unwrap();
+    assert_eq!(
+        s.get(&replaced).unwrap().bytes(),
+        &share_bytes(66, &replaced, 9_000)[..]
+    );
+    assert!(matches!(s.get(&deleted), Err(StoreError::NotFound { .. })));
+    for c in [0u64, 1, 2, 5, 6, 7, 8, 9] {
+        let k = key(6, c, 0);
+        assert_eq!(
+            s.get(&k).unwrap().bytes(),
+            &share_bytes(6, &k, 20_000 + c as usize * 1000)[..]
+        );
+    }
+    // New generations stay above every one on the volume, and new puts avoid live extents.
+    let k = key(6, 100, 0);
+    s.put(k, META, &share_bytes(6, &k, 50_000)).unwrap();
+    assert!(s.get(&k).unwrap().generation > s.get(&replaced).unwrap().generation);
+    assert_eq!(s.scrub().unwrap().damaged.len(), 0);
+}
+
+#[test]
+fn index_of_another_volume_and_bad_shares_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Store::open(fresh(4 << 20), dir.path(), StoreOptions::default()).unwrap());
+    let e = Store::open(fresh(4 << 20), dir.path(), StoreOptions::default())
+        .err()
+        .unwrap();
+    assert!(matches!(e, StoreError::StateMismatch { .. }), "{e}");
+    assert!(e.to_string().contains("mem-vol"), "{e}");
+    let e = Store::open(
+        MemVolume::new("blank", 1 << 20, A),
+        dir.path(),
+        StoreOptions::default(),
+    )
+    .err()
+    .unwrap();
+    assert!(
+        matches!(e, StoreError::NoSuperblock { .. }) && e.to_string().contains("blank"),
+        "{e}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(fresh(4 << 20), dir.path(), StoreOptions::default()).unwrap();
+    let e = s.put(key(7, 0, 3), META, b"xyz").unwrap_err();
+    assert!(
+        matches!(e, StoreError::InvalidShare { .. }) && e.to_string().contains("share index"),
+        "{e}"
+    );
+    assert!(matches!(
+        s.put(key(7, 0, 0), META, b""),
+        Err(StoreError::InvalidShare { .. })
+    ));
+}
+
+#[test]
+fn concurrent_puts_and_gets() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = std::sync::Arc::new(
+        Store::open(fresh(64 << 20), dir.path(), StoreOptions::default()).unwrap(),
+    );
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for c in 0..30 {
+                    let k = key(8, c, t % 3);
+                    let k = qgenome_mountd::layout::ShareKey {
+                        file_id: [t; 16],
+                        ..k
+                    };
+                    s.put(k, META, &share_bytes(8, &k, 100_000)).unwrap();
+                    assert_eq!(s.get(&k).unwrap().bytes(), &share_bytes(8, &k, 100_000)[..]);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(s.stat().shares, 120);
+    assert!(s.scrub().unwrap().damaged.is_empty());
+}

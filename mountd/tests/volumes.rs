@@ -1,0 +1,137 @@
+//! Many shares through the store on a real file volume and on a loop block device.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use qgenome_mountd::bench::pattern;
+use qgenome_mountd::layout::{ShareKey, ShareMeta};
+use qgenome_mountd::store::{FormatOptions, Store, StoreOptions};
+use qgenome_mountd::volume::{
+    create_file_volume, BlockDevice, UringOptions, UringVolume, VolumeKind,
+};
+
+const META: ShareMeta = ShareMeta {
+    k: 3,
+    n: 5,
+    secret_len: 123_456,
+};
+
+fn key(i: u64) -> ShareKey {
+    ShareKey {
+        file_id: *b"volume-test-file",
+        chunk: i / 5,
+        share: (i % 5) as u8,
+    }
+}
+
+fn len_of(i: u64) -> usize {
+    [1usize, 4095, 4096, 65_537, 1 << 20, 300_001][(i % 6) as usize]
+}
+
+/// Puts `n` shares of assorted sizes, reads them back, reopens, reads them again.
+fn round_trip(path: &Path, state: &Path, n: u64, expect: VolumeKind) {
+    let opts = UringOptions::default();
+    let dev = UringVolume::open(path, &opts).unwrap();
+    assert_eq!(dev.kind(), expect);
+    Store::format(&dev, "round-trip", &FormatOptions::default()).unwrap();
+    let store = Store::open(dev, state, StoreOptions::default()).unwrap();
+    let mut buf = Vec::new();
+    for i in 0..n {
+        buf.resize(len_of(i), 0);
+        pattern(42, &key(i), &mut buf);
+        store.put(key(i), META, &buf).unwrap();
+    }
+    let check = |store: &Store<UringVolume>| {
+        let mut want = Vec::new();
+        for i in 0..n {
+            want.resize(len_of(i), 0);
+            pattern(42, &key(i), &mut want);
+            let got = store.get(&key(i)).unwrap();
+            assert!(
+                got.bytes() == &want[..],
+                "share {i} differs on {}",
+                path.display()
+            );
+            assert_eq!(got.meta, META);
+        }
+        assert_eq!(store.stat().shares, n);
+        assert!(store.scrub().unwrap().damaged.is_empty());
+    };
+    check(&store);
+    drop(store);
+    let store = Store::open(
+        UringVolume::open(path, &opts).unwrap(),
+        state,
+        StoreOptions::default(),
+    )
+    .unwrap();
+    check(&store);
+}
+
+#[test]
+fn many_shares_round_trip_on_a_file_volume_of_unaligned_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shares.vol");
+    // Not a multiple of the block size: the tail is never addressed.
+    let size = (96 << 20) + 1234;
+    create_file_volume(&path, size).unwrap();
+    let dev = UringVolume::open(&path, &UringOptions::default()).unwrap();
+    assert!(dev.size() < size && dev.size() % u64::from(dev.alignment().offset) == 0);
+    drop(dev);
+    round_trip(&path, &dir.path().join("state"), 150, VolumeKind::File);
+}
+
+/// A loop device over a file, detached on drop even when the test panics.
+struct LoopDevice {
+    dev: PathBuf,
+}
+
+impl LoopDevice {
+    fn attach(file: &Path) -> Self {
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .expect("run losetup");
+        assert!(
+            out.status.success(),
+            "losetup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+        Self { dev }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let ok = Command::new("losetup")
+            .arg("-d")
+            .arg(&self.dev)
+            .status()
+            .map(|s| s.success());
+        if !matches!(ok, Ok(true)) {
+            eprintln!("warning: could not detach {}", self.dev.display());
+        }
+    }
+}
+
+#[test]
+fn many_shares_round_trip_on_a_loop_block_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("backing.img");
+    let f = std::fs::File::create(&file).unwrap();
+    f.set_len(96 << 20).unwrap();
+    drop(f);
+    let lo = LoopDevice::attach(&file);
+    let dev = UringVolume::open(&lo.dev, &UringOptions::default()).unwrap();
+    assert_eq!(dev.kind(), VolumeKind::BlockDevice);
+    assert_eq!(dev.size(), 96 << 20, "BLKSSZGET alignment and device size");
+    drop(dev);
+    round_trip(
+        &lo.dev,
+        &dir.path().join("state"),
+        150,
+        VolumeKind::BlockDevice,
+    );
+}
