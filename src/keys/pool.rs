@@ -279,6 +279,32 @@ impl PoolFile {
         })
     }
 
+    /// Read and check just the header of the pool at `path` (read only).
+    pub fn read_header(path: &Path, link: &str) -> Result<StreamInfo, KeyError> {
+        let f = File::open(path).map_err(|source| KeyError::Io {
+            link: link.to_string(),
+            path: path.to_path_buf(),
+            op: "open pool",
+            source,
+        })?;
+        let mut hdr = vec![0u8; HEADER_LEN as usize];
+        let n = read_up_to(&f, &mut hdr).map_err(|source| KeyError::Io {
+            link: link.to_string(),
+            path: path.to_path_buf(),
+            op: "read pool header",
+            source,
+        })?;
+        let info = PoolHeader::decode(&hdr[..n], path)?.info;
+        if info.link != link {
+            return Err(KeyError::ForeignPool {
+                expected: link.to_string(),
+                path: path.to_path_buf(),
+                found: format!("link {:?}", info.link),
+            });
+        }
+        Ok(info)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

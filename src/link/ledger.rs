@@ -259,6 +259,44 @@ impl FileLedger {
     }
 }
 
+/// Read the current record of a ledger file without locking or changing it (for status).
+pub fn peek(path: &Path, link: &str) -> Result<Option<Slot>, LinkError> {
+    let io = |op, source| LinkError::LedgerIo {
+        link: link.to_string(),
+        path: path.to_path_buf(),
+        op,
+        source,
+    };
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io("open ledger", e)),
+    };
+    let mut buf = [0u8; SLOT_LEN];
+    let mut slots = [SlotRead::Invalid; 2];
+    for (i, s) in slots.iter_mut().enumerate() {
+        *s = match file.read_exact_at(&mut buf, i as u64 * SLOT_STRIDE) {
+            Ok(()) => Slot::decode(&buf),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => SlotRead::Invalid,
+            Err(e) => return Err(io("read ledger", e)),
+        };
+    }
+    match pick(slots[0], slots[1]) {
+        Err(found) => Err(LinkError::LedgerFromFuture {
+            link: link.to_string(),
+            path: path.to_path_buf(),
+            found,
+            supported: VERSION,
+        }),
+        Ok(None) => Err(LinkError::LedgerCorrupt {
+            link: link.to_string(),
+            path: path.to_path_buf(),
+            reason: "no valid slot".into(),
+        }),
+        Ok(Some(s)) => Ok(Some(s)),
+    }
+}
+
 fn lock(f: &File) -> std::io::Result<()> {
     use std::os::unix::io::AsRawFd;
     // SAFETY: flock on an fd we own.

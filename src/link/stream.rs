@@ -170,6 +170,45 @@ fn open_files(
     Ok((Box::new(pool), Box::new(ledger)))
 }
 
+/// Key left in one stream at one end, from the pool header and the ledger (read only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamStatus {
+    /// "sender" or "receiver".
+    pub role: &'static str,
+    pub key_len: u64,
+    pub ledger_value: u64,
+    /// Key bytes above the ledger value: what this stream can still use after a restart.
+    pub remaining: u64,
+}
+
+/// Status of the stream of `link` in `direction` held in `dir` (whichever end it is).
+pub fn status(dir: &Path, link: &str, direction: Direction) -> Result<StreamStatus, LinkError> {
+    let path = crate::keys::pool::pool_path(dir, link, direction);
+    let hdr = PoolFile::read_header(&path, link)?;
+    let role = if hdr.end == direction.sender() {
+        "sender"
+    } else {
+        "receiver"
+    };
+    let lpath = ledger_path(dir, link, direction);
+    let value = match super::ledger::peek(&lpath, link)? {
+        None => 0,
+        Some(s) if s.stream_id != hdr.stream_id => {
+            return Err(LinkError::LedgerForeign {
+                link: link.to_string(),
+                path: lpath,
+            })
+        }
+        Some(s) => s.value,
+    };
+    Ok(StreamStatus {
+        role,
+        key_len: hdr.key_len,
+        ledger_value: value,
+        remaining: hdr.key_len.saturating_sub(value),
+    })
+}
+
 /// Where a sealed frame's key came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SealedFrame {
