@@ -138,6 +138,25 @@ fn key_destroyed_at(key: &dyn KeySource, offset: u64) -> Result<bool, LinkError>
     Ok(b[..n].iter().all(|&x| x == 0))
 }
 
+/// Open and lock the ledger at `path` for the stream `key` holds; create it (value 0) only
+/// when there is none and the key is untouched (its first bytes not destroyed).
+pub fn open_ledger(path: &Path, role: Role, key: &dyn KeySource) -> Result<FileLedger, LinkError> {
+    let info = key.info();
+    match FileLedger::open(path, &info.link, role, info.stream_id)? {
+        Some(l) => Ok(l),
+        None => {
+            if key.len() > 0 && key_destroyed_at(key, 0)? {
+                return Err(LinkError::LedgerMissing {
+                    link: info.link.clone(),
+                    path: path.to_path_buf(),
+                    pool: key.location().to_path_buf(),
+                });
+            }
+            FileLedger::create(path, &info.link, role, info.stream_id)
+        }
+    }
+}
+
 type Parts = (Box<dyn KeySource>, Box<dyn LedgerStore>);
 
 /// Open a pool file and its ledger (creating the ledger only for an untouched pool).
@@ -152,21 +171,7 @@ fn open_files(
         Role::Receiver => direction.receiver(),
     };
     let pool = PoolFile::open(dir, link, direction, end)?;
-    let path = ledger_path(dir, link, direction);
-    let id = pool.info().stream_id;
-    let ledger = match FileLedger::open(&path, link, role, id)? {
-        Some(l) => l,
-        None => {
-            if pool.len() > 0 && key_destroyed_at(&pool, 0)? {
-                return Err(LinkError::LedgerMissing {
-                    link: link.to_string(),
-                    path,
-                    pool: pool.path().to_path_buf(),
-                });
-            }
-            FileLedger::create(&path, link, role, id)?
-        }
-    };
+    let ledger = open_ledger(&ledger_path(dir, link, direction), role, &pool)?;
     Ok((Box::new(pool), Box::new(ledger)))
 }
 
