@@ -145,7 +145,7 @@ pub fn open_ledger(path: &Path, role: Role, key: &dyn KeySource) -> Result<FileL
     match FileLedger::open(path, &info.link, role, info.stream_id)? {
         Some(l) => Ok(l),
         None => {
-            if key.len() > 0 && key_destroyed_at(key, 0)? {
+            if !key.is_empty() && key_destroyed_at(key, 0)? {
                 return Err(LinkError::LedgerMissing {
                     link: info.link.clone(),
                     path: path.to_path_buf(),
