@@ -42,10 +42,11 @@ pub enum KeyError {
         expected: u64,
         actual: u64,
     },
-    #[error("link {expected:?}: pool {path} belongs to {found}")]
+    #[error("link {link:?}: pool {path} belongs to {found}, expected {expected}")]
     ForeignPool {
-        expected: String,
+        link: String,
         path: PathBuf,
+        expected: String,
         found: String,
     },
     #[error("link {link:?}: refusing to overwrite existing {path}")]
@@ -56,6 +57,8 @@ pub enum KeyError {
         path: PathBuf,
         reason: String,
     },
+    #[error("link {link:?}: both ends would be written to the same directory {path}")]
+    SameDirectory { link: String, path: PathBuf },
     #[error("invalid link name {name:?}: {reason}")]
     InvalidLinkName { name: String, reason: &'static str },
     #[error(

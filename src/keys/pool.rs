@@ -257,7 +257,8 @@ impl PoolFile {
         let info = PoolHeader::decode(&hdr, &path)?.info;
         if info.link != link || info.direction != direction || info.end != end {
             return Err(KeyError::ForeignPool {
-                expected: format!("{link} {direction} end {end}"),
+                link: link.to_string(),
+                expected: format!("{direction} end {end}"),
                 path,
                 found: format!("link {:?} {} end {}", info.link, info.direction, info.end),
             });
@@ -297,7 +298,8 @@ impl PoolFile {
         let info = PoolHeader::decode(&hdr[..n], path)?.info;
         if info.link != link {
             return Err(KeyError::ForeignPool {
-                expected: link.to_string(),
+                link: link.to_string(),
+                expected: format!("link {link:?}"),
                 path: path.to_path_buf(),
                 found: format!("link {:?}", info.link),
             });
@@ -430,6 +432,14 @@ pub fn provision(
         op,
         source,
     };
+    let canon =
+        |d: &Path| std::fs::canonicalize(d).map_err(|e| io(d, "resolve output directory", e));
+    if canon(out_a)? == canon(out_b)? {
+        return Err(KeyError::SameDirectory {
+            link: link.to_string(),
+            path: out_a.to_path_buf(),
+        });
+    }
     // Free space: each directory receives two pools; the same filesystem may receive four.
     let need = 2 * (size + HEADER_LEN);
     let mut by_dev: Vec<(u64, u64, PathBuf)> = Vec::new();
