@@ -209,11 +209,87 @@ impl PoolHeader {
 }
 
 /// One pool file, opened for one end of one direction.
+///
+/// Key is read through a read-only shared mapping of the file (a copy from the page cache
+/// without a syscall per chunk; pages are faulted in per window with MADV_POPULATE_READ and
+/// excluded from core dumps). If mapping fails, `pread` is used. The mapping has one risk:
+/// if another process truncates the pool while it is open, reading faults (SIGBUS) and the
+/// process dies: no key is reused (the ledger was persisted first), the link stops.
 pub struct PoolFile {
     file: File,
     path: PathBuf,
     info: StreamInfo,
     punch_unsupported: bool,
+    map: Option<Mapping>,
+    populated_until: u64,
+}
+
+/// A read-only `mmap` of a whole pool file.
+struct Mapping {
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned; `&Mapping` only reads.
+unsafe impl Send for Mapping {}
+
+impl Mapping {
+    fn new(file: &File, len: u64) -> Option<Self> {
+        let len = usize::try_from(len).ok()?;
+        // SAFETY: mapping a file we hold open, read-only; checked for MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return None;
+        }
+        // SAFETY: advice on our own mapping; failure is harmless.
+        unsafe { libc::madvise(ptr, len, libc::MADV_DONTDUMP) };
+        Some(Self {
+            ptr: ptr as *const u8,
+            len,
+        })
+    }
+
+    fn populate(&self, range: Range<u64>) {
+        let page = 4096u64;
+        let start = range.start / page * page;
+        let end = range.end.min(self.len as u64);
+        if start >= end {
+            return;
+        }
+        // SAFETY: within our mapping; MADV_POPULATE_READ only faults pages in. Errors
+        // (old kernels) are harmless: pages then fault in on first read.
+        unsafe {
+            libc::madvise(
+                self.ptr.add(start as usize) as *mut libc::c_void,
+                (end - start) as usize,
+                libc::MADV_POPULATE_READ,
+            )
+        };
+    }
+
+    fn read(&self, file_offset: u64, buf: &mut [u8]) {
+        let off = file_offset as usize;
+        assert!(off + buf.len() <= self.len, "read within the mapping");
+        // SAFETY: bounds checked above; the mapping lives as long as `self`.
+        let src = unsafe { std::slice::from_raw_parts(self.ptr.add(off), buf.len()) };
+        buf.copy_from_slice(src);
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
 }
 
 impl std::fmt::Debug for PoolFile {
@@ -272,11 +348,14 @@ impl PoolFile {
                 actual,
             });
         }
+        let map = Mapping::new(&file, expected);
         Ok(Self {
             file,
             path,
             info,
             punch_unsupported: false,
+            map,
+            populated_until: 0,
         })
     }
 
@@ -341,9 +420,24 @@ impl KeySource for PoolFile {
     fn location(&self) -> &Path {
         &self.path
     }
+    fn reserve(&mut self, end: u64) -> Result<(), KeyError> {
+        self.check_range(0..end)?;
+        if let Some(m) = &self.map {
+            if end > self.populated_until {
+                let from = self.populated_until.max(end.saturating_sub(256 << 20));
+                m.populate(HEADER_LEN + from..HEADER_LEN + end);
+                self.populated_until = end;
+            }
+        }
+        Ok(())
+    }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), KeyError> {
         let end = offset.saturating_add(buf.len() as u64);
         self.check_range(offset..end)?;
+        if let Some(m) = &self.map {
+            m.read(HEADER_LEN + offset, buf);
+            return Ok(());
+        }
         self.file
             .read_exact_at(buf, HEADER_LEN + offset)
             .map_err(|e| self.io("read key", e))

@@ -130,10 +130,33 @@ pub fn hex(id: &[u8]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Result of [`bench_seal_detail`]: MB/s over wall time and over this thread's CPU time
+/// (the second is steadier on a shared machine).
+#[derive(Debug, Clone, Copy)]
+pub struct SealBench {
+    pub wall_mbps: f64,
+    pub cpu_mbps: f64,
+}
+
+/// [`bench_seal_detail`]'s wall-clock MB/s (the `seal_mbps` of `qgenome bench split --json`).
+pub fn bench_seal(size: u64, dir: &Path) -> Result<f64, LinkError> {
+    bench_seal_detail(size, dir).map(|b| b.wall_mbps)
+}
+
+fn thread_cpu() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// Seal and open `size` payload bytes in 1 MiB frames through a freshly provisioned link
 /// whose pools live under `dir` (use tmpfs, e.g. /dev/shm, to measure the CPU side).
 /// Returns MB/s = payload bytes / (total seal time + total open time). Removes its files.
-pub fn bench_seal(size: u64, dir: &Path) -> Result<f64, LinkError> {
+pub fn bench_seal_detail(size: u64, dir: &Path) -> Result<SealBench, LinkError> {
     use crate::keys::{pool, Direction};
     use std::time::{Duration, Instant};
     const FRAME: usize = 1 << 20;
@@ -161,6 +184,7 @@ pub fn bench_seal(size: u64, dir: &Path) -> Result<f64, LinkError> {
         getrandom::getrandom(&mut payload).expect("OS random source");
         let (mut frame, mut back) = (Vec::new(), Vec::new());
         let (mut t_seal, mut t_open) = (Duration::ZERO, Duration::ZERO);
+        let cpu0 = thread_cpu();
         for _ in 0..frames {
             let t = Instant::now();
             tx.seal(&payload, &mut frame)?;
@@ -169,8 +193,13 @@ pub fn bench_seal(size: u64, dir: &Path) -> Result<f64, LinkError> {
             rx.open(&frame, &mut back)?;
             t_open += t.elapsed();
         }
+        let cpu = thread_cpu() - cpu0;
         assert_eq!(back, payload, "bench round trip");
-        Ok((frames * FRAME as u64) as f64 / (t_seal + t_open).as_secs_f64() / 1e6)
+        let bytes = (frames * FRAME as u64) as f64;
+        Ok(SealBench {
+            wall_mbps: bytes / (t_seal + t_open).as_secs_f64() / 1e6,
+            cpu_mbps: bytes / cpu.as_secs_f64() / 1e6,
+        })
     })();
     let _ = std::fs::remove_dir_all(&work);
     res
