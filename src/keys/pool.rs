@@ -276,12 +276,11 @@ impl Mapping {
         };
     }
 
-    fn read(&self, file_offset: u64, buf: &mut [u8]) {
+    fn slice(&self, file_offset: u64, len: usize) -> &[u8] {
         let off = file_offset as usize;
-        assert!(off + buf.len() <= self.len, "read within the mapping");
+        assert!(off + len <= self.len, "read within the mapping");
         // SAFETY: bounds checked above; the mapping lives as long as `self`.
-        let src = unsafe { std::slice::from_raw_parts(self.ptr.add(off), buf.len()) };
-        buf.copy_from_slice(src);
+        unsafe { std::slice::from_raw_parts(self.ptr.add(off), len) }
     }
 }
 
@@ -435,12 +434,35 @@ impl KeySource for PoolFile {
         let end = offset.saturating_add(buf.len() as u64);
         self.check_range(offset..end)?;
         if let Some(m) = &self.map {
-            m.read(HEADER_LEN + offset, buf);
+            buf.copy_from_slice(m.slice(HEADER_LEN + offset, buf.len()));
             return Ok(());
         }
         self.file
             .read_exact_at(buf, HEADER_LEN + offset)
             .map_err(|e| self.io("read key", e))
+    }
+    fn xor_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), KeyError> {
+        let end = offset.saturating_add(buf.len() as u64);
+        self.check_range(offset..end)?;
+        match &self.map {
+            Some(m) => {
+                crate::link::seal::xor_into(buf, m.slice(HEADER_LEN + offset, buf.len()));
+                Ok(())
+            }
+            None => {
+                let mut tmp = zeroize::Zeroizing::new(vec![0u8; buf.len().min(1 << 16)]);
+                let mut at = offset;
+                for c in buf.chunks_mut(tmp.len().max(1)) {
+                    let t = &mut tmp[..c.len()];
+                    self.file
+                        .read_exact_at(t, HEADER_LEN + at)
+                        .map_err(|e| self.io("read key", e))?;
+                    crate::link::seal::xor_into(c, t);
+                    at += c.len() as u64;
+                }
+                Ok(())
+            }
+        }
     }
     fn destroy(&mut self, r: Range<u64>) -> Result<Destroyed, KeyError> {
         self.check_range(r.clone())?;

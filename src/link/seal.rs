@@ -1,23 +1,46 @@
 //! Sealing and opening of frames: one-time pad + Wegman–Carter POLYVAL tag. Pure: the key
-//! comes in through a closure `read_key(offset_in_frame_key_range, buf)`, so these
-//! functions do no I/O themselves and can be tested with in-memory key.
+//! comes in through a [`FrameKey`], so these functions do no I/O themselves and can be
+//! tested with in-memory key.
 //!
 //! Key range of a frame: `[off, off + 32 + len)`. Bytes 0..16 are the POLYVAL key `H`,
 //! 16..32 the one-time mask `s`, the rest the pad. Tag =
 //! `POLYVAL_H(header || 0-pad || ciphertext || 0-pad || le64(header bits) || le64(ct bits)) ^ s`.
 //!
-//! XOR and MAC are fused per `CHUNK` bytes so the pad chunk read into the scratch buffer
-//! is still in cache when it is XORed and hashed.
+//! XOR and MAC are fused per `CHUNK` bytes: a chunk is copied into `out`, the pad is XORed
+//! into it straight from the key source, and it is hashed while still in cache. No copy of
+//! the pad is made anywhere.
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::polyval::Polyval;
 use crate::wire::frame::{FrameHeader, HEADER_LEN, MAC_KEY_LEN, TAG_LEN};
 
-/// Bytes of pad read and processed at a time (fits in L2 with the data it meets).
+/// Bytes processed at a time (fits in L2 together with the pad it meets).
 pub const CHUNK: usize = 128 * 1024;
 
-/// Why sealing or opening failed. `E` is the error of the key reader.
+/// The key range of one frame; offsets are relative to the start of the range.
+pub trait FrameKey {
+    type Error;
+    /// Copy key bytes into `buf` (used for the 32-byte MAC key only).
+    fn read(&mut self, rel: u64, buf: &mut [u8]) -> Result<(), Self::Error>;
+    /// XOR key bytes into `buf`.
+    fn xor(&mut self, rel: u64, buf: &mut [u8]) -> Result<(), Self::Error>;
+}
+
+/// Key held in a slice (tests, benchmarks).
+impl FrameKey for &[u8] {
+    type Error = std::convert::Infallible;
+    fn read(&mut self, rel: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
+        buf.copy_from_slice(&self[rel as usize..rel as usize + buf.len()]);
+        Ok(())
+    }
+    fn xor(&mut self, rel: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
+        xor_into(buf, &self[rel as usize..rel as usize + buf.len()]);
+        Ok(())
+    }
+}
+
+/// Why sealing or opening failed. `E` is the error of the key source.
 #[derive(Debug)]
 pub enum SealError<E> {
     /// Reading key failed.
@@ -28,37 +51,30 @@ pub enum SealError<E> {
     BadTag,
 }
 
-/// Seal `payload` under `header` into `out` (cleared first, capacity reused).
-/// `scratch` must be at least `min(CHUNK, payload.len())` bytes; it is zeroized before return.
-pub fn seal<E>(
+/// Seal `payload` under `header` into `out` (cleared first, capacity reused). On error `out`
+/// is wiped.
+pub fn seal<K: FrameKey>(
     header: &FrameHeader,
     payload: &[u8],
     out: &mut Vec<u8>,
-    scratch: &mut [u8],
-    mut read_key: impl FnMut(u64, &mut [u8]) -> Result<(), E>,
-) -> Result<(), SealError<E>> {
+    key: &mut K,
+) -> Result<(), SealError<K::Error>> {
     debug_assert_eq!(header.payload_len, payload.len() as u64);
-    let (mut mac, s) = mac_init(&mut read_key)?;
+    let (mut mac, s) = mac_init(key)?;
     let hdr = header.encode();
     out.clear();
     out.reserve(header.frame_len());
     out.extend_from_slice(&hdr);
     mac.update_padded(&hdr);
-    let res = (|| {
-        for (i, p) in payload.chunks(CHUNK).enumerate() {
-            let buf = &mut scratch[..p.len()];
-            read_key(MAC_KEY_LEN + (i * CHUNK) as u64, buf).map_err(SealError::Key)?;
-            xor_into(buf, p);
-            mac.update_padded(buf);
-            out.extend_from_slice(buf);
+    for (i, p) in payload.chunks(CHUNK).enumerate() {
+        let at = out.len();
+        out.extend_from_slice(p);
+        let c = &mut out[at..];
+        if let Err(e) = key.xor(MAC_KEY_LEN + (i * CHUNK) as u64, c) {
+            out.zeroize();
+            return Err(SealError::Key(e));
         }
-        Ok(())
-    })();
-    let used = payload.len().min(scratch.len());
-    scratch[..used].zeroize();
-    if let Err(e) = res {
-        out.clear();
-        return Err(e);
+        mac.update_padded(c);
     }
     let tag = finish(mac, &s, payload.len());
     out.extend_from_slice(&tag);
@@ -68,36 +84,28 @@ pub fn seal<E>(
 /// Open a whole `frame` whose header was parsed into `header`: verify its tag and write the
 /// payload into `out` (cleared first). On any failure `out` is wiped (its whole capacity
 /// zeroized) before returning, so no plaintext of an unauthenticated frame is ever handed out.
-pub fn open<E>(
+pub fn open<K: FrameKey>(
     header: &FrameHeader,
     frame: &[u8],
     out: &mut Vec<u8>,
-    scratch: &mut [u8],
-    mut read_key: impl FnMut(u64, &mut [u8]) -> Result<(), E>,
-) -> Result<(), SealError<E>> {
+    key: &mut K,
+) -> Result<(), SealError<K::Error>> {
     let len = header.payload_len as usize;
     debug_assert_eq!(frame.len(), header.frame_len());
-    let (mut mac, s) = mac_init(&mut read_key)?;
+    let (mut mac, s) = mac_init(key)?;
     mac.update_padded(&frame[..HEADER_LEN]);
     let ct = &frame[HEADER_LEN..HEADER_LEN + len];
     let got_tag = &frame[HEADER_LEN + len..];
     out.clear();
     out.reserve(len);
-    let res = (|| {
-        for (i, c) in ct.chunks(CHUNK).enumerate() {
-            mac.update_padded(c);
-            let buf = &mut scratch[..c.len()];
-            read_key(MAC_KEY_LEN + (i * CHUNK) as u64, buf).map_err(SealError::Key)?;
-            xor_into(buf, c);
-            out.extend_from_slice(buf);
+    for (i, c) in ct.chunks(CHUNK).enumerate() {
+        mac.update_padded(c);
+        let at = out.len();
+        out.extend_from_slice(c);
+        if let Err(e) = key.xor(MAC_KEY_LEN + (i * CHUNK) as u64, &mut out[at..]) {
+            out.zeroize();
+            return Err(SealError::Key(e));
         }
-        Ok(())
-    })();
-    let used = len.min(scratch.len());
-    scratch[..used].zeroize();
-    if let Err(e) = res {
-        out.zeroize();
-        return Err(e);
     }
     let want = finish(mac, &s, len);
     if bool::from(want.ct_eq(got_tag)) {
@@ -108,11 +116,12 @@ pub fn open<E>(
     }
 }
 
-fn mac_init<E>(
-    read_key: &mut impl FnMut(u64, &mut [u8]) -> Result<(), E>,
-) -> Result<(Polyval, Zeroizing<[u8; 16]>), SealError<E>> {
+/// POLYVAL keyed with `H` and the one-time mask `s`.
+type MacState = (Polyval, Zeroizing<[u8; 16]>);
+
+fn mac_init<K: FrameKey>(key: &mut K) -> Result<MacState, SealError<K::Error>> {
     let mut mk = Zeroizing::new([0u8; MAC_KEY_LEN as usize]);
-    read_key(0, &mut mk[..]).map_err(SealError::Key)?;
+    key.read(0, &mut mk[..]).map_err(SealError::Key)?;
     // Destroyed key reads as zeros; H = 0, s = 0 would make every tag 0.
     if bool::from(mk.ct_eq(&[0u8; MAC_KEY_LEN as usize])) {
         return Err(SealError::KeyDestroyed);
@@ -154,14 +163,6 @@ pub fn xor_into(dst: &mut [u8], src: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::convert::Infallible;
-
-    fn key_at(k: &[u8]) -> impl FnMut(u64, &mut [u8]) -> Result<(), Infallible> + '_ {
-        move |off, buf: &mut [u8]| {
-            buf.copy_from_slice(&k[off as usize..off as usize + buf.len()]);
-            Ok(())
-        }
-    }
 
     fn key(n: usize, seed: u8) -> Vec<u8> {
         (0..n)
@@ -178,17 +179,16 @@ mod tests {
             payload_len: 64,
         };
         let k = key(32 + 64, 5);
-        let mut scratch = vec![0u8; CHUNK];
         let mut frame = Vec::new();
-        seal(&h, &payload, &mut frame, &mut scratch, key_at(&k)).unwrap();
+        seal(&h, &payload, &mut frame, &mut &k[..]).unwrap();
         assert_ne!(&frame[HEADER_LEN..HEADER_LEN + 64], &payload[..]);
         let mut out = Vec::new();
-        open(&h, &frame, &mut out, &mut scratch, key_at(&k)).unwrap();
+        open(&h, &frame, &mut out, &mut &k[..]).unwrap();
         assert_eq!(out, payload);
         for bit in HEADER_LEN * 8..frame.len() * 8 {
             let mut f = frame.clone();
             f[bit / 8] ^= 1 << (bit % 8);
-            let r = open(&h, &f, &mut out, &mut scratch, key_at(&k));
+            let r = open(&h, &f, &mut out, &mut &k[..]);
             assert!(matches!(r, Err(SealError::BadTag)), "bit {bit}");
             assert!(out.is_empty());
         }
@@ -201,9 +201,9 @@ mod tests {
             key_offset: 0,
             payload_len: 4,
         };
-        let k = vec![0u8; 36];
+        let k = [0u8; 36];
         let mut frame = Vec::new();
-        let r = seal(&h, b"abcd", &mut frame, &mut [0u8; 4], key_at(&k));
+        let r = seal(&h, b"abcd", &mut frame, &mut &k[..]);
         assert!(matches!(r, Err(SealError::KeyDestroyed)));
     }
 }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
 use super::ledger::{FileLedger, LedgerStore, Role};
-use super::seal::{self, SealError, CHUNK};
+use super::seal::{self, SealError};
 use super::{hex, LinkError};
 use crate::keys::{Direction, KeyError, KeySource, PoolFile};
 use crate::wire::frame::{key_len_for, FrameHeader, MAC_KEY_LEN, MAX_PAYLOAD_LEN};
@@ -43,7 +43,22 @@ struct End {
     window: u64,
     /// Persisted ledger value.
     persisted: u64,
-    scratch: Zeroizing<Vec<u8>>,
+}
+
+/// One frame's key range in a key source.
+struct RangeKey<'a> {
+    key: &'a dyn KeySource,
+    base: u64,
+}
+
+impl seal::FrameKey for RangeKey<'_> {
+    type Error = KeyError;
+    fn read(&mut self, rel: u64, buf: &mut [u8]) -> Result<(), KeyError> {
+        self.key.read_at(self.base + rel, buf)
+    }
+    fn xor(&mut self, rel: u64, buf: &mut [u8]) -> Result<(), KeyError> {
+        self.key.xor_at(self.base + rel, buf)
+    }
 }
 
 impl End {
@@ -82,7 +97,6 @@ impl End {
             ledger,
             window: opts.window.max(1),
             persisted: value,
-            scratch: Zeroizing::new(Vec::new()),
         };
         end.key.destroy(0..value)?;
         end.key.sync()?;
@@ -103,14 +117,6 @@ impl End {
         self.ledger.store(new)?;
         self.persisted = new;
         Ok(())
-    }
-
-    fn scratch(&mut self, payload_len: u64) -> &mut [u8] {
-        let n = (payload_len as usize).min(CHUNK);
-        if self.scratch.len() < n {
-            self.scratch.resize(n, 0);
-        }
-        &mut self.scratch[..n]
     }
 
     fn seal_error(&self, e: SealError<KeyError>, offset: u64) -> LinkError {
@@ -288,15 +294,15 @@ impl SendStream {
         };
         // From here the range counts as used, whatever happens.
         self.next = range.end;
-        let End { key, scratch, .. } = &mut self.end;
-        let n = payload.len().min(CHUNK);
-        if scratch.len() < n {
-            scratch.resize(n, 0);
-        }
-        let key_ref: &dyn KeySource = key.as_ref();
-        let r = seal::seal(&header, payload, out, &mut scratch[..n], |rel, buf| {
-            key_ref.read_at(range.start + rel, buf)
-        });
+        let r = seal::seal(
+            &header,
+            payload,
+            out,
+            &mut RangeKey {
+                key: self.end.key.as_ref(),
+                base: range.start,
+            },
+        );
         let destroyed = self.end.key.destroy(range.clone());
         r.map_err(|e| self.end.seal_error(e, range.start))?;
         destroyed?;
@@ -448,15 +454,14 @@ impl RecvStream {
             });
         }
         self.end.key.reserve(range.end)?;
-        let scratch_len = self.end.scratch(header.payload_len).len();
-        let End { key, scratch, .. } = &mut self.end;
-        let key_ref: &dyn KeySource = key.as_ref();
         let r = seal::open(
             &header,
             frame,
             out,
-            &mut scratch[..scratch_len],
-            |rel, buf| key_ref.read_at(range.start + rel, buf),
+            &mut RangeKey {
+                key: self.end.key.as_ref(),
+                base: range.start,
+            },
         );
         r.map_err(|e| self.end.seal_error(e, range.start))?;
         let accepted = (|| {
