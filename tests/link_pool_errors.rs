@@ -255,6 +255,8 @@ fn used_key_is_destroyed_at_both_ends() {
     for _ in 0..10 {
         let k = s.seal(&[5; 10_000], &mut f).unwrap().key_range;
         r.open(&f, &mut o).unwrap();
+        s.flush().unwrap();
+        r.flush().unwrap();
         for dir in [&l.a, &l.b] {
             let mut buf = vec![1u8; (k.end - k.start) as usize];
             std::fs::File::open(dir.join("home-lsa.a2b.pool"))

@@ -94,6 +94,8 @@ pub enum Destroyed {
     Overwritten,
     /// Memory only: zeroed in place.
     Zeroed,
+    /// Handed to a background destroyer; done by the next `sync`.
+    Queued,
 }
 
 /// Key addressed by offset. Implementations: [`PoolFile`], [`MemKeySource`].
@@ -124,7 +126,7 @@ pub trait KeySource: Send {
     }
     /// Destroy the key in `range` so it can never be read again.
     fn destroy(&mut self, range: Range<u64>) -> Result<Destroyed, KeyError>;
-    /// Make earlier destruction durable.
+    /// Finish earlier destruction and make it durable.
     fn sync(&mut self) -> Result<(), KeyError> {
         Ok(())
     }

@@ -222,6 +222,7 @@ pub struct PoolFile {
     punch_unsupported: bool,
     map: Option<Mapping>,
     populated_until: u64,
+    destroyer: Destroyer,
 }
 
 /// A read-only `mmap` of a whole pool file.
@@ -348,7 +349,9 @@ impl PoolFile {
             });
         }
         let map = Mapping::new(&file, expected);
+        let destroyer = Destroyer::start(&file, &path);
         Ok(Self {
+            destroyer,
             file,
             path,
             info,
@@ -412,6 +415,135 @@ fn read_up_to(f: &File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
+/// Destroy `[off, off + len)` of the pool file now: punch a hole, or overwrite with zeros
+/// where punching is unsupported (then remembered in `punch_unsupported`).
+fn destroy_now(
+    file: &File,
+    path: &Path,
+    punch_unsupported: &mut bool,
+    off: u64,
+    len: u64,
+) -> Result<Destroyed, (&'static str, std::io::Error)> {
+    if !*punch_unsupported {
+        // SAFETY: plain syscall on an fd we own; no memory is passed.
+        let rc = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(Destroyed::Punched);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(("punch hole in pool", e));
+        }
+        tracing::warn!(path = %path.display(), "hole punching unsupported; overwriting used key with zeros");
+        *punch_unsupported = true;
+    }
+    let zeros = vec![0u8; (len as usize).min(1 << 20)];
+    let mut at = off;
+    while at < off + len {
+        let n = ((off + len - at) as usize).min(zeros.len());
+        file.write_all_at(&zeros[..n], at)
+            .map_err(|e| ("overwrite used key", e))?;
+        at += n as u64;
+    }
+    Ok(Destroyed::Overwritten)
+}
+
+/// Ranges queued before `destroy` blocks: keeps destruction within a few frames of use, and
+/// makes a sustained rate include it when the destroyer cannot keep up.
+const DESTROY_QUEUE: usize = 8;
+
+enum DestroyMsg {
+    Range(u64, u64),
+    Flush(std::sync::mpsc::SyncSender<()>),
+}
+
+/// A thread per open pool that destroys used key ranges, off the seal/open path (punching
+/// 1 MiB on tmpfs costs about as much as sealing it). Ranges are destroyed in order within
+/// moments; `sync` waits for the queue and then fdatasyncs; the first failure is reported
+/// by the next `destroy` or `sync`. Dropping the pool drains the queue and joins the thread.
+/// A crash before a queued range is destroyed loses nothing: every open destroys all key
+/// below the resume point again.
+struct Destroyer {
+    tx: Option<std::sync::mpsc::SyncSender<DestroyMsg>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+    failed: std::sync::Arc<std::sync::Mutex<Option<(&'static str, std::io::Error)>>>,
+}
+
+impl Destroyer {
+    fn start(file: &File, path: &Path) -> Self {
+        let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let none = |failed| Self {
+            tx: None,
+            handle: None,
+            failed,
+        };
+        let Ok(file) = file.try_clone() else {
+            return none(failed);
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel::<DestroyMsg>(DESTROY_QUEUE);
+        let (path, f2) = (path.to_path_buf(), failed.clone());
+        let spawned = std::thread::Builder::new()
+            .name("qgenome-key-destroyer".into())
+            .spawn(move || {
+                let mut punch_unsupported = false;
+                for msg in rx {
+                    match msg {
+                        DestroyMsg::Range(off, len) => {
+                            if let Err(e) =
+                                destroy_now(&file, &path, &mut punch_unsupported, off, len)
+                            {
+                                let mut slot = f2.lock().unwrap_or_else(|p| p.into_inner());
+                                slot.get_or_insert(e);
+                            }
+                        }
+                        DestroyMsg::Flush(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            });
+        match spawned {
+            Ok(handle) => Self {
+                tx: Some(tx),
+                handle: Some(handle),
+                failed,
+            },
+            Err(_) => none(failed),
+        }
+    }
+}
+
+impl Drop for Destroyer {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl PoolFile {
+    fn take_destroyer_error(&self) -> Result<(), KeyError> {
+        let taken = self
+            .destroyer
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match taken {
+            Some((op, e)) => Err(self.io(op, e)),
+            None => Ok(()),
+        }
+    }
+}
+
 impl KeySource for PoolFile {
     fn info(&self) -> &StreamInfo {
         &self.info
@@ -464,44 +596,38 @@ impl KeySource for PoolFile {
             }
         }
     }
+    /// Queue the range for the destroyer thread (see [`Destroyer`]); it is destroyed within
+    /// moments and durably by the next [`KeySource::sync`].
     fn destroy(&mut self, r: Range<u64>) -> Result<Destroyed, KeyError> {
         self.check_range(r.clone())?;
         if r.is_empty() {
             return Ok(Destroyed::Punched);
         }
         let (off, len) = (HEADER_LEN + r.start, r.end - r.start);
-        if !self.punch_unsupported {
-            // SAFETY: plain syscall on an fd we own; no memory is passed.
-            let rc = unsafe {
-                libc::fallocate(
-                    self.file.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    off as libc::off_t,
-                    len as libc::off_t,
-                )
-            };
-            if rc == 0 {
-                return Ok(Destroyed::Punched);
+        self.take_destroyer_error()?;
+        if let Some(tx) = &self.destroyer.tx {
+            if tx.send(DestroyMsg::Range(off, len)).is_ok() {
+                return Ok(Destroyed::Queued);
             }
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                return Err(self.io("punch hole in pool", e));
-            }
-            tracing::warn!(path = %self.path.display(), "hole punching unsupported; overwriting used key with zeros");
-            self.punch_unsupported = true;
         }
-        let zeros = vec![0u8; (len as usize).min(1 << 20)];
-        let mut at = off;
-        while at < off + len {
-            let n = ((off + len - at) as usize).min(zeros.len());
-            self.file
-                .write_all_at(&zeros[..n], at)
-                .map_err(|e| self.io("overwrite used key", e))?;
-            at += n as u64;
-        }
-        Ok(Destroyed::Overwritten)
+        destroy_now(
+            &self.file,
+            &self.path,
+            &mut self.punch_unsupported,
+            off,
+            len,
+        )
+        .map_err(|(op, e)| self.io(op, e))
     }
+    /// Wait until every queued range is destroyed, then make it durable.
     fn sync(&mut self) -> Result<(), KeyError> {
+        if let Some(tx) = &self.destroyer.tx {
+            let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
+            if tx.send(DestroyMsg::Flush(done_tx)).is_ok() {
+                let _ = done_rx.recv();
+            }
+        }
+        self.take_destroyer_error()?;
         self.file
             .sync_data()
             .map_err(|e| self.io("fdatasync pool", e))

@@ -331,6 +331,11 @@ impl SendStream {
         self.end.key.len() - self.next
     }
 
+    /// Wait until all used key is destroyed and the destruction is durable.
+    pub fn flush(&mut self) -> Result<(), LinkError> {
+        Ok(self.end.key.sync()?)
+    }
+
     /// Key offset the next frame will use.
     pub fn next_offset(&self) -> u64 {
         self.next
@@ -475,6 +480,11 @@ impl RecvStream {
             return Err(e);
         }
         Ok(SealedFrame { key_range: range })
+    }
+
+    /// Wait until all used key is destroyed and the destruction is durable.
+    pub fn flush(&mut self) -> Result<(), LinkError> {
+        Ok(self.end.key.sync()?)
     }
 
     /// Persisted window end: after a restart, all key below it counts as consumed.
