@@ -534,6 +534,73 @@ mod tests {
         assert_eq!(tx.remaining(), rx.remaining());
     }
 
+    /// A ledger whose writes fail, and a key source that counts reads.
+    struct BrokenLedger;
+    impl LedgerStore for BrokenLedger {
+        fn location(&self) -> &Path {
+            Path::new("<broken>")
+        }
+        fn value(&self) -> u64 {
+            0
+        }
+        fn store(&mut self, _: u64) -> Result<(), LinkError> {
+            Err(LinkError::LedgerCorrupt {
+                link: "t".into(),
+                path: "<broken>".into(),
+                reason: "injected".into(),
+            })
+        }
+    }
+    struct Counting(MemKeySource, std::sync::Arc<std::sync::atomic::AtomicUsize>);
+    impl KeySource for Counting {
+        fn info(&self) -> &crate::keys::StreamInfo {
+            self.0.info()
+        }
+        fn location(&self) -> &Path {
+            self.0.location()
+        }
+        fn read_at(&self, o: u64, b: &mut [u8]) -> Result<(), KeyError> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.0.read_at(o, b)
+        }
+        fn xor_at(&self, o: u64, b: &mut [u8]) -> Result<(), KeyError> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.0.xor_at(o, b)
+        }
+        fn destroy(&mut self, r: Range<u64>) -> Result<crate::keys::Destroyed, KeyError> {
+            self.0.destroy(r)
+        }
+    }
+
+    #[test]
+    fn no_key_is_read_when_the_ledger_cannot_be_persisted() {
+        let (a, b) = MemKeySource::pair("t", Direction::AtoB, 10_000);
+        let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let key = Counting(a, reads.clone());
+        let mut tx = SendStream::with_parts(
+            Box::new(key),
+            Box::new(BrokenLedger),
+            StreamOptions::default(),
+        )
+        .unwrap();
+        let before = reads.load(std::sync::atomic::Ordering::SeqCst);
+        let mut f = vec![1, 2, 3];
+        assert!(tx.seal(b"hello", &mut f).is_err());
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), before);
+        drop(b);
+        // The receiver neither accepts nor returns plaintext when it cannot persist.
+        let (a, b) = MemKeySource::pair("t", Direction::AtoB, 10_000);
+        let opts = StreamOptions::default();
+        let mut tx =
+            SendStream::with_parts(Box::new(a), Box::new(MemLedger::new("a")), opts.clone())
+                .unwrap();
+        tx.seal(b"hello", &mut f).unwrap();
+        let mut rx = RecvStream::with_parts(Box::new(b), Box::new(BrokenLedger), opts).unwrap();
+        let mut o = Vec::new();
+        assert!(rx.open(&f, &mut o).is_err());
+        assert!(o.is_empty());
+    }
+
     proptest! {
         #[test]
         fn range_set_matches_model(ops in proptest::collection::vec((0u64..200, 0u64..30), 0..40), probe in (0u64..230, 1u64..30)) {
