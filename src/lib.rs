@@ -9,6 +9,9 @@
 //! - [`placement`]: share control: which site holds which share, read order.
 //! - [`consent`]: consent sessions and the audit of every grant, refusal and end.
 //! - [`fs`]: the data path (split-on-write, rebuild-on-read) and the FUSE tree.
+//! - [`keys`]: key sources: pre-shared pool files (and later ETSI GS QKD 014).
+//! - [`link`]: one-time-pad + Wegman–Carter sealing of frames, key streams, key ledger.
+//! - [`wire`]: byte formats shared with mountd (frame header).
 //! - [`cli`]: the `qgenome` subcommands (argument parsing and dispatch only).
 //!
 //! Byte-level formats and the reasons behind the choices are in `docs/design.md`.
@@ -16,6 +19,9 @@ pub mod catalog;
 pub mod cli;
 pub mod consent;
 pub mod fs;
+pub mod keys;
+pub mod link;
 pub mod placement;
 pub mod sharing;
 pub mod sites;
+pub mod wire;

@@ -2,6 +2,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod bench;
+pub mod keys;
 
 /// qgenome: CRAM storage by XOR threshold secret sharing over one-time-pad links.
 #[derive(Debug, Parser)]
@@ -16,12 +17,16 @@ pub enum Command {
     /// Measure throughput of the pipeline stages.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Provision and inspect link key pools.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
 }
 
 impl Cli {
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {
             Command::Bench(cmd) => cmd.run(),
+            Command::Keys(cmd) => cmd.run(),
         }
     }
 }

@@ -1,0 +1,838 @@
+//! Pool files: pre-shared key for one direction of a link, as NICT's pre-stored QKD key.
+//!
+//! `provision` writes both ends of both directions of a new link: in each end's directory
+//! `<link>.a2b.pool` and `<link>.b2a.pool`; the two files of one direction hold the same
+//! key bytes and stream id and differ only in the `end` byte. Layout (one 4096-byte header
+//! block, key from offset 4096 so destroyed key punches out on block boundaries):
+//!
+//! ```text
+//! offset size field
+//!      0    8 magic "QGKPOOL\0"
+//!      8    2 format version, u16 LE (1)
+//!     10    1 direction: 0 = a2b, 1 = b2a
+//!     11    1 end holding this file: 0 = a, 1 = b
+//!     12    4 reserved, zero
+//!     16   16 stream id (random, shared by both ends of the direction)
+//!     32    8 key offset in the file, u64 LE (4096)
+//!     40    8 key length in bytes, u64 LE
+//!     48    2 link name length, u16 LE (1..=64)
+//!     50   64 link name, UTF-8, zero padded
+//!    114 3950 zero
+//!   4064   32 SHA-256 of bytes 0..4064
+//!   4096    . key
+//! ```
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::ops::Range;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use zeroize::Zeroize;
+
+use super::{Destroyed, KeyError, KeySource, StreamInfo};
+
+pub const MAGIC: [u8; 8] = *b"QGKPOOL\0";
+pub const VERSION: u16 = 1;
+/// Size of the header block; key starts here.
+pub const HEADER_LEN: u64 = 4096;
+const SUM_AT: usize = 4064;
+pub const MAX_LINK_NAME: usize = 64;
+
+/// Direction of a link stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    AtoB,
+    BtoA,
+}
+
+impl Direction {
+    pub const BOTH: [Direction; 2] = [Direction::AtoB, Direction::BtoA];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::AtoB => "a2b",
+            Direction::BtoA => "b2a",
+        }
+    }
+    pub fn sender(self) -> End {
+        match self {
+            Direction::AtoB => End::A,
+            Direction::BtoA => End::B,
+        }
+    }
+    pub fn receiver(self) -> End {
+        match self {
+            Direction::AtoB => End::B,
+            Direction::BtoA => End::A,
+        }
+    }
+    fn code(self) -> u8 {
+        self as u8
+    }
+}
+
+impl std::fmt::Display for Direction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which end of a link a file belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum End {
+    A,
+    B,
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            End::A => "a",
+            End::B => "b",
+        })
+    }
+}
+
+/// `<dir>/<link>.<direction>.pool`
+pub fn pool_path(dir: &Path, link: &str, direction: Direction) -> PathBuf {
+    dir.join(format!("{link}.{direction}.pool"))
+}
+
+/// Link names become file names: 1..=64 of `[A-Za-z0-9._-]`, not starting with `.`.
+pub fn check_link_name(name: &str) -> Result<(), KeyError> {
+    let bad = |reason| {
+        Err(KeyError::InvalidLinkName {
+            name: name.to_string(),
+            reason,
+        })
+    };
+    if name.is_empty() || name.len() > MAX_LINK_NAME {
+        return bad("must be 1 to 64 bytes");
+    }
+    if name.starts_with('.') {
+        return bad("must not start with '.'");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return bad("only letters, digits, '.', '_' and '-' are allowed");
+    }
+    Ok(())
+}
+
+/// The parsed pool header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolHeader {
+    pub info: StreamInfo,
+}
+
+impl PoolHeader {
+    pub fn encode(&self) -> Vec<u8> {
+        let i = &self.info;
+        let mut b = vec![0u8; HEADER_LEN as usize];
+        b[0..8].copy_from_slice(&MAGIC);
+        b[8..10].copy_from_slice(&VERSION.to_le_bytes());
+        b[10] = i.direction.code();
+        b[11] = match i.end {
+            End::A => 0,
+            End::B => 1,
+        };
+        b[16..32].copy_from_slice(&i.stream_id);
+        b[32..40].copy_from_slice(&HEADER_LEN.to_le_bytes());
+        b[40..48].copy_from_slice(&i.key_len.to_le_bytes());
+        b[48..50].copy_from_slice(&(i.link.len() as u16).to_le_bytes());
+        b[50..50 + i.link.len()].copy_from_slice(i.link.as_bytes());
+        let sum = Sha256::digest(&b[..SUM_AT]);
+        b[SUM_AT..].copy_from_slice(&sum);
+        b
+    }
+
+    /// Parse a header block read from `path` (named in errors only; no I/O here).
+    pub fn decode(b: &[u8], path: &Path) -> Result<Self, KeyError> {
+        let not = |reason: &str| KeyError::NotAPool {
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        };
+        if b.len() < HEADER_LEN as usize {
+            return Err(not("shorter than the 4096-byte header"));
+        }
+        if b[0..8] != MAGIC {
+            return Err(not("bad magic"));
+        }
+        let version = u16::from_le_bytes([b[8], b[9]]);
+        let name_len = u16::from_le_bytes([b[48], b[49]]) as usize;
+        let link = if name_len <= MAX_LINK_NAME {
+            String::from_utf8_lossy(&b[50..50 + name_len]).into_owned()
+        } else {
+            String::from("?")
+        };
+        if version > VERSION {
+            return Err(KeyError::UnsupportedVersion {
+                link,
+                path: path.to_path_buf(),
+                found: version,
+                supported: VERSION,
+            });
+        }
+        if Sha256::digest(&b[..SUM_AT])[..] != b[SUM_AT..HEADER_LEN as usize] {
+            return Err(not("header checksum mismatch"));
+        }
+        if version != VERSION {
+            return Err(not("unknown format version"));
+        }
+        let direction = match b[10] {
+            0 => Direction::AtoB,
+            1 => Direction::BtoA,
+            _ => return Err(not("bad direction byte")),
+        };
+        let end = match b[11] {
+            0 => End::A,
+            1 => End::B,
+            _ => return Err(not("bad end byte")),
+        };
+        if u64::from_le_bytes(b[32..40].try_into().expect("8")) != HEADER_LEN {
+            return Err(not("unexpected key offset"));
+        }
+        check_link_name(&link).map_err(|_| not("bad link name"))?;
+        Ok(Self {
+            info: StreamInfo {
+                link,
+                direction,
+                end,
+                stream_id: b[16..32].try_into().expect("16"),
+                key_len: u64::from_le_bytes(b[40..48].try_into().expect("8")),
+            },
+        })
+    }
+}
+
+/// One pool file, opened for one end of one direction.
+///
+/// Key is read through a read-only shared mapping of the file (a copy from the page cache
+/// without a syscall per chunk; pages are faulted in per window with MADV_POPULATE_READ and
+/// excluded from core dumps). If mapping fails, `pread` is used. The mapping has one risk:
+/// if another process truncates the pool while it is open, reading faults (SIGBUS) and the
+/// process dies: no key is reused (the ledger was persisted first), the link stops.
+pub struct PoolFile {
+    file: File,
+    path: PathBuf,
+    info: StreamInfo,
+    punch_unsupported: bool,
+    map: Option<Mapping>,
+    populated_until: u64,
+    destroyer: Destroyer,
+}
+
+/// A read-only `mmap` of a whole pool file.
+struct Mapping {
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned; `&Mapping` only reads.
+unsafe impl Send for Mapping {}
+
+impl Mapping {
+    fn new(file: &File, len: u64) -> Option<Self> {
+        let len = usize::try_from(len).ok()?;
+        // SAFETY: mapping a file we hold open, read-only; checked for MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return None;
+        }
+        // SAFETY: advice on our own mapping; failure is harmless.
+        unsafe { libc::madvise(ptr, len, libc::MADV_DONTDUMP) };
+        Some(Self {
+            ptr: ptr as *const u8,
+            len,
+        })
+    }
+
+    fn populate(&self, range: Range<u64>) {
+        let page = 4096u64;
+        let start = range.start / page * page;
+        let end = range.end.min(self.len as u64);
+        if start >= end {
+            return;
+        }
+        // SAFETY: within our mapping; MADV_POPULATE_READ only faults pages in. Errors
+        // (old kernels) are harmless: pages then fault in on first read.
+        unsafe {
+            libc::madvise(
+                self.ptr.add(start as usize) as *mut libc::c_void,
+                (end - start) as usize,
+                libc::MADV_POPULATE_READ,
+            )
+        };
+    }
+
+    fn slice(&self, file_offset: u64, len: usize) -> &[u8] {
+        let off = file_offset as usize;
+        assert!(off + len <= self.len, "read within the mapping");
+        // SAFETY: bounds checked above; the mapping lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(off), len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
+}
+
+impl std::fmt::Debug for PoolFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolFile")
+            .field("path", &self.path)
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+impl PoolFile {
+    /// Open `<dir>/<link>.<direction>.pool` as held by `end`, checking that its header says
+    /// exactly that and that the file is as long as its header says. Opens read-write
+    /// (to destroy used key) but writes nothing.
+    pub fn open(dir: &Path, link: &str, direction: Direction, end: End) -> Result<Self, KeyError> {
+        check_link_name(link)?;
+        let path = pool_path(dir, link, direction);
+        let io = |op, source| KeyError::Io {
+            link: link.to_string(),
+            path: path.clone(),
+            op,
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io("open pool", e))?;
+        let actual = file.metadata().map_err(|e| io("stat pool", e))?.len();
+        let mut hdr = vec![0u8; HEADER_LEN as usize];
+        let n = read_up_to(&file, &mut hdr).map_err(|e| io("read pool header", e))?;
+        if n < HEADER_LEN as usize {
+            return Err(KeyError::Truncated {
+                link: link.to_string(),
+                path,
+                expected: HEADER_LEN,
+                actual,
+            });
+        }
+        let info = PoolHeader::decode(&hdr, &path)?.info;
+        if info.link != link || info.direction != direction || info.end != end {
+            return Err(KeyError::ForeignPool {
+                link: link.to_string(),
+                expected: format!("{direction} end {end}"),
+                path,
+                found: format!("link {:?} {} end {}", info.link, info.direction, info.end),
+            });
+        }
+        let expected = HEADER_LEN.saturating_add(info.key_len);
+        if actual != expected {
+            return Err(KeyError::Truncated {
+                link: link.to_string(),
+                path,
+                expected,
+                actual,
+            });
+        }
+        let map = Mapping::new(&file, expected);
+        let destroyer = Destroyer::start(&file, &path);
+        Ok(Self {
+            destroyer,
+            file,
+            path,
+            info,
+            punch_unsupported: false,
+            map,
+            populated_until: 0,
+        })
+    }
+
+    /// Read and check just the header of the pool at `path` (read only).
+    pub fn read_header(path: &Path, link: &str) -> Result<StreamInfo, KeyError> {
+        let f = File::open(path).map_err(|source| KeyError::Io {
+            link: link.to_string(),
+            path: path.to_path_buf(),
+            op: "open pool",
+            source,
+        })?;
+        let mut hdr = vec![0u8; HEADER_LEN as usize];
+        let n = read_up_to(&f, &mut hdr).map_err(|source| KeyError::Io {
+            link: link.to_string(),
+            path: path.to_path_buf(),
+            op: "read pool header",
+            source,
+        })?;
+        let info = PoolHeader::decode(&hdr[..n], path)?.info;
+        if info.link != link {
+            return Err(KeyError::ForeignPool {
+                link: link.to_string(),
+                expected: format!("link {link:?}"),
+                path: path.to_path_buf(),
+                found: format!("link {:?}", info.link),
+            });
+        }
+        Ok(info)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn io(&self, op: &'static str, source: std::io::Error) -> KeyError {
+        KeyError::Io {
+            link: self.info.link.clone(),
+            path: self.path.clone(),
+            op,
+            source,
+        }
+    }
+}
+
+fn read_up_to(f: &File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Destroy `[off, off + len)` of the pool file now: punch a hole, or overwrite with zeros
+/// where punching is unsupported (then remembered in `punch_unsupported`).
+fn destroy_now(
+    file: &File,
+    path: &Path,
+    punch_unsupported: &mut bool,
+    off: u64,
+    len: u64,
+) -> Result<Destroyed, (&'static str, std::io::Error)> {
+    if !*punch_unsupported {
+        // SAFETY: plain syscall on an fd we own; no memory is passed.
+        let rc = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(Destroyed::Punched);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(("punch hole in pool", e));
+        }
+        tracing::warn!(path = %path.display(), "hole punching unsupported; overwriting used key with zeros");
+        *punch_unsupported = true;
+    }
+    let zeros = vec![0u8; (len as usize).min(1 << 20)];
+    let mut at = off;
+    while at < off + len {
+        let n = ((off + len - at) as usize).min(zeros.len());
+        file.write_all_at(&zeros[..n], at)
+            .map_err(|e| ("overwrite used key", e))?;
+        at += n as u64;
+    }
+    Ok(Destroyed::Overwritten)
+}
+
+/// Ranges queued before `destroy` blocks: keeps destruction within a few frames of use, and
+/// makes a sustained rate include it when the destroyer cannot keep up.
+const DESTROY_QUEUE: usize = 8;
+
+enum DestroyMsg {
+    Range(u64, u64),
+    Flush(std::sync::mpsc::SyncSender<()>),
+}
+
+/// A thread per open pool that destroys used key ranges, off the seal/open path (punching
+/// 1 MiB on tmpfs costs about as much as sealing it). Ranges are destroyed in order within
+/// moments; `sync` waits for the queue and then fdatasyncs; the first failure is reported
+/// by the next `destroy` or `sync`. Dropping the pool drains the queue and joins the thread.
+/// A crash before a queued range is destroyed loses nothing: every open destroys all key
+/// below the resume point again.
+struct Destroyer {
+    tx: Option<std::sync::mpsc::SyncSender<DestroyMsg>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+    failed: std::sync::Arc<std::sync::Mutex<Option<(&'static str, std::io::Error)>>>,
+}
+
+impl Destroyer {
+    fn start(file: &File, path: &Path) -> Self {
+        let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let none = |failed| Self {
+            tx: None,
+            handle: None,
+            failed,
+        };
+        let Ok(file) = file.try_clone() else {
+            return none(failed);
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel::<DestroyMsg>(DESTROY_QUEUE);
+        let (path, f2) = (path.to_path_buf(), failed.clone());
+        let spawned = std::thread::Builder::new()
+            .name("qgenome-key-destroyer".into())
+            .spawn(move || {
+                let mut punch_unsupported = false;
+                for msg in rx {
+                    match msg {
+                        DestroyMsg::Range(off, len) => {
+                            if let Err(e) =
+                                destroy_now(&file, &path, &mut punch_unsupported, off, len)
+                            {
+                                let mut slot = f2.lock().unwrap_or_else(|p| p.into_inner());
+                                slot.get_or_insert(e);
+                            }
+                        }
+                        DestroyMsg::Flush(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            });
+        match spawned {
+            Ok(handle) => Self {
+                tx: Some(tx),
+                handle: Some(handle),
+                failed,
+            },
+            Err(_) => none(failed),
+        }
+    }
+}
+
+impl Drop for Destroyer {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl PoolFile {
+    fn take_destroyer_error(&self) -> Result<(), KeyError> {
+        let taken = self
+            .destroyer
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match taken {
+            Some((op, e)) => Err(self.io(op, e)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl KeySource for PoolFile {
+    fn info(&self) -> &StreamInfo {
+        &self.info
+    }
+    fn location(&self) -> &Path {
+        &self.path
+    }
+    fn reserve(&mut self, end: u64) -> Result<(), KeyError> {
+        self.check_range(0..end)?;
+        if let Some(m) = &self.map {
+            if end > self.populated_until {
+                let from = self.populated_until.max(end.saturating_sub(256 << 20));
+                m.populate(HEADER_LEN + from..HEADER_LEN + end);
+                self.populated_until = end;
+            }
+        }
+        Ok(())
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), KeyError> {
+        let end = offset.saturating_add(buf.len() as u64);
+        self.check_range(offset..end)?;
+        if let Some(m) = &self.map {
+            buf.copy_from_slice(m.slice(HEADER_LEN + offset, buf.len()));
+            return Ok(());
+        }
+        self.file
+            .read_exact_at(buf, HEADER_LEN + offset)
+            .map_err(|e| self.io("read key", e))
+    }
+    fn xor_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), KeyError> {
+        let end = offset.saturating_add(buf.len() as u64);
+        self.check_range(offset..end)?;
+        match &self.map {
+            Some(m) => {
+                crate::link::seal::xor_into(buf, m.slice(HEADER_LEN + offset, buf.len()));
+                Ok(())
+            }
+            None => {
+                let mut tmp = zeroize::Zeroizing::new(vec![0u8; buf.len().min(1 << 16)]);
+                let mut at = offset;
+                for c in buf.chunks_mut(tmp.len().max(1)) {
+                    let t = &mut tmp[..c.len()];
+                    self.file
+                        .read_exact_at(t, HEADER_LEN + at)
+                        .map_err(|e| self.io("read key", e))?;
+                    crate::link::seal::xor_into(c, t);
+                    at += c.len() as u64;
+                }
+                Ok(())
+            }
+        }
+    }
+    /// Queue the range for the destroyer thread (see [`Destroyer`]); it is destroyed within
+    /// moments and durably by the next [`KeySource::sync`].
+    fn destroy(&mut self, r: Range<u64>) -> Result<Destroyed, KeyError> {
+        self.check_range(r.clone())?;
+        if r.is_empty() {
+            return Ok(Destroyed::Punched);
+        }
+        let (off, len) = (HEADER_LEN + r.start, r.end - r.start);
+        self.take_destroyer_error()?;
+        if let Some(tx) = &self.destroyer.tx {
+            if tx.send(DestroyMsg::Range(off, len)).is_ok() {
+                return Ok(Destroyed::Queued);
+            }
+        }
+        destroy_now(
+            &self.file,
+            &self.path,
+            &mut self.punch_unsupported,
+            off,
+            len,
+        )
+        .map_err(|(op, e)| self.io(op, e))
+    }
+    /// Wait until every queued range is destroyed, then make it durable.
+    fn sync(&mut self) -> Result<(), KeyError> {
+        if let Some(tx) = &self.destroyer.tx {
+            let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
+            if tx.send(DestroyMsg::Flush(done_tx)).is_ok() {
+                let _ = done_rx.recv();
+            }
+        }
+        self.take_destroyer_error()?;
+        self.file
+            .sync_data()
+            .map_err(|e| self.io("fdatasync pool", e))
+    }
+}
+
+/// Files written by [`provision`].
+#[derive(Debug, Clone)]
+pub struct Provisioned {
+    pub files: Vec<PathBuf>,
+}
+
+/// Largest pool `provision` accepts per direction (sanity bound before the free-space check).
+pub const MAX_POOL_SIZE: u64 = 1 << 50;
+
+/// Write the two ends (`out_a`, `out_b`) of both directions of a new link `link` with `size`
+/// key bytes per direction, from the OS CSPRNG, streaming, fsync'd, mode 0600. Refuses to
+/// overwrite anything and refuses sizes that are zero or do not fit in the free space.
+/// On failure, files it created are removed.
+pub fn provision(
+    link: &str,
+    size: u64,
+    out_a: &Path,
+    out_b: &Path,
+) -> Result<Provisioned, KeyError> {
+    check_link_name(link)?;
+    let first = pool_path(out_a, link, Direction::AtoB);
+    let bad_size = |reason: String| KeyError::BadSize {
+        link: link.to_string(),
+        path: first.clone(),
+        reason,
+    };
+    if size == 0 {
+        return Err(bad_size("size must be more than zero".into()));
+    }
+    if size > MAX_POOL_SIZE {
+        return Err(bad_size(format!(
+            "{size} bytes is more than the maximum {MAX_POOL_SIZE}"
+        )));
+    }
+    let io = |path: &Path, op, source| KeyError::Io {
+        link: link.to_string(),
+        path: path.to_path_buf(),
+        op,
+        source,
+    };
+    let canon =
+        |d: &Path| std::fs::canonicalize(d).map_err(|e| io(d, "resolve output directory", e));
+    if canon(out_a)? == canon(out_b)? {
+        return Err(KeyError::SameDirectory {
+            link: link.to_string(),
+            path: out_a.to_path_buf(),
+        });
+    }
+    // Free space: each directory receives two pools; the same filesystem may receive four.
+    let need = 2 * (size + HEADER_LEN);
+    let mut by_dev: Vec<(u64, u64, PathBuf)> = Vec::new();
+    for dir in [out_a, out_b] {
+        let md = std::fs::metadata(dir).map_err(|e| io(dir, "stat output directory", e))?;
+        let dev = std::os::unix::fs::MetadataExt::dev(&md);
+        match by_dev.iter_mut().find(|(d, _, _)| *d == dev) {
+            Some(entry) => entry.1 += need,
+            None => by_dev.push((dev, need, dir.to_path_buf())),
+        }
+    }
+    for (_, need, dir) in &by_dev {
+        let st = nix::sys::statvfs::statvfs(dir.as_path())
+            .map_err(|e| io(dir, "statvfs", std::io::Error::from(e)))?;
+        let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+        if *need > free {
+            return Err(KeyError::BadSize {
+                link: link.to_string(),
+                path: dir.clone(),
+                reason: format!("needs {need} bytes but the filesystem has {free} bytes free"),
+            });
+        }
+    }
+    let mut files = Vec::new();
+    for dir in [out_a, out_b] {
+        for d in Direction::BOTH {
+            let p = pool_path(dir, link, d);
+            if p.exists() || p.with_extension("ledger").exists() {
+                return Err(KeyError::Exists {
+                    link: link.to_string(),
+                    path: if p.exists() {
+                        p
+                    } else {
+                        p.with_extension("ledger")
+                    },
+                });
+            }
+            files.push(p);
+        }
+    }
+    let mut created: Vec<PathBuf> = Vec::new();
+    let res = (|| {
+        for d in Direction::BOTH {
+            let mut stream_id = [0u8; 16];
+            getrandom::getrandom(&mut stream_id).map_err(|e| {
+                io(
+                    out_a,
+                    "OS random source",
+                    std::io::Error::other(e.to_string()),
+                )
+            })?;
+            let mut ends = Vec::new();
+            for (dir, end) in [(out_a, End::A), (out_b, End::B)] {
+                let p = pool_path(dir, link, d);
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&p)
+                    .map_err(|e| match e.kind() {
+                        std::io::ErrorKind::AlreadyExists => KeyError::Exists {
+                            link: link.to_string(),
+                            path: p.clone(),
+                        },
+                        _ => io(&p, "create pool", e),
+                    })?;
+                created.push(p.clone());
+                let h = PoolHeader {
+                    info: StreamInfo {
+                        link: link.to_string(),
+                        direction: d,
+                        end,
+                        stream_id,
+                        key_len: size,
+                    },
+                };
+                f.write_all(&h.encode())
+                    .map_err(|e| io(&p, "write pool header", e))?;
+                ends.push((f, p));
+            }
+            let mut buf = vec![0u8; 1 << 20];
+            let mut left = size;
+            let res = (|| {
+                while left > 0 {
+                    let n = left.min(buf.len() as u64) as usize;
+                    getrandom::getrandom(&mut buf[..n]).map_err(|e| {
+                        io(
+                            out_a,
+                            "OS random source",
+                            std::io::Error::other(e.to_string()),
+                        )
+                    })?;
+                    for (f, p) in &mut ends {
+                        f.write_all(&buf[..n]).map_err(|e| io(p, "write key", e))?;
+                    }
+                    left -= n as u64;
+                }
+                Ok(())
+            })();
+            buf.zeroize();
+            res?;
+            for (f, p) in &ends {
+                f.sync_all().map_err(|e| io(p, "fsync pool", e))?;
+            }
+        }
+        for dir in [out_a, out_b] {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io(dir, "fsync directory", e))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = res {
+        for p in &created {
+            let _ = std::fs::remove_file(p);
+        }
+        return Err(e);
+    }
+    Ok(Provisioned { files })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips_and_checksum_guards_it() {
+        let h = PoolHeader {
+            info: StreamInfo {
+                link: "home-lsa".into(),
+                direction: Direction::BtoA,
+                end: End::A,
+                stream_id: [3; 16],
+                key_len: 1 << 30,
+            },
+        };
+        let b = h.encode();
+        let p = Path::new("x.pool");
+        assert_eq!(PoolHeader::decode(&b, p).unwrap(), h);
+        for i in [0usize, 10, 11, 20, 45, 60, 4000, 4070] {
+            let mut c = b.clone();
+            c[i] ^= 0x10;
+            assert!(PoolHeader::decode(&c, p).is_err(), "byte {i}");
+        }
+    }
+
+    #[test]
+    fn link_names_are_checked() {
+        assert!(check_link_name("home-lsa_2.x").is_ok());
+        for bad in ["", ".x", "a/b", "a b", &"x".repeat(65)] {
+            assert!(check_link_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

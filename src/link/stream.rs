@@ -1,0 +1,620 @@
+//! Key streams: the sending and the receiving end of one (link, direction).
+//!
+//! Sender: key is reserved ahead in windows; "reserved up to X" is persisted (fdatasync)
+//! before any byte below X is used, and a restart resumes at the persisted X, so a crash
+//! wastes at most one window and never reuses a byte. Receiver: before accepting a frame
+//! whose key ends above its persisted window end W it persists a new W; in memory it keeps
+//! the exact consumed ranges; after a restart everything below W counts as consumed.
+//! Both ends destroy used key (and, on open, everything below the resume point).
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+use super::ledger::{FileLedger, LedgerStore, Role};
+use super::seal::{self, SealError};
+use super::{hex, LinkError};
+use crate::keys::{Direction, KeyError, KeySource, PoolFile};
+use crate::wire::frame::{key_len_for, FrameHeader, MAC_KEY_LEN, MAX_PAYLOAD_LEN};
+
+/// Tunables of a stream end.
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    /// Key reserved per ledger write. A crash wastes at most this much key.
+    pub window: u64,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        Self { window: 64 << 20 }
+    }
+}
+
+/// `<dir>/<link>.<direction>.ledger`
+pub fn ledger_path(dir: &Path, link: &str, direction: Direction) -> PathBuf {
+    dir.join(format!("{link}.{direction}.ledger"))
+}
+
+/// Common state of both ends.
+struct End {
+    key: Box<dyn KeySource>,
+    ledger: Box<dyn LedgerStore>,
+    window: u64,
+    /// Persisted ledger value.
+    persisted: u64,
+}
+
+/// One frame's key range in a key source.
+struct RangeKey<'a> {
+    key: &'a dyn KeySource,
+    base: u64,
+}
+
+impl seal::FrameKey for RangeKey<'_> {
+    type Error = KeyError;
+    fn read(&mut self, rel: u64, buf: &mut [u8]) -> Result<(), KeyError> {
+        self.key.read_at(self.base + rel, buf)
+    }
+    fn xor(&mut self, rel: u64, buf: &mut [u8]) -> Result<(), KeyError> {
+        self.key.xor_at(self.base + rel, buf)
+    }
+}
+
+impl End {
+    fn link(&self) -> &str {
+        &self.key.info().link
+    }
+
+    /// Validate the ledger against the pool, then destroy all key below the resume point.
+    fn new(
+        key: Box<dyn KeySource>,
+        ledger: Box<dyn LedgerStore>,
+        opts: &StreamOptions,
+    ) -> Result<Self, LinkError> {
+        let value = ledger.value();
+        let key_len = key.len();
+        let link = key.info().link.clone();
+        if value > key_len {
+            return Err(LinkError::LedgerBeyondPool {
+                link,
+                path: ledger.location().to_path_buf(),
+                pool: key.location().to_path_buf(),
+                value,
+                key_len,
+            });
+        }
+        if value < key_len && key_destroyed_at(key.as_ref(), value)? {
+            return Err(LinkError::StaleLedger {
+                link,
+                path: ledger.location().to_path_buf(),
+                pool: key.location().to_path_buf(),
+                value,
+            });
+        }
+        let mut end = Self {
+            key,
+            ledger,
+            window: opts.window.max(1),
+            persisted: value,
+        };
+        end.key.destroy(0..value)?;
+        end.key.sync()?;
+        Ok(end)
+    }
+
+    /// Persist a window end covering `need_end` (before any key below it is used).
+    fn cover(&mut self, need_end: u64) -> Result<(), LinkError> {
+        if need_end <= self.persisted {
+            return Ok(());
+        }
+        let new = need_end
+            .max(self.persisted.saturating_add(self.window))
+            .min(self.key.len());
+        self.key.reserve(new)?;
+        // Durable destruction of the previous window's key rides on the ledger cadence.
+        self.key.sync()?;
+        self.ledger.store(new)?;
+        self.persisted = new;
+        Ok(())
+    }
+
+    fn seal_error(&self, e: SealError<KeyError>, offset: u64) -> LinkError {
+        match e {
+            SealError::Key(k) => k.into(),
+            SealError::KeyDestroyed => LinkError::KeyDestroyed {
+                link: self.link().to_string(),
+                pool: self.key.location().to_path_buf(),
+                offset,
+            },
+            SealError::BadTag => LinkError::BadTag {
+                link: self.link().to_string(),
+                offset,
+            },
+        }
+    }
+}
+
+/// True if the key at `offset` reads as zeros (32 bytes of random key are all zero with
+/// probability 2^-256): it was destroyed, so a ledger pointing here is stale.
+fn key_destroyed_at(key: &dyn KeySource, offset: u64) -> Result<bool, LinkError> {
+    let n = (key.len() - offset).min(MAC_KEY_LEN) as usize;
+    let mut b = Zeroizing::new([0u8; MAC_KEY_LEN as usize]);
+    key.read_at(offset, &mut b[..n])?;
+    Ok(b[..n].iter().all(|&x| x == 0))
+}
+
+/// Open and lock the ledger at `path` for the stream `key` holds; create it (value 0) only
+/// when there is none and the key is untouched (its first bytes not destroyed).
+pub fn open_ledger(path: &Path, role: Role, key: &dyn KeySource) -> Result<FileLedger, LinkError> {
+    let info = key.info();
+    match FileLedger::open(path, &info.link, role, info.stream_id)? {
+        Some(l) => Ok(l),
+        None => {
+            if !key.is_empty() && key_destroyed_at(key, 0)? {
+                return Err(LinkError::LedgerMissing {
+                    link: info.link.clone(),
+                    path: path.to_path_buf(),
+                    pool: key.location().to_path_buf(),
+                });
+            }
+            FileLedger::create(path, &info.link, role, info.stream_id)
+        }
+    }
+}
+
+type Parts = (Box<dyn KeySource>, Box<dyn LedgerStore>);
+
+/// Open a pool file and its ledger (creating the ledger only for an untouched pool).
+fn open_files(
+    dir: &Path,
+    link: &str,
+    direction: Direction,
+    role: Role,
+) -> Result<Parts, LinkError> {
+    let end = match role {
+        Role::Sender => direction.sender(),
+        Role::Receiver => direction.receiver(),
+    };
+    let pool = PoolFile::open(dir, link, direction, end)?;
+    let ledger = open_ledger(&ledger_path(dir, link, direction), role, &pool)?;
+    Ok((Box::new(pool), Box::new(ledger)))
+}
+
+/// Key left in one stream at one end, from the pool header and the ledger (read only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamStatus {
+    /// "sender" or "receiver".
+    pub role: &'static str,
+    pub key_len: u64,
+    pub ledger_value: u64,
+    /// Key bytes above the ledger value: what this stream can still use after a restart.
+    pub remaining: u64,
+}
+
+/// Status of the stream of `link` in `direction` held in `dir` (whichever end it is).
+pub fn status(dir: &Path, link: &str, direction: Direction) -> Result<StreamStatus, LinkError> {
+    let path = crate::keys::pool::pool_path(dir, link, direction);
+    let hdr = PoolFile::read_header(&path, link)?;
+    let role = if hdr.end == direction.sender() {
+        "sender"
+    } else {
+        "receiver"
+    };
+    let lpath = ledger_path(dir, link, direction);
+    let value = match super::ledger::peek(&lpath, link)? {
+        None => 0,
+        Some(s) if s.stream_id != hdr.stream_id => {
+            return Err(LinkError::LedgerForeign {
+                link: link.to_string(),
+                path: lpath,
+            })
+        }
+        Some(s) => s.value,
+    };
+    Ok(StreamStatus {
+        role,
+        key_len: hdr.key_len,
+        ledger_value: value,
+        remaining: hdr.key_len.saturating_sub(value),
+    })
+}
+
+/// Where a sealed frame's key came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedFrame {
+    pub key_range: Range<u64>,
+}
+
+/// The sending end of one (link, direction).
+pub struct SendStream {
+    end: End,
+    next: u64,
+}
+
+impl std::fmt::Debug for SendStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendStream")
+            .field("link", &self.end.link())
+            .field("pool", &self.end.key.location())
+            .field("next", &self.next)
+            .field("reserved_until", &self.end.persisted)
+            .finish()
+    }
+}
+
+impl SendStream {
+    /// Open the sending end of `link` in `direction` from the pool and ledger in `dir`.
+    pub fn from_dir(
+        dir: &Path,
+        link: &str,
+        direction: Direction,
+        opts: StreamOptions,
+    ) -> Result<Self, LinkError> {
+        let (key, ledger) = open_files(dir, link, direction, Role::Sender)?;
+        Self::with_parts(key, ledger, opts)
+    }
+
+    /// A sending end over any key source and ledger store.
+    pub fn with_parts(
+        key: Box<dyn KeySource>,
+        ledger: Box<dyn LedgerStore>,
+        opts: StreamOptions,
+    ) -> Result<Self, LinkError> {
+        let end = End::new(key, ledger, &opts)?;
+        let next = end.persisted;
+        Ok(Self { end, next })
+    }
+
+    /// Seal `payload` into `out` (cleared; its capacity is reused).
+    pub fn seal(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Result<SealedFrame, LinkError> {
+        let link = || self.end.link().to_string();
+        if payload.len() as u64 > MAX_PAYLOAD_LEN {
+            return Err(LinkError::PayloadTooLarge {
+                link: link(),
+                len: payload.len(),
+            });
+        }
+        let need = key_len_for(payload.len() as u64).expect("bounded payload");
+        let remaining = self.remaining();
+        if need > remaining {
+            return Err(LinkError::Exhausted {
+                link: link(),
+                pool: self.end.key.location().to_path_buf(),
+                needed: need,
+                remaining,
+            });
+        }
+        let range = self.next..self.next + need;
+        self.end.cover(range.end)?;
+        let header = FrameHeader {
+            stream_id: self.end.key.info().stream_id,
+            key_offset: range.start,
+            payload_len: payload.len() as u64,
+        };
+        // From here the range counts as used, whatever happens.
+        self.next = range.end;
+        let r = seal::seal(
+            &header,
+            payload,
+            out,
+            &mut RangeKey {
+                key: self.end.key.as_ref(),
+                base: range.start,
+            },
+        );
+        let destroyed = self.end.key.destroy(range.clone());
+        r.map_err(|e| self.end.seal_error(e, range.start))?;
+        destroyed?;
+        Ok(SealedFrame { key_range: range })
+    }
+
+    /// Move the next key offset forward to `offset` (e.g. to `consumed_until` of a
+    /// receiver's `KeyAlreadyUsed`). Skipped key is destroyed. Never moves back.
+    pub fn skip_to(&mut self, offset: u64) -> Result<(), LinkError> {
+        if offset < self.next {
+            return Err(LinkError::SkipBackwards {
+                link: self.end.link().to_string(),
+                from: self.next,
+                to: offset,
+            });
+        }
+        let offset = offset.min(self.end.key.len());
+        self.end.cover(offset)?;
+        self.end.key.destroy(self.next..offset)?;
+        self.next = offset;
+        Ok(())
+    }
+
+    /// Key bytes not yet used.
+    pub fn remaining(&self) -> u64 {
+        self.end.key.len() - self.next
+    }
+
+    /// Wait until all used key is destroyed and the destruction is durable.
+    pub fn flush(&mut self) -> Result<(), LinkError> {
+        Ok(self.end.key.sync()?)
+    }
+
+    /// Key offset the next frame will use.
+    pub fn next_offset(&self) -> u64 {
+        self.next
+    }
+
+    /// Persisted "reserved up to" value.
+    pub fn reserved_until(&self) -> u64 {
+        self.end.persisted
+    }
+}
+
+/// Disjoint, coalesced half-open ranges.
+#[derive(Debug, Default, Clone)]
+pub struct RangeSet {
+    map: BTreeMap<u64, u64>,
+}
+
+impl RangeSet {
+    /// The end of a stored range overlapping `r`, if any.
+    pub fn overlap(&self, r: &Range<u64>) -> Option<u64> {
+        let (_, &end) = self.map.range(..r.end).next_back()?;
+        (end > r.start).then_some(end)
+    }
+
+    pub fn insert(&mut self, r: Range<u64>) {
+        if r.is_empty() {
+            return;
+        }
+        let (mut start, mut end) = (r.start, r.end);
+        if let Some((&s, &e)) = self.map.range(..=start).next_back() {
+            if e >= start {
+                start = s;
+                end = end.max(e);
+            }
+        }
+        let absorbed: Vec<u64> = self.map.range(start..=end).map(|(&s, _)| s).collect();
+        for s in absorbed {
+            end = end.max(self.map.remove(&s).expect("present"));
+        }
+        self.map.insert(start, end);
+    }
+
+    pub fn ranges(&self) -> impl Iterator<Item = Range<u64>> + '_ {
+        self.map.iter().map(|(&s, &e)| s..e)
+    }
+}
+
+/// The receiving end of one (link, direction).
+pub struct RecvStream {
+    end: End,
+    consumed: RangeSet,
+}
+
+impl std::fmt::Debug for RecvStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvStream")
+            .field("link", &self.end.link())
+            .field("pool", &self.end.key.location())
+            .field("window_end", &self.end.persisted)
+            .finish()
+    }
+}
+
+impl RecvStream {
+    /// Open the receiving end of `link` in `direction` from the pool and ledger in `dir`.
+    pub fn from_dir(
+        dir: &Path,
+        link: &str,
+        direction: Direction,
+        opts: StreamOptions,
+    ) -> Result<Self, LinkError> {
+        let (key, ledger) = open_files(dir, link, direction, Role::Receiver)?;
+        Self::with_parts(key, ledger, opts)
+    }
+
+    /// A receiving end over any key source and ledger store.
+    pub fn with_parts(
+        key: Box<dyn KeySource>,
+        ledger: Box<dyn LedgerStore>,
+        opts: StreamOptions,
+    ) -> Result<Self, LinkError> {
+        let end = End::new(key, ledger, &opts)?;
+        let mut consumed = RangeSet::default();
+        consumed.insert(0..end.persisted);
+        Ok(Self { end, consumed })
+    }
+
+    /// Verify and decrypt `frame` into `out` (cleared). On any error `out` is left empty and
+    /// wiped; key is marked consumed only after the tag verified.
+    pub fn open(&mut self, frame: &[u8], out: &mut Vec<u8>) -> Result<SealedFrame, LinkError> {
+        out.clear();
+        let link = || self.end.link().to_string();
+        let header = FrameHeader::parse_frame(frame).map_err(|source| LinkError::BadFrame {
+            link: link(),
+            source,
+        })?;
+        let info = self.end.key.info();
+        if header.stream_id != info.stream_id {
+            return Err(LinkError::WrongStream {
+                link: link(),
+                expected: hex(&info.stream_id),
+                found: hex(&header.stream_id),
+            });
+        }
+        let range = header.key_range().expect("checked by parse_frame");
+        if range.end > self.end.key.len() {
+            return Err(LinkError::OutsidePool {
+                link: link(),
+                pool: self.end.key.location().to_path_buf(),
+                start: range.start,
+                end: range.end,
+                key_len: self.end.key.len(),
+            });
+        }
+        if let Some(consumed_until) = self.consumed.overlap(&range) {
+            return Err(LinkError::KeyAlreadyUsed {
+                link: link(),
+                stream: hex(&info.stream_id),
+                offset: range.start,
+                consumed_until,
+            });
+        }
+        self.end.key.reserve(range.end)?;
+        let r = seal::open(
+            &header,
+            frame,
+            out,
+            &mut RangeKey {
+                key: self.end.key.as_ref(),
+                base: range.start,
+            },
+        );
+        r.map_err(|e| self.end.seal_error(e, range.start))?;
+        let accepted = (|| {
+            self.end.cover(range.end)?;
+            self.consumed.insert(range.clone());
+            self.end.key.destroy(range.clone())?;
+            Ok(())
+        })();
+        if let Err(e) = accepted {
+            zeroize::Zeroize::zeroize(out);
+            return Err(e);
+        }
+        Ok(SealedFrame { key_range: range })
+    }
+
+    /// Wait until all used key is destroyed and the destruction is durable.
+    pub fn flush(&mut self) -> Result<(), LinkError> {
+        Ok(self.end.key.sync()?)
+    }
+
+    /// Persisted window end: after a restart, all key below it counts as consumed.
+    pub fn window_end(&self) -> u64 {
+        self.end.persisted
+    }
+
+    /// Key bytes above the highest consumed byte (what the sender can still use).
+    pub fn remaining(&self) -> u64 {
+        let top = self.consumed.ranges().last().map_or(0, |r| r.end);
+        self.end.key.len() - top
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::MemKeySource;
+    use crate::link::ledger::MemLedger;
+    use proptest::prelude::*;
+
+    #[test]
+    fn mem_round_trip_replay_and_restart() {
+        let (a, b) = MemKeySource::pair("t", Direction::AtoB, 10_000);
+        let (la, lb) = (MemLedger::new("a"), MemLedger::new("b"));
+        let opts = StreamOptions { window: 1000 };
+        let mut tx =
+            SendStream::with_parts(Box::new(a), Box::new(la.clone()), opts.clone()).unwrap();
+        let mut rx = RecvStream::with_parts(Box::new(b), Box::new(lb.clone()), opts).unwrap();
+        let (mut f, mut o) = (Vec::new(), Vec::new());
+        let mut frames = Vec::new();
+        for len in [0usize, 1, 100, 700, 2000] {
+            let p: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let r = tx.seal(&p, &mut f).unwrap();
+            assert!(la.value() >= r.key_range.end, "ledger persisted before use");
+            rx.open(&f, &mut o).unwrap();
+            assert_eq!(o, p);
+            assert!(lb.value() >= r.key_range.end);
+            frames.push(f.clone());
+        }
+        for fr in &frames {
+            assert!(matches!(
+                rx.open(fr, &mut o),
+                Err(LinkError::KeyAlreadyUsed { .. })
+            ));
+        }
+        assert_eq!(tx.remaining(), rx.remaining());
+    }
+
+    /// A ledger whose writes fail, and a key source that counts reads.
+    struct BrokenLedger;
+    impl LedgerStore for BrokenLedger {
+        fn location(&self) -> &Path {
+            Path::new("<broken>")
+        }
+        fn value(&self) -> u64 {
+            0
+        }
+        fn store(&mut self, _: u64) -> Result<(), LinkError> {
+            Err(LinkError::LedgerCorrupt {
+                link: "t".into(),
+                path: "<broken>".into(),
+                reason: "injected".into(),
+            })
+        }
+    }
+    struct Counting(MemKeySource, std::sync::Arc<std::sync::atomic::AtomicUsize>);
+    impl KeySource for Counting {
+        fn info(&self) -> &crate::keys::StreamInfo {
+            self.0.info()
+        }
+        fn location(&self) -> &Path {
+            self.0.location()
+        }
+        fn read_at(&self, o: u64, b: &mut [u8]) -> Result<(), KeyError> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.0.read_at(o, b)
+        }
+        fn xor_at(&self, o: u64, b: &mut [u8]) -> Result<(), KeyError> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.0.xor_at(o, b)
+        }
+        fn destroy(&mut self, r: Range<u64>) -> Result<crate::keys::Destroyed, KeyError> {
+            self.0.destroy(r)
+        }
+    }
+
+    #[test]
+    fn no_key_is_read_when_the_ledger_cannot_be_persisted() {
+        let (a, b) = MemKeySource::pair("t", Direction::AtoB, 10_000);
+        let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let key = Counting(a, reads.clone());
+        let mut tx = SendStream::with_parts(
+            Box::new(key),
+            Box::new(BrokenLedger),
+            StreamOptions::default(),
+        )
+        .unwrap();
+        let before = reads.load(std::sync::atomic::Ordering::SeqCst);
+        let mut f = vec![1, 2, 3];
+        assert!(tx.seal(b"hello", &mut f).is_err());
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), before);
+        drop(b);
+        // The receiver neither accepts nor returns plaintext when it cannot persist.
+        let (a, b) = MemKeySource::pair("t", Direction::AtoB, 10_000);
+        let opts = StreamOptions::default();
+        let mut tx =
+            SendStream::with_parts(Box::new(a), Box::new(MemLedger::new("a")), opts.clone())
+                .unwrap();
+        tx.seal(b"hello", &mut f).unwrap();
+        let mut rx = RecvStream::with_parts(Box::new(b), Box::new(BrokenLedger), opts).unwrap();
+        let mut o = Vec::new();
+        assert!(rx.open(&f, &mut o).is_err());
+        assert!(o.is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn range_set_matches_model(ops in proptest::collection::vec((0u64..200, 0u64..30), 0..40), probe in (0u64..230, 1u64..30)) {
+            let mut s = RangeSet::default();
+            let mut model = vec![false; 256];
+            for (a, l) in ops {
+                s.insert(a..a + l);
+                for x in a..a + l { model[x as usize] = true; }
+            }
+            let r = probe.0..probe.0 + probe.1;
+            let hit = (r.start..r.end).any(|x| model[x as usize]);
+            prop_assert_eq!(s.overlap(&r).is_some(), hit);
+            let v: Vec<_> = s.ranges().collect();
+            for w in v.windows(2) { prop_assert!(w[0].end < w[1].start); }
+        }
+    }
+}

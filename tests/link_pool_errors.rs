@@ -1,0 +1,313 @@
+//! Bad pools and ledgers: each gives a clear error naming the link and the file, and leaves
+//! every file in the directory unchanged (hashed before and after).
+use std::collections::BTreeMap;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use qgenome::keys::{pool, Direction, KeyError};
+use qgenome::link::ledger::{Role, Slot, SLOT_STRIDE};
+use qgenome::link::stream::ledger_path;
+use qgenome::link::{LinkError, RecvStream, SendStream, StreamOptions};
+use sha2::{Digest, Sha256};
+
+const LINK: &str = "home-lsa";
+
+struct Link {
+    _dir: tempfile::TempDir,
+    a: PathBuf,
+    b: PathBuf,
+}
+
+fn provision(size: u64) -> Link {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    pool::provision(LINK, size, &a, &b).unwrap();
+    Link { _dir: dir, a, b }
+}
+
+/// name -> (mode, sha256 of content, allocated blocks)
+fn snapshot(dir: &Path) -> BTreeMap<String, (u32, [u8; 32], u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut m = BTreeMap::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let md = e.metadata().unwrap();
+        let sum = Sha256::digest(std::fs::read(e.path()).unwrap()).into();
+        m.insert(
+            e.file_name().to_string_lossy().into_owned(),
+            (md.permissions().mode(), sum, md.blocks()),
+        );
+    }
+    m
+}
+
+fn opts() -> StreamOptions {
+    StreamOptions { window: 4096 }
+}
+
+fn send(dir: &Path) -> Result<SendStream, LinkError> {
+    SendStream::from_dir(dir, LINK, Direction::AtoB, opts())
+}
+
+/// Run `f` against `dir`, expecting an error mentioning the link and `file`, and no change.
+fn refused<T: std::fmt::Debug>(
+    dir: &Path,
+    file: &str,
+    f: impl FnOnce() -> Result<T, LinkError>,
+) -> LinkError {
+    let before = snapshot(dir);
+    let e = f().expect_err("must be refused");
+    let msg = e.to_string();
+    assert!(msg.contains(LINK), "error does not name the link: {msg}");
+    assert!(msg.contains(file), "error does not name {file}: {msg}");
+    assert_eq!(
+        snapshot(dir),
+        before,
+        "directory changed by a refused open: {msg}"
+    );
+    e
+}
+
+/// Use the a2b stream a bit so that the ledger exists and key is destroyed.
+fn use_stream(dir: &Path, frames: usize) {
+    let mut s = send(dir).unwrap();
+    let mut f = Vec::new();
+    for _ in 0..frames {
+        s.seal(&[1; 500], &mut f).unwrap();
+    }
+}
+
+#[test]
+fn truncated_pool() {
+    let l = provision(1 << 20);
+    let p = l.a.join("home-lsa.a2b.pool");
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len((1 << 20) + 4096 - 1).unwrap();
+    let e = refused(&l.a, "home-lsa.a2b.pool", || send(&l.a));
+    assert!(
+        matches!(e, LinkError::Key(KeyError::Truncated { .. })),
+        "{e}"
+    );
+    f.set_len(100).unwrap();
+    refused(&l.a, "home-lsa.a2b.pool", || send(&l.a));
+}
+
+#[test]
+fn foreign_pools_other_link_direction_and_end() {
+    let l = provision(1 << 16);
+    let other = tempfile::tempdir().unwrap();
+    let e = pool::provision("elsewhere", 1 << 16, other.path(), other.path()).unwrap_err();
+    assert!(matches!(e, KeyError::SameDirectory { .. }), "{e}");
+    assert_eq!(std::fs::read_dir(other.path()).unwrap().count(), 0);
+    let (oa, ob) = (other.path().join("a"), other.path().join("b"));
+    std::fs::create_dir_all(&oa).unwrap();
+    std::fs::create_dir_all(&ob).unwrap();
+    pool::provision("elsewhere", 1 << 16, &oa, &ob).unwrap();
+    // Another link's pool under this link's name.
+    let target = l.a.join("home-lsa.a2b.pool");
+    std::fs::copy(oa.join("elsewhere.a2b.pool"), &target).unwrap();
+    let e = refused(&l.a, "home-lsa.a2b.pool", || send(&l.a));
+    assert!(
+        matches!(e, LinkError::Key(KeyError::ForeignPool { .. })),
+        "{e}"
+    );
+    assert!(e.to_string().contains("elsewhere"), "{e}");
+    // The other direction's pool under the a2b name.
+    std::fs::copy(l.a.join("home-lsa.b2a.pool"), &target).unwrap();
+    let e = refused(&l.a, "home-lsa.a2b.pool", || send(&l.a));
+    assert!(e.to_string().contains("b2a"), "{e}");
+    // The other end: b holds the receiving end of a2b, not the sending end.
+    let e = refused(&l.b, "home-lsa.a2b.pool", || send(&l.b));
+    assert!(e.to_string().contains("end b"), "{e}");
+    let e = refused(&l.a, "home-lsa.b2a.pool", || {
+        SendStream::from_dir(&l.a, LINK, Direction::BtoA, opts())
+    });
+    assert!(
+        matches!(e, LinkError::Key(KeyError::ForeignPool { .. })),
+        "{e}"
+    );
+}
+
+fn write_slot(path: &Path, slot_index: u64, bytes: &[u8]) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, slot_index * SLOT_STRIDE).unwrap();
+}
+
+fn stream_id(dir: &Path) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    let f = std::fs::File::open(dir.join("home-lsa.a2b.pool")).unwrap();
+    f.read_exact_at(&mut id, 16).unwrap();
+    id
+}
+
+#[test]
+fn ledger_from_the_future() {
+    let l = provision(1 << 16);
+    use_stream(&l.a, 2);
+    let lp = ledger_path(&l.a, LINK, Direction::AtoB);
+    let mut b = Slot {
+        role: Role::Sender,
+        stream_id: stream_id(&l.a),
+        seq: 1000,
+        value: 100,
+    }
+    .encode();
+    b[8] = 9; // version 9
+    write_slot(&lp, 0, &b);
+    let e = refused(&l.a, "home-lsa.a2b.ledger", || send(&l.a));
+    assert!(
+        matches!(e, LinkError::LedgerFromFuture { found: 9, .. }),
+        "{e}"
+    );
+}
+
+#[test]
+fn ledger_beyond_the_pool_and_foreign_ledger() {
+    let l = provision(1 << 16);
+    use_stream(&l.a, 1);
+    let lp = ledger_path(&l.a, LINK, Direction::AtoB);
+    let slot = |value, stream_id| {
+        Slot {
+            role: Role::Sender,
+            stream_id,
+            seq: 1000,
+            value,
+        }
+        .encode()
+    };
+    write_slot(&lp, 0, &slot((1 << 16) + 1, stream_id(&l.a)));
+    let e = refused(&l.a, "home-lsa.a2b.ledger", || send(&l.a));
+    assert!(matches!(e, LinkError::LedgerBeyondPool { .. }), "{e}");
+    assert!(e.to_string().contains("home-lsa.a2b.pool"), "{e}");
+    write_slot(&lp, 0, &slot(10, [0xee; 16]));
+    let e = refused(&l.a, "home-lsa.a2b.ledger", || send(&l.a));
+    assert!(matches!(e, LinkError::LedgerForeign { .. }), "{e}");
+    // Both slots torn: refuse rather than guess.
+    write_slot(&lp, 0, &[0xff; 64]);
+    write_slot(&lp, 1, &[0xff; 64]);
+    let e = refused(&l.a, "home-lsa.a2b.ledger", || send(&l.a));
+    assert!(matches!(e, LinkError::LedgerCorrupt { .. }), "{e}");
+}
+
+#[test]
+fn stale_or_missing_ledger_of_a_used_pool() {
+    let l = provision(1 << 16);
+    let lp = ledger_path(&l.a, LINK, Direction::AtoB);
+    use_stream(&l.a, 1);
+    let backup = std::fs::read(&lp).unwrap();
+    use_stream(&l.a, 20); // passes several windows
+    std::fs::write(&lp, &backup).unwrap();
+    let e = refused(&l.a, "home-lsa.a2b.ledger", || send(&l.a));
+    assert!(matches!(e, LinkError::StaleLedger { .. }), "{e}");
+    std::fs::remove_file(&lp).unwrap();
+    let e = refused(&l.a, "home-lsa.a2b.ledger", || send(&l.a));
+    assert!(matches!(e, LinkError::LedgerMissing { .. }), "{e}");
+}
+
+#[test]
+fn exhausted_stream() {
+    let l = provision(4096);
+    let mut s = send(&l.a).unwrap();
+    let mut f = Vec::new();
+    s.seal(&[7; 4000], &mut f).unwrap();
+    assert_eq!(s.remaining(), 4096 - 4032);
+    let e = refused(&l.a, "home-lsa.a2b.pool", || s.seal(&[7; 100], &mut f));
+    assert!(
+        matches!(
+            e,
+            LinkError::Exhausted {
+                needed: 132,
+                remaining: 64,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    s.seal(&[7; 32], &mut f).unwrap();
+    assert_eq!(s.remaining(), 0);
+    let e = refused(&l.a, "home-lsa.a2b.pool", || s.seal(&[], &mut f));
+    assert!(matches!(e, LinkError::Exhausted { .. }), "{e}");
+    drop(s);
+    // Reopening an exhausted stream works and still refuses.
+    let mut s = send(&l.a).unwrap();
+    assert_eq!(s.remaining(), 0);
+    refused(&l.a, "home-lsa.a2b.pool", || s.seal(&[], &mut f));
+}
+
+#[test]
+fn a_stream_is_opened_by_one_process_at_a_time() {
+    let l = provision(1 << 16);
+    let s = send(&l.a).unwrap();
+    let e = refused(&l.a, "home-lsa.a2b.ledger", || send(&l.a));
+    assert!(matches!(e, LinkError::Busy { .. }), "{e}");
+    drop(s);
+    send(&l.a).unwrap();
+}
+
+#[test]
+fn used_key_is_destroyed_at_both_ends() {
+    let l = provision(1 << 20);
+    let mut s = send(&l.a).unwrap();
+    let mut r = RecvStream::from_dir(&l.b, LINK, Direction::AtoB, opts()).unwrap();
+    let (mut f, mut o) = (Vec::new(), Vec::new());
+    for _ in 0..10 {
+        let k = s.seal(&[5; 10_000], &mut f).unwrap().key_range;
+        r.open(&f, &mut o).unwrap();
+        s.flush().unwrap();
+        r.flush().unwrap();
+        for dir in [&l.a, &l.b] {
+            let mut buf = vec![1u8; (k.end - k.start) as usize];
+            std::fs::File::open(dir.join("home-lsa.a2b.pool"))
+                .unwrap()
+                .read_exact_at(&mut buf, 4096 + k.start)
+                .unwrap();
+            assert!(
+                buf.iter().all(|&x| x == 0),
+                "used key left in {}",
+                dir.display()
+            );
+        }
+    }
+    // The unused key just past the last frame is intact (non-zero) at both ends.
+    let next = s.next_offset();
+    let mut a = [0u8; 32];
+    let mut b = [0u8; 32];
+    std::fs::File::open(l.a.join("home-lsa.a2b.pool"))
+        .unwrap()
+        .read_exact_at(&mut a, 4096 + next)
+        .unwrap();
+    std::fs::File::open(l.b.join("home-lsa.a2b.pool"))
+        .unwrap()
+        .read_exact_at(&mut b, 4096 + next)
+        .unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a, [0u8; 32]);
+}
+
+#[test]
+fn provision_refuses_zero_absurd_and_existing() {
+    let l = provision(4096);
+    let fresh = tempfile::tempdir().unwrap();
+    let (fa, fb) = (fresh.path().join("a"), fresh.path().join("b"));
+    std::fs::create_dir_all(&fa).unwrap();
+    std::fs::create_dir_all(&fb).unwrap();
+    let before = (snapshot(&fa), snapshot(&fb));
+    let e = pool::provision(LINK, 0, &fa, &fb).unwrap_err();
+    assert!(matches!(e, KeyError::BadSize { .. }), "{e}");
+    assert!(e.to_string().contains(LINK), "{e}");
+    let e = pool::provision(LINK, 1 << 49, &fa, &fb).unwrap_err();
+    assert!(e.to_string().contains("free"), "{e}");
+    assert!(e.to_string().contains(LINK), "{e}");
+    let e = pool::provision(LINK, u64::MAX, &fa, &fb).unwrap_err();
+    assert!(matches!(e, KeyError::BadSize { .. }), "{e}");
+    assert_eq!((snapshot(&fa), snapshot(&fb)), before);
+    let before = (snapshot(&l.a), snapshot(&l.b));
+    let e = pool::provision(LINK, 4096, &l.a, &l.b).unwrap_err();
+    assert!(matches!(e, KeyError::Exists { .. }), "{e}");
+    assert!(e.to_string().contains("home-lsa.a2b.pool"), "{e}");
+    assert_eq!((snapshot(&l.a), snapshot(&l.b)), before);
+    let e = pool::provision("../x", 4096, &l.a, &l.b).unwrap_err();
+    assert!(matches!(e, KeyError::InvalidLinkName { .. }), "{e}");
+}
