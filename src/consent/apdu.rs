@@ -31,9 +31,10 @@ pub mod object {
     pub const CERT_9E: Tag = Tag::from_const(0x5FC101);
     /// X.509 certificate for PIV Authentication (key 9A).
     pub const CERT_9A: Tag = Tag::from_const(0x5FC105);
-    /// Patient manifest digest: the certificate object of retired key slot 95 (the last one).
-    /// Why this object is in docs/design/card.md.
-    pub const PATIENT_DIGEST: Tag = Tag::from_const(0x5FC120);
+    /// Patient manifest digest: an object tag neither PIV nor Yubico defines ("QG" in the low
+    /// bits), inside the 5F0000..5FFFFF range YubiKeys accept for PUT DATA. Why this one:
+    /// docs/design/card.md.
+    pub const PATIENT_DIGEST: Tag = Tag::from_const(0x5FD147);
 }
 
 /// PIV key references (slots).
@@ -653,14 +654,14 @@ mod tests {
         assert_eq!(cmds[0].cla, 0x10);
         assert_eq!(cmds[1].cla, 0x10);
         assert_eq!(cmds[2].cla, 0x00);
-        assert_eq!(&cmds[0].data[..5], &hex("5C 03 5F C1 20")[..]);
+        assert_eq!(&cmds[0].data[..5], &hex("5C 03 5F D1 47")[..]);
         let total: usize = cmds.iter().map(|c| c.data.len()).sum();
         assert_eq!(total, 605);
         assert!(cmds.iter().all(|c| c.le.is_none()));
         let short = put_data(object::PATIENT_DIGEST, &[0x53, 0x00]);
         assert_eq!(
             short[0].to_bytes().unwrap(),
-            hex("00 DB 3F FF 07 5C 03 5F C1 20 53 00")
+            hex("00 DB 3F FF 07 5C 03 5F D1 47 53 00")
         );
         let big = Command::new(0, INS_PUT_DATA, 0x3F, 0xFF, vec![0; 256], None);
         assert_eq!(
