@@ -41,6 +41,7 @@ fn is_service_gone(e: pcsc::Error) -> bool {
 pub struct PcscClient {
     ctx: Option<pcsc::Context>,
     backoff: Backoff,
+    established: u32,
 }
 
 impl std::fmt::Debug for PcscClient {
@@ -60,7 +61,17 @@ impl std::fmt::Debug for PcscClient {
 impl PcscClient {
     /// A client; the context is established on first use.
     pub fn new(backoff: Backoff) -> PcscClient {
-        PcscClient { ctx: None, backoff }
+        PcscClient {
+            ctx: None,
+            backoff,
+            established: 0,
+        }
+    }
+
+    /// How many times a context was established (1 after first use; each pcscd restart the
+    /// client recovered from adds one).
+    pub fn contexts_established(&self) -> u32 {
+        self.established
     }
 
     /// Whether a context is currently held (it may still be stale after a pcscd restart).
@@ -83,7 +94,10 @@ impl PcscClient {
             }
             if self.ctx.is_none() {
                 match pcsc::Context::establish(pcsc::Scope::User) {
-                    Ok(c) => self.ctx = Some(c),
+                    Ok(c) => {
+                        self.ctx = Some(c);
+                        self.established += 1;
+                    }
                     Err(e) if is_service_gone(e) => {
                         last = e;
                         continue;
@@ -136,6 +150,20 @@ impl PcscClient {
 
     /// Waits until a card is present in `reader` (exact name), up to `timeout`.
     pub fn wait_for_card(&mut self, reader: &str, timeout: Duration) -> Result<(), CardError> {
+        self.wait_for_state(reader, true, timeout)
+    }
+
+    /// Waits until `reader` (exact name) is empty, up to `timeout`.
+    pub fn wait_for_removal(&mut self, reader: &str, timeout: Duration) -> Result<(), CardError> {
+        self.wait_for_state(reader, false, timeout)
+    }
+
+    fn wait_for_state(
+        &mut self,
+        reader: &str,
+        present: bool,
+        timeout: Duration,
+    ) -> Result<(), CardError> {
         let name = CString::new(reader).map_err(|_| CardError::NoReader {
             wanted: reader.to_owned(),
             present: Vec::new(),
@@ -147,8 +175,9 @@ impl PcscClient {
             if left.is_zero() {
                 return Err(CardError::Timeout {
                     reader: reader.to_owned(),
-                    what: "a card",
+                    what: if present { "a card" } else { "card removal" },
                     waited_ms: timeout.as_millis() as u64,
+                    last_state: format!("{known:?}"),
                 });
             }
             let mut states = [pcsc::ReaderState::new(name.clone(), known)];
@@ -156,10 +185,18 @@ impl PcscClient {
             match self.with_context(|ctx| ctx.get_status_change(wait, &mut states))? {
                 Ok(()) => {
                     let ev = states[0].event_state();
-                    if ev.contains(pcsc::State::PRESENT) && !ev.contains(pcsc::State::MUTE) {
+                    let is_present =
+                        ev.contains(pcsc::State::PRESENT) && !ev.contains(pcsc::State::MUTE);
+                    if is_present == present && !ev.contains(pcsc::State::UNKNOWN) {
                         return Ok(());
                     }
-                    known = ev - pcsc::State::CHANGED;
+                    if ev.contains(pcsc::State::UNKNOWN) {
+                        // Reader not (yet) known to this pcscd: poll instead of spinning.
+                        std::thread::sleep(Duration::from_millis(50));
+                        known = pcsc::State::UNAWARE;
+                    } else {
+                        known = ev - pcsc::State::CHANGED;
+                    }
                 }
                 Err(pcsc::Error::Timeout) => {}
                 // The reader itself may appear only after pcscd has (re)started its driver.
@@ -221,6 +258,11 @@ impl CardTransport for PcscCard {
     fn transmit(&mut self, apdu: &[u8]) -> Result<Vec<u8>, CardError> {
         let result = self.card.transmit(apdu, &mut self.buf);
         match result {
+            // vpcd (and some readers) report a card that vanished mid-command as an empty answer.
+            Ok(resp) if resp.len() < 2 => Err(CardError::Mute {
+                reader: self.reader.clone(),
+                got: resp.len(),
+            }),
             Ok(resp) => {
                 let out = resp.to_vec();
                 let n = out.len();

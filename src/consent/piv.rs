@@ -34,11 +34,16 @@ pub enum CardError {
     NoCard { reader: String },
     #[error("card removed from reader {reader:?}")]
     Removed { reader: String },
-    #[error("timed out after {waited_ms} ms waiting for {what} on reader {reader:?}")]
+    #[error(
+        "card in reader {reader:?} answered {got} byte(s), no status word (mute or pulled out)"
+    )]
+    Mute { reader: String, got: usize },
+    #[error("timed out after {waited_ms} ms waiting for {what} on reader {reader:?} (last state {last_state})")]
     Timeout {
         reader: String,
         what: &'static str,
         waited_ms: u64,
+        last_state: String,
     },
     #[error("PC/SC {op} failed on reader {reader:?}: {source}")]
     Pcsc {
@@ -58,6 +63,7 @@ impl CardError {
             CardError::NoService { .. }
                 | CardError::NoCard { .. }
                 | CardError::Removed { .. }
+                | CardError::Mute { .. }
                 | CardError::Timeout { .. }
         )
     }

@@ -148,7 +148,7 @@ impl Pcscd {
         }
         let (out, err) = log_file(log)?;
         let child = Command::new("pcscd")
-            .arg("--foreground")
+            .args(["--foreground", "--debug"])
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
