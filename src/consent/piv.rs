@@ -259,7 +259,7 @@ pub fn certificate_public_key(cert_der: &[u8]) -> Result<p256::PublicKey, String
     p256::PublicKey::from_public_key_der(&spki).map_err(|e| format!("not a P-256 key: {e}"))
 }
 
-/// Builds the patient digest record `53 26 { 80 01 01, 81 20 <digest> }` (inner bytes only,
+/// Builds the patient digest record `53 25 { 80 01 01, 81 20 <digest> }` (inner bytes only,
 /// without the 53 wrapper).
 pub fn digest_record(digest: &[u8; 32]) -> Vec<u8> {
     let mut inner = Vec::with_capacity(37);
@@ -318,11 +318,12 @@ impl<T: CardTransport> PivCard<T> {
     }
 
     fn send_one(&mut self, step: &'static str, cmd: &Command) -> Result<Response, PivError> {
-        let bytes = cmd.to_bytes().map_err(|source| PivError::Apdu {
+        // The wire bytes may hold a PIN or a management-key witness: wiped on drop.
+        let bytes = Zeroizing::new(cmd.to_bytes().map_err(|source| PivError::Apdu {
             reader: self.reader.clone(),
             step,
             source,
-        })?;
+        })?);
         let raw = self
             .transport
             .transmit(&bytes)
@@ -676,6 +677,14 @@ mod tests {
         let err = PivCard::open(scripted(&[&[0x6A, 0x82]])).unwrap_err();
         assert!(matches!(err, PivError::NotPiv { .. }));
         assert!(err.to_string().contains("scripted"), "{err}");
+    }
+
+    #[test]
+    fn digest_record_layout() {
+        let rec = tlv::encode(Tag::DATA, &digest_record(&[0xAB; 32])).unwrap();
+        assert_eq!(&rec[..7], &[0x53, 0x25, 0x80, 0x01, 0x01, 0x81, 0x20]);
+        assert_eq!(rec.len(), 39);
+        assert!(rec[7..].iter().all(|&b| b == 0xAB));
     }
 
     #[test]

@@ -211,7 +211,7 @@ pub fn self_signed_cert(key: &SigningKey, cn: &str) -> Result<Vec<u8>, String> {
 #[derive(Clone)]
 pub struct CardOptions {
     /// Application PIN (6 to 8 ASCII bytes).
-    pub pin: Vec<u8>,
+    pub pin: Zeroizing<Vec<u8>>,
     pub pin_tries: u8,
     pub management_key: ManagementKey,
     /// Sign with a key other than the certificate's.
@@ -238,7 +238,7 @@ impl std::fmt::Debug for CardOptions {
 impl Default for CardOptions {
     fn default() -> Self {
         CardOptions {
-            pin: b"123456".to_vec(),
+            pin: Zeroizing::new(b"123456".to_vec()),
             pin_tries: 3,
             management_key: ManagementKey::new(Algorithm::TripleDes, &ManagementKey::DEFAULT_BYTES)
                 .expect("default key length"),

@@ -163,7 +163,7 @@ fn main() -> Result<()> {
         None => None,
     };
     let opts = CardOptions {
-        pin: args.pin.as_bytes().to_vec(),
+        pin: zeroize::Zeroizing::new(args.pin.as_bytes().to_vec()),
         management_key: ManagementKey::new(alg, &key_bytes)?,
         wrong_key: args.wrong_key,
         bad_signature: args.bad_signature,
