@@ -1,0 +1,148 @@
+//! The mount's control socket: how `qgenome consent ...`, `qgenome card ...` and
+//! `qgenome status` reach a running mount (which holds the catalog open; sled allows one process).
+//!
+//! Protocol: one JSON object per line each way over a Unix socket created mode 0600 in the
+//! state directory. A request is `{"cmd": "...", ...arguments}`; a reply is
+//! `{"ok": true, ...}` or `{"ok": false, "error": "..."}`. Each connection may send several
+//! requests. Plaintext and key bytes never travel here.
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+/// Answers one request. Returns `None` for a command it does not know, so handlers chain.
+pub type Handler = dyn Fn(&Value) -> Option<Value> + Send + Sync;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    #[error(
+        "control socket {path}: {source} (is `qgenome mount` running with this state directory?)"
+    )]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("control socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("control socket {path}: bad reply: {reason}")]
+    Reply { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Error reply helper for handlers.
+pub fn error(msg: impl std::fmt::Display) -> Value {
+    json!({"ok": false, "error": msg.to_string()})
+}
+
+/// A string argument of a request, or an error reply naming it.
+pub fn arg_str<'a>(req: &'a Value, key: &str) -> Result<&'a str, Value> {
+    req.get(key).and_then(Value::as_str).ok_or_else(|| {
+        error(format!(
+            "request {:?}: missing string argument {key:?}",
+            req["cmd"]
+        ))
+    })
+}
+
+/// Serve `handlers` (tried in order) on a socket at `path` from a background thread.
+pub fn serve(path: &Path, handlers: Vec<Arc<Handler>>) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let handlers = Arc::new(handlers);
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let handlers = handlers.clone();
+                std::thread::spawn(move || {
+                    let _ = session(conn, &handlers);
+                });
+            }
+        })?;
+    Ok(())
+}
+
+fn session(conn: UnixStream, handlers: &[Arc<Handler>]) -> std::io::Result<()> {
+    let mut out = conn.try_clone()?;
+    for line in BufReader::new(conn).lines() {
+        let line = line?;
+        let reply = match serde_json::from_str::<Value>(&line) {
+            Ok(req) => handlers
+                .iter()
+                .find_map(|h| h(&req))
+                .unwrap_or_else(|| error(format!("unknown command {:?}", req["cmd"]))),
+            Err(e) => error(format!("request is not JSON: {e}")),
+        };
+        writeln!(out, "{reply}")?;
+    }
+    Ok(())
+}
+
+/// Send one request and return the reply's fields, or its error as [`ControlError::Refused`].
+pub fn request(path: &Path, req: &Value) -> Result<Value, ControlError> {
+    let io = |source| ControlError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut conn = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // Consent waits and card exchanges answer within seconds; never hang a CLI forever.
+    conn.set_read_timeout(Some(Duration::from_secs(120)))
+        .map_err(io)?;
+    writeln!(conn, "{req}").map_err(io)?;
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line).map_err(io)?;
+    let reply: Value = serde_json::from_str(&line).map_err(|e| ControlError::Reply {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    if reply["ok"] == json!(true) {
+        Ok(reply)
+    } else {
+        Err(ControlError::Refused(
+            reply["error"]
+                .as_str()
+                .unwrap_or("refused without a reason")
+                .to_string(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_reach_the_first_handler_that_knows_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let echo: Arc<Handler> = Arc::new(|req: &Value| {
+            (req["cmd"] == "echo").then(|| json!({"ok": true, "said": req["text"]}))
+        });
+        let fail: Arc<Handler> =
+            Arc::new(|req: &Value| (req["cmd"] == "fail").then(|| error("no such patient P9")));
+        serve(&path, vec![echo, fail]).unwrap();
+        let reply = request(&path, &json!({"cmd": "echo", "text": "hi"})).unwrap();
+        assert_eq!(reply["said"], "hi");
+        let err = request(&path, &json!({"cmd": "fail"})).unwrap_err();
+        assert_eq!(err.to_string(), "no such patient P9");
+        let err = request(&path, &json!({"cmd": "nope"})).unwrap_err();
+        assert!(err.to_string().contains("unknown command"), "{err}");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let err = request(&dir.path().join("absent.sock"), &json!({})).unwrap_err();
+        assert!(err.to_string().contains("absent.sock"), "{err}");
+    }
+}
