@@ -12,12 +12,14 @@
 //! - [`keys`]: key sources: pre-shared pool files (and later ETSI GS QKD 014).
 //! - [`link`]: one-time-pad + Wegman–Carter sealing of frames, key streams, key ledger.
 //! - [`wire`]: byte formats shared with mountd (frame header).
+//! - [`config`]: the home node's TOML configuration.
 //! - [`control`]: the running mount's control socket (JSON lines).
 //! - [`cli`]: the `qgenome` subcommands (argument parsing and dispatch only).
 //!
 //! Byte-level formats and the reasons behind the choices are in `docs/design.md`.
 pub mod catalog;
 pub mod cli;
+pub mod config;
 pub mod consent;
 pub mod control;
 pub mod fs;

@@ -122,8 +122,13 @@ fn bench_split(args: &SplitArgs) -> anyhow::Result<()> {
             bail!("combine did not rebuild the secret: the scheme is broken");
         }
     }
+    drop(shares);
+    drop(out);
     let split_mbps = median(split_runs);
     let combine_mbps = median(combine_runs);
+    // Seal + open of 1 MiB frames through a freshly provisioned link on the same tmpfs.
+    let seal_mbps = crate::link::bench_seal(args.size, &args.dir)
+        .with_context(|| format!("seal benchmark in {}", args.dir.display()))?;
     let gfsplit_mbps = if args.no_baseline {
         None
     } else {
@@ -134,6 +139,7 @@ fn bench_split(args: &SplitArgs) -> anyhow::Result<()> {
             "k": args.k, "n": args.n, "size": args.size, "chunk": args.chunk,
             "threads": args.threads, "split_mbps": round1(split_mbps),
             "combine_mbps": round1(combine_mbps),
+            "seal_mbps": round1(seal_mbps),
         });
         if let Some(g) = gfsplit_mbps {
             v["gfsplit_mbps"] = json!(round1(g));
@@ -152,6 +158,10 @@ fn bench_split(args: &SplitArgs) -> anyhow::Result<()> {
         );
         println!("split   {split_mbps:>9.1} MB/s (including random generation)");
         println!("combine {combine_mbps:>9.1} MB/s");
+        println!(
+            "seal    {seal_mbps:>9.1} MB/s (seal + open of 1 MiB frames, pools in {})",
+            args.dir.display()
+        );
         if let Some(g) = gfsplit_mbps {
             println!(
                 "gfsplit {g:>9.1} MB/s (-n {} -m {}, same data) -> split is {:.1}x",

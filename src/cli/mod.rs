@@ -2,6 +2,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod bench;
+pub mod consent;
 pub mod keys;
 
 /// qgenome: CRAM storage by XOR threshold secret sharing over one-time-pad links.
@@ -20,6 +21,16 @@ pub enum Command {
     /// Provision and inspect link key pools.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Grant, revoke and list consent sessions on a running mount.
+    #[command(subcommand)]
+    Consent(consent::ConsentCommand),
+    /// Counters and key left per site, from a running mount.
+    Status {
+        #[command(flatten)]
+        ctl: consent::ControlArgs,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 impl Cli {
@@ -27,6 +38,8 @@ impl Cli {
         match self.command {
             Command::Bench(cmd) => cmd.run(),
             Command::Keys(cmd) => cmd.run(),
+            Command::Consent(cmd) => cmd.run(),
+            Command::Status { ctl, json } => consent::status(&ctl, json),
         }
     }
 }

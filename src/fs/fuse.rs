@@ -277,6 +277,16 @@ impl QgenomeFs {
 }
 
 impl Filesystem for QgenomeFs {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        // Without this the kernel strips O_TRUNC from open and truncates with a separate
+        // setattr first, so a replaced file would be briefly empty for readers.
+        if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_ATOMIC_O_TRUNC) {
+            tracing::warn!("kernel lacks {missing:?}: O_TRUNC replacement is not atomic");
+        }
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let node = match self.child(parent, name) {
             Ok(n) => n,

@@ -1,0 +1,115 @@
+//! `qgenome consent ...` and `qgenome status`: requests to a running mount's control socket.
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use crate::config::HomeConfig;
+use crate::control;
+
+/// Where the running mount listens: `--control SOCKET`, or the one in `--config FILE`.
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    /// The mount's config file (its state_dir holds the control socket).
+    #[arg(long, default_value = "/etc/qgenome/qgenome.toml")]
+    pub config: PathBuf,
+    /// The control socket itself, overriding --config.
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+}
+
+impl ControlArgs {
+    pub fn socket(&self) -> anyhow::Result<PathBuf> {
+        match &self.control {
+            Some(p) => Ok(p.clone()),
+            None => Ok(HomeConfig::load(&self.config)?.control_socket()),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConsentCommand {
+    /// Open a consent session for a patient (admin override; the card is the normal way).
+    Grant {
+        patient: String,
+        #[arg(long, default_value_t = 15)]
+        minutes: u64,
+        #[command(flatten)]
+        ctl: ControlArgs,
+    },
+    /// End a patient's consent session now (cached plaintext is wiped).
+    Revoke {
+        patient: String,
+        #[command(flatten)]
+        ctl: ControlArgs,
+    },
+    /// List active consent sessions.
+    List {
+        #[command(flatten)]
+        ctl: ControlArgs,
+    },
+}
+
+impl ConsentCommand {
+    pub fn run(self) -> anyhow::Result<()> {
+        match self {
+            ConsentCommand::Grant {
+                patient,
+                minutes,
+                ctl,
+            } => {
+                control::request(
+                    &ctl.socket()?,
+                    &json!({"cmd": "consent-grant", "patient": patient, "minutes": minutes}),
+                )?;
+                println!("consent granted for {patient} for {minutes} min");
+            }
+            ConsentCommand::Revoke { patient, ctl } => {
+                let r = control::request(
+                    &ctl.socket()?,
+                    &json!({"cmd": "consent-revoke", "patient": patient}),
+                )?;
+                if r["ended"] == json!(true) {
+                    println!("consent for {patient} ended");
+                } else {
+                    println!("{patient} had no active consent");
+                }
+            }
+            ConsentCommand::List { ctl } => {
+                let r = control::request(&ctl.socket()?, &json!({"cmd": "consent-list"}))?;
+                for g in r["grants"].as_array().into_iter().flatten() {
+                    let left = match g["remaining_secs"].as_u64() {
+                        Some(s) => format!("{s} s left"),
+                        None => "until the card is removed".into(),
+                    };
+                    println!(
+                        "{}\t{}\t{left}",
+                        g["patient"].as_str().unwrap_or("?"),
+                        g["source"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `qgenome status`: counters and key left per site link.
+pub fn status(ctl: &ControlArgs, as_json: bool) -> anyhow::Result<()> {
+    let r = control::request(&ctl.socket()?, &json!({"cmd": "status"}))?;
+    if as_json {
+        println!("{r}");
+        return Ok(());
+    }
+    for s in r["sites"].as_array().into_iter().flatten() {
+        let key = match s["key_remaining"].as_u64() {
+            Some(b) => format!("{:.1} MiB of key left", b as f64 / (1 << 20) as f64),
+            None => "local (no link)".into(),
+        };
+        println!("site {:<12} {key}", s["name"].as_str().unwrap_or("?"));
+    }
+    for (k, v) in r["stats"].as_object().into_iter().flatten() {
+        println!("{k:<16} {v}");
+    }
+    Ok(())
+}

@@ -1,0 +1,282 @@
+//! The home node's configuration file (`qgenome.toml`).
+//!
+//! ```toml
+//! mountpoint = "/qgenome"
+//! state_dir = "/var/lib/qgenome"     # catalog, control socket
+//! chunk_size = "1M"
+//! consent_wait_secs = 300             # a read without consent fails with EACCES after this
+//! cache = "256M"                      # plaintext cache, wiped when a consent ends
+//! allow_other = false                 # let users other than the mounting one use the mount
+//!
+//! [scheme]
+//! k = 2
+//! n = 3
+//!
+//! [[site]]                            # share 0: the home site's own mountd, no pad
+//! name = "home"
+//! socket = "/run/qgenome/home.sock"
+//!
+//! [[site]]                            # share 1: a remote site over a one-time-pad link
+//! name = "lsa"
+//! address = "192.0.2.10:7601"
+//! link = "home-lsa"
+//! keys = "/var/lib/qgenome/keys"      # directory with this end's pool and ledger files
+//! end = "a"
+//! ```
+//!
+//! Unknown keys are refused; every error names the key and the file.
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: key `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HomeConfig {
+    pub mountpoint: PathBuf,
+    pub state_dir: PathBuf,
+    #[serde(default = "default_chunk")]
+    pub chunk_size: String,
+    #[serde(default = "default_wait")]
+    pub consent_wait_secs: u64,
+    #[serde(default = "default_cache")]
+    pub cache: String,
+    #[serde(default)]
+    pub allow_other: bool,
+    pub scheme: SchemeConfig,
+    #[serde(rename = "site")]
+    pub sites: Vec<SiteConfig>,
+    /// Where this file was read from (for messages).
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemeConfig {
+    pub k: usize,
+    pub n: usize,
+}
+
+/// A site: either the home site's mountd over a Unix socket, or a remote one over a link.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    pub name: String,
+    pub socket: Option<PathBuf>,
+    pub address: Option<String>,
+    pub link: Option<String>,
+    pub keys: Option<PathBuf>,
+    pub end: Option<String>,
+}
+
+fn default_chunk() -> String {
+    "1M".into()
+}
+fn default_wait() -> u64 {
+    300
+}
+fn default_cache() -> String {
+    "256M".into()
+}
+
+impl HomeConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: HomeConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        cfg.path = path.to_path_buf();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn invalid(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.clone(),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let SchemeConfig { k, n } = self.scheme;
+        if !(2..=16).contains(&n) || !(2..=n).contains(&k) {
+            return Err(self.invalid(
+                "scheme",
+                format!("({k},{n}) unsupported: need 2 <= k <= n <= 16"),
+            ));
+        }
+        if self.sites.len() != n {
+            return Err(self.invalid(
+                "site",
+                format!(
+                    "{} sites listed, the scheme issues n = {n} shares (one per site)",
+                    self.sites.len()
+                ),
+            ));
+        }
+        self.chunk_bytes()?;
+        self.cache_bytes()?;
+        for (i, s) in self.sites.iter().enumerate() {
+            let key = |f: &str| format!("site[{i}].{f}");
+            if s.name.is_empty() || s.name.contains(['/', '\0', ' ']) {
+                return Err(self.invalid(
+                    &key("name"),
+                    format!("{:?} is not a usable site name", s.name),
+                ));
+            }
+            if self.sites[..i].iter().any(|o| o.name == s.name) {
+                return Err(self.invalid(&key("name"), format!("site {} is listed twice", s.name)));
+            }
+            match (&s.socket, &s.address) {
+                (Some(_), None) => {
+                    if s.link.is_some() || s.keys.is_some() || s.end.is_some() {
+                        return Err(
+                            self.invalid(&key("link"), "a socket site has no link, keys or end")
+                        );
+                    }
+                }
+                (None, Some(_)) => {
+                    for (f, v) in [
+                        ("link", s.link.is_some()),
+                        ("keys", s.keys.is_some()),
+                        ("end", s.end.is_some()),
+                    ] {
+                        if !v {
+                            return Err(
+                                self.invalid(&key(f), "required for a remote (address) site")
+                            );
+                        }
+                    }
+                    if !matches!(s.end.as_deref(), Some("a" | "b")) {
+                        return Err(self.invalid(&key("end"), "must be \"a\" or \"b\""));
+                    }
+                }
+                _ => {
+                    return Err(self.invalid(
+                        &key("socket"),
+                        "give exactly one of `socket` (home site) or `address` (remote site)",
+                    ));
+                }
+            }
+        }
+        if self.sites[0].socket.is_none() {
+            return Err(self.invalid(
+                "site[0].socket",
+                "the first site holds share 0 and must be the home site's mountd",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn chunk_bytes(&self) -> Result<usize, ConfigError> {
+        let v =
+            crate::cli::parse_size(&self.chunk_size).map_err(|e| self.invalid("chunk_size", e))?;
+        if !(4096..=64 << 20).contains(&v) {
+            return Err(self.invalid("chunk_size", "must be between 4K and 64M"));
+        }
+        Ok(v as usize)
+    }
+
+    pub fn cache_bytes(&self) -> Result<usize, ConfigError> {
+        crate::cli::parse_size(&self.cache)
+            .map(|v| v as usize)
+            .map_err(|e| self.invalid("cache", e))
+    }
+
+    pub fn catalog_path(&self) -> PathBuf {
+        self.state_dir.join("catalog")
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.state_dir.join("control.sock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+mountpoint = "/qgenome"
+state_dir = "/tmp/q"
+[scheme]
+k = 2
+n = 3
+[[site]]
+name = "home"
+socket = "/run/h.sock"
+[[site]]
+name = "a"
+address = "127.0.0.1:1"
+link = "home-a"
+keys = "/k"
+end = "a"
+[[site]]
+name = "b"
+address = "127.0.0.1:2"
+link = "home-b"
+keys = "/k"
+end = "a"
+"#;
+
+    fn err(text: &str) -> String {
+        HomeConfig::parse(text, Path::new("/etc/q.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn a_good_config_parses_with_defaults() {
+        let c = HomeConfig::parse(GOOD, Path::new("/etc/q.toml")).unwrap();
+        assert_eq!(c.chunk_bytes().unwrap(), 1 << 20);
+        assert_eq!(c.consent_wait_secs, 300);
+        assert_eq!(c.control_socket(), Path::new("/tmp/q/control.sock"));
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_file() {
+        let e = err(&GOOD.replace("state_dir", "stat_dir"));
+        assert!(e.contains("/etc/q.toml") && e.contains("stat_dir"), "{e}");
+        let e = err(&GOOD.replace("k = 2", "k = 4"));
+        assert!(e.contains("key `scheme`"), "{e}");
+        let e = err(&GOOD.replace("end = \"a\"\n[[site]]", "end = \"c\"\n[[site]]"));
+        assert!(e.contains("site[1].end"), "{e}");
+        let e = err(&GOOD.replace("name = \"b\"", "name = \"a\""));
+        assert!(e.contains("site[2].name") && e.contains("twice"), "{e}");
+        let e = err(&GOOD.replacen(
+            "mountpoint = \"/qgenome\"",
+            "mountpoint = \"/qgenome\"\nchunk_size = \"1K\"",
+            1,
+        ));
+        assert!(e.contains("chunk_size"), "{e}");
+        let e = err(&GOOD.replace("link = \"home-b\"\n", ""));
+        assert!(e.contains("site[2].link") && e.contains("required"), "{e}");
+    }
+}

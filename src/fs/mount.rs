@@ -1,0 +1,151 @@
+//! Bringing a mount up and down: catalog, consent, engine, recovery, control socket, FUSE.
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::engine::{Engine, EngineConfig};
+use super::fuse::QgenomeFs;
+use crate::catalog::Catalog;
+use crate::config::HomeConfig;
+use crate::consent::ConsentRegistry;
+use crate::control::{self, arg_str, Handler};
+use crate::sites::ShareSite;
+
+/// A running mount. Dropping it without [`Mounted::unmount`] also unmounts.
+pub struct Mounted {
+    pub engine: Arc<Engine>,
+    session: Option<fuser::BackgroundSession>,
+}
+
+impl std::fmt::Debug for Mounted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mounted").finish_non_exhaustive()
+    }
+}
+
+/// Mount `cfg` at `mountpoint` over `sites` (share i on `sites[i]`), serving the control
+/// socket with the built-in handlers followed by `extra` (card commands, ...).
+pub fn start(
+    cfg: &HomeConfig,
+    mountpoint: &Path,
+    sites: Vec<Arc<dyn ShareSite>>,
+    extra: Vec<Arc<Handler>>,
+) -> anyhow::Result<Mounted> {
+    use anyhow::Context;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating state directory {}", cfg.state_dir.display()))?;
+    let catalog = Arc::new(Catalog::open(&cfg.catalog_path())?);
+    let consent = ConsentRegistry::new(catalog.clone());
+    let engine = Engine::new(
+        catalog.clone(),
+        consent,
+        sites,
+        EngineConfig {
+            k: cfg.scheme.k,
+            n: cfg.scheme.n,
+            chunk_size: cfg.chunk_bytes()?,
+            consent_wait: Duration::from_secs(cfg.consent_wait_secs),
+            cache_bytes: cfg.cache_bytes()?,
+            ..EngineConfig::default()
+        },
+    )?;
+    let discarded = engine.recover()?;
+    if discarded > 0 {
+        tracing::warn!("discarded {discarded} file version(s) left incomplete by a crash");
+    }
+    let mut handlers = vec![builtin_handler(engine.clone())];
+    handlers.extend(extra);
+    control::serve(&cfg.control_socket(), handlers)
+        .with_context(|| format!("control socket {}", cfg.control_socket().display()))?;
+
+    let mut options = fuser::Config::default();
+    options.mount_options = vec![
+        fuser::MountOption::FSName("qgenome".into()),
+        fuser::MountOption::Subtype("qgenome".into()),
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+        fuser::MountOption::NoExec,
+    ];
+    options.acl = if cfg.allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
+    options.n_threads = Some(4);
+    let fs = QgenomeFs::new(engine.clone(), 16);
+    let session = fuser::spawn_mount(fs, mountpoint, &options)
+        .with_context(|| format!("mounting at {}", mountpoint.display()))?;
+    tracing::info!(mountpoint = %mountpoint.display(), "mounted");
+    Ok(Mounted {
+        engine,
+        session: Some(session),
+    })
+}
+
+impl Mounted {
+    pub fn unmount(mut self) -> anyhow::Result<()> {
+        if let Some(s) = self.session.take() {
+            s.umount_and_join()?;
+        }
+        self.engine.catalog.flush()?;
+        Ok(())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            let _ = s.umount_and_join();
+        }
+    }
+}
+
+/// consent-grant / consent-revoke / consent-list / status / audit.
+fn builtin_handler(engine: Arc<Engine>) -> Arc<Handler> {
+    Arc::new(move |req: &Value| {
+        let cmd = req["cmd"].as_str()?;
+        let reply = match cmd {
+            "consent-grant" => (|| {
+                let patient = arg_str(req, "patient")?;
+                let minutes = req["minutes"].as_u64().unwrap_or(15);
+                match engine.catalog.patient(patient) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        return Err(control::error(format!("patient {patient} does not exist")))
+                    }
+                    Err(e) => return Err(control::error(e)),
+                }
+                engine
+                    .consent
+                    .grant(patient, Some(Duration::from_secs(minutes * 60)), "admin");
+                Ok(json!({"ok": true, "patient": patient, "minutes": minutes}))
+            })(),
+            "consent-revoke" => arg_str(req, "patient").map(|p| {
+                let ended = engine.consent.end(p, "revoked by admin");
+                json!({"ok": true, "ended": ended})
+            }),
+            "consent-list" => Ok(json!({"ok": true, "grants": engine.consent.list()})),
+            "status" => {
+                let sites: Vec<Value> = engine
+                    .sites()
+                    .iter()
+                    .map(|s| json!({"name": s.name(), "key_remaining": s.key_remaining()}))
+                    .collect();
+                Ok(json!({"ok": true, "stats": engine.stats().snapshot(), "sites": sites}))
+            }
+            "audit" => engine
+                .catalog
+                .audit_log()
+                .map(|log| {
+                    let last = req["last"].as_u64().unwrap_or(50) as usize;
+                    let tail = &log[log.len().saturating_sub(last)..];
+                    json!({"ok": true, "entries": tail})
+                })
+                .map_err(control::error),
+            _ => return None,
+        };
+        Some(reply.unwrap_or_else(|e| e))
+    })
+}

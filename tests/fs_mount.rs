@@ -1,0 +1,372 @@
+//! A real FUSE mount (in-process, over in-memory sites) driven by real tools: cp, cat, ls and
+//! samtools on Debian's htslib-test CRAM files.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use qgenome::config::HomeConfig;
+use qgenome::control;
+use qgenome::fs::mount::{start, Mounted};
+use qgenome::sites::{MemSite, ShareSite};
+use serde_json::json;
+
+const FIXTURES: &str = "/usr/share/htslib-test/test";
+
+struct Rig {
+    dir: tempfile::TempDir,
+    mnt: PathBuf,
+    mounted: Option<Mounted>,
+    sites: Vec<Arc<MemSite>>,
+    cfg: HomeConfig,
+}
+
+impl Rig {
+    fn new(consent_wait_secs: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let text = format!(
+            r#"
+mountpoint = "{mnt}"
+state_dir = "{state}"
+chunk_size = "64K"
+consent_wait_secs = {consent_wait_secs}
+[scheme]
+k = 2
+n = 3
+[[site]]
+name = "home"
+socket = "/unused/home.sock"
+[[site]]
+name = "lsa"
+address = "127.0.0.1:1"
+link = "home-lsa"
+keys = "/unused"
+end = "a"
+[[site]]
+name = "cloud"
+address = "127.0.0.1:2"
+link = "home-cloud"
+keys = "/unused"
+end = "a"
+"#,
+            mnt = mnt.display(),
+            state = dir.path().join("state").display()
+        );
+        let cfg = HomeConfig::parse(&text, &dir.path().join("qgenome.toml")).unwrap();
+        let sites: Vec<Arc<MemSite>> = cfg
+            .sites
+            .iter()
+            .map(|s| Arc::new(MemSite::new(&s.name)))
+            .collect();
+        let dyn_sites = sites
+            .iter()
+            .map(|s| s.clone() as Arc<dyn ShareSite>)
+            .collect();
+        let mounted = start(&cfg, &mnt, dyn_sites, vec![]).unwrap();
+        Rig {
+            dir,
+            mnt,
+            mounted: Some(mounted),
+            sites,
+            cfg,
+        }
+    }
+
+    fn grant(&self, patient: &str) {
+        control::request(
+            &self.cfg.control_socket(),
+            &json!({"cmd": "consent-grant", "patient": patient, "minutes": 5}),
+        )
+        .unwrap();
+    }
+
+    fn stat(&self, key: &str) -> u64 {
+        let r = control::request(&self.cfg.control_socket(), &json!({"cmd": "status"})).unwrap();
+        r["stats"][key].as_u64().unwrap()
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if let Some(m) = self.mounted.take() {
+            m.unmount().unwrap();
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.env("REF_PATH", "/nonexistent").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn samtools(args: &[&str]) -> Vec<u8> {
+    run(Command::new("samtools").args(args)).stdout
+}
+
+/// The htslib-test CRAM files with the reference each was made against.
+fn fixtures() -> Vec<(PathBuf, PathBuf)> {
+    [
+        ("auxf#values_java.cram", "auxf.fa"),
+        ("ce#5b_java.cram", "ce.fa"),
+        ("range.cram", "ce.fa"),
+        ("xx#large_aux_java.cram", "xx.fa"),
+    ]
+    .iter()
+    .map(|(c, r)| (Path::new(FIXTURES).join(c), Path::new(FIXTURES).join(r)))
+    .collect()
+}
+
+#[test]
+fn every_htslib_cram_round_trips_through_the_mount_under_consent() {
+    let rig = Rig::new(60);
+    let patient = rig.mnt.join("P0001");
+    std::fs::create_dir(&patient).unwrap();
+    let crams = fixtures();
+    assert_eq!(
+        std::fs::read_dir(FIXTURES)
+            .unwrap()
+            .filter(|e| e
+                .as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "cram"))
+            .count(),
+        crams.len(),
+        "a CRAM fixture is not covered"
+    );
+    rig.grant("P0001");
+    for (i, (src, reference)) in crams.iter().enumerate() {
+        let reference = reference.to_str().unwrap();
+        // 1. A CRAM made by samtools elsewhere, copied in unchanged, reads back byte-identical.
+        let local = rig.dir.path().join(format!("local{i}.cram"));
+        samtools(&[
+            "view",
+            "--no-PG",
+            "-T",
+            reference,
+            "-C",
+            "-o",
+            local.to_str().unwrap(),
+            src.to_str().unwrap(),
+        ]);
+        let copied = patient.join(format!("copy{i}.cram"));
+        std::fs::copy(&local, &copied).unwrap();
+        assert_eq!(
+            std::fs::read(&copied).unwrap(),
+            std::fs::read(&local).unwrap(),
+            "{src:?}"
+        );
+        // 2. samtools writing straight into the mount: the same records, index, region queries.
+        let mounted = patient.join(format!("direct{i}.cram"));
+        let m = mounted.to_str().unwrap();
+        samtools(&[
+            "view",
+            "--no-PG",
+            "-T",
+            reference,
+            "-C",
+            "-o",
+            m,
+            src.to_str().unwrap(),
+        ]);
+        // Records, and reference names and lengths (samtools adds UR: and @PG lines naming paths).
+        let want = samtools(&["view", "-T", reference, src.to_str().unwrap()]);
+        assert!(!want.is_empty());
+        assert_eq!(
+            samtools(&["view", "-T", reference, m]),
+            want,
+            "records differ for {src:?}"
+        );
+        let sq = |h: Vec<u8>| -> Vec<String> {
+            String::from_utf8(h)
+                .unwrap()
+                .lines()
+                .filter(|l| l.starts_with("@SQ"))
+                .map(|l| {
+                    l.split('\t')
+                        .filter(|f| f.starts_with("SN:") || f.starts_with("LN:"))
+                        .collect::<Vec<_>>()
+                        .join("\t")
+                })
+                .collect()
+        };
+        // (samtools corrects an @SQ length that disagrees with the reference: compare with its
+        // own local output, which it corrected the same way.)
+        assert_eq!(
+            sq(samtools(&["view", "-H", m])),
+            sq(samtools(&["view", "-H", local.to_str().unwrap()]))
+        );
+        let sorted = patient.join(format!("sorted{i}.cram"));
+        let s = sorted.to_str().unwrap();
+        samtools(&[
+            "sort",
+            "--no-PG",
+            "--reference",
+            reference,
+            "-O",
+            "cram",
+            "-o",
+            s,
+            m,
+        ]);
+        samtools(&["index", s]);
+        assert!(patient.join(format!("sorted{i}.cram.crai")).exists());
+        let header = String::from_utf8(samtools(&["view", "-H", s])).unwrap();
+        if let Some(sq) = header.lines().find(|l| l.starts_with("@SQ")) {
+            let name = sq.split('\t').find_map(|f| f.strip_prefix("SN:")).unwrap();
+            let region = format!("{name}:1-1000");
+            // The same region query against a local copy of the sorted file and its index.
+            let local_sorted = rig.dir.path().join(format!("sorted{i}.cram"));
+            std::fs::copy(&sorted, &local_sorted).unwrap();
+            samtools(&["index", local_sorted.to_str().unwrap()]);
+            assert_eq!(
+                samtools(&["view", "-T", reference, s, &region]),
+                samtools(&[
+                    "view",
+                    "-T",
+                    reference,
+                    local_sorted.to_str().unwrap(),
+                    &region
+                ]),
+                "region {region} differs for {src:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_read_blocks_until_consent_while_listings_and_other_writes_go_on() {
+    let rig = Rig::new(60);
+    for p in ["P1", "P2"] {
+        std::fs::create_dir(rig.mnt.join(p)).unwrap();
+    }
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    std::fs::write(rig.mnt.join("P1/a.cram"), &data).unwrap();
+    let path = rig.mnt.join("P1/a.cram");
+    let reader = std::thread::spawn(move || std::fs::read(path));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!reader.is_finished(), "the read returned before consent");
+    // Meanwhile the filesystem keeps serving everything else.
+    let t = Instant::now();
+    let listing: Vec<_> = std::fs::read_dir(rig.mnt.join("P1"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(listing, ["a.cram"]);
+    std::fs::write(rig.mnt.join("P2/b.cram"), &data[..1000]).unwrap();
+    assert_eq!(
+        std::fs::metadata(rig.mnt.join("P1/a.cram")).unwrap().len(),
+        300_000
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "other requests stalled behind the blocked read"
+    );
+    assert!(!reader.is_finished());
+    rig.grant("P1");
+    assert_eq!(reader.join().unwrap().unwrap(), data);
+    // No consent was given for P2.
+    assert!(!rig.sites.is_empty());
+}
+
+#[test]
+fn past_the_wait_limit_a_read_fails_with_eacces() {
+    let rig = Rig::new(1);
+    std::fs::create_dir(rig.mnt.join("P3")).unwrap();
+    std::fs::write(rig.mnt.join("P3/c.cram"), b"not for you").unwrap();
+    let err = std::fs::read(rig.mnt.join("P3/c.cram")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+}
+
+#[test]
+fn sites_down_and_damaged_shares_are_routed_around_or_reported() {
+    let rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("P4")).unwrap();
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    for name in ["a", "b", "c"] {
+        std::fs::write(rig.mnt.join("P4").join(name), &data).unwrap();
+    }
+    rig.grant("P4");
+    rig.sites[1].set_down(true);
+    assert_eq!(std::fs::read(rig.mnt.join("P4/a")).unwrap(), data);
+    rig.sites[1].set_down(false);
+    rig.sites[0].set_corrupt(true);
+    assert_eq!(std::fs::read(rig.mnt.join("P4/b")).unwrap(), data);
+    assert!(
+        rig.stat("bad_rebuilds") > 0,
+        "the damaged share went unnoticed"
+    );
+    rig.sites[0].set_corrupt(false);
+    rig.sites[0].set_down(true);
+    rig.sites[2].set_down(true);
+    let err = std::fs::read(rig.mnt.join("P4/c")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(rig.stat("failed_reads") > 0);
+}
+
+#[test]
+fn concurrent_writers_for_different_patients() {
+    let rig = Rig::new(60);
+    let writers: Vec<_> = (0..4)
+        .map(|p| {
+            let dir = rig.mnt.join(format!("C{p}"));
+            std::thread::spawn(move || {
+                std::fs::create_dir(&dir).unwrap();
+                let data: Vec<u8> = (0..500_000u32)
+                    .map(|i| (i.wrapping_mul(p + 7) >> 3) as u8)
+                    .collect();
+                std::fs::write(dir.join("run.cram"), &data).unwrap();
+                data
+            })
+        })
+        .collect();
+    let written: Vec<Vec<u8>> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    for (p, data) in written.iter().enumerate() {
+        rig.grant(&format!("C{p}"));
+        assert_eq!(
+            &std::fs::read(rig.mnt.join(format!("C{p}/run.cram"))).unwrap(),
+            data
+        );
+    }
+}
+
+#[test]
+fn rewriting_in_place_is_refused_and_replacing_is_atomic() {
+    let rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("P5")).unwrap();
+    let f = rig.mnt.join("P5/x.cram");
+    std::fs::write(&f, vec![1u8; 100_000]).unwrap();
+    // Opening without O_TRUNC for writing would rewrite shared data.
+    let err = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+    // O_TRUNC replaces the whole file; rename over an existing one replaces it.
+    std::fs::write(&f, vec![2u8; 1000]).unwrap();
+    std::fs::write(rig.mnt.join("P5/y.tmp"), vec![3u8; 5000]).unwrap();
+    std::fs::rename(rig.mnt.join("P5/y.tmp"), &f).unwrap();
+    rig.grant("P5");
+    assert_eq!(std::fs::read(&f).unwrap(), vec![3u8; 5000]);
+    let names: Vec<_> = std::fs::read_dir(rig.mnt.join("P5"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["x.cram"]);
+    // Only the live version's shares remain at the sites: 1 chunk x 1 share per site.
+    assert!(
+        rig.sites.iter().all(|s| s.len() == 1),
+        "old versions' shares were not deleted"
+    );
+    std::fs::remove_file(&f).unwrap();
+    std::fs::remove_dir(rig.mnt.join("P5")).unwrap();
+    assert!(rig.sites.iter().all(|s| s.is_empty()));
+}
