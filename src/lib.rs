@@ -14,6 +14,8 @@
 //! - [`wire`]: byte formats shared with mountd (frame header).
 //! - [`config`]: the home node's TOML configuration.
 //! - [`control`]: the running mount's control socket (JSON lines).
+//! - [`deploy`]: a whole local deployment (pools, volumes, daemons, mount) for the demo,
+//!   benchmarks and integration tests.
 //! - [`cli`]: the `qgenome` subcommands (argument parsing and dispatch only).
 //!
 //! Byte-level formats and the reasons behind the choices are in `docs/design.md`.
@@ -22,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod consent;
 pub mod control;
+pub mod deploy;
 pub mod fs;
 pub mod keys;
 pub mod link;

@@ -3,6 +3,7 @@ use clap::{Parser, Subcommand};
 
 pub mod bench;
 pub mod consent;
+pub mod demo;
 pub mod keys;
 
 /// qgenome: CRAM storage by XOR threshold secret sharing over one-time-pad links.
@@ -24,6 +25,8 @@ pub enum Command {
     /// Grant, revoke and list consent sessions on a running mount.
     #[command(subcommand)]
     Consent(consent::ConsentCommand),
+    /// Run the whole flow on a local three-site deployment (what `make demo` runs).
+    Demo(demo::DemoArgs),
     /// Counters and key left per site, from a running mount.
     Status {
         #[command(flatten)]
@@ -39,6 +42,7 @@ impl Cli {
             Command::Bench(cmd) => cmd.run(),
             Command::Keys(cmd) => cmd.run(),
             Command::Consent(cmd) => cmd.run(),
+            Command::Demo(args) => demo::run(args),
             Command::Status { ctl, json } => consent::status(&ctl, json),
         }
     }

@@ -1,0 +1,380 @@
+//! `qgenome demo`: the whole flow on one machine, in a temporary directory.
+//!
+//! Three sites (home on a Unix socket, two remote mountd processes on loopback TCP over
+//! one-time-pad links with provisioned key pools), the mount, real CRAM written through it by
+//! samtools, a read that blocks until consent, samtools view / index / region queries on the
+//! mounted files, md5 of every file against its source, and where every share and key byte
+//! went. Cleans up on success, failure and Ctrl-C.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde_json::json;
+
+use crate::deploy::{DeployOptions, Deployment};
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Size of the generated CRAM.
+    #[arg(long, default_value = "1G", value_parser = super::parse_size)]
+    pub cram_size: u64,
+    /// Parent of the demo's temporary directory (volumes and key pools live there).
+    #[arg(long, default_value = "/var/tmp")]
+    pub dir: PathBuf,
+    /// Keep the directory afterwards, for inspection.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+const FIXTURES: &str = "/usr/share/htslib-test/test";
+const PATIENT: &str = "P0001";
+
+/// What a Ctrl-C must undo even while the main thread is busy.
+#[derive(Default)]
+struct Cleanup {
+    mountpoint: Option<PathBuf>,
+    pids: Vec<u32>,
+    dir: Option<PathBuf>,
+}
+
+fn step(t0: Instant, msg: &str) {
+    println!("[{:>6.1}s] {msg}", t0.elapsed().as_secs_f64());
+}
+
+fn sh(cmd: &mut Command) -> anyhow::Result<Vec<u8>> {
+    let out = cmd
+        .env("REF_PATH", "/nonexistent")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out.stdout)
+}
+
+fn md5(path: &Path) -> anyhow::Result<String> {
+    let out = sh(Command::new("md5sum").arg(path))?;
+    Ok(String::from_utf8_lossy(&out)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string())
+}
+
+pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    for tool in ["samtools", "fusermount3", "md5sum"] {
+        if Command::new("which")
+            .arg(tool)
+            .stdout(Stdio::null())
+            .status()
+            .map_or(true, |s| !s.success())
+        {
+            bail!("{tool} is not installed: run `make demo` (it installs what the demo needs)");
+        }
+    }
+    std::fs::create_dir_all(&args.dir)?;
+    let tmp = tempfile::Builder::new()
+        .prefix("qgenome-demo-")
+        .tempdir_in(&args.dir)?;
+    let dir = tmp.path().to_path_buf();
+    // htslib writes the first 20 bytes of the output path into the CRAM; a longer common
+    // prefix makes a local copy and the mounted file byte-identical, so md5 can compare them.
+    if dir.as_os_str().len() < 21 {
+        bail!(
+            "demo directory {} is too short a path; use --dir with a longer one",
+            dir.display()
+        );
+    }
+    let cleanup = Arc::new(Mutex::new(Cleanup {
+        dir: (!args.keep).then(|| dir.clone()),
+        ..Cleanup::default()
+    }));
+    install_interrupt_cleanup(cleanup.clone())?;
+    let result = flow(&args, &dir, &cleanup);
+    if args.keep {
+        let _ = tmp.keep();
+        println!("kept {}", dir.display());
+    }
+    result
+}
+
+fn flow(args: &DemoArgs, dir: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let bin = crate::deploy::bin_dir()?;
+    println!("qgenome demo in {}", dir.display());
+
+    // 1. Source data: the htslib-test CRAMs and a generated one, written by samtools locally.
+    let src = dir.join("source");
+    std::fs::create_dir_all(&src)?;
+    step(
+        t0,
+        &format!(
+            "generating a ~{} MiB CRAM (random reference, simulated reads)",
+            args.cram_size >> 20
+        ),
+    );
+    sh(Command::new(bin.join("qgenome-gen-cram"))
+        .arg("--out")
+        .arg(dir.join("generated"))
+        .args([
+            "--size",
+            &args.cram_size.to_string(),
+            "--name",
+            "input.cram",
+        ]))?;
+    let mut files: Vec<(String, PathBuf, PathBuf)> = vec![(
+        "sample.cram".into(),
+        dir.join("generated/input.cram"),
+        dir.join("generated/ref.fa"),
+    )];
+    for (cram, reference) in [
+        ("auxf#values_java.cram", "auxf.fa"),
+        ("ce#5b_java.cram", "ce.fa"),
+        ("range.cram", "ce.fa"),
+        ("xx#large_aux_java.cram", "xx.fa"),
+    ] {
+        let name = cram.replace('#', "_");
+        files.push((
+            name,
+            Path::new(FIXTURES).join(cram),
+            Path::new(FIXTURES).join(reference),
+        ));
+    }
+
+    // 2. Sites, key pools, mount.
+    step(
+        t0,
+        "provisioning key pools, formatting volumes, starting 3 sites",
+    );
+    let mut opts = DeployOptions::new(&dir.join("deploy"));
+    opts.volume_size = (args.cram_size * 3 / 2 + (256 << 20)).next_multiple_of(1 << 20);
+    opts.key_size = opts.volume_size;
+    opts.consent_wait_secs = 120;
+    let mut deployment = Deployment::start_sites(opts)?;
+    deployment.mount()?;
+    {
+        let mut c = cleanup.lock().expect("cleanup");
+        c.mountpoint = Some(deployment.mountpoint.clone());
+        c.pids = deployment.pids();
+    }
+    let mnt = deployment.mountpoint.clone();
+    for s in &deployment.sites {
+        let how = match &s.link {
+            Some(l) => format!("TCP over one-time-pad link {l}"),
+            None => "Unix socket, no pad".into(),
+        };
+        println!("         site {:<6} {how}", s.name);
+    }
+    step(t0, &format!("mounted at {}", mnt.display()));
+
+    // 3. Write through the mount with samtools; the same command writes the local source copy.
+    let pdir = mnt.join(PATIENT);
+    std::fs::create_dir(&pdir).context("mkdir of the patient directory")?;
+    let mut written = Vec::new();
+    for (name, input, reference) in &files {
+        let local = src.join(name);
+        let mounted = pdir.join(name);
+        for out in [&local, &mounted] {
+            sh(Command::new("samtools")
+                .args(["view", "--no-PG", "-@", "2", "-C", "-T"])
+                .arg(reference)
+                .arg("-o")
+                .arg(out)
+                .arg(input))?;
+        }
+        let size = std::fs::metadata(&mounted)?.len();
+        written.push((name.clone(), local, mounted, reference.clone(), size));
+    }
+    let total: u64 = written.iter().map(|w| w.4).sum();
+    let wrote = t0.elapsed();
+    step(
+        t0,
+        &format!(
+            "samtools wrote {} CRAM files ({:.1} MiB) into {}",
+            written.len(),
+            total as f64 / (1 << 20) as f64,
+            pdir.display()
+        ),
+    );
+
+    // 4. A read before consent blocks; listings go on.
+    let probe = written[1].2.clone();
+    let reader = std::thread::spawn(move || std::fs::read(probe));
+    std::thread::sleep(Duration::from_secs(2));
+    if reader.is_finished() {
+        bail!("a read returned data before consent: the consent gate is broken");
+    }
+    let listing: Vec<String> = std::fs::read_dir(&pdir)?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    step(
+        t0,
+        &format!(
+            "read of {PATIENT} blocked for 2 s awaiting consent; ls still works: {}",
+            listing.join(" ")
+        ),
+    );
+
+    // 5. Consent.
+    deployment.control(&json!({"cmd": "consent-grant", "patient": PATIENT, "minutes": 30}))?;
+    let got = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    step(
+        t0,
+        &format!(
+            "consent granted: the blocked read returned {} bytes",
+            got.len()
+        ),
+    );
+
+    // 6. samtools on the mounted files, md5 against the sources.
+    let read_start = Instant::now();
+    for (name, local, mounted, reference, _) in &written {
+        let (a, b) = (md5(local)?, md5(mounted)?);
+        if a != b {
+            bail!("{name}: md5 differs: source {a}, mounted {b}");
+        }
+        let records = sh(Command::new("samtools")
+            .args(["view", "-c", "-T"])
+            .arg(reference)
+            .arg(mounted))?;
+        println!(
+            "         {name:<28} md5 {a}  {} records",
+            String::from_utf8_lossy(&records).trim()
+        );
+    }
+    let read_secs = read_start.elapsed();
+    let sample = &written[0];
+    sh(Command::new("samtools").arg("index").arg(&sample.2))?;
+    for region in ["chr1:100000-101000", "chr5:500000-500500"] {
+        let mounted = sh(Command::new("samtools")
+            .args(["view", "-T"])
+            .arg(&sample.3)
+            .arg(&sample.2)
+            .arg(region))?;
+        let local_copy = src.join("sample-indexed.cram");
+        std::fs::copy(&sample.1, &local_copy)?;
+        sh(Command::new("samtools").arg("index").arg(&local_copy))?;
+        let local = sh(Command::new("samtools")
+            .args(["view", "-T"])
+            .arg(&sample.3)
+            .arg(&local_copy)
+            .arg(region))?;
+        if mounted != local {
+            bail!("region {region}: mounted and local results differ");
+        }
+        println!(
+            "         region {region:<20} {} records, identical to the source",
+            mounted
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .count()
+        );
+    }
+    step(
+        t0,
+        "every file's md5 matches its source; index and region queries agree",
+    );
+
+    // 7. Where everything went.
+    let status = deployment.control(&json!({"cmd": "status"}))?;
+    println!("\nwhere the shares went (one share of every chunk per site):");
+    for s in &deployment.sites {
+        let vol = std::fs::metadata(&s.volume).map(|m| m.len()).unwrap_or(0);
+        println!(
+            "  {:<6} volume {} ({} MiB)",
+            s.name,
+            s.volume.display(),
+            vol >> 20
+        );
+    }
+    println!("key material per link:");
+    for s in status["sites"].as_array().into_iter().flatten() {
+        if let Some(left) = s["key_remaining"].as_u64() {
+            let total = deployment.opts.key_size;
+            println!(
+                "  {:<6} used {:.1} MiB, {:.1} MiB left (home -> site stream)",
+                s["name"].as_str().unwrap_or("?"),
+                total.saturating_sub(left) as f64 / (1 << 20) as f64,
+                left as f64 / (1 << 20) as f64
+            );
+        }
+    }
+    println!("counters: {}", status["stats"]);
+    println!(
+        "\nstore: {:.1} MiB in {:.1} s including samtools encoding; restore (md5 + samtools view -c of every file): {:.1} s",
+        total as f64 / (1 << 20) as f64,
+        wrote.as_secs_f64(),
+        read_secs.as_secs_f64()
+    );
+    deployment.stop_mount(false)?;
+    drop(deployment);
+    step(t0, "unmounted, sites stopped: demo complete");
+    Ok(())
+}
+
+static INTERRUPT_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    let fd = INTERRUPT_PIPE.load(std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: write(2) is async-signal-safe; one byte from a static buffer.
+    unsafe { libc::write(fd, b"x".as_ptr().cast(), 1) };
+}
+
+/// On SIGINT/SIGTERM: unmount, stop the daemons, remove the directory, exit 130.
+///
+/// A handler and a self-pipe rather than a blocked mask plus sigwait: a blocked mask is
+/// inherited across exec, and the daemons the demo starts must still receive SIGTERM.
+fn install_interrupt_cleanup(cleanup: Arc<Mutex<Cleanup>>) -> anyhow::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let (rx, tx) = nix::unistd::pipe()?;
+    INTERRUPT_PIPE.store(
+        std::os::fd::IntoRawFd::into_raw_fd(tx),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let action = SigAction::new(
+        SigHandler::Handler(on_interrupt),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only calls write(2).
+        unsafe { sigaction(sig, &action) }?;
+    }
+    std::thread::Builder::new()
+        .name("demo-interrupt".into())
+        .spawn(move || {
+            let mut byte = [0u8; 1];
+            let _ = nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&rx), &mut byte);
+            eprintln!("\ninterrupted: cleaning up");
+            let c = cleanup.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(m) = &c.mountpoint {
+                let _ = Command::new("fusermount3")
+                    .arg("-u")
+                    .arg("-z")
+                    .arg(m)
+                    .status();
+            }
+            let signal_all = |sig| {
+                for pid in &c.pids {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), sig);
+                }
+            };
+            signal_all(Signal::SIGTERM);
+            std::thread::sleep(Duration::from_millis(500));
+            signal_all(Signal::SIGKILL);
+            if let Some(d) = &c.dir {
+                let _ = std::fs::remove_dir_all(d);
+            }
+            std::process::exit(130);
+        })?;
+    Ok(())
+}

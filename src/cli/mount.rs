@@ -1,0 +1,57 @@
+//! `qgenome mount`: serve `/qgenome` until SIGTERM or SIGINT, then unmount cleanly.
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::config::HomeConfig;
+use crate::sites::ShareSite;
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    #[arg(long, default_value = "/etc/qgenome/qgenome.toml")]
+    pub config: PathBuf,
+    /// Overrides the config's `mountpoint`.
+    pub mountpoint: Option<PathBuf>,
+}
+
+/// Keep plaintext out of swap and out of core dumps. Best effort: a warning if refused.
+fn harden_process() {
+    // SAFETY: plain syscalls with constant arguments.
+    unsafe {
+        if libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) != 0 {
+            tracing::warn!(
+                "mlockall failed ({}): plaintext buffers could be swapped out",
+                std::io::Error::last_os_error()
+            );
+        }
+        if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 {
+            tracing::warn!("prctl(PR_SET_DUMPABLE, 0) failed: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
+/// The share sites of a config: share i on `cfg.sites[i]`.
+pub fn build_sites(cfg: &HomeConfig) -> anyhow::Result<Vec<Arc<dyn ShareSite>>> {
+    crate::sites::mountd::from_config(cfg)
+}
+
+pub fn run(args: MountArgs) -> anyhow::Result<()> {
+    let cfg = HomeConfig::load(&args.config)?;
+    let mountpoint = args.mountpoint.clone().unwrap_or_else(|| cfg.mountpoint.clone());
+    // Block the stop signals before any thread starts, so every thread inherits the mask and
+    // this one receives them in sigwait.
+    let mut stop = SigSet::empty();
+    stop.add(Signal::SIGTERM);
+    stop.add(Signal::SIGINT);
+    stop.thread_block().context("blocking SIGTERM/SIGINT")?;
+    harden_process();
+    let sites = build_sites(&cfg)?;
+    let mounted = crate::fs::mount::start(&cfg, &mountpoint, sites, vec![])?;
+    eprintln!("qgenome: serving {} (control socket {})", mountpoint.display(), cfg.control_socket().display());
+    let sig = stop.wait().context("waiting for a stop signal")?;
+    tracing::info!("{sig:?}: unmounting");
+    mounted.unmount()
+}

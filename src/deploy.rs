@@ -1,0 +1,493 @@
+//! A whole local deployment in one directory: key pools, share volumes, one `qgenome-mountd`
+//! per site (the home one on a Unix socket, the others on loopback TCP over one-time-pad
+//! links), and `qgenome mount`. Used by `qgenome demo`, `qgenome bench e2e` and the
+//! integration tests. Everything it starts is stopped (and the mount unmounted) on drop.
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+use crate::config::HomeConfig;
+
+#[derive(Clone, Debug)]
+pub struct DeployOptions {
+    /// Everything lives under here (volumes, pools, catalog, mountpoint, logs).
+    pub dir: PathBuf,
+    pub k: usize,
+    pub n: usize,
+    pub volume_size: u64,
+    /// Key material per link direction.
+    pub key_size: u64,
+    pub chunk_size: String,
+    pub consent_wait_secs: u64,
+    /// Where `qgenome`, `qgenome-mountd` live (default: beside the running executable).
+    pub bin_dir: Option<PathBuf>,
+}
+
+impl DeployOptions {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            k: 2,
+            n: 3,
+            volume_size: 1 << 30,
+            key_size: 1 << 30,
+            chunk_size: "1M".into(),
+            consent_wait_secs: 300,
+            bin_dir: None,
+        }
+    }
+}
+
+pub struct SiteProc {
+    pub name: String,
+    pub config: PathBuf,
+    pub volume: PathBuf,
+    pub state_dir: PathBuf,
+    pub key_dir: Option<PathBuf>,
+    pub link: Option<String>,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct Deployment {
+    pub opts: DeployOptions,
+    pub sites: Vec<SiteProc>,
+    pub home_config: PathBuf,
+    pub cfg: HomeConfig,
+    pub mountpoint: PathBuf,
+    pub mount_log: PathBuf,
+    mount: Option<Child>,
+    bin_dir: PathBuf,
+}
+
+/// Directory of the binaries: `QGENOME_BIN_DIR`, else beside this executable (or its parent,
+/// for test binaries under `target/*/deps`).
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    if let Some(d) = std::env::var_os("QGENOME_BIN_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(2) {
+        if dir.join("qgenome-mountd").exists() {
+            return Ok(dir.to_path_buf());
+        }
+    }
+    bail!(
+        "cannot find qgenome-mountd beside {} (build the workspace, or set QGENOME_BIN_DIR)",
+        exe.display()
+    )
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_for(
+    what: &str,
+    limit: Duration,
+    mut ready: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if ready()? {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{what} not ready after {limit:?}")
+}
+
+fn log_file(path: &Path) -> anyhow::Result<Stdio> {
+    Ok(Stdio::from(
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+    ))
+}
+
+/// Whether `path` is a mountpoint of a FUSE filesystem right now.
+pub fn is_fuse_mount(path: &Path) -> bool {
+    let Ok(canon) = path.canonicalize() else {
+        return false;
+    };
+    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|m| {
+        m.lines().any(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            f.len() > 4 && Path::new(f[4]) == canon && l.contains(" - fuse")
+        })
+    })
+}
+
+impl Deployment {
+    /// Provision pools, format volumes and start every site's daemon.
+    pub fn start_sites(opts: DeployOptions) -> anyhow::Result<Self> {
+        let bin_dir = match &opts.bin_dir {
+            Some(d) => d.clone(),
+            None => bin_dir()?,
+        };
+        let dir = &opts.dir;
+        std::fs::create_dir_all(dir)?;
+        let mut sites = Vec::new();
+        let names: Vec<String> = (0..opts.n)
+            .map(|i| {
+                if i == 0 {
+                    "home".to_string()
+                } else {
+                    format!("site{i}")
+                }
+            })
+            .collect();
+        let mut home_sites = String::new();
+        for (i, name) in names.iter().enumerate() {
+            let sdir = dir.join(name);
+            std::fs::create_dir_all(&sdir)?;
+            let volume = sdir.join("volume");
+            let state_dir = sdir.join("state");
+            let status = Command::new(bin_dir.join("qgenome-mountd"))
+                .args([
+                    "format",
+                    "--site",
+                    name,
+                    "--size",
+                    &opts.volume_size.to_string(),
+                    "--volume",
+                ])
+                .arg(&volume)
+                .stdout(Stdio::null())
+                .status()
+                .context("running qgenome-mountd format")?;
+            if !status.success() {
+                bail!(
+                    "qgenome-mountd format {} failed: {status}",
+                    volume.display()
+                );
+            }
+            let mut site_toml = format!(
+                "site = \"{name}\"\nvolume = \"{}\"\nstate_dir = \"{}\"\n",
+                volume.display(),
+                state_dir.display()
+            );
+            let (key_dir, link) = if i == 0 {
+                let sock = sdir.join("mountd.sock");
+                site_toml += &format!("unix_socket = \"{}\"\n", sock.display());
+                home_sites += &format!(
+                    "[[site]]\nname = \"{name}\"\nsocket = \"{}\"\n",
+                    sock.display()
+                );
+                (None, None)
+            } else {
+                let link = format!("home-{name}");
+                let (home_end, site_end) = (dir.join("keys").join(&link), sdir.join("keys"));
+                crate::keys::pool::provision(&link, opts.key_size, &home_end, &site_end)
+                    .with_context(|| format!("provisioning link {link}"))?;
+                let port = free_port()?;
+                site_toml += &format!(
+                    "listen = \"127.0.0.1:{port}\"\n[[link]]\nname = \"{link}\"\nkey_dir = \"{}\"\nend = \"b\"\n",
+                    site_end.display()
+                );
+                home_sites += &format!(
+                    "[[site]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\nlink = \"{link}\"\nkeys = \"{}\"\nend = \"a\"\n",
+                    home_end.display()
+                );
+                (Some(home_end), Some(link))
+            };
+            let config = sdir.join("site.toml");
+            std::fs::write(&config, site_toml)?;
+            sites.push(SiteProc {
+                name: name.clone(),
+                config,
+                volume,
+                state_dir,
+                key_dir,
+                link,
+                log: sdir.join("mountd.log"),
+                child: None,
+            });
+        }
+        let mountpoint = dir.join("qgenome");
+        std::fs::create_dir_all(&mountpoint)?;
+        let home_text = format!(
+            "mountpoint = \"{}\"\nstate_dir = \"{}\"\nchunk_size = \"{}\"\nconsent_wait_secs = {}\n[scheme]\nk = {}\nn = {}\n{home_sites}",
+            mountpoint.display(),
+            dir.join("home-state").display(),
+            opts.chunk_size,
+            opts.consent_wait_secs,
+            opts.k,
+            opts.n
+        );
+        let home_config = dir.join("qgenome.toml");
+        std::fs::write(&home_config, &home_text)?;
+        let cfg = HomeConfig::parse(&home_text, &home_config)?;
+        let mut d = Deployment {
+            mount_log: dir.join("mount.log"),
+            opts,
+            sites,
+            home_config,
+            cfg,
+            mountpoint,
+            mount: None,
+            bin_dir,
+        };
+        for i in 0..d.sites.len() {
+            d.start_site(i)?;
+        }
+        Ok(d)
+    }
+
+    /// Start (or restart) site `i`'s daemon and wait until it accepts connections.
+    pub fn start_site(&mut self, i: usize) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.sites[i].log)?;
+        let site = &mut self.sites[i];
+        let child = Command::new(self.bin_dir.join("qgenome-mountd"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&site.config)
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("starting qgenome-mountd serve")?;
+        site.child = Some(child);
+        let home = &self.cfg.sites[i];
+        let (sock, addr) = (home.socket.clone(), home.address.clone());
+        let name = site.name.clone();
+        wait_for(&format!("site {name}"), Duration::from_secs(20), || {
+            if let Some(status) = self.sites[i]
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "qgenome-mountd for site {name} exited: {status} (log: {})",
+                    self.sites[i].log.display()
+                );
+            }
+            Ok(match (&sock, &addr) {
+                (Some(s), _) => std::os::unix::net::UnixStream::connect(s).is_ok(),
+                (_, Some(a)) => std::net::TcpStream::connect(a).is_ok(),
+                _ => false,
+            })
+        })
+    }
+
+    /// SIGKILL site `i`'s daemon.
+    pub fn kill_site(&mut self, i: usize) {
+        if let Some(mut c) = self.sites[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start `qgenome mount` and wait until the mountpoint is live.
+    pub fn mount(&mut self) -> anyhow::Result<()> {
+        let child = Command::new(self.bin_dir.join("qgenome"))
+            .arg("mount")
+            .arg("--config")
+            .arg(&self.home_config)
+            .stdout(log_file(&self.dir().join("mount.stdout"))?)
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.mount_log)?,
+            ))
+            .spawn()
+            .context("starting qgenome mount")?;
+        self.mount = Some(child);
+        let mp = self.mountpoint.clone();
+        wait_for("the mount", Duration::from_secs(20), || {
+            if let Some(status) = self
+                .mount
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "qgenome mount exited: {status} (log: {})",
+                    self.mount_log.display()
+                );
+            }
+            Ok(is_fuse_mount(&mp) && self.cfg.control_socket().exists())
+        })
+    }
+
+    /// Stop the mount: SIGTERM (clean unmount) or SIGKILL (a crash; the mountpoint is then
+    /// detached with fusermount3).
+    pub fn stop_mount(&mut self, crash: bool) -> anyhow::Result<()> {
+        if let Some(mut c) = self.mount.take() {
+            if crash {
+                let _ = c.kill();
+            } else {
+                let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            }
+            let _ = c.wait();
+        }
+        if is_fuse_mount(&self.mountpoint) {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&self.mountpoint)
+                .status();
+        }
+        Ok(())
+    }
+
+    /// Process ids of everything this deployment started (for emergency cleanup).
+    pub fn pids(&self) -> Vec<u32> {
+        self.sites
+            .iter()
+            .filter_map(|s| s.child.as_ref().map(Child::id))
+            .chain(self.mount.as_ref().map(Child::id))
+            .collect()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.opts.dir
+    }
+
+    pub fn control(&self, req: &Value) -> anyhow::Result<Value> {
+        Ok(crate::control::request(&self.cfg.control_socket(), req)?)
+    }
+
+    /// Every file under the deployment directory that holds data at rest: volumes, share
+    /// indexes, key pools and ledgers, the catalog. (Not the mountpoint.)
+    pub fn files_at_rest(&self) -> Vec<PathBuf> {
+        fn walk(dir: &Path, skip: &Path, out: &mut Vec<PathBuf>) {
+            let Ok(rd) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for e in rd.flatten() {
+                let p = e.path();
+                if p == skip {
+                    continue;
+                }
+                match e.file_type() {
+                    Ok(t) if t.is_dir() => walk(&p, skip, out),
+                    Ok(t) if t.is_file() => out.push(p),
+                    _ => {}
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(self.dir(), &self.mountpoint, &mut out);
+        out
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        let _ = self.stop_mount(false);
+        for i in 0..self.sites.len() {
+            if let Some(c) = self.sites[i].child.as_mut() {
+                let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            }
+        }
+        for s in &mut self.sites {
+            if let Some(mut c) = s.child.take() {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// The aligned `window`-byte slices of some plaintext, for finding any of them in files at
+/// rest. A file that held the plaintext (or any aligned stretch of `2 * window` bytes of it)
+/// at any offset contains one of these windows.
+pub struct Windows<'a> {
+    window: usize,
+    set: std::collections::HashSet<&'a [u8]>,
+    /// One bit per hash of a window's first 8 bytes: a cheap test before the full lookup.
+    filter: Vec<u64>,
+}
+
+impl<'a> Windows<'a> {
+    const FILTER_BITS: u32 = 24;
+
+    pub fn new(plaintext: &'a [u8], window: usize) -> Self {
+        assert!(window >= 8);
+        let mut filter = vec![0u64; (1 << Self::FILTER_BITS) / 64];
+        let set: std::collections::HashSet<&[u8]> = plaintext.chunks_exact(window).collect();
+        for w in &set {
+            let h = Self::hash(w);
+            filter[h / 64] |= 1 << (h % 64);
+        }
+        Self {
+            window,
+            set,
+            filter,
+        }
+    }
+
+    fn hash(w: &[u8]) -> usize {
+        let x = u64::from_le_bytes(w[..8].try_into().expect("8 bytes"));
+        (x.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - Self::FILTER_BITS)) as usize
+    }
+
+    fn found_in(&self, buf: &[u8]) -> bool {
+        buf.windows(self.window).any(|w| {
+            let h = Self::hash(w);
+            self.filter[h / 64] >> (h % 64) & 1 == 1 && self.set.contains(w)
+        })
+    }
+
+    /// Whether the file at `path` contains any of the windows. Streams the file.
+    pub fn in_file(&self, path: &Path) -> anyhow::Result<bool> {
+        use std::io::Read;
+        if self.set.is_empty() {
+            return Ok(false);
+        }
+        let mut f =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut buf = vec![0u8; 8 << 20];
+        let mut carry = 0usize;
+        loop {
+            let n = f
+                .read(&mut buf[carry..])
+                .with_context(|| format!("reading {}", path.display()))?;
+            if n == 0 {
+                return Ok(false);
+            }
+            let end = carry + n;
+            if self.found_in(&buf[..end]) {
+                return Ok(true);
+            }
+            let keep = (self.window - 1).min(end);
+            buf.copy_within(end - keep..end, 0);
+            carry = keep;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_are_found_at_any_offset_and_only_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain: Vec<u8> = (0..100_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let w = Windows::new(&plain, 64);
+        let mut hay = vec![7u8; 9 << 20];
+        let clean = dir.path().join("clean");
+        std::fs::write(&clean, &hay).unwrap();
+        assert!(!w.in_file(&clean).unwrap());
+        // 200 plaintext bytes at an odd offset straddling the 8 MiB read boundary.
+        let at = (8 << 20) - 101;
+        hay[at..at + 200].copy_from_slice(&plain[5003..5203]);
+        let dirty = dir.path().join("dirty");
+        std::fs::write(&dirty, &hay).unwrap();
+        assert!(w.in_file(&dirty).unwrap());
+    }
+}
