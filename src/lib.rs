@@ -11,7 +11,7 @@
 //! - [`fs`]: the data path (split-on-write, rebuild-on-read) and the FUSE tree.
 //! - [`keys`]: key sources: pre-shared pool files (and later ETSI GS QKD 014).
 //! - [`link`]: one-time-pad + Wegman–Carter sealing of frames, key streams, key ledger.
-//! - [`wire`]: byte formats shared with mountd (frame header).
+//! - [`wire`]: byte formats shared with mountd (frame header, share protocol messages).
 //! - [`cli`]: the `qgenome` subcommands (argument parsing and dispatch only).
 //!
 //! Byte-level formats and the reasons behind the choices are in `docs/design.md`.
