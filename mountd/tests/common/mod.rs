@@ -92,6 +92,21 @@ impl Site {
         }
     }
 
+    /// Listen on a fixed free port (so a restarted daemon is found at the same address).
+    pub fn fix_port(&self) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let c = std::fs::read_to_string(&self.config).unwrap();
+        std::fs::write(
+            &self.config,
+            c.replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
+        )
+        .unwrap();
+    }
+
     pub fn start(&self) -> Daemon {
         Daemon::start(self)
     }
