@@ -94,6 +94,12 @@ enum Cmd {
         /// Skip the fio baseline.
         #[arg(long)]
         no_fio: bool,
+        /// Measure the store directly instead of through the server over sealed TCP.
+        #[arg(long)]
+        direct: bool,
+        /// Where the bench's link key pools go (tmpfs, so the volume is what is measured).
+        #[arg(long, default_value = "/dev/shm")]
+        key_dir: PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -220,9 +226,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             share_size,
             jobs,
             no_fio,
+            direct,
+            key_dir,
             json,
         } => {
-            bench(&vol, size, share_size, jobs.max(1), no_fio, json)?;
+            let via = (!direct).then_some(key_dir.as_path());
+            bench(&vol, size, share_size, jobs.max(1), no_fio, via, json)?;
         }
         Cmd::Stress {
             vol,
@@ -351,6 +360,7 @@ fn bench(
     share_size: u64,
     jobs: usize,
     no_fio: bool,
+    via_daemon: Option<&Path>,
     json: bool,
 ) -> Result<()> {
     let count = size / share_size;
@@ -377,8 +387,12 @@ fn bench(
     )?;
     let fixed = store.device().has_fixed_buffers();
     let kind = store.device().kind();
-    let r = bench_store(&store, count, share_size as usize, jobs)?;
-    drop(store);
+    let r = match via_daemon {
+        None => bench_store(&store, count, share_size as usize, jobs)?,
+        Some(keys) => {
+            qgenome_mountd::bench::bench_daemon(store, count, share_size as usize, jobs, keys)?
+        }
+    };
     let fio = if no_fio || kind == VolumeKind::BlockDevice {
         None
     } else {
@@ -412,6 +426,7 @@ fn bench(
         "jobs": jobs,
         "durability": vol.durability,
         "fixed_buffers": fixed,
+        "path": if via_daemon.is_some() { "daemon-tcp-sealed" } else { "store-direct" },
     });
     if let Some((w, rd, wd)) = fio {
         out["fio_write_mbps"] = w.into();
