@@ -11,7 +11,7 @@
 //! - [`fs`]: the data path (split-on-write, rebuild-on-read) and the FUSE tree.
 //! - [`keys`]: key sources: pre-shared pool files (and later ETSI GS QKD 014).
 //! - [`link`]: one-time-pad + Wegman–Carter sealing of frames, key streams, key ledger.
-//! - [`wire`]: byte formats shared with mountd (frame header).
+//! - [`wire`]: byte formats shared with mountd (frame header, share protocol messages).
 //! - [`config`]: the home node's TOML configuration.
 //! - [`control`]: the running mount's control socket (JSON lines).
 //! - [`deploy`]: a whole local deployment (pools, volumes, daemons, mount) for the demo,

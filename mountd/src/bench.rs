@@ -185,3 +185,132 @@ mod tests {
         assert_ne!(a, b);
     }
 }
+
+/// Throughput of puts and gets through the share server over loopback TCP with every frame
+/// sealed: the daemon's code path (`server::Server`, in this process on its own tokio
+/// runtime) and the client (`MountdSite`), with a link provisioned under `key_root` (use
+/// tmpfs so that the volume path is what is measured; removed afterwards).
+pub fn bench_daemon<D: BlockDevice>(
+    store: Store<D>,
+    count: u64,
+    share_len: usize,
+    jobs: usize,
+    key_root: &Path,
+) -> anyhow::Result<StoreBench> {
+    use crate::config::{LinkConfig, LinkEnd};
+    use crate::server::{LinkEnds, Listeners, Server, ServerLimits};
+    use qgenome::sites::{LinkKeys, MountdSite, ShareKey as WKey, ShareMeta as WMeta, ShareSite};
+    use std::sync::Arc;
+    let work = key_root.join(format!("qgenome-bench-keys-{}", std::process::id()));
+    let (a, b) = (work.join("a"), work.join("b"));
+    std::fs::create_dir_all(&a)?;
+    std::fs::create_dir_all(&b)?;
+    let res = (|| -> anyhow::Result<StoreBench> {
+        let window = 64 << 20;
+        let frames = count + 1024;
+        let key_len = count * share_len as u64 + frames * 256 + 4 * window;
+        qgenome::keys::pool::provision("bench", key_len, &a, &b)?;
+        let link = LinkConfig {
+            name: "bench".into(),
+            key_dir: b.clone(),
+            end: LinkEnd::B,
+            window,
+        };
+        let ends = LinkEnds::open(&link)?;
+        let limits = ServerLimits {
+            max_connections: 64,
+            max_inflight_bytes: 1 << 30,
+            frame_timeout: std::time::Duration::from_secs(60),
+            max_share_len: crate::store::StoreOptions::default()
+                .max_share_len
+                .min(qgenome::wire::msg::MAX_DATA as u64),
+        };
+        let server = Arc::new(Server::new(store, vec![ends], limits));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let tcp = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let addr = tcp.local_addr()?.to_string();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let srv = server.clone();
+        let handle = rt.spawn(async move {
+            srv.run(
+                Listeners {
+                    unix: None,
+                    tcp: Some(tcp),
+                },
+                async {
+                    let _ = stop_rx.await;
+                },
+            )
+            .await
+        });
+        let keys = LinkKeys {
+            dir: a.clone(),
+            link: "bench".into(),
+            end: qgenome::keys::End::A,
+            options: qgenome::link::StreamOptions { window },
+        };
+        let mut client = MountdSite::tcp("bench", &addr, &keys)?;
+        client.set_pool_size(jobs);
+        let mut file = [0u8; 16];
+        getrandom::getrandom(&mut file).expect("OS randomness");
+        let meta = WMeta {
+            k: 2,
+            n: 3,
+            secret_len: share_len as u32,
+        };
+        let key = |i: u64| WKey {
+            file,
+            chunk: i,
+            share: (i % 3) as u8,
+        };
+        let mut tpl = vec![0u8; share_len];
+        pattern(1, &run_key(file, 0), &mut tpl);
+        let run = |phase: u8| -> anyhow::Result<f64> {
+            let next = AtomicU64::new(0);
+            let start = Instant::now();
+            std::thread::scope(|s| {
+                let hs: Vec<_> = (0..jobs)
+                    .map(|_| {
+                        s.spawn(|| -> anyhow::Result<()> {
+                            let mut data = tpl.clone();
+                            loop {
+                                let i = next.fetch_add(1, Ordering::Relaxed);
+                                if i >= count {
+                                    return Ok(());
+                                }
+                                if phase == 0 {
+                                    data[..8].copy_from_slice(&i.to_le_bytes());
+                                    client.put(&key(i), &meta, &data)?;
+                                } else {
+                                    let d = client.get(&key(i))?;
+                                    anyhow::ensure!(d[..8] == i.to_le_bytes(), "share {i} differs");
+                                }
+                            }
+                        })
+                    })
+                    .collect();
+                hs.into_iter()
+                    .try_for_each(|h| h.join().expect("bench thread"))
+            })?;
+            Ok((count * share_len as u64) as f64 / start.elapsed().as_secs_f64() / 1e6)
+        };
+        let put_mbps = run(0)?;
+        let get_mbps = run(1)?;
+        for i in 0..count {
+            client.delete(&key(i))?;
+        }
+        drop(client);
+        let _ = stop_tx.send(());
+        rt.block_on(handle)??;
+        Ok(StoreBench {
+            put_mbps,
+            get_mbps,
+            shares: count,
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&work);
+    res
+}

@@ -4,6 +4,12 @@
 //! site = "sendai-1"
 //! volume = "/srv/qgenome/shares.vol"
 //! state_dir = "/var/lib/qgenome-mountd"
+//! unix_socket = "/run/qgenome/sendai-1.sock"   # the home mount's local socket (no pad)
+//! listen = "0.0.0.0:7474"                       # sealed TCP for remote sites
+//! [[link]]
+//! name = "tokyo-sendai"          # as given to `qgenome keys provision --link`
+//! key_dir = "/var/lib/qgenome-mountd/keys"
+//! end = "b"                       # which end of the link this site holds
 //! [limits]
 //! max_share_bytes = 67108864
 //! queue_depth = 32
@@ -30,7 +36,7 @@ pub enum ConfigError {
     #[error("config {path}: key `{key}`: {reason}")]
     Invalid {
         path: PathBuf,
-        key: &'static str,
+        key: String,
         reason: String,
     },
 }
@@ -45,8 +51,54 @@ pub struct SiteConfig {
     pub volume: PathBuf,
     /// Where the share index lives.
     pub state_dir: PathBuf,
+    /// Unix socket for the home site's own mount (plain frames, protected by file mode).
+    #[serde(default)]
+    pub unix_socket: Option<PathBuf>,
+    /// TCP address for sealed link connections, e.g. "0.0.0.0:7474".
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// The links this site accepts connections on.
+    #[serde(default, rename = "link")]
+    pub links: Vec<LinkConfig>,
     #[serde(default)]
     pub limits: Limits,
+}
+
+/// Which end of a link a key directory holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkEnd {
+    A,
+    B,
+}
+
+impl LinkEnd {
+    pub fn end(self) -> qgenome::keys::End {
+        match self {
+            LinkEnd::A => qgenome::keys::End::A,
+            LinkEnd::B => qgenome::keys::End::B,
+        }
+    }
+}
+
+/// One `[[link]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkConfig {
+    /// The link name given to `qgenome keys provision --link`.
+    pub name: String,
+    /// The directory holding this end's pools and ledgers.
+    pub key_dir: PathBuf,
+    /// The end this site holds.
+    pub end: LinkEnd,
+    /// Key reserved per ledger write (a crash wastes at most this much); must match the
+    /// other end's. Default 64 MiB.
+    #[serde(default = "default_window")]
+    pub window: u64,
+}
+
+fn default_window() -> u64 {
+    qgenome::link::StreamOptions::default().window
 }
 
 /// Limits and tuning.
@@ -61,6 +113,12 @@ pub struct Limits {
     pub fixed_buffers: u16,
     /// How writes are made durable before a put is acknowledged.
     pub durability: Durability,
+    /// Connections served at once (more wait in the listen queue).
+    pub max_connections: u32,
+    /// Bytes of frames being received, processed or answered at once.
+    pub max_inflight_bytes: u64,
+    /// Seconds a started frame may take to arrive completely.
+    pub frame_timeout_secs: u64,
 }
 
 impl Default for Limits {
@@ -70,6 +128,9 @@ impl Default for Limits {
             queue_depth: 32,
             fixed_buffers: 16,
             durability: Durability::default(),
+            max_connections: 64,
+            max_inflight_bytes: 256 << 20,
+            frame_timeout_secs: 30,
         }
     }
 }
@@ -90,9 +151,9 @@ impl SiteConfig {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        let bad = |key, reason: String| ConfigError::Invalid {
+        let bad = |key: &str, reason: String| ConfigError::Invalid {
             path: path.to_path_buf(),
-            key,
+            key: key.to_string(),
             reason,
         };
         if c.site.is_empty() || c.site.len() > crate::layout::MAX_SITE_LEN {
@@ -112,6 +173,51 @@ impl SiteConfig {
                 "limits.max_share_bytes",
                 format!("{} (allowed 1..=1 GiB)", c.limits.max_share_bytes),
             ));
+        }
+        if c.limits.max_connections == 0 {
+            return Err(bad("limits.max_connections", "must be at least 1".into()));
+        }
+        let min_inflight = (qgenome::wire::msg::MAX_MSG as u64) * 2;
+        if c.limits.max_inflight_bytes < min_inflight {
+            return Err(bad(
+                "limits.max_inflight_bytes",
+                format!(
+                    "{} (at least {min_inflight}: two largest frames)",
+                    c.limits.max_inflight_bytes
+                ),
+            ));
+        }
+        if c.limits.frame_timeout_secs == 0 {
+            return Err(bad(
+                "limits.frame_timeout_secs",
+                "must be at least 1".into(),
+            ));
+        }
+        if let Some(l) = &c.listen {
+            if l.parse::<std::net::SocketAddr>().is_err() {
+                return Err(bad("listen", format!("{l:?} is not an address:port")));
+            }
+            if c.links.is_empty() {
+                return Err(bad(
+                    "listen",
+                    "TCP needs at least one [[link]] (every remote frame is sealed)".into(),
+                ));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, l) in c.links.iter().enumerate() {
+            if let Err(e) = qgenome::keys::pool::check_link_name(&l.name) {
+                return Err(bad(&format!("link[{i}].name"), e.to_string()));
+            }
+            if !seen.insert(l.name.clone()) {
+                return Err(bad(
+                    &format!("link[{i}].name"),
+                    format!("link {:?} appears twice", l.name),
+                ));
+            }
+            if l.window == 0 {
+                return Err(bad(&format!("link[{i}].window"), "must be positive".into()));
+            }
         }
         Ok(c)
     }
@@ -199,6 +305,52 @@ durability = "fdatasync"
             e.to_string().contains("durability") || e.to_string().contains("fsync"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn links_and_listeners() {
+        let text = format!(
+            "{}\nlisten = \"127.0.0.1:7474\"\nunix_socket = \"/run/q.sock\"\n[[link]]\nname = \"home-sendai\"\nkey_dir = \"/k\"\nend = \"b\"\n",
+            GOOD.replace("[limits]\nqueue_depth = 64\ndurability = \"fdatasync\"\n", "")
+        );
+        let c = SiteConfig::parse(&text, Path::new("s.toml")).unwrap();
+        assert_eq!(c.links.len(), 1);
+        assert_eq!(c.links[0].end, LinkEnd::B);
+        assert_eq!(c.links[0].window, 64 << 20);
+        assert_eq!(c.unix_socket.as_deref(), Some(Path::new("/run/q.sock")));
+        let e = SiteConfig::parse(
+            &text.replace("end = ", "colour = \"red\"\nend = "),
+            Path::new("s.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("s.toml") && e.contains("colour"), "{e}");
+        let e = SiteConfig::parse(&text.replace("\"b\"", "\"c\""), Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("s.toml") && e.contains("end"), "{e}");
+        let e = SiteConfig::parse(&text.replace("home-sendai", "../x"), Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("link[0].name"), "{e}");
+        let two =
+            format!("{text}[[link]]\nname = \"home-sendai\"\nkey_dir = \"/k2\"\nend = \"a\"\n");
+        let e = SiteConfig::parse(&two, Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("link[1].name") && e.contains("twice"), "{e}");
+        let nolink = text.split("[[link]]").next().unwrap().to_string();
+        let e = SiteConfig::parse(&nolink, Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`listen`"), "{e}");
+        let e = SiteConfig::parse(
+            &text.replace("127.0.0.1:7474", "nowhere"),
+            Path::new("s.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`listen`"), "{e}");
     }
 
     #[test]

@@ -41,6 +41,12 @@ struct VolumeArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Serve shares on the configured Unix socket and sealed TCP links until SIGTERM.
+    Serve {
+        /// The site configuration (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Write a fresh superblock; creates and preallocates a file volume when --size is given.
     Format {
         #[command(flatten)]
@@ -88,6 +94,12 @@ enum Cmd {
         /// Skip the fio baseline.
         #[arg(long)]
         no_fio: bool,
+        /// Measure the store directly instead of through the server over sealed TCP.
+        #[arg(long)]
+        direct: bool,
+        /// Where the bench's link key pools go (tmpfs, so the volume is what is measured).
+        #[arg(long, default_value = "/dev/shm")]
+        key_dir: PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -145,7 +157,11 @@ impl VolumeArgs {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_ansi(false)
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()) {
@@ -159,6 +175,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
+        Cmd::Serve { config } => serve(&config)?,
         Cmd::Format {
             vol,
             site,
@@ -209,9 +226,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             share_size,
             jobs,
             no_fio,
+            direct,
+            key_dir,
             json,
         } => {
-            bench(&vol, size, share_size, jobs.max(1), no_fio, json)?;
+            let via = (!direct).then_some(key_dir.as_path());
+            bench(&vol, size, share_size, jobs.max(1), no_fio, via, json)?;
         }
         Cmd::Stress {
             vol,
@@ -274,6 +294,60 @@ fn format(
     Ok(())
 }
 
+fn serve(path: &Path) -> Result<()> {
+    use qgenome_mountd::config::SiteConfig;
+    use qgenome_mountd::server::{LinkEnds, Listeners, Server, ServerLimits};
+    let cfg = SiteConfig::load(path)?;
+    let dev = UringVolume::open(&cfg.volume, &cfg.uring_options())?;
+    let store = Store::open(dev, &cfg.state_dir, cfg.store_options())?;
+    let links = cfg
+        .links
+        .iter()
+        .map(LinkEnds::open)
+        .collect::<Result<Vec<_>, _>>()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(cfg.limits.max_connections as usize + 8)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(async {
+        let listeners = Listeners::bind(&cfg).await?;
+        if let Some((_, p)) = &listeners.unix {
+            tracing::info!("site {}: listening on unix {}", cfg.site, p.display());
+        }
+        if let Some(t) = &listeners.tcp {
+            tracing::info!("site {}: listening on tcp {}", cfg.site, t.local_addr()?);
+        }
+        for l in &links {
+            tracing::info!(
+                "link {}: {} key bytes left to send, {} to receive",
+                l.name,
+                l.send_remaining(),
+                l.recv_remaining()
+            );
+        }
+        let server =
+            std::sync::Arc::new(Server::new(store, links, ServerLimits::from_config(&cfg)));
+        let shutdown = async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM"),
+                _ = int.recv() => tracing::info!("SIGINT"),
+            }
+            let _ = qgenome_mountd::notify::notify("STOPPING=1");
+        };
+        if let Err(e) = qgenome_mountd::notify::notify("READY=1") {
+            tracing::warn!("sd_notify READY=1: {e}");
+        }
+        tracing::info!("site {}: ready", cfg.site);
+        server.run(listeners, shutdown).await?;
+        anyhow::Ok(())
+    })
+}
+
 fn sibling(path: &Path, suffix: &str) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(suffix);
@@ -286,6 +360,7 @@ fn bench(
     share_size: u64,
     jobs: usize,
     no_fio: bool,
+    via_daemon: Option<&Path>,
     json: bool,
 ) -> Result<()> {
     let count = size / share_size;
@@ -312,8 +387,12 @@ fn bench(
     )?;
     let fixed = store.device().has_fixed_buffers();
     let kind = store.device().kind();
-    let r = bench_store(&store, count, share_size as usize, jobs)?;
-    drop(store);
+    let r = match via_daemon {
+        None => bench_store(&store, count, share_size as usize, jobs)?,
+        Some(keys) => {
+            qgenome_mountd::bench::bench_daemon(store, count, share_size as usize, jobs, keys)?
+        }
+    };
     let fio = if no_fio || kind == VolumeKind::BlockDevice {
         None
     } else {
@@ -347,6 +426,7 @@ fn bench(
         "jobs": jobs,
         "durability": vol.durability,
         "fixed_buffers": fixed,
+        "path": if via_daemon.is_some() { "daemon-tcp-sealed" } else { "store-direct" },
     });
     if let Some((w, rd, wd)) = fio {
         out["fio_write_mbps"] = w.into();

@@ -671,6 +671,37 @@ impl<D: BlockDevice> Store<D> {
         })
     }
 
+    /// Indexed shares with keys strictly after `after` (from the start if None), in key order.
+    pub fn list_after(
+        &self,
+        after: Option<&ShareKey>,
+    ) -> impl Iterator<Item = Result<(ShareKey, IndexEntry), StoreError>> + '_ {
+        use std::ops::Bound;
+        let lower = match after {
+            Some(k) => Bound::Excluded(k.encode().to_vec()),
+            None => Bound::Unbounded,
+        };
+        self.shares
+            .range::<Vec<u8>, _>((lower, Bound::Unbounded))
+            .map(move |item| {
+                let (k, v) = item.map_err(|e| self.ix(e))?;
+                let corrupt = |e: LayoutError| StoreError::CorruptIndex {
+                    dir: self.dir.clone(),
+                    reason: e.to_string(),
+                };
+                Ok((
+                    ShareKey::decode(&k).map_err(corrupt)?,
+                    IndexEntry::decode(&v).map_err(corrupt)?,
+                ))
+            })
+    }
+
+    /// Flushes the index (every earlier commit already is; this is for an orderly stop).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(|e| self.ix(e))?;
+        Ok(())
+    }
+
     pub fn stat(&self) -> StoreStat {
         let a = lock(&self.alloc);
         let damaged_reads = self.damaged_reads.load(Ordering::Relaxed);

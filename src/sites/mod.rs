@@ -9,6 +9,9 @@ use std::sync::Mutex;
 
 use crate::catalog::{merkle::hex, FileId};
 
+pub mod mountd;
+pub use mountd::{LinkKeys, MountdSite};
+
 /// Identifies one share of one chunk of one file version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ShareKey {

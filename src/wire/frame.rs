@@ -102,6 +102,35 @@ impl FrameHeader {
         Ok(h)
     }
 
+    /// Parse only the fixed header (first [`HEADER_LEN`] bytes) of a frame arriving on a
+    /// stream, before its body is read: magic, version, reserved bytes, and a payload length
+    /// of at most `max_payload` (so a hostile length is refused before anything is
+    /// allocated). [`FrameHeader::parse_frame`] still checks the whole frame afterwards.
+    pub fn parse_prefix(prefix: &[u8; HEADER_LEN], max_payload: u64) -> Result<Self, FrameError> {
+        let magic: [u8; 4] = prefix[0..4].try_into().expect("4 bytes");
+        if magic != MAGIC {
+            return Err(FrameError::BadMagic { found: magic });
+        }
+        if prefix[4] != VERSION {
+            return Err(FrameError::UnsupportedVersion { found: prefix[4] });
+        }
+        if prefix[5..8] != [0, 0, 0] {
+            return Err(FrameError::ReservedNotZero);
+        }
+        let h = Self {
+            stream_id: prefix[8..24].try_into().expect("16 bytes"),
+            key_offset: u64::from_le_bytes(prefix[24..32].try_into().expect("8 bytes")),
+            payload_len: u64::from_le_bytes(prefix[32..40].try_into().expect("8 bytes")),
+        };
+        if h.payload_len > max_payload.min(MAX_PAYLOAD_LEN) {
+            return Err(FrameError::PayloadTooLarge {
+                declared: h.payload_len,
+            });
+        }
+        h.key_range()?;
+        Ok(h)
+    }
+
     /// Key bytes this frame uses: `[key_offset, key_offset + 32 + payload_len)`.
     pub fn key_range(&self) -> Result<Range<u64>, FrameError> {
         let end = key_len_for(self.payload_len)
@@ -140,6 +169,13 @@ mod tests {
         fn header_round_trips(id in any::<[u8; 16]>(), off in 0u64..u64::MAX / 2, len in 0u64..5000) {
             let h = FrameHeader { stream_id: id, key_offset: off, payload_len: len };
             prop_assert_eq!(FrameHeader::parse_frame(&frame(&h)), Ok(h));
+        }
+
+        #[test]
+        fn prefix_agrees_with_whole_frame(id in any::<[u8; 16]>(), off in 0u64..u64::MAX / 2, len in 0u64..5000) {
+            let h = FrameHeader { stream_id: id, key_offset: off, payload_len: len };
+            prop_assert_eq!(FrameHeader::parse_prefix(&h.encode(), 5000), Ok(h));
+            prop_assert!(FrameHeader::parse_prefix(&h.encode(), len.saturating_sub(1)).is_err() || len == 0);
         }
 
         #[test]

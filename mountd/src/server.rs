@@ -1,0 +1,878 @@
+//! The share protocol server: a Unix socket for the home mount (plain frames) and TCP for
+//! remote sites (every frame sealed with the link's key stream). Formats and the handshake:
+//! `docs/design/mountd.md`, "Share protocol".
+//!
+//! Per connection: read one frame (length refused before allocating, in-flight bytes
+//! bounded by a semaphore), then in a blocking task open it (TCP), decode, run it against the
+//! store, encode and seal the reply; write the reply. One request at a time per connection;
+//! clients open several connections for concurrency. Connections of one link share the
+//! link's two streams (behind mutexes): the receiver tracks consumed key ranges exactly, so
+//! frames of different connections may arrive in any order.
+//!
+//! A bad frame (malformed, altered, replayed, sealed for another stream, truncated, absurd
+//! length) is logged with the link and the peer address and closes that connection only.
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use qgenome::keys::{pool, Direction, End, KeyError, PoolFile};
+use qgenome::link::{hex, LinkError, RecvStream, SendStream, StreamOptions};
+use qgenome::sites::{ShareKey as WireKey, ShareMeta as WireMeta};
+use qgenome::wire::frame::{self, FrameHeader};
+use qgenome::wire::msg::{self, Body, ErrorCode, ListEntry, Msg};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::config::{LinkConfig, SiteConfig};
+use crate::layout::{ShareKey, ShareMeta};
+use crate::store::{Health, Store, StoreError};
+use crate::volume::BlockDevice;
+
+/// Errors starting or running the server; each names the link, address or socket at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error("link {link:?}: {source}")]
+    Link {
+        link: String,
+        #[source]
+        source: LinkError,
+    },
+    #[error("link {link:?}: {source}")]
+    Key {
+        link: String,
+        #[source]
+        source: KeyError,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("site {site}: no unix_socket and no listen address configured: nothing to serve")]
+    NothingToServe { site: String },
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Both streams this site holds for one link.
+pub struct LinkEnds {
+    pub name: String,
+    send: Mutex<SendStream>,
+    recv: Mutex<RecvStream>,
+    send_id: [u8; 16],
+    recv_id: [u8; 16],
+    recv_key_len: u64,
+}
+
+impl std::fmt::Debug for LinkEnds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkEnds")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The directions of a link as seen from `end`: (the one it sends on, the one it receives on).
+pub fn directions(end: End) -> (Direction, Direction) {
+    match end {
+        End::A => (Direction::AtoB, Direction::BtoA),
+        End::B => (Direction::BtoA, Direction::AtoB),
+    }
+}
+
+impl LinkEnds {
+    /// Open this site's send and receive streams of a link from its key directory.
+    pub fn open(c: &LinkConfig) -> Result<Self, ServerError> {
+        let link = || c.name.clone();
+        let (tx_dir, rx_dir) = directions(c.end.end());
+        let opts = StreamOptions { window: c.window };
+        let info = |d| {
+            PoolFile::read_header(&pool::pool_path(&c.key_dir, &c.name, d), &c.name).map_err(
+                |source| ServerError::Key {
+                    link: link(),
+                    source,
+                },
+            )
+        };
+        let (tx_info, rx_info) = (info(tx_dir)?, info(rx_dir)?);
+        let le = |source| ServerError::Link {
+            link: link(),
+            source,
+        };
+        let send = SendStream::from_dir(&c.key_dir, &c.name, tx_dir, opts.clone()).map_err(le)?;
+        let recv = RecvStream::from_dir(&c.key_dir, &c.name, rx_dir, opts).map_err(le)?;
+        Ok(Self {
+            name: c.name.clone(),
+            send: Mutex::new(send),
+            recv: Mutex::new(recv),
+            send_id: tx_info.stream_id,
+            recv_id: rx_info.stream_id,
+            recv_key_len: rx_info.key_len,
+        })
+    }
+
+    pub fn send_remaining(&self) -> u64 {
+        lock(&self.send).remaining()
+    }
+
+    pub fn recv_remaining(&self) -> u64 {
+        lock(&self.recv).remaining()
+    }
+
+    fn flush(&self) -> Result<(), LinkError> {
+        lock(&self.send).flush()?;
+        lock(&self.recv).flush()
+    }
+}
+
+/// Limits of a running server.
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    pub max_connections: usize,
+    pub max_inflight_bytes: u64,
+    pub frame_timeout: Duration,
+    pub max_share_len: u64,
+}
+
+impl ServerLimits {
+    pub fn from_config(c: &SiteConfig) -> Self {
+        Self {
+            max_connections: c.limits.max_connections as usize,
+            max_inflight_bytes: c.limits.max_inflight_bytes,
+            frame_timeout: Duration::from_secs(c.limits.frame_timeout_secs),
+            max_share_len: c.limits.max_share_bytes.min(msg::MAX_DATA as u64),
+        }
+    }
+}
+
+/// What the server serves: one store and the links it accepts.
+pub struct Server<D: BlockDevice> {
+    store: Store<D>,
+    links: Vec<Arc<LinkEnds>>,
+    limits: ServerLimits,
+    /// In-flight bytes, in KiB permits.
+    memory: Arc<Semaphore>,
+}
+
+/// The sockets a server accepts connections on.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    pub unix: Option<(UnixListener, PathBuf)>,
+    pub tcp: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Bind the sockets of a configuration (a stale Unix socket file is replaced).
+    pub async fn bind(c: &SiteConfig) -> Result<Self, ServerError> {
+        let mut l = Listeners::default();
+        if let Some(p) = &c.unix_socket {
+            l.unix = Some((bind_unix(p)?, p.clone()));
+        }
+        if let Some(a) = &c.listen {
+            let t = TcpListener::bind(a)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: a.clone(),
+                    source,
+                })?;
+            l.tcp = Some(t);
+        }
+        if l.unix.is_none() && l.tcp.is_none() {
+            return Err(ServerError::NothingToServe {
+                site: c.site.clone(),
+            });
+        }
+        Ok(l)
+    }
+}
+
+fn bind_unix(p: &Path) -> Result<UnixListener, ServerError> {
+    let bind_err = |source| ServerError::Bind {
+        addr: p.display().to_string(),
+        source,
+    };
+    if let Some(dir) = p.parent() {
+        std::fs::create_dir_all(dir).map_err(bind_err)?;
+    }
+    match std::fs::remove_file(p) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(bind_err(e)),
+    }
+    let l = UnixListener::bind(p).map_err(bind_err)?;
+    // Only the owner (the mount runs as the same user or root) may connect: no pad here.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    Ok(l)
+}
+
+const KIB: u64 = 1024;
+
+fn permits_for(bytes: usize) -> u32 {
+    (bytes as u64).div_ceil(KIB).max(1) as u32
+}
+
+impl<D: BlockDevice> Server<D> {
+    pub fn new(store: Store<D>, links: Vec<LinkEnds>, limits: ServerLimits) -> Self {
+        let permits = (limits.max_inflight_bytes / KIB).max(1) as usize;
+        Self {
+            store,
+            links: links.into_iter().map(Arc::new).collect(),
+            memory: Arc::new(Semaphore::new(permits)),
+            limits,
+        }
+    }
+
+    pub fn store(&self) -> &Store<D> {
+        &self.store
+    }
+
+    pub fn links(&self) -> &[Arc<LinkEnds>] {
+        &self.links
+    }
+
+    /// Serve until `shutdown` completes; then stop accepting, let every connection finish
+    /// the request it is in, flush the streams and the index.
+    pub async fn run(
+        self: Arc<Self>,
+        listeners: Listeners,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServerError> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let conns = Arc::new(Semaphore::new(self.limits.max_connections));
+        let mut tasks = JoinSet::new();
+        let Listeners { unix, tcp } = listeners;
+        let (unix, unix_path) = match unix {
+            Some((l, p)) => (Some(l), Some(p)),
+            None => (None, None),
+        };
+        tokio::pin!(shutdown);
+        loop {
+            let permit = tokio::select! {
+                _ = &mut shutdown => break,
+                p = conns.clone().acquire_owned() => p.expect("semaphore never closed"),
+            };
+            tokio::select! {
+                _ = &mut shutdown => break,
+                r = accept_unix(unix.as_ref()) => match r {
+                    Ok(s) => {
+                        let srv = self.clone();
+                        let stop = stop_rx.clone();
+                        tasks.spawn(async move {
+                            srv.serve_conn(s, "unix".to_string(), None, stop).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(e) => tracing::warn!("unix socket accept: {e}"),
+                },
+                r = accept_tcp(tcp.as_ref()) => match r {
+                    Ok((s, peer)) => {
+                        let _ = s.set_nodelay(true);
+                        let srv = self.clone();
+                        let stop = stop_rx.clone();
+                        tasks.spawn(async move {
+                            srv.serve_conn(s, peer.to_string(), Some(ConnLink::default()), stop).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(e) => tracing::warn!("tcp accept: {e}"),
+                },
+            }
+            // Reap finished connection tasks so the set does not grow.
+            while tasks.try_join_next().is_some() {}
+        }
+        tracing::info!(
+            "stopping: no new connections; finishing {} connection(s)",
+            tasks.len()
+        );
+        drop(unix);
+        drop(tcp);
+        if let Some(p) = unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = stop_tx.send(true);
+        while tasks.join_next().await.is_some() {}
+        let srv = self.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), ServerError> {
+            for l in &srv.links {
+                l.flush().map_err(|source| ServerError::Link {
+                    link: l.name.clone(),
+                    source,
+                })?;
+            }
+            srv.store.flush()?;
+            Ok(())
+        })
+        .await
+        .expect("flush task")?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+
+    async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+        self: Arc<Self>,
+        mut s: S,
+        peer: String,
+        mut sealed: Option<ConnLink>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut reply = Vec::new();
+        loop {
+            let link_name = sealed
+                .as_ref()
+                .and_then(|c| c.link.as_ref().map(|l| l.name.clone()))
+                .unwrap_or_else(|| {
+                    if sealed.is_some() {
+                        "(not yet known)".into()
+                    } else {
+                        "(unix socket, unsealed)".into()
+                    }
+                });
+            let refuse = |reason: &str| {
+                tracing::warn!(
+                    "link {link_name} peer {peer}: refused frame: {reason}; closing connection"
+                );
+            };
+            // Wait for the next frame, or stop.
+            let first = tokio::select! {
+                biased;
+                _ = stop.changed() => return,
+                r = read_first(&mut s, sealed.is_some()) => r,
+            };
+            let prefix = match first {
+                Ok(Some(p)) => p,
+                Ok(None) => return, // clean close between frames
+                Err(e) => return refuse(&format!("reading frame start: {e}")),
+            };
+            let total = match frame_len(&prefix, sealed.is_some()) {
+                Ok(n) => n,
+                Err(reason) => return refuse(&reason),
+            };
+            let permit = match self
+                .memory
+                .clone()
+                .acquire_many_owned(permits_for(total))
+                .await
+            {
+                Ok(p) => p,
+                Err(_) => return,
+            };
+            let mut frame = vec![0u8; total];
+            frame[..prefix.len()].copy_from_slice(&prefix);
+            let rest = &mut frame[prefix.len()..];
+            match tokio::time::timeout(self.limits.frame_timeout, read_full(&mut s, rest)).await {
+                Err(_) => {
+                    return refuse(&format!(
+                        "frame of {total} bytes incomplete after {:?}",
+                        self.limits.frame_timeout
+                    ))
+                }
+                Ok(Err(e)) => return refuse(&format!("reading frame body: {e}")),
+                Ok(Ok(got)) if got < rest.len() => {
+                    return refuse(&format!(
+                        "truncated frame: {} of {total} bytes arrived before the peer closed",
+                        prefix.len() + got
+                    ))
+                }
+                Ok(Ok(_)) => {}
+            }
+            let srv = self.clone();
+            let conn = sealed.take();
+            let peer2 = peer.clone();
+            let mut out = std::mem::take(&mut reply);
+            let (conn, outcome, out) = tokio::task::spawn_blocking(move || {
+                let mut conn = conn;
+                let o = srv.handle(&mut conn, &frame, &mut out, &peer2);
+                (conn, o, out)
+            })
+            .await
+            .expect("request task");
+            sealed = conn;
+            reply = out;
+            let close = match outcome {
+                Outcome::Reply => None,
+                Outcome::ReplyAndClose(reason) => Some(reason),
+                Outcome::Close(reason) => {
+                    drop(permit);
+                    return refuse(&reason);
+                }
+            };
+            let w = if sealed.is_some() {
+                s.write_all(&reply).await
+            } else {
+                let len = (reply.len() as u32).to_le_bytes();
+                match s.write_all(&len).await {
+                    Ok(()) => s.write_all(&reply).await,
+                    Err(e) => Err(e),
+                }
+            };
+            drop(permit);
+            if let Err(e) = w {
+                tracing::info!("link {link_name} peer {peer}: writing reply: {e}");
+                return;
+            }
+            if let Some(reason) = close {
+                let _ = s.shutdown().await;
+                return refuse(&reason);
+            }
+        }
+    }
+
+    /// Open, decode, execute and answer one frame (blocking: store and crypto work).
+    fn handle(
+        &self,
+        conn: &mut Option<ConnLink>,
+        frame: &[u8],
+        out: &mut Vec<u8>,
+        peer: &str,
+    ) -> Outcome {
+        match conn {
+            None => {
+                let m = match msg::decode(&frame[msg::PLAIN_PREFIX..]) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        plain_error(out, 0, ErrorCode::BadRequest, 0, &e.to_string());
+                        return Outcome::ReplyAndClose(format!("malformed message: {e}"));
+                    }
+                };
+                if let Body::Hello { .. } = m.body {
+                    let r = "HELLO on the unsealed socket";
+                    plain_error(out, m.id, ErrorCode::BadRequest, 0, r);
+                    return Outcome::ReplyAndClose(r.to_string());
+                }
+                *out = self.execute(&m, peer, "unix");
+                Outcome::Reply
+            }
+            Some(c) => self.handle_sealed(c, frame, out, peer),
+        }
+    }
+
+    fn handle_sealed(
+        &self,
+        c: &mut ConnLink,
+        frame: &[u8],
+        out: &mut Vec<u8>,
+        peer: &str,
+    ) -> Outcome {
+        let header = match FrameHeader::parse_frame(frame) {
+            Ok(h) => h,
+            Err(e) => return Outcome::Close(format!("malformed frame: {e}")),
+        };
+        let link = match &c.link {
+            Some(l) => l.clone(),
+            None => match self.links.iter().find(|l| l.recv_id == header.stream_id) {
+                Some(l) => l.clone(),
+                None => {
+                    return Outcome::Close(format!(
+                        "frame sealed for stream {} which no link of this site receives \
+                         (another link's key or another site)",
+                        hex(&header.stream_id)
+                    ))
+                }
+            },
+        };
+        let mut plain = Vec::new();
+        let opened = lock(&link.recv).open(frame, &mut plain);
+        if let Err(e) = opened {
+            return match e {
+                LinkError::KeyAlreadyUsed { consumed_until, .. } => {
+                    // Tell the sender where our unused key starts (sealed, so authentic):
+                    // after our restart it skips there; a replay learns nothing new.
+                    let reason = format!("replayed or stale frame: {e}");
+                    match self.seal_reply(
+                        &link,
+                        0,
+                        error_body(ErrorCode::KeyAlreadyUsed, consumed_until, &e.to_string()),
+                        out,
+                    ) {
+                        Ok(()) => Outcome::ReplyAndClose(reason),
+                        Err(se) => Outcome::Close(format!("{reason}; cannot answer: {se}")),
+                    }
+                }
+                LinkError::WrongStream { .. } => Outcome::Close(format!(
+                    "frame sealed with another link's or direction's key: {e}"
+                )),
+                LinkError::BadTag { .. } => Outcome::Close(format!("altered or forged frame: {e}")),
+                other => Outcome::Close(other.to_string()),
+            };
+        }
+        let m = match msg::decode(&plain) {
+            Ok(m) => m,
+            Err(e) => {
+                let reason = format!("authenticated frame holds a malformed message: {e}");
+                let b = error_body(ErrorCode::BadRequest, 0, &e.to_string());
+                return match self.seal_reply(&link, 0, b, out) {
+                    Ok(()) => Outcome::ReplyAndClose(reason),
+                    Err(se) => Outcome::Close(format!("{reason}; cannot answer: {se}")),
+                };
+            }
+        };
+        let plain_reply = if c.link.is_none() {
+            match &m.body {
+                Body::Hello {
+                    link: name,
+                    c2s_stream,
+                    s2c_stream,
+                    client_recv_floor,
+                } if *name == link.name
+                    && *c2s_stream == link.recv_id
+                    && *s2c_stream == link.send_id =>
+                {
+                    let mut tx = lock(&link.send);
+                    let floor = (*client_recv_floor).min(link.recv_key_len.max(tx.next_offset()));
+                    if floor > tx.next_offset() {
+                        tracing::info!(
+                            "link {} peer {peer}: client's receive stream starts at {floor}; \
+                             skipping our send stream from {}",
+                            link.name,
+                            tx.next_offset()
+                        );
+                        if let Err(e) = tx.skip_to(floor) {
+                            return Outcome::Close(format!("cannot skip send stream: {e}"));
+                        }
+                    }
+                    drop(tx);
+                    c.link = Some(link.clone());
+                    tracing::info!("link {} peer {peer}: connected", link.name);
+                    Msg {
+                        id: m.id,
+                        body: Body::Welcome {
+                            site: self.store.site().to_string(),
+                        },
+                    }
+                    .to_vec()
+                }
+                Body::Hello { link: name, .. } => {
+                    return Outcome::Close(format!(
+                        "HELLO names link {name:?} or streams that do not match link {}",
+                        link.name
+                    ))
+                }
+                other => {
+                    return Outcome::Close(format!(
+                        "first message is {} instead of HELLO",
+                        other.name()
+                    ))
+                }
+            }
+        } else if matches!(m.body, Body::Hello { .. }) {
+            Msg {
+                id: m.id,
+                body: error_body(ErrorCode::BadRequest, 0, "second HELLO on one connection"),
+            }
+            .to_vec()
+        } else {
+            self.execute(&m, peer, &link.name)
+        };
+        let sealed = lock(&link.send).seal(&plain_reply, out);
+        match sealed {
+            Ok(_) => Outcome::Reply,
+            Err(e) => Outcome::Close(format!("cannot seal the reply: {e}")),
+        }
+    }
+
+    fn seal_reply(
+        &self,
+        link: &LinkEnds,
+        id: u64,
+        body: Body<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), LinkError> {
+        let plain = Msg { id, body }.to_vec();
+        lock(&link.send).seal(&plain, out)?;
+        Ok(())
+    }
+
+    /// Run one request against the store and encode its reply (with the request's id).
+    fn execute(&self, m: &Msg<'_>, peer: &str, via: &str) -> Vec<u8> {
+        let reply = |body: Body<'_>| Msg { id: m.id, body }.to_vec();
+        let r = match &m.body {
+            Body::Put { key, meta, data } => {
+                if data.is_empty() || data.len() as u64 > self.limits.max_share_len {
+                    return reply(error_body(
+                        ErrorCode::BadRequest,
+                        0,
+                        &format!(
+                            "site {}: share of {} bytes (allowed 1..={})",
+                            self.store.site(),
+                            data.len(),
+                            self.limits.max_share_len
+                        ),
+                    ));
+                }
+                let mut b = self.store.share_buf(data.len());
+                b.as_mut_slice().copy_from_slice(data);
+                self.store
+                    .put_buf(to_key(key), to_meta(meta), b)
+                    .map(|()| reply(Body::Done))
+            }
+            Body::Get { key } => self.store.get(&to_key(key)).map(|d| {
+                let meta = WireMeta {
+                    k: d.meta.k,
+                    n: d.meta.n,
+                    secret_len: u32::try_from(d.meta.secret_len).unwrap_or(u32::MAX),
+                };
+                reply(Body::Data {
+                    meta,
+                    data: d.bytes(),
+                })
+            }),
+            Body::Delete { key } => self.store.delete(&to_key(key)).map(|()| reply(Body::Done)),
+            Body::List {
+                prefix,
+                after,
+                limit,
+            } => self.list(prefix, after.as_ref(), *limit).map(reply),
+            Body::Stat => Ok(reply(self.stat())),
+            _ => {
+                return reply(error_body(
+                    ErrorCode::BadRequest,
+                    0,
+                    &format!("{} is not a request", m.body.name()),
+                ))
+            }
+        };
+        match r {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!("{via} peer {peer}: {} failed: {e}", m.body.name());
+                let code = match &e {
+                    StoreError::NotFound { .. } => ErrorCode::NotFound,
+                    StoreError::Damaged { .. } => ErrorCode::Damaged,
+                    StoreError::VolumeFull { .. } => ErrorCode::VolumeFull,
+                    StoreError::InvalidShare { .. } => ErrorCode::BadRequest,
+                    _ => ErrorCode::Internal,
+                };
+                reply(error_body(code, 0, &e.to_string()))
+            }
+        }
+    }
+
+    fn list(
+        &self,
+        prefix: &[u8],
+        after: Option<&WireKey>,
+        limit: u32,
+    ) -> Result<Body<'static>, StoreError> {
+        let after = match after {
+            Some(k) => Some(to_key(k)),
+            None => {
+                // Start just before the first key that can carry the prefix.
+                let mut file_id = [0u8; 16];
+                file_id[..prefix.len()].copy_from_slice(prefix);
+                predecessor(&ShareKey {
+                    file_id,
+                    chunk: 0,
+                    share: 0,
+                })
+            }
+        };
+        let mut entries = Vec::new();
+        let mut next = None;
+        for item in self.store.list_after(after.as_ref()) {
+            let (k, e) = item?;
+            if !k.file_id.starts_with(prefix) {
+                if k.file_id[..prefix.len()] > *prefix {
+                    break;
+                }
+                continue;
+            }
+            if entries.len() as u32 == limit {
+                next = entries.last().map(|e: &ListEntry| e.key);
+                break;
+            }
+            entries.push(ListEntry {
+                key: from_key(&k),
+                meta: WireMeta {
+                    k: e.meta.k,
+                    n: e.meta.n,
+                    secret_len: u32::try_from(e.meta.secret_len).unwrap_or(u32::MAX),
+                },
+                share_len: u32::try_from(e.share_len).unwrap_or(u32::MAX),
+            });
+        }
+        Ok(Body::Listed { entries, next })
+    }
+
+    fn stat(&self) -> Body<'static> {
+        let s = self.store.stat();
+        Body::Stats(msg::SiteStat {
+            site: s.site,
+            capacity: s.capacity,
+            free: s.free,
+            largest_free: s.largest_free,
+            shares: s.shares,
+            health: match s.health {
+                Health::Ok => msg::Health::Ok,
+                Health::Damaged => msg::Health::Damaged,
+            },
+            links: self
+                .links
+                .iter()
+                .map(|l| msg::LinkKeyLeft {
+                    link: l.name.clone(),
+                    send_remaining: l.send_remaining(),
+                    recv_remaining: l.recv_remaining(),
+                })
+                .collect(),
+        })
+    }
+}
+
+/// The key just before `k` in index order, if any.
+fn predecessor(k: &ShareKey) -> Option<ShareKey> {
+    let mut b = k.encode();
+    for i in (0..b.len()).rev() {
+        if b[i] > 0 {
+            b[i] -= 1;
+            for x in &mut b[i + 1..] {
+                *x = 0xff;
+            }
+            return ShareKey::decode(&b).ok();
+        }
+    }
+    None
+}
+
+fn to_key(k: &WireKey) -> ShareKey {
+    ShareKey {
+        file_id: k.file,
+        chunk: k.chunk,
+        share: k.share,
+    }
+}
+
+fn from_key(k: &ShareKey) -> WireKey {
+    WireKey {
+        file: k.file_id,
+        chunk: k.chunk,
+        share: k.share,
+    }
+}
+
+fn to_meta(m: &WireMeta) -> ShareMeta {
+    ShareMeta {
+        k: m.k,
+        n: m.n,
+        secret_len: u64::from(m.secret_len),
+    }
+}
+
+fn error_body(code: ErrorCode, arg: u64, message: &str) -> Body<'static> {
+    Body::Error {
+        code,
+        arg,
+        message: message.to_string(),
+    }
+}
+
+fn plain_error(out: &mut Vec<u8>, id: u64, code: ErrorCode, arg: u64, message: &str) {
+    out.clear();
+    Msg {
+        id,
+        body: error_body(code, arg, message),
+    }
+    .encode(out);
+}
+
+/// Per-connection state of a sealed connection: the link, once HELLO named it.
+#[derive(Default)]
+struct ConnLink {
+    link: Option<Arc<LinkEnds>>,
+}
+
+enum Outcome {
+    Reply,
+    ReplyAndClose(String),
+    Close(String),
+}
+
+async fn accept_unix(l: Option<&UnixListener>) -> std::io::Result<tokio::net::UnixStream> {
+    match l {
+        Some(l) => l.accept().await.map(|(s, _)| s),
+        None => std::future::pending().await,
+    }
+}
+
+async fn accept_tcp(
+    l: Option<&TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    match l {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Read the fixed start of a frame: the 40-byte sealed header or the 4-byte plain length.
+/// `None` when the peer closed cleanly before the first byte.
+async fn read_first<S: AsyncRead + Unpin>(
+    s: &mut S,
+    sealed: bool,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let n = if sealed {
+        frame::HEADER_LEN
+    } else {
+        msg::PLAIN_PREFIX
+    };
+    let mut b = vec![0u8; n];
+    let got = read_full(s, &mut b).await?;
+    if got == 0 {
+        return Ok(None);
+    }
+    if got < n {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("truncated frame: peer closed after {got} of the {n} header bytes"),
+        ));
+    }
+    Ok(Some(b))
+}
+
+/// Read until `buf` is full or the peer closes; returns the bytes read.
+async fn read_full<S: AsyncRead + Unpin>(s: &mut S, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut at = 0;
+    while at < buf.len() {
+        let n = s.read(&mut buf[at..]).await?;
+        if n == 0 {
+            break;
+        }
+        at += n;
+    }
+    Ok(at)
+}
+
+/// Total bytes of the frame whose start is `prefix` (including the prefix for sealed frames,
+/// excluding it for plain ones), refusing absurd lengths before anything is allocated.
+fn frame_len(prefix: &[u8], sealed: bool) -> Result<usize, String> {
+    if sealed {
+        let p: &[u8; frame::HEADER_LEN] = prefix.try_into().expect("header length");
+        let h = FrameHeader::parse_prefix(p, msg::MAX_MSG as u64).map_err(|e| match e {
+            frame::FrameError::PayloadTooLarge { declared } => format!(
+                "absurd length: frame declares a {declared}-byte payload (at most {})",
+                msg::MAX_MSG
+            ),
+            e => format!("malformed frame header: {e}"),
+        })?;
+        Ok(h.frame_len())
+    } else {
+        let p: [u8; msg::PLAIN_PREFIX] = prefix.try_into().expect("prefix length");
+        let n = msg::plain_len(p).map_err(|e| match e {
+            msg::MsgError::TooLarge { len } => format!(
+                "absurd length: frame declares {len} bytes (at most {})",
+                msg::MAX_MSG
+            ),
+            e => format!("malformed frame length: {e}"),
+        })?;
+        // The plain frame buffer holds the prefix too; handle() is given the message only.
+        Ok(n + msg::PLAIN_PREFIX)
+    }
+}

@@ -1,0 +1,405 @@
+//! Faults through real daemons: bad frames refused with a logged reason while another client
+//! keeps being served; kill -9 during PUTs; a full volume.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{share_bytes, Site, Vol, WINDOW};
+use qgenome::keys::Direction;
+use qgenome::link::{RecvStream, SendStream, StreamOptions};
+use qgenome::sites::{MountdSite, ShareKey, ShareMeta, ShareSite, SiteError};
+use qgenome::wire::frame::{FrameHeader, HEADER_LEN};
+use qgenome::wire::msg::{self, Body, ErrorCode, Msg};
+
+const META: ShareMeta = ShareMeta {
+    k: 2,
+    n: 3,
+    secret_len: 100_000,
+};
+
+fn key(file: u8, i: u64) -> ShareKey {
+    let mut f = [0u8; 16];
+    f[0] = file;
+    f[1] = 0xfa;
+    ShareKey {
+        file: f,
+        chunk: i,
+        share: (i % 3) as u8,
+    }
+}
+
+/// A hand-driven client end of one link, to send frames a real client never would.
+struct Raw {
+    tx: SendStream,
+    rx: RecvStream,
+    link: String,
+    send_id: [u8; 16],
+    recv_id: [u8; 16],
+}
+
+impl Raw {
+    fn open(site: &Site, link: &str) -> Self {
+        let dir = site.keys.path().join("client");
+        let o = StreamOptions { window: WINDOW };
+        let id = |d| {
+            qgenome::keys::PoolFile::read_header(
+                &qgenome::keys::pool::pool_path(&dir, link, d),
+                link,
+            )
+            .unwrap()
+            .stream_id
+        };
+        Self {
+            tx: SendStream::from_dir(&dir, link, Direction::AtoB, o.clone()).unwrap(),
+            rx: RecvStream::from_dir(&dir, link, Direction::BtoA, o).unwrap(),
+            link: link.to_string(),
+            send_id: id(Direction::AtoB),
+            recv_id: id(Direction::BtoA),
+        }
+    }
+
+    fn seal(&mut self, body: Body<'_>) -> Vec<u8> {
+        let mut f = Vec::new();
+        self.tx.seal(&Msg { id: 5, body }.to_vec(), &mut f).unwrap();
+        f
+    }
+
+    fn put_frame(&mut self, i: u64) -> Vec<u8> {
+        let k = key(9, i);
+        let data = share_bytes(1, &k, 1000);
+        self.seal(Body::Put {
+            key: k,
+            meta: META,
+            data: &data,
+        })
+    }
+
+    /// Read one sealed reply; None if the server closed the connection.
+    fn reply(&mut self, s: &mut TcpStream) -> Option<(ErrorCode, u64, bool)> {
+        let mut h = [0u8; HEADER_LEN];
+        if s.read_exact(&mut h).is_err() {
+            return None;
+        }
+        let hdr = FrameHeader::parse_prefix(&h, msg::MAX_MSG as u64).unwrap();
+        let mut f = h.to_vec();
+        f.resize(hdr.frame_len(), 0);
+        s.read_exact(&mut f[HEADER_LEN..]).unwrap();
+        let mut plain = Vec::new();
+        self.rx.open(&f, &mut plain).unwrap();
+        match msg::decode(&plain).unwrap().body {
+            Body::Error { code, arg, .. } => Some((code, arg, false)),
+            _ => Some((ErrorCode::Internal, 0, true)),
+        }
+    }
+
+    fn connect(&mut self, addr: &str) -> TcpStream {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let floor = 0;
+        let hello = self.seal(Body::Hello {
+            link: self.link.clone(),
+            c2s_stream: self.send_id,
+            s2c_stream: self.recv_id,
+            client_recv_floor: floor,
+        });
+        s.write_all(&hello).unwrap();
+        assert_eq!(self.reply(&mut s).map(|r| r.2), Some(true), "welcome");
+        s
+    }
+}
+
+/// The server closed the connection (EOF or reset), possibly after one reply.
+fn closed(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
+#[test]
+fn bad_frames_are_refused_with_a_logged_reason_while_another_client_is_served() {
+    let site = Site::new(
+        "site-faults",
+        Vol::File(256 << 20),
+        &["good", "evil", "foreign"],
+        &["good", "evil"],
+        64 << 20,
+    );
+    let d = site.start();
+    // A well-behaved client keeps working throughout.
+    let good = Arc::new(MountdSite::tcp(&site.name, &d.tcp, &site.client_keys("good")).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let worker = {
+        let (good, stop, served) = (good.clone(), stop.clone(), served.clone());
+        std::thread::spawn(move || {
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) || i < 20 {
+                let k = key(1, i);
+                let data = share_bytes(3, &k, 70_000);
+                good.put(&k, &META, &data).unwrap();
+                assert_eq!(good.get(&k).unwrap(), data);
+                served.fetch_add(1, Ordering::SeqCst);
+                i += 1;
+            }
+        })
+    };
+    let mut evil = Raw::open(&site, "evil");
+    let mut foreign = Raw::open(&site, "foreign");
+    let peer_line = |t: &str, needle: &str| -> String {
+        t.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle:?} in log:\n{t}"))
+            .to_string()
+    };
+
+    // 1. A flipped bit.
+    let mut s = evil.connect(&d.tcp);
+    let mut f = evil.put_frame(1);
+    f[HEADER_LEN + 10] ^= 0x04;
+    s.write_all(&f).unwrap();
+    assert!(closed(&mut s));
+    let l = peer_line(&d.wait_log("altered or forged frame"), "altered or forged");
+    assert!(
+        l.contains("link evil") && l.contains("peer 127.0.0.1:"),
+        "{l}"
+    );
+
+    // 2. A replayed frame (accepted once, then sent again on a new connection).
+    let mut s = evil.connect(&d.tcp);
+    let f = evil.put_frame(2);
+    s.write_all(&f).unwrap();
+    assert_eq!(evil.reply(&mut s).map(|r| r.2), Some(true));
+    let mut s = evil.connect(&d.tcp);
+    s.write_all(&f).unwrap();
+    let r = evil.reply(&mut s).expect("a sealed KeyAlreadyUsed answer");
+    assert_eq!(r.0, ErrorCode::KeyAlreadyUsed);
+    assert!(closed(&mut s));
+    let l = peer_line(&d.wait_log("replayed or stale frame"), "replayed or stale");
+    assert!(l.contains("link evil"), "{l}");
+
+    // 3. Another link's key: on an evil connection, and as a first frame.
+    let mut s = evil.connect(&d.tcp);
+    s.write_all(&foreign.put_frame(3)).unwrap();
+    assert!(closed(&mut s));
+    let l = peer_line(
+        &d.wait_log("another link's or direction's key"),
+        "another link's or direction's key",
+    );
+    assert!(l.contains("link evil"), "{l}");
+    let mut s = TcpStream::connect(&d.tcp).unwrap();
+    s.write_all(&foreign.put_frame(4)).unwrap();
+    assert!(closed(&mut s));
+    d.wait_log("which no link of this site receives");
+
+    // 4. A truncated frame.
+    let mut s = evil.connect(&d.tcp);
+    let f = evil.put_frame(5);
+    s.write_all(&f[..f.len() / 2]).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    assert!(closed(&mut s));
+    let l = peer_line(&d.wait_log("truncated frame"), "truncated frame");
+    assert!(l.contains("link evil"), "{l}");
+
+    // 5. An absurd length (refused from the header, before anything is allocated).
+    let mut s = evil.connect(&d.tcp);
+    let mut f = evil.put_frame(6);
+    f[32..40].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    s.write_all(&f[..HEADER_LEN]).unwrap();
+    assert!(closed(&mut s));
+    let l = peer_line(&d.wait_log("absurd length"), "absurd length");
+    assert!(
+        l.contains("link evil") && l.contains("1099511627776"),
+        "{l}"
+    );
+
+    // 6. Garbage from the first byte.
+    let mut s = TcpStream::connect(&d.tcp).unwrap();
+    let mut junk = vec![0u8; 300];
+    getrandom::getrandom(&mut junk).unwrap();
+    junk[0] = b'X';
+    s.write_all(&junk).unwrap();
+    assert!(closed(&mut s));
+    let l = peer_line(
+        &d.wait_log("malformed frame header"),
+        "malformed frame header",
+    );
+    assert!(l.contains("bad frame magic"), "{l}");
+
+    // 7. The same on the Unix socket: an absurd length and garbage.
+    let mut u = UnixStream::connect(&d.socket).unwrap();
+    u.write_all(&u32::MAX.to_le_bytes()).unwrap();
+    let mut b = [0u8; 1];
+    assert!(matches!(u.read(&mut b), Ok(0) | Err(_)));
+    let t = d.wait_log("unix socket, unsealed) peer unix: refused frame: absurd length");
+    assert!(t.contains("4294967295"), "{t}");
+    let mut u = UnixStream::connect(&d.socket).unwrap();
+    let mut g = 64u32.to_le_bytes().to_vec();
+    g.extend_from_slice(&junk[..64]);
+    u.write_all(&g).unwrap();
+    d.wait_log("malformed message: bad message magic");
+
+    // The attacked link itself still works, and so does the good client.
+    let mut s = evil.connect(&d.tcp);
+    s.write_all(&evil.put_frame(7)).unwrap();
+    assert_eq!(evil.reply(&mut s).map(|r| r.2), Some(true));
+    stop.store(true, Ordering::SeqCst);
+    worker.join().unwrap();
+    assert!(served.load(Ordering::SeqCst) >= 20);
+    // Nothing from a refused frame was stored.
+    let m = MountdSite::unix(&site.name, &d.socket);
+    let (page, _) = m.list(&[9], None, 100).unwrap();
+    let chunks: Vec<u64> = page.iter().map(|e| e.key.chunk).collect();
+    assert_eq!(chunks, vec![2, 7]);
+}
+
+#[test]
+fn kill_9_during_puts_keeps_every_acknowledged_share_and_never_reuses_key() {
+    let site = Site::new(
+        "site-crash",
+        Vol::File(256 << 20),
+        &["home-x"],
+        &["home-x"],
+        256 << 20,
+    );
+    site.fix_port();
+    let mut d = site.start();
+    let client =
+        Arc::new(MountdSite::tcp(&site.name, &d.tcp, &site.client_keys("home-x")).unwrap());
+    let mut acked: Vec<(ShareKey, usize)> = Vec::new();
+    let mut unacked: Vec<(ShareKey, usize)> = Vec::new();
+    let mut rng = [0u8; 8];
+    getrandom::getrandom(&mut rng).unwrap();
+    let mut r = u64::from_le_bytes(rng) | 1;
+    eprintln!("seed {r:#x}");
+    let len = |i: u64| 1000 + (i as usize * 7919) % 200_000;
+    for round in 0..3u8 {
+        let (done, tried) = (
+            Arc::new(Mutex::new(Vec::new())),
+            Arc::new(Mutex::new(Vec::new())),
+        );
+        let next = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                let (c, done, tried, next) =
+                    (client.clone(), done.clone(), tried.clone(), next.clone());
+                std::thread::spawn(move || loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let k = key(10 + round, i);
+                    tried.lock().unwrap().push((k, len(i)));
+                    match c.put(&k, &META, &share_bytes(5, &k, len(i))) {
+                        Ok(()) => done.lock().unwrap().push((k, len(i))),
+                        Err(SiteError::Unreachable { site, reason }) => {
+                            assert_eq!(site, "site-crash");
+                            assert!(reason.contains("tcp:127.0.0.1"), "{reason}");
+                            return;
+                        }
+                        Err(e) => panic!("unexpected error during kill: {e}"),
+                    }
+                })
+            })
+            .collect();
+        r ^= r << 13;
+        r ^= r >> 7;
+        r ^= r << 17;
+        std::thread::sleep(Duration::from_millis(100 + r % 400));
+        d.kill9();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let done = done.lock().unwrap().clone();
+        assert!(
+            !done.is_empty(),
+            "round {round}: some puts acknowledged before the kill"
+        );
+        let done_set: BTreeSet<ShareKey> = done.iter().map(|x| x.0).collect();
+        unacked.extend(
+            tried
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|x| !done_set.contains(&x.0)),
+        );
+        acked.extend(done);
+        let key_before = client.key_remaining().unwrap();
+        d = site.start();
+        // Every acknowledged share of every round so far reads back identical (the first
+        // request reconnects; the restarted server refuses our stale key and we skip ahead).
+        for (k, l) in &acked {
+            assert_eq!(client.get(k).unwrap(), share_bytes(5, k, *l), "acked {k}");
+        }
+        assert!(
+            client.key_remaining().unwrap() < key_before,
+            "skipped forward"
+        );
+        for (k, l) in &unacked {
+            match client.get(k) {
+                Ok(v) => assert_eq!(v, share_bytes(5, k, *l), "unacked {k} served but differs"),
+                Err(SiteError::NotFound { .. }) => {}
+                Err(e) => panic!("unacked {k}: {e}"),
+            }
+        }
+    }
+    // New puts never land on live space: all old shares still read back afterwards.
+    for i in 0..40 {
+        let k = key(99, i);
+        client.put(&k, &META, &share_bytes(6, &k, len(i))).unwrap();
+    }
+    for (k, l) in &acked {
+        assert_eq!(client.get(k).unwrap(), share_bytes(5, k, *l));
+    }
+    let t = d.log_text();
+    assert!(
+        t.contains("replayed or stale frame"),
+        "restart made the client skip:\n{t}"
+    );
+    assert!(d.terminate().success());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qgenome-mountd"))
+        .args(["scrub", "--volume"])
+        .arg(&site.volume)
+        .arg("--state")
+        .arg(&site.state)
+        .output()
+        .unwrap();
+    let so = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && so.contains(": 0 damaged"), "{so}");
+}
+
+#[test]
+fn a_full_volume_refuses_puts_naming_the_site_and_keeps_earlier_shares() {
+    let site = Site::new(
+        "site-full",
+        Vol::File(24 << 20),
+        &["home-x"],
+        &["home-x"],
+        64 << 20,
+    );
+    let d = site.start();
+    let c = MountdSite::tcp(&site.name, &d.tcp, &site.client_keys("home-x")).unwrap();
+    let mut stored = Vec::new();
+    let err = loop {
+        let i = stored.len() as u64;
+        let k = key(20, i);
+        match c.put(&k, &META, &share_bytes(8, &k, 1 << 20)) {
+            Ok(()) => stored.push(k),
+            Err(e) => break e,
+        }
+        assert!(i < 100, "volume never filled");
+    };
+    assert!(matches!(err, SiteError::Full { .. }), "{err:?}");
+    let m = err.to_string();
+    assert!(m.contains("site-full") && m.contains("volume full"), "{m}");
+    assert!(stored.len() >= 10, "{} shares fit", stored.len());
+    for k in &stored {
+        assert_eq!(c.get(k).unwrap(), share_bytes(8, k, 1 << 20));
+    }
+    // Freeing space makes room again.
+    c.delete(&stored[0]).unwrap();
+    let k = key(20, 1000);
+    c.put(&k, &META, &share_bytes(8, &k, 1 << 20)).unwrap();
+}

@@ -1,0 +1,574 @@
+//! [`MountdSite`]: a [`ShareSite`] served by a `qgenome-mountd`, over its Unix socket (the home
+//! site, plain frames) or over TCP with every frame sealed by the link's key streams.
+//!
+//! Blocking std sockets; a small pool of idle connections (one request at a time on each, so
+//! concurrent callers use several). A failed connection is dropped and the call retried once
+//! on a fresh one; if that fails too the error is `Unreachable` naming the site and address.
+//! Key handling (see `docs/design/mountd.md`, "Share protocol"): the HELLO carries where our
+//! receive stream's unused key starts, so the server never answers with key we count as
+//! consumed; a `KeyAlreadyUsed` reply (the server restarted) makes us skip our send stream
+//! to the server's floor and retry once. Key is never reused: skipping only moves forward.
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use super::{ShareKey, ShareMeta, ShareSite, SiteError};
+use crate::keys::{pool, Direction, End, PoolFile};
+use crate::link::{LinkError, RecvStream, SendStream, StreamOptions};
+use crate::wire::frame::{FrameHeader, HEADER_LEN};
+use crate::wire::msg::{self, Body, ErrorCode, ListEntry, Msg, SiteStat};
+
+/// Where this end's key for a link lives.
+#[derive(Debug, Clone)]
+pub struct LinkKeys {
+    /// Directory with this end's pools and ledgers (from `qgenome keys provision`).
+    pub dir: PathBuf,
+    pub link: String,
+    /// The end this site holds.
+    pub end: End,
+    /// Must match the server's `window` for the link.
+    pub options: StreamOptions,
+}
+
+struct ClientLink {
+    name: String,
+    send: Mutex<SendStream>,
+    recv: Mutex<RecvStream>,
+    send_id: [u8; 16],
+    recv_id: [u8; 16],
+    recv_key_len: u64,
+    window: u64,
+}
+
+enum Addr {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl std::fmt::Display for Addr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Addr::Unix(p) => write!(f, "unix:{}", p.display()),
+            Addr::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+enum Sock {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Read for Sock {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Sock::Unix(s) => s.read(b),
+            Sock::Tcp(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sock::Unix(s) => s.write(b),
+            Sock::Tcp(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sock::Unix(s) => s.flush(),
+            Sock::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+/// One connection and its reusable buffers.
+struct Conn {
+    sock: Sock,
+    plain: Vec<u8>,
+    frame: Vec<u8>,
+}
+
+/// Why one exchange failed.
+enum CallError {
+    /// The connection broke: retry on a fresh one, then report Unreachable.
+    Io(String),
+    /// The server counts our frame's key as used; its unused key starts here.
+    KeyAlreadyUsed(u64),
+    /// The server's reply used key our receive stream counts as consumed (both ends
+    /// restarted): the server never saw our floor.
+    ReplyBelowFloor,
+    /// A definite answer or failure: no retry.
+    Site(SiteError),
+}
+
+/// A `qgenome-mountd` reached over its Unix socket or a sealed TCP link.
+pub struct MountdSite {
+    name: String,
+    addr: Addr,
+    link: Option<ClientLink>,
+    idle: Mutex<Vec<Conn>>,
+    pool_size: usize,
+    next_id: AtomicU64,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for MountdSite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MountdSite")
+            .field("name", &self.name)
+            .field("addr", &self.addr.to_string())
+            .field("link", &self.link.as_ref().map(|l| &l.name))
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The directions of a link as seen from `end`: (the one it sends on, the one it receives on).
+fn directions(end: End) -> (Direction, Direction) {
+    match end {
+        End::A => (Direction::AtoB, Direction::BtoA),
+        End::B => (Direction::BtoA, Direction::AtoB),
+    }
+}
+
+impl MountdSite {
+    /// The home site's own mountd on its Unix socket (no pad: the socket is mode 0600).
+    pub fn unix(site: &str, socket: impl Into<PathBuf>) -> Self {
+        Self::with_addr(site, Addr::Unix(socket.into()), None)
+    }
+
+    /// A remote mountd at `addr` ("host:port"), every frame sealed with the key of `keys`.
+    /// Opens (and locks) both stream ends of the link in `keys.dir`.
+    pub fn tcp(site: &str, addr: &str, keys: &LinkKeys) -> Result<Self, SiteError> {
+        let link_err = |e: String| SiteError::KeyExhausted {
+            site: site.to_string(),
+            link: keys.link.clone(),
+            reason: e,
+        };
+        let (tx, rx) = directions(keys.end);
+        let info = |d| {
+            PoolFile::read_header(&pool::pool_path(&keys.dir, &keys.link, d), &keys.link)
+                .map_err(|e| link_err(e.to_string()))
+        };
+        let (ti, ri) = (info(tx)?, info(rx)?);
+        let send = SendStream::from_dir(&keys.dir, &keys.link, tx, keys.options.clone())
+            .map_err(|e| link_err(e.to_string()))?;
+        let recv = RecvStream::from_dir(&keys.dir, &keys.link, rx, keys.options.clone())
+            .map_err(|e| link_err(e.to_string()))?;
+        let link = ClientLink {
+            name: keys.link.clone(),
+            send: Mutex::new(send),
+            recv: Mutex::new(recv),
+            send_id: ti.stream_id,
+            recv_id: ri.stream_id,
+            recv_key_len: ri.key_len,
+            window: keys.options.window,
+        };
+        Ok(Self::with_addr(
+            site,
+            Addr::Tcp(addr.to_string()),
+            Some(link),
+        ))
+    }
+
+    fn with_addr(site: &str, addr: Addr, link: Option<ClientLink>) -> Self {
+        Self {
+            name: site.to_string(),
+            addr,
+            link,
+            idle: Mutex::new(Vec::new()),
+            pool_size: 8,
+            next_id: AtomicU64::new(1),
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// Idle connections kept for reuse (default 8).
+    pub fn set_pool_size(&mut self, n: usize) {
+        self.pool_size = n;
+    }
+
+    /// One page of the site's shares whose file id starts with `prefix` (≤ 16 bytes), after
+    /// `after`; returns the entries and where the next page starts (None: no more).
+    pub fn list(
+        &self,
+        prefix: &[u8],
+        after: Option<ShareKey>,
+        limit: u32,
+    ) -> Result<(Vec<ListEntry>, Option<ShareKey>), SiteError> {
+        let body = Body::List {
+            prefix: prefix.to_vec(),
+            after,
+            limit: limit.clamp(1, msg::MAX_LIST),
+        };
+        self.call(&body, |b| match b {
+            Body::Listed { entries, next } => Ok((entries, next)),
+            other => Err(self.unexpected(&other)),
+        })
+    }
+
+    /// Capacity, free space, share count, health and key left per link of the site.
+    pub fn stat(&self) -> Result<SiteStat, SiteError> {
+        self.call(&Body::Stat, |b| match b {
+            Body::Stats(s) => Ok(s),
+            other => Err(self.unexpected(&other)),
+        })
+    }
+
+    fn unexpected(&self, b: &Body<'_>) -> SiteError {
+        SiteError::Protocol {
+            site: self.name.clone(),
+            reason: format!("unexpected {} reply from {}", b.name(), self.addr),
+        }
+    }
+
+    fn unreachable(&self, reason: impl std::fmt::Display) -> SiteError {
+        SiteError::Unreachable {
+            site: self.name.clone(),
+            reason: format!("{}: {reason}", self.addr),
+        }
+    }
+
+    fn link_error(&self, e: LinkError) -> SiteError {
+        let link = self.link.as_ref().map_or("?", |l| &l.name).to_string();
+        match e {
+            LinkError::Exhausted { .. } => SiteError::KeyExhausted {
+                site: self.name.clone(),
+                link,
+                reason: e.to_string(),
+            },
+            other => SiteError::Protocol {
+                site: self.name.clone(),
+                reason: other.to_string(),
+            },
+        }
+    }
+
+    /// Send one request and turn its reply into `T` (error replies become `SiteError`s).
+    fn call<T>(
+        &self,
+        body: &Body<'_>,
+        f: impl Fn(Body<'_>) -> Result<T, SiteError>,
+    ) -> Result<T, SiteError> {
+        let mut last = String::new();
+        for attempt in 0..2 {
+            let (mut conn, reused) = match lock(&self.idle).pop() {
+                Some(c) => (c, true),
+                None => (self.connect()?, false),
+            };
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            match self.exchange(&mut conn, id, body) {
+                Ok(()) => {
+                    let r = match msg::decode(&conn.plain) {
+                        Ok(m) if m.id == id || m.id == 0 => {
+                            self.reply(m.body, request_key(body), &f)
+                        }
+                        Ok(m) => Err(SiteError::Protocol {
+                            site: self.name.clone(),
+                            reason: format!("reply id {} for request {id}", m.id),
+                        }),
+                        Err(e) => Err(SiteError::Protocol {
+                            site: self.name.clone(),
+                            reason: format!("malformed reply from {}: {e}", self.addr),
+                        }),
+                    };
+                    let mut idle = lock(&self.idle);
+                    if idle.len() < self.pool_size {
+                        idle.push(conn);
+                    }
+                    return r;
+                }
+                Err(CallError::KeyAlreadyUsed(until)) if attempt == 0 => {
+                    self.skip_send(until)?;
+                }
+                Err(CallError::Io(e)) if attempt == 0 || reused => {
+                    last = e;
+                }
+                Err(CallError::Io(e)) => return Err(self.unreachable(e)),
+                Err(CallError::KeyAlreadyUsed(until)) => {
+                    return Err(SiteError::Protocol {
+                        site: self.name.clone(),
+                        reason: format!(
+                            "{} still refuses our key after skipping to {until}",
+                            self.addr
+                        ),
+                    })
+                }
+                Err(CallError::ReplyBelowFloor) => {
+                    return Err(SiteError::Protocol {
+                        site: self.name.clone(),
+                        reason: format!("{} answered with key we already used", self.addr),
+                    })
+                }
+                Err(CallError::Site(e)) => return Err(e),
+            }
+        }
+        Err(self.unreachable(last))
+    }
+
+    fn reply<T>(
+        &self,
+        body: Body<'_>,
+        key: Option<ShareKey>,
+        f: &impl Fn(Body<'_>) -> Result<T, SiteError>,
+    ) -> Result<T, SiteError> {
+        match body {
+            Body::Error { code, message, .. } => Err(self.error_reply(code, message, key)),
+            b => f(b),
+        }
+    }
+
+    fn error_reply(&self, code: ErrorCode, message: String, key: Option<ShareKey>) -> SiteError {
+        let site = self.name.clone();
+        match (code, key) {
+            (ErrorCode::NotFound, Some(key)) => return SiteError::NotFound { site, key },
+            (ErrorCode::Damaged, Some(key)) => {
+                return SiteError::Damaged {
+                    site,
+                    key,
+                    reason: message,
+                }
+            }
+            _ => {}
+        }
+        match code {
+            ErrorCode::VolumeFull => SiteError::Full {
+                site,
+                reason: message,
+            },
+            ErrorCode::KeyExhausted => SiteError::KeyExhausted {
+                site,
+                link: self.link.as_ref().map_or("?", |l| &l.name).to_string(),
+                reason: message,
+            },
+            ErrorCode::ShuttingDown => SiteError::Unreachable {
+                site,
+                reason: format!("{}: {message}", self.addr),
+            },
+            _ => SiteError::Protocol {
+                site,
+                reason: message,
+            },
+        }
+    }
+
+    fn skip_send(&self, until: u64) -> Result<(), SiteError> {
+        let Some(l) = &self.link else {
+            return Ok(());
+        };
+        let mut tx = lock(&l.send);
+        if until > tx.next_offset() {
+            tx.skip_to(until).map_err(|e| self.link_error(e))?;
+        }
+        Ok(())
+    }
+
+    fn connect(&self) -> Result<Conn, SiteError> {
+        let open = || -> std::io::Result<Sock> {
+            Ok(match &self.addr {
+                Addr::Unix(p) => {
+                    let s = UnixStream::connect(p)?;
+                    s.set_read_timeout(Some(self.timeout))?;
+                    s.set_write_timeout(Some(self.timeout))?;
+                    Sock::Unix(s)
+                }
+                Addr::Tcp(a) => {
+                    let s = TcpStream::connect(a.as_str())?;
+                    s.set_nodelay(true)?;
+                    s.set_read_timeout(Some(self.timeout))?;
+                    s.set_write_timeout(Some(self.timeout))?;
+                    Sock::Tcp(s)
+                }
+            })
+        };
+        let Some(link) = &self.link else {
+            let sock = open().map_err(|e| self.unreachable(e))?;
+            return Ok(Conn {
+                sock,
+                plain: Vec::new(),
+                frame: Vec::new(),
+            });
+        };
+        // HELLO; after a restart of the server (or of both ends) skip forward and retry.
+        for _ in 0..3 {
+            let sock = open().map_err(|e| self.unreachable(e))?;
+            let mut conn = Conn {
+                sock,
+                plain: Vec::new(),
+                frame: Vec::new(),
+            };
+            let floor = link.recv_key_len - lock(&link.recv).remaining();
+            let hello = Body::Hello {
+                link: link.name.clone(),
+                c2s_stream: link.send_id,
+                s2c_stream: link.recv_id,
+                client_recv_floor: floor,
+            };
+            match self.exchange(&mut conn, 0, &hello) {
+                Ok(()) => {
+                    return match msg::decode(&conn.plain) {
+                        Ok(Msg {
+                            body: Body::Welcome { .. },
+                            ..
+                        }) => Ok(conn),
+                        Ok(Msg {
+                            body: Body::Error { code, message, .. },
+                            ..
+                        }) => Err(self.error_reply(code, message, None)),
+                        Ok(m) => Err(self.unexpected(&m.body)),
+                        Err(e) => Err(SiteError::Protocol {
+                            site: self.name.clone(),
+                            reason: format!("malformed HELLO reply from {}: {e}", self.addr),
+                        }),
+                    };
+                }
+                Err(CallError::KeyAlreadyUsed(until)) => self.skip_send(until)?,
+                Err(CallError::ReplyBelowFloor) => {
+                    // The server restarted and cannot read our HELLO, and its reply uses key
+                    // below our own restart floor: skip one window, which lies above any
+                    // floor the server can have (it is below our last frame + one window).
+                    let next = lock(&link.send).next_offset();
+                    self.skip_send(next.saturating_add(link.window))?;
+                }
+                Err(CallError::Io(e)) => return Err(self.unreachable(e)),
+                Err(CallError::Site(e)) => return Err(e),
+            }
+        }
+        Err(SiteError::Protocol {
+            site: self.name.clone(),
+            reason: format!("{}: HELLO refused after skipping forward", self.addr),
+        })
+    }
+
+    /// Write one request and read its reply into `conn.plain` (decoded by the caller).
+    fn exchange(&self, conn: &mut Conn, id: u64, body: &Body<'_>) -> Result<(), CallError> {
+        let io = |e: std::io::Error| CallError::Io(e.to_string());
+        let m = Msg {
+            id,
+            body: body.clone(),
+        };
+        conn.plain.clear();
+        m.encode(&mut conn.plain);
+        match &self.link {
+            None => {
+                let len = (conn.plain.len() as u32).to_le_bytes();
+                conn.sock.write_all(&len).map_err(io)?;
+                conn.sock.write_all(&conn.plain).map_err(io)?;
+                let mut p = [0u8; msg::PLAIN_PREFIX];
+                conn.sock.read_exact(&mut p).map_err(io)?;
+                let n = msg::plain_len(p).map_err(|e| {
+                    CallError::Site(SiteError::Protocol {
+                        site: self.name.clone(),
+                        reason: format!("reply from {}: {e}", self.addr),
+                    })
+                })?;
+                conn.plain.resize(n, 0);
+                conn.sock.read_exact(&mut conn.plain).map_err(io)?;
+                Ok(())
+            }
+            Some(link) => {
+                lock(&link.send)
+                    .seal(&conn.plain, &mut conn.frame)
+                    .map_err(|e| CallError::Site(self.link_error(e)))?;
+                conn.sock.write_all(&conn.frame).map_err(io)?;
+                let mut h = [0u8; HEADER_LEN];
+                conn.sock.read_exact(&mut h).map_err(io)?;
+                let hdr = FrameHeader::parse_prefix(&h, msg::MAX_MSG as u64).map_err(|e| {
+                    CallError::Site(SiteError::Protocol {
+                        site: self.name.clone(),
+                        reason: format!("reply frame from {}: {e}", self.addr),
+                    })
+                })?;
+                conn.frame.clear();
+                conn.frame.extend_from_slice(&h);
+                conn.frame.resize(hdr.frame_len(), 0);
+                conn.sock
+                    .read_exact(&mut conn.frame[HEADER_LEN..])
+                    .map_err(io)?;
+                let opened = lock(&link.recv).open(&conn.frame, &mut conn.plain);
+                match opened {
+                    Ok(_) => {}
+                    Err(LinkError::KeyAlreadyUsed { .. }) => {
+                        return Err(CallError::ReplyBelowFloor)
+                    }
+                    Err(e) => return Err(CallError::Site(self.link_error(e))),
+                }
+                if let Ok(Msg {
+                    body:
+                        Body::Error {
+                            code: ErrorCode::KeyAlreadyUsed,
+                            arg,
+                            ..
+                        },
+                    ..
+                }) = msg::decode(&conn.plain)
+                {
+                    return Err(CallError::KeyAlreadyUsed(arg));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl ShareSite for MountdSite {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn put(&self, key: &ShareKey, meta: &ShareMeta, data: &[u8]) -> Result<(), SiteError> {
+        let body = Body::Put {
+            key: *key,
+            meta: *meta,
+            data,
+        };
+        self.call(&body, |b| match b {
+            Body::Done => Ok(()),
+            other => Err(self.unexpected(&other)),
+        })
+    }
+
+    fn get(&self, key: &ShareKey) -> Result<Vec<u8>, SiteError> {
+        self.call(&Body::Get { key: *key }, |b| match b {
+            Body::Data { data, .. } => Ok(data.to_vec()),
+            other => Err(self.unexpected(&other)),
+        })
+    }
+
+    fn delete(&self, key: &ShareKey) -> Result<(), SiteError> {
+        let r = self.call(&Body::Delete { key: *key }, |b| match b {
+            Body::Done => Ok(()),
+            other => Err(self.unexpected(&other)),
+        });
+        match r {
+            // Deleting what is not there leaves the same state (and makes retries safe).
+            Err(SiteError::NotFound { .. }) => Ok(()),
+            r => r,
+        }
+    }
+
+    fn key_remaining(&self) -> Option<u64> {
+        self.link.as_ref().map(|l| lock(&l.send).remaining())
+    }
+}
+
+fn request_key(b: &Body<'_>) -> Option<ShareKey> {
+    match b {
+        Body::Put { key, .. } | Body::Get { key } | Body::Delete { key } => Some(*key),
+        _ => None,
+    }
+}
+
+/// The path of a site's Unix socket in a directory, for tests and defaults.
+pub fn socket_path(dir: &Path, site: &str) -> PathBuf {
+    dir.join(format!("{site}.sock"))
+}
