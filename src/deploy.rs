@@ -180,6 +180,8 @@ impl Deployment {
             } else {
                 let link = format!("home-{name}");
                 let (home_end, site_end) = (dir.join("keys").join(&link), sdir.join("keys"));
+                std::fs::create_dir_all(&home_end)?;
+                std::fs::create_dir_all(&site_end)?;
                 crate::keys::pool::provision(&link, opts.key_size, &home_end, &site_end)
                     .with_context(|| format!("provisioning link {link}"))?;
                 let port = free_port()?;

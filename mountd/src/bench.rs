@@ -167,25 +167,6 @@ pub fn run_fio(
     Ok(bw / 1e6)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pattern_depends_on_seed_and_key_only() {
-        let k = run_key([1; 16], 5);
-        let mut a = vec![0u8; 1001];
-        let mut b = vec![0u8; 1001];
-        pattern(9, &k, &mut a);
-        pattern(9, &k, &mut b);
-        assert_eq!(a, b);
-        pattern(10, &k, &mut b);
-        assert_ne!(a, b);
-        pattern(9, &run_key([1; 16], 6), &mut b);
-        assert_ne!(a, b);
-    }
-}
-
 /// Throughput of puts and gets through the share server over loopback TCP with every frame
 /// sealed: the daemon's code path (`server::Server`, in this process on its own tokio
 /// runtime) and the client (`MountdSite`), with a link provisioned under `key_root` (use
@@ -313,4 +294,23 @@ pub fn bench_daemon<D: BlockDevice>(
     })();
     let _ = std::fs::remove_dir_all(&work);
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_depends_on_seed_and_key_only() {
+        let k = run_key([1; 16], 5);
+        let mut a = vec![0u8; 1001];
+        let mut b = vec![0u8; 1001];
+        pattern(9, &k, &mut a);
+        pattern(9, &k, &mut b);
+        assert_eq!(a, b);
+        pattern(10, &k, &mut b);
+        assert_ne!(a, b);
+        pattern(9, &run_key([1; 16], 6), &mut b);
+        assert_ne!(a, b);
+    }
 }

@@ -181,14 +181,25 @@ fn flow(args: &DemoArgs, dir: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::R
     for (name, input, reference) in &files {
         let local = src.join(name);
         let mounted = pdir.join(name);
-        for out in [&local, &mounted] {
-            sh(Command::new("samtools")
-                .args(["view", "--no-PG", "-@", "2", "-C", "-T"])
-                .arg(reference)
-                .arg("-o")
-                .arg(out)
-                .arg(input))?;
-        }
+        // Single-threaded: samtools' multithreaded CRAM encoder picks codecs by timing, so its
+        // output differs run to run. The local source and the mounted file are encoded at once.
+        std::thread::scope(|s| -> anyhow::Result<()> {
+            let jobs: Vec<_> = [&local, &mounted]
+                .into_iter()
+                .map(|out| {
+                    s.spawn(move || {
+                        sh(Command::new("samtools")
+                            .args(["view", "--no-PG", "-C", "-T"])
+                            .arg(reference)
+                            .arg("-o")
+                            .arg(out)
+                            .arg(input))
+                    })
+                })
+                .collect();
+            jobs.into_iter()
+                .try_for_each(|j| j.join().expect("samtools thread").map(drop))
+        })?;
         let size = std::fs::metadata(&mounted)?.len();
         written.push((name.clone(), local, mounted, reference.clone(), size));
     }
@@ -286,14 +297,21 @@ fn flow(args: &DemoArgs, dir: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::R
 
     // 7. Where everything went.
     let status = deployment.control(&json!({"cmd": "status"}))?;
-    println!("\nwhere the shares went (one share of every chunk per site):");
-    for s in &deployment.sites {
-        let vol = std::fs::metadata(&s.volume).map(|m| m.len()).unwrap_or(0);
+    println!("\nwhere the shares went (share i of every chunk on site i; any 2 of 3 rebuild it):");
+    for (s, st) in deployment
+        .sites
+        .iter()
+        .zip(status["sites"].as_array().into_iter().flatten())
+    {
+        let u = &st["usage"];
         println!(
-            "  {:<6} volume {} ({} MiB)",
+            "  {:<6} {} shares, {:.1} MiB used of {:.1} MiB, volume {}",
             s.name,
-            s.volume.display(),
-            vol >> 20
+            u["shares"].as_u64().unwrap_or(0),
+            (u["capacity"].as_u64().unwrap_or(0) - u["free"].as_u64().unwrap_or(0)) as f64
+                / (1 << 20) as f64,
+            u["capacity"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
+            s.volume.display()
         );
     }
     println!("key material per link:");

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod consent;
 pub mod demo;
 pub mod keys;
+pub mod mount;
 
 /// qgenome: CRAM storage by XOR threshold secret sharing over one-time-pad links.
 #[derive(Debug, Parser)]
@@ -25,6 +26,8 @@ pub enum Command {
     /// Grant, revoke and list consent sessions on a running mount.
     #[command(subcommand)]
     Consent(consent::ConsentCommand),
+    /// Serve /qgenome until SIGTERM or SIGINT.
+    Mount(mount::MountArgs),
     /// Run the whole flow on a local three-site deployment (what `make demo` runs).
     Demo(demo::DemoArgs),
     /// Counters and key left per site, from a running mount.
@@ -43,6 +46,7 @@ impl Cli {
             Command::Keys(cmd) => cmd.run(),
             Command::Consent(cmd) => cmd.run(),
             Command::Demo(args) => demo::run(args),
+            Command::Mount(args) => mount::run(args),
             Command::Status { ctl, json } => consent::status(&ctl, json),
         }
     }

@@ -28,19 +28,54 @@ fn harden_process() {
             );
         }
         if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 {
-            tracing::warn!("prctl(PR_SET_DUMPABLE, 0) failed: {}", std::io::Error::last_os_error());
+            tracing::warn!(
+                "prctl(PR_SET_DUMPABLE, 0) failed: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }
 
-/// The share sites of a config: share i on `cfg.sites[i]`.
+/// The share sites of a config: share i on `cfg.sites[i]`; the home site over its Unix
+/// socket, the others over their one-time-pad links.
 pub fn build_sites(cfg: &HomeConfig) -> anyhow::Result<Vec<Arc<dyn ShareSite>>> {
-    crate::sites::mountd::from_config(cfg)
+    use crate::keys::End;
+    use crate::sites::mountd::{LinkKeys, MountdSite};
+    cfg.sites
+        .iter()
+        .map(|s| -> anyhow::Result<Arc<dyn ShareSite>> {
+            Ok(
+                match (&s.socket, &s.address, &s.link, &s.keys, s.end.as_deref()) {
+                    (Some(sock), ..) => Arc::new(MountdSite::unix(&s.name, sock.clone())),
+                    (None, Some(addr), Some(link), Some(dir), Some(end)) => {
+                        let keys = LinkKeys {
+                            dir: dir.clone(),
+                            link: link.clone(),
+                            end: if end == "a" { End::A } else { End::B },
+                            options: crate::link::StreamOptions::default(),
+                        };
+                        let site = MountdSite::tcp(&s.name, addr, &keys).with_context(|| {
+                            format!("config {}: site {}", cfg.path.display(), s.name)
+                        })?;
+                        Arc::new(site)
+                    }
+                    _ => anyhow::bail!(
+                        "config {}: site {} is incomplete",
+                        cfg.path.display(),
+                        s.name
+                    ),
+                },
+            )
+        })
+        .collect()
 }
 
 pub fn run(args: MountArgs) -> anyhow::Result<()> {
     let cfg = HomeConfig::load(&args.config)?;
-    let mountpoint = args.mountpoint.clone().unwrap_or_else(|| cfg.mountpoint.clone());
+    let mountpoint = args
+        .mountpoint
+        .clone()
+        .unwrap_or_else(|| cfg.mountpoint.clone());
     // Block the stop signals before any thread starts, so every thread inherits the mask and
     // this one receives them in sigwait.
     let mut stop = SigSet::empty();
@@ -50,7 +85,11 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     harden_process();
     let sites = build_sites(&cfg)?;
     let mounted = crate::fs::mount::start(&cfg, &mountpoint, sites, vec![])?;
-    eprintln!("qgenome: serving {} (control socket {})", mountpoint.display(), cfg.control_socket().display());
+    eprintln!(
+        "qgenome: serving {} (control socket {})",
+        mountpoint.display(),
+        cfg.control_socket().display()
+    );
     let sig = stop.wait().context("waiting for a stop signal")?;
     tracing::info!("{sig:?}: unmounting");
     mounted.unmount()

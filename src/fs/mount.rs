@@ -131,7 +131,7 @@ fn builtin_handler(engine: Arc<Engine>) -> Arc<Handler> {
                 let sites: Vec<Value> = engine
                     .sites()
                     .iter()
-                    .map(|s| json!({"name": s.name(), "key_remaining": s.key_remaining()}))
+                    .map(|s| json!({"name": s.name(), "key_remaining": s.key_remaining(), "usage": s.usage()}))
                     .collect();
                 Ok(json!({"ok": true, "stats": engine.stats().snapshot(), "sites": sites}))
             }

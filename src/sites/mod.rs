@@ -85,6 +85,11 @@ pub trait ShareSite: Send + Sync {
     fn key_remaining(&self) -> Option<u64> {
         None
     }
+    /// What the site reports about itself: capacity, free space, shares held (as JSON, for
+    /// `qgenome status`), or `None` if it cannot say.
+    fn usage(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// Shares in memory, with switches to simulate a site that is down or returns damaged data.

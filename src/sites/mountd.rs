@@ -559,6 +559,14 @@ impl ShareSite for MountdSite {
     fn key_remaining(&self) -> Option<u64> {
         self.link.as_ref().map(|l| lock(&l.send).remaining())
     }
+
+    fn usage(&self) -> Option<serde_json::Value> {
+        let st = self.stat().ok()?;
+        Some(serde_json::json!({
+            "capacity": st.capacity, "free": st.free, "shares": st.shares,
+            "health": format!("{:?}", st.health),
+        }))
+    }
 }
 
 fn request_key(b: &Body<'_>) -> Option<ShareKey> {
