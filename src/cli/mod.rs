@@ -2,6 +2,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod bench;
+pub mod card;
 pub mod keys;
 
 /// qgenome: CRAM storage by XOR threshold secret sharing over one-time-pad links.
@@ -17,6 +18,9 @@ pub enum Command {
     /// Measure throughput of the pipeline stages.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Enroll, list, revoke and seal patient smart cards; enter a PIN.
+    #[command(subcommand)]
+    Card(card::CardCommand),
     /// Provision and inspect link key pools.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
@@ -26,6 +30,7 @@ impl Cli {
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {
             Command::Bench(cmd) => cmd.run(),
+            Command::Card(cmd) => cmd.run(),
             Command::Keys(cmd) => cmd.run(),
         }
     }
