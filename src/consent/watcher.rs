@@ -460,10 +460,20 @@ impl Watcher {
         }
     }
 
-    fn end_session(&self, patient: &str, guid: &Guid, why: &str) {
-        self.cards
+    /// Ends `patient`'s session if this card still holds it (a revoke may have ended it, or
+    /// another card or an admin granted a newer one); whether it did.
+    fn end_session(&self, patient: &str, guid: &Guid, why: &str) -> bool {
+        let source = format!("card {}", hex(guid));
+        let ours = self
+            .cards
             .registry
-            .end(patient, &format!("card {}: {why}", hex(guid)));
+            .list()
+            .iter()
+            .any(|g| g.patient == patient && g.source == source);
+        ours && self
+            .cards
+            .registry
+            .end(patient, &format!("{source}: {why}"))
     }
 
     /// pcscd is gone: nothing can see the cards any more, so no until-removed session stays.
@@ -611,8 +621,9 @@ impl Watcher {
             .audit
             .record("card-removed", patient, None, &detail);
         if let Some((guid, patient)) = &t.granted {
-            self.end_session(patient, guid, &format!("removed from reader {:?}", t.name));
-            ended = Some(patient.clone());
+            if self.end_session(patient, guid, &format!("removed from reader {:?}", t.name)) {
+                ended = Some(patient.clone());
+            }
         }
         self.emit(WatchEvent::Removed {
             reader: t.name,
