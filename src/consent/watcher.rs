@@ -638,8 +638,15 @@ impl Watcher {
         cards
             .audit
             .record("card-presented", None, None, &format!("reader {reader:?}"));
+        // The connection outlives the grant: disconnecting is a pcscd round trip that must not
+        // sit between the card's answer and the waking reader.
+        let mut connection = None;
         let outcome = match self.client.connect(&reader) {
-            Ok(transport) => present(transport, &cards.catalog, &cards.pins),
+            Ok(transport) => present(
+                Borrowed(connection.insert(transport)),
+                &cards.catalog,
+                &cards.pins,
+            ),
             Err(source) => Err(Refusal::Card {
                 reader: reader.clone(),
                 source: PivError::Transport {
@@ -649,7 +656,7 @@ impl Watcher {
                 },
             }),
         };
-        match outcome {
+        let event = match outcome {
             Ok(p) => {
                 let source = format!("card {}", hex(&p.guid));
                 let ttl = match self.cfg.mode {
@@ -666,10 +673,10 @@ impl Watcher {
                 if ttl.is_none() {
                     self.tracks[i].granted = Some((p.guid, p.patient.clone()));
                 }
-                self.emit(WatchEvent::Granted {
+                WatchEvent::Granted {
                     reader,
                     presented: p,
-                });
+                }
             }
             Err(r) => {
                 cards.audit.record(
@@ -679,12 +686,28 @@ impl Watcher {
                     &format!("{}: {r}", r.code()),
                 );
                 tracing::warn!(reader = %reader, code = r.code(), "card refused: {r}");
-                self.emit(WatchEvent::Refused {
+                WatchEvent::Refused {
                     reader,
                     code: r.code(),
                     reason: r.to_string(),
-                });
+                }
             }
-        }
+        };
+        // Disconnect (pcsc resets the card) before telling anyone, so an observer that pulls
+        // the card on the event does not race the reset; the grant itself is already out.
+        drop(connection);
+        self.emit(event);
+    }
+}
+
+/// A borrowed transport, so the caller keeps (and later drops) the connection.
+struct Borrowed<'a, T: CardTransport>(&'a mut T);
+
+impl<T: CardTransport> CardTransport for Borrowed<'_, T> {
+    fn transmit(&mut self, apdu: &[u8]) -> Result<Vec<u8>, CardError> {
+        self.0.transmit(apdu)
+    }
+    fn reader(&self) -> &str {
+        self.0.reader()
     }
 }

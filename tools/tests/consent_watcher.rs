@@ -57,7 +57,10 @@ impl Rig {
 
     fn next(&self, what: &str) -> Result<WatchEvent> {
         match self.events.recv_timeout(WAIT) {
-            Ok(ev) => Ok(ev),
+            Ok(ev) => {
+                eprintln!("event: {}", describe(&ev));
+                Ok(ev)
+            }
             Err(RecvTimeoutError::Timeout) => bail!("no watcher event within {WAIT:?} ({what})"),
             Err(RecvTimeoutError::Disconnected) => bail!("watcher gone ({what})"),
         }
@@ -144,6 +147,9 @@ fn card_watcher_over_real_pcscd() -> Result<()> {
                 }
             }
         }
+    }
+    if result.is_err() && std::env::var_os("QGENOME_KEEP_CARD_LOGS").is_some() {
+        eprintln!("logs kept in {}", dir.keep().display());
     }
     result
 }
