@@ -21,11 +21,14 @@ use crate::control::{self, arg_str, Handler};
 #[non_exhaustive]
 pub enum EnrollError {
     #[error("card in reader {reader:?}: {source}")]
-    Card { reader: String, source: PivError },
+    Card {
+        reader: String,
+        source: Box<PivError>,
+    },
     #[error("PC/SC: {0}")]
-    Reader(#[from] CardError),
+    Reader(Box<CardError>),
     #[error(transparent)]
-    Binding(#[from] CardBindingError),
+    Binding(Box<CardBindingError>),
     #[error("no card in any reader (readers: {readers:?})")]
     NoCard { readers: Vec<String> },
     #[error("cards in several readers {readers:?}: name one with --reader")]
@@ -50,6 +53,24 @@ pub enum EnrollError {
         wrote: String,
         got: String,
     },
+}
+
+impl From<CardError> for EnrollError {
+    fn from(e: CardError) -> Self {
+        EnrollError::Reader(Box::new(e))
+    }
+}
+
+impl From<CardBindingError> for EnrollError {
+    fn from(e: CardBindingError) -> Self {
+        EnrollError::Binding(Box::new(e))
+    }
+}
+
+impl From<crate::catalog::CatalogError> for EnrollError {
+    fn from(e: crate::catalog::CatalogError) -> Self {
+        EnrollError::Binding(Box::new(e.into()))
+    }
 }
 
 /// Where the control handler finds cards.
@@ -100,7 +121,7 @@ fn slot_of(policy: CardPolicy) -> Slot {
 fn card_err(reader: &str) -> impl Fn(PivError) -> EnrollError + '_ {
     move |source| EnrollError::Card {
         reader: reader.to_owned(),
-        source,
+        source: Box::new(source),
     }
 }
 
@@ -141,7 +162,7 @@ pub fn seal<T: CardTransport>(
     let g = hex(&guid);
     let binding = catalog
         .card(&guid)?
-        .ok_or_else(|| CardBindingError::NotEnrolled { guid: g.clone() })?;
+        .ok_or_else(|| EnrollError::from(CardBindingError::NotEnrolled { guid: g.clone() }))?;
     if binding.patient != patient {
         return Err(EnrollError::WrongPatient {
             guid: g,

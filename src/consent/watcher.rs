@@ -32,9 +32,12 @@ pub const PIN_VALID: Duration = Duration::from_secs(120);
 
 /// PINs entered over the control socket, one per patient, each used at most once and only
 /// within [`PIN_VALID`]. Debug shows patients only; PIN bytes are zeroized when taken or dropped.
+/// A PIN and the instant it stops being valid.
+type HeldPin = (Zeroizing<Vec<u8>>, Instant);
+
 #[derive(Default)]
 pub struct PinPad {
-    pins: Mutex<HashMap<String, (Zeroizing<Vec<u8>>, Instant)>>,
+    pins: Mutex<HashMap<String, HeldPin>>,
 }
 
 impl std::fmt::Debug for PinPad {
@@ -115,7 +118,10 @@ pub struct Presented {
 #[non_exhaustive]
 pub enum Refusal {
     #[error("card in reader {reader:?} unusable: {source}")]
-    Card { reader: String, source: PivError },
+    Card {
+        reader: String,
+        source: Box<PivError>,
+    },
     #[error("card {guid} is not enrolled")]
     Unknown { guid: String },
     #[error("card {guid} of patient {patient} is revoked")]
@@ -128,7 +134,7 @@ pub enum Refusal {
     Pin {
         guid: String,
         patient: String,
-        source: PivError,
+        source: Box<PivError>,
     },
     #[error("card {guid} of patient {patient}: signature over the fresh challenge does not verify against the enrolled key (clone, wrong key, corrupted or replayed answer)")]
     Signature { guid: String, patient: String },
@@ -151,7 +157,7 @@ pub enum Refusal {
     #[error("card {guid}: catalog: {source}")]
     Catalog {
         guid: String,
-        source: CardBindingError,
+        source: Box<CardBindingError>,
     },
 }
 
@@ -200,7 +206,7 @@ pub fn present<T: CardTransport>(
     let reader = transport.reader().to_owned();
     let card_err = |source| Refusal::Card {
         reader: reader.clone(),
-        source,
+        source: Box::new(source),
     };
     let mut card = PivCard::open(transport).map_err(card_err)?;
     let guid = card.guid().map_err(card_err)?;
@@ -209,7 +215,7 @@ pub fn present<T: CardTransport>(
         .card(&guid)
         .map_err(|source| Refusal::Catalog {
             guid: g.clone(),
-            source,
+            source: Box::new(source),
         })?
         .ok_or_else(|| Refusal::Unknown { guid: g.clone() })?;
     let patient = binding.patient.clone();
@@ -227,7 +233,7 @@ pub fn present<T: CardTransport>(
                 .manifest_digest(&patient)
                 .map_err(|source| Refusal::Catalog {
                     guid: g.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
             Some((on_card, current))
         }
@@ -242,7 +248,7 @@ pub fn present<T: CardTransport>(
             card.verify_pin(&pin).map_err(|source| Refusal::Pin {
                 guid: g.clone(),
                 patient: patient.clone(),
-                source,
+                source: Box::new(source),
             })?;
             Slot::Authentication9A
         }
@@ -642,18 +648,14 @@ impl Watcher {
         // sit between the card's answer and the waking reader.
         let mut connection = None;
         let outcome = match self.client.connect(&reader) {
-            Ok(transport) => present(
-                Borrowed(connection.insert(transport)),
-                &cards.catalog,
-                &cards.pins,
-            ),
+            Ok(transport) => present(connection.insert(transport), &cards.catalog, &cards.pins),
             Err(source) => Err(Refusal::Card {
                 reader: reader.clone(),
-                source: PivError::Transport {
+                source: Box::new(PivError::Transport {
                     reader: reader.clone(),
                     step: "connect",
                     source,
-                },
+                }),
             }),
         };
         let event = match outcome {
@@ -697,17 +699,5 @@ impl Watcher {
         // the card on the event does not race the reset; the grant itself is already out.
         drop(connection);
         self.emit(event);
-    }
-}
-
-/// A borrowed transport, so the caller keeps (and later drops) the connection.
-struct Borrowed<'a, T: CardTransport>(&'a mut T);
-
-impl<T: CardTransport> CardTransport for Borrowed<'_, T> {
-    fn transmit(&mut self, apdu: &[u8]) -> Result<Vec<u8>, CardError> {
-        self.0.transmit(apdu)
-    }
-    fn reader(&self) -> &str {
-        self.0.reader()
     }
 }
