@@ -10,11 +10,13 @@
 //! | `files`    | file id (16 bytes)               | [`FileRecord`]   |
 //! | `chunks`   | file id, chunk index (u64 BE)    | [`ChunkRecord`]  |
 //! | `audit`    | sequence (u64 BE)                | [`AuditEntry`]   |
+//! | `cards`    | card CHUID GUID (16 bytes)       | [`cards::CardBinding`] |
 //!
 //! A file is written under a fresh file id in state `Writing`, invisible in `names`; commit
 //! flips it to `Committed` and points its name at it in one transaction, then flushes. So a
 //! crash at any point leaves either the old version or the new one visible, never a mix, and
 //! a `Writing` record left by a crash is found and garbage-collected at the next mount.
+pub mod cards;
 pub mod merkle;
 
 use std::path::{Path, PathBuf};

@@ -2,6 +2,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod bench;
+pub mod card;
 pub mod consent;
 pub mod demo;
 pub mod keys;
@@ -20,6 +21,9 @@ pub enum Command {
     /// Measure throughput of the pipeline stages.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Enroll, list, revoke and seal patient smart cards; enter a PIN.
+    #[command(subcommand)]
+    Card(card::CardCommand),
     /// Provision and inspect link key pools.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
@@ -43,6 +47,7 @@ impl Cli {
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {
             Command::Bench(cmd) => cmd.run(),
+            Command::Card(cmd) => cmd.run(),
             Command::Keys(cmd) => cmd.run(),
             Command::Consent(cmd) => cmd.run(),
             Command::Demo(args) => demo::run(args),

@@ -81,7 +81,7 @@ impl PcscClient {
 
     /// Runs `op` on a valid context: (re-)establishes it and retries with backoff while the
     /// service is missing or the context went stale.
-    fn with_context<R>(
+    pub fn with_context<R>(
         &mut self,
         mut op: impl FnMut(&pcsc::Context) -> Result<R, pcsc::Error>,
     ) -> Result<Result<R, pcsc::Error>, CardError> {

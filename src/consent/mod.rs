@@ -7,14 +7,21 @@
 //! - [`piv`]: PIV card logic over the [`piv::CardTransport`] trait: GUID, certificates,
 //!   challenge–response, PIN, management key, patient digest object.
 //! - [`card`]: the PC/SC transport with context re-establishment after pcscd restarts.
+//! - [`watcher`]: one card presentation ([`watcher::present`]) and the PC/SC watcher thread
+//!   that grants consent when an enrolled card authenticates and ends it on removal.
+//! - [`enroll`]: enroll, seal, revoke and PIN entry, and the control-socket handler for them.
 //!
 //! Byte layouts and the reasons behind them: `docs/design/card.md`.
 pub mod apdu;
 pub mod card;
+pub mod enroll;
 pub mod piv;
 pub mod session;
 pub mod tlv;
+pub mod watcher;
 
 pub use card::{Backoff, PcscCard, PcscClient};
+pub use enroll::{card_handler, CardReaders, PcscReaders};
 pub use piv::{CardError, CardTransport, ManagementKey, PivCard, PivError};
 pub use session::{Audit, Consent, ConsentError, ConsentRegistry, GrantInfo};
+pub use watcher::{CardConsent, ConsentMode, WatchEvent, WatcherConfig, WatcherHandle};

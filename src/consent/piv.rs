@@ -85,6 +85,15 @@ impl<T: CardTransport + ?Sized> CardTransport for Box<T> {
     }
 }
 
+impl<T: CardTransport + ?Sized> CardTransport for &mut T {
+    fn transmit(&mut self, apdu: &[u8]) -> Result<Vec<u8>, CardError> {
+        (**self).transmit(apdu)
+    }
+    fn reader(&self) -> &str {
+        (**self).reader()
+    }
+}
+
 /// A PIV operation that failed; each names the reader and the step.
 #[derive(Debug, Error)]
 #[non_exhaustive]

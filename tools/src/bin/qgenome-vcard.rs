@@ -9,7 +9,7 @@ use qgenome::consent::apdu::Algorithm;
 use qgenome::consent::piv::ManagementKey;
 use qgenome_tools::vcard::{hex, CardIdentity, CardOptions, VirtualCard};
 use qgenome_tools::vpcd::{self, LinkOptions, Observer, SessionEnd};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -85,6 +85,47 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
     Ok(())
+}
+
+/// vpcd (in pcscd) writes each message as two sends (length, then payload) with Nagle on: the
+/// payload waits for our ACK of the length, which delayed ACK holds back ~40 ms. TCP_QUICKACK
+/// after every read acknowledges at once (the kernel clears it again, so it is re-armed each
+/// time); TCP_NODELAY alone (our side) does not help that direction.
+struct QuickAck(TcpStream);
+
+impl QuickAck {
+    fn arm(&self) {
+        use std::os::fd::AsRawFd;
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt on a socket we own, with a valid pointer to an int of that size.
+        unsafe {
+            libc::setsockopt(
+                self.0.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_QUICKACK,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+impl Read for QuickAck {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.arm();
+        let n = self.0.read(buf)?;
+        self.arm();
+        Ok(n)
+    }
+}
+
+impl Write for QuickAck {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 struct Persist {
@@ -188,7 +229,7 @@ fn main() -> Result<()> {
     let mut waiting_logged = false;
     // Reconnect forever: pcscd restarts drop the connection and the card should come back.
     loop {
-        let mut stream = match TcpStream::connect(&addr) {
+        let stream = match TcpStream::connect(&addr) {
             Ok(s) => s,
             Err(e) => {
                 if !waiting_logged {
@@ -203,6 +244,7 @@ fn main() -> Result<()> {
         stream.set_nodelay(true).ok();
         eprintln!("qgenome-vcard: inserted into vpcd at {addr}");
         card.reset();
+        let mut stream = QuickAck(stream);
         match vpcd::serve(&mut stream, &mut card, &link, &mut answered, &mut observer) {
             Ok(SessionEnd::Removed) => {
                 eprintln!("qgenome-vcard: removed after {answered} APDUs");
