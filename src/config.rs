@@ -22,6 +22,11 @@
 //! link = "home-lsa"
 //! keys = "/var/lib/qgenome/keys"      # directory with this end's pool and ledger files
 //! end = "a"
+//!
+//! [card]                              # optional: consent by the patient's PIV card
+//! mode = "until-removed"              # or "expiry", with `minutes`
+//! minutes = 15
+//! reader = "Virtual PCD"              # optional: only readers whose name contains this
 //! ```
 //!
 //! Unknown keys are refused; every error names the key and the file.
@@ -63,6 +68,9 @@ pub struct HomeConfig {
     pub scheme: SchemeConfig,
     #[serde(rename = "site")]
     pub sites: Vec<SiteConfig>,
+    /// Card consent; without it only `qgenome consent grant` opens sessions.
+    #[serde(default)]
+    pub card: Option<CardConfig>,
     /// Where this file was read from (for messages).
     #[serde(skip)]
     pub path: PathBuf,
@@ -85,6 +93,23 @@ pub struct SiteConfig {
     pub link: Option<String>,
     pub keys: Option<PathBuf>,
     pub end: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CardConfig {
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    #[serde(default = "default_minutes")]
+    pub minutes: u64,
+    pub reader: Option<String>,
+}
+
+fn default_mode() -> String {
+    "until-removed".into()
+}
+fn default_minutes() -> u64 {
+    15
 }
 
 fn default_chunk() -> String {
@@ -184,6 +209,14 @@ impl HomeConfig {
                         "give exactly one of `socket` (home site) or `address` (remote site)",
                     ));
                 }
+            }
+        }
+        if let Some(card) = &self.card {
+            if !matches!(card.mode.as_str(), "until-removed" | "expiry") {
+                return Err(self.invalid("card.mode", "must be \"until-removed\" or \"expiry\""));
+            }
+            if card.mode == "expiry" && card.minutes == 0 {
+                return Err(self.invalid("card.minutes", "must be at least 1"));
             }
         }
         if self.sites[0].socket.is_none() {

@@ -25,6 +25,8 @@ pub struct DeployOptions {
     pub consent_wait_secs: u64,
     /// Where `qgenome`, `qgenome-mountd` live (default: beside the running executable).
     pub bin_dir: Option<PathBuf>,
+    /// Consent by card (`[card]` in the home config, until-removed mode).
+    pub card: bool,
 }
 
 impl DeployOptions {
@@ -38,6 +40,7 @@ impl DeployOptions {
             chunk_size: "1M".into(),
             consent_wait_secs: 300,
             bin_dir: None,
+            card: false,
         }
     }
 }
@@ -219,6 +222,11 @@ impl Deployment {
             opts.k,
             opts.n
         );
+        let home_text = if opts.card {
+            home_text + "[card]\nmode = \"until-removed\"\n"
+        } else {
+            home_text
+        };
         let home_config = dir.join("qgenome.toml");
         std::fs::write(&home_config, &home_text)?;
         let cfg = HomeConfig::parse(&home_text, &home_config)?;
@@ -349,6 +357,10 @@ impl Deployment {
 
     pub fn dir(&self) -> &Path {
         &self.opts.dir
+    }
+
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
     }
 
     pub fn control(&self, req: &Value) -> anyhow::Result<Value> {
@@ -491,5 +503,113 @@ mod tests {
         let dirty = dir.path().join("dirty");
         std::fs::write(&dirty, &hay).unwrap();
         assert!(w.in_file(&dirty).unwrap());
+    }
+}
+
+/// The vpcd port pcscd listens on for virtual reader "Virtual PCD 00 00".
+pub const VPCD_PORT: u16 = 35963;
+
+fn port_listening(port: u16) -> anyhow::Result<bool> {
+    // `ss`, not a connection attempt: connecting would look like a card to vpcd.
+    let out = Command::new("ss")
+        .args(["-ltnH"])
+        .output()
+        .context("running ss -ltn (iproute2)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text.lines().any(|l| {
+        l.split_whitespace()
+            .nth(3)
+            .is_some_and(|a| a.ends_with(&format!(":{port}")))
+    }))
+}
+
+/// pcscd with the vpcd driver: started here unless one already listens, stopped on drop.
+pub struct Pcscd {
+    child: Option<Child>,
+}
+
+impl Pcscd {
+    pub fn ensure(log: &Path) -> anyhow::Result<Self> {
+        if port_listening(VPCD_PORT)? {
+            return Ok(Self { child: None });
+        }
+        let child = Command::new("pcscd")
+            .args(["--foreground"])
+            .stdin(Stdio::null())
+            .stdout(log_file(log)?)
+            .stderr(log_file(&log.with_extension("err"))?)
+            .spawn()
+            .context("starting pcscd --foreground (Debian package pcscd, with vsmartcard-vpcd)")?;
+        let mut p = Self { child: Some(child) };
+        wait_for("pcscd's virtual reader", Duration::from_secs(15), || {
+            if let Some(status) = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("pcscd exited: {status} (log: {})", log.display());
+            }
+            port_listening(VPCD_PORT)
+        })?;
+        Ok(p)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+impl Drop for Pcscd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The virtual PIV card (`qgenome-vcard`) in the virtual reader: present while it runs.
+pub struct VirtualCard {
+    child: Option<Child>,
+}
+
+impl VirtualCard {
+    /// Insert the card whose identity (GUID, keys) lives in `state`.
+    pub fn insert(bin_dir: &Path, state: &Path, log: &Path) -> anyhow::Result<Self> {
+        let child = Command::new(bin_dir.join("qgenome-vcard"))
+            .arg("--state")
+            .arg(state)
+            .stdin(Stdio::null())
+            .stdout(log_file(log)?)
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)?,
+            ))
+            .spawn()
+            .context("starting qgenome-vcard")?;
+        Ok(Self { child: Some(child) })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Take the card out of the reader.
+    pub fn remove(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for VirtualCard {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

@@ -59,6 +59,18 @@ fn sh(cmd: &mut Command) -> anyhow::Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
+/// Call `f` until it succeeds or `limit` passes (the card takes a moment to be seen).
+fn retry<T>(limit: Duration, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let start = Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if start.elapsed() >= limit => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(250)),
+        }
+    }
+}
+
 fn md5(path: &Path) -> anyhow::Result<String> {
     let out = sh(Command::new("md5sum").arg(path))?;
     Ok(String::from_utf8_lossy(&out)
@@ -157,12 +169,16 @@ fn flow(args: &DemoArgs, dir: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::R
     opts.volume_size = (args.cram_size * 3 / 2 + (256 << 20)).next_multiple_of(1 << 20);
     opts.key_size = opts.volume_size;
     opts.consent_wait_secs = 120;
+    opts.card = true;
+    // The reader first: the mount's card watcher follows it from the start.
+    let pcscd = crate::deploy::Pcscd::ensure(&dir.join("pcscd.log"))?;
+    cleanup.lock().expect("cleanup").pids.extend(pcscd.pid());
     let mut deployment = Deployment::start_sites(opts)?;
     deployment.mount()?;
     {
         let mut c = cleanup.lock().expect("cleanup");
         c.mountpoint = Some(deployment.mountpoint.clone());
-        c.pids = deployment.pids();
+        c.pids.extend(deployment.pids());
     }
     let mnt = deployment.mountpoint.clone();
     for s in &deployment.sites {
@@ -175,6 +191,7 @@ fn flow(args: &DemoArgs, dir: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::R
     step(t0, &format!("mounted at {}", mnt.display()));
 
     // 3. Write through the mount with samtools; the same command writes the local source copy.
+    let write_start = Instant::now();
     let pdir = mnt.join(PATIENT);
     std::fs::create_dir(&pdir).context("mkdir of the patient directory")?;
     let mut written = Vec::new();
@@ -204,7 +221,7 @@ fn flow(args: &DemoArgs, dir: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::R
         written.push((name.clone(), local, mounted, reference.clone(), size));
     }
     let total: u64 = written.iter().map(|w| w.4).sum();
-    let wrote = t0.elapsed();
+    let wrote = write_start.elapsed();
     step(
         t0,
         &format!(
@@ -215,7 +232,30 @@ fn flow(args: &DemoArgs, dir: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::R
         ),
     );
 
-    // 4. A read before consent blocks; listings go on.
+    // 4. The patient's PIV card: enroll it, seal the manifest digest onto it, take it out.
+    let card_state = dir.join("card.state");
+    let card_log = dir.join("vcard.log");
+    let card = crate::deploy::VirtualCard::insert(&bin, &card_state, &card_log)?;
+    cleanup.lock().expect("cleanup").pids.extend(card.pid());
+    let enrolled = retry(Duration::from_secs(10), || {
+        deployment.control(&json!({"cmd": "card-enroll", "patient": PATIENT}))
+    })?;
+    step(
+        t0,
+        &format!(
+            "card enrolled for {PATIENT}: GUID {}, key 9E (ECDSA P-256)",
+            enrolled["card"]["guid"].as_str().unwrap_or("?")
+        ),
+    );
+    deployment.control(&json!({"cmd": "card-seal", "patient": PATIENT}))?;
+    step(
+        t0,
+        "manifest digest (Merkle roots of the patient's files) sealed onto the card",
+    );
+    card.remove();
+    std::thread::sleep(Duration::from_secs(1));
+
+    // 5. Without the card a read blocks, while listings go on.
     let probe = written[1].2.clone();
     let reader = std::thread::spawn(move || std::fs::read(probe));
     std::thread::sleep(Duration::from_secs(2));
@@ -228,23 +268,23 @@ fn flow(args: &DemoArgs, dir: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::R
     step(
         t0,
         &format!(
-            "read of {PATIENT} blocked for 2 s awaiting consent; ls still works: {}",
+            "card out: read of {PATIENT} blocked for 2 s; ls still works: {}",
             listing.join(" ")
         ),
     );
 
-    // 5. Consent.
-    deployment.control(&json!({"cmd": "consent-grant", "patient": PATIENT, "minutes": 30}))?;
+    // The card goes back in: challenge-response on key 9E, digest check, consent.
+    let presented = Instant::now();
+    let card = crate::deploy::VirtualCard::insert(&bin, &card_state, &card_log)?;
+    cleanup.lock().expect("cleanup").pids.extend(card.pid());
     let got = reader
         .join()
         .map_err(|_| anyhow::anyhow!("reader panicked"))??;
-    step(
-        t0,
-        &format!(
-            "consent granted: the blocked read returned {} bytes",
-            got.len()
-        ),
-    );
+    step(t0, &format!(
+        "card presented and authenticated: the blocked read returned {} bytes {:.0} ms after insertion (pcscd polls ~0.4 s)",
+        got.len(),
+        presented.elapsed().as_secs_f64() * 1e3
+    ));
 
     // 6. samtools on the mounted files, md5 against the sources.
     let read_start = Instant::now();
@@ -328,14 +368,22 @@ fn flow(args: &DemoArgs, dir: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::R
     }
     println!("counters: {}", status["stats"]);
     println!(
-        "\nstore: {:.1} MiB in {:.1} s including samtools encoding; restore (md5 + samtools view -c of every file): {:.1} s",
+        "\nstore: {:.1} MiB in {:.1} s, samtools CRAM encoding included; restore (md5 + samtools view -c of every file): {:.1} s",
         total as f64 / (1 << 20) as f64,
         wrote.as_secs_f64(),
         read_secs.as_secs_f64()
     );
+    card.remove();
+    std::thread::sleep(Duration::from_secs(1));
+    let grants = deployment.control(&json!({"cmd": "consent-list"}))?;
+    step(
+        t0,
+        &format!("card removed: active consents now {}", grants["grants"]),
+    );
     deployment.stop_mount(false)?;
     drop(deployment);
-    step(t0, "unmounted, sites stopped: demo complete");
+    drop(pcscd);
+    step(t0, "unmounted, sites and pcscd stopped: demo complete");
     Ok(())
 }
 

@@ -17,6 +17,8 @@ use crate::sites::ShareSite;
 pub struct Mounted {
     pub engine: Arc<Engine>,
     session: Option<fuser::BackgroundSession>,
+    /// The card watcher, when `[card]` is configured; stops (ending its sessions) on drop.
+    _watcher: Option<crate::consent::watcher::WatcherHandle>,
 }
 
 impl std::fmt::Debug for Mounted {
@@ -56,6 +58,31 @@ pub fn start(
         tracing::warn!("discarded {discarded} file version(s) left incomplete by a crash");
     }
     let mut handlers = vec![builtin_handler(engine.clone())];
+    let watcher = match &cfg.card {
+        Some(card) => {
+            use crate::consent::{enroll, watcher};
+            let cards = watcher::CardConsent::new(catalog.clone(), engine.consent.clone());
+            let mode = match card.mode.as_str() {
+                "expiry" => watcher::ConsentMode::Expiry(Duration::from_secs(card.minutes * 60)),
+                _ => watcher::ConsentMode::UntilRemoved,
+            };
+            let handle = watcher::start(
+                cards.clone(),
+                watcher::WatcherConfig {
+                    mode,
+                    reader: card.reader.clone(),
+                    ..watcher::WatcherConfig::default()
+                },
+            )
+            .context("starting the card watcher")?;
+            handlers.push(enroll::card_handler(
+                cards,
+                Arc::new(enroll::PcscReaders::default()),
+            ));
+            Some(handle)
+        }
+        None => None,
+    };
     handlers.extend(extra);
     control::serve(&cfg.control_socket(), handlers)
         .with_context(|| format!("control socket {}", cfg.control_socket().display()))?;
@@ -81,6 +108,7 @@ pub fn start(
     Ok(Mounted {
         engine,
         session: Some(session),
+        _watcher: watcher,
     })
 }
 
