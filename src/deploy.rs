@@ -482,30 +482,6 @@ impl<'a> Windows<'a> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn windows_are_found_at_any_offset_and_only_there() {
-        let dir = tempfile::tempdir().unwrap();
-        let plain: Vec<u8> = (0..100_000u32)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-            .collect();
-        let w = Windows::new(&plain, 64);
-        let mut hay = vec![7u8; 9 << 20];
-        let clean = dir.path().join("clean");
-        std::fs::write(&clean, &hay).unwrap();
-        assert!(!w.in_file(&clean).unwrap());
-        // 200 plaintext bytes at an odd offset straddling the 8 MiB read boundary.
-        let at = (8 << 20) - 101;
-        hay[at..at + 200].copy_from_slice(&plain[5003..5203]);
-        let dirty = dir.path().join("dirty");
-        std::fs::write(&dirty, &hay).unwrap();
-        assert!(w.in_file(&dirty).unwrap());
-    }
-}
-
 /// The vpcd port pcscd listens on for virtual reader "Virtual PCD 00 00".
 pub const VPCD_PORT: u16 = 35963;
 
@@ -611,5 +587,29 @@ impl VirtualCard {
 impl Drop for VirtualCard {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_are_found_at_any_offset_and_only_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain: Vec<u8> = (0..100_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let w = Windows::new(&plain, 64);
+        let mut hay = vec![7u8; 9 << 20];
+        let clean = dir.path().join("clean");
+        std::fs::write(&clean, &hay).unwrap();
+        assert!(!w.in_file(&clean).unwrap());
+        // 200 plaintext bytes at an odd offset straddling the 8 MiB read boundary.
+        let at = (8 << 20) - 101;
+        hay[at..at + 200].copy_from_slice(&plain[5003..5203]);
+        let dirty = dir.path().join("dirty");
+        std::fs::write(&dirty, &hay).unwrap();
+        assert!(w.in_file(&dirty).unwrap());
     }
 }
