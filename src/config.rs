@@ -22,6 +22,8 @@
 //! link = "home-lsa"
 //! keys = "/var/lib/qgenome/keys"      # directory with this end's pool and ledger files
 //! end = "a"
+//! key_window = "64M"                  # key reserved per ledger write (a crash wastes at most
+//!                                     # this much); must equal the site's [[link]] window
 //!
 //! [card]                              # optional: consent by the patient's PIV card
 //! mode = "until-removed"              # or "expiry", with `minutes`
@@ -93,6 +95,21 @@ pub struct SiteConfig {
     pub link: Option<String>,
     pub keys: Option<PathBuf>,
     pub end: Option<String>,
+    /// Key reserved per ledger write on this link (both ends must agree).
+    pub key_window: Option<String>,
+}
+
+impl SiteConfig {
+    /// The link's ledger window in bytes (default 64 MiB).
+    pub fn window_bytes(&self) -> Result<u64, String> {
+        match &self.key_window {
+            None => Ok(crate::link::StreamOptions::default().window),
+            Some(w) => match crate::cli::parse_size(w)? {
+                0 => Err("must be greater than zero".into()),
+                v => Ok(v),
+            },
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -202,6 +219,8 @@ impl HomeConfig {
                     if !matches!(s.end.as_deref(), Some("a" | "b")) {
                         return Err(self.invalid(&key("end"), "must be \"a\" or \"b\""));
                     }
+                    s.window_bytes()
+                        .map_err(|e| self.invalid(&key("key_window"), e))?;
                 }
                 _ => {
                     return Err(self.invalid(

@@ -27,6 +27,8 @@ pub struct DeployOptions {
     pub bin_dir: Option<PathBuf>,
     /// Consent by card (`[card]` in the home config, until-removed mode).
     pub card: bool,
+    /// Ledger window of every link, both ends (a crash wastes up to this much key).
+    pub key_window: u64,
 }
 
 impl DeployOptions {
@@ -41,6 +43,7 @@ impl DeployOptions {
             consent_wait_secs: 300,
             bin_dir: None,
             card: false,
+            key_window: 16 << 20,
         }
     }
 }
@@ -189,12 +192,14 @@ impl Deployment {
                     .with_context(|| format!("provisioning link {link}"))?;
                 let port = free_port()?;
                 site_toml += &format!(
-                    "listen = \"127.0.0.1:{port}\"\n[[link]]\nname = \"{link}\"\nkey_dir = \"{}\"\nend = \"b\"\n",
-                    site_end.display()
+                    "listen = \"127.0.0.1:{port}\"\n[[link]]\nname = \"{link}\"\nkey_dir = \"{}\"\nend = \"b\"\nwindow = {}\n",
+                    site_end.display(),
+                    opts.key_window
                 );
                 home_sites += &format!(
-                    "[[site]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\nlink = \"{link}\"\nkeys = \"{}\"\nend = \"a\"\n",
-                    home_end.display()
+                    "[[site]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\nlink = \"{link}\"\nkeys = \"{}\"\nend = \"a\"\nkey_window = \"{}\"\n",
+                    home_end.display(),
+                    opts.key_window
                 );
                 (Some(home_end), Some(link))
             };

@@ -370,3 +370,26 @@ fn rewriting_in_place_is_refused_and_replacing_is_atomic() {
     std::fs::remove_dir(rig.mnt.join("P5")).unwrap();
     assert!(rig.sites.iter().all(|s| s.is_empty()));
 }
+
+#[test]
+fn a_forked_childs_close_does_not_commit_a_file_still_being_written() {
+    use std::io::Write;
+    let rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("P6")).unwrap();
+    let mut f = std::fs::File::create(rig.mnt.join("P6/w.cram")).unwrap();
+    f.write_all(&[9u8; 300_000]).unwrap();
+    // fork + exec closes the child's (close-on-exec) copy of the descriptor: a FLUSH.
+    assert!(Command::new("true").status().unwrap().success());
+    let engine = &rig.mounted.as_ref().unwrap().engine;
+    assert!(
+        engine.catalog.file("P6", "w.cram").unwrap().is_none(),
+        "a child's close committed the half-written file"
+    );
+    drop(f);
+    let rec = engine
+        .catalog
+        .file("P6", "w.cram")
+        .unwrap()
+        .expect("committed at the writer's close");
+    assert_eq!(rec.size, 300_000);
+}

@@ -52,7 +52,9 @@ pub fn build_sites(cfg: &HomeConfig) -> anyhow::Result<Vec<Arc<dyn ShareSite>>> 
                             dir: dir.clone(),
                             link: link.clone(),
                             end: if end == "a" { End::A } else { End::B },
-                            options: crate::link::StreamOptions::default(),
+                            options: crate::link::StreamOptions {
+                                window: s.window_bytes().map_err(anyhow::Error::msg)?,
+                            },
                         };
                         let site = MountdSite::tcp(&s.name, addr, &keys).with_context(|| {
                             format!("config {}: site {}", cfg.path.display(), s.name)

@@ -707,6 +707,16 @@ impl FileWriter {
         }
     }
 
+    /// Wait for the chunks already handed to the upload pool; report any failure so far.
+    /// Commits nothing (see the FLUSH rule in `fuse.rs`).
+    pub fn wait_in_flight(&mut self, engine: &Engine) -> Result<(), EngineError> {
+        while self.in_flight > 0 {
+            let r = self.results.recv().expect("sender held by self");
+            self.settle(engine, r);
+        }
+        self.check_failed()
+    }
+
     /// Make everything written so far durable at every site and commit it (fsync, close).
     pub fn commit(&mut self, engine: &Engine) -> Result<(), EngineError> {
         if self.is_committed() {

@@ -73,6 +73,24 @@ enum Handle {
 }
 
 type Job = Box<dyn FnOnce() + Send>;
+
+#[derive(Default)]
+struct WriterProcs {
+    tgids: std::collections::HashSet<u32>,
+    tid_to_tgid: HashMap<u32, u32>,
+}
+
+/// The thread-group id (process id) of thread `tid`, from /proc; the tid itself if unknown.
+fn tgid_of(tid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Tgid:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(tid)
+}
 /// A writer shared by its handle and the by-name table; `None` once released.
 type SharedWriter = Arc<Mutex<Option<FileWriter>>>;
 
@@ -84,6 +102,9 @@ pub struct QgenomeFs {
     /// Open writers by (patient, name), so the file shows up while it is written.
     writing: Mutex<HashMap<(String, String), SharedWriter>>,
     next_fh: AtomicU64,
+    /// Per write handle: the processes (thread-group ids) that wrote through it, and a cache
+    /// of thread id -> thread-group id. Only their FLUSH commits (see `flush`).
+    writer_procs: Mutex<HashMap<u64, WriterProcs>>,
     workers: Mutex<mpsc::Sender<Job>>,
     uid: u32,
     gid: u32,
@@ -127,6 +148,7 @@ impl QgenomeFs {
             handles: Mutex::new(HashMap::new()),
             writing: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            writer_procs: Mutex::new(HashMap::new()),
             workers: Mutex::new(tx),
             uid: nix::unistd::getuid().as_raw(),
             gid: nix::unistd::getgid().as_raw(),
@@ -550,7 +572,7 @@ impl Filesystem for QgenomeFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -563,6 +585,13 @@ impl Filesystem for QgenomeFs {
         let Some(writer) = self.writer(fh) else {
             return reply.error(Errno::EBADF);
         };
+        {
+            let mut procs = self.writer_procs.lock().expect("writer procs");
+            let p = procs.entry(fh.0).or_default();
+            let tid = req.pid();
+            let tgid = *p.tid_to_tgid.entry(tid).or_insert_with(|| tgid_of(tid));
+            p.tgids.insert(tgid);
+        }
         let mut w = writer.lock().expect("writer");
         let Some(w) = w.as_mut() else {
             return reply.error(Errno::EBADF);
@@ -576,15 +605,36 @@ impl Filesystem for QgenomeFs {
         }
     }
 
+    /// FLUSH comes with every close of a descriptor, including the copies a fork inherits and
+    /// closes at exec. Committing on those would make a half-written file visible (and keep it
+    /// after a crash), so only a process that wrote through the handle commits at its close;
+    /// any other close just waits for the chunks in flight and reports their errors.
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        match self.commit(fh) {
+        let wrote = {
+            let procs = self.writer_procs.lock().expect("writer procs");
+            procs
+                .get(&fh.0)
+                .is_some_and(|p| p.tgids.contains(&tgid_of(req.pid())))
+        };
+        let result = if wrote {
+            self.commit(fh)
+        } else {
+            match self.writer(fh) {
+                None => Ok(()),
+                Some(writer) => match writer.lock().expect("writer").as_mut() {
+                    Some(w) => w.wait_in_flight(&self.engine).map_err(|e| errno(&e)),
+                    None => Ok(()),
+                },
+            }
+        };
+        match result {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -615,6 +665,10 @@ impl Filesystem for QgenomeFs {
         reply: ReplyEmpty,
     ) {
         let handle = self.handles.lock().expect("handles").remove(&fh.0);
+        self.writer_procs
+            .lock()
+            .expect("writer procs")
+            .remove(&fh.0);
         if let Some(Handle::Write { writer, node }) = handle {
             let taken = writer.lock().expect("writer").take();
             {

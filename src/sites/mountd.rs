@@ -291,6 +291,11 @@ impl MountdSite {
                     self.skip_send(until)?;
                 }
                 Err(CallError::Io(e)) if attempt == 0 || reused => {
+                    // A broken idle connection usually means the server restarted: its
+                    // siblings in the pool are dead too, so the retry must dial afresh.
+                    if reused {
+                        lock(&self.idle).clear();
+                    }
                     last = e;
                 }
                 Err(CallError::Io(e)) => return Err(self.unreachable(e)),

@@ -1,0 +1,204 @@
+//! The real thing: three `qgenome-mountd` processes (home on a Unix socket, two remote over
+//! sealed loopback TCP), a `qgenome mount` process, files written and read with std::fs through
+//! the kernel. Needs the workspace binaries built (`make test` builds them first).
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use qgenome::deploy::{DeployOptions, Deployment, Windows};
+use qgenome::sharing::{Drbg, RandomSource};
+use serde_json::json;
+
+fn deployment(dir: &Path) -> Deployment {
+    let mut opts = DeployOptions::new(dir);
+    opts.volume_size = 96 << 20;
+    opts.key_size = 24 << 20;
+    // Each start of a process on a link reserves (and a kill -9 wastes) one window.
+    opts.key_window = 1 << 20;
+    opts.chunk_size = "256K".into();
+    opts.consent_wait_secs = 30;
+    let mut d = Deployment::start_sites(opts).unwrap();
+    d.mount().unwrap();
+    d
+}
+
+fn random(len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    Drbg::from_os().unwrap().fill(&mut v).unwrap();
+    v
+}
+
+fn grant(d: &Deployment, patient: &str) {
+    d.control(&json!({"cmd": "consent-grant", "patient": patient, "minutes": 10}))
+        .unwrap();
+}
+
+/// Revoke and grant again: the plaintext cache is wiped, so the next read goes to the sites.
+fn fresh_consent(d: &Deployment, patient: &str) {
+    d.control(&json!({"cmd": "consent-revoke", "patient": patient}))
+        .unwrap();
+    grant(d, patient);
+}
+
+fn stat(d: &Deployment, key: &str) -> u64 {
+    d.control(&json!({"cmd": "status"})).unwrap()["stats"][key]
+        .as_u64()
+        .unwrap()
+}
+
+fn mount_log(d: &Deployment) -> String {
+    std::fs::read_to_string(&d.mount_log).unwrap_or_default()
+}
+
+#[test]
+fn no_plaintext_at_rest_and_reads_survive_a_dead_remote_site() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = deployment(dir.path());
+    std::fs::create_dir(d.mountpoint.join("P1")).unwrap();
+    let data = random(3 << 20);
+    std::fs::write(d.mountpoint.join("P1/a.cram"), &data).unwrap();
+    grant(&d, "P1");
+    assert_eq!(std::fs::read(d.mountpoint.join("P1/a.cram")).unwrap(), data);
+
+    for remote in [1, 2] {
+        d.kill_site(remote);
+        fresh_consent(&d, "P1");
+        let got = std::fs::read(d.mountpoint.join("P1/a.cram"))
+            .unwrap_or_else(|e| panic!("read with site {remote} down: {e}\n{}", mount_log(&d)));
+        assert_eq!(got, data, "read with site {remote} down");
+        d.start_site(remote).unwrap();
+    }
+
+    // Every file at rest: volumes, share indexes, key pools and ledgers, catalog, logs.
+    d.stop_mount(false).unwrap();
+    let windows = Windows::new(&data, 64);
+    let files = d.files_at_rest();
+    assert!(
+        files.iter().any(|f| f.ends_with("volume")),
+        "no volume scanned: {files:?}"
+    );
+    assert!(
+        files
+            .iter()
+            .any(|f| f.extension().is_some_and(|e| e == "pool")),
+        "no key pool scanned"
+    );
+    assert!(
+        files
+            .iter()
+            .any(|f| f.to_string_lossy().contains("catalog")),
+        "no catalog file scanned"
+    );
+    for f in &files {
+        assert!(
+            !windows.in_file(f).unwrap(),
+            "plaintext found in {}",
+            f.display()
+        );
+    }
+}
+
+#[test]
+fn a_share_damaged_on_a_volume_is_routed_around_and_two_sites_down_is_eio() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = deployment(dir.path());
+    std::fs::create_dir(d.mountpoint.join("P2")).unwrap();
+    let data = random(2 << 20);
+    std::fs::write(d.mountpoint.join("P2/b.cram"), &data).unwrap();
+
+    // Damage the home site's volume behind its daemon's back: one byte every 64 KiB of the
+    // first 16 MiB after the superblock, which hits every stored share.
+    d.kill_site(0);
+    {
+        use std::os::unix::fs::FileExt;
+        let vol = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&d.sites[0].volume)
+            .unwrap();
+        for off in (1u64 << 20..17 << 20).step_by(64 << 10) {
+            let mut b = [0u8; 1];
+            vol.read_exact_at(&mut b, off + 4097).unwrap();
+            vol.write_all_at(&[b[0] ^ 0x5a], off + 4097).unwrap();
+        }
+        vol.sync_all().unwrap();
+    }
+    d.start_site(0).unwrap();
+    grant(&d, "P2");
+    assert_eq!(std::fs::read(d.mountpoint.join("P2/b.cram")).unwrap(), data);
+    assert!(
+        stat(&d, "share_failures") > 0,
+        "the damaged shares went unnoticed"
+    );
+    let log = mount_log(&d);
+    assert!(
+        log.contains("P2/b.cram") && log.contains("routed around"),
+        "no log line names the damage:\n{log}"
+    );
+
+    d.kill_site(1);
+    d.kill_site(2);
+    fresh_consent(&d, "P2");
+    let err = std::fs::read(d.mountpoint.join("P2/b.cram")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let log = mount_log(&d);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("P2/b.cram") && l.contains("shares needed could be read")),
+        "no error line names the file:\n{log}"
+    );
+}
+
+#[test]
+fn kill_9_of_the_mount_during_a_write_keeps_committed_files_and_drops_the_partial_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = deployment(dir.path());
+    std::fs::create_dir(d.mountpoint.join("P3")).unwrap();
+    let done = random(1 << 20);
+    std::fs::write(d.mountpoint.join("P3/done.cram"), &done).unwrap();
+
+    let partial = d.mountpoint.join("P3/partial.cram");
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(partial)?;
+        let block = vec![7u8; 64 << 10];
+        loop {
+            f.write_all(&block)?;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    d.stop_mount(true).unwrap();
+    assert!(
+        writer.join().unwrap().is_err(),
+        "the write survived the mount's death"
+    );
+
+    d.mount().unwrap();
+    let names: Vec<String> = std::fs::read_dir(d.mountpoint.join("P3"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        ["done.cram"],
+        "the half-written file is visible after the crash:\n{}",
+        mount_log(&d)
+    );
+    grant(&d, "P3");
+    let got = std::fs::read(d.mountpoint.join("P3/done.cram")).unwrap_or_else(|e| {
+        panic!(
+            "reading the committed file after the crash: {e}\n{}",
+            mount_log(&d)
+        )
+    });
+    assert_eq!(got, done);
+    let audit = d.control(&json!({"cmd": "audit", "last": 100})).unwrap();
+    assert!(
+        audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["event"] == "discard-incomplete" && e["file"] == "partial.cram"),
+        "recovery did not record discarding the partial file: {audit}"
+    );
+}
