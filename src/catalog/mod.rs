@@ -779,6 +779,37 @@ mod tests {
     }
 
     #[test]
+    fn restore_puts_back_a_committed_version_under_its_own_id() {
+        let (_d, c) = cat();
+        assert!(c.is_empty());
+        let mut rec = FileRecord {
+            id: [4; 16],
+            patient: "P1".into(),
+            name: "r.cram".into(),
+            size: 10,
+            chunk_size: 1024,
+            k: 2,
+            n: 3,
+            state: FileState::Writing,
+            root: Some([1; 32]),
+            mode: 0o600,
+            created: 5,
+            mtime: 6,
+        };
+        assert!(matches!(
+            c.restore(&rec, &[chunk(1)]),
+            Err(CatalogError::NoPatient(_))
+        ));
+        c.add_patient("P1").unwrap();
+        assert!(!c.is_empty());
+        assert!(c.restore(&rec, &[chunk(1)]).unwrap().is_none());
+        rec.state = FileState::Committed;
+        assert_eq!(c.file("P1", "r.cram").unwrap(), Some(rec));
+        assert_eq!(c.chunks(&[4; 16]).unwrap(), vec![chunk(1)]);
+        assert!(c.unfinished().unwrap().is_empty());
+    }
+
+    #[test]
     fn records_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("catalog");
