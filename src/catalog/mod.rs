@@ -17,6 +17,7 @@
 //! crash at any point leaves either the old version or the new one visible, never a mix, and
 //! a `Writing` record left by a crash is found and garbage-collected at the next mount.
 pub mod cards;
+pub mod manifest;
 pub mod merkle;
 
 use std::path::{Path, PathBuf};
@@ -381,13 +382,24 @@ impl Catalog {
     /// Returns the version it replaced, whose shares the caller deletes. A version may be
     /// committed again as it grows (fsync, then more appends).
     pub fn commit(&self, id: &FileId, size: u64, root: Hash) -> Result<Option<FileRecord>> {
+        self.commit_at(id, size, root, now_secs())
+    }
+
+    /// [`Catalog::commit`] with a given modification time (the one its manifest records).
+    pub fn commit_at(
+        &self,
+        id: &FileId,
+        size: u64,
+        root: Hash,
+        mtime: u64,
+    ) -> Result<Option<FileRecord>> {
         let mut rec = self
             .file_by_id(id)?
             .ok_or_else(|| CatalogError::NotWriting(merkle::hex(id)))?;
         rec.state = FileState::Committed;
         rec.size = size;
         rec.root = Some(root);
-        rec.mtime = now_secs();
+        rec.mtime = mtime;
         let key = name_key(&rec.patient, &rec.name);
         let value = Self::encode(&rec);
         let replaced = self.swap_name(&key, Some(id), Some((id, value)), None)?;
@@ -495,6 +507,35 @@ impl Catalog {
             .insert(id, Self::encode(&rec))
             .map_err(|e| self.db_err(e))?;
         self.flush()
+    }
+
+    /// Whether the catalog holds no patient and no file version (a rebuild may fill it).
+    pub fn is_empty(&self) -> bool {
+        self.patients.is_empty() && self.files.is_empty() && self.names.is_empty()
+    }
+
+    /// Put back a committed version found at the sites (catalog rebuild): its chunk records,
+    /// then its record and name in one transaction, then flush. The patient must exist.
+    /// Returns the version the name pointed at before, if any.
+    pub fn restore(&self, rec: &FileRecord, chunks: &[ChunkRecord]) -> Result<Option<FileRecord>> {
+        validate_name(&rec.name)?;
+        if self.patient(&rec.patient)?.is_none() {
+            return Err(CatalogError::NoPatient(rec.patient.clone()));
+        }
+        for (i, c) in chunks.iter().enumerate() {
+            self.put_chunk(&rec.id, i as u64, c)?;
+        }
+        let mut rec = rec.clone();
+        rec.state = FileState::Committed;
+        let value = Self::encode(&rec);
+        let replaced = self.swap_name(
+            &name_key(&rec.patient, &rec.name),
+            Some(&rec.id),
+            Some((&rec.id, value)),
+            None,
+        )?;
+        self.flush()?;
+        Ok(replaced)
     }
 
     /// Versions left in state `Writing` (by a crash, or an abandoned write).
@@ -735,6 +776,37 @@ mod tests {
             ["grant", "read"]
         );
         assert_eq!(log[1].file.as_deref(), Some("a.cram"));
+    }
+
+    #[test]
+    fn restore_puts_back_a_committed_version_under_its_own_id() {
+        let (_d, c) = cat();
+        assert!(c.is_empty());
+        let mut rec = FileRecord {
+            id: [4; 16],
+            patient: "P1".into(),
+            name: "r.cram".into(),
+            size: 10,
+            chunk_size: 1024,
+            k: 2,
+            n: 3,
+            state: FileState::Writing,
+            root: Some([1; 32]),
+            mode: 0o600,
+            created: 5,
+            mtime: 6,
+        };
+        assert!(matches!(
+            c.restore(&rec, &[chunk(1)]),
+            Err(CatalogError::NoPatient(_))
+        ));
+        c.add_patient("P1").unwrap();
+        assert!(!c.is_empty());
+        assert!(c.restore(&rec, &[chunk(1)]).unwrap().is_none());
+        rec.state = FileState::Committed;
+        assert_eq!(c.file("P1", "r.cram").unwrap(), Some(rec));
+        assert_eq!(c.chunks(&[4; 16]).unwrap(), vec![chunk(1)]);
+        assert!(c.unfinished().unwrap().is_empty());
     }
 
     #[test]

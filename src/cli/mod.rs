@@ -3,6 +3,7 @@ use clap::{Parser, Subcommand};
 
 pub mod bench;
 pub mod card;
+pub mod catalog;
 pub mod consent;
 pub mod demo;
 pub mod keys;
@@ -24,6 +25,9 @@ pub enum Command {
     /// Enroll, list, revoke and seal patient smart cards; enter a PIN.
     #[command(subcommand)]
     Card(card::CardCommand),
+    /// Rebuild the home catalog from the sites.
+    #[command(subcommand)]
+    Catalog(catalog::CatalogCommand),
     /// Provision and inspect link key pools.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
@@ -48,6 +52,7 @@ impl Cli {
         match self.command {
             Command::Bench(cmd) => cmd.run(),
             Command::Card(cmd) => cmd.run(),
+            Command::Catalog(cmd) => cmd.run(),
             Command::Keys(cmd) => cmd.run(),
             Command::Consent(cmd) => cmd.run(),
             Command::Demo(args) => demo::run(args),

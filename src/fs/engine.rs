@@ -18,12 +18,18 @@ use std::time::{Duration, Instant};
 
 use zeroize::Zeroizing;
 
+use crate::catalog::manifest::{Manifest, MANIFEST_CHUNK};
 use crate::catalog::merkle::{self, Hash};
-use crate::catalog::{Catalog, CatalogError, ChunkRecord, FileId, FileRecord, ShareLocation};
+use crate::catalog::{
+    Catalog, CatalogError, ChunkRecord, FileId, FileRecord, FileState, ShareLocation,
+};
 use crate::consent::{Consent, ConsentError, ConsentRegistry};
 use crate::placement;
 use crate::sharing::{with_thread_drbg, Scheme, SharingError};
 use crate::sites::{ShareKey, ShareMeta, ShareSite, SiteError};
+
+mod rebuild;
+pub use rebuild::{OrphanVersion, RebuildReport, RestoredFile};
 
 /// Plaintext in memory: zeroized when dropped.
 pub type Plain = Zeroizing<Vec<u8>>;
@@ -94,6 +100,8 @@ pub enum EngineError {
     },
     #[error("{file}: an earlier chunk failed, the file will not be committed: {reason}")]
     Failed { file: String, reason: String },
+    #[error("catalog {path}: not empty; a rebuild only fills an empty catalog")]
+    CatalogNotEmpty { path: String },
 }
 
 impl EngineError {
@@ -162,6 +170,10 @@ pub struct Engine {
     pub consent: Arc<ConsentRegistry>,
     cfg: EngineConfig,
     core: Arc<Core>,
+    /// Manifest write order: ns since the epoch, strictly increasing (see [`Manifest::seq`]).
+    seq: AtomicU64,
+    /// Serialise manifest writes of one version (striped by file id).
+    manifest_locks: Vec<Mutex<()>>,
     uploads: Mutex<SyncSender<UploadJob>>,
     prefetch: Mutex<SyncSender<(FileRecord, u64, ChunkRecord)>>,
     cache: Arc<ChunkCache>,
@@ -230,6 +242,8 @@ impl Engine {
             consent,
             cfg,
             core,
+            seq: AtomicU64::new(0),
+            manifest_locks: (0..16).map(|_| Mutex::new(())).collect(),
             uploads: Mutex::new(tx),
             prefetch: Mutex::new(ptx),
             cache,
@@ -342,6 +356,22 @@ impl Engine {
     /// blocks before more are in flight), so those indices past the last recorded chunk are
     /// deleted too, at every site.
     pub fn discard(&self, rec: &FileRecord) {
+        // The manifest goes first: a crash part-way leaves data shares without a manifest,
+        // which a catalog rebuild reports as an orphan instead of restoring the file.
+        {
+            let _guard = self.manifest_lock(&rec.id);
+            for (share, site) in self.core.sites.iter().enumerate() {
+                let key = ShareKey {
+                    file: rec.id,
+                    chunk: MANIFEST_CHUNK,
+                    share: share as u8,
+                };
+                match site.delete(&key) {
+                    Ok(()) | Err(SiteError::NotFound { .. }) => {}
+                    Err(e) => tracing::warn!("{}: deleting manifest {key}: {e}", label(rec)),
+                }
+            }
+        }
         let recorded = self.catalog.chunks(&rec.id).unwrap_or_default().len() as u64;
         let unrecorded = recorded..recorded + self.cfg.max_in_flight as u64 + 1;
         for index in (0..recorded).chain(unrecorded.clone()) {
@@ -387,24 +417,148 @@ impl Engine {
     pub fn sites(&self) -> &[Arc<dyn ShareSite>] {
         &self.core.sites
     }
+
+    fn next_seq(&self) -> u64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let prev = self
+            .seq
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |p| Some(now.max(p + 1)))
+            .expect("closure always returns Some");
+        now.max(prev + 1)
+    }
+
+    fn manifest_lock(&self, id: &FileId) -> std::sync::MutexGuard<'_, ()> {
+        let i = usize::from(id[0]) % self.manifest_locks.len();
+        self.manifest_locks[i]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Split a version's manifest (k,n) and put share i on site i under [`MANIFEST_CHUNK`],
+    /// replacing the one stored before. Caller holds the version's manifest lock.
+    fn put_manifest(
+        &self,
+        rec: &FileRecord,
+        root: Hash,
+        chunks: &[ChunkRecord],
+    ) -> Result<(), EngineError> {
+        let m = Manifest::new(rec, root, chunks, self.next_seq());
+        let bytes = m.encode();
+        self.core
+            .put_shares(&rec.id, &label(rec), MANIFEST_CHUNK, &bytes)
+    }
+
+    /// Rewrite the manifest of a committed version from its catalog record (after a rename
+    /// or an attribute change). A failure is logged and audited: the catalog stays right, and
+    /// only a later rebuild from the sites would see the previous name or attributes.
+    fn refresh_manifest(&self, id: &FileId) {
+        let _guard = self.manifest_lock(id);
+        let result = (|| -> Result<Option<FileRecord>, EngineError> {
+            let Some(rec) = self.catalog.file_by_id(id)? else {
+                return Ok(None);
+            };
+            let (FileState::Committed, Some(root)) = (rec.state, rec.root) else {
+                return Ok(None);
+            };
+            let chunks = self.catalog.chunks(id)?;
+            self.put_manifest(&rec, root, &chunks)?;
+            Ok(Some(rec))
+        })();
+        if let Err(e) = result {
+            tracing::warn!(
+                "file {}: manifest not rewritten, a catalog rebuild would restore its previous name and attributes: {e}",
+                merkle::hex(id)
+            );
+            self.catalog.audit(
+                "manifest-stale",
+                None,
+                None,
+                &format!("file {}: {e}", merkle::hex(id)),
+            );
+        }
+    }
+
+    /// Rename a committed file (within or across patients), replacing any file at the target
+    /// (whose shares are deleted), and rewrite its manifest under the new name.
+    pub fn rename(
+        &self,
+        patient: &str,
+        name: &str,
+        new_patient: &str,
+        new_name: &str,
+    ) -> Result<(), EngineError> {
+        let replaced = self.catalog.rename(patient, name, new_patient, new_name)?;
+        self.catalog.audit(
+            "rename",
+            Some(patient),
+            Some(name),
+            &format!("to {new_patient}/{new_name}"),
+        );
+        if let Some(old) = replaced {
+            self.discard(&old);
+        }
+        if let Some(rec) = self.catalog.file(new_patient, new_name)? {
+            self.refresh_manifest(&rec.id);
+        }
+        Ok(())
+    }
+
+    /// Change a committed version's mode and/or modification time, in the catalog and in its
+    /// manifest.
+    pub fn set_attrs(
+        &self,
+        id: &FileId,
+        mode: Option<u32>,
+        mtime: Option<u64>,
+    ) -> Result<(), EngineError> {
+        self.catalog.set_attrs(id, mode, mtime)?;
+        self.refresh_manifest(id);
+        Ok(())
+    }
 }
 
 impl Core {
     fn upload(&self, job: &UploadJob) -> Result<ChunkRecord, EngineError> {
         let hash = merkle::chunk_hash(&job.data);
-        let share_len = self.scheme.share_len(job.data.len());
+        self.put_shares(&job.file, &job.label, job.index, &job.data)?;
+        self.stats.chunks_written.fetch_add(1, Ordering::Relaxed);
+        Ok(ChunkRecord {
+            offset: job.offset,
+            len: job.data.len() as u32,
+            hash,
+            shares: (0..self.scheme.n())
+                .map(|i| ShareLocation {
+                    share: i as u8,
+                    site: self.sites[i].name().to_string(),
+                })
+                .collect(),
+        })
+    }
+
+    /// Split `data` and put share i on site i under (file, index), all sites in parallel;
+    /// returns once every site acknowledged.
+    fn put_shares(
+        &self,
+        file: &FileId,
+        label: &str,
+        index: u64,
+        data: &[u8],
+    ) -> Result<(), EngineError> {
+        let share_len = self.scheme.share_len(data.len());
         let mut shares: Vec<Zeroizing<Vec<u8>>> = (0..self.scheme.n())
             .map(|_| Zeroizing::new(vec![0u8; share_len]))
             .collect();
         {
             let mut refs: Vec<&mut [u8]> = shares.iter_mut().map(|s| s.as_mut_slice()).collect();
-            with_thread_drbg(|rng| self.scheme.split(&job.data, rng, &mut refs))
+            with_thread_drbg(|rng| self.scheme.split(data, rng, &mut refs))
                 .map_err(SharingError::from)??;
         }
         let meta = ShareMeta {
             k: self.scheme.k() as u8,
             n: self.scheme.n() as u8,
-            secret_len: job.data.len() as u32,
+            secret_len: data.len() as u32,
         };
         let results: Vec<Result<(), SiteError>> = std::thread::scope(|s| {
             let handles: Vec<_> = shares
@@ -413,8 +567,8 @@ impl Core {
                 .map(|(i, share)| {
                     let site = &self.sites[i];
                     let key = ShareKey {
-                        file: job.file,
-                        chunk: job.index,
+                        file: *file,
+                        chunk: index,
                         share: i as u8,
                     };
                     s.spawn(move || site.put(&key, &meta, share))
@@ -431,23 +585,12 @@ impl Core {
             .collect();
         if !failures.is_empty() {
             return Err(EngineError::Store {
-                file: job.label.clone(),
-                chunk: job.index,
+                file: label.to_string(),
+                chunk: index,
                 reason: failures.join("; "),
             });
         }
-        self.stats.chunks_written.fetch_add(1, Ordering::Relaxed);
-        Ok(ChunkRecord {
-            offset: job.offset,
-            len: job.data.len() as u32,
-            hash,
-            shares: (0..self.scheme.n())
-                .map(|i| ShareLocation {
-                    share: i as u8,
-                    site: self.sites[i].name().to_string(),
-                })
-                .collect(),
-        })
+        Ok(())
     }
 
     fn get_share(
@@ -732,7 +875,34 @@ impl FileWriter {
         self.check_failed()?;
         let leaves: Vec<Hash> = self.hashes.values().copied().collect();
         let root = merkle::root(&leaves);
-        if let Some(old) = engine.catalog.commit(&self.rec.id, self.size, root)? {
+        let replaced = {
+            // The manifest is at every site before the catalog commit: a version the catalog
+            // calls committed can always be found by a rebuild.
+            let _guard = engine.manifest_lock(&self.rec.id);
+            let mut rec = engine
+                .catalog
+                .file_by_id(&self.rec.id)?
+                .ok_or_else(|| CatalogError::NotWriting(merkle::hex(&self.rec.id)))?;
+            rec.size = self.size;
+            rec.mtime = crate::catalog::now_secs();
+            let chunks = engine.catalog.chunks(&self.rec.id)?;
+            if chunks.len() != leaves.len() {
+                return Err(EngineError::Store {
+                    file: self.label.clone(),
+                    chunk: leaves.len() as u64,
+                    reason: format!(
+                        "{} chunk records in the catalog, {} chunks written",
+                        chunks.len(),
+                        leaves.len()
+                    ),
+                });
+            }
+            engine.put_manifest(&rec, root, &chunks)?;
+            engine
+                .catalog
+                .commit_at(&self.rec.id, self.size, root, rec.mtime)?
+        };
+        if let Some(old) = replaced {
             engine.discard(&old);
         }
         engine.catalog.audit(

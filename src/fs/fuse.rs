@@ -390,8 +390,8 @@ impl Filesystem for QgenomeFs {
                         t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
                     }
                 });
-                if let Err(e) = self.engine.catalog.set_attrs(&rec.id, mode, m) {
-                    return reply.error(errno(&e.into()));
+                if let Err(e) = self.engine.set_attrs(&rec.id, mode, m) {
+                    return reply.error(errno(&e));
                 }
             }
         }
@@ -717,20 +717,14 @@ impl Filesystem for QgenomeFs {
         let (Node::File(p, n), Node::File(np, nn)) = (&from, &to) else {
             return reply.error(Errno::EPERM);
         };
-        match self.engine.catalog.rename(p, n, np, nn) {
-            Ok(replaced) => {
-                self.engine
-                    .catalog
-                    .audit("rename", Some(p), Some(n), &format!("to {np}/{nn}"));
-                if let Some(old) = replaced {
-                    self.engine.discard(&old);
-                }
+        match self.engine.rename(p, n, np, nn) {
+            Ok(()) => {
                 self.inodes.lock().expect("inodes").rename(&from, to);
                 reply.ok()
             }
             Err(e) => {
                 tracing::warn!("rename {p}/{n} -> {np}/{nn}: {e}");
-                reply.error(errno(&e.into()))
+                reply.error(errno(&e))
             }
         }
     }

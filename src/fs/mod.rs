@@ -8,5 +8,5 @@ pub mod engine;
 pub mod fuse;
 pub mod mount;
 
-pub use engine::{Engine, EngineConfig, EngineError, FileWriter};
+pub use engine::{Engine, EngineConfig, EngineError, FileWriter, RebuildReport};
 pub use fuse::QgenomeFs;

@@ -80,6 +80,10 @@ pub trait ShareSite: Send + Sync {
     /// Fetch a share, checked by the site against its stored checksum.
     fn get(&self, key: &ShareKey) -> Result<Vec<u8>, SiteError>;
     fn delete(&self, key: &ShareKey) -> Result<(), SiteError>;
+    /// One page of the shares the site holds, in key order (file id, chunk, share), strictly
+    /// after `after` (from the start if None), and where the next page starts (None: no
+    /// more). Used to rebuild a lost catalog; see [`list_all`].
+    fn list_shares(&self, after: Option<ShareKey>) -> Result<SharePage, SiteError>;
     /// Key material left on the link to this site, if it is behind one (placement prefers
     /// links with more key left).
     fn key_remaining(&self) -> Option<u64> {
@@ -91,6 +95,36 @@ pub trait ShareSite: Send + Sync {
         None
     }
 }
+
+/// A page of a site's share listing: entries, and the key the next page starts after.
+pub type SharePage = (Vec<(ShareKey, ShareMeta)>, Option<ShareKey>);
+
+/// Walk a site's whole listing page by page, handing each entry to `each`.
+pub fn list_all(
+    site: &dyn ShareSite,
+    mut each: impl FnMut(ShareKey, ShareMeta),
+) -> Result<(), SiteError> {
+    let mut after = None;
+    loop {
+        let (entries, next) = site.list_shares(after)?;
+        for (k, m) in entries {
+            each(k, m);
+        }
+        match next {
+            Some(n) if Some(n) != after => after = Some(n),
+            Some(n) => {
+                return Err(SiteError::Protocol {
+                    site: site.name().to_string(),
+                    reason: format!("listing does not advance past {n}"),
+                })
+            }
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Entries per page of [`MemSite`]'s listing (small, so paging is exercised by tests).
+const MEM_PAGE: usize = 64;
 
 /// Shares in memory, with switches to simulate a site that is down or returns damaged data.
 #[derive(Default)]
@@ -184,5 +218,61 @@ impl ShareSite for MemSite {
         self.up()?;
         self.shares.lock().expect("memsite").remove(key);
         Ok(())
+    }
+
+    fn list_shares(&self, after: Option<ShareKey>) -> Result<SharePage, SiteError> {
+        self.up()?;
+        let shares = self.shares.lock().expect("memsite");
+        let mut keys: Vec<(ShareKey, ShareMeta)> = shares
+            .iter()
+            .filter(|(k, _)| after.is_none_or(|a| **k > a))
+            .map(|(k, (m, _))| (*k, *m))
+            .collect();
+        keys.sort_by_key(|(k, _)| *k);
+        let next = (keys.len() > MEM_PAGE).then(|| keys[MEM_PAGE - 1].0);
+        keys.truncate(MEM_PAGE);
+        Ok((keys, next))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_listing_pages_through_every_share_in_key_order() {
+        let site = MemSite::new("s");
+        let meta = ShareMeta {
+            k: 2,
+            n: 3,
+            secret_len: 1,
+        };
+        let mut want = Vec::new();
+        for f in 0..3u8 {
+            for chunk in [0, 1, 70, u64::MAX] {
+                for share in 0..50u8 {
+                    let key = ShareKey {
+                        file: [f; 16],
+                        chunk,
+                        share,
+                    };
+                    site.put(&key, &meta, &[1]).unwrap();
+                    want.push(key);
+                }
+            }
+        }
+        want.sort();
+        let mut got = Vec::new();
+        list_all(&site, |k, m| {
+            assert_eq!(m, meta);
+            got.push(k);
+        })
+        .unwrap();
+        assert_eq!(got, want);
+        site.set_down(true);
+        assert!(matches!(
+            list_all(&site, |_, _| {}),
+            Err(SiteError::Unreachable { .. })
+        ));
     }
 }

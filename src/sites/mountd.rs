@@ -561,6 +561,11 @@ impl ShareSite for MountdSite {
         }
     }
 
+    fn list_shares(&self, after: Option<ShareKey>) -> Result<super::SharePage, SiteError> {
+        let (entries, next) = self.list(&[], after, msg::MAX_LIST)?;
+        Ok((entries.into_iter().map(|e| (e.key, e.meta)).collect(), next))
+    }
+
     fn key_remaining(&self) -> Option<u64> {
         self.link.as_ref().map(|l| lock(&l.send).remaining())
     }

@@ -1,0 +1,361 @@
+//! The per-version *manifest*: everything the catalog knows about a committed version that the
+//! sites' share headers do not carry (patient, name, size, chunk offsets and hashes, Merkle
+//! root, attributes), stored at the sites as one more chunk with the reserved index
+//! [`MANIFEST_CHUNK`] and split (k,n) like any data chunk. From the sites' listings and these
+//! manifests a lost catalog is rebuilt (`qgenome catalog rebuild`).
+//!
+//! Plaintext layout (pure, no I/O; see `docs/design.md`, "Catalog rebuild"):
+//!
+//! ```text
+//! JSON record (UTF-8, the fields of [`Manifest`]) || SHA-256 of the JSON (32 bytes)
+//! ```
+//!
+//! The trailing hash makes a combination of shares from two different writes of the manifest
+//! (a rewrite interrupted half-way across the sites) detectable: the combination is garbage and
+//! its hash does not match, so another k-subset is tried.
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use super::{merkle, ChunkRecord, FileId, FileRecord, FileState, Hash, ShareLocation};
+
+/// The chunk index under which a version's manifest shares are stored at the sites.
+pub const MANIFEST_CHUNK: u64 = u64::MAX;
+
+/// The manifest format this code writes and reads.
+pub const MANIFEST_FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ManifestError {
+    #[error("manifest of file {file}: {len} bytes, too short to hold a checksum")]
+    TooShort { file: String, len: usize },
+    #[error(
+        "manifest of file {file}: checksum mismatch (shares from different writes, or damaged)"
+    )]
+    Checksum { file: String },
+    #[error("manifest of file {file}: not a manifest record: {reason}")]
+    Parse { file: String, reason: String },
+    #[error("manifest of file {file}: format {format} is not supported (this build reads {MANIFEST_FORMAT})")]
+    Format { file: String, format: u32 },
+    #[error("manifest of file {file}: {reason}")]
+    Inconsistent { file: String, reason: String },
+}
+
+/// One chunk as the manifest records it.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ManifestChunk {
+    pub offset: u64,
+    pub len: u32,
+    #[serde(with = "super::hex32")]
+    pub hash: Hash,
+}
+
+/// A committed version, as stored (secret-shared) at the sites.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Manifest {
+    pub format: u32,
+    #[serde(with = "super::hex16")]
+    pub id: FileId,
+    pub patient: String,
+    pub name: String,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub k: u8,
+    pub n: u8,
+    pub mode: u32,
+    pub created: u64,
+    pub mtime: u64,
+    #[serde(with = "super::hex32")]
+    pub root: Hash,
+    /// When this manifest was written (ns since the Unix epoch, strictly increasing within a
+    /// mount): of two versions claiming one name, the later-written manifest wins.
+    pub seq: u64,
+    pub chunks: Vec<ManifestChunk>,
+}
+
+impl std::fmt::Debug for Manifest {
+    // Chunk hashes are kept out of logs (they would let a guess about a chunk be confirmed).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manifest")
+            .field("id", &merkle::hex(&self.id))
+            .field("patient", &self.patient)
+            .field("name", &self.name)
+            .field("size", &self.size)
+            .field("chunks", &self.chunks.len())
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Manifest {
+    /// The manifest of a version with its chunk records (in index order) and Merkle root.
+    pub fn new(rec: &FileRecord, root: Hash, chunks: &[ChunkRecord], seq: u64) -> Self {
+        Self {
+            format: MANIFEST_FORMAT,
+            id: rec.id,
+            patient: rec.patient.clone(),
+            name: rec.name.clone(),
+            size: rec.size,
+            chunk_size: rec.chunk_size,
+            k: rec.k,
+            n: rec.n,
+            mode: rec.mode,
+            created: rec.created,
+            mtime: rec.mtime,
+            root,
+            seq,
+            chunks: chunks
+                .iter()
+                .map(|c| ManifestChunk {
+                    offset: c.offset,
+                    len: c.len,
+                    hash: c.hash,
+                })
+                .collect(),
+        }
+    }
+
+    /// The plaintext stored (split) at the sites: JSON then its SHA-256.
+    pub fn encode(&self) -> Zeroizing<Vec<u8>> {
+        let mut out = Zeroizing::new(serde_json::to_vec(self).expect("manifest serializes"));
+        let sum: [u8; 32] = Sha256::digest(out.as_slice()).into();
+        out.extend_from_slice(&sum);
+        out
+    }
+
+    /// Parse and check a combined manifest plaintext that was stored under file id `file`.
+    pub fn decode(file: &FileId, bytes: &[u8]) -> Result<Self, ManifestError> {
+        let name = || merkle::hex(file);
+        if bytes.len() < 32 {
+            return Err(ManifestError::TooShort {
+                file: name(),
+                len: bytes.len(),
+            });
+        }
+        let (json, sum) = bytes.split_at(bytes.len() - 32);
+        if Sha256::digest(json).as_slice() != sum {
+            return Err(ManifestError::Checksum { file: name() });
+        }
+        #[derive(Deserialize)]
+        struct Version {
+            format: u32,
+        }
+        let v: Version = serde_json::from_slice(json).map_err(|e| ManifestError::Parse {
+            file: name(),
+            reason: e.to_string(),
+        })?;
+        if v.format != MANIFEST_FORMAT {
+            return Err(ManifestError::Format {
+                file: name(),
+                format: v.format,
+            });
+        }
+        let m: Manifest = serde_json::from_slice(json).map_err(|e| ManifestError::Parse {
+            file: name(),
+            reason: e.to_string(),
+        })?;
+        m.check(file)?;
+        Ok(m)
+    }
+
+    /// Internal consistency: the id it was stored under, valid names, chunks that tile the
+    /// file in order, and the Merkle root over the chunk hashes.
+    pub fn check(&self, file: &FileId) -> Result<(), ManifestError> {
+        let bad = |reason: String| ManifestError::Inconsistent {
+            file: merkle::hex(file),
+            reason,
+        };
+        if &self.id != file {
+            return Err(bad(format!(
+                "records file id {}, stored under another",
+                merkle::hex(&self.id)
+            )));
+        }
+        super::validate_patient(&self.patient).map_err(|e| bad(e.to_string()))?;
+        super::validate_name(&self.name).map_err(|e| bad(e.to_string()))?;
+        let mut end = 0u64;
+        for (i, c) in self.chunks.iter().enumerate() {
+            if c.offset != end || c.len == 0 || c.len > self.chunk_size {
+                return Err(bad(format!(
+                    "chunk {i} at offset {} with {} bytes does not follow the previous chunk (end {end}, chunk size {})",
+                    c.offset, c.len, self.chunk_size
+                )));
+            }
+            end += u64::from(c.len);
+        }
+        if end != self.size {
+            return Err(bad(format!(
+                "chunks cover {end} bytes, size says {}",
+                self.size
+            )));
+        }
+        let leaves: Vec<Hash> = self.chunks.iter().map(|c| c.hash).collect();
+        if merkle::root(&leaves) != self.root {
+            return Err(bad("Merkle root does not match the chunk hashes".into()));
+        }
+        Ok(())
+    }
+
+    /// The committed catalog record this manifest describes.
+    pub fn file_record(&self) -> FileRecord {
+        FileRecord {
+            id: self.id,
+            patient: self.patient.clone(),
+            name: self.name.clone(),
+            size: self.size,
+            chunk_size: self.chunk_size,
+            k: self.k,
+            n: self.n,
+            state: FileState::Committed,
+            root: Some(self.root),
+            mode: self.mode,
+            created: self.created,
+            mtime: self.mtime,
+        }
+    }
+
+    /// Chunk records, with the share locations found at the sites for each chunk index.
+    pub fn chunk_records(&self, shares: impl Fn(u64) -> Vec<ShareLocation>) -> Vec<ChunkRecord> {
+        self.chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| ChunkRecord {
+                offset: c.offset,
+                len: c.len,
+                hash: c.hash,
+                shares: shares(i as u64),
+            })
+            .collect()
+    }
+}
+
+/// Which version each `patient/name` gets: the one whose manifest was written last (`seq`,
+/// then file id to be deterministic). Returns (winners, superseded).
+pub fn resolve(mut found: Vec<Manifest>) -> (Vec<Manifest>, Vec<Manifest>) {
+    found.sort_by(|a, b| {
+        (&a.patient, &a.name, b.seq, b.id).cmp(&(&b.patient, &b.name, a.seq, a.id))
+    });
+    let mut winners: Vec<Manifest> = Vec::new();
+    let mut superseded = Vec::new();
+    for m in found {
+        match winners.last() {
+            Some(w) if w.patient == m.patient && w.name == m.name => superseded.push(m),
+            _ => winners.push(m),
+        }
+    }
+    (winners, superseded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn manifest(lens: &[u32], seq: u64) -> Manifest {
+        let mut chunks = Vec::new();
+        let mut off = 0;
+        for (i, &l) in lens.iter().enumerate() {
+            chunks.push(ManifestChunk {
+                offset: off,
+                len: l,
+                hash: [i as u8; 32],
+            });
+            off += u64::from(l);
+        }
+        let leaves: Vec<Hash> = chunks.iter().map(|c| c.hash).collect();
+        Manifest {
+            format: MANIFEST_FORMAT,
+            id: [7; 16],
+            patient: "P1".into(),
+            name: "a.cram".into(),
+            size: off,
+            chunk_size: 1024,
+            k: 2,
+            n: 3,
+            mode: 0o644,
+            created: 1,
+            mtime: 2,
+            root: merkle::root(&leaves),
+            seq,
+            chunks,
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn encode_decode_round_trips(lens in proptest::collection::vec(1u32..=1024, 0..40), seq: u64) {
+            let m = manifest(&lens, seq);
+            let bytes = m.encode();
+            prop_assert_eq!(Manifest::decode(&m.id, &bytes).unwrap(), m);
+        }
+
+        #[test]
+        fn any_flipped_byte_is_refused(lens in proptest::collection::vec(1u32..=1024, 1..10), pos: usize, bit in 0u8..8) {
+            let m = manifest(&lens, 5);
+            let mut bytes = m.encode().to_vec();
+            let i = pos % bytes.len();
+            bytes[i] ^= 1 << bit;
+            prop_assert!(Manifest::decode(&m.id, &bytes).is_err());
+        }
+    }
+
+    #[test]
+    fn inconsistent_manifests_are_refused_by_reason() {
+        let m = manifest(&[1024, 10], 1);
+        assert!(matches!(
+            Manifest::decode(&[8; 16], &m.encode()),
+            Err(ManifestError::Inconsistent { .. })
+        ));
+        let mut gap = m.clone();
+        gap.chunks[1].offset += 1;
+        assert!(gap
+            .check(&m.id)
+            .unwrap_err()
+            .to_string()
+            .contains("chunk 1"));
+        let mut root = m.clone();
+        root.root = [0; 32];
+        assert!(root
+            .check(&m.id)
+            .unwrap_err()
+            .to_string()
+            .contains("Merkle"));
+        let mut size = m.clone();
+        size.size += 1;
+        assert!(size.check(&m.id).is_err());
+        let mut fmt = m.clone();
+        fmt.format = 2;
+        assert!(matches!(
+            Manifest::decode(&m.id, &fmt.encode()),
+            Err(ManifestError::Format { format: 2, .. })
+        ));
+        assert!(matches!(
+            Manifest::decode(&m.id, b"short"),
+            Err(ManifestError::TooShort { .. })
+        ));
+    }
+
+    #[test]
+    fn the_latest_written_manifest_wins_a_name() {
+        let mut a = manifest(&[10], 100);
+        a.id = [1; 16];
+        a.mtime = 999; // a newer mtime does not win over a later rename or commit
+        let mut b = manifest(&[20], 200);
+        b.id = [2; 16];
+        let mut c = manifest(&[30], 50);
+        c.id = [3; 16];
+        c.name = "other".into();
+        let (w, s) = resolve(vec![a.clone(), b.clone(), c.clone()]);
+        assert_eq!(w, vec![b, c]);
+        assert_eq!(s, vec![a]);
+    }
+
+    #[test]
+    fn debug_shows_no_chunk_hash() {
+        let m = manifest(&[10], 1);
+        let d = format!("{m:?}");
+        assert!(!d.contains(&merkle::hex(&[0u8; 32])), "{d}");
+        assert!(d.contains("a.cram"));
+    }
+}

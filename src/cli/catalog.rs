@@ -1,0 +1,179 @@
+//! `qgenome catalog rebuild`: the home catalog rebuilt from the sites' listings and the
+//! secret-shared manifests (when the catalog was lost or is damaged beyond repair).
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+
+use crate::catalog::Catalog;
+use crate::config::HomeConfig;
+use crate::consent::ConsentRegistry;
+use crate::fs::engine::{Engine, EngineConfig, OrphanVersion, RebuildReport};
+
+#[derive(Debug, Subcommand)]
+pub enum CatalogCommand {
+    /// Rebuild the catalog from what the sites hold. Refuses while the mount runs, and into a
+    /// catalog that is not empty.
+    Rebuild(RebuildArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RebuildArgs {
+    #[arg(long, default_value = "/etc/qgenome/qgenome.toml")]
+    pub config: PathBuf,
+    /// Build the catalog in this new (or empty) directory instead of the config's state_dir;
+    /// move it into place (`<state_dir>/catalog`) to use it.
+    #[arg(long)]
+    pub into: Option<PathBuf>,
+    /// Also delete the shares of versions that are not restored (superseded, uncommitted or
+    /// unreadable). Without it they are only reported.
+    #[arg(long)]
+    pub delete_orphans: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl CatalogCommand {
+    pub fn run(self) -> anyhow::Result<()> {
+        match self {
+            CatalogCommand::Rebuild(args) => rebuild(args),
+        }
+    }
+}
+
+fn dir_is_empty(p: &Path) -> anyhow::Result<bool> {
+    Ok(std::fs::read_dir(p)
+        .with_context(|| format!("reading {}", p.display()))?
+        .next()
+        .is_none())
+}
+
+pub fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
+    let cfg = HomeConfig::load(&args.config)?;
+    let control = cfg.control_socket();
+    if std::os::unix::net::UnixStream::connect(&control).is_ok() {
+        bail!(
+            "the mount is running (its control socket {} answers): stop it before rebuilding the catalog",
+            control.display()
+        );
+    }
+    let target = match &args.into {
+        Some(dir) => {
+            if dir.exists() && !dir_is_empty(dir)? {
+                bail!(
+                    "--into {}: the directory exists and is not empty; give a new directory",
+                    dir.display()
+                );
+            }
+            dir.clone()
+        }
+        None => {
+            std::fs::create_dir_all(&cfg.state_dir)
+                .with_context(|| format!("creating state directory {}", cfg.state_dir.display()))?;
+            cfg.catalog_path()
+        }
+    };
+    let catalog = Arc::new(
+        Catalog::open(&target).with_context(|| format!("opening catalog {}", target.display()))?,
+    );
+    if !catalog.is_empty() {
+        bail!(
+            "catalog {} is not empty: refusing to rebuild over it (move it away, or use --into a new directory)",
+            target.display()
+        );
+    }
+    let sites = crate::cli::mount::build_sites(&cfg)?;
+    let consent = ConsentRegistry::new(catalog.clone());
+    let engine = Engine::new(
+        catalog,
+        consent,
+        sites,
+        EngineConfig {
+            k: cfg.scheme.k,
+            n: cfg.scheme.n,
+            chunk_size: cfg.chunk_bytes()?,
+            consent_wait: Duration::from_secs(cfg.consent_wait_secs),
+            cache_bytes: cfg.cache_bytes()?,
+            ..EngineConfig::default()
+        },
+    )?;
+    let report = engine
+        .rebuild_catalog()
+        .with_context(|| format!("rebuilding catalog {}", target.display()))?;
+    let deleted = if args.delete_orphans {
+        let all: Vec<OrphanVersion> = report
+            .superseded
+            .iter()
+            .chain(&report.uncommitted)
+            .chain(&report.unreadable)
+            .cloned()
+            .collect();
+        Some(engine.delete_orphans(&all))
+    } else {
+        None
+    };
+    if args.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["catalog"] = target.display().to_string().into();
+        v["orphan_shares_deleted"] = deleted.into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print_report(&report, &target, deleted);
+    }
+    if !report.unreachable_sites.is_empty() {
+        eprintln!(
+            "warning: {} site(s) could not be listed: their shares are missing from the catalog; rebuild again when they are back",
+            report.unreachable_sites.len()
+        );
+    }
+    Ok(())
+}
+
+fn print_report(r: &RebuildReport, target: &Path, deleted: Option<usize>) {
+    println!("catalog rebuilt at {}", target.display());
+    println!("patients: {}", r.patients.join(" "));
+    for f in &r.restored {
+        let degraded = if f.degraded_chunks > 0 {
+            format!(", {} chunks with fewer than n shares", f.degraded_chunks)
+        } else {
+            String::new()
+        };
+        println!(
+            "restored {}/{}: {} bytes, {} chunks (file {}){degraded}",
+            f.patient, f.name, f.size, f.chunks, f.id
+        );
+    }
+    for (what, list) in [
+        ("superseded", &r.superseded),
+        ("uncommitted", &r.uncommitted),
+        ("unreadable", &r.unreadable),
+    ] {
+        for o in list {
+            println!(
+                "orphan ({what}) file {}{}: {} shares: {}",
+                o.id,
+                o.file
+                    .as_deref()
+                    .map(|f| format!(" {f}"))
+                    .unwrap_or_default(),
+                o.shares,
+                o.reason
+            );
+        }
+    }
+    for s in &r.unreachable_sites {
+        println!("unreachable site {s}");
+    }
+    println!(
+        "{} files restored, {} orphan versions{}",
+        r.restored.len(),
+        r.superseded.len() + r.uncommitted.len() + r.unreadable.len(),
+        match deleted {
+            Some(n) => format!(" ({n} orphan shares deleted)"),
+            None => " (kept at the sites; --delete-orphans deletes them)".into(),
+        }
+    );
+}

@@ -1,0 +1,353 @@
+//! Rebuilding a lost catalog from the sites: listings (which site holds which share of which
+//! chunk) plus each version's secret-shared manifest (everything else). See `docs/design.md`,
+//! "Catalog rebuild".
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+use super::{k_subsets, Engine, EngineError};
+use crate::catalog::manifest::{self, Manifest, MANIFEST_CHUNK};
+use crate::catalog::merkle::hex;
+use crate::catalog::{CatalogError, FileId, ShareLocation};
+use crate::sites::{list_all, ShareKey, ShareMeta};
+
+/// At most this many manifest shares of one version are tried in combination.
+const MAX_MANIFEST_SHARES: usize = 16;
+
+/// What [`Engine::rebuild_catalog`] found at the sites and put in the catalog.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct RebuildReport {
+    /// Patients re-created (those with at least one restored file).
+    pub patients: Vec<String>,
+    pub restored: Vec<RestoredFile>,
+    /// Versions with a valid manifest whose name a later-written version claims (a replaced
+    /// or renamed-over version whose shares were not deleted).
+    pub superseded: Vec<OrphanVersion>,
+    /// Versions with data shares but no manifest: writes never committed (or whose
+    /// deletion was interrupted). Not restored.
+    pub uncommitted: Vec<OrphanVersion>,
+    /// Versions whose manifest no k shares rebuild, or with a chunk held by fewer than k sites.
+    pub unreadable: Vec<OrphanVersion>,
+    /// Sites whose listing failed ("site: reason"); shares there are not in the catalog.
+    pub unreachable_sites: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoredFile {
+    /// File id, hex.
+    pub id: String,
+    pub patient: String,
+    pub name: String,
+    pub size: u64,
+    pub chunks: u64,
+    /// Chunks with fewer than n shares found (readable, but with less redundancy).
+    pub degraded_chunks: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OrphanVersion {
+    /// File id, hex.
+    pub id: String,
+    /// `patient/name`, when a manifest said so.
+    pub file: Option<String>,
+    /// Shares of this version found at the sites.
+    pub shares: usize,
+    pub reason: String,
+    /// (site index, share key) of every share found, manifest shares first.
+    #[serde(skip)]
+    pub keys: Vec<(usize, ShareKey)>,
+}
+
+/// One share seen in a listing.
+#[derive(Debug, Clone, Copy)]
+struct Found {
+    site: usize,
+    share: u8,
+    meta: ShareMeta,
+}
+
+type Listing = HashMap<FileId, BTreeMap<u64, Vec<Found>>>;
+
+fn orphan(
+    id: &FileId,
+    chunks: &BTreeMap<u64, Vec<Found>>,
+    file: Option<String>,
+    reason: String,
+) -> OrphanVersion {
+    let mut keys: Vec<(usize, ShareKey)> = chunks
+        .iter()
+        .flat_map(|(&chunk, found)| {
+            found.iter().map(move |f| {
+                (
+                    f.site,
+                    ShareKey {
+                        file: *id,
+                        chunk,
+                        share: f.share,
+                    },
+                )
+            })
+        })
+        .collect();
+    // Manifest first, so deleting in this order never leaves a manifest without its data.
+    keys.sort_by_key(|(_, k)| std::cmp::Reverse(k.chunk == MANIFEST_CHUNK));
+    OrphanVersion {
+        id: hex(id),
+        file,
+        shares: keys.len(),
+        reason,
+        keys,
+    }
+}
+
+impl Engine {
+    /// Fill this engine's (empty) catalog from what the sites hold: every version with a valid
+    /// manifest becomes a committed file again (same file id, chunk records with the share
+    /// locations found), the latest-written manifest winning a name. Nothing at the sites is
+    /// changed; see [`Engine::delete_orphans`].
+    pub fn rebuild_catalog(&self) -> Result<RebuildReport, EngineError> {
+        if !self.catalog.is_empty() {
+            return Err(EngineError::CatalogNotEmpty {
+                path: self.catalog.path().display().to_string(),
+            });
+        }
+        let mut report = RebuildReport::default();
+        let listing = self.list_sites(&mut report);
+        let (k, n) = (self.core.scheme.k(), self.core.scheme.n());
+
+        let mut valid: Vec<Manifest> = Vec::new();
+        let mut ids: Vec<&FileId> = listing.keys().collect();
+        ids.sort();
+        for id in ids {
+            let chunks = &listing[id];
+            let Some(found) = chunks.get(&MANIFEST_CHUNK) else {
+                report.uncommitted.push(orphan(
+                    id,
+                    chunks,
+                    None,
+                    "data shares without a manifest (never committed)".into(),
+                ));
+                continue;
+            };
+            let m = match self.read_manifest(id, found) {
+                Ok(m) => m,
+                Err(reason) => {
+                    report.unreadable.push(orphan(id, chunks, None, reason));
+                    continue;
+                }
+            };
+            let file = Some(format!("{}/{}", m.patient, m.name));
+            if (usize::from(m.k), usize::from(m.n)) != (k, n) {
+                let reason = format!(
+                    "written with (k,n) = ({},{}), the configuration says ({k},{n})",
+                    m.k, m.n
+                );
+                report.unreadable.push(orphan(id, chunks, file, reason));
+                continue;
+            }
+            let short = m.chunks.iter().enumerate().find_map(|(i, c)| {
+                let got = self.locations(chunks.get(&(i as u64)), c.len).len();
+                (got < k).then(|| format!("chunk {i}: {got} shares found, {k} needed"))
+            });
+            if let Some(reason) = short {
+                report.unreadable.push(orphan(id, chunks, file, reason));
+                continue;
+            }
+            valid.push(m);
+        }
+
+        let (winners, superseded) = manifest::resolve(valid);
+        for m in superseded {
+            let reason = "a later-written version has the same name".to_string();
+            let file = Some(format!("{}/{}", m.patient, m.name));
+            report
+                .superseded
+                .push(orphan(&m.id, &listing[&m.id], file, reason));
+        }
+        let patients: BTreeSet<&str> = winners.iter().map(|m| m.patient.as_str()).collect();
+        for p in &patients {
+            match self.catalog.add_patient(p) {
+                Ok(()) | Err(CatalogError::PatientExists(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        report.patients = patients.iter().map(|p| p.to_string()).collect();
+        let mut max_seq = 0;
+        for m in &winners {
+            let chunks = &listing[&m.id];
+            let records =
+                m.chunk_records(|i| self.locations(chunks.get(&i), m.chunks[i as usize].len));
+            let degraded = records.iter().filter(|c| c.shares.len() < n).count() as u64;
+            self.catalog.restore(&m.file_record(), &records)?;
+            self.catalog.audit(
+                "rebuild-restore",
+                Some(&m.patient),
+                Some(&m.name),
+                &format!(
+                    "file {}, {} bytes, {} chunks ({degraded} degraded)",
+                    hex(&m.id),
+                    m.size,
+                    records.len()
+                ),
+            );
+            max_seq = max_seq.max(m.seq);
+            report.restored.push(RestoredFile {
+                id: hex(&m.id),
+                patient: m.patient.clone(),
+                name: m.name.clone(),
+                size: m.size,
+                chunks: records.len() as u64,
+                degraded_chunks: degraded,
+            });
+        }
+        // Manifests written from now on must sort after every restored one.
+        self.seq
+            .fetch_max(max_seq, std::sync::atomic::Ordering::SeqCst);
+        self.catalog.audit(
+            "rebuild",
+            None,
+            None,
+            &format!(
+                "{} files restored, {} superseded, {} uncommitted, {} unreadable, {} sites unreachable",
+                report.restored.len(),
+                report.superseded.len(),
+                report.uncommitted.len(),
+                report.unreadable.len(),
+                report.unreachable_sites.len()
+            ),
+        );
+        self.catalog.flush()?;
+        Ok(report)
+    }
+
+    /// Delete every share of the given versions (manifest first) from the sites that hold
+    /// them. Returns how many shares were deleted; failures are logged.
+    pub fn delete_orphans(&self, orphans: &[OrphanVersion]) -> usize {
+        let mut deleted = 0;
+        for o in orphans {
+            for (site, key) in &o.keys {
+                match self.core.sites[*site].delete(key) {
+                    Ok(()) => deleted += 1,
+                    Err(e) => tracing::warn!("orphan version {}: deleting {key}: {e}", o.id),
+                }
+            }
+        }
+        deleted
+    }
+
+    /// Every site's listing, by file id and chunk index.
+    fn list_sites(&self, report: &mut RebuildReport) -> Listing {
+        let mut listing = Listing::new();
+        for (i, site) in self.core.sites.iter().enumerate() {
+            let mut seen = 0u64;
+            let r = list_all(site.as_ref(), |key, meta| {
+                seen += 1;
+                listing
+                    .entry(key.file)
+                    .or_default()
+                    .entry(key.chunk)
+                    .or_default()
+                    .push(Found {
+                        site: i,
+                        share: key.share,
+                        meta,
+                    });
+            });
+            match r {
+                Ok(()) => tracing::info!(site = site.name(), shares = seen, "listed"),
+                Err(e) => {
+                    tracing::warn!("rebuild: listing {} failed: {e}", site.name());
+                    report
+                        .unreachable_sites
+                        .push(format!("{}: {e}", site.name()));
+                }
+            }
+        }
+        listing
+    }
+
+    /// Where the shares of a chunk of `len` bytes live: one location per distinct share
+    /// index, matching the configured scheme and length, by share index.
+    fn locations(&self, found: Option<&Vec<Found>>, len: u32) -> Vec<ShareLocation> {
+        let (k, n) = (self.core.scheme.k(), self.core.scheme.n());
+        let mut by_share: BTreeMap<u8, ShareLocation> = BTreeMap::new();
+        for f in found.into_iter().flatten() {
+            if f.meta.secret_len == len
+                && (usize::from(f.meta.k), usize::from(f.meta.n)) == (k, n)
+                && usize::from(f.share) < n
+            {
+                by_share.entry(f.share).or_insert_with(|| ShareLocation {
+                    share: f.share,
+                    site: self.core.sites[f.site].name().to_string(),
+                });
+            }
+        }
+        by_share.into_values().collect()
+    }
+
+    /// Fetch the manifest shares of a version and find the latest-written manifest any k of
+    /// them rebuild (a rewrite interrupted across sites leaves shares of two writes).
+    fn read_manifest(&self, id: &FileId, found: &[Found]) -> Result<Manifest, String> {
+        let scheme = &self.core.scheme;
+        let k = scheme.k();
+        let mut failures = Vec::new();
+        // Shares grouped by the secret length their site recorded: only equal ones combine.
+        let mut groups: BTreeMap<u32, Vec<(usize, Vec<u8>)>> = BTreeMap::new();
+        for f in found.iter().take(MAX_MANIFEST_SHARES) {
+            if (usize::from(f.meta.k), usize::from(f.meta.n)) != (k, scheme.n()) {
+                failures.push(format!(
+                    "share {}: (k,n) = ({},{}) differs from the configuration",
+                    f.share, f.meta.k, f.meta.n
+                ));
+                continue;
+            }
+            let key = ShareKey {
+                file: *id,
+                chunk: MANIFEST_CHUNK,
+                share: f.share,
+            };
+            match self.core.sites[f.site].get(&key) {
+                Ok(d) if d.len() == scheme.share_len(f.meta.secret_len as usize) => {
+                    groups
+                        .entry(f.meta.secret_len)
+                        .or_default()
+                        .push((usize::from(f.share), d));
+                }
+                Ok(d) => failures.push(format!("{key}: {} bytes, wrong length", d.len())),
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        let mut best: Option<Manifest> = None;
+        for (len, shares) in &groups {
+            for subset in k_subsets(shares.len(), k) {
+                let given: Vec<(usize, &[u8])> = subset
+                    .iter()
+                    .map(|&i| (shares[i].0, shares[i].1.as_slice()))
+                    .collect();
+                let distinct: BTreeSet<usize> = given.iter().map(|g| g.0).collect();
+                if distinct.len() < k {
+                    continue;
+                }
+                let mut out = Zeroizing::new(vec![0u8; *len as usize]);
+                if let Err(e) = scheme.combine(&given, *len as usize, &mut out) {
+                    failures.push(e.to_string());
+                    continue;
+                }
+                match Manifest::decode(id, &out) {
+                    Ok(m) if best.as_ref().is_none_or(|b| m.seq > b.seq) => best = Some(m),
+                    Ok(_) => {}
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+        }
+        best.ok_or_else(|| {
+            failures.dedup();
+            format!(
+                "no {k} of the {} manifest shares rebuild a valid manifest ({})",
+                found.len(),
+                failures.join("; ")
+            )
+        })
+    }
+}

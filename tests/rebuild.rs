@@ -1,0 +1,385 @@
+//! `Engine::rebuild_catalog` against in-memory sites: a lost catalog comes back from the
+//! sites' listings and the secret-shared manifests, files read back byte-identical.
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use qgenome::catalog::merkle::hex;
+use qgenome::catalog::{Catalog, FileRecord};
+use qgenome::consent::ConsentRegistry;
+use qgenome::fs::{Engine, EngineConfig, EngineError, RebuildReport};
+use qgenome::sharing::{Drbg, RandomSource};
+use qgenome::sites::{MemSite, ShareKey, ShareMeta, SharePage, ShareSite, SiteError};
+
+/// A MemSite whose deletes can be lost (a site that was down when a version was deleted).
+struct LossySite {
+    inner: MemSite,
+    lose_deletes: AtomicBool,
+}
+
+impl ShareSite for LossySite {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn put(&self, key: &ShareKey, meta: &ShareMeta, data: &[u8]) -> Result<(), SiteError> {
+        self.inner.put(key, meta, data)
+    }
+    fn get(&self, key: &ShareKey) -> Result<Vec<u8>, SiteError> {
+        self.inner.get(key)
+    }
+    fn delete(&self, key: &ShareKey) -> Result<(), SiteError> {
+        if self.lose_deletes.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.inner.delete(key)
+    }
+    fn list_shares(&self, after: Option<ShareKey>) -> Result<SharePage, SiteError> {
+        self.inner.list_shares(after)
+    }
+}
+
+struct Rig {
+    dir: tempfile::TempDir,
+    sites: Vec<Arc<LossySite>>,
+}
+
+const CHUNK: usize = 64 << 10;
+
+impl Rig {
+    fn new() -> Self {
+        Rig {
+            dir: tempfile::tempdir().unwrap(),
+            sites: (0..3)
+                .map(|i| {
+                    Arc::new(LossySite {
+                        inner: MemSite::new(&format!("site{i}")),
+                        lose_deletes: AtomicBool::new(false),
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// An engine over the rig's sites with a fresh catalog named `name`.
+    fn engine(&self, name: &str) -> Arc<Engine> {
+        let catalog = Arc::new(Catalog::open(&self.dir.path().join(name)).unwrap());
+        let consent = ConsentRegistry::new(catalog.clone());
+        let sites = self
+            .sites
+            .iter()
+            .map(|s| s.clone() as Arc<dyn ShareSite>)
+            .collect();
+        let cfg = EngineConfig {
+            k: 2,
+            n: 3,
+            chunk_size: CHUNK,
+            consent_wait: Duration::from_millis(300),
+            max_in_flight: 3,
+            ..EngineConfig::default()
+        };
+        Engine::new(catalog, consent, sites, cfg).unwrap()
+    }
+
+    fn lose_deletes(&self, lose: bool) {
+        for s in &self.sites {
+            s.lose_deletes.store(lose, Ordering::SeqCst);
+        }
+    }
+}
+
+fn random(len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    Drbg::from_os().unwrap().fill(&mut v).unwrap();
+    v
+}
+
+fn write(engine: &Engine, patient: &str, name: &str, data: &[u8]) -> FileRecord {
+    let mut w = engine.create(patient, name, 0o644).unwrap();
+    let mut off = 0;
+    for piece in data.chunks(50_000) {
+        w.write(engine, off as u64, piece).unwrap();
+        off += piece.len();
+    }
+    w.commit(engine).unwrap();
+    engine.catalog.file(patient, name).unwrap().unwrap()
+}
+
+fn read_all(engine: &Engine, patient: &str, name: &str) -> Result<Vec<u8>, EngineError> {
+    let rec = engine.catalog.file(patient, name)?.expect("committed");
+    let chunks = engine.catalog.chunks(&rec.id)?;
+    let mut out = Vec::new();
+    while (out.len() as u64) < rec.size {
+        out.extend(engine.read(&rec, &chunks, out.len() as u64, 100_000)?);
+    }
+    Ok(out)
+}
+
+fn unlink(engine: &Engine, patient: &str, name: &str) {
+    let old = engine.catalog.unlink(patient, name).unwrap();
+    engine.discard(&old);
+}
+
+/// Every committed file of the catalog: (patient, name) -> record.
+fn files(engine: &Engine) -> BTreeMap<(String, String), FileRecord> {
+    let mut out = BTreeMap::new();
+    for p in engine.catalog.patients().unwrap() {
+        for f in engine.catalog.files_of(&p).unwrap() {
+            out.insert((p.clone(), f.name.clone()), f);
+        }
+    }
+    out
+}
+
+fn restored_names(r: &RebuildReport) -> Vec<String> {
+    let mut v: Vec<String> = r
+        .restored
+        .iter()
+        .map(|f| format!("{}/{}", f.patient, f.name))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_lost_catalog_is_rebuilt_from_the_sites_and_every_file_reads_back() {
+    let rig = Rig::new();
+    let a = rig.engine("catalog-a");
+    a.catalog.add_patient("P1").unwrap();
+    a.catalog.add_patient("P2").unwrap();
+    let mut want: BTreeMap<(String, String), Vec<u8>> = BTreeMap::new();
+    let mut put = |p: &str, n: &str, d: Vec<u8>| want.insert((p.into(), n.into()), d);
+
+    let plain = random(300_001);
+    write(&a, "P1", "a.cram", &plain);
+    put("P1", "a.cram", plain);
+    // Replaced: the second version is the one that comes back.
+    write(&a, "P1", "b.cram", &random(100_000));
+    let b2 = random(70_000);
+    write(&a, "P1", "b.cram", &b2);
+    put("P1", "b.cram", b2);
+    // Renamed across patients: the new name comes back.
+    let c = random(CHUNK * 2);
+    write(&a, "P1", "c.tmp", &c);
+    a.rename("P1", "c.tmp", "P2", "c.cram").unwrap();
+    put("P2", "c.cram", c);
+    // Unlinked: gone.
+    write(&a, "P2", "d.cram", &random(90_000));
+    unlink(&a, "P2", "d.cram");
+    // Attributes changed after commit: they come back.
+    let f = random(1000);
+    let f_rec = write(&a, "P1", "f.cram", &f);
+    a.set_attrs(&f_rec.id, Some(0o600), Some(1_234_567))
+        .unwrap();
+    put("P1", "f.cram", f);
+    // Empty file.
+    write(&a, "P2", "empty", &[]);
+    put("P2", "empty", vec![]);
+    // A growing version committed twice (fsync, more appends, close): the second commit's
+    // manifest replaced the first.
+    let g = random(CHUNK * 3 + 5);
+    let mut w = a.create("P2", "g.cram", 0o644).unwrap();
+    w.write(&a, 0, &g[..CHUNK + 7]).unwrap();
+    w.commit(&a).unwrap();
+    w.write(&a, (CHUNK + 7) as u64, &g[CHUNK + 7..]).unwrap();
+    w.commit(&a).unwrap();
+    put("P2", "g.cram", g);
+    // Uncommitted: three chunks at every site, never committed.
+    let mut e = a.create("P2", "e.cram", 0o644).unwrap();
+    e.write(&a, 0, &random(CHUNK * 3)).unwrap();
+    let e_id = e.record().id;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rig.sites.iter().any(|s| {
+        let mut n = 0;
+        qgenome::sites::list_all(s.as_ref(), |k, _| n += usize::from(k.file == e_id)).unwrap();
+        n < 3
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "uncommitted chunks never arrived"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let before = files(&a);
+    assert_eq!(before.len(), want.len());
+
+    // The catalog is lost; a fresh one is rebuilt from the sites.
+    let b = rig.engine("catalog-b");
+    let report = b.rebuild_catalog().unwrap();
+    assert_eq!(
+        restored_names(&report),
+        want.keys()
+            .map(|(p, n)| format!("{p}/{n}"))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(report.patients, ["P1", "P2"]);
+    assert!(report.superseded.is_empty(), "{report:?}");
+    assert!(report.unreadable.is_empty(), "{report:?}");
+    assert!(report.unreachable_sites.is_empty());
+    assert_eq!(report.uncommitted.len(), 1, "{report:?}");
+    assert_eq!(report.uncommitted[0].id, hex(&e_id));
+    assert_eq!(report.uncommitted[0].shares, 9);
+    assert!(report.restored.iter().all(|f| f.degraded_chunks == 0));
+
+    // Same ids, names, sizes, attributes, roots and chunk records as before.
+    let after = files(&b);
+    assert_eq!(after, before);
+    for rec in after.values() {
+        assert_eq!(
+            b.catalog.chunks(&rec.id).unwrap(),
+            a.catalog.chunks(&rec.id).unwrap(),
+            "{}",
+            rec.name
+        );
+    }
+    let f_back = &after[&("P1".to_string(), "f.cram".to_string())];
+    assert_eq!((f_back.mode, f_back.mtime), (0o600, 1_234_567));
+    assert!(b.catalog.file("P2", "d.cram").unwrap().is_none());
+    assert!(b.catalog.file("P2", "e.cram").unwrap().is_none());
+    assert!(b.catalog.file("P1", "c.tmp").unwrap().is_none());
+
+    // Reads need consent as ever, then give the bytes written.
+    assert!(matches!(
+        read_all(&b, "P1", "a.cram"),
+        Err(EngineError::Consent(_))
+    ));
+    b.consent.grant("P1", Some(Duration::from_secs(60)), "test");
+    b.consent.grant("P2", Some(Duration::from_secs(60)), "test");
+    for ((p, n), data) in &want {
+        assert_eq!(&read_all(&b, p, n).unwrap(), data, "{p}/{n}");
+    }
+
+    // A rebuild refuses a catalog that is not empty.
+    assert!(matches!(
+        b.rebuild_catalog(),
+        Err(EngineError::CatalogNotEmpty { .. })
+    ));
+
+    // Life goes on after a rebuild: a new version written now wins the next rebuild.
+    let a2 = random(5000);
+    write(&b, "P1", "a.cram", &a2);
+    let c3 = rig.engine("catalog-c");
+    let again = c3.rebuild_catalog().unwrap();
+    assert!(again.superseded.is_empty(), "{again:?}");
+    c3.consent
+        .grant("P1", Some(Duration::from_secs(60)), "test");
+    assert_eq!(read_all(&c3, "P1", "a.cram").unwrap(), a2);
+    drop(e);
+}
+
+#[test]
+fn when_deletes_were_lost_the_last_written_version_wins_and_the_rest_are_orphans() {
+    let rig = Rig::new();
+    let a = rig.engine("catalog-a");
+    a.catalog.add_patient("P1").unwrap();
+    let v1 = write(&a, "P1", "x", &random(10_000));
+    let t = random(20_000);
+    let v2 = write(&a, "P1", "t", &t);
+    rig.lose_deletes(true);
+    // v3 replaces v1 (v1's shares stay), then t is renamed over x (v3's shares stay): v2 was
+    // committed before v3 and has the older mtime, but its rename is the latest event.
+    let v3 = write(&a, "P1", "x", &random(30_000));
+    assert!(v3.mtime >= v2.mtime);
+    a.rename("P1", "t", "P1", "x").unwrap();
+    rig.lose_deletes(false);
+
+    let b = rig.engine("catalog-b");
+    let report = b.rebuild_catalog().unwrap();
+    assert_eq!(restored_names(&report), ["P1/x"]);
+    let mut superseded: Vec<&str> = report.superseded.iter().map(|o| o.id.as_str()).collect();
+    superseded.sort();
+    let mut want = vec![hex(&v1.id), hex(&v3.id)];
+    want.sort();
+    assert_eq!(superseded, want);
+    assert!(report
+        .superseded
+        .iter()
+        .all(|o| o.file.as_deref() == Some("P1/x")));
+    b.consent.grant("P1", Some(Duration::from_secs(60)), "test");
+    assert_eq!(read_all(&b, "P1", "x").unwrap(), t);
+    assert_eq!(b.catalog.file("P1", "x").unwrap().unwrap().id, v2.id);
+
+    // Deleting the orphans leaves only the live version at the sites.
+    let deleted = b.delete_orphans(&report.superseded);
+    assert_eq!(
+        deleted,
+        report.superseded.iter().map(|o| o.shares).sum::<usize>()
+    );
+    let c = rig.engine("catalog-c");
+    let again = c.rebuild_catalog().unwrap();
+    assert!(again.superseded.is_empty(), "{again:?}");
+    assert_eq!(restored_names(&again), ["P1/x"]);
+}
+
+#[test]
+fn a_manifest_rewrite_cut_short_or_a_lying_site_still_rebuilds_a_consistent_manifest() {
+    let rig = Rig::new();
+    let a = rig.engine("catalog-a");
+    a.catalog.add_patient("P1").unwrap();
+    let data = random(150_000);
+    write(&a, "P1", "old", &data);
+    // The rename's manifest rewrite reaches sites 0 and 1 only: any k=2 of them is the new
+    // manifest; mixed subsets fail the manifest checksum and are passed over.
+    rig.sites[2].inner.set_down(true);
+    a.rename("P1", "old", "P1", "new").unwrap();
+    rig.sites[2].inner.set_down(false);
+    let b = rig.engine("catalog-b");
+    let report = b.rebuild_catalog().unwrap();
+    assert_eq!(restored_names(&report), ["P1/new"]);
+
+    // An attribute change with every site up makes the manifests agree again.
+    let id = a.catalog.file("P1", "new").unwrap().unwrap().id;
+    a.set_attrs(&id, Some(0o640), None).unwrap();
+    // Reaching a single site, the rewrite cannot be rebuilt: the previous name comes back.
+    rig.sites[1].inner.set_down(true);
+    rig.sites[2].inner.set_down(true);
+    a.rename("P1", "new", "P1", "newer").unwrap();
+    rig.sites[1].inner.set_down(false);
+    rig.sites[2].inner.set_down(false);
+    let c = rig.engine("catalog-c");
+    assert_eq!(restored_names(&c.rebuild_catalog().unwrap()), ["P1/new"]);
+
+    // A site serving damaged shares: the other k still rebuild the manifest.
+    rig.sites[0].inner.set_corrupt(true);
+    let d = rig.engine("catalog-d");
+    let report = d.rebuild_catalog().unwrap();
+    assert_eq!(restored_names(&report), ["P1/new"]);
+    rig.sites[0].inner.set_corrupt(false);
+    d.consent.grant("P1", Some(Duration::from_secs(60)), "test");
+    assert_eq!(read_all(&d, "P1", "new").unwrap(), data);
+}
+
+#[test]
+fn a_site_down_during_the_rebuild_is_reported_and_files_stay_readable() {
+    let rig = Rig::new();
+    let a = rig.engine("catalog-a");
+    a.catalog.add_patient("P1").unwrap();
+    let data = random(CHUNK * 2 + 1);
+    write(&a, "P1", "a.cram", &data);
+    rig.sites[1].inner.set_down(true);
+    let b = rig.engine("catalog-b");
+    let report = b.rebuild_catalog().unwrap();
+    assert_eq!(report.unreachable_sites.len(), 1);
+    assert!(report.unreachable_sites[0].starts_with("site1:"));
+    assert_eq!(restored_names(&report), ["P1/a.cram"]);
+    assert_eq!(report.restored[0].degraded_chunks, 3);
+    let rec = b.catalog.file("P1", "a.cram").unwrap().unwrap();
+    for c in b.catalog.chunks(&rec.id).unwrap() {
+        let sites: Vec<&str> = c.shares.iter().map(|s| s.site.as_str()).collect();
+        assert_eq!(sites, ["site0", "site2"]);
+    }
+    b.consent.grant("P1", Some(Duration::from_secs(60)), "test");
+    assert_eq!(read_all(&b, "P1", "a.cram").unwrap(), data);
+
+    // With two of three sites down nothing can be rebuilt, and the report says why.
+    rig.sites[2].inner.set_down(true);
+    let c = rig.engine("catalog-c");
+    let report = c.rebuild_catalog().unwrap();
+    assert!(report.restored.is_empty());
+    assert_eq!(report.unreadable.len(), 1, "{report:?}");
+    assert!(
+        report.unreadable[0].reason.contains("manifest"),
+        "{report:?}"
+    );
+    assert_eq!(report.unreachable_sites.len(), 2);
+}
