@@ -167,7 +167,8 @@ fn flow(args: &DemoArgs, dir: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::R
     );
     let mut opts = DeployOptions::new(&dir.join("deploy"));
     opts.volume_size = (args.cram_size * 3 / 2 + (256 << 20)).next_multiple_of(1 << 20);
-    opts.key_size = opts.volume_size;
+    // Home -> site carries every share once; windows wasted at restarts need a little more.
+    opts.key_size = (args.cram_size + args.cram_size / 8 + (128 << 20)).next_multiple_of(1 << 20);
     opts.consent_wait_secs = 120;
     opts.card = true;
     // The reader first: the mount's card watcher follows it from the start.
