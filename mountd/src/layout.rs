@@ -1,5 +1,5 @@
 //! On-volume byte formats, pure: the superblock, the share header, the index entry, and the
-//! geometry of an extent. Every integer is little-endian. See `docs/design/mountd.md`.
+//! geometry of an extent. Every integer is little-endian. See `docs/design.md` ("mountd").
 //!
 //! ```text
 //! volume:  [superblock block | ... padding to data_start ... | extent | extent | free | ...]

@@ -12,7 +12,7 @@
 //! - [`server`]: the share protocol over a Unix socket (plain) and TCP (sealed link frames).
 //! - [`notify`]: systemd readiness notification.
 //!
-//! Byte formats and the reasons behind the choices are in `docs/design/mountd.md`.
+//! Byte formats and the reasons behind the choices are in `docs/design.md` ("mountd").
 pub mod alloc;
 pub mod bench;
 pub mod config;

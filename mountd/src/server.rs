@@ -1,6 +1,6 @@
 //! The share protocol server: a Unix socket for the home mount (plain frames) and TCP for
 //! remote sites (every frame sealed with the link's key stream). Formats and the handshake:
-//! `docs/design/mountd.md`, "Share protocol".
+//! `docs/design.md` ("mountd"), "Share protocol".
 //!
 //! Per connection: read one frame (length refused before allocating, in-flight bytes
 //! bounded by a semaphore), then in a blocking task open it (TCP), decode, run it against the

@@ -1,6 +1,6 @@
 //! The share store: extents on a volume, an index in sled, one durable write per share.
 //!
-//! Commit protocol of a put (see `docs/design/mountd.md` for the crash argument):
+//! Commit protocol of a put (see `docs/design.md` ("mountd") for the crash argument):
 //! 1. allocate an extent (in memory; the allocator is rebuilt from the index at open);
 //! 2. write `[header | share]` with ONE durable write;
 //! 3. insert the index entry and flush the index (group commit: one flush covers every put

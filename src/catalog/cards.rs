@@ -6,7 +6,7 @@
 //! the same GUID again replaces a revoked binding, never an active one.
 //!
 //! [`manifest_digest`](Catalog::manifest_digest) is pure over the catalog's committed file
-//! records; its byte layout is in `docs/design/card.md`.
+//! records; its byte layout is in `docs/design.md` ("Patient smart cards").
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 

@@ -33,7 +33,7 @@ pub mod object {
     pub const CERT_9A: Tag = Tag::from_const(0x5FC105);
     /// Patient manifest digest: an object tag neither PIV nor Yubico defines ("QG" in the low
     /// bits), inside the 5F0000..5FFFFF range YubiKeys accept for PUT DATA. Why this one:
-    /// docs/design/card.md.
+    /// docs/design.md ("Patient smart cards").
     pub const PATIENT_DIGEST: Tag = Tag::from_const(0x5FD147);
 }
 

@@ -1,7 +1,7 @@
 //! Enrollment, sealing, revocation and PIN entry: the card commands of the control socket.
 //!
 //! [`card_handler`] answers `card-enroll`, `card-list`, `card-revoke`, `card-seal` and
-//! `card-pin` (see `docs/design/card.md` for the request fields). The card work itself is in
+//! `card-pin` (see `docs/design.md` ("Patient smart cards") for the request fields). The card work itself is in
 //! [`enroll`] and [`seal`], pure over a [`CardTransport`]; readers are reached through the
 //! [`CardReaders`] trait ([`PcscReaders`] in production).
 use std::sync::Arc;

@@ -11,7 +11,7 @@
 //!   that grants consent when an enrolled card authenticates and ends it on removal.
 //! - [`enroll`]: enroll, seal, revoke and PIN entry, and the control-socket handler for them.
 //!
-//! Byte layouts and the reasons behind them: `docs/design/card.md`.
+//! Byte layouts and the reasons behind them: `docs/design.md` ("Patient smart cards").
 pub mod apdu;
 pub mod card;
 pub mod enroll;

@@ -1,5 +1,5 @@
 //! One-time-pad links: key streams with a crash-safe ledger, and frame sealing with an
-//! information-theoretic Wegman–Carter tag. Formats and arguments: `docs/design/link.md`.
+//! information-theoretic Wegman–Carter tag. Formats and arguments: `docs/design.md` ("Links").
 //!
 //! - [`stream`]: [`SendStream`] / [`RecvStream`], one per (link, direction) end.
 //! - [`ledger`]: the two-slot ledger file that makes key reservation crash-safe.

@@ -4,7 +4,7 @@
 //! Blocking std sockets; a small pool of idle connections (one request at a time on each, so
 //! concurrent callers use several). A failed connection is dropped and the call retried once
 //! on a fresh one; if that fails too the error is `Unreachable` naming the site and address.
-//! Key handling (see `docs/design/mountd.md`, "Share protocol"): the HELLO carries where our
+//! Key handling (see `docs/design.md` ("mountd"), "Share protocol"): the HELLO carries where our
 //! receive stream's unused key starts, so the server never answers with key we count as
 //! consumed; a `KeyAlreadyUsed` reply (the server restarted) makes us skip our send stream
 //! to the server's floor and retry once. Key is never reused: skipping only moves forward.

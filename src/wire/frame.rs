@@ -1,4 +1,4 @@
-//! The header of a sealed link frame (see `docs/design/link.md`).
+//! The header of a sealed link frame (see `docs/design.md` ("Links")).
 //!
 //! ```text
 //! offset size field

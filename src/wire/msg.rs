@@ -1,5 +1,5 @@
 //! Messages of the share protocol between the mount (or a peer site) and `qgenome-mountd`.
-//! Pure: encode into a `Vec`, decode from a slice; no I/O. Formats in `docs/design/mountd.md`.
+//! Pure: encode into a `Vec`, decode from a slice; no I/O. Formats in `docs/design.md` ("mountd").
 //!
 //! ```text
 //! offset size field
