@@ -16,6 +16,9 @@ pub enum BenchCommand {
     /// Split and combine throughput of the (k,n) scheme on one core, including random
     /// generation, with gfsplit (Shamir over GF(256)) on the same data as the baseline.
     Split(SplitArgs),
+    /// Store and restore throughput through a whole local deployment (three mountd sites,
+    /// one-time-pad links, the FUSE mount), with dd bs=1M, and gocryptfs as the baseline.
+    E2e(E2eArgs),
 }
 
 #[derive(Debug, Args)]
@@ -47,10 +50,42 @@ pub struct SplitArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct E2eArgs {
+    /// Bytes of random data to store and restore (K, M, G suffixes).
+    #[arg(long, default_value = "2G", value_parser = super::parse_size)]
+    pub size: u64,
+    /// Where the source file, volumes, catalog and mountpoint go (tmpfs by default, so the
+    /// pipeline and not the disk is measured). Key pools go here too when they fit.
+    #[arg(long, default_value = "/dev/shm")]
+    pub dir: PathBuf,
+    /// Where the link key pools go. Default: --dir when everything fits there (keeping at
+    /// least 4 GiB of memory free when --dir is tmpfs), else /var/tmp.
+    #[arg(long)]
+    pub key_dir: Option<PathBuf>,
+    /// Chunk size of the mount.
+    #[arg(long, default_value = "1M", value_parser = super::parse_size)]
+    pub chunk: u64,
+    /// dd block size.
+    #[arg(long, default_value = "1M", value_parser = super::parse_size)]
+    pub bs: u64,
+    #[arg(long, default_value_t = 2)]
+    pub k: usize,
+    #[arg(long, default_value_t = 3)]
+    pub n: usize,
+    /// Skip the gocryptfs baseline.
+    #[arg(long)]
+    pub no_baseline: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
 impl BenchCommand {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
             BenchCommand::Split(args) => bench_split(&args),
+            BenchCommand::E2e(args) => bench_e2e(&args),
         }
     }
 }
@@ -66,7 +101,7 @@ fn process_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-fn mbps(bytes: u64, t: Duration) -> f64 {
+pub(crate) fn mbps(bytes: u64, t: Duration) -> f64 {
     bytes as f64 / t.as_secs_f64() / 1e6
 }
 
@@ -252,7 +287,7 @@ fn bench_split(args: &SplitArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn round1(x: f64) -> f64 {
+pub(crate) fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
@@ -279,4 +314,795 @@ fn gfsplit_baseline(data: &[u8], args: &SplitArgs) -> anyhow::Result<f64> {
         bail!("gfsplit failed: {status}");
     }
     Ok(mbps(data.len() as u64, elapsed))
+}
+
+// ---------------------------------------------------------------------------------------------
+// bench e2e
+
+/// Volume and per-direction key pool size for storing `size` bytes in `chunk`-byte chunks.
+///
+/// A share is as long as its chunk (padded to a multiple of p-1), each stored in whole 4 KiB
+/// blocks with its header; each sealed frame spends its payload length of pad plus a tag key,
+/// and the sender reserves key ahead in its ledger. The slack covers all of that with room.
+fn e2e_sizes(size: u64, chunk: u64) -> (u64, u64) {
+    let chunks = size.div_ceil(chunk.max(1));
+    let volume = (size + size / 16 + chunks * 8192 + (256 << 20)).next_multiple_of(1 << 20);
+    let key = (size + size / 32 + chunks * 4096 + (64 << 20)).next_multiple_of(1 << 20);
+    (volume, key)
+}
+
+/// Bytes the run needs: the source file (and later the gocryptfs copy beside it), the n
+/// volumes with the sites' indexes and the catalog, and the key pools (each of the n-1 links
+/// has four: two directions at both ends).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Needs {
+    source: u64,
+    volumes: u64,
+    keys: u64,
+}
+
+fn e2e_needs(size: u64, chunk: u64, n: usize) -> Needs {
+    let (volume, key) = e2e_sizes(size, chunk);
+    Needs {
+        source: size,
+        volumes: n as u64 * volume + (128 << 20),
+        keys: (n as u64 - 1) * 4 * (key + crate::keys::pool::HEADER_LEN),
+    }
+}
+
+/// Memory kept free when putting data on a RAM-backed filesystem.
+const TMPFS_HEADROOM: u64 = 4 << 30;
+
+/// Where the deployment goes when --dir is a tmpfs that qgenome-mountd cannot use.
+const DISK_FALLBACK: &str = "/var/tmp";
+
+/// Room on a filesystem for this run: free space, and for tmpfs also the memory available
+/// minus [`TMPFS_HEADROOM`] (tmpfs reports its size limit, not what RAM can take).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Room {
+    dev: u64,
+    free: u64,
+    tmpfs: bool,
+}
+
+impl Room {
+    fn usable(&self, mem_available: u64) -> u64 {
+        if self.tmpfs {
+            self.free.min(mem_available.saturating_sub(TMPFS_HEADROOM))
+        } else {
+            self.free
+        }
+    }
+}
+
+/// Whether the key pools can go beside the source (and the volumes, when they are there too)
+/// on the data filesystem.
+fn keys_fit_with_data(data: Room, needs: Needs, volumes_on_data: bool, mem: u64) -> bool {
+    let volumes = if volumes_on_data { needs.volumes } else { 0 };
+    needs.source + volumes + needs.keys <= data.usable(mem)
+}
+
+/// Check that every `(dir, room, bytes, what)` fits: needs on one filesystem add up, and
+/// needs on tmpfs mounts add up against the memory available.
+fn check_room(items: &[(&std::path::Path, Room, u64, &str)], mem: u64) -> anyhow::Result<()> {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let mut devs: Vec<u64> = items.iter().map(|i| i.1.dev).collect();
+    devs.sort_unstable();
+    devs.dedup();
+    for dev in devs {
+        let mine: Vec<_> = items.iter().filter(|i| i.1.dev == dev).collect();
+        let total: u64 = mine.iter().map(|i| i.2).sum();
+        let (dir, room) = (mine[0].0, mine[0].1);
+        if total > room.usable(mem) {
+            let what: Vec<&str> = mine.iter().map(|i| i.3).collect();
+            bail!(
+                "not enough space for {} in {}: needs {:.2} GiB, {:.2} GiB usable ({}); use a smaller --size, or --dir / --key-dir on a filesystem with more room",
+                what.join(" and "),
+                dir.display(),
+                gib(total),
+                gib(room.usable(mem)),
+                if room.tmpfs {
+                    format!(
+                        "tmpfs: free space, or memory available less {} GiB kept free",
+                        TMPFS_HEADROOM >> 30
+                    )
+                } else {
+                    "free space".to_string()
+                }
+            );
+        }
+    }
+    let in_memory: u64 = items.iter().filter(|i| i.1.tmpfs).map(|i| i.2).sum();
+    if in_memory > mem.saturating_sub(TMPFS_HEADROOM) {
+        bail!(
+            "not enough memory for {:.2} GiB on tmpfs ({:.2} GiB available, {} GiB kept free); use a smaller --size or put --key-dir on disk",
+            gib(in_memory),
+            gib(mem),
+            TMPFS_HEADROOM >> 30
+        );
+    }
+    Ok(())
+}
+
+fn room(dir: &std::path::Path) -> anyhow::Result<Room> {
+    let st =
+        nix::sys::statvfs::statvfs(dir).with_context(|| format!("statvfs {}", dir.display()))?;
+    let fs = nix::sys::statfs::statfs(dir).with_context(|| format!("statfs {}", dir.display()))?;
+    let md = std::fs::metadata(dir).with_context(|| format!("stat {}", dir.display()))?;
+    Ok(Room {
+        dev: std::os::unix::fs::MetadataExt::dev(&md),
+        free: st.blocks_available() as u64 * st.fragment_size() as u64,
+        tmpfs: fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC,
+    })
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes.
+fn mem_available() -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+    parse_mem_available(&text).context("no MemAvailable line in /proc/meminfo")
+}
+
+fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Write back dirty pages, then drop the page, dentry and inode caches (a cold read).
+/// Returns false when not permitted (not root).
+fn drop_caches() -> bool {
+    // SAFETY: sync(2) has no arguments and cannot fail.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}
+
+fn run_tool(cmd: &mut Command) -> anyhow::Result<Vec<u8>> {
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out.stdout)
+}
+
+fn md5_of(path: &std::path::Path) -> anyhow::Result<String> {
+    let out = run_tool(Command::new("md5sum").arg(path))?;
+    let text = String::from_utf8_lossy(&out);
+    match text.split_whitespace().next() {
+        Some(sum) if sum.len() == 32 => Ok(sum.to_string()),
+        _ => bail!("md5sum {}: unexpected output {text:?}", path.display()),
+    }
+}
+
+/// `dd if=from of=to bs=bs`, timed from start to exit (so including the final close).
+fn timed_dd(from: &std::path::Path, to: &std::path::Path, bs: u64) -> anyhow::Result<Duration> {
+    let mut cmd = Command::new("dd");
+    cmd.arg(format!("if={}", from.display()))
+        .arg(format!("of={}", to.display()))
+        .arg(format!("bs={bs}"))
+        .arg("status=none");
+    let start = Instant::now();
+    run_tool(&mut cmd)?;
+    Ok(start.elapsed())
+}
+
+/// Fill `path` with `size` bytes from the DRBG (random data: nothing compresses or dedups).
+fn write_random(path: &std::path::Path, size: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::with_capacity(
+        8 << 20,
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+    );
+    let mut rng = Drbg::from_os()?;
+    let mut buf = vec![0u8; 8 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill(&mut buf[..n])?;
+        f.write_all(&buf[..n])
+            .with_context(|| format!("writing {}", path.display()))?;
+        left -= n as u64;
+    }
+    f.flush()
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// A FUSE mountpoint to detach on drop (the gocryptfs baseline), even after an error.
+struct FuseMount(Option<PathBuf>);
+
+impl FuseMount {
+    fn unmount(&mut self) -> anyhow::Result<()> {
+        if let Some(p) = self.0.take() {
+            run_tool(Command::new("fusermount3").arg("-u").arg(&p))
+                .with_context(|| format!("unmounting {}", p.display()))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for FuseMount {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let ok = Command::new("fusermount3")
+                .arg("-u")
+                .arg(&p)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                let _ = Command::new("fusermount3")
+                    .arg("-u")
+                    .arg("-z")
+                    .arg(&p)
+                    .status();
+            }
+        }
+    }
+}
+
+struct E2eRun {
+    store: Duration,
+    restore: Duration,
+    status: serde_json::Value,
+}
+
+struct BaselineRun {
+    write: Duration,
+    read: Duration,
+}
+
+/// Point the deployment's key directories (`DIR/keys` for the home ends, `DIR/<site>/keys`
+/// for the site ends; see `deploy::Deployment::start_sites`) at `key_dir`, on another
+/// filesystem. Returns the directories that must hold pools once the sites started.
+fn link_key_dirs(
+    deploy_dir: &std::path::Path,
+    key_dir: &std::path::Path,
+    n: usize,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let mut ends = Vec::new();
+    let mut link = |target: PathBuf, at: PathBuf| -> anyhow::Result<()> {
+        std::fs::create_dir_all(&target)
+            .with_context(|| format!("creating {}", target.display()))?;
+        if let Some(parent) = at.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::os::unix::fs::symlink(&target, &at)
+            .with_context(|| format!("linking {} to {}", at.display(), target.display()))?;
+        ends.push(target);
+        Ok(())
+    };
+    link(key_dir.join("home"), deploy_dir.join("keys"))?;
+    for i in 1..n {
+        let site = format!("site{i}");
+        link(key_dir.join(&site), deploy_dir.join(&site).join("keys"))?;
+    }
+    Ok(ends)
+}
+
+const E2E_PATIENT: &str = "P0001";
+
+/// Where one attempt puts the deployment, and the scratch directories it owns (removed on
+/// drop, after the deployment that uses them has stopped).
+struct Placement {
+    deploy_parent: PathBuf,
+    deploy_tmpfs: bool,
+    key_parent: PathBuf,
+    key_tmpfs: bool,
+    /// Declared before the directories so that it stops first.
+    deployment: Option<crate::deploy::Deployment>,
+    /// A symlink to `deploy_scratch` from outside /dev (see [`Placement::start`]).
+    _alias: Option<tempfile::TempDir>,
+    key_scratch: Option<tempfile::TempDir>,
+    deploy_scratch: Option<tempfile::TempDir>,
+}
+
+impl Placement {
+    /// Plan where the volumes and pools go, checking the space for them and the source.
+    fn plan(args: &E2eArgs, needs: Needs, volumes_on_data: bool, mem: u64) -> anyhow::Result<Self> {
+        let data_room = room(&args.dir)?;
+        let deploy_parent = if volumes_on_data {
+            args.dir.clone()
+        } else {
+            PathBuf::from(DISK_FALLBACK)
+        };
+        let deploy_room = room(&deploy_parent)?;
+        let key_parent = match &args.key_dir {
+            Some(d) => d.clone(),
+            None if keys_fit_with_data(data_room, needs, volumes_on_data, mem) => args.dir.clone(),
+            None => deploy_parent.clone(),
+        };
+        std::fs::create_dir_all(&key_parent)
+            .with_context(|| format!("creating {}", key_parent.display()))?;
+        let key_room = room(&key_parent)?;
+        check_room(
+            &[
+                (&args.dir, data_room, needs.source, "the source"),
+                (&deploy_parent, deploy_room, needs.volumes, "the volumes"),
+                (&key_parent, key_room, needs.keys, "the key pools"),
+            ],
+            mem,
+        )?;
+        Ok(Self {
+            deploy_tmpfs: deploy_room.tmpfs,
+            key_tmpfs: key_room.tmpfs,
+            deploy_parent,
+            key_parent,
+            deployment: None,
+            _alias: None,
+            key_scratch: None,
+            deploy_scratch: None,
+        })
+    }
+
+    /// Provision pools, format volumes, start the sites and mount.
+    fn start(&mut self, args: &E2eArgs) -> anyhow::Result<()> {
+        let scratch = |parent: &std::path::Path| {
+            tempfile::Builder::new()
+                .prefix("qgenome-bench-e2e-")
+                .tempdir_in(parent)
+                .with_context(|| format!("creating a scratch directory in {}", parent.display()))
+        };
+        let deploy_scratch = self.deploy_scratch.insert(scratch(&self.deploy_parent)?);
+        // qgenome-mountd takes any volume path under /dev for a block device (and then wants
+        // --state), so a scratch directory under /dev/shm is reached through a symlink.
+        let mut deploy_dir = deploy_scratch.path().to_path_buf();
+        if deploy_dir.starts_with("/dev") {
+            let holder = tempfile::Builder::new()
+                .prefix("qgenome-bench-e2e-link-")
+                .tempdir()
+                .context("creating a directory for a symlink to the deployment")?;
+            let link = holder.path().join("deploy");
+            std::os::unix::fs::symlink(&deploy_dir, &link).with_context(|| {
+                format!("linking {} to {}", link.display(), deploy_dir.display())
+            })?;
+            self._alias = Some(holder);
+            deploy_dir = link;
+        }
+        let key_ends = if room(&self.key_parent)?.dev != room(&self.deploy_parent)?.dev {
+            let ks = self.key_scratch.insert(scratch(&self.key_parent)?);
+            link_key_dirs(&deploy_dir, ks.path(), args.n)?
+        } else {
+            Vec::new()
+        };
+        let (volume_size, key_size) = e2e_sizes(args.size, args.chunk);
+        let mut opts = crate::deploy::DeployOptions::new(&deploy_dir);
+        opts.k = args.k;
+        opts.n = args.n;
+        opts.volume_size = volume_size;
+        opts.key_size = key_size;
+        opts.chunk_size = args.chunk.to_string();
+        opts.consent_wait_secs = 60;
+        let deployment = self.deployment.insert(
+            crate::deploy::Deployment::start_sites(opts)
+                .context("starting the sites (qgenome-mountd format and serve)")?,
+        );
+        for end in &key_ends {
+            let pools = std::fs::read_dir(end)
+                .with_context(|| format!("listing {}", end.display()))?
+                .count();
+            if pools == 0 {
+                bail!(
+                    "no key pools under {}: the deployment's key directory layout changed",
+                    end.display()
+                );
+            }
+        }
+        deployment.mount()
+    }
+
+    /// Stop everything and delete the volumes and pools.
+    fn finish(&mut self) -> anyhow::Result<()> {
+        if let Some(mut d) = self.deployment.take() {
+            d.stop_mount(false)?;
+        }
+        for dir in [self.key_scratch.take(), self.deploy_scratch.take()]
+            .into_iter()
+            .flatten()
+        {
+            let path = dir.path().to_path_buf();
+            dir.close()
+                .with_context(|| format!("removing {}", path.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Store the source through the mount and restore it under consent, both timed by dd.
+fn e2e_measure(
+    args: &E2eArgs,
+    deployment: &crate::deploy::Deployment,
+    source: &std::path::Path,
+    source_md5: &str,
+    cold: bool,
+) -> anyhow::Result<E2eRun> {
+    let pdir = deployment.mountpoint.join(E2E_PATIENT);
+    std::fs::create_dir(&pdir).with_context(|| format!("mkdir {}", pdir.display()))?;
+    let target = pdir.join("bench.bin");
+    let store = timed_dd(source, &target, args.bs).context("storing through the mount")?;
+    let stored = std::fs::metadata(&target)
+        .with_context(|| format!("stat {}", target.display()))?
+        .len();
+    if stored != args.size {
+        bail!(
+            "{} is {stored} bytes after the write, expected {}",
+            target.display(),
+            args.size
+        );
+    }
+    deployment
+        .control(&json!({"cmd": "consent-grant", "patient": E2E_PATIENT, "minutes": 60}))
+        .context("granting consent over the control socket")?;
+    drop_caches_if(cold);
+    let restore = timed_dd(&target, std::path::Path::new("/dev/null"), args.bs)
+        .context("restoring through the mount")?;
+    let status = deployment.control(&json!({"cmd": "status"}))?;
+    let got = md5_of(&target)?;
+    if got != source_md5 {
+        bail!(
+            "the restored file's md5 {got} differs from the source's {source_md5}: the pipeline is broken"
+        );
+    }
+    Ok(E2eRun {
+        store,
+        restore,
+        status,
+    })
+}
+
+fn drop_caches_if(cold: bool) {
+    if cold {
+        drop_caches();
+    }
+}
+
+fn e2e_gocryptfs(
+    args: &E2eArgs,
+    data_dir: &std::path::Path,
+    source: &std::path::Path,
+    source_md5: &str,
+    cold: bool,
+) -> anyhow::Result<BaselineRun> {
+    let cipher = data_dir.join("gocryptfs-cipher");
+    let plain = data_dir.join("gocryptfs-plain");
+    for d in [&cipher, &plain] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    run_tool(
+        Command::new("gocryptfs")
+            .args(["-init", "-quiet", "-extpass", "echo pass"])
+            .arg(&cipher),
+    )
+    .context("gocryptfs -init (Debian package gocryptfs; `make deps` installs it)")?;
+    run_tool(
+        Command::new("gocryptfs")
+            .args(["-quiet", "-extpass", "echo pass"])
+            .arg(&cipher)
+            .arg(&plain),
+    )
+    .context("mounting gocryptfs")?;
+    let mut mount = FuseMount(Some(plain.clone()));
+    let target = plain.join("bench.bin");
+    let write = timed_dd(source, &target, args.bs).context("writing through gocryptfs")?;
+    drop_caches_if(cold);
+    let read = timed_dd(&target, std::path::Path::new("/dev/null"), args.bs)
+        .context("reading through gocryptfs")?;
+    let got = md5_of(&target)?;
+    if got != source_md5 {
+        bail!("gocryptfs returned md5 {got}, the source is {source_md5}");
+    }
+    std::fs::remove_file(&target).with_context(|| format!("removing {}", target.display()))?;
+    mount.unmount()?;
+    Ok(BaselineRun { write, read })
+}
+
+fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
+    if args.size == 0 || args.chunk == 0 || args.bs == 0 {
+        bail!("--size, --chunk and --bs must be greater than zero");
+    }
+    if args.n < 2 || args.k < 1 || args.k > args.n {
+        bail!(
+            "need 1 <= k <= n and n >= 2 (got k={} n={})",
+            args.k,
+            args.n
+        );
+    }
+    let mut tools = vec!["dd", "md5sum", "fusermount3"];
+    if !args.no_baseline {
+        tools.push("gocryptfs");
+    }
+    for tool in tools {
+        let found = Command::new("which")
+            .arg(tool)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            bail!("{tool} is not installed (`make deps` installs what the benchmarks need)");
+        }
+    }
+    let load_before = load_average();
+    let needs = e2e_needs(args.size, args.chunk, args.n);
+    let mem = mem_available()?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating {}", args.dir.display()))?;
+    let data_tmpfs = room(&args.dir)?.tmpfs;
+    let scratch = tempfile::Builder::new()
+        .prefix("qgenome-bench-e2e-src-")
+        .tempdir_in(&args.dir)
+        .with_context(|| format!("creating a scratch directory in {}", args.dir.display()))?;
+    let source = scratch.path().join("source.bin");
+    let mut source_md5 = None;
+    let mut notes = Vec::new();
+    // First the whole deployment on --dir; if that is a tmpfs qgenome-mountd refuses (or
+    // that is too small), the volumes go to disk.
+    let attempts: &[bool] = if data_tmpfs { &[true, false] } else { &[true] };
+    let mut placement = None;
+    for (i, &volumes_on_data) in attempts.iter().enumerate() {
+        let last = i + 1 == attempts.len();
+        let mut p = match Placement::plan(args, needs, volumes_on_data, mem) {
+            Ok(p) => p,
+            Err(e) if !last => {
+                notes.push(format!("volumes not on {}: {e:#}", args.dir.display()));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if source_md5.is_none() {
+            write_random(&source, args.size)?;
+            source_md5 = Some(md5_of(&source)?);
+        }
+        match p.start(args) {
+            Ok(()) => {
+                placement = Some(p);
+                break;
+            }
+            Err(e) if !last => {
+                notes.push(format!(
+                    "the deployment cannot run on {}: {e:#}",
+                    p.deploy_parent.display()
+                ));
+                p.finish()?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let mut placement = placement.context("no placement was tried")?;
+    let source_md5 = source_md5.context("source written")?;
+    let where_ = |tmpfs: bool| if tmpfs { "tmpfs" } else { "disk" };
+    if !args.json {
+        println!(
+            "qgenome bench e2e: {} MiB, ({},{}) scheme, {} KiB chunks, dd bs={}; load average {load_before}",
+            args.size >> 20,
+            args.k,
+            args.n,
+            args.chunk >> 10,
+            args.bs
+        );
+        for note in &notes {
+            println!("  note: {note}");
+        }
+        println!(
+            "  source: {} ({}); volumes and catalog: {} ({}); key pools: {} ({})",
+            args.dir.display(),
+            where_(data_tmpfs),
+            placement.deploy_parent.display(),
+            where_(placement.deploy_tmpfs),
+            placement.key_parent.display(),
+            where_(placement.key_tmpfs),
+        );
+    }
+    let cold = drop_caches();
+    if !cold {
+        eprintln!("warning: cannot write /proc/sys/vm/drop_caches (not root): reads are not cold");
+    }
+    let run = e2e_measure(
+        args,
+        placement.deployment.as_ref().context("started")?,
+        &source,
+        &source_md5,
+        cold,
+    );
+    // Stop the sites and free the volumes and pools (also after a failure) before the
+    // baseline runs.
+    let finished = placement.finish();
+    let run = run?;
+    finished?;
+    let baseline = if args.no_baseline {
+        None
+    } else {
+        Some(e2e_gocryptfs(
+            args,
+            scratch.path(),
+            &source,
+            &source_md5,
+            cold,
+        )?)
+    };
+    let load_after = load_average();
+    let store_mbps = mbps(args.size, run.store);
+    let restore_mbps = mbps(args.size, run.restore);
+    let key_left: Vec<serde_json::Value> = run.status["sites"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| {
+            let left = s["key_remaining"].as_u64()?;
+            Some(json!({"site": s["name"], "key_remaining": left}))
+        })
+        .collect();
+    if args.json {
+        let mut v = json!({
+            "size": args.size, "chunk": args.chunk, "bs": args.bs, "k": args.k, "n": args.n,
+            "store_mbps": round1(store_mbps), "restore_mbps": round1(restore_mbps),
+            "store_secs": run.store.as_secs_f64(), "restore_secs": run.restore.as_secs_f64(),
+            "source_dir": args.dir, "source_tmpfs": data_tmpfs,
+            "volume_dir": placement.deploy_parent, "volume_tmpfs": placement.deploy_tmpfs,
+            "key_dir": placement.key_parent, "key_tmpfs": placement.key_tmpfs,
+            "notes": notes, "cold_reads": cold,
+            "load_before": load_before, "load_after": load_after,
+            "stats": run.status["stats"], "key_left": key_left,
+        });
+        if let Some(b) = &baseline {
+            let (w, r) = (mbps(args.size, b.write), mbps(args.size, b.read));
+            v["gocryptfs_write_mbps"] = json!(round1(w));
+            v["gocryptfs_read_mbps"] = json!(round1(r));
+            v["store_vs_gocryptfs"] = json!(round1(store_mbps / w * 100.0) / 100.0);
+            v["restore_vs_gocryptfs"] = json!(round1(restore_mbps / r * 100.0) / 100.0);
+        }
+        println!("{v}");
+    } else {
+        println!(
+            "store   {store_mbps:>8.1} MB/s  ({:.2} s, dd through the mount, including the committing close)",
+            run.store.as_secs_f64()
+        );
+        println!(
+            "restore {restore_mbps:>8.1} MB/s  ({:.2} s, dd of=/dev/null under consent{}; md5 matches the source)",
+            run.restore.as_secs_f64(),
+            if cold { ", caches dropped first" } else { "" }
+        );
+        if let Some(b) = &baseline {
+            let (w, r) = (mbps(args.size, b.write), mbps(args.size, b.read));
+            println!(
+                "gocryptfs write {w:>8.1} MB/s, read {r:>8.1} MB/s (same source, same dd) -> store {:.2}x, restore {:.2}x",
+                store_mbps / w,
+                restore_mbps / r
+            );
+        }
+        println!("counters: {}", run.status["stats"]);
+        println!("load average after: {load_after}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e2e_sizes_leave_room_for_every_share_and_pad() {
+        for (size, chunk) in [
+            (1u64 << 20, 1u64 << 20),
+            (2 << 30, 1 << 20),
+            (5 << 20, 4096),
+        ] {
+            let (volume, key) = e2e_sizes(size, chunk);
+            let chunks = size.div_ceil(chunk);
+            // Every share in whole 4 KiB blocks plus a header block, and every frame's pad.
+            assert!(volume >= size + chunks * 8192, "volume {volume} for {size}");
+            assert!(key >= size + chunks * 64, "key {key} for {size}");
+            assert_eq!(volume % (1 << 20), 0);
+        }
+    }
+
+    #[test]
+    fn needs_count_four_pools_per_link_and_every_volume() {
+        let needs = e2e_needs(1 << 30, 1 << 20, 3);
+        let (volume, key) = e2e_sizes(1 << 30, 1 << 20);
+        assert_eq!(needs.source, 1 << 30);
+        assert!(needs.volumes >= 3 * volume);
+        assert_eq!(needs.keys, 2 * 4 * (key + crate::keys::pool::HEADER_LEN));
+    }
+
+    #[test]
+    fn tmpfs_room_is_capped_by_memory_less_headroom() {
+        let shm = Room {
+            dev: 1,
+            free: 24 << 30,
+            tmpfs: true,
+        };
+        let disk = Room {
+            dev: 2,
+            free: 38 << 30,
+            tmpfs: false,
+        };
+        assert_eq!(shm.usable(18 << 30), 14 << 30);
+        assert_eq!(shm.usable(2 << 30), 0);
+        assert_eq!(disk.usable(1 << 30), 38 << 30);
+        let p = std::path::Path::new;
+        let mem = 18 << 30;
+        // 2 GiB: the source fits in memory, the ~17 GiB of pools do not.
+        let n2 = e2e_needs(2 << 30, 1 << 20, 3);
+        assert!(!keys_fit_with_data(shm, n2, false, mem));
+        assert!(check_room(
+            &[
+                (p("/dev/shm"), shm, n2.source, "the source"),
+                (p("/var/tmp"), disk, n2.volumes, "the volumes"),
+                (p("/var/tmp"), disk, n2.keys, "the key pools"),
+            ],
+            mem
+        )
+        .is_ok());
+        let err = check_room(
+            &[
+                (p("/dev/shm"), shm, n2.source, "the source"),
+                (p("/dev/shm"), shm, n2.keys, "the key pools"),
+            ],
+            mem,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("/dev/shm") && err.contains("key pools"),
+            "{err}"
+        );
+        // 1 GiB: source and pools fit in memory beside each other when the volumes are on disk.
+        let n1 = e2e_needs(1 << 30, 1 << 20, 3);
+        assert!(keys_fit_with_data(shm, n1, false, mem));
+        assert!(!keys_fit_with_data(shm, n1, true, 12 << 30));
+        // Two tmpfs mounts draw on the same memory.
+        let shm2 = Room { dev: 3, ..shm };
+        let err = check_room(
+            &[
+                (p("/dev/shm"), shm, 9 << 30, "the source"),
+                (p("/run/x"), shm2, 9 << 30, "the key pools"),
+            ],
+            mem,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("memory"), "{err}");
+        let tiny = Room {
+            free: 1 << 30,
+            ..disk
+        };
+        let err = check_room(&[(p("/var/tmp"), tiny, n2.keys, "the key pools")], mem)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/var/tmp") && err.contains("key pools"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn mem_available_is_read_in_bytes() {
+        let text = "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   18000000 kB\n";
+        assert_eq!(parse_mem_available(text), Some(18_000_000 * 1024));
+        assert_eq!(parse_mem_available("MemTotal: 5 kB\n"), None);
+    }
+
+    #[test]
+    fn key_directories_are_linked_where_the_deployment_looks() {
+        let d = tempfile::tempdir().unwrap();
+        let (deploy, keys) = (d.path().join("deploy"), d.path().join("keys"));
+        let ends = link_key_dirs(&deploy, &keys, 3).unwrap();
+        assert_eq!(ends.len(), 3);
+        std::fs::create_dir_all(deploy.join("keys").join("home-site1")).unwrap();
+        std::fs::write(deploy.join("site2").join("keys").join("pool"), b"x").unwrap();
+        assert!(keys.join("home").join("home-site1").is_dir());
+        assert!(keys.join("site2").join("pool").is_file());
+    }
 }

@@ -154,6 +154,57 @@ struct Core {
     sites: Vec<Arc<dyn ShareSite>>,
     by_name: HashMap<String, Arc<dyn ShareSite>>,
     stats: Stats,
+    /// Chunk buffers (for writers) and share buffers (for upload workers), reused rather than
+    /// allocated per chunk: a fresh 1 MiB buffer costs page faults and, freed, a trim. Every
+    /// buffer is wiped before it goes back.
+    chunk_bufs: BufPool,
+    share_bufs: BufPool,
+}
+
+/// Overwrite a buffer, spare capacity included, with zeros: one memset per region, kept from
+/// being optimised away by `black_box` (and by the buffer living on in a pool). `zeroize`'s
+/// volatile byte-at-a-time loop cost ~0.35 ms per MiB here, a tenth of the write path's CPU.
+fn wipe(v: &mut Vec<u8>) {
+    v.fill(0);
+    v.spare_capacity_mut().fill(std::mem::MaybeUninit::new(0));
+    std::hint::black_box(&mut *v);
+}
+
+/// A bounded stack of wiped, empty buffers.
+struct BufPool {
+    bufs: Mutex<Vec<Vec<u8>>>,
+    max: usize,
+}
+
+impl BufPool {
+    fn new(max: usize) -> Self {
+        Self {
+            bufs: Mutex::new(Vec::new()),
+            max,
+        }
+    }
+
+    /// An empty buffer with at least `capacity` bytes reserved.
+    fn take(&self, capacity: usize) -> Vec<u8> {
+        let mut v = self
+            .bufs
+            .lock()
+            .expect("buffer pool")
+            .pop()
+            .unwrap_or_default();
+        v.reserve_exact(capacity);
+        v
+    }
+
+    /// Wipe `v` and keep it for reuse (or free it when the pool is full).
+    fn give(&self, mut v: Vec<u8>) {
+        wipe(&mut v);
+        v.clear();
+        let mut bufs = self.bufs.lock().expect("buffer pool");
+        if bufs.len() < self.max {
+            bufs.push(v);
+        }
+    }
 }
 
 struct UploadJob {
@@ -215,6 +266,9 @@ impl Engine {
             sites,
             by_name,
             stats: Stats::default(),
+            // Writers hold one chunk each plus up to `max_in_flight` queued; a few files at once.
+            chunk_bufs: BufPool::new(cfg.upload_workers + 2 * cfg.max_in_flight),
+            share_bufs: BufPool::new(cfg.upload_workers * cfg.n),
         });
         let (tx, rx) = mpsc::sync_channel::<UploadJob>(cfg.upload_workers);
         let rx = Arc::new(Mutex::new(rx));
@@ -227,8 +281,11 @@ impl Engine {
                         Ok(job) => job,
                         Err(_) => return,
                     };
+                    let mut job = job;
                     let result = core.upload(&job);
                     let _ = job.done.send((job.index, result));
+                    // Out of its `Zeroizing` (which would wipe byte by byte) into the pool.
+                    core.chunk_bufs.give(std::mem::take(&mut *job.data));
                 })
                 .expect("spawn upload worker");
         }
@@ -547,11 +604,19 @@ impl Core {
         data: &[u8],
     ) -> Result<(), EngineError> {
         let share_len = self.scheme.share_len(data.len());
-        let mut shares: Vec<Zeroizing<Vec<u8>>> = (0..self.scheme.n())
-            .map(|_| Zeroizing::new(vec![0u8; share_len]))
-            .collect();
+        let mut shares = PooledShares {
+            pool: &self.share_bufs,
+            bufs: (0..self.scheme.n())
+                .map(|_| {
+                    let mut v = self.share_bufs.take(share_len);
+                    v.resize(share_len, 0);
+                    v
+                })
+                .collect(),
+        };
         {
-            let mut refs: Vec<&mut [u8]> = shares.iter_mut().map(|s| s.as_mut_slice()).collect();
+            let mut refs: Vec<&mut [u8]> =
+                shares.bufs.iter_mut().map(|s| s.as_mut_slice()).collect();
             with_thread_drbg(|rng| self.scheme.split(data, rng, &mut refs))
                 .map_err(SharingError::from)??;
         }
@@ -562,6 +627,7 @@ impl Core {
         };
         let results: Vec<Result<(), SiteError>> = std::thread::scope(|s| {
             let handles: Vec<_> = shares
+                .bufs
                 .iter()
                 .enumerate()
                 .map(|(i, share)| {
@@ -720,6 +786,20 @@ impl Core {
     }
 }
 
+/// One chunk's share buffers, wiped and returned to the pool however the upload ends.
+struct PooledShares<'a> {
+    pool: &'a BufPool,
+    bufs: Vec<Vec<u8>>,
+}
+
+impl Drop for PooledShares<'_> {
+    fn drop(&mut self) {
+        for b in self.bufs.drain(..) {
+            self.pool.give(b);
+        }
+    }
+}
+
 fn k_subsets(n: usize, k: usize) -> Vec<Vec<usize>> {
     (0u32..1 << n)
         .filter(|m| m.count_ones() as usize == k)
@@ -805,7 +885,7 @@ impl FileWriter {
     fn submit(&mut self, engine: &Engine) -> Result<(), EngineError> {
         let data = std::mem::replace(
             &mut self.buf,
-            Zeroizing::new(Vec::with_capacity(engine.cfg.chunk_size)),
+            Zeroizing::new(engine.core.chunk_bufs.take(engine.cfg.chunk_size)),
         );
         let job = UploadJob {
             file: self.rec.id,
