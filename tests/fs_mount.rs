@@ -394,3 +394,29 @@ fn a_forked_childs_close_does_not_commit_a_file_still_being_written() {
         .expect("committed at the writer's close");
     assert_eq!(rec.size, 300_000);
 }
+
+#[test]
+fn a_reader_killed_while_waiting_for_consent_is_released_long_before_the_limit() {
+    let rig = Rig::new(120);
+    std::fs::create_dir(rig.mnt.join("P7")).unwrap();
+    std::fs::write(rig.mnt.join("P7/k.cram"), vec![1u8; 1000]).unwrap();
+    let mut cat = Command::new("cat")
+        .arg(rig.mnt.join("P7/k.cram"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        cat.try_wait().unwrap().is_none(),
+        "cat returned without consent"
+    );
+    cat.kill().unwrap();
+    let start = Instant::now();
+    while cat.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the killed reader stayed stuck in the consent wait"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -27,6 +27,32 @@ impl Audit for Catalog {
 pub enum ConsentError {
     #[error("no consent for patient {patient} within {waited:?}")]
     TimedOut { patient: String, waited: Duration },
+    #[error("the mount is shutting down: no consent for patient {patient}")]
+    ShuttingDown { patient: String },
+    #[error("the reader of patient {patient}'s file gave up (a fatal signal is pending)")]
+    Abandoned { patient: String },
+}
+
+/// Whether thread `tid` has a pending signal that will kill it (pending, neither caught nor
+/// ignored, and not one whose default is to ignore). fuser 0.18 drops FUSE_INTERRUPT, so a
+/// reader killed while it waits for consent is noticed this way instead.
+pub fn fatal_signal_pending(tid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
+        return true; // gone
+    };
+    let mask = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    let pending = mask("SigPnd:") | mask("ShdPnd:");
+    let bit = |sig: i32| 1u64 << (sig - 1);
+    let default_ignored =
+        bit(libc::SIGCHLD) | bit(libc::SIGCONT) | bit(libc::SIGURG) | bit(libc::SIGWINCH);
+    let handled = mask("SigCgt:") | mask("SigIgn:");
+    pending & bit(libc::SIGKILL) != 0 || pending & !handled & !default_ignored != 0
 }
 
 /// The gate every read of plaintext passes.
@@ -54,6 +80,8 @@ type Hook = Box<dyn Fn(&str) + Send + Sync>;
 
 pub struct ConsentRegistry {
     grants: Mutex<HashMap<String, Grant>>,
+    /// Set at shutdown: every waiting and later read is refused at once.
+    closed: std::sync::atomic::AtomicBool,
     changed: Condvar,
     hooks: Mutex<Vec<Hook>>,
     audit: Arc<dyn Audit>,
@@ -69,6 +97,7 @@ impl ConsentRegistry {
     pub fn new(audit: Arc<dyn Audit>) -> Arc<Self> {
         let reg = Arc::new(Self {
             grants: Mutex::new(HashMap::new()),
+            closed: std::sync::atomic::AtomicBool::new(false),
             changed: Condvar::new(),
             hooks: Mutex::new(Vec::new()),
             audit,
@@ -146,6 +175,23 @@ impl ConsentRegistry {
         v
     }
 
+    /// Shutdown: end every session (wiping cached plaintext) and release every blocked reader
+    /// with a refusal, so unmounting never waits out a reader's consent limit.
+    pub fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let patients: Vec<String> = self
+            .grants
+            .lock()
+            .expect("grants")
+            .keys()
+            .cloned()
+            .collect();
+        for p in patients {
+            self.end(&p, "mount shutting down");
+        }
+        self.changed.notify_all();
+    }
+
     /// End every session past its expiry.
     fn sweep(&self) {
         let now = Instant::now();
@@ -180,12 +226,24 @@ impl ConsentRegistry {
     }
 }
 
-impl Consent for ConsentRegistry {
-    fn wait(&self, patient: &str, limit: Duration) -> Result<(), ConsentError> {
+impl ConsentRegistry {
+    /// [`Consent::wait`], giving up early (with [`ConsentError::Abandoned`]) once `abandoned()`
+    /// says the reader is gone; checked every 250 ms.
+    pub fn wait_unless(
+        &self,
+        patient: &str,
+        limit: Duration,
+        abandoned: &dyn Fn() -> bool,
+    ) -> Result<(), ConsentError> {
         let start = Instant::now();
         let deadline = start + limit;
         let mut grants = self.grants.lock().expect("grants");
         loop {
+            if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(ConsentError::ShuttingDown {
+                    patient: patient.to_string(),
+                });
+            }
             let now = Instant::now();
             if Self::active_locked(&grants, patient, now) {
                 return Ok(());
@@ -203,10 +261,21 @@ impl Consent for ConsentRegistry {
                     waited: limit,
                 });
             }
-            // Wake at the deadline, or at any grant; re-check a session's own expiry too.
-            let step = (deadline - now).min(Duration::from_millis(500));
+            if abandoned() {
+                return Err(ConsentError::Abandoned {
+                    patient: patient.to_string(),
+                });
+            }
+            // Wake at the deadline, or at any grant; re-check expiry and the reader too.
+            let step = (deadline - now).min(Duration::from_millis(250));
             grants = self.changed.wait_timeout(grants, step).expect("grants").0;
         }
+    }
+}
+
+impl Consent for ConsentRegistry {
+    fn wait(&self, patient: &str, limit: Duration) -> Result<(), ConsentError> {
+        self.wait_unless(patient, limit, &|| false)
     }
 
     fn is_active(&self, patient: &str) -> bool {
@@ -245,6 +314,47 @@ mod tests {
         assert_eq!(waiter.join().unwrap(), Ok(()));
         assert!(reg.is_active("P1"));
         assert!(!reg.is_active("P2"));
+    }
+
+    #[test]
+    fn close_releases_blocked_readers_at_once() {
+        let reg = ConsentRegistry::new(Arc::new(MemAudit::default()));
+        let r2 = reg.clone();
+        let waiter = std::thread::spawn(move || r2.wait("P1", Duration::from_secs(60)));
+        std::thread::sleep(Duration::from_millis(100));
+        let start = Instant::now();
+        reg.close();
+        assert!(matches!(
+            waiter.join().unwrap(),
+            Err(ConsentError::ShuttingDown { .. })
+        ));
+        assert!(start.elapsed() < Duration::from_secs(5));
+        reg.grant("P1", None, "admin");
+        assert!(
+            reg.wait("P1", Duration::from_secs(1)).is_err(),
+            "a closed registry let a read through"
+        );
+    }
+
+    #[test]
+    fn a_reader_that_gives_up_is_released_early() {
+        let reg = ConsentRegistry::new(Arc::new(MemAudit::default()));
+        let start = Instant::now();
+        let gone = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(300));
+                gone.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+            let r = reg.wait_unless("P1", Duration::from_secs(60), &|| {
+                gone.load(std::sync::atomic::Ordering::SeqCst)
+            });
+            assert!(matches!(r, Err(ConsentError::Abandoned { .. })), "{r:?}");
+        });
+        assert!(start.elapsed() < Duration::from_secs(5));
+        // This thread has no fatal signal pending; a dead tid counts as gone.
+        assert!(!fatal_signal_pending(nix::unistd::gettid().as_raw() as u32));
+        assert!(fatal_signal_pending(u32::MAX - 1));
     }
 
     #[test]

@@ -107,6 +107,7 @@ pub enum EngineError {
 impl EngineError {
     pub fn errno(&self) -> i32 {
         match self {
+            EngineError::Consent(crate::consent::ConsentError::Abandoned { .. }) => libc::EINTR,
             EngineError::Consent(_) => libc::EACCES,
             EngineError::NotAppend { .. } => libc::EINVAL,
             EngineError::Catalog(CatalogError::NoFile { .. } | CatalogError::NoPatient(_)) => {
@@ -362,7 +363,21 @@ impl Engine {
         offset: u64,
         size: usize,
     ) -> Result<Vec<u8>, EngineError> {
-        self.consent.wait(&rec.patient, self.cfg.consent_wait)?;
+        self.read_unless(rec, chunks, offset, size, &|| false)
+    }
+
+    /// [`Engine::read`] that stops waiting for consent once `abandoned()` says the reader is
+    /// gone (killed while blocked).
+    pub fn read_unless(
+        &self,
+        rec: &FileRecord,
+        chunks: &[ChunkRecord],
+        offset: u64,
+        size: usize,
+        abandoned: &dyn Fn() -> bool,
+    ) -> Result<Vec<u8>, EngineError> {
+        self.consent
+            .wait_unless(&rec.patient, self.cfg.consent_wait, abandoned)?;
         let end = rec.size.min(offset.saturating_add(size as u64));
         let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
         let first = chunks.partition_point(|c| c.offset + u64::from(c.len) <= offset);

@@ -477,7 +477,7 @@ impl Filesystem for QgenomeFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let Some(Node::File(p, n)) = self.node(ino) else {
             return reply.error(Errno::EISDIR);
         };
@@ -522,16 +522,15 @@ impl Filesystem for QgenomeFs {
             rec: rec.clone(),
             chunks,
         });
+        let tid = req.pid();
         self.spawn(move || {
-            use crate::consent::Consent;
-            match engine
-                .consent
-                .wait(&rec.patient, engine.config().consent_wait)
-            {
+            let abandoned = || crate::consent::session::fatal_signal_pending(tid);
+            let limit = engine.config().consent_wait;
+            match engine.consent.wait_unless(&rec.patient, limit, &abandoned) {
                 Ok(()) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
                 Err(e) => {
                     tracing::warn!("open {}/{}: {e}", rec.patient, rec.name);
-                    reply.error(Errno::EACCES)
+                    reply.error(errno(&e.into()))
                 }
             }
         });
@@ -539,7 +538,7 @@ impl Filesystem for QgenomeFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -554,8 +553,11 @@ impl Filesystem for QgenomeFs {
             None => return reply.error(Errno::EBADF),
         };
         let engine = self.engine.clone();
-        self.spawn(
-            move || match engine.read(&rec, &chunks, offset, size as usize) {
+        let tid = req.pid();
+        self.spawn(move || {
+            match engine.read_unless(&rec, &chunks, offset, size as usize, &|| {
+                crate::consent::session::fatal_signal_pending(tid)
+            }) {
                 Ok(data) => {
                     reply.data(&data);
                     // `data` held plaintext: wipe it before the allocator reuses it.
@@ -566,8 +568,8 @@ impl Filesystem for QgenomeFs {
                     tracing::warn!("read {}/{} at {offset}: {e}", rec.patient, rec.name);
                     reply.error(errno(&e))
                 }
-            },
-        );
+            }
+        });
     }
 
     fn write(

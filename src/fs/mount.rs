@@ -114,6 +114,7 @@ pub fn start(
 
 impl Mounted {
     pub fn unmount(mut self) -> anyhow::Result<()> {
+        self.engine.consent.close();
         if let Some(s) = self.session.take() {
             s.umount_and_join()?;
         }
@@ -124,6 +125,7 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
+        self.engine.consent.close();
         if let Some(s) = self.session.take() {
             let _ = s.umount_and_join();
         }
