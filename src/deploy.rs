@@ -113,6 +113,18 @@ fn log_file(path: &Path) -> anyhow::Result<Stdio> {
     ))
 }
 
+/// Call `f` until it succeeds or `limit` passes (a card or daemon takes a moment to be seen).
+pub fn retry<T>(limit: Duration, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let start = Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if start.elapsed() >= limit => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
 /// Whether `path` is a mountpoint of a FUSE filesystem right now.
 pub fn is_fuse_mount(path: &Path) -> bool {
     let Ok(canon) = path.canonicalize() else {

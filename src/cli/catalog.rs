@@ -2,15 +2,13 @@
 //! secret-shared manifests (when the catalog was lost or is damaged beyond repair).
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 
 use crate::catalog::Catalog;
 use crate::config::HomeConfig;
-use crate::consent::ConsentRegistry;
-use crate::fs::engine::{Engine, EngineConfig, OrphanVersion, RebuildReport};
+use crate::fs::engine::{OrphanVersion, RebuildReport};
 
 #[derive(Debug, Subcommand)]
 pub enum CatalogCommand {
@@ -86,20 +84,7 @@ pub fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
         );
     }
     let sites = crate::cli::mount::build_sites(&cfg)?;
-    let consent = ConsentRegistry::new(catalog.clone());
-    let engine = Engine::new(
-        catalog,
-        consent,
-        sites,
-        EngineConfig {
-            k: cfg.scheme.k,
-            n: cfg.scheme.n,
-            chunk_size: cfg.chunk_bytes()?,
-            consent_wait: Duration::from_secs(cfg.consent_wait_secs),
-            cache_bytes: cfg.cache_bytes()?,
-            ..EngineConfig::default()
-        },
-    )?;
+    let engine = crate::fs::mount::engine_for(&cfg, catalog, sites)?;
     let report = engine
         .rebuild_catalog()
         .with_context(|| format!("rebuilding catalog {}", target.display()))?;

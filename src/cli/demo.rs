@@ -14,7 +14,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::json;
 
-use crate::deploy::{DeployOptions, Deployment};
+use crate::deploy::{retry, DeployOptions, Deployment};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -57,18 +57,6 @@ fn sh(cmd: &mut Command) -> anyhow::Result<Vec<u8>> {
         );
     }
     Ok(out.stdout)
-}
-
-/// Call `f` until it succeeds or `limit` passes (the card takes a moment to be seen).
-fn retry<T>(limit: Duration, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<T> {
-    let start = Instant::now();
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if start.elapsed() >= limit => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(250)),
-        }
-    }
 }
 
 fn md5(path: &Path) -> anyhow::Result<String> {

@@ -13,6 +13,28 @@ use crate::consent::ConsentRegistry;
 use crate::control::{self, arg_str, Handler};
 use crate::sites::ShareSite;
 
+/// The engine a home config describes, over `catalog` and `sites` (share i on `sites[i]`).
+pub fn engine_for(
+    cfg: &HomeConfig,
+    catalog: Arc<Catalog>,
+    sites: Vec<Arc<dyn ShareSite>>,
+) -> anyhow::Result<Arc<Engine>> {
+    let consent = ConsentRegistry::new(catalog.clone());
+    Ok(Engine::new(
+        catalog,
+        consent,
+        sites,
+        EngineConfig {
+            k: cfg.scheme.k,
+            n: cfg.scheme.n,
+            chunk_size: cfg.chunk_bytes()?,
+            consent_wait: Duration::from_secs(cfg.consent_wait_secs),
+            cache_bytes: cfg.cache_bytes()?,
+            ..EngineConfig::default()
+        },
+    )?)
+}
+
 /// A running mount. Dropping it without [`Mounted::unmount`] also unmounts.
 pub struct Mounted {
     pub engine: Arc<Engine>,
@@ -39,20 +61,7 @@ pub fn start(
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating state directory {}", cfg.state_dir.display()))?;
     let catalog = Arc::new(Catalog::open(&cfg.catalog_path())?);
-    let consent = ConsentRegistry::new(catalog.clone());
-    let engine = Engine::new(
-        catalog.clone(),
-        consent,
-        sites,
-        EngineConfig {
-            k: cfg.scheme.k,
-            n: cfg.scheme.n,
-            chunk_size: cfg.chunk_bytes()?,
-            consent_wait: Duration::from_secs(cfg.consent_wait_secs),
-            cache_bytes: cfg.cache_bytes()?,
-            ..EngineConfig::default()
-        },
-    )?;
+    let engine = engine_for(cfg, catalog.clone(), sites)?;
     let discarded = engine.recover()?;
     if discarded > 0 {
         tracing::warn!("discarded {discarded} file version(s) left incomplete by a crash");

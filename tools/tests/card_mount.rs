@@ -3,9 +3,9 @@
 //! Holds the cross-process card test lock (one pcscd, fixed vpcd ports).
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use qgenome::deploy::{DeployOptions, Deployment, VirtualCard};
+use qgenome::deploy::{retry, DeployOptions, Deployment, VirtualCard};
 use qgenome_tools::harness::{CardTestLock, Pcscd};
 use serde_json::json;
 
@@ -20,17 +20,6 @@ fn samtools_view(cram: &Path) -> Command {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     c
-}
-
-fn retry<T>(limit: Duration, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<T> {
-    let start = Instant::now();
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if start.elapsed() >= limit => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
 }
 
 #[test]
