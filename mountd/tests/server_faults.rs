@@ -265,7 +265,7 @@ fn kill_9_during_puts_keeps_every_acknowledged_share_and_never_reuses_key() {
         Vol::File(256 << 20),
         &["home-x"],
         &["home-x"],
-        256 << 20,
+        768 << 20,
     );
     site.fix_port();
     let mut d = site.start();
@@ -353,11 +353,9 @@ fn kill_9_during_puts_keeps_every_acknowledged_share_and_never_reuses_key() {
     for (k, l) in &acked {
         assert_eq!(client.get(k).unwrap(), share_bytes(5, k, *l));
     }
-    let t = d.log_text();
-    assert!(
-        t.contains("replayed or stale frame"),
-        "restart made the client skip:\n{t}"
-    );
+    // Whether a restart leaves the client below the server's persisted window (so that a
+    // stale frame and a skip forward happen) depends on where the kill fell, so it is not
+    // asserted here; tests/link_seal.rs tests replay-after-restart and skip_to directly.
     assert!(d.terminate().success());
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_qgenome-mountd"))
         .args(["scrub", "--volume"])
