@@ -213,6 +213,8 @@ fn exhausted_stream() {
     let mut f = Vec::new();
     s.seal(&[7; 4000], &mut f).unwrap();
     assert_eq!(s.remaining(), 4096 - 4032);
+    // Used key is destroyed on a background thread: let it finish before the snapshot.
+    s.flush().unwrap();
     let e = refused(&l.a, "home-lsa.a2b.pool", || s.seal(&[7; 100], &mut f));
     assert!(
         matches!(
@@ -227,12 +229,14 @@ fn exhausted_stream() {
     );
     s.seal(&[7; 32], &mut f).unwrap();
     assert_eq!(s.remaining(), 0);
+    s.flush().unwrap();
     let e = refused(&l.a, "home-lsa.a2b.pool", || s.seal(&[], &mut f));
     assert!(matches!(e, LinkError::Exhausted { .. }), "{e}");
     drop(s);
     // Reopening an exhausted stream works and still refuses.
     let mut s = send(&l.a).unwrap();
     assert_eq!(s.remaining(), 0);
+    s.flush().unwrap();
     refused(&l.a, "home-lsa.a2b.pool", || s.seal(&[], &mut f));
 }
 

@@ -527,7 +527,16 @@ impl Filesystem for QgenomeFs {
             let abandoned = || crate::consent::session::fatal_signal_pending(tid);
             let limit = engine.config().consent_wait;
             match engine.consent.wait_unless(&rec.patient, limit, &abandoned) {
-                Ok(()) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+                Ok(()) => {
+                    // One audit entry per file opened for reading under a consent.
+                    engine.catalog.audit(
+                        "read",
+                        Some(&rec.patient),
+                        Some(&rec.name),
+                        &format!("pid {tid}"),
+                    );
+                    reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
+                }
                 Err(e) => {
                     tracing::warn!("open {}/{}: {e}", rec.patient, rec.name);
                     reply.error(errno(&e.into()))

@@ -119,4 +119,14 @@ fn a_blocked_samtools_view_returns_data_when_the_enrolled_card_is_presented() {
     for e in ["consent-grant", "consent-end"] {
         assert!(events.contains(&e), "no {e} in the audit log: {events:?}");
     }
+    let reads = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "read" && e["file"] == "range.cram")
+        .count();
+    assert!(
+        reads >= 1,
+        "the read under the card's consent was not audited: {audit}"
+    );
 }
