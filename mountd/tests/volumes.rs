@@ -1,8 +1,10 @@
 //! Many shares through the store on a real file volume and on a loop block device.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
+mod common;
+
+use common::LoopDevice;
 use qgenome_mountd::bench::pattern;
 use qgenome_mountd::layout::{ShareKey, ShareMeta};
 use qgenome_mountd::store::{FormatOptions, Store, StoreOptions};
@@ -82,40 +84,6 @@ fn many_shares_round_trip_on_a_file_volume_of_unaligned_size() {
 }
 
 /// A loop device over a file, detached on drop even when the test panics.
-struct LoopDevice {
-    dev: PathBuf,
-}
-
-impl LoopDevice {
-    fn attach(file: &Path) -> Self {
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(file)
-            .output()
-            .expect("run losetup");
-        assert!(
-            out.status.success(),
-            "losetup failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-        Self { dev }
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let ok = Command::new("losetup")
-            .arg("-d")
-            .arg(&self.dev)
-            .status()
-            .map(|s| s.success());
-        if !matches!(ok, Ok(true)) {
-            eprintln!("warning: could not detach {}", self.dev.display());
-        }
-    }
-}
-
 #[test]
 fn many_shares_round_trip_on_a_loop_block_device() {
     let dir = tempfile::tempdir().unwrap();
