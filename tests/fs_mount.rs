@@ -273,8 +273,6 @@ fn a_read_blocks_until_consent_while_listings_and_other_writes_go_on() {
     assert!(!reader.is_finished());
     rig.grant("P1");
     assert_eq!(reader.join().unwrap().unwrap(), data);
-    // No consent was given for P2.
-    assert!(!rig.sites.is_empty());
 }
 
 #[test]

@@ -66,13 +66,6 @@ pub enum SiteError {
     Protocol { site: String, reason: String },
 }
 
-impl SiteError {
-    /// Whether trying another site (or the same one later) can help.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, SiteError::Unreachable { .. })
-    }
-}
-
 pub trait ShareSite: Send + Sync {
     fn name(&self) -> &str;
     /// Store a share durably; returns only once the site has acknowledged it.
