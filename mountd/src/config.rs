@@ -239,25 +239,8 @@ impl SiteConfig {
     }
 }
 
-/// Parses a size: plain bytes, or a number with K/M/G/T (powers of 1024; "KiB", "MB" alike).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("size {s:?}: expected a number with an optional K/M/G/T"))?;
-    let shift = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        other => return Err(format!("size {s:?}: unknown unit {other:?}")),
-    };
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("size {s:?} overflows"))
-}
+/// Sizes such as `2G`, `512MiB`, `4096` (binary units): the one parser the project uses.
+pub use qgenome::cli::parse_size;
 
 #[cfg(test)]
 mod tests {
