@@ -137,7 +137,7 @@ impl Allocator {
     /// Takes `len` bytes (a multiple of the unit), next-fit from the cursor; None when no free
     /// range is large enough.
     pub fn allocate(&mut self, len: u64) -> Option<u64> {
-        debug_assert!(len > 0 && len % self.unit == 0);
+        debug_assert!(len > 0 && len.is_multiple_of(self.unit));
         let fits = |(&o, &l): (&u64, &u64)| (l >= len).then_some((o, l));
         let found = self
             .free
@@ -156,7 +156,7 @@ impl Allocator {
 
     /// Returns `offset..offset+len` to the free space, merging with its neighbours.
     pub fn free(&mut self, offset: u64, len: u64) {
-        debug_assert!(offset % self.unit == 0 && len % self.unit == 0 && len > 0);
+        debug_assert!(offset.is_multiple_of(self.unit) && len.is_multiple_of(self.unit) && len > 0);
         debug_assert!(
             !self.is_free_overlap(offset, len),
             "double free of {offset}+{len}"

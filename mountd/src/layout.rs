@@ -187,7 +187,7 @@ impl Superblock {
                 format!("{} (need a power of two >= 512)", self.block_size),
             ));
         }
-        if self.alloc_unit == 0 || self.alloc_unit % self.block_size != 0 {
+        if self.alloc_unit == 0 || !self.alloc_unit.is_multiple_of(self.block_size) {
             return Err(invalid(
                 "allocation unit",
                 format!(
@@ -199,7 +199,9 @@ impl Superblock {
         if self.data_start != u64::from(self.alloc_unit) {
             return Err(invalid("data start", self.data_start.to_string()));
         }
-        if self.volume_len % u64::from(self.alloc_unit) != 0 || self.volume_len <= self.data_start {
+        if !self.volume_len.is_multiple_of(u64::from(self.alloc_unit))
+            || self.volume_len <= self.data_start
+        {
             return Err(invalid(
                 "volume length",
                 format!(
@@ -364,7 +366,7 @@ impl ShareHeader {
             && self.share_len > 0
             && self.extent_len == sb.extent_len(self.share_len)
             && offset >= sb.data_start
-            && offset % u64::from(sb.alloc_unit) == 0
+            && offset.is_multiple_of(u64::from(sb.alloc_unit))
             && offset
                 .checked_add(self.extent_len)
                 .is_some_and(|end| end <= sb.volume_len)
@@ -519,7 +521,7 @@ mod tests {
             let e = s.extent_len(share_len);
             prop_assert!(w >= share_len + 4096 && w < share_len + 2 * 4096);
             prop_assert_eq!(w % 4096, 0);
-            prop_assert!(e >= w && e - w < 65536 && e % 65536 == 0);
+            prop_assert!(e >= w && e - w < 65536 && e.is_multiple_of(65536));
         }
 
         #[test]

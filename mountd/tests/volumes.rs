@@ -78,7 +78,7 @@ fn many_shares_round_trip_on_a_file_volume_of_unaligned_size() {
     let size = (96 << 20) + 1234;
     create_file_volume(&path, size).unwrap();
     let dev = UringVolume::open(&path, &UringOptions::default()).unwrap();
-    assert!(dev.size() < size && dev.size() % u64::from(dev.alignment().offset) == 0);
+    assert!(dev.size() < size && dev.size().is_multiple_of(u64::from(dev.alignment().offset)));
     drop(dev);
     round_trip(&path, &dir.path().join("state"), 150, VolumeKind::File);
 }

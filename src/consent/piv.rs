@@ -211,7 +211,7 @@ impl ManagementKey {
 
     /// ECB encryption (`encrypt`) or decryption of exactly one block.
     pub fn crypt_block(&self, block: &[u8], encrypt: bool) -> Option<Zeroizing<Vec<u8>>> {
-        use aes::cipher::{generic_array::GenericArray, BlockDecrypt, BlockEncrypt, KeyInit};
+        use aes::cipher::{BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};
         if Some(block.len()) != self.alg.block_len() {
             return None;
         }
@@ -219,7 +219,7 @@ impl ManagementKey {
         macro_rules! run {
             ($cipher:ty) => {{
                 let c = <$cipher>::new_from_slice(&self.key).ok()?;
-                let b = GenericArray::from_mut_slice(&mut buf[..]);
+                let b = (&mut buf[..]).try_into().ok()?;
                 if encrypt {
                     c.encrypt_block(b)
                 } else {

@@ -109,21 +109,6 @@ pub trait KeySource: Send {
     }
     /// Read `buf.len()` key bytes starting at `offset`.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), KeyError>;
-    /// XOR `buf.len()` key bytes starting at `offset` into `buf` (the pad step). The default
-    /// goes through a small stack buffer that is wiped afterwards.
-    fn xor_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), KeyError> {
-        let mut tmp = zeroize::Zeroizing::new([0u8; 4096]);
-        let mut at = offset;
-        for c in buf.chunks_mut(tmp.len()) {
-            let t = &mut tmp[..c.len()];
-            self.read_at(at, t)?;
-            for (a, b) in c.iter_mut().zip(t.iter()) {
-                *a ^= *b;
-            }
-            at += c.len() as u64;
-        }
-        Ok(())
-    }
     /// Destroy the key in `range` so it can never be read again.
     fn destroy(&mut self, range: Range<u64>) -> Result<Destroyed, KeyError>;
     /// Finish earlier destruction and make it durable.
@@ -214,12 +199,6 @@ impl KeySource for MemKeySource {
         let end = offset.saturating_add(buf.len() as u64);
         self.check_range(offset..end)?;
         buf.copy_from_slice(&self.key[offset as usize..end as usize]);
-        Ok(())
-    }
-    fn xor_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), KeyError> {
-        let end = offset.saturating_add(buf.len() as u64);
-        self.check_range(offset..end)?;
-        crate::link::seal::xor_into(buf, &self.key[offset as usize..end as usize]);
         Ok(())
     }
     fn destroy(&mut self, r: Range<u64>) -> Result<Destroyed, KeyError> {

@@ -66,7 +66,10 @@ impl Polyval {
 
     /// Absorb whole blocks. Panics if `data.len()` is not a multiple of 16 (a caller bug).
     pub fn update_blocks(&mut self, data: &[u8]) {
-        assert!(data.len() % 16 == 0, "POLYVAL input must be whole blocks");
+        assert!(
+            data.len().is_multiple_of(16),
+            "POLYVAL input must be whole blocks"
+        );
         match &mut self.inner {
             #[cfg(target_arch = "x86_64")]
             Inner::Wide(s) => s.update(data),
@@ -210,7 +213,7 @@ mod wide {
 
     #[target_feature(enable = "pclmulqdq,sse2")]
     unsafe fn update(st: &mut State, data: &[u8]) {
-        debug_assert!(data.len() % 16 == 0);
+        debug_assert!(data.len().is_multiple_of(16));
         let mut acc = _mm_loadu_si128(st.acc.as_ptr().cast());
         let steps = data.chunks_exact(16 * WIDE);
         let rest = steps.remainder();
@@ -264,7 +267,7 @@ mod wide {
     ///
     /// SAFETY: the CPU must support AVX-512F and VPCLMULQDQ; `data.len()` a multiple of 256.
     unsafe fn update_zmm(acc: &mut [u8; 16], powers: &[[u8; 16]; 2 * WIDE], data: &[u8]) {
-        debug_assert!(data.len() % 256 == 0 && !data.is_empty());
+        debug_assert!(data.len().is_multiple_of(256) && !data.is_empty());
         let steps = data.len() / 256;
         std::arch::asm!(
             "vmovdqu64 zmm0, zmmword ptr [{p}]",

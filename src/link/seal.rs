@@ -6,9 +6,9 @@
 //! 16..32 the one-time mask `s`, the rest the pad. Tag =
 //! `POLYVAL_H(header || 0-pad || ciphertext || 0-pad || le64(header bits) || le64(ct bits)) ^ s`.
 //!
-//! XOR and MAC are fused per `CHUNK` bytes: a chunk is copied into `out`, the pad is XORed
-//! into it straight from the key source, and it is hashed while still in cache. No copy of
-//! the pad is made anywhere.
+//! XOR and MAC are fused per `CHUNK` bytes: the pad of a chunk is read by the key source
+//! straight into `out` (where the result goes), the data is XORed into it, and the chunk is
+//! hashed while still in cache. No other copy of the pad is made.
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -21,10 +21,9 @@ pub const CHUNK: usize = 128 * 1024;
 /// The key range of one frame; offsets are relative to the start of the range.
 pub trait FrameKey {
     type Error;
-    /// Copy key bytes into `buf` (used for the 32-byte MAC key only).
+    /// Copy key bytes into `buf` (the MAC key, and each chunk's pad, read straight into the
+    /// output buffer).
     fn read(&mut self, rel: u64, buf: &mut [u8]) -> Result<(), Self::Error>;
-    /// XOR key bytes into `buf`.
-    fn xor(&mut self, rel: u64, buf: &mut [u8]) -> Result<(), Self::Error>;
 }
 
 /// Key held in a slice (tests, benchmarks).
@@ -32,10 +31,6 @@ impl FrameKey for &[u8] {
     type Error = std::convert::Infallible;
     fn read(&mut self, rel: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
         buf.copy_from_slice(&self[rel as usize..rel as usize + buf.len()]);
-        Ok(())
-    }
-    fn xor(&mut self, rel: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
-        xor_into(buf, &self[rel as usize..rel as usize + buf.len()]);
         Ok(())
     }
 }
@@ -51,7 +46,7 @@ pub enum SealError<E> {
     BadTag,
 }
 
-/// Seal `payload` under `header` into `out` (cleared first, capacity reused). On error `out`
+/// Seal `payload` under `header` into `out` (resized to the frame, capacity reused). On error `out`
 /// is wiped.
 pub fn seal<K: FrameKey>(
     header: &FrameHeader,
@@ -62,27 +57,28 @@ pub fn seal<K: FrameKey>(
     debug_assert_eq!(header.payload_len, payload.len() as u64);
     let (mut mac, s) = mac_init(key)?;
     let hdr = header.encode();
-    out.clear();
-    out.reserve(header.frame_len());
-    out.extend_from_slice(&hdr);
+    // Sized without clearing: every byte is overwritten below, and a buffer reused for frames
+    // of one size is never memset.
+    out.resize(header.frame_len(), 0);
+    out[..HEADER_LEN].copy_from_slice(&hdr);
     mac.update_padded(&hdr);
     for (i, p) in payload.chunks(CHUNK).enumerate() {
-        let at = out.len();
-        out.extend_from_slice(p);
-        let c = &mut out[at..];
-        if let Err(e) = key.xor(MAC_KEY_LEN + (i * CHUNK) as u64, c) {
+        let at = HEADER_LEN + i * CHUNK;
+        let c = &mut out[at..at + p.len()];
+        if let Err(e) = key.read(MAC_KEY_LEN + (i * CHUNK) as u64, c) {
             out.zeroize();
             return Err(SealError::Key(e));
         }
+        xor_into(c, p);
         mac.update_padded(c);
     }
     let tag = finish(mac, &s, payload.len());
-    out.extend_from_slice(&tag);
+    out[HEADER_LEN + payload.len()..].copy_from_slice(&tag);
     Ok(())
 }
 
 /// Open a whole `frame` whose header was parsed into `header`: verify its tag and write the
-/// payload into `out` (cleared first). On any failure `out` is wiped (its whole capacity
+/// payload into `out` (resized to the payload). On any failure `out` is wiped (its whole capacity
 /// zeroized) before returning, so no plaintext of an unauthenticated frame is ever handed out.
 pub fn open<K: FrameKey>(
     header: &FrameHeader,
@@ -96,16 +92,15 @@ pub fn open<K: FrameKey>(
     mac.update_padded(&frame[..HEADER_LEN]);
     let ct = &frame[HEADER_LEN..HEADER_LEN + len];
     let got_tag = &frame[HEADER_LEN + len..];
-    out.clear();
-    out.reserve(len);
+    out.resize(len, 0);
     for (i, c) in ct.chunks(CHUNK).enumerate() {
         mac.update_padded(c);
-        let at = out.len();
-        out.extend_from_slice(c);
-        if let Err(e) = key.xor(MAC_KEY_LEN + (i * CHUNK) as u64, &mut out[at..]) {
+        let p = &mut out[i * CHUNK..i * CHUNK + c.len()];
+        if let Err(e) = key.read(MAC_KEY_LEN + (i * CHUNK) as u64, p) {
             out.zeroize();
             return Err(SealError::Key(e));
         }
+        xor_into(p, c);
     }
     let want = finish(mac, &s, len);
     if bool::from(want.ct_eq(got_tag)) {

@@ -56,9 +56,6 @@ impl seal::FrameKey for RangeKey<'_> {
     fn read(&mut self, rel: u64, buf: &mut [u8]) -> Result<(), KeyError> {
         self.key.read_at(self.base + rel, buf)
     }
-    fn xor(&mut self, rel: u64, buf: &mut [u8]) -> Result<(), KeyError> {
-        self.key.xor_at(self.base + rel, buf)
-    }
 }
 
 impl End {
@@ -562,10 +559,6 @@ mod tests {
         fn read_at(&self, o: u64, b: &mut [u8]) -> Result<(), KeyError> {
             self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.0.read_at(o, b)
-        }
-        fn xor_at(&self, o: u64, b: &mut [u8]) -> Result<(), KeyError> {
-            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            self.0.xor_at(o, b)
         }
         fn destroy(&mut self, r: Range<u64>) -> Result<crate::keys::Destroyed, KeyError> {
             self.0.destroy(r)

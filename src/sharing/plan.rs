@@ -172,7 +172,10 @@ pub fn solve(layout: &Layout, subset: &[usize], target: Target) -> Option<Plan> 
 }
 
 fn is_prime(c: usize) -> bool {
-    c >= 2 && (2..c).take_while(|d| d * d <= c).all(|d| c % d != 0)
+    c >= 2
+        && (2..c)
+            .take_while(|d| d * d <= c)
+            .all(|d| !c.is_multiple_of(d))
 }
 
 fn set<const W: usize>(v: &mut [u64; W], bit: usize) {

@@ -13,7 +13,7 @@ use zeroize::Zeroize;
 
 use super::plan::{self, Layout, Plan, Target, Term};
 use super::random::{Drbg, RandomError, RandomSource};
-use super::xor::xor_sources;
+use super::xor::{xor_sources, xor_sources_stream};
 use super::SharingError;
 
 /// Pieces are padded to a multiple of this many bytes (a cache line, and a multiple of every
@@ -182,7 +182,7 @@ impl Scheme {
             });
         }
         let share_len = out.len();
-        if share_len % (self.layout.pieces() * PIECE_ALIGN) != 0 {
+        if !share_len.is_multiple_of(self.layout.pieces() * PIECE_ALIGN) {
             return Err(SharingError::ShareLength {
                 index: lost,
                 expected: share_len.next_multiple_of(self.layout.pieces() * PIECE_ALIGN),
@@ -207,7 +207,7 @@ impl Scheme {
         rng: &mut dyn RandomSource,
     ) -> Result<(), SharingError> {
         let share_len = shares.first().map_or(0, |s| s.len());
-        if share_len % (self.layout.pieces() * PIECE_ALIGN) != 0 {
+        if !share_len.is_multiple_of(self.layout.pieces() * PIECE_ALIGN) {
             return Err(SharingError::ShareLength {
                 index: 0,
                 expected: share_len.next_multiple_of(self.layout.pieces() * PIECE_ALIGN),
@@ -280,7 +280,12 @@ impl Scheme {
                                 count += 1;
                             }
                             let dst = &mut share[j * piece_len + off..][..tl];
-                            xor_sources(dst, &sources[..count], secret.is_none());
+                            if secret.is_some() {
+                                // Written once, read by others later: stream past the cache.
+                                xor_sources_stream(dst, &sources[..count]);
+                            } else {
+                                xor_sources(dst, &sources[..count], true);
+                            }
                         }
                     }
                 }

@@ -67,19 +67,19 @@ pub fn check_request(
     if len > MAX_REQUEST {
         return Err(RequestError::TooLarge { len });
     }
-    if offset % u64::from(align.offset) != 0 {
+    if !offset.is_multiple_of(u64::from(align.offset)) {
         return Err(RequestError::MisalignedOffset {
             offset,
             align: align.offset,
         });
     }
-    if len % align.offset as usize != 0 {
+    if !len.is_multiple_of(align.offset as usize) {
         return Err(RequestError::MisalignedLength {
             len,
             align: align.offset,
         });
     }
-    if addr % align.mem as usize != 0 {
+    if !addr.is_multiple_of(align.mem as usize) {
         return Err(RequestError::MisalignedBuffer {
             addr,
             align: align.mem,

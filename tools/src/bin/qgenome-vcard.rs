@@ -151,7 +151,7 @@ impl Observer for Persist {
 }
 
 fn parse_hex(s: &str) -> Result<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         bail!("management key hex has odd length");
     }
     (0..s.len())
