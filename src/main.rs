@@ -1,6 +1,7 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    qgenome::tune_malloc();
     qgenome::cli::init_tracing();
     let cli = qgenome::cli::Cli::parse();
     match cli.run() {

@@ -325,7 +325,11 @@ impl<D: BlockDevice> Server<D> {
         mut sealed: Option<ConnLink>,
         mut stop: watch::Receiver<bool>,
     ) {
+        // Buffers reused from one request to the next on this connection (a share is about
+        // 1 MiB: a fresh buffer per request cost a page-fault storm or a memset each time).
         let mut reply = Vec::new();
+        let mut frame = Vec::new();
+        let mut plain = Vec::new();
         loop {
             let link_name = sealed
                 .as_ref()
@@ -366,7 +370,8 @@ impl<D: BlockDevice> Server<D> {
                 Ok(p) => p,
                 Err(_) => return,
             };
-            let mut frame = vec![0u8; total];
+            // Sized without clearing: every byte is overwritten by the reads below.
+            frame.resize(total, 0);
             frame[..prefix.len()].copy_from_slice(&prefix);
             let rest = &mut frame[prefix.len()..];
             match tokio::time::timeout(self.limits.frame_timeout, read_full(&mut s, rest)).await {
@@ -389,15 +394,17 @@ impl<D: BlockDevice> Server<D> {
             let conn = sealed.take();
             let peer2 = peer.clone();
             let mut out = std::mem::take(&mut reply);
-            let (conn, outcome, out) = tokio::task::spawn_blocking(move || {
+            let (f, mut p) = (std::mem::take(&mut frame), std::mem::take(&mut plain));
+            let (conn, outcome, out, f, p) = tokio::task::spawn_blocking(move || {
                 let mut conn = conn;
-                let o = srv.handle(&mut conn, &frame, &mut out, &peer2);
-                (conn, o, out)
+                let o = srv.handle(&mut conn, &f, &mut p, &mut out, &peer2);
+                (conn, o, out, f, p)
             })
             .await
             .expect("request task");
             sealed = conn;
             reply = out;
+            (frame, plain) = (f, p);
             let close = match outcome {
                 Outcome::Reply => None,
                 Outcome::ReplyAndClose(reason) => Some(reason),
@@ -432,6 +439,7 @@ impl<D: BlockDevice> Server<D> {
         &self,
         conn: &mut Option<ConnLink>,
         frame: &[u8],
+        plain: &mut Vec<u8>,
         out: &mut Vec<u8>,
         peer: &str,
     ) -> Outcome {
@@ -452,7 +460,7 @@ impl<D: BlockDevice> Server<D> {
                 *out = self.execute(&m, peer, "unix");
                 Outcome::Reply
             }
-            Some(c) => self.handle_sealed(c, frame, out, peer),
+            Some(c) => self.handle_sealed(c, frame, plain, out, peer),
         }
     }
 
@@ -460,6 +468,7 @@ impl<D: BlockDevice> Server<D> {
         &self,
         c: &mut ConnLink,
         frame: &[u8],
+        plain: &mut Vec<u8>,
         out: &mut Vec<u8>,
         peer: &str,
     ) -> Outcome {
@@ -480,8 +489,7 @@ impl<D: BlockDevice> Server<D> {
                 }
             },
         };
-        let mut plain = Vec::new();
-        let opened = lock(&link.recv).open(frame, &mut plain);
+        let opened = lock(&link.recv).open(frame, plain);
         if let Err(e) = opened {
             return match e {
                 LinkError::KeyAlreadyUsed { consumed_until, .. } => {
@@ -505,7 +513,7 @@ impl<D: BlockDevice> Server<D> {
                 other => Outcome::Close(other.to_string()),
             };
         }
-        let m = match msg::decode(&plain) {
+        let m = match msg::decode(plain) {
             Ok(m) => m,
             Err(e) => {
                 let reason = format!("authenticated frame holds a malformed message: {e}");

@@ -12,11 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
 
-use sha2::{Digest, Sha256};
-
 use crate::alloc::{AllocError, Allocator};
 use crate::layout::{
-    IndexEntry, LayoutError, ShareHeader, ShareKey, ShareMeta, Superblock, HEADER_LEN,
+    share_sum, IndexEntry, LayoutError, ShareHeader, ShareKey, ShareMeta, Superblock, HEADER_LEN,
 };
 use crate::volume::{BlockDevice, IoBuf, VolumeError};
 
@@ -211,7 +209,7 @@ pub struct RebuildReport {
     pub shares: u64,
     /// Older generations of a key also found on the volume (not indexed).
     pub superseded: u64,
-    /// Valid headers whose share bytes failed SHA-256 (torn or damaged; not indexed).
+    /// Valid headers whose share bytes failed checksum (torn or damaged; not indexed).
     pub torn: u64,
     /// Where the previous index was moved, if there was one.
     pub old_index: Option<PathBuf>,
@@ -249,10 +247,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn sha256(b: &[u8]) -> [u8; 32] {
-    Sha256::digest(b).into()
 }
 
 fn now_secs() -> u64 {
@@ -472,13 +466,17 @@ impl<D: BlockDevice> Store<D> {
     }
 
     /// A buffer for a share of `len` bytes, to be filled and passed to [`Store::put_buf`].
+    ///
+    /// Only the share range is left to the caller; the header block and the padding after the
+    /// share are zeroed here (the rest of the buffer is not cleared first: it is all written).
     pub fn share_buf(&self, len: usize) -> ShareBuf {
         let write_len = self.sb.write_len(len as u64) as usize;
-        ShareBuf {
-            buf: self.dev.alloc_buf(write_len),
-            start: self.sb.block_size as usize,
-            len,
-        }
+        let start = self.sb.block_size as usize;
+        let mut buf = self.dev.alloc_buf_dirty(write_len);
+        let b = buf.as_mut_slice();
+        b[..start].fill(0);
+        b[start + len..].fill(0);
+        ShareBuf { buf, start, len }
     }
 
     /// Stores a share; durable (and readable after any crash) once this returns Ok. Putting an
@@ -540,11 +538,11 @@ impl<D: BlockDevice> Store<D> {
             share_len: len,
             generation,
             extent_len,
-            share_sha256: sha256(&buf.as_slice()[start..start + share.len]),
+            share_sum: share_sum(&buf.as_slice()[start..start + share.len]),
         };
         buf.as_mut_slice()[..HEADER_LEN].copy_from_slice(&header.encode());
-        // The header block after HEADER_LEN and the padding after the share are zero: alloc_buf
-        // zero-fills and only the share range was handed out.
+        // The header block after HEADER_LEN and the padding after the share are zero:
+        // share_buf zeroed them and only the share range was handed out.
         self.dev
             .write_at(buf, offset, true)
             .map_err(|e| release(e.into()))?;
@@ -584,7 +582,7 @@ impl<D: BlockDevice> Store<D> {
         })
     }
 
-    /// Reads a share and verifies its header and SHA-256; a mismatch is an error, never data.
+    /// Reads a share and verifies its header and checksum; a mismatch is an error, never data.
     pub fn get(&self, key: &ShareKey) -> Result<ShareData, StoreError> {
         let _guard = self.key_lock(key).read().unwrap_or_else(|e| e.into_inner());
         let e = self.entry(key)?;
@@ -617,11 +615,11 @@ impl<D: BlockDevice> Store<D> {
         }
         let start = self.sb.block_size as usize;
         let len = e.share_len as usize;
-        if sha256(&buf.as_slice()[start..start + len]) != e.share_sha256 {
+        if share_sum(&buf.as_slice()[start..start + len]) != e.share_sum {
             return Err(self.damaged(
                 key,
                 format!(
-                    "share bytes at offset {} fail SHA-256",
+                    "share bytes at offset {} fail their checksum",
                     e.offset + start as u64
                 ),
             ));
@@ -788,7 +786,7 @@ impl<D: BlockDevice> Store<D> {
 
 /// Scans the data area for valid extents: every allocation unit not inside an accepted extent
 /// is tried as a header; a header counts only if it belongs to this volume, fits the geometry
-/// and its share bytes match its SHA-256. The newest generation of each key wins.
+/// and its share bytes match its checksum. The newest generation of each key wins.
 fn scan<D: BlockDevice>(
     dev: &D,
     sb: &Superblock,
@@ -818,10 +816,10 @@ fn scan<D: BlockDevice>(
             let wl = sb.write_len(h.share_len);
             let len = h.share_len as usize;
             let ok = if u + wl <= pos + wlen {
-                sha256(&win.as_slice()[at + bs..at + bs + len]) == h.share_sha256
+                share_sum(&win.as_slice()[at + bs..at + bs + len]) == h.share_sum
             } else {
                 let b = dev.read_at(dev.alloc_buf(wl as usize), u)?;
-                sha256(&b.as_slice()[bs..bs + len]) == h.share_sha256
+                share_sum(&b.as_slice()[bs..bs + len]) == h.share_sum
             };
             if !ok {
                 report.torn += 1;

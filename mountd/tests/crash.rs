@@ -38,7 +38,7 @@ fn kill_9_during_puts_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let vol = dir.path().join("crash.vol");
     let state = dir.path().join("state");
-    create_file_volume(&vol, 256 << 20).unwrap();
+    create_file_volume(&vol, 256 << 20, false).unwrap();
     Store::format(
         &UringVolume::open(&vol, &UringOptions::default()).unwrap(),
         "crash",

@@ -154,7 +154,7 @@ fn torn_write_is_never_served_and_failed_puts_give_space_back() {
     assert_eq!(s.stat().free, free, "the failed put's extent is free again");
     assert!(matches!(s.get(&torn), Err(StoreError::NotFound { .. })));
     // After a "crash" the torn extent is still not served, and a rebuild from the headers
-    // rejects it by its SHA-256.
+    // rejects it by its checksum.
     let image = s.device().image();
     drop(s);
     let s = reopen(image.clone(), dir.path());

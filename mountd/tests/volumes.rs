@@ -76,7 +76,7 @@ fn many_shares_round_trip_on_a_file_volume_of_unaligned_size() {
     let path = dir.path().join("shares.vol");
     // Not a multiple of the block size: the tail is never addressed.
     let size = (96 << 20) + 1234;
-    create_file_volume(&path, size).unwrap();
+    create_file_volume(&path, size, false).unwrap();
     let dev = UringVolume::open(&path, &UringOptions::default()).unwrap();
     assert!(dev.size() < size && dev.size().is_multiple_of(u64::from(dev.alignment().offset)));
     drop(dev);

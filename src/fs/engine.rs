@@ -16,8 +16,6 @@ use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use zeroize::Zeroizing;
-
 use crate::catalog::manifest::{Manifest, MANIFEST_CHUNK};
 use crate::catalog::merkle::{self, Hash};
 use crate::catalog::{
@@ -31,8 +29,88 @@ use crate::sites::{ShareKey, ShareMeta, ShareSite, SiteError};
 mod rebuild;
 pub use rebuild::{OrphanVersion, RebuildReport, RestoredFile};
 
-/// Plaintext in memory: zeroized when dropped.
-pub type Plain = Zeroizing<Vec<u8>>;
+/// Plaintext in memory, wiped when dropped (one `memset` over the whole capacity, see
+/// [`wipe`]; `Zeroizing`'s volatile byte loop cost a tenth of a restore's CPU).
+#[derive(Default)]
+pub struct Plain(Vec<u8>);
+
+impl Plain {
+    pub fn new(v: Vec<u8>) -> Self {
+        Self(v)
+    }
+
+    /// `len` zero bytes.
+    pub fn zeroed(len: usize) -> Self {
+        Self(vec![0; len])
+    }
+}
+
+impl std::ops::Deref for Plain {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Plain {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
+}
+
+impl Drop for Plain {
+    fn drop(&mut self) {
+        wipe(&mut self.0);
+    }
+}
+
+impl std::fmt::Debug for Plain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Plain({} bytes)", self.0.len())
+    }
+}
+
+/// The bytes of one read: ranges of rebuilt chunks, in order, shared with the chunk cache.
+pub struct ReadData {
+    parts: Vec<(Arc<Plain>, std::ops::Range<usize>)>,
+}
+
+impl ReadData {
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(|(_, r)| r.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Call `f` with the bytes as one slice: borrowed from the chunk when the read lies in
+    /// one chunk (the usual case), else gathered into a buffer that is wiped afterwards.
+    pub fn with_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        match self.parts.as_slice() {
+            [] => f(&[]),
+            [(chunk, range)] => f(&chunk[range.clone()]),
+            parts => {
+                let mut buf = Vec::with_capacity(self.len());
+                for (chunk, range) in parts {
+                    buf.extend_from_slice(&chunk[range.clone()]);
+                }
+                let r = f(&buf);
+                wipe(&mut buf);
+                r
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for ReadData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadData")
+            .field("parts", &self.parts.len())
+            .field("len", &self.len())
+            .finish()
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -156,8 +234,11 @@ struct Core {
     by_name: HashMap<String, Arc<dyn ShareSite>>,
     stats: Stats,
     /// Chunk buffers (for writers) and share buffers (for upload workers), reused rather than
-    /// allocated per chunk: a fresh 1 MiB buffer costs page faults and, freed, a trim. Every
-    /// buffer is wiped before it goes back.
+    /// allocated per chunk: a fresh 1 MiB buffer costs page faults and, freed, a trim. Chunk
+    /// buffers (plaintext) are wiped before they go back. Share buffers are not: the next
+    /// split overwrites every byte, and wiping n shares per chunk cost more memory traffic
+    /// than the split itself; like all of this process's memory they are locked (never
+    /// swapped) and excluded from core dumps.
     chunk_bufs: BufPool,
     share_bufs: BufPool,
 }
@@ -165,42 +246,59 @@ struct Core {
 /// Overwrite a buffer, spare capacity included, with zeros: one memset per region, kept from
 /// being optimised away by `black_box` (and by the buffer living on in a pool). `zeroize`'s
 /// volatile byte-at-a-time loop cost ~0.35 ms per MiB here, a tenth of the write path's CPU.
-fn wipe(v: &mut Vec<u8>) {
+pub(crate) fn wipe(v: &mut Vec<u8>) {
     v.fill(0);
     v.spare_capacity_mut().fill(std::mem::MaybeUninit::new(0));
     std::hint::black_box(&mut *v);
 }
 
-/// A bounded stack of wiped, empty buffers.
+/// A bounded stack of buffers for reuse: wiped and empty when `wipe`, else as they were left.
 struct BufPool {
     bufs: Mutex<Vec<Vec<u8>>>,
     max: usize,
+    wipe: bool,
 }
 
 impl BufPool {
-    fn new(max: usize) -> Self {
+    fn new(max: usize, wipe: bool) -> Self {
         Self {
             bufs: Mutex::new(Vec::new()),
             max,
+            wipe,
         }
+    }
+
+    fn pop(&self) -> Vec<u8> {
+        self.bufs
+            .lock()
+            .expect("buffer pool")
+            .pop()
+            .unwrap_or_default()
+    }
+
+    /// A buffer of exactly `len` bytes whose contents are unspecified (zeros, or what the
+    /// last user left): for outputs that are overwritten whole. Only newly grown bytes are
+    /// written here.
+    fn take_len(&self, len: usize) -> Vec<u8> {
+        let mut v = self.pop();
+        v.resize(len, 0);
+        v
     }
 
     /// An empty buffer with at least `capacity` bytes reserved.
     fn take(&self, capacity: usize) -> Vec<u8> {
-        let mut v = self
-            .bufs
-            .lock()
-            .expect("buffer pool")
-            .pop()
-            .unwrap_or_default();
+        let mut v = self.pop();
+        v.clear();
         v.reserve_exact(capacity);
         v
     }
 
-    /// Wipe `v` and keep it for reuse (or free it when the pool is full).
+    /// Keep `v` for reuse (wiped first when the pool wipes), or free it when the pool is full.
     fn give(&self, mut v: Vec<u8>) {
-        wipe(&mut v);
-        v.clear();
+        if self.wipe {
+            wipe(&mut v);
+            v.clear();
+        }
         let mut bufs = self.bufs.lock().expect("buffer pool");
         if bufs.len() < self.max {
             bufs.push(v);
@@ -268,8 +366,8 @@ impl Engine {
             by_name,
             stats: Stats::default(),
             // Writers hold one chunk each plus up to `max_in_flight` queued; a few files at once.
-            chunk_bufs: BufPool::new(cfg.upload_workers + 2 * cfg.max_in_flight),
-            share_bufs: BufPool::new(cfg.upload_workers * cfg.n),
+            chunk_bufs: BufPool::new(cfg.upload_workers + 2 * cfg.max_in_flight, true),
+            share_bufs: BufPool::new(cfg.upload_workers * cfg.n, false),
         });
         let (tx, rx) = mpsc::sync_channel::<UploadJob>(cfg.upload_workers);
         let rx = Arc::new(Mutex::new(rx));
@@ -306,18 +404,25 @@ impl Engine {
             prefetch: Mutex::new(ptx),
             cache,
         });
-        let weak = Arc::downgrade(&engine);
-        std::thread::Builder::new()
-            .name("readahead".into())
-            .spawn(move || {
-                while let Ok((rec, index, chunk)) = prx.recv() {
+        // Several readahead workers, so that the chunks ahead of a sequential reader are
+        // rebuilt in parallel (each waits on k sites, then combines and hashes).
+        let prx = Arc::new(Mutex::new(prx));
+        for w in 0..engine.cfg.readahead.clamp(1, 4) {
+            let (weak, prx) = (Arc::downgrade(&engine), prx.clone());
+            std::thread::Builder::new()
+                .name(format!("readahead-{w}"))
+                .spawn(move || loop {
+                    let Ok((rec, index, chunk)) = prx.lock().expect("readahead queue").recv()
+                    else {
+                        return;
+                    };
                     let Some(engine) = weak.upgrade() else { return };
                     if engine.consent.is_active(&rec.patient) {
                         let _ = engine.chunk(&rec, index, &chunk);
                     }
-                }
-            })
-            .expect("spawn readahead thread");
+                })
+                .expect("spawn readahead thread");
+        }
         Ok(engine)
     }
 
@@ -343,7 +448,7 @@ impl Engine {
         Ok(FileWriter {
             label: label(&rec),
             rec,
-            buf: Zeroizing::new(Vec::with_capacity(self.cfg.chunk_size)),
+            buf: Plain::new(Vec::with_capacity(self.cfg.chunk_size)),
             size: 0,
             next_index: 0,
             in_flight: 0,
@@ -363,11 +468,13 @@ impl Engine {
         offset: u64,
         size: usize,
     ) -> Result<Vec<u8>, EngineError> {
-        self.read_unless(rec, chunks, offset, size, &|| false)
+        let data = self.read_unless(rec, chunks, offset, size, &|| false)?;
+        Ok(data.with_bytes(<[u8]>::to_vec))
     }
 
-    /// [`Engine::read`] that stops waiting for consent once `abandoned()` says the reader is
-    /// gone (killed while blocked).
+    /// [`Engine::read`] without a copy: the bytes stay in the cached chunks they come from.
+    /// Stops waiting for consent once `abandoned()` says the reader is gone (killed while
+    /// blocked).
     pub fn read_unless(
         &self,
         rec: &FileRecord,
@@ -375,37 +482,46 @@ impl Engine {
         offset: u64,
         size: usize,
         abandoned: &dyn Fn() -> bool,
-    ) -> Result<Vec<u8>, EngineError> {
+    ) -> Result<ReadData, EngineError> {
         self.consent
             .wait_unless(&rec.patient, self.cfg.consent_wait, abandoned)?;
         let end = rec.size.min(offset.saturating_add(size as u64));
-        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        let mut parts = Vec::new();
         let first = chunks.partition_point(|c| c.offset + u64::from(c.len) <= offset);
         let mut last_index = None;
         for (index, chunk) in chunks.iter().enumerate().skip(first) {
             if chunk.offset >= end {
                 break;
             }
+            // Ask for the chunks after this read before rebuilding this one, so that the
+            // readahead workers fetch them while this thread waits for its own.
+            if last_index.is_none() {
+                self.prefetch_after(rec, chunks, index, end);
+            }
             let data = self.chunk(rec, index as u64, chunk)?;
             let from = (offset.max(chunk.offset) - chunk.offset) as usize;
             let to = (end.min(chunk.offset + u64::from(chunk.len)) - chunk.offset) as usize;
-            out.extend_from_slice(&data[from..to]);
+            parts.push((data, from..to));
             last_index = Some(index);
         }
-        if let Some(last) = last_index {
-            let tx = self.prefetch.lock().expect("prefetch").clone();
-            for (index, chunk) in chunks
-                .iter()
-                .enumerate()
-                .skip(last + 1)
-                .take(self.cfg.readahead)
-            {
-                if !self.cache.contains(&(rec.id, index as u64)) {
-                    let _ = tx.try_send((rec.clone(), index as u64, chunk.clone()));
-                }
+        Ok(ReadData { parts })
+    }
+
+    /// Queue up to `readahead` chunks past byte `end` (those not cached or being fetched) for
+    /// the readahead workers; never blocks (a full queue drops the hint).
+    fn prefetch_after(&self, rec: &FileRecord, chunks: &[ChunkRecord], from: usize, end: u64) {
+        let tx = self.prefetch.lock().expect("prefetch").clone();
+        for (index, chunk) in chunks
+            .iter()
+            .enumerate()
+            .skip(from)
+            .skip_while(|(_, c)| c.offset < end)
+            .take(self.cfg.readahead)
+        {
+            if !self.cache.contains(&(rec.id, index as u64)) {
+                let _ = tx.try_send((rec.clone(), index as u64, chunk.clone()));
             }
         }
-        Ok(out)
     }
 
     fn chunk(
@@ -622,11 +738,7 @@ impl Core {
         let mut shares = PooledShares {
             pool: &self.share_bufs,
             bufs: (0..self.scheme.n())
-                .map(|_| {
-                    let mut v = self.share_bufs.take(share_len);
-                    v.resize(share_len, 0);
-                    v
-                })
+                .map(|_| self.share_bufs.take_len(share_len))
                 .collect(),
         };
         {
@@ -740,7 +852,7 @@ impl Core {
             self.stats.share_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!("{file}: chunk {index}: routed around a failed share: {f}");
         }
-        let mut out = Zeroizing::new(vec![0u8; chunk.len as usize]);
+        let mut out = Plain::zeroed(chunk.len as usize);
         let rebuild =
             |subset: &[&(usize, Vec<u8>)], out: &mut Plain| -> Result<bool, EngineError> {
                 let given: Vec<(usize, &[u8])> =
@@ -900,7 +1012,7 @@ impl FileWriter {
     fn submit(&mut self, engine: &Engine) -> Result<(), EngineError> {
         let data = std::mem::replace(
             &mut self.buf,
-            Zeroizing::new(engine.core.chunk_bufs.take(engine.cfg.chunk_size)),
+            Plain::new(engine.core.chunk_bufs.take(engine.cfg.chunk_size)),
         );
         let job = UploadJob {
             file: self.rec.id,

@@ -567,12 +567,7 @@ impl Filesystem for QgenomeFs {
             match engine.read_unless(&rec, &chunks, offset, size as usize, &|| {
                 crate::consent::session::fatal_signal_pending(tid)
             }) {
-                Ok(data) => {
-                    reply.data(&data);
-                    // `data` held plaintext: wipe it before the allocator reuses it.
-                    let mut data = data;
-                    zeroize::Zeroize::zeroize(&mut data);
-                }
+                Ok(data) => data.with_bytes(|b| reply.data(b)),
                 Err(e) => {
                     tracing::warn!("read {}/{} at {offset}: {e}", rec.patient, rec.name);
                     reply.error(errno(&e))

@@ -493,9 +493,10 @@ impl MountdSite {
                         reason: format!("reply frame from {}: {e}", self.addr),
                     })
                 })?;
-                conn.frame.clear();
-                conn.frame.extend_from_slice(&h);
+                // Sized without clearing (no memset of a reused buffer): all of it is
+                // overwritten by the header and the read below.
                 conn.frame.resize(hdr.frame_len(), 0);
+                conn.frame[..HEADER_LEN].copy_from_slice(&h);
                 conn.sock
                     .read_exact(&mut conn.frame[HEADER_LEN..])
                     .map_err(io)?;

@@ -144,20 +144,26 @@ impl FixedPool {
     }
 
     /// A zero-filled slot holding `len` bytes, if one is free and large enough.
+    /// A zero-filled slot of `len` bytes, if one is free and large enough.
     pub(crate) fn take(self: &Arc<Self>, len: usize) -> Option<IoBuf> {
+        let mut buf = self.take_dirty(len)?;
+        buf.as_mut_slice().fill(0);
+        Some(buf)
+    }
+
+    /// A slot of `len` bytes holding whatever its last request left there.
+    pub(crate) fn take_dirty(self: &Arc<Self>, len: usize) -> Option<IoBuf> {
         if len == 0 || len > self.slot_len {
             return None;
         }
         let index = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
-        let mut buf = IoBuf {
+        Some(IoBuf {
             inner: Inner::Fixed {
                 pool: Arc::clone(self),
                 index,
             },
             len,
-        };
-        buf.as_mut_slice().fill(0);
-        Some(buf)
+        })
     }
 
     fn release(&self, index: u16) {

@@ -26,7 +26,7 @@ pub use uring::{create_file_volume, Durability, Pending, UringOptions, UringVolu
 pub enum VolumeError {
     #[error("volume {path}: cannot open: {source}")]
     Open { path: PathBuf, source: io::Error },
-    #[error("volume {path}: the filesystem does not support O_DIRECT (statx reports no DIOALIGN)")]
+    #[error("volume {path}: the filesystem does not support O_DIRECT (statx reports no DIOALIGN and aligned O_DIRECT reads fail)")]
     NoDirectIo { path: PathBuf },
     #[error("volume {path}: not a regular file or block device")]
     NotAVolume { path: PathBuf },
@@ -67,6 +67,12 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// A zero-filled buffer of `len` bytes aligned for this volume (`len` must be a multiple of
     /// the offset alignment to be usable in a request).
     fn alloc_buf(&self, len: usize) -> IoBuf;
+    /// Like [`BlockDevice::alloc_buf`], but the contents are unspecified (possibly bytes of an
+    /// earlier request of this volume): for callers that overwrite or zero every byte before
+    /// the buffer is written anywhere. Saves a memset of the whole buffer.
+    fn alloc_buf_dirty(&self, len: usize) -> IoBuf {
+        self.alloc_buf(len)
+    }
     /// Fills the whole of `buf` from `offset`.
     fn read_at(&self, buf: IoBuf, offset: u64) -> Result<IoBuf, VolumeError>;
     /// Writes the whole of `buf` at `offset`; with `durable` the bytes are on stable storage when
@@ -88,6 +94,9 @@ impl<T: BlockDevice> BlockDevice for std::sync::Arc<T> {
     }
     fn alloc_buf(&self, len: usize) -> IoBuf {
         (**self).alloc_buf(len)
+    }
+    fn alloc_buf_dirty(&self, len: usize) -> IoBuf {
+        (**self).alloc_buf_dirty(len)
     }
     fn read_at(&self, buf: IoBuf, offset: u64) -> Result<IoBuf, VolumeError> {
         (**self).read_at(buf, offset)

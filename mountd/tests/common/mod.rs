@@ -43,7 +43,7 @@ impl Site {
         let volume = match vol {
             Vol::File(size) => {
                 let p = dir.path().join("shares.vol");
-                create_file_volume(&p, size).unwrap();
+                create_file_volume(&p, size, false).unwrap();
                 p
             }
             Vol::Device(p) => p.to_path_buf(),
