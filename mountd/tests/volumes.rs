@@ -83,6 +83,31 @@ fn many_shares_round_trip_on_a_file_volume_of_unaligned_size() {
     round_trip(&path, &dir.path().join("state"), 150, VolumeKind::File);
 }
 
+/// tmpfs accepts O_DIRECT but its statx reports no DIOALIGN: the alignment is probed, and a
+/// zeroed volume there stores and serves shares like any other.
+#[test]
+fn many_shares_round_trip_on_a_zeroed_tmpfs_volume() {
+    let shm = std::path::Path::new("/dev/shm");
+    assert!(shm.is_dir(), "this test needs /dev/shm (tmpfs)");
+    let dir = tempfile::tempdir_in(shm).unwrap();
+    let path = dir.path().join("shares.vol");
+    create_file_volume(&path, 64 << 20, true).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(bytes.len(), 64 << 20);
+    assert!(
+        bytes.iter().all(|b| *b == 0),
+        "--zero leaves zeros over the whole volume"
+    );
+    drop(bytes);
+    let dev = UringVolume::open(&path, &UringOptions::default()).unwrap();
+    let a = dev.alignment();
+    assert!(a.offset.is_power_of_two() && (512..=65536).contains(&a.offset));
+    drop(dev);
+    // A different directory for the index: sled's files stay off the volume's filesystem.
+    let state = tempfile::tempdir().unwrap();
+    round_trip(&path, state.path(), 50, VolumeKind::File);
+}
+
 /// A loop device over a file, detached on drop even when the test panics.
 #[test]
 fn many_shares_round_trip_on_a_loop_block_device() {

@@ -353,7 +353,7 @@ fn e2e_needs(size: u64, chunk: u64, n: usize) -> Needs {
 /// Memory kept free when putting data on a RAM-backed filesystem.
 const TMPFS_HEADROOM: u64 = 4 << 30;
 
-/// Where the deployment goes when --dir is a tmpfs that qgenome-mountd cannot use.
+/// Where the key pools, and if need be the volumes, go when --dir has no room for them.
 const DISK_FALLBACK: &str = "/var/tmp";
 
 /// Room on a filesystem for this run: free space, and for tmpfs also the memory available
@@ -622,7 +622,9 @@ impl Placement {
         let key_parent = match &args.key_dir {
             Some(d) => d.clone(),
             None if keys_fit_with_data(data_room, needs, volumes_on_data, mem) => args.dir.clone(),
-            None => deploy_parent.clone(),
+            // Pools are the largest part (four per link at one machine): they go to disk
+            // first, so that the volumes can stay on --dir.
+            None => PathBuf::from(DISK_FALLBACK),
         };
         std::fs::create_dir_all(&key_parent)
             .with_context(|| format!("creating {}", key_parent.display()))?;
@@ -846,8 +848,8 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
     let source = scratch.path().join("source.bin");
     let mut source_md5 = None;
     let mut notes = Vec::new();
-    // First the whole deployment on --dir; if that is a tmpfs qgenome-mountd refuses (or
-    // that is too small), the volumes go to disk.
+    // First the volumes on --dir (the key pools too when they fit); if that fails (too
+    // small, or a filesystem qgenome-mountd cannot use), the volumes go to disk.
     let attempts: &[bool] = if data_tmpfs { &[true, false] } else { &[true] };
     let mut placement = None;
     for (i, &volumes_on_data) in attempts.iter().enumerate() {
