@@ -656,17 +656,7 @@ impl<D: BlockDevice> Store<D> {
 
     /// Every indexed share and its entry, in key order.
     pub fn list(&self) -> impl Iterator<Item = Result<(ShareKey, IndexEntry), StoreError>> + '_ {
-        self.shares.iter().map(move |item| {
-            let (k, v) = item.map_err(|e| self.ix(e))?;
-            let corrupt = |e: LayoutError| StoreError::CorruptIndex {
-                dir: self.dir.clone(),
-                reason: e.to_string(),
-            };
-            Ok((
-                ShareKey::decode(&k).map_err(corrupt)?,
-                IndexEntry::decode(&v).map_err(corrupt)?,
-            ))
-        })
+        self.list_after(None)
     }
 
     /// Indexed shares with keys strictly after `after` (from the start if None), in key order.
