@@ -53,7 +53,20 @@ pub const RUN_META: ShareMeta = ShareMeta {
 pub struct StoreBench {
     pub put_mbps: f64,
     pub get_mbps: f64,
+    /// Bytes per CPU-second of this whole process (client, server, key destroyers, io_uring
+    /// thread): what the put or get costs, which a shared machine's noise moves far less.
+    pub put_cpu_mbps: f64,
+    pub get_cpu_mbps: f64,
     pub shares: u64,
+}
+
+/// Wall-clock and per-CPU-second MB/s of `f` moving `bytes`.
+fn rates<E>(bytes: u64, f: impl FnOnce() -> Result<(), E>) -> Result<(f64, f64), E> {
+    let (start, cpu) = (Instant::now(), qgenome::process_cpu());
+    f()?;
+    let wall = start.elapsed().as_secs_f64();
+    let cpu = (qgenome::process_cpu() - cpu).as_secs_f64();
+    Ok((bytes as f64 / wall / 1e6, bytes as f64 / cpu / 1e6))
 }
 
 /// Puts `count` shares of `share_len` bytes from `jobs` threads, then gets (and verifies) them
@@ -73,52 +86,57 @@ pub fn bench_store<D: BlockDevice>(
             v
         })
         .collect();
-    let run = |phase: u8| -> Result<f64, StoreError> {
+    let run = |phase: u8| -> Result<(f64, f64), StoreError> {
         let next = AtomicU64::new(0);
-        let start = Instant::now();
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..jobs)
-                .map(|j| {
-                    let next = &next;
-                    let tpl = &templates[j];
-                    s.spawn(move || -> Result<(), StoreError> {
-                        loop {
-                            let i = next.fetch_add(1, Ordering::Relaxed);
-                            if i >= count {
-                                return Ok(());
-                            }
-                            let key = run_key(file_id, i);
-                            match phase {
-                                0 => {
-                                    let mut b = store.share_buf(share_len);
-                                    b.as_mut_slice().copy_from_slice(tpl);
-                                    b.as_mut_slice()[..8].copy_from_slice(&i.to_le_bytes());
-                                    store.put_buf(key, RUN_META, b)?;
+        rates(count * share_len as u64, || {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..jobs)
+                    .map(|j| {
+                        let next = &next;
+                        let tpl = &templates[j];
+                        s.spawn(move || -> Result<(), StoreError> {
+                            loop {
+                                let i = next.fetch_add(1, Ordering::Relaxed);
+                                if i >= count {
+                                    return Ok(());
                                 }
-                                _ => {
-                                    let d = store.get(&key)?;
-                                    assert_eq!(&d.bytes()[..8], &i.to_le_bytes(), "share {key}");
+                                let key = run_key(file_id, i);
+                                match phase {
+                                    0 => {
+                                        let mut b = store.share_buf(share_len);
+                                        b.as_mut_slice().copy_from_slice(tpl);
+                                        b.as_mut_slice()[..8].copy_from_slice(&i.to_le_bytes());
+                                        store.put_buf(key, RUN_META, b)?;
+                                    }
+                                    _ => {
+                                        let d = store.get(&key)?;
+                                        assert_eq!(
+                                            &d.bytes()[..8],
+                                            &i.to_le_bytes(),
+                                            "share {key}"
+                                        );
+                                    }
                                 }
                             }
-                        }
+                        })
                     })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .try_for_each(|h| h.join().expect("bench thread"))
-        })?;
-        let secs = start.elapsed().as_secs_f64();
-        Ok((count * share_len as u64) as f64 / secs / 1e6)
+                    .collect();
+                handles
+                    .into_iter()
+                    .try_for_each(|h| h.join().expect("bench thread"))
+            })
+        })
     };
-    let put_mbps = run(0)?;
-    let get_mbps = run(1)?;
+    let (put_mbps, put_cpu_mbps) = run(0)?;
+    let (get_mbps, get_cpu_mbps) = run(1)?;
     for i in 0..count {
         store.delete(&run_key(file_id, i))?;
     }
     Ok(StoreBench {
         put_mbps,
         get_mbps,
+        put_cpu_mbps,
+        get_cpu_mbps,
         shares: count,
     })
 }
@@ -249,37 +267,40 @@ pub fn bench_daemon<D: BlockDevice>(
         };
         let mut tpl = vec![0u8; share_len];
         pattern(1, &run_key(file, 0), &mut tpl);
-        let run = |phase: u8| -> anyhow::Result<f64> {
+        let run = |phase: u8| -> anyhow::Result<(f64, f64)> {
             let next = AtomicU64::new(0);
-            let start = Instant::now();
-            std::thread::scope(|s| {
-                let hs: Vec<_> = (0..jobs)
-                    .map(|_| {
-                        s.spawn(|| -> anyhow::Result<()> {
-                            let mut data = tpl.clone();
-                            loop {
-                                let i = next.fetch_add(1, Ordering::Relaxed);
-                                if i >= count {
-                                    return Ok(());
+            rates(count * share_len as u64, || {
+                std::thread::scope(|s| {
+                    let hs: Vec<_> = (0..jobs)
+                        .map(|_| {
+                            s.spawn(|| -> anyhow::Result<()> {
+                                let mut data = tpl.clone();
+                                loop {
+                                    let i = next.fetch_add(1, Ordering::Relaxed);
+                                    if i >= count {
+                                        return Ok(());
+                                    }
+                                    if phase == 0 {
+                                        data[..8].copy_from_slice(&i.to_le_bytes());
+                                        client.put(&key(i), &meta, &data)?;
+                                    } else {
+                                        let d = client.get(&key(i))?;
+                                        anyhow::ensure!(
+                                            d[..8] == i.to_le_bytes(),
+                                            "share {i} differs"
+                                        );
+                                    }
                                 }
-                                if phase == 0 {
-                                    data[..8].copy_from_slice(&i.to_le_bytes());
-                                    client.put(&key(i), &meta, &data)?;
-                                } else {
-                                    let d = client.get(&key(i))?;
-                                    anyhow::ensure!(d[..8] == i.to_le_bytes(), "share {i} differs");
-                                }
-                            }
+                            })
                         })
-                    })
-                    .collect();
-                hs.into_iter()
-                    .try_for_each(|h| h.join().expect("bench thread"))
-            })?;
-            Ok((count * share_len as u64) as f64 / start.elapsed().as_secs_f64() / 1e6)
+                        .collect();
+                    hs.into_iter()
+                        .try_for_each(|h| h.join().expect("bench thread"))
+                })
+            })
         };
-        let put_mbps = run(0)?;
-        let get_mbps = run(1)?;
+        let (put_mbps, put_cpu_mbps) = run(0)?;
+        let (get_mbps, get_cpu_mbps) = run(1)?;
         for i in 0..count {
             client.delete(&key(i))?;
         }
@@ -289,6 +310,8 @@ pub fn bench_daemon<D: BlockDevice>(
         Ok(StoreBench {
             put_mbps,
             get_mbps,
+            put_cpu_mbps,
+            get_cpu_mbps,
             shares: count,
         })
     })();

@@ -427,6 +427,8 @@ fn bench(
     let mut out = serde_json::json!({
         "put_mbps": r.put_mbps,
         "get_mbps": r.get_mbps,
+        "put_cpu_mbps": r.put_cpu_mbps,
+        "get_cpu_mbps": r.get_cpu_mbps,
         "shares": r.shares,
         "share_size": share_size,
         "jobs": jobs,

@@ -28,7 +28,7 @@ use tokio::task::JoinSet;
 
 use crate::config::{LinkConfig, SiteConfig};
 use crate::layout::{ShareKey, ShareMeta};
-use crate::store::{Health, Store, StoreError};
+use crate::store::{Health, ShareBuf, ShareData, Store, StoreError};
 use crate::volume::BlockDevice;
 
 /// Errors starting or running the server; each names the link, address or socket at fault.
@@ -405,9 +405,9 @@ impl<D: BlockDevice> Server<D> {
             sealed = conn;
             reply = out;
             (frame, plain) = (f, p);
-            let close = match outcome {
-                Outcome::Reply => None,
-                Outcome::ReplyAndClose(reason) => Some(reason),
+            let (close, share) = match outcome {
+                Outcome::Reply(share) => (None, share),
+                Outcome::ReplyAndClose(reason) => (Some(reason), None),
                 Outcome::Close(reason) => {
                     drop(permit);
                     return refuse(&reason);
@@ -416,12 +416,11 @@ impl<D: BlockDevice> Server<D> {
             let w = if sealed.is_some() {
                 s.write_all(&reply).await
             } else {
-                let len = (reply.len() as u32).to_le_bytes();
-                match s.write_all(&len).await {
-                    Ok(()) => s.write_all(&reply).await,
-                    Err(e) => Err(e),
-                }
+                let tail = share.as_ref().map_or(&[][..], |d| d.bytes());
+                let len = ((reply.len() + tail.len()) as u32).to_le_bytes();
+                write_all_parts(&mut s, &[&len, &reply, tail]).await
             };
+            drop(share);
             drop(permit);
             if let Err(e) = w {
                 tracing::info!("link {link_name} peer {peer}: writing reply: {e}");
@@ -457,8 +456,9 @@ impl<D: BlockDevice> Server<D> {
                     plain_error(out, m.id, ErrorCode::BadRequest, 0, r);
                     return Outcome::ReplyAndClose(r.to_string());
                 }
-                *out = self.execute(&m, peer, "unix");
-                Outcome::Reply
+                let r = self.execute(&m, peer, "unix");
+                *out = r.head;
+                Outcome::Reply(r.share)
             }
             Some(c) => self.handle_sealed(c, frame, plain, out, peer),
         }
@@ -489,28 +489,20 @@ impl<D: BlockDevice> Server<D> {
                 }
             },
         };
-        let opened = lock(&link.recv).open(frame, plain);
-        if let Err(e) = opened {
-            return match e {
-                LinkError::KeyAlreadyUsed { consumed_until, .. } => {
-                    // Tell the sender where our unused key starts (sealed, so authentic):
-                    // after our restart it skips there; a replay learns nothing new.
-                    let reason = format!("replayed or stale frame: {e}");
-                    match self.seal_reply(
-                        &link,
-                        0,
-                        error_body(ErrorCode::KeyAlreadyUsed, consumed_until, &e.to_string()),
-                        out,
-                    ) {
-                        Ok(()) => Outcome::ReplyAndClose(reason),
-                        Err(se) => Outcome::Close(format!("{reason}; cannot answer: {se}")),
-                    }
-                }
-                LinkError::WrongStream { .. } => Outcome::Close(format!(
-                    "frame sealed with another link's or direction's key: {e}"
-                )),
-                LinkError::BadTag { .. } => Outcome::Close(format!("altered or forged frame: {e}")),
-                other => Outcome::Close(other.to_string()),
+        // Once the link is known, a PUT's share is opened straight into a store buffer.
+        let opened = match c.link {
+            Some(_) => self.open_put(&link, &header, frame, plain),
+            None => lock(&link.recv).open(frame, plain).map(|_| None),
+        };
+        let staged = match opened {
+            Ok(s) => s,
+            Err(e) => return self.refuse_frame(&link, e, out),
+        };
+        if let Some(put) = staged {
+            let reply = self.put_staged(put, peer, &link.name);
+            return match lock(&link.send).seal_parts(&reply.parts(), out) {
+                Ok(_) => Outcome::Reply(None),
+                Err(e) => Outcome::Close(format!("cannot seal the reply: {e}")),
             };
         }
         let m = match msg::decode(plain) {
@@ -524,7 +516,7 @@ impl<D: BlockDevice> Server<D> {
                 };
             }
         };
-        let plain_reply = if c.link.is_none() {
+        let reply = if c.link.is_none() {
             match &m.body {
                 Body::Hello {
                     link: name,
@@ -551,13 +543,12 @@ impl<D: BlockDevice> Server<D> {
                     drop(tx);
                     c.link = Some(link.clone());
                     tracing::info!("link {} peer {peer}: connected", link.name);
-                    Msg {
+                    Reply::plain(Msg {
                         id: m.id,
                         body: Body::Welcome {
                             site: self.store.site().to_string(),
                         },
-                    }
-                    .to_vec()
+                    })
                 }
                 Body::Hello { link: name, .. } => {
                     return Outcome::Close(format!(
@@ -573,18 +564,43 @@ impl<D: BlockDevice> Server<D> {
                 }
             }
         } else if matches!(m.body, Body::Hello { .. }) {
-            Msg {
+            Reply::plain(Msg {
                 id: m.id,
                 body: error_body(ErrorCode::BadRequest, 0, "second HELLO on one connection"),
-            }
-            .to_vec()
+            })
         } else {
             self.execute(&m, peer, &link.name)
         };
-        let sealed = lock(&link.send).seal(&plain_reply, out);
+        let sealed = lock(&link.send).seal_parts(&reply.parts(), out);
         match sealed {
-            Ok(_) => Outcome::Reply,
+            Ok(_) => Outcome::Reply(None),
             Err(e) => Outcome::Close(format!("cannot seal the reply: {e}")),
+        }
+    }
+
+    /// The answer to a frame the link refused: a replay is told (sealed) where our unused
+    /// key starts; anything else closes the connection.
+    fn refuse_frame(&self, link: &LinkEnds, e: LinkError, out: &mut Vec<u8>) -> Outcome {
+        match e {
+            LinkError::KeyAlreadyUsed { consumed_until, .. } => {
+                // Tell the sender where our unused key starts (sealed, so authentic):
+                // after our restart it skips there; a replay learns nothing new.
+                let reason = format!("replayed or stale frame: {e}");
+                match self.seal_reply(
+                    link,
+                    0,
+                    error_body(ErrorCode::KeyAlreadyUsed, consumed_until, &e.to_string()),
+                    out,
+                ) {
+                    Ok(()) => Outcome::ReplyAndClose(reason),
+                    Err(se) => Outcome::Close(format!("{reason}; cannot answer: {se}")),
+                }
+            }
+            LinkError::WrongStream { .. } => Outcome::Close(format!(
+                "frame sealed with another link's or direction's key: {e}"
+            )),
+            LinkError::BadTag { .. } => Outcome::Close(format!("altered or forged frame: {e}")),
+            other => Outcome::Close(other.to_string()),
         }
     }
 
@@ -601,8 +617,8 @@ impl<D: BlockDevice> Server<D> {
     }
 
     /// Run one request against the store and encode its reply (with the request's id).
-    fn execute(&self, m: &Msg<'_>, peer: &str, via: &str) -> Vec<u8> {
-        let reply = |body: Body<'_>| Msg { id: m.id, body }.to_vec();
+    fn execute(&self, m: &Msg<'_>, peer: &str, via: &str) -> Reply {
+        let reply = |body: Body<'_>| Reply::plain(Msg { id: m.id, body });
         let r = match &m.body {
             Body::Put { key, meta, data } => {
                 if data.is_empty() || data.len() as u64 > self.limits.max_share_len {
@@ -629,10 +645,22 @@ impl<D: BlockDevice> Server<D> {
                     n: d.meta.n,
                     secret_len: u32::try_from(d.meta.secret_len).unwrap_or(u32::MAX),
                 };
-                reply(Body::Data {
-                    meta,
-                    data: d.bytes(),
-                })
+                // The share goes out from the store's read buffer: only its head is encoded.
+                let mut head = Vec::new();
+                let tail = Msg {
+                    id: m.id,
+                    body: Body::Data {
+                        meta,
+                        data: d.bytes(),
+                    },
+                }
+                .encode_head(&mut head)
+                .len();
+                debug_assert_eq!(tail, d.bytes().len());
+                Reply {
+                    head,
+                    share: Some(d),
+                }
             }),
             Body::Delete { key } => self.store.delete(&to_key(key)).map(|()| reply(Body::Done)),
             Body::List {
@@ -649,20 +677,56 @@ impl<D: BlockDevice> Server<D> {
                 ))
             }
         };
-        match r {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::debug!("{via} peer {peer}: {} failed: {e}", m.body.name());
-                let code = match &e {
-                    StoreError::NotFound { .. } => ErrorCode::NotFound,
-                    StoreError::Damaged { .. } => ErrorCode::Damaged,
-                    StoreError::VolumeFull { .. } => ErrorCode::VolumeFull,
-                    StoreError::InvalidShare { .. } => ErrorCode::BadRequest,
-                    _ => ErrorCode::Internal,
-                };
-                reply(error_body(code, 0, &e.to_string()))
-            }
+        answer(m.id, m.body.name(), r, peer, via)
+    }
+
+    /// A PUT whose share was opened straight into the buffer it is written from.
+    fn put_staged(&self, m: StagedPut, peer: &str, via: &str) -> Reply {
+        let r = self
+            .store
+            .put_buf(to_key(&m.key), to_meta(&m.meta), m.buf)
+            .map(|()| {
+                Reply::plain(Msg {
+                    id: m.id,
+                    body: Body::Done,
+                })
+            });
+        answer(m.id, "PUT", r, peer, via)
+    }
+
+    /// Open a PUT's frame with its share going straight into a store buffer (no copy of the
+    /// share out of the plaintext). `None` when the frame is no PUT of an acceptable share,
+    /// which then goes the ordinary way (`plain` holds the whole message).
+    fn open_put(
+        &self,
+        link: &LinkEnds,
+        header: &FrameHeader,
+        frame: &[u8],
+        plain: &mut Vec<u8>,
+    ) -> Result<Option<StagedPut>, LinkError> {
+        let len = header.payload_len as usize;
+        let data_len = len.saturating_sub(msg::PUT_HEAD_LEN);
+        if data_len == 0 || data_len as u64 > self.limits.max_share_len {
+            lock(&link.recv).open(frame, plain)?;
+            return Ok(None);
         }
+        let mut buf = self.store.share_buf(data_len);
+        lock(&link.recv).open_split(frame, plain, buf.as_mut_slice())?;
+        let put = match msg::decode_split(plain, buf.as_slice()) {
+            Ok(Msg {
+                id,
+                body: Body::Put { key, meta, .. },
+            }) => Some((id, key, meta)),
+            _ => None,
+        };
+        Ok(match put {
+            Some((id, key, meta)) => Some(StagedPut { id, key, meta, buf }),
+            None => {
+                // Not a PUT after all: the whole message, for the ordinary path to judge.
+                plain.extend_from_slice(buf.as_slice());
+                None
+            }
+        })
     }
 
     fn list(
@@ -798,8 +862,63 @@ struct ConnLink {
     link: Option<Arc<LinkEnds>>,
 }
 
+/// A PUT request whose share is already in the buffer the store writes from.
+struct StagedPut {
+    id: u64,
+    key: WireKey,
+    meta: WireMeta,
+    buf: ShareBuf,
+}
+
+/// The reply to a request that ran as `r`: store errors become error replies (logged).
+fn answer(id: u64, what: &str, r: Result<Reply, StoreError>, peer: &str, via: &str) -> Reply {
+    r.unwrap_or_else(|e| {
+        tracing::debug!("{via} peer {peer}: {what} failed: {e}");
+        let code = match &e {
+            StoreError::NotFound { .. } => ErrorCode::NotFound,
+            StoreError::Damaged { .. } => ErrorCode::Damaged,
+            StoreError::VolumeFull { .. } => ErrorCode::VolumeFull,
+            StoreError::InvalidShare { .. } => ErrorCode::BadRequest,
+            _ => ErrorCode::Internal,
+        };
+        Reply::plain(Msg {
+            id,
+            body: error_body(code, 0, &e.to_string()),
+        })
+    })
+}
+
+/// Write `parts` one after the other (a few bytes of length and head, then a share).
+async fn write_all_parts<S: AsyncWrite + Unpin>(s: &mut S, parts: &[&[u8]]) -> std::io::Result<()> {
+    for p in parts {
+        s.write_all(p).await?;
+    }
+    Ok(())
+}
+
+/// An encoded reply: `head`, then the bytes of `share` when it carries one (GET), sent from
+/// the store's buffer without being copied behind the head.
+struct Reply {
+    head: Vec<u8>,
+    share: Option<ShareData>,
+}
+
+impl Reply {
+    fn plain(m: Msg<'_>) -> Self {
+        Self {
+            head: m.to_vec(),
+            share: None,
+        }
+    }
+
+    fn parts(&self) -> [&[u8]; 2] {
+        [&self.head, self.share.as_ref().map_or(&[], |d| d.bytes())]
+    }
+}
+
 enum Outcome {
-    Reply,
+    /// Send the reply in the output buffer, then these share bytes (unsealed socket only).
+    Reply(Option<ShareData>),
     ReplyAndClose(String),
     Close(String),
 }

@@ -143,6 +143,10 @@ pub struct ShareBuf {
 }
 
 impl ShareBuf {
+    pub fn as_slice(&self) -> &[u8] {
+        &self.buf.as_slice()[self.start..self.start + self.len]
+    }
+
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         &mut self.buf.as_mut_slice()[self.start..self.start + self.len]
     }

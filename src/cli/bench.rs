@@ -90,17 +90,6 @@ impl BenchCommand {
     }
 }
 
-/// CPU time of the whole process so far (all threads).
-fn process_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
-
 pub(crate) fn mbps(bytes: u64, t: Duration) -> f64 {
     bytes as f64 / t.as_secs_f64() / 1e6
 }
@@ -150,7 +139,7 @@ fn bench_split(args: &SplitArgs) -> anyhow::Result<()> {
     let mut split_cpu = Vec::new();
     let mut combine_cpu = Vec::new();
     for _ in 0..args.passes {
-        let (start, cpu) = (Instant::now(), process_cpu());
+        let (start, cpu) = (Instant::now(), crate::process_cpu());
         std::thread::scope(|s| -> anyhow::Result<()> {
             let handles: Vec<_> = workers
                 .iter_mut()
@@ -176,9 +165,12 @@ fn bench_split(args: &SplitArgs) -> anyhow::Result<()> {
                 .try_for_each(|h| h.join().expect("split worker"))
         })?;
         split_runs.push(mbps(args.size, start.elapsed()));
-        split_cpu.push(mbps(args.size, (process_cpu() - cpu) / args.threads as u32));
+        split_cpu.push(mbps(
+            args.size,
+            (crate::process_cpu() - cpu) / args.threads as u32,
+        ));
 
-        let (start, cpu) = (Instant::now(), process_cpu());
+        let (start, cpu) = (Instant::now(), crate::process_cpu());
         std::thread::scope(|s| -> anyhow::Result<()> {
             let handles: Vec<_> = workers
                 .iter()
@@ -216,7 +208,10 @@ fn bench_split(args: &SplitArgs) -> anyhow::Result<()> {
                 .try_for_each(|h| h.join().expect("combine worker"))
         })?;
         combine_runs.push(mbps(args.size, start.elapsed()));
-        combine_cpu.push(mbps(args.size, (process_cpu() - cpu) / args.threads as u32));
+        combine_cpu.push(mbps(
+            args.size,
+            (crate::process_cpu() - cpu) / args.threads as u32,
+        ));
         // Untimed: each output slot must hold the chunk whose shares its slot held.
         for (outs, mine) in outs.iter().zip(chunks.chunks(per_thread)) {
             for (slot, out) in outs.iter().enumerate().take(mine.len()) {

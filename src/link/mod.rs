@@ -144,16 +144,6 @@ pub fn bench_seal(size: u64, dir: &Path) -> Result<f64, LinkError> {
     bench_seal_detail(size, dir).map(|b| b.wall_mbps)
 }
 
-fn process_cpu() -> std::time::Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
-
 /// Seal and open `size` payload bytes in 1 MiB frames through a freshly provisioned link
 /// whose pools live under `dir` (use tmpfs, e.g. /dev/shm, to measure the CPU side).
 /// Returns MB/s = payload bytes / (total seal time + total open time). Removes its files.
@@ -185,7 +175,7 @@ pub fn bench_seal_detail(size: u64, dir: &Path) -> Result<SealBench, LinkError> 
         getrandom::getrandom(&mut payload).expect("OS random source");
         let (mut frame, mut back) = (Vec::new(), Vec::new());
         let (mut t_seal, mut t_open) = (Duration::ZERO, Duration::ZERO);
-        let cpu0 = process_cpu();
+        let cpu0 = crate::process_cpu();
         for _ in 0..frames {
             let t = Instant::now();
             tx.seal(&payload, &mut frame)?;
@@ -201,7 +191,7 @@ pub fn bench_seal_detail(size: u64, dir: &Path) -> Result<SealBench, LinkError> 
         let t = Instant::now();
         rx.flush()?;
         t_open += t.elapsed();
-        let cpu = process_cpu() - cpu0;
+        let cpu = crate::process_cpu() - cpu0;
         assert_eq!(back, payload, "bench round trip");
         let bytes = (frames * FRAME as u64) as f64;
         Ok(SealBench {

@@ -46,15 +46,17 @@ pub enum SealError<E> {
     BadTag,
 }
 
-/// Seal `payload` under `header` into `out` (resized to the frame, capacity reused). On error `out`
-/// is wiped.
+/// Seal the concatenation of `parts` (the payload, given in pieces so that a message head and
+/// the bulk data it carries need not be copied together first) under `header` into `out`
+/// (resized to the frame, capacity reused). On error `out` is wiped.
 pub fn seal<K: FrameKey>(
     header: &FrameHeader,
-    payload: &[u8],
+    parts: &[&[u8]],
     out: &mut Vec<u8>,
     key: &mut K,
 ) -> Result<(), SealError<K::Error>> {
-    debug_assert_eq!(header.payload_len, payload.len() as u64);
+    let payload_len: usize = parts.iter().map(|p| p.len()).sum();
+    debug_assert_eq!(header.payload_len, payload_len as u64);
     let (mut mac, s) = mac_init(key)?;
     let hdr = header.encode();
     // Sized without clearing: every byte is overwritten below, and a buffer reused for frames
@@ -62,51 +64,95 @@ pub fn seal<K: FrameKey>(
     out.resize(header.frame_len(), 0);
     out[..HEADER_LEN].copy_from_slice(&hdr);
     mac.update_padded(&hdr);
-    for (i, p) in payload.chunks(CHUNK).enumerate() {
-        let at = HEADER_LEN + i * CHUNK;
-        let c = &mut out[at..at + p.len()];
+    let body = &mut out[HEADER_LEN..HEADER_LEN + payload_len];
+    let mut src = Parts::new(parts);
+    for (i, c) in body.chunks_mut(CHUNK).enumerate() {
         if let Err(e) = key.read(MAC_KEY_LEN + (i * CHUNK) as u64, c) {
             out.zeroize();
             return Err(SealError::Key(e));
         }
-        xor_into(c, p);
+        src.xor_next(c);
         mac.update_padded(c);
     }
-    let tag = finish(mac, &s, payload.len());
-    out[HEADER_LEN + payload.len()..].copy_from_slice(&tag);
+    let tag = finish(mac, &s, payload_len);
+    out[HEADER_LEN + payload_len..].copy_from_slice(&tag);
     Ok(())
 }
 
+/// A cursor over a payload given in parts.
+struct Parts<'a> {
+    rest: &'a [&'a [u8]],
+    at: usize,
+}
+
+impl<'a> Parts<'a> {
+    fn new(parts: &'a [&'a [u8]]) -> Self {
+        Self { rest: parts, at: 0 }
+    }
+
+    /// XOR the next `dst.len()` payload bytes into `dst`.
+    fn xor_next(&mut self, mut dst: &mut [u8]) {
+        while !dst.is_empty() {
+            let (part, more) = self.rest.split_first().expect("parts cover the payload");
+            let n = dst.len().min(part.len() - self.at);
+            let (now, later) = dst.split_at_mut(n);
+            xor_into(now, &part[self.at..self.at + n]);
+            dst = later;
+            self.at += n;
+            if self.at == part.len() {
+                self.rest = more;
+                self.at = 0;
+            }
+        }
+    }
+}
+
 /// Open a whole `frame` whose header was parsed into `header`: verify its tag and write the
-/// payload into `out` (resized to the payload). On any failure `out` is wiped (its whole capacity
-/// zeroized) before returning, so no plaintext of an unauthenticated frame is ever handed out.
+/// payload into `outs`, one after the other (their lengths must add up to the payload's). On
+/// any failure every out is wiped before returning, so no plaintext of an unauthenticated
+/// frame is ever handed out.
 pub fn open<K: FrameKey>(
     header: &FrameHeader,
     frame: &[u8],
-    out: &mut Vec<u8>,
+    outs: &mut [&mut [u8]],
     key: &mut K,
 ) -> Result<(), SealError<K::Error>> {
     let len = header.payload_len as usize;
     debug_assert_eq!(frame.len(), header.frame_len());
+    assert_eq!(
+        outs.iter().map(|o| o.len()).sum::<usize>(),
+        len,
+        "open: the outputs must hold the payload exactly"
+    );
+    let wipe = |outs: &mut [&mut [u8]]| outs.iter_mut().for_each(|o| o.zeroize());
     let (mut mac, s) = mac_init(key)?;
     mac.update_padded(&frame[..HEADER_LEN]);
     let ct = &frame[HEADER_LEN..HEADER_LEN + len];
     let got_tag = &frame[HEADER_LEN + len..];
-    out.resize(len, 0);
+    let (mut part, mut at) = (0, 0);
     for (i, c) in ct.chunks(CHUNK).enumerate() {
         mac.update_padded(c);
-        let p = &mut out[i * CHUNK..i * CHUNK + c.len()];
-        if let Err(e) = key.read(MAC_KEY_LEN + (i * CHUNK) as u64, p) {
-            out.zeroize();
-            return Err(SealError::Key(e));
+        // The chunk's plaintext, possibly across the end of one out and into the next.
+        let mut done = 0;
+        while done < c.len() {
+            while outs[part].len() == at {
+                (part, at) = (part + 1, 0);
+            }
+            let n = (c.len() - done).min(outs[part].len() - at);
+            let p = &mut outs[part][at..at + n];
+            if let Err(e) = key.read(MAC_KEY_LEN + (i * CHUNK + done) as u64, p) {
+                wipe(outs);
+                return Err(SealError::Key(e));
+            }
+            xor_into(p, &c[done..done + n]);
+            (done, at) = (done + n, at + n);
         }
-        xor_into(p, c);
     }
     let want = finish(mac, &s, len);
     if bool::from(want.ct_eq(got_tag)) {
         Ok(())
     } else {
-        out.zeroize();
+        wipe(outs);
         Err(SealError::BadTag)
     }
 }
@@ -175,17 +221,60 @@ mod tests {
         };
         let k = key(32 + 64, 5);
         let mut frame = Vec::new();
-        seal(&h, &payload, &mut frame, &mut &k[..]).unwrap();
+        seal(&h, &[&payload], &mut frame, &mut &k[..]).unwrap();
         assert_ne!(&frame[HEADER_LEN..HEADER_LEN + 64], &payload[..]);
-        let mut out = Vec::new();
-        open(&h, &frame, &mut out, &mut &k[..]).unwrap();
+        let mut out = vec![0u8; 64];
+        open(&h, &frame, &mut [&mut out[..]], &mut &k[..]).unwrap();
         assert_eq!(out, payload);
         for bit in HEADER_LEN * 8..frame.len() * 8 {
             let mut f = frame.clone();
             f[bit / 8] ^= 1 << (bit % 8);
-            let r = open(&h, &f, &mut out, &mut &k[..]);
+            let (a, b) = out.split_at_mut(bit % 64);
+            let r = open(&h, &f, &mut [a, b], &mut &k[..]);
             assert!(matches!(r, Err(SealError::BadTag)), "bit {bit}");
-            assert!(out.is_empty());
+            assert!(
+                out.iter().all(|&x| x == 0),
+                "bit {bit}: plaintext left behind"
+            );
+        }
+    }
+
+    #[test]
+    fn sealing_parts_equals_sealing_their_concatenation() {
+        let payload: Vec<u8> = (0..3 * CHUNK + 77).map(|i| (i * 7) as u8).collect();
+        let h = FrameHeader {
+            stream_id: [3; 16],
+            key_offset: 0,
+            payload_len: payload.len() as u64,
+        };
+        let k = key(32 + payload.len(), 9);
+        let mut whole = Vec::new();
+        seal(&h, &[&payload], &mut whole, &mut &k[..]).unwrap();
+        let n = payload.len();
+        for cuts in [
+            vec![0],
+            vec![n],
+            vec![1, 2],
+            vec![40, CHUNK],
+            vec![CHUNK - 1, CHUNK + 1, 2 * CHUNK],
+            vec![5, 5, n - 3],
+        ] {
+            let mut parts = Vec::new();
+            let mut at = 0;
+            for c in cuts {
+                parts.push(&payload[at..c]);
+                at = c;
+            }
+            parts.push(&payload[at..]);
+            let lens: Vec<usize> = parts.iter().map(|p| p.len()).collect();
+            let mut f = vec![0xee; 10];
+            seal(&h, &parts, &mut f, &mut &k[..]).unwrap();
+            assert_eq!(f, whole, "parts {lens:?}");
+            // Opening into outputs cut the same way gives the pieces back.
+            let mut back: Vec<Vec<u8>> = lens.iter().map(|&n| vec![0u8; n]).collect();
+            let mut outs: Vec<&mut [u8]> = back.iter_mut().map(|v| v.as_mut_slice()).collect();
+            open(&h, &f, &mut outs, &mut &k[..]).unwrap();
+            assert_eq!(back.concat(), payload, "outs {lens:?}");
         }
     }
 
@@ -198,7 +287,7 @@ mod tests {
         };
         let k = [0u8; 36];
         let mut frame = Vec::new();
-        let r = seal(&h, b"abcd", &mut frame, &mut &k[..]);
+        let r = seal(&h, &[b"abcd"], &mut frame, &mut &k[..]);
         assert!(matches!(r, Err(SealError::KeyDestroyed)));
     }
 }

@@ -265,14 +265,25 @@ impl SendStream {
 
     /// Seal `payload` into `out` (cleared; its capacity is reused).
     pub fn seal(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Result<SealedFrame, LinkError> {
+        self.seal_parts(&[payload], out)
+    }
+
+    /// [`seal`](Self::seal) of the concatenation of `parts`, without building it (a message
+    /// head and the share it carries, say).
+    pub fn seal_parts(
+        &mut self,
+        parts: &[&[u8]],
+        out: &mut Vec<u8>,
+    ) -> Result<SealedFrame, LinkError> {
         let link = || self.end.link().to_string();
-        if payload.len() as u64 > MAX_PAYLOAD_LEN {
+        let payload_len: usize = parts.iter().map(|p| p.len()).sum();
+        if payload_len as u64 > MAX_PAYLOAD_LEN {
             return Err(LinkError::PayloadTooLarge {
                 link: link(),
-                len: payload.len(),
+                len: payload_len,
             });
         }
-        let need = key_len_for(payload.len() as u64).expect("bounded payload");
+        let need = key_len_for(payload_len as u64).expect("bounded payload");
         let remaining = self.remaining();
         if need > remaining {
             return Err(LinkError::Exhausted {
@@ -287,13 +298,13 @@ impl SendStream {
         let header = FrameHeader {
             stream_id: self.end.key.info().stream_id,
             key_offset: range.start,
-            payload_len: payload.len() as u64,
+            payload_len: payload_len as u64,
         };
         // From here the range counts as used, whatever happens.
         self.next = range.end;
         let r = seal::seal(
             &header,
-            payload,
+            parts,
             out,
             &mut RangeKey {
                 key: self.end.key.as_ref(),
@@ -423,7 +434,39 @@ impl RecvStream {
     /// Verify and decrypt `frame` into `out` (cleared). On any error `out` is left empty and
     /// wiped; key is marked consumed only after the tag verified.
     pub fn open(&mut self, frame: &[u8], out: &mut Vec<u8>) -> Result<SealedFrame, LinkError> {
-        out.clear();
+        // Not cleared up front: a buffer reused for frames of one size is then resized without
+        // a memset. Every error path below leaves it empty (and wiped once plaintext was in it).
+        let r = self.open_into(frame, out, &mut []);
+        if r.is_err() {
+            out.clear();
+        }
+        r
+    }
+
+    /// [`open`](Self::open) with the payload's last `tail.len()` bytes written to `tail` and
+    /// the rest to `head` (resized): a share lands straight in the buffer it is stored from.
+    /// `tail` must not be longer than the payload (see [`FrameHeader::parse_frame`]). On any
+    /// error `head` is left empty and `tail` wiped.
+    pub fn open_split(
+        &mut self,
+        frame: &[u8],
+        head: &mut Vec<u8>,
+        tail: &mut [u8],
+    ) -> Result<SealedFrame, LinkError> {
+        let r = self.open_into(frame, head, tail);
+        if r.is_err() {
+            head.clear();
+            zeroize::Zeroize::zeroize(tail);
+        }
+        r
+    }
+
+    fn open_into(
+        &mut self,
+        frame: &[u8],
+        out: &mut Vec<u8>,
+        tail: &mut [u8],
+    ) -> Result<SealedFrame, LinkError> {
         let link = || self.end.link().to_string();
         let header = FrameHeader::parse_frame(frame).map_err(|source| LinkError::BadFrame {
             link: link(),
@@ -455,11 +498,15 @@ impl RecvStream {
                 consumed_until,
             });
         }
+        let head_len = (header.payload_len as usize)
+            .checked_sub(tail.len())
+            .expect("open_split: the tail is longer than the payload");
         self.end.key.reserve(range.end)?;
+        out.resize(head_len, 0);
         let r = seal::open(
             &header,
             frame,
-            out,
+            &mut [out.as_mut_slice(), tail],
             &mut RangeKey {
                 key: self.end.key.as_ref(),
                 base: range.start,
@@ -474,6 +521,7 @@ impl RecvStream {
         })();
         if let Err(e) = accepted {
             zeroize::Zeroize::zeroize(out);
+            zeroize::Zeroize::zeroize(tail);
             return Err(e);
         }
         Ok(SealedFrame { key_range: range })

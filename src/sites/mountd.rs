@@ -79,6 +79,12 @@ impl Write for Sock {
             Sock::Tcp(s) => s.write(b),
         }
     }
+    fn write_vectored(&mut self, b: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Sock::Unix(s) => s.write_vectored(b),
+            Sock::Tcp(s) => s.write_vectored(b),
+        }
+    }
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
             Sock::Unix(s) => s.flush(),
@@ -87,11 +93,38 @@ impl Write for Sock {
     }
 }
 
-/// One connection and its reusable buffers.
+/// One connection and its reusable buffers, one per role, so that none changes size from
+/// one request to the next (growing a `Vec` again would memset it).
+#[derive(Default)]
+struct Bufs {
+    /// The request's encoding without its share bytes.
+    head: Vec<u8>,
+    /// The sealed request.
+    frame: Vec<u8>,
+    /// The reply as read (sealed frame).
+    reply: Vec<u8>,
+    /// The reply's plaintext message.
+    plain: Vec<u8>,
+}
+
 struct Conn {
     sock: Sock,
-    plain: Vec<u8>,
-    frame: Vec<u8>,
+    b: Bufs,
+}
+
+/// Write all of `parts` in as few system calls as the socket takes.
+fn write_all_parts(w: &mut impl Write, parts: &mut [std::io::IoSlice<'_>]) -> std::io::Result<()> {
+    let mut parts = parts;
+    std::io::IoSlice::advance_slices(&mut parts, 0);
+    while !parts.is_empty() {
+        match w.write_vectored(parts) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => std::io::IoSlice::advance_slices(&mut parts, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Why one exchange failed.
@@ -268,7 +301,7 @@ impl MountdSite {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             match self.exchange(&mut conn, id, body) {
                 Ok(()) => {
-                    let r = match msg::decode(&conn.plain) {
+                    let r = match msg::decode(&conn.b.plain) {
                         Ok(m) if m.id == id || m.id == 0 => {
                             self.reply(m.body, request_key(body), &f)
                         }
@@ -399,8 +432,7 @@ impl MountdSite {
             let sock = open().map_err(|e| self.unreachable(e))?;
             return Ok(Conn {
                 sock,
-                plain: Vec::new(),
-                frame: Vec::new(),
+                b: Bufs::default(),
             });
         };
         // HELLO; after a restart of the server (or of both ends) skip forward and retry.
@@ -408,8 +440,7 @@ impl MountdSite {
             let sock = open().map_err(|e| self.unreachable(e))?;
             let mut conn = Conn {
                 sock,
-                plain: Vec::new(),
-                frame: Vec::new(),
+                b: Bufs::default(),
             };
             let floor = link.recv_key_len - lock(&link.recv).remaining();
             let hello = Body::Hello {
@@ -420,7 +451,7 @@ impl MountdSite {
             };
             match self.exchange(&mut conn, 0, &hello) {
                 Ok(()) => {
-                    return match msg::decode(&conn.plain) {
+                    return match msg::decode(&conn.b.plain) {
                         Ok(Msg {
                             body: Body::Welcome { .. },
                             ..
@@ -454,20 +485,29 @@ impl MountdSite {
         })
     }
 
-    /// Write one request and read its reply into `conn.plain` (decoded by the caller).
+    /// Write one request and read its reply into `conn.b.plain` (decoded by the caller).
     fn exchange(&self, conn: &mut Conn, id: u64, body: &Body<'_>) -> Result<(), CallError> {
         let io = |e: std::io::Error| CallError::Io(e.to_string());
         let m = Msg {
             id,
             body: body.clone(),
         };
-        conn.plain.clear();
-        m.encode(&mut conn.plain);
+        let b = &mut conn.b;
+        b.head.clear();
+        // The share bytes (PUT) go out from the caller's buffer, never copied behind the head.
+        let tail = m.encode_head(&mut b.head);
         match &self.link {
             None => {
-                let len = (conn.plain.len() as u32).to_le_bytes();
-                conn.sock.write_all(&len).map_err(io)?;
-                conn.sock.write_all(&conn.plain).map_err(io)?;
+                let len = ((b.head.len() + tail.len()) as u32).to_le_bytes();
+                write_all_parts(
+                    &mut conn.sock,
+                    &mut [
+                        std::io::IoSlice::new(&len),
+                        std::io::IoSlice::new(&b.head),
+                        std::io::IoSlice::new(tail),
+                    ],
+                )
+                .map_err(io)?;
                 let mut p = [0u8; msg::PLAIN_PREFIX];
                 conn.sock.read_exact(&mut p).map_err(io)?;
                 let n = msg::plain_len(p).map_err(|e| {
@@ -476,15 +516,16 @@ impl MountdSite {
                         reason: format!("reply from {}: {e}", self.addr),
                     })
                 })?;
-                conn.plain.resize(n, 0);
-                conn.sock.read_exact(&mut conn.plain).map_err(io)?;
+                // Sized without clearing: all of it is overwritten by the read.
+                b.plain.resize(n, 0);
+                conn.sock.read_exact(&mut b.plain).map_err(io)?;
                 Ok(())
             }
             Some(link) => {
                 lock(&link.send)
-                    .seal(&conn.plain, &mut conn.frame)
+                    .seal_parts(&[&b.head, tail], &mut b.frame)
                     .map_err(|e| CallError::Site(self.link_error(e)))?;
-                conn.sock.write_all(&conn.frame).map_err(io)?;
+                conn.sock.write_all(&b.frame).map_err(io)?;
                 let mut h = [0u8; HEADER_LEN];
                 conn.sock.read_exact(&mut h).map_err(io)?;
                 let hdr = FrameHeader::parse_prefix(&h, msg::MAX_MSG as u64).map_err(|e| {
@@ -495,12 +536,12 @@ impl MountdSite {
                 })?;
                 // Sized without clearing (no memset of a reused buffer): all of it is
                 // overwritten by the header and the read below.
-                conn.frame.resize(hdr.frame_len(), 0);
-                conn.frame[..HEADER_LEN].copy_from_slice(&h);
+                b.reply.resize(hdr.frame_len(), 0);
+                b.reply[..HEADER_LEN].copy_from_slice(&h);
                 conn.sock
-                    .read_exact(&mut conn.frame[HEADER_LEN..])
+                    .read_exact(&mut b.reply[HEADER_LEN..])
                     .map_err(io)?;
-                let opened = lock(&link.recv).open(&conn.frame, &mut conn.plain);
+                let opened = lock(&link.recv).open(&b.reply, &mut b.plain);
                 match opened {
                     Ok(_) => {}
                     Err(LinkError::KeyAlreadyUsed { .. }) => {
@@ -516,7 +557,7 @@ impl MountdSite {
                             ..
                         },
                     ..
-                }) = msg::decode(&conn.plain)
+                }) = msg::decode(&b.plain)
                 {
                     return Err(CallError::KeyAlreadyUsed(arg));
                 }

@@ -349,7 +349,7 @@ impl Msg<'_> {
     /// Encoded length (without building it).
     pub fn encoded_len(&self) -> usize {
         match &self.body {
-            Body::Put { data, .. } => HEADER_LEN + KEY_LEN + 2 + 4 + 4 + data.len(),
+            Body::Put { data, .. } => PUT_HEAD_LEN + data.len(),
             Body::Data { data, .. } => HEADER_LEN + 2 + 4 + 4 + data.len(),
             _ => {
                 let mut v = Vec::new();
@@ -362,6 +362,14 @@ impl Msg<'_> {
     /// Append the encoded message to `out`. Data longer than [`MAX_DATA`] is the caller's
     /// error: it is encoded, and the receiver refuses it.
     pub fn encode(&self, out: &mut Vec<u8>) {
+        let tail = self.encode_head(out);
+        out.extend_from_slice(tail);
+    }
+
+    /// Append all of the encoding but its trailing share bytes (PUT and DATA; empty for the
+    /// others), which are returned: the encoding is `out`'s new bytes followed by them. Lets a
+    /// sender write or seal a share without first copying it behind its head.
+    pub fn encode_head<'s>(&'s self, out: &mut Vec<u8>) -> &'s [u8] {
         out.extend_from_slice(&MAGIC);
         out.push(VERSION);
         out.push(self.body.kind());
@@ -380,11 +388,10 @@ impl Msg<'_> {
                 out.extend_from_slice(&client_recv_floor.to_le_bytes());
             }
             Body::Put { key, meta, data } => {
-                out.reserve(KEY_LEN + 10 + data.len());
                 put_key(out, key);
                 put_meta(out, meta);
                 out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-                out.extend_from_slice(data);
+                return data;
             }
             Body::Get { key } | Body::Delete { key } => put_key(out, key),
             Body::List {
@@ -412,10 +419,9 @@ impl Msg<'_> {
             Body::Stat | Body::Done => {}
             Body::Welcome { site } => put_text(out, site),
             Body::Data { meta, data } => {
-                out.reserve(KEY_LEN + 10 + data.len());
                 put_meta(out, meta);
                 out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-                out.extend_from_slice(data);
+                return data;
             }
             Body::Listed { entries, next } => {
                 out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
@@ -457,6 +463,7 @@ impl Msg<'_> {
                 put_text(out, message);
             }
         }
+        &[]
     }
 
     pub fn to_vec(&self) -> Vec<u8> {
@@ -471,6 +478,8 @@ struct Reader<'a> {
     b: &'a [u8],
     at: usize,
     what: &'static str,
+    /// Share bytes that follow `b` (see [`decode_split`]): the message's data field.
+    tail: Option<&'a [u8]>,
 }
 
 impl<'a> Reader<'a> {
@@ -544,9 +553,26 @@ impl<'a> Reader<'a> {
         if n > MAX_DATA {
             return Err(invalid("data length", format!("{n} (at most {MAX_DATA})")));
         }
-        self.take(n)
+        match self.tail.take() {
+            None => self.take(n),
+            Some(t) if n == t.len() && self.at == self.b.len() => Ok(t),
+            Some(t) => Err(invalid(
+                "data length",
+                format!(
+                    "{n} bytes declared, {} follow the head, which has {} more",
+                    t.len(),
+                    self.b.len() - self.at
+                ),
+            )),
+        }
     }
     fn finish(&self, kind: u8) -> Result<(), MsgError> {
+        if let Some(t) = self.tail {
+            return Err(MsgError::TrailingBytes {
+                kind: kind_name(kind),
+                extra: t.len(),
+            });
+        }
         if self.at != self.b.len() {
             return Err(MsgError::TrailingBytes {
                 kind: kind_name(kind),
@@ -577,6 +603,21 @@ pub fn check_len(len: usize) -> Result<(), MsgError> {
 
 /// Decode one whole message. Never panics; allocations are bounded by the input length.
 pub fn decode(b: &[u8]) -> Result<Msg<'_>, MsgError> {
+    decode_parts(b, None)
+}
+
+/// Decode the message `head ‖ tail` whose share bytes (PUT, DATA) are exactly `tail`, as
+/// received into two buffers (see `RecvStream::open_split`). Refused like [`decode`] would
+/// refuse the concatenation, and also when `tail` is not exactly the data field.
+pub fn decode_split<'a>(head: &'a [u8], tail: &'a [u8]) -> Result<Msg<'a>, MsgError> {
+    check_len(head.len() + tail.len())?;
+    decode_parts(head, Some(tail))
+}
+
+/// Length of the encoding of a PUT without its share bytes.
+pub const PUT_HEAD_LEN: usize = HEADER_LEN + KEY_LEN + 2 + 4 + 4;
+
+fn decode_parts<'a>(b: &'a [u8], tail: Option<&'a [u8]>) -> Result<Msg<'a>, MsgError> {
     check_len(b.len())?;
     if b.len() < HEADER_LEN {
         return Err(MsgError::Truncated {
@@ -601,6 +642,7 @@ pub fn decode(b: &[u8]) -> Result<Msg<'_>, MsgError> {
         b,
         at: HEADER_LEN,
         what: kind_name(kind),
+        tail,
     };
     let body = match kind {
         K_HELLO => {
@@ -901,6 +943,23 @@ mod tests {
             let bytes = m.to_vec();
             prop_assert_eq!(bytes.len(), m.encoded_len());
             prop_assert_eq!(decode(&bytes), Ok(m.clone()));
+            // The head plus the returned tail is the same encoding, and decodes split.
+            let mut head = Vec::new();
+            let tail = m.encode_head(&mut head);
+            if !tail.is_empty() {
+                prop_assert_eq!(decode_split(&head, tail), Ok(m.clone()));
+                // Cut anywhere else, it is refused.
+                let whole = [&head[..], tail].concat();
+                for cut in [head.len() - 1, head.len() + 1] {
+                    if cut < whole.len() {
+                        prop_assert!(decode_split(&whole[..cut], &whole[cut..]).is_err());
+                    }
+                }
+            } else {
+                prop_assert!(decode_split(&head, &[0]).is_err(), "no data field, yet a tail accepted");
+            }
+            head.extend_from_slice(tail);
+            prop_assert_eq!(&head, &bytes);
             // Every strict prefix is refused (lengths are exact), never a panic.
             for cut in 0..bytes.len() {
                 prop_assert!(decode(&bytes[..cut]).is_err(), "prefix {} accepted", cut);
