@@ -60,3 +60,12 @@ pub fn process_cpu() -> std::time::Duration {
     unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
     std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
+
+/// Overwrite a buffer, spare capacity included, with zeros: one memset per region, kept from
+/// being optimised away by `black_box` (and by the buffer living on in a pool). `zeroize`'s
+/// volatile byte-at-a-time loop cost ~0.35 ms per MiB here, a tenth of the write path's CPU.
+pub fn wipe(v: &mut Vec<u8>) {
+    v.fill(0);
+    v.spare_capacity_mut().fill(std::mem::MaybeUninit::new(0));
+    std::hint::black_box(&mut *v);
+}

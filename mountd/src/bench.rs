@@ -58,6 +58,8 @@ pub struct StoreBench {
     pub put_cpu_mbps: f64,
     pub get_cpu_mbps: f64,
     pub shares: u64,
+    /// The link's key pools were on a tmpfs of huge pages.
+    pub key_huge_pages: bool,
 }
 
 /// Wall-clock and per-CPU-second MB/s of `f` moving `bytes`.
@@ -138,6 +140,7 @@ pub fn bench_store<D: BlockDevice>(
         put_cpu_mbps,
         get_cpu_mbps,
         shares: count,
+        key_huge_pages: false,
     })
 }
 
@@ -202,12 +205,16 @@ pub fn bench_daemon<D: BlockDevice>(
     use std::sync::Arc;
     let work = key_root.join(format!("qgenome-bench-keys-{}", std::process::id()));
     let (a, b) = (work.join("a"), work.join("b"));
+    let window = 64 << 20;
+    let frames = count + 1024;
+    let key_len = count * share_len as u64 + frames * 256 + 4 * window;
+    std::fs::create_dir_all(&work)?;
+    // Pools in RAM go on a tmpfs of huge pages, as a deployment keeping them in RAM should
+    // (see qgenome::keys::tmpfs): four of them, both directions at both ends.
+    let huge = qgenome::keys::tmpfs::HugeTmpfs::over_tmpfs(&work, 4 * key_len + (64 << 20));
     std::fs::create_dir_all(&a)?;
     std::fs::create_dir_all(&b)?;
     let res = (|| -> anyhow::Result<StoreBench> {
-        let window = 64 << 20;
-        let frames = count + 1024;
-        let key_len = count * share_len as u64 + frames * 256 + 4 * window;
         qgenome::keys::pool::provision("bench", key_len, &a, &b)?;
         let link = LinkConfig {
             name: "bench".into(),
@@ -313,8 +320,10 @@ pub fn bench_daemon<D: BlockDevice>(
             put_cpu_mbps,
             get_cpu_mbps,
             shares: count,
+            key_huge_pages: huge.is_some(),
         })
     })();
+    drop(huge);
     let _ = std::fs::remove_dir_all(&work);
     res
 }

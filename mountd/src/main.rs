@@ -429,6 +429,7 @@ fn bench(
         "get_mbps": r.get_mbps,
         "put_cpu_mbps": r.put_cpu_mbps,
         "get_cpu_mbps": r.get_cpu_mbps,
+        "key_huge_pages": r.key_huge_pages,
         "shares": r.shares,
         "share_size": share_size,
         "jobs": jobs,

@@ -605,7 +605,11 @@ impl<D: BlockDevice> Store<D> {
 
     fn read_extent(&self, key: &ShareKey, e: &IndexEntry) -> Result<ShareData, StoreError> {
         let write_len = self.sb.write_len(e.share_len) as usize;
-        let buf = self.dev.read_at(self.dev.alloc_buf(write_len), e.offset)?;
+        // Not zeroed first: the read fills every byte or fails (and the share's checksum is
+        // checked below either way).
+        let buf = self
+            .dev
+            .read_at(self.dev.alloc_buf_dirty(write_len), e.offset)?;
         let h = ShareHeader::decode(buf.as_slice())
             .map_err(|err| self.damaged(key, format!("header at offset {}: {err}", e.offset)))?;
         if !e.matches(&h, key, &self.sb.volume_id) {

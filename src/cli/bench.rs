@@ -231,8 +231,9 @@ fn bench_split(args: &SplitArgs) -> anyhow::Result<()> {
     let combine_mbps = median(combine_runs);
     let (split_cpu_mbps, combine_cpu_mbps) = (median(split_cpu), median(combine_cpu));
     // Seal + open of 1 MiB frames through a freshly provisioned link on the same tmpfs.
-    let seal_mbps = crate::link::bench_seal(args.size, &args.dir)
+    let seal = crate::link::bench_seal_detail(args.size, &args.dir)
         .with_context(|| format!("seal benchmark in {}", args.dir.display()))?;
+    let seal_mbps = seal.wall_mbps;
     let gfsplit_mbps = if args.no_baseline {
         None
     } else {
@@ -243,7 +244,8 @@ fn bench_split(args: &SplitArgs) -> anyhow::Result<()> {
             "k": args.k, "n": args.n, "size": args.size, "chunk": args.chunk,
             "threads": args.threads, "split_mbps": round1(split_mbps),
             "combine_mbps": round1(combine_mbps),
-            "seal_mbps": round1(seal_mbps),
+            "seal_mbps": round1(seal_mbps), "seal_cpu_mbps": round1(seal.cpu_mbps),
+            "seal_pools_huge_pages": seal.huge_pages,
             "split_cpu_mbps": round1(split_cpu_mbps),
             "combine_cpu_mbps": round1(combine_cpu_mbps),
         });
@@ -267,8 +269,10 @@ fn bench_split(args: &SplitArgs) -> anyhow::Result<()> {
             "combine {combine_mbps:>9.1} MB/s wall, {combine_cpu_mbps:>9.1} MB/s per CPU-second"
         );
         println!(
-            "seal    {seal_mbps:>9.1} MB/s (seal + open of 1 MiB frames, pools in {})",
-            args.dir.display()
+            "seal    {seal_mbps:>9.1} MB/s wall, {:>9.1} MB/s per CPU-second (seal + open of 1 MiB frames, pools in {}{})",
+            seal.cpu_mbps,
+            args.dir.display(),
+            if seal.huge_pages { " on a tmpfs of huge pages" } else { "" }
         );
         if let Some(g) = gfsplit_mbps {
             println!(
@@ -482,15 +486,60 @@ fn md5_of(path: &std::path::Path) -> anyhow::Result<String> {
 }
 
 /// `dd if=from of=to bs=bs`, timed from start to exit (so including the final close).
-fn timed_dd(from: &std::path::Path, to: &std::path::Path, bs: u64) -> anyhow::Result<Duration> {
+/// How long a copy took, and the CPU time the whole machine was busy meanwhile (every
+/// process and the kernel: dd, FUSE, the daemons).
+#[derive(Clone, Copy, Debug)]
+struct Timed {
+    wall: Duration,
+    busy: Duration,
+}
+
+impl Timed {
+    fn mbps(&self, bytes: u64) -> f64 {
+        mbps(bytes, self.wall)
+    }
+
+    /// MB per busy CPU-second: what the work costs, which other tenants of a shared machine
+    /// move far less than the wall-clock rate.
+    fn cpu_mbps(&self, bytes: u64) -> f64 {
+        mbps(bytes, self.busy)
+    }
+}
+
+/// Busy CPU time of the whole machine so far (user, nice, system, irq and softirq time of
+/// all CPUs in /proc/stat), or zero when it cannot be read.
+fn machine_busy() -> Duration {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    // SAFETY: sysconf has no memory arguments.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    parse_busy_ticks(&text).map_or(Duration::ZERO, |t| {
+        Duration::from_micros(t * 1_000_000 / hz)
+    })
+}
+
+fn parse_busy_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal ...
+    Some(v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)?)
+}
+
+fn timed_dd(from: &std::path::Path, to: &std::path::Path, bs: u64) -> anyhow::Result<Timed> {
     let mut cmd = Command::new("dd");
     cmd.arg(format!("if={}", from.display()))
         .arg(format!("of={}", to.display()))
         .arg(format!("bs={bs}"))
         .arg("status=none");
-    let start = Instant::now();
+    let (start, busy) = (Instant::now(), machine_busy());
     run_tool(&mut cmd)?;
-    Ok(start.elapsed())
+    Ok(Timed {
+        wall: start.elapsed(),
+        busy: machine_busy().saturating_sub(busy),
+    })
 }
 
 /// Fill `path` with `size` bytes from the DRBG (random data: nothing compresses or dedups).
@@ -548,14 +597,14 @@ impl Drop for FuseMount {
 }
 
 struct E2eRun {
-    store: Duration,
-    restore: Duration,
+    store: Timed,
+    restore: Timed,
     status: serde_json::Value,
 }
 
 struct BaselineRun {
-    write: Duration,
-    read: Duration,
+    write: Timed,
+    read: Timed,
 }
 
 /// Point the deployment's key directories (`DIR/keys` for the home ends, `DIR/<site>/keys`
@@ -598,6 +647,11 @@ struct Placement {
     key_tmpfs: bool,
     /// Declared before the directories so that it stops first.
     deployment: Option<crate::deploy::Deployment>,
+    /// Tmpfs mounts of huge pages over the scratch directories in RAM (see
+    /// [`crate::keys::tmpfs`]): unmounted after the deployment stops, before the directories
+    /// are removed.
+    huge: Vec<crate::keys::tmpfs::HugeTmpfs>,
+    needs: Needs,
     /// A symlink to `deploy_scratch` from outside /dev (see [`Placement::start`]).
     _alias: Option<tempfile::TempDir>,
     key_scratch: Option<tempfile::TempDir>,
@@ -638,6 +692,8 @@ impl Placement {
             deploy_parent,
             key_parent,
             deployment: None,
+            huge: Vec::new(),
+            needs,
             _alias: None,
             key_scratch: None,
             deploy_scratch: None,
@@ -653,6 +709,12 @@ impl Placement {
                 .with_context(|| format!("creating a scratch directory in {}", parent.display()))
         };
         let deploy_scratch = self.deploy_scratch.insert(scratch(&self.deploy_parent)?);
+        let keys_apart = room(&self.key_parent)?.dev != room(&self.deploy_parent)?.dev;
+        let deploy_bytes = self.needs.volumes + if keys_apart { 0 } else { self.needs.keys };
+        self.huge.extend(crate::keys::tmpfs::HugeTmpfs::over_tmpfs(
+            deploy_scratch.path(),
+            deploy_bytes + (256 << 20),
+        ));
         // qgenome-mountd takes any volume path under /dev for a block device (and then wants
         // --state), so a scratch directory under /dev/shm is reached through a symlink.
         let mut deploy_dir = deploy_scratch.path().to_path_buf();
@@ -668,8 +730,12 @@ impl Placement {
             self._alias = Some(holder);
             deploy_dir = link;
         }
-        let key_ends = if room(&self.key_parent)?.dev != room(&self.deploy_parent)?.dev {
+        let key_ends = if keys_apart {
             let ks = self.key_scratch.insert(scratch(&self.key_parent)?);
+            self.huge.extend(crate::keys::tmpfs::HugeTmpfs::over_tmpfs(
+                ks.path(),
+                self.needs.keys + (64 << 20),
+            ));
             link_key_dirs(&deploy_dir, ks.path(), args.n)?
         } else {
             Vec::new()
@@ -705,6 +771,7 @@ impl Placement {
         if let Some(mut d) = self.deployment.take() {
             d.stop_mount(false)?;
         }
+        self.huge.clear();
         for dir in [self.key_scratch.take(), self.deploy_scratch.take()]
             .into_iter()
             .flatten()
@@ -878,7 +945,12 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
     }
     let mut placement = placement.context("no placement was tried")?;
     let source_md5 = source_md5.context("source written")?;
-    let where_ = |tmpfs: bool| if tmpfs { "tmpfs" } else { "disk" };
+    let huge_pages = !placement.huge.is_empty();
+    let where_ = |tmpfs: bool, huge: bool| match (tmpfs, huge) {
+        (true, true) => "tmpfs, huge pages",
+        (true, false) => "tmpfs",
+        _ => "disk",
+    };
     if !args.json {
         println!(
             "qgenome bench e2e: {} MiB, ({},{}) scheme, {} KiB chunks, dd bs={}; load average {load_before}",
@@ -894,11 +966,11 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
         println!(
             "  source: {} ({}); volumes and catalog: {} ({}); key pools: {} ({})",
             args.dir.display(),
-            where_(data_tmpfs),
+            where_(data_tmpfs, false),
             placement.deploy_parent.display(),
-            where_(placement.deploy_tmpfs),
+            where_(placement.deploy_tmpfs, huge_pages),
             placement.key_parent.display(),
-            where_(placement.key_tmpfs),
+            where_(placement.key_tmpfs, huge_pages),
         );
     }
     let cold = drop_caches();
@@ -929,8 +1001,8 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
         )?)
     };
     let load_after = load_average();
-    let store_mbps = mbps(args.size, run.store);
-    let restore_mbps = mbps(args.size, run.restore);
+    let store_mbps = run.store.mbps(args.size);
+    let restore_mbps = run.restore.mbps(args.size);
     let key_left: Vec<serde_json::Value> = run.status["sites"]
         .as_array()
         .into_iter()
@@ -944,34 +1016,41 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
         let mut v = json!({
             "size": args.size, "chunk": args.chunk, "bs": args.bs, "k": args.k, "n": args.n,
             "store_mbps": round1(store_mbps), "restore_mbps": round1(restore_mbps),
-            "store_secs": run.store.as_secs_f64(), "restore_secs": run.restore.as_secs_f64(),
+            "store_secs": run.store.wall.as_secs_f64(), "restore_secs": run.restore.wall.as_secs_f64(),
+            "store_cpu_mbps": round1(run.store.cpu_mbps(args.size)),
+            "restore_cpu_mbps": round1(run.restore.cpu_mbps(args.size)),
             "source_dir": args.dir, "source_tmpfs": data_tmpfs,
             "volume_dir": placement.deploy_parent, "volume_tmpfs": placement.deploy_tmpfs,
             "key_dir": placement.key_parent, "key_tmpfs": placement.key_tmpfs,
+            "tmpfs_huge_pages": huge_pages,
             "notes": notes, "cold_reads": cold,
             "load_before": load_before, "load_after": load_after,
             "stats": run.status["stats"], "key_left": key_left,
         });
         if let Some(b) = &baseline {
-            let (w, r) = (mbps(args.size, b.write), mbps(args.size, b.read));
+            let (w, r) = (b.write.mbps(args.size), b.read.mbps(args.size));
             v["gocryptfs_write_mbps"] = json!(round1(w));
             v["gocryptfs_read_mbps"] = json!(round1(r));
+            v["gocryptfs_write_cpu_mbps"] = json!(round1(b.write.cpu_mbps(args.size)));
+            v["gocryptfs_read_cpu_mbps"] = json!(round1(b.read.cpu_mbps(args.size)));
             v["store_vs_gocryptfs"] = json!(round1(store_mbps / w * 100.0) / 100.0);
             v["restore_vs_gocryptfs"] = json!(round1(restore_mbps / r * 100.0) / 100.0);
         }
         println!("{v}");
     } else {
         println!(
-            "store   {store_mbps:>8.1} MB/s  ({:.2} s, dd through the mount, including the committing close)",
-            run.store.as_secs_f64()
+            "store   {store_mbps:>8.1} MB/s  ({:.2} s, dd through the mount, including the committing close; {:.1} MB per busy CPU-second)",
+            run.store.wall.as_secs_f64(),
+            run.store.cpu_mbps(args.size)
         );
         println!(
-            "restore {restore_mbps:>8.1} MB/s  ({:.2} s, dd of=/dev/null under consent{}; md5 matches the source)",
-            run.restore.as_secs_f64(),
-            if cold { ", caches dropped first" } else { "" }
+            "restore {restore_mbps:>8.1} MB/s  ({:.2} s, dd of=/dev/null under consent{}; md5 matches the source; {:.1} MB per busy CPU-second)",
+            run.restore.wall.as_secs_f64(),
+            if cold { ", caches dropped first" } else { "" },
+            run.restore.cpu_mbps(args.size)
         );
         if let Some(b) = &baseline {
-            let (w, r) = (mbps(args.size, b.write), mbps(args.size, b.read));
+            let (w, r) = (b.write.mbps(args.size), b.read.mbps(args.size));
             println!(
                 "gocryptfs write {w:>8.1} MB/s, read {r:>8.1} MB/s (same source, same dd) -> store {:.2}x, restore {:.2}x",
                 store_mbps / w,
@@ -987,6 +1066,14 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn busy_ticks_leave_out_idle_iowait_and_steal() {
+        let stat = "cpu  100 2 30 5000 70 4 6 900 0 0\ncpu0 50 1 15 2500 35 2 3 450 0 0\n";
+        assert_eq!(parse_busy_ticks(stat), Some(100 + 2 + 30 + 4 + 6));
+        assert_eq!(parse_busy_ticks("cpu0 1 2 3\n"), None);
+        assert_eq!(parse_busy_ticks("cpu  1 x 3 4 5 6 7\n"), None);
+    }
 
     #[test]
     fn e2e_sizes_leave_room_for_every_share_and_pad() {

@@ -243,14 +243,7 @@ struct Core {
     share_bufs: BufPool,
 }
 
-/// Overwrite a buffer, spare capacity included, with zeros: one memset per region, kept from
-/// being optimised away by `black_box` (and by the buffer living on in a pool). `zeroize`'s
-/// volatile byte-at-a-time loop cost ~0.35 ms per MiB here, a tenth of the write path's CPU.
-pub(crate) fn wipe(v: &mut Vec<u8>) {
-    v.fill(0);
-    v.spare_capacity_mut().fill(std::mem::MaybeUninit::new(0));
-    std::hint::black_box(&mut *v);
-}
+pub(crate) use crate::wipe;
 
 /// A bounded stack of buffers for reuse: wiped and empty when `wipe`, else as they were left.
 struct BufPool {

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use zeroize::Zeroize;
 
 pub mod pool;
+pub mod tmpfs;
 
 pub use pool::{Direction, End, PoolFile, PoolHeader};
 

@@ -136,17 +136,17 @@ pub fn hex(id: &[u8]) -> String {
 #[derive(Debug, Clone, Copy)]
 pub struct SealBench {
     pub wall_mbps: f64,
+    /// Per CPU-second of the process (the key destroyers included).
     pub cpu_mbps: f64,
-}
-
-/// [`bench_seal_detail`]'s wall-clock MB/s (the `seal_mbps` of `qgenome bench split --json`).
-pub fn bench_seal(size: u64, dir: &Path) -> Result<f64, LinkError> {
-    bench_seal_detail(size, dir).map(|b| b.wall_mbps)
+    /// The pools were on a tmpfs of huge pages (see [`crate::keys::tmpfs`]).
+    pub huge_pages: bool,
 }
 
 /// Seal and open `size` payload bytes in 1 MiB frames through a freshly provisioned link
-/// whose pools live under `dir` (use tmpfs, e.g. /dev/shm, to measure the CPU side).
-/// Returns MB/s = payload bytes / (total seal time + total open time). Removes its files.
+/// whose pools live under `dir` (use tmpfs, e.g. /dev/shm, to measure the CPU side; there,
+/// as root, the pools get a tmpfs of huge pages of their own, as deployments keeping pools
+/// in RAM should). `wall_mbps` = payload bytes / (total seal time + total open time) is the
+/// `seal_mbps` of `qgenome bench split --json`. Removes its files.
 pub fn bench_seal_detail(size: u64, dir: &Path) -> Result<SealBench, LinkError> {
     use crate::keys::{pool, Direction};
     use std::time::{Duration, Instant};
@@ -164,10 +164,16 @@ pub fn bench_seal_detail(size: u64, dir: &Path) -> Result<SealBench, LinkError> 
             })
         })
     };
+    let key_len = frames * (FRAME as u64 + 32);
+    mk(&work)?;
+    let huge = crate::keys::tmpfs::HugeTmpfs::over_tmpfs(
+        &work,
+        4 * (key_len + pool::HEADER_LEN) + (16 << 20),
+    );
     mk(&a)?;
     mk(&b)?;
     let res = (|| {
-        pool::provision("bench", frames * (FRAME as u64 + 32), &a, &b)?;
+        pool::provision("bench", key_len, &a, &b)?;
         let opts = StreamOptions::default();
         let mut tx = SendStream::from_dir(&a, "bench", Direction::AtoB, opts.clone())?;
         let mut rx = RecvStream::from_dir(&b, "bench", Direction::AtoB, opts)?;
@@ -197,8 +203,10 @@ pub fn bench_seal_detail(size: u64, dir: &Path) -> Result<SealBench, LinkError> 
         Ok(SealBench {
             wall_mbps: bytes / (t_seal + t_open).as_secs_f64() / 1e6,
             cpu_mbps: bytes / cpu.as_secs_f64() / 1e6,
+            huge_pages: huge.is_some(),
         })
     })();
+    drop(huge);
     let _ = std::fs::remove_dir_all(&work);
     res
 }

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use rayon::prelude::*;
-use zeroize::Zeroize;
 
 use super::plan::{self, Layout, Plan, Target, Term};
 use super::random::{Drbg, RandomError, RandomSource};
@@ -291,8 +290,8 @@ impl Scheme {
                 }
                 Ok(())
             })();
-            scratch.random.zeroize();
-            scratch.padded.zeroize();
+            crate::wipe(&mut scratch.random);
+            crate::wipe(&mut scratch.padded);
             result
         })
     }
