@@ -114,12 +114,17 @@ mod wide {
     }
 
     /// AVX-512F with OS support for ZMM state, and VPCLMULQDQ (CPUID.7.0:ECX bit 10).
+    /// Asked once: in a VM every CPUID instruction traps to the hypervisor, and done per
+    /// frame it was a fifth of the MAC's time in a site daemon's profile.
     fn zmm_supported() -> bool {
-        // SAFETY: CPUID leaf 7 exists on every CPU that reports AVX-512F.
-        // (`unsafe` is needed on older compilers; the MSRV is 1.85.)
-        #[allow(unused_unsafe)]
-        let leaf7 = || unsafe { __cpuid_count(7, 0) };
-        std::is_x86_feature_detected!("avx512f") && leaf7().ecx & (1 << 10) != 0
+        static ZMM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ZMM.get_or_init(|| {
+            // SAFETY: CPUID leaf 7 exists on every CPU that reports AVX-512F.
+            // (`unsafe` is needed on older compilers.)
+            #[allow(unused_unsafe)]
+            let leaf7 = || unsafe { __cpuid_count(7, 0) };
+            std::is_x86_feature_detected!("avx512f") && leaf7().ecx & (1 << 10) != 0
+        })
     }
 
     /// Accumulator and the powers `H^16 .. H^1` in block order (`powers[j]` multiplies
