@@ -386,6 +386,55 @@ fn destroy_now(
 /// makes a sustained rate include it when the destroyer cannot keep up.
 const DESTROY_QUEUE: usize = 8;
 
+/// The destroyer punches whole multiples of this, aligned, where it can: on a tmpfs of huge
+/// pages (see [`super::tmpfs`]) a punch that ends inside a 2 MiB folio splits it first.
+const DESTROY_ALIGN: u64 = 2 << 20;
+
+/// How long used key may wait for its range to reach the next [`DESTROY_ALIGN`] boundary
+/// before it is punched anyway (and `sync` punches it at once).
+const DESTROY_LINGER: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Used ranges held back until they reach an aligned boundary: contiguous ranges (a stream
+/// uses its key in order) are merged, and everything up to the last boundary is released.
+#[derive(Default, Debug)]
+struct Coalesce {
+    pending: Option<Range<u64>>,
+}
+
+impl Coalesce {
+    fn is_empty(&self) -> bool {
+        self.pending.is_none()
+    }
+
+    /// Add a used range; returns the ranges to punch now.
+    fn add(&mut self, r: Range<u64>) -> Vec<Range<u64>> {
+        let mut now = Vec::new();
+        let merged = match self.pending.take() {
+            Some(p) if p.end == r.start => p.start..r.end,
+            Some(p) => {
+                // Not contiguous (frames opened out of order): the old one goes now.
+                now.push(p);
+                r
+            }
+            None => r,
+        };
+        let cut = merged.end / DESTROY_ALIGN * DESTROY_ALIGN;
+        if cut > merged.start {
+            now.push(merged.start..cut);
+            if cut < merged.end {
+                self.pending = Some(cut..merged.end);
+            }
+        } else {
+            self.pending = Some(merged);
+        }
+        now
+    }
+
+    fn take(&mut self) -> Option<Range<u64>> {
+        self.pending.take()
+    }
+}
+
 enum DestroyMsg {
     Range(u64, u64),
     Flush(std::sync::mpsc::SyncSender<()>),
@@ -393,7 +442,9 @@ enum DestroyMsg {
 
 /// A thread per open pool that destroys used key ranges, off the seal/open path (punching
 /// 1 MiB on tmpfs costs about as much as sealing it). Ranges are destroyed in order within
-/// moments; `sync` waits for the queue and then fdatasyncs; the first failure is reported
+/// moments: contiguous ones are punched up to the last 2 MiB boundary they reach, and a tail
+/// short of it waits at most [`DESTROY_LINGER`] (see [`Coalesce`]); `sync` punches
+/// everything queued and then fdatasyncs; the first failure is reported
 /// by the next `destroy` or `sync`. Dropping the pool drains the queue and joins the thread.
 /// A crash before a queued range is destroyed loses nothing: every open destroys all key
 /// below the resume point again.
@@ -420,18 +471,45 @@ impl Destroyer {
             .name("qgenome-key-destroyer".into())
             .spawn(move || {
                 let mut punch_unsupported = false;
-                for msg in rx {
+                let mut punch = |r: Range<u64>| {
+                    if let Err(e) = destroy_now(
+                        &file,
+                        &path,
+                        &mut punch_unsupported,
+                        r.start,
+                        r.end - r.start,
+                    ) {
+                        let mut slot = f2.lock().unwrap_or_else(|p| p.into_inner());
+                        slot.get_or_insert(e);
+                    }
+                };
+                let mut pending = Coalesce::default();
+                loop {
+                    let msg = if pending.is_empty() {
+                        rx.recv().ok()
+                    } else {
+                        match rx.recv_timeout(DESTROY_LINGER) {
+                            Ok(m) => Some(m),
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                                pending.take().map(&mut punch);
+                                continue;
+                            }
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => None,
+                        }
+                    };
                     match msg {
-                        DestroyMsg::Range(off, len) => {
-                            if let Err(e) =
-                                destroy_now(&file, &path, &mut punch_unsupported, off, len)
-                            {
-                                let mut slot = f2.lock().unwrap_or_else(|p| p.into_inner());
-                                slot.get_or_insert(e);
+                        Some(DestroyMsg::Range(off, len)) => {
+                            for r in pending.add(off..off + len) {
+                                punch(r);
                             }
                         }
-                        DestroyMsg::Flush(done) => {
+                        Some(DestroyMsg::Flush(done)) => {
+                            pending.take().map(&mut punch);
                             let _ = done.send(());
+                        }
+                        None => {
+                            pending.take().map(&mut punch);
+                            return;
                         }
                     }
                 }
@@ -695,6 +773,55 @@ pub fn provision(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coalescing_punches_every_used_byte_once_on_aligned_ends() {
+        const M: u64 = 1 << 20;
+        // Frames of 1 MiB + 4128 bytes in order, then a jump (out of order), then more.
+        let mut ranges = Vec::new();
+        let mut at = 4096;
+        for _ in 0..7 {
+            ranges.push(at..at + M + 4128);
+            at += M + 4128;
+        }
+        ranges.push(at + 10 * M..at + 10 * M + 100);
+        ranges.push(at..at + 5 * M);
+        let mut c = Coalesce::default();
+        let mut punched = Vec::new();
+        let mut aligned = 0;
+        for r in &ranges {
+            for p in c.add(r.clone()) {
+                aligned += usize::from(p.end % DESTROY_ALIGN == 0);
+                punched.push(p);
+            }
+        }
+        punched.extend(c.take());
+        assert!(c.is_empty());
+        // The punched ranges cover exactly the used ones, each byte once.
+        let mut want: Vec<(u64, u64)> = ranges.iter().map(|r| (r.start, r.end)).collect();
+        let mut got: Vec<(u64, u64)> = punched.iter().map(|r| (r.start, r.end)).collect();
+        let merge = |v: &mut Vec<(u64, u64)>| {
+            v.sort_unstable();
+            let mut out: Vec<(u64, u64)> = Vec::new();
+            for &(s, e) in v.iter() {
+                match out.last_mut() {
+                    Some(l) if l.1 == s => l.1 = e,
+                    Some(l) => {
+                        assert!(l.1 < s, "overlap at {s}");
+                        out.push((s, e));
+                    }
+                    None => out.push((s, e)),
+                }
+            }
+            *v = out;
+        };
+        merge(&mut want);
+        merge(&mut got);
+        assert_eq!(got, want);
+        // In-order frames were released on 2 MiB boundaries, not frame by frame.
+        assert!(aligned >= 3, "{punched:?}");
+        assert!(punched.len() < ranges.len() + 2, "{punched:?}");
+    }
 
     #[test]
     fn header_round_trips_and_checksum_guards_it() {
