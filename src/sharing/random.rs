@@ -140,6 +140,23 @@ mod tests {
     }
 
     #[test]
+    fn counter_blocks_are_nonce_then_counter_little_endian() {
+        use aes::cipher::BlockCipherDecrypt;
+        let mut d = Drbg::from_os().unwrap();
+        let start = 0x0102_0304_0506_07fe_u64; // a carry out of the low byte within the fill
+        d.counter = start;
+        let mut out = [0u8; 48];
+        d.fill(&mut out).unwrap();
+        for (i, block) in out.chunks(16).enumerate() {
+            let mut b = aes::Block::try_from(block).unwrap();
+            d.cipher.decrypt_block(&mut b);
+            let want_counter = start + i as u64;
+            assert_eq!(&b[..8], &d.nonce.to_le_bytes(), "block {i} nonce");
+            assert_eq!(&b[8..], &want_counter.to_le_bytes(), "block {i} counter");
+        }
+    }
+
+    #[test]
     fn drbg_rekeys_after_the_reseed_limit() {
         let mut d = Drbg::from_os().unwrap();
         d.since_reseed = Drbg::RESEED_BYTES;
