@@ -233,10 +233,10 @@ struct Core {
     sites: Vec<Arc<dyn ShareSite>>,
     by_name: HashMap<String, Arc<dyn ShareSite>>,
     stats: Stats,
-    /// Chunk buffers (for writers) and share buffers (for upload workers), reused rather than
+    /// Chunk buffers (for writers) and share buffers (uploads and fetches), reused rather than
     /// allocated per chunk: a fresh 1 MiB buffer costs page faults and, freed, a trim. Chunk
     /// buffers (plaintext) are wiped before they go back. Share buffers are not: the next
-    /// split overwrites every byte, and wiping n shares per chunk cost more memory traffic
+    /// split or fetch overwrites every byte, and wiping n shares per chunk cost more memory traffic
     /// than the split itself; like all of this process's memory they are locked (never
     /// swapped) and excluded from core dumps.
     chunk_bufs: BufPool,
@@ -360,7 +360,8 @@ impl Engine {
             stats: Stats::default(),
             // Writers hold one chunk each plus up to `max_in_flight` queued; a few files at once.
             chunk_bufs: BufPool::new(cfg.upload_workers + 2 * cfg.max_in_flight, true),
-            share_bufs: BufPool::new(cfg.upload_workers * cfg.n, false),
+            // Shares being uploaded, and shares fetched for reads (readahead and FUSE readers).
+            share_bufs: BufPool::new((cfg.upload_workers + cfg.readahead + 4) * cfg.n, false),
         });
         let (tx, rx) = mpsc::sync_channel::<UploadJob>(cfg.upload_workers);
         let rx = Arc::new(Mutex::new(rx));
@@ -794,7 +795,11 @@ impl Core {
             chunk: index,
             share: loc.share,
         };
-        site.get(&key).map_err(|e| e.to_string())
+        // Into a pooled buffer: the share is opened straight into it, and a buffer that held a
+        // share of the same length is reused without a memset.
+        let mut v = self.share_bufs.pop();
+        site.get_into(&key, &mut v).map_err(|e| e.to_string())?;
+        Ok(v)
     }
 
     fn fetch(
@@ -803,13 +808,28 @@ impl Core {
         index: u64,
         chunk: &ChunkRecord,
     ) -> Result<Plain, EngineError> {
+        let mut good = Vec::new();
+        let r = self.fetch_into(rec, index, chunk, &mut good);
+        for (_, share) in good {
+            self.share_bufs.give(share);
+        }
+        r
+    }
+
+    /// [`fetch`](Self::fetch), with the shares it got left in `good` (for their buffers).
+    fn fetch_into(
+        &self,
+        rec: &FileRecord,
+        index: u64,
+        chunk: &ChunkRecord,
+        good: &mut Vec<(usize, Vec<u8>)>,
+    ) -> Result<Plain, EngineError> {
         let k = self.scheme.k();
         let file = label(rec);
         let share_len = self.scheme.share_len(chunk.len as usize);
         let home = self.sites[0].name();
         let key_left = |s: &str| self.by_name.get(s).and_then(|x| x.key_remaining());
         let order = placement::read_order(&chunk.shares, home, key_left, |_| false);
-        let mut good: Vec<(usize, Vec<u8>)> = Vec::with_capacity(order.len());
         let mut failures: Vec<String> = Vec::new();
         let mut next = 0;
         let mut fetch_more =
@@ -840,7 +860,7 @@ impl Core {
                     }
                 }
             };
-        fetch_more(k, &mut good, &mut failures);
+        fetch_more(k, good, &mut failures);
         for f in &failures {
             self.stats.share_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!("{file}: chunk {index}: routed around a failed share: {f}");
@@ -861,7 +881,7 @@ impl Core {
             // Some share is wrong without its site knowing: get them all, find k that agree.
             self.stats.bad_rebuilds.fetch_add(1, Ordering::Relaxed);
             let before = failures.len();
-            fetch_more(order.len(), &mut good, &mut failures);
+            fetch_more(order.len(), good, &mut failures);
             for f in &failures[before..] {
                 self.stats.share_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("{file}: chunk {index}: routed around a failed share: {f}");

@@ -72,6 +72,12 @@ pub trait ShareSite: Send + Sync {
     fn put(&self, key: &ShareKey, meta: &ShareMeta, data: &[u8]) -> Result<(), SiteError>;
     /// Fetch a share, checked by the site against its stored checksum.
     fn get(&self, key: &ShareKey) -> Result<Vec<u8>, SiteError>;
+    /// [`get`](Self::get) into `out` (resized to the share), so that a caller can reuse one
+    /// buffer for many shares. On error `out`'s contents are unspecified.
+    fn get_into(&self, key: &ShareKey, out: &mut Vec<u8>) -> Result<(), SiteError> {
+        *out = self.get(key)?;
+        Ok(())
+    }
     fn delete(&self, key: &ShareKey) -> Result<(), SiteError>;
     /// One page of the shares the site holds, in key order (file id, chunk, share), strictly
     /// after `after` (from the start if None), and where the next page starts (None: no

@@ -292,6 +292,17 @@ impl MountdSite {
         body: &Body<'_>,
         f: impl Fn(Body<'_>) -> Result<T, SiteError>,
     ) -> Result<T, SiteError> {
+        self.call_into(body, None, f)
+    }
+
+    /// [`call`](Self::call) whose DATA reply's share lands in `tail` (see `exchange`); `f` then
+    /// sees that share as the DATA's bytes.
+    fn call_into<T>(
+        &self,
+        body: &Body<'_>,
+        mut tail: Option<&mut Vec<u8>>,
+        f: impl Fn(Body<'_>) -> Result<T, SiteError>,
+    ) -> Result<T, SiteError> {
         let mut last = String::new();
         for attempt in 0..2 {
             let (mut conn, reused) = match lock(&self.idle).pop() {
@@ -299,9 +310,21 @@ impl MountdSite {
                 None => (self.connect()?, false),
             };
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            match self.exchange(&mut conn, id, body) {
-                Ok(()) => {
-                    let r = match msg::decode(&conn.b.plain) {
+            match self.exchange(&mut conn, id, body, tail.as_deref_mut()) {
+                Ok(split) => {
+                    let decoded = match tail.as_deref() {
+                        Some(t) if split => msg::decode_split(&conn.b.plain, t),
+                        _ => msg::decode(&conn.b.plain),
+                    };
+                    let r = match decoded {
+                        // A DATA reply for a caller that gave a buffer is always read into it.
+                        Ok(Msg {
+                            body: Body::Data { .. },
+                            ..
+                        }) if tail.is_some() && !split => Err(SiteError::Protocol {
+                            site: self.name.clone(),
+                            reason: format!("DATA reply from {} out of its layout", self.addr),
+                        }),
                         Ok(m) if m.id == id || m.id == 0 => {
                             self.reply(m.body, request_key(body), &f)
                         }
@@ -449,8 +472,8 @@ impl MountdSite {
                 s2c_stream: link.recv_id,
                 client_recv_floor: floor,
             };
-            match self.exchange(&mut conn, 0, &hello) {
-                Ok(()) => {
+            match self.exchange(&mut conn, 0, &hello, None) {
+                Ok(_) => {
                     return match msg::decode(&conn.b.plain) {
                         Ok(Msg {
                             body: Body::Welcome { .. },
@@ -486,7 +509,17 @@ impl MountdSite {
     }
 
     /// Write one request and read its reply into `conn.b.plain` (decoded by the caller).
-    fn exchange(&self, conn: &mut Conn, id: u64, body: &Body<'_>) -> Result<(), CallError> {
+    /// With `tail`, a reply of at least [`msg::DATA_HEAD_LEN`] bytes has its first
+    /// `DATA_HEAD_LEN` in `conn.b.plain` and the rest in `tail` (a DATA reply's share lands in
+    /// the caller's buffer, uncopied); returns whether that is how the reply was left (a reply
+    /// that is no DATA is put back together in `conn.b.plain`).
+    fn exchange(
+        &self,
+        conn: &mut Conn,
+        id: u64,
+        body: &Body<'_>,
+        mut tail_out: Option<&mut Vec<u8>>,
+    ) -> Result<bool, CallError> {
         let io = |e: std::io::Error| CallError::Io(e.to_string());
         let m = Msg {
             id,
@@ -516,10 +549,22 @@ impl MountdSite {
                         reason: format!("reply from {}: {e}", self.addr),
                     })
                 })?;
-                // Sized without clearing: all of it is overwritten by the read.
-                b.plain.resize(n, 0);
-                conn.sock.read_exact(&mut b.plain).map_err(io)?;
-                Ok(())
+                // Sized without clearing: all of it is overwritten by the reads.
+                let split = match tail_out.as_deref_mut() {
+                    Some(t) if n >= msg::DATA_HEAD_LEN => {
+                        b.plain.resize(msg::DATA_HEAD_LEN, 0);
+                        conn.sock.read_exact(&mut b.plain).map_err(io)?;
+                        t.resize(n - msg::DATA_HEAD_LEN, 0);
+                        conn.sock.read_exact(t).map_err(io)?;
+                        true
+                    }
+                    _ => {
+                        b.plain.resize(n, 0);
+                        conn.sock.read_exact(&mut b.plain).map_err(io)?;
+                        false
+                    }
+                };
+                Ok(rejoin(&mut b.plain, tail_out, split))
             }
             Some(link) => {
                 lock(&link.send)
@@ -541,14 +586,23 @@ impl MountdSite {
                 conn.sock
                     .read_exact(&mut b.reply[HEADER_LEN..])
                     .map_err(io)?;
-                let opened = lock(&link.recv).open(&b.reply, &mut b.plain);
-                match opened {
-                    Ok(_) => {}
+                let len = hdr.payload_len as usize;
+                let opened = match tail_out.as_deref_mut() {
+                    Some(t) if len >= msg::DATA_HEAD_LEN => {
+                        t.resize(len - msg::DATA_HEAD_LEN, 0);
+                        lock(&link.recv)
+                            .open_split(&b.reply, &mut b.plain, t)
+                            .map(|_| true)
+                    }
+                    _ => lock(&link.recv).open(&b.reply, &mut b.plain).map(|_| false),
+                };
+                let split = match opened {
+                    Ok(split) => rejoin(&mut b.plain, tail_out, split),
                     Err(LinkError::KeyAlreadyUsed { .. }) => {
                         return Err(CallError::ReplyBelowFloor)
                     }
                     Err(e) => return Err(CallError::Site(self.link_error(e))),
-                }
+                };
                 if let Ok(Msg {
                     body:
                         Body::Error {
@@ -561,7 +615,7 @@ impl MountdSite {
                 {
                     return Err(CallError::KeyAlreadyUsed(arg));
                 }
-                Ok(())
+                Ok(split)
             }
         }
     }
@@ -585,8 +639,15 @@ impl ShareSite for MountdSite {
     }
 
     fn get(&self, key: &ShareKey) -> Result<Vec<u8>, SiteError> {
-        self.call(&Body::Get { key: *key }, |b| match b {
-            Body::Data { data, .. } => Ok(data.to_vec()),
+        let mut out = Vec::new();
+        self.get_into(key, &mut out)?;
+        Ok(out)
+    }
+
+    fn get_into(&self, key: &ShareKey, out: &mut Vec<u8>) -> Result<(), SiteError> {
+        // The share is opened (or read, on the Unix socket) straight into `out`.
+        self.call_into(&Body::Get { key: *key }, Some(out), |b| match b {
+            Body::Data { .. } => Ok(()),
             other => Err(self.unexpected(&other)),
         })
     }
@@ -618,6 +679,21 @@ impl ShareSite for MountdSite {
             "capacity": st.capacity, "free": st.free, "shares": st.shares,
             "health": format!("{:?}", st.health),
         }))
+    }
+}
+
+/// After a reply was read split (`split`): keep it so if it decodes as DATA, else put it back
+/// together in `plain`. Returns whether it stays split.
+fn rejoin(plain: &mut Vec<u8>, tail: Option<&mut Vec<u8>>, split: bool) -> bool {
+    match tail {
+        Some(t) if split => {
+            if msg::decode_split(plain, t).is_ok() {
+                return true;
+            }
+            plain.extend_from_slice(t);
+            false
+        }
+        _ => false,
     }
 }
 

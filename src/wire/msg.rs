@@ -350,7 +350,7 @@ impl Msg<'_> {
     pub fn encoded_len(&self) -> usize {
         match &self.body {
             Body::Put { data, .. } => PUT_HEAD_LEN + data.len(),
-            Body::Data { data, .. } => HEADER_LEN + 2 + 4 + 4 + data.len(),
+            Body::Data { data, .. } => DATA_HEAD_LEN + data.len(),
             _ => {
                 let mut v = Vec::new();
                 self.encode(&mut v);
@@ -616,6 +616,9 @@ pub fn decode_split<'a>(head: &'a [u8], tail: &'a [u8]) -> Result<Msg<'a>, MsgEr
 
 /// Length of the encoding of a PUT without its share bytes.
 pub const PUT_HEAD_LEN: usize = HEADER_LEN + KEY_LEN + 2 + 4 + 4;
+
+/// Length of the encoding of a DATA reply without its share bytes.
+pub const DATA_HEAD_LEN: usize = HEADER_LEN + 2 + 4 + 4;
 
 fn decode_parts<'a>(b: &'a [u8], tail: Option<&'a [u8]>) -> Result<Msg<'a>, MsgError> {
     check_len(b.len())?;
