@@ -156,7 +156,11 @@ fn flow(args: &DemoArgs, dir: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::R
     let mut opts = DeployOptions::new(&dir.join("deploy"));
     opts.volume_size = (args.cram_size * 3 / 2 + (256 << 20)).next_multiple_of(1 << 20);
     // Home -> site carries every share once; windows wasted at restarts need a little more.
-    opts.key_size = (args.cram_size + args.cram_size / 8 + (128 << 20)).next_multiple_of(1 << 20);
+    // Site -> home carries a share per chunk read (the home share is the other of k = 2), and
+    // the demo reads the big CRAM in full three times (md5, view -c, index) beyond what the
+    // chunk cache holds, spread over the two links: 1.5x its size per link, and room to spare.
+    // Pools are provisioned equal in both directions, so the read side sets the size.
+    opts.key_size = (2 * args.cram_size + (256 << 20)).next_multiple_of(1 << 20);
     opts.consent_wait_secs = 120;
     opts.card = true;
     // The reader first: the mount's card watcher follows it from the start.
