@@ -30,6 +30,15 @@ pub struct DemoArgs {
 }
 
 const FIXTURES: &str = "/usr/share/htslib-test/test";
+
+/// Key per direction of each link for a demo CRAM of `cram` bytes. Home -> site carries every
+/// share once (plus windows wasted at restarts). Site -> home carries a share per chunk read
+/// (the home share is the other of k = 2), and the demo reads the big CRAM in full three times
+/// (md5, view -c, index) beyond what the chunk cache holds, spread over the two links: 1.5x its
+/// size per link. Pools are equal in both directions, so the read side sets the size.
+fn demo_key_size(cram: u64) -> u64 {
+    (2 * cram + (256 << 20)).next_multiple_of(1 << 20)
+}
 const PATIENT: &str = "P0001";
 
 /// What a Ctrl-C must undo even while the main thread is busy.
@@ -155,12 +164,7 @@ fn flow(args: &DemoArgs, dir: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::R
     );
     let mut opts = DeployOptions::new(&dir.join("deploy"));
     opts.volume_size = (args.cram_size * 3 / 2 + (256 << 20)).next_multiple_of(1 << 20);
-    // Home -> site carries every share once; windows wasted at restarts need a little more.
-    // Site -> home carries a share per chunk read (the home share is the other of k = 2), and
-    // the demo reads the big CRAM in full three times (md5, view -c, index) beyond what the
-    // chunk cache holds, spread over the two links: 1.5x its size per link, and room to spare.
-    // Pools are provisioned equal in both directions, so the read side sets the size.
-    opts.key_size = (2 * args.cram_size + (256 << 20)).next_multiple_of(1 << 20);
+    opts.key_size = demo_key_size(args.cram_size);
     opts.consent_wait_secs = 120;
     opts.card = true;
     // The reader first: the mount's card watcher follows it from the start.
@@ -436,4 +440,21 @@ fn install_interrupt_cleanup(cleanup: Arc<Mutex<Cleanup>>) -> anyhow::Result<()>
             std::process::exit(130);
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `make demo` once ran out of site -> home key at `samtools index` (its third full read).
+    #[test]
+    fn key_pools_cover_the_store_and_three_full_reads_over_two_links() {
+        for cram in [256u64 << 20, 1 << 30, 3 << 30] {
+            // CRAM files beside the big one, frame and chunk overhead: a tenth more.
+            let bytes = cram + cram / 10;
+            let key = demo_key_size(cram);
+            assert!(key >= bytes, "store: {key} < {bytes}");
+            assert!(key >= 3 * bytes / 2, "reads: {key} < {}", 3 * bytes / 2);
+        }
+    }
 }
