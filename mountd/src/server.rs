@@ -888,10 +888,18 @@ fn answer(id: u64, what: &str, r: Result<Reply, StoreError>, peer: &str, via: &s
     })
 }
 
-/// Write `parts` one after the other (a few bytes of length and head, then a share).
+/// Write all of `parts` (a length, a head, a share) with vectored writes: usually one system
+/// call for the lot instead of one per piece.
 async fn write_all_parts<S: AsyncWrite + Unpin>(s: &mut S, parts: &[&[u8]]) -> std::io::Result<()> {
-    for p in parts {
-        s.write_all(p).await?;
+    let mut slices: Vec<std::io::IoSlice<'_>> =
+        parts.iter().map(|p| std::io::IoSlice::new(p)).collect();
+    let mut rest = &mut slices[..];
+    std::io::IoSlice::advance_slices(&mut rest, 0);
+    while !rest.is_empty() {
+        match s.write_vectored(rest).await? {
+            0 => return Err(std::io::ErrorKind::WriteZero.into()),
+            n => std::io::IoSlice::advance_slices(&mut rest, n),
+        }
     }
     Ok(())
 }

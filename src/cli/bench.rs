@@ -485,7 +485,6 @@ fn md5_of(path: &std::path::Path) -> anyhow::Result<String> {
     }
 }
 
-/// `dd if=from of=to bs=bs`, timed from start to exit (so including the final close).
 /// How long a copy took, and the CPU time the whole machine was busy meanwhile (every
 /// process and the kernel: dd, FUSE, the daemons).
 #[derive(Clone, Copy, Debug)]
@@ -528,6 +527,7 @@ fn parse_busy_ticks(stat: &str) -> Option<u64> {
     Some(v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)?)
 }
 
+/// `dd if=from of=to bs=bs`, timed from start to exit (so including the final close).
 fn timed_dd(from: &std::path::Path, to: &std::path::Path, bs: u64) -> anyhow::Result<Timed> {
     let mut cmd = Command::new("dd");
     cmd.arg(format!("if={}", from.display()))

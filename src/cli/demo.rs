@@ -30,6 +30,7 @@ pub struct DemoArgs {
 }
 
 const FIXTURES: &str = "/usr/share/htslib-test/test";
+const PATIENT: &str = "P0001";
 
 /// Key per direction of each link for a demo CRAM of `cram` bytes. Home -> site carries every
 /// share once (plus windows wasted at restarts). Site -> home carries a share per chunk read
@@ -39,7 +40,6 @@ const FIXTURES: &str = "/usr/share/htslib-test/test";
 fn demo_key_size(cram: u64) -> u64 {
     (2 * cram + (256 << 20)).next_multiple_of(1 << 20)
 }
-const PATIENT: &str = "P0001";
 
 /// What a Ctrl-C must undo even while the main thread is busy.
 #[derive(Default)]

@@ -263,7 +263,7 @@ impl SendStream {
         Ok(Self { end, next })
     }
 
-    /// Seal `payload` into `out` (cleared; its capacity is reused).
+    /// Seal `payload` into `out` (resized to the frame; its capacity is reused).
     pub fn seal(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Result<SealedFrame, LinkError> {
         self.seal_parts(&[payload], out)
     }
@@ -431,7 +431,7 @@ impl RecvStream {
         Ok(Self { end, consumed })
     }
 
-    /// Verify and decrypt `frame` into `out` (cleared). On any error `out` is left empty and
+    /// Verify and decrypt `frame` into `out` (resized to the payload). On any error `out` is left empty and
     /// wiped; key is marked consumed only after the tag verified.
     pub fn open(&mut self, frame: &[u8], out: &mut Vec<u8>) -> Result<SealedFrame, LinkError> {
         // Not cleared up front: a buffer reused for frames of one size is then resized without

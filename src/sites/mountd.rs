@@ -70,6 +70,12 @@ impl Read for Sock {
             Sock::Tcp(s) => s.read(b),
         }
     }
+    fn read_vectored(&mut self, b: &mut [std::io::IoSliceMut<'_>]) -> std::io::Result<usize> {
+        match self {
+            Sock::Unix(s) => s.read_vectored(b),
+            Sock::Tcp(s) => s.read_vectored(b),
+        }
+    }
 }
 
 impl Write for Sock {
@@ -120,6 +126,24 @@ fn write_all_parts(w: &mut impl Write, parts: &mut [std::io::IoSlice<'_>]) -> st
         match w.write_vectored(parts) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(n) => std::io::IoSlice::advance_slices(&mut parts, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Fill all of `parts` (a reply's head, then its share) with vectored reads.
+fn read_exact_parts(
+    r: &mut impl Read,
+    parts: &mut [std::io::IoSliceMut<'_>],
+) -> std::io::Result<()> {
+    let mut parts = parts;
+    std::io::IoSliceMut::advance_slices(&mut parts, 0);
+    while !parts.is_empty() {
+        match r.read_vectored(parts) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => std::io::IoSliceMut::advance_slices(&mut parts, n),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
@@ -553,9 +577,15 @@ impl MountdSite {
                 let split = match tail_out.as_deref_mut() {
                     Some(t) if n >= msg::DATA_HEAD_LEN => {
                         b.plain.resize(msg::DATA_HEAD_LEN, 0);
-                        conn.sock.read_exact(&mut b.plain).map_err(io)?;
                         t.resize(n - msg::DATA_HEAD_LEN, 0);
-                        conn.sock.read_exact(t).map_err(io)?;
+                        read_exact_parts(
+                            &mut conn.sock,
+                            &mut [
+                                std::io::IoSliceMut::new(&mut b.plain),
+                                std::io::IoSliceMut::new(t),
+                            ],
+                        )
+                        .map_err(io)?;
                         true
                     }
                     _ => {

@@ -143,7 +143,6 @@ impl FixedPool {
         unsafe { self.base.as_ptr().add(usize::from(index) * self.slot_len) }
     }
 
-    /// A zero-filled slot holding `len` bytes, if one is free and large enough.
     /// A zero-filled slot of `len` bytes, if one is free and large enough.
     pub(crate) fn take(self: &Arc<Self>, len: usize) -> Option<IoBuf> {
         let mut buf = self.take_dirty(len)?;

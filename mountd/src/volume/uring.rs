@@ -241,6 +241,14 @@ fn probe_dio_read(file: &File) -> Option<Alignment> {
 }
 
 impl UringVolume {
+    /// A registered slot from `take`, or a (zeroed) heap buffer when none is free.
+    fn pooled(&self, len: usize, take: fn(&Arc<FixedPool>, usize) -> Option<IoBuf>) -> IoBuf {
+        self.pool
+            .as_ref()
+            .and_then(|p| take(p, len))
+            .unwrap_or_else(|| IoBuf::heap((self.align.step() as usize).max(4096), len))
+    }
+
     /// Opens `path` (regular file or block device) with O_DIRECT and starts its ring thread.
     pub fn open(path: &Path, opts: &UringOptions) -> Result<Self, VolumeError> {
         let mut flags = libc::O_DIRECT | libc::O_CLOEXEC;
@@ -414,17 +422,11 @@ impl BlockDevice for UringVolume {
     }
 
     fn alloc_buf(&self, len: usize) -> IoBuf {
-        self.pool
-            .as_ref()
-            .and_then(|p| p.take(len))
-            .unwrap_or_else(|| IoBuf::heap((self.align.step() as usize).max(4096), len))
+        self.pooled(len, FixedPool::take)
     }
 
     fn alloc_buf_dirty(&self, len: usize) -> IoBuf {
-        self.pool
-            .as_ref()
-            .and_then(|p| p.take_dirty(len))
-            .unwrap_or_else(|| IoBuf::heap((self.align.step() as usize).max(4096), len))
+        self.pooled(len, FixedPool::take_dirty)
     }
 
     fn read_at(&self, buf: IoBuf, offset: u64) -> Result<IoBuf, VolumeError> {
