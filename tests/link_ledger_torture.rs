@@ -23,6 +23,13 @@ use qgenome::link::{LinkError, RecvStream, SendStream, StreamOptions};
 const LINK: &str = "torture";
 const CHILD_ENV: &str = "QGENOME_TORTURE_CHILD_DIR";
 const WINDOW: u64 = 3000;
+/// Frames one child seals before it idles until the kill. Bounds the key a run can use
+/// (1000 frames of at most 1499 + 32 bytes, plus one wasted window), so the pool below
+/// lasts all runs however fast this machine's fdatasync is: with an unbounded child, a
+/// fast disk used up a 4 MiB pool within a few runs.
+const FRAMES_PER_RUN: usize = 1000;
+const RUNS: usize = 40;
+const POOL: u64 = 64 << 20;
 
 /// Logs every key read (offset, length) to fd 1 before returning the key.
 struct LoggingKey(PoolFile);
@@ -73,7 +80,7 @@ fn torture_child() {
     raw_stdout(&format!("START {}\n", s.next_offset()));
     let mut frame = Vec::new();
     let mut x = std::process::id() as u64 | 1;
-    loop {
+    for _ in 0..FRAMES_PER_RUN {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
@@ -88,6 +95,8 @@ fn torture_child() {
             Err(e) => panic!("{e}"),
         }
     }
+    raw_stdout("DONE\n");
+    std::thread::sleep(Duration::from_secs(60));
 }
 
 fn hex(b: &[u8]) -> String {
@@ -112,7 +121,10 @@ fn sigkill_at_random_moments_never_reuses_key() {
     let (a, b) = (base.path().join("a"), base.path().join("b"));
     std::fs::create_dir_all(&a).unwrap();
     std::fs::create_dir_all(&b).unwrap();
-    pool::provision(LINK, 4 << 20, &a, &b).unwrap();
+    const {
+        assert!(RUNS as u64 * (FRAMES_PER_RUN as u64 * (1499 + 32) + WINDOW) < POOL);
+    }
+    pool::provision(LINK, POOL, &a, &b).unwrap();
     let mut seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -130,8 +142,12 @@ fn sigkill_at_random_moments_never_reuses_key() {
     let mut reads: Vec<(usize, Range<u64>)> = Vec::new();
     let mut frames: Vec<Vec<u8>> = Vec::new();
     let mut max_read_end = 0u64;
-    let runs = 40;
+    let runs = RUNS;
     let mut runs_with_frames = 0;
+    let mut killed_mid_stream = 0;
+    // Kills land up to this long after the start; shortened whenever a child got through
+    // all its frames first, so that on a fast machine most kills still hit work.
+    let mut max_delay_us = 40_000u64;
     for run in 0..runs {
         let resume = ledger::peek(&lp, LINK).unwrap().map_or(0, |s| s.value);
         assert!(
@@ -157,11 +173,12 @@ fn sigkill_at_random_moments_never_reuses_key() {
             s
         });
         // Startup takes a few ms; kill anywhere from before the pool opens to mid-stream.
-        std::thread::sleep(Duration::from_micros(2_000 + rand() % 40_000));
+        std::thread::sleep(Duration::from_micros(1_000 + rand() % max_delay_us));
         child.kill().unwrap();
         child.wait().unwrap();
         let text = reader.join().unwrap();
         let mut any = false;
+        let mut done = false;
         for line in text.lines() {
             let mut w = line.split_whitespace();
             match w.next() {
@@ -187,14 +204,20 @@ fn sigkill_at_random_moments_never_reuses_key() {
                     );
                 }
                 Some("EXHAUSTED") => panic!("pool too small for the torture"),
+                Some("DONE") => done = true,
                 _ => {}
             }
         }
         runs_with_frames += any as usize;
+        if done {
+            max_delay_us = (max_delay_us * 2 / 3).max(2_000);
+        } else if any {
+            killed_mid_stream += 1;
+        }
     }
     assert!(
-        runs_with_frames >= runs / 4,
-        "only {runs_with_frames} of {runs} runs sealed a frame: the kills never hit work"
+        killed_mid_stream >= runs / 4,
+        "only {killed_mid_stream} of {runs} runs were killed while sealing: the kills never hit work"
     );
     // No key byte read by two different runs (within a run, reads are disjoint too).
     let mut sorted = reads.clone();
@@ -210,10 +233,11 @@ fn sigkill_at_random_moments_never_reuses_key() {
         );
     }
     eprintln!(
-        "{} key reads, {} frames, {} runs with frames, key used up to {}",
+        "{} key reads, {} frames, {} runs with frames ({} killed mid-stream), key used up to {}",
         reads.len(),
         frames.len(),
         runs_with_frames,
+        killed_mid_stream,
         max_read_end
     );
 
