@@ -110,6 +110,13 @@ pub trait KeySource: Send {
     }
     /// Read `buf.len()` key bytes starting at `offset`.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), KeyError>;
+    /// The `len` key bytes at `offset` in place, when the source holds them mapped in memory
+    /// (a pool on huge pages): sealing then XORs straight from them instead of copying them
+    /// out first. `None` (the default) means: use [`KeySource::read_at`].
+    fn mapped(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        let _ = (offset, len);
+        None
+    }
     /// Destroy the key in `range` so it can never be read again.
     fn destroy(&mut self, range: Range<u64>) -> Result<Destroyed, KeyError>;
     /// Finish earlier destruction and make it durable.

@@ -6,13 +6,15 @@
 //! 16..32 the one-time mask `s`, the rest the pad. Tag =
 //! `POLYVAL_H(header || 0-pad || ciphertext || 0-pad || le64(header bits) || le64(ct bits)) ^ s`.
 //!
-//! XOR and MAC are fused per `CHUNK` bytes: the pad of a chunk is read by the key source
-//! straight into `out` (where the result goes), the data is XORed into it, and the chunk is
-//! hashed while still in cache. No other copy of the pad is made.
+//! XOR and MAC are fused per `CHUNK` bytes: the pad of a chunk is XORed with the data straight
+//! from the key source's memory when it has the key mapped ([`FrameKey::mapped`]), or else
+//! read by the key source straight into `out` (where the result goes) and the data XORed into
+//! it; the chunk is hashed while still in cache. No other copy of the pad is made.
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::polyval::Polyval;
+use crate::sharing::xor::{xor2, xor_into};
 use crate::wire::frame::{FrameHeader, HEADER_LEN, MAC_KEY_LEN, TAG_LEN};
 
 /// Bytes processed at a time (fits in L2 together with the pad it meets).
@@ -24,14 +26,23 @@ pub trait FrameKey {
     /// Copy key bytes into `buf` (the MAC key, and each chunk's pad, read straight into the
     /// output buffer).
     fn read(&mut self, rel: u64, buf: &mut [u8]) -> Result<(), Self::Error>;
+    /// The `len` key bytes at `rel` in place, when the key is mapped in memory; `None` makes
+    /// the caller [`read`](Self::read) them instead.
+    fn mapped(&self, rel: u64, len: usize) -> Option<&[u8]> {
+        let _ = (rel, len);
+        None
+    }
 }
 
-/// Key held in a slice (tests, benchmarks).
+/// Key held in a slice (tests, benchmarks): in place, like a mapped pool.
 impl FrameKey for &[u8] {
     type Error = std::convert::Infallible;
     fn read(&mut self, rel: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
         buf.copy_from_slice(&self[rel as usize..rel as usize + buf.len()]);
         Ok(())
+    }
+    fn mapped(&self, rel: u64, len: usize) -> Option<&[u8]> {
+        self.get(rel as usize..rel as usize + len)
     }
 }
 
@@ -67,11 +78,16 @@ pub fn seal<K: FrameKey>(
     let body = &mut out[HEADER_LEN..HEADER_LEN + payload_len];
     let mut src = Parts::new(parts);
     for (i, c) in body.chunks_mut(CHUNK).enumerate() {
-        if let Err(e) = key.read(MAC_KEY_LEN + (i * CHUNK) as u64, c) {
-            out.zeroize();
-            return Err(SealError::Key(e));
+        let rel = MAC_KEY_LEN + (i * CHUNK) as u64;
+        if let Some(pad) = key.mapped(rel, c.len()) {
+            src.next_xor(c, Some(pad));
+        } else {
+            if let Err(e) = key.read(rel, c) {
+                out.zeroize();
+                return Err(SealError::Key(e));
+            }
+            src.next_xor(c, None);
         }
-        src.xor_next(c);
         mac.update_padded(c);
     }
     let tag = finish(mac, &s, payload_len);
@@ -90,13 +106,21 @@ impl<'a> Parts<'a> {
         Self { rest: parts, at: 0 }
     }
 
-    /// XOR the next `dst.len()` payload bytes into `dst`.
-    fn xor_next(&mut self, mut dst: &mut [u8]) {
+    /// `dst` = the next `dst.len()` payload bytes XOR `pad` (or XOR `dst` itself, without).
+    fn next_xor(&mut self, mut dst: &mut [u8], mut pad: Option<&[u8]>) {
         while !dst.is_empty() {
             let (part, more) = self.rest.split_first().expect("parts cover the payload");
             let n = dst.len().min(part.len() - self.at);
             let (now, later) = dst.split_at_mut(n);
-            xor_into(now, &part[self.at..self.at + n]);
+            let data = &part[self.at..self.at + n];
+            match pad {
+                Some(p) => {
+                    let (p_now, p_later) = p.split_at(n);
+                    xor2(now, data, p_now);
+                    pad = Some(p_later);
+                }
+                None => xor_into(now, data),
+            }
             dst = later;
             self.at += n;
             if self.at == part.len() {
@@ -140,11 +164,16 @@ pub fn open<K: FrameKey>(
             }
             let n = (c.len() - done).min(outs[part].len() - at);
             let p = &mut outs[part][at..at + n];
-            if let Err(e) = key.read(MAC_KEY_LEN + (i * CHUNK + done) as u64, p) {
-                wipe(outs);
-                return Err(SealError::Key(e));
+            let rel = MAC_KEY_LEN + (i * CHUNK + done) as u64;
+            if let Some(pad) = key.mapped(rel, n) {
+                xor2(p, &c[done..done + n], pad);
+            } else {
+                if let Err(e) = key.read(rel, p) {
+                    wipe(outs);
+                    return Err(SealError::Key(e));
+                }
+                xor_into(p, &c[done..done + n]);
             }
-            xor_into(p, &c[done..done + n]);
             (done, at) = (done + n, at + n);
         }
     }
@@ -183,22 +212,6 @@ fn finish(mac: Polyval, s: &[u8; 16], ct_len: usize) -> [u8; TAG_LEN] {
         *t ^= m;
     }
     tag
-}
-
-/// `dst ^= src`, written so the compiler vectorises it.
-#[inline]
-pub fn xor_into(dst: &mut [u8], src: &[u8]) {
-    debug_assert_eq!(dst.len(), src.len());
-    let mut d = dst.chunks_exact_mut(64);
-    let mut s = src.chunks_exact(64);
-    for (d, s) in (&mut d).zip(&mut s) {
-        for (a, b) in d.iter_mut().zip(s) {
-            *a ^= *b;
-        }
-    }
-    for (a, b) in d.into_remainder().iter_mut().zip(s.remainder()) {
-        *a ^= *b;
-    }
 }
 
 #[cfg(test)]
@@ -275,6 +288,50 @@ mod tests {
             let mut outs: Vec<&mut [u8]> = back.iter_mut().map(|v| v.as_mut_slice()).collect();
             open(&h, &f, &mut outs, &mut &k[..]).unwrap();
             assert_eq!(back.concat(), payload, "outs {lens:?}");
+        }
+    }
+
+    /// Key that can only be copied out, like a pool read with `pread`.
+    struct Copied<'a>(&'a [u8]);
+
+    impl FrameKey for Copied<'_> {
+        type Error = std::convert::Infallible;
+        fn read(&mut self, rel: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
+            (&mut &self.0[..]).read(rel, buf)
+        }
+    }
+
+    #[test]
+    fn mapped_and_copied_key_seal_and_open_alike() {
+        let payload: Vec<u8> = (0..2 * CHUNK + 333).map(|i| (i * 13 + 5) as u8).collect();
+        let h = FrameHeader {
+            stream_id: [4; 16],
+            key_offset: 0,
+            payload_len: payload.len() as u64,
+        };
+        let k = key(32 + payload.len(), 3);
+        let parts = [&payload[..7], &payload[7..CHUNK + 1], &payload[CHUNK + 1..]];
+        let (mut mapped, mut copied) = (Vec::new(), Vec::new());
+        seal(&h, &parts, &mut mapped, &mut &k[..]).unwrap();
+        seal(&h, &parts, &mut copied, &mut Copied(&k)).unwrap();
+        assert_eq!(mapped, copied);
+        let n = payload.len();
+        let mut back = vec![0u8; n];
+        let (a, b) = back.split_at_mut(CHUNK - 3);
+        open(&h, &mapped, &mut [a, b], &mut Copied(&k)).unwrap();
+        assert_eq!(back, payload);
+        back.fill(0);
+        let (a, b) = back.split_at_mut(CHUNK + 9);
+        open(&h, &copied, &mut [a, b], &mut &k[..]).unwrap();
+        assert_eq!(back, payload);
+        let mut forged = mapped.clone();
+        forged[HEADER_LEN + CHUNK + 17] ^= 0x40;
+        for r in [
+            open(&h, &forged, &mut [&mut back[..]], &mut &k[..]),
+            open(&h, &forged, &mut [&mut back[..]], &mut Copied(&k)),
+        ] {
+            assert!(matches!(r, Err(SealError::BadTag)));
+            assert!(back.iter().all(|&x| x == 0), "plaintext left behind");
         }
     }
 

@@ -56,6 +56,9 @@ impl seal::FrameKey for RangeKey<'_> {
     fn read(&mut self, rel: u64, buf: &mut [u8]) -> Result<(), KeyError> {
         self.key.read_at(self.base + rel, buf)
     }
+    fn mapped(&self, rel: u64, len: usize) -> Option<&[u8]> {
+        self.key.mapped(self.base + rel, len)
+    }
 }
 
 impl End {
