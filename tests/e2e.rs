@@ -202,3 +202,49 @@ fn kill_9_of_the_mount_during_a_write_keeps_committed_files_and_drops_the_partia
         "recovery did not record discarding the partial file: {audit}"
     );
 }
+
+/// The same stack with everything on a tmpfs of huge pages, as the benchmarks and a deployment
+/// that keeps pools in RAM run it: the mount and the sites seal and open straight from mapped
+/// pools (docs/design.md, "Pools on huge pages are mapped"). Files round-trip, reads still
+/// route around a dead remote site, and no plaintext reaches any file at rest.
+#[test]
+fn pools_on_huge_pages_are_used_in_place_by_the_mount_and_the_sites() {
+    let dir = tempfile::tempdir().unwrap();
+    let huge = qgenome::keys::tmpfs::HugeTmpfs::mount(dir.path(), 1 << 30)
+        .expect("mount a huge-page tmpfs (tests run as root)");
+    let mut d = deployment(huge.path());
+    let pools: Vec<_> = d
+        .files_at_rest()
+        .into_iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "pool"))
+        .collect();
+    assert!(!pools.is_empty());
+    for p in &pools {
+        let blksize = std::os::unix::fs::MetadataExt::blksize(&std::fs::metadata(p).unwrap());
+        assert!(blksize >= 2 << 20, "{} is not on huge pages", p.display());
+    }
+    std::fs::create_dir(d.mountpoint.join("P1")).unwrap();
+    let data = random((5 << 20) + 12345);
+    std::fs::write(d.mountpoint.join("P1/a.cram"), &data).unwrap();
+    grant(&d, "P1");
+    assert_eq!(std::fs::read(d.mountpoint.join("P1/a.cram")).unwrap(), data);
+    d.kill_site(1);
+    fresh_consent(&d, "P1");
+    let got = std::fs::read(d.mountpoint.join("P1/a.cram"))
+        .unwrap_or_else(|e| panic!("read with site 1 down: {e}\n{}", mount_log(&d)));
+    assert_eq!(
+        got, data,
+        "read with site 1 down (shares from site 2 over its link)"
+    );
+    d.start_site(1).unwrap();
+    d.stop_mount(false).unwrap();
+    let windows = Windows::new(&data, 64);
+    for f in &d.files_at_rest() {
+        assert!(
+            !windows.in_file(f).unwrap(),
+            "plaintext found in {}",
+            f.display()
+        );
+    }
+    drop(d);
+}
