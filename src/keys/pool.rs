@@ -259,7 +259,8 @@ impl PoolFile {
             .write(true)
             .open(&path)
             .map_err(|e| io("open pool", e))?;
-        let actual = file.metadata().map_err(|e| io("stat pool", e))?.len();
+        let meta = file.metadata().map_err(|e| io("stat pool", e))?;
+        let actual = meta.len();
         let mut hdr = vec![0u8; HEADER_LEN as usize];
         let n = read_up_to(&file, &mut hdr).map_err(|e| io("read pool header", e))?;
         if n < HEADER_LEN as usize {
@@ -288,10 +289,7 @@ impl PoolFile {
                 actual,
             });
         }
-        let map = if std::os::unix::fs::MetadataExt::blksize(
-            &file.metadata().map_err(|e| io("stat pool", e))?,
-        ) >= MAP_MIN_BLKSIZE
-        {
+        let map = if std::os::unix::fs::MetadataExt::blksize(&meta) >= MAP_MIN_BLKSIZE {
             // SAFETY: a shared read-only mapping of a pool file this process opened; its size
             // was just checked against the header and pools are never truncated or written
             // in place (only punched, which reads back as zeros). Slices handed out are of

@@ -70,30 +70,17 @@ impl Drbg {
     }
 }
 
-/// Block i of `blocks` = `nonce || counter + i`, both little-endian u64s: as 64-bit words,
-/// the sequence nonce, c, nonce, c+1, ... Written a vector of blocks at a time where the CPU
-/// has AVX-512 (a block-by-block loop of 8-byte stores was an eighth of a split's time).
-fn counter_blocks(blocks: &mut [aes::Block], nonce: u64, counter: u64) {
-    #[inline(always)]
-    fn generic(blocks: &mut [aes::Block], nonce: u64, counter: u64) {
+super::xor::multiversion! {
+    /// Block i of `blocks` = `nonce || counter + i`, both little-endian u64s: as 64-bit words,
+    /// the sequence nonce, c, nonce, c+1, ..., which the vectorised copies write a vector of
+    /// blocks at a time (a block-by-block loop of 8-byte stores was an eighth of a split).
+    fn counter_blocks(blocks: &mut [aes::Block], nonce: u64, counter: u64) {
         for (i, b) in blocks.iter_mut().enumerate() {
             let words = [nonce.to_le(), counter.wrapping_add(i as u64).to_le()];
             // SAFETY: a block is 16 bytes; the write is unaligned (blocks are byte arrays).
             unsafe { (b.as_mut_ptr() as *mut [u64; 2]).write_unaligned(words) };
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f")]
-        unsafe fn avx512(blocks: &mut [aes::Block], nonce: u64, counter: u64) {
-            generic(blocks, nonce, counter)
-        }
-        if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F.
-            return unsafe { avx512(blocks, nonce, counter) };
-        }
-    }
-    generic(blocks, nonce, counter)
 }
 
 impl RandomSource for Drbg {

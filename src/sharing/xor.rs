@@ -5,11 +5,13 @@
 //! at run time (`is_x86_feature_detected!` caches its answer, so the check costs one load).
 //! Callers hand in tiles small enough to stay in L1, so several passes over a tile are cheap.
 
+/// `multiversion! { [pub] fn name(args) { body } }`: the body compiled for AVX-512, AVX2 and the
+/// baseline, the widest the CPU has picked at run time. Also used by the DRBG's counter blocks.
 macro_rules! multiversion {
-    ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
         $(#[$doc])*
         #[inline]
-        pub fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) {
             #[inline(always)]
             fn generic($($arg: $ty),*) $body
 
@@ -32,6 +34,7 @@ macro_rules! multiversion {
         }
     };
 }
+pub(crate) use multiversion;
 
 multiversion! {
     /// `dst ^= a`. Panics if the lengths differ.
