@@ -409,16 +409,18 @@ fn destroy_now(
     Ok(Destroyed::Overwritten)
 }
 
-/// Ranges queued before `destroy` blocks: keeps destruction within a few frames of use, and
-/// makes a sustained rate include it when the destroyer cannot keep up.
-const DESTROY_QUEUE: usize = 8;
+/// Used key the destroyer may fall behind by before `destroy` waits for it: keeps destruction
+/// within a few frames of use, and makes a sustained rate include it when the destroyer cannot
+/// keep up.
+const DESTROY_LAG: u64 = 16 << 20;
 
 /// The destroyer punches whole multiples of this, aligned, where it can: on a tmpfs of huge
 /// pages (see [`super::tmpfs`]) a punch that ends inside a 2 MiB folio splits it first.
 const DESTROY_ALIGN: u64 = 2 << 20;
 
 /// How long used key may wait for its range to reach the next [`DESTROY_ALIGN`] boundary
-/// before it is punched anyway (and `sync` punches it at once).
+/// before it is punched anyway (and `sync` punches it at once). Also how long the destroyer
+/// stays awake with nothing to do before a new tail has to wake it.
 const DESTROY_LINGER: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Used ranges held back until they reach an aligned boundary: contiguous ranges (a stream
@@ -462,9 +464,71 @@ impl Coalesce {
     }
 }
 
-enum DestroyMsg {
-    Range(u64, u64),
-    Flush(std::sync::mpsc::SyncSender<()>),
+/// What the seal/open path and its pool's destroyer thread share, under one mutex.
+#[derive(Default)]
+struct DestroyState {
+    /// The tail short of an aligned boundary, and when its first byte was used.
+    coalesce: Coalesce,
+    tail_since: Option<std::time::Instant>,
+    /// Ranges to punch now, and their bytes.
+    ready: Vec<Range<u64>>,
+    ready_bytes: u64,
+    /// The destroyer is punching ranges it took out of `ready`.
+    busy: bool,
+    /// The destroyer sleeps without a timeout: a new tail must wake it.
+    asleep: bool,
+    closed: bool,
+    /// The thread has ended (only after `closed`, or by a panic): `destroy` punches itself.
+    dead: bool,
+    /// The first failure, reported by the next `destroy` or `sync`.
+    failed: Option<(&'static str, std::io::Error)>,
+}
+
+impl DestroyState {
+    fn release(&mut self, r: Range<u64>) {
+        self.ready_bytes += r.end - r.start;
+        self.ready.push(r);
+    }
+
+    /// Move the tail to `ready`.
+    fn release_tail(&mut self) {
+        if let Some(t) = self.coalesce.take() {
+            self.release(t);
+        }
+        self.tail_since = None;
+    }
+}
+
+#[derive(Default)]
+struct DestroyShared {
+    state: std::sync::Mutex<DestroyState>,
+    /// Signalled when there is work for the destroyer, and when it finishes a batch.
+    cv: std::sync::Condvar,
+}
+
+impl DestroyShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, DestroyState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait<'a>(
+        &self,
+        g: std::sync::MutexGuard<'a, DestroyState>,
+    ) -> std::sync::MutexGuard<'a, DestroyState> {
+        self.cv.wait(g).unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait_for<'a>(
+        &self,
+        g: std::sync::MutexGuard<'a, DestroyState>,
+        d: std::time::Duration,
+    ) -> (std::sync::MutexGuard<'a, DestroyState>, bool) {
+        let (g, t) = self
+            .cv
+            .wait_timeout(g, d)
+            .unwrap_or_else(|p| p.into_inner());
+        (g, t.timed_out())
+    }
 }
 
 /// A thread per open pool that destroys used key ranges, off the seal/open path (punching
@@ -475,86 +539,109 @@ enum DestroyMsg {
 /// by the next `destroy` or `sync`. Dropping the pool drains the queue and joins the thread.
 /// A crash before a queued range is destroyed loses nothing: every open destroys all key
 /// below the resume point again.
+///
+/// The seal/open path coalesces under the shared mutex and wakes the thread only when a range
+/// is ready to punch (or when it has gone to sleep): a stream of 1 MiB frames wakes it every
+/// other frame instead of every frame. Each wake is a futex call and, on an idle core of a VM,
+/// an inter-processor interrupt; waking per frame cost seal + open 14% of its throughput
+/// (docs/benchmarks.md, session 5).
 struct Destroyer {
-    tx: Option<std::sync::mpsc::SyncSender<DestroyMsg>>,
+    shared: Option<std::sync::Arc<DestroyShared>>,
     handle: Option<std::thread::JoinHandle<()>>,
-    failed: std::sync::Arc<std::sync::Mutex<Option<(&'static str, std::io::Error)>>>,
 }
 
 impl Destroyer {
     fn start(file: &File, path: &Path) -> Self {
-        let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
-        let none = |failed| Self {
-            tx: None,
+        let none = Self {
+            shared: None,
             handle: None,
-            failed,
         };
         let Ok(file) = file.try_clone() else {
-            return none(failed);
+            return none;
         };
-        let (tx, rx) = std::sync::mpsc::sync_channel::<DestroyMsg>(DESTROY_QUEUE);
-        let (path, f2) = (path.to_path_buf(), failed.clone());
+        let shared = std::sync::Arc::new(DestroyShared::default());
+        let (path, sh) = (path.to_path_buf(), shared.clone());
         let spawned = std::thread::Builder::new()
             .name("qgenome-key-destroyer".into())
-            .spawn(move || {
-                let mut punch_unsupported = false;
-                let mut punch = |r: Range<u64>| {
-                    if let Err(e) = destroy_now(
-                        &file,
-                        &path,
-                        &mut punch_unsupported,
-                        r.start,
-                        r.end - r.start,
-                    ) {
-                        let mut slot = f2.lock().unwrap_or_else(|p| p.into_inner());
-                        slot.get_or_insert(e);
-                    }
-                };
-                let mut pending = Coalesce::default();
-                loop {
-                    let msg = if pending.is_empty() {
-                        rx.recv().ok()
-                    } else {
-                        match rx.recv_timeout(DESTROY_LINGER) {
-                            Ok(m) => Some(m),
-                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                                pending.take().map(&mut punch);
-                                continue;
-                            }
-                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => None,
-                        }
-                    };
-                    match msg {
-                        Some(DestroyMsg::Range(off, len)) => {
-                            for r in pending.add(off..off + len) {
-                                punch(r);
-                            }
-                        }
-                        Some(DestroyMsg::Flush(done)) => {
-                            pending.take().map(&mut punch);
-                            let _ = done.send(());
-                        }
-                        None => {
-                            pending.take().map(&mut punch);
-                            return;
-                        }
-                    }
-                }
-            });
+            .spawn(move || Self::run(&sh, &file, &path));
         match spawned {
             Ok(handle) => Self {
-                tx: Some(tx),
+                shared: Some(shared),
                 handle: Some(handle),
-                failed,
             },
-            Err(_) => none(failed),
+            Err(_) => none,
+        }
+    }
+
+    /// The destroyer thread: punch what is ready, give a tail [`DESTROY_LINGER`] to reach a
+    /// boundary, and sleep once nothing has come for as long.
+    fn run(sh: &DestroyShared, file: &File, path: &Path) {
+        /// Marks the thread dead however it ends, so that no caller waits for it in vain.
+        struct Dead<'a>(&'a DestroyShared);
+        impl Drop for Dead<'_> {
+            fn drop(&mut self) {
+                self.0.lock().dead = true;
+                self.0.cv.notify_all();
+            }
+        }
+        let _dead = Dead(sh);
+        let mut punch_unsupported = false;
+        let mut st = sh.lock();
+        loop {
+            if !st.ready.is_empty() {
+                let batch = std::mem::take(&mut st.ready);
+                st.ready_bytes = 0;
+                st.busy = true;
+                drop(st);
+                let mut failed = None;
+                for r in batch {
+                    if let Err(e) =
+                        destroy_now(file, path, &mut punch_unsupported, r.start, r.end - r.start)
+                    {
+                        failed.get_or_insert(e);
+                    }
+                }
+                st = sh.lock();
+                st.busy = false;
+                if let Some(e) = failed {
+                    st.failed.get_or_insert(e);
+                }
+                // Wake anyone waiting for the destroyer to catch up (`destroy`, `sync`).
+                sh.cv.notify_all();
+                continue;
+            }
+            if st.closed {
+                if st.coalesce.is_empty() {
+                    return;
+                }
+                st.release_tail();
+                continue;
+            }
+            match st.tail_since {
+                Some(since) => match DESTROY_LINGER.checked_sub(since.elapsed()) {
+                    Some(left) if !left.is_zero() => st = sh.wait_for(st, left).0,
+                    _ => st.release_tail(),
+                },
+                None => {
+                    let timed_out;
+                    (st, timed_out) = sh.wait_for(st, DESTROY_LINGER);
+                    if timed_out && st.ready.is_empty() && st.coalesce.is_empty() && !st.closed {
+                        st.asleep = true;
+                        st = sh.wait(st);
+                        st.asleep = false;
+                    }
+                }
+            }
         }
     }
 }
 
 impl Drop for Destroyer {
     fn drop(&mut self) {
-        self.tx.take();
+        if let Some(sh) = &self.shared {
+            sh.lock().closed = true;
+            sh.cv.notify_all();
+        }
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
@@ -565,10 +652,9 @@ impl PoolFile {
     fn take_destroyer_error(&self) -> Result<(), KeyError> {
         let taken = self
             .destroyer
-            .failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+            .shared
+            .as_ref()
+            .and_then(|sh| sh.lock().failed.take());
         match taken {
             Some((op, e)) => Err(self.io(op, e)),
             None => Ok(()),
@@ -612,8 +698,26 @@ impl KeySource for PoolFile {
         }
         let (off, len) = (HEADER_LEN + r.start, r.end - r.start);
         self.take_destroyer_error()?;
-        if let Some(tx) = &self.destroyer.tx {
-            if tx.send(DestroyMsg::Range(off, len)).is_ok() {
+        if let Some(sh) = &self.destroyer.shared {
+            let mut st = sh.lock();
+            if !st.dead {
+                let before = st.coalesce.pending.as_ref().map(|p| p.start);
+                let now = st.coalesce.add(off..off + len);
+                let wake = !now.is_empty() || st.asleep;
+                now.into_iter().for_each(|r| st.release(r));
+                match st.coalesce.pending.as_ref().map(|p| p.start) {
+                    None => st.tail_since = None,
+                    Some(start) if Some(start) != before => {
+                        st.tail_since = Some(std::time::Instant::now())
+                    }
+                    Some(_) => {}
+                }
+                if wake {
+                    sh.cv.notify_all();
+                }
+                while st.ready_bytes > DESTROY_LAG && !st.dead {
+                    st = sh.wait(st);
+                }
                 return Ok(Destroyed::Queued);
             }
         }
@@ -628,10 +732,12 @@ impl KeySource for PoolFile {
     }
     /// Wait until every queued range is destroyed, then make it durable.
     fn sync(&mut self) -> Result<(), KeyError> {
-        if let Some(tx) = &self.destroyer.tx {
-            let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
-            if tx.send(DestroyMsg::Flush(done_tx)).is_ok() {
-                let _ = done_rx.recv();
+        if let Some(sh) = &self.destroyer.shared {
+            let mut st = sh.lock();
+            st.release_tail();
+            sh.cv.notify_all();
+            while (!st.ready.is_empty() || st.busy) && !st.dead {
+                st = sh.wait(st);
             }
         }
         self.take_destroyer_error()?;
@@ -861,6 +967,53 @@ mod tests {
         // In-order frames were released on 2 MiB boundaries, not frame by frame.
         assert!(aligned >= 3, "{punched:?}");
         assert!(punched.len() < ranges.len() + 2, "{punched:?}");
+    }
+
+    /// The destroyer without `sync`: a tail short of a 2 MiB boundary is punched within
+    /// moments even after the thread has gone to sleep, a stream of frames is punched as it
+    /// goes, and dropping the pool destroys what is still queued.
+    #[test]
+    fn used_key_is_destroyed_within_moments_and_on_drop() {
+        let (dir, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        const KEY: u64 = 8 << 20;
+        provision("lingerlink", KEY, dir.path(), other.path()).unwrap();
+        let open = || PoolFile::open(dir.path(), "lingerlink", Direction::AtoB, End::A).unwrap();
+        let zeros = |p: &PoolFile, r: Range<u64>| {
+            let mut b = vec![1u8; (r.end - r.start) as usize];
+            p.read_at(r.start, &mut b).unwrap();
+            b.iter().all(|&x| x == 0)
+        };
+        let soon = |p: &PoolFile, r: Range<u64>| {
+            let t = std::time::Instant::now();
+            while !zeros(p, r.clone()) {
+                assert!(
+                    t.elapsed() < std::time::Duration::from_secs(5),
+                    "{r:?} still holds key {:?} after its use",
+                    t.elapsed()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        };
+        let mut pool = open();
+        assert!(!zeros(&pool, 0..KEY), "fresh key is random");
+        // Asleep by now: a short tail must wake it.
+        std::thread::sleep(3 * DESTROY_LINGER);
+        pool.destroy(0..100).unwrap();
+        soon(&pool, 0..100);
+        // Frames of 1 MiB + 32 in order: everything below the last one goes without a sync.
+        let mut at = 100;
+        for _ in 0..5 {
+            pool.destroy(at..at + (1 << 20) + 32).unwrap();
+            at += (1 << 20) + 32;
+        }
+        soon(&pool, 0..at);
+        assert!(!zeros(&pool, at..at + 4096), "unused key is kept");
+        // Queued but not yet punched when the pool is dropped: destroyed by the drop.
+        pool.destroy(at..at + 10).unwrap();
+        drop(pool);
+        let pool = open();
+        assert!(zeros(&pool, 0..at + 10));
+        assert!(!zeros(&pool, at + 10..at + 4096));
     }
 
     /// One end on a tmpfs of huge pages (mapped), the other on the disk (`pread`): the same
