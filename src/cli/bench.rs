@@ -99,76 +99,113 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn bench_split(args: &SplitArgs) -> anyhow::Result<()> {
-    let scheme = Scheme::new(args.k, args.n)?;
-    if args.size == 0 || args.chunk == 0 || args.passes == 0 || args.threads == 0 {
-        bail!("--size, --chunk, --passes and --threads must be greater than zero");
-    }
-    let size = usize::try_from(args.size).context("--size does not fit in memory")?;
-    let chunk = usize::try_from(args.chunk).context("--chunk does not fit in memory")?;
+/// Split, combine and copy-floor rates of one `bench split` configuration, medians of the passes.
+struct SplitRates {
+    threads: usize,
+    split: f64,
+    combine: f64,
+    /// Per CPU-second of each thread: on a shared machine the wall clock includes time other
+    /// processes took from us; this rate, comparable across thread counts, does not.
+    split_cpu: f64,
+    combine_cpu: f64,
+    /// Each chunk copied into its n share buffers, nothing else: the floor under any split.
+    floor: f64,
+}
 
-    let mut data = vec![0u8; size];
-    Drbg::from_os()?.fill(&mut data)?;
+impl SplitRates {
+    fn json(&self, gfsplit: Option<f64>) -> serde_json::Value {
+        let mut v = json!({
+            "threads": self.threads,
+            "split_mbps": round1(self.split),
+            "combine_mbps": round1(self.combine),
+            "split_cpu_mbps": round1(self.split_cpu),
+            "combine_cpu_mbps": round1(self.combine_cpu),
+            "copy_floor_mbps": round1(self.floor),
+            "split_vs_copy_floor": round2(self.split / self.floor),
+        });
+        if let Some(g) = gfsplit {
+            v["split_vs_gfsplit"] = json!(round1(self.split / g));
+            v["copy_floor_vs_gfsplit"] = json!(round1(self.floor / g));
+        }
+        v
+    }
+
+    fn print(&self, gfsplit: Option<f64>, n: usize) {
+        println!(
+            "split   {:>9.1} MB/s wall, {:>9.1} MB/s per CPU-second (including random generation)",
+            self.split, self.split_cpu
+        );
+        println!(
+            "combine {:>9.1} MB/s wall, {:>9.1} MB/s per CPU-second",
+            self.combine, self.combine_cpu
+        );
+        println!(
+            "floor   {:>9.1} MB/s wall: each chunk copied into its {n} share buffers, nothing else (split reaches {:.0}% of it)",
+            self.floor,
+            100.0 * self.split / self.floor
+        );
+        if let Some(g) = gfsplit {
+            println!(
+                "        split is {:.1}x gfsplit, the copy floor {:.1}x",
+                self.split / g,
+                self.floor / g
+            );
+        }
+    }
+}
+
+/// Measure split, combine and the copy floor over `chunks` with `threads` threads.
+fn split_rates(
+    scheme: &Scheme,
+    chunks: &[&[u8]],
+    threads: usize,
+    passes: usize,
+) -> anyhow::Result<SplitRates> {
     // Like the write pipeline, each worker cycles a bounded set of in-flight chunk buffers
     // (the engine keeps at most 8 chunks of a file in flight), rather than writing every share
     // of the whole input to fresh memory once.
     const IN_FLIGHT: usize = 8;
-    let chunks: Vec<&[u8]> = data.chunks(chunk).collect();
-    let per_thread = chunks.len().div_ceil(args.threads);
-    let share_len = scheme.share_len(chunk.min(size));
-    let subsets: Vec<Vec<usize>> = (0u32..1 << args.n)
-        .filter(|m| m.count_ones() as usize == args.k)
-        .map(|m| (0..args.n).filter(|i| m >> i & 1 == 1).collect())
+    let (n, k) = (scheme.n(), scheme.k());
+    let size: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+    let chunk = chunks.first().map_or(0, |c| c.len());
+    let per_thread = chunks.len().div_ceil(threads);
+    let share_len = scheme.share_len(chunk);
+    let subsets: Vec<Vec<usize>> = (0u32..1 << n)
+        .filter(|m| m.count_ones() as usize == k)
+        .map(|m| (0..n).filter(|i| m >> i & 1 == 1).collect())
         .collect();
     // workers[t][slot][share]; page-faulted before timing.
-    let mut workers: Vec<Vec<Vec<Vec<u8>>>> = (0..args.threads)
+    let mut workers: Vec<Vec<Vec<Vec<u8>>>> = (0..threads)
         .map(|_| {
             (0..IN_FLIGHT)
-                .map(|_| vec![vec![1u8; share_len]; args.n])
+                .map(|_| vec![vec![1u8; share_len]; n])
                 .collect()
         })
         .collect();
-    let mut outs: Vec<Vec<Vec<u8>>> = (0..args.threads)
+    let mut outs: Vec<Vec<Vec<u8>>> = (0..threads)
         .map(|_| vec![vec![1u8; chunk]; IN_FLIGHT])
         .collect();
+    // After a pass, slot s of a thread holds the last of its chunks i with i % IN_FLIGHT == s.
+    let held = |mine: &[&[u8]], slot: usize| {
+        (0..mine.len())
+            .rev()
+            .find(|i| i % IN_FLIGHT == slot)
+            .expect("slot used")
+    };
 
-    let mut split_runs = Vec::new();
-    let mut combine_runs = Vec::new();
-    // On a shared machine the wall clock includes time other processes took from us; the
-    // CPU-time rate (per thread, so comparable across --threads) is reported beside it.
-    let mut split_cpu = Vec::new();
-    let mut combine_cpu = Vec::new();
-    for _ in 0..args.passes {
+    let (mut split, mut combine, mut split_cpu, mut combine_cpu, mut floor) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let per_thread_cpu = |cpu: std::time::Duration| cpu / threads as u32;
+    for _ in 0..passes {
         let (start, cpu) = (Instant::now(), crate::process_cpu());
-        std::thread::scope(|s| -> anyhow::Result<()> {
-            let handles: Vec<_> = workers
-                .iter_mut()
-                .zip(chunks.chunks(per_thread))
-                .map(|(sets, mine)| {
-                    let scheme = &scheme;
-                    s.spawn(move || -> anyhow::Result<()> {
-                        for (c, piece) in mine.iter().enumerate() {
-                            let set = &mut sets[c % IN_FLIGHT];
-                            let len = scheme.share_len(piece.len());
-                            let mut refs: Vec<&mut [u8]> =
-                                set.iter_mut().map(|v| &mut v[..len]).collect();
-                            crate::sharing::with_thread_drbg(|rng| {
-                                scheme.split(piece, rng, &mut refs)
-                            })??;
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .try_for_each(|h| h.join().expect("split worker"))
+        each_chunk(&mut workers, chunks, per_thread, |set, piece| {
+            let len = scheme.share_len(piece.len());
+            let mut refs: Vec<&mut [u8]> = set.iter_mut().map(|v| &mut v[..len]).collect();
+            crate::sharing::with_thread_drbg(|rng| scheme.split(piece, rng, &mut refs))??;
+            Ok(())
         })?;
-        split_runs.push(mbps(args.size, start.elapsed()));
-        split_cpu.push(mbps(
-            args.size,
-            (crate::process_cpu() - cpu) / args.threads as u32,
-        ));
+        split.push(mbps(size, start.elapsed()));
+        split_cpu.push(mbps(size, per_thread_cpu(crate::process_cpu() - cpu)));
 
         let (start, cpu) = (Instant::now(), crate::process_cpu());
         std::thread::scope(|s| -> anyhow::Result<()> {
@@ -177,19 +214,11 @@ fn bench_split(args: &SplitArgs) -> anyhow::Result<()> {
                 .zip(outs.iter_mut())
                 .zip(chunks.chunks(per_thread))
                 .map(|((sets, outs), mine)| {
-                    let (scheme, subsets) = (&scheme, &subsets);
+                    let (subsets, held) = (&subsets, &held);
                     s.spawn(move || -> anyhow::Result<()> {
-                        // After the split pass, slot s holds the last chunk i with i % IN_FLIGHT == s.
-                        let held = |slot: usize| {
-                            let i = (0..mine.len())
-                                .rev()
-                                .find(|i| i % IN_FLIGHT == slot)
-                                .expect("slot used");
-                            mine[i]
-                        };
                         for c in 0..mine.len() {
                             let slot = c % IN_FLIGHT;
-                            let plain = held(slot);
+                            let plain = mine[held(mine, slot)];
                             let len = scheme.share_len(plain.len());
                             // Rotate through every k-subset, as reads that route around sites do.
                             let given: Vec<(usize, &[u8])> = subsets[c % subsets.len()]
@@ -207,29 +236,57 @@ fn bench_split(args: &SplitArgs) -> anyhow::Result<()> {
                 .into_iter()
                 .try_for_each(|h| h.join().expect("combine worker"))
         })?;
-        combine_runs.push(mbps(args.size, start.elapsed()));
-        combine_cpu.push(mbps(
-            args.size,
-            (crate::process_cpu() - cpu) / args.threads as u32,
-        ));
+        combine.push(mbps(size, start.elapsed()));
+        combine_cpu.push(mbps(size, per_thread_cpu(crate::process_cpu() - cpu)));
         // Untimed: each output slot must hold the chunk whose shares its slot held.
         for (outs, mine) in outs.iter().zip(chunks.chunks(per_thread)) {
             for (slot, out) in outs.iter().enumerate().take(mine.len()) {
-                let i = (0..mine.len())
-                    .rev()
-                    .find(|i| i % IN_FLIGHT == slot)
-                    .expect("slot used");
+                let i = held(mine, slot);
                 if out[..mine[i].len()] != *mine[i] {
                     bail!("combine did not rebuild chunk {i}: the scheme is broken");
                 }
             }
         }
     }
-    drop(workers);
-    drop(outs);
-    let split_mbps = median(split_runs);
-    let combine_mbps = median(combine_runs);
-    let (split_cpu_mbps, combine_cpu_mbps) = (median(split_cpu), median(combine_cpu));
+    for _ in 0..passes {
+        let start = Instant::now();
+        each_chunk(&mut workers, chunks, per_thread, |set, piece| {
+            set.iter_mut()
+                .for_each(|v| v[..piece.len()].copy_from_slice(piece));
+            Ok(())
+        })?;
+        floor.push(mbps(size, start.elapsed()));
+    }
+    Ok(SplitRates {
+        threads,
+        split: median(split),
+        combine: median(combine),
+        split_cpu: median(split_cpu),
+        combine_cpu: median(combine_cpu),
+        floor: median(floor),
+    })
+}
+
+fn bench_split(args: &SplitArgs) -> anyhow::Result<()> {
+    let scheme = Scheme::new(args.k, args.n)?;
+    if args.size == 0 || args.chunk == 0 || args.passes == 0 || args.threads == 0 {
+        bail!("--size, --chunk, --passes and --threads must be greater than zero");
+    }
+    let size = usize::try_from(args.size).context("--size does not fit in memory")?;
+    let chunk = usize::try_from(args.chunk).context("--chunk does not fit in memory")?;
+
+    let mut data = vec![0u8; size];
+    Drbg::from_os()?.fill(&mut data)?;
+    let chunks: Vec<&[u8]> = data.chunks(chunk).collect();
+    let rates = split_rates(&scheme, &chunks, args.threads, args.passes)?;
+    // The same on every core, when that is more threads than asked for: gfsplit has one
+    // thread, the filesystem splits chunks on all cores.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let all_cores = if cores > args.threads {
+        Some(split_rates(&scheme, &chunks, cores, args.passes)?)
+    } else {
+        None
+    };
     // Seal + open of 1 MiB frames through a freshly provisioned link on the same tmpfs.
     let seal = crate::link::bench_seal_detail(args.size, &args.dir)
         .with_context(|| format!("seal benchmark in {}", args.dir.display()))?;
@@ -240,47 +297,47 @@ fn bench_split(args: &SplitArgs) -> anyhow::Result<()> {
         Some(gfsplit_baseline(&data, args)?)
     };
     if args.json {
-        let mut v = json!({
-            "k": args.k, "n": args.n, "size": args.size, "chunk": args.chunk,
-            "threads": args.threads, "split_mbps": round1(split_mbps),
-            "combine_mbps": round1(combine_mbps),
-            "seal_mbps": round1(seal_mbps), "seal_cpu_mbps": round1(seal.cpu_mbps),
-            "seal_pools_huge_pages": seal.huge_pages,
-            "split_cpu_mbps": round1(split_cpu_mbps),
-            "combine_cpu_mbps": round1(combine_cpu_mbps),
-        });
+        let mut v = rates.json(gfsplit_mbps);
+        v["k"] = json!(args.k);
+        v["n"] = json!(args.n);
+        v["size"] = json!(args.size);
+        v["chunk"] = json!(args.chunk);
+        v["seal_mbps"] = json!(round1(seal_mbps));
+        v["seal_cpu_mbps"] = json!(round1(seal.cpu_mbps));
+        v["seal_pools_huge_pages"] = json!(seal.huge_pages);
         if let Some(g) = gfsplit_mbps {
             v["gfsplit_mbps"] = json!(round1(g));
-            v["split_vs_gfsplit"] = json!(round1(split_mbps / g));
+        }
+        if let Some(all) = &all_cores {
+            v["all_cores"] = all.json(gfsplit_mbps);
         }
         println!("{v}");
     } else {
         println!(
-            "({},{}) scheme, {} MiB in {} KiB chunks, {} thread(s), median of {} passes",
+            "({},{}) scheme, {} MiB in {} KiB chunks, median of {} passes",
             args.k,
             args.n,
             args.size >> 20,
             args.chunk >> 10,
-            args.threads,
             args.passes
         );
-        println!("split   {split_mbps:>9.1} MB/s wall, {split_cpu_mbps:>9.1} MB/s per CPU-second (including random generation)");
-        println!(
-            "combine {combine_mbps:>9.1} MB/s wall, {combine_cpu_mbps:>9.1} MB/s per CPU-second"
-        );
+        if let Some(g) = gfsplit_mbps {
+            println!(
+                "gfsplit {g:>9.1} MB/s (-n {} -m {}, same data, one thread)",
+                args.k, args.n
+            );
+        }
+        println!("{} thread(s):", rates.threads);
+        rates.print(gfsplit_mbps, args.n);
         println!(
             "seal    {seal_mbps:>9.1} MB/s wall, {:>9.1} MB/s per CPU-second (seal + open of 1 MiB frames, pools in {}{})",
             seal.cpu_mbps,
             args.dir.display(),
             if seal.huge_pages { " on a tmpfs of huge pages" } else { "" }
         );
-        if let Some(g) = gfsplit_mbps {
-            println!(
-                "gfsplit {g:>9.1} MB/s (-n {} -m {}, same data) -> split is {:.1}x",
-                args.k,
-                args.n,
-                split_mbps / g
-            );
+        if let Some(all) = &all_cores {
+            println!("{} threads (every core):", all.threads);
+            all.print(gfsplit_mbps, args.n);
         }
     }
     Ok(())
@@ -288,6 +345,38 @@ fn bench_split(args: &SplitArgs) -> anyhow::Result<()> {
 
 pub(crate) fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// Run `f(share buffers of the chunk's in-flight slot, chunk)` over every chunk, each thread
+/// taking its own run of `per_thread` chunks and cycling its own slots.
+fn each_chunk(
+    workers: &mut [Vec<Vec<Vec<u8>>>],
+    chunks: &[&[u8]],
+    per_thread: usize,
+    f: impl Fn(&mut Vec<Vec<u8>>, &[u8]) -> anyhow::Result<()> + Sync,
+) -> anyhow::Result<()> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = workers
+            .iter_mut()
+            .zip(chunks.chunks(per_thread))
+            .map(|(sets, mine)| {
+                let f = &f;
+                s.spawn(move || {
+                    let slots = sets.len();
+                    mine.iter()
+                        .enumerate()
+                        .try_for_each(|(c, piece)| f(&mut sets[c % slots], piece))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().expect("bench worker"))
+    })
 }
 
 /// Time `gfsplit -n k -m n` on the same bytes, from and to tmpfs.
