@@ -30,43 +30,56 @@ mod rebuild;
 pub use rebuild::{OrphanVersion, RebuildReport, RestoredFile};
 
 /// Plaintext in memory, wiped when dropped (one `memset` over the whole capacity, see
-/// [`wipe`]; `Zeroizing`'s volatile byte loop cost a tenth of a restore's CPU).
+/// [`wipe`]; `Zeroizing`'s volatile byte loop cost a tenth of a restore's CPU), and then
+/// handed back to the pool it came from, if any.
 #[derive(Default)]
-pub struct Plain(Vec<u8>);
+pub struct Plain {
+    buf: Vec<u8>,
+    home: Option<Arc<BufPool>>,
+}
 
 impl Plain {
     pub fn new(v: Vec<u8>) -> Self {
-        Self(v)
+        Self { buf: v, home: None }
     }
 
-    /// `len` zero bytes.
-    pub fn zeroed(len: usize) -> Self {
-        Self(vec![0; len])
+    /// `len` zero bytes from `pool` (a wiping pool), given back to it wiped when dropped: a
+    /// rebuilt chunk costs one `memset` (its wipe), not a second one to zero a fresh buffer
+    /// (or the page faults of one).
+    fn pooled(pool: &Arc<BufPool>, len: usize) -> Self {
+        Self {
+            buf: pool.take_zeroed(len),
+            home: Some(pool.clone()),
+        }
     }
 }
 
 impl std::ops::Deref for Plain {
     type Target = Vec<u8>;
     fn deref(&self) -> &Vec<u8> {
-        &self.0
+        &self.buf
     }
 }
 
 impl std::ops::DerefMut for Plain {
     fn deref_mut(&mut self) -> &mut Vec<u8> {
-        &mut self.0
+        &mut self.buf
     }
 }
 
 impl Drop for Plain {
     fn drop(&mut self) {
-        wipe(&mut self.0);
+        match self.home.take() {
+            // A wiping pool wipes what it is given.
+            Some(pool) => pool.give(std::mem::take(&mut self.buf)),
+            None => wipe(&mut self.buf),
+        }
     }
 }
 
 impl std::fmt::Debug for Plain {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Plain({} bytes)", self.0.len())
+        write!(f, "Plain({} bytes)", self.buf.len())
     }
 }
 
@@ -241,6 +254,8 @@ struct Core {
     /// swapped) and excluded from core dumps.
     chunk_bufs: BufPool,
     share_bufs: BufPool,
+    /// Buffers of rebuilt chunks (plaintext, wiped), back from the chunk cache as it drops them.
+    read_bufs: Arc<BufPool>,
 }
 
 pub(crate) use crate::wipe;
@@ -275,6 +290,21 @@ impl BufPool {
     fn take_len(&self, len: usize) -> Vec<u8> {
         let mut v = self.pop();
         v.resize(len, 0);
+        v
+    }
+
+    /// `len` zero bytes. A wiping pool's buffers are zero over their whole capacity, so one
+    /// large enough is handed out without writing it again; otherwise a fresh zeroed one.
+    fn take_zeroed(&self, len: usize) -> Vec<u8> {
+        assert!(self.wipe, "only a wiping pool holds zeroed buffers");
+        let mut v = self.pop();
+        if v.capacity() < len {
+            return vec![0; len];
+        }
+        // SAFETY: `give` ran `wipe` over this buffer's whole capacity (spare capacity included)
+        // before it went into this pool, and nothing has written to it since: the first `len`
+        // bytes are initialised, to zero.
+        unsafe { v.set_len(len) };
         v
     }
 
@@ -362,6 +392,8 @@ impl Engine {
             chunk_bufs: BufPool::new(cfg.upload_workers + 2 * cfg.max_in_flight, true),
             // Shares being uploaded, and shares fetched for reads (readahead and FUSE readers).
             share_bufs: BufPool::new((cfg.upload_workers + cfg.readahead + 4) * cfg.n, false),
+            // Chunks being rebuilt and those just dropped by the cache; beyond that, freed.
+            read_bufs: Arc::new(BufPool::new(2 * cfg.readahead + 4, true)),
         });
         let (tx, rx) = mpsc::sync_channel::<UploadJob>(cfg.upload_workers);
         let rx = Arc::new(Mutex::new(rx));
@@ -865,7 +897,7 @@ impl Core {
             self.stats.share_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!("{file}: chunk {index}: routed around a failed share: {f}");
         }
-        let mut out = Plain::zeroed(chunk.len as usize);
+        let mut out = Plain::pooled(&self.read_bufs, chunk.len as usize);
         let rebuild =
             |subset: &[&(usize, Vec<u8>)], out: &mut Plain| -> Result<bool, EngineError> {
                 let given: Vec<(usize, &[u8])> =
@@ -1267,5 +1299,42 @@ impl ChunkCache {
             chunks = before - inner.map.len(),
             "wiped cached plaintext"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rebuilt chunk's buffer comes back to its pool wiped, and the next chunk gets it
+    /// again as zeros without a second write; a longer chunk than the pool holds gets a
+    /// fresh zeroed buffer.
+    #[test]
+    fn pooled_plaintext_is_wiped_reused_and_handed_out_as_zeros() {
+        let pool = Arc::new(BufPool::new(2, true));
+        let mut a = Plain::pooled(&pool, 4096);
+        assert!(a.iter().all(|&b| b == 0));
+        a.fill(0xA5);
+        let ptr = a.as_ptr();
+        drop(a);
+        let b = Plain::pooled(&pool, 1000);
+        assert_eq!(b.as_ptr(), ptr, "the buffer is reused");
+        assert_eq!(b.len(), 1000);
+        assert!(
+            b.iter().all(|&x| x == 0),
+            "plaintext left in a reused buffer"
+        );
+        // Its spare capacity was wiped too (what `take_zeroed` relies on).
+        assert!(spare_is_zero(&b));
+        drop(b);
+        let c = Plain::pooled(&pool, 8192);
+        assert_eq!(c.len(), 8192);
+        assert!(c.iter().all(|&x| x == 0));
+    }
+
+    fn spare_is_zero(p: &Plain) -> bool {
+        // SAFETY: bytes of the allocation that `wipe` initialised to zero.
+        let all = unsafe { std::slice::from_raw_parts(p.as_ptr(), p.capacity()) };
+        all[p.len()..].iter().all(|&x| x == 0)
     }
 }
