@@ -543,8 +543,8 @@ impl DestroyShared {
 /// The seal/open path coalesces under the shared mutex and wakes the thread only when a range
 /// is ready to punch (or when it has gone to sleep): a stream of 1 MiB frames wakes it every
 /// other frame instead of every frame. Each wake is a futex call and, on an idle core of a VM,
-/// an inter-processor interrupt; waking per frame cost seal + open about a fifth of its throughput
-/// (docs/benchmarks.md, session 5).
+/// an inter-processor interrupt; waking per frame cost seal + open about a fifth of its
+/// throughput (docs/benchmarks.md, session 5).
 struct Destroyer {
     shared: Option<std::sync::Arc<DestroyShared>>,
     handle: Option<std::thread::JoinHandle<()>>,
