@@ -732,6 +732,7 @@ impl KeySource for PoolFile {
     }
     /// Wait until every queued range is destroyed, then make it durable.
     fn sync(&mut self) -> Result<(), KeyError> {
+        let mut orphaned = Vec::new();
         if let Some(sh) = &self.destroyer.shared {
             let mut st = sh.lock();
             st.release_tail();
@@ -739,6 +740,19 @@ impl KeySource for PoolFile {
             while (!st.ready.is_empty() || st.busy) && !st.dead {
                 st = sh.wait(st);
             }
+            // A destroyer that died (a panic) left its queue: destroy it here.
+            orphaned = std::mem::take(&mut st.ready);
+            st.ready_bytes = 0;
+        }
+        for r in orphaned {
+            destroy_now(
+                &self.file,
+                &self.path,
+                &mut self.punch_unsupported,
+                r.start,
+                r.end - r.start,
+            )
+            .map_err(|(op, e)| self.io(op, e))?;
         }
         self.take_destroyer_error()?;
         self.file
@@ -1014,6 +1028,43 @@ mod tests {
         let pool = open();
         assert!(zeros(&pool, 0..at + 10));
         assert!(!zeros(&pool, at + 10..at + 4096));
+    }
+
+    /// If the destroyer thread is gone (it can only die by a panic), `destroy` punches at once
+    /// and `sync` destroys whatever the thread left queued: `sync` never returns with used key
+    /// still on disk.
+    #[test]
+    fn a_dead_destroyer_leaves_no_used_key_behind_a_sync() {
+        let (dir, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        provision("deadlink", 4 << 20, dir.path(), other.path()).unwrap();
+        let mut pool = PoolFile::open(dir.path(), "deadlink", Direction::AtoB, End::A).unwrap();
+        let zeros = |p: &PoolFile, r: Range<u64>| {
+            let mut b = vec![1u8; (r.end - r.start) as usize];
+            p.read_at(r.start, &mut b).unwrap();
+            b.iter().all(|&x| x == 0)
+        };
+        let sh = pool.destroyer.shared.clone().unwrap();
+        sh.lock().closed = true;
+        sh.cv.notify_all();
+        let t = std::time::Instant::now();
+        while !sh.lock().dead {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(5),
+                "destroyer still running"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // Left in its queue, as a panic mid-batch would.
+        sh.lock().release(HEADER_LEN..HEADER_LEN + 5000);
+        pool.destroy(5000..6000).unwrap();
+        assert!(
+            zeros(&pool, 5000..6000),
+            "destroyed at once without the thread"
+        );
+        assert!(!zeros(&pool, 0..5000));
+        pool.sync().unwrap();
+        assert!(zeros(&pool, 0..6000));
+        assert!(!zeros(&pool, 6000..8192), "unused key is kept");
     }
 
     /// One end on a tmpfs of huge pages (mapped), the other on the disk (`pread`): the same
