@@ -198,7 +198,8 @@ fn split_rates(
     let per_thread_cpu = |cpu: std::time::Duration| cpu / threads as u32;
     for _ in 0..passes {
         let (start, cpu) = (Instant::now(), crate::process_cpu());
-        each_chunk(&mut workers, chunks, per_thread, |set, piece| {
+        each_chunk(&mut workers, chunks, per_thread, |sets, c, mine| {
+            let (set, piece) = (&mut sets[c % IN_FLIGHT], mine[c]);
             let len = scheme.share_len(piece.len());
             let mut refs: Vec<&mut [u8]> = set.iter_mut().map(|v| &mut v[..len]).collect();
             crate::sharing::with_thread_drbg(|rng| scheme.split(piece, rng, &mut refs))??;
@@ -208,33 +209,18 @@ fn split_rates(
         split_cpu.push(mbps(size, per_thread_cpu(crate::process_cpu() - cpu)));
 
         let (start, cpu) = (Instant::now(), crate::process_cpu());
-        std::thread::scope(|s| -> anyhow::Result<()> {
-            let handles: Vec<_> = workers
+        let mut state: Vec<_> = workers.iter().zip(outs.iter_mut()).collect();
+        each_chunk(&mut state, chunks, per_thread, |(sets, outs), c, mine| {
+            let slot = c % IN_FLIGHT;
+            let plain = mine[held(mine, slot)];
+            let len = scheme.share_len(plain.len());
+            // Rotate through every k-subset, as reads that route around sites do.
+            let given: Vec<(usize, &[u8])> = subsets[c % subsets.len()]
                 .iter()
-                .zip(outs.iter_mut())
-                .zip(chunks.chunks(per_thread))
-                .map(|((sets, outs), mine)| {
-                    let (subsets, held) = (&subsets, &held);
-                    s.spawn(move || -> anyhow::Result<()> {
-                        for c in 0..mine.len() {
-                            let slot = c % IN_FLIGHT;
-                            let plain = mine[held(mine, slot)];
-                            let len = scheme.share_len(plain.len());
-                            // Rotate through every k-subset, as reads that route around sites do.
-                            let given: Vec<(usize, &[u8])> = subsets[c % subsets.len()]
-                                .iter()
-                                .map(|&s| (s, &sets[slot][s][..len]))
-                                .collect();
-                            let out = &mut outs[slot][..plain.len()];
-                            scheme.combine(&given, plain.len(), out)?;
-                        }
-                        Ok(())
-                    })
-                })
+                .map(|&s| (s, &sets[slot][s][..len]))
                 .collect();
-            handles
-                .into_iter()
-                .try_for_each(|h| h.join().expect("combine worker"))
+            scheme.combine(&given, plain.len(), &mut outs[slot][..plain.len()])?;
+            Ok(())
         })?;
         combine.push(mbps(size, start.elapsed()));
         combine_cpu.push(mbps(size, per_thread_cpu(crate::process_cpu() - cpu)));
@@ -250,8 +236,10 @@ fn split_rates(
     }
     for _ in 0..passes {
         let start = Instant::now();
-        each_chunk(&mut workers, chunks, per_thread, |set, piece| {
-            set.iter_mut()
+        each_chunk(&mut workers, chunks, per_thread, |sets, c, mine| {
+            let piece = mine[c];
+            sets[c % IN_FLIGHT]
+                .iter_mut()
                 .for_each(|v| v[..piece.len()].copy_from_slice(piece));
             Ok(())
         })?;
@@ -351,26 +339,21 @@ fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-/// Run `f(share buffers of the chunk's in-flight slot, chunk)` over every chunk, each thread
-/// taking its own run of `per_thread` chunks and cycling its own slots.
-fn each_chunk(
-    workers: &mut [Vec<Vec<Vec<u8>>>],
+/// Run `f(this thread's state, c, its chunks)` for every index `c` of each thread's run of
+/// `per_thread` chunks, one thread per element of `state`.
+fn each_chunk<T: Send>(
+    state: &mut [T],
     chunks: &[&[u8]],
     per_thread: usize,
-    f: impl Fn(&mut Vec<Vec<u8>>, &[u8]) -> anyhow::Result<()> + Sync,
+    f: impl Fn(&mut T, usize, &[&[u8]]) -> anyhow::Result<()> + Sync,
 ) -> anyhow::Result<()> {
     std::thread::scope(|s| {
-        let handles: Vec<_> = workers
+        let handles: Vec<_> = state
             .iter_mut()
             .zip(chunks.chunks(per_thread))
-            .map(|(sets, mine)| {
+            .map(|(st, mine)| {
                 let f = &f;
-                s.spawn(move || {
-                    let slots = sets.len();
-                    mine.iter()
-                        .enumerate()
-                        .try_for_each(|(c, piece)| f(&mut sets[c % slots], piece))
-                })
+                s.spawn(move || (0..mine.len()).try_for_each(|c| f(st, c, mine)))
             })
             .collect();
         handles

@@ -490,6 +490,24 @@ impl DestroyState {
         self.ready.push(r);
     }
 
+    /// Add a used range: what reaches an aligned boundary goes to `ready`, the rest waits as
+    /// the tail (its clock started when it began). True when the destroyer must be woken:
+    /// something is ready to punch, or it sleeps and a tail must start its clock.
+    fn add(&mut self, r: Range<u64>) -> bool {
+        let before = self.coalesce.pending.as_ref().map(|p| p.start);
+        let now = self.coalesce.add(r);
+        let wake = !now.is_empty() || self.asleep;
+        now.into_iter().for_each(|r| self.release(r));
+        match self.coalesce.pending.as_ref().map(|p| p.start) {
+            None => self.tail_since = None,
+            Some(start) if Some(start) != before => {
+                self.tail_since = Some(std::time::Instant::now())
+            }
+            Some(_) => {}
+        }
+        wake
+    }
+
     /// Move the tail to `ready`.
     fn release_tail(&mut self) {
         if let Some(t) = self.coalesce.take() {
@@ -701,18 +719,7 @@ impl KeySource for PoolFile {
         if let Some(sh) = &self.destroyer.shared {
             let mut st = sh.lock();
             if !st.dead {
-                let before = st.coalesce.pending.as_ref().map(|p| p.start);
-                let now = st.coalesce.add(off..off + len);
-                let wake = !now.is_empty() || st.asleep;
-                now.into_iter().for_each(|r| st.release(r));
-                match st.coalesce.pending.as_ref().map(|p| p.start) {
-                    None => st.tail_since = None,
-                    Some(start) if Some(start) != before => {
-                        st.tail_since = Some(std::time::Instant::now())
-                    }
-                    Some(_) => {}
-                }
-                if wake {
+                if st.add(off..off + len) {
                     sh.cv.notify_all();
                 }
                 while st.ready_bytes > DESTROY_LAG && !st.dead {
