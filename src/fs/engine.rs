@@ -778,25 +778,14 @@ impl Core {
             n: self.scheme.n() as u8,
             secret_len: data.len() as u32,
         };
-        let results: Vec<Result<(), SiteError>> = std::thread::scope(|s| {
-            let handles: Vec<_> = shares
-                .bufs
-                .iter()
-                .enumerate()
-                .map(|(i, share)| {
-                    let site = &self.sites[i];
-                    let key = ShareKey {
-                        file: *file,
-                        chunk: index,
-                        share: i as u8,
-                    };
-                    s.spawn(move || site.put(&key, &meta, share))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("put thread"))
-                .collect()
+        let jobs: Vec<(usize, &Vec<u8>)> = shares.bufs.iter().enumerate().collect();
+        let results = in_parallel(&jobs, |&(i, share)| {
+            let key = ShareKey {
+                file: *file,
+                chunk: index,
+                share: i as u8,
+            };
+            self.sites[i].put(&key, &meta, share)
         });
         let failures: Vec<String> = results
             .into_iter()
@@ -869,15 +858,7 @@ impl Core {
                 while good.len() < want && next < order.len() {
                     let batch = &order[next..(next + want - good.len()).min(order.len())];
                     next += batch.len();
-                    let got: Vec<Result<Vec<u8>, String>> = std::thread::scope(|s| {
-                        let hs: Vec<_> = batch
-                            .iter()
-                            .map(|loc| s.spawn(move || self.get_share(rec, index, loc)))
-                            .collect();
-                        hs.into_iter()
-                            .map(|h| h.join().expect("get thread"))
-                            .collect()
-                    });
+                    let got = in_parallel(batch, |loc| self.get_share(rec, index, loc));
                     for (loc, r) in batch.iter().zip(got) {
                         match r {
                             Ok(d) if d.len() == share_len => good.push((loc.share as usize, d)),
@@ -970,6 +951,22 @@ impl Drop for PooledShares<'_> {
             self.pool.give(b);
         }
     }
+}
+
+/// `f` of every item, all at once, results in order: the first on the calling thread (which
+/// would only wait otherwise), each other on a thread of its own.
+fn in_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let Some((first, rest)) = items.split_first() else {
+        return Vec::new();
+    };
+    std::thread::scope(|s| {
+        let f = &f;
+        let others: Vec<_> = rest.iter().map(|x| s.spawn(move || f(x))).collect();
+        let mut out = Vec::with_capacity(items.len());
+        out.push(f(first));
+        out.extend(others.into_iter().map(|h| h.join().expect("share thread")));
+        out
+    })
 }
 
 fn k_subsets(n: usize, k: usize) -> Vec<Vec<usize>> {
@@ -1305,6 +1302,22 @@ impl ChunkCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every item runs, results come back in the items' order, the first runs on the calling
+    /// thread and the others on their own (a put waiting on a slow site never holds up
+    /// another site's put).
+    #[test]
+    fn in_parallel_runs_all_at_once_in_order_the_first_here() {
+        let here = std::thread::current().id();
+        let barrier = std::sync::Barrier::new(3);
+        let got = in_parallel(&[10, 20, 30], |&x| {
+            // All three must be running at once to get past this.
+            barrier.wait();
+            (x + 1, std::thread::current().id() == here)
+        });
+        assert_eq!(got, vec![(11, true), (21, false), (31, false)]);
+        assert!(in_parallel(&[] as &[u8], |_| ()).is_empty());
+    }
 
     /// A rebuilt chunk's buffer comes back to its pool wiped, and the next chunk gets it
     /// again as zeros without a second write; a longer chunk than the pool holds gets a
