@@ -1,19 +1,12 @@
 //! Properties of the XOR (k,n) scheme, driven through the real byte kernels.
 use proptest::prelude::*;
-use qgenome::sharing::{Drbg, RandomError, RandomSource, Scheme, SharingError};
+use qgenome::sharing::{k_subsets, Drbg, RandomError, RandomSource, Scheme, SharingError};
 
 /// The (k,n) schemes the issue names: all 2 <= k <= n <= 7, plus (3,11) and (5,16).
 fn schemes() -> Vec<(usize, usize)> {
     let mut v: Vec<_> = (2..=7).flat_map(|n| (2..=n).map(move |k| (k, n))).collect();
     v.extend([(3, 11), (5, 16)]);
     v
-}
-
-fn subsets(n: usize, k: usize) -> Vec<Vec<usize>> {
-    (0u32..1 << n)
-        .filter(|m| m.count_ones() as usize == k)
-        .map(|m| (0..n).filter(|i| m >> i & 1 == 1).collect())
-        .collect()
 }
 
 fn split(scheme: &Scheme, secret: &[u8]) -> Vec<Vec<u8>> {
@@ -52,7 +45,7 @@ proptest! {
             let len = secret.len();
             let scheme = Scheme::new(k, n).unwrap();
             let shares = split(&scheme, secret);
-            for mut subset in subsets(n, k) {
+            for mut subset in k_subsets(n, k) {
                 prop_assert_eq!(&combine(&scheme, &shares, &subset, len), secret, "({},{}) {:?}", k, n, subset);
                 subset.reverse();
                 prop_assert_eq!(&combine(&scheme, &shares, &subset, len), secret, "({},{}) {:?}", k, n, subset);
@@ -96,7 +89,7 @@ fn refreshed_shares_rebuild_the_secret_and_differ_from_the_old_ones() {
         for i in 0..n {
             assert_ne!(old[i], new[i], "({k},{n}) share {i} unchanged by refresh");
         }
-        for subset in subsets(n, k) {
+        for subset in k_subsets(n, k) {
             assert_eq!(
                 combine(&scheme, &new, &subset, secret.len()),
                 secret,
@@ -139,7 +132,7 @@ fn any_k_minus_1_shares_are_independent_of_the_secret() {
             let randoms = scheme.random_len(secret_len) / 64;
             let secret_bits = pieces;
             let total: u64 = 1 << (secret_bits + randoms);
-            let subsets = subsets(n, k - 1);
+            let subsets = k_subsets(n, k - 1);
             let bits_per_subset = (k - 1) * pieces;
             // counts[subset][secret][observed bits]
             let mut counts =

@@ -170,10 +170,7 @@ fn split_rates(
     let chunk = chunks.first().map_or(0, |c| c.len());
     let per_thread = chunks.len().div_ceil(threads);
     let share_len = scheme.share_len(chunk);
-    let subsets: Vec<Vec<usize>> = (0u32..1 << n)
-        .filter(|m| m.count_ones() as usize == k)
-        .map(|m| (0..n).filter(|i| m >> i & 1 == 1).collect())
-        .collect();
+    let subsets = crate::sharing::k_subsets(n, k);
     // workers[t][slot][share]; page-faulted before timing.
     let mut workers: Vec<Vec<Vec<Vec<u8>>>> = (0..threads)
         .map(|_| {

@@ -23,7 +23,7 @@ use crate::catalog::{
 };
 use crate::consent::{Consent, ConsentError, ConsentRegistry};
 use crate::placement;
-use crate::sharing::{with_thread_drbg, Scheme, SharingError};
+use crate::sharing::{k_subsets, with_thread_drbg, Scheme, SharingError};
 use crate::sites::{ShareKey, ShareMeta, ShareSite, SiteError};
 
 mod rebuild;
@@ -967,13 +967,6 @@ fn in_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec
         out.extend(others.into_iter().map(|h| h.join().expect("share thread")));
         out
     })
-}
-
-fn k_subsets(n: usize, k: usize) -> Vec<Vec<usize>> {
-    (0u32..1 << n)
-        .filter(|m| m.count_ones() as usize == k)
-        .map(|m| (0..n).filter(|i| m >> i & 1 == 1).collect())
-        .collect()
 }
 
 /// An open version being written. Appends only.

@@ -990,6 +990,13 @@ mod tests {
         assert!(punched.len() < ranges.len() + 2, "{punched:?}");
     }
 
+    /// Key range `r` of `p` reads as zeros (destroyed).
+    fn zeros(p: &PoolFile, r: Range<u64>) -> bool {
+        let mut b = vec![1u8; (r.end - r.start) as usize];
+        p.read_at(r.start, &mut b).unwrap();
+        b.iter().all(|&x| x == 0)
+    }
+
     /// The destroyer without `sync`: a tail short of a 2 MiB boundary is punched within
     /// moments even after the thread has gone to sleep, a stream of frames is punched as it
     /// goes, and dropping the pool destroys what is still queued.
@@ -999,11 +1006,6 @@ mod tests {
         const KEY: u64 = 8 << 20;
         provision("lingerlink", KEY, dir.path(), other.path()).unwrap();
         let open = || PoolFile::open(dir.path(), "lingerlink", Direction::AtoB, End::A).unwrap();
-        let zeros = |p: &PoolFile, r: Range<u64>| {
-            let mut b = vec![1u8; (r.end - r.start) as usize];
-            p.read_at(r.start, &mut b).unwrap();
-            b.iter().all(|&x| x == 0)
-        };
         let soon = |p: &PoolFile, r: Range<u64>| {
             let t = std::time::Instant::now();
             while !zeros(p, r.clone()) {
@@ -1045,11 +1047,6 @@ mod tests {
         let (dir, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         provision("deadlink", 4 << 20, dir.path(), other.path()).unwrap();
         let mut pool = PoolFile::open(dir.path(), "deadlink", Direction::AtoB, End::A).unwrap();
-        let zeros = |p: &PoolFile, r: Range<u64>| {
-            let mut b = vec![1u8; (r.end - r.start) as usize];
-            p.read_at(r.start, &mut b).unwrap();
-            b.iter().all(|&x| x == 0)
-        };
         let sh = pool.destroyer.shared.clone().unwrap();
         sh.lock().closed = true;
         sh.cv.notify_all();

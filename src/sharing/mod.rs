@@ -20,7 +20,7 @@ pub mod scheme;
 pub mod xor;
 
 pub use random::{Drbg, OsRandom, RandomError, RandomSource};
-pub use scheme::{with_thread_drbg, Scheme, PIECE_ALIGN, TILE};
+pub use scheme::{k_subsets, with_thread_drbg, Scheme, PIECE_ALIGN, TILE};
 
 /// Why a sharing operation was refused. Nothing is written to the output on error except where
 /// noted by the operation.

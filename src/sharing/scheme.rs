@@ -52,6 +52,16 @@ pub fn with_thread_drbg<T>(f: impl FnOnce(&mut Drbg) -> T) -> Result<T, RandomEr
     })
 }
 
+/// Every k-element subset of `0..n` (n < 32), each in increasing order: the sets of shares
+/// a chunk can be rebuilt from.
+pub fn k_subsets(n: usize, k: usize) -> Vec<Vec<usize>> {
+    assert!(n < 32, "k_subsets: {n} elements");
+    (0u32..1 << n)
+        .filter(|m| m.count_ones() as usize == k)
+        .map(|m| (0..n).filter(|i| m >> i & 1 == 1).collect())
+        .collect()
+}
+
 impl Scheme {
     pub fn new(k: usize, n: usize) -> Result<Self, SharingError> {
         if !(2..=16).contains(&n) || !(2..=n).contains(&k) {

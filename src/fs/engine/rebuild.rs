@@ -6,10 +6,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::Serialize;
 use zeroize::Zeroizing;
 
-use super::{k_subsets, Engine, EngineError};
+use super::{Engine, EngineError};
 use crate::catalog::manifest::{self, Manifest, MANIFEST_CHUNK};
 use crate::catalog::merkle::hex;
 use crate::catalog::{CatalogError, FileId, ShareLocation};
+use crate::sharing::k_subsets;
 use crate::sites::{list_all, ShareKey, ShareMeta};
 
 /// At most this many manifest shares of one version are tried in combination.
