@@ -423,53 +423,98 @@ const DESTROY_ALIGN: u64 = 2 << 20;
 /// stays awake with nothing to do before a new tail has to wake it.
 const DESTROY_LINGER: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// Used ranges held back until they reach an aligned boundary: contiguous ranges (a stream
-/// uses its key in order) are merged, and everything up to the last boundary is released.
+/// Most used ranges held back at once; beyond that the oldest goes now (bounded memory).
+const MAX_PENDING: usize = 64;
+
+/// Used ranges held back until they cover whole [`DESTROY_ALIGN`] blocks. A stream uses its
+/// key in order, but the frames of one link travel over several connections and are opened
+/// in the order they arrive, so ranges come slightly out of order: they are kept as disjoint
+/// pieces, merged as their neighbours arrive, and every whole aligned block a piece covers
+/// is released at once. What is left short of a boundary waits for its neighbour, or until
+/// it is [`DESTROY_LINGER`] old.
 #[derive(Default, Debug)]
 struct Coalesce {
-    pending: Option<Range<u64>>,
+    /// start -> (end, when the piece's oldest byte was used).
+    pending: std::collections::BTreeMap<u64, (u64, std::time::Instant)>,
 }
 
 impl Coalesce {
     fn is_empty(&self) -> bool {
-        self.pending.is_none()
+        self.pending.is_empty()
     }
 
-    /// Add a used range; returns the ranges to punch now.
-    fn add(&mut self, r: Range<u64>) -> Vec<Range<u64>> {
-        let mut now = Vec::new();
-        let merged = match self.pending.take() {
-            Some(p) if p.end == r.start => p.start..r.end,
-            Some(p) => {
-                // Not contiguous (frames opened out of order): the old one goes now.
-                now.push(p);
-                r
+    /// When the oldest byte held back was used.
+    fn oldest(&self) -> Option<std::time::Instant> {
+        self.pending.values().map(|&(_, t)| t).min()
+    }
+
+    /// Add a range used at `now`; returns the ranges to punch now.
+    fn add(&mut self, r: Range<u64>, now: std::time::Instant) -> Vec<Range<u64>> {
+        let (mut start, mut end, mut since) = (r.start, r.end, now);
+        if let Some((&s, &(e, t))) = self.pending.range(..=start).next_back() {
+            if e >= start {
+                self.pending.remove(&s);
+                (start, end, since) = (s, end.max(e), since.min(t));
             }
-            None => r,
-        };
-        let cut = merged.end / DESTROY_ALIGN * DESTROY_ALIGN;
-        if cut > merged.start {
-            now.push(merged.start..cut);
-            if cut < merged.end {
-                self.pending = Some(cut..merged.end);
+        }
+        while let Some((&s, &(e, t))) = self.pending.range(start..).next() {
+            if s > end {
+                break;
+            }
+            self.pending.remove(&s);
+            (end, since) = (end.max(e), since.min(t));
+        }
+        let mut out = Vec::new();
+        let (lo, hi) = (
+            start.next_multiple_of(DESTROY_ALIGN),
+            end / DESTROY_ALIGN * DESTROY_ALIGN,
+        );
+        if lo < hi {
+            out.push(lo..hi);
+            if start < lo {
+                self.pending.insert(start, (lo, since));
+            }
+            if hi < end {
+                self.pending.insert(hi, (end, now));
             }
         } else {
-            self.pending = Some(merged);
+            self.pending.insert(start, (end, since));
         }
-        now
+        if self.pending.len() > MAX_PENDING {
+            if let Some(t) = self.oldest() {
+                out.extend(self.take_used_by(t));
+            }
+        }
+        out
     }
 
-    fn take(&mut self) -> Option<Range<u64>> {
-        self.pending.take()
+    /// Take every piece whose oldest byte was used at `cutoff` or before.
+    fn take_used_by(&mut self, cutoff: std::time::Instant) -> Vec<Range<u64>> {
+        let old: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, &(_, t))| t <= cutoff)
+            .map(|(&s, _)| s)
+            .collect();
+        old.into_iter()
+            .filter_map(|s| self.pending.remove(&s).map(|(e, _)| s..e))
+            .collect()
+    }
+
+    /// Take everything held back.
+    fn take_all(&mut self) -> Vec<Range<u64>> {
+        std::mem::take(&mut self.pending)
+            .into_iter()
+            .map(|(s, (e, _))| s..e)
+            .collect()
     }
 }
 
 /// What the seal/open path and its pool's destroyer thread share, under one mutex.
 #[derive(Default)]
 struct DestroyState {
-    /// The tail short of an aligned boundary, and when its first byte was used.
+    /// Used key held back short of aligned boundaries.
     coalesce: Coalesce,
-    tail_since: Option<std::time::Instant>,
     /// Ranges to punch now, and their bytes.
     ready: Vec<Range<u64>>,
     ready_bytes: u64,
@@ -490,30 +535,29 @@ impl DestroyState {
         self.ready.push(r);
     }
 
-    /// Add a used range: what reaches an aligned boundary goes to `ready`, the rest waits as
-    /// the tail (its clock started when it began). True when the destroyer must be woken:
-    /// something is ready to punch, or it sleeps and a tail must start its clock.
+    /// Add a used range: the whole aligned blocks it completes go to `ready`, the rest is
+    /// held back (see [`Coalesce`]). True when the destroyer must be woken: something is
+    /// ready to punch, or it sleeps and what is held back must start its clock.
     fn add(&mut self, r: Range<u64>) -> bool {
-        let before = self.coalesce.pending.as_ref().map(|p| p.start);
-        let now = self.coalesce.add(r);
+        let now = self.coalesce.add(r, std::time::Instant::now());
         let wake = !now.is_empty() || self.asleep;
         now.into_iter().for_each(|r| self.release(r));
-        match self.coalesce.pending.as_ref().map(|p| p.start) {
-            None => self.tail_since = None,
-            Some(start) if Some(start) != before => {
-                self.tail_since = Some(std::time::Instant::now())
-            }
-            Some(_) => {}
-        }
         wake
     }
 
-    /// Move the tail to `ready`.
-    fn release_tail(&mut self) {
-        if let Some(t) = self.coalesce.take() {
-            self.release(t);
-        }
-        self.tail_since = None;
+    /// Move what has been held back for [`DESTROY_LINGER`] to `ready`.
+    fn release_lingered(&mut self) {
+        let old = match std::time::Instant::now().checked_sub(DESTROY_LINGER) {
+            Some(cutoff) => self.coalesce.take_used_by(cutoff),
+            None => self.coalesce.take_all(),
+        };
+        old.into_iter().for_each(|r| self.release(r));
+    }
+
+    /// Move everything held back to `ready`.
+    fn release_all(&mut self) {
+        let all = self.coalesce.take_all();
+        all.into_iter().for_each(|r| self.release(r));
     }
 }
 
@@ -551,8 +595,8 @@ impl DestroyShared {
 
 /// A thread per open pool that destroys used key ranges, off the seal/open path (punching
 /// 1 MiB on tmpfs costs about as much as sealing it). Ranges are destroyed in order within
-/// moments: contiguous ones are punched up to the last 2 MiB boundary they reach, and a tail
-/// short of it waits at most [`DESTROY_LINGER`] (see [`Coalesce`]); `sync` punches
+/// moments: whole 2 MiB blocks as soon as their ranges are all in, and what is short of a
+/// boundary after at most [`DESTROY_LINGER`] (see [`Coalesce`]); `sync` punches
 /// everything queued and then fdatasyncs; the first failure is reported
 /// by the next `destroy` or `sync`. Dropping the pool drains the queue and joins the thread.
 /// A crash before a queued range is destroyed loses nothing: every open destroys all key
@@ -632,13 +676,13 @@ impl Destroyer {
                 if st.coalesce.is_empty() {
                     return;
                 }
-                st.release_tail();
+                st.release_all();
                 continue;
             }
-            match st.tail_since {
+            match st.coalesce.oldest() {
                 Some(since) => match DESTROY_LINGER.checked_sub(since.elapsed()) {
                     Some(left) if !left.is_zero() => st = sh.wait_for(st, left).0,
-                    _ => st.release_tail(),
+                    _ => st.release_lingered(),
                 },
                 None => {
                     let timed_out;
@@ -742,7 +786,7 @@ impl KeySource for PoolFile {
         let mut orphaned = Vec::new();
         if let Some(sh) = &self.destroyer.shared {
             let mut st = sh.lock();
-            st.release_tail();
+            st.release_all();
             sh.cv.notify_all();
             while (!st.ready.is_empty() || st.busy) && !st.dead {
                 st = sh.wait(st);
@@ -941,10 +985,50 @@ pub fn provision(
 mod tests {
     use super::*;
 
+    /// Feed `ranges` to a [`Coalesce`], then take what is left; returns every punch.
+    fn coalesce_all(ranges: &[Range<u64>]) -> Vec<Range<u64>> {
+        let mut c = Coalesce::default();
+        let t = std::time::Instant::now();
+        let mut punched = Vec::new();
+        for r in ranges {
+            punched.extend(c.add(r.clone(), t));
+        }
+        punched.extend(c.take_all());
+        assert!(c.is_empty());
+        punched
+    }
+
+    /// `ranges` sorted and merged where they touch; panics on an overlap.
+    fn merged(ranges: &[Range<u64>]) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = ranges.iter().map(|r| (r.start, r.end)).collect();
+        v.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (s, e) in v {
+            match out.last_mut() {
+                Some(l) if l.1 == s => l.1 = e,
+                Some(l) => {
+                    assert!(l.1 < s, "overlap at {s}");
+                    out.push((s, e));
+                }
+                None => out.push((s, e)),
+            }
+        }
+        out
+    }
+
+    /// Punches that start or end inside a 2 MiB block (a tmpfs of huge pages zeroes or
+    /// splits the folio instead of freeing it).
+    fn unaligned(punched: &[Range<u64>]) -> usize {
+        punched
+            .iter()
+            .filter(|p| p.start % DESTROY_ALIGN != 0 || p.end % DESTROY_ALIGN != 0)
+            .count()
+    }
+
     #[test]
     fn coalescing_punches_every_used_byte_once_on_aligned_ends() {
         const M: u64 = 1 << 20;
-        // Frames of 1 MiB + 4128 bytes in order, then a jump (out of order), then more.
+        // Frames of 1 MiB + 4128 bytes in order, then a jump, then more.
         let mut ranges = Vec::new();
         let mut at = 4096;
         for _ in 0..7 {
@@ -953,41 +1037,42 @@ mod tests {
         }
         ranges.push(at + 10 * M..at + 10 * M + 100);
         ranges.push(at..at + 5 * M);
-        let mut c = Coalesce::default();
-        let mut punched = Vec::new();
-        let mut aligned = 0;
-        for r in &ranges {
-            for p in c.add(r.clone()) {
-                aligned += usize::from(p.end % DESTROY_ALIGN == 0);
-                punched.push(p);
-            }
-        }
-        punched.extend(c.take());
-        assert!(c.is_empty());
+        let punched = coalesce_all(&ranges);
         // The punched ranges cover exactly the used ones, each byte once.
-        let mut want: Vec<(u64, u64)> = ranges.iter().map(|r| (r.start, r.end)).collect();
-        let mut got: Vec<(u64, u64)> = punched.iter().map(|r| (r.start, r.end)).collect();
-        let merge = |v: &mut Vec<(u64, u64)>| {
-            v.sort_unstable();
-            let mut out: Vec<(u64, u64)> = Vec::new();
-            for &(s, e) in v.iter() {
-                match out.last_mut() {
-                    Some(l) if l.1 == s => l.1 = e,
-                    Some(l) => {
-                        assert!(l.1 < s, "overlap at {s}");
-                        out.push((s, e));
-                    }
-                    None => out.push((s, e)),
-                }
-            }
-            *v = out;
-        };
-        merge(&mut want);
-        merge(&mut got);
-        assert_eq!(got, want);
+        assert_eq!(merged(&punched), merged(&ranges));
         // In-order frames were released on 2 MiB boundaries, not frame by frame.
-        assert!(aligned >= 3, "{punched:?}");
-        assert!(punched.len() < ranges.len() + 2, "{punched:?}");
+        assert!(punched.len() < ranges.len(), "{punched:?}");
+        assert!(unaligned(&punched) <= 4, "{punched:?}");
+    }
+
+    /// Frames of one link over four connections are opened a little out of order: each block
+    /// is still punched whole once its frames are all in, not cut at every frame.
+    #[test]
+    fn coalescing_out_of_order_frames_still_punches_whole_blocks() {
+        const FRAME: u64 = (1 << 20) + 4128;
+        let mut ranges: Vec<Range<u64>> = (0..64)
+            .map(|i| 4096 + i * FRAME..4096 + (i + 1) * FRAME)
+            .collect();
+        // Each group of four arrives reversed, and groups overlap in time.
+        for g in ranges.chunks_mut(4) {
+            g.reverse();
+        }
+        ranges.swap(10, 13);
+        let punched = coalesce_all(&ranges);
+        assert_eq!(merged(&punched), merged(&ranges));
+        // Only the stream's first and last blocks are partial.
+        assert_eq!(unaligned(&punched), 2, "{punched:?}");
+        // Held back pieces are bounded, the oldest going first.
+        let mut c = Coalesce::default();
+        let t = std::time::Instant::now();
+        let mut out = Vec::new();
+        for i in 0..(MAX_PENDING as u64 + 5) {
+            let s = (2 * i + 1) * DESTROY_ALIGN + 10;
+            out.extend(c.add(s..s + 100, t + std::time::Duration::from_millis(i)));
+        }
+        assert_eq!(c.pending.len(), MAX_PENDING);
+        assert_eq!(out.len(), 5);
+        assert_eq!(out[0].start, DESTROY_ALIGN + 10);
     }
 
     /// Key range `r` of `p` reads as zeros (destroyed).
