@@ -370,25 +370,38 @@ impl<D: BlockDevice> Server<D> {
                 Ok(p) => p,
                 Err(_) => return,
             };
+            // A PUT on the Unix socket: its share is read straight into the store buffer it
+            // is written from (sealed PUTs are opened into one, in `handle_sealed`).
+            let data_len = total.saturating_sub(msg::PLAIN_PREFIX + msg::PUT_HEAD_LEN);
+            let unix_put =
+                sealed.is_none() && data_len > 0 && data_len as u64 <= self.limits.max_share_len;
             // Sized without clearing: every byte is overwritten by the reads below.
-            frame.resize(total, 0);
+            frame.resize(if unix_put { total - data_len } else { total }, 0);
             frame[..prefix.len()].copy_from_slice(&prefix);
-            let rest = &mut frame[prefix.len()..];
-            match tokio::time::timeout(self.limits.frame_timeout, read_full(&mut s, rest)).await {
-                Err(_) => {
-                    return refuse(&format!(
-                        "frame of {total} bytes incomplete after {:?}",
-                        self.limits.frame_timeout
-                    ))
+            let at = prefix.len();
+            if let Err(reason) = self.read_rest(&mut s, &mut frame[at..], at, total).await {
+                return refuse(&reason);
+            }
+            let mut share = None;
+            if unix_put {
+                let head = &frame[msg::PLAIN_PREFIX..];
+                if msg::is_put(head) {
+                    let mut b = self.store.share_buf(data_len);
+                    if let Err(reason) = self
+                        .read_rest(&mut s, b.as_mut_slice(), frame.len(), total)
+                        .await
+                    {
+                        return refuse(&reason);
+                    }
+                    share = Some(b);
+                } else {
+                    // Not a PUT after all: the rest of the message behind its head.
+                    frame.resize(total, 0);
+                    let at = total - data_len;
+                    if let Err(reason) = self.read_rest(&mut s, &mut frame[at..], at, total).await {
+                        return refuse(&reason);
+                    }
                 }
-                Ok(Err(e)) => return refuse(&format!("reading frame body: {e}")),
-                Ok(Ok(got)) if got < rest.len() => {
-                    return refuse(&format!(
-                        "truncated frame: {} of {total} bytes arrived before the peer closed",
-                        prefix.len() + got
-                    ))
-                }
-                Ok(Ok(_)) => {}
             }
             let srv = self.clone();
             let conn = sealed.take();
@@ -397,7 +410,10 @@ impl<D: BlockDevice> Server<D> {
             let (f, mut p) = (std::mem::take(&mut frame), std::mem::take(&mut plain));
             let (conn, outcome, out, f, p) = tokio::task::spawn_blocking(move || {
                 let mut conn = conn;
-                let o = srv.handle(&mut conn, &f, &mut p, &mut out, &peer2);
+                let o = match share {
+                    Some(b) => srv.handle_unix_put(&f[msg::PLAIN_PREFIX..], b, &mut out, &peer2),
+                    None => srv.handle(&mut conn, &f, &mut p, &mut out, &peer2),
+                };
                 (conn, o, out, f, p)
             })
             .await
@@ -431,6 +447,57 @@ impl<D: BlockDevice> Server<D> {
                 return refuse(&reason);
             }
         }
+    }
+
+    /// Fill `buf`, the part of a frame of `total` bytes after its first `at`, within the
+    /// frame timeout; the reason to refuse the frame otherwise.
+    async fn read_rest<S: AsyncRead + Unpin>(
+        &self,
+        s: &mut S,
+        buf: &mut [u8],
+        at: usize,
+        total: usize,
+    ) -> Result<(), String> {
+        match tokio::time::timeout(self.limits.frame_timeout, read_full(s, buf)).await {
+            Err(_) => Err(format!(
+                "frame of {total} bytes incomplete after {:?}",
+                self.limits.frame_timeout
+            )),
+            Ok(Err(e)) => Err(format!("reading frame body: {e}")),
+            Ok(Ok(got)) if got < buf.len() => Err(format!(
+                "truncated frame: {} of {total} bytes arrived before the peer closed",
+                at + got
+            )),
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+
+    /// A PUT from the Unix socket whose share was read straight into `buf` behind its `head`.
+    fn handle_unix_put(
+        &self,
+        head: &[u8],
+        buf: ShareBuf,
+        out: &mut Vec<u8>,
+        peer: &str,
+    ) -> Outcome {
+        let put = match msg::decode_split(head, buf.as_slice()) {
+            Ok(Msg {
+                id,
+                body: Body::Put { key, meta, .. },
+            }) => StagedPut { id, key, meta, buf },
+            Ok(m) => {
+                // `is_put` saw a PUT's kind, so this cannot happen; answered all the same.
+                let r = format!("{} where a PUT was read", m.body.name());
+                plain_error(out, m.id, ErrorCode::BadRequest, 0, &r);
+                return Outcome::ReplyAndClose(r);
+            }
+            Err(e) => {
+                plain_error(out, 0, ErrorCode::BadRequest, 0, &e.to_string());
+                return Outcome::ReplyAndClose(format!("malformed message: {e}"));
+            }
+        };
+        *out = self.put_staged(put, peer, "unix").head;
+        Outcome::Reply(None)
     }
 
     /// Open, decode, execute and answer one frame (blocking: store and crypto work).

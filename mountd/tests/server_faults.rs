@@ -243,6 +243,46 @@ fn bad_frames_are_refused_with_a_logged_reason_while_another_client_is_served() 
     g.extend_from_slice(&junk[..64]);
     u.write_all(&g).unwrap();
     d.wait_log("malformed message: bad message magic");
+    // A PUT's share is read straight into a store buffer on the Unix socket: one cut short
+    // by its peer, and one whose head is bad behind a PUT's kind byte, store nothing.
+    let unix_put = |i: u64| {
+        let k = key(9, i);
+        let data = share_bytes(1, &k, 5000);
+        let m = Msg {
+            id: 3,
+            body: Body::Put {
+                key: k,
+                meta: META,
+                data: &data,
+            },
+        }
+        .to_vec();
+        let mut f = (m.len() as u32).to_le_bytes().to_vec();
+        f.extend_from_slice(&m);
+        f
+    };
+    let cut = unix_put(20);
+    let mut u = UnixStream::connect(&d.socket).unwrap();
+    u.write_all(&cut[..cut.len() - 1000]).unwrap();
+    u.shutdown(Shutdown::Write).unwrap();
+    assert!(matches!(u.read(&mut b), Ok(0) | Err(_)));
+    // Counted across the head and the share read into the store buffer.
+    d.wait_log(&format!(
+        "unix socket, unsealed) peer unix: refused frame: truncated frame: {} of {} bytes",
+        cut.len() - 1000,
+        cut.len()
+    ));
+    let mut bad = unix_put(21);
+    bad[msg::PLAIN_PREFIX] = b'X';
+    let mut u = UnixStream::connect(&d.socket).unwrap();
+    u.write_all(&bad).unwrap();
+    let mut r = Vec::new();
+    let _ = u.read_to_end(&mut r);
+    let reply = msg::decode(&r[msg::PLAIN_PREFIX..]).unwrap();
+    assert!(
+        matches!(reply.body, Body::Error { code: ErrorCode::BadRequest, ref message, .. } if message.contains("bad message magic")),
+        "{reply:?}"
+    );
 
     // The attacked link itself still works, and so does the good client.
     let mut s = evil.connect(&d.tcp);

@@ -614,6 +614,13 @@ pub fn decode_split<'a>(head: &'a [u8], tail: &'a [u8]) -> Result<Msg<'a>, MsgEr
     decode_parts(head, Some(tail))
 }
 
+/// Whether `head`, the start of a message, is that of a PUT (its kind byte only: the whole
+/// message is still checked by [`decode_split`]). Lets a receiver read a PUT's share
+/// straight into the buffer it stores it from.
+pub fn is_put(head: &[u8]) -> bool {
+    head.len() > 5 && head[5] == K_PUT
+}
+
 /// Length of the encoding of a PUT without its share bytes.
 pub const PUT_HEAD_LEN: usize = HEADER_LEN + KEY_LEN + 2 + 4 + 4;
 
