@@ -336,6 +336,29 @@ fn concurrent_writers_for_different_patients() {
     }
 }
 
+/// A file closed moments after the unmount starts (as a forked child holds a descriptor until
+/// it execs) does not make the unmount fail with EBUSY: it waits for the close.
+#[test]
+fn unmount_waits_for_a_file_closed_moments_later() {
+    let mut rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("U1")).unwrap();
+    let f = std::fs::File::create(rig.mnt.join("U1/late.cram")).unwrap();
+    let closer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(f);
+    });
+    let t = std::time::Instant::now();
+    rig.mounted.take().unwrap().unmount().unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
+    closer.join().unwrap();
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mounts.contains(rig.mnt.to_str().unwrap()), "{mounts}");
+}
+
 #[test]
 fn rewriting_in_place_is_refused_and_replacing_is_atomic() {
     let rig = Rig::new(60);

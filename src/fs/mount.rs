@@ -3,6 +3,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use serde_json::{json, Value};
 
 use super::engine::{Engine, EngineConfig};
@@ -39,6 +40,7 @@ pub fn engine_for(
 pub struct Mounted {
     pub engine: Arc<Engine>,
     session: Option<fuser::BackgroundSession>,
+    mountpoint: std::path::PathBuf,
     /// The card watcher, when `[card]` is configured; stops (ending its sessions) on drop.
     _watcher: Option<crate::consent::watcher::WatcherHandle>,
 }
@@ -57,7 +59,6 @@ pub fn start(
     sites: Vec<Arc<dyn ShareSite>>,
     extra: Vec<Arc<Handler>>,
 ) -> anyhow::Result<Mounted> {
-    use anyhow::Context;
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating state directory {}", cfg.state_dir.display()))?;
     let catalog = Arc::new(Catalog::open(&cfg.catalog_path())?);
@@ -117,6 +118,7 @@ pub fn start(
     Ok(Mounted {
         engine,
         session: Some(session),
+        mountpoint: mountpoint.to_path_buf(),
         _watcher: watcher,
     })
 }
@@ -125,10 +127,31 @@ impl Mounted {
     pub fn unmount(mut self) -> anyhow::Result<()> {
         self.engine.consent.close();
         if let Some(s) = self.session.take() {
-            s.umount_and_join()?;
+            wait_until_idle(&self.mountpoint);
+            s.umount_and_join()
+                .with_context(|| format!("unmounting {}", self.mountpoint.display()))?;
         }
         self.engine.catalog.flush()?;
         Ok(())
+    }
+}
+
+/// Wait up to 2 s for `mountpoint` to be idle before it is unmounted: a process that has just
+/// closed its last file there, or a child forked meanwhile by another thread (holding a copy
+/// of that descriptor until it execs), keeps it busy for moments, and an unmount then would
+/// fail with EBUSY. The probe is `umount2(MNT_EXPIRE)`, which unmounts nothing on its first
+/// call: EBUSY while in use, EAGAIN (and the mount marked expired) once idle. Without the
+/// privilege (EPERM) or past the wait, fuser's own unmount does or reports the rest.
+fn wait_until_idle(mountpoint: &Path) {
+    use nix::errno::Errno;
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while let Err(Errno::EBUSY) = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_EXPIRE)
+    {
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!("{} is still busy after 2 s", mountpoint.display());
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
