@@ -29,6 +29,10 @@ pub struct DeployOptions {
     pub card: bool,
     /// Ledger window of every link, both ends (a crash wastes up to this much key).
     pub key_window: u64,
+    /// Where the pools of the direction from the sites to the home (replies, and the shares
+    /// a read fetches) are written, when not beside the others: `DIR/home/<link>` and
+    /// `DIR/<site>`, symlinked from the usual places (`keys::pool::provision_placed`).
+    pub b2a_key_dir: Option<PathBuf>,
 }
 
 impl DeployOptions {
@@ -44,6 +48,7 @@ impl DeployOptions {
             bin_dir: None,
             card: false,
             key_window: 16 << 20,
+            b2a_key_dir: None,
         }
     }
 }
@@ -203,8 +208,28 @@ impl Deployment {
                 let (home_end, site_end) = (dir.join("keys").join(&link), sdir.join("keys"));
                 std::fs::create_dir_all(&home_end)?;
                 std::fs::create_dir_all(&site_end)?;
-                crate::keys::pool::provision(&link, opts.key_size, &home_end, &site_end)
-                    .with_context(|| format!("provisioning link {link}"))?;
+                let far = match &opts.b2a_key_dir {
+                    Some(d) => {
+                        let far = (d.join("home").join(&link), d.join(name));
+                        std::fs::create_dir_all(&far.0)?;
+                        std::fs::create_dir_all(&far.1)?;
+                        Some(far)
+                    }
+                    None => None,
+                };
+                let apart = far.as_ref().map(|(a, b)| crate::keys::pool::Apart {
+                    direction: crate::keys::Direction::BtoA,
+                    dir_a: a,
+                    dir_b: b,
+                });
+                crate::keys::pool::provision_placed(
+                    &link,
+                    opts.key_size,
+                    &home_end,
+                    &site_end,
+                    apart,
+                )
+                .with_context(|| format!("provisioning link {link}"))?;
                 let port = free_port()?;
                 site_toml += &format!(
                     "listen = \"127.0.0.1:{port}\"\n[[link]]\nname = \"{link}\"\nkey_dir = \"{}\"\nend = \"b\"\nwindow = {}\n",

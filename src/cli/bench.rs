@@ -450,6 +450,33 @@ fn keys_fit_with_data(data: Room, needs: Needs, volumes_on_data: bool, mem: u64)
     needs.source + volumes + needs.keys <= data.usable(mem)
 }
 
+/// Where the key pools go when `--key-dir` does not say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KeySplit {
+    /// All on `--dir`, beside the source (and the volumes, when they are there).
+    AllOnData,
+    /// The store direction's pools (home → sites) on `--dir`, the other direction's (replies
+    /// and the shares a read fetches) on disk: used key is destroyed as it goes, so the pools
+    /// a store uses keep it in RAM, and the restore reads its pads from the disk.
+    StoreOnData,
+    /// All on disk.
+    AllOnDisk,
+}
+
+fn key_split(data: Room, needs: Needs, volumes_on_data: bool, mem: u64) -> KeySplit {
+    let half = Needs {
+        keys: needs.keys / 2,
+        ..needs
+    };
+    if keys_fit_with_data(data, needs, volumes_on_data, mem) {
+        KeySplit::AllOnData
+    } else if keys_fit_with_data(data, half, volumes_on_data, mem) {
+        KeySplit::StoreOnData
+    } else {
+        KeySplit::AllOnDisk
+    }
+}
+
 /// Check that every `(dir, room, bytes, what)` fits: needs on one filesystem add up, and
 /// needs on tmpfs mounts add up against the memory available.
 fn check_room(items: &[(&std::path::Path, Room, u64, &str)], mem: u64) -> anyhow::Result<()> {
@@ -714,6 +741,10 @@ struct Placement {
     deploy_tmpfs: bool,
     key_parent: PathBuf,
     key_tmpfs: bool,
+    /// Where the pools of the direction from the sites to the home go, when not with the others.
+    b2a_parent: Option<PathBuf>,
+    /// Bytes of pools under `key_parent`.
+    keys_here: u64,
     /// Declared before the directories so that it stops first.
     deployment: Option<crate::deploy::Deployment>,
     /// Tmpfs mounts of huge pages over the scratch directories in RAM (see
@@ -724,6 +755,7 @@ struct Placement {
     /// A symlink to `deploy_scratch` from outside /dev (see [`Placement::start`]).
     _alias: Option<tempfile::TempDir>,
     key_scratch: Option<tempfile::TempDir>,
+    b2a_scratch: Option<tempfile::TempDir>,
     deploy_scratch: Option<tempfile::TempDir>,
 }
 
@@ -737,34 +769,61 @@ impl Placement {
             PathBuf::from(DISK_FALLBACK)
         };
         let deploy_room = room(&deploy_parent)?;
-        let key_parent = match &args.key_dir {
-            Some(d) => d.clone(),
-            None if keys_fit_with_data(data_room, needs, volumes_on_data, mem) => args.dir.clone(),
-            // Pools are the largest part (four per link at one machine): they go to disk
-            // first, so that the volumes can stay on --dir.
-            None => PathBuf::from(DISK_FALLBACK),
+        // Pools are the largest part (four per link at one machine): they go to disk first,
+        // half of them if that is enough, so that the volumes can stay on --dir.
+        let disk = || PathBuf::from(DISK_FALLBACK);
+        let (key_parent, b2a_parent) = match &args.key_dir {
+            Some(d) => (d.clone(), None),
+            None => match key_split(data_room, needs, volumes_on_data, mem) {
+                KeySplit::AllOnData => (args.dir.clone(), None),
+                KeySplit::StoreOnData => (args.dir.clone(), Some(disk())),
+                KeySplit::AllOnDisk => (disk(), None),
+            },
         };
         std::fs::create_dir_all(&key_parent)
             .with_context(|| format!("creating {}", key_parent.display()))?;
         let key_room = room(&key_parent)?;
-        check_room(
-            &[
-                (&args.dir, data_room, needs.source, "the source"),
-                (&deploy_parent, deploy_room, needs.volumes, "the volumes"),
-                (&key_parent, key_room, needs.keys, "the key pools"),
-            ],
-            mem,
-        )?;
+        let keys_here = if b2a_parent.is_some() {
+            needs.keys / 2
+        } else {
+            needs.keys
+        };
+        let mut items = vec![
+            (args.dir.as_path(), data_room, needs.source, "the source"),
+            (
+                deploy_parent.as_path(),
+                deploy_room,
+                needs.volumes,
+                "the volumes",
+            ),
+            (key_parent.as_path(), key_room, keys_here, "the key pools"),
+        ];
+        let b2a_room = match &b2a_parent {
+            Some(d) => Some((d.as_path(), room(d)?)),
+            None => None,
+        };
+        if let Some((d, r)) = b2a_room {
+            items.push((
+                d,
+                r,
+                needs.keys - keys_here,
+                "the restore direction's key pools",
+            ));
+        }
+        check_room(&items, mem)?;
         Ok(Self {
             deploy_tmpfs: deploy_room.tmpfs,
             key_tmpfs: key_room.tmpfs,
             deploy_parent,
             key_parent,
+            b2a_parent,
+            keys_here,
             deployment: None,
             huge: Vec::new(),
             needs,
             _alias: None,
             key_scratch: None,
+            b2a_scratch: None,
             deploy_scratch: None,
         })
     }
@@ -779,7 +838,7 @@ impl Placement {
         };
         let deploy_scratch = self.deploy_scratch.insert(scratch(&self.deploy_parent)?);
         let keys_apart = room(&self.key_parent)?.dev != room(&self.deploy_parent)?.dev;
-        let deploy_bytes = self.needs.volumes + if keys_apart { 0 } else { self.needs.keys };
+        let deploy_bytes = self.needs.volumes + if keys_apart { 0 } else { self.keys_here };
         self.huge.extend(crate::keys::tmpfs::HugeTmpfs::over_tmpfs(
             deploy_scratch.path(),
             deploy_bytes + (256 << 20),
@@ -803,7 +862,7 @@ impl Placement {
             let ks = self.key_scratch.insert(scratch(&self.key_parent)?);
             self.huge.extend(crate::keys::tmpfs::HugeTmpfs::over_tmpfs(
                 ks.path(),
-                self.needs.keys + (64 << 20),
+                self.keys_here + (64 << 20),
             ));
             link_key_dirs(&deploy_dir, ks.path(), args.n)?
         } else {
@@ -817,6 +876,9 @@ impl Placement {
         opts.key_size = key_size;
         opts.chunk_size = args.chunk.to_string();
         opts.consent_wait_secs = 60;
+        if let Some(parent) = &self.b2a_parent {
+            opts.b2a_key_dir = Some(self.b2a_scratch.insert(scratch(parent)?).path().into());
+        }
         let deployment = self.deployment.insert(
             crate::deploy::Deployment::start_sites(opts)
                 .context("starting the sites (qgenome-mountd format and serve)")?,
@@ -841,9 +903,13 @@ impl Placement {
             d.stop_mount(false)?;
         }
         self.huge.clear();
-        for dir in [self.key_scratch.take(), self.deploy_scratch.take()]
-            .into_iter()
-            .flatten()
+        for dir in [
+            self.key_scratch.take(),
+            self.b2a_scratch.take(),
+            self.deploy_scratch.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             let path = dir.path().to_path_buf();
             dir.close()
@@ -1041,6 +1107,12 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
             placement.key_parent.display(),
             where_(placement.key_tmpfs, huge_pages),
         );
+        if let Some(d) = &placement.b2a_parent {
+            println!(
+                "  key pools of the restore direction (sites to home): {} (disk: the pools of both directions do not fit in memory)",
+                d.display()
+            );
+        }
     }
     let cold = drop_caches();
     if !cold {
@@ -1091,6 +1163,7 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
             "source_dir": args.dir, "source_tmpfs": data_tmpfs,
             "volume_dir": placement.deploy_parent, "volume_tmpfs": placement.deploy_tmpfs,
             "key_dir": placement.key_parent, "key_tmpfs": placement.key_tmpfs,
+            "b2a_key_dir": placement.b2a_parent,
             "tmpfs_huge_pages": huge_pages,
             "notes": notes, "cold_reads": cold,
             "load_before": load_before, "load_after": load_after,
@@ -1211,6 +1284,15 @@ mod tests {
             err.contains("/dev/shm") && err.contains("key pools"),
             "{err}"
         );
+        // 2 GiB with the volumes in memory: with 23 GiB available the store direction's pools
+        // fit beside them (the restore direction's go to disk); with 18, none; with plenty, all.
+        assert_eq!(key_split(shm, n2, true, 23 << 30), KeySplit::StoreOnData);
+        assert_eq!(key_split(shm, n2, true, mem), KeySplit::AllOnDisk);
+        let big = Room {
+            free: 64 << 30,
+            ..shm
+        };
+        assert_eq!(key_split(big, n2, true, 64 << 30), KeySplit::AllOnData);
         // 1 GiB: source and pools fit in memory beside each other when the volumes are on disk.
         let n1 = e2e_needs(1 << 30, 1 << 20, 3);
         assert!(keys_fit_with_data(shm, n1, false, mem));

@@ -831,6 +831,30 @@ pub fn provision(
     out_a: &Path,
     out_b: &Path,
 ) -> Result<Provisioned, KeyError> {
+    provision_placed(link, size, out_a, out_b, None)
+}
+
+/// One direction's pools of a link written to other directories (say on another filesystem)
+/// and reached through symlinks at their usual places: see [`provision_placed`].
+#[derive(Debug, Clone, Copy)]
+pub struct Apart<'a> {
+    pub direction: Direction,
+    /// Where end A's and end B's pool of `direction` are written.
+    pub dir_a: &'a Path,
+    pub dir_b: &'a Path,
+}
+
+/// [`provision`], with the pools of `apart.direction` (if any) written to `apart`'s
+/// directories and symlinked from `out_a` and `out_b`, where everything else (ledgers
+/// included) lives. `qgenome bench e2e` keeps one direction in RAM this way when the pools
+/// of both do not fit there.
+pub fn provision_placed(
+    link: &str,
+    size: u64,
+    out_a: &Path,
+    out_b: &Path,
+    apart: Option<Apart<'_>>,
+) -> Result<Provisioned, KeyError> {
     check_link_name(link)?;
     let first = pool_path(out_a, link, Direction::AtoB);
     let bad_size = |reason: String| KeyError::BadSize {
@@ -854,16 +878,35 @@ pub fn provision(
     };
     let canon =
         |d: &Path| std::fs::canonicalize(d).map_err(|e| io(d, "resolve output directory", e));
-    if canon(out_a)? == canon(out_b)? {
-        return Err(KeyError::SameDirectory {
-            link: link.to_string(),
-            path: out_a.to_path_buf(),
-        });
+    let mut pairs = vec![(out_a, out_b)];
+    pairs.extend(apart.map(|x| (x.dir_a, x.dir_b)));
+    for (a, b) in pairs {
+        if canon(a)? == canon(b)? {
+            return Err(KeyError::SameDirectory {
+                link: link.to_string(),
+                path: a.to_path_buf(),
+            });
+        }
     }
-    // Free space: each directory receives two pools; the same filesystem may receive four.
-    let need = 2 * (size + HEADER_LEN);
+    // (direction, end, where the pool is found, where it is written when that differs)
+    let mut pools: Vec<(Direction, End, PathBuf, Option<PathBuf>)> = Vec::new();
+    for d in Direction::BOTH {
+        for (dir, end) in [(out_a, End::A), (out_b, End::B)] {
+            let real = apart.filter(|x| x.direction == d).map(|x| {
+                let dir = if end == End::A { x.dir_a } else { x.dir_b };
+                pool_path(dir, link, d)
+            });
+            pools.push((d, end, pool_path(dir, link, d), real));
+        }
+    }
+    let written =
+        |p: &(Direction, End, PathBuf, Option<PathBuf>)| p.3.clone().unwrap_or(p.2.clone());
+    // Free space: every pool on the filesystem it is written to.
+    let need = size + HEADER_LEN;
     let mut by_dev: Vec<(u64, u64, PathBuf)> = Vec::new();
-    for dir in [out_a, out_b] {
+    for p in &pools {
+        let path = written(p);
+        let dir = path.parent().expect("a pool path has a directory");
         let md = std::fs::metadata(dir).map_err(|e| io(dir, "stat output directory", e))?;
         let dev = std::os::unix::fs::MetadataExt::dev(&md);
         match by_dev.iter_mut().find(|(d, _, _)| *d == dev) {
@@ -884,21 +927,20 @@ pub fn provision(
         }
     }
     let mut files = Vec::new();
-    for dir in [out_a, out_b] {
-        for d in Direction::BOTH {
-            let p = pool_path(dir, link, d);
-            if p.exists() || p.with_extension("ledger").exists() {
-                return Err(KeyError::Exists {
-                    link: link.to_string(),
-                    path: if p.exists() {
-                        p
-                    } else {
-                        p.with_extension("ledger")
-                    },
-                });
-            }
-            files.push(p);
+    for p in &pools {
+        let ledger = p.2.with_extension("ledger");
+        // symlink_metadata: a dangling symlink is in the way too.
+        let taken = [Some(&p.2), Some(&ledger), p.3.as_ref()]
+            .into_iter()
+            .flatten()
+            .find(|q| q.symlink_metadata().is_ok());
+        if let Some(q) = taken {
+            return Err(KeyError::Exists {
+                link: link.to_string(),
+                path: q.clone(),
+            });
         }
+        files.push(p.2.clone());
     }
     let mut created: Vec<PathBuf> = Vec::new();
     let res = (|| {
@@ -912,8 +954,9 @@ pub fn provision(
                 )
             })?;
             let mut ends = Vec::new();
-            for (dir, end) in [(out_a, End::A), (out_b, End::B)] {
-                let p = pool_path(dir, link, d);
+            for pool in pools.iter().filter(|x| x.0 == d) {
+                let end = pool.1;
+                let p = written(pool);
                 let mut f = OpenOptions::new()
                     .write(true)
                     .create_new(true)
@@ -927,6 +970,11 @@ pub fn provision(
                         _ => io(&p, "create pool", e),
                     })?;
                 created.push(p.clone());
+                if pool.3.is_some() {
+                    std::os::unix::fs::symlink(&p, &pool.2)
+                        .map_err(|e| io(&pool.2, "link pool", e))?;
+                    created.push(pool.2.clone());
+                }
                 let h = PoolHeader {
                     info: StreamInfo {
                         link: link.to_string(),
@@ -965,7 +1013,9 @@ pub fn provision(
                 f.sync_all().map_err(|e| io(p, "fsync pool", e))?;
             }
         }
-        for dir in [out_a, out_b] {
+        let mut dirs = vec![out_a, out_b];
+        dirs.extend(apart.iter().flat_map(|x| [x.dir_a, x.dir_b]));
+        for dir in dirs {
             File::open(dir)
                 .and_then(|d| d.sync_all())
                 .map_err(|e| io(dir, "fsync directory", e))?;
@@ -1154,6 +1204,56 @@ mod tests {
         pool.sync().unwrap();
         assert!(zeros(&pool, 0..6000));
         assert!(!zeros(&pool, 6000..8192), "unused key is kept");
+    }
+
+    /// One direction's pools written apart and reached through symlinks: the streams of both
+    /// directions work, ledgers stay beside the links, and nothing is provisioned twice.
+    #[test]
+    fn one_direction_provisioned_apart_is_reached_through_symlinks() {
+        use crate::link::{RecvStream, SendStream, StreamOptions};
+        let d: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+        let (a, b, fa, fb) = (d[0].path(), d[1].path(), d[2].path(), d[3].path());
+        let apart = Apart {
+            direction: Direction::BtoA,
+            dir_a: fa,
+            dir_b: fb,
+        };
+        const KEY: u64 = 4 << 20;
+        let p = provision_placed("apartlink", KEY, a, b, Some(apart)).unwrap();
+        assert_eq!(p.files.len(), 4);
+        for (dir, far) in [(a, fa), (b, fb)] {
+            let near = pool_path(dir, "apartlink", Direction::AtoB);
+            assert!(near.symlink_metadata().unwrap().file_type().is_file());
+            let linked = pool_path(dir, "apartlink", Direction::BtoA);
+            assert_eq!(
+                std::fs::read_link(&linked).unwrap(),
+                pool_path(far, "apartlink", Direction::BtoA)
+            );
+            assert_eq!(std::fs::metadata(&linked).unwrap().len(), HEADER_LEN + KEY);
+            assert_eq!(std::fs::read_dir(far).unwrap().count(), 1);
+        }
+        let opts = StreamOptions { window: 1 << 20 };
+        let payload: Vec<u8> = (0..100_000u32).map(|i| (i * 13) as u8).collect();
+        let (mut frame, mut back) = (Vec::new(), Vec::new());
+        for (from, to, dir) in [(a, b, Direction::AtoB), (b, a, Direction::BtoA)] {
+            let mut tx = SendStream::from_dir(from, "apartlink", dir, opts.clone()).unwrap();
+            let mut rx = RecvStream::from_dir(to, "apartlink", dir, opts.clone()).unwrap();
+            tx.seal(&payload, &mut frame).unwrap();
+            rx.open(&frame, &mut back).unwrap();
+            assert_eq!(back, payload);
+        }
+        // Ledgers beside the links, none beside the pools written apart.
+        assert!(pool_path(a, "apartlink", Direction::BtoA)
+            .with_extension("ledger")
+            .exists());
+        assert_eq!(std::fs::read_dir(fa).unwrap().count(), 1);
+        // Provisioning it again is refused, naming what is in the way; nothing is touched.
+        let e = provision_placed("apartlink", KEY, a, b, Some(apart)).unwrap_err();
+        assert!(matches!(e, KeyError::Exists { .. }), "{e}");
+        let e =
+            provision_placed("other", KEY, a, b, Some(Apart { dir_b: fa, ..apart })).unwrap_err();
+        assert!(matches!(e, KeyError::SameDirectory { .. }), "{e}");
+        assert_eq!(std::fs::read_dir(fb).unwrap().count(), 1);
     }
 
     /// One end on a tmpfs of huge pages (mapped), the other on the disk (`pread`): the same
