@@ -378,8 +378,13 @@ impl<D: BlockDevice> Server<D> {
             // Sized without clearing: every byte is overwritten by the reads below.
             frame.resize(if unix_put { total - data_len } else { total }, 0);
             frame[..prefix.len()].copy_from_slice(&prefix);
+            // One deadline for the whole frame, however many reads it takes.
+            let by = tokio::time::Instant::now() + self.limits.frame_timeout;
             let at = prefix.len();
-            if let Err(reason) = self.read_rest(&mut s, &mut frame[at..], at, total).await {
+            if let Err(reason) = self
+                .read_rest(&mut s, &mut frame[at..], at, total, by)
+                .await
+            {
                 return refuse(&reason);
             }
             let mut share = None;
@@ -388,7 +393,7 @@ impl<D: BlockDevice> Server<D> {
                 if msg::is_put(head) {
                     let mut b = self.store.share_buf(data_len);
                     if let Err(reason) = self
-                        .read_rest(&mut s, b.as_mut_slice(), frame.len(), total)
+                        .read_rest(&mut s, b.as_mut_slice(), frame.len(), total, by)
                         .await
                     {
                         return refuse(&reason);
@@ -398,7 +403,10 @@ impl<D: BlockDevice> Server<D> {
                     // Not a PUT after all: the rest of the message behind its head.
                     frame.resize(total, 0);
                     let at = total - data_len;
-                    if let Err(reason) = self.read_rest(&mut s, &mut frame[at..], at, total).await {
+                    if let Err(reason) = self
+                        .read_rest(&mut s, &mut frame[at..], at, total, by)
+                        .await
+                    {
                         return refuse(&reason);
                     }
                 }
@@ -449,16 +457,17 @@ impl<D: BlockDevice> Server<D> {
         }
     }
 
-    /// Fill `buf`, the part of a frame of `total` bytes after its first `at`, within the
-    /// frame timeout; the reason to refuse the frame otherwise.
+    /// Fill `buf`, the part of a frame of `total` bytes after its first `at`, by `deadline`
+    /// (the frame timeout after the frame began); the reason to refuse the frame otherwise.
     async fn read_rest<S: AsyncRead + Unpin>(
         &self,
         s: &mut S,
         buf: &mut [u8],
         at: usize,
         total: usize,
+        deadline: tokio::time::Instant,
     ) -> Result<(), String> {
-        match tokio::time::timeout(self.limits.frame_timeout, read_full(s, buf)).await {
+        match tokio::time::timeout_at(deadline, read_full(s, buf)).await {
             Err(_) => Err(format!(
                 "frame of {total} bytes incomplete after {:?}",
                 self.limits.frame_timeout
