@@ -888,25 +888,39 @@ pub fn provision_placed(
             });
         }
     }
-    // (direction, end, where the pool is found, where it is written when that differs)
-    let mut pools: Vec<(Direction, End, PathBuf, Option<PathBuf>)> = Vec::new();
-    for d in Direction::BOTH {
+    /// One of the four pool files: found at `at`, written at `file` (a symlink at `at` points
+    /// there when they differ).
+    struct Place {
+        direction: Direction,
+        end: End,
+        at: PathBuf,
+        file: PathBuf,
+    }
+    let mut pools: Vec<Place> = Vec::new();
+    for direction in Direction::BOTH {
         for (dir, end) in [(out_a, End::A), (out_b, End::B)] {
-            let real = apart.filter(|x| x.direction == d).map(|x| {
-                let dir = if end == End::A { x.dir_a } else { x.dir_b };
-                pool_path(dir, link, d)
+            let at = pool_path(dir, link, direction);
+            let file = match apart.filter(|x| x.direction == direction) {
+                Some(x) => pool_path(
+                    if end == End::A { x.dir_a } else { x.dir_b },
+                    link,
+                    direction,
+                ),
+                None => at.clone(),
+            };
+            pools.push(Place {
+                direction,
+                end,
+                at,
+                file,
             });
-            pools.push((d, end, pool_path(dir, link, d), real));
         }
     }
-    let written =
-        |p: &(Direction, End, PathBuf, Option<PathBuf>)| p.3.clone().unwrap_or(p.2.clone());
     // Free space: every pool on the filesystem it is written to.
     let need = size + HEADER_LEN;
     let mut by_dev: Vec<(u64, u64, PathBuf)> = Vec::new();
     for p in &pools {
-        let path = written(p);
-        let dir = path.parent().expect("a pool path has a directory");
+        let dir = p.file.parent().expect("a pool path has a directory");
         let md = std::fs::metadata(dir).map_err(|e| io(dir, "stat output directory", e))?;
         let dev = std::os::unix::fs::MetadataExt::dev(&md);
         match by_dev.iter_mut().find(|(d, _, _)| *d == dev) {
@@ -928,19 +942,18 @@ pub fn provision_placed(
     }
     let mut files = Vec::new();
     for p in &pools {
-        let ledger = p.2.with_extension("ledger");
+        let ledger = p.at.with_extension("ledger");
         // symlink_metadata: a dangling symlink is in the way too.
-        let taken = [Some(&p.2), Some(&ledger), p.3.as_ref()]
+        if let Some(q) = [&p.at, &ledger, &p.file]
             .into_iter()
-            .flatten()
-            .find(|q| q.symlink_metadata().is_ok());
-        if let Some(q) = taken {
+            .find(|q| q.symlink_metadata().is_ok())
+        {
             return Err(KeyError::Exists {
                 link: link.to_string(),
                 path: q.clone(),
             });
         }
-        files.push(p.2.clone());
+        files.push(p.at.clone());
     }
     let mut created: Vec<PathBuf> = Vec::new();
     let res = (|| {
@@ -954,9 +967,8 @@ pub fn provision_placed(
                 )
             })?;
             let mut ends = Vec::new();
-            for pool in pools.iter().filter(|x| x.0 == d) {
-                let end = pool.1;
-                let p = written(pool);
+            for pool in pools.iter().filter(|x| x.direction == d) {
+                let (end, p) = (pool.end, pool.file.clone());
                 let mut f = OpenOptions::new()
                     .write(true)
                     .create_new(true)
@@ -970,10 +982,10 @@ pub fn provision_placed(
                         _ => io(&p, "create pool", e),
                     })?;
                 created.push(p.clone());
-                if pool.3.is_some() {
-                    std::os::unix::fs::symlink(&p, &pool.2)
-                        .map_err(|e| io(&pool.2, "link pool", e))?;
-                    created.push(pool.2.clone());
+                if pool.file != pool.at {
+                    std::os::unix::fs::symlink(&p, &pool.at)
+                        .map_err(|e| io(&pool.at, "link pool", e))?;
+                    created.push(pool.at.clone());
                 }
                 let h = PoolHeader {
                     info: StreamInfo {
