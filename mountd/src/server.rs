@@ -370,13 +370,20 @@ impl<D: BlockDevice> Server<D> {
                 Ok(p) => p,
                 Err(_) => return,
             };
-            // A PUT on the Unix socket: its share is read straight into the store buffer it
-            // is written from (sealed PUTs are opened into one, in `handle_sealed`).
-            let data_len = total.saturating_sub(msg::PLAIN_PREFIX + msg::PUT_HEAD_LEN);
-            let unix_put =
-                sealed.is_none() && data_len > 0 && data_len as u64 <= self.limits.max_share_len;
+            // A PUT's share is read straight into the store buffer it is written from. On the
+            // Unix socket once its head shows a PUT; on a link (whose message is sealed) for
+            // any frame long enough to be one after HELLO, opened there in place and judged
+            // once opened (`handle_sealed_put`).
+            let (head_len, tag_len) = match &sealed {
+                Some(_) => (frame::HEADER_LEN + msg::PUT_HEAD_LEN, frame::TAG_LEN),
+                None => (msg::PLAIN_PREFIX + msg::PUT_HEAD_LEN, 0),
+            };
+            let data_len = total.saturating_sub(head_len + tag_len);
+            let to_store = data_len > 0
+                && data_len as u64 <= self.limits.max_share_len
+                && sealed.as_ref().is_none_or(|c| c.link.is_some());
             // Sized without clearing: every byte is overwritten by the reads below.
-            frame.resize(if unix_put { total - data_len } else { total }, 0);
+            frame.resize(if to_store { head_len } else { total }, 0);
             frame[..prefix.len()].copy_from_slice(&prefix);
             // One deadline for the whole frame, however many reads it takes.
             let by = tokio::time::Instant::now() + self.limits.frame_timeout;
@@ -388,7 +395,17 @@ impl<D: BlockDevice> Server<D> {
                 return refuse(&reason);
             }
             let mut share = None;
-            if unix_put {
+            let mut tag = [0u8; frame::TAG_LEN];
+            if to_store && sealed.is_some() {
+                let mut b = self.store.share_buf(data_len);
+                let at = frame.len();
+                for (buf, at) in [(b.as_mut_slice(), at), (&mut tag[..], at + data_len)] {
+                    if let Err(reason) = self.read_rest(&mut s, buf, at, total, by).await {
+                        return refuse(&reason);
+                    }
+                }
+                share = Some(b);
+            } else if to_store {
                 let head = &frame[msg::PLAIN_PREFIX..];
                 if msg::is_put(head) {
                     let mut b = self.store.share_buf(data_len);
@@ -415,12 +432,17 @@ impl<D: BlockDevice> Server<D> {
             let conn = sealed.take();
             let peer2 = peer.clone();
             let mut out = std::mem::take(&mut reply);
-            let (f, mut p) = (std::mem::take(&mut frame), std::mem::take(&mut plain));
+            let (mut f, mut p) = (std::mem::take(&mut frame), std::mem::take(&mut plain));
             let (conn, outcome, out, f, p) = tokio::task::spawn_blocking(move || {
                 let mut conn = conn;
-                let o = match share {
-                    Some(b) => srv.handle_unix_put(&f[msg::PLAIN_PREFIX..], b, &mut out, &peer2),
-                    None => srv.handle(&mut conn, &f, &mut p, &mut out, &peer2),
+                let o = match (share, conn.as_mut()) {
+                    (Some(b), None) => {
+                        srv.handle_unix_put(&f[msg::PLAIN_PREFIX..], b, &mut out, &peer2)
+                    }
+                    (Some(b), Some(c)) => {
+                        srv.handle_sealed_put(c, &mut f, b, &tag, &mut p, &mut out, &peer2)
+                    }
+                    (None, _) => srv.handle(&mut conn, &f, &mut p, &mut out, &peer2),
                 };
                 (conn, o, out, f, p)
             })
@@ -565,28 +587,72 @@ impl<D: BlockDevice> Server<D> {
                 }
             },
         };
-        // Once the link is known, a PUT's share is opened straight into a store buffer.
-        let opened = match c.link {
-            Some(_) => self.open_put(&link, &header, frame, plain),
-            None => lock(&link.recv).open(frame, plain).map(|_| None),
-        };
-        let staged = match opened {
-            Ok(s) => s,
-            Err(e) => return self.refuse_frame(&link, e, out),
-        };
-        if let Some(put) = staged {
-            let reply = self.put_staged(put, peer, &link.name);
-            return match lock(&link.send).seal_parts(&reply.parts(), out) {
-                Ok(_) => Outcome::Reply(None),
-                Err(e) => Outcome::Close(format!("cannot seal the reply: {e}")),
-            };
+        if let Err(e) = lock(&link.recv).open(frame, plain) {
+            return self.refuse_frame(&link, e, out);
         }
+        self.answer_sealed(c, &link, plain, out, peer)
+    }
+
+    /// A frame of a link read in place for a PUT (see `serve_conn`): its header and the
+    /// sealed PUT head in `frame`, the rest of the payload in `buf`, its tag in `tag`. Opened
+    /// in place; a PUT is stored from `buf` as it is, anything else goes the ordinary way.
+    #[allow(clippy::too_many_arguments)]
+    fn handle_sealed_put(
+        &self,
+        c: &mut ConnLink,
+        frame: &mut [u8],
+        mut buf: ShareBuf,
+        tag: &[u8],
+        plain: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+        peer: &str,
+    ) -> Outcome {
+        let link = c
+            .link
+            .clone()
+            .expect("read in place only once the link is known");
+        let (head, ct) = frame.split_at_mut(frame::HEADER_LEN);
+        let head: &[u8; frame::HEADER_LEN] = (&*head).try_into().expect("header length");
+        if let Err(e) = lock(&link.recv).open_in_place(head, &mut [ct, buf.as_mut_slice()], tag) {
+            return self.refuse_frame(&link, e, out);
+        }
+        let put = match msg::decode_split(ct, buf.as_slice()) {
+            Ok(Msg {
+                id,
+                body: Body::Put { key, meta, .. },
+            }) => Some((id, key, meta)),
+            _ => None,
+        };
+        let Some((id, key, meta)) = put else {
+            // Not a PUT after all: the whole message, for the ordinary path to judge.
+            plain.clear();
+            plain.extend_from_slice(ct);
+            plain.extend_from_slice(buf.as_slice());
+            return self.answer_sealed(c, &link, plain, out, peer);
+        };
+        let reply = self.put_staged(StagedPut { id, key, meta, buf }, peer, &link.name);
+        let sealed = lock(&link.send).seal_parts(&reply.parts(), out);
+        match sealed {
+            Ok(_) => Outcome::Reply(None),
+            Err(e) => Outcome::Close(format!("cannot seal the reply: {e}")),
+        }
+    }
+
+    /// Decode, execute and answer (sealed) the opened message `plain` of a link's frame.
+    fn answer_sealed(
+        &self,
+        c: &mut ConnLink,
+        link: &Arc<LinkEnds>,
+        plain: &[u8],
+        out: &mut Vec<u8>,
+        peer: &str,
+    ) -> Outcome {
         let m = match msg::decode(plain) {
             Ok(m) => m,
             Err(e) => {
                 let reason = format!("authenticated frame holds a malformed message: {e}");
                 let b = error_body(ErrorCode::BadRequest, 0, &e.to_string());
-                return match self.seal_reply(&link, 0, b, out) {
+                return match self.seal_reply(link, 0, b, out) {
                     Ok(()) => Outcome::ReplyAndClose(reason),
                     Err(se) => Outcome::Close(format!("{reason}; cannot answer: {se}")),
                 };
@@ -768,41 +834,6 @@ impl<D: BlockDevice> Server<D> {
                 })
             });
         answer(m.id, "PUT", r, peer, via)
-    }
-
-    /// Open a PUT's frame with its share going straight into a store buffer (no copy of the
-    /// share out of the plaintext). `None` when the frame is no PUT of an acceptable share,
-    /// which then goes the ordinary way (`plain` holds the whole message).
-    fn open_put(
-        &self,
-        link: &LinkEnds,
-        header: &FrameHeader,
-        frame: &[u8],
-        plain: &mut Vec<u8>,
-    ) -> Result<Option<StagedPut>, LinkError> {
-        let len = header.payload_len as usize;
-        let data_len = len.saturating_sub(msg::PUT_HEAD_LEN);
-        if data_len == 0 || data_len as u64 > self.limits.max_share_len {
-            lock(&link.recv).open(frame, plain)?;
-            return Ok(None);
-        }
-        let mut buf = self.store.share_buf(data_len);
-        lock(&link.recv).open_split(frame, plain, buf.as_mut_slice())?;
-        let put = match msg::decode_split(plain, buf.as_slice()) {
-            Ok(Msg {
-                id,
-                body: Body::Put { key, meta, .. },
-            }) => Some((id, key, meta)),
-            _ => None,
-        };
-        Ok(match put {
-            Some((id, key, meta)) => Some(StagedPut { id, key, meta, buf }),
-            None => {
-                // Not a PUT after all: the whole message, for the ordinary path to judge.
-                plain.extend_from_slice(buf.as_slice());
-                None
-            }
-        })
     }
 
     fn list(

@@ -15,7 +15,7 @@ use common::{share_bytes, Site, Vol, WINDOW};
 use qgenome::keys::Direction;
 use qgenome::link::{RecvStream, SendStream, StreamOptions};
 use qgenome::sites::{MountdSite, ShareKey, ShareMeta, ShareSite, SiteError};
-use qgenome::wire::frame::{FrameHeader, HEADER_LEN};
+use qgenome::wire::frame::{FrameHeader, HEADER_LEN, TAG_LEN};
 use qgenome::wire::msg::{self, Body, ErrorCode, Msg};
 
 const META: ShareMeta = ShareMeta {
@@ -170,6 +170,31 @@ fn bad_frames_are_refused_with_a_logged_reason_while_another_client_is_served() 
         "{l}"
     );
 
+    // 1b. A flipped bit in the share (read straight into a store buffer and opened there).
+    let mut s = evil.connect(&d.tcp);
+    let mut f = evil.put_frame(11);
+    let at = f.len() - TAG_LEN - 5;
+    f[at] ^= 0x80;
+    s.write_all(&f).unwrap();
+    assert!(closed(&mut s));
+    d.wait_log_n("altered or forged frame", 2);
+    // 1c. A message as long as a PUT that is none (read in place all the same): answered
+    // as a bad request, and the connection goes on.
+    let mut s = evil.connect(&d.tcp);
+    let data = vec![7u8; 5000];
+    let f = evil.seal(Body::Data {
+        meta: META,
+        data: &data,
+    });
+    s.write_all(&f).unwrap();
+    assert_eq!(evil.reply(&mut s).map(|r| r.0), Some(ErrorCode::BadRequest));
+    s.write_all(&evil.put_frame(12)).unwrap();
+    assert_eq!(
+        evil.reply(&mut s).map(|r| r.2),
+        Some(true),
+        "the PUT after it"
+    );
+
     // 2. A replayed frame (accepted once, then sent again on a new connection).
     let mut s = evil.connect(&d.tcp);
     let f = evil.put_frame(2);
@@ -291,11 +316,15 @@ fn bad_frames_are_refused_with_a_logged_reason_while_another_client_is_served() 
     stop.store(true, Ordering::SeqCst);
     worker.join().unwrap();
     assert!(served.load(Ordering::SeqCst) >= 20);
-    // Nothing from a refused frame was stored.
+    // Nothing from a refused frame was stored (nor chunk 11, whose share had a flipped bit).
     let m = MountdSite::unix(&site.name, &d.socket);
     let (page, _) = m.list(&[9], None, 100).unwrap();
     let chunks: Vec<u64> = page.iter().map(|e| e.key.chunk).collect();
-    assert_eq!(chunks, vec![2, 7]);
+    assert_eq!(
+        chunks,
+        vec![2, 7, 12],
+        "the PUTs accepted (2, 7, and 12 after a non-PUT)"
+    );
 }
 
 #[test]

@@ -186,6 +186,115 @@ pub fn open<K: FrameKey>(
     }
 }
 
+/// Open a frame whose ciphertext was received straight into `body` (its pieces, in order:
+/// say a message head in one buffer and the share it carries in the store buffer it is
+/// written from) and whose tag is `tag`: verify it and decrypt `body` in place. Each chunk is
+/// hashed and then XORed while in cache, and no second buffer of the payload's size is
+/// touched. On any failure every piece of `body` is wiped before returning.
+pub fn open_in_place<K: FrameKey>(
+    header: &FrameHeader,
+    body: &mut [&mut [u8]],
+    tag: &[u8],
+    key: &mut K,
+) -> Result<(), SealError<K::Error>> {
+    let len = header.payload_len as usize;
+    assert_eq!(
+        body.iter().map(|b| b.len()).sum::<usize>(),
+        len,
+        "open_in_place: the pieces must hold the payload exactly"
+    );
+    assert_eq!(tag.len(), TAG_LEN, "open_in_place: tag length");
+    let wipe = |body: &mut [&mut [u8]]| body.iter_mut().for_each(|b| b.zeroize());
+    let (mac, s) = match mac_init(key) {
+        Ok(m) => m,
+        Err(e) => {
+            wipe(body);
+            return Err(e);
+        }
+    };
+    let mut mac = BlockFeed::new(mac);
+    mac.update(&header.encode());
+    mac.pad();
+    // Pad bytes copied out of a key source that cannot lend them in place (wiped on drop).
+    let mut scratch: Option<Zeroizing<Vec<u8>>> = None;
+    let mut at = 0usize;
+    for piece in body.iter_mut() {
+        for c in piece.chunks_mut(CHUNK) {
+            mac.update(c);
+            let rel = MAC_KEY_LEN + at as u64;
+            if let Some(pad) = key.mapped(rel, c.len()) {
+                xor_into(c, pad);
+            } else {
+                let pad = scratch.get_or_insert_with(|| Zeroizing::new(vec![0; CHUNK]));
+                let pad = &mut pad[..c.len()];
+                if let Err(e) = key.read(rel, pad) {
+                    wipe(body);
+                    return Err(SealError::Key(e));
+                }
+                xor_into(c, pad);
+            }
+            at += c.len();
+        }
+    }
+    let want = finish(mac.finish(), &s, len);
+    if bool::from(want.ct_eq(tag)) {
+        Ok(())
+    } else {
+        wipe(body);
+        Err(SealError::BadTag)
+    }
+}
+
+/// POLYVAL fed with byte strings of any length, cut into whole blocks across calls (the
+/// ciphertext of an in-place open arrives in pieces that need not end on a block).
+struct BlockFeed {
+    mac: Polyval,
+    carry: [u8; 16],
+    n: usize,
+}
+
+impl BlockFeed {
+    fn new(mac: Polyval) -> Self {
+        Self {
+            mac,
+            carry: [0; 16],
+            n: 0,
+        }
+    }
+
+    fn update(&mut self, mut data: &[u8]) {
+        if self.n > 0 {
+            let take = data.len().min(16 - self.n);
+            self.carry[self.n..self.n + take].copy_from_slice(&data[..take]);
+            self.n += take;
+            data = &data[take..];
+            if self.n < 16 {
+                return;
+            }
+            self.mac.update_blocks(&self.carry);
+            self.n = 0;
+        }
+        let whole = data.len() - data.len() % 16;
+        self.mac.update_blocks(&data[..whole]);
+        self.n = data.len() - whole;
+        self.carry[..self.n].copy_from_slice(&data[whole..]);
+    }
+
+    /// Zero-pad what has been fed to a whole block.
+    fn pad(&mut self) {
+        if self.n > 0 {
+            self.carry[self.n..].fill(0);
+            self.mac.update_blocks(&self.carry);
+            self.n = 0;
+        }
+    }
+
+    fn finish(mut self) -> Polyval {
+        self.pad();
+        self.mac
+    }
+}
+
 /// POLYVAL keyed with `H` and the one-time mask `s`.
 type MacState = (Polyval, Zeroizing<[u8; 16]>);
 
@@ -249,7 +358,17 @@ mod tests {
                 out.iter().all(|&x| x == 0),
                 "bit {bit}: plaintext left behind"
             );
+            // In place too, with the ciphertext in two pieces cut where the bit is.
+            let (ct, tag) = f[HEADER_LEN..].split_at_mut(64);
+            let (a, b) = ct.split_at_mut(bit % 64);
+            let r = open_in_place(&h, &mut [a, b], tag, &mut &k[..]);
+            assert!(matches!(r, Err(SealError::BadTag)), "bit {bit} in place");
+            assert!(ct.iter().all(|&x| x == 0), "bit {bit}: left in place");
         }
+        let mut f = frame.clone();
+        let (ct, tag) = f[HEADER_LEN..].split_at_mut(64);
+        open_in_place(&h, &mut [ct], tag, &mut &k[..]).unwrap();
+        assert_eq!(ct, &payload[..]);
     }
 
     #[test]
@@ -288,6 +407,18 @@ mod tests {
             let mut outs: Vec<&mut [u8]> = back.iter_mut().map(|v| v.as_mut_slice()).collect();
             open(&h, &f, &mut outs, &mut &k[..]).unwrap();
             assert_eq!(back.concat(), payload, "outs {lens:?}");
+            // And in place, the ciphertext received into pieces cut the same way (none of
+            // them on a POLYVAL block boundary but the ends).
+            let mut ct = f[HEADER_LEN..HEADER_LEN + n].to_vec();
+            let mut pieces: Vec<&mut [u8]> = Vec::new();
+            let mut rest = &mut ct[..];
+            for &l in &lens {
+                let (p, r) = rest.split_at_mut(l);
+                pieces.push(p);
+                rest = r;
+            }
+            open_in_place(&h, &mut pieces, &f[HEADER_LEN + n..], &mut &k[..]).unwrap();
+            assert_eq!(ct, payload, "in place {lens:?}");
         }
     }
 
@@ -333,6 +464,20 @@ mod tests {
             assert!(matches!(r, Err(SealError::BadTag)));
             assert!(back.iter().all(|&x| x == 0), "plaintext left behind");
         }
+        // In place, with the key copied out chunk by chunk into a scratch buffer.
+        let mut ct = copied[HEADER_LEN..HEADER_LEN + n].to_vec();
+        let (a, b) = ct.split_at_mut(CHUNK + 5);
+        open_in_place(&h, &mut [a, b], &copied[HEADER_LEN + n..], &mut Copied(&k)).unwrap();
+        assert_eq!(ct, payload);
+        let mut ct = forged[HEADER_LEN..HEADER_LEN + n].to_vec();
+        let r = open_in_place(
+            &h,
+            &mut [&mut ct[..]],
+            &forged[HEADER_LEN + n..],
+            &mut Copied(&k),
+        );
+        assert!(matches!(r, Err(SealError::BadTag)));
+        assert!(ct.iter().all(|&x| x == 0), "plaintext left in place");
     }
 
     #[test]

@@ -16,7 +16,9 @@ use super::ledger::{FileLedger, LedgerStore, Role};
 use super::seal::{self, SealError};
 use super::{hex, LinkError};
 use crate::keys::{Direction, KeyError, KeySource, PoolFile};
-use crate::wire::frame::{key_len_for, FrameHeader, MAC_KEY_LEN, MAX_PAYLOAD_LEN};
+use crate::wire::frame::{
+    key_len_for, FrameError, FrameHeader, HEADER_LEN, MAC_KEY_LEN, MAX_PAYLOAD_LEN, TAG_LEN,
+};
 
 /// Tunables of a stream end.
 #[derive(Debug, Clone)]
@@ -439,54 +441,106 @@ impl RecvStream {
     pub fn open(&mut self, frame: &[u8], out: &mut Vec<u8>) -> Result<SealedFrame, LinkError> {
         // Not cleared up front: a buffer reused for frames of one size is then resized without
         // a memset. Every error path below leaves it empty (and wiped once plaintext was in it).
-        let r = self.open_into(frame, out, &mut []);
+        let r = self.open_into(frame, out);
         if r.is_err() {
             out.clear();
         }
         r
     }
 
-    /// [`open`](Self::open) with the payload's last `tail.len()` bytes written to `tail` and
-    /// the rest to `head` (resized): a share lands straight in the buffer it is stored from.
-    /// `tail` must not be longer than the payload (see [`FrameHeader::parse_frame`]). On any
-    /// error `head` is left empty and `tail` wiped.
-    pub fn open_split(
+    /// Open a frame received in pieces: its header `head`, its ciphertext read straight into
+    /// `body` (say a message head, then a share in the store buffer it is written from),
+    /// and its `tag`. Verified and decrypted in place, so the payload is not copied. On any
+    /// error every piece of `body` is wiped; key is marked consumed only after the tag
+    /// verified.
+    pub fn open_in_place(
         &mut self,
-        frame: &[u8],
-        head: &mut Vec<u8>,
-        tail: &mut [u8],
+        head: &[u8; HEADER_LEN],
+        body: &mut [&mut [u8]],
+        tag: &[u8],
     ) -> Result<SealedFrame, LinkError> {
-        let r = self.open_into(frame, head, tail);
+        let r = self.open_in_place_inner(head, body, tag);
         if r.is_err() {
-            head.clear();
-            zeroize::Zeroize::zeroize(tail);
+            body.iter_mut().for_each(|b| zeroize::Zeroize::zeroize(*b));
         }
         r
     }
 
-    fn open_into(
+    fn open_in_place_inner(
         &mut self,
-        frame: &[u8],
-        out: &mut Vec<u8>,
-        tail: &mut [u8],
+        head: &[u8; HEADER_LEN],
+        body: &mut [&mut [u8]],
+        tag: &[u8],
     ) -> Result<SealedFrame, LinkError> {
-        let link = || self.end.link().to_string();
-        let header = FrameHeader::parse_frame(frame).map_err(|source| LinkError::BadFrame {
-            link: link(),
+        let header = FrameHeader::parse_prefix(head, MAX_PAYLOAD_LEN)
+            .map_err(|source| self.bad_frame(source))?;
+        let body_len = body.iter().map(|b| b.len() as u64).sum::<u64>();
+        if body_len != header.payload_len || tag.len() != TAG_LEN {
+            return Err(self.bad_frame(FrameError::LengthMismatch {
+                declared: header.payload_len,
+                actual: (body_len + tag.len() as u64).saturating_sub(TAG_LEN as u64),
+            }));
+        }
+        let range = self.admit(&header)?;
+        let r = seal::open_in_place(
+            &header,
+            body,
+            tag,
+            &mut RangeKey {
+                key: self.end.key.as_ref(),
+                base: range.start,
+            },
+        );
+        r.map_err(|e| self.end.seal_error(e, range.start))?;
+        self.accept(range)
+    }
+
+    fn open_into(&mut self, frame: &[u8], out: &mut Vec<u8>) -> Result<SealedFrame, LinkError> {
+        let header = FrameHeader::parse_frame(frame).map_err(|source| self.bad_frame(source))?;
+        let range = self.admit(&header)?;
+        out.resize(header.payload_len as usize, 0);
+        let r = seal::open(
+            &header,
+            frame,
+            &mut [out.as_mut_slice()],
+            &mut RangeKey {
+                key: self.end.key.as_ref(),
+                base: range.start,
+            },
+        );
+        r.map_err(|e| self.end.seal_error(e, range.start))?;
+        let accepted = self.accept(range);
+        if accepted.is_err() {
+            zeroize::Zeroize::zeroize(out);
+        }
+        accepted
+    }
+
+    fn bad_frame(&self, source: FrameError) -> LinkError {
+        LinkError::BadFrame {
+            link: self.end.link().to_string(),
             source,
-        })?;
+        }
+    }
+
+    /// The key range of a frame with `header`, once it is known to be of this stream, inside
+    /// the pool and not yet used; reserved.
+    fn admit(&mut self, header: &FrameHeader) -> Result<Range<u64>, LinkError> {
+        let link = self.end.link().to_string();
         let info = self.end.key.info();
         if header.stream_id != info.stream_id {
             return Err(LinkError::WrongStream {
-                link: link(),
+                link,
                 expected: hex(&info.stream_id),
                 found: hex(&header.stream_id),
             });
         }
-        let range = header.key_range().expect("checked by parse_frame");
+        let range = header
+            .key_range()
+            .map_err(|source| self.bad_frame(source))?;
         if range.end > self.end.key.len() {
             return Err(LinkError::OutsidePool {
-                link: link(),
+                link,
                 pool: self.end.key.location().to_path_buf(),
                 start: range.start,
                 end: range.end,
@@ -495,38 +549,21 @@ impl RecvStream {
         }
         if let Some(consumed_until) = self.consumed.overlap(&range) {
             return Err(LinkError::KeyAlreadyUsed {
-                link: link(),
-                stream: hex(&info.stream_id),
+                link,
+                stream: hex(&self.end.key.info().stream_id),
                 offset: range.start,
                 consumed_until,
             });
         }
-        let head_len = (header.payload_len as usize)
-            .checked_sub(tail.len())
-            .expect("open_split: the tail is longer than the payload");
         self.end.key.reserve(range.end)?;
-        out.resize(head_len, 0);
-        let r = seal::open(
-            &header,
-            frame,
-            &mut [out.as_mut_slice(), tail],
-            &mut RangeKey {
-                key: self.end.key.as_ref(),
-                base: range.start,
-            },
-        );
-        r.map_err(|e| self.end.seal_error(e, range.start))?;
-        let accepted = (|| {
-            self.end.cover(range.end)?;
-            self.consumed.insert(range.clone());
-            self.end.key.destroy(range.clone())?;
-            Ok(())
-        })();
-        if let Err(e) = accepted {
-            zeroize::Zeroize::zeroize(out);
-            zeroize::Zeroize::zeroize(tail);
-            return Err(e);
-        }
+        Ok(range)
+    }
+
+    /// A frame whose tag verified: its key counts as used from now on, and is destroyed.
+    fn accept(&mut self, range: Range<u64>) -> Result<SealedFrame, LinkError> {
+        self.end.cover(range.end)?;
+        self.consumed.insert(range.clone());
+        self.end.key.destroy(range.clone())?;
         Ok(SealedFrame { key_range: range })
     }
 
@@ -580,6 +617,42 @@ mod tests {
             ));
         }
         assert_eq!(tx.remaining(), rx.remaining());
+    }
+
+    /// A frame received in pieces and opened in place: the same checks as a whole frame.
+    #[test]
+    fn open_in_place_round_trip_replay_and_bad_lengths() {
+        let (a, b) = MemKeySource::pair("t", Direction::AtoB, 10_000);
+        let opts = StreamOptions { window: 1000 };
+        let mut tx =
+            SendStream::with_parts(Box::new(a), Box::new(MemLedger::new("a")), opts.clone())
+                .unwrap();
+        let mut rx =
+            RecvStream::with_parts(Box::new(b), Box::new(MemLedger::new("b")), opts).unwrap();
+        let p: Vec<u8> = (0..777u32).map(|i| (i * 3) as u8).collect();
+        let mut f = Vec::new();
+        tx.seal(&p, &mut f).unwrap();
+        let head: [u8; HEADER_LEN] = f[..HEADER_LEN].try_into().unwrap();
+        let (ct, tag) = f[HEADER_LEN..].split_at(p.len());
+        let in_place = |rx: &mut RecvStream, cut: usize, body_len: usize| {
+            let mut body = ct[..body_len].to_vec();
+            let (x, y) = body.split_at_mut(cut);
+            let r = rx.open_in_place(&head, &mut [x, y], tag);
+            (r, body)
+        };
+        // One byte short: refused as a frame of the wrong length, and nothing is consumed.
+        let (r, body) = in_place(&mut rx, 7, p.len() - 1);
+        assert!(matches!(r, Err(LinkError::BadFrame { .. })), "{r:?}");
+        assert!(body.iter().all(|&x| x == 0));
+        let (r, body) = in_place(&mut rx, 7, p.len());
+        r.unwrap();
+        assert_eq!(body, p);
+        let (r, body) = in_place(&mut rx, 300, p.len());
+        assert!(matches!(r, Err(LinkError::KeyAlreadyUsed { .. })), "{r:?}");
+        assert!(
+            body.iter().all(|&x| x == 0),
+            "a refused frame leaves nothing behind"
+        );
     }
 
     /// A ledger whose writes fail, and a key source that counts reads.

@@ -19,7 +19,7 @@ use std::time::Duration;
 use super::{ShareKey, ShareMeta, ShareSite, SiteError};
 use crate::keys::{pool, Direction, End, PoolFile};
 use crate::link::{LinkError, RecvStream, SendStream, StreamOptions};
-use crate::wire::frame::{FrameHeader, HEADER_LEN};
+use crate::wire::frame::{FrameHeader, HEADER_LEN, TAG_LEN};
 use crate::wire::msg::{self, Body, ErrorCode, ListEntry, Msg, SiteStat};
 
 /// Where this end's key for a link lives.
@@ -609,22 +609,36 @@ impl MountdSite {
                         reason: format!("reply frame from {}: {e}", self.addr),
                     })
                 })?;
-                // Sized without clearing (no memset of a reused buffer): all of it is
-                // overwritten by the header and the read below.
-                b.reply.resize(hdr.frame_len(), 0);
-                b.reply[..HEADER_LEN].copy_from_slice(&h);
-                conn.sock
-                    .read_exact(&mut b.reply[HEADER_LEN..])
-                    .map_err(io)?;
                 let len = hdr.payload_len as usize;
                 let opened = match tail_out.as_deref_mut() {
+                    // A DATA reply's share is read straight into the caller's buffer and
+                    // opened there, in place. Sized without clearing (no memset of a reused
+                    // buffer): all of it is overwritten by the read.
                     Some(t) if len >= msg::DATA_HEAD_LEN => {
+                        b.plain.resize(msg::DATA_HEAD_LEN, 0);
                         t.resize(len - msg::DATA_HEAD_LEN, 0);
+                        let mut tag = [0u8; TAG_LEN];
+                        read_exact_parts(
+                            &mut conn.sock,
+                            &mut [
+                                std::io::IoSliceMut::new(&mut b.plain),
+                                std::io::IoSliceMut::new(t),
+                                std::io::IoSliceMut::new(&mut tag),
+                            ],
+                        )
+                        .map_err(io)?;
                         lock(&link.recv)
-                            .open_split(&b.reply, &mut b.plain, t)
+                            .open_in_place(&h, &mut [&mut b.plain, t], &tag)
                             .map(|_| true)
                     }
-                    _ => lock(&link.recv).open(&b.reply, &mut b.plain).map(|_| false),
+                    _ => {
+                        b.reply.resize(hdr.frame_len(), 0);
+                        b.reply[..HEADER_LEN].copy_from_slice(&h);
+                        conn.sock
+                            .read_exact(&mut b.reply[HEADER_LEN..])
+                            .map_err(io)?;
+                        lock(&link.recv).open(&b.reply, &mut b.plain).map(|_| false)
+                    }
                 };
                 let split = match opened {
                     Ok(split) => rejoin(&mut b.plain, tail_out, split),

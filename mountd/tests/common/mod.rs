@@ -170,14 +170,22 @@ impl Daemon {
 
     /// Wait until the log contains `needle` (the daemon logs asynchronously).
     pub fn wait_log(&self, needle: &str) -> String {
+        self.wait_log_n(needle, 1)
+    }
+
+    /// Wait until the log contains `needle` at least `n` times.
+    pub fn wait_log_n(&self, needle: &str, n: usize) -> String {
         for _ in 0..600 {
             let t = self.log_text();
-            if t.contains(needle) {
+            if t.matches(needle).count() >= n {
                 return t;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("log never contained {needle:?}:\n{}", self.log_text());
+        panic!(
+            "log never contained {needle:?} {n} times:\n{}",
+            self.log_text()
+        );
     }
 
     pub fn kill9(&mut self) {
