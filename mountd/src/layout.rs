@@ -57,8 +57,10 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
 /// stops a malicious site: the home checks every rebuilt chunk against its SHA-256 in the
 /// catalog, and a site could recompute any checksum of its own anyway. XXH3 runs at memory
 /// speed where SHA-256 cost the site more CPU than everything else it does for a share.
+/// twox-hash picks its AVX2 kernel at run time (a build for baseline x86-64 would otherwise
+/// get SSE2 only); the value is XXH3's, whichever kernel computes it.
 pub fn share_sum(bytes: &[u8]) -> [u8; 16] {
-    xxhash_rust::xxh3::xxh3_128(bytes).to_le_bytes()
+    twox_hash::XxHash3_128::oneshot(bytes).to_le_bytes()
 }
 
 fn u16_at(b: &[u8], o: usize) -> u16 {
@@ -458,6 +460,24 @@ impl IndexEntry {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The checksum is on every volume: it must stay XXH3-128 whichever crate computes it
+    /// (values from the reference, `XXH3_128bits` of "" = 0x99aa06d3014798d86001c324468d497f,
+    /// and from xxhash-rust, which wrote the volumes before).
+    #[test]
+    fn share_sum_is_xxh3_128() {
+        let big: Vec<u8> = (0..(1u32 << 20) + 13)
+            .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+            .collect();
+        let want: [(&[u8], u128); 3] = [
+            (b"", 0x99aa06d3014798d86001c324468d497f),
+            (b"qgenome share", 0xa25b52130d3df14bdd14252a429cef86),
+            (&big, 0xaac1ba13f1a1e2c71d4c47b1ecfd19a8),
+        ];
+        for (bytes, sum) in want {
+            assert_eq!(share_sum(bytes), sum.to_le_bytes(), "{} bytes", bytes.len());
+        }
+    }
 
     fn sb() -> Superblock {
         Superblock::new(
