@@ -352,6 +352,14 @@ fn kill_9_during_puts_keeps_every_acknowledged_share_and_never_reuses_key() {
             Arc::new(Mutex::new(Vec::new())),
             Arc::new(Mutex::new(Vec::new())),
         );
+        // The kill lands once a random number of puts were acknowledged, while more are in
+        // flight (not after a random time: how many puts fit in one depends on the machine,
+        // and the volume must hold every round's).
+        r ^= r << 13;
+        r ^= r >> 7;
+        r ^= r << 17;
+        let target = 30 + (r % 270) as usize;
+        let cap = target as u64 + 150;
         let next = Arc::new(AtomicU64::new(0));
         let threads: Vec<_> = (0..3)
             .map(|_| {
@@ -359,6 +367,9 @@ fn kill_9_during_puts_keeps_every_acknowledged_share_and_never_reuses_key() {
                     (client.clone(), done.clone(), tried.clone(), next.clone());
                 std::thread::spawn(move || loop {
                     let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= cap {
+                        return;
+                    }
                     let k = key(10 + round, i);
                     tried.lock().unwrap().push((k, len(i)));
                     match c.put(&k, &META, &share_bytes(5, &k, len(i))) {
@@ -373,10 +384,14 @@ fn kill_9_during_puts_keeps_every_acknowledged_share_and_never_reuses_key() {
                 })
             })
             .collect();
-        r ^= r << 13;
-        r ^= r >> 7;
-        r ^= r << 17;
-        std::thread::sleep(Duration::from_millis(100 + r % 400));
+        let waited = std::time::Instant::now();
+        while done.lock().unwrap().len() < target {
+            assert!(
+                waited.elapsed() < Duration::from_secs(120),
+                "round {round}: {target} puts not acknowledged in 120 s"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         d.kill9();
         for t in threads {
             t.join().unwrap();
@@ -414,6 +429,10 @@ fn kill_9_during_puts_keeps_every_acknowledged_share_and_never_reuses_key() {
             }
         }
     }
+    assert!(
+        !unacked.is_empty(),
+        "the kills landed between puts every time: nothing unacknowledged was checked"
+    );
     // New puts never land on live space: all old shares still read back afterwards.
     for i in 0..40 {
         let k = key(99, i);

@@ -66,33 +66,101 @@ pub fn seal<K: FrameKey>(
     out: &mut Vec<u8>,
     key: &mut K,
 ) -> Result<(), SealError<K::Error>> {
-    let payload_len: usize = parts.iter().map(|p| p.len()).sum();
-    debug_assert_eq!(header.payload_len, payload_len as u64);
-    let (mut mac, s) = mac_init(key)?;
-    let hdr = header.encode();
+    let mut sealer = Sealer::new(header, parts, key)?;
+    let len = header.payload_len as usize;
     // Sized without clearing: every byte is overwritten below, and a buffer reused for frames
     // of one size is never memset.
     out.resize(header.frame_len(), 0);
-    out[..HEADER_LEN].copy_from_slice(&hdr);
-    mac.update_padded(&hdr);
-    let body = &mut out[HEADER_LEN..HEADER_LEN + payload_len];
-    let mut src = Parts::new(parts);
-    for (i, c) in body.chunks_mut(CHUNK).enumerate() {
-        let rel = MAC_KEY_LEN + (i * CHUNK) as u64;
-        if let Some(pad) = key.mapped(rel, c.len()) {
-            src.next_xor(c, Some(pad));
-        } else {
-            if let Err(e) = key.read(rel, c) {
-                out.zeroize();
-                return Err(SealError::Key(e));
-            }
-            src.next_xor(c, None);
-        }
-        mac.update_padded(c);
+    out[..HEADER_LEN].copy_from_slice(sealer.header());
+    if let Err(e) = sealer.next(&mut out[HEADER_LEN..HEADER_LEN + len], key) {
+        out.zeroize();
+        return Err(e);
     }
-    let tag = finish(mac, &s, payload_len);
-    out[HEADER_LEN + payload_len..].copy_from_slice(&tag);
+    out[HEADER_LEN + len..].copy_from_slice(&sealer.finish());
     Ok(())
+}
+
+/// A frame sealed piece by piece: its header, then its ciphertext in as many pieces as the
+/// caller likes (each written out while still in cache, say), then its tag.
+pub struct Sealer<'a> {
+    header: [u8; HEADER_LEN],
+    mac: Polyval,
+    s: Zeroizing<[u8; 16]>,
+    src: Parts<'a>,
+    done: usize,
+    len: usize,
+}
+
+impl<'a> Sealer<'a> {
+    /// Start sealing the concatenation of `parts` under `header` (reads the frame's MAC key).
+    pub fn new<K: FrameKey>(
+        header: &FrameHeader,
+        parts: &'a [&'a [u8]],
+        key: &mut K,
+    ) -> Result<Self, SealError<K::Error>> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        debug_assert_eq!(header.payload_len, len as u64);
+        let (mut mac, s) = mac_init(key)?;
+        let header = header.encode();
+        mac.update_padded(&header);
+        Ok(Self {
+            header,
+            mac,
+            s,
+            src: Parts::new(parts),
+            done: 0,
+            len,
+        })
+    }
+
+    /// The frame's header, which goes first.
+    pub fn header(&self) -> &[u8; HEADER_LEN] {
+        &self.header
+    }
+
+    /// Payload bytes not yet sealed.
+    pub fn remaining(&self) -> usize {
+        self.len - self.done
+    }
+
+    /// Seal the next `dst.len()` payload bytes into `dst`. Every piece but the last must be
+    /// a whole number of 16-byte blocks (a caller bug otherwise: panics).
+    pub fn next<K: FrameKey>(
+        &mut self,
+        dst: &mut [u8],
+        key: &mut K,
+    ) -> Result<(), SealError<K::Error>> {
+        assert!(
+            dst.len() <= self.remaining(),
+            "Sealer::next past the payload"
+        );
+        assert!(
+            dst.len().is_multiple_of(16) || dst.len() == self.remaining(),
+            "Sealer::next: only the last piece may end inside a block"
+        );
+        for c in dst.chunks_mut(CHUNK) {
+            let rel = MAC_KEY_LEN + self.done as u64;
+            if let Some(pad) = key.mapped(rel, c.len()) {
+                self.src.next_xor(c, Some(pad));
+            } else {
+                key.read(rel, c).map_err(SealError::Key)?;
+                self.src.next_xor(c, None);
+            }
+            self.mac.update_padded(c);
+            self.done += c.len();
+        }
+        Ok(())
+    }
+
+    /// The tag, which goes last (once the whole payload is sealed).
+    pub fn finish(self) -> [u8; TAG_LEN] {
+        assert_eq!(
+            self.remaining(),
+            0,
+            "Sealer::finish before the payload's end"
+        );
+        finish(self.mac, &self.s, self.len)
+    }
 }
 
 /// A cursor over a payload given in parts.

@@ -228,6 +228,19 @@ pub struct SealedFrame {
     pub key_range: Range<u64>,
 }
 
+/// Why [`SendStream::seal_parts_to`] failed: the link, or the writing (`E`) of the frame.
+#[derive(Debug)]
+pub enum SealWriteError<E> {
+    Link(LinkError),
+    Write(E),
+}
+
+impl<E> From<LinkError> for SealWriteError<E> {
+    fn from(e: LinkError) -> Self {
+        Self::Link(e)
+    }
+}
+
 /// The sending end of one (link, direction).
 pub struct SendStream {
     end: End,
@@ -280,6 +293,74 @@ impl SendStream {
         parts: &[&[u8]],
         out: &mut Vec<u8>,
     ) -> Result<SealedFrame, LinkError> {
+        let (header, range) = self.take(parts)?;
+        let r = seal::seal(
+            &header,
+            parts,
+            out,
+            &mut RangeKey {
+                key: self.end.key.as_ref(),
+                base: range.start,
+            },
+        );
+        self.used(range, r)
+    }
+
+    /// Seal the concatenation of `parts` and hand the frame to `emit` as it is sealed, a
+    /// `tile` at a time (resized to [`seal::CHUNK`]; its capacity is reused), so that the
+    /// frame is never whole in memory and each piece of ciphertext goes out while in cache.
+    /// `emit` gets the frame's pieces in order, three at a time: the header (empty after the
+    /// first call), a tile, and the tag (empty before the last call). Once `emit` fails it is
+    /// not called again, and what it wrote of the frame is unfinished. The tile is wiped when sealing fails (it may hold key then).
+    pub fn seal_parts_to<E>(
+        &mut self,
+        parts: &[&[u8]],
+        tile: &mut Vec<u8>,
+        mut emit: impl FnMut(&[&[u8]; 3]) -> Result<(), E>,
+    ) -> Result<SealedFrame, SealWriteError<E>> {
+        let (header, range) = self.take(parts)?;
+        let mut failed = None;
+        let r = (|| {
+            let key = &mut RangeKey {
+                key: self.end.key.as_ref(),
+                base: range.start,
+            };
+            let mut sealer = seal::Sealer::new(&header, parts, key)?;
+            let head = *sealer.header();
+            tile.resize(seal::CHUNK, 0);
+            let mut first = true;
+            loop {
+                let t = &mut tile[..sealer.remaining().min(seal::CHUNK)];
+                if let Err(e) = sealer.next(t, key) {
+                    zeroize::Zeroize::zeroize(&mut tile[..]);
+                    return Err(e);
+                }
+                let h = if first { &head[..] } else { &[][..] };
+                first = false;
+                if sealer.remaining() > 0 {
+                    if let Err(e) = emit(&[h, t, &[]]) {
+                        failed = Some(e);
+                        return Ok(());
+                    }
+                    continue;
+                }
+                let tag = sealer.finish();
+                if let Err(e) = emit(&[h, t, &tag]) {
+                    failed = Some(e);
+                }
+                return Ok(());
+            }
+        })();
+        let sealed = self.used(range, r)?;
+        match failed {
+            Some(e) => Err(SealWriteError::Write(e)),
+            None => Ok(sealed),
+        }
+    }
+
+    /// Check that a frame of `parts` fits the rest of the pool, persist a window covering
+    /// it, and take its key range: from here the range counts as used, whatever happens.
+    fn take(&mut self, parts: &[&[u8]]) -> Result<(FrameHeader, Range<u64>), LinkError> {
         let link = || self.end.link().to_string();
         let payload_len: usize = parts.iter().map(|p| p.len()).sum();
         if payload_len as u64 > MAX_PAYLOAD_LEN {
@@ -305,19 +386,18 @@ impl SendStream {
             key_offset: range.start,
             payload_len: payload_len as u64,
         };
-        // From here the range counts as used, whatever happens.
         self.next = range.end;
-        let r = seal::seal(
-            &header,
-            parts,
-            out,
-            &mut RangeKey {
-                key: self.end.key.as_ref(),
-                base: range.start,
-            },
-        );
+        Ok((header, range))
+    }
+
+    /// A frame's key range was used (sealed with, or lost to a failure): destroy it.
+    fn used(
+        &mut self,
+        range: Range<u64>,
+        sealed: Result<(), SealError<KeyError>>,
+    ) -> Result<SealedFrame, LinkError> {
         let destroyed = self.end.key.destroy(range.clone());
-        r.map_err(|e| self.end.seal_error(e, range.start))?;
+        sealed.map_err(|e| self.end.seal_error(e, range.start))?;
         destroyed?;
         Ok(SealedFrame { key_range: range })
     }
@@ -653,6 +733,46 @@ mod tests {
             body.iter().all(|&x| x == 0),
             "a refused frame leaves nothing behind"
         );
+    }
+
+    /// A frame handed out tile by tile as it is sealed opens like any other; a failed write
+    /// stops the frame and still uses its key.
+    #[test]
+    fn seal_parts_to_streams_frames_that_open() {
+        let (a, b) = MemKeySource::pair("t", Direction::AtoB, 4 * seal::CHUNK);
+        let opts = StreamOptions { window: 1 << 20 };
+        let mut tx =
+            SendStream::with_parts(Box::new(a), Box::new(MemLedger::new("a")), opts.clone())
+                .unwrap();
+        let mut rx =
+            RecvStream::with_parts(Box::new(b), Box::new(MemLedger::new("b")), opts).unwrap();
+        let head = b"head of 13 by";
+        let share: Vec<u8> = (0..seal::CHUNK + 1000).map(|i| (i * 7) as u8).collect();
+        let (mut tile, mut out) = (Vec::new(), Vec::new());
+        for share in [&share[..], &share[..5], &[][..]] {
+            let mut frame = Vec::new();
+            let mut calls = 0;
+            tx.seal_parts_to(&[head, share], &mut tile, |p| {
+                assert_eq!(p[0].is_empty(), calls > 0, "the header comes first, once");
+                frame.extend(p.concat());
+                calls += 1;
+                Ok::<_, ()>(())
+            })
+            .unwrap();
+            assert_eq!(calls, share.len().div_ceil(seal::CHUNK).max(1));
+            rx.open(&frame, &mut out).unwrap();
+            assert_eq!(out, [&head[..], share].concat());
+        }
+        // The writer fails on the first tile: not called again, and the key is used.
+        let before = tx.remaining();
+        let mut calls = 0;
+        let r = tx.seal_parts_to(&[head, &share], &mut tile, |_| {
+            calls += 1;
+            Err("peer gone")
+        });
+        assert!(matches!(r, Err(SealWriteError::Write("peer gone"))));
+        assert_eq!(calls, 1);
+        assert!(tx.remaining() < before);
     }
 
     /// A ledger whose writes fail, and a key source that counts reads.

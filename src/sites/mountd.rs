@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use super::{ShareKey, ShareMeta, ShareSite, SiteError};
 use crate::keys::{pool, Direction, End, PoolFile};
-use crate::link::{LinkError, RecvStream, SendStream, StreamOptions};
+use crate::link::{LinkError, RecvStream, SealWriteError, SendStream, StreamOptions};
 use crate::wire::frame::{FrameHeader, HEADER_LEN, TAG_LEN};
 use crate::wire::msg::{self, Body, ErrorCode, ListEntry, Msg, SiteStat};
 
@@ -597,10 +597,25 @@ impl MountdSite {
                 Ok(rejoin(&mut b.plain, tail_out, split))
             }
             Some(link) => {
-                lock(&link.send)
-                    .seal_parts(&[&b.head, tail], &mut b.frame)
-                    .map_err(|e| CallError::Site(self.link_error(e)))?;
-                conn.sock.write_all(&b.frame).map_err(io)?;
+                if tail.is_empty() {
+                    lock(&link.send)
+                        .seal_parts(&[&b.head], &mut b.frame)
+                        .map_err(|e| CallError::Site(self.link_error(e)))?;
+                    conn.sock.write_all(&b.frame).map_err(io)?;
+                } else {
+                    // A share goes out as it is sealed, a tile at a time, each piece of
+                    // ciphertext written while still in cache.
+                    let sock = &mut conn.sock;
+                    lock(&link.send)
+                        .seal_parts_to(&[&b.head, tail], &mut b.frame, |pieces| {
+                            let mut v = pieces.map(std::io::IoSlice::new);
+                            write_all_parts(sock, &mut v)
+                        })
+                        .map_err(|e| match e {
+                            SealWriteError::Link(e) => CallError::Site(self.link_error(e)),
+                            SealWriteError::Write(e) => io(e),
+                        })?;
+                }
                 let mut h = [0u8; HEADER_LEN];
                 conn.sock.read_exact(&mut h).map_err(io)?;
                 let hdr = FrameHeader::parse_prefix(&h, msg::MAX_MSG as u64).map_err(|e| {
