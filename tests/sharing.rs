@@ -18,10 +18,16 @@ fn split(scheme: &Scheme, secret: &[u8]) -> Vec<Vec<u8>> {
     shares
 }
 
+/// Combine, checking on the way that the observer of `combine_observed` is shown the secret
+/// whole and in order (it is what the read path hashes).
 fn combine(scheme: &Scheme, shares: &[Vec<u8>], subset: &[usize], len: usize) -> Vec<u8> {
     let given: Vec<(usize, &[u8])> = subset.iter().map(|&i| (i, shares[i].as_slice())).collect();
     let mut out = vec![0u8; len];
-    scheme.combine(&given, len, &mut out).unwrap();
+    let mut seen = Vec::new();
+    scheme
+        .combine_observed(&given, len, &mut out, &mut |t| seen.extend_from_slice(t))
+        .unwrap();
+    assert_eq!(seen, out, "observed tiles are the secret, in order");
     out
 }
 

@@ -9,10 +9,34 @@ use sha2::{Digest, Sha256};
 pub type Hash = [u8; 32];
 
 pub fn chunk_hash(data: &[u8]) -> Hash {
-    let mut h = Sha256::new();
-    h.update([0u8]);
+    let mut h = ChunkHasher::new();
     h.update(data);
-    h.finalize().into()
+    h.finish()
+}
+
+/// [`chunk_hash`] of a chunk fed in pieces, in order (each while it is in cache, say).
+pub struct ChunkHasher(Sha256);
+
+impl ChunkHasher {
+    pub fn new() -> Self {
+        let mut h = Sha256::new();
+        h.update([0u8]);
+        Self(h)
+    }
+
+    pub fn update(&mut self, piece: &[u8]) {
+        self.0.update(piece);
+    }
+
+    pub fn finish(self) -> Hash {
+        self.0.finalize().into()
+    }
+}
+
+impl Default for ChunkHasher {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 pub fn root(leaves: &[Hash]) -> Hash {
@@ -47,6 +71,23 @@ pub fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunk_hash_in_pieces_is_chunk_hash() {
+        let data: Vec<u8> = (0..70_000u32).map(|i| (i * 13) as u8).collect();
+        let mut h = ChunkHasher::new();
+        for piece in data.chunks(8191) {
+            h.update(piece);
+        }
+        assert_eq!(h.finish(), chunk_hash(&data));
+        // RFC 6962 leaf: SHA-256(0x00 || data).
+        let mut prefixed = vec![0u8];
+        prefixed.extend_from_slice(&data);
+        assert_eq!(
+            chunk_hash(&data),
+            <[u8; 32]>::from(Sha256::digest(&prefixed))
+        );
+    }
 
     #[test]
     fn root_changes_with_any_leaf_and_with_order() {

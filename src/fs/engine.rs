@@ -883,8 +883,11 @@ impl Core {
             |subset: &[&(usize, Vec<u8>)], out: &mut Plain| -> Result<bool, EngineError> {
                 let given: Vec<(usize, &[u8])> =
                     subset.iter().map(|(i, d)| (*i, d.as_slice())).collect();
-                self.scheme.combine(&given, chunk.len as usize, out)?;
-                Ok(merkle::chunk_hash(out) == chunk.hash)
+                // Hashed tile by tile as it is rebuilt, while each tile is in cache.
+                let mut hash = merkle::ChunkHasher::new();
+                self.scheme
+                    .combine_observed(&given, chunk.len as usize, out, &mut |t| hash.update(t))?;
+                Ok(hash.finish() == chunk.hash)
             };
         if good.len() >= k && rebuild(&good.iter().take(k).collect::<Vec<_>>(), &mut out)? {
             self.stats.chunks_read.fetch_add(1, Ordering::Relaxed);

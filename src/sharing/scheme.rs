@@ -161,6 +161,19 @@ impl Scheme {
         secret_len: usize,
         out: &mut [u8],
     ) -> Result<(), SharingError> {
+        self.combine_observed(shares, secret_len, out, &mut |_| {})
+    }
+
+    /// [`combine`](Self::combine), handing `observe` the secret as it is rebuilt, a tile at
+    /// a time and in order, while each tile is still in cache (to hash the chunk without
+    /// reading it back from memory).
+    pub fn combine_observed(
+        &self,
+        shares: &[(usize, &[u8])],
+        secret_len: usize,
+        out: &mut [u8],
+        observe: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), SharingError> {
         if out.len() != secret_len {
             return Err(SharingError::OutputLength {
                 expected: secret_len,
@@ -172,7 +185,7 @@ impl Scheme {
         for (m, sources) in plan.outputs.iter().enumerate() {
             let start = (m * piece_len).min(secret_len);
             let end = ((m + 1) * piece_len).min(secret_len);
-            gather(&chosen, sources, piece_len, &mut out[start..end]);
+            gather(&chosen, sources, piece_len, &mut out[start..end], observe);
         }
         Ok(())
     }
@@ -202,7 +215,7 @@ impl Scheme {
         let piece_len = share_len / self.layout.pieces();
         for (j, sources) in plan.outputs.iter().enumerate() {
             let dst = &mut out[j * piece_len..(j + 1) * piece_len];
-            gather(&chosen, sources, piece_len, dst);
+            gather(&chosen, sources, piece_len, dst, &mut |_| {});
         }
         Ok(())
     }
@@ -381,7 +394,13 @@ const MAX_PLAN_SOURCES: usize = 256;
 
 /// `dst` = XOR of the planned source pieces, tile by tile; `dst` may be shorter than a piece
 /// (the secret's last piece).
-fn gather(chosen: &[&[u8]], sources: &[(u8, u8)], piece_len: usize, dst: &mut [u8]) {
+fn gather(
+    chosen: &[&[u8]],
+    sources: &[(u8, u8)],
+    piece_len: usize,
+    dst: &mut [u8],
+    observe: &mut dyn FnMut(&[u8]),
+) {
     let mut tile_sources: [&[u8]; MAX_PLAN_SOURCES] = [&[]; MAX_PLAN_SOURCES];
     for (t, dst_tile) in dst.chunks_mut(TILE).enumerate() {
         let off = t * TILE;
@@ -389,5 +408,6 @@ fn gather(chosen: &[&[u8]], sources: &[(u8, u8)], piece_len: usize, dst: &mut [u
             *slot = &chosen[pos as usize][j as usize * piece_len + off..][..dst_tile.len()];
         }
         xor_sources(dst_tile, &tile_sources[..sources.len()], false);
+        observe(dst_tile);
     }
 }
