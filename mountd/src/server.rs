@@ -451,16 +451,19 @@ impl<D: BlockDevice> Server<D> {
             sealed = conn;
             reply = out;
             (frame, plain) = (f, p);
-            let (close, share) = match outcome {
-                Outcome::Reply(share) => (None, share),
-                Outcome::ReplyAndClose(reason) => (Some(reason), None),
+            let (close, share, tag) = match outcome {
+                Outcome::Reply(share) => (None, share, None),
+                Outcome::SealedShare(share, tag) => (None, Some(share), Some(tag)),
+                Outcome::ReplyAndClose(reason) => (Some(reason), None, None),
                 Outcome::Close(reason) => {
                     drop(permit);
                     return refuse(&reason);
                 }
             };
             let w = if sealed.is_some() {
-                s.write_all(&reply).await
+                let tail = share.as_ref().map_or(&[][..], |d| d.bytes());
+                let tag = tag.as_ref().map_or(&[][..], |t| &t[..]);
+                write_all_parts(&mut s, &[&reply, tail, tag]).await
             } else {
                 let tail = share.as_ref().map_or(&[][..], |d| d.bytes());
                 let len = ((reply.len() + tail.len()) as u32).to_le_bytes();
@@ -713,6 +716,20 @@ impl<D: BlockDevice> Server<D> {
         } else {
             self.execute(&m, peer, &link.name)
         };
+        if let Some(mut share) = reply.share {
+            // The share is sealed where it was read and sent from there.
+            let mut head = reply.head;
+            let sealed = lock(&link.send).seal_in_place(&mut [&mut head, share.bytes_mut()]);
+            return match sealed {
+                Ok((header, tag)) => {
+                    out.clear();
+                    out.extend_from_slice(&header);
+                    out.extend_from_slice(&head);
+                    Outcome::SealedShare(share, tag)
+                }
+                Err(e) => Outcome::Close(format!("cannot seal the reply: {e}")),
+            };
+        }
         let sealed = lock(&link.send).seal_parts(&reply.parts(), out);
         match sealed {
             Ok(_) => Outcome::Reply(None),
@@ -1034,6 +1051,9 @@ impl Reply {
 enum Outcome {
     /// Send the reply in the output buffer, then these share bytes (unsealed socket only).
     Reply(Option<ShareData>),
+    /// Send the output buffer (a frame's header and sealed message head), then this share
+    /// (sealed in place), then the frame's tag.
+    SealedShare(ShareData, [u8; frame::TAG_LEN]),
     ReplyAndClose(String),
     Close(String),
 }

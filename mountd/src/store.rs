@@ -119,6 +119,11 @@ impl ShareData {
         &self.buf.as_slice()[self.start..self.start + self.len]
     }
 
+    /// The share bytes, to be sealed where they lie before they are sent.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.buf.as_mut_slice()[self.start..self.start + self.len]
+    }
+
     pub fn to_vec(&self) -> Vec<u8> {
         self.bytes().to_vec()
     }

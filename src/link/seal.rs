@@ -265,13 +265,47 @@ pub fn open_in_place<K: FrameKey>(
     tag: &[u8],
     key: &mut K,
 ) -> Result<(), SealError<K::Error>> {
+    assert_eq!(tag.len(), TAG_LEN, "open_in_place: tag length");
+    let want = crypt_in_place(header, body, key, Way::Open)?;
+    if bool::from(want.ct_eq(tag)) {
+        Ok(())
+    } else {
+        body.iter_mut().for_each(|b| b.zeroize());
+        Err(SealError::BadTag)
+    }
+}
+
+/// Seal the payload in `body` (its pieces, in order: say a message head, then a share in the
+/// buffer it was read into) in place, each chunk XORed and then hashed while in cache; the
+/// frame is `header`, `body`, and the tag returned. On a failure every piece is wiped.
+pub fn seal_in_place<K: FrameKey>(
+    header: &FrameHeader,
+    body: &mut [&mut [u8]],
+    key: &mut K,
+) -> Result<[u8; TAG_LEN], SealError<K::Error>> {
+    crypt_in_place(header, body, key, Way::Seal)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Way {
+    Seal,
+    Open,
+}
+
+/// XOR the pad into `body` in place and return the tag of the ciphertext (hashed after the
+/// XOR when sealing, before it when opening). Wipes `body` on a failure.
+fn crypt_in_place<K: FrameKey>(
+    header: &FrameHeader,
+    body: &mut [&mut [u8]],
+    key: &mut K,
+    way: Way,
+) -> Result<[u8; TAG_LEN], SealError<K::Error>> {
     let len = header.payload_len as usize;
     assert_eq!(
         body.iter().map(|b| b.len()).sum::<usize>(),
         len,
-        "open_in_place: the pieces must hold the payload exactly"
+        "in place: the pieces must hold the payload exactly"
     );
-    assert_eq!(tag.len(), TAG_LEN, "open_in_place: tag length");
     let wipe = |body: &mut [&mut [u8]]| body.iter_mut().for_each(|b| b.zeroize());
     let (mac, s) = match mac_init(key) {
         Ok(m) => m,
@@ -288,7 +322,9 @@ pub fn open_in_place<K: FrameKey>(
     let mut at = 0usize;
     for piece in body.iter_mut() {
         for c in piece.chunks_mut(CHUNK) {
-            mac.update(c);
+            if way == Way::Open {
+                mac.update(c);
+            }
             let rel = MAC_KEY_LEN + at as u64;
             if let Some(pad) = key.mapped(rel, c.len()) {
                 xor_into(c, pad);
@@ -301,16 +337,13 @@ pub fn open_in_place<K: FrameKey>(
                 }
                 xor_into(c, pad);
             }
+            if way == Way::Seal {
+                mac.update(c);
+            }
             at += c.len();
         }
     }
-    let want = finish(mac.finish(), &s, len);
-    if bool::from(want.ct_eq(tag)) {
-        Ok(())
-    } else {
-        wipe(body);
-        Err(SealError::BadTag)
-    }
+    Ok(finish(mac.finish(), &s, len))
 }
 
 /// POLYVAL fed with byte strings of any length, cut into whole blocks across calls (the
@@ -546,6 +579,33 @@ mod tests {
         );
         assert!(matches!(r, Err(SealError::BadTag)));
         assert!(ct.iter().all(|&x| x == 0), "plaintext left in place");
+    }
+
+    #[test]
+    fn sealing_in_place_equals_sealing() {
+        let payload: Vec<u8> = (0..2 * CHUNK + 77).map(|i| (i * 11 + 1) as u8).collect();
+        let h = FrameHeader {
+            stream_id: [5; 16],
+            key_offset: 0,
+            payload_len: payload.len() as u64,
+        };
+        let k = key(32 + payload.len(), 7);
+        let mut whole = Vec::new();
+        seal(&h, &[&payload], &mut whole, &mut &k[..]).unwrap();
+        let n = payload.len();
+        for cut in [0, 29, CHUNK + 3, n] {
+            for copied in [false, true] {
+                let mut body = payload.clone();
+                let (a, b) = body.split_at_mut(cut);
+                let tag = if copied {
+                    seal_in_place(&h, &mut [a, b], &mut Copied(&k)).unwrap()
+                } else {
+                    seal_in_place(&h, &mut [a, b], &mut &k[..]).unwrap()
+                };
+                assert_eq!(body, whole[HEADER_LEN..HEADER_LEN + n], "cut {cut}");
+                assert_eq!(tag, whole[HEADER_LEN + n..], "cut {cut}");
+            }
+        }
     }
 
     #[test]

@@ -293,7 +293,7 @@ impl SendStream {
         parts: &[&[u8]],
         out: &mut Vec<u8>,
     ) -> Result<SealedFrame, LinkError> {
-        let (header, range) = self.take(parts)?;
+        let (header, range) = self.take(parts.iter().map(|p| p.len()).sum())?;
         let r = seal::seal(
             &header,
             parts,
@@ -318,7 +318,7 @@ impl SendStream {
         tile: &mut Vec<u8>,
         mut emit: impl FnMut(&[&[u8]; 3]) -> Result<(), E>,
     ) -> Result<SealedFrame, SealWriteError<E>> {
-        let (header, range) = self.take(parts)?;
+        let (header, range) = self.take(parts.iter().map(|p| p.len()).sum())?;
         let mut failed = None;
         let r = (|| {
             let key = &mut RangeKey {
@@ -358,11 +358,36 @@ impl SendStream {
         }
     }
 
-    /// Check that a frame of `parts` fits the rest of the pool, persist a window covering
-    /// it, and take its key range: from here the range counts as used, whatever happens.
-    fn take(&mut self, parts: &[&[u8]]) -> Result<(FrameHeader, Range<u64>), LinkError> {
+    /// Seal the payload in `body` (its pieces, in order) in place: the frame is the header
+    /// returned, `body`, then the tag returned, to be written out as they are (a share read
+    /// from a volume goes out from the buffer it was read into, never copied into a frame).
+    /// When sealing fails `body` is wiped.
+    pub fn seal_in_place(
+        &mut self,
+        body: &mut [&mut [u8]],
+    ) -> Result<([u8; HEADER_LEN], [u8; TAG_LEN]), LinkError> {
+        let (header, range) = self.take(body.iter().map(|b| b.len()).sum())?;
+        let r = seal::seal_in_place(
+            &header,
+            body,
+            &mut RangeKey {
+                key: self.end.key.as_ref(),
+                base: range.start,
+            },
+        );
+        let tag = r.as_ref().ok().copied();
+        self.used(range, r.map(|_| ()))?;
+        Ok((
+            header.encode(),
+            tag.expect("used() is Ok only when sealing was"),
+        ))
+    }
+
+    /// Check that a frame of `payload_len` bytes fits the rest of the pool, persist a window
+    /// covering it, and take its key range: from here the range counts as used, whatever
+    /// happens.
+    fn take(&mut self, payload_len: usize) -> Result<(FrameHeader, Range<u64>), LinkError> {
         let link = || self.end.link().to_string();
-        let payload_len: usize = parts.iter().map(|p| p.len()).sum();
         if payload_len as u64 > MAX_PAYLOAD_LEN {
             return Err(LinkError::PayloadTooLarge {
                 link: link(),
