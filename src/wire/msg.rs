@@ -607,7 +607,7 @@ pub fn decode(b: &[u8]) -> Result<Msg<'_>, MsgError> {
 }
 
 /// Decode the message `head ‖ tail` whose share bytes (PUT, DATA) are exactly `tail`, as
-/// received into two buffers (see `RecvStream::open_split`). Refused like [`decode`] would
+/// received into two buffers (see `RecvStream::open_in_place`). Refused like [`decode`] would
 /// refuse the concatenation, and also when `tail` is not exactly the data field.
 pub fn decode_split<'a>(head: &'a [u8], tail: &'a [u8]) -> Result<Msg<'a>, MsgError> {
     check_len(head.len() + tail.len())?;
