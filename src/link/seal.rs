@@ -533,15 +533,20 @@ mod tests {
         }
     }
 
+    /// A payload of `len` bytes (a pattern from `seed`), its frame header, and key for it.
+    fn fixture(len: usize, seed: u8) -> (Vec<u8>, FrameHeader, Vec<u8>) {
+        let payload: Vec<u8> = (0..len).map(|i| (i * 13 + seed as usize) as u8).collect();
+        let h = FrameHeader {
+            stream_id: [seed; 16],
+            key_offset: 0,
+            payload_len: len as u64,
+        };
+        (payload, h, key(32 + len, seed))
+    }
+
     #[test]
     fn mapped_and_copied_key_seal_and_open_alike() {
-        let payload: Vec<u8> = (0..2 * CHUNK + 333).map(|i| (i * 13 + 5) as u8).collect();
-        let h = FrameHeader {
-            stream_id: [4; 16],
-            key_offset: 0,
-            payload_len: payload.len() as u64,
-        };
-        let k = key(32 + payload.len(), 3);
+        let (payload, h, k) = fixture(2 * CHUNK + 333, 3);
         let parts = [&payload[..7], &payload[7..CHUNK + 1], &payload[CHUNK + 1..]];
         let (mut mapped, mut copied) = (Vec::new(), Vec::new());
         seal(&h, &parts, &mut mapped, &mut &k[..]).unwrap();
@@ -583,13 +588,7 @@ mod tests {
 
     #[test]
     fn sealing_in_place_equals_sealing() {
-        let payload: Vec<u8> = (0..2 * CHUNK + 77).map(|i| (i * 11 + 1) as u8).collect();
-        let h = FrameHeader {
-            stream_id: [5; 16],
-            key_offset: 0,
-            payload_len: payload.len() as u64,
-        };
-        let k = key(32 + payload.len(), 7);
+        let (payload, h, k) = fixture(2 * CHUNK + 77, 7);
         let mut whole = Vec::new();
         seal(&h, &[&payload], &mut whole, &mut &k[..]).unwrap();
         let n = payload.len();
