@@ -311,7 +311,9 @@ impl SendStream {
     /// frame is never whole in memory and each piece of ciphertext goes out while in cache.
     /// `emit` gets the frame's pieces in order, three at a time: the header (empty after the
     /// first call), a tile, and the tag (empty before the last call). Once `emit` fails it is
-    /// not called again, and what it wrote of the frame is unfinished. The tile is wiped when sealing fails (it may hold key then).
+    /// not called again, and what it wrote of the frame is unfinished. The tile is wiped when
+    /// sealing fails (it may hold key then). The stream stays locked (`&mut self`) while the
+    /// frame is written: locking it per tile instead measured slower (docs/benchmarks.md).
     pub fn seal_parts_to<E>(
         &mut self,
         parts: &[&[u8]],
