@@ -743,6 +743,8 @@ struct Placement {
     key_tmpfs: bool,
     /// Where the pools of the direction from the sites to the home go, when not with the others.
     b2a_parent: Option<PathBuf>,
+    /// How the pools were split between --dir and the disk (None: --key-dir said where).
+    split: Option<KeySplit>,
     /// Bytes of pools under `key_parent`.
     keys_here: u64,
     /// Declared before the directories so that it stops first.
@@ -772,13 +774,15 @@ impl Placement {
         // Pools are the largest part (four per link at one machine): they go to disk first,
         // half of them if that is enough, so that the volumes can stay on --dir.
         let disk = || PathBuf::from(DISK_FALLBACK);
-        let (key_parent, b2a_parent) = match &args.key_dir {
-            Some(d) => (d.clone(), None),
-            None => match key_split(data_room, needs, volumes_on_data, mem) {
-                KeySplit::AllOnData => (args.dir.clone(), None),
-                KeySplit::StoreOnData => (args.dir.clone(), Some(disk())),
-                KeySplit::AllOnDisk => (disk(), None),
-            },
+        let split = match &args.key_dir {
+            Some(_) => None,
+            None => Some(key_split(data_room, needs, volumes_on_data, mem)),
+        };
+        let (key_parent, b2a_parent) = match (&args.key_dir, split) {
+            (Some(d), _) => (d.clone(), None),
+            (None, Some(KeySplit::StoreOnData)) => (args.dir.clone(), Some(disk())),
+            (None, Some(KeySplit::AllOnDisk)) => (disk(), None),
+            (None, _) => (args.dir.clone(), None),
         };
         std::fs::create_dir_all(&key_parent)
             .with_context(|| format!("creating {}", key_parent.display()))?;
@@ -817,6 +821,7 @@ impl Placement {
             deploy_parent,
             key_parent,
             b2a_parent,
+            split,
             keys_here,
             deployment: None,
             huge: Vec::new(),
@@ -1080,6 +1085,24 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
     }
     let mut placement = placement.context("no placement was tried")?;
     let source_md5 = source_md5.context("source written")?;
+    // Where the pools went decides much of the result (pads read from disk or from RAM),
+    // and depends on the memory available at the start: say so when they left --dir.
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let pools_moved = match placement.split {
+        Some(KeySplit::StoreOnData) => Some("the restore direction's pools"),
+        Some(KeySplit::AllOnDisk) => Some("every key pool"),
+        _ => None,
+    };
+    if let Some(which) = pools_moved {
+        notes.push(format!(
+            "{which} on {DISK_FALLBACK}: {:.1} GiB of pools did not fit in {} beside the rest \
+             ({:.1} GiB of memory available at the start, {} GiB kept free)",
+            gib(needs.keys),
+            args.dir.display(),
+            gib(mem),
+            TMPFS_HEADROOM >> 30
+        ));
+    }
     let huge_pages = !placement.huge.is_empty();
     let where_ = |tmpfs: bool, huge: bool| match (tmpfs, huge) {
         (true, true) => "tmpfs, huge pages",
@@ -1107,12 +1130,6 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
             placement.key_parent.display(),
             where_(placement.key_tmpfs, huge_pages),
         );
-        if let Some(d) = &placement.b2a_parent {
-            println!(
-                "  key pools of the restore direction (sites to home): {} (disk: the pools of both directions do not fit in memory)",
-                d.display()
-            );
-        }
     }
     let cold = drop_caches();
     if !cold {
