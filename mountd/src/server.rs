@@ -395,11 +395,13 @@ impl<D: BlockDevice> Server<D> {
                 return refuse(&reason);
             }
             let mut share = None;
-            let mut tag = [0u8; frame::TAG_LEN];
             if to_store && sealed.is_some() {
+                // The share into the store buffer, the tag behind the head in `frame`.
                 let mut b = self.store.share_buf(data_len);
                 let at = frame.len();
-                for (buf, at) in [(b.as_mut_slice(), at), (&mut tag[..], at + data_len)] {
+                frame.resize(at + frame::TAG_LEN, 0);
+                let (_, tag) = frame.split_at_mut(at);
+                for (buf, at) in [(b.as_mut_slice(), at), (tag, at + data_len)] {
                     if let Err(reason) = self.read_rest(&mut s, buf, at, total, by).await {
                         return refuse(&reason);
                     }
@@ -440,7 +442,7 @@ impl<D: BlockDevice> Server<D> {
                         srv.handle_unix_put(&f[msg::PLAIN_PREFIX..], b, &mut out, &peer2)
                     }
                     (Some(b), Some(c)) => {
-                        srv.handle_sealed_put(c, &mut f, b, &tag, &mut p, &mut out, &peer2)
+                        srv.handle_sealed_put(c, &mut f, b, &mut p, &mut out, &peer2)
                     }
                     (None, _) => srv.handle(&mut conn, &f, &mut p, &mut out, &peer2),
                 };
@@ -460,12 +462,11 @@ impl<D: BlockDevice> Server<D> {
                     return refuse(&reason);
                 }
             };
+            let tail = share.as_ref().map_or(&[][..], |d| d.bytes());
             let w = if sealed.is_some() {
-                let tail = share.as_ref().map_or(&[][..], |d| d.bytes());
                 let tag = tag.as_ref().map_or(&[][..], |t| &t[..]);
                 write_all_parts(&mut s, &[&reply, tail, tag]).await
             } else {
-                let tail = share.as_ref().map_or(&[][..], |d| d.bytes());
                 let len = ((reply.len() + tail.len()) as u32).to_le_bytes();
                 write_all_parts(&mut s, &[&len, &reply, tail]).await
             };
@@ -596,16 +597,14 @@ impl<D: BlockDevice> Server<D> {
         self.answer_sealed(c, &link, plain, out, peer)
     }
 
-    /// A frame of a link read in place for a PUT (see `serve_conn`): its header and the
-    /// sealed PUT head in `frame`, the rest of the payload in `buf`, its tag in `tag`. Opened
-    /// in place; a PUT is stored from `buf` as it is, anything else goes the ordinary way.
-    #[allow(clippy::too_many_arguments)]
+    /// A frame of a link read in place for a PUT (see `serve_conn`): `frame` holds its
+    /// header, the sealed PUT head and its tag, `buf` the rest of the payload. Opened in
+    /// place; a PUT is stored from `buf` as it is, anything else goes the ordinary way.
     fn handle_sealed_put(
         &self,
         c: &mut ConnLink,
         frame: &mut [u8],
         mut buf: ShareBuf,
-        tag: &[u8],
         plain: &mut Vec<u8>,
         out: &mut Vec<u8>,
         peer: &str,
@@ -614,7 +613,8 @@ impl<D: BlockDevice> Server<D> {
             .link
             .clone()
             .expect("read in place only once the link is known");
-        let (head, ct) = frame.split_at_mut(frame::HEADER_LEN);
+        let (head, rest) = frame.split_at_mut(frame::HEADER_LEN);
+        let (ct, tag) = rest.split_at_mut(rest.len() - frame::TAG_LEN);
         let head: &[u8; frame::HEADER_LEN] = (&*head).try_into().expect("header length");
         if let Err(e) = lock(&link.recv).open_in_place(head, &mut [ct, buf.as_mut_slice()], tag) {
             return self.refuse_frame(&link, e, out);
