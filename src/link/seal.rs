@@ -199,61 +199,6 @@ impl<'a> Parts<'a> {
     }
 }
 
-/// Open a whole `frame` whose header was parsed into `header`: verify its tag and write the
-/// payload into `outs`, one after the other (their lengths must add up to the payload's). On
-/// any failure every out is wiped before returning, so no plaintext of an unauthenticated
-/// frame is ever handed out.
-pub fn open<K: FrameKey>(
-    header: &FrameHeader,
-    frame: &[u8],
-    outs: &mut [&mut [u8]],
-    key: &mut K,
-) -> Result<(), SealError<K::Error>> {
-    let len = header.payload_len as usize;
-    debug_assert_eq!(frame.len(), header.frame_len());
-    assert_eq!(
-        outs.iter().map(|o| o.len()).sum::<usize>(),
-        len,
-        "open: the outputs must hold the payload exactly"
-    );
-    let wipe = |outs: &mut [&mut [u8]]| outs.iter_mut().for_each(|o| o.zeroize());
-    let (mut mac, s) = mac_init(key)?;
-    mac.update_padded(&frame[..HEADER_LEN]);
-    let ct = &frame[HEADER_LEN..HEADER_LEN + len];
-    let got_tag = &frame[HEADER_LEN + len..];
-    let (mut part, mut at) = (0, 0);
-    for (i, c) in ct.chunks(CHUNK).enumerate() {
-        mac.update_padded(c);
-        // The chunk's plaintext, possibly across the end of one out and into the next.
-        let mut done = 0;
-        while done < c.len() {
-            while outs[part].len() == at {
-                (part, at) = (part + 1, 0);
-            }
-            let n = (c.len() - done).min(outs[part].len() - at);
-            let p = &mut outs[part][at..at + n];
-            let rel = MAC_KEY_LEN + (i * CHUNK + done) as u64;
-            if let Some(pad) = key.mapped(rel, n) {
-                xor2(p, &c[done..done + n], pad);
-            } else {
-                if let Err(e) = key.read(rel, p) {
-                    wipe(outs);
-                    return Err(SealError::Key(e));
-                }
-                xor_into(p, &c[done..done + n]);
-            }
-            (done, at) = (done + n, at + n);
-        }
-    }
-    let want = finish(mac, &s, len);
-    if bool::from(want.ct_eq(got_tag)) {
-        Ok(())
-    } else {
-        wipe(outs);
-        Err(SealError::BadTag)
-    }
-}
-
 /// Open a frame whose ciphertext was received straight into `body` (its pieces, in order:
 /// say a message head in one buffer and the share it carries in the store buffer it is
 /// written from) and whose tag is `tag`: verify it and decrypt `body` in place. Each chunk is
@@ -446,25 +391,18 @@ mod tests {
         let mut frame = Vec::new();
         seal(&h, &[&payload], &mut frame, &mut &k[..]).unwrap();
         assert_ne!(&frame[HEADER_LEN..HEADER_LEN + 64], &payload[..]);
-        let mut out = vec![0u8; 64];
-        open(&h, &frame, &mut [&mut out[..]], &mut &k[..]).unwrap();
-        assert_eq!(out, payload);
         for bit in HEADER_LEN * 8..frame.len() * 8 {
             let mut f = frame.clone();
             f[bit / 8] ^= 1 << (bit % 8);
-            let (a, b) = out.split_at_mut(bit % 64);
-            let r = open(&h, &f, &mut [a, b], &mut &k[..]);
-            assert!(matches!(r, Err(SealError::BadTag)), "bit {bit}");
-            assert!(
-                out.iter().all(|&x| x == 0),
-                "bit {bit}: plaintext left behind"
-            );
-            // In place too, with the ciphertext in two pieces cut where the bit is.
+            // The ciphertext in two pieces, cut where the bit is.
             let (ct, tag) = f[HEADER_LEN..].split_at_mut(64);
             let (a, b) = ct.split_at_mut(bit % 64);
             let r = open_in_place(&h, &mut [a, b], tag, &mut &k[..]);
-            assert!(matches!(r, Err(SealError::BadTag)), "bit {bit} in place");
-            assert!(ct.iter().all(|&x| x == 0), "bit {bit}: left in place");
+            assert!(matches!(r, Err(SealError::BadTag)), "bit {bit}");
+            assert!(
+                ct.iter().all(|&x| x == 0),
+                "bit {bit}: plaintext left behind"
+            );
         }
         let mut f = frame.clone();
         let (ct, tag) = f[HEADER_LEN..].split_at_mut(64);
@@ -503,12 +441,7 @@ mod tests {
             let mut f = vec![0xee; 10];
             seal(&h, &parts, &mut f, &mut &k[..]).unwrap();
             assert_eq!(f, whole, "parts {lens:?}");
-            // Opening into outputs cut the same way gives the pieces back.
-            let mut back: Vec<Vec<u8>> = lens.iter().map(|&n| vec![0u8; n]).collect();
-            let mut outs: Vec<&mut [u8]> = back.iter_mut().map(|v| v.as_mut_slice()).collect();
-            open(&h, &f, &mut outs, &mut &k[..]).unwrap();
-            assert_eq!(back.concat(), payload, "outs {lens:?}");
-            // And in place, the ciphertext received into pieces cut the same way (none of
+            // Opened in place, the ciphertext received into pieces cut the same way (none of
             // them on a POLYVAL block boundary but the ends).
             let mut ct = f[HEADER_LEN..HEADER_LEN + n].to_vec();
             let mut pieces: Vec<&mut [u8]> = Vec::new();
@@ -553,37 +486,27 @@ mod tests {
         seal(&h, &parts, &mut copied, &mut Copied(&k)).unwrap();
         assert_eq!(mapped, copied);
         let n = payload.len();
-        let mut back = vec![0u8; n];
-        let (a, b) = back.split_at_mut(CHUNK - 3);
-        open(&h, &mapped, &mut [a, b], &mut Copied(&k)).unwrap();
-        assert_eq!(back, payload);
-        back.fill(0);
-        let (a, b) = back.split_at_mut(CHUNK + 9);
-        open(&h, &copied, &mut [a, b], &mut &k[..]).unwrap();
-        assert_eq!(back, payload);
         let mut forged = mapped.clone();
         forged[HEADER_LEN + CHUNK + 17] ^= 0x40;
-        for r in [
-            open(&h, &forged, &mut [&mut back[..]], &mut &k[..]),
-            open(&h, &forged, &mut [&mut back[..]], &mut Copied(&k)),
-        ] {
+        // Opened in place with the key lent in place or copied out chunk by chunk into a
+        // scratch buffer, the ciphertext cut across a chunk boundary.
+        for (cut, copied) in [(CHUNK - 3, true), (CHUNK + 9, false)] {
+            let open_with = |frame: &[u8], ct: &mut [u8]| {
+                let (a, b) = ct.split_at_mut(cut);
+                let tag = &frame[HEADER_LEN + n..];
+                match copied {
+                    true => open_in_place(&h, &mut [a, b], tag, &mut Copied(&k)),
+                    false => open_in_place(&h, &mut [a, b], tag, &mut &k[..]),
+                }
+            };
+            let mut ct = mapped[HEADER_LEN..HEADER_LEN + n].to_vec();
+            open_with(&mapped, &mut ct).unwrap();
+            assert_eq!(ct, payload);
+            let mut ct = forged[HEADER_LEN..HEADER_LEN + n].to_vec();
+            let r = open_with(&forged, &mut ct);
             assert!(matches!(r, Err(SealError::BadTag)));
-            assert!(back.iter().all(|&x| x == 0), "plaintext left behind");
+            assert!(ct.iter().all(|&x| x == 0), "plaintext left behind");
         }
-        // In place, with the key copied out chunk by chunk into a scratch buffer.
-        let mut ct = copied[HEADER_LEN..HEADER_LEN + n].to_vec();
-        let (a, b) = ct.split_at_mut(CHUNK + 5);
-        open_in_place(&h, &mut [a, b], &copied[HEADER_LEN + n..], &mut Copied(&k)).unwrap();
-        assert_eq!(ct, payload);
-        let mut ct = forged[HEADER_LEN..HEADER_LEN + n].to_vec();
-        let r = open_in_place(
-            &h,
-            &mut [&mut ct[..]],
-            &forged[HEADER_LEN + n..],
-            &mut Copied(&k),
-        );
-        assert!(matches!(r, Err(SealError::BadTag)));
-        assert!(ct.iter().all(|&x| x == 0), "plaintext left in place");
     }
 
     #[test]

@@ -543,12 +543,23 @@ impl RecvStream {
         Ok(Self { end, consumed })
     }
 
-    /// Verify and decrypt `frame` into `out` (resized to the payload). On any error `out` is left empty and
-    /// wiped; key is marked consumed only after the tag verified.
+    /// Verify and decrypt a whole `frame` into `out` (resized to the payload; the ciphertext is
+    /// copied there and opened in place). On any error `out` is left empty and wiped; key is
+    /// marked consumed only after the tag verified.
     pub fn open(&mut self, frame: &[u8], out: &mut Vec<u8>) -> Result<SealedFrame, LinkError> {
-        // Not cleared up front: a buffer reused for frames of one size is then resized without
-        // a memset. Every error path below leaves it empty (and wiped once plaintext was in it).
-        let r = self.open_into(frame, out);
+        let header = match FrameHeader::parse_frame(frame) {
+            Ok(h) => h,
+            Err(source) => {
+                out.clear();
+                return Err(self.bad_frame(source));
+            }
+        };
+        let (head, rest) = frame.split_at(HEADER_LEN);
+        let (ct, tag) = rest.split_at(header.payload_len as usize);
+        out.clear();
+        out.extend_from_slice(ct);
+        let head: &[u8; HEADER_LEN] = head.try_into().expect("parse_frame checked the length");
+        let r = self.open_in_place(head, &mut [out.as_mut_slice()], tag);
         if r.is_err() {
             out.clear();
         }
@@ -602,27 +613,6 @@ impl RecvStream {
         self.accept(range)
     }
 
-    fn open_into(&mut self, frame: &[u8], out: &mut Vec<u8>) -> Result<SealedFrame, LinkError> {
-        let header = FrameHeader::parse_frame(frame).map_err(|source| self.bad_frame(source))?;
-        let range = self.admit(&header)?;
-        out.resize(header.payload_len as usize, 0);
-        let r = seal::open(
-            &header,
-            frame,
-            &mut [out.as_mut_slice()],
-            &mut RangeKey {
-                key: self.end.key.as_ref(),
-                base: range.start,
-            },
-        );
-        r.map_err(|e| self.end.seal_error(e, range.start))?;
-        let accepted = self.accept(range);
-        if accepted.is_err() {
-            zeroize::Zeroize::zeroize(out);
-        }
-        accepted
-    }
-
     fn bad_frame(&self, source: FrameError) -> LinkError {
         LinkError::BadFrame {
             link: self.end.link().to_string(),
@@ -657,7 +647,7 @@ impl RecvStream {
         if let Some(consumed_until) = self.consumed.overlap(&range) {
             return Err(LinkError::KeyAlreadyUsed {
                 link,
-                stream: hex(&self.end.key.info().stream_id),
+                stream: hex(&info.stream_id),
                 offset: range.start,
                 consumed_until,
             });
