@@ -53,10 +53,10 @@ impl KeySource for LoggingKey {
         raw_stdout(&format!("READ {} {}\n", offset, offset + buf.len() as u64));
         self.0.read_at(offset, buf)
     }
-    fn destroy(&mut self, range: Range<u64>) -> Result<Destroyed, KeyError> {
+    fn destroy(&self, range: Range<u64>) -> Result<Destroyed, KeyError> {
         self.0.destroy(range)
     }
-    fn sync(&mut self) -> Result<(), KeyError> {
+    fn sync(&self) -> Result<(), KeyError> {
         self.0.sync()
     }
 }

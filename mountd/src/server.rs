@@ -719,7 +719,10 @@ impl<D: BlockDevice> Server<D> {
         if let Some(mut share) = reply.share {
             // The share is sealed where it was read and sent from there.
             let mut head = reply.head;
-            let sealed = lock(&link.send).seal_in_place(&mut [&mut head, share.bytes_mut()]);
+            // The stream is held only to take the frame's key: the seal runs beside the
+            // other connections' frames.
+            let grant = lock(&link.send).grant(head.len() + share.bytes().len());
+            let sealed = grant.and_then(|g| g.seal_in_place(&mut [&mut head, share.bytes_mut()]));
             return match sealed {
                 Ok((header, tag)) => {
                     out.clear();

@@ -100,12 +100,17 @@ pub enum Destroyed {
 }
 
 /// Key addressed by offset. Implementations: [`PoolFile`], [`MemKeySource`].
-pub trait KeySource: Send {
+///
+/// Shared between threads (`&self` everywhere): a link's send stream takes each frame's key
+/// range under its lock, then seals with it outside the lock, several frames at once
+/// ([`crate::link::FrameGrant`]). Callers only ever read or destroy ranges they took, never
+/// two threads the same range.
+pub trait KeySource: Send + Sync {
     fn info(&self) -> &StreamInfo;
     /// Where the key lives, for error messages (a pool file path, a KME address).
     fn location(&self) -> &Path;
     /// Make the key below `end` available for reading (a QKD client fetches it here).
-    fn reserve(&mut self, end: u64) -> Result<(), KeyError> {
+    fn reserve(&self, end: u64) -> Result<(), KeyError> {
         self.check_range(0..end)
     }
     /// Read `buf.len()` key bytes starting at `offset`.
@@ -118,9 +123,9 @@ pub trait KeySource: Send {
         None
     }
     /// Destroy the key in `range` so it can never be read again.
-    fn destroy(&mut self, range: Range<u64>) -> Result<Destroyed, KeyError>;
+    fn destroy(&self, range: Range<u64>) -> Result<Destroyed, KeyError>;
     /// Finish earlier destruction and make it durable.
-    fn sync(&mut self) -> Result<(), KeyError> {
+    fn sync(&self) -> Result<(), KeyError> {
         Ok(())
     }
     /// Key bytes in the source.
@@ -148,25 +153,33 @@ pub trait KeySource: Send {
 pub struct MemKeySource {
     info: StreamInfo,
     location: PathBuf,
-    key: Vec<u8>,
+    key: std::sync::Mutex<Vec<u8>>,
 }
 
 impl std::fmt::Debug for MemKeySource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemKeySource")
             .field("info", &self.info)
-            .field("key", &format_args!("<{} bytes>", self.key.len()))
+            .field("key", &format_args!("<{} bytes>", self.info.key_len))
             .finish()
     }
 }
 
 impl Drop for MemKeySource {
     fn drop(&mut self) {
-        self.key.zeroize();
+        self.key_mut().zeroize();
     }
 }
 
 impl MemKeySource {
+    fn key(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.key.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn key_mut(&mut self) -> &mut Vec<u8> {
+        self.key.get_mut().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The sending and receiving ends of one direction of `link`, sharing `len` random key bytes.
     pub fn pair(link: &str, direction: Direction, len: usize) -> (Self, Self) {
         let mut key = vec![0u8; len];
@@ -185,12 +198,12 @@ impl MemKeySource {
             Self {
                 info: info(direction.sender()),
                 location: location.clone(),
-                key: key.clone(),
+                key: std::sync::Mutex::new(key.clone()),
             },
             Self {
                 info: info(direction.receiver()),
                 location,
-                key,
+                key: std::sync::Mutex::new(key),
             },
         )
     }
@@ -206,12 +219,12 @@ impl KeySource for MemKeySource {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), KeyError> {
         let end = offset.saturating_add(buf.len() as u64);
         self.check_range(offset..end)?;
-        buf.copy_from_slice(&self.key[offset as usize..end as usize]);
+        buf.copy_from_slice(&self.key()[offset as usize..end as usize]);
         Ok(())
     }
-    fn destroy(&mut self, r: Range<u64>) -> Result<Destroyed, KeyError> {
+    fn destroy(&self, r: Range<u64>) -> Result<Destroyed, KeyError> {
         self.check_range(r.clone())?;
-        self.key[r.start as usize..r.end as usize].zeroize();
+        self.key()[r.start as usize..r.end as usize].zeroize();
         Ok(Destroyed::Zeroed)
     }
 }

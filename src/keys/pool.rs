@@ -27,6 +27,7 @@ use std::ops::Range;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::{Digest, Sha256};
 use zeroize::Zeroize;
@@ -221,7 +222,7 @@ pub struct PoolFile {
     file: File,
     path: PathBuf,
     info: StreamInfo,
-    punch_unsupported: bool,
+    punch_unsupported: AtomicBool,
     /// The whole file, header included, when it lives on huge pages. Never written through;
     /// holes punched by the destroyer read as zeros (the file's size never changes).
     map: Option<memmap2::Mmap>,
@@ -310,7 +311,7 @@ impl PoolFile {
             file,
             path,
             info,
-            punch_unsupported: false,
+            punch_unsupported: AtomicBool::new(false),
             map,
         })
     }
@@ -374,11 +375,11 @@ fn read_up_to(f: &File, buf: &mut [u8]) -> std::io::Result<usize> {
 fn destroy_now(
     file: &File,
     path: &Path,
-    punch_unsupported: &mut bool,
+    punch_unsupported: &AtomicBool,
     off: u64,
     len: u64,
 ) -> Result<Destroyed, (&'static str, std::io::Error)> {
-    if !*punch_unsupported {
+    if !punch_unsupported.load(Ordering::Relaxed) {
         // SAFETY: plain syscall on an fd we own; no memory is passed.
         let rc = unsafe {
             libc::fallocate(
@@ -396,7 +397,7 @@ fn destroy_now(
             return Err(("punch hole in pool", e));
         }
         tracing::warn!(path = %path.display(), "hole punching unsupported; overwriting used key with zeros");
-        *punch_unsupported = true;
+        punch_unsupported.store(true, Ordering::Relaxed);
     }
     let zeros = vec![0u8; (len as usize).min(1 << 20)];
     let mut at = off;
@@ -647,7 +648,7 @@ impl Destroyer {
             }
         }
         let _dead = Dead(sh);
-        let mut punch_unsupported = false;
+        let punch_unsupported = AtomicBool::new(false);
         let mut st = sh.lock();
         loop {
             if !st.ready.is_empty() {
@@ -658,7 +659,7 @@ impl Destroyer {
                 let mut failed = None;
                 for r in batch {
                     if let Err(e) =
-                        destroy_now(file, path, &mut punch_unsupported, r.start, r.end - r.start)
+                        destroy_now(file, path, &punch_unsupported, r.start, r.end - r.start)
                     {
                         failed.get_or_insert(e);
                     }
@@ -753,7 +754,7 @@ impl KeySource for PoolFile {
     }
     /// Queue the range for the destroyer thread (see [`Destroyer`]); it is destroyed within
     /// moments and durably by the next [`KeySource::sync`].
-    fn destroy(&mut self, r: Range<u64>) -> Result<Destroyed, KeyError> {
+    fn destroy(&self, r: Range<u64>) -> Result<Destroyed, KeyError> {
         self.check_range(r.clone())?;
         if r.is_empty() {
             return Ok(Destroyed::Punched);
@@ -772,17 +773,11 @@ impl KeySource for PoolFile {
                 return Ok(Destroyed::Queued);
             }
         }
-        destroy_now(
-            &self.file,
-            &self.path,
-            &mut self.punch_unsupported,
-            off,
-            len,
-        )
-        .map_err(|(op, e)| self.io(op, e))
+        destroy_now(&self.file, &self.path, &self.punch_unsupported, off, len)
+            .map_err(|(op, e)| self.io(op, e))
     }
     /// Wait until every queued range is destroyed, then make it durable.
-    fn sync(&mut self) -> Result<(), KeyError> {
+    fn sync(&self) -> Result<(), KeyError> {
         let mut orphaned = Vec::new();
         if let Some(sh) = &self.destroyer.shared {
             let mut st = sh.lock();
@@ -799,7 +794,7 @@ impl KeySource for PoolFile {
             destroy_now(
                 &self.file,
                 &self.path,
-                &mut self.punch_unsupported,
+                &self.punch_unsupported,
                 r.start,
                 r.end - r.start,
             )
@@ -1164,7 +1159,7 @@ mod tests {
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
         };
-        let mut pool = open();
+        let pool = open();
         assert!(!zeros(&pool, 0..KEY), "fresh key is random");
         // Asleep by now: a short tail must wake it.
         std::thread::sleep(3 * DESTROY_LINGER);
@@ -1193,7 +1188,7 @@ mod tests {
     fn a_dead_destroyer_leaves_no_used_key_behind_a_sync() {
         let (dir, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         provision("deadlink", 4 << 20, dir.path(), other.path()).unwrap();
-        let mut pool = PoolFile::open(dir.path(), "deadlink", Direction::AtoB, End::A).unwrap();
+        let pool = PoolFile::open(dir.path(), "deadlink", Direction::AtoB, End::A).unwrap();
         let sh = pool.destroyer.shared.clone().unwrap();
         sh.lock().closed = true;
         sh.cv.notify_all();
@@ -1327,7 +1322,7 @@ mod tests {
         drop((tx, rx, tx2, rx2));
 
         // Used key is gone from the mapping too.
-        let mut mapped = PoolFile::open(huge.path(), "maplink", Direction::AtoB, End::A).unwrap();
+        let mapped = PoolFile::open(huge.path(), "maplink", Direction::AtoB, End::A).unwrap();
         mapped.destroy(0..KEY).unwrap();
         mapped.sync().unwrap();
         assert!(mapped.mapped(0, 1 << 20).unwrap().iter().all(|&b| b == 0));

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use zeroize::Zeroizing;
 
@@ -40,7 +41,7 @@ pub fn ledger_path(dir: &Path, link: &str, direction: Direction) -> PathBuf {
 
 /// Common state of both ends.
 struct End {
-    key: Box<dyn KeySource>,
+    key: Arc<dyn KeySource>,
     ledger: Box<dyn LedgerStore>,
     window: u64,
     /// Persisted ledger value.
@@ -94,8 +95,8 @@ impl End {
                 value,
             });
         }
-        let mut end = Self {
-            key,
+        let end = Self {
+            key: Arc::from(key),
             ledger,
             window: opts.window.max(1),
             persisted: value,
@@ -122,18 +123,22 @@ impl End {
     }
 
     fn seal_error(&self, e: SealError<KeyError>, offset: u64) -> LinkError {
-        match e {
-            SealError::Key(k) => k.into(),
-            SealError::KeyDestroyed => LinkError::KeyDestroyed {
-                link: self.link().to_string(),
-                pool: self.key.location().to_path_buf(),
-                offset,
-            },
-            SealError::BadTag => LinkError::BadTag {
-                link: self.link().to_string(),
-                offset,
-            },
-        }
+        seal_error(self.key.as_ref(), e, offset)
+    }
+}
+
+fn seal_error(key: &dyn KeySource, e: SealError<KeyError>, offset: u64) -> LinkError {
+    match e {
+        SealError::Key(k) => k.into(),
+        SealError::KeyDestroyed => LinkError::KeyDestroyed {
+            link: key.info().link.clone(),
+            pool: key.location().to_path_buf(),
+            offset,
+        },
+        SealError::BadTag => LinkError::BadTag {
+            link: key.info().link.clone(),
+            offset,
+        },
     }
 }
 
@@ -293,102 +298,35 @@ impl SendStream {
         parts: &[&[u8]],
         out: &mut Vec<u8>,
     ) -> Result<SealedFrame, LinkError> {
-        let (header, range) = self.take(parts.iter().map(|p| p.len()).sum())?;
-        let r = seal::seal(
-            &header,
-            parts,
-            out,
-            &mut RangeKey {
-                key: self.end.key.as_ref(),
-                base: range.start,
-            },
-        );
-        self.used(range, r)
+        self.grant(parts.iter().map(|p| p.len()).sum())?
+            .seal_parts(parts, out)
     }
 
-    /// Seal the concatenation of `parts` and hand the frame to `emit` as it is sealed, a
-    /// `tile` at a time (resized to [`seal::CHUNK`]; its capacity is reused), so that the
-    /// frame is never whole in memory and each piece of ciphertext goes out while in cache.
-    /// `emit` gets the frame's pieces in order, three at a time: the header (empty after the
-    /// first call), a tile, and the tag (empty before the last call). Once `emit` fails it is
-    /// not called again, and what it wrote of the frame is unfinished. The tile is wiped when
-    /// sealing fails (it may hold key then). The stream stays locked (`&mut self`) while the
-    /// frame is written: locking it per tile instead measured slower (docs/benchmarks.md).
+    /// [`FrameGrant::seal_parts_to`] with this stream held throughout.
     pub fn seal_parts_to<E>(
         &mut self,
         parts: &[&[u8]],
         tile: &mut Vec<u8>,
-        mut emit: impl FnMut(&[&[u8]; 3]) -> Result<(), E>,
+        emit: impl FnMut(&[&[u8]; 3]) -> Result<(), E>,
     ) -> Result<SealedFrame, SealWriteError<E>> {
-        let (header, range) = self.take(parts.iter().map(|p| p.len()).sum())?;
-        let mut failed = None;
-        let r = (|| {
-            let key = &mut RangeKey {
-                key: self.end.key.as_ref(),
-                base: range.start,
-            };
-            let mut sealer = seal::Sealer::new(&header, parts, key)?;
-            let head = *sealer.header();
-            tile.resize(seal::CHUNK, 0);
-            let mut first = true;
-            loop {
-                let t = &mut tile[..sealer.remaining().min(seal::CHUNK)];
-                if let Err(e) = sealer.next(t, key) {
-                    zeroize::Zeroize::zeroize(&mut tile[..]);
-                    return Err(e);
-                }
-                let h = if first { &head[..] } else { &[][..] };
-                first = false;
-                if sealer.remaining() > 0 {
-                    if let Err(e) = emit(&[h, t, &[]]) {
-                        failed = Some(e);
-                        return Ok(());
-                    }
-                    continue;
-                }
-                let tag = sealer.finish();
-                if let Err(e) = emit(&[h, t, &tag]) {
-                    failed = Some(e);
-                }
-                return Ok(());
-            }
-        })();
-        let sealed = self.used(range, r)?;
-        match failed {
-            Some(e) => Err(SealWriteError::Write(e)),
-            None => Ok(sealed),
-        }
+        self.grant(parts.iter().map(|p| p.len()).sum())?
+            .seal_parts_to(parts, tile, emit)
     }
 
-    /// Seal the payload in `body` (its pieces, in order) in place: the frame is the header
-    /// returned, `body`, then the tag returned, to be written out as they are (a share read
-    /// from a volume goes out from the buffer it was read into, never copied into a frame).
-    /// When sealing fails `body` is wiped.
+    /// [`FrameGrant::seal_in_place`] with this stream held throughout.
     pub fn seal_in_place(
         &mut self,
         body: &mut [&mut [u8]],
     ) -> Result<([u8; HEADER_LEN], [u8; TAG_LEN]), LinkError> {
-        let (header, range) = self.take(body.iter().map(|b| b.len()).sum())?;
-        let r = seal::seal_in_place(
-            &header,
-            body,
-            &mut RangeKey {
-                key: self.end.key.as_ref(),
-                base: range.start,
-            },
-        );
-        let tag = r.as_ref().ok().copied();
-        self.used(range, r.map(|_| ()))?;
-        Ok((
-            header.encode(),
-            tag.expect("used() is Ok only when sealing was"),
-        ))
+        self.grant(body.iter().map(|b| b.len()).sum())?
+            .seal_in_place(body)
     }
 
     /// Check that a frame of `payload_len` bytes fits the rest of the pool, persist a window
     /// covering it, and take its key range: from here the range counts as used, whatever
-    /// happens.
-    fn take(&mut self, payload_len: usize) -> Result<(FrameHeader, Range<u64>), LinkError> {
+    /// happens. The grant seals the frame without this stream: a link's connections hold
+    /// their stream only for this call, and seal (and send) their frames side by side.
+    pub fn grant(&mut self, payload_len: usize) -> Result<FrameGrant, LinkError> {
         let link = || self.end.link().to_string();
         if payload_len as u64 > MAX_PAYLOAD_LEN {
             return Err(LinkError::PayloadTooLarge {
@@ -414,19 +352,12 @@ impl SendStream {
             payload_len: payload_len as u64,
         };
         self.next = range.end;
-        Ok((header, range))
-    }
-
-    /// A frame's key range was used (sealed with, or lost to a failure): destroy it.
-    fn used(
-        &mut self,
-        range: Range<u64>,
-        sealed: Result<(), SealError<KeyError>>,
-    ) -> Result<SealedFrame, LinkError> {
-        let destroyed = self.end.key.destroy(range.clone());
-        sealed.map_err(|e| self.end.seal_error(e, range.start))?;
-        destroyed?;
-        Ok(SealedFrame { key_range: range })
+        Ok(FrameGrant {
+            key: self.end.key.clone(),
+            header,
+            range,
+            spent: false,
+        })
     }
 
     /// Move the next key offset forward to `offset` (e.g. to `consumed_until` of a
@@ -464,6 +395,136 @@ impl SendStream {
     /// Persisted "reserved up to" value.
     pub fn reserved_until(&self) -> u64 {
         self.end.persisted
+    }
+}
+
+/// One frame's key range, taken from a [`SendStream`] ([`SendStream::grant`]): the frame is
+/// sealed with it while the stream is free for other frames. Each method seals one frame of
+/// exactly the granted length and destroys the range; a grant dropped unused destroys it too
+/// (taken key counts as used whatever happens).
+pub struct FrameGrant {
+    key: Arc<dyn KeySource>,
+    header: FrameHeader,
+    range: Range<u64>,
+    spent: bool,
+}
+
+impl std::fmt::Debug for FrameGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameGrant")
+            .field("link", &self.key.info().link)
+            .field("key_range", &self.range)
+            .finish()
+    }
+}
+
+impl FrameGrant {
+    fn key(&self) -> RangeKey<'_> {
+        RangeKey {
+            key: self.key.as_ref(),
+            base: self.range.start,
+        }
+    }
+
+    fn check_len(&self, len: usize) {
+        assert_eq!(
+            len as u64, self.header.payload_len,
+            "a frame grant seals exactly the payload length it was granted for"
+        );
+    }
+
+    /// The range was used (sealed with, or lost to a failure): destroy it.
+    fn used(mut self, sealed: Result<(), SealError<KeyError>>) -> Result<SealedFrame, LinkError> {
+        self.spent = true;
+        let range = self.range.clone();
+        let destroyed = self.key.destroy(range.clone());
+        sealed.map_err(|e| seal_error(self.key.as_ref(), e, range.start))?;
+        destroyed?;
+        Ok(SealedFrame { key_range: range })
+    }
+
+    /// Seal the concatenation of `parts` into `out` (resized to the frame; its capacity is
+    /// reused), without building it (a message head and the share it carries, say).
+    pub fn seal_parts(self, parts: &[&[u8]], out: &mut Vec<u8>) -> Result<SealedFrame, LinkError> {
+        self.check_len(parts.iter().map(|p| p.len()).sum());
+        let r = seal::seal(&self.header, parts, out, &mut self.key());
+        self.used(r)
+    }
+
+    /// Seal the concatenation of `parts` and hand the frame to `emit` as it is sealed, a
+    /// `tile` at a time (resized to [`seal::CHUNK`]; its capacity is reused), so that the
+    /// frame is never whole in memory and each piece of ciphertext goes out while in cache.
+    /// `emit` gets the frame's pieces in order, three at a time: the header (empty after the
+    /// first call), a tile, and the tag (empty before the last call). Once `emit` fails it is
+    /// not called again, and what it wrote of the frame is unfinished. The tile is wiped when
+    /// sealing fails (it may hold key then).
+    pub fn seal_parts_to<E>(
+        self,
+        parts: &[&[u8]],
+        tile: &mut Vec<u8>,
+        mut emit: impl FnMut(&[&[u8]; 3]) -> Result<(), E>,
+    ) -> Result<SealedFrame, SealWriteError<E>> {
+        self.check_len(parts.iter().map(|p| p.len()).sum());
+        let mut failed = None;
+        let r = (|| {
+            let key = &mut self.key();
+            let mut sealer = seal::Sealer::new(&self.header, parts, key)?;
+            let head = *sealer.header();
+            tile.resize(seal::CHUNK, 0);
+            let mut first = true;
+            loop {
+                let t = &mut tile[..sealer.remaining().min(seal::CHUNK)];
+                if let Err(e) = sealer.next(t, key) {
+                    zeroize::Zeroize::zeroize(&mut tile[..]);
+                    return Err(e);
+                }
+                let h = if first { &head[..] } else { &[][..] };
+                first = false;
+                if sealer.remaining() > 0 {
+                    if let Err(e) = emit(&[h, t, &[]]) {
+                        failed = Some(e);
+                        return Ok(());
+                    }
+                    continue;
+                }
+                let tag = sealer.finish();
+                if let Err(e) = emit(&[h, t, &tag]) {
+                    failed = Some(e);
+                }
+                return Ok(());
+            }
+        })();
+        let sealed = self.used(r)?;
+        match failed {
+            Some(e) => Err(SealWriteError::Write(e)),
+            None => Ok(sealed),
+        }
+    }
+
+    /// Seal the payload in `body` (its pieces, in order) in place: the frame is the header
+    /// returned, `body`, then the tag returned, to be written out as they are (a share read
+    /// from a volume goes out from the buffer it was read into, never copied into a frame).
+    /// When sealing fails `body` is wiped.
+    pub fn seal_in_place(
+        self,
+        body: &mut [&mut [u8]],
+    ) -> Result<([u8; HEADER_LEN], [u8; TAG_LEN]), LinkError> {
+        self.check_len(body.iter().map(|b| b.len()).sum());
+        let header = self.header.encode();
+        let r = seal::seal_in_place(&self.header, body, &mut self.key());
+        let tag = r.as_ref().ok().copied();
+        self.used(r.map(|_| ()))?;
+        Ok((header, tag.expect("used() is Ok only when sealing was")))
+    }
+}
+
+impl Drop for FrameGrant {
+    fn drop(&mut self) {
+        if !self.spent {
+            // Never sealed with (a panic, say): destroyed all the same; an error here is the
+            // pool's, and the next use of it reports it.
+            let _ = self.key.destroy(self.range.clone());
+        }
     }
 }
 
@@ -792,6 +853,88 @@ mod tests {
         assert!(tx.remaining() < before);
     }
 
+    /// A key source that records the ranges destroyed.
+    struct Recording(
+        MemKeySource,
+        std::sync::Arc<std::sync::Mutex<Vec<Range<u64>>>>,
+    );
+    impl KeySource for Recording {
+        fn info(&self) -> &crate::keys::StreamInfo {
+            self.0.info()
+        }
+        fn location(&self) -> &Path {
+            self.0.location()
+        }
+        fn read_at(&self, o: u64, b: &mut [u8]) -> Result<(), KeyError> {
+            self.0.read_at(o, b)
+        }
+        fn destroy(&self, r: Range<u64>) -> Result<crate::keys::Destroyed, KeyError> {
+            self.1.lock().unwrap().push(r.clone());
+            self.0.destroy(r)
+        }
+    }
+
+    /// Frames granted under the stream's lock and sealed outside it, four threads at once,
+    /// take disjoint key, open in any order, and every granted range is destroyed: the sealed
+    /// ones once sealed, one never sealed (dropped) all the same.
+    #[test]
+    fn grants_seal_side_by_side_on_disjoint_key_and_destroy_it() {
+        let (a, b) = MemKeySource::pair("t", Direction::AtoB, 1 << 20);
+        let destroyed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let opts = StreamOptions { window: 64 << 10 };
+        let tx = std::sync::Mutex::new(
+            SendStream::with_parts(
+                Box::new(Recording(a, destroyed.clone())),
+                Box::new(MemLedger::new("a")),
+                opts.clone(),
+            )
+            .unwrap(),
+        );
+        let before = destroyed.lock().unwrap().len();
+        let frames: Vec<(Vec<u8>, Vec<u8>, Range<u64>)> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..4u8)
+                .map(|t| {
+                    let tx = &tx;
+                    s.spawn(move || {
+                        (0..25u8)
+                            .map(|i| {
+                                let p = vec![t * 50 + i; 100 + 37 * i as usize];
+                                let grant = tx.lock().unwrap().grant(p.len()).unwrap();
+                                let mut f = Vec::new();
+                                let sealed = grant.seal_parts(&[&p], &mut f).unwrap();
+                                (p, f, sealed.key_range)
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap())
+                .collect()
+        });
+        let mut ranges: Vec<_> = frames.iter().map(|f| f.2.clone()).collect();
+        ranges.sort_by_key(|r| r.start);
+        assert!(
+            ranges.windows(2).all(|w| w[0].end <= w[1].start),
+            "granted key overlaps"
+        );
+        let mut rx =
+            RecvStream::with_parts(Box::new(b), Box::new(MemLedger::new("b")), opts).unwrap();
+        let mut out = Vec::new();
+        for (p, f, _) in frames.iter().rev() {
+            rx.open(f, &mut out).unwrap();
+            assert_eq!(&out, p);
+        }
+        let unused = tx.lock().unwrap().grant(10).unwrap();
+        let unused_range = unused.range.clone();
+        drop(unused);
+        let mut seen: Vec<_> = destroyed.lock().unwrap()[before..].to_vec();
+        seen.sort_by_key(|r| r.start);
+        ranges.push(unused_range);
+        assert_eq!(seen, ranges);
+    }
+
     /// A ledger whose writes fail, and a key source that counts reads.
     struct BrokenLedger;
     impl LedgerStore for BrokenLedger {
@@ -821,7 +964,7 @@ mod tests {
             self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.0.read_at(o, b)
         }
-        fn destroy(&mut self, r: Range<u64>) -> Result<crate::keys::Destroyed, KeyError> {
+        fn destroy(&self, r: Range<u64>) -> Result<crate::keys::Destroyed, KeyError> {
             self.0.destroy(r)
         }
     }

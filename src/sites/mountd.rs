@@ -604,9 +604,14 @@ impl MountdSite {
                     conn.sock.write_all(&b.frame).map_err(io)?;
                 } else {
                     // A share goes out as it is sealed, a tile at a time, each piece of
-                    // ciphertext written while still in cache.
+                    // ciphertext written while still in cache. The stream is held only to
+                    // take the frame's key: the link's other connections seal and send
+                    // their frames meanwhile.
                     let sock = &mut conn.sock;
-                    lock(&link.send)
+                    let grant = lock(&link.send)
+                        .grant(b.head.len() + tail.len())
+                        .map_err(|e| CallError::Site(self.link_error(e)))?;
+                    grant
                         .seal_parts_to(&[&b.head, tail], &mut b.frame, |pieces| {
                             let mut v = pieces.map(std::io::IoSlice::new);
                             write_all_parts(sock, &mut v)
