@@ -853,38 +853,18 @@ mod tests {
         assert!(tx.remaining() < before);
     }
 
-    /// A key source that records the ranges destroyed.
-    struct Recording(
-        MemKeySource,
-        std::sync::Arc<std::sync::Mutex<Vec<Range<u64>>>>,
-    );
-    impl KeySource for Recording {
-        fn info(&self) -> &crate::keys::StreamInfo {
-            self.0.info()
-        }
-        fn location(&self) -> &Path {
-            self.0.location()
-        }
-        fn read_at(&self, o: u64, b: &mut [u8]) -> Result<(), KeyError> {
-            self.0.read_at(o, b)
-        }
-        fn destroy(&self, r: Range<u64>) -> Result<crate::keys::Destroyed, KeyError> {
-            self.1.lock().unwrap().push(r.clone());
-            self.0.destroy(r)
-        }
-    }
-
     /// Frames granted under the stream's lock and sealed outside it, four threads at once,
     /// take disjoint key, open in any order, and every granted range is destroyed: the sealed
     /// ones once sealed, one never sealed (dropped) all the same.
     #[test]
     fn grants_seal_side_by_side_on_disjoint_key_and_destroy_it() {
         let (a, b) = MemKeySource::pair("t", Direction::AtoB, 1 << 20);
-        let destroyed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let watch = Watch::default();
+        let destroyed = watch.destroyed.clone();
         let opts = StreamOptions { window: 64 << 10 };
         let tx = std::sync::Mutex::new(
             SendStream::with_parts(
-                Box::new(Recording(a, destroyed.clone())),
+                Box::new(Watched(a, watch)),
                 Box::new(MemLedger::new("a")),
                 opts.clone(),
             )
@@ -935,7 +915,7 @@ mod tests {
         assert_eq!(seen, ranges);
     }
 
-    /// A ledger whose writes fail, and a key source that counts reads.
+    /// A ledger whose writes fail.
     struct BrokenLedger;
     impl LedgerStore for BrokenLedger {
         fn location(&self) -> &Path {
@@ -952,8 +932,14 @@ mod tests {
             })
         }
     }
-    struct Counting(MemKeySource, std::sync::Arc<std::sync::atomic::AtomicUsize>);
-    impl KeySource for Counting {
+    /// A key source that counts its reads and records the ranges it destroys.
+    #[derive(Default, Clone)]
+    struct Watch {
+        reads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        destroyed: std::sync::Arc<std::sync::Mutex<Vec<Range<u64>>>>,
+    }
+    struct Watched(MemKeySource, Watch);
+    impl KeySource for Watched {
         fn info(&self) -> &crate::keys::StreamInfo {
             self.0.info()
         }
@@ -961,10 +947,13 @@ mod tests {
             self.0.location()
         }
         fn read_at(&self, o: u64, b: &mut [u8]) -> Result<(), KeyError> {
-            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.1
+                .reads
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.0.read_at(o, b)
         }
         fn destroy(&self, r: Range<u64>) -> Result<crate::keys::Destroyed, KeyError> {
+            self.1.destroyed.lock().unwrap().push(r.clone());
             self.0.destroy(r)
         }
     }
@@ -972,8 +961,9 @@ mod tests {
     #[test]
     fn no_key_is_read_when_the_ledger_cannot_be_persisted() {
         let (a, b) = MemKeySource::pair("t", Direction::AtoB, 10_000);
-        let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let key = Counting(a, reads.clone());
+        let watch = Watch::default();
+        let reads = watch.reads.clone();
+        let key = Watched(a, watch);
         let mut tx = SendStream::with_parts(
             Box::new(key),
             Box::new(BrokenLedger),
