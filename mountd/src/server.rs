@@ -265,6 +265,7 @@ impl<D: BlockDevice> Server<D> {
                 _ = &mut shutdown => break,
                 r = accept_unix(unix.as_ref()) => match r {
                     Ok(s) => {
+                        qgenome::sites::mountd::size_unix_socket(&s);
                         let srv = self.clone();
                         let stop = stop_rx.clone();
                         tasks.spawn(async move {
