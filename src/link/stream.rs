@@ -241,7 +241,7 @@ pub struct SealedFrame {
     pub key_range: Range<u64>,
 }
 
-/// Why [`SendStream::seal_parts_to`] failed: the link, or the writing (`E`) of the frame.
+/// Why [`FrameGrant::seal_parts_to`] failed: the link, or the writing (`E`) of the frame.
 #[derive(Debug)]
 pub enum SealWriteError<E> {
     Link(LinkError),
@@ -308,26 +308,6 @@ impl SendStream {
     ) -> Result<SealedFrame, LinkError> {
         self.grant(parts.iter().map(|p| p.len()).sum())?
             .seal_parts(parts, out)
-    }
-
-    /// [`FrameGrant::seal_parts_to`] with this stream held throughout.
-    pub fn seal_parts_to<E>(
-        &mut self,
-        parts: &[&[u8]],
-        tile: &mut Vec<u8>,
-        emit: impl FnMut(&[&[u8]; 3]) -> Result<(), E>,
-    ) -> Result<SealedFrame, SealWriteError<E>> {
-        self.grant(parts.iter().map(|p| p.len()).sum())?
-            .seal_parts_to(parts, tile, emit)
-    }
-
-    /// [`FrameGrant::seal_in_place`] with this stream held throughout.
-    pub fn seal_in_place(
-        &mut self,
-        body: &mut [&mut [u8]],
-    ) -> Result<([u8; HEADER_LEN], [u8; TAG_LEN]), LinkError> {
-        self.grant(body.iter().map(|b| b.len()).sum())?
-            .seal_in_place(body)
     }
 
     /// Check that a frame of `payload_len` bytes fits the rest of the pool, persist a window
@@ -838,13 +818,15 @@ mod tests {
         for share in [&share[..], &share[..5], &[][..]] {
             let mut frame = Vec::new();
             let mut calls = 0;
-            tx.seal_parts_to(&[head, share], &mut tile, |p| {
-                assert_eq!(p[0].is_empty(), calls > 0, "the header comes first, once");
-                frame.extend(p.concat());
-                calls += 1;
-                Ok::<_, ()>(())
-            })
-            .unwrap();
+            let grant = tx.grant(head.len() + share.len()).unwrap();
+            grant
+                .seal_parts_to(&[head, share], &mut tile, |p| {
+                    assert_eq!(p[0].is_empty(), calls > 0, "the header comes first, once");
+                    frame.extend(p.concat());
+                    calls += 1;
+                    Ok::<_, ()>(())
+                })
+                .unwrap();
             assert_eq!(calls, share.len().div_ceil(EMIT_TILE).max(1));
             rx.open(&frame, &mut out).unwrap();
             assert_eq!(out, [&head[..], share].concat());
@@ -852,7 +834,8 @@ mod tests {
         // The writer fails on the first tile: not called again, and the key is used.
         let before = tx.remaining();
         let mut calls = 0;
-        let r = tx.seal_parts_to(&[head, &share], &mut tile, |_| {
+        let grant = tx.grant(head.len() + share.len()).unwrap();
+        let r = grant.seal_parts_to(&[head, &share], &mut tile, |_| {
             calls += 1;
             Err("peer gone")
         });
