@@ -21,6 +21,9 @@ pub struct DeployOptions {
     pub volume_size: u64,
     /// Key material per link direction.
     pub key_size: u64,
+    /// Key material of the direction from the sites to the home (replies, and the shares a
+    /// read fetches), when not `key_size`.
+    pub reply_key_size: Option<u64>,
     pub chunk_size: String,
     pub consent_wait_secs: u64,
     /// Where `qgenome`, `qgenome-mountd` live (default: beside the running executable).
@@ -36,6 +39,14 @@ pub struct DeployOptions {
 }
 
 impl DeployOptions {
+    /// Key bytes of each direction of every link (the home is end a).
+    pub fn pool_sizes(&self) -> crate::keys::pool::PoolSizes {
+        crate::keys::pool::PoolSizes {
+            a_to_b: self.key_size,
+            b_to_a: self.reply_key_size.unwrap_or(self.key_size),
+        }
+    }
+
     pub fn new(dir: &Path) -> Self {
         Self {
             dir: dir.to_path_buf(),
@@ -43,6 +54,7 @@ impl DeployOptions {
             n: 3,
             volume_size: 1 << 30,
             key_size: 1 << 30,
+            reply_key_size: None,
             chunk_size: "1M".into(),
             consent_wait_secs: 300,
             bin_dir: None,
@@ -224,7 +236,7 @@ impl Deployment {
                 });
                 crate::keys::pool::provision_placed(
                     &link,
-                    opts.key_size,
+                    opts.pool_sizes(),
                     &home_end,
                     &site_end,
                     apart,
@@ -327,6 +339,36 @@ impl Deployment {
                 _ => false,
             })
         })
+    }
+
+    /// Stop site `i`'s daemon as systemd would: SIGTERM (it finishes what is in flight), and
+    /// SIGKILL if it has not exited after 10 s.
+    pub fn stop_site(&mut self, i: usize) {
+        if let Some(mut c) = self.sites[i].child.take() {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The pool files of `direction` of every link, at both ends (the home's, then the
+    /// site's), where the daemons open them.
+    pub fn pool_paths(&self, direction: crate::keys::Direction) -> Vec<PathBuf> {
+        let mut paths = Vec::new();
+        for s in &self.sites {
+            if let (Some(home_end), Some(link)) = (&s.key_dir, &s.link) {
+                let site_end = self.dir().join(&s.name).join("keys");
+                for dir in [home_end, &site_end] {
+                    paths.push(crate::keys::pool::pool_path(dir, link, direction));
+                }
+            }
+        }
+        paths
     }
 
     /// SIGKILL site `i`'s daemon.
@@ -440,21 +482,15 @@ impl Deployment {
 impl Drop for Deployment {
     fn drop(&mut self) {
         let _ = self.stop_mount(false);
-        for i in 0..self.sites.len() {
-            if let Some(c) = self.sites[i].child.as_mut() {
+        // All signalled first, so that they stop together.
+        for s in &self.sites {
+            if let Some(c) = &s.child {
                 let pid = nix::unistd::Pid::from_raw(c.id() as i32);
                 let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
             }
         }
-        for s in &mut self.sites {
-            if let Some(mut c) = s.child.take() {
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+        for i in 0..self.sites.len() {
+            self.stop_site(i);
         }
     }
 }

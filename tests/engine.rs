@@ -188,3 +188,85 @@ fn an_unfinished_version_is_discarded_at_recovery() {
         "shares of the discarded version remain"
     );
 }
+
+/// A MemSite behind a pretend link: fixed key left each way, and a count of the shares
+/// fetched from it.
+struct Metered {
+    inner: MemSite,
+    to_site: u64,
+    replies: u64,
+    gets: std::sync::atomic::AtomicUsize,
+}
+
+impl ShareSite for Metered {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn put(
+        &self,
+        key: &qgenome::sites::ShareKey,
+        meta: &qgenome::sites::ShareMeta,
+        data: &[u8],
+    ) -> Result<(), qgenome::sites::SiteError> {
+        self.inner.put(key, meta, data)
+    }
+    fn get(&self, key: &qgenome::sites::ShareKey) -> Result<Vec<u8>, qgenome::sites::SiteError> {
+        self.gets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.get(key)
+    }
+    fn delete(&self, key: &qgenome::sites::ShareKey) -> Result<(), qgenome::sites::SiteError> {
+        self.inner.delete(key)
+    }
+    fn list_shares(
+        &self,
+        after: Option<qgenome::sites::ShareKey>,
+    ) -> Result<qgenome::sites::SharePage, qgenome::sites::SiteError> {
+        self.inner.list_shares(after)
+    }
+    fn key_remaining(&self) -> Option<u64> {
+        Some(self.to_site)
+    }
+    fn reply_key_remaining(&self) -> Option<u64> {
+        Some(self.replies)
+    }
+}
+
+/// A fetched share spends the key of its site's replies, so reads go to the link with the
+/// most of that left, whatever is left the other way.
+#[test]
+fn reads_prefer_the_link_with_the_most_reply_key_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Arc::new(Catalog::open(&dir.path().join("catalog")).unwrap());
+    let consent = ConsentRegistry::new(catalog.clone());
+    let site = |name: &str, to_site, replies| {
+        Arc::new(Metered {
+            inner: MemSite::new(name),
+            to_site,
+            replies,
+            gets: Default::default(),
+        })
+    };
+    let (a, b) = (site("a", 1 << 30, 1 << 10), site("b", 1 << 10, 1 << 30));
+    let sites: Vec<Arc<dyn ShareSite>> = vec![Arc::new(MemSite::new("home")), a.clone(), b.clone()];
+    let cfg = EngineConfig {
+        k: 2,
+        n: 3,
+        chunk_size: 64 << 10,
+        consent_wait: Duration::from_millis(300),
+        max_in_flight: 3,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::new(catalog.clone(), consent, sites, cfg).unwrap();
+    catalog.add_patient("P0001").unwrap();
+    let data = random(10 * (64 << 10));
+    write(&engine, "r.cram", &data).unwrap();
+    engine.consent.grant("P0001", None, "test");
+    assert_eq!(read_all(&engine, "r.cram").unwrap(), data);
+    let gets = |s: &Metered| s.gets.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        gets(&a),
+        0,
+        "a share fetched over the link with little reply key left"
+    );
+    assert!(gets(&b) >= 10, "{} shares fetched from b", gets(&b));
+}

@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde_json::json;
 
+use crate::keys::pool::PoolSizes;
 use crate::sharing::{Drbg, RandomSource, Scheme};
 
 #[derive(Debug, Subcommand)]
@@ -17,7 +18,8 @@ pub enum BenchCommand {
     /// generation, with gfsplit (Shamir over GF(256)) on the same data as the baseline.
     Split(SplitArgs),
     /// Store and restore throughput through a whole local deployment (three mountd sites,
-    /// one-time-pad links, the FUSE mount), with dd bs=1M, and gocryptfs as the baseline.
+    /// one-time-pad links, the FUSE mount): written with dd bs=1M, read back 1 MiB at a time
+    /// and checked as it is read; gocryptfs, measured the same way, is the baseline.
     E2e(E2eArgs),
 }
 
@@ -66,7 +68,7 @@ pub struct E2eArgs {
     /// Chunk size of the mount.
     #[arg(long, default_value = "1M", value_parser = super::parse_size)]
     pub chunk: u64,
-    /// dd block size.
+    /// Block size of the dd that writes the file and of the reads that restore it.
     #[arg(long, default_value = "1M", value_parser = super::parse_size)]
     pub bs: u64,
     #[arg(long, default_value_t = 2)]
@@ -392,11 +394,22 @@ fn gfsplit_baseline(data: &[u8], args: &SplitArgs) -> anyhow::Result<f64> {
 /// A share is as long as its chunk (padded to a multiple of p-1), each stored in whole 4 KiB
 /// blocks with its header; each sealed frame spends its payload length of pad plus a tag key,
 /// and the sender reserves key ahead in its ledger. The slack covers all of that with room.
-fn e2e_sizes(size: u64, chunk: u64) -> (u64, u64) {
+/// Bytes of each volume, and of each link's pools in the store direction (home → site: every
+/// share a site stores) and in the reply direction (site → home: acknowledgements, and the
+/// shares a read fetches from it). A read takes k shares, the home's first and the k-1 others
+/// from the links with the most reply key left, so each of the n-1 links carries about
+/// (k-1)/(n-1) of the file back, given a margin here for chunks read ahead.
+fn e2e_sizes(size: u64, chunk: u64, k: usize, n: usize) -> (u64, PoolSizes) {
     let chunks = size.div_ceil(chunk.max(1));
     let volume = (size + size / 16 + chunks * 8192 + (256 << 20)).next_multiple_of(1 << 20);
-    let key = (size + size / 32 + chunks * 4096 + (64 << 20)).next_multiple_of(1 << 20);
-    (volume, key)
+    let pool =
+        |carried: u64| (carried + size / 32 + chunks * 4096 + (64 << 20)).next_multiple_of(1 << 20);
+    let read_share = (size as u128 * (k as u128 - 1)).div_ceil(n as u128 - 1) as u64;
+    let pools = PoolSizes {
+        a_to_b: pool(size),
+        b_to_a: pool(read_share),
+    };
+    (volume, pools)
 }
 
 /// Bytes the run needs: the source file (and later the gocryptfs copy beside it), the n
@@ -406,15 +419,32 @@ fn e2e_sizes(size: u64, chunk: u64) -> (u64, u64) {
 struct Needs {
     source: u64,
     volumes: u64,
-    keys: u64,
+    /// Pools of the store direction (home → sites).
+    store_keys: u64,
+    /// Pools of the reply direction (sites → home).
+    reply_keys: u64,
+    /// What is left of the store direction's pools once the file is stored (at most).
+    store_keys_after_store: u64,
 }
 
-fn e2e_needs(size: u64, chunk: u64, n: usize) -> Needs {
-    let (volume, key) = e2e_sizes(size, chunk);
+impl Needs {
+    fn keys(&self) -> u64 {
+        self.store_keys + self.reply_keys
+    }
+}
+
+fn e2e_needs(size: u64, chunk: u64, k: usize, n: usize) -> Needs {
+    let (volume, pools) = e2e_sizes(size, chunk, k, n);
+    let links = n as u64 - 1;
+    let pool_file = |key: u64| 2 * links * (key + crate::keys::pool::HEADER_LEN);
+    let store_keys = pool_file(pools.a_to_b);
     Needs {
         source: size,
         volumes: n as u64 * volume + (128 << 20),
-        keys: (n as u64 - 1) * 4 * (key + crate::keys::pool::HEADER_LEN),
+        store_keys,
+        reply_keys: pool_file(pools.b_to_a),
+        // Each remote share spends at least its length of pad, destroyed at both ends.
+        store_keys_after_store: store_keys.saturating_sub(2 * links * size),
     }
 }
 
@@ -443,11 +473,20 @@ impl Room {
     }
 }
 
-/// Whether the key pools can go beside the source (and the volumes, when they are there too)
-/// on the data filesystem.
+/// Whether the key pools (`needs.store_keys + needs.reply_keys`) can go beside the source
+/// (and the volumes, when they are there too) on the data filesystem.
 fn keys_fit_with_data(data: Room, needs: Needs, volumes_on_data: bool, mem: u64) -> bool {
     let volumes = if volumes_on_data { needs.volumes } else { 0 };
-    needs.source + volumes + needs.keys <= data.usable(mem)
+    needs.source + volumes + needs.keys() <= data.usable(mem)
+}
+
+/// Whether the restore direction's pools, kept on disk while the file is stored, fit on the
+/// data filesystem (tmpfs) once the store has destroyed the pads it used.
+fn reply_keys_fit_after_store(data: Room, needs: Needs, volumes_on_data: bool, mem: u64) -> bool {
+    let volumes = if volumes_on_data { needs.volumes } else { 0 };
+    data.tmpfs
+        && needs.source + volumes + needs.store_keys_after_store + needs.reply_keys
+            <= data.usable(mem)
 }
 
 /// Where the key pools go when `--key-dir` does not say.
@@ -456,21 +495,23 @@ enum KeySplit {
     /// All on `--dir`, beside the source (and the volumes, when they are there).
     AllOnData,
     /// The store direction's pools (home → sites) on `--dir`, the other direction's (replies
-    /// and the shares a read fetches) on disk: used key is destroyed as it goes, so the pools
-    /// a store uses keep it in RAM, and the restore reads its pads from the disk.
+    /// and the shares a read fetches) on disk while the file is stored. Used key is destroyed
+    /// as it goes, so once the file is stored the restore direction's pools may fit on
+    /// `--dir` too: then they are moved there before the restore (see
+    /// [`Placement::reply_pools_to_ram`]), else the restore reads its pads from the disk.
     StoreOnData,
     /// All on disk.
     AllOnDisk,
 }
 
 fn key_split(data: Room, needs: Needs, volumes_on_data: bool, mem: u64) -> KeySplit {
-    let half = Needs {
-        keys: needs.keys / 2,
+    let store_only = Needs {
+        reply_keys: 0,
         ..needs
     };
     if keys_fit_with_data(data, needs, volumes_on_data, mem) {
         KeySplit::AllOnData
-    } else if keys_fit_with_data(data, half, volumes_on_data, mem) {
+    } else if keys_fit_with_data(data, store_only, volumes_on_data, mem) {
         KeySplit::StoreOnData
     } else {
         KeySplit::AllOnDisk
@@ -572,13 +613,33 @@ fn run_tool(cmd: &mut Command) -> anyhow::Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
-fn md5_of(path: &std::path::Path) -> anyhow::Result<String> {
-    let out = run_tool(Command::new("md5sum").arg(path))?;
-    let text = String::from_utf8_lossy(&out);
-    match text.split_whitespace().next() {
-        Some(sum) if sum.len() == 32 => Ok(sum.to_string()),
-        _ => bail!("md5sum {}: unexpected output {text:?}", path.display()),
+/// Read `path` to its end `bs` bytes at a time (as `dd bs=` does) and return the XXH3-128
+/// of what came back, to compare a restored file with its source.
+fn read_hashed(path: &std::path::Path, bs: u64) -> anyhow::Result<u128> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut buf = vec![0u8; bs as usize];
+    let mut hash = twox_hash::XxHash3_128::new();
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => return Ok(hash.finish_128()),
+            Ok(n) => hash.write(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
     }
+}
+
+/// [`read_hashed`], timed like [`timed_dd`]. A restore is checked by the very read that is
+/// timed: a second read would spend as much key again, and the pools are sized for one.
+fn timed_read(path: &std::path::Path, bs: u64) -> anyhow::Result<(Timed, u128)> {
+    let (start, busy) = (Instant::now(), machine_busy());
+    let hash = read_hashed(path, bs)?;
+    let timed = Timed {
+        wall: start.elapsed(),
+        busy: machine_busy().saturating_sub(busy),
+    };
+    Ok((timed, hash))
 }
 
 /// How long a copy took, and the CPU time the whole machine was busy meanwhile (every
@@ -747,6 +808,9 @@ struct Placement {
     split: Option<KeySplit>,
     /// Bytes of pools under `key_parent`.
     keys_here: u64,
+    /// The restore direction's pools move from the disk to `--dir` between the store and the
+    /// restore (see [`KeySplit::StoreOnData`]).
+    reply_to_ram: bool,
     /// Declared before the directories so that it stops first.
     deployment: Option<crate::deploy::Deployment>,
     /// Tmpfs mounts of huge pages over the scratch directories in RAM (see
@@ -758,6 +822,8 @@ struct Placement {
     _alias: Option<tempfile::TempDir>,
     key_scratch: Option<tempfile::TempDir>,
     b2a_scratch: Option<tempfile::TempDir>,
+    /// Where the restore direction's pools move before the restore (`reply_to_ram`).
+    b2a_ram: Option<tempfile::TempDir>,
     deploy_scratch: Option<tempfile::TempDir>,
 }
 
@@ -788,10 +854,12 @@ impl Placement {
             .with_context(|| format!("creating {}", key_parent.display()))?;
         let key_room = room(&key_parent)?;
         let keys_here = if b2a_parent.is_some() {
-            needs.keys / 2
+            needs.store_keys
         } else {
-            needs.keys
+            needs.keys()
         };
+        let reply_to_ram = split == Some(KeySplit::StoreOnData)
+            && reply_keys_fit_after_store(data_room, needs, volumes_on_data, mem);
         let mut items = vec![
             (args.dir.as_path(), data_room, needs.source, "the source"),
             (
@@ -807,12 +875,7 @@ impl Placement {
             None => None,
         };
         if let Some((d, r)) = b2a_room {
-            items.push((
-                d,
-                r,
-                needs.keys - keys_here,
-                "the restore direction's key pools",
-            ));
+            items.push((d, r, needs.reply_keys, "the restore direction's key pools"));
         }
         check_room(&items, mem)?;
         Ok(Self {
@@ -823,12 +886,14 @@ impl Placement {
             b2a_parent,
             split,
             keys_here,
+            reply_to_ram,
             deployment: None,
             huge: Vec::new(),
             needs,
             _alias: None,
             key_scratch: None,
             b2a_scratch: None,
+            b2a_ram: None,
             deploy_scratch: None,
         })
     }
@@ -873,12 +938,13 @@ impl Placement {
         } else {
             Vec::new()
         };
-        let (volume_size, key_size) = e2e_sizes(args.size, args.chunk);
+        let (volume_size, pools) = e2e_sizes(args.size, args.chunk, args.k, args.n);
         let mut opts = crate::deploy::DeployOptions::new(&deploy_dir);
         opts.k = args.k;
         opts.n = args.n;
         opts.volume_size = volume_size;
-        opts.key_size = key_size;
+        opts.key_size = pools.a_to_b;
+        opts.reply_key_size = Some(pools.b_to_a);
         opts.chunk_size = args.chunk.to_string();
         opts.consent_wait_secs = 60;
         if let Some(parent) = &self.b2a_parent {
@@ -902,6 +968,48 @@ impl Placement {
         deployment.mount()
     }
 
+    /// Move the restore direction's pools from the disk to `--dir`, a tmpfs of huge pages
+    /// like every other pool in RAM: stop the mount and the sites cleanly, copy each pool
+    /// there and point its symlink at the copy, delete the disk copy, start everything again.
+    /// Neither timed nor part of the store or the restore; the streams go on from their
+    /// ledgers (a restart skips at most one ledger window per stream, as any restart does).
+    fn reply_pools_to_ram(&mut self, args: &E2eArgs) -> anyhow::Result<()> {
+        let ram = tempfile::Builder::new()
+            .prefix("qgenome-bench-e2e-b2a-")
+            .tempdir_in(&args.dir)
+            .with_context(|| format!("creating a scratch directory in {}", args.dir.display()))?;
+        let ram = self.b2a_ram.insert(ram).path().to_path_buf();
+        self.huge.extend(crate::keys::tmpfs::HugeTmpfs::over_tmpfs(
+            &ram,
+            self.needs.reply_keys + (64 << 20),
+        ));
+        let d = self.deployment.as_mut().context("started")?;
+        d.stop_mount(false)?;
+        for i in 0..d.sites.len() {
+            d.stop_site(i);
+        }
+        for (i, at) in d
+            .pool_paths(crate::keys::Direction::BtoA)
+            .iter()
+            .enumerate()
+        {
+            let from =
+                std::fs::read_link(at).with_context(|| format!("reading link {}", at.display()))?;
+            let name = at.file_name().context("a pool path has a file name")?;
+            let to = ram.join(format!("{i}-{}", name.to_string_lossy()));
+            std::fs::copy(&from, &to)
+                .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+            std::fs::remove_file(at).with_context(|| format!("removing {}", at.display()))?;
+            std::os::unix::fs::symlink(&to, at)
+                .with_context(|| format!("linking {} to {}", at.display(), to.display()))?;
+            std::fs::remove_file(&from).with_context(|| format!("removing {}", from.display()))?;
+        }
+        for i in 0..d.sites.len() {
+            d.start_site(i)?;
+        }
+        d.mount()
+    }
+
     /// Stop everything and delete the volumes and pools.
     fn finish(&mut self) -> anyhow::Result<()> {
         if let Some(mut d) = self.deployment.take() {
@@ -911,6 +1019,7 @@ impl Placement {
         for dir in [
             self.key_scratch.take(),
             self.b2a_scratch.take(),
+            self.b2a_ram.take(),
             self.deploy_scratch.take(),
         ]
         .into_iter()
@@ -924,14 +1033,17 @@ impl Placement {
     }
 }
 
-/// Store the source through the mount and restore it under consent, both timed by dd.
+/// Store the source through the mount (timed dd) and restore it under consent (a timed read
+/// that hashes what it gets); between the two, move the restore direction's pools to RAM when
+/// the placement says so.
 fn e2e_measure(
     args: &E2eArgs,
-    deployment: &crate::deploy::Deployment,
+    placement: &mut Placement,
     source: &std::path::Path,
-    source_md5: &str,
+    source_hash: u128,
     cold: bool,
 ) -> anyhow::Result<E2eRun> {
+    let deployment = placement.deployment.as_ref().context("started")?;
     let pdir = deployment.mountpoint.join(E2E_PATIENT);
     std::fs::create_dir(&pdir).with_context(|| format!("mkdir {}", pdir.display()))?;
     let target = pdir.join("bench.bin");
@@ -946,17 +1058,21 @@ fn e2e_measure(
             args.size
         );
     }
+    if placement.reply_to_ram {
+        placement
+            .reply_pools_to_ram(args)
+            .context("moving the restore direction's key pools to RAM")?;
+    }
+    let deployment = placement.deployment.as_ref().context("started")?;
     deployment
         .control(&json!({"cmd": "consent-grant", "patient": E2E_PATIENT, "minutes": 60}))
         .context("granting consent over the control socket")?;
     drop_caches_if(cold);
-    let restore = timed_dd(&target, std::path::Path::new("/dev/null"), args.bs)
-        .context("restoring through the mount")?;
+    let (restore, got) = timed_read(&target, args.bs).context("restoring through the mount")?;
     let status = deployment.control(&json!({"cmd": "status"}))?;
-    let got = md5_of(&target)?;
-    if got != source_md5 {
+    if got != source_hash {
         bail!(
-            "the restored file's md5 {got} differs from the source's {source_md5}: the pipeline is broken"
+            "the restored file's XXH3-128 {got:032x} differs from the source's {source_hash:032x}: the pipeline is broken"
         );
     }
     Ok(E2eRun {
@@ -976,7 +1092,7 @@ fn e2e_gocryptfs(
     args: &E2eArgs,
     data_dir: &std::path::Path,
     source: &std::path::Path,
-    source_md5: &str,
+    source_hash: u128,
     cold: bool,
 ) -> anyhow::Result<BaselineRun> {
     let cipher = data_dir.join("gocryptfs-cipher");
@@ -1001,11 +1117,9 @@ fn e2e_gocryptfs(
     let target = plain.join("bench.bin");
     let write = timed_dd(source, &target, args.bs).context("writing through gocryptfs")?;
     drop_caches_if(cold);
-    let read = timed_dd(&target, std::path::Path::new("/dev/null"), args.bs)
-        .context("reading through gocryptfs")?;
-    let got = md5_of(&target)?;
-    if got != source_md5 {
-        bail!("gocryptfs returned md5 {got}, the source is {source_md5}");
+    let (read, got) = timed_read(&target, args.bs).context("reading through gocryptfs")?;
+    if got != source_hash {
+        bail!("gocryptfs returned XXH3-128 {got:032x}, the source's is {source_hash:032x}");
     }
     std::fs::remove_file(&target).with_context(|| format!("removing {}", target.display()))?;
     mount.unmount()?;
@@ -1023,7 +1137,7 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
             args.n
         );
     }
-    let mut tools = vec!["dd", "md5sum", "fusermount3"];
+    let mut tools = vec!["dd", "fusermount3"];
     if !args.no_baseline {
         tools.push("gocryptfs");
     }
@@ -1038,7 +1152,7 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
         }
     }
     let load_before = load_average();
-    let needs = e2e_needs(args.size, args.chunk, args.n);
+    let needs = e2e_needs(args.size, args.chunk, args.k, args.n);
     let mem = mem_available()?;
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;
@@ -1048,7 +1162,7 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
         .tempdir_in(&args.dir)
         .with_context(|| format!("creating a scratch directory in {}", args.dir.display()))?;
     let source = scratch.path().join("source.bin");
-    let mut source_md5 = None;
+    let mut source_hash = None;
     let mut notes = Vec::new();
     // First the volumes on --dir (the key pools too when they fit); if that fails (too
     // small, or a filesystem qgenome-mountd cannot use), the volumes go to disk.
@@ -1064,9 +1178,9 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
             }
             Err(e) => return Err(e),
         };
-        if source_md5.is_none() {
+        if source_hash.is_none() {
             write_random(&source, args.size)?;
-            source_md5 = Some(md5_of(&source)?);
+            source_hash = Some(read_hashed(&source, args.bs)?);
         }
         match p.start(args) {
             Ok(()) => {
@@ -1084,11 +1198,15 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
         }
     }
     let mut placement = placement.context("no placement was tried")?;
-    let source_md5 = source_md5.context("source written")?;
+    let source_hash = source_hash.context("source written")?;
     // Where the pools went decides much of the result (pads read from disk or from RAM),
     // and depends on the memory available at the start: say so when they left --dir.
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let pools_moved = match placement.split {
+        Some(KeySplit::StoreOnData) if placement.reply_to_ram => Some(
+            "the restore direction's pools (moved to RAM once the file was stored, before the \
+             restore)",
+        ),
         Some(KeySplit::StoreOnData) => Some("the restore direction's pools"),
         Some(KeySplit::AllOnDisk) => Some("every key pool"),
         _ => None,
@@ -1097,7 +1215,7 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
         notes.push(format!(
             "{which} on {DISK_FALLBACK}: {:.1} GiB of pools did not fit in {} beside the rest \
              ({:.1} GiB of memory available at the start, {} GiB kept free)",
-            gib(needs.keys),
+            gib(needs.keys()),
             args.dir.display(),
             gib(mem),
             TMPFS_HEADROOM >> 30
@@ -1135,13 +1253,7 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
     if !cold {
         eprintln!("warning: cannot write /proc/sys/vm/drop_caches (not root): reads are not cold");
     }
-    let run = e2e_measure(
-        args,
-        placement.deployment.as_ref().context("started")?,
-        &source,
-        &source_md5,
-        cold,
-    );
+    let run = e2e_measure(args, &mut placement, &source, source_hash, cold);
     // Stop the sites and free the volumes and pools (also after a failure) before the
     // baseline runs.
     let finished = placement.finish();
@@ -1154,7 +1266,7 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
             args,
             scratch.path(),
             &source,
-            &source_md5,
+            source_hash,
             cold,
         )?)
     };
@@ -1167,7 +1279,8 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
         .flatten()
         .filter_map(|s| {
             let left = s["key_remaining"].as_u64()?;
-            Some(json!({"site": s["name"], "key_remaining": left}))
+            let reply = s["reply_key_remaining"].as_u64()?;
+            Some(json!({"site": s["name"], "key_remaining": left, "reply_key_remaining": reply}))
         })
         .collect();
     if args.json {
@@ -1181,6 +1294,7 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
             "volume_dir": placement.deploy_parent, "volume_tmpfs": placement.deploy_tmpfs,
             "key_dir": placement.key_parent, "key_tmpfs": placement.key_tmpfs,
             "b2a_key_dir": placement.b2a_parent,
+            "reply_pools_to_ram": placement.reply_to_ram,
             "tmpfs_huge_pages": huge_pages,
             "notes": notes, "cold_reads": cold,
             "load_before": load_before, "load_after": load_after,
@@ -1203,15 +1317,16 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
             run.store.cpu_mbps(args.size)
         );
         println!(
-            "restore {restore_mbps:>8.1} MB/s  ({:.2} s, dd of=/dev/null under consent{}; md5 matches the source; {:.1} MB per busy CPU-second)",
+            "restore {restore_mbps:>8.1} MB/s  ({:.2} s, read bs={} under consent{}, hashed as read: matches the source; {:.1} MB per busy CPU-second)",
             run.restore.wall.as_secs_f64(),
+            args.bs,
             if cold { ", caches dropped first" } else { "" },
             run.restore.cpu_mbps(args.size)
         );
         if let Some(b) = &baseline {
             let (w, r) = (b.write.mbps(args.size), b.read.mbps(args.size));
             println!(
-                "gocryptfs write {w:>8.1} MB/s, read {r:>8.1} MB/s (same source, same dd) -> store {:.2}x, restore {:.2}x",
+                "gocryptfs write {w:>8.1} MB/s, read {r:>8.1} MB/s (same source, same dd write and hashed read) -> store {:.2}x, restore {:.2}x",
                 store_mbps / w,
                 restore_mbps / r
             );
@@ -1241,22 +1356,39 @@ mod tests {
             (2 << 30, 1 << 20),
             (5 << 20, 4096),
         ] {
-            let (volume, key) = e2e_sizes(size, chunk);
-            let chunks = size.div_ceil(chunk);
-            // Every share in whole 4 KiB blocks plus a header block, and every frame's pad.
-            assert!(volume >= size + chunks * 8192, "volume {volume} for {size}");
-            assert!(key >= size + chunks * 64, "key {key} for {size}");
-            assert_eq!(volume % (1 << 20), 0);
+            for (k, n) in [(2, 3), (3, 5), (2, 2), (1, 4)] {
+                let (volume, pools) = e2e_sizes(size, chunk, k, n);
+                let chunks = size.div_ceil(chunk);
+                // Every share in whole 4 KiB blocks plus a header block, and every frame's pad.
+                assert!(volume >= size + chunks * 8192, "volume {volume} for {size}");
+                assert!(pools.a_to_b >= size + chunks * 64, "{pools:?} for {size}");
+                // The reply direction carries (k-1)/(n-1) of the shares a read fetches.
+                let read = size * (k as u64 - 1) / (n as u64 - 1);
+                assert!(pools.b_to_a >= read + chunks * 64, "{pools:?} ({k},{n})");
+                assert!(pools.b_to_a <= pools.a_to_b, "{pools:?} ({k},{n})");
+                assert_eq!(volume % (1 << 20), 0);
+            }
         }
+        let (_, pools) = e2e_sizes(2 << 30, 1 << 20, 2, 3);
+        assert!(pools.b_to_a < pools.a_to_b * 6 / 10, "{pools:?}");
     }
 
     #[test]
-    fn needs_count_four_pools_per_link_and_every_volume() {
-        let needs = e2e_needs(1 << 30, 1 << 20, 3);
-        let (volume, key) = e2e_sizes(1 << 30, 1 << 20);
+    fn needs_count_two_pools_per_link_direction_and_every_volume() {
+        let needs = e2e_needs(1 << 30, 1 << 20, 2, 3);
+        let (volume, pools) = e2e_sizes(1 << 30, 1 << 20, 2, 3);
+        let h = crate::keys::pool::HEADER_LEN;
         assert_eq!(needs.source, 1 << 30);
         assert!(needs.volumes >= 3 * volume);
-        assert_eq!(needs.keys, 2 * 4 * (key + crate::keys::pool::HEADER_LEN));
+        assert_eq!(needs.store_keys, 2 * 2 * (pools.a_to_b + h));
+        assert_eq!(needs.reply_keys, 2 * 2 * (pools.b_to_a + h));
+        assert_eq!(needs.keys(), needs.store_keys + needs.reply_keys);
+        // A store spends at least a share's length of pad per chunk at both ends of each link.
+        assert_eq!(
+            needs.store_keys_after_store,
+            needs.store_keys - 2 * 2 * (1 << 30)
+        );
+        assert!(needs.store_keys_after_store < needs.store_keys / 10);
     }
 
     #[test]
@@ -1276,14 +1408,14 @@ mod tests {
         assert_eq!(disk.usable(1 << 30), 38 << 30);
         let p = std::path::Path::new;
         let mem = 18 << 30;
-        // 2 GiB: the source fits in memory, the ~17 GiB of pools do not.
-        let n2 = e2e_needs(2 << 30, 1 << 20, 3);
+        // 2 GiB: the source fits in memory, the ~13 GiB of pools do not.
+        let n2 = e2e_needs(2 << 30, 1 << 20, 2, 3);
         assert!(!keys_fit_with_data(shm, n2, false, mem));
         assert!(check_room(
             &[
                 (p("/dev/shm"), shm, n2.source, "the source"),
                 (p("/var/tmp"), disk, n2.volumes, "the volumes"),
-                (p("/var/tmp"), disk, n2.keys, "the key pools"),
+                (p("/var/tmp"), disk, n2.keys(), "the key pools"),
             ],
             mem
         )
@@ -1291,7 +1423,7 @@ mod tests {
         let err = check_room(
             &[
                 (p("/dev/shm"), shm, n2.source, "the source"),
-                (p("/dev/shm"), shm, n2.keys, "the key pools"),
+                (p("/dev/shm"), shm, n2.keys(), "the key pools"),
             ],
             mem,
         )
@@ -1302,16 +1434,29 @@ mod tests {
             "{err}"
         );
         // 2 GiB with the volumes in memory: with 23 GiB available the store direction's pools
-        // fit beside them (the restore direction's go to disk); with 18, none; with plenty, all.
-        assert_eq!(key_split(shm, n2, true, 23 << 30), KeySplit::StoreOnData);
+        // fit beside them (the restore direction's go to disk, and fit in RAM once the store
+        // has destroyed its pads); with 18, none; with plenty, all.
+        let avail = 23 << 30;
+        assert_eq!(key_split(shm, n2, true, avail), KeySplit::StoreOnData);
+        assert!(reply_keys_fit_after_store(shm, n2, true, avail));
+        let before_store = n2.source + n2.volumes + n2.store_keys;
+        let after_store = n2.source + n2.volumes + n2.store_keys_after_store + n2.reply_keys;
+        assert!(after_store < before_store, "{after_store} {before_store}");
         assert_eq!(key_split(shm, n2, true, mem), KeySplit::AllOnDisk);
         let big = Room {
             free: 64 << 30,
             ..shm
         };
         assert_eq!(key_split(big, n2, true, 64 << 30), KeySplit::AllOnData);
+        // Only a tmpfs is worth moving the pools to.
+        let small_disk = Room {
+            free: 20 << 30,
+            ..disk
+        };
+        assert_eq!(key_split(small_disk, n2, true, mem), KeySplit::StoreOnData);
+        assert!(!reply_keys_fit_after_store(small_disk, n2, true, mem));
         // 1 GiB: source and pools fit in memory beside each other when the volumes are on disk.
-        let n1 = e2e_needs(1 << 30, 1 << 20, 3);
+        let n1 = e2e_needs(1 << 30, 1 << 20, 2, 3);
         assert!(keys_fit_with_data(shm, n1, false, mem));
         assert!(!keys_fit_with_data(shm, n1, true, 12 << 30));
         // Two tmpfs mounts draw on the same memory.
@@ -1330,7 +1475,7 @@ mod tests {
             free: 1 << 30,
             ..disk
         };
-        let err = check_room(&[(p("/var/tmp"), tiny, n2.keys, "the key pools")], mem)
+        let err = check_room(&[(p("/var/tmp"), tiny, n2.keys(), "the key pools")], mem)
             .unwrap_err()
             .to_string();
         assert!(

@@ -102,9 +102,17 @@ pub fn status(ctl: &ControlArgs, as_json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     for s in r["sites"].as_array().into_iter().flatten() {
-        let key = match s["key_remaining"].as_u64() {
-            Some(b) => format!("{:.1} MiB of key left", b as f64 / (1 << 20) as f64),
-            None => "local (no link)".into(),
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let key = match (
+            s["key_remaining"].as_u64(),
+            s["reply_key_remaining"].as_u64(),
+        ) {
+            (Some(to), Some(back)) => format!(
+                "{:.1} MiB of key left to the site, {:.1} MiB for its replies",
+                mib(to),
+                mib(back)
+            ),
+            _ => "local (no link)".into(),
         };
         println!("site {:<12} {key}", s["name"].as_str().unwrap_or("?"));
     }

@@ -353,15 +353,23 @@ fn flow(args: &DemoArgs, dir: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::R
     }
     println!("key material per link:");
     for s in status["sites"].as_array().into_iter().flatten() {
-        if let Some(left) = s["key_remaining"].as_u64() {
-            let total = deployment.opts.key_size;
-            println!(
-                "  {:<6} used {:.1} MiB, {:.1} MiB left (home -> site stream)",
-                s["name"].as_str().unwrap_or("?"),
-                total.saturating_sub(left) as f64 / (1 << 20) as f64,
-                left as f64 / (1 << 20) as f64
-            );
-        }
+        let (Some(to), Some(back)) = (
+            s["key_remaining"].as_u64(),
+            s["reply_key_remaining"].as_u64(),
+        ) else {
+            continue;
+        };
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let sizes = deployment.opts.pool_sizes();
+        let (to_total, back_total) = (sizes.a_to_b, sizes.b_to_a);
+        println!(
+            "  {:<6} home -> site: used {:.1} MiB, {:.1} MiB left; site -> home: used {:.1} MiB, {:.1} MiB left",
+            s["name"].as_str().unwrap_or("?"),
+            mib(to_total.saturating_sub(to)),
+            mib(to),
+            mib(back_total.saturating_sub(back)),
+            mib(back)
+        );
     }
     println!("counters: {}", status["stats"]);
     println!(

@@ -17,6 +17,10 @@ pub enum KeysCommand {
         /// Key bytes per direction, e.g. 4G.
         #[arg(long, value_parser = crate::cli::parse_size)]
         size: u64,
+        /// Key bytes of the b -> a direction instead, when it carries less (say the replies
+        /// of a site that mostly stores: end a is the home node).
+        #[arg(long, value_parser = crate::cli::parse_size)]
+        size_b2a: Option<u64>,
         /// Directory for end a's files.
         #[arg(long)]
         out_a: PathBuf,
@@ -43,10 +47,15 @@ impl KeysCommand {
             KeysCommand::Provision {
                 link,
                 size,
+                size_b2a,
                 out_a,
                 out_b,
             } => {
-                let p = pool::provision(&link, size, &out_a, &out_b)
+                let sizes = pool::PoolSizes {
+                    a_to_b: size,
+                    b_to_a: size_b2a.unwrap_or(size),
+                };
+                let p = pool::provision_placed(&link, sizes, &out_a, &out_b, None)
                     .with_context(|| format!("provisioning link {link:?}"))?;
                 for f in &p.files {
                     println!("{}", f.display());

@@ -849,7 +849,8 @@ impl Core {
         let file = label(rec);
         let share_len = self.scheme.share_len(chunk.len as usize);
         let home = self.sites[0].name();
-        let key_left = |s: &str| self.by_name.get(s).and_then(|x| x.key_remaining());
+        // A share fetched spends the key of its site's replies.
+        let key_left = |s: &str| self.by_name.get(s).and_then(|x| x.reply_key_remaining());
         let order = placement::read_order(&chunk.shares, home, key_left, |_| false);
         let mut failures: Vec<String> = Vec::new();
         let mut next = 0;

@@ -193,7 +193,14 @@ fn builtin_handler(engine: Arc<Engine>) -> Arc<Handler> {
                 let sites: Vec<Value> = engine
                     .sites()
                     .iter()
-                    .map(|s| json!({"name": s.name(), "key_remaining": s.key_remaining(), "usage": s.usage()}))
+                    .map(|s| {
+                        json!({
+                            "name": s.name(),
+                            "key_remaining": s.key_remaining(),
+                            "reply_key_remaining": s.reply_key_remaining(),
+                            "usage": s.usage(),
+                        })
+                    })
                     .collect();
                 Ok(json!({"ok": true, "stats": engine.stats().snapshot(), "sites": sites}))
             }

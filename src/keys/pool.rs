@@ -816,6 +816,30 @@ pub struct Provisioned {
 /// Largest pool `provision` accepts per direction (sanity bound before the free-space check).
 pub const MAX_POOL_SIZE: u64 = 1 << 50;
 
+/// Key bytes of each direction of a new link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSizes {
+    pub a_to_b: u64,
+    pub b_to_a: u64,
+}
+
+impl PoolSizes {
+    /// The same size both ways.
+    pub fn both(size: u64) -> Self {
+        Self {
+            a_to_b: size,
+            b_to_a: size,
+        }
+    }
+
+    pub fn of(self, direction: Direction) -> u64 {
+        match direction {
+            Direction::AtoB => self.a_to_b,
+            Direction::BtoA => self.b_to_a,
+        }
+    }
+}
+
 /// Write the two ends (`out_a`, `out_b`) of both directions of a new link `link` with `size`
 /// key bytes per direction, from the OS CSPRNG, streaming, fsync'd, mode 0600. Refuses to
 /// overwrite anything and refuses sizes that are zero or do not fit in the free space.
@@ -826,7 +850,7 @@ pub fn provision(
     out_a: &Path,
     out_b: &Path,
 ) -> Result<Provisioned, KeyError> {
-    provision_placed(link, size, out_a, out_b, None)
+    provision_placed(link, PoolSizes::both(size), out_a, out_b, None)
 }
 
 /// One direction's pools of a link written to other directories (say on another filesystem)
@@ -839,31 +863,33 @@ pub struct Apart<'a> {
     pub dir_b: &'a Path,
 }
 
-/// [`provision`], with the pools of `apart.direction` (if any) written to `apart`'s
-/// directories and symlinked from `out_a` and `out_b`, where everything else (ledgers
-/// included) lives. `qgenome bench e2e` keeps one direction in RAM this way when the pools
-/// of both do not fit there.
+/// [`provision`], with `sizes` key bytes in each direction, and the pools of
+/// `apart.direction` (if any) written to `apart`'s directories and symlinked from `out_a` and
+/// `out_b`, where everything else (ledgers included) lives. `qgenome bench e2e` keeps one
+/// direction in RAM this way when the pools of both do not fit there.
 pub fn provision_placed(
     link: &str,
-    size: u64,
+    sizes: PoolSizes,
     out_a: &Path,
     out_b: &Path,
     apart: Option<Apart<'_>>,
 ) -> Result<Provisioned, KeyError> {
     check_link_name(link)?;
-    let first = pool_path(out_a, link, Direction::AtoB);
-    let bad_size = |reason: String| KeyError::BadSize {
-        link: link.to_string(),
-        path: first.clone(),
-        reason,
-    };
-    if size == 0 {
-        return Err(bad_size("size must be more than zero".into()));
-    }
-    if size > MAX_POOL_SIZE {
-        return Err(bad_size(format!(
-            "{size} bytes is more than the maximum {MAX_POOL_SIZE}"
-        )));
+    for d in Direction::BOTH {
+        let size = sizes.of(d);
+        let bad_size = |reason: String| KeyError::BadSize {
+            link: link.to_string(),
+            path: pool_path(out_a, link, d),
+            reason,
+        };
+        if size == 0 {
+            return Err(bad_size("size must be more than zero".into()));
+        }
+        if size > MAX_POOL_SIZE {
+            return Err(bad_size(format!(
+                "{size} bytes is more than the maximum {MAX_POOL_SIZE}"
+            )));
+        }
     }
     let io = |path: &Path, op, source| KeyError::Io {
         link: link.to_string(),
@@ -912,9 +938,9 @@ pub fn provision_placed(
         }
     }
     // Free space: every pool on the filesystem it is written to.
-    let need = size + HEADER_LEN;
     let mut by_dev: Vec<(u64, u64, PathBuf)> = Vec::new();
     for p in &pools {
+        let need = sizes.of(p.direction) + HEADER_LEN;
         let dir = p.file.parent().expect("a pool path has a directory");
         let md = std::fs::metadata(dir).map_err(|e| io(dir, "stat output directory", e))?;
         let dev = std::os::unix::fs::MetadataExt::dev(&md);
@@ -988,7 +1014,7 @@ pub fn provision_placed(
                         direction: d,
                         end,
                         stream_id,
-                        key_len: size,
+                        key_len: sizes.of(d),
                     },
                 };
                 f.write_all(&h.encode())
@@ -996,7 +1022,7 @@ pub fn provision_placed(
                 ends.push((f, p));
             }
             let mut buf = vec![0u8; 1 << 20];
-            let mut left = size;
+            let mut left = sizes.of(d);
             let res = (|| {
                 while left > 0 {
                     let n = left.min(buf.len() as u64) as usize;
@@ -1213,8 +1239,9 @@ mod tests {
         assert!(!zeros(&pool, 6000..8192), "unused key is kept");
     }
 
-    /// One direction's pools written apart and reached through symlinks: the streams of both
-    /// directions work, ledgers stay beside the links, and nothing is provisioned twice.
+    /// One direction's pools written apart and reached through symlinks, each direction with
+    /// its own size: the streams of both directions work, ledgers stay beside the links, and
+    /// nothing is provisioned twice.
     #[test]
     fn one_direction_provisioned_apart_is_reached_through_symlinks() {
         use crate::link::{RecvStream, SendStream, StreamOptions};
@@ -1226,17 +1253,25 @@ mod tests {
             dir_b: fb,
         };
         const KEY: u64 = 4 << 20;
-        let p = provision_placed("apartlink", KEY, a, b, Some(apart)).unwrap();
+        let sizes = PoolSizes {
+            a_to_b: KEY,
+            b_to_a: KEY / 4,
+        };
+        let p = provision_placed("apartlink", sizes, a, b, Some(apart)).unwrap();
         assert_eq!(p.files.len(), 4);
         for (dir, far) in [(a, fa), (b, fb)] {
             let near = pool_path(dir, "apartlink", Direction::AtoB);
             assert!(near.symlink_metadata().unwrap().file_type().is_file());
+            assert_eq!(std::fs::metadata(&near).unwrap().len(), HEADER_LEN + KEY);
             let linked = pool_path(dir, "apartlink", Direction::BtoA);
             assert_eq!(
                 std::fs::read_link(&linked).unwrap(),
                 pool_path(far, "apartlink", Direction::BtoA)
             );
-            assert_eq!(std::fs::metadata(&linked).unwrap().len(), HEADER_LEN + KEY);
+            assert_eq!(
+                std::fs::metadata(&linked).unwrap().len(),
+                HEADER_LEN + KEY / 4
+            );
             assert_eq!(std::fs::read_dir(far).unwrap().count(), 1);
         }
         let opts = StreamOptions { window: 1 << 20 };
@@ -1245,6 +1280,7 @@ mod tests {
         for (from, to, dir) in [(a, b, Direction::AtoB), (b, a, Direction::BtoA)] {
             let mut tx = SendStream::from_dir(from, "apartlink", dir, opts.clone()).unwrap();
             let mut rx = RecvStream::from_dir(to, "apartlink", dir, opts.clone()).unwrap();
+            assert_eq!(tx.remaining(), sizes.of(dir));
             tx.seal(&payload, &mut frame).unwrap();
             rx.open(&frame, &mut back).unwrap();
             assert_eq!(back, payload);
@@ -1255,10 +1291,10 @@ mod tests {
             .exists());
         assert_eq!(std::fs::read_dir(fa).unwrap().count(), 1);
         // Provisioning it again is refused, naming what is in the way; nothing is touched.
-        let e = provision_placed("apartlink", KEY, a, b, Some(apart)).unwrap_err();
+        let e = provision_placed("apartlink", sizes, a, b, Some(apart)).unwrap_err();
         assert!(matches!(e, KeyError::Exists { .. }), "{e}");
-        let e =
-            provision_placed("other", KEY, a, b, Some(Apart { dir_b: fa, ..apart })).unwrap_err();
+        let other = Apart { dir_b: fa, ..apart };
+        let e = provision_placed("other", sizes, a, b, Some(other)).unwrap_err();
         assert!(matches!(e, KeyError::SameDirectory { .. }), "{e}");
         assert_eq!(std::fs::read_dir(fb).unwrap().count(), 1);
     }

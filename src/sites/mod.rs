@@ -83,9 +83,14 @@ pub trait ShareSite: Send + Sync {
     /// after `after` (from the start if None), and where the next page starts (None: no
     /// more). Used to rebuild a lost catalog; see [`list_all`].
     fn list_shares(&self, after: Option<ShareKey>) -> Result<SharePage, SiteError>;
-    /// Key material left on the link to this site, if it is behind one (placement prefers
-    /// links with more key left).
+    /// Key material left on the link to this site for what the home sends (a PUT's share
+    /// spends it), if the site is behind a link.
     fn key_remaining(&self) -> Option<u64> {
+        None
+    }
+    /// Key material left on the link for what the site sends back (a GET's share spends
+    /// it), if the site is behind a link: reads prefer the links with more of it left.
+    fn reply_key_remaining(&self) -> Option<u64> {
         None
     }
     /// What the site reports about itself: capacity, free space, shares held (as JSON, for

@@ -751,6 +751,10 @@ impl ShareSite for MountdSite {
         self.link.as_ref().map(|l| lock(&l.send).remaining())
     }
 
+    fn reply_key_remaining(&self) -> Option<u64> {
+        self.link.as_ref().map(|l| lock(&l.recv).remaining())
+    }
+
     fn usage(&self) -> Option<serde_json::Value> {
         let st = self.stat().ok()?;
         Some(serde_json::json!({
