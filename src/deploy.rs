@@ -371,6 +371,46 @@ impl Deployment {
         paths
     }
 
+    /// Move the pools of `direction` (both ends of every link) into `to`: stop the mount and
+    /// the sites cleanly, copy each pool there and point a symlink at the copy from where the
+    /// daemons open it, delete the old copy, and start everything again. The streams go on
+    /// from their ledgers, which stay where they are (each restart skips the rest of one
+    /// ledger window per stream, as any restart does). `qgenome bench e2e` moves the restore
+    /// direction's pools into RAM this way once a store has freed the room.
+    pub fn relocate_pools(
+        &mut self,
+        direction: crate::keys::Direction,
+        to: &Path,
+    ) -> anyhow::Result<()> {
+        self.stop_mount(false)?;
+        for i in 0..self.sites.len() {
+            self.stop_site(i);
+        }
+        for (i, at) in self.pool_paths(direction).iter().enumerate() {
+            let from = if at.is_symlink() {
+                std::fs::read_link(at).with_context(|| format!("reading link {}", at.display()))?
+            } else {
+                at.clone()
+            };
+            let name = at.file_name().context("a pool path has a file name")?;
+            // Both ends of a link have the same file name: keep them apart.
+            let copy = to.join(format!("{i}-{}", name.to_string_lossy()));
+            std::fs::copy(&from, &copy)
+                .with_context(|| format!("copying {} to {}", from.display(), copy.display()))?;
+            std::fs::remove_file(at).with_context(|| format!("removing {}", at.display()))?;
+            std::os::unix::fs::symlink(&copy, at)
+                .with_context(|| format!("linking {} to {}", at.display(), copy.display()))?;
+            if &from != at {
+                std::fs::remove_file(&from)
+                    .with_context(|| format!("removing {}", from.display()))?;
+            }
+        }
+        for i in 0..self.sites.len() {
+            self.start_site(i)?;
+        }
+        self.mount()
+    }
+
     /// SIGKILL site `i`'s daemon.
     pub fn kill_site(&mut self, i: usize) {
         if let Some(mut c) = self.sites[i].child.take() {

@@ -229,3 +229,57 @@ fn pools_on_huge_pages_are_used_in_place_by_the_mount_and_the_sites() {
     }
     reads_survive_dead_sites_and_nothing_at_rest_is_plaintext(d);
 }
+
+/// A direction's pools moved elsewhere between a write and a read, as `qgenome bench e2e`
+/// moves the restore direction's into RAM: the daemons restart on the copies (reached through
+/// symlinks), the old files are gone, reads spend the moved pools, and writes go on.
+#[test]
+fn pools_relocated_between_a_write_and_a_read_serve_the_read() {
+    use qgenome::keys::Direction;
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let mut d = deployment(dir.path());
+    std::fs::create_dir(d.mountpoint.join("P1")).unwrap();
+    let data = random(3 << 20);
+    std::fs::write(d.mountpoint.join("P1/a.cram"), &data).unwrap();
+    let reply_left = |d: &Deployment| -> Vec<u64> {
+        let st = d.control(&json!({"cmd": "status"})).unwrap();
+        st["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s["reply_key_remaining"].as_u64())
+            .collect()
+    };
+
+    d.relocate_pools(Direction::BtoA, elsewhere.path()).unwrap();
+    let moved = d.pool_paths(Direction::BtoA);
+    assert_eq!(moved.len(), 4, "two links, two ends");
+    for p in &moved {
+        let target = std::fs::read_link(p).unwrap();
+        assert!(target.starts_with(elsewhere.path()), "{}", p.display());
+    }
+    assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 4);
+    for p in d.pool_paths(Direction::AtoB) {
+        assert!(!p.is_symlink(), "{} moved too", p.display());
+    }
+
+    let before = reply_left(&d);
+    assert_eq!(before.len(), 2);
+    grant(&d, "P1");
+    let got = std::fs::read(d.mountpoint.join("P1/a.cram"))
+        .unwrap_or_else(|e| panic!("read after the move: {e}\n{}", mount_log(&d)));
+    assert_eq!(got, data);
+    let after = reply_left(&d);
+    let spent: u64 = before.iter().zip(&after).map(|(b, a)| b - a).sum();
+    assert!(
+        spent >= 3 << 20,
+        "the read spent {spent} bytes of reply key"
+    );
+    std::fs::write(d.mountpoint.join("P1/b.cram"), &data[..1 << 20]).unwrap();
+    fresh_consent(&d, "P1");
+    assert_eq!(
+        std::fs::read(d.mountpoint.join("P1/b.cram")).unwrap(),
+        &data[..1 << 20]
+    );
+}

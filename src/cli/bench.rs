@@ -969,10 +969,8 @@ impl Placement {
     }
 
     /// Move the restore direction's pools from the disk to `--dir`, a tmpfs of huge pages
-    /// like every other pool in RAM: stop the mount and the sites cleanly, copy each pool
-    /// there and point its symlink at the copy, delete the disk copy, start everything again.
-    /// Neither timed nor part of the store or the restore; the streams go on from their
-    /// ledgers (a restart skips at most one ledger window per stream, as any restart does).
+    /// like every other pool in RAM (`Deployment::relocate_pools`). Neither timed nor part of
+    /// the store or the restore.
     fn reply_pools_to_ram(&mut self, args: &E2eArgs) -> anyhow::Result<()> {
         let ram = tempfile::Builder::new()
             .prefix("qgenome-bench-e2e-b2a-")
@@ -984,30 +982,7 @@ impl Placement {
             self.needs.reply_keys + (64 << 20),
         ));
         let d = self.deployment.as_mut().context("started")?;
-        d.stop_mount(false)?;
-        for i in 0..d.sites.len() {
-            d.stop_site(i);
-        }
-        for (i, at) in d
-            .pool_paths(crate::keys::Direction::BtoA)
-            .iter()
-            .enumerate()
-        {
-            let from =
-                std::fs::read_link(at).with_context(|| format!("reading link {}", at.display()))?;
-            let name = at.file_name().context("a pool path has a file name")?;
-            let to = ram.join(format!("{i}-{}", name.to_string_lossy()));
-            std::fs::copy(&from, &to)
-                .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
-            std::fs::remove_file(at).with_context(|| format!("removing {}", at.display()))?;
-            std::os::unix::fs::symlink(&to, at)
-                .with_context(|| format!("linking {} to {}", at.display(), to.display()))?;
-            std::fs::remove_file(&from).with_context(|| format!("removing {}", from.display()))?;
-        }
-        for i in 0..d.sites.len() {
-            d.start_site(i)?;
-        }
-        d.mount()
+        d.relocate_pools(crate::keys::Direction::BtoA, &ram)
     }
 
     /// Stop everything and delete the volumes and pools.
