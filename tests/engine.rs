@@ -1,4 +1,5 @@
 //! The data path against in-memory sites: write, consent-gated read, routing around faults.
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -6,7 +7,7 @@ use qgenome::catalog::Catalog;
 use qgenome::consent::ConsentRegistry;
 use qgenome::fs::{Engine, EngineConfig, EngineError};
 use qgenome::sharing::{Drbg, RandomSource};
-use qgenome::sites::{MemSite, ShareSite};
+use qgenome::sites::{MemSite, ShareKey, ShareMeta, SharePage, ShareSite, SiteError};
 
 struct Rig {
     _dir: tempfile::TempDir,
@@ -15,9 +16,6 @@ struct Rig {
 }
 
 fn rig(k: usize, n: usize) -> Rig {
-    let dir = tempfile::tempdir().unwrap();
-    let catalog = Arc::new(Catalog::open(&dir.path().join("catalog")).unwrap());
-    let consent = ConsentRegistry::new(catalog.clone());
     let sites: Vec<Arc<MemSite>> = (0..n)
         .map(|i| Arc::new(MemSite::new(&format!("site{i}"))))
         .collect();
@@ -25,21 +23,31 @@ fn rig(k: usize, n: usize) -> Rig {
         .iter()
         .map(|s| s.clone() as Arc<dyn ShareSite>)
         .collect();
-    let cfg = EngineConfig {
-        k,
-        n,
-        chunk_size: 64 << 10,
-        consent_wait: Duration::from_millis(300),
-        max_in_flight: 3,
-        ..EngineConfig::default()
-    };
-    let engine = Engine::new(catalog.clone(), consent, dyn_sites, cfg).unwrap();
-    catalog.add_patient("P0001").unwrap();
+    let (dir, engine) = engine_over(k, dyn_sites);
     Rig {
         _dir: dir,
         engine,
         sites,
     }
+}
+
+/// An engine with a fresh catalog (in the returned directory) over `sites`, the first the
+/// home site, with patient P0001.
+fn engine_over(k: usize, sites: Vec<Arc<dyn ShareSite>>) -> (tempfile::TempDir, Arc<Engine>) {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Arc::new(Catalog::open(&dir.path().join("catalog")).unwrap());
+    let consent = ConsentRegistry::new(catalog.clone());
+    let cfg = EngineConfig {
+        k,
+        n: sites.len(),
+        chunk_size: 64 << 10,
+        consent_wait: Duration::from_millis(300),
+        max_in_flight: 3,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::new(catalog.clone(), consent, sites, cfg).unwrap();
+    catalog.add_patient("P0001").unwrap();
+    (dir, engine)
 }
 
 fn random(len: usize) -> Vec<u8> {
@@ -195,32 +203,24 @@ struct Metered {
     inner: MemSite,
     to_site: u64,
     replies: u64,
-    gets: std::sync::atomic::AtomicUsize,
+    gets: AtomicUsize,
 }
 
 impl ShareSite for Metered {
     fn name(&self) -> &str {
         self.inner.name()
     }
-    fn put(
-        &self,
-        key: &qgenome::sites::ShareKey,
-        meta: &qgenome::sites::ShareMeta,
-        data: &[u8],
-    ) -> Result<(), qgenome::sites::SiteError> {
+    fn put(&self, key: &ShareKey, meta: &ShareMeta, data: &[u8]) -> Result<(), SiteError> {
         self.inner.put(key, meta, data)
     }
-    fn get(&self, key: &qgenome::sites::ShareKey) -> Result<Vec<u8>, qgenome::sites::SiteError> {
-        self.gets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    fn get(&self, key: &ShareKey) -> Result<Vec<u8>, SiteError> {
+        self.gets.fetch_add(1, Ordering::SeqCst);
         self.inner.get(key)
     }
-    fn delete(&self, key: &qgenome::sites::ShareKey) -> Result<(), qgenome::sites::SiteError> {
+    fn delete(&self, key: &ShareKey) -> Result<(), SiteError> {
         self.inner.delete(key)
     }
-    fn list_shares(
-        &self,
-        after: Option<qgenome::sites::ShareKey>,
-    ) -> Result<qgenome::sites::SharePage, qgenome::sites::SiteError> {
+    fn list_shares(&self, after: Option<ShareKey>) -> Result<SharePage, SiteError> {
         self.inner.list_shares(after)
     }
     fn key_remaining(&self) -> Option<u64> {
@@ -235,9 +235,6 @@ impl ShareSite for Metered {
 /// most of that left, whatever is left the other way.
 #[test]
 fn reads_prefer_the_link_with_the_most_reply_key_left() {
-    let dir = tempfile::tempdir().unwrap();
-    let catalog = Arc::new(Catalog::open(&dir.path().join("catalog")).unwrap());
-    let consent = ConsentRegistry::new(catalog.clone());
     let site = |name: &str, to_site, replies| {
         Arc::new(Metered {
             inner: MemSite::new(name),
@@ -248,21 +245,12 @@ fn reads_prefer_the_link_with_the_most_reply_key_left() {
     };
     let (a, b) = (site("a", 1 << 30, 1 << 10), site("b", 1 << 10, 1 << 30));
     let sites: Vec<Arc<dyn ShareSite>> = vec![Arc::new(MemSite::new("home")), a.clone(), b.clone()];
-    let cfg = EngineConfig {
-        k: 2,
-        n: 3,
-        chunk_size: 64 << 10,
-        consent_wait: Duration::from_millis(300),
-        max_in_flight: 3,
-        ..EngineConfig::default()
-    };
-    let engine = Engine::new(catalog.clone(), consent, sites, cfg).unwrap();
-    catalog.add_patient("P0001").unwrap();
+    let (_dir, engine) = engine_over(2, sites);
     let data = random(10 * (64 << 10));
     write(&engine, "r.cram", &data).unwrap();
     engine.consent.grant("P0001", None, "test");
     assert_eq!(read_all(&engine, "r.cram").unwrap(), data);
-    let gets = |s: &Metered| s.gets.load(std::sync::atomic::Ordering::SeqCst);
+    let gets = |s: &Metered| s.gets.load(Ordering::SeqCst);
     assert_eq!(
         gets(&a),
         0,
