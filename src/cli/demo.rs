@@ -352,6 +352,8 @@ fn flow(args: &DemoArgs, dir: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::R
         );
     }
     println!("key material per link:");
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let sizes = deployment.opts.pool_sizes();
     for s in status["sites"].as_array().into_iter().flatten() {
         let (Some(to), Some(back)) = (
             s["key_remaining"].as_u64(),
@@ -359,8 +361,6 @@ fn flow(args: &DemoArgs, dir: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::R
         ) else {
             continue;
         };
-        let mib = |b: u64| b as f64 / (1 << 20) as f64;
-        let sizes = deployment.opts.pool_sizes();
         let (to_total, back_total) = (sizes.a_to_b, sizes.b_to_a);
         println!(
             "  {:<6} home -> site: used {:.1} MiB, {:.1} MiB left; site -> home: used {:.1} MiB, {:.1} MiB left",
