@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::layout::{ShareKey, ShareMeta};
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 use crate::volume::BlockDevice;
 
 /// Fills `out` with bytes determined by (seed, key): a child process can write them and its
@@ -48,8 +48,32 @@ pub const RUN_META: ShareMeta = ShareMeta {
     secret_len: 1 << 20,
 };
 
-/// Store throughput in MB/s (10^6 bytes of share data per second).
+/// The two halves of a store benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Put,
+    Get,
+}
+
+/// One round of a phase: a slice of the shares through the store, and fio over the same number
+/// of bytes right beside it (first in odd rounds, second in even ones), so that the disk's
+/// drift over minutes falls on both alike.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Round {
+    pub phase: Phase,
+    pub shares: u64,
+    pub mbps: f64,
+    pub cpu_mbps: f64,
+    /// fio's write (put) or read (get) over the same bytes, MB/s.
+    pub fio_mbps: Option<f64>,
+    /// fio's write with `--sync=dsync` (put rounds only), MB/s.
+    pub fio_dsync_mbps: Option<f64>,
+}
+
+/// Store throughput in MB/s (10^6 bytes of share data per second), over all rounds: bytes
+/// moved divided by the time the rounds took, fio's likewise.
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct StoreBench {
     pub put_mbps: f64,
     pub get_mbps: f64,
@@ -57,9 +81,20 @@ pub struct StoreBench {
     /// thread): what the put or get costs, which a shared machine's noise moves far less.
     pub put_cpu_mbps: f64,
     pub get_cpu_mbps: f64,
+    pub fio_write_mbps: Option<f64>,
+    pub fio_write_dsync_mbps: Option<f64>,
+    pub fio_read_mbps: Option<f64>,
     pub shares: u64,
     /// The link's key pools were on a tmpfs of huge pages.
     pub key_huge_pages: bool,
+    pub rounds: Vec<Round>,
+}
+
+/// fio as the baseline: its own file (prepared as the volume is, see
+/// [`crate::volume::create_file_volume`]), each round at its own offset in it.
+pub struct FioBaseline<'a> {
+    pub file: &'a Path,
+    pub iodepth: usize,
 }
 
 /// Wall-clock and per-CPU-second MB/s of `f` moving `bytes`.
@@ -71,6 +106,130 @@ fn rates<E>(bytes: u64, f: impl FnOnce() -> Result<(), E>) -> Result<(f64, f64),
     Ok((bytes as f64 / wall / 1e6, bytes as f64 / cpu / 1e6))
 }
 
+/// Runs `op(phase, i, scratch)` for shares `0..count` from `jobs` threads (each with its own
+/// `scratch`, made by `scratch(job)` before timing starts): every put, then every get, each
+/// phase cut into `rounds` slices with fio over the same bytes beside each slice.
+fn drive<S: Send>(
+    count: u64,
+    share_len: usize,
+    jobs: usize,
+    rounds: u64,
+    fio: Option<&FioBaseline<'_>>,
+    scratch: impl Fn(usize) -> S + Sync,
+    op: impl Fn(Phase, u64, &mut S) -> anyhow::Result<()> + Sync,
+) -> anyhow::Result<(Vec<Round>, [Totals; 2])> {
+    let rounds = rounds.clamp(1, count.max(1));
+    let mut scratches: Vec<S> = (0..jobs).map(&scratch).collect();
+    let mut out = Vec::new();
+    let mut totals = [Totals::default(), Totals::default()];
+    for (p, phase) in [Phase::Put, Phase::Get].into_iter().enumerate() {
+        for r in 0..rounds {
+            let (lo, hi) = (count * r / rounds, count * (r + 1) / rounds);
+            let (offset, bytes) = (lo * share_len as u64, (hi - lo) * share_len as u64);
+            let ours = |scratches: &mut Vec<S>| {
+                let next = AtomicU64::new(lo);
+                rates(bytes, || {
+                    std::thread::scope(|s| {
+                        let hs: Vec<_> = scratches
+                            .iter_mut()
+                            .map(|sc| {
+                                let (next, op) = (&next, &op);
+                                s.spawn(move || -> anyhow::Result<()> {
+                                    loop {
+                                        let i = next.fetch_add(1, Ordering::Relaxed);
+                                        if i >= hi {
+                                            return Ok(());
+                                        }
+                                        op(phase, i, sc)?;
+                                    }
+                                })
+                            })
+                            .collect();
+                        hs.into_iter()
+                            .try_for_each(|h| h.join().expect("bench thread"))
+                    })
+                })
+            };
+            let theirs = || -> anyhow::Result<(Option<f64>, Option<f64>)> {
+                let Some(f) = fio else {
+                    return Ok((None, None));
+                };
+                let run = |rw: &str, extra: &[&str]| {
+                    let at = format!("--offset={offset}");
+                    let mut args = vec![at.as_str()];
+                    args.extend_from_slice(extra);
+                    run_fio(f.file, rw, bytes, f.iodepth, &args).map_err(anyhow::Error::msg)
+                };
+                Ok(match phase {
+                    Phase::Put => (
+                        Some(run("write", &[])?),
+                        Some(run("write", &["--sync=dsync"])?),
+                    ),
+                    Phase::Get => (Some(run("read", &[])?), None),
+                })
+            };
+            let ((mbps, cpu_mbps), (fio_mbps, fio_dsync_mbps)) = if r % 2 == 0 {
+                let o = ours(&mut scratches)?;
+                (o, theirs()?)
+            } else {
+                let t = theirs()?;
+                (ours(&mut scratches)?, t)
+            };
+            totals[p].add(bytes, mbps, cpu_mbps, fio_mbps, fio_dsync_mbps);
+            out.push(Round {
+                phase,
+                shares: hi - lo,
+                mbps,
+                cpu_mbps,
+                fio_mbps,
+                fio_dsync_mbps,
+            });
+        }
+    }
+    Ok((out, totals))
+}
+
+/// Seconds summed over rounds, for rates over the whole phase.
+#[derive(Default, Clone, Copy)]
+struct Totals {
+    bytes: f64,
+    secs: f64,
+    cpu_secs: f64,
+    fio_secs: Option<f64>,
+    fio_dsync_secs: Option<f64>,
+}
+
+impl Totals {
+    fn add(&mut self, bytes: u64, mbps: f64, cpu: f64, fio: Option<f64>, dsync: Option<f64>) {
+        let b = bytes as f64 / 1e6;
+        self.bytes += b;
+        self.secs += b / mbps;
+        self.cpu_secs += b / cpu;
+        let sum = |acc: Option<f64>, rate: Option<f64>| rate.map(|r| acc.unwrap_or(0.0) + b / r);
+        self.fio_secs = sum(self.fio_secs, fio);
+        self.fio_dsync_secs = sum(self.fio_dsync_secs, dsync);
+    }
+
+    fn rate(&self, secs: Option<f64>) -> Option<f64> {
+        secs.map(|s| self.bytes / s)
+    }
+}
+
+fn results(rounds: Vec<Round>, [put, get]: [Totals; 2], shares: u64, huge: bool) -> StoreBench {
+    StoreBench {
+        put_mbps: put.bytes / put.secs,
+        get_mbps: get.bytes / get.secs,
+        put_cpu_mbps: put.bytes / put.cpu_secs,
+        get_cpu_mbps: get.bytes / get.cpu_secs,
+        fio_write_mbps: put.rate(put.fio_secs),
+        fio_write_dsync_mbps: put.rate(put.fio_dsync_secs),
+        fio_read_mbps: get.rate(get.fio_secs),
+        shares,
+        key_huge_pages: huge,
+        rounds,
+    }
+}
+
 /// Puts `count` shares of `share_len` bytes from `jobs` threads, then gets (and verifies) them
 /// all, then deletes them. Share contents are made before timing starts.
 pub fn bench_store<D: BlockDevice>(
@@ -78,70 +237,44 @@ pub fn bench_store<D: BlockDevice>(
     count: u64,
     share_len: usize,
     jobs: usize,
-) -> Result<StoreBench, StoreError> {
+    rounds: u64,
+    fio: Option<&FioBaseline<'_>>,
+) -> anyhow::Result<StoreBench> {
     let mut file_id = [0u8; 16];
     getrandom::getrandom(&mut file_id).expect("OS randomness");
-    let templates: Vec<Vec<u8>> = (0..jobs as u64)
-        .map(|j| {
-            let mut v = vec![0u8; share_len];
-            pattern(j, &run_key(file_id, j), &mut v);
-            v
-        })
-        .collect();
-    let run = |phase: u8| -> Result<(f64, f64), StoreError> {
-        let next = AtomicU64::new(0);
-        rates(count * share_len as u64, || {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = (0..jobs)
-                    .map(|j| {
-                        let next = &next;
-                        let tpl = &templates[j];
-                        s.spawn(move || -> Result<(), StoreError> {
-                            loop {
-                                let i = next.fetch_add(1, Ordering::Relaxed);
-                                if i >= count {
-                                    return Ok(());
-                                }
-                                let key = run_key(file_id, i);
-                                match phase {
-                                    0 => {
-                                        let mut b = store.share_buf(share_len);
-                                        b.as_mut_slice().copy_from_slice(tpl);
-                                        b.as_mut_slice()[..8].copy_from_slice(&i.to_le_bytes());
-                                        store.put_buf(key, RUN_META, b)?;
-                                    }
-                                    _ => {
-                                        let d = store.get(&key)?;
-                                        assert_eq!(
-                                            &d.bytes()[..8],
-                                            &i.to_le_bytes(),
-                                            "share {key}"
-                                        );
-                                    }
-                                }
-                            }
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .try_for_each(|h| h.join().expect("bench thread"))
-            })
-        })
+    let template = |j: usize| {
+        let mut v = vec![0u8; share_len];
+        pattern(j as u64, &run_key(file_id, j as u64), &mut v);
+        v
     };
-    let (put_mbps, put_cpu_mbps) = run(0)?;
-    let (get_mbps, get_cpu_mbps) = run(1)?;
+    let (rounds, totals) = drive(
+        count,
+        share_len,
+        jobs,
+        rounds,
+        fio,
+        template,
+        |phase, i, tpl| {
+            let key = run_key(file_id, i);
+            match phase {
+                Phase::Put => {
+                    let mut b = store.share_buf(share_len);
+                    b.as_mut_slice().copy_from_slice(tpl);
+                    b.as_mut_slice()[..8].copy_from_slice(&i.to_le_bytes());
+                    store.put_buf(key, RUN_META, b)?;
+                }
+                Phase::Get => {
+                    let d = store.get(&key)?;
+                    anyhow::ensure!(d.bytes()[..8] == i.to_le_bytes(), "share {key} differs");
+                }
+            }
+            Ok(())
+        },
+    )?;
     for i in 0..count {
         store.delete(&run_key(file_id, i))?;
     }
-    Ok(StoreBench {
-        put_mbps,
-        get_mbps,
-        put_cpu_mbps,
-        get_cpu_mbps,
-        shares: count,
-        key_huge_pages: false,
-    })
+    Ok(results(rounds, totals, count, false))
 }
 
 /// fio's result for one job, in MB/s.
@@ -197,6 +330,8 @@ pub fn bench_daemon<D: BlockDevice>(
     count: u64,
     share_len: usize,
     jobs: usize,
+    rounds: u64,
+    fio: Option<&FioBaseline<'_>>,
     key_root: &Path,
 ) -> anyhow::Result<StoreBench> {
     use crate::config::{LinkConfig, LinkEnd};
@@ -274,56 +409,40 @@ pub fn bench_daemon<D: BlockDevice>(
         };
         let mut tpl = vec![0u8; share_len];
         pattern(1, &run_key(file, 0), &mut tpl);
-        let run = |phase: u8| -> anyhow::Result<(f64, f64)> {
-            let next = AtomicU64::new(0);
-            rates(count * share_len as u64, || {
-                std::thread::scope(|s| {
-                    let hs: Vec<_> = (0..jobs)
-                        .map(|_| {
-                            s.spawn(|| -> anyhow::Result<()> {
-                                let mut data = tpl.clone();
-                                // Gets land in one buffer per thread, as the engine's reads do.
-                                let mut got = Vec::new();
-                                loop {
-                                    let i = next.fetch_add(1, Ordering::Relaxed);
-                                    if i >= count {
-                                        return Ok(());
-                                    }
-                                    if phase == 0 {
-                                        data[..8].copy_from_slice(&i.to_le_bytes());
-                                        client.put(&key(i), &meta, &data)?;
-                                    } else {
-                                        client.get_into(&key(i), &mut got)?;
-                                        anyhow::ensure!(
-                                            got.len() == share_len && got[..8] == i.to_le_bytes(),
-                                            "share {i} differs"
-                                        );
-                                    }
-                                }
-                            })
-                        })
-                        .collect();
-                    hs.into_iter()
-                        .try_for_each(|h| h.join().expect("bench thread"))
-                })
-            })
-        };
-        let (put_mbps, put_cpu_mbps) = run(0)?;
-        let (get_mbps, get_cpu_mbps) = run(1)?;
+        // Puts send one buffer per thread, stamped with the share's number; gets land in
+        // one buffer per thread, as the engine's reads do.
+        let scratch = |_| (tpl.clone(), Vec::new());
+        let (rounds, totals) = drive(
+            count,
+            share_len,
+            jobs,
+            rounds,
+            fio,
+            scratch,
+            |phase, i, (data, got)| {
+                match phase {
+                    Phase::Put => {
+                        data[..8].copy_from_slice(&i.to_le_bytes());
+                        client.put(&key(i), &meta, data)?;
+                    }
+                    Phase::Get => {
+                        client.get_into(&key(i), got)?;
+                        anyhow::ensure!(
+                            got.len() == share_len && got[..8] == i.to_le_bytes(),
+                            "share {i} differs"
+                        );
+                    }
+                }
+                Ok(())
+            },
+        )?;
         for i in 0..count {
             client.delete(&key(i))?;
         }
         drop(client);
         let _ = stop_tx.send(());
         rt.block_on(handle)??;
-        Ok(StoreBench {
-            put_mbps,
-            get_mbps,
-            put_cpu_mbps,
-            get_cpu_mbps,
-            shares: count,
-            key_huge_pages: huge.is_some(),
-        })
+        Ok(results(rounds, totals, count, huge.is_some()))
     })();
     drop(huge);
     let _ = std::fs::remove_dir_all(&work);

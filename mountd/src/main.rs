@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use qgenome_mountd::bench::{bench_store, pattern, run_fio, run_key, RUN_META};
+use qgenome_mountd::bench::{bench_store, pattern, run_key, FioBaseline, RUN_META};
 use qgenome_mountd::config::parse_size;
 use qgenome_mountd::store::{FormatOptions, Store, StoreOptions};
 use qgenome_mountd::volume::{
@@ -98,6 +98,10 @@ enum Cmd {
         /// Skip the fio baseline.
         #[arg(long)]
         no_fio: bool,
+        /// Each phase is cut into this many slices, each measured right beside fio over the
+        /// same bytes, alternating which goes first, so the disk's drift falls on both alike.
+        #[arg(long, default_value_t = 4)]
+        rounds: u64,
         /// Measure the store directly instead of through the server over sealed TCP.
         #[arg(long)]
         direct: bool,
@@ -232,12 +236,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             share_size,
             jobs,
             no_fio,
+            rounds,
             direct,
             key_dir,
             json,
         } => {
             let via = (!direct).then_some(key_dir.as_path());
-            bench(&vol, size, share_size, jobs.max(1), no_fio, via, json)?;
+            let run = BenchRun {
+                size,
+                share_size,
+                jobs: jobs.max(1),
+                rounds,
+                no_fio,
+            };
+            bench(&vol, &run, via, json)?;
         }
         Cmd::Stress {
             vol,
@@ -360,15 +372,23 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-fn bench(
-    vol: &VolumeArgs,
+/// What `qgenome-mountd bench` moves, and how.
+struct BenchRun {
     size: u64,
     share_size: u64,
     jobs: usize,
+    rounds: u64,
     no_fio: bool,
-    via_daemon: Option<&Path>,
-    json: bool,
-) -> Result<()> {
+}
+
+fn bench(vol: &VolumeArgs, run: &BenchRun, via_daemon: Option<&Path>, json: bool) -> Result<()> {
+    let &BenchRun {
+        size,
+        share_size,
+        jobs,
+        rounds,
+        no_fio,
+    } = run;
     let count = size / share_size;
     if count == 0 {
         bail!("--size must be at least one share");
@@ -393,37 +413,46 @@ fn bench(
     )?;
     let fixed = store.device().has_fixed_buffers();
     let kind = store.device().kind();
+    // fio's file is made as the volume is (allocated and written with zeros), and each round
+    // of fio writes and reads its own slice of it, as that round's shares take theirs.
+    let fio_file = (!no_fio && kind != VolumeKind::BlockDevice)
+        .then(|| sibling(&vol.volume, ".fio"))
+        .map(|f| {
+            let _ = std::fs::remove_file(&f);
+            create_file_volume(&f, count * share_size, true).map(|_| f)
+        })
+        .transpose()?;
+    let fio = fio_file.as_deref().map(|file| FioBaseline {
+        file,
+        iodepth: jobs,
+    });
     let r = match via_daemon {
-        None => bench_store(&store, count, share_size as usize, jobs)?,
-        Some(keys) => {
-            qgenome_mountd::bench::bench_daemon(store, count, share_size as usize, jobs, keys)?
-        }
+        None => bench_store(
+            &store,
+            count,
+            share_size as usize,
+            jobs,
+            rounds,
+            fio.as_ref(),
+        ),
+        Some(keys) => qgenome_mountd::bench::bench_daemon(
+            store,
+            count,
+            share_size as usize,
+            jobs,
+            rounds,
+            fio.as_ref(),
+            keys,
+        ),
     };
-    let fio = if no_fio || kind == VolumeKind::BlockDevice {
-        None
-    } else {
-        let f = sibling(&vol.volume, ".fio");
-        let bytes = count * share_size;
-        let w = run_fio(&f, "write", bytes, jobs, &[]);
-        let rd = w
-            .as_ref()
-            .ok()
-            .map(|_| run_fio(&f, "read", bytes, jobs, &[]));
-        let wd = w
-            .as_ref()
-            .ok()
-            .map(|_| run_fio(&f, "write", bytes, jobs, &["--sync=dsync"]));
-        let _ = std::fs::remove_file(&f);
-        Some((
-            w.map_err(anyhow::Error::msg)?,
-            rd.transpose().map_err(anyhow::Error::msg)?,
-            wd.transpose().map_err(anyhow::Error::msg)?,
-        ))
-    };
+    if let Some(f) = &fio_file {
+        let _ = std::fs::remove_file(f);
+    }
     if created {
         let _ = std::fs::remove_file(&vol.volume);
         let _ = std::fs::remove_dir_all(&dir);
     }
+    let r = r?;
     let mut out = serde_json::json!({
         "put_mbps": r.put_mbps,
         "get_mbps": r.get_mbps,
@@ -436,13 +465,14 @@ fn bench(
         "durability": vol.durability,
         "fixed_buffers": fixed,
         "path": if via_daemon.is_some() { "daemon-tcp-sealed" } else { "store-direct" },
+        "rounds": r.rounds,
     });
-    if let Some((w, rd, wd)) = fio {
+    if let (Some(w), Some(rd)) = (r.fio_write_mbps, r.fio_read_mbps) {
         out["fio_write_mbps"] = w.into();
-        out["fio_read_mbps"] = rd.unwrap_or(f64::NAN).into();
-        out["fio_write_dsync_mbps"] = wd.unwrap_or(f64::NAN).into();
+        out["fio_read_mbps"] = rd.into();
+        out["fio_write_dsync_mbps"] = r.fio_write_dsync_mbps.into();
         out["put_vs_fio_write"] = (r.put_mbps / w).into();
-        out["get_vs_fio_read"] = rd.map_or(f64::NAN, |rd| r.get_mbps / rd).into();
+        out["get_vs_fio_read"] = (r.get_mbps / rd).into();
     }
     if json {
         println!("{out}");

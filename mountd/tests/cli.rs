@@ -166,3 +166,77 @@ fn rebuild_index_cli_restores_a_lost_index() {
         );
     }
 }
+
+/// `bench` through the daemon: each phase in rounds, fio over the same bytes beside each round,
+/// and nothing left behind (volume, index, fio's file, key pools).
+#[test]
+fn bench_measures_rounds_beside_fio_and_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("bench.vol");
+    let keys = dir.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    let out = mountd()
+        .args([
+            "bench", "--size", "16M", "--rounds", "2", "--json", "--volume",
+        ])
+        .arg(&vol)
+        .arg("--key-dir")
+        .arg(&keys)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let j: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(j["path"], "daemon-tcp-sealed");
+    for key in [
+        "put_mbps",
+        "get_mbps",
+        "fio_write_mbps",
+        "fio_read_mbps",
+        "fio_write_dsync_mbps",
+    ] {
+        assert!(j[key].as_f64().unwrap() > 0.0, "{key} in {j}");
+    }
+    let rounds = j["rounds"].as_array().unwrap();
+    let phases: Vec<&str> = rounds
+        .iter()
+        .map(|r| r["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(phases, ["put", "put", "get", "get"]);
+    for phase in ["put", "get"] {
+        let shares: u64 = rounds
+            .iter()
+            .filter(|r| r["phase"] == phase)
+            .map(|r| r["shares"].as_u64().unwrap())
+            .sum();
+        assert_eq!(shares, 16, "{phase} rounds cover every share once");
+    }
+    assert!(rounds.iter().all(|r| r["fio_mbps"].as_f64().unwrap() > 0.0));
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["keys"], "the bench left files behind");
+    assert_eq!(std::fs::read_dir(&keys).unwrap().count(), 0);
+
+    // The store directly, without fio: no baseline keys, the same rounds.
+    let out = mountd()
+        .args([
+            "bench", "--direct", "--no-fio", "--size", "8M", "--rounds", "3",
+        ])
+        .args(["--json", "--volume"])
+        .arg(&vol)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let j: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(j["path"], "store-direct");
+    assert!(j.get("fio_write_mbps").is_none(), "{j}");
+    assert_eq!(j["rounds"].as_array().unwrap().len(), 6);
+}
