@@ -472,6 +472,8 @@ fn bench(vol: &VolumeArgs, run: &BenchRun, via_daemon: Option<&Path>, json: bool
         out["fio_read_mbps"] = rd.into();
         out["fio_write_dsync_mbps"] = r.fio_write_dsync_mbps.into();
         out["put_vs_fio_write"] = (r.put_mbps / w).into();
+        // A put is durable when acknowledged; fio's plain write is not.
+        out["put_vs_fio_write_dsync"] = r.fio_write_dsync_mbps.map(|d| r.put_mbps / d).into();
         out["get_vs_fio_read"] = (r.get_mbps / rd).into();
     }
     if json {

@@ -195,6 +195,9 @@ fn bench_measures_rounds_beside_fio_and_leaves_nothing_behind() {
         "fio_write_mbps",
         "fio_read_mbps",
         "fio_write_dsync_mbps",
+        "put_vs_fio_write",
+        "put_vs_fio_write_dsync",
+        "get_vs_fio_read",
     ] {
         assert!(j[key].as_f64().unwrap() > 0.0, "{key} in {j}");
     }
