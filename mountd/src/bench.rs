@@ -57,8 +57,8 @@ pub enum Phase {
 }
 
 /// One round of a phase: a slice of the shares through the store, and fio over the same number
-/// of bytes right beside it (first in odd rounds, second in even ones), so that the disk's
-/// drift over minutes falls on both alike.
+/// of bytes right beside it (after the slice in the first, third... round, before it in the
+/// others), so that the disk's drift over minutes falls on both alike.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Round {
     pub phase: Phase,
@@ -343,13 +343,19 @@ pub fn bench_daemon<D: BlockDevice>(
     let window = 64 << 20;
     let frames = count + 1024;
     let key_len = count * share_len as u64 + frames * 256 + 4 * window;
-    std::fs::create_dir_all(&work)?;
+    std::fs::create_dir_all(&work).map_err(|e| {
+        anyhow::anyhow!(
+            "--key-dir {}: cannot make the bench's key directory {}: {e}",
+            key_root.display(),
+            work.display()
+        )
+    })?;
     // Pools in RAM go on a tmpfs of huge pages, as a deployment keeping them in RAM should
     // (see qgenome::keys::tmpfs): four of them, both directions at both ends.
     let huge = qgenome::keys::tmpfs::HugeTmpfs::over_tmpfs(&work, 4 * key_len + (64 << 20));
-    std::fs::create_dir_all(&a)?;
-    std::fs::create_dir_all(&b)?;
     let res = (|| -> anyhow::Result<StoreBench> {
+        std::fs::create_dir_all(&a)?;
+        std::fs::create_dir_all(&b)?;
         qgenome::keys::pool::provision("bench", key_len, &a, &b)?;
         let link = LinkConfig {
             name: "bench".into(),

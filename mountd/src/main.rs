@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use qgenome_mountd::bench::{bench_store, pattern, run_key, FioBaseline, RUN_META};
+use qgenome_mountd::bench::{bench_store, pattern, run_key, FioBaseline, StoreBench, RUN_META};
 use qgenome_mountd::config::parse_size;
 use qgenome_mountd::store::{FormatOptions, Store, StoreOptions};
 use qgenome_mountd::volume::{
@@ -393,66 +393,64 @@ fn bench(vol: &VolumeArgs, run: &BenchRun, via_daemon: Option<&Path>, json: bool
     if count == 0 {
         bail!("--size must be at least one share");
     }
-    let mut created = false;
-    if !vol.volume.exists() {
-        // Room for the shares, their header blocks and the superblock.
-        let need = count * (share_size + 64 * 1024) + (64 << 20);
-        create_file_volume(&vol.volume, need, true)?;
-        let dev = vol.open_volume()?;
-        Store::format(&dev, "bench", &FormatOptions::default())?;
-        created = true;
-    }
-    let dir = vol.state_dir()?;
-    let store = Store::open(
-        vol.open_volume()?,
-        &dir,
-        StoreOptions {
-            max_share_len: share_size.max(1 << 20),
-            ..StoreOptions::default()
-        },
-    )?;
-    let fixed = store.device().has_fixed_buffers();
-    let kind = store.device().kind();
-    // fio's file is made as the volume is (allocated and written with zeros), and each round
-    // of fio writes and reads its own slice of it, as that round's shares take theirs.
-    let fio_file = (!no_fio && kind != VolumeKind::BlockDevice)
-        .then(|| sibling(&vol.volume, ".fio"))
-        .map(|f| {
-            let _ = std::fs::remove_file(&f);
-            create_file_volume(&f, count * share_size, true).map(|_| f)
-        })
-        .transpose()?;
-    let fio = fio_file.as_deref().map(|file| FioBaseline {
-        file,
-        iodepth: jobs,
-    });
-    let r = match via_daemon {
-        None => bench_store(
-            &store,
-            count,
-            share_size as usize,
-            jobs,
-            rounds,
-            fio.as_ref(),
-        ),
-        Some(keys) => qgenome_mountd::bench::bench_daemon(
-            store,
-            count,
-            share_size as usize,
-            jobs,
-            rounds,
-            fio.as_ref(),
-            keys,
-        ),
-    };
-    if let Some(f) = &fio_file {
-        let _ = std::fs::remove_file(f);
+    // Whatever this bench creates (a volume and its index when none was given, fio's file)
+    // it removes, whether the measurement succeeds or not.
+    let created = !vol.volume.exists();
+    let fio_path = sibling(&vol.volume, ".fio");
+    let mut made_fio = false;
+    let measured = (|| -> Result<(StoreBench, bool)> {
+        if created {
+            // Room for the shares, their header blocks and the superblock.
+            let need = count * (share_size + 64 * 1024) + (64 << 20);
+            create_file_volume(&vol.volume, need, true)?;
+            let dev = vol.open_volume()?;
+            Store::format(&dev, "bench", &FormatOptions::default())?;
+        }
+        let store = Store::open(
+            vol.open_volume()?,
+            &vol.state_dir()?,
+            StoreOptions {
+                max_share_len: share_size.max(1 << 20),
+                ..StoreOptions::default()
+            },
+        )?;
+        let fixed = store.device().has_fixed_buffers();
+        // fio's file is made as the volume is (allocated and written with zeros), and each
+        // round of fio writes and reads its own slice of it, as that round's shares take theirs.
+        if !no_fio && store.device().kind() != VolumeKind::BlockDevice {
+            let _ = std::fs::remove_file(&fio_path);
+            made_fio = true;
+            create_file_volume(&fio_path, count * share_size, true)?;
+        }
+        let fio = made_fio.then(|| FioBaseline {
+            file: &fio_path,
+            iodepth: jobs,
+        });
+        let share_len = share_size as usize;
+        let r = match via_daemon {
+            None => bench_store(&store, count, share_len, jobs, rounds, fio.as_ref())?,
+            Some(keys) => qgenome_mountd::bench::bench_daemon(
+                store,
+                count,
+                share_len,
+                jobs,
+                rounds,
+                fio.as_ref(),
+                keys,
+            )?,
+        };
+        Ok((r, fixed))
+    })();
+    if made_fio {
+        let _ = std::fs::remove_file(&fio_path);
     }
     if created {
         let _ = std::fs::remove_file(&vol.volume);
-        let _ = std::fs::remove_dir_all(&dir);
+        if let Ok(dir) = vol.state_dir() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
-    let r = r?;
+    let (r, fixed) = measured?;
     let mut out = serde_json::json!({
         "put_mbps": r.put_mbps,
         "get_mbps": r.get_mbps,

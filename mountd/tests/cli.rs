@@ -167,6 +167,15 @@ fn rebuild_index_cli_restores_a_lost_index() {
     }
 }
 
+/// The JSON report on the last line of a command that succeeded.
+fn json_report(out: &std::process::Output) -> serde_json::Value {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().expect("a report on stdout");
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {last}"))
+}
+
 /// `bench` through the daemon: each phase in rounds, fio over the same bytes beside each round,
 /// and nothing left behind (volume, index, fio's file, key pools).
 #[test]
@@ -184,10 +193,7 @@ fn bench_measures_rounds_beside_fio_and_leaves_nothing_behind() {
         .arg(&keys)
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let j: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let j = json_report(&out);
     assert_eq!(j["path"], "daemon-tcp-sealed");
     for key in [
         "put_mbps",
@@ -223,6 +229,36 @@ fn bench_measures_rounds_beside_fio_and_leaves_nothing_behind() {
     assert_eq!(left, ["keys"], "the bench left files behind");
     assert_eq!(std::fs::read_dir(&keys).unwrap().count(), 0);
 
+    // A key directory that cannot be used: the error names it, and the volume, its index and
+    // fio's file made before the failure are gone too.
+    let not_a_dir = dir.path().join("keys-file");
+    std::fs::write(&not_a_dir, b"").unwrap();
+    let out = mountd()
+        .args([
+            "bench", "--size", "4M", "--rounds", "1", "--json", "--volume",
+        ])
+        .arg(&vol)
+        .arg("--key-dir")
+        .arg(&not_a_dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--key-dir") && stderr.contains("keys-file"),
+        "{stderr}"
+    );
+    let mut left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        ["keys", "keys-file"],
+        "a failed bench left files behind"
+    );
+
     // The store directly, without fio: no baseline keys, the same rounds.
     let out = mountd()
         .args([
@@ -232,13 +268,7 @@ fn bench_measures_rounds_beside_fio_and_leaves_nothing_behind() {
         .arg(&vol)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let j: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let j = json_report(&out);
     assert_eq!(j["path"], "store-direct");
     assert!(j.get("fio_write_mbps").is_none(), "{j}");
     assert_eq!(j["rounds"].as_array().unwrap().len(), 6);
