@@ -336,6 +336,7 @@ pub fn bench_daemon<D: BlockDevice>(
 ) -> anyhow::Result<StoreBench> {
     use crate::config::{LinkConfig, LinkEnd};
     use crate::server::{LinkEnds, Listeners, Server, ServerLimits};
+    use anyhow::Context;
     use qgenome::sites::{LinkKeys, MountdSite, ShareKey as WKey, ShareMeta as WMeta, ShareSite};
     use std::sync::Arc;
     let work = key_root.join(format!("qgenome-bench-keys-{}", std::process::id()));
@@ -343,9 +344,9 @@ pub fn bench_daemon<D: BlockDevice>(
     let window = 64 << 20;
     let frames = count + 1024;
     let key_len = count * share_len as u64 + frames * 256 + 4 * window;
-    std::fs::create_dir_all(&work).map_err(|e| {
-        anyhow::anyhow!(
-            "--key-dir {}: cannot make the bench's key directory {}: {e}",
+    std::fs::create_dir_all(&work).with_context(|| {
+        format!(
+            "--key-dir {}: cannot make the bench's key directory {}",
             key_root.display(),
             work.display()
         )
