@@ -258,3 +258,80 @@ fn reads_prefer_the_link_with_the_most_reply_key_left() {
     );
     assert!(gets(&b) >= 10, "{} shares fetched from b", gets(&b));
 }
+
+/// A site that runs a hook (here: ending the patient's consent) on every share fetched.
+struct Revoking {
+    inner: MemSite,
+    on_get: std::sync::Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    gets: AtomicUsize,
+}
+
+impl ShareSite for Revoking {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn put(&self, key: &ShareKey, meta: &ShareMeta, data: &[u8]) -> Result<(), SiteError> {
+        self.inner.put(key, meta, data)
+    }
+    fn get(&self, key: &ShareKey) -> Result<Vec<u8>, SiteError> {
+        self.gets.fetch_add(1, Ordering::SeqCst);
+        if let Some(hook) = self.on_get.lock().unwrap().as_ref() {
+            hook();
+        }
+        self.inner.get(key)
+    }
+    fn delete(&self, key: &ShareKey) -> Result<(), SiteError> {
+        self.inner.delete(key)
+    }
+    fn list_shares(&self, after: Option<ShareKey>) -> Result<SharePage, SiteError> {
+        self.inner.list_shares(after)
+    }
+}
+
+/// Consent checked when a read starts is not enough: a consent that ends while the chunks are
+/// fetched (revoked, card pulled) gets the read EACCES and no data, and leaves nothing cached.
+#[test]
+fn a_consent_that_ends_during_a_read_returns_no_data() {
+    let revoking = Arc::new(Revoking {
+        inner: MemSite::new("b"),
+        on_get: Default::default(),
+        gets: Default::default(),
+    });
+    // k = n: every read fetches a share from every site, the revoking one included.
+    let sites: Vec<Arc<dyn ShareSite>> = vec![
+        Arc::new(MemSite::new("home")),
+        Arc::new(MemSite::new("a")),
+        revoking.clone(),
+    ];
+    let (_dir, engine) = engine_over(3, sites);
+    let data = random(3 * (64 << 10) + 5);
+    write(&engine, "v.cram", &data).unwrap();
+    let rec = engine.catalog.file("P0001", "v.cram").unwrap().unwrap();
+    let chunks = engine.catalog.chunks(&rec.id).unwrap();
+    engine.consent.grant("P0001", None, "test");
+    let weak = Arc::downgrade(&engine);
+    *revoking.on_get.lock().unwrap() = Some(Box::new(move || {
+        if let Some(e) = weak.upgrade() {
+            e.consent.end("P0001", "test: revoked mid-read");
+        }
+    }));
+    let err = engine.read(&rec, &chunks, 0, 100_000).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::Consent(qgenome::consent::ConsentError::Ended { .. })
+        ),
+        "{err}"
+    );
+    assert_eq!(err.errno(), libc::EACCES);
+    assert!(err.to_string().contains("P0001"), "{err}");
+    // Nothing was kept: under a new consent the chunks are fetched again.
+    *revoking.on_get.lock().unwrap() = None;
+    let before = revoking.gets.load(Ordering::SeqCst);
+    engine.consent.grant("P0001", None, "test");
+    assert_eq!(read_all(&engine, "v.cram").unwrap(), data);
+    assert!(
+        revoking.gets.load(Ordering::SeqCst) >= before + chunks.len(),
+        "a chunk rebuilt after the consent ended was served from the cache"
+    );
+}

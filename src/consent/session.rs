@@ -31,6 +31,10 @@ pub enum ConsentError {
     ShuttingDown { patient: String },
     #[error("the reader of patient {patient}'s file gave up (a fatal signal is pending)")]
     Abandoned { patient: String },
+    #[error(
+        "consent for patient {patient} ended while the read was being served; no data returned"
+    )]
+    Ended { patient: String },
 }
 
 /// Whether thread `tid` has a pending signal that will kill it (pending, neither caught nor

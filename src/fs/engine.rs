@@ -530,6 +530,14 @@ impl Engine {
             parts.push((data, from..to));
             last_index = Some(index);
         }
+        // Consent was active when the read began; it may have ended (revoked, card pulled)
+        // while the chunks were fetched. Data goes back only if it is still active now.
+        if !self.consent.is_active(&rec.patient) {
+            return Err(ConsentError::Ended {
+                patient: rec.patient.clone(),
+            }
+            .into());
+        }
         Ok(ReadData { parts })
     }
 
@@ -556,11 +564,13 @@ impl Engine {
         index: u64,
         chunk: &ChunkRecord,
     ) -> Result<Arc<Plain>, EngineError> {
-        self.cache.get_or_fetch((rec.id, index), &rec.patient, || {
-            let data = self.core.fetch(rec, index, chunk)?;
+        self.cache.get_or_fetch(
+            (rec.id, index),
+            &rec.patient,
+            || self.core.fetch(rec, index, chunk),
             // A consent that ended during the fetch must not leave plaintext in the cache.
-            Ok((data, self.consent.is_active(&rec.patient)))
-        })
+            || self.consent.is_active(&rec.patient),
+        )
     }
 
     /// Delete a version's shares from every site, then its catalog records. Errors are logged:
@@ -1215,13 +1225,16 @@ impl ChunkCache {
         inner.map.contains_key(key) || inner.fetching.contains(key)
     }
 
-    /// The cached chunk, or `fetch()`'s (only one fetch per chunk at a time). `fetch` also
-    /// says whether the result may be kept.
+    /// The cached chunk, or `fetch()`'s (only one fetch per chunk at a time). A fetched chunk
+    /// is kept only if `keep()` says so, asked under the cache lock: a consent's end removes
+    /// the grant before its wipe takes that lock, so a chunk is either refused here or wiped
+    /// there, never left behind.
     fn get_or_fetch(
         &self,
         key: CacheKey,
         patient: &str,
-        fetch: impl FnOnce() -> Result<(Plain, bool), EngineError>,
+        fetch: impl FnOnce() -> Result<Plain, EngineError>,
+        keep: impl FnOnce() -> bool,
     ) -> Result<Arc<Plain>, EngineError> {
         let mut inner = self.inner.lock().expect("cache");
         loop {
@@ -1247,9 +1260,8 @@ impl ChunkCache {
         let mut inner = self.inner.lock().expect("cache");
         inner.fetching.remove(&key);
         self.ready.notify_all();
-        let (data, keep) = result?;
-        let data = Arc::new(data);
-        if keep && data.len() <= self.budget {
+        let data = Arc::new(result?);
+        if data.len() <= self.budget && keep() {
             inner.bytes += data.len();
             let used = inner.tick;
             inner.map.insert(
