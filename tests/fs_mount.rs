@@ -275,6 +275,42 @@ fn a_read_blocks_until_consent_while_listings_and_other_writes_go_on() {
     assert_eq!(reader.join().unwrap().unwrap(), data);
 }
 
+/// Opens waiting for one patient's consent, more of them than the mount has workers, hold up
+/// no other patient's reads.
+#[test]
+fn many_reads_waiting_for_consent_hold_up_no_other_patients_reads() {
+    let rig = Rig::new(60);
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i * 13 % 241) as u8).collect();
+    for (p, f) in [("W1", "a.cram"), ("W2", "b.cram")] {
+        std::fs::create_dir(rig.mnt.join(p)).unwrap();
+        std::fs::write(rig.mnt.join(p).join(f), &data).unwrap();
+    }
+    rig.grant("W2");
+    // The mount answers opens and reads on 16 workers.
+    let waiting: Vec<_> = (0..24)
+        .map(|_| {
+            let path = rig.mnt.join("W1/a.cram");
+            std::thread::spawn(move || std::fs::read(path))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        waiting.iter().all(|w| !w.is_finished()),
+        "a read returned before consent"
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = rig.mnt.join("W2/b.cram");
+    std::thread::spawn(move || tx.send(std::fs::read(path)));
+    let got = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a read under consent stalled behind reads waiting for another patient's");
+    assert_eq!(got.unwrap(), data);
+    rig.grant("W1");
+    for w in waiting {
+        assert_eq!(w.join().unwrap().unwrap(), data);
+    }
+}
+
 #[test]
 fn past_the_wait_limit_a_read_fails_with_eacces() {
     let rig = Rig::new(1);

@@ -1,12 +1,13 @@
 //! The `/qgenome` tree over FUSE: `/<patient>/<file>`.
 //!
 //! Every open uses FOPEN_DIRECT_IO: no plaintext lingers in the kernel page cache where a read
-//! without consent could find it, and writes arrive in large requests. Opens and reads that may
-//! wait for consent are answered later from a worker pool, so a blocked reader never holds up
-//! listings, other patients' writes, or the request loops.
+//! without consent could find it, and writes arrive in large requests. Opens and reads are
+//! answered later, off the request loops: on a worker pool while the patient's consent is
+//! active, and on a thread of their own while they wait for it, so a blocked reader never holds
+//! up listings, other patients' reads and writes, or the request loops.
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,6 +20,7 @@ use fuser::{
 
 use super::engine::{Engine, EngineError, FileWriter};
 use crate::catalog::{ChunkRecord, FileRecord};
+use crate::consent::Consent;
 
 const ROOT: u64 = 1;
 const DIR_TTL: Duration = Duration::from_secs(1);
@@ -74,6 +76,9 @@ enum Handle {
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// Most opens and reads waiting for consent on threads of their own at once.
+const MAX_WAITERS: usize = 1024;
+
 #[derive(Default)]
 struct WriterProcs {
     tgids: std::collections::HashSet<u32>,
@@ -98,7 +103,7 @@ type SharedWriter = Arc<Mutex<Option<FileWriter>>>;
 pub struct QgenomeFs {
     engine: Arc<Engine>,
     inodes: Mutex<Inodes>,
-    handles: Mutex<HashMap<u64, Handle>>,
+    handles: Arc<Mutex<HashMap<u64, Handle>>>,
     /// Open writers by (patient, name), so the file shows up while it is written.
     writing: Mutex<HashMap<(String, String), SharedWriter>>,
     next_fh: AtomicU64,
@@ -106,6 +111,8 @@ pub struct QgenomeFs {
     /// of thread id -> thread-group id. Only their FLUSH commits (see `flush`).
     writer_procs: Mutex<HashMap<u64, WriterProcs>>,
     workers: Mutex<mpsc::Sender<Job>>,
+    /// Opens and reads waiting for consent on threads of their own (at most [`MAX_WAITERS`]).
+    waiters: Arc<AtomicUsize>,
     uid: u32,
     gid: u32,
 }
@@ -145,11 +152,12 @@ impl QgenomeFs {
         Self {
             engine,
             inodes: Mutex::new(inodes),
-            handles: Mutex::new(HashMap::new()),
+            handles: Arc::new(Mutex::new(HashMap::new())),
             writing: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             writer_procs: Mutex::new(HashMap::new()),
             workers: Mutex::new(tx),
+            waiters: Arc::new(AtomicUsize::new(0)),
             uid: nix::unistd::getuid().as_raw(),
             gid: nix::unistd::getgid().as_raw(),
         }
@@ -158,6 +166,36 @@ impl QgenomeFs {
     fn spawn(&self, job: impl FnOnce() + Send + 'static) {
         let tx = self.workers.lock().expect("workers").clone();
         let _ = tx.send(Box::new(job));
+    }
+
+    /// Run `job`, an open or read of one of `patient`'s files (which waits for consent), off
+    /// the request loops: on the worker pool while the consent is active, else on a thread of
+    /// its own, so that requests waiting for a consent never take up the pool that serves the
+    /// patients who gave theirs. Past [`MAX_WAITERS`] waiting at once, the pool takes them.
+    fn spawn_for(&self, patient: &str, job: impl FnOnce() + Send + 'static) {
+        if self.engine.consent.is_active(patient) {
+            return self.spawn(job);
+        }
+        let waiters = self.waiters.clone();
+        if waiters.fetch_add(1, Ordering::SeqCst) >= MAX_WAITERS {
+            waiters.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(
+                "{MAX_WAITERS} requests already wait for consent; patient {patient}'s waits on the worker pool"
+            );
+            return self.spawn(job);
+        }
+        let spawned = std::thread::Builder::new()
+            .name("fs-consent-wait".into())
+            .spawn(move || {
+                job();
+                waiters.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            // The job (and its reply) went with the failed spawn: fuser answers a dropped
+            // reply with EIO.
+            self.waiters.fetch_sub(1, Ordering::SeqCst);
+            tracing::error!("patient {patient}: no thread to wait for consent on: {e}");
+        }
     }
 
     fn node(&self, ino: INodeNo) -> Option<Node> {
@@ -523,7 +561,9 @@ impl Filesystem for QgenomeFs {
             chunks,
         });
         let tid = req.pid();
-        self.spawn(move || {
+        let handles = self.handles.clone();
+        let patient = rec.patient.clone();
+        self.spawn_for(&patient, move || {
             let abandoned = || crate::consent::session::fatal_signal_pending(tid);
             let limit = engine.config().consent_wait;
             match engine.consent.wait_unless(&rec.patient, limit, &abandoned) {
@@ -538,6 +578,8 @@ impl Filesystem for QgenomeFs {
                     reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
                 }
                 Err(e) => {
+                    // A failed open gets no RELEASE: its handle goes now.
+                    handles.lock().expect("handles").remove(&fh);
                     tracing::warn!("open {}/{}: {e}", rec.patient, rec.name);
                     reply.error(errno(&e.into()))
                 }
@@ -563,7 +605,8 @@ impl Filesystem for QgenomeFs {
         };
         let engine = self.engine.clone();
         let tid = req.pid();
-        self.spawn(move || {
+        let patient = rec.patient.clone();
+        self.spawn_for(&patient, move || {
             match engine.read_unless(&rec, &chunks, offset, size as usize, &|| {
                 crate::consent::session::fatal_signal_pending(tid)
             }) {
