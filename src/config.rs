@@ -183,7 +183,22 @@ impl HomeConfig {
                 ),
             ));
         }
-        self.chunk_bytes()?;
+        if !(1..=86_400).contains(&self.consent_wait_secs) {
+            return Err(self.invalid("consent_wait_secs", "must be between 1 and 86400 (a day)"));
+        }
+        let chunk = self.chunk_bytes()?;
+        let share = crate::sharing::Scheme::new(k, n)
+            .map_err(|e| self.invalid("scheme", e.to_string()))?
+            .share_len(chunk);
+        if share > crate::wire::msg::MAX_DATA {
+            return Err(self.invalid(
+                "chunk_size",
+                format!(
+                    "under ({k},{n}) a chunk of {chunk} bytes makes shares of {share} bytes, more than the {} a site accepts; use at most 15M",
+                    crate::wire::msg::MAX_DATA
+                ),
+            ));
+        }
         self.cache_bytes()?;
         for (i, s) in self.sites.iter().enumerate() {
             let key = |f: &str| format!("site[{i}].{f}");
@@ -234,8 +249,16 @@ impl HomeConfig {
             if !matches!(card.mode.as_str(), "until-removed" | "expiry") {
                 return Err(self.invalid("card.mode", "must be \"until-removed\" or \"expiry\""));
             }
-            if card.mode == "expiry" && card.minutes == 0 {
-                return Err(self.invalid("card.minutes", "must be at least 1"));
+            if card.mode == "expiry"
+                && !(1..=crate::consent::MAX_GRANT_MINUTES).contains(&card.minutes)
+            {
+                return Err(self.invalid(
+                    "card.minutes",
+                    format!(
+                        "must be between 1 and {} (7 days)",
+                        crate::consent::MAX_GRANT_MINUTES
+                    ),
+                ));
             }
         }
         if self.sites[0].socket.is_none() {
@@ -250,8 +273,8 @@ impl HomeConfig {
     pub fn chunk_bytes(&self) -> Result<usize, ConfigError> {
         let v =
             crate::cli::parse_size(&self.chunk_size).map_err(|e| self.invalid("chunk_size", e))?;
-        if !(4096..=64 << 20).contains(&v) {
-            return Err(self.invalid("chunk_size", "must be between 4K and 64M"));
+        if !(4096..=16 << 20).contains(&v) {
+            return Err(self.invalid("chunk_size", "must be between 4K and 16M"));
         }
         Ok(v as usize)
     }
@@ -328,6 +351,36 @@ end = "a"
             1,
         ));
         assert!(e.contains("chunk_size"), "{e}");
+        // Under (2,7) a share of a 16M chunk is 6 pieces padded to 64 bytes each: past the
+        // 16 MiB a site takes in one message. Under (2,3) it is exactly 16 MiB, and accepted.
+        let sites: String = (3..7)
+            .map(|i| format!("[[site]]\nname = \"s{i}\"\naddress = \"127.0.0.1:{i}\"\nlink = \"l{i}\"\nkeys = \"/k\"\nend = \"a\"\n"))
+            .collect();
+        let seven = format!("{GOOD}{sites}").replace("n = 3", "n = 7");
+        let big = |text: &str| {
+            text.replacen(
+                "mountpoint = \"/qgenome\"",
+                "mountpoint = \"/qgenome\"\nchunk_size = \"16M\"",
+                1,
+            )
+        };
+        HomeConfig::parse(&seven, Path::new("/etc/q.toml")).unwrap();
+        HomeConfig::parse(&big(GOOD), Path::new("/etc/q.toml")).unwrap();
+        let e = err(&big(&seven));
+        assert!(
+            e.contains("chunk_size") && e.contains("a site accepts"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{GOOD}\n[card]\nmode = \"expiry\"\nminutes = 99999999999\n"
+        ));
+        assert!(e.contains("card.minutes") && e.contains("7 days"), "{e}");
+        let e = err(&GOOD.replacen(
+            "mountpoint = \"/qgenome\"",
+            "mountpoint = \"/qgenome\"\nconsent_wait_secs = 18446744073709551615",
+            1,
+        ));
+        assert!(e.contains("consent_wait_secs"), "{e}");
         let e = err(&GOOD.replace("link = \"home-b\"\n", ""));
         assert!(e.contains("site[2].link") && e.contains("required"), "{e}");
     }

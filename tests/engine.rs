@@ -34,10 +34,19 @@ fn rig(k: usize, n: usize) -> Rig {
 /// An engine with a fresh catalog (in the returned directory) over `sites`, the first the
 /// home site, with patient P0001.
 fn engine_over(k: usize, sites: Vec<Arc<dyn ShareSite>>) -> (tempfile::TempDir, Arc<Engine>) {
+    engine_with(k, sites, |_| {})
+}
+
+/// [`engine_over`] with its configuration changed by `tweak`.
+fn engine_with(
+    k: usize,
+    sites: Vec<Arc<dyn ShareSite>>,
+    tweak: impl FnOnce(&mut EngineConfig),
+) -> (tempfile::TempDir, Arc<Engine>) {
     let dir = tempfile::tempdir().unwrap();
     let catalog = Arc::new(Catalog::open(&dir.path().join("catalog")).unwrap());
     let consent = ConsentRegistry::new(catalog.clone());
-    let cfg = EngineConfig {
+    let mut cfg = EngineConfig {
         k,
         n: sites.len(),
         chunk_size: 64 << 10,
@@ -45,6 +54,7 @@ fn engine_over(k: usize, sites: Vec<Arc<dyn ShareSite>>) -> (tempfile::TempDir, 
         max_in_flight: 3,
         ..EngineConfig::default()
     };
+    tweak(&mut cfg);
     let engine = Engine::new(catalog.clone(), consent, sites, cfg).unwrap();
     catalog.add_patient("P0001").unwrap();
     (dir, engine)
@@ -179,6 +189,32 @@ fn writes_must_append() {
         "{err}"
     );
     assert!(err.to_string().contains("P0001/f.cram"));
+}
+
+/// A file may have only as many chunks as its manifest can list: a write past that fails at
+/// once with EFBIG naming the file and the way out, not at the commit after hours of upload,
+/// and what was written before it still commits.
+#[test]
+fn a_write_past_the_most_chunks_a_file_can_have_fails_with_efbig() {
+    let sites: Vec<Arc<dyn ShareSite>> = (0..3)
+        .map(|i| Arc::new(MemSite::new(&format!("site{i}"))) as Arc<dyn ShareSite>)
+        .collect();
+    let (_dir, engine) = engine_with(2, sites, |c| c.max_chunks = 3);
+    let data = random(3 * (64 << 10));
+    let mut w = engine.create("P0001", "big.cram", 0o644).unwrap();
+    w.write(&engine, 0, &data[..100]).unwrap();
+    w.write(&engine, 100, &data[100..]).unwrap();
+    let err = w.write(&engine, data.len() as u64, &[0]).unwrap_err();
+    assert!(matches!(err, EngineError::TooLarge { .. }), "{err}");
+    assert_eq!(err.errno(), libc::EFBIG);
+    let msg = err.to_string();
+    assert!(
+        msg.contains("P0001/big.cram") && msg.contains("chunk_size") && msg.contains("196608"),
+        "{msg}"
+    );
+    w.commit(&engine).unwrap();
+    engine.consent.grant("P0001", None, "test");
+    assert_eq!(read_all(&engine, "big.cram").unwrap(), data);
 }
 
 #[test]

@@ -311,6 +311,27 @@ fn many_reads_waiting_for_consent_hold_up_no_other_patients_reads() {
     }
 }
 
+/// A grant for longer than the mount allows is refused with a reason, and the control socket
+/// goes on serving (an overflowing deadline used to panic its thread).
+#[test]
+fn an_absurd_grant_is_refused_by_name_and_the_mount_goes_on() {
+    let rig = Rig::new(1);
+    std::fs::create_dir(rig.mnt.join("G1")).unwrap();
+    let e = control::request(
+        &rig.cfg.control_socket(),
+        &json!({"cmd": "consent-grant", "patient": "G1", "minutes": u64::MAX}),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("minutes") && e.contains("7 days"), "{e}");
+    rig.grant("G1");
+    std::fs::write(rig.mnt.join("G1/x"), b"still served").unwrap();
+    assert_eq!(
+        std::fs::read(rig.mnt.join("G1/x")).unwrap(),
+        b"still served"
+    );
+}
+
 #[test]
 fn past_the_wait_limit_a_read_fails_with_eacces() {
     let rig = Rig::new(1);

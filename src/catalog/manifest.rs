@@ -25,6 +25,18 @@ pub const MANIFEST_CHUNK: u64 = u64::MAX;
 /// The manifest format this code writes and reads.
 pub const MANIFEST_FORMAT: u32 = 1;
 
+/// Most bytes one chunk's entry takes in the manifest's JSON, at its longest:
+/// `{"offset":<20 digits>,"len":<10 digits>,"hash":"<64 hex>"},` is 121.
+const MAX_ENTRY_LEN: usize = 128;
+/// Room for the manifest's other fields (a name of 255 bytes escaped at 6 bytes each among
+/// them), its checksum and the scheme's padding of the share.
+const OTHER_FIELDS_LEN: usize = 64 << 10;
+/// Most chunks one version can have. Its manifest is stored at the sites like a chunk, as
+/// shares of at most [`crate::wire::msg::MAX_DATA`] bytes: 130 560 chunks, so 136.9 GB at
+/// 1 MiB chunks (a bigger `chunk_size` raises the bound in proportion).
+pub const MAX_CHUNKS: u64 =
+    ((crate::wire::msg::MAX_DATA - OTHER_FIELDS_LEN) / MAX_ENTRY_LEN) as u64;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ManifestError {
@@ -297,6 +309,30 @@ mod tests {
             let i = pos % bytes.len();
             bytes[i] ^= 1 << bit;
             prop_assert!(Manifest::decode(&m.id, &bytes).is_err());
+        }
+    }
+
+    /// The longest manifest of MAX_CHUNKS chunks still fits one share a site accepts.
+    #[test]
+    fn a_manifest_of_max_chunks_at_their_longest_fits_a_share() {
+        let mut m = manifest(&[1], u64::MAX);
+        // Control characters: JSON escapes each as 6 bytes.
+        (m.patient, m.name) = ("\u{1}".repeat(64), "\u{1}".repeat(255));
+        (m.size, m.created, m.mtime, m.mode) = (u64::MAX, u64::MAX, u64::MAX, u32::MAX);
+        m.chunks = (0..MAX_CHUNKS)
+            .map(|i| ManifestChunk {
+                offset: u64::MAX - i,
+                len: u32::MAX,
+                hash: [0xab; 32],
+            })
+            .collect();
+        let len = m.encode().len();
+        for n in 2..=16 {
+            let share = crate::sharing::Scheme::new(n, n).unwrap().share_len(len);
+            assert!(
+                share <= crate::wire::msg::MAX_DATA,
+                "({n},{n}): a manifest of {len} bytes makes shares of {share}"
+            );
         }
     }
 

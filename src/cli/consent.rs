@@ -32,7 +32,9 @@ pub enum ConsentCommand {
     /// Open a consent session for a patient (admin override; the card is the normal way).
     Grant {
         patient: String,
-        #[arg(long, default_value_t = 15)]
+        /// How long the session lasts (at most 10080, 7 days).
+        #[arg(long, default_value_t = 15,
+              value_parser = clap::value_parser!(u64).range(1..=crate::consent::MAX_GRANT_MINUTES))]
         minutes: u64,
         #[command(flatten)]
         ctl: ControlArgs,

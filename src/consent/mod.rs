@@ -23,5 +23,5 @@ pub mod watcher;
 pub use card::{Backoff, PcscCard, PcscClient};
 pub use enroll::{card_handler, CardReaders, PcscReaders};
 pub use piv::{CardError, CardTransport, ManagementKey, PivCard, PivError};
-pub use session::{Audit, Consent, ConsentError, ConsentRegistry, GrantInfo};
+pub use session::{Audit, Consent, ConsentError, ConsentRegistry, GrantInfo, MAX_GRANT_MINUTES};
 pub use watcher::{CardConsent, ConsentMode, WatchEvent, WatcherConfig, WatcherHandle};

@@ -22,6 +22,9 @@ impl Audit for Catalog {
     }
 }
 
+/// Longest consent a grant (admin or card in expiry mode) may give: 7 days, in minutes.
+pub const MAX_GRANT_MINUTES: u64 = 7 * 24 * 60;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ConsentError {

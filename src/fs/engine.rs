@@ -16,7 +16,7 @@ use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::catalog::manifest::{Manifest, MANIFEST_CHUNK};
+use crate::catalog::manifest::{self, Manifest, MANIFEST_CHUNK};
 use crate::catalog::merkle::{self, Hash};
 use crate::catalog::{
     Catalog, CatalogError, ChunkRecord, FileId, FileRecord, FileState, ShareLocation,
@@ -139,6 +139,8 @@ pub struct EngineConfig {
     pub max_in_flight: usize,
     /// Chunks fetched ahead of a sequential reader.
     pub readahead: usize,
+    /// Most chunks one file can have ([`manifest::MAX_CHUNKS`]: what its manifest can list).
+    pub max_chunks: u64,
 }
 
 impl Default for EngineConfig {
@@ -152,6 +154,7 @@ impl Default for EngineConfig {
             upload_workers: 4,
             max_in_flight: 8,
             readahead: 4,
+            max_chunks: manifest::MAX_CHUNKS,
         }
     }
 }
@@ -189,6 +192,13 @@ pub enum EngineError {
         offset: u64,
         size: u64,
     },
+    #[error("{file}: larger than the {max} bytes a file can hold ({chunks} chunks of chunk_size {chunk_size}, all one manifest can list); write it under a larger chunk_size")]
+    TooLarge {
+        file: String,
+        max: u64,
+        chunks: u64,
+        chunk_size: usize,
+    },
     #[error("{file}: an earlier chunk failed, the file will not be committed: {reason}")]
     Failed { file: String, reason: String },
     #[error("catalog {path}: not empty; a rebuild only fills an empty catalog")]
@@ -201,6 +211,7 @@ impl EngineError {
             EngineError::Consent(crate::consent::ConsentError::Abandoned { .. }) => libc::EINTR,
             EngineError::Consent(_) => libc::EACCES,
             EngineError::NotAppend { .. } => libc::EINVAL,
+            EngineError::TooLarge { .. } => libc::EFBIG,
             EngineError::Catalog(CatalogError::NoFile { .. } | CatalogError::NoPatient(_)) => {
                 libc::ENOENT
             }
@@ -1036,6 +1047,16 @@ impl FileWriter {
             });
         }
         let chunk_size = engine.cfg.chunk_size;
+        // Chunks once this write is cut up (an fsync may have cut one short before).
+        let chunks = self.next_index + (self.buf.len() + data.len()).div_ceil(chunk_size) as u64;
+        if chunks > engine.cfg.max_chunks {
+            return Err(EngineError::TooLarge {
+                file: self.label.clone(),
+                max: engine.cfg.max_chunks.saturating_mul(chunk_size as u64),
+                chunks: engine.cfg.max_chunks,
+                chunk_size,
+            });
+        }
         while !data.is_empty() {
             let take = (chunk_size - self.buf.len()).min(data.len());
             self.buf.extend_from_slice(&data[..take]);

@@ -10,7 +10,7 @@ use super::engine::{Engine, EngineConfig};
 use super::fuse::QgenomeFs;
 use crate::catalog::Catalog;
 use crate::config::HomeConfig;
-use crate::consent::ConsentRegistry;
+use crate::consent::{ConsentRegistry, MAX_GRANT_MINUTES};
 use crate::control::{self, arg_str, Handler};
 use crate::sites::ShareSite;
 
@@ -172,6 +172,12 @@ fn builtin_handler(engine: Arc<Engine>) -> Arc<Handler> {
             "consent-grant" => (|| {
                 let patient = arg_str(req, "patient")?;
                 let minutes = req["minutes"].as_u64().unwrap_or(15);
+                if !(1..=MAX_GRANT_MINUTES).contains(&minutes) {
+                    return Err(control::error(format!(
+                        "consent-grant: minutes must be between 1 and {MAX_GRANT_MINUTES} (7 days), not {}",
+                        req["minutes"]
+                    )));
+                }
                 match engine.catalog.patient(patient) {
                     Ok(Some(_)) => {}
                     Ok(None) => {
