@@ -369,6 +369,7 @@ pub fn bench_daemon<D: BlockDevice>(
             max_connections: 64,
             max_inflight_bytes: 1 << 30,
             frame_timeout: std::time::Duration::from_secs(60),
+            idle_timeout: std::time::Duration::from_secs(300),
             max_share_len: crate::store::StoreOptions::default()
                 .max_share_len
                 .min(qgenome::wire::msg::MAX_DATA as u64),

@@ -117,9 +117,16 @@ pub struct Limits {
     pub max_connections: u32,
     /// Bytes of frames being received, processed or answered at once.
     pub max_inflight_bytes: u64,
-    /// Seconds a started frame may take to arrive completely.
+    /// Seconds a started frame may take to arrive completely; also how long a new
+    /// connection may take to deliver its first frame (a TCP connection's HELLO), and how
+    /// long a reply may take to be taken by its peer.
     pub frame_timeout_secs: u64,
+    /// Seconds a connection may stay idle between frames before the server closes it.
+    pub idle_timeout_secs: u64,
 }
+
+/// The longest `idle_timeout_secs` accepted (a day).
+pub const MAX_IDLE_TIMEOUT_SECS: u64 = 86_400;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -131,6 +138,7 @@ impl Default for Limits {
             max_connections: 64,
             max_inflight_bytes: 256 << 20,
             frame_timeout_secs: 30,
+            idle_timeout_secs: 300,
         }
     }
 }
@@ -191,6 +199,15 @@ impl SiteConfig {
             return Err(bad(
                 "limits.frame_timeout_secs",
                 "must be at least 1".into(),
+            ));
+        }
+        if c.limits.idle_timeout_secs == 0 || c.limits.idle_timeout_secs > MAX_IDLE_TIMEOUT_SECS {
+            return Err(bad(
+                "limits.idle_timeout_secs",
+                format!(
+                    "{} (allowed 1..={MAX_IDLE_TIMEOUT_SECS})",
+                    c.limits.idle_timeout_secs
+                ),
             ));
         }
         if let Some(l) = &c.listen {
@@ -334,6 +351,40 @@ durability = "fdatasync"
         .unwrap_err()
         .to_string();
         assert!(e.contains("`listen`"), "{e}");
+    }
+
+    #[test]
+    fn idle_timeout_has_a_default_and_bounds_naming_the_key_and_file() {
+        let c = SiteConfig::parse(GOOD, Path::new("site.toml")).unwrap();
+        assert_eq!(c.limits.idle_timeout_secs, 300);
+        let c = SiteConfig::parse(
+            &format!("{GOOD}idle_timeout_secs = 60\n"),
+            Path::new("site.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.limits.idle_timeout_secs, 60);
+        for bad in ["0", "86401", "9223372036854775807"] {
+            let e = SiteConfig::parse(
+                &format!("{GOOD}idle_timeout_secs = {bad}\n"),
+                Path::new("/etc/q/site.toml"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("/etc/q/site.toml") && e.contains("limits.idle_timeout_secs"),
+                "{bad}: {e}"
+            );
+        }
+        let e = SiteConfig::parse(
+            &format!("{GOOD}idle_timeout = 60\n"),
+            Path::new("/etc/q/site.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("/etc/q/site.toml") && e.contains("idle_timeout"),
+            "{e}"
+        );
     }
 
     #[test]

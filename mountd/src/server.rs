@@ -137,9 +137,15 @@ impl LinkEnds {
 /// Limits of a running server.
 #[derive(Debug, Clone)]
 pub struct ServerLimits {
+    /// Connections served at once, on each listener (the Unix socket and TCP each have
+    /// this many, so remote peers can never take the home mount's).
     pub max_connections: usize,
     pub max_inflight_bytes: u64,
+    /// How long a started frame may take to arrive, a new connection its first frame, and
+    /// a reply to be taken by its peer.
     pub frame_timeout: Duration,
+    /// How long a connection may stay idle between frames.
+    pub idle_timeout: Duration,
     pub max_share_len: u64,
 }
 
@@ -149,6 +155,7 @@ impl ServerLimits {
             max_connections: c.limits.max_connections as usize,
             max_inflight_bytes: c.limits.max_inflight_bytes,
             frame_timeout: Duration::from_secs(c.limits.frame_timeout_secs),
+            idle_timeout: Duration::from_secs(c.limits.idle_timeout_secs),
             max_share_len: c.limits.max_share_bytes.min(msg::MAX_DATA as u64),
         }
     }
@@ -248,7 +255,10 @@ impl<D: BlockDevice> Server<D> {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServerError> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let conns = Arc::new(Semaphore::new(self.limits.max_connections));
+        // Each listener has its own connection permits: connections from the network can
+        // never hold the ones the home mount's Unix socket needs.
+        let unix_conns = Arc::new(Semaphore::new(self.limits.max_connections));
+        let tcp_conns = Arc::new(Semaphore::new(self.limits.max_connections));
         let mut tasks = JoinSet::new();
         let Listeners { unix, tcp } = listeners;
         let (unix, unix_path) = match unix {
@@ -257,13 +267,9 @@ impl<D: BlockDevice> Server<D> {
         };
         tokio::pin!(shutdown);
         loop {
-            let permit = tokio::select! {
-                _ = &mut shutdown => break,
-                p = conns.clone().acquire_owned() => p.expect("semaphore never closed"),
-            };
             tokio::select! {
                 _ = &mut shutdown => break,
-                r = accept_unix(unix.as_ref()) => match r {
+                (permit, r) = with_permit(&unix_conns, accept_unix(unix.as_ref())) => match r {
                     Ok(s) => {
                         qgenome::sites::mountd::size_unix_socket(&s);
                         let srv = self.clone();
@@ -275,9 +281,12 @@ impl<D: BlockDevice> Server<D> {
                     }
                     Err(e) => tracing::warn!("unix socket accept: {e}"),
                 },
-                r = accept_tcp(tcp.as_ref()) => match r {
+                (permit, r) = with_permit(&tcp_conns, accept_tcp(tcp.as_ref())) => match r {
                     Ok((s, peer)) => {
                         let _ = s.set_nodelay(true);
+                        if let Err(e) = set_keepalive(&s) {
+                            tracing::warn!("peer {peer}: cannot enable TCP keepalive: {e}");
+                        }
                         let srv = self.clone();
                         let stop = stop_rx.clone();
                         tasks.spawn(async move {
@@ -331,6 +340,10 @@ impl<D: BlockDevice> Server<D> {
         let mut reply = Vec::new();
         let mut frame = Vec::new();
         let mut plain = Vec::new();
+        // The first frame's header (a link's HELLO) must arrive this soon after the connection
+        // was accepted; later ones may be awaited for the idle timeout. Once its header is in,
+        // a frame must arrive whole within the frame timeout.
+        let mut first_by = Some(tokio::time::Instant::now() + self.limits.frame_timeout);
         loop {
             let link_name = sealed
                 .as_ref()
@@ -348,16 +361,33 @@ impl<D: BlockDevice> Server<D> {
                 );
             };
             // Wait for the next frame, or stop.
+            let wait_until =
+                first_by.unwrap_or_else(|| tokio::time::Instant::now() + self.limits.idle_timeout);
             let first = tokio::select! {
                 biased;
                 _ = stop.changed() => return,
-                r = read_first(&mut s, sealed.is_some()) => r,
+                r = tokio::time::timeout_at(wait_until, read_first(&mut s, sealed.is_some())) => r,
             };
             let prefix = match first {
-                Ok(Some(p)) => p,
-                Ok(None) => return, // clean close between frames
-                Err(e) => return refuse(&format!("reading frame start: {e}")),
+                Ok(Ok(Some(p))) => p,
+                Ok(Ok(None)) => return, // clean close between frames
+                Ok(Err(e)) => return refuse(&format!("reading frame start: {e}")),
+                Err(_) if first_by.is_some() => {
+                    return refuse(&format!(
+                        "no first frame within {:?} of connecting (limits.frame_timeout_secs)",
+                        self.limits.frame_timeout
+                    ))
+                }
+                Err(_) => {
+                    tracing::info!(
+                        "link {link_name} peer {peer}: idle for {:?} \
+                         (limits.idle_timeout_secs); closing connection",
+                        self.limits.idle_timeout
+                    );
+                    return;
+                }
             };
+            first_by = None;
             let total = match frame_len(&prefix, sealed.is_some()) {
                 Ok(n) => n,
                 Err(reason) => return refuse(&reason),
@@ -464,21 +494,26 @@ impl<D: BlockDevice> Server<D> {
                 }
             };
             let tail = share.as_ref().map_or(&[][..], |d| d.bytes());
+            // A peer that does not take its reply within the frame timeout loses the
+            // connection (it would otherwise hold its slot, its in-flight bytes, and a
+            // shutdown's wait for every connection, forever).
             let w = if sealed.is_some() {
                 let tag = tag.as_ref().map_or(&[][..], |t| &t[..]);
-                write_all_parts(&mut s, &[&reply, tail, tag]).await
+                write_by(self.limits.frame_timeout, &mut s, &[&reply, tail, tag]).await
             } else {
                 let len = ((reply.len() + tail.len()) as u32).to_le_bytes();
-                write_all_parts(&mut s, &[&len, &reply, tail]).await
+                write_by(self.limits.frame_timeout, &mut s, &[&len, &reply, tail]).await
             };
             drop(share);
             drop(permit);
             if let Err(e) = w {
-                tracing::info!("link {link_name} peer {peer}: writing reply: {e}");
+                tracing::info!(
+                    "link {link_name} peer {peer}: writing reply: {e}; closing connection"
+                );
                 return;
             }
             if let Some(reason) = close {
-                let _ = s.shutdown().await;
+                let _ = tokio::time::timeout(self.limits.frame_timeout, s.shutdown()).await;
                 return refuse(&reason);
             }
         }
@@ -1016,6 +1051,21 @@ fn answer(id: u64, what: &str, r: Result<Reply, StoreError>, peer: &str, via: &s
     })
 }
 
+/// [`write_all_parts`] within `limit`; a peer that does not take the bytes by then is an error.
+async fn write_by<S: AsyncWrite + Unpin>(
+    limit: Duration,
+    s: &mut S,
+    parts: &[&[u8]],
+) -> std::io::Result<()> {
+    match tokio::time::timeout(limit, write_all_parts(s, parts)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("peer took no reply within {limit:?} (limits.frame_timeout_secs)"),
+        )),
+    }
+}
+
 /// Write all of `parts` (a length, a head, a share) with vectored writes: usually one system
 /// call for the lot instead of one per piece.
 async fn write_all_parts<S: AsyncWrite + Unpin>(s: &mut S, parts: &[&[u8]]) -> std::io::Result<()> {
@@ -1060,6 +1110,59 @@ enum Outcome {
     SealedShare(ShareData, [u8; frame::TAG_LEN]),
     ReplyAndClose(String),
     Close(String),
+}
+
+/// A connection permit from `sem`, then what `accept` gives. Both are cancel-safe, so the
+/// accept loop may drop this future when another listener's connection comes first.
+async fn with_permit<T>(
+    sem: &Arc<Semaphore>,
+    accept: impl Future<Output = T>,
+) -> (tokio::sync::OwnedSemaphorePermit, T) {
+    let permit = sem
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("semaphore never closed");
+    (permit, accept.await)
+}
+
+/// Seconds a TCP connection may be silent before the kernel probes its peer; probes every
+/// `KEEPALIVE_INTERVAL_SECS`, and gives up (resetting the connection) after `KEEPALIVE_PROBES`.
+const KEEPALIVE_IDLE_SECS: libc::c_int = 60;
+const KEEPALIVE_INTERVAL_SECS: libc::c_int = 10;
+const KEEPALIVE_PROBES: libc::c_int = 6;
+
+/// Turn on TCP keepalive for an accepted connection, so that a peer that vanished (host down,
+/// cable cut: no FIN, no RST) is found out in about two minutes instead of never.
+fn set_keepalive(s: &tokio::net::TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = s.as_raw_fd();
+    for (level, name, value) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_SECS),
+        (
+            libc::IPPROTO_TCP,
+            libc::TCP_KEEPINTVL,
+            KEEPALIVE_INTERVAL_SECS,
+        ),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES),
+    ] {
+        // SAFETY: `fd` is an open socket owned by `s` for the duration of the call, and
+        // `value` is a c_int that lives across it, whose size is passed.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 async fn accept_unix(l: Option<&UnixListener>) -> std::io::Result<tokio::net::UnixStream> {
@@ -1140,5 +1243,51 @@ fn frame_len(prefix: &[u8], sealed: bool) -> Result<usize, String> {
         })?;
         // The plain frame buffer holds the prefix too; handle() is given the message only.
         Ok(n + msg::PLAIN_PREFIX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sockopt(s: &tokio::net::TcpStream, level: libc::c_int, name: libc::c_int) -> libc::c_int {
+        use std::os::fd::AsRawFd;
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: the socket is open; `v` and `len` outlive the call and `len` is v's size.
+        let r = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                level,
+                name,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        v
+    }
+
+    #[tokio::test]
+    async fn accepted_tcp_connections_get_keepalive() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let _c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        assert_eq!(sockopt(&s, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 0);
+        set_keepalive(&s).unwrap();
+        assert_eq!(sockopt(&s, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+        assert_eq!(
+            sockopt(&s, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+            KEEPALIVE_IDLE_SECS
+        );
+        assert_eq!(
+            sockopt(&s, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+            KEEPALIVE_INTERVAL_SECS
+        );
+        assert_eq!(
+            sockopt(&s, libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+            KEEPALIVE_PROBES
+        );
     }
 }

@@ -7,9 +7,10 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{share_bytes, Site, Vol, WINDOW};
 use qgenome::keys::Direction;
@@ -119,6 +120,140 @@ impl Raw {
 fn closed(s: &mut TcpStream) -> bool {
     let mut b = [0u8; 1];
     matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
+/// Whether the server closed the connection (EOF or reset) within the read timeout set on
+/// `s`; false if the connection was still open when the timeout passed.
+fn closed_by_server(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => panic!("the server sent a byte to a connection that sent no frame"),
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+/// A STAT sent by hand over the Unix socket; whether its answer came within `within`.
+fn unix_stat_within(socket: &Path, within: Duration) -> bool {
+    let Ok(mut u) = UnixStream::connect(socket) else {
+        return false;
+    };
+    u.set_read_timeout(Some(within)).unwrap();
+    let m = Msg {
+        id: 1,
+        body: Body::Stat,
+    }
+    .to_vec();
+    let mut f = (m.len() as u32).to_le_bytes().to_vec();
+    f.extend_from_slice(&m);
+    if u.write_all(&f).is_err() {
+        return false;
+    }
+    let mut p = [0u8; msg::PLAIN_PREFIX];
+    if u.read_exact(&mut p).is_err() {
+        return false;
+    }
+    let mut r = vec![0u8; msg::plain_len(p).unwrap()];
+    u.read_exact(&mut r).unwrap();
+    matches!(msg::decode(&r).unwrap().body, Body::Stats(_))
+}
+
+#[test]
+fn silent_tcp_connections_neither_lock_out_the_unix_socket_nor_keep_their_slots() {
+    let site = Site::new(
+        "site-slots",
+        Vol::File(64 << 20),
+        &["home-x"],
+        &["home-x"],
+        64 << 20,
+    );
+    site.set_limit("max_connections", "4");
+    site.set_limit("frame_timeout_secs", "2");
+    let d = site.start();
+    // Every TCP slot held: by connections that send nothing, and by ones that stop inside
+    // their first frame's header.
+    let opened = Instant::now();
+    let mut held: Vec<TcpStream> = (0..4)
+        .map(|i| {
+            let mut s = TcpStream::connect(&d.tcp).unwrap();
+            if i % 2 == 1 {
+                s.write_all(&[0x51; 20]).unwrap();
+            }
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // The home mount's socket is served at once all the same.
+    assert!(
+        unix_stat_within(&d.socket, Duration::from_secs(1)),
+        "the Unix socket was not served while remote connections held every TCP slot"
+    );
+    // The holders are closed once their first frame is overdue...
+    for s in &mut held {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        assert!(closed_by_server(s), "a silent connection kept its slot");
+    }
+    let waited = opened.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(10),
+        "closed after {waited:?} (frame timeout 2 s)"
+    );
+    let t = d.wait_log_n("no first frame within 2s of connecting", 4);
+    assert!(t.contains("peer 127.0.0.1:"), "{t}");
+    // ...so that a new TCP client is served.
+    let c = MountdSite::tcp(&site.name, &d.tcp, &site.client_keys("home-x")).unwrap();
+    let k = key(30, 1);
+    c.put(&k, &META, &share_bytes(2, &k, 5000)).unwrap();
+    assert_eq!(c.get(&k).unwrap(), share_bytes(2, &k, 5000));
+}
+
+#[test]
+fn idle_connections_are_closed_and_pooled_clients_reconnect() {
+    let site = Site::new(
+        "site-idle",
+        Vol::File(64 << 20),
+        &["home-x", "raw"],
+        &["home-x", "raw"],
+        64 << 20,
+    );
+    site.set_limit("idle_timeout_secs", "2");
+    let d = site.start();
+    let tcp = MountdSite::tcp(&site.name, &d.tcp, &site.client_keys("home-x")).unwrap();
+    let unix = d.unix_client(&site.name);
+    let (k1, k2) = (key(31, 1), key(31, 2));
+    tcp.put(&k1, &META, &share_bytes(4, &k1, 3000)).unwrap();
+    unix.put(&k2, &META, &share_bytes(4, &k2, 3000)).unwrap();
+    // A link connection that said HELLO and then nothing is closed after the idle timeout.
+    let mut raw = Raw::open(&site, "raw");
+    let mut s = raw.connect(&d.tcp);
+    let t = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    assert!(closed_by_server(&mut s), "an idle connection was kept");
+    assert!(
+        t.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+    let log = d.wait_log("idle for 2s (limits.idle_timeout_secs); closing connection");
+    assert!(log.contains("link raw peer 127.0.0.1:"), "{log}");
+    // The clients' pooled connections were closed the same way: their next requests dial
+    // afresh and succeed.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(tcp.get(&k1).unwrap(), share_bytes(4, &k1, 3000));
+    assert_eq!(unix.get(&k2).unwrap(), share_bytes(4, &k2, 3000));
+    std::thread::sleep(Duration::from_secs(3));
+    let k3 = key(31, 3);
+    tcp.put(&k3, &META, &share_bytes(4, &k3, 3000)).unwrap();
+    unix.delete(&k2).unwrap();
+    assert!(
+        d.log_text()
+            .matches("(unix socket, unsealed) peer unix: idle for 2s")
+            .count()
+            >= 1
+    );
 }
 
 #[test]

@@ -107,6 +107,17 @@ impl Site {
         .unwrap();
     }
 
+    /// Set `[limits] key = value` in the config (the table is the file's last).
+    pub fn set_limit(&self, key: &str, value: &str) {
+        let c = std::fs::read_to_string(&self.config).unwrap();
+        let line = format!("{key} = {value}");
+        let c = match c.lines().find(|l| l.starts_with(&format!("{key} = "))) {
+            Some(old) => c.replace(old, &line),
+            None => format!("{c}{line}\n"),
+        };
+        std::fs::write(&self.config, c).unwrap();
+    }
+
     pub fn start(&self) -> Daemon {
         Daemon::start(self)
     }
