@@ -241,8 +241,10 @@ impl FileLedger {
             seq: 1,
             value: 0,
         };
+        // Sequence s lives in slot s % 2: the first store (sequence 2) then goes to the other
+        // slot than this one, so a torn first store still leaves this one valid.
         file.set_len(FILE_LEN)
-            .and_then(|()| file.write_all_at(&current.encode(), 0))
+            .and_then(|()| file.write_all_at(&current.encode(), (current.seq % 2) * SLOT_STRIDE))
             .and_then(|()| file.sync_all())
             .map_err(|e| io("write ledger", e))?;
         if let Some(dir) = path.parent() {
@@ -392,6 +394,25 @@ mod tests {
         let mut future = slot(7, 1).encode();
         future[8] = 2;
         assert_eq!(pick(a, Slot::decode(&future)), Err(2));
+    }
+
+    /// A torn write of the first store after creation leaves the created value readable
+    /// (it used to land on the created slot itself, leaving no valid slot).
+    #[test]
+    fn a_torn_first_store_leaves_the_created_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.ledger");
+        let mut l = FileLedger::create(&path, "l", Role::Sender, [7; 16]).unwrap();
+        l.store(4096).unwrap();
+        drop(l);
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        // Sequence 2 went to slot 0; tear it.
+        f.write_all_at(&[0xff; 8], 40).unwrap();
+        drop(f);
+        let l = FileLedger::open(&path, "l", Role::Sender, [7; 16])
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.value(), 0);
     }
 
     proptest! {
