@@ -13,8 +13,9 @@
 //! length) is logged with the link and the peer address and closes that connection only.
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use qgenome::keys::{pool, Direction, End, KeyError, PoolFile};
 use qgenome::link::{hex, LinkError, RecvStream, SendStream, StreamOptions};
@@ -71,6 +72,54 @@ pub struct LinkEnds {
     send_id: [u8; 16],
     recv_id: [u8; 16],
     recv_key_len: u64,
+    /// Sealed answers to stale frames this link may still give (see [`StaleAnswers`]).
+    stale_answers: Mutex<StaleAnswers>,
+    /// Stale frames refused without an answer since start.
+    stale_unanswered: AtomicU64,
+}
+
+/// Sealed answers to stale frames (`KeyAlreadyUsed`) allowed at once on one link.
+///
+/// Such a frame is refused before its tag can be checked (its key lies below the receive
+/// stream's floor, destroyed or never to be used), so anyone who saw the link's stream id
+/// can send one; each sealed answer spends about 200 bytes of the link's send key. A genuine
+/// peer needs one answer per connection it opened before it learnt our floor (after our
+/// restart: its pool's worth at once, 8 for `MountdSite`), so a burst of this many is
+/// answered, then one per [`STALE_ANSWER_EVERY`]; beyond that the connection is closed
+/// unanswered (the peer retries on a new connection).
+pub const STALE_ANSWER_BURST: u32 = 8;
+/// How often one more stale frame may be answered once the burst is spent.
+pub const STALE_ANSWER_EVERY: Duration = Duration::from_secs(1);
+
+/// A token bucket of sealed answers to stale frames: [`STALE_ANSWER_BURST`] deep, refilled
+/// one every [`STALE_ANSWER_EVERY`].
+#[derive(Debug)]
+struct StaleAnswers {
+    tokens: f64,
+    at: Instant,
+}
+
+impl StaleAnswers {
+    fn new(now: Instant) -> Self {
+        Self {
+            tokens: f64::from(STALE_ANSWER_BURST),
+            at: now,
+        }
+    }
+
+    /// Whether one more stale frame may be answered at `now` (and if so, count it).
+    fn take(&mut self, now: Instant) -> bool {
+        let refill =
+            now.saturating_duration_since(self.at).as_secs_f64() / STALE_ANSWER_EVERY.as_secs_f64();
+        self.tokens = (self.tokens + refill).min(f64::from(STALE_ANSWER_BURST));
+        self.at = self.at.max(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl std::fmt::Debug for LinkEnds {
@@ -117,6 +166,8 @@ impl LinkEnds {
             send_id: tx_info.stream_id,
             recv_id: rx_info.stream_id,
             recv_key_len: rx_info.key_len,
+            stale_answers: Mutex::new(StaleAnswers::new(Instant::now())),
+            stale_unanswered: AtomicU64::new(0),
         })
     }
 
@@ -777,13 +828,24 @@ impl<D: BlockDevice> Server<D> {
     }
 
     /// The answer to a frame the link refused: a replay is told (sealed) where our unused
-    /// key starts; anything else closes the connection.
+    /// key starts, as often as [`STALE_ANSWER_BURST`] allows; anything else closes the
+    /// connection.
     fn refuse_frame(&self, link: &LinkEnds, e: LinkError, out: &mut Vec<u8>) -> Outcome {
         match e {
             LinkError::KeyAlreadyUsed { consumed_until, .. } => {
                 // Tell the sender where our unused key starts (sealed, so authentic):
                 // after our restart it skips there; a replay learns nothing new.
                 let reason = format!("replayed or stale frame: {e}");
+                // Its tag could not be checked: anyone may send these, and each answer
+                // spends our send key. Answered at a bounded rate only.
+                if !lock(&link.stale_answers).take(Instant::now()) {
+                    let n = link.stale_unanswered.fetch_add(1, Ordering::Relaxed) + 1;
+                    return Outcome::Close(format!(
+                        "{reason}; not answered: more than {STALE_ANSWER_BURST} stale frames \
+                         on this link at once, one answered per {STALE_ANSWER_EVERY:?} \
+                         ({n} unanswered since start)"
+                    ));
+                }
                 match self.seal_reply(
                     link,
                     0,
@@ -1249,6 +1311,27 @@ fn frame_len(prefix: &[u8], sealed: bool) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_answers_are_a_burst_then_one_per_interval() {
+        let t0 = Instant::now();
+        let mut b = StaleAnswers::new(t0);
+        for _ in 0..STALE_ANSWER_BURST {
+            assert!(b.take(t0));
+        }
+        assert!(!b.take(t0));
+        assert!(!b.take(t0 + STALE_ANSWER_EVERY / 2));
+        assert!(b.take(t0 + STALE_ANSWER_EVERY));
+        assert!(!b.take(t0 + STALE_ANSWER_EVERY));
+        // A long quiet spell refills the burst, no more.
+        let later = t0 + STALE_ANSWER_EVERY * 1000;
+        for _ in 0..STALE_ANSWER_BURST {
+            assert!(b.take(later));
+        }
+        assert!(!b.take(later));
+        // A clock read earlier than the last one (threads racing) neither refills nor panics.
+        assert!(!b.take(t0));
+    }
 
     fn sockopt(s: &tokio::net::TcpStream, level: libc::c_int, name: libc::c_int) -> libc::c_int {
         use std::os::fd::AsRawFd;

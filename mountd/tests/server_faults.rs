@@ -257,6 +257,70 @@ fn idle_connections_are_closed_and_pooled_clients_reconnect() {
 }
 
 #[test]
+fn stale_frames_from_anyone_spend_a_bounded_amount_of_the_links_send_key() {
+    let site = Site::new(
+        "site-drain",
+        Vol::File(64 << 20),
+        &["evil"],
+        &["evil"],
+        64 << 20,
+    );
+    let d = site.start();
+    let mut evil = Raw::open(&site, "evil");
+    let mut s = evil.connect(&d.tcp);
+    let f = evil.put_frame(1);
+    s.write_all(&f).unwrap();
+    assert_eq!(evil.reply(&mut s).map(|r| r.2), Some(true));
+    // A consumed frame's header (stream id, key offset: seen on the wire) with garbage
+    // behind it, as anyone without the key can send: refused as stale before its tag could
+    // be checked.
+    let mut forged = f.clone();
+    for b in &mut forged[HEADER_LEN..] {
+        *b ^= 0x5a;
+    }
+    let unix = d.unix_client(&site.name);
+    let key_left = || {
+        let st = unix.stat().unwrap();
+        st.links
+            .iter()
+            .find(|l| l.link == "evil")
+            .unwrap()
+            .send_remaining
+    };
+    let before = key_left();
+    let t = Instant::now();
+    let (mut answered, mut reply_len) = (0u64, 0u64);
+    for _ in 0..60 {
+        let mut s = TcpStream::connect(&d.tcp).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(&forged).unwrap();
+        let mut r = Vec::new();
+        let _ = s.read_to_end(&mut r);
+        if !r.is_empty() {
+            answered += 1;
+            reply_len = reply_len.max(r.len() as u64);
+        }
+    }
+    let secs = t.elapsed().as_secs() + 1;
+    let spent = before - key_left();
+    assert!(
+        answered >= 1,
+        "a stale frame is answered (a restarted peer needs it)"
+    );
+    assert!(
+        spent <= (8 + secs) * (reply_len + 64),
+        "60 stale frames spent {spent} bytes of send key (answers of {reply_len} bytes)"
+    );
+    assert!(answered <= 8 + secs, "{answered} answered in {secs} s");
+    let t = d.wait_log("not answered: more than 8 stale frames on this link at once");
+    assert!(t.contains("link evil peer 127.0.0.1:"), "{t}");
+    // The link itself still works.
+    let mut s = evil.connect(&d.tcp);
+    s.write_all(&evil.put_frame(2)).unwrap();
+    assert_eq!(evil.reply(&mut s).map(|r| r.2), Some(true));
+}
+
+#[test]
 fn bad_frames_are_refused_with_a_logged_reason_while_another_client_is_served() {
     let site = Site::new(
         "site-faults",
