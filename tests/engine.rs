@@ -233,6 +233,37 @@ fn an_unfinished_version_is_discarded_at_recovery() {
     );
 }
 
+/// A version replaced while a reader had it open keeps its shares until that reader closes;
+/// if the mount dies first, the next recovery deletes them (nothing names the version).
+#[test]
+fn a_replaced_version_kept_for_a_reader_is_deleted_by_close_or_recovery() {
+    let r = rig(2, 3);
+    let shares = |r: &Rig| r.sites.iter().map(|s| s.len()).sum::<usize>();
+    for crash in [false, true] {
+        write(&r.engine, "h.cram", &random(200_000)).unwrap();
+        let old = r.engine.catalog.file("P0001", "h.cram").unwrap().unwrap();
+        r.engine.reader_opened(&old.id);
+        write(&r.engine, "h.tmp", &random(1000)).unwrap();
+        r.engine
+            .rename("P0001", "h.tmp", "P0001", "h.cram")
+            .unwrap();
+        // Old: 4 chunks and a manifest; new: 1 chunk and a manifest; 3 shares each.
+        assert_eq!(shares(&r), 3 * (5 + 2), "the old version went while read");
+        if crash {
+            assert_eq!(r.engine.recover().unwrap(), 1);
+        } else {
+            r.engine.reader_closed(&old.id);
+        }
+        assert_eq!(shares(&r), 3 * 2, "crash: {crash}");
+        r.engine
+            .catalog
+            .unlink("P0001", "h.cram")
+            .map(|v| r.engine.retire(&v))
+            .unwrap();
+        assert_eq!(shares(&r), 0);
+    }
+}
+
 /// A MemSite behind a pretend link: fixed key left each way, and a count of the shares
 /// fetched from it.
 struct Metered {

@@ -447,7 +447,56 @@ fn rewriting_in_place_is_refused_and_replacing_is_atomic() {
     );
     std::fs::remove_file(&f).unwrap();
     std::fs::remove_dir(rig.mnt.join("P5")).unwrap();
-    assert!(rig.sites.iter().all(|s| s.is_empty()));
+    // The kernel sends the read's RELEASE after close() returns; the shares go with it.
+    wait_for("the unlinked file's shares to go", || {
+        rig.sites.iter().all(|s| s.is_empty())
+    });
+}
+
+/// Poll `done` for up to 5 s.
+fn wait_for(what: &str, done: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !done() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "waited 5 s for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A file replaced or unlinked while open for reading stays readable through that
+/// descriptor, as on any Unix filesystem; its shares go when the reader closes it.
+#[test]
+fn a_reader_keeps_reading_a_version_replaced_or_unlinked_under_it() {
+    use std::io::Read;
+    let rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("P7")).unwrap();
+    // 24 chunks of 64K: more than the readahead fetches during the first read.
+    let old: Vec<u8> = (0..24 * 65_536u32).map(|i| (i * 7 % 251) as u8).collect();
+    rig.grant("P7");
+    for (name, replace) in [("r1", true), ("r2", false)] {
+        let f = rig.mnt.join("P7").join(name);
+        std::fs::write(&f, &old).unwrap();
+        let mut reader = std::fs::File::open(&f).unwrap();
+        let mut got = vec![0u8; 65_536];
+        reader.read_exact(&mut got).unwrap();
+        if replace {
+            std::fs::write(rig.mnt.join("P7/new.tmp"), b"the new version").unwrap();
+            std::fs::rename(rig.mnt.join("P7/new.tmp"), &f).unwrap();
+            assert_eq!(std::fs::read(&f).unwrap(), b"the new version");
+        } else {
+            std::fs::remove_file(&f).unwrap();
+            assert!(!f.exists());
+        }
+        reader.read_to_end(&mut got).unwrap();
+        assert!(got == old, "{name}: the open reader saw other bytes");
+        drop(reader);
+    }
+    // Left: r1's new version, one chunk and its manifest, one share of each per site.
+    wait_for("the old versions' shares to go", || {
+        rig.sites.iter().all(|s| s.len() == 2)
+    });
 }
 
 #[test]

@@ -176,6 +176,8 @@ pub struct Catalog {
     files: sled::Tree,
     chunks: sled::Tree,
     audit: sled::Tree,
+    /// Versions that lost their name (replaced, unlinked), until their shares are deleted.
+    retired: sled::Tree,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -203,6 +205,7 @@ impl Catalog {
             files: tree("files")?,
             chunks: tree("chunks")?,
             audit: tree("audit")?,
+            retired: tree("retired")?,
             db,
         })
     }
@@ -419,7 +422,7 @@ impl Catalog {
     ) -> Result<Option<FileRecord>> {
         use sled::Transactional;
         let res: std::result::Result<Option<sled::IVec>, TransactionError<()>> =
-            (&self.names, &self.files).transaction(|(names, files)| {
+            (&self.names, &self.files, &self.retired).transaction(|(names, files, retired)| {
                 let prev = match id {
                     Some(id) => names.insert(key, id.as_slice())?,
                     None => names.remove(key)?,
@@ -428,6 +431,9 @@ impl Catalog {
                 if let Some(prev) = prev {
                     if id.is_none_or(|id| prev.as_ref() != id) {
                         old = files.remove(prev.as_ref())?;
+                        if let Some(v) = &old {
+                            retired.insert(prev.as_ref(), v)?;
+                        }
                     }
                 }
                 if let Some((id, value)) = &record {
@@ -551,6 +557,18 @@ impl Catalog {
         Ok(out)
     }
 
+    /// Versions replaced or unlinked whose shares are not deleted yet: kept for a reader that
+    /// has them open, or left by a crash before their deletion ([`Catalog::forget`] ends them).
+    pub fn retired(&self) -> Result<Vec<FileRecord>> {
+        self.retired
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(|e| self.db_err(e))?;
+                self.decode(&k, &v)
+            })
+            .collect()
+    }
+
     /// Drop a version's record and chunk records (after its shares were deleted).
     pub fn forget(&self, id: &FileId) -> Result<()> {
         let keys: Vec<sled::IVec> = self
@@ -576,6 +594,7 @@ impl Catalog {
                 self.files.remove(id).map_err(|e| self.db_err(e))?;
             }
         }
+        self.retired.remove(id).map_err(|e| self.db_err(e))?;
         self.flush()
     }
 

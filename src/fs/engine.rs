@@ -358,6 +358,9 @@ pub struct Engine {
     seq: AtomicU64,
     /// Serialise manifest writes of one version (striped by file id).
     manifest_locks: Vec<Mutex<()>>,
+    /// Per version open for reading: its read handles, and its record once replaced or
+    /// unlinked (its shares are deleted when the last handle closes).
+    readers: Mutex<HashMap<FileId, (usize, Option<FileRecord>)>>,
     uploads: Mutex<SyncSender<UploadJob>>,
     prefetch: Mutex<SyncSender<(FileRecord, u64, ChunkRecord)>>,
     cache: Arc<ChunkCache>,
@@ -437,6 +440,7 @@ impl Engine {
             core,
             seq: AtomicU64::new(0),
             manifest_locks: (0..16).map(|_| Mutex::new(())).collect(),
+            readers: Mutex::new(HashMap::new()),
             uploads: Mutex::new(tx),
             prefetch: Mutex::new(ptx),
             cache,
@@ -584,6 +588,47 @@ impl Engine {
         )
     }
 
+    /// A read handle of version `id` opened: its shares stay until [`Engine::reader_closed`].
+    pub fn reader_opened(&self, id: &FileId) {
+        let mut readers = self.readers.lock().expect("readers");
+        readers.entry(*id).or_insert((0, None)).0 += 1;
+    }
+
+    /// A read handle of version `id` closed; the last one of a version replaced or unlinked
+    /// meanwhile deletes its shares.
+    pub fn reader_closed(&self, id: &FileId) {
+        let retired = {
+            let mut readers = self.readers.lock().expect("readers");
+            let Some(e) = readers.get_mut(id) else { return };
+            e.0 -= 1;
+            if e.0 > 0 {
+                return;
+            }
+            readers.remove(id).and_then(|(_, rec)| rec)
+        };
+        if let Some(rec) = retired {
+            self.discard(&rec);
+        }
+    }
+
+    /// Delete the shares of a version no name points to any more (replaced, unlinked): now,
+    /// or, while a reader has it open, when the last one closes (as a Unix file's blocks
+    /// outlive its name while open). A crash meanwhile leaves it to [`Engine::recover`].
+    pub fn retire(&self, rec: &FileRecord) {
+        {
+            let mut readers = self.readers.lock().expect("readers");
+            if let Some(e) = readers.get_mut(&rec.id) {
+                tracing::info!(
+                    "{}: replaced or unlinked while open for reading; shares kept until it is closed",
+                    label(rec)
+                );
+                e.1 = Some(rec.clone());
+                return;
+            }
+        }
+        self.discard(rec);
+    }
+
     /// Delete a version's shares from every site, then its catalog records. Errors are logged:
     /// an orphaned share reveals nothing alone, and `qgenome catalog gc` can retry.
     ///
@@ -630,8 +675,20 @@ impl Engine {
         }
     }
 
-    /// Garbage-collect versions a crash left half-written: never served, shares deleted.
+    /// Garbage-collect what a crash left behind: versions half-written (never served) and
+    /// versions replaced or unlinked whose shares were not yet deleted (nothing names them).
+    /// Returns how many versions were discarded.
     pub fn recover(&self) -> Result<usize, EngineError> {
+        let unnamed = self.catalog.retired()?;
+        for rec in &unnamed {
+            tracing::info!(
+                "{}: deleting the shares of a replaced or unlinked version a crash left behind",
+                label(rec)
+            );
+            self.catalog
+                .audit("discard-replaced", Some(&rec.patient), Some(&rec.name), "");
+            self.discard(rec);
+        }
         let unfinished = self.catalog.unfinished()?;
         for rec in &unfinished {
             tracing::warn!(
@@ -646,7 +703,7 @@ impl Engine {
             );
             self.discard(rec);
         }
-        Ok(unfinished.len())
+        Ok(unnamed.len() + unfinished.len())
     }
 
     pub fn sites(&self) -> &[Arc<dyn ShareSite>] {
@@ -732,7 +789,7 @@ impl Engine {
             &format!("to {new_patient}/{new_name}"),
         );
         if let Some(old) = replaced {
-            self.discard(&old);
+            self.retire(&old);
         }
         if let Some(rec) = self.catalog.file(new_patient, new_name)? {
             self.refresh_manifest(&rec.id);
@@ -1180,7 +1237,7 @@ impl FileWriter {
                 .commit_at(&self.rec.id, self.size, root, rec.mtime)?
         };
         if let Some(old) = replaced {
-            engine.discard(&old);
+            engine.retire(&old);
         }
         engine.catalog.audit(
             "write",

@@ -546,15 +546,27 @@ impl Filesystem for QgenomeFs {
             };
         }
         let engine = self.engine.clone();
-        let rec = match engine.catalog.file(&p, &n) {
-            Ok(Some(r)) => r,
-            Ok(None) => return reply.error(Errno::ENOENT),
-            Err(e) => return reply.error(errno(&e.into())),
+        // The version is marked open before its record is trusted: a replacement committed
+        // in between (whose old version went before it was marked) is seen, and read instead.
+        let rec = loop {
+            let rec = match engine.catalog.file(&p, &n) {
+                Ok(Some(r)) => r,
+                Ok(None) => return reply.error(Errno::ENOENT),
+                Err(e) => return reply.error(errno(&e.into())),
+            };
+            engine.reader_opened(&rec.id);
+            match engine.catalog.file(&p, &n) {
+                Ok(Some(now)) if now.id == rec.id => break rec,
+                _ => engine.reader_closed(&rec.id),
+            }
         };
         // The handle is registered now; the reply waits for consent on a worker.
         let chunks = match engine.catalog.chunks(&rec.id) {
             Ok(c) => Arc::new(c),
-            Err(e) => return reply.error(errno(&e.into())),
+            Err(e) => {
+                engine.reader_closed(&rec.id);
+                return reply.error(errno(&e.into()));
+            }
         };
         let fh = self.new_fh(Handle::Read {
             rec: rec.clone(),
@@ -580,6 +592,7 @@ impl Filesystem for QgenomeFs {
                 Err(e) => {
                     // A failed open gets no RELEASE: its handle goes now.
                     handles.lock().expect("handles").remove(&fh);
+                    engine.reader_closed(&rec.id);
                     tracing::warn!("open {}/{}: {e}", rec.patient, rec.name);
                     reply.error(errno(&e.into()))
                 }
@@ -714,6 +727,9 @@ impl Filesystem for QgenomeFs {
         reply: ReplyEmpty,
     ) {
         let handle = self.handles.lock().expect("handles").remove(&fh.0);
+        if let Some(Handle::Read { rec, .. }) = &handle {
+            self.engine.reader_closed(&rec.id);
+        }
         self.writer_procs
             .lock()
             .expect("writer procs")
@@ -743,7 +759,7 @@ impl Filesystem for QgenomeFs {
         match self.engine.catalog.unlink(&p, &n) {
             Ok(old) => {
                 self.engine.catalog.audit("unlink", Some(&p), Some(&n), "");
-                self.engine.discard(&old);
+                self.engine.retire(&old);
                 reply.ok()
             }
             Err(e) => reply.error(errno(&e.into())),

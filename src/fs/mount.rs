@@ -65,7 +65,9 @@ pub fn start(
     let engine = engine_for(cfg, catalog.clone(), sites)?;
     let discarded = engine.recover()?;
     if discarded > 0 {
-        tracing::warn!("discarded {discarded} file version(s) left incomplete by a crash");
+        tracing::warn!(
+            "discarded {discarded} file version(s) a crash left incomplete, or replaced but not yet deleted"
+        );
     }
     let mut handlers = vec![builtin_handler(engine.clone())];
     let watcher = match &cfg.card {
