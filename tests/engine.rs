@@ -264,13 +264,26 @@ fn a_replaced_version_kept_for_a_reader_is_deleted_by_close_or_recovery() {
     }
 }
 
-/// A MemSite behind a pretend link: fixed key left each way, and a count of the shares
-/// fetched from it.
+/// A MemSite behind a pretend link: fixed key left each way, a count of the shares fetched
+/// from it, and a hook run on every fetch.
 struct Metered {
     inner: MemSite,
     to_site: u64,
     replies: u64,
     gets: AtomicUsize,
+    on_get: std::sync::Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+}
+
+impl Metered {
+    fn new(name: &str, to_site: u64, replies: u64) -> Self {
+        Self {
+            inner: MemSite::new(name),
+            to_site,
+            replies,
+            gets: Default::default(),
+            on_get: Default::default(),
+        }
+    }
 }
 
 impl ShareSite for Metered {
@@ -282,6 +295,9 @@ impl ShareSite for Metered {
     }
     fn get(&self, key: &ShareKey) -> Result<Vec<u8>, SiteError> {
         self.gets.fetch_add(1, Ordering::SeqCst);
+        if let Some(hook) = self.on_get.lock().unwrap().as_ref() {
+            hook();
+        }
         self.inner.get(key)
     }
     fn delete(&self, key: &ShareKey) -> Result<(), SiteError> {
@@ -302,14 +318,7 @@ impl ShareSite for Metered {
 /// most of that left, whatever is left the other way.
 #[test]
 fn reads_prefer_the_link_with_the_most_reply_key_left() {
-    let site = |name: &str, to_site, replies| {
-        Arc::new(Metered {
-            inner: MemSite::new(name),
-            to_site,
-            replies,
-            gets: Default::default(),
-        })
-    };
+    let site = |name: &str, to_site, replies| Arc::new(Metered::new(name, to_site, replies));
     let (a, b) = (site("a", 1 << 30, 1 << 10), site("b", 1 << 10, 1 << 30));
     let sites: Vec<Arc<dyn ShareSite>> = vec![Arc::new(MemSite::new("home")), a.clone(), b.clone()];
     let (_dir, engine) = engine_over(2, sites);
@@ -326,44 +335,11 @@ fn reads_prefer_the_link_with_the_most_reply_key_left() {
     assert!(gets(&b) >= 10, "{} shares fetched from b", gets(&b));
 }
 
-/// A site that runs a hook (here: ending the patient's consent) on every share fetched.
-struct Revoking {
-    inner: MemSite,
-    on_get: std::sync::Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
-    gets: AtomicUsize,
-}
-
-impl ShareSite for Revoking {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-    fn put(&self, key: &ShareKey, meta: &ShareMeta, data: &[u8]) -> Result<(), SiteError> {
-        self.inner.put(key, meta, data)
-    }
-    fn get(&self, key: &ShareKey) -> Result<Vec<u8>, SiteError> {
-        self.gets.fetch_add(1, Ordering::SeqCst);
-        if let Some(hook) = self.on_get.lock().unwrap().as_ref() {
-            hook();
-        }
-        self.inner.get(key)
-    }
-    fn delete(&self, key: &ShareKey) -> Result<(), SiteError> {
-        self.inner.delete(key)
-    }
-    fn list_shares(&self, after: Option<ShareKey>) -> Result<SharePage, SiteError> {
-        self.inner.list_shares(after)
-    }
-}
-
 /// Consent checked when a read starts is not enough: a consent that ends while the chunks are
 /// fetched (revoked, card pulled) gets the read EACCES and no data, and leaves nothing cached.
 #[test]
 fn a_consent_that_ends_during_a_read_returns_no_data() {
-    let revoking = Arc::new(Revoking {
-        inner: MemSite::new("b"),
-        on_get: Default::default(),
-        gets: Default::default(),
-    });
+    let revoking = Arc::new(Metered::new("b", 1 << 30, 1 << 30));
     // k = n: every read fetches a share from every site, the revoking one included.
     let sites: Vec<Arc<dyn ShareSite>> = vec![
         Arc::new(MemSite::new("home")),
