@@ -161,6 +161,13 @@ pub struct Superblock {
     pub data_start: u64,
     /// Seconds since the Unix epoch at format time (information only).
     pub created: u64,
+    /// 0 while no share was written since format; then the tag of the one index that
+    /// describes the volume (random, nonzero, also kept in that index). Written durably before
+    /// the first share (or when an index holding shares is opened and it is still 0), and by
+    /// a rebuild of the index: a volume holding shares is then opened only with its own index,
+    /// so a missing, mistyped or stale state directory cannot serve it as empty and
+    /// reallocate its shares' space.
+    pub index_tag: u32,
 }
 
 impl Superblock {
@@ -181,6 +188,7 @@ impl Superblock {
             volume_len: device_len / u64::from(alloc_unit.max(1)) * u64::from(alloc_unit.max(1)),
             data_start: u64::from(alloc_unit),
             created,
+            index_tag: 0,
         };
         sb.validate()?;
         Ok(sb)
@@ -230,6 +238,7 @@ impl Superblock {
         b[0..8].copy_from_slice(&SUPERBLOCK_MAGIC);
         b[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
         b[10..12].copy_from_slice(&(SUPERBLOCK_LEN as u16).to_le_bytes());
+        b[12..16].copy_from_slice(&self.index_tag.to_le_bytes());
         b[16..32].copy_from_slice(&self.volume_id);
         b[32..36].copy_from_slice(&self.block_size.to_le_bytes());
         b[36..40].copy_from_slice(&self.alloc_unit.to_le_bytes());
@@ -277,6 +286,7 @@ impl Superblock {
             volume_len: u64_at(b, 40),
             data_start: u64_at(b, 48),
             created: u64_at(b, 56),
+            index_tag: u32_at(b, 12),
         };
         sb.validate()?;
         Ok(sb)
@@ -536,6 +546,8 @@ mod tests {
                 prop_assert_eq!(sb.volume_len % u64::from(au), 0);
                 prop_assert!(sb.volume_len <= len);
                 prop_assert_eq!(Superblock::decode(&sb.encode()), Ok(sb.clone()));
+                let held = Superblock { index_tag: created as u32 | 1, ..sb.clone() };
+                prop_assert_eq!(Superblock::decode(&held.encode()), Ok(held.clone()));
                 let mut b = sb.encode();
                 b[(created as usize) % SUPERBLOCK_LEN] ^= 0x10;
                 prop_assert!(Superblock::decode(&b).is_err());

@@ -9,7 +9,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
 
 use crate::alloc::{AllocError, Allocator};
@@ -23,6 +23,8 @@ const GEN_BATCH: u64 = 1 << 16;
 const KEY_LOCKS: usize = 64;
 const META_VOLUME_ID: &[u8] = b"volume_id";
 const META_GEN_RESERVED: &[u8] = b"gen_reserved";
+/// This index's tag (u32 LE, nonzero): `Superblock::index_tag` names the volume's index.
+const META_INDEX_TAG: &[u8] = b"index_tag";
 
 /// Errors from the store; each names the site, volume, index directory or share at fault.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +55,27 @@ pub enum StoreError {
         volume: PathBuf,
         expected: String,
         found: String,
+    },
+    #[error(
+        "index {dir}: no share index there for volume {volume} (site {site}), which holds \
+         shares; refusing to serve it as empty. Check state_dir; if the index is lost, \
+         rebuild it from the volume: qgenome-mountd rebuild-index --volume {volume} --state {dir}"
+    )]
+    NoIndex {
+        dir: PathBuf,
+        volume: PathBuf,
+        site: String,
+    },
+    #[error(
+        "index {dir} is not the index of volume {volume} (site {site}): the volume's shares \
+         were written through another index since (a stale or copied state directory?); \
+         refusing it. Use the volume's state_dir, or rebuild the index from the volume: \
+         qgenome-mountd rebuild-index --volume {volume} --state {dir}"
+    )]
+    StaleIndex {
+        dir: PathBuf,
+        volume: PathBuf,
+        site: String,
     },
     #[error("index {dir} is corrupt: {reason}")]
     CorruptIndex { dir: PathBuf, reason: String },
@@ -248,6 +271,12 @@ pub struct Store<D: BlockDevice> {
     key_locks: Vec<RwLock<()>>,
     damaged_reads: AtomicU64,
     opts: StoreOptions,
+    /// This index's tag (`Superblock::index_tag`).
+    index_tag: u32,
+    /// The volume's superblock names this index (its `index_tag` is ours).
+    tagged: AtomicBool,
+    /// Held while the superblock is rewritten with our tag.
+    tagging: Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -294,6 +323,28 @@ fn read_superblock<D: BlockDevice>(dev: &D) -> Result<Superblock, StoreError> {
     Ok(sb)
 }
 
+/// Rewrite block 0 with `sb` (one durable write of one block, the superblock in its first
+/// 160 bytes: within the first sector).
+fn write_superblock<D: BlockDevice>(dev: &D, sb: &Superblock) -> Result<(), StoreError> {
+    let mut buf = dev.alloc_buf(sb.block_size as usize);
+    buf.as_mut_slice().fill(0);
+    buf.as_mut_slice()[..crate::layout::SUPERBLOCK_LEN].copy_from_slice(&sb.encode());
+    dev.write_at(buf, 0, true)?;
+    Ok(())
+}
+
+/// A random nonzero index tag.
+fn new_index_tag() -> std::io::Result<u32> {
+    loop {
+        let mut b = [0u8; 4];
+        getrandom::getrandom(&mut b).map_err(std::io::Error::other)?;
+        let t = u32::from_le_bytes(b);
+        if t != 0 {
+            return Ok(t);
+        }
+    }
+}
+
 impl<D: BlockDevice> Store<D> {
     /// Writes a fresh superblock (new random volume id) to `dev`. Existing shares become
     /// unreachable; a previous index no longer matches the volume and is refused at open.
@@ -319,11 +370,25 @@ impl<D: BlockDevice> Store<D> {
         Ok(sb)
     }
 
-    /// Opens the store on a formatted volume with its index in `state_dir` (created if absent).
-    /// The free space is recomputed from the index.
+    /// Opens the store on a formatted volume with its index in `state_dir`. The free space is
+    /// recomputed from the index.
+    ///
+    /// An index is created only for a volume to which no share was written since format (its
+    /// superblock's `index_tag` is 0). Once one was, the volume is opened only with the index
+    /// its superblock names: without an index (`NoIndex`) or with another one (`StaleIndex`)
+    /// it is refused, naming the directory and suggesting `rebuild-index`, never served as
+    /// empty.
     pub fn open(dev: D, state_dir: &Path, opts: StoreOptions) -> Result<Self, StoreError> {
         let sb = read_superblock(&dev)?;
         let dir = state_dir.to_path_buf();
+        let no_index = || StoreError::NoIndex {
+            dir: dir.clone(),
+            volume: dev.path().to_path_buf(),
+            site: sb.site.clone(),
+        };
+        if sb.index_tag != 0 && !dir.join("index").exists() {
+            return Err(no_index());
+        }
         std::fs::create_dir_all(&dir).map_err(|source| StoreError::StateDir {
             dir: dir.clone(),
             source,
@@ -356,9 +421,40 @@ impl<D: BlockDevice> Store<D> {
                         reason: "shares without a volume id".into(),
                     });
                 }
+                if sb.index_tag != 0 {
+                    return Err(no_index());
+                }
                 meta.insert(META_VOLUME_ID, &sb.volume_id[..]).map_err(ix)?;
             }
         }
+        let tag = match meta.get(META_INDEX_TAG).map_err(ix)? {
+            Some(v) => Some(u32::from_le_bytes(v.as_ref().try_into().map_err(|_| {
+                StoreError::CorruptIndex {
+                    dir: dir.clone(),
+                    reason: "index tag is not 4 bytes".into(),
+                }
+            })?)),
+            None => None,
+        };
+        let index_tag = match tag {
+            Some(t) if sb.index_tag == 0 || t == sb.index_tag => t,
+            None if sb.index_tag == 0 => {
+                // An index made before tags existed, or just now.
+                let t = new_index_tag().map_err(|e| StoreError::StateDir {
+                    dir: dir.clone(),
+                    source: e,
+                })?;
+                meta.insert(META_INDEX_TAG, &t.to_le_bytes()).map_err(ix)?;
+                t
+            }
+            _ => {
+                return Err(StoreError::StaleIndex {
+                    dir,
+                    volume: dev.path().to_path_buf(),
+                    site: sb.site.clone(),
+                })
+            }
+        };
         let mut live = Vec::new();
         for item in shares.iter() {
             let (k, v) = item.map_err(ix)?;
@@ -395,7 +491,11 @@ impl<D: BlockDevice> Store<D> {
         meta.insert(META_GEN_RESERVED, &reserved.to_le_bytes())
             .map_err(ix)?;
         db.flush().map_err(ix)?;
-        Ok(Self {
+        let has_shares = !shares.is_empty();
+        let store = Self {
+            index_tag,
+            tagged: AtomicBool::new(sb.index_tag == index_tag),
+            tagging: Mutex::new(()),
             dev,
             sb,
             dir,
@@ -409,7 +509,33 @@ impl<D: BlockDevice> Store<D> {
             key_locks: (0..KEY_LOCKS).map(|_| RwLock::new(())).collect(),
             damaged_reads: AtomicU64::new(0),
             opts,
-        })
+        };
+        // A volume whose shares were written before index tags existed: tag it now.
+        if has_shares {
+            store.tag_volume()?;
+        }
+        Ok(store)
+    }
+
+    /// Name this index in the volume's superblock (durably, once): from then on the volume
+    /// is only opened with it.
+    fn tag_volume(&self) -> Result<(), StoreError> {
+        if self.tagged.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _g = lock(&self.tagging);
+        if self.tagged.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        write_superblock(
+            &self.dev,
+            &Superblock {
+                index_tag: self.index_tag,
+                ..self.sb.clone()
+            },
+        )?;
+        self.tagged.store(true, Ordering::Release);
+        Ok(())
     }
 
     pub fn superblock(&self) -> &Superblock {
@@ -517,6 +643,8 @@ impl<D: BlockDevice> Store<D> {
         {
             return Err(self.invalid(key, "buffer not from share_buf of this store"));
         }
+        // Before the first share reaches the volume, the volume names this index.
+        self.tag_volume()?;
         let _guard = self
             .key_lock(&key)
             .write()
@@ -781,7 +909,19 @@ impl<D: BlockDevice> Store<D> {
         meta.insert(META_VOLUME_ID, &sb.volume_id[..]).map_err(ix)?;
         meta.insert(META_GEN_RESERVED, &(max_gen + 1).to_le_bytes())
             .map_err(ix)?;
+        // The rebuilt index is the volume's index from now on (a crash before the superblock
+        // names it leaves the volume refusing it: rebuild again).
+        let tag = new_index_tag().map_err(io)?;
+        meta.insert(META_INDEX_TAG, &tag.to_le_bytes())
+            .map_err(ix)?;
         db.flush().map_err(ix)?;
+        write_superblock(
+            dev,
+            &Superblock {
+                index_tag: tag,
+                ..sb
+            },
+        )?;
         report.shares = found.len() as u64;
         Ok(report)
     }

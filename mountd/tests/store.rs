@@ -304,3 +304,123 @@ fn concurrent_puts_and_gets() {
     assert_eq!(s.stat().shares, 120);
     assert!(s.scrub().unwrap().damaged.is_empty());
 }
+
+fn open_mem(image: Vec<u8>, dir: &std::path::Path) -> Result<Store<MemVolume>, StoreError> {
+    Store::open(
+        MemVolume::from_image("mem-vol", image, A),
+        dir,
+        StoreOptions::default(),
+    )
+}
+
+#[test]
+fn a_volume_holding_shares_is_refused_without_its_index_never_served_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(fresh(8 << 20), dir.path(), StoreOptions::default()).unwrap();
+    let k = key(12, 0, 0);
+    s.put(k, META, &share_bytes(12, &k, 100_000)).unwrap();
+    let image = s.device().image();
+    drop(s);
+    // A mistyped state_dir: refused, naming it and the volume, and nothing is created there.
+    let other = tempfile::tempdir().unwrap();
+    let wrong = other.path().join("mistyped");
+    let e = open_mem(image.clone(), &wrong)
+        .err()
+        .expect("a volume holding a share was opened with a new, empty index");
+    let m = e.to_string();
+    assert!(
+        m.contains(&wrong.display().to_string())
+            && m.contains("mem-vol")
+            && m.contains("rebuild-index"),
+        "{m}"
+    );
+    assert!(
+        !wrong.exists(),
+        "the refused open created {}",
+        wrong.display()
+    );
+    // An index directory without an index in it (a crash, or an older version's empty
+    // index) is refused the same way.
+    std::fs::create_dir_all(wrong.join("index")).unwrap();
+    let e = open_mem(image.clone(), &wrong)
+        .err()
+        .expect("empty index accepted");
+    assert!(e.to_string().contains("rebuild-index"), "{e}");
+    // The original state_dir still serves the share; a rebuilt index does too.
+    let s = reopen(image.clone(), dir.path());
+    assert_eq!(
+        s.get(&k).unwrap().bytes(),
+        &share_bytes(12, &k, 100_000)[..]
+    );
+    drop(s);
+    let rebuilt = other.path().join("rebuilt");
+    let v = MemVolume::from_image("mem-vol", image, A);
+    assert_eq!(Store::rebuild_index(&v, &rebuilt).unwrap().shares, 1);
+    let image = v.image();
+    let s = Store::open(v, &rebuilt, StoreOptions::default()).unwrap();
+    assert_eq!(
+        s.get(&k).unwrap().bytes(),
+        &share_bytes(12, &k, 100_000)[..]
+    );
+    drop(s);
+    // The rebuilt index is the volume's index now; the old one is refused.
+    let e = open_mem(image, dir.path())
+        .err()
+        .expect("old index accepted");
+    assert!(matches!(e, StoreError::StaleIndex { .. }), "{e}");
+}
+
+#[test]
+fn a_volume_that_never_held_a_share_gets_an_index_where_it_is_opened() {
+    // `format` made an index in one directory; the daemon's state_dir is another (the
+    // demo deployment does this): nothing can be lost, so the index is created there.
+    let image = fresh(8 << 20).image();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    drop(open_mem(image.clone(), d1.path()).unwrap());
+    let s = open_mem(image, d2.path()).unwrap();
+    let k = key(13, 0, 1);
+    s.put(k, META, b"first share").unwrap();
+    let image = s.device().image();
+    drop(s);
+    // Now the volume holds a share written through d2's index: format's empty index in d1
+    // is stale and refused (it would serve the volume as empty).
+    let e = open_mem(image.clone(), d1.path())
+        .err()
+        .expect("a stale empty index was accepted");
+    let m = e.to_string();
+    assert!(
+        m.contains(&d1.path().display().to_string())
+            && m.contains("not the index of volume mem-vol")
+            && m.contains("rebuild-index"),
+        "{m}"
+    );
+    assert_eq!(
+        reopen(image, d2.path()).get(&k).unwrap().bytes(),
+        b"first share"
+    );
+}
+
+#[test]
+fn a_volume_with_shares_but_no_index_tag_is_tagged_when_opened_with_its_index() {
+    use qgenome_mountd::layout::{Superblock, SUPERBLOCK_LEN};
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(fresh(8 << 20), dir.path(), StoreOptions::default()).unwrap();
+    let k = key(14, 0, 2);
+    s.put(k, META, b"old share").unwrap();
+    let mut image = s.device().image();
+    drop(s);
+    // As an older version left it: shares, and no index tag.
+    let mut sb = Superblock::decode(&image[..SUPERBLOCK_LEN]).unwrap();
+    assert_ne!(sb.index_tag, 0);
+    sb.index_tag = 0;
+    image[..SUPERBLOCK_LEN].copy_from_slice(&sb.encode());
+    let s = reopen(image, dir.path());
+    let image = s.device().image();
+    drop(s);
+    let tag = Superblock::decode(&image[..SUPERBLOCK_LEN])
+        .unwrap()
+        .index_tag;
+    assert_ne!(tag, 0);
+    let other = tempfile::tempdir().unwrap();
+    assert!(open_mem(image, other.path()).is_err());
+}
