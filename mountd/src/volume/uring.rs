@@ -505,6 +505,7 @@ impl Worker {
         let mut backlog: VecDeque<usize> = VecDeque::new();
         let mut ring = ring;
         let mut in_flight = 0usize;
+        let mut transient_errors = 0u64;
         let mut wake_armed = false;
         let mut closed = false;
         loop {
@@ -566,18 +567,32 @@ impl Worker {
             if closed && in_flight == 0 && backlog.is_empty() && !wake_armed {
                 break;
             }
+            let mut transient = false;
             match ring.submit_and_wait(1) {
-                Ok(_) => {}
+                Ok(_) => transient_errors = 0,
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) if enter_error_is_transient(e.raw_os_error()) => {
+                    // The completion queue is full (EBUSY) or the kernel is short of memory
+                    // for new requests (EAGAIN, ENOMEM): what is queued stays queued; reap
+                    // what completed and enter again.
+                    transient = true;
+                    transient_errors += 1;
+                    if transient_errors == 1 || transient_errors.is_multiple_of(10_000) {
+                        tracing::warn!(volume = %self.path.display(), error = %e,
+                            "io_uring submit: transient error {transient_errors} in a row; retrying");
+                    }
+                }
                 Err(e) => {
                     tracing::error!(volume = %self.path.display(), error = %e, "io_uring submit failed");
-                    // Fail everything queued; the thread ends and later requests see RingGone.
-                    for op in slots.iter_mut().filter_map(Option::take) {
-                        let _ = op.reply.send(Err(VolumeError::Ring {
-                            path: self.path.to_path_buf(),
-                            source: io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(0)),
-                        }));
+                    // Fail everything; the thread ends and later requests see RingGone. What
+                    // may still be in the kernel keeps its memory forever (see fail_all).
+                    let leaked = fail_all(&self.path, &mut slots, &backlog, &e);
+                    if wake_armed {
+                        std::mem::forget(wake_word);
+                    }
+                    if leaked > 0 {
+                        tracing::error!(volume = %self.path.display(),
+                            "{leaked} buffer(s) of requests possibly still in the kernel leaked, not freed");
                     }
                     return;
                 }
@@ -586,6 +601,10 @@ impl Worker {
                 .completion()
                 .map(|c| (c.user_data(), c.result()))
                 .collect();
+            if transient && cqes.is_empty() {
+                // Nothing completed to make room: do not spin on the error.
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
             for (id, res) in cqes {
                 if id == WAKE {
                     wake_armed = false;
@@ -718,6 +737,44 @@ enum Next {
     Done(Result<Option<IoBuf>, VolumeError>),
 }
 
+/// Whether an `io_uring_enter` error only means "not now": interrupted (EINTR), the
+/// completion queue must be reaped first (EBUSY), or the kernel could not allocate for new
+/// requests at this moment (EAGAIN, ENOMEM). Anything else ends the ring.
+fn enter_error_is_transient(errno: Option<i32>) -> bool {
+    matches!(
+        errno,
+        Some(libc::EINTR | libc::EBUSY | libc::EAGAIN | libc::ENOMEM)
+    )
+}
+
+/// Fail every request of a ring that cannot go on (`e`), answering each with an error.
+/// Requests still in `backlog` never reached the kernel: their buffers are freed. Any other
+/// request was put in the submission queue and may still be in the kernel, which can read
+/// from or DMA into its buffer after the ring is gone: that buffer is leaked (a registered
+/// slot is never handed out again), never freed or reused. Returns how many were leaked.
+fn fail_all(
+    path: &Path,
+    slots: &mut [Option<Op>],
+    backlog: &VecDeque<usize>,
+    e: &io::Error,
+) -> usize {
+    let mut leaked = 0;
+    for (id, slot) in slots.iter_mut().enumerate() {
+        let Some(mut op) = slot.take() else { continue };
+        if !backlog.contains(&id) {
+            if let Some(buf) = op.buf.take() {
+                std::mem::forget(buf);
+                leaked += 1;
+            }
+        }
+        let _ = op.reply.send(Err(VolumeError::Ring {
+            path: path.to_path_buf(),
+            source: io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(0)),
+        }));
+    }
+    leaked
+}
+
 /// Creates a new file volume of `size` bytes with fallocate, so its blocks are reserved; with
 /// `zeroed`, also writes zeros over all of it.
 ///
@@ -759,4 +816,65 @@ pub fn create_file_volume(path: &Path, size: u64, zeroed: bool) -> Result<PathBu
     // SAFETY: posix_fadvise on a descriptor we own.
     unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     Ok(path.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enter_errors_that_only_mean_not_now_are_retried() {
+        for e in [libc::EINTR, libc::EBUSY, libc::EAGAIN, libc::ENOMEM] {
+            assert!(enter_error_is_transient(Some(e)), "errno {e}");
+        }
+        for e in [
+            libc::EBADF,
+            libc::EFAULT,
+            libc::EINVAL,
+            libc::ENXIO,
+            libc::EOPNOTSUPP,
+        ] {
+            assert!(!enter_error_is_transient(Some(e)), "errno {e}");
+        }
+        assert!(!enter_error_is_transient(None));
+    }
+
+    #[test]
+    fn a_failed_ring_frees_queued_buffers_and_leaks_those_the_kernel_may_hold() {
+        let pool = FixedPool::new(3, 4096, 4096).expect("pool");
+        let op = |buf| {
+            let (tx, rx) = oneshot::channel();
+            let op = Op {
+                kind: Kind::Read,
+                buf: Some(buf),
+                offset: 0,
+                done: 0,
+                stalls: 0,
+                reply: tx,
+            };
+            (op, rx)
+        };
+        let (in_kernel, mut rx0) = op(pool.take(4096).unwrap());
+        let (queued, mut rx1) = op(pool.take(4096).unwrap());
+        let (in_kernel2, mut rx2) = op(pool.take(4096).unwrap());
+        assert!(pool.take(4096).is_none());
+        let mut slots = vec![Some(in_kernel), Some(queued), None, Some(in_kernel2)];
+        let backlog: VecDeque<usize> = [1].into_iter().collect();
+        let e = io::Error::from_raw_os_error(libc::EBADF);
+        let leaked = fail_all(Path::new("/dev/test"), &mut slots, &backlog, &e);
+        assert_eq!(leaked, 2);
+        assert!(slots.iter().all(Option::is_none));
+        for rx in [&mut rx0, &mut rx1, &mut rx2] {
+            let r = rx.try_recv().expect("answered");
+            assert!(
+                matches!(r, Err(VolumeError::Ring { .. })),
+                "{:?}",
+                r.map(|b| b.map(|b| b.len()))
+            );
+        }
+        // Only the queued request's slot came back; the two the kernel may hold never will.
+        let back = pool.take(4096).expect("the queued request's slot");
+        assert!(pool.take(4096).is_none());
+        drop(back);
+    }
 }
