@@ -125,6 +125,8 @@ pub struct Limits {
     pub idle_timeout_secs: u64,
 }
 
+/// The longest `frame_timeout_secs` accepted (an hour).
+pub const MAX_FRAME_TIMEOUT_SECS: u64 = 3600;
 /// The longest `idle_timeout_secs` accepted (a day).
 pub const MAX_IDLE_TIMEOUT_SECS: u64 = 86_400;
 
@@ -195,10 +197,16 @@ impl SiteConfig {
                 ),
             ));
         }
-        if c.limits.frame_timeout_secs == 0 {
+        // Bounded above too: deadlines are `now + timeout`, which a huge value overflows
+        // (a panic on every connection).
+        if c.limits.frame_timeout_secs == 0 || c.limits.frame_timeout_secs > MAX_FRAME_TIMEOUT_SECS
+        {
             return Err(bad(
                 "limits.frame_timeout_secs",
-                "must be at least 1".into(),
+                format!(
+                    "{} (allowed 1..={MAX_FRAME_TIMEOUT_SECS})",
+                    c.limits.frame_timeout_secs
+                ),
             ));
         }
         if c.limits.idle_timeout_secs == 0 || c.limits.idle_timeout_secs > MAX_IDLE_TIMEOUT_SECS {
@@ -385,6 +393,31 @@ durability = "fdatasync"
             e.contains("/etc/q/site.toml") && e.contains("idle_timeout"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn frame_timeout_is_bounded_naming_the_key_and_file() {
+        let c = SiteConfig::parse(
+            &format!("{GOOD}frame_timeout_secs = 3600\n"),
+            Path::new("site.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.limits.frame_timeout_secs, 3600);
+        // i64::MAX seconds parsed fine before and overflowed `Instant + Duration` later.
+        for bad in ["0", "3601", "9223372036854775807"] {
+            let e = SiteConfig::parse(
+                &format!("{GOOD}frame_timeout_secs = {bad}\n"),
+                Path::new("/etc/q/site.toml"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("/etc/q/site.toml")
+                    && e.contains("limits.frame_timeout_secs")
+                    && e.contains("1..=3600"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]
