@@ -193,6 +193,9 @@ impl Deployment {
                     "--volume",
                 ])
                 .arg(&volume)
+                // The index where the daemon will look for it.
+                .arg("--state")
+                .arg(&state_dir)
                 .stdout(Stdio::null())
                 .status()
                 .context("running qgenome-mountd format")?;

@@ -1190,41 +1190,18 @@ async fn with_permit<T>(
 
 /// Seconds a TCP connection may be silent before the kernel probes its peer; probes every
 /// `KEEPALIVE_INTERVAL_SECS`, and gives up (resetting the connection) after `KEEPALIVE_PROBES`.
-const KEEPALIVE_IDLE_SECS: libc::c_int = 60;
-const KEEPALIVE_INTERVAL_SECS: libc::c_int = 10;
-const KEEPALIVE_PROBES: libc::c_int = 6;
+const KEEPALIVE_IDLE_SECS: u32 = 60;
+const KEEPALIVE_INTERVAL_SECS: u32 = 10;
+const KEEPALIVE_PROBES: u32 = 6;
 
 /// Turn on TCP keepalive for an accepted connection, so that a peer that vanished (host down,
 /// cable cut: no FIN, no RST) is found out in about two minutes instead of never.
-fn set_keepalive(s: &tokio::net::TcpStream) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let fd = s.as_raw_fd();
-    for (level, name, value) in [
-        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_SECS),
-        (
-            libc::IPPROTO_TCP,
-            libc::TCP_KEEPINTVL,
-            KEEPALIVE_INTERVAL_SECS,
-        ),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES),
-    ] {
-        // SAFETY: `fd` is an open socket owned by `s` for the duration of the call, and
-        // `value` is a c_int that lives across it, whose size is passed.
-        let r = unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                name,
-                (&value as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
+fn set_keepalive(s: &tokio::net::TcpStream) -> nix::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    setsockopt(s, sockopt::KeepAlive, &true)?;
+    setsockopt(s, sockopt::TcpKeepIdle, &KEEPALIVE_IDLE_SECS)?;
+    setsockopt(s, sockopt::TcpKeepInterval, &KEEPALIVE_INTERVAL_SECS)?;
+    setsockopt(s, sockopt::TcpKeepCount, &KEEPALIVE_PROBES)
 }
 
 async fn accept_unix(l: Option<&UnixListener>) -> std::io::Result<tokio::net::UnixStream> {
@@ -1333,43 +1310,26 @@ mod tests {
         assert!(!b.take(t0));
     }
 
-    fn sockopt(s: &tokio::net::TcpStream, level: libc::c_int, name: libc::c_int) -> libc::c_int {
-        use std::os::fd::AsRawFd;
-        let mut v: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: the socket is open; `v` and `len` outlive the call and `len` is v's size.
-        let r = unsafe {
-            libc::getsockopt(
-                s.as_raw_fd(),
-                level,
-                name,
-                (&mut v as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
-        v
-    }
-
     #[tokio::test]
     async fn accepted_tcp_connections_get_keepalive() {
+        use nix::sys::socket::{getsockopt, sockopt};
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let _c = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (s, _) = l.accept().await.unwrap();
-        assert_eq!(sockopt(&s, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 0);
+        assert!(!getsockopt(&s, sockopt::KeepAlive).unwrap());
         set_keepalive(&s).unwrap();
-        assert_eq!(sockopt(&s, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+        assert!(getsockopt(&s, sockopt::KeepAlive).unwrap());
         assert_eq!(
-            sockopt(&s, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+            getsockopt(&s, sockopt::TcpKeepIdle).unwrap(),
             KEEPALIVE_IDLE_SECS
         );
         assert_eq!(
-            sockopt(&s, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+            getsockopt(&s, sockopt::TcpKeepInterval).unwrap(),
             KEEPALIVE_INTERVAL_SECS
         );
         assert_eq!(
-            sockopt(&s, libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+            getsockopt(&s, sockopt::TcpKeepCount).unwrap(),
             KEEPALIVE_PROBES
         );
     }
