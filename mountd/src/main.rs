@@ -282,6 +282,11 @@ fn format(
         create_file_volume(&vol.volume, size, zeroed)?;
     }
     let dir = vol.state_dir()?;
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating state directory {}", dir.display()))?;
+    // Not under a daemon (or a rebuild) using this index; released before the open below,
+    // which takes it again.
+    let lock = qgenome_mountd::store::lock_state_dir(&dir)?;
     let index = dir.join("index");
     if index.exists() {
         if !force {
@@ -299,6 +304,7 @@ fn format(
         .transpose()
         .context("--alloc-unit too large")?;
     let sb = Store::format(&dev, site, &FormatOptions { alloc_unit })?;
+    drop(lock);
     drop(Store::open(dev, &dir, StoreOptions::default())?);
     println!(
         "formatted {} for site {}: {} bytes, block {} unit {}, index {}",

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
 
+use nix::fcntl::{Flock, FlockArg};
+
 use crate::alloc::{AllocError, Allocator};
 use crate::layout::{
     share_sum, IndexEntry, LayoutError, ShareHeader, ShareKey, ShareMeta, Superblock, HEADER_LEN,
@@ -44,6 +46,8 @@ pub enum StoreError {
     },
     #[error("index {dir}: {source}")]
     Index { dir: PathBuf, source: sled::Error },
+    #[error("index {dir} is in use by another process (a qgenome-mountd serving this site, or a rebuild-index or format of it); stop that first")]
+    InUse { dir: PathBuf },
     #[error("index {dir}: cannot prepare the state directory: {source}")]
     StateDir {
         dir: PathBuf,
@@ -277,6 +281,8 @@ pub struct Store<D: BlockDevice> {
     tagged: AtomicBool,
     /// Held while the superblock is rewritten with our tag.
     tagging: Mutex<()>,
+    /// The state directory's lock, held while the store is open.
+    _state_lock: Flock<std::fs::File>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -331,6 +337,31 @@ fn write_superblock<D: BlockDevice>(dev: &D, sb: &Superblock) -> Result<(), Stor
     buf.as_mut_slice()[..crate::layout::SUPERBLOCK_LEN].copy_from_slice(&sb.encode());
     dev.write_at(buf, 0, true)?;
     Ok(())
+}
+
+/// An exclusive lock on `dir/lock`, held by whoever has the index open: a second process on
+/// the same index (a daemon, `rebuild-index`, `format`) is refused instead of working beside
+/// the first, whose commits would go into an index moved aside or replaced under it.
+pub fn lock_state_dir(dir: &Path) -> Result<Flock<std::fs::File>, StoreError> {
+    let path = dir.join("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| StoreError::StateDir {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+    Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| match e {
+        nix::errno::Errno::EWOULDBLOCK => StoreError::InUse {
+            dir: dir.to_path_buf(),
+        },
+        e => StoreError::StateDir {
+            dir: dir.to_path_buf(),
+            source: e.into(),
+        },
+    })
 }
 
 /// A random nonzero index tag.
@@ -393,6 +424,7 @@ impl<D: BlockDevice> Store<D> {
             dir: dir.clone(),
             source,
         })?;
+        let state_lock = lock_state_dir(&dir)?;
         let ix = |source| StoreError::Index {
             dir: dir.clone(),
             source,
@@ -493,6 +525,7 @@ impl<D: BlockDevice> Store<D> {
         db.flush().map_err(ix)?;
         let has_shares = !shares.is_empty();
         let store = Self {
+            _state_lock: state_lock,
             index_tag,
             tagged: AtomicBool::new(sb.index_tag == index_tag),
             tagging: Mutex::new(()),
@@ -885,6 +918,8 @@ impl<D: BlockDevice> Store<D> {
             source,
         };
         std::fs::create_dir_all(&dir).map_err(io)?;
+        // Never beside a daemon still committing into the index moved aside below.
+        let _state_lock = lock_state_dir(&dir)?;
         let mut report = RebuildReport::default();
         let index = dir.join("index");
         if index.exists() {

@@ -139,6 +139,26 @@ fn rebuild_index_cli_restores_a_lost_index() {
                 .put(run_key([9; 16], i), RUN_META, &[i as u8; 30_000])
                 .unwrap();
         }
+        // While the index is in use (a serving daemon, here this store), neither a rebuild
+        // nor a format may run under it.
+        for args in [
+            &["rebuild-index"][..],
+            &["format", "--site", "s", "--force"],
+        ] {
+            let out = mountd()
+                .args(args)
+                .arg("--volume")
+                .arg(&vol)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{args:?} ran beside the open store");
+            assert!(
+                err.contains("in use") && err.contains("r.vol.state"),
+                "{err}"
+            );
+        }
+        assert!(state.join("index").exists());
     }
     std::fs::remove_dir_all(state.join("index")).unwrap();
     let out = mountd()

@@ -424,3 +424,36 @@ fn a_volume_with_shares_but_no_index_tag_is_tagged_when_opened_with_its_index() 
     let other = tempfile::tempdir().unwrap();
     assert!(open_mem(image, other.path()).is_err());
 }
+
+/// While a store has its index open, neither a rebuild of that index nor a second store on
+/// it may start (the rebuild would move the index aside under the running one, whose
+/// acknowledged puts would then be missing from the index in use at the next start).
+#[test]
+fn an_index_in_use_is_neither_rebuilt_nor_opened_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(fresh(16 << 20), dir.path(), StoreOptions::default()).unwrap();
+    let k = key(9, 0, 0);
+    s.put(k, META, &share_bytes(9, &k, 4096)).unwrap();
+    let image = s.device().image();
+    let v = MemVolume::from_image("mem-vol", image.clone(), A);
+    let e = Store::rebuild_index(&v, dir.path()).unwrap_err();
+    assert!(matches!(e, StoreError::InUse { .. }), "{e}");
+    assert!(
+        e.to_string().contains(&dir.path().display().to_string()),
+        "{e}"
+    );
+    assert!(
+        dir.path().join("index").exists(),
+        "the index in use was moved"
+    );
+    let e = Store::open(
+        MemVolume::from_image("mem-vol", image.clone(), A),
+        dir.path(),
+        StoreOptions::default(),
+    )
+    .err()
+    .expect("a second store on an index in use");
+    assert!(matches!(e, StoreError::InUse { .. }), "{e}");
+    drop(s);
+    assert_eq!(Store::rebuild_index(&v, dir.path()).unwrap().shares, 1);
+}
