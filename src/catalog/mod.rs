@@ -353,6 +353,9 @@ impl Catalog {
         self.files
             .insert(id, Self::encode(&rec))
             .map_err(|e| self.db_err(e))?;
+        // Durable before any of its shares can be: a crash then leaves a version recovery
+        // knows of and discards, not shares no record points to.
+        self.flush()?;
         Ok(rec)
     }
 

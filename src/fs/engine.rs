@@ -630,11 +630,10 @@ impl Engine {
     }
 
     /// Delete a version's shares from every site, then its catalog records. Errors are logged:
-    /// an orphaned share reveals nothing alone, and `qgenome catalog gc` can retry.
+    /// an orphaned share reveals nothing alone, and `qgenome catalog rebuild` reports orphans.
     ///
-    /// A crash can leave up to `max_in_flight` chunks uploaded but not yet recorded (the writer
-    /// blocks before more are in flight), so those indices past the last recorded chunk are
-    /// deleted too, at every site.
+    /// Chunks past the last recorded one (in flight, or uploaded while their records were not
+    /// yet durable when the mount died) are found by listing each site from there.
     pub fn discard(&self, rec: &FileRecord) {
         // The manifest goes first: a crash part-way leaves data shares without a manifest,
         // which a catalog rebuild reports as an orphan instead of restoring the file.
@@ -653,8 +652,7 @@ impl Engine {
             }
         }
         let recorded = self.catalog.chunks(&rec.id).unwrap_or_default().len() as u64;
-        let unrecorded = recorded..recorded + self.cfg.max_in_flight as u64 + 1;
-        for index in (0..recorded).chain(unrecorded.clone()) {
+        for index in 0..recorded {
             for (share, site) in self.core.sites.iter().enumerate() {
                 let key = ShareKey {
                     file: rec.id,
@@ -663,10 +661,29 @@ impl Engine {
                 };
                 match site.delete(&key) {
                     Ok(()) | Err(SiteError::NotFound { .. }) => {}
-                    Err(e) if unrecorded.contains(&index) => {
-                        tracing::debug!("{}: deleting {key}: {e}", label(rec))
-                    }
                     Err(e) => tracing::warn!("{}: deleting {key}: {e}", label(rec)),
+                }
+            }
+        }
+        // Chunks past the last recorded one: in flight when the writer failed, or uploaded
+        // while their records were not yet durable when the mount died (the catalog is
+        // flushed at commits). Each site lists what it holds of the version from there; one
+        // that cannot list gets the `max_in_flight` indices after the last record deleted.
+        for (share, site) in self.core.sites.iter().enumerate() {
+            let keys = shares_from(site.as_ref(), &rec.id, recorded).unwrap_or_else(|e| {
+                tracing::debug!("{}: listing site {}: {e}", label(rec), site.name());
+                (recorded..=recorded + self.cfg.max_in_flight as u64)
+                    .map(|chunk| ShareKey {
+                        file: rec.id,
+                        chunk,
+                        share: share as u8,
+                    })
+                    .collect()
+            });
+            for key in keys.iter().filter(|k| k.chunk != MANIFEST_CHUNK) {
+                match site.delete(key) {
+                    Ok(()) | Err(SiteError::NotFound { .. }) => {}
+                    Err(e) => tracing::debug!("{}: deleting {key}: {e}", label(rec)),
                 }
             }
         }
@@ -1031,6 +1048,38 @@ impl Drop for PooledShares<'_> {
     fn drop(&mut self) {
         for b in self.bufs.drain(..) {
             self.pool.give(b);
+        }
+    }
+}
+
+/// The keys of every share `site` holds of version `id` from chunk `from` on, from its
+/// listing (in key order: file id, chunk, share).
+fn shares_from(site: &dyn ShareSite, id: &FileId, from: u64) -> Result<Vec<ShareKey>, SiteError> {
+    // Listing starts strictly after a key: the last one that could come before (id, from, 0).
+    let mut after = match from.checked_sub(1) {
+        Some(chunk) => Some(ShareKey {
+            file: *id,
+            chunk,
+            share: u8::MAX,
+        }),
+        None => u128::from_be_bytes(*id).checked_sub(1).map(|p| ShareKey {
+            file: p.to_be_bytes(),
+            chunk: u64::MAX,
+            share: u8::MAX,
+        }),
+    };
+    let mut keys = Vec::new();
+    loop {
+        let (page, next) = site.list_shares(after)?;
+        for (k, _) in page {
+            if k.file != *id {
+                return Ok(keys);
+            }
+            keys.push(k);
+        }
+        match next {
+            Some(n) if Some(n) != after => after = Some(n),
+            _ => return Ok(keys),
         }
     }
 }
