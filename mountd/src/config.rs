@@ -362,26 +362,35 @@ durability = "fdatasync"
     }
 
     #[test]
-    fn idle_timeout_has_a_default_and_bounds_naming_the_key_and_file() {
+    fn timeouts_have_defaults_and_bounds_naming_the_key_and_file() {
         let c = SiteConfig::parse(GOOD, Path::new("site.toml")).unwrap();
         assert_eq!(c.limits.idle_timeout_secs, 300);
-        let c = SiteConfig::parse(
-            &format!("{GOOD}idle_timeout_secs = 60\n"),
-            Path::new("site.toml"),
-        )
-        .unwrap();
-        assert_eq!(c.limits.idle_timeout_secs, 60);
-        for bad in ["0", "86401", "9223372036854775807"] {
-            let e = SiteConfig::parse(
-                &format!("{GOOD}idle_timeout_secs = {bad}\n"),
-                Path::new("/etc/q/site.toml"),
-            )
-            .unwrap_err()
-            .to_string();
-            assert!(
-                e.contains("/etc/q/site.toml") && e.contains("limits.idle_timeout_secs"),
-                "{bad}: {e}"
-            );
+        // i64::MAX seconds parsed fine once and overflowed `Instant + Duration` later.
+        for (key, top, bounds) in [
+            ("idle_timeout_secs", 86_400, "1..=86400"),
+            ("frame_timeout_secs", 3600, "1..=3600"),
+        ] {
+            let c = SiteConfig::parse(&format!("{GOOD}{key} = {top}\n"), Path::new("site.toml"))
+                .unwrap();
+            let got = match key {
+                "idle_timeout_secs" => c.limits.idle_timeout_secs,
+                _ => c.limits.frame_timeout_secs,
+            };
+            assert_eq!(got, top);
+            for bad in ["0".to_string(), (top + 1).to_string(), i64::MAX.to_string()] {
+                let e = SiteConfig::parse(
+                    &format!("{GOOD}{key} = {bad}\n"),
+                    Path::new("/etc/q/site.toml"),
+                )
+                .unwrap_err()
+                .to_string();
+                assert!(
+                    e.contains("/etc/q/site.toml")
+                        && e.contains(&format!("limits.{key}"))
+                        && e.contains(bounds),
+                    "{key} = {bad}: {e}"
+                );
+            }
         }
         let e = SiteConfig::parse(
             &format!("{GOOD}idle_timeout = 60\n"),
@@ -393,31 +402,6 @@ durability = "fdatasync"
             e.contains("/etc/q/site.toml") && e.contains("idle_timeout"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn frame_timeout_is_bounded_naming_the_key_and_file() {
-        let c = SiteConfig::parse(
-            &format!("{GOOD}frame_timeout_secs = 3600\n"),
-            Path::new("site.toml"),
-        )
-        .unwrap();
-        assert_eq!(c.limits.frame_timeout_secs, 3600);
-        // i64::MAX seconds parsed fine before and overflowed `Instant + Duration` later.
-        for bad in ["0", "3601", "9223372036854775807"] {
-            let e = SiteConfig::parse(
-                &format!("{GOOD}frame_timeout_secs = {bad}\n"),
-                Path::new("/etc/q/site.toml"),
-            )
-            .unwrap_err()
-            .to_string();
-            assert!(
-                e.contains("/etc/q/site.toml")
-                    && e.contains("limits.frame_timeout_secs")
-                    && e.contains("1..=3600"),
-                "{bad}: {e}"
-            );
-        }
     }
 
     #[test]
