@@ -3,8 +3,8 @@
 //! ```toml
 //! mountpoint = "/qgenome"
 //! state_dir = "/var/lib/qgenome"     # catalog, control socket
-//! chunk_size = "1M"
-//! consent_wait_secs = 300             # a read without consent fails with EACCES after this
+//! chunk_size = "1M"                   # 4K..16M; a file holds at most 130 560 chunks
+//! consent_wait_secs = 300             # 1..86400: a read without consent fails with EACCES after this
 //! cache = "256M"                      # plaintext cache, wiped when a consent ends
 //! allow_other = false                 # let users other than the mounting one use the mount
 //!
@@ -27,7 +27,7 @@
 //!
 //! [card]                              # optional: consent by the patient's PIV card
 //! mode = "until-removed"              # or "expiry", with `minutes`
-//! minutes = 15
+//! minutes = 15                        # 1..10080 (7 days)
 //! reader = "Virtual PCD"              # optional: only readers whose name contains this
 //! ```
 //!
