@@ -339,6 +339,17 @@ fn past_the_wait_limit_a_read_fails_with_eacces() {
     std::fs::write(rig.mnt.join("P3/c.cram"), b"not for you").unwrap();
     let err = std::fs::read(rig.mnt.join("P3/c.cram")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+    // The refused open left no read handle behind (the kernel sends no RELEASE for it).
+    let open = || {
+        let r = control::request(&rig.cfg.control_socket(), &json!({"cmd": "status"})).unwrap();
+        r["open_for_reading"].as_u64().unwrap()
+    };
+    assert_eq!(open(), 0);
+    rig.grant("P3");
+    let f = std::fs::File::open(rig.mnt.join("P3/c.cram")).unwrap();
+    assert_eq!(open(), 1);
+    drop(f);
+    wait_for("the RELEASE", || open() == 0);
 }
 
 #[test]

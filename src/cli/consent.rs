@@ -121,5 +121,6 @@ pub fn status(ctl: &ControlArgs, as_json: bool) -> anyhow::Result<()> {
     for (k, v) in r["stats"].as_object().into_iter().flatten() {
         println!("{k:<16} {v}");
     }
+    println!("{:<16} {}", "open_for_reading", r["open_for_reading"]);
     Ok(())
 }

@@ -594,6 +594,16 @@ impl Engine {
         readers.entry(*id).or_insert((0, None)).0 += 1;
     }
 
+    /// Read handles open, over all versions.
+    pub fn open_readers(&self) -> usize {
+        self.readers
+            .lock()
+            .expect("readers")
+            .values()
+            .map(|(n, _)| n)
+            .sum()
+    }
+
     /// A read handle of version `id` closed; the last one of a version replaced or unlinked
     /// meanwhile deletes its shares.
     pub fn reader_closed(&self, id: &FileId) {

@@ -210,7 +210,12 @@ fn builtin_handler(engine: Arc<Engine>) -> Arc<Handler> {
                         })
                     })
                     .collect();
-                Ok(json!({"ok": true, "stats": engine.stats().snapshot(), "sites": sites}))
+                Ok(json!({
+                    "ok": true,
+                    "stats": engine.stats().snapshot(),
+                    "open_for_reading": engine.open_readers(),
+                    "sites": sites,
+                }))
             }
             "audit" => engine
                 .catalog
