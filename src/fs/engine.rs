@@ -675,11 +675,16 @@ impl Engine {
                 }
             }
         }
-        // Chunks past the last recorded one: in flight when the writer failed, or uploaded
-        // while their records were not yet durable when the mount died (the catalog is
-        // flushed at commits). Each site lists what it holds of the version from there; one
-        // that cannot list gets the `max_in_flight` indices after the last record deleted.
-        for (share, site) in self.core.sites.iter().enumerate() {
+        // Chunks past the last recorded one of a version never committed: in flight when the
+        // writer failed, or uploaded while their records were not yet durable when the mount
+        // died (the catalog is flushed at commits, so a committed version has none). Each
+        // site lists what it holds of the version from there; one that cannot list gets the
+        // `max_in_flight` indices after the last record deleted.
+        let sites = match rec.state {
+            FileState::Writing => &self.core.sites[..],
+            _ => &[],
+        };
+        for (share, site) in sites.iter().enumerate() {
             let keys = shares_from(site.as_ref(), &rec.id, recorded).unwrap_or_else(|e| {
                 tracing::debug!("{}: listing site {}: {e}", label(rec), site.name());
                 (recorded..=recorded + self.cfg.max_in_flight as u64)
