@@ -229,6 +229,16 @@ impl Catalog {
         })
     }
 
+    /// Every value of a tree (or a range of one), decoded.
+    fn decode_all<T: for<'de> Deserialize<'de>>(&self, items: sled::Iter) -> Result<Vec<T>> {
+        items
+            .map(|item| {
+                let (k, v) = item.map_err(|e| self.db_err(e))?;
+                self.decode(&k, &v)
+            })
+            .collect()
+    }
+
     fn encode<T: Serialize>(value: &T) -> Vec<u8> {
         serde_json::to_vec(value).expect("catalog records always serialize")
     }
@@ -375,13 +385,7 @@ impl Catalog {
     }
 
     pub fn chunks(&self, id: &FileId) -> Result<Vec<ChunkRecord>> {
-        self.chunks
-            .scan_prefix(id)
-            .map(|item| {
-                let (k, v) = item.map_err(|e| self.db_err(e))?;
-                self.decode(&k, &v)
-            })
-            .collect()
+        self.decode_all(self.chunks.scan_prefix(id))
     }
 
     /// Commit a written version: set its size and Merkle root, point its name at it, flush.
@@ -563,13 +567,7 @@ impl Catalog {
     /// Versions replaced or unlinked whose shares are not deleted yet: kept for a reader that
     /// has them open, or left by a crash before their deletion ([`Catalog::forget`] ends them).
     pub fn retired(&self) -> Result<Vec<FileRecord>> {
-        self.retired
-            .iter()
-            .map(|item| {
-                let (k, v) = item.map_err(|e| self.db_err(e))?;
-                self.decode(&k, &v)
-            })
-            .collect()
+        self.decode_all(self.retired.iter())
     }
 
     /// Drop a version's record and chunk records (after its shares were deleted).
@@ -623,13 +621,7 @@ impl Catalog {
     }
 
     pub fn audit_log(&self) -> Result<Vec<AuditEntry>> {
-        self.audit
-            .iter()
-            .map(|item| {
-                let (k, v) = item.map_err(|e| self.db_err(e))?;
-                self.decode(&k, &v)
-            })
-            .collect()
+        self.decode_all(self.audit.iter())
     }
 }
 
