@@ -4,7 +4,10 @@
 //!
 //! Per connection: read one frame (length refused before allocating, in-flight bytes
 //! bounded by a semaphore), then in a blocking task open it (TCP), decode, run it against the
-//! store, encode and seal the reply; write the reply. One request at a time per connection;
+//! store, encode and seal the reply; write the reply. A GET is the exception: its small frame
+//! is opened in the connection's task, which awaits the volume read itself and seals the
+//! reply there (no hand-off to a blocking thread and back; its reply buffer is what counts
+//! toward the in-flight bytes). One request at a time per connection;
 //! clients open several connections for concurrency. Connections of one link share the
 //! link's two streams (behind mutexes): the receiver tracks consumed key ranges exactly, so
 //! frames of different connections may arrive in any order.
@@ -24,12 +27,12 @@ use qgenome::wire::frame::{self, FrameHeader};
 use qgenome::wire::msg::{self, Body, ErrorCode, ListEntry, Msg};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::config::{LinkConfig, SiteConfig};
 use crate::layout::{ShareKey, ShareMeta};
-use crate::store::{Health, ShareBuf, ShareData, Store, StoreError};
+use crate::store::{Health, Located, ShareBuf, ShareData, Store, StoreError};
 use crate::volume::BlockDevice;
 
 /// Errors starting or running the server; each names the link, address or socket at fault.
@@ -219,6 +222,22 @@ pub struct Server<D: BlockDevice> {
     limits: ServerLimits,
     /// In-flight bytes, in KiB permits.
     memory: Arc<Semaphore>,
+    /// How many permits `memory` holds in all.
+    memory_permits: u32,
+}
+
+/// Frames up to this long (a GET's is under 100 bytes) are opened in the connection's task to
+/// see whether they are a GET, which is then answered there.
+const INLINE_FRAME_MAX: usize = 1024;
+
+/// What the connection's task made of a small frame before any blocking thread saw it.
+enum Inline {
+    /// Answered here (a GET, or a frame the link refused): what to send.
+    Done(Outcome),
+    /// A link's frame, opened into the plain buffer: the blocking path goes on from there.
+    Opened,
+    /// Left as it came, for the blocking path.
+    Untouched,
 }
 
 /// The sockets a server accepts connections on.
@@ -281,11 +300,12 @@ fn permits_for(bytes: usize) -> u32 {
 
 impl<D: BlockDevice> Server<D> {
     pub fn new(store: Store<D>, links: Vec<LinkEnds>, limits: ServerLimits) -> Self {
-        let permits = (limits.max_inflight_bytes / KIB).max(1) as usize;
+        let permits = (limits.max_inflight_bytes / KIB).clamp(1, u32::MAX as u64) as u32;
         Self {
             store,
             links: links.into_iter().map(Arc::new).collect(),
-            memory: Arc::new(Semaphore::new(permits)),
+            memory: Arc::new(Semaphore::new(permits as usize)),
+            memory_permits: permits,
             limits,
         }
     }
@@ -443,15 +463,7 @@ impl<D: BlockDevice> Server<D> {
                 Ok(n) => n,
                 Err(reason) => return refuse(&reason),
             };
-            let permit = match self
-                .memory
-                .clone()
-                .acquire_many_owned(permits_for(total))
-                .await
-            {
-                Ok(p) => p,
-                Err(_) => return,
-            };
+            let mut permit = Some(self.reserve(total).await);
             // A PUT's share is read straight into the store buffer it is written from. On the
             // Unix socket once its head shows a PUT; on a link (whose message is sealed) for
             // any frame long enough to be one after HELLO, opened there in place and judged
@@ -512,29 +524,45 @@ impl<D: BlockDevice> Server<D> {
                     }
                 }
             }
-            let srv = self.clone();
-            let conn = sealed.take();
-            let peer2 = peer.clone();
-            let mut out = std::mem::take(&mut reply);
-            let (mut f, mut p) = (std::mem::take(&mut frame), std::mem::take(&mut plain));
-            let (conn, outcome, out, f, p) = tokio::task::spawn_blocking(move || {
-                let mut conn = conn;
-                let o = match (share, conn.as_mut()) {
-                    (Some(b), None) => {
-                        srv.handle_unix_put(&f[msg::PLAIN_PREFIX..], b, &mut out, &peer2)
-                    }
-                    (Some(b), Some(c)) => {
-                        srv.handle_sealed_put(c, &mut f, b, &mut p, &mut out, &peer2)
-                    }
-                    (None, _) => srv.handle(&mut conn, &f, &mut p, &mut out, &peer2),
-                };
-                (conn, o, out, f, p)
-            })
-            .await
-            .expect("request task");
-            sealed = conn;
-            reply = out;
-            (frame, plain) = (f, p);
+            let inline = if share.is_none() && frame.len() <= INLINE_FRAME_MAX {
+                self.inline(&sealed, &frame, &mut plain, &mut reply, &mut permit, &peer)
+                    .await
+            } else {
+                Inline::Untouched
+            };
+            let outcome = if let Inline::Done(o) = inline {
+                o
+            } else {
+                let opened = matches!(inline, Inline::Opened);
+                let srv = self.clone();
+                let conn = sealed.take();
+                let peer2 = peer.clone();
+                let mut out = std::mem::take(&mut reply);
+                let (mut f, mut p) = (std::mem::take(&mut frame), std::mem::take(&mut plain));
+                let (conn, outcome, out, f, p) = tokio::task::spawn_blocking(move || {
+                    let mut conn = conn;
+                    let o = match (share, conn.as_mut()) {
+                        (Some(b), None) => {
+                            srv.handle_unix_put(&f[msg::PLAIN_PREFIX..], b, &mut out, &peer2)
+                        }
+                        (Some(b), Some(c)) => {
+                            srv.handle_sealed_put(c, &mut f, b, &mut p, &mut out, &peer2)
+                        }
+                        (None, Some(c)) if opened => {
+                            let link = c.link.clone().expect("opened in place: link known");
+                            srv.answer_sealed(c, &link, &p, &mut out, &peer2)
+                        }
+                        (None, _) => srv.handle(&mut conn, &f, &mut p, &mut out, &peer2),
+                    };
+                    (conn, o, out, f, p)
+                })
+                .await
+                .expect("request task");
+                sealed = conn;
+                reply = out;
+                (frame, plain) = (f, p);
+                outcome
+            };
             let (close, share, tag) = match outcome {
                 Outcome::Reply(share) => (None, share, None),
                 Outcome::SealedShare(share, tag) => (None, Some(share), Some(tag)),
@@ -568,6 +596,88 @@ impl<D: BlockDevice> Server<D> {
                 return refuse(&reason);
             }
         }
+    }
+
+    /// Permits for `bytes` in flight (at most all there are, so a lone request is never
+    /// stuck behind the limit).
+    async fn reserve(&self, bytes: usize) -> OwnedSemaphorePermit {
+        self.memory
+            .clone()
+            .acquire_many_owned(permits_for(bytes).min(self.memory_permits))
+            .await
+            .expect("the in-flight semaphore is never closed")
+    }
+
+    /// A small frame as the connection's task sees it: a GET is answered here, the volume
+    /// read awaited rather than blocked on; a link's frame is opened here either way (a few
+    /// dozen bytes). A HELLO, and every other request, go on to a blocking thread.
+    async fn inline(
+        self: &Arc<Self>,
+        conn: &Option<ConnLink>,
+        frame: &[u8],
+        plain: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+        permit: &mut Option<OwnedSemaphorePermit>,
+        peer: &str,
+    ) -> Inline {
+        let Some(c) = conn else {
+            let (id, key) = match msg::decode(&frame[msg::PLAIN_PREFIX..]) {
+                Ok(Msg {
+                    id,
+                    body: Body::Get { key },
+                }) => (id, key),
+                _ => return Inline::Untouched,
+            };
+            let r = self.get_awaited(id, &key, permit, peer, "unix").await;
+            *out = r.head;
+            return Inline::Done(Outcome::Reply(r.share));
+        };
+        // Before HELLO the link is not known: the blocking path finds it.
+        let Some(link) = c.link.clone() else {
+            return Inline::Untouched;
+        };
+        let opened = lock(&link.recv).open(frame, plain);
+        if let Err(e) = opened {
+            return Inline::Done(self.refuse_frame(&link, e, out));
+        }
+        let (id, key) = match msg::decode(plain) {
+            Ok(Msg {
+                id,
+                body: Body::Get { key },
+            }) => (id, key),
+            _ => return Inline::Opened,
+        };
+        let r = self.get_awaited(id, &key, permit, peer, &link.name).await;
+        Inline::Done(self.seal_answer(&link, r, out))
+    }
+
+    /// A GET answered from the connection's task: the index looked up, the reply's bytes
+    /// reserved in place of the request's `permit`, the volume read awaited. Bytes that do
+    /// not verify (a put or delete of the key raced with the read, or damage) are read again
+    /// the blocking way, under the key's lock, which says which it was.
+    async fn get_awaited(
+        self: &Arc<Self>,
+        id: u64,
+        key: &WireKey,
+        permit: &mut Option<OwnedSemaphorePermit>,
+        peer: &str,
+        via: &str,
+    ) -> Reply {
+        let key = to_key(key);
+        let r = async {
+            let l: Located = self.store.locate(&key)?;
+            *permit = None;
+            *permit = Some(self.reserve(l.read_len()).await);
+            if let Some(d) = self.store.read_located(&l).await? {
+                return Ok(d);
+            }
+            let srv = self.clone();
+            tokio::task::spawn_blocking(move || srv.store.get(&key))
+                .await
+                .expect("GET task")
+        }
+        .await;
+        answer(id, "GET", r.map(|d| share_reply(id, d)), peer, via)
     }
 
     /// Fill `buf`, the part of a frame of `total` bytes after its first `at`, by `deadline`
@@ -803,6 +913,12 @@ impl<D: BlockDevice> Server<D> {
         } else {
             self.execute(&m, peer, &link.name)
         };
+        self.seal_answer(link, reply, out)
+    }
+
+    /// Seal `reply` on `link` into `out`; a share it carries is sealed where it lies (and sent
+    /// from there behind `out`, then its tag).
+    fn seal_answer(&self, link: &LinkEnds, reply: Reply, out: &mut Vec<u8>) -> Outcome {
         if let Some(mut share) = reply.share {
             // The share is sealed where it was read and sent from there.
             let mut head = reply.head;
@@ -899,29 +1015,7 @@ impl<D: BlockDevice> Server<D> {
                     .put_buf(to_key(key), to_meta(meta), b)
                     .map(|()| reply(Body::Done))
             }
-            Body::Get { key } => self.store.get(&to_key(key)).map(|d| {
-                let meta = WireMeta {
-                    k: d.meta.k,
-                    n: d.meta.n,
-                    secret_len: u32::try_from(d.meta.secret_len).unwrap_or(u32::MAX),
-                };
-                // The share goes out from the store's read buffer: only its head is encoded.
-                let mut head = Vec::new();
-                let tail = Msg {
-                    id: m.id,
-                    body: Body::Data {
-                        meta,
-                        data: d.bytes(),
-                    },
-                }
-                .encode_head(&mut head)
-                .len();
-                debug_assert_eq!(tail, d.bytes().len());
-                Reply {
-                    head,
-                    share: Some(d),
-                }
-            }),
+            Body::Get { key } => self.store.get(&to_key(key)).map(|d| share_reply(m.id, d)),
             Body::Delete { key } => self.store.delete(&to_key(key)).map(|()| reply(Body::Done)),
             Body::List {
                 prefix,
@@ -1061,6 +1155,31 @@ fn to_meta(m: &WireMeta) -> ShareMeta {
         k: m.k,
         n: m.n,
         secret_len: u64::from(m.secret_len),
+    }
+}
+
+/// The DATA reply to GET `id`: the share goes out from the store's read buffer, so only its
+/// head is encoded.
+fn share_reply(id: u64, d: ShareData) -> Reply {
+    let meta = WireMeta {
+        k: d.meta.k,
+        n: d.meta.n,
+        secret_len: u32::try_from(d.meta.secret_len).unwrap_or(u32::MAX),
+    };
+    let mut head = Vec::new();
+    let tail = Msg {
+        id,
+        body: Body::Data {
+            meta,
+            data: d.bytes(),
+        },
+    }
+    .encode_head(&mut head)
+    .len();
+    debug_assert_eq!(tail, d.bytes().len());
+    Reply {
+        head,
+        share: Some(d),
     }
 }
 
@@ -1308,6 +1427,71 @@ mod tests {
         assert!(!b.take(later));
         // A clock read earlier than the last one (threads racing) neither refills nor panics.
         assert!(!b.take(t0));
+    }
+
+    /// A server over an in-memory volume holding one share of `len` bytes under key `k`,
+    /// with `inflight` bytes allowed in flight.
+    fn server_with_share(
+        dir: &Path,
+        inflight: u64,
+        k: &WireKey,
+        len: usize,
+    ) -> Arc<Server<crate::volume::MemVolume>> {
+        use crate::store::{FormatOptions, StoreOptions};
+        use crate::volume::{Alignment, MemVolume};
+        let v = MemVolume::new("mem-vol", 64 << 20, Alignment::new(512, 512).unwrap());
+        Store::format(&v, "site-a", &FormatOptions::default()).unwrap();
+        let store = Store::open(v, dir, StoreOptions::default()).unwrap();
+        let meta = ShareMeta {
+            k: 2,
+            n: 3,
+            secret_len: len as u64,
+        };
+        store.put(to_key(k), meta, &vec![7u8; len]).unwrap();
+        let limits = ServerLimits {
+            max_connections: 4,
+            max_inflight_bytes: inflight,
+            frame_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(10),
+            max_share_len: msg::MAX_DATA as u64,
+        };
+        Arc::new(Server::new(store, Vec::new(), limits))
+    }
+
+    #[tokio::test]
+    async fn a_get_reply_holds_in_flight_bytes_for_its_share_not_its_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = WireKey {
+            file: [3; 16],
+            chunk: 1,
+            share: 0,
+        };
+        let srv = server_with_share(dir.path(), 64 << 20, &k, 3 << 20);
+        let all = srv.memory.available_permits();
+        let mut permit = Some(srv.reserve(100).await);
+        let r = srv.get_awaited(9, &k, &mut permit, "test", "unix").await;
+        assert_eq!(r.share.as_ref().unwrap().bytes(), &vec![7u8; 3 << 20][..]);
+        let held = all - srv.memory.available_permits();
+        assert_eq!(held, permit.as_ref().unwrap().num_permits());
+        assert!(
+            held as u64 * KIB >= 3 << 20,
+            "{held} KiB held for a 3 MiB reply"
+        );
+        drop((r, permit));
+        assert_eq!(srv.memory.available_permits(), all);
+
+        // A share larger than everything allowed in flight is served (alone), not stuck.
+        let dir = tempfile::tempdir().unwrap();
+        let srv = server_with_share(dir.path(), 1 << 20, &k, 3 << 20);
+        let mut permit = Some(srv.reserve(100).await);
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            srv.get_awaited(9, &k, &mut permit, "test", "unix"),
+        )
+        .await
+        .expect("a GET above the in-flight limit waited forever");
+        assert!(r.share.is_some());
+        assert_eq!(srv.memory.available_permits(), 0);
     }
 
     #[tokio::test]

@@ -167,6 +167,22 @@ impl fmt::Debug for ShareData {
     }
 }
 
+/// A share as the index placed it when [`Store::locate`] looked: what
+/// [`Store::read_located`] reads.
+#[derive(Debug, Clone, Copy)]
+pub struct Located {
+    key: ShareKey,
+    entry: IndexEntry,
+    read_len: usize,
+}
+
+impl Located {
+    /// Bytes the read holds in memory (the share with its header block and padding).
+    pub fn read_len(&self) -> usize {
+        self.read_len
+    }
+}
+
 /// A buffer to fill with share bytes and hand to [`Store::put_buf`] (no copy on the way).
 pub struct ShareBuf {
     buf: IoBuf,
@@ -759,6 +775,33 @@ impl<D: BlockDevice> Store<D> {
         self.read_extent(key, &e)
     }
 
+    /// Where the index puts a share: the first half of [`Store::read_located`], which a caller
+    /// that must not block its thread (the daemon's connection tasks) awaits.
+    pub fn locate(&self, key: &ShareKey) -> Result<Located, StoreError> {
+        let entry = self.entry(key)?;
+        Ok(Located {
+            key: *key,
+            entry,
+            read_len: self.sb.write_len(entry.share_len) as usize,
+        })
+    }
+
+    /// Reads a located share without its key's lock, awaiting the volume instead of blocking.
+    /// The bytes are served only if they verify exactly as [`Store::get`] checks them (header
+    /// equal to the index entry, generation included, and the share's checksum). `Ok(None)`
+    /// when they do not: a put or delete of the key raced with the read (the extent may have
+    /// been freed and reused meanwhile), or the share is damaged. The caller then asks
+    /// [`Store::get`], which reads under the key's lock and tells the two apart.
+    pub async fn read_located(&self, l: &Located) -> Result<Option<ShareData>, StoreError> {
+        let buf = self.dev.alloc_buf_dirty(l.read_len);
+        let buf = self
+            .dev
+            .read_pending(buf, l.entry.offset)
+            .into_buf()
+            .await?;
+        Ok(self.verify_extent(&l.key, &l.entry, buf).ok())
+    }
+
     fn damaged(&self, key: &ShareKey, reason: String) -> StoreError {
         self.damaged_reads.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(site = %self.sb.site, share = %key, %reason, "damaged share");
@@ -776,26 +819,32 @@ impl<D: BlockDevice> Store<D> {
         let buf = self
             .dev
             .read_at(self.dev.alloc_buf_dirty(write_len), e.offset)?;
+        self.verify_extent(key, e, buf)
+            .map_err(|reason| self.damaged(key, reason))
+    }
+
+    /// The share in `buf`, read from the extent of index entry `e`, if its header matches the
+    /// entry and its bytes their checksum; otherwise why not.
+    fn verify_extent(
+        &self,
+        key: &ShareKey,
+        e: &IndexEntry,
+        buf: IoBuf,
+    ) -> Result<ShareData, String> {
         let h = ShareHeader::decode(buf.as_slice())
-            .map_err(|err| self.damaged(key, format!("header at offset {}: {err}", e.offset)))?;
+            .map_err(|err| format!("header at offset {}: {err}", e.offset))?;
         if !e.matches(&h, key, &self.sb.volume_id) {
-            return Err(self.damaged(
-                key,
-                format!(
-                    "header at offset {} does not match the index (generation {} vs {})",
-                    e.offset, h.generation, e.generation
-                ),
+            return Err(format!(
+                "header at offset {} does not match the index (generation {} vs {})",
+                e.offset, h.generation, e.generation
             ));
         }
         let start = self.sb.block_size as usize;
         let len = e.share_len as usize;
         if share_sum(&buf.as_slice()[start..start + len]) != e.share_sum {
-            return Err(self.damaged(
-                key,
-                format!(
-                    "share bytes at offset {} fail their checksum",
-                    e.offset + start as u64
-                ),
+            return Err(format!(
+                "share bytes at offset {} fail their checksum",
+                e.offset + start as u64
             ));
         }
         Ok(ShareData {

@@ -457,3 +457,81 @@ fn an_index_in_use_is_neither_rebuilt_nor_opened_twice() {
     drop(s);
     assert_eq!(Store::rebuild_index(&v, dir.path()).unwrap().shares, 1);
 }
+
+/// `read_located` is the daemon's GET without the key's lock: whatever happened to the key
+/// between `locate` and the read, it serves the located share's exact bytes or nothing.
+#[test]
+fn a_read_without_the_key_lock_serves_only_bytes_that_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(fresh(8 << 20), dir.path(), StoreOptions::default()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let read = |l| rt.block_on(s.read_located(&l)).unwrap();
+    let keys: Vec<_> = (0..5).map(|c| key(9, c, 1)).collect();
+    for k in &keys {
+        s.put(*k, META, &share_bytes(9, k, 30_000)).unwrap();
+    }
+    let [same, replaced, deleted, reused, damaged] = keys[..] else {
+        unreachable!()
+    };
+
+    // Nothing happened: the share, as `get` gives it.
+    let l = s.locate(&same).unwrap();
+    assert!(l.read_len() >= 30_000);
+    assert_eq!(read(l).unwrap().bytes(), s.get(&same).unwrap().bytes());
+
+    // Replaced after it was located: the old extent is tombstoned.
+    let l = s.locate(&replaced).unwrap();
+    s.put(replaced, META, &share_bytes(99, &replaced, 30_000))
+        .unwrap();
+    assert!(read(l).is_none());
+    assert_eq!(
+        s.get(&replaced).unwrap().bytes(),
+        &share_bytes(99, &replaced, 30_000)[..]
+    );
+
+    // Deleted after it was located.
+    let l = s.locate(&deleted).unwrap();
+    s.delete(&deleted).unwrap();
+    assert!(read(l).is_none());
+
+    // Damaged on the volume: nothing, and not counted as a damaged read (the locked `get`
+    // that follows in the daemon is what reports it).
+    let offset_of = |k: ShareKey| {
+        s.list()
+            .map(Result::unwrap)
+            .find(|(key, _)| *key == k)
+            .map(|(_, e)| e.offset)
+            .unwrap()
+    };
+    let l = s.locate(&damaged).unwrap();
+    let at = offset_of(damaged) + u64::from(s.superblock().block_size) + 7;
+    s.device().poke(at, |b| b ^ 0x10);
+    assert!(read(l).is_none());
+    assert_eq!(s.stat().damaged_reads, 0);
+    assert!(matches!(s.get(&damaged), Err(StoreError::Damaged { .. })));
+    assert_eq!(s.stat().damaged_reads, 1);
+
+    // Deleted, and its extent given to another share of the same length: with the volume
+    // full otherwise, that extent is the only place the new share fits.
+    let l = s.locate(&reused).unwrap();
+    let offset = offset_of(reused);
+    let mut filler = 0;
+    while s
+        .put(
+            key(11, filler, 0),
+            META,
+            &share_bytes(11, &key(11, filler, 0), 30_000),
+        )
+        .is_ok()
+    {
+        filler += 1;
+    }
+    s.delete(&reused).unwrap();
+    let other = key(10, 0, 0);
+    s.put(other, META, &share_bytes(10, &other, 30_000))
+        .unwrap();
+    assert_eq!(offset_of(other), offset);
+    assert!(read(l).is_none());
+}

@@ -75,6 +75,12 @@ pub trait BlockDevice: Send + Sync + 'static {
     }
     /// Fills the whole of `buf` from `offset`.
     fn read_at(&self, buf: IoBuf, offset: u64) -> Result<IoBuf, VolumeError>;
+    /// Starts filling the whole of `buf` from `offset`, for a task that awaits it
+    /// ([`Pending::into_buf`]) instead of blocking its thread. By default the read is done
+    /// at once; [`UringVolume`] queues it on its ring.
+    fn read_pending(&self, buf: IoBuf, offset: u64) -> Pending {
+        Pending::ready(self.path(), self.read_at(buf, offset))
+    }
     /// Writes the whole of `buf` at `offset`; with `durable` the bytes are on stable storage when
     /// this returns.
     fn write_at(&self, buf: IoBuf, offset: u64, durable: bool) -> Result<IoBuf, VolumeError>;
@@ -100,6 +106,9 @@ impl<T: BlockDevice> BlockDevice for std::sync::Arc<T> {
     }
     fn read_at(&self, buf: IoBuf, offset: u64) -> Result<IoBuf, VolumeError> {
         (**self).read_at(buf, offset)
+    }
+    fn read_pending(&self, buf: IoBuf, offset: u64) -> Pending {
+        (**self).read_pending(buf, offset)
     }
     fn write_at(&self, buf: IoBuf, offset: u64, durable: bool) -> Result<IoBuf, VolumeError> {
         (**self).write_at(buf, offset, durable)

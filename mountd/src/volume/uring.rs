@@ -120,6 +120,22 @@ enum PendingState {
 }
 
 impl Pending {
+    /// A request already answered (`r`), for volumes that complete at once.
+    pub fn ready(path: &Path, r: Result<IoBuf, VolumeError>) -> Self {
+        Pending {
+            path: path.into(),
+            state: PendingState::Ready(Some(r.map(Some))),
+        }
+    }
+
+    /// Awaits a read or write and gives its buffer back.
+    pub async fn into_buf(self) -> Result<IoBuf, VolumeError> {
+        let path = Arc::clone(&self.path);
+        self.await?.ok_or_else(|| VolumeError::RingGone {
+            path: path.to_path_buf(),
+        })
+    }
+
     /// Blocks until the request completes. Must not be called from inside an async runtime.
     pub fn wait(self) -> Result<Option<IoBuf>, VolumeError> {
         match self.state {
@@ -432,6 +448,10 @@ impl BlockDevice for UringVolume {
     fn read_at(&self, buf: IoBuf, offset: u64) -> Result<IoBuf, VolumeError> {
         let r = self.submit_read(buf, offset).wait()?;
         self.expect_buf(r)
+    }
+
+    fn read_pending(&self, buf: IoBuf, offset: u64) -> Pending {
+        self.submit_read(buf, offset)
     }
 
     fn write_at(&self, buf: IoBuf, offset: u64, durable: bool) -> Result<IoBuf, VolumeError> {
