@@ -318,24 +318,10 @@ fn format(
     Ok(())
 }
 
-/// Share buffers larger than the ring's fixed slots (shares of chunks above 1 MiB) are
-/// allocated per request. glibc would keep each freed one in the arena of the thread that
-/// made it (its mmap threshold rises to the largest block freed), and a site serving 16 MiB
-/// shares grew to about 770 MB and stayed there whatever `max_inflight_bytes` said. With a
-/// fixed threshold, blocks of 1 MiB and more are mapped for their request and unmapped when
-/// it ends, so memory follows what is in flight.
-fn release_large_buffers() {
-    // SAFETY: mallopt only sets a parameter of the allocator (it takes its own lock).
-    if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20) } != 1 {
-        tracing::warn!("mallopt(M_MMAP_THRESHOLD) refused: freed share buffers may stay resident");
-    }
-}
-
 fn serve(path: &Path) -> Result<()> {
     use qgenome_mountd::config::SiteConfig;
     use qgenome_mountd::server::{LinkEnds, Listeners, Server, ServerLimits};
     let cfg = SiteConfig::load(path)?;
-    release_large_buffers();
     let dev = UringVolume::open(&cfg.volume, &cfg.uring_options())?;
     let store = Store::open(dev, &cfg.state_dir, cfg.store_options())?;
     let links = cfg
