@@ -28,8 +28,8 @@ enum Inner {
 /// from the heap. glibc kept freed blocks of this size in the arena of the thread that made
 /// them (its mmap threshold rises to the largest block freed): a site serving 16 MiB shares
 /// grew by 128 MiB per eight GETs, to about 770 MB, whatever `max_inflight_bytes` said. Fixing
-/// the threshold for the whole process instead (`mallopt`) cost 5–10% of e2e throughput:
-/// other large blocks (the index's) are allocated and freed often.
+/// the threshold for the whole process instead (`mallopt`) cost 1–11% of e2e CPU per byte:
+/// other large blocks are allocated and freed often there.
 pub const MAPPED_FROM: usize = 2 << 20;
 
 fn page_size() -> usize {
