@@ -82,6 +82,10 @@ impl Raw {
         })
     }
 
+    fn get_frame(&mut self, i: u64) -> Vec<u8> {
+        self.seal(Body::Get { key: key(9, i) })
+    }
+
     /// Read one sealed reply; None if the server closed the connection.
     fn reply(&mut self, s: &mut TcpStream) -> Option<(ErrorCode, u64, bool)> {
         let mut h = [0u8; HEADER_LEN];
@@ -406,6 +410,30 @@ fn bad_frames_are_refused_with_a_logged_reason_while_another_client_is_served() 
     assert!(closed(&mut s));
     let l = peer_line(&d.wait_log("replayed or stale frame"), "replayed or stale");
     assert!(l.contains("link evil"), "{l}");
+
+    // 1d and 2b. The same for a GET, whose small frame the connection's task opens itself:
+    // a flipped bit closes the connection; a replay gets the sealed answer. The genuine GET
+    // in between is served.
+    let mut s = evil.connect(&d.tcp);
+    let mut f = evil.get_frame(2);
+    f[HEADER_LEN + 3] ^= 0x10;
+    s.write_all(&f).unwrap();
+    assert!(closed(&mut s));
+    d.wait_log_n("altered or forged frame", 3);
+    let mut s = evil.connect(&d.tcp);
+    let f = evil.get_frame(2);
+    s.write_all(&f).unwrap();
+    assert_eq!(
+        evil.reply(&mut s).map(|r| r.2),
+        Some(true),
+        "the genuine GET"
+    );
+    let mut s = evil.connect(&d.tcp);
+    s.write_all(&f).unwrap();
+    let r = evil.reply(&mut s).expect("a sealed KeyAlreadyUsed answer");
+    assert_eq!(r.0, ErrorCode::KeyAlreadyUsed);
+    assert!(closed(&mut s));
+    d.wait_log_n("replayed or stale frame", 2);
 
     // 3. Another link's key: on an evil connection, and as a first frame.
     let mut s = evil.connect(&d.tcp);
