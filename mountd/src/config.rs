@@ -172,18 +172,20 @@ impl SiteConfig {
                 format!("must be 1..={} bytes", crate::layout::MAX_SITE_LEN),
             ));
         }
-        if c.limits.queue_depth < 16 || c.limits.queue_depth > 4096 {
-            return Err(bad(
-                "limits.queue_depth",
-                format!("{} (allowed 16..=4096)", c.limits.queue_depth),
-            ));
-        }
-        if c.limits.max_share_bytes == 0 || c.limits.max_share_bytes > 1 << 30 {
-            return Err(bad(
-                "limits.max_share_bytes",
-                format!("{} (allowed 1..=1 GiB)", c.limits.max_share_bytes),
-            ));
-        }
+        // A number outside `allowed`, named by its key with the range.
+        let within = |key: &str, v: u64, allowed: std::ops::RangeInclusive<u64>| {
+            if allowed.contains(&v) {
+                return Ok(());
+            }
+            let (lo, hi) = allowed.into_inner();
+            Err(bad(key, format!("{v} (allowed {lo}..={hi})")))
+        };
+        within("limits.queue_depth", c.limits.queue_depth.into(), 16..=4096)?;
+        within(
+            "limits.max_share_bytes",
+            c.limits.max_share_bytes,
+            1..=1 << 30,
+        )?;
         if c.limits.max_connections == 0 {
             return Err(bad("limits.max_connections", "must be at least 1".into()));
         }
@@ -199,25 +201,16 @@ impl SiteConfig {
         }
         // Bounded above too: deadlines are `now + timeout`, which a huge value overflows
         // (a panic on every connection).
-        if c.limits.frame_timeout_secs == 0 || c.limits.frame_timeout_secs > MAX_FRAME_TIMEOUT_SECS
-        {
-            return Err(bad(
-                "limits.frame_timeout_secs",
-                format!(
-                    "{} (allowed 1..={MAX_FRAME_TIMEOUT_SECS})",
-                    c.limits.frame_timeout_secs
-                ),
-            ));
-        }
-        if c.limits.idle_timeout_secs == 0 || c.limits.idle_timeout_secs > MAX_IDLE_TIMEOUT_SECS {
-            return Err(bad(
-                "limits.idle_timeout_secs",
-                format!(
-                    "{} (allowed 1..={MAX_IDLE_TIMEOUT_SECS})",
-                    c.limits.idle_timeout_secs
-                ),
-            ));
-        }
+        within(
+            "limits.frame_timeout_secs",
+            c.limits.frame_timeout_secs,
+            1..=MAX_FRAME_TIMEOUT_SECS,
+        )?;
+        within(
+            "limits.idle_timeout_secs",
+            c.limits.idle_timeout_secs,
+            1..=MAX_IDLE_TIMEOUT_SECS,
+        )?;
         if let Some(l) = &c.listen {
             if l.parse::<std::net::SocketAddr>().is_err() {
                 return Err(bad("listen", format!("{l:?} is not an address:port")));

@@ -131,9 +131,13 @@ impl Pending {
     /// Awaits a read or write and gives its buffer back.
     pub async fn into_buf(self) -> Result<IoBuf, VolumeError> {
         let path = Arc::clone(&self.path);
-        self.await?.ok_or_else(|| VolumeError::RingGone {
-            path: path.to_path_buf(),
-        })
+        buf_of(&path, self.await?)
+    }
+
+    /// Blocks until a read or write completes and gives its buffer back.
+    pub fn wait_buf(self) -> Result<IoBuf, VolumeError> {
+        let path = Arc::clone(&self.path);
+        buf_of(&path, self.wait()?)
     }
 
     /// Blocks until the request completes. Must not be called from inside an async runtime.
@@ -151,6 +155,13 @@ impl Pending {
             }),
         }
     }
+}
+
+/// The buffer a read or write completed with (none only if the ring thread dropped it).
+fn buf_of(path: &Path, r: Option<IoBuf>) -> Result<IoBuf, VolumeError> {
+    r.ok_or_else(|| VolumeError::RingGone {
+        path: path.to_path_buf(),
+    })
 }
 
 impl Future for Pending {
@@ -409,12 +420,6 @@ impl UringVolume {
     pub fn submit_sync(&self) -> Pending {
         self.send(Kind::Sync, None, 0)
     }
-
-    fn expect_buf(&self, r: Option<IoBuf>) -> Result<IoBuf, VolumeError> {
-        r.ok_or_else(|| VolumeError::RingGone {
-            path: self.path.to_path_buf(),
-        })
-    }
 }
 
 fn wake(fd: &OwnedFd) {
@@ -446,8 +451,7 @@ impl BlockDevice for UringVolume {
     }
 
     fn read_at(&self, buf: IoBuf, offset: u64) -> Result<IoBuf, VolumeError> {
-        let r = self.submit_read(buf, offset).wait()?;
-        self.expect_buf(r)
+        self.submit_read(buf, offset).wait_buf()
     }
 
     fn read_pending(&self, buf: IoBuf, offset: u64) -> Pending {
@@ -455,8 +459,7 @@ impl BlockDevice for UringVolume {
     }
 
     fn write_at(&self, buf: IoBuf, offset: u64, durable: bool) -> Result<IoBuf, VolumeError> {
-        let r = self.submit_write(buf, offset, durable).wait()?;
-        self.expect_buf(r)
+        self.submit_write(buf, offset, durable).wait_buf()
     }
 
     fn sync(&self) -> Result<(), VolumeError> {
