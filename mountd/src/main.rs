@@ -219,7 +219,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let dir = vol.state_dir()?;
             let r = Store::rebuild_index(&vol.open_volume()?, &dir)?;
             println!(
-                "rebuilt index {}: {} shares, {} superseded, {} torn, {} bytes scanned{}",
+                "rebuilt index {}: {} shares, {} superseded (older generations, now tombstoned), {} torn, {} bytes scanned{}",
                 dir.display(),
                 r.shares,
                 r.superseded,

@@ -6,6 +6,11 @@
 //! 3. insert the index entry and flush the index (group commit: one flush covers every put
 //!    whose entry was inserted before it started);
 //! 4. only then return Ok; a replaced extent is tombstoned and its space freed afterwards.
+//!
+//! A replaced extent is recorded in the index's `retiring` tree before the new entry goes in,
+//! and the record is dropped only once its header is durably overwritten: `open` finishes any
+//! tombstone a crash interrupted, so an older generation never outlives its key in a volume
+//! scan (where it would come back in `rebuild-index` after the key is deleted).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -17,6 +22,7 @@ use nix::fcntl::{Flock, FlockArg};
 use crate::alloc::{AllocError, Allocator};
 use crate::layout::{
     share_sum, IndexEntry, LayoutError, ShareHeader, ShareKey, ShareMeta, Superblock, HEADER_LEN,
+    INDEX_ENTRY_LEN, SHARE_KEY_LEN,
 };
 use crate::volume::{BlockDevice, IoBuf, VolumeError};
 
@@ -259,7 +265,8 @@ pub struct ScrubReport {
 pub struct RebuildReport {
     pub scanned_bytes: u64,
     pub shares: u64,
-    /// Older generations of a key also found on the volume (not indexed).
+    /// Older generations of a key also found on the volume (not indexed; their headers are
+    /// overwritten, as a replace does).
     pub superseded: u64,
     /// Valid headers whose share bytes failed checksum (torn or damaged; not indexed).
     pub torn: u64,
@@ -282,6 +289,9 @@ pub struct Store<D: BlockDevice> {
     db: sled::Db,
     shares: sled::Tree,
     meta: sled::Tree,
+    /// Replaced extents whose header may still be on the volume: extent offset (big-endian) ->
+    /// share key and the index entry it had.
+    retiring: sled::Tree,
     alloc: Mutex<Allocator>,
     gens: Mutex<Gens>,
     /// Highest commit sequence number known flushed.
@@ -353,6 +363,66 @@ fn write_superblock<D: BlockDevice>(dev: &D, sb: &Superblock) -> Result<(), Stor
     buf.as_mut_slice()[..crate::layout::SUPERBLOCK_LEN].copy_from_slice(&sb.encode());
     dev.write_at(buf, 0, true)?;
     Ok(())
+}
+
+/// A retiring record: the share key, then the index entry its replaced extent had.
+fn retiring_record(key: &ShareKey, e: &IndexEntry) -> [u8; SHARE_KEY_LEN + INDEX_ENTRY_LEN] {
+    let mut r = [0u8; SHARE_KEY_LEN + INDEX_ENTRY_LEN];
+    r[..SHARE_KEY_LEN].copy_from_slice(&key.encode());
+    r[SHARE_KEY_LEN..].copy_from_slice(&e.encode());
+    r
+}
+
+/// Finishes the tombstones a crash interrupted (see the module's commit protocol). For each
+/// retiring record whose extent is no longer its key's entry, the extent's header is durably
+/// overwritten if it is still the replaced one (if the extent was reused since, its header is
+/// another share's and stays); then the record goes. Returns how many headers it overwrote.
+fn finish_retiring<D: BlockDevice>(
+    dev: &D,
+    sb: &Superblock,
+    dir: &Path,
+    shares: &sled::Tree,
+    retiring: &sled::Tree,
+) -> Result<u64, StoreError> {
+    let ix = |source| StoreError::Index {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let bs = sb.block_size as usize;
+    let mut finished = 0;
+    for item in retiring.iter() {
+        let (at, record) = item.map_err(ix)?;
+        let corrupt = |reason: String| StoreError::CorruptIndex {
+            dir: dir.to_path_buf(),
+            reason: format!("retiring record {}: {reason}", hex(&at)),
+        };
+        if record.len() != SHARE_KEY_LEN + INDEX_ENTRY_LEN {
+            return Err(corrupt(format!("{} bytes", record.len())));
+        }
+        let key = ShareKey::decode(&record[..SHARE_KEY_LEN]).map_err(|e| corrupt(e.to_string()))?;
+        let e = IndexEntry::decode(&record[SHARE_KEY_LEN..]).map_err(|e| corrupt(e.to_string()))?;
+        if e.offset < sb.data_start || e.offset + bs as u64 > sb.volume_len {
+            return Err(corrupt(format!(
+                "offset {} outside the data area",
+                e.offset
+            )));
+        }
+        let live = shares
+            .get(key.encode())
+            .map_err(ix)?
+            .and_then(|v| IndexEntry::decode(&v).ok());
+        if live != Some(e) {
+            let header = dev.read_at(dev.alloc_buf(bs), e.offset)?;
+            if ShareHeader::decode(header.as_slice())
+                .is_ok_and(|h| e.matches(&h, &key, &sb.volume_id))
+            {
+                dev.write_at(dev.alloc_buf(bs), e.offset, true)?;
+                finished += 1;
+            }
+        }
+        retiring.remove(at).map_err(ix)?;
+    }
+    Ok(finished)
 }
 
 /// An exclusive lock on `dir/lock`, held by whoever has the index open: a second process on
@@ -452,6 +522,7 @@ impl<D: BlockDevice> Store<D> {
             .map_err(ix)?;
         let shares = db.open_tree("shares").map_err(ix)?;
         let meta = db.open_tree("meta").map_err(ix)?;
+        let retiring = db.open_tree("retiring").map_err(ix)?;
         match meta.get(META_VOLUME_ID).map_err(ix)? {
             Some(v) if v.as_ref() == sb.volume_id => {}
             Some(v) => {
@@ -538,6 +609,10 @@ impl<D: BlockDevice> Store<D> {
         let reserved = next + GEN_BATCH;
         meta.insert(META_GEN_RESERVED, &reserved.to_le_bytes())
             .map_err(ix)?;
+        let finished = finish_retiring(&dev, &sb, &dir, &shares, &retiring)?;
+        if finished > 0 {
+            tracing::info!(site = %sb.site, finished, "finished tombstones of replaced shares interrupted by a crash");
+        }
         db.flush().map_err(ix)?;
         let has_shares = !shares.is_empty();
         let store = Self {
@@ -551,6 +626,7 @@ impl<D: BlockDevice> Store<D> {
             db,
             shares,
             meta,
+            retiring,
             alloc: Mutex::new(alloc),
             gens: Mutex::new(Gens { next, reserved }),
             flushed: Mutex::new(0),
@@ -733,25 +809,44 @@ impl<D: BlockDevice> Store<D> {
             .write_at(buf, offset, true)
             .map_err(|e| release(e.into()))?;
         let entry = IndexEntry::from_header(&header, offset);
+        // The extent this put replaces is recorded as retiring before the new entry goes in
+        // (both are flushed by the commit below, in this order): a crash before its tombstone
+        // is durable leaves the record for `open` to finish. The key's write lock keeps the
+        // entry read here the one the insert replaces.
         let old = self
             .shares
-            .insert(key.encode(), &entry.encode()[..])
-            .map_err(|e| release(self.ix(e)))?;
+            .get(key.encode())
+            .map_err(|e| release(self.ix(e)))?
+            .and_then(|v| IndexEntry::decode(&v).ok());
+        if let Some(old) = &old {
+            self.retiring
+                .insert(old.offset.to_be_bytes(), &retiring_record(&key, old)[..])
+                .map_err(|e| release(self.ix(e)))?;
+        }
+        if let Err(e) = self.shares.insert(key.encode(), &entry.encode()[..]) {
+            if let Some(old) = &old {
+                // Harmless if it stays (`open` sees the entry still live), but not left behind.
+                let _ = self.retiring.remove(old.offset.to_be_bytes());
+            }
+            return Err(release(self.ix(e)));
+        }
         let seq = self.applied.fetch_add(1, Ordering::SeqCst) + 1;
         // From here the index may reference the extent: never give it back on failure.
         self.commit(seq)?;
         if let Some(old) = old {
-            if let Ok(old) = IndexEntry::decode(&old) {
-                self.retire(&old, false)?;
-            }
+            self.retire(&old)?;
         }
         Ok(())
     }
 
-    /// Overwrites an extent's header block so a volume scan no longer sees it, then frees it.
-    fn retire(&self, e: &IndexEntry, durable: bool) -> Result<(), StoreError> {
+    /// Durably overwrites a replaced extent's header block so a volume scan no longer sees it,
+    /// drops its retiring record, then frees it (a failure keeps the record for `open`).
+    fn retire(&self, e: &IndexEntry) -> Result<(), StoreError> {
         let buf = self.dev.alloc_buf(self.sb.block_size as usize);
-        self.dev.write_at(buf, e.offset, durable)?;
+        self.dev.write_at(buf, e.offset, true)?;
+        self.retiring
+            .remove(e.offset.to_be_bytes())
+            .map_err(|err| self.ix(err))?;
         lock(&self.alloc).free(e.offset, e.extent_len);
         Ok(())
     }
@@ -976,7 +1071,13 @@ impl<D: BlockDevice> Store<D> {
             std::fs::rename(&index, &aside).map_err(io)?;
             report.old_index = Some(aside);
         }
-        let found = scan(dev, &sb, &mut report)?;
+        let (found, superseded) = scan(dev, &sb, &mut report)?;
+        // An older generation left on the volume (its replace's tombstone lost with the old
+        // index) would come back in the next rebuild once its key is deleted: tombstone it.
+        for &offset in &superseded {
+            dev.write_at(dev.alloc_buf(sb.block_size as usize), offset, true)?;
+        }
+        report.superseded = superseded.len() as u64;
         let ix = |source| StoreError::Index {
             dir: dir.clone(),
             source,
@@ -1013,16 +1114,19 @@ impl<D: BlockDevice> Store<D> {
 
 /// Scans the data area for valid extents: every allocation unit not inside an accepted extent
 /// is tried as a header; a header counts only if it belongs to this volume, fits the geometry
-/// and its share bytes match its checksum. The newest generation of each key wins.
+/// and its share bytes match its checksum. The newest generation of each key wins; the
+/// offsets of the older ones found come second.
+#[allow(clippy::type_complexity)]
 fn scan<D: BlockDevice>(
     dev: &D,
     sb: &Superblock,
     report: &mut RebuildReport,
-) -> Result<std::collections::BTreeMap<ShareKey, IndexEntry>, StoreError> {
+) -> Result<(std::collections::BTreeMap<ShareKey, IndexEntry>, Vec<u64>), StoreError> {
     let au = u64::from(sb.alloc_unit);
     let window = (8u64 << 20).div_ceil(au) * au;
     let bs = sb.block_size as usize;
     let mut found: std::collections::BTreeMap<ShareKey, IndexEntry> = Default::default();
+    let mut superseded = Vec::new();
     let mut pos = sb.data_start;
     while pos < sb.volume_len {
         let wlen = window.min(sb.volume_len - pos);
@@ -1055,9 +1159,9 @@ fn scan<D: BlockDevice>(
             }
             let e = IndexEntry::from_header(&h, u);
             match found.get(&h.key) {
-                Some(prev) if prev.generation > e.generation => report.superseded += 1,
-                Some(_) => {
-                    report.superseded += 1;
+                Some(prev) if prev.generation > e.generation => superseded.push(e.offset),
+                Some(prev) => {
+                    superseded.push(prev.offset);
                     found.insert(h.key, e);
                 }
                 None => {
@@ -1068,5 +1172,5 @@ fn scan<D: BlockDevice>(
         }
         pos = u.max(pos + wlen);
     }
-    Ok(found)
+    Ok((found, superseded))
 }
