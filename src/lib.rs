@@ -17,6 +17,7 @@
 //! - [`deploy`]: a whole local deployment (pools, volumes, daemons, mount) for the demo,
 //!   benchmarks and integration tests.
 //! - [`cli`]: the `qgenome` subcommands (argument parsing and dispatch only).
+//! - [`harden`]: keeping plaintext and key bytes out of swap and core dumps.
 //!
 //! Byte-level formats and the reasons behind the choices are in `docs/design.md`.
 pub mod catalog;
@@ -26,6 +27,7 @@ pub mod consent;
 pub mod control;
 pub mod deploy;
 pub mod fs;
+pub mod harden;
 pub mod keys;
 pub mod link;
 pub mod placement;

@@ -322,6 +322,7 @@ fn serve(path: &Path) -> Result<()> {
     use qgenome_mountd::config::SiteConfig;
     use qgenome_mountd::server::{LinkEnds, Listeners, Server, ServerLimits};
     let cfg = SiteConfig::load(path)?;
+    qgenome::harden::harden_process("qgenome-mountd")?;
     let dev = UringVolume::open(&cfg.volume, &cfg.uring_options())?;
     let store = Store::open(dev, &cfg.state_dir, cfg.store_options())?;
     let links = cfg

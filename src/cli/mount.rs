@@ -17,25 +17,6 @@ pub struct MountArgs {
     pub mountpoint: Option<PathBuf>,
 }
 
-/// Keep plaintext out of swap and out of core dumps. Best effort: a warning if refused.
-fn harden_process() {
-    // SAFETY: plain syscalls with constant arguments.
-    unsafe {
-        if libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) != 0 {
-            tracing::warn!(
-                "mlockall failed ({}): plaintext buffers could be swapped out",
-                std::io::Error::last_os_error()
-            );
-        }
-        if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 {
-            tracing::warn!(
-                "prctl(PR_SET_DUMPABLE, 0) failed: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-}
-
 /// The share sites of a config: share i on `cfg.sites[i]`; the home site over its Unix
 /// socket, the others over their one-time-pad links.
 pub fn build_sites(cfg: &HomeConfig) -> anyhow::Result<Vec<Arc<dyn ShareSite>>> {
@@ -84,7 +65,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     stop.add(Signal::SIGTERM);
     stop.add(Signal::SIGINT);
     stop.thread_block().context("blocking SIGTERM/SIGINT")?;
-    harden_process();
+    crate::harden::harden_process("qgenome mount")?;
     let sites = build_sites(&cfg)?;
     let mounted = crate::fs::mount::start(&cfg, &mountpoint, sites, vec![])?;
     eprintln!(
