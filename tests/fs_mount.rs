@@ -443,6 +443,14 @@ fn rewriting_in_place_is_refused_and_replacing_is_atomic() {
     std::fs::write(&f, vec![2u8; 1000]).unwrap();
     std::fs::write(rig.mnt.join("P5/y.tmp"), vec![3u8; 5000]).unwrap();
     std::fs::rename(rig.mnt.join("P5/y.tmp"), &f).unwrap();
+    // Not into another patient's directory: a read there waits for that patient's consent
+    // only. EXDEV makes `mv` copy instead, and the copy's read waits for P5's card.
+    std::fs::create_dir(rig.mnt.join("P6")).unwrap();
+    rig.grant("P6");
+    let err = std::fs::rename(&f, rig.mnt.join("P6/x.cram")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EXDEV), "{err}");
+    assert!(!rig.mnt.join("P6/x.cram").exists());
+    std::fs::remove_dir(rig.mnt.join("P6")).unwrap();
     rig.grant("P5");
     assert_eq!(std::fs::read(&f).unwrap(), vec![3u8; 5000]);
     let names: Vec<_> = std::fs::read_dir(rig.mnt.join("P5"))

@@ -158,10 +158,14 @@ fn a_lost_catalog_is_rebuilt_from_the_sites_and_every_file_reads_back() {
     let b2 = random(70_000);
     write(&a, "P1", "b.cram", &b2);
     put("P1", "b.cram", b2);
-    // Renamed across patients: the new name comes back.
+    // Renamed: the new name comes back (moving to another patient is refused).
     let c = random(CHUNK * 2);
-    write(&a, "P1", "c.tmp", &c);
-    a.rename("P1", "c.tmp", "P2", "c.cram").unwrap();
+    write(&a, "P2", "c.tmp", &c);
+    assert!(matches!(
+        a.rename("P2", "c.tmp", "P1", "c.cram"),
+        Err(EngineError::CrossPatient { .. })
+    ));
+    a.rename("P2", "c.tmp", "P2", "c.cram").unwrap();
     put("P2", "c.cram", c);
     // Unlinked: gone.
     write(&a, "P2", "d.cram", &random(90_000));

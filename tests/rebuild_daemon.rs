@@ -76,8 +76,8 @@ fn the_rebuild_command_restores_a_deleted_catalog_on_real_daemons() {
     )
     .unwrap();
     let b = random(70_000);
-    std::fs::write(mnt.join("P1/b.tmp"), &b).unwrap();
-    std::fs::rename(mnt.join("P1/b.tmp"), mnt.join("P2/b.cram")).unwrap();
+    std::fs::write(mnt.join("P2/b.tmp"), &b).unwrap();
+    std::fs::rename(mnt.join("P2/b.tmp"), mnt.join("P2/b.cram")).unwrap();
     std::fs::write(mnt.join("P1/c.cram"), random(1000)).unwrap();
     std::fs::remove_file(mnt.join("P1/c.cram")).unwrap();
     std::fs::write(mnt.join("P1/d.cram"), random(5000)).unwrap();

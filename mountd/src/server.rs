@@ -74,7 +74,6 @@ pub struct LinkEnds {
     recv: Mutex<RecvStream>,
     send_id: [u8; 16],
     recv_id: [u8; 16],
-    recv_key_len: u64,
     /// Sealed answers to stale frames this link may still give (see [`StaleAnswers`]).
     stale_answers: Mutex<StaleAnswers>,
     /// Stale frames refused without an answer since start.
@@ -168,7 +167,6 @@ impl LinkEnds {
             recv: Mutex::new(recv),
             send_id: tx_info.stream_id,
             recv_id: rx_info.stream_id,
-            recv_key_len: rx_info.key_len,
             stale_answers: Mutex::new(StaleAnswers::new(Instant::now())),
             stale_unanswered: AtomicU64::new(0),
         })
@@ -870,7 +868,8 @@ impl<D: BlockDevice> Server<D> {
                     && *s2c_stream == link.send_id =>
                 {
                     let mut tx = lock(&link.send);
-                    let floor = (*client_recv_floor).min(link.recv_key_len.max(tx.next_offset()));
+                    // The client's floor is on the stream we send on: at most its pool's end.
+                    let floor = (*client_recv_floor).min(tx.next_offset() + tx.remaining());
                     if floor > tx.next_offset() {
                         tracing::info!(
                             "link {} peer {peer}: client's receive stream starts at {floor}; \

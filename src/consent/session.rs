@@ -44,6 +44,11 @@ pub enum ConsentError {
 /// ignored, and not one whose default is to ignore). fuser 0.18 drops FUSE_INTERRUPT, so a
 /// reader killed while it waits for consent is noticed this way instead.
 pub fn fatal_signal_pending(tid: u32) -> bool {
+    // The kernel sends pid 0 for a caller outside the mount's pid namespace (a pipeline in a
+    // container): it cannot be looked up, which is not the same as gone.
+    if tid == 0 {
+        return false;
+    }
     let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
         return true; // gone
     };
@@ -362,6 +367,8 @@ mod tests {
         // This thread has no fatal signal pending; a dead tid counts as gone.
         assert!(!fatal_signal_pending(nix::unistd::gettid().as_raw() as u32));
         assert!(fatal_signal_pending(u32::MAX - 1));
+        // pid 0: a caller in another pid namespace, who may well wait.
+        assert!(!fatal_signal_pending(0));
     }
 
     #[test]

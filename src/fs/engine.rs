@@ -203,6 +203,8 @@ pub enum EngineError {
     Failed { file: String, reason: String },
     #[error("catalog {path}: not empty; a rebuild only fills an empty catalog")]
     CatalogNotEmpty { path: String },
+    #[error("{from} -> {to}: a file cannot move to another patient (reading it there would need only that patient's consent); copy it, which needs its own patient's consent")]
+    CrossPatient { from: String, to: String },
 }
 
 impl EngineError {
@@ -212,6 +214,7 @@ impl EngineError {
             EngineError::Consent(_) => libc::EACCES,
             EngineError::NotAppend { .. } => libc::EINVAL,
             EngineError::TooLarge { .. } => libc::EFBIG,
+            EngineError::CrossPatient { .. } => libc::EXDEV,
             EngineError::Catalog(CatalogError::NoFile { .. } | CatalogError::NoPatient(_)) => {
                 libc::ENOENT
             }
@@ -813,6 +816,15 @@ impl Engine {
         new_patient: &str,
         new_name: &str,
     ) -> Result<(), EngineError> {
+        // A read waits for the consent of the patient whose directory holds the file: moving
+        // it would put one patient's genome behind another's card. `mv` answers EXDEV by
+        // copying, and the copy's read waits for the owner's consent.
+        if patient != new_patient {
+            return Err(EngineError::CrossPatient {
+                from: format!("{patient}/{name}"),
+                to: format!("{new_patient}/{new_name}"),
+            });
+        }
         let replaced = self.catalog.rename(patient, name, new_patient, new_name)?;
         self.catalog.audit(
             "rename",

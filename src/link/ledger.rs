@@ -317,8 +317,18 @@ impl LedgerStore for FileLedger {
         self.current.value
     }
     fn store(&mut self, value: u64) -> Result<(), LinkError> {
+        // A slot at u64::MAX (forged) must not wrap to 0, which would lose to the old slot.
+        let seq = self
+            .current
+            .seq
+            .checked_add(1)
+            .ok_or_else(|| LinkError::LedgerCorrupt {
+                link: self.link.clone(),
+                path: self.path.clone(),
+                reason: "slot sequence number exhausted".into(),
+            })?;
         let next = Slot {
-            seq: self.current.seq + 1,
+            seq,
             value,
             ..self.current
         };
@@ -413,6 +423,30 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(l.value(), 0);
+    }
+
+    /// A slot at the last sequence number (forged: a real ledger never gets there) must not
+    /// wrap to 0, which would make the older slot win and roll the ledger back.
+    #[test]
+    fn the_last_sequence_number_is_refused_not_wrapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.ledger");
+        drop(FileLedger::create(&path, "l", Role::Sender, [7; 16]).unwrap());
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        let at = SLOT_STRIDE; // u64::MAX is odd: slot 1
+        f.write_all_at(&slot(u64::MAX, 8192).encode(), at).unwrap();
+        drop(f);
+        let mut l = FileLedger::open(&path, "l", Role::Sender, [7; 16])
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.value(), 8192);
+        let e = l.store(16384).unwrap_err();
+        assert!(matches!(e, LinkError::LedgerCorrupt { .. }), "{e}");
+        drop(l);
+        let l = FileLedger::open(&path, "l", Role::Sender, [7; 16])
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.value(), 8192);
     }
 
     proptest! {

@@ -11,6 +11,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use super::ledger::{FileLedger, LedgerStore, Role};
@@ -156,7 +157,8 @@ fn key_destroyed_at(key: &dyn KeySource, offset: u64) -> Result<bool, LinkError>
     let n = (key.len() - offset).min(MAC_KEY_LEN) as usize;
     let mut b = Zeroizing::new([0u8; MAC_KEY_LEN as usize]);
     key.read_at(offset, &mut b[..n])?;
-    Ok(b[..n].iter().all(|&x| x == 0))
+    // Constant time: these are the next frame's MAC key bytes when the ledger is current.
+    Ok(bool::from(b[..n].ct_eq(&[0u8; MAC_KEY_LEN as usize][..n])))
 }
 
 /// Open and lock the ledger at `path` for the stream `key` holds; create it (value 0) only
