@@ -566,3 +566,69 @@ fn a_reader_killed_while_waiting_for_consent_is_released_long_before_the_limit()
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A `MAP_PRIVATE` mapping is served through the page cache even for a direct-I/O file:
+/// pages mapped while the patient's consent held must not stay readable once it ends.
+#[test]
+fn pages_mapped_under_consent_are_dropped_when_it_ends() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    let rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("P8")).unwrap();
+    let f = rig.mnt.join("P8/m.cram");
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    std::fs::write(&f, &data).unwrap();
+    rig.grant("P8");
+    // Touches every page under consent, then reads 16 bytes when told to.
+    let script = r#"
+import mmap, sys
+f = open(sys.argv[1], 'rb')
+m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+sum(m[i] for i in range(0, len(m), 4096))
+print('mapped', flush=True)
+sys.stdin.readline()
+print(m[100000:100016].hex(), flush=True)
+"#;
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&f)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines() {
+            if tx.send(l.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    assert_eq!(
+        lines.recv_timeout(Duration::from_secs(30)).unwrap(),
+        "mapped"
+    );
+    control::request(
+        &rig.cfg.control_socket(),
+        &json!({"cmd": "consent-revoke", "patient": "P8"}),
+    )
+    .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"\n").unwrap();
+    stdin.flush().unwrap();
+    // The touch now faults into a read that waits for consent (before the fix the page
+    // cache answered it at once).
+    assert!(
+        lines.recv_timeout(Duration::from_secs(3)).is_err(),
+        "a page mapped under consent was read after the consent ended"
+    );
+    rig.grant("P8");
+    let want: String = data[100_000..100_016]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(lines.recv_timeout(Duration::from_secs(30)).unwrap(), want);
+    assert!(child.wait().unwrap().success());
+}

@@ -53,6 +53,15 @@ impl Inodes {
         i
     }
 
+    /// Inode numbers the kernel was given for files of `patient`.
+    fn files_of(&self, patient: &str) -> Vec<u64> {
+        self.by_ino
+            .iter()
+            .filter(|(_, n)| matches!(n, Node::File(p, _) if p == patient))
+            .map(|(&i, _)| i)
+            .collect()
+    }
+
     fn rename(&mut self, from: &Node, to: Node) {
         if let Some(i) = self.by_node.remove(from) {
             if let Some(old) = self.by_node.insert(to.clone(), i) {
@@ -102,7 +111,7 @@ type SharedWriter = Arc<Mutex<Option<FileWriter>>>;
 /// The filesystem. `fuser` calls it from several request loops at once.
 pub struct QgenomeFs {
     engine: Arc<Engine>,
-    inodes: Mutex<Inodes>,
+    inodes: Arc<Mutex<Inodes>>,
     handles: Arc<Mutex<HashMap<u64, Handle>>>,
     /// Open writers by (patient, name), so the file shows up while it is written.
     writing: Mutex<HashMap<(String, String), SharedWriter>>,
@@ -117,6 +126,63 @@ pub struct QgenomeFs {
     gid: u32,
 }
 
+/// The mount's inode numbers, kept by [`QgenomeFs::inode_table`] for use after the file
+/// system has gone into its FUSE session.
+pub struct InodeTable(Arc<Mutex<Inodes>>);
+
+/// When a patient's consent ends, drops every page the kernel cached of that patient's files.
+///
+/// Reads are direct I/O and never fill the page cache, but a `MAP_PRIVATE` mapping of a
+/// direct-I/O file is served through it (fuse_file_mmap): pages faulted in (and read ahead)
+/// under consent would stay readable after it ended, with no FUSE read to refuse them.
+/// `FUSE_NOTIFY_INVAL_INODE` unmaps and drops them, so the next touch faults into a read that
+/// waits for consent again. Copies a process already made (pages it wrote to) are its own.
+///
+/// The notifications go out on a thread of their own: invalidating waits for each page's
+/// lock, which a fault still waiting for consent holds. The hook waits for them at most
+/// [`INVALIDATE_WAIT`], then lets them finish alone.
+pub fn drop_cached_pages_at_consent_end(
+    inodes: InodeTable,
+    consent: &crate::consent::ConsentRegistry,
+    notifier: fuser::Notifier,
+) {
+    let inodes = inodes.0;
+    consent.on_end(move |patient| {
+        let inos = inodes.lock().expect("inodes").files_of(patient);
+        if inos.is_empty() {
+            return;
+        }
+        let (done, finished) = mpsc::channel();
+        let notifier = notifier.clone();
+        let who = patient.to_string();
+        let spawned = std::thread::Builder::new()
+            .name("fs-invalidate".into())
+            .spawn(move || {
+                for ino in inos {
+                    // ENOENT: the kernel already forgot the inode (nothing cached).
+                    if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
+                        if e.raw_os_error() != Some(libc::ENOENT) {
+                            tracing::warn!(
+                                "consent of {who} ended: dropping cached pages of inode {ino}: {e}"
+                            );
+                        }
+                    }
+                }
+                let _ = done.send(());
+            });
+        match spawned {
+            Ok(_) => {
+                let _ = finished.recv_timeout(INVALIDATE_WAIT);
+            }
+            Err(e) => tracing::error!("consent of {patient} ended: cannot drop cached pages: {e}"),
+        }
+    });
+}
+
+/// How long a consent end waits for its page-cache invalidations (see
+/// [`drop_cached_pages_at_consent_end`]).
+const INVALIDATE_WAIT: Duration = Duration::from_secs(2);
+
 fn errno(e: &EngineError) -> Errno {
     Errno::from_i32(e.errno())
 }
@@ -126,6 +192,11 @@ fn secs(t: u64) -> SystemTime {
 }
 
 impl QgenomeFs {
+    /// A handle on this mount's inode numbers.
+    pub fn inode_table(&self) -> InodeTable {
+        InodeTable(self.inodes.clone())
+    }
+
     /// `workers` threads answer opens and reads that may wait for consent.
     pub fn new(engine: Arc<Engine>, workers: usize) -> Self {
         let (tx, rx) = mpsc::channel::<Job>();
@@ -151,7 +222,7 @@ impl QgenomeFs {
         inodes.by_node.insert(Node::Root, ROOT);
         Self {
             engine,
-            inodes: Mutex::new(inodes),
+            inodes: Arc::new(Mutex::new(inodes)),
             handles: Arc::new(Mutex::new(HashMap::new())),
             writing: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),

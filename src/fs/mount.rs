@@ -114,8 +114,10 @@ pub fn start(
     };
     options.n_threads = Some(4);
     let fs = QgenomeFs::new(engine.clone(), 16);
+    let inodes = fs.inode_table();
     let session = fuser::spawn_mount(fs, mountpoint, &options)
         .with_context(|| format!("mounting at {}", mountpoint.display()))?;
+    super::fuse::drop_cached_pages_at_consent_end(inodes, &engine.consent, session.notifier());
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
     Ok(Mounted {
         engine,
