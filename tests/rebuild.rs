@@ -387,3 +387,37 @@ fn a_site_down_during_the_rebuild_is_reported_and_files_stay_readable() {
     );
     assert_eq!(report.unreachable_sites.len(), 2);
 }
+
+/// One site holding k shares of a version (here: site 2 given site 0's shares too, the others
+/// holding none) is what a site forging a file on its own would list. The rebuild must not
+/// restore such a version: its chunks would come from that one site alone.
+#[test]
+fn a_version_whose_k_shares_all_come_from_one_site_is_not_restored() {
+    let rig = Rig::new();
+    let a = rig.engine("catalog-a");
+    a.catalog.add_patient("P1").unwrap();
+    let data = random(CHUNK * 2 + 500);
+    let rec = write(&a, "P1", "g.cram", &data);
+    let of_file = |s: &LossySite| -> Vec<(ShareKey, ShareMeta)> {
+        let (page, _) = s.list_shares(None).unwrap();
+        page.into_iter().filter(|(k, _)| k.file == rec.id).collect()
+    };
+    for (key, meta) in of_file(&rig.sites[0]) {
+        let d = rig.sites[0].get(&key).unwrap();
+        rig.sites[2].put(&key, &meta, &d).unwrap();
+        rig.sites[0].delete(&key).unwrap();
+    }
+    for (key, _) in of_file(&rig.sites[1]) {
+        rig.sites[1].delete(&key).unwrap();
+    }
+    assert!(
+        of_file(&rig.sites[2]).len() >= 2 * 4,
+        "site 2 holds shares 0 and 2 of each"
+    );
+
+    let b = rig.engine("catalog-b");
+    let report = b.rebuild_catalog().unwrap();
+    assert!(restored_names(&report).is_empty(), "{report:?}");
+    assert_eq!(report.unreadable.len(), 1, "{report:?}");
+    assert!(b.catalog.file("P1", "g.cram").unwrap().is_none());
+}

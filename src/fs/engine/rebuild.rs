@@ -270,11 +270,22 @@ impl Engine {
 
     /// Where the shares of a chunk of `len` bytes live: one location per distinct share
     /// index, matching the configured scheme and length, by share index.
+    ///
+    /// A site listing two or more shares of one chunk is passed over for that chunk: the
+    /// placement never puts two shares of a chunk on one site (k-1 sites would then hold k),
+    /// so such a listing is a site forging a version on its own, whose chunks it could
+    /// otherwise rebuild alone with hashes of its choosing.
     fn locations(&self, found: Option<&Vec<Found>>, len: u32) -> Vec<ShareLocation> {
         let (k, n) = (self.core.scheme.k(), self.core.scheme.n());
+        let found: Vec<&Found> = found.into_iter().flatten().collect();
+        let mut per_site: BTreeMap<usize, usize> = BTreeMap::new();
+        for f in &found {
+            *per_site.entry(f.site).or_default() += 1;
+        }
         let mut by_share: BTreeMap<u8, ShareLocation> = BTreeMap::new();
-        for f in found.into_iter().flatten() {
-            if f.meta.secret_len == len
+        for f in found {
+            if per_site[&f.site] == 1
+                && f.meta.secret_len == len
                 && (usize::from(f.meta.k), usize::from(f.meta.n)) == (k, n)
                 && usize::from(f.share) < n
             {
@@ -294,7 +305,8 @@ impl Engine {
         let k = scheme.k();
         let mut failures = Vec::new();
         // Shares grouped by the secret length their site recorded: only equal ones combine.
-        let mut groups: BTreeMap<u32, Vec<(usize, Vec<u8>)>> = BTreeMap::new();
+        // Each keeps its site: the k shares combined must come from k sites (see `locations`).
+        let mut groups: BTreeMap<u32, Vec<(usize, usize, Vec<u8>)>> = BTreeMap::new();
         for f in found.iter().take(MAX_MANIFEST_SHARES) {
             if (usize::from(f.meta.k), usize::from(f.meta.n)) != (k, scheme.n()) {
                 failures.push(format!(
@@ -310,10 +322,11 @@ impl Engine {
             };
             match self.core.sites[f.site].get(&key) {
                 Ok(d) if d.len() == scheme.share_len(f.meta.secret_len as usize) => {
-                    groups
-                        .entry(f.meta.secret_len)
-                        .or_default()
-                        .push((usize::from(f.share), d));
+                    groups.entry(f.meta.secret_len).or_default().push((
+                        usize::from(f.share),
+                        f.site,
+                        d,
+                    ));
                 }
                 Ok(d) => failures.push(format!("{key}: {} bytes, wrong length", d.len())),
                 Err(e) => failures.push(e.to_string()),
@@ -324,10 +337,11 @@ impl Engine {
             for subset in k_subsets(shares.len(), k) {
                 let given: Vec<(usize, &[u8])> = subset
                     .iter()
-                    .map(|&i| (shares[i].0, shares[i].1.as_slice()))
+                    .map(|&i| (shares[i].0, shares[i].2.as_slice()))
                     .collect();
                 let distinct: BTreeSet<usize> = given.iter().map(|g| g.0).collect();
-                if distinct.len() < k {
+                let sites: BTreeSet<usize> = subset.iter().map(|&i| shares[i].1).collect();
+                if distinct.len() < k || sites.len() < k {
                     continue;
                 }
                 let mut out = Zeroizing::new(vec![0u8; *len as usize]);
