@@ -393,11 +393,14 @@ fn destroy_now(
             return Ok(Destroyed::Punched);
         }
         let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-            return Err(("punch hole in pool", e));
+        if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            tracing::warn!(path = %path.display(), "hole punching unsupported; overwriting used key with zeros");
+            punch_unsupported.store(true, Ordering::Relaxed);
+        } else {
+            // ENOSPC (a punch may split an extent on a full disk), EIO...: overwrite this range
+            // instead, which needs no new space; an error only if that fails too.
+            tracing::warn!(path = %path.display(), offset = off, len, "punching used key failed ({e}); overwriting it with zeros");
         }
-        tracing::warn!(path = %path.display(), "hole punching unsupported; overwriting used key with zeros");
-        punch_unsupported.store(true, Ordering::Relaxed);
     }
     let zeros = vec![0u8; (len as usize).min(1 << 20)];
     let mut at = off;
@@ -528,6 +531,9 @@ struct DestroyState {
     dead: bool,
     /// The first failure, reported by the next `destroy` or `sync`.
     failed: Option<(&'static str, std::io::Error)>,
+    /// Ranges whose destruction failed: kept for `sync` to retry (it fails until they are
+    /// gone), never dropped.
+    unfinished: Vec<Range<u64>>,
 }
 
 impl DestroyState {
@@ -598,8 +604,11 @@ impl DestroyShared {
 /// 1 MiB on tmpfs costs about as much as sealing it). Ranges are destroyed in order within
 /// moments: whole 2 MiB blocks as soon as their ranges are all in, and what is short of a
 /// boundary after at most [`DESTROY_LINGER`] (see [`Coalesce`]); `sync` punches
-/// everything queued and then fdatasyncs; the first failure is reported
-/// by the next `destroy` or `sync`. Dropping the pool drains the queue and joins the thread.
+/// everything queued and then fdatasyncs. A range that cannot be punched is overwritten with
+/// zeros; one that cannot be destroyed either way is kept: the first failure is reported by
+/// the next `destroy` (which still queues its own range), and `sync` retries every kept range
+/// and fails until they are all destroyed, so no ledger moves past used key left on disk.
+/// Dropping the pool drains the queue and joins the thread.
 /// A crash before a queued range is destroyed loses nothing: every open destroys all key
 /// below the resume point again.
 ///
@@ -657,11 +666,13 @@ impl Destroyer {
                 st.busy = true;
                 drop(st);
                 let mut failed = None;
+                let mut unfinished = Vec::new();
                 for r in batch {
                     if let Err(e) =
                         destroy_now(file, path, &punch_unsupported, r.start, r.end - r.start)
                     {
                         failed.get_or_insert(e);
+                        unfinished.push(r);
                     }
                 }
                 st = sh.lock();
@@ -669,6 +680,7 @@ impl Destroyer {
                 if let Some(e) = failed {
                     st.failed.get_or_insert(e);
                 }
+                st.unfinished.append(&mut unfinished);
                 // Wake anyone waiting for the destroyer to catch up (`destroy`, `sync`).
                 sh.cv.notify_all();
                 continue;
@@ -760,21 +772,28 @@ impl KeySource for PoolFile {
             return Ok(Destroyed::Punched);
         }
         let (off, len) = (HEADER_LEN + r.start, r.end - r.start);
-        self.take_destroyer_error()?;
         if let Some(sh) = &self.destroyer.shared {
             let mut st = sh.lock();
             if !st.dead {
+                // Queued before an earlier failure is reported, so this range is not lost.
                 if st.add(off..off + len) {
                     sh.cv.notify_all();
                 }
                 while st.ready_bytes > DESTROY_LAG && !st.dead {
                     st = sh.wait(st);
                 }
+                if let Some((op, e)) = st.failed.take() {
+                    return Err(self.io(op, e));
+                }
                 return Ok(Destroyed::Queued);
             }
         }
-        destroy_now(&self.file, &self.path, &self.punch_unsupported, off, len)
-            .map_err(|(op, e)| self.io(op, e))
+        destroy_now(&self.file, &self.path, &self.punch_unsupported, off, len).map_err(|(op, e)| {
+            if let Some(sh) = &self.destroyer.shared {
+                sh.lock().unfinished.push(off..off + len);
+            }
+            self.io(op, e)
+        })
     }
     /// Wait until every queued range is destroyed, then make it durable.
     fn sync(&self) -> Result<(), KeyError> {
@@ -786,21 +805,32 @@ impl KeySource for PoolFile {
             while (!st.ready.is_empty() || st.busy) && !st.dead {
                 st = sh.wait(st);
             }
-            // A destroyer that died (a panic) left its queue: destroy it here.
-            orphaned = std::mem::take(&mut st.ready);
+            // Ranges the destroyer failed on, and the queue of one that died (a panic):
+            // destroyed here, or the sync fails and they stay for the next one.
+            orphaned = std::mem::take(&mut st.unfinished);
+            orphaned.append(&mut st.ready);
             st.ready_bytes = 0;
         }
-        for r in orphaned {
-            destroy_now(
+        let mut left = orphaned.into_iter();
+        while let Some(r) = left.next() {
+            let done = destroy_now(
                 &self.file,
                 &self.path,
                 &self.punch_unsupported,
                 r.start,
                 r.end - r.start,
-            )
-            .map_err(|(op, e)| self.io(op, e))?;
+            );
+            if let Err((op, e)) = done {
+                if let Some(sh) = &self.destroyer.shared {
+                    let mut st = sh.lock();
+                    st.unfinished.push(r);
+                    st.unfinished.extend(left);
+                }
+                return Err(self.io(op, e));
+            }
         }
-        self.take_destroyer_error()?;
+        // Every range that failed before is destroyed now: its error is answered.
+        let _ = self.take_destroyer_error();
         self.file
             .sync_data()
             .map_err(|e| self.io("fdatasync pool", e))
@@ -1237,6 +1267,36 @@ mod tests {
         pool.sync().unwrap();
         assert!(zeros(&pool, 0..6000));
         assert!(!zeros(&pool, 6000..8192), "unused key is kept");
+    }
+
+    /// A range the destroyer failed on (a punch and the overwrite after it both failing, as
+    /// on a dying disk) is kept, not dropped: the failure is reported once, by the next
+    /// `destroy`, which still queues its own range; `sync` retries the range and returns Ok
+    /// only once it is destroyed.
+    #[test]
+    fn a_failed_destruction_is_retried_by_sync_never_dropped() {
+        let (dir, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        provision("faillink", 4 << 20, dir.path(), other.path()).unwrap();
+        let pool = PoolFile::open(dir.path(), "faillink", Direction::AtoB, End::A).unwrap();
+        let sh = pool.destroyer.shared.clone().unwrap();
+        {
+            // What the destroyer thread records when a batch fails.
+            let mut st = sh.lock();
+            st.unfinished.push(HEADER_LEN..HEADER_LEN + 5000);
+            st.failed = Some((
+                "punch hole in pool",
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        let e = pool.destroy(5000..6000).unwrap_err();
+        assert!(e.to_string().contains("punch hole in pool"), "{e}");
+        assert!(!zeros(&pool, 0..5000), "not destroyed before the sync");
+        pool.sync().unwrap();
+        assert!(zeros(&pool, 0..6000), "both ranges destroyed by the sync");
+        assert!(!zeros(&pool, 6000..8192), "unused key is kept");
+        assert!(sh.lock().unfinished.is_empty());
+        pool.destroy(6000..7000).unwrap();
+        pool.sync().unwrap();
     }
 
     /// One direction's pools written apart and reached through symlinks, each direction with
