@@ -244,8 +244,9 @@ fn exhausted_stream() {
 fn a_stream_is_opened_by_one_process_at_a_time() {
     let l = provision(1 << 16);
     let s = send(&l.a).unwrap();
-    let e = refused(&l.a, "home-lsa.a2b.ledger", || send(&l.a));
-    assert!(matches!(e, LinkError::Busy { .. }), "{e}");
+    // The pool is locked first (see keys::pool); its ledger is locked too.
+    let e = refused(&l.a, "home-lsa.a2b.pool", || send(&l.a));
+    assert!(matches!(e, LinkError::Key(KeyError::InUse { .. })), "{e}");
     drop(s);
     send(&l.a).unwrap();
 }

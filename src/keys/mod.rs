@@ -52,6 +52,8 @@ pub enum KeyError {
     },
     #[error("link {link:?}: refusing to overwrite existing {path}")]
     Exists { link: String, path: PathBuf },
+    #[error("link {link:?}: pool {path} is in use by another stream (another qgenome or qgenome-mountd, or a second key directory linking the same pool); two users of one pool would reuse key: stop the other first")]
+    InUse { link: String, path: PathBuf },
     #[error("link {link:?}: bad pool size for {path}: {reason}")]
     BadSize {
         link: String,

@@ -260,6 +260,20 @@ impl PoolFile {
             .write(true)
             .open(&path)
             .map_err(|e| io("open pool", e))?;
+        // One user per pool, whatever path reaches it (a symlink resolves to the same inode):
+        // each user keeps its own ledger, so two would seal with the same key.
+        // SAFETY: flock on an fd we own; held until the file (and the destroyer's clone of
+        // it) is closed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::EWOULDBLOCK) => KeyError::InUse {
+                    link: link.to_string(),
+                    path,
+                },
+                _ => io("lock pool", e),
+            });
+        }
         let meta = file.metadata().map_err(|e| io("stat pool", e))?;
         let actual = meta.len();
         let mut hdr = vec![0u8; HEADER_LEN as usize];
@@ -1267,6 +1281,26 @@ mod tests {
         pool.sync().unwrap();
         assert!(zeros(&pool, 0..6000));
         assert!(!zeros(&pool, 6000..8192), "unused key is kept");
+    }
+
+    /// A pool has one user at a time, also when reached through a symlink from a second key
+    /// directory (each user keeps its own ledger: two would seal with the same key).
+    #[test]
+    fn a_pool_in_use_is_refused_through_any_path() {
+        let (dir, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        provision("uselink", 1 << 20, dir.path(), other.path()).unwrap();
+        let second = tempfile::tempdir().unwrap();
+        let name = pool_path(dir.path(), "uselink", Direction::AtoB);
+        std::os::unix::fs::symlink(&name, second.path().join(name.file_name().unwrap())).unwrap();
+        let open = |d: &Path| PoolFile::open(d, "uselink", Direction::AtoB, End::A);
+        let first = open(dir.path()).unwrap();
+        for d in [dir.path(), second.path()] {
+            let e = open(d).unwrap_err();
+            assert!(matches!(e, KeyError::InUse { .. }), "{e}");
+            assert!(e.to_string().contains("in use"), "{e}");
+        }
+        drop(first);
+        drop(open(second.path()).unwrap());
     }
 
     /// A range the destroyer failed on (a punch and the overwrite after it both failing, as
