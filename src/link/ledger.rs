@@ -227,14 +227,23 @@ impl FileLedger {
             op,
             source,
         };
+        // Written and made durable under a temporary name, then linked into place: a crash
+        // never leaves a ledger without a valid slot (which would refuse the link for good).
+        let tmp = path.with_extension(format!("ledger.new-{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp); // a crashed attempt of an earlier process
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(path)
+            .open(&tmp)
             .map_err(|e| io("create ledger", e))?;
-        lock(&file).map_err(|e| io("lock ledger", e))?;
+        let unlink_tmp = |e| {
+            let _ = std::fs::remove_file(&tmp);
+            e
+        };
+        // Locked before it has its name, so nobody opens it in between.
+        lock(&file).map_err(|e| unlink_tmp(io("lock ledger", e)))?;
         let current = Slot {
             role,
             stream_id,
@@ -246,7 +255,10 @@ impl FileLedger {
         file.set_len(FILE_LEN)
             .and_then(|()| file.write_all_at(&current.encode(), (current.seq % 2) * SLOT_STRIDE))
             .and_then(|()| file.sync_all())
-            .map_err(|e| io("write ledger", e))?;
+            .map_err(|e| unlink_tmp(io("write ledger", e)))?;
+        // Fails if a ledger appeared meanwhile, as creating it in place with O_EXCL did.
+        std::fs::hard_link(&tmp, path).map_err(|e| unlink_tmp(io("create ledger", e)))?;
+        let _ = std::fs::remove_file(&tmp);
         if let Some(dir) = path.parent() {
             File::open(dir)
                 .and_then(|d| d.sync_all())
@@ -419,6 +431,30 @@ mod tests {
         // Sequence 2 went to slot 0; tear it.
         f.write_all_at(&[0xff; 8], 40).unwrap();
         drop(f);
+        let l = FileLedger::open(&path, "l", Role::Sender, [7; 16])
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.value(), 0);
+    }
+
+    /// The ledger appears under its name only whole and durable: creating leaves no other
+    /// file behind, a leftover of a crashed attempt is no obstacle, and an existing ledger is
+    /// never overwritten.
+    #[test]
+    fn a_ledger_is_created_whole_under_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.a2b.ledger");
+        let leftover = path.with_extension(format!("ledger.new-{}", std::process::id()));
+        std::fs::write(&leftover, [0u8; 10]).unwrap();
+        let l = FileLedger::create(&path, "l", Role::Sender, [7; 16]).unwrap();
+        assert_eq!(l.value(), 0);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["l.a2b.ledger"]);
+        drop(l);
+        assert!(FileLedger::create(&path, "l", Role::Sender, [7; 16]).is_err());
         let l = FileLedger::open(&path, "l", Role::Sender, [7; 16])
             .unwrap()
             .unwrap();
