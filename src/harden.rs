@@ -45,6 +45,22 @@ pub fn harden_process(process: &str) -> Result<(), SwapExposure> {
     unlocked_memory_allowed(process, source, std::fs::read_to_string("/proc/swaps"))
 }
 
+/// The swap areas in use (`/proc/swaps`), by name.
+pub fn active_swaps() -> std::io::Result<Vec<String>> {
+    Ok(swap_names(&std::fs::read_to_string("/proc/swaps")?))
+}
+
+/// The names in the text of `/proc/swaps`: the first line is the column heads, each further
+/// line one active swap area.
+fn swap_names(swaps: &str) -> Vec<String> {
+    swaps
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
 /// Whether a process whose `mlockall` failed may run, given the text of `/proc/swaps`.
 fn unlocked_memory_allowed(
     process: &str,
@@ -57,12 +73,7 @@ fn unlocked_memory_allowed(
         swap,
     };
     let swaps = swaps.map_err(|e| exposure(format!("/proc/swaps unreadable: {e}")))?;
-    // The first line is the column heads; each further line is one active swap area.
-    let active: Vec<&str> = swaps
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_whitespace().next())
-        .collect();
+    let active = swap_names(&swaps);
     if active.is_empty() {
         tracing::warn!(
             "{process}: memory is not locked (mlockall: {source}); no swap is active, so none \
@@ -116,8 +127,9 @@ mod tests {
     fn this_machine_s_swaps_parse() {
         // The real file: whatever it lists, the answer follows it.
         let swaps = std::fs::read_to_string("/proc/swaps").unwrap();
-        let active = swaps.lines().skip(1).count();
+        let active = active_swaps().unwrap();
+        assert_eq!(active.len(), swaps.lines().skip(1).count());
         let r = unlocked_memory_allowed("test", refused(), Ok(swaps));
-        assert_eq!(r.is_ok(), active == 0);
+        assert_eq!(r.is_ok(), active.is_empty());
     }
 }

@@ -22,19 +22,38 @@ impl HugeTmpfs {
         use nix::mount::{mount, MsFlags};
         let size = size.div_ceil(1 << 20).max(1);
         let data = format!("size={size}m,huge=always,mode=0700");
-        mount(
-            Some("tmpfs"),
-            dir,
-            Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            Some(data.as_str()),
-        )
-        .map_err(|e| {
+        let with = |extra: &str| {
+            mount(
+                Some("tmpfs"),
+                dir,
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                Some(format!("{data}{extra}").as_str()),
+            )
+        };
+        let failed = |e: nix::Error| {
             std::io::Error::other(format!(
                 "mounting a tmpfs with huge pages on {}: {e}",
                 dir.display()
             ))
-        })?;
+        };
+        // `noswap` (Linux 6.4+): key pages never go to a swap device, where a punch would
+        // free their slot without overwriting it.
+        match with(",noswap") {
+            Ok(()) => {}
+            Err(nix::Error::EINVAL) => {
+                let swaps = crate::harden::active_swaps()?;
+                if !swaps.is_empty() {
+                    return Err(std::io::Error::other(format!(
+                        "mounting a tmpfs for key pools on {}: this kernel has no tmpfs                          `noswap` (Linux 6.4+) and swap is active ({}): used key could stay                          on the swap device; turn swap off or keep the pools on disk",
+                        dir.display(),
+                        swaps.join(", ")
+                    )));
+                }
+                with("").map_err(failed)?;
+            }
+            Err(e) => return Err(failed(e)),
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
         })
@@ -87,6 +106,8 @@ mod tests {
             .find(|l| l.split(' ').nth(4) == Some(dir.path().to_str().unwrap()))
             .expect("the mount is listed");
         assert!(line.contains("huge=always"), "{line}");
+        // This kernel (6.18) has tmpfs `noswap`: key pages never reach a swap device.
+        assert!(line.contains("noswap"), "{line}");
         std::fs::write(fs.path().join("pool"), vec![7u8; 4 << 20]).unwrap();
         drop(fs);
         assert!(
