@@ -183,6 +183,32 @@ pub fn drop_cached_pages_at_consent_end(
 /// [`drop_cached_pages_at_consent_end`]).
 const INVALIDATE_WAIT: Duration = Duration::from_secs(2);
 
+/// Run `job` on a thread of its own, to wait for `patient`'s consent there; the job back if
+/// [`MAX_WAITERS`] already wait (the caller then runs it on the pool).
+fn wait_apart(waiters: &Arc<AtomicUsize>, patient: &str, job: Job) -> Result<(), Job> {
+    if waiters.fetch_add(1, Ordering::SeqCst) >= MAX_WAITERS {
+        waiters.fetch_sub(1, Ordering::SeqCst);
+        tracing::warn!(
+            "{MAX_WAITERS} requests already wait for consent; patient {patient}'s waits on the worker pool"
+        );
+        return Err(job);
+    }
+    let count = waiters.clone();
+    let spawned = std::thread::Builder::new()
+        .name("fs-consent-wait".into())
+        .spawn(move || {
+            job();
+            count.fetch_sub(1, Ordering::SeqCst);
+        });
+    if let Err(e) = spawned {
+        // The job (and its reply) went with the failed spawn: fuser answers a dropped reply
+        // with EIO.
+        waiters.fetch_sub(1, Ordering::SeqCst);
+        tracing::error!("patient {patient}: no thread to wait for consent on: {e}");
+    }
+    Ok(())
+}
+
 fn errno(e: &EngineError) -> Errno {
     Errno::from_i32(e.errno())
 }
@@ -243,29 +269,25 @@ impl QgenomeFs {
     /// the request loops: on the worker pool while the consent is active, else on a thread of
     /// its own, so that requests waiting for a consent never take up the pool that serves the
     /// patients who gave theirs. Past [`MAX_WAITERS`] waiting at once, the pool takes them.
+    /// A job queued for the pool checks again when it starts: consent that ended while it was
+    /// queued sends it to a thread of its own then (else a card pulled with many reads queued
+    /// would hold every pool thread for the wait limit).
     fn spawn_for(&self, patient: &str, job: impl FnOnce() + Send + 'static) {
+        let job: Job = Box::new(job);
         if self.engine.consent.is_active(patient) {
-            return self.spawn(job);
-        }
-        let waiters = self.waiters.clone();
-        if waiters.fetch_add(1, Ordering::SeqCst) >= MAX_WAITERS {
-            waiters.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!(
-                "{MAX_WAITERS} requests already wait for consent; patient {patient}'s waits on the worker pool"
-            );
-            return self.spawn(job);
-        }
-        let spawned = std::thread::Builder::new()
-            .name("fs-consent-wait".into())
-            .spawn(move || {
-                job();
-                waiters.fetch_sub(1, Ordering::SeqCst);
+            let (engine, waiters) = (self.engine.clone(), self.waiters.clone());
+            let patient = patient.to_string();
+            return self.spawn(move || {
+                if engine.consent.is_active(&patient) {
+                    return job();
+                }
+                if let Err(job) = wait_apart(&waiters, &patient, job) {
+                    job();
+                }
             });
-        if let Err(e) = spawned {
-            // The job (and its reply) went with the failed spawn: fuser answers a dropped
-            // reply with EIO.
-            self.waiters.fetch_sub(1, Ordering::SeqCst);
-            tracing::error!("patient {patient}: no thread to wait for consent on: {e}");
+        }
+        if let Err(job) = wait_apart(&self.waiters, patient, job) {
+            self.spawn(job);
         }
     }
 
