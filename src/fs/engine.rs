@@ -322,6 +322,14 @@ impl BufPool {
         v
     }
 
+    /// Wipes and frees every buffer the pool holds.
+    fn wipe_all(&self) {
+        let bufs = std::mem::take(&mut *self.bufs.lock().expect("buffer pool"));
+        for mut b in bufs {
+            wipe(&mut b);
+        }
+    }
+
     /// An empty buffer with at least `capacity` bytes reserved.
     fn take(&self, capacity: usize) -> Vec<u8> {
         let mut v = self.pop();
@@ -434,6 +442,10 @@ impl Engine {
         let cache = Arc::new(ChunkCache::new(cfg.cache_bytes));
         let wipe = cache.clone();
         consent.on_end(move |patient| wipe.wipe(patient));
+        // Free share buffers keep their last shares (they are not wiped between uses): any k
+        // of them rebuild a chunk read under the consent that just ended.
+        let shares = core.clone();
+        consent.on_end(move |_| shares.share_bufs.wipe_all());
 
         let (ptx, prx) = mpsc::sync_channel::<(FileRecord, u64, ChunkRecord)>(64);
         let engine = Arc::new(Self {
@@ -1504,6 +1516,44 @@ mod tests {
         let c = Plain::pooled(&pool, 8192);
         assert_eq!(c.len(), 8192);
         assert!(c.iter().all(|&x| x == 0));
+    }
+
+    /// Free share buffers hold the last shares fetched (they are not wiped between uses):
+    /// when a consent ends they are wiped and let go, so no k shares of a chunk read under it
+    /// stay behind in the pool.
+    #[test]
+    fn share_buffers_are_let_go_when_a_consent_ends() {
+        use crate::sites::{MemSite, ShareSite};
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Arc::new(crate::catalog::Catalog::open(&dir.path().join("c")).unwrap());
+        let consent = ConsentRegistry::new(catalog.clone());
+        let sites: Vec<Arc<dyn ShareSite>> = (0..3)
+            .map(|i| Arc::new(MemSite::new(&format!("s{i}"))) as Arc<dyn ShareSite>)
+            .collect();
+        let cfg = EngineConfig {
+            k: 2,
+            n: 3,
+            chunk_size: 64 << 10,
+            readahead: 0,
+            ..EngineConfig::default()
+        };
+        let engine = Engine::new(catalog.clone(), consent, sites, cfg).unwrap();
+        catalog.add_patient("P1").unwrap();
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let mut w = engine.create("P1", "f", 0o644).unwrap();
+        w.write(&engine, 0, &data).unwrap();
+        w.commit(&engine).unwrap();
+        let rec = engine.catalog.file("P1", "f").unwrap().unwrap();
+        let chunks = engine.catalog.chunks(&rec.id).unwrap();
+        engine
+            .consent
+            .grant("P1", Some(Duration::from_secs(60)), "test");
+        let got = engine.read(&rec, &chunks, 0, 100_000).unwrap();
+        assert_eq!(&got[..], &data[..100_000]);
+        let pooled = || engine.core.share_bufs.bufs.lock().unwrap().len();
+        assert!(pooled() >= 2, "the read's shares went back to the pool");
+        engine.consent.end("P1", "test");
+        assert_eq!(pooled(), 0);
     }
 
     fn spare_is_zero(p: &Plain) -> bool {
