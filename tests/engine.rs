@@ -139,6 +139,16 @@ fn reads_route_around_a_down_site_and_a_lying_site() {
     r.sites[0].set_corrupt(true);
     assert_eq!(read_all(&r.engine, "c.cram").unwrap(), data);
     assert!(r.engine.stats().snapshot()["bad_rebuilds"] >= 4);
+    // The lying site and one good one, the third down: no k shares rebuild the data, and the
+    // error names the sites tried.
+    write(&r.engine, "d.cram", &data).unwrap();
+    r.sites[2].set_down(true);
+    let e = read_all(&r.engine, "d.cram").map(|_| ()).unwrap_err();
+    assert!(matches!(e, EngineError::Corrupt { .. }), "{e}");
+    let msg = e.to_string();
+    for site in ["share 0 at site0", "share 1 at site1", "d.cram", "chunk 0"] {
+        assert!(msg.contains(site), "{site:?} missing from: {msg}");
+    }
 }
 
 #[test]

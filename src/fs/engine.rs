@@ -184,8 +184,14 @@ pub enum EngineError {
         need: usize,
         detail: String,
     },
-    #[error("{file}: chunk {chunk}: no {k} of the shares rebuild data matching the catalog hash")]
-    Corrupt { file: String, chunk: u64, k: usize },
+    #[error("{file}: chunk {chunk}: no {k} of the shares rebuild data matching the catalog hash (shares from {sites})")]
+    Corrupt {
+        file: String,
+        chunk: u64,
+        k: usize,
+        /// The sites whose shares were tried, as "share i at site".
+        sites: String,
+    },
     #[error("{file}: writes must append: offset {offset} but {size} bytes written so far (rewriting shared data is not supported; write a new file and rename it over)")]
     NotAppend {
         file: String,
@@ -273,6 +279,22 @@ struct Core {
 }
 
 pub(crate) use crate::wipe;
+
+/// Shares of a chunk named with their sites: "share 0 at home, share 2 at cloud".
+fn at_sites(chunk: &ChunkRecord, shares: impl IntoIterator<Item = usize>) -> String {
+    let names: Vec<String> = shares
+        .into_iter()
+        .map(|s| {
+            let site = chunk
+                .shares
+                .iter()
+                .find(|l| usize::from(l.share) == s)
+                .map_or("?", |l| l.site.as_str());
+            format!("share {s} at {site}")
+        })
+        .collect();
+    names.join(", ")
+}
 
 /// A bounded stack of buffers for reuse: wiped and empty when `wipe`, else as they were left.
 struct BufPool {
@@ -1050,7 +1072,9 @@ impl Core {
                         .share_failures
                         .fetch_add(suspects.len() as u64, Ordering::Relaxed);
                     tracing::warn!(
-                        "{file}: chunk {index}: share(s) {suspects:?} failed verification; rebuilt from shares {used:?}"
+                        "{file}: chunk {index}: {} failed verification; rebuilt from {}",
+                        at_sites(chunk, suspects),
+                        at_sites(chunk, used)
                     );
                     self.stats.chunks_read.fetch_add(1, Ordering::Relaxed);
                     return Ok(out);
@@ -1062,6 +1086,7 @@ impl Core {
                 file,
                 chunk: index,
                 k,
+                sites: at_sites(chunk, good.iter().map(|g| g.0)),
             });
         }
         self.stats.failed_reads.fetch_add(1, Ordering::Relaxed);
