@@ -545,14 +545,12 @@ fn rebuilt(image: Vec<u8>, dir: &std::path::Path) -> (u64, u64, Store<MemVolume>
     (r.shares, r.superseded, s)
 }
 
-/// A replace whose tombstone of the old extent did not reach the volume (a crash, here a disk
-/// failing right after the new share's write): the old generation must not come back in a
-/// rebuild once the key is deleted.
-#[test]
-fn a_replaced_share_whose_tombstone_was_interrupted_never_comes_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(fresh(16 << 20), dir.path(), StoreOptions::default()).unwrap();
-    let (k, other) = (key(9, 1, 0), key(9, 2, 0));
+/// Two shares `k` and `other`, then a replace of `k` whose tombstone of the old extent does not
+/// reach the volume (a crash, here a disk failing right after the new share's write): the
+/// volume's image then, with the two keys.
+fn interrupted_replace(dir: &std::path::Path, file: u8) -> (Vec<u8>, ShareKey, ShareKey) {
+    let s = Store::open(fresh(16 << 20), dir, StoreOptions::default()).unwrap();
+    let (k, other) = (key(file, 1, 0), key(file, 2, 0));
     s.put(k, META, &share_bytes(1, &k, 30_000)).unwrap();
     s.put(other, META, &share_bytes(1, &other, 20_000)).unwrap();
     s.device().fail_writes_after(1);
@@ -560,16 +558,16 @@ fn a_replaced_share_whose_tombstone_was_interrupted_never_comes_back() {
         s.put(k, META, &share_bytes(2, &k, 30_000)),
         Err(StoreError::Volume(_))
     ));
-    let image = s.device().image();
-    drop(s);
+    (s.device().image(), k, other)
+}
 
-    // Restarted with its index: the open finishes the tombstone.
-    let s = reopen(image, dir.path());
-    assert_eq!(s.get(&k).unwrap().bytes(), &share_bytes(2, &k, 30_000)[..]);
+/// Deletes `k`, loses the index and rebuilds it: `k` must stay gone (no older generation of
+/// it comes back) and `other` intact.
+fn delete_and_rebuild(s: Store<MemVolume>, k: ShareKey, other: ShareKey, dir: &std::path::Path) {
     s.delete(&k).unwrap();
     let image = s.device().image();
     drop(s);
-    let (shares, superseded, s) = rebuilt(image, dir.path());
+    let (shares, superseded, s) = rebuilt(image, dir);
     assert_eq!((shares, superseded), (1, 0));
     assert!(matches!(s.get(&k), Err(StoreError::NotFound { .. })));
     assert_eq!(
@@ -579,31 +577,24 @@ fn a_replaced_share_whose_tombstone_was_interrupted_never_comes_back() {
     assert_eq!(s.scrub().unwrap().damaged.len(), 0);
 }
 
-/// The index lost right after such a replace: the rebuild indexes the newer generation and
-/// tombstones the older, which a second rebuild after deleting the key must not find.
+/// After an interrupted replace, restarted with its index: the open finishes the tombstone.
+#[test]
+fn a_replaced_share_whose_tombstone_was_interrupted_never_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, k, other) = interrupted_replace(dir.path(), 9);
+    let s = reopen(image, dir.path());
+    assert_eq!(s.get(&k).unwrap().bytes(), &share_bytes(2, &k, 30_000)[..]);
+    delete_and_rebuild(s, k, other, dir.path());
+}
+
+/// The index lost right after an interrupted replace: the rebuild indexes the newer
+/// generation and tombstones the older.
 #[test]
 fn a_rebuild_tombstones_the_older_generations_it_finds() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(fresh(16 << 20), dir.path(), StoreOptions::default()).unwrap();
-    let (k, other) = (key(10, 1, 0), key(10, 2, 0));
-    s.put(k, META, &share_bytes(1, &k, 30_000)).unwrap();
-    s.put(other, META, &share_bytes(1, &other, 20_000)).unwrap();
-    s.device().fail_writes_after(1);
-    assert!(s.put(k, META, &share_bytes(2, &k, 30_000)).is_err());
-    let image = s.device().image();
-    drop(s);
-
+    let (image, k, other) = interrupted_replace(dir.path(), 10);
     let (shares, superseded, s) = rebuilt(image, dir.path());
     assert_eq!((shares, superseded), (2, 1));
     assert_eq!(s.get(&k).unwrap().bytes(), &share_bytes(2, &k, 30_000)[..]);
-    s.delete(&k).unwrap();
-    let image = s.device().image();
-    drop(s);
-    let (shares, superseded, s) = rebuilt(image, dir.path());
-    assert_eq!((shares, superseded), (1, 0));
-    assert!(matches!(s.get(&k), Err(StoreError::NotFound { .. })));
-    assert_eq!(
-        s.get(&other).unwrap().bytes(),
-        &share_bytes(1, &other, 20_000)[..]
-    );
+    delete_and_rebuild(s, k, other, dir.path());
 }
