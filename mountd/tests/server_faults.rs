@@ -775,3 +775,53 @@ fn memory_follows_the_gets_in_flight_not_the_gets_served() {
          bytes, its peak by {peak}"
     );
 }
+
+/// Pools of unequal size: the client's receive floor is an offset on the server's send
+/// stream, so the server skips its send stream up to it, bounded by the send pool's length,
+/// not by the (here smaller) receive pool's.
+#[test]
+fn a_hello_floor_is_bounded_by_the_send_pool_not_the_receive_pool() {
+    let site = Site::new("site-floor", Vol::File(16 << 20), &[], &["uneven"], 1 << 20);
+    let keys = site.keys.path();
+    // Client -> server (the server's receive stream) 1 MiB; server -> client 8 MiB.
+    let sizes = qgenome::keys::pool::PoolSizes {
+        a_to_b: 1 << 20,
+        b_to_a: 8 << 20,
+    };
+    qgenome::keys::pool::provision_placed(
+        "uneven",
+        sizes,
+        &keys.join("client"),
+        &keys.join("server"),
+        None,
+    )
+    .unwrap();
+    let d = site.start();
+    let mut c = Raw::open(&site, "uneven");
+    let floor = 4 << 20;
+    let hello = c.seal(Body::Hello {
+        link: "uneven".into(),
+        c2s_stream: c.send_id,
+        s2c_stream: c.recv_id,
+        client_recv_floor: floor,
+    });
+    let mut s = TcpStream::connect(&d.tcp).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(&hello).unwrap();
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h).unwrap();
+    let hdr = FrameHeader::parse_prefix(&h, msg::MAX_MSG as u64).unwrap();
+    assert_eq!(
+        hdr.key_offset, floor,
+        "the welcome is sealed at the client's floor"
+    );
+    let mut f = h.to_vec();
+    f.resize(hdr.frame_len(), 0);
+    s.read_exact(&mut f[HEADER_LEN..]).unwrap();
+    let mut plain = Vec::new();
+    c.rx.open(&f, &mut plain).unwrap();
+    assert!(matches!(
+        msg::decode(&plain).unwrap().body,
+        Body::Welcome { .. }
+    ));
+}
