@@ -632,3 +632,32 @@ print(m[100000:100016].hex(), flush=True)
     assert_eq!(lines.recv_timeout(Duration::from_secs(30)).unwrap(), want);
     assert!(child.wait().unwrap().success());
 }
+
+/// A file unlinked while still being written, after an fsync made it visible: like a Unix
+/// file without a name it takes further writes, its close succeeds, it never comes back under
+/// its name, and none of its shares stay at the sites.
+#[test]
+fn a_file_unlinked_while_written_closes_cleanly_and_leaves_no_shares() {
+    use std::io::Write;
+    use std::os::fd::IntoRawFd;
+    let rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("P9")).unwrap();
+    let f = rig.mnt.join("P9/u.cram");
+    let before: Vec<usize> = rig.sites.iter().map(|s| s.len()).collect();
+    let mut w = std::fs::File::create(&f).unwrap();
+    w.write_all(&vec![7u8; 150_000]).unwrap();
+    w.sync_all().unwrap();
+    assert!(f.exists(), "committed by the fsync");
+    std::fs::remove_file(&f).unwrap();
+    w.write_all(&vec![8u8; 150_000]).unwrap();
+    w.sync_all().unwrap();
+    // close(2)'s own result, which dropping a File ignores.
+    nix::unistd::close(w.into_raw_fd()).expect("close of an unlinked file being written");
+    assert!(!f.exists(), "an unlinked file came back at its close");
+    let after: Vec<usize> = rig.sites.iter().map(|s| s.len()).collect();
+    assert_eq!(
+        after, before,
+        "shares of the unlinked file left at the sites"
+    );
+    std::fs::remove_dir(rig.mnt.join("P9")).unwrap();
+}

@@ -11,7 +11,7 @@
 //! around: more shares are fetched and every k-subset tried until one rebuilds the hashed
 //! chunk. Rebuilt chunks go to a bounded cache that is wiped when the patient's consent ends.
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -394,6 +394,8 @@ pub struct Engine {
     /// Per version open for reading: its read handles, and its record once replaced or
     /// unlinked (its shares are deleted when the last handle closes).
     readers: Mutex<HashMap<FileId, (usize, Option<FileRecord>)>>,
+    /// How many of `readers`' holds are FUSE writers'.
+    writers_holding: AtomicUsize,
     uploads: Mutex<SyncSender<UploadJob>>,
     prefetch: Mutex<SyncSender<(FileRecord, u64, ChunkRecord)>>,
     cache: Arc<ChunkCache>,
@@ -478,6 +480,7 @@ impl Engine {
             seq: AtomicU64::new(0),
             manifest_locks: (0..16).map(|_| Mutex::new(())).collect(),
             readers: Mutex::new(HashMap::new()),
+            writers_holding: AtomicUsize::new(0),
             uploads: Mutex::new(tx),
             prefetch: Mutex::new(ptx),
             cache,
@@ -631,14 +634,38 @@ impl Engine {
         readers.entry(*id).or_insert((0, None)).0 += 1;
     }
 
+    /// Whether version `id`, still held open, lost its name (see [`Engine::retire`]).
+    pub fn is_retired(&self, id: &FileId) -> bool {
+        self.readers
+            .lock()
+            .expect("readers")
+            .get(id)
+            .is_some_and(|(_, rec)| rec.is_some())
+    }
+
     /// Read handles open, over all versions.
     pub fn open_readers(&self) -> usize {
-        self.readers
+        let held: usize = self
+            .readers
             .lock()
             .expect("readers")
             .values()
             .map(|(n, _)| n)
-            .sum()
+            .sum();
+        held.saturating_sub(self.writers_holding.load(Ordering::SeqCst))
+    }
+
+    /// A FUSE writer of version `id` opened: held like a read handle (see
+    /// [`FileWriter::commit`] for a version that loses its name while written).
+    pub fn writer_opened(&self, id: &FileId) {
+        self.writers_holding.fetch_add(1, Ordering::SeqCst);
+        self.reader_opened(id);
+    }
+
+    /// The FUSE writer of version `id` was released (after its last commit or abort).
+    pub fn writer_closed(&self, id: &FileId) {
+        self.writers_holding.fetch_sub(1, Ordering::SeqCst);
+        self.reader_closed(id);
     }
 
     /// A read handle of version `id` closed; the last one of a version replaced or unlinked
@@ -1202,6 +1229,11 @@ impl FileWriter {
         self.committed == Some(self.size)
     }
 
+    /// The version this writer writes.
+    pub fn id(&self) -> FileId {
+        self.rec.id
+    }
+
     pub fn write(
         &mut self,
         engine: &Engine,
@@ -1310,6 +1342,18 @@ impl FileWriter {
     /// Make everything written so far durable at every site and commit it (fsync, close).
     pub fn commit(&mut self, engine: &Engine) -> Result<(), EngineError> {
         if self.is_committed() {
+            return Ok(());
+        }
+        if engine.is_retired(&self.rec.id) {
+            // Unlinked (or renamed over) after an earlier commit while still held open: like
+            // a Unix file without a name, it takes writes until closed and is never named
+            // again; its shares go when its holder lets go (`Engine::reader_closed`).
+            while self.in_flight > 0 {
+                let r = self.results.recv().expect("sender held by self");
+                self.settle(engine, r);
+            }
+            self.buf.clear();
+            self.committed = Some(self.size);
             return Ok(());
         }
         if !self.buf.is_empty() {

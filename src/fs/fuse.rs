@@ -398,7 +398,11 @@ impl QgenomeFs {
 
     /// Open a writer for `patient/name` and register it.
     fn open_writer(&self, patient: &str, name: &str, mode: u32) -> Result<u64, EngineError> {
-        let writer = Arc::new(Mutex::new(Some(self.engine.create(patient, name, mode)?)));
+        let w = self.engine.create(patient, name, mode)?;
+        // Held like a read handle: once committed (fsync) the version may lose its name while
+        // the writer still writes; its shares then go at release, not under the writer.
+        self.engine.writer_opened(&w.id());
+        let writer = Arc::new(Mutex::new(Some(w)));
         let node = (patient.to_string(), name.to_string());
         self.writing
             .lock()
@@ -836,10 +840,12 @@ impl Filesystem for QgenomeFs {
                 }
             }
             if let Some(mut w) = taken {
+                let id = w.id();
                 if let Err(e) = w.commit(&self.engine) {
                     tracing::error!("{}/{}: not committed, discarding: {e}", node.0, node.1);
                     w.abort(&self.engine);
                 }
+                self.engine.writer_closed(&id);
             }
         }
         reply.ok();
