@@ -660,3 +660,34 @@ fn a_file_unlinked_while_written_closes_cleanly_and_leaves_no_shares() {
     });
     std::fs::remove_dir(rig.mnt.join("P9")).unwrap();
 }
+
+/// A writer's commit waits for a slow site while holding the writer; `stat` of that file (as
+/// `ls -l` does) must not wait with it, or a few of them hold every FUSE request thread.
+#[test]
+fn stat_of_a_file_being_committed_to_a_slow_site_answers_at_once() {
+    use std::io::Write;
+    let rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("P10")).unwrap();
+    let f = rig.mnt.join("P10/slow.cram");
+    let mut w = std::fs::File::create(&f).unwrap();
+    w.write_all(&vec![5u8; 100_000]).unwrap();
+    rig.sites[1].set_put_delay(Duration::from_secs(4));
+    let committing = std::thread::spawn(move || {
+        // 100 000 bytes: one whole 64K chunk and a tail, both through the slow site.
+        w.sync_all().unwrap();
+        w
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    let size = std::fs::metadata(&f).unwrap().len();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "stat waited {:?} for the commit",
+        t.elapsed()
+    );
+    assert_eq!(size, 100_000);
+    assert!(!committing.is_finished(), "the commit was not slowed");
+    rig.sites[1].set_put_delay(Duration::ZERO);
+    drop(committing.join().unwrap());
+    std::fs::remove_file(&f).unwrap();
+}

@@ -106,7 +106,36 @@ fn tgid_of(tid: u32) -> u32 {
         .unwrap_or(tid)
 }
 /// A writer shared by its handle and the by-name table; `None` once released.
-type SharedWriter = Arc<Mutex<Option<FileWriter>>>;
+type SharedWriter = Arc<Writing>;
+
+/// An open writer, and what `getattr` needs of it without taking its lock (which a commit
+/// holds for as long as a slow site takes: `ls -l` must not wait on that).
+struct Writing {
+    writer: Mutex<Option<FileWriter>>,
+    /// Bytes written so far.
+    size: AtomicU64,
+    mode: u32,
+    mtime: u64,
+    created: u64,
+}
+
+impl Writing {
+    fn new(w: FileWriter) -> Self {
+        let r = w.record();
+        let (mode, mtime, created) = (r.mode, r.mtime, r.created);
+        Self {
+            size: AtomicU64::new(w.size()),
+            writer: Mutex::new(Some(w)),
+            mode,
+            mtime,
+            created,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<FileWriter>> {
+        self.writer.lock().expect("writer")
+    }
+}
 
 /// The filesystem. `fuser` calls it from several request loops at once.
 pub struct QgenomeFs {
@@ -361,14 +390,11 @@ impl QgenomeFs {
                     .get(&(p.clone(), n.clone()))
                     .cloned();
                 if let Some(w) = writing {
-                    let w = w.lock().expect("writer");
-                    if let Some(w) = w.as_ref() {
-                        let r = w.record();
-                        return Ok(Some((
-                            self.file_attr(ino, w.size(), r.mode, r.mtime, r.created),
-                            FILE_TTL,
-                        )));
-                    }
+                    let size = w.size.load(Ordering::SeqCst);
+                    return Ok(Some((
+                        self.file_attr(ino, size, w.mode, w.mtime, w.created),
+                        FILE_TTL,
+                    )));
                 }
                 cat.file(p, n)?.map(|r| {
                     (
@@ -402,7 +428,7 @@ impl QgenomeFs {
         // Held like a read handle: once committed (fsync) the version may lose its name while
         // the writer still writes; its shares then go at release, not under the writer.
         self.engine.writer_opened(&w.id());
-        let writer = Arc::new(Mutex::new(Some(w)));
+        let writer = Arc::new(Writing::new(w));
         let node = (patient.to_string(), name.to_string());
         self.writing
             .lock()
@@ -422,7 +448,7 @@ impl QgenomeFs {
         let Some(writer) = self.writer(fh) else {
             return Ok(());
         };
-        let mut w = writer.lock().expect("writer");
+        let mut w = writer.lock();
         match w.as_mut() {
             Some(w) => w.commit(&self.engine).map_err(|e| {
                 tracing::error!("commit failed: {e}");
@@ -751,12 +777,15 @@ impl Filesystem for QgenomeFs {
             let tgid = *p.tid_to_tgid.entry(tid).or_insert_with(|| tgid_of(tid));
             p.tgids.insert(tgid);
         }
-        let mut w = writer.lock().expect("writer");
-        let Some(w) = w.as_mut() else {
+        let mut guard = writer.lock();
+        let Some(w) = guard.as_mut() else {
             return reply.error(Errno::EBADF);
         };
         match w.write(&self.engine, offset, data) {
-            Ok(()) => reply.written(data.len() as u32),
+            Ok(()) => {
+                writer.size.store(w.size(), Ordering::SeqCst);
+                reply.written(data.len() as u32)
+            }
             Err(e) => {
                 tracing::warn!("{e}");
                 reply.error(errno(&e))
@@ -787,7 +816,7 @@ impl Filesystem for QgenomeFs {
         } else {
             match self.writer(fh) {
                 None => Ok(()),
-                Some(writer) => match writer.lock().expect("writer").as_mut() {
+                Some(writer) => match writer.lock().as_mut() {
                     Some(w) => w.wait_in_flight(&self.engine).map_err(|e| errno(&e)),
                     None => Ok(()),
                 },
@@ -832,7 +861,7 @@ impl Filesystem for QgenomeFs {
             .expect("writer procs")
             .remove(&fh.0);
         if let Some(Handle::Write { writer, node }) = handle {
-            let taken = writer.lock().expect("writer").take();
+            let taken = writer.lock().take();
             {
                 let mut writing = self.writing.lock().expect("writing");
                 if writing.get(&node).is_some_and(|w| Arc::ptr_eq(w, &writer)) {

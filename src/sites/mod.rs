@@ -137,6 +137,8 @@ pub struct MemSite {
     shares: Mutex<HashMap<ShareKey, (ShareMeta, Vec<u8>)>>,
     down: AtomicBool,
     corrupt: AtomicBool,
+    /// Milliseconds every put takes first (a slow site).
+    put_delay_ms: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for MemSite {
@@ -162,6 +164,12 @@ impl MemSite {
     /// Serve every share with one bit flipped (a site that lies without knowing it).
     pub fn set_corrupt(&self, corrupt: bool) {
         self.corrupt.store(corrupt, Ordering::SeqCst);
+    }
+
+    /// Make every put take `delay` first (a slow site or link).
+    pub fn set_put_delay(&self, delay: std::time::Duration) {
+        self.put_delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     pub fn len(&self) -> usize {
@@ -196,6 +204,10 @@ impl ShareSite for MemSite {
 
     fn put(&self, key: &ShareKey, meta: &ShareMeta, data: &[u8]) -> Result<(), SiteError> {
         self.up()?;
+        let delay = self.put_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(delay));
+        }
         let mut shares = self.shares.lock().expect("memsite");
         shares.insert(*key, (*meta, data.to_vec()));
         Ok(())
