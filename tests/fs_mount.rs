@@ -691,3 +691,22 @@ fn stat_of_a_file_being_committed_to_a_slow_site_answers_at_once() {
     drop(committing.join().unwrap());
     std::fs::remove_file(&f).unwrap();
 }
+
+/// A file listed because its writer is open, with nothing committed yet, is refused for
+/// reading with EBUSY (not ENOENT, which `ls` contradicts), and reads once committed.
+#[test]
+fn a_file_not_yet_committed_is_busy_for_readers_then_readable() {
+    use std::io::Write;
+    let rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("P11")).unwrap();
+    rig.grant("P11");
+    let f = rig.mnt.join("P11/w.cram");
+    let mut w = std::fs::File::create(&f).unwrap();
+    w.write_all(&[3u8; 5000]).unwrap();
+    assert!(f.exists(), "listed while written");
+    let err = std::fs::File::open(&f).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EBUSY), "{err}");
+    drop(w);
+    assert_eq!(std::fs::read(&f).unwrap(), vec![3u8; 5000]);
+    std::fs::remove_file(&f).unwrap();
+}

@@ -674,7 +674,15 @@ impl Filesystem for QgenomeFs {
         let rec = loop {
             let rec = match engine.catalog.file(&p, &n) {
                 Ok(Some(r)) => r,
-                Ok(None) => return reply.error(Errno::ENOENT),
+                Ok(None) => {
+                    // Listed (its writer is open) but nothing committed yet: say so, not ENOENT.
+                    let key = (p.clone(), n.clone());
+                    if self.writing.lock().expect("writing").contains_key(&key) {
+                        tracing::warn!("{p}/{n}: open for reading refused: still being written, nothing committed yet (readable after its writer's fsync or close)");
+                        return reply.error(Errno::EBUSY);
+                    }
+                    return reply.error(Errno::ENOENT);
+                }
                 Err(e) => return reply.error(errno(&e.into())),
             };
             engine.reader_opened(&rec.id);
