@@ -42,7 +42,7 @@ pub fn harden_process(process: &str) -> Result<(), SwapExposure> {
         return Ok(());
     }
     let source = std::io::Error::last_os_error();
-    unlocked_memory_allowed(process, source, std::fs::read_to_string("/proc/swaps"))
+    unlocked_memory_allowed(process, source, active_swaps())
 }
 
 /// The swap areas in use (`/proc/swaps`), by name.
@@ -61,27 +61,28 @@ fn swap_names(swaps: &str) -> Vec<String> {
         .collect()
 }
 
-/// Whether a process whose `mlockall` failed may run, given the text of `/proc/swaps`.
+/// Whether a process whose `mlockall` failed may run, given the swap areas in use.
 fn unlocked_memory_allowed(
     process: &str,
     source: std::io::Error,
-    swaps: std::io::Result<String>,
+    swaps: std::io::Result<Vec<String>>,
 ) -> Result<(), SwapExposure> {
-    let exposure = |swap: String| SwapExposure {
-        process: process.to_string(),
-        source: std::io::Error::new(source.kind(), source.to_string()),
-        swap,
+    let swap = match swaps {
+        Ok(active) if active.is_empty() => {
+            tracing::warn!(
+                "{process}: memory is not locked (mlockall: {source}); no swap is active, so \
+                 none of it can be paged out to disk"
+            );
+            return Ok(());
+        }
+        Ok(active) => active.join(", "),
+        Err(e) => format!("/proc/swaps unreadable: {e}"),
     };
-    let swaps = swaps.map_err(|e| exposure(format!("/proc/swaps unreadable: {e}")))?;
-    let active = swap_names(&swaps);
-    if active.is_empty() {
-        tracing::warn!(
-            "{process}: memory is not locked (mlockall: {source}); no swap is active, so none \
-             of it can be paged out to disk"
-        );
-        return Ok(());
-    }
-    Err(exposure(active.join(", ")))
+    Err(SwapExposure {
+        process: process.to_string(),
+        source,
+        swap,
+    })
 }
 
 #[cfg(test)]
@@ -96,14 +97,16 @@ mod tests {
 
     #[test]
     fn unlocked_memory_runs_only_without_swap() {
-        assert!(unlocked_memory_allowed("qgenome mount", refused(), Ok(HEADS.into())).is_ok());
-        assert!(unlocked_memory_allowed("qgenome mount", refused(), Ok(String::new())).is_ok());
+        assert!(unlocked_memory_allowed("qgenome mount", refused(), Ok(vec![])).is_ok());
 
         let swaps = format!(
             "{HEADS}/dev/vda3                               partition\t8388604\t\t0\t\t-2\n\
              /swapfile                               file\t\t1048572\t\t0\t\t-3\n"
         );
-        let e = unlocked_memory_allowed("qgenome-mountd", refused(), Ok(swaps))
+        assert_eq!(swap_names(&swaps), ["/dev/vda3", "/swapfile"]);
+        assert!(swap_names(HEADS).is_empty());
+        assert!(swap_names("").is_empty());
+        let e = unlocked_memory_allowed("qgenome-mountd", refused(), Ok(swap_names(&swaps)))
             .unwrap_err()
             .to_string();
         for needle in [
@@ -125,11 +128,11 @@ mod tests {
 
     #[test]
     fn this_machine_s_swaps_parse() {
-        // The real file: whatever it lists, the answer follows it.
+        // The real file: one name per line after the column heads.
         let swaps = std::fs::read_to_string("/proc/swaps").unwrap();
         let active = active_swaps().unwrap();
         assert_eq!(active.len(), swaps.lines().skip(1).count());
-        let r = unlocked_memory_allowed("test", refused(), Ok(swaps));
+        let r = unlocked_memory_allowed("test", refused(), Ok(active.clone()));
         assert_eq!(r.is_ok(), active.is_empty());
     }
 }

@@ -365,6 +365,14 @@ fn write_superblock<D: BlockDevice>(dev: &D, sb: &Superblock) -> Result<(), Stor
     Ok(())
 }
 
+/// Durably overwrites the header block of the extent at `offset` with zeros, so that no
+/// volume scan (`rebuild-index`) sees a share there again: for a delete, a replace, and the
+/// older generations a rebuild finds.
+fn tombstone<D: BlockDevice>(dev: &D, sb: &Superblock, offset: u64) -> Result<(), VolumeError> {
+    dev.write_at(dev.alloc_buf(sb.block_size as usize), offset, true)?;
+    Ok(())
+}
+
 /// A retiring record: the share key, then the index entry its replaced extent had.
 fn retiring_record(key: &ShareKey, e: &IndexEntry) -> [u8; SHARE_KEY_LEN + INDEX_ENTRY_LEN] {
     let mut r = [0u8; SHARE_KEY_LEN + INDEX_ENTRY_LEN];
@@ -401,7 +409,11 @@ fn finish_retiring<D: BlockDevice>(
         }
         let key = ShareKey::decode(&record[..SHARE_KEY_LEN]).map_err(|e| corrupt(e.to_string()))?;
         let e = IndexEntry::decode(&record[SHARE_KEY_LEN..]).map_err(|e| corrupt(e.to_string()))?;
-        if e.offset < sb.data_start || e.offset + bs as u64 > sb.volume_len {
+        if e.offset < sb.data_start
+            || e.offset
+                .checked_add(bs as u64)
+                .is_none_or(|end| end > sb.volume_len)
+        {
             return Err(corrupt(format!(
                 "offset {} outside the data area",
                 e.offset
@@ -416,7 +428,7 @@ fn finish_retiring<D: BlockDevice>(
             if ShareHeader::decode(header.as_slice())
                 .is_ok_and(|h| e.matches(&h, &key, &sb.volume_id))
             {
-                dev.write_at(dev.alloc_buf(bs), e.offset, true)?;
+                tombstone(dev, sb, e.offset)?;
                 finished += 1;
             }
         }
@@ -842,8 +854,7 @@ impl<D: BlockDevice> Store<D> {
     /// Durably overwrites a replaced extent's header block so a volume scan no longer sees it,
     /// drops its retiring record, then frees it (a failure keeps the record for `open`).
     fn retire(&self, e: &IndexEntry) -> Result<(), StoreError> {
-        let buf = self.dev.alloc_buf(self.sb.block_size as usize);
-        self.dev.write_at(buf, e.offset, true)?;
+        tombstone(&self.dev, &self.sb, e.offset)?;
         self.retiring
             .remove(e.offset.to_be_bytes())
             .map_err(|err| self.ix(err))?;
@@ -961,8 +972,7 @@ impl<D: BlockDevice> Store<D> {
         let e = self.entry(key)?;
         // Header first, durably: a crash after it leaves an index entry that reads as damaged
         // (the caller asked for it gone), never a deleted share that a rebuild brings back.
-        let buf = self.dev.alloc_buf(self.sb.block_size as usize);
-        self.dev.write_at(buf, e.offset, true)?;
+        tombstone(&self.dev, &self.sb, e.offset)?;
         self.shares
             .remove(key.encode())
             .map_err(|err| self.ix(err))?;
@@ -1075,7 +1085,7 @@ impl<D: BlockDevice> Store<D> {
         // An older generation left on the volume (its replace's tombstone lost with the old
         // index) would come back in the next rebuild once its key is deleted: tombstone it.
         for &offset in &superseded {
-            dev.write_at(dev.alloc_buf(sb.block_size as usize), offset, true)?;
+            tombstone(dev, &sb, offset)?;
         }
         report.superseded = superseded.len() as u64;
         let ix = |source| StoreError::Index {
@@ -1112,20 +1122,22 @@ impl<D: BlockDevice> Store<D> {
     }
 }
 
+/// The newest valid extent of each key a scan found.
+type Newest = std::collections::BTreeMap<ShareKey, IndexEntry>;
+
 /// Scans the data area for valid extents: every allocation unit not inside an accepted extent
 /// is tried as a header; a header counts only if it belongs to this volume, fits the geometry
 /// and its share bytes match its checksum. The newest generation of each key wins; the
 /// offsets of the older ones found come second.
-#[allow(clippy::type_complexity)]
 fn scan<D: BlockDevice>(
     dev: &D,
     sb: &Superblock,
     report: &mut RebuildReport,
-) -> Result<(std::collections::BTreeMap<ShareKey, IndexEntry>, Vec<u64>), StoreError> {
+) -> Result<(Newest, Vec<u64>), StoreError> {
     let au = u64::from(sb.alloc_unit);
     let window = (8u64 << 20).div_ceil(au) * au;
     let bs = sb.block_size as usize;
-    let mut found: std::collections::BTreeMap<ShareKey, IndexEntry> = Default::default();
+    let mut found = Newest::new();
     let mut superseded = Vec::new();
     let mut pos = sb.data_start;
     while pos < sb.volume_len {

@@ -86,8 +86,9 @@ impl Raw {
         self.seal(Body::Get { key: key(9, i) })
     }
 
-    /// Read one sealed reply; None if the server closed the connection.
-    fn reply(&mut self, s: &mut TcpStream) -> Option<(ErrorCode, u64, bool)> {
+    /// Read one sealed frame: its key offset and opened message; None if the server closed
+    /// the connection.
+    fn frame(&mut self, s: &mut TcpStream) -> Option<(u64, Vec<u8>)> {
         let mut h = [0u8; HEADER_LEN];
         if s.read_exact(&mut h).is_err() {
             return None;
@@ -98,16 +99,22 @@ impl Raw {
         s.read_exact(&mut f[HEADER_LEN..]).unwrap();
         let mut plain = Vec::new();
         self.rx.open(&f, &mut plain).unwrap();
+        Some((hdr.key_offset, plain))
+    }
+
+    /// Read one sealed reply; None if the server closed the connection.
+    fn reply(&mut self, s: &mut TcpStream) -> Option<(ErrorCode, u64, bool)> {
+        let (_, plain) = self.frame(s)?;
         match msg::decode(&plain).unwrap().body {
             Body::Error { code, arg, .. } => Some((code, arg, false)),
             _ => Some((ErrorCode::Internal, 0, true)),
         }
     }
 
-    fn connect(&mut self, addr: &str) -> TcpStream {
+    /// A TCP connection to `addr` that has sent HELLO with receive floor `floor`.
+    fn hello(&mut self, addr: &str, floor: u64) -> TcpStream {
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let floor = 0;
         let hello = self.seal(Body::Hello {
             link: self.link.clone(),
             c2s_stream: self.send_id,
@@ -115,6 +122,11 @@ impl Raw {
             client_recv_floor: floor,
         });
         s.write_all(&hello).unwrap();
+        s
+    }
+
+    fn connect(&mut self, addr: &str) -> TcpStream {
+        let mut s = self.hello(addr, 0);
         assert_eq!(self.reply(&mut s).map(|r| r.2), Some(true), "welcome");
         s
     }
@@ -799,27 +811,9 @@ fn a_hello_floor_is_bounded_by_the_send_pool_not_the_receive_pool() {
     let d = site.start();
     let mut c = Raw::open(&site, "uneven");
     let floor = 4 << 20;
-    let hello = c.seal(Body::Hello {
-        link: "uneven".into(),
-        c2s_stream: c.send_id,
-        s2c_stream: c.recv_id,
-        client_recv_floor: floor,
-    });
-    let mut s = TcpStream::connect(&d.tcp).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s.write_all(&hello).unwrap();
-    let mut h = [0u8; HEADER_LEN];
-    s.read_exact(&mut h).unwrap();
-    let hdr = FrameHeader::parse_prefix(&h, msg::MAX_MSG as u64).unwrap();
-    assert_eq!(
-        hdr.key_offset, floor,
-        "the welcome is sealed at the client's floor"
-    );
-    let mut f = h.to_vec();
-    f.resize(hdr.frame_len(), 0);
-    s.read_exact(&mut f[HEADER_LEN..]).unwrap();
-    let mut plain = Vec::new();
-    c.rx.open(&f, &mut plain).unwrap();
+    let mut s = c.hello(&d.tcp, floor);
+    let (offset, plain) = c.frame(&mut s).expect("an answer to HELLO");
+    assert_eq!(offset, floor, "the welcome is sealed at the client's floor");
     assert!(matches!(
         msg::decode(&plain).unwrap().body,
         Body::Welcome { .. }

@@ -737,20 +737,6 @@ impl Drop for Destroyer {
     }
 }
 
-impl PoolFile {
-    fn take_destroyer_error(&self) -> Result<(), KeyError> {
-        let taken = self
-            .destroyer
-            .shared
-            .as_ref()
-            .and_then(|sh| sh.lock().failed.take());
-        match taken {
-            Some((op, e)) => Err(self.io(op, e)),
-            None => Ok(()),
-        }
-    }
-}
-
 impl KeySource for PoolFile {
     fn info(&self) -> &StreamInfo {
         &self.info
@@ -820,7 +806,9 @@ impl KeySource for PoolFile {
                 st = sh.wait(st);
             }
             // Ranges the destroyer failed on, and the queue of one that died (a panic):
-            // destroyed here, or the sync fails and they stay for the next one.
+            // destroyed here, or the sync fails and they stay for the next one. Either way
+            // this sync answers for their failure.
+            st.failed = None;
             orphaned = std::mem::take(&mut st.unfinished);
             orphaned.append(&mut st.ready);
             st.ready_bytes = 0;
@@ -843,8 +831,6 @@ impl KeySource for PoolFile {
                 return Err(self.io(op, e));
             }
         }
-        // Every range that failed before is destroyed now: its error is answered.
-        let _ = self.take_destroyer_error();
         self.file
             .sync_data()
             .map_err(|e| self.io("fdatasync pool", e))

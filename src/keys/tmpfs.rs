@@ -45,7 +45,9 @@ impl HugeTmpfs {
                 let swaps = crate::harden::active_swaps()?;
                 if !swaps.is_empty() {
                     return Err(std::io::Error::other(format!(
-                        "mounting a tmpfs for key pools on {}: this kernel has no tmpfs                          `noswap` (Linux 6.4+) and swap is active ({}): used key could stay                          on the swap device; turn swap off or keep the pools on disk",
+                        "mounting a tmpfs for key pools on {}: this kernel has no tmpfs `noswap` \
+                         (Linux 6.4+) and swap is active ({}): used key could stay on the swap \
+                         device; turn swap off or keep the pools on disk",
                         dir.display(),
                         swaps.join(", ")
                     )));
