@@ -661,6 +661,81 @@ fn a_file_unlinked_while_written_closes_cleanly_and_leaves_no_shares() {
     std::fs::remove_dir(rig.mnt.join("P9")).unwrap();
 }
 
+/// A file unlinked before anything of it was committed: the unlink succeeds (`ls` listed the
+/// file), the writer keeps writing, and at its close the file does not come back and its
+/// shares are gone from every site.
+#[test]
+fn a_file_unlinked_before_its_first_commit_never_comes_back() {
+    use std::io::Write;
+    use std::os::fd::IntoRawFd;
+    let rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("P12")).unwrap();
+    let f = rig.mnt.join("P12/gone.cram");
+    let before: Vec<usize> = rig.sites.iter().map(|s| s.len()).collect();
+    let mut w = std::fs::File::create(&f).unwrap();
+    // Two whole 64K chunks uploaded and a tail in the buffer, none of it committed.
+    w.write_all(&vec![4u8; 150_000]).unwrap();
+    assert!(f.exists(), "listed while written");
+    std::fs::remove_file(&f).expect("unlink of a file being written");
+    assert!(!f.exists(), "still listed after its unlink");
+    w.write_all(&vec![5u8; 150_000]).unwrap();
+    nix::unistd::close(w.into_raw_fd()).expect("close of an unlinked file being written");
+    assert!(!f.exists(), "an unlinked file came back at its close");
+    let listed = std::fs::read_dir(rig.mnt.join("P12")).unwrap().count();
+    assert_eq!(listed, 0, "the directory is not empty");
+    wait_for("the unlinked file's shares deleted at the sites", || {
+        rig.sites.iter().map(|s| s.len()).collect::<Vec<_>>() == before
+    });
+    // The name is free for a new file, which is kept.
+    std::fs::write(&f, b"again").unwrap();
+    rig.grant("P12");
+    assert_eq!(std::fs::read(&f).unwrap(), b"again");
+    std::fs::remove_file(&f).unwrap();
+    std::fs::remove_dir(rig.mnt.join("P12")).unwrap();
+}
+
+/// A file renamed while its writer is open, before and after a commit (the write, rename,
+/// close pattern of tools that publish a finished file), ends up whole under its last name;
+/// no earlier name is left behind.
+#[test]
+fn a_file_renamed_while_written_is_committed_under_its_new_name() {
+    use std::io::Write;
+    let rig = Rig::new(60);
+    let dir = rig.mnt.join("P13");
+    std::fs::create_dir(&dir).unwrap();
+    rig.grant("P13");
+    let mut w = std::fs::File::create(dir.join("a.tmp")).unwrap();
+    w.write_all(&vec![1u8; 100_000]).unwrap();
+    // Nothing committed yet: only the writer has the name.
+    std::fs::rename(dir.join("a.tmp"), dir.join("b.tmp")).expect("rename before any commit");
+    assert!(!dir.join("a.tmp").exists());
+    assert!(dir.join("b.tmp").exists(), "the new name is not listed");
+    assert_eq!(std::fs::metadata(dir.join("b.tmp")).unwrap().len(), 100_000);
+    w.write_all(&vec![2u8; 100_000]).unwrap();
+    w.sync_all().unwrap();
+    assert_eq!(std::fs::read(dir.join("b.tmp")).unwrap().len(), 200_000);
+    // Committed once: the catalog's version moves, and the writer with it.
+    std::fs::rename(dir.join("b.tmp"), dir.join("c.cram")).expect("rename after a commit");
+    w.write_all(&vec![3u8; 100_000]).unwrap();
+    drop(w);
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["c.cram"]);
+    let got = std::fs::read(dir.join("c.cram")).unwrap();
+    let mut want = vec![1u8; 100_000];
+    want.extend(vec![2u8; 100_000]);
+    want.extend(vec![3u8; 100_000]);
+    assert!(
+        got == want,
+        "c.cram holds {} bytes, not the 300000 written",
+        got.len()
+    );
+    std::fs::remove_file(dir.join("c.cram")).unwrap();
+}
+
 /// A writer's commit waits for a slow site while holding the writer; `stat` of that file (as
 /// `ls -l` does) must not wait with it, or a few of them hold every FUSE request thread.
 #[test]

@@ -522,6 +522,23 @@ impl Catalog {
         self.flush()
     }
 
+    /// Give a version still being written (never committed: no name points to it) the name
+    /// its commit will take. A committed version is renamed by [`Catalog::rename`].
+    pub fn rename_unnamed(&self, id: &FileId, new_name: &str) -> Result<()> {
+        validate_name(new_name)?;
+        let mut rec = self
+            .file_by_id(id)?
+            .ok_or_else(|| CatalogError::NotWriting(merkle::hex(id)))?;
+        if rec.state != FileState::Writing {
+            return Ok(());
+        }
+        rec.name = new_name.to_string();
+        self.files
+            .insert(id, Self::encode(&rec))
+            .map_err(|e| self.db_err(e))?;
+        self.flush()
+    }
+
     /// Whether the catalog holds no patient and no file version (a rebuild may fill it).
     pub fn is_empty(&self) -> bool {
         self.patients.is_empty() && self.files.is_empty() && self.names.is_empty()

@@ -1229,6 +1229,15 @@ impl FileWriter {
         self.committed == Some(self.size)
     }
 
+    /// The file was renamed (within its patient) while this writer is open: its commits take
+    /// the new name. A version already committed was moved by [`Engine::rename`].
+    pub fn rename(&mut self, engine: &Engine, new_name: &str) -> Result<(), EngineError> {
+        engine.catalog.rename_unnamed(&self.rec.id, new_name)?;
+        self.rec.name = new_name.to_string();
+        self.label = label(&self.rec);
+        Ok(())
+    }
+
     /// The version this writer writes.
     pub fn id(&self) -> FileId {
         self.rec.id

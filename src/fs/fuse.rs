@@ -19,7 +19,7 @@ use fuser::{
 };
 
 use super::engine::{Engine, EngineError, FileWriter};
-use crate::catalog::{ChunkRecord, FileRecord};
+use crate::catalog::{CatalogError, ChunkRecord, FileRecord};
 use crate::consent::Consent;
 
 const ROOT: u64 = 1;
@@ -869,14 +869,10 @@ impl Filesystem for QgenomeFs {
             .expect("writer procs")
             .remove(&fh.0);
         if let Some(Handle::Write { writer, node }) = handle {
-            let taken = writer.lock().take();
-            {
-                let mut writing = self.writing.lock().expect("writing");
-                if writing.get(&node).is_some_and(|w| Arc::ptr_eq(w, &writer)) {
-                    writing.remove(&node);
-                }
-            }
-            if let Some(mut w) = taken {
+            // The last commit runs under the writer's lock, so that an unlink or rename of
+            // the file waits for it rather than racing it.
+            let mut guard = writer.lock();
+            if let Some(mut w) = guard.take() {
                 let id = w.id();
                 if let Err(e) = w.commit(&self.engine) {
                     tracing::error!("{}/{}: not committed, discarding: {e}", node.0, node.1);
@@ -884,6 +880,12 @@ impl Filesystem for QgenomeFs {
                 }
                 self.engine.writer_closed(&id);
             }
+            drop(guard);
+            // Under the name it has now (a rename while open moved it in the table).
+            self.writing
+                .lock()
+                .expect("writing")
+                .retain(|_, w| !Arc::ptr_eq(w, &writer));
         }
         reply.ok();
     }
@@ -892,12 +894,38 @@ impl Filesystem for QgenomeFs {
         let Ok(Node::File(p, n)) = self.child(parent, name) else {
             return reply.error(Errno::EPERM);
         };
-        match self.engine.catalog.unlink(&p, &n) {
+        // A writer open on the name loses it too, committed or not: like a Unix file without
+        // a name it takes writes until closed, is never named again, and its shares go at its
+        // release. Its lock is held throughout, so no commit of it runs in between.
+        let key = (p.clone(), n.clone());
+        let writer = self.writing.lock().expect("writing").get(&key).cloned();
+        let guard = writer.as_ref().map(|w| w.lock());
+        let unnamed = guard.as_ref().and_then(|g| g.as_ref()).map(|w| w.record());
+        let result = match self.engine.catalog.unlink(&p, &n) {
             Ok(old) => {
-                self.engine.catalog.audit("unlink", Some(&p), Some(&n), "");
-                self.engine.retire(&old);
-                reply.ok()
+                if unnamed.is_none_or(|w| w.id != old.id) {
+                    self.engine.retire(&old);
+                }
+                Ok(())
             }
+            Err(CatalogError::NoFile { .. }) if unnamed.is_some() => Ok(()),
+            Err(e) => Err(e),
+        };
+        if result.is_ok() {
+            self.engine.catalog.audit("unlink", Some(&p), Some(&n), "");
+            if let Some(w) = unnamed {
+                self.engine.retire(w);
+            }
+            if let Some(w) = &writer {
+                let mut writing = self.writing.lock().expect("writing");
+                if writing.get(&key).is_some_and(|x| Arc::ptr_eq(x, w)) {
+                    writing.remove(&key);
+                }
+            }
+        }
+        drop(guard);
+        match result {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e.into())),
         }
     }
@@ -918,12 +946,34 @@ impl Filesystem for QgenomeFs {
         let (Node::File(p, n), Node::File(np, nn)) = (&from, &to) else {
             return reply.error(Errno::EPERM);
         };
-        match self.engine.rename(p, n, np, nn) {
+        // A writer open on the name moves with it: its commits take the new name. Its lock
+        // is held throughout, so no commit of it runs in between.
+        let key = (p.clone(), n.clone());
+        let writer = self.writing.lock().expect("writing").get(&key).cloned();
+        let mut guard = writer.as_ref().map(|w| w.lock());
+        let open = guard.as_mut().and_then(|g| g.as_mut());
+        let result = match self.engine.rename(p, n, np, nn) {
+            // Nothing committed yet: only the writer has the name.
+            Err(EngineError::Catalog(CatalogError::NoFile { .. })) if open.is_some() => Ok(()),
+            r => r,
+        }
+        .and_then(|()| match open {
+            Some(w) => w.rename(&self.engine, nn),
+            None => Ok(()),
+        });
+        match result {
             Ok(()) => {
+                if let Some(w) = writer.clone() {
+                    let mut writing = self.writing.lock().expect("writing");
+                    writing.remove(&key);
+                    writing.insert((np.clone(), nn.clone()), w);
+                }
+                drop(guard);
                 self.inodes.lock().expect("inodes").rename(&from, to);
                 reply.ok()
             }
             Err(e) => {
+                drop(guard);
                 tracing::warn!("rename {p}/{n} -> {np}/{nn}: {e}");
                 reply.error(errno(&e))
             }
