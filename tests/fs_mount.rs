@@ -767,6 +767,62 @@ fn stat_of_a_file_being_committed_to_a_slow_site_answers_at_once() {
     std::fs::remove_file(&f).unwrap();
 }
 
+/// Commits wait for every site; more of them than the mount has request threads, all held by
+/// a slow site, must leave the mount answering everything else (here: `stat`, `readdir`, and
+/// a new file created and written).
+#[test]
+fn commits_held_by_a_slow_site_leave_the_request_threads_free() {
+    use std::io::Write;
+    let rig = Rig::new(60);
+    let dir = rig.mnt.join("P14");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("done.cram"), [9u8; 1000]).unwrap();
+    // One more than the mount's four request threads.
+    let mut writers: Vec<std::fs::File> = (0..5)
+        .map(|i| {
+            let mut w = std::fs::File::create(dir.join(format!("w{i}.cram"))).unwrap();
+            w.write_all(&[i as u8; 5000]).unwrap();
+            w
+        })
+        .collect();
+    rig.sites[1].set_put_delay(Duration::from_secs(4));
+    let committing: Vec<_> = writers
+        .drain(..)
+        .map(|w| {
+            std::thread::spawn(move || {
+                w.sync_all().unwrap();
+                w
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    assert_eq!(
+        std::fs::metadata(dir.join("done.cram")).unwrap().len(),
+        1000
+    );
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 6);
+    let mut other = std::fs::File::create(dir.join("other.cram")).unwrap();
+    other.write_all(b"small").unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "the mount waited {:?} behind the commits",
+        t.elapsed()
+    );
+    assert!(
+        committing.iter().all(|c| !c.is_finished()),
+        "the commits were not slowed"
+    );
+    rig.sites[1].set_put_delay(Duration::ZERO);
+    for c in committing {
+        drop(c.join().unwrap());
+    }
+    drop(other);
+    for e in std::fs::read_dir(&dir).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+}
+
 /// A file listed because its writer is open, with nothing committed yet, is refused for
 /// reading with EBUSY (not ENOENT, which `ls` contradicts), and reads once committed.
 #[test]

@@ -88,6 +88,9 @@ type Job = Box<dyn FnOnce() + Send>;
 /// Most opens and reads waiting for consent on threads of their own at once.
 const MAX_WAITERS: usize = 1024;
 
+/// Most commits (`fsync`, the `close` of a writer) running on threads of their own at once.
+const MAX_COMMITTERS: usize = 256;
+
 #[derive(Default)]
 struct WriterProcs {
     tgids: std::collections::HashSet<u32>,
@@ -151,6 +154,8 @@ pub struct QgenomeFs {
     workers: Mutex<mpsc::Sender<Job>>,
     /// Opens and reads waiting for consent on threads of their own (at most [`MAX_WAITERS`]).
     waiters: Arc<AtomicUsize>,
+    /// Commits waiting for the sites on threads of their own (at most [`MAX_COMMITTERS`]).
+    committers: Arc<AtomicUsize>,
     uid: u32,
     gid: u32,
 }
@@ -212,30 +217,45 @@ pub fn drop_cached_pages_at_consent_end(
 /// [`drop_cached_pages_at_consent_end`]).
 const INVALIDATE_WAIT: Duration = Duration::from_secs(2);
 
-/// Run `job` on a thread of its own, to wait for `patient`'s consent there; the job back if
-/// [`MAX_WAITERS`] already wait (the caller then runs it on the pool).
-fn wait_apart(waiters: &Arc<AtomicUsize>, patient: &str, job: Job) -> Result<(), Job> {
-    if waiters.fetch_add(1, Ordering::SeqCst) >= MAX_WAITERS {
-        waiters.fetch_sub(1, Ordering::SeqCst);
-        tracing::warn!(
-            "{MAX_WAITERS} requests already wait for consent; patient {patient}'s waits on the worker pool"
-        );
+/// Run `job` on a thread of its own named `thread`, counted in `count`; the job back if
+/// `limit` such threads already run (the caller then runs it itself). `what` names the job
+/// in the log.
+fn run_apart(
+    count: &Arc<AtomicUsize>,
+    limit: usize,
+    thread: &str,
+    what: &str,
+    job: Job,
+) -> Result<(), Job> {
+    if count.fetch_add(1, Ordering::SeqCst) >= limit {
+        count.fetch_sub(1, Ordering::SeqCst);
         return Err(job);
     }
-    let count = waiters.clone();
+    let running = count.clone();
     let spawned = std::thread::Builder::new()
-        .name("fs-consent-wait".into())
+        .name(thread.into())
         .spawn(move || {
             job();
-            count.fetch_sub(1, Ordering::SeqCst);
+            running.fetch_sub(1, Ordering::SeqCst);
         });
     if let Err(e) = spawned {
         // The job (and its reply) went with the failed spawn: fuser answers a dropped reply
         // with EIO.
-        waiters.fetch_sub(1, Ordering::SeqCst);
-        tracing::error!("patient {patient}: no thread to wait for consent on: {e}");
+        count.fetch_sub(1, Ordering::SeqCst);
+        tracing::error!("{what}: no thread to run it on: {e}");
     }
     Ok(())
+}
+
+/// Run `job` on a thread of its own, to wait for `patient`'s consent there; the job back if
+/// [`MAX_WAITERS`] already wait (the caller then runs it on the pool).
+fn wait_apart(waiters: &Arc<AtomicUsize>, patient: &str, job: Job) -> Result<(), Job> {
+    let what = format!("patient {patient}'s wait for consent");
+    run_apart(waiters, MAX_WAITERS, "fs-consent-wait", &what, job).inspect_err(|_| {
+        tracing::warn!(
+            "{MAX_WAITERS} requests already wait for consent; patient {patient}'s waits on the worker pool"
+        )
+    })
 }
 
 fn errno(e: &EngineError) -> Errno {
@@ -284,6 +304,7 @@ impl QgenomeFs {
             writer_procs: Mutex::new(HashMap::new()),
             workers: Mutex::new(tx),
             waiters: Arc::new(AtomicUsize::new(0)),
+            committers: Arc::new(AtomicUsize::new(0)),
             uid: nix::unistd::getuid().as_raw(),
             gid: nix::unistd::getgid().as_raw(),
         }
@@ -444,17 +465,33 @@ impl QgenomeFs {
         }
     }
 
-    fn commit(&self, fh: FileHandle) -> Result<(), Errno> {
+    /// Commit the writer of `fh` (or, with `commit` false, wait for its chunks in flight),
+    /// then answer. This waits for every site to acknowledge, so it runs on a thread of its
+    /// own: a slow site must not hold the request loops that serve everything else.
+    fn commit_apart(&self, fh: FileHandle, commit: bool, reply: ReplyEmpty) {
         let Some(writer) = self.writer(fh) else {
-            return Ok(());
+            return reply.ok();
         };
-        let mut w = writer.lock();
-        match w.as_mut() {
-            Some(w) => w.commit(&self.engine).map_err(|e| {
-                tracing::error!("commit failed: {e}");
-                errno(&e)
-            }),
-            None => Ok(()),
+        let engine = self.engine.clone();
+        let job: Job = Box::new(move || {
+            let mut guard = writer.lock();
+            let result = match guard.as_mut() {
+                None => Ok(()),
+                Some(w) if commit => w.commit(&engine).map_err(|e| {
+                    tracing::error!("commit failed: {e}");
+                    errno(&e)
+                }),
+                Some(w) => w.wait_in_flight(&engine).map_err(|e| errno(&e)),
+            };
+            drop(guard);
+            match result {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
+        let what = format!("commit of handle {}", fh.0);
+        if let Err(job) = run_apart(&self.committers, MAX_COMMITTERS, "fs-commit", &what, job) {
+            job();
         }
     }
 }
@@ -819,21 +856,7 @@ impl Filesystem for QgenomeFs {
                 .get(&fh.0)
                 .is_some_and(|p| p.tgids.contains(&tgid_of(req.pid())))
         };
-        let result = if wrote {
-            self.commit(fh)
-        } else {
-            match self.writer(fh) {
-                None => Ok(()),
-                Some(writer) => match writer.lock().as_mut() {
-                    Some(w) => w.wait_in_flight(&self.engine).map_err(|e| errno(&e)),
-                    None => Ok(()),
-                },
-            }
-        };
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.commit_apart(fh, wrote, reply);
     }
 
     fn fsync(
@@ -844,10 +867,7 @@ impl Filesystem for QgenomeFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.commit(fh) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.commit_apart(fh, true, reply);
     }
 
     fn release(
