@@ -57,8 +57,8 @@ fn the_rebuild_command_restores_a_deleted_catalog_on_real_daemons() {
     let mut opts = DeployOptions::new(tmp.path());
     opts.volume_size = 64 << 20;
     // Every process that opens a link reserves (and at exit wastes) one 64 MiB key window
-    // per direction: the mount, the rebuild and the mount again.
-    opts.key_size = 200 << 20;
+    // per direction: the mount, the two rebuilds and the mount again.
+    opts.key_size = 320 << 20;
     opts.chunk_size = "64K".into();
     opts.consent_wait_secs = 60;
     opts.bin_dir = Some(bin);
@@ -102,12 +102,35 @@ fn the_rebuild_command_restores_a_deleted_catalog_on_real_daemons() {
     assert!(!o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("not empty"), "{}", text(&o));
 
-    // The catalog is lost: the rebuild puts it back where the mount looks for it.
+    // The catalog is lost, and both remote sites are down: seen from the home site alone
+    // every version is unreadable (one manifest share, k = 2). --delete-orphans must delete
+    // none of the home's shares, and the command must fail naming the sites.
     std::fs::remove_dir_all(d.cfg.catalog_path()).unwrap();
+    d.stop_site(1);
+    d.stop_site(2);
+    let partial = tmp.path().join("partial");
+    let o = rebuild(
+        &d.home_config,
+        &["--into", partial.to_str().unwrap(), "--delete-orphans"],
+    );
+    assert!(!o.status.success(), "{}", text(&o));
+    let (s1, s2) = (&d.cfg.sites[1].name, &d.cfg.sites[2].name);
+    for want in [
+        format!("site(s) {s1}, {s2} could not be listed"),
+        "no orphan share was deleted".to_string(),
+    ] {
+        assert!(text(&o).contains(&want), "{want}: {}", text(&o));
+    }
+    d.start_site(1).unwrap();
+    d.start_site(2).unwrap();
+
+    // The sites are back: the rebuild puts the catalog back where the mount looks for it,
+    // every chunk with all n shares (the home's were kept).
     let o = rebuild(&d.home_config, &[]);
     assert!(o.status.success(), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(!out.contains("unreachable"), "{}", text(&o));
+    assert!(!out.contains("fewer than n shares"), "{}", text(&o));
     for f in ["P1/a.cram", "P1/d.cram", "P2/b.cram", "P2/range.cram"] {
         assert!(out.contains(&format!("restored {f}:")), "{f}: {}", text(&o));
     }

@@ -25,8 +25,11 @@ pub struct RebuildArgs {
     /// move it into place (`<state_dir>/catalog`) to use it.
     #[arg(long)]
     pub into: Option<PathBuf>,
-    /// Also delete the shares of versions that are not restored (superseded, uncommitted or
-    /// unreadable). Without it they are only reported.
+    /// Also delete the shares of versions that are not restored because a later version
+    /// has their name (superseded) or because no site holds their manifest (uncommitted).
+    /// Refused unless every site was listed. Unreadable versions are always kept: a site
+    /// that comes back, or a site index rebuilt, may make them readable. Without this flag
+    /// orphans are only reported.
     #[arg(long)]
     pub delete_orphans: bool,
     /// Print the report as JSON.
@@ -88,12 +91,15 @@ pub fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
     let report = engine
         .rebuild_catalog()
         .with_context(|| format!("rebuilding catalog {}", target.display()))?;
-    let deleted = if args.delete_orphans {
+    // Only with every site listed: a version whose other shares sit on a site that could not
+    // be listed looks unreadable or uncommitted, and deleting the shares that were seen
+    // would lose it for good when that site comes back.
+    let complete = report.unreachable_sites.is_empty();
+    let deleted = if args.delete_orphans && complete {
         let all: Vec<OrphanVersion> = report
             .superseded
             .iter()
             .chain(&report.uncommitted)
-            .chain(&report.unreadable)
             .cloned()
             .collect();
         Some(engine.delete_orphans(&all))
@@ -108,10 +114,21 @@ pub fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
     } else {
         print_report(&report, &target, deleted);
     }
-    if !report.unreachable_sites.is_empty() {
-        eprintln!(
-            "warning: {} site(s) could not be listed: their shares are missing from the catalog; rebuild again when they are back",
-            report.unreachable_sites.len()
+    if !complete {
+        let sites: Vec<&str> = report
+            .unreachable_sites
+            .iter()
+            .map(|s| s.split(':').next().unwrap_or(s))
+            .collect();
+        bail!(
+            "site(s) {} could not be listed: the catalog at {} holds only what the other sites hold{}; when they are back, move it away and rebuild again",
+            sites.join(", "),
+            target.display(),
+            if args.delete_orphans {
+                ", and no orphan share was deleted"
+            } else {
+                ""
+            }
         );
     }
     Ok(())
@@ -157,8 +174,13 @@ fn print_report(r: &RebuildReport, target: &Path, deleted: Option<usize>) {
         r.restored.len(),
         r.superseded.len() + r.uncommitted.len() + r.unreadable.len(),
         match deleted {
-            Some(n) => format!(" ({n} orphan shares deleted)"),
-            None => " (kept at the sites; --delete-orphans deletes them)".into(),
+            Some(n) => format!(
+                " ({n} orphan shares deleted; {} unreadable versions kept)",
+                r.unreadable.len()
+            ),
+            None =>
+                " (kept at the sites; --delete-orphans deletes the superseded and uncommitted ones)"
+                    .into(),
         }
     );
 }
