@@ -16,6 +16,7 @@ packages=(
   libgfshare-bin      # gfsplit, the sharing peer baseline in `qgenome bench split`
   gocryptfs           # the encrypted-FUSE peer baseline in `qgenome bench e2e`
   iproute2 util-linux # ip netns, losetup
+  systemd             # systemd-analyze verify of the units (tests/units.rs)
 )
 
 missing=()

@@ -1,0 +1,131 @@
+//! The systemd units as shipped in `systemd/`: both load cleanly (`systemd-analyze verify`,
+//! pointed at the binaries this build made), and the mount's unit never gets a mount
+//! namespace of its own, in which its FUSE mount would be invisible to the host.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn unit(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("systemd")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `Key=Value` lines of the `[Service]` section.
+fn service_settings(text: &str) -> Vec<(String, String)> {
+    let mut in_service = false;
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_service = line == "[Service]";
+        } else if in_service && !line.starts_with('#') {
+            if let Some((k, v)) = line.split_once('=') {
+                out.push((k.trim().to_string(), v.trim().to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// Settings that run the unit in a mount namespace of its own, from which mounts do not
+/// propagate to the host (systemd.exec(5); `exec_needs_mount_namespace` in systemd), with
+/// the values that leave it off.
+const NAMESPACED: &[(&str, &[&str])] = &[
+    ("PrivateTmp", &["no", "false"]),
+    ("ProtectSystem", &["no", "false"]),
+    ("ProtectHome", &["no", "false"]),
+    ("PrivateDevices", &["no", "false"]),
+    ("PrivateMounts", &["no", "false"]),
+    ("PrivateNetwork", &["no", "false"]),
+    ("PrivateIPC", &["no", "false"]),
+    ("ProtectKernelTunables", &["no", "false"]),
+    ("ProtectKernelModules", &["no", "false"]),
+    ("ProtectKernelLogs", &["no", "false"]),
+    ("ProtectControlGroups", &["no", "false"]),
+    ("ProtectProc", &["default"]),
+    ("ProcSubset", &["all"]),
+    ("ReadWritePaths", &[""]),
+    ("ReadOnlyPaths", &[""]),
+    ("InaccessiblePaths", &[""]),
+    ("ExecPaths", &[""]),
+    ("NoExecPaths", &[""]),
+    ("TemporaryFileSystem", &[""]),
+    ("BindPaths", &[""]),
+    ("BindReadOnlyPaths", &[""]),
+    ("RootDirectory", &[""]),
+    ("RootImage", &[""]),
+    ("MountImages", &[""]),
+    ("ExtensionImages", &[""]),
+    ("ExtensionDirectories", &[""]),
+    ("LogNamespace", &[""]),
+    ("DynamicUser", &["no", "false"]),
+    ("MountFlags", &["shared"]),
+];
+
+fn namespaced(text: &str) -> Vec<String> {
+    service_settings(text)
+        .into_iter()
+        .filter(|(k, v)| {
+            NAMESPACED
+                .iter()
+                .any(|(name, off)| name == k && !off.contains(&v.as_str()))
+        })
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect()
+}
+
+#[test]
+fn the_mount_unit_mounts_in_the_hosts_namespace() {
+    let found = namespaced(&unit("qgenome.service"));
+    assert!(
+        found.is_empty(),
+        "qgenome.service would mount /qgenome in a namespace of its own, invisible to the host: {found:?}"
+    );
+    // The check itself sees such a setting.
+    let bad = "[Service]\nExecStart=/bin/true\nPrivateTmp=yes\nProtectSystem=no\n";
+    assert_eq!(namespaced(bad), ["PrivateTmp=yes"]);
+}
+
+/// Copies of the units whose commands are the binaries of this build, so that `verify`
+/// checks the units as they are, not the install paths of this machine.
+fn units_here(dir: &Path) -> Vec<PathBuf> {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_qgenome"));
+    let bin_dir = format!("{}/", bin.parent().unwrap().display());
+    assert!(
+        Path::new(&bin_dir).join("qgenome-mountd").exists(),
+        "qgenome-mountd is not built in {bin_dir} (run `cargo build --workspace` or `make test`)"
+    );
+    let mut out = Vec::new();
+    for (file, instance) in [
+        ("qgenome.service", "qgenome.service"),
+        ("qgenome-mountd@.service", "qgenome-mountd@site1.service"),
+    ] {
+        let text = unit(file).replace("/usr/local/bin/", &bin_dir);
+        std::fs::write(dir.join(file), text).unwrap();
+        out.push(dir.join(instance));
+    }
+    out
+}
+
+#[test]
+fn both_units_load_without_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    for path in units_here(dir.path()) {
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .output()
+            .expect("systemd-analyze (Debian package systemd) runs");
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && said.trim().is_empty(),
+            "{}: {}\n{said}",
+            path.display(),
+            out.status
+        );
+    }
+}
