@@ -213,13 +213,52 @@ impl HomeConfig {
             }
             match (&s.socket, &s.address) {
                 (Some(_), None) => {
-                    if s.link.is_some() || s.keys.is_some() || s.end.is_some() {
-                        return Err(
-                            self.invalid(&key("link"), "a socket site has no link, keys or end")
-                        );
+                    if i > 0 {
+                        // Only the home site's own mountd is reached without a link; a second
+                        // socket site puts two shares of every chunk on one machine.
+                        return Err(self.invalid(
+                            &key("socket"),
+                            "only the home site (site[0]) is reached over a Unix socket; give this site an address, link and keys",
+                        ));
+                    }
+                    for (f, v) in [
+                        ("link", s.link.is_some()),
+                        ("keys", s.keys.is_some()),
+                        ("end", s.end.is_some()),
+                        ("key_window", s.key_window.is_some()),
+                    ] {
+                        if v {
+                            return Err(self.invalid(
+                                &key(f),
+                                "a socket site has no link, keys, end or key_window",
+                            ));
+                        }
                     }
                 }
-                (None, Some(_)) => {
+                (None, Some(address)) => {
+                    // Two entries reaching one mountd would put two shares of every chunk
+                    // on it, and one link's key stream would serve both.
+                    for (f, same) in [
+                        (
+                            "address",
+                            self.sites[..i]
+                                .iter()
+                                .position(|o| o.address.as_ref() == Some(address)),
+                        ),
+                        (
+                            "link",
+                            self.sites[..i]
+                                .iter()
+                                .position(|o| o.link.is_some() && o.link == s.link),
+                        ),
+                    ] {
+                        if let Some(j) = same {
+                            return Err(self.invalid(
+                                &key(f),
+                                format!("site {} has the same {f} as site[{j}] ({}): each site needs a mountd and a link of its own", s.name, self.sites[j].name),
+                            ));
+                        }
+                    }
                     for (f, v) in [
                         ("link", s.link.is_some()),
                         ("keys", s.keys.is_some()),
@@ -333,6 +372,36 @@ end = "a"
         assert_eq!(c.chunk_bytes().unwrap(), 1 << 20);
         assert_eq!(c.consent_wait_secs, 300);
         assert_eq!(c.control_socket(), Path::new("/tmp/q/control.sock"));
+    }
+
+    /// Two entries that reach one mountd would put two shares of every chunk on one machine
+    /// (k = 2: that machine alone rebuilds every chunk), so the config refuses them.
+    #[test]
+    fn two_entries_reaching_one_mountd_are_refused() {
+        let e = err(&GOOD.replacen(
+            "address = \"127.0.0.1:1\"\nlink = \"home-a\"\nkeys = \"/k\"\nend = \"a\"",
+            "socket = \"/run/h.sock\"",
+            1,
+        ));
+        assert!(
+            e.contains("site[1].socket") && e.contains("only the home site"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("127.0.0.1:2", "127.0.0.1:1"));
+        assert!(
+            e.contains("site[2].address") && e.contains("same address as site[1] (a)"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("home-b", "home-a"));
+        assert!(
+            e.contains("site[2].link") && e.contains("same link as site[1] (a)"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace(
+            "socket = \"/run/h.sock\"",
+            "socket = \"/run/h.sock\"\nkey_window = \"junk\"",
+        ));
+        assert!(e.contains("site[0].key_window"), "{e}");
     }
 
     #[test]
