@@ -64,7 +64,8 @@ enum Cmd {
         /// cost per block afterwards: unwritten extents on ext4/XFS, lazily backed memory).
         #[arg(long, requires = "size")]
         zero: bool,
-        /// Discard an existing index in the state directory.
+        /// Format a volume that holds shares (discarding every one of them), and discard an
+        /// existing index in the state directory.
         #[arg(long)]
         force: bool,
     },
@@ -280,6 +281,16 @@ fn format(
             );
         };
         create_file_volume(&vol.volume, size, zeroed)?;
+    } else if let Some((size, _)) = size {
+        let meta = std::fs::metadata(&vol.volume)
+            .with_context(|| format!("volume {}", vol.volume.display()))?;
+        if meta.is_file() && meta.len() != size {
+            bail!(
+                "volume {} exists with {} bytes: --size {size} only creates a new file volume (remove --size, or the file)",
+                vol.volume.display(),
+                meta.len()
+            );
+        }
     }
     let dir = vol.state_dir()?;
     std::fs::create_dir_all(&dir)
@@ -299,6 +310,17 @@ fn format(
             .with_context(|| format!("removing index {}", index.display()))?;
     }
     let dev = vol.open_volume()?;
+    // A volume shares were written to (whatever index serves it, from whatever state
+    // directory) is formatted only on purpose: a new volume id makes every share unreadable.
+    if let Ok(sb) = qgenome_mountd::store::read_superblock(&dev) {
+        if sb.index_tag != 0 && !force {
+            bail!(
+                "volume {} holds shares of site {} (written since its format); formatting discards every one of them: pass --force to do so",
+                vol.volume.display(),
+                sb.site
+            );
+        }
+    }
     let alloc_unit = au
         .map(u32::try_from)
         .transpose()

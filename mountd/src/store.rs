@@ -325,7 +325,8 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn read_superblock<D: BlockDevice>(dev: &D) -> Result<Superblock, StoreError> {
+/// The volume's superblock, checked against the device's size.
+pub fn read_superblock<D: BlockDevice>(dev: &D) -> Result<Superblock, StoreError> {
     let len = (dev.alignment().step() as usize).max(4096);
     let buf = dev.read_at(dev.alloc_buf(len), 0)?;
     let sb = Superblock::decode(buf.as_slice()).map_err(|source| StoreError::NoSuperblock {

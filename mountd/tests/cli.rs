@@ -153,12 +153,59 @@ fn rebuild_index_cli_restores_a_lost_index() {
                 .unwrap();
             let err = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success(), "{args:?} ran beside the open store");
+            // The index directory or the volume, whichever the command takes first.
+            assert!(err.contains("in use") && err.contains("r.vol"), "{err}");
+        }
+        // Nor with an index directory of their own: the volume itself is held.
+        let other = dir.path().join("other.state");
+        for args in [
+            &["rebuild-index"][..],
+            &["format", "--site", "s", "--force"],
+        ] {
+            let out = mountd()
+                .args(args)
+                .arg("--volume")
+                .arg(&vol)
+                .arg("--state")
+                .arg(&other)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{args:?} ran beside the open store");
             assert!(
-                err.contains("in use") && err.contains("r.vol.state"),
+                err.contains("in use by another process") && err.contains("r.vol"),
                 "{err}"
             );
         }
         assert!(state.join("index").exists());
+    }
+    // A volume holding shares is formatted only with --force, whatever index directory is
+    // named (here a new one, which the index check alone let through); and --size does not
+    // pretend to resize an existing volume.
+    for (args, want) in [
+        (&["format", "--site", "t"][..], "holds shares of site s"),
+        (
+            &["format", "--site", "t", "--size", "64M", "--force"],
+            "exists with 33554432 bytes",
+        ),
+    ] {
+        let out = mountd()
+            .args(args)
+            .arg("--volume")
+            .arg(&vol)
+            .arg("--state")
+            .arg(dir.path().join("fresh.state"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{args:?} formatted a volume holding shares"
+        );
+        assert!(
+            err.contains(want) && err.contains("r.vol"),
+            "{args:?}: {err}"
+        );
     }
     std::fs::remove_dir_all(state.join("index")).unwrap();
     let out = mountd()

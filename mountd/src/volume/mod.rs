@@ -26,6 +26,8 @@ pub use uring::{create_file_volume, Durability, Pending, UringOptions, UringVolu
 pub enum VolumeError {
     #[error("volume {path}: cannot open: {source}")]
     Open { path: PathBuf, source: io::Error },
+    #[error("volume {path}: in use by another process (a running qgenome-mountd, rebuild-index or format?); one process at a time")]
+    InUse { path: PathBuf },
     #[error("volume {path}: the filesystem does not support O_DIRECT (statx reports no DIOALIGN and aligned O_DIRECT reads fail)")]
     NoDirectIo { path: PathBuf },
     #[error("volume {path}: not a regular file or block device")]

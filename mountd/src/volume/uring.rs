@@ -267,6 +267,55 @@ fn probe_dio_read(file: &File) -> Option<Alignment> {
     })
 }
 
+/// How long opening a volume waits for another holder to let go: the kernel tears down a
+/// killed daemon's io_uring (and drops its hold on the volume) a moment after the process
+/// has gone, and a restart right after a crash must not fail on that.
+const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Open the volume with `flags`, for this process alone for as long as the file is open: two
+/// processes allocating on one volume (two daemons, or a daemon and a `rebuild-index`, each
+/// with its own index) would hand out the same space twice. An exclusive `flock` on the
+/// volume's inode; a block device is also opened with `O_EXCL`, which the kernel refuses while
+/// the device is mounted or so held, under any name. Held elsewhere for [`CLAIM_WAIT`]:
+/// `VolumeError::InUse`.
+fn open_claimed(path: &Path, mut flags: i32) -> Result<std::fs::File, VolumeError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileTypeExt;
+    let block = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+    if block {
+        flags |= libc::O_EXCL;
+    }
+    let deadline = std::time::Instant::now() + CLAIM_WAIT;
+    loop {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(flags)
+            .open(path);
+        let held = match file {
+            Err(e) if block && e.raw_os_error() == Some(libc::EBUSY) => true,
+            Err(e) => return Err(os_err(path, e)),
+            Ok(file) => {
+                // SAFETY: flock on a descriptor borrowed for the call; no memory is passed.
+                if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                    return Ok(file);
+                }
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                    return Err(os_err(path, e));
+                }
+                true
+            }
+        };
+        if held && std::time::Instant::now() >= deadline {
+            return Err(VolumeError::InUse {
+                path: path.to_path_buf(),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 impl UringVolume {
     /// A registered slot from `take`, or a (zeroed) heap buffer when none is free.
     fn pooled(&self, len: usize, take: fn(&Arc<FixedPool>, usize) -> Option<IoBuf>) -> IoBuf {
@@ -282,12 +331,7 @@ impl UringVolume {
         if opts.durability == Durability::ODsync {
             flags |= libc::O_DSYNC;
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(flags)
-            .open(path)
-            .map_err(|e| os_err(path, e))?;
+        let file = open_claimed(path, flags)?;
         let (align, raw_size, kind) = probe(path, &file)?;
         let ring_err = |source| VolumeError::Ring {
             path: path.to_path_buf(),
