@@ -276,7 +276,13 @@ struct Core {
     share_bufs: BufPool,
     /// Buffers of rebuilt chunks (plaintext, wiped), back from the chunk cache as it drops them.
     read_bufs: Arc<BufPool>,
+    /// When each site last failed a GET: such a site is asked last for [`FAILING_FOR`], so a
+    /// site that is down costs one chunk its timeout, not every chunk.
+    failed_at: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long a site that failed a GET is asked for shares only after the others.
+const FAILING_FOR: Duration = Duration::from_secs(30);
 
 pub(crate) use crate::wipe;
 
@@ -443,6 +449,7 @@ impl Engine {
             share_bufs: BufPool::new((cfg.upload_workers + cfg.readahead + 4) * cfg.n, false),
             // Chunks being rebuilt and those just dropped by the cache; beyond that, freed.
             read_bufs: Arc::new(BufPool::new(2 * cfg.readahead + 4, true)),
+            failed_at: Mutex::new(HashMap::new()),
         });
         let (tx, rx) = mpsc::sync_channel::<UploadJob>(cfg.upload_workers);
         let rx = Arc::new(Mutex::new(rx));
@@ -1034,7 +1041,11 @@ impl Core {
         let home = self.sites[0].name();
         // A share fetched spends the key of its site's replies.
         let key_left = |s: &str| self.by_name.get(s).and_then(|x| x.reply_key_remaining());
-        let order = placement::read_order(&chunk.shares, home, key_left, |_| false);
+        let order = {
+            let failed_at = self.failed_at.lock().expect("failed_at");
+            let failing = |s: &str| failed_at.get(s).is_some_and(|t| t.elapsed() < FAILING_FOR);
+            placement::read_order(&chunk.shares, home, key_left, failing)
+        };
         let mut failures: Vec<String> = Vec::new();
         let mut next = 0;
         let mut fetch_more =
@@ -1043,6 +1054,15 @@ impl Core {
                     let batch = &order[next..(next + want - good.len()).min(order.len())];
                     next += batch.len();
                     let got = in_parallel(batch, |loc| self.get_share(rec, index, loc));
+                    {
+                        let mut failed_at = self.failed_at.lock().expect("failed_at");
+                        for (loc, r) in batch.iter().zip(&got) {
+                            match r {
+                                Ok(_) => failed_at.remove(&loc.site),
+                                Err(_) => failed_at.insert(loc.site.clone(), Instant::now()),
+                            };
+                        }
+                    }
                     for (loc, r) in batch.iter().zip(got) {
                         match r {
                             Ok(d) if d.len() == share_len => good.push((loc.share as usize, d)),

@@ -62,6 +62,12 @@ pub enum SiteError {
         link: String,
         reason: String,
     },
+    #[error("site {site}: link {link}: cannot open its key material: {reason}")]
+    Link {
+        site: String,
+        link: String,
+        reason: String,
+    },
     #[error("site {site}: {reason}")]
     Protocol { site: String, reason: String },
 }

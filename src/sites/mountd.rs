@@ -186,6 +186,29 @@ pub struct MountdSite {
     pool_size: usize,
     next_id: AtomicU64,
     timeout: Duration,
+    connect_timeout: Duration,
+}
+
+/// How long a TCP connection to a site may take to open. Without a limit a host that is off
+/// (SYNs unanswered) costs the kernel's two minutes of retries for every attempt.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connect to `addr` (`host:port`), trying each address it resolves to for `timeout`.
+fn connect_tcp(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    use std::net::ToSocketAddrs;
+    let mut last = None;
+    for a in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&a, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{addr} resolves to no address"),
+        )
+    }))
 }
 
 impl std::fmt::Debug for MountdSite {
@@ -219,21 +242,30 @@ impl MountdSite {
     /// A remote mountd at `addr` ("host:port"), every frame sealed with the key of `keys`.
     /// Opens (and locks) both stream ends of the link in `keys.dir`.
     pub fn tcp(site: &str, addr: &str, keys: &LinkKeys) -> Result<Self, SiteError> {
-        let link_err = |e: String| SiteError::KeyExhausted {
-            site: site.to_string(),
-            link: keys.link.clone(),
-            reason: e,
+        // Out of key only when the stream says so; a missing pool, a wrong directory, a pool in
+        // use or a bad header is a link that cannot be opened, and says which file.
+        let link_err = |e: LinkError| match e {
+            LinkError::Exhausted { .. } => SiteError::KeyExhausted {
+                site: site.to_string(),
+                link: keys.link.clone(),
+                reason: e.to_string(),
+            },
+            e => SiteError::Link {
+                site: site.to_string(),
+                link: keys.link.clone(),
+                reason: e.to_string(),
+            },
         };
         let (tx, rx) = directions(keys.end);
         let info = |d| {
             PoolFile::read_header(&pool::pool_path(&keys.dir, &keys.link, d), &keys.link)
-                .map_err(|e| link_err(e.to_string()))
+                .map_err(|e| link_err(e.into()))
         };
         let (ti, ri) = (info(tx)?, info(rx)?);
         let send = SendStream::from_dir(&keys.dir, &keys.link, tx, keys.options.clone())
-            .map_err(|e| link_err(e.to_string()))?;
+            .map_err(link_err)?;
         let recv = RecvStream::from_dir(&keys.dir, &keys.link, rx, keys.options.clone())
-            .map_err(|e| link_err(e.to_string()))?;
+            .map_err(link_err)?;
         let link = ClientLink {
             name: keys.link.clone(),
             send: Mutex::new(send),
@@ -259,7 +291,13 @@ impl MountdSite {
             pool_size: 8,
             next_id: AtomicU64::new(1),
             timeout: Duration::from_secs(60),
+            connect_timeout: CONNECT_TIMEOUT,
         }
+    }
+
+    /// How long opening a TCP connection may take (default 5 s).
+    pub fn set_connect_timeout(&mut self, t: Duration) {
+        self.connect_timeout = t;
     }
 
     /// Idle connections kept for reuse (default 8).
@@ -481,7 +519,7 @@ impl MountdSite {
                     Sock::Unix(s)
                 }
                 Addr::Tcp(a) => {
-                    let s = TcpStream::connect(a.as_str())?;
+                    let s = connect_tcp(a, self.connect_timeout)?;
                     s.set_nodelay(true)?;
                     s.set_read_timeout(Some(self.timeout))?;
                     s.set_write_timeout(Some(self.timeout))?;
@@ -794,6 +832,61 @@ pub fn socket_path(dir: &Path, site: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A site whose host does not answer (SYNs dropped: here a listener whose accept queue is
+    /// full) costs a request the connect timeout, not the kernel's two minutes of retries;
+    /// the error names the site and its address.
+    #[test]
+    fn a_site_that_does_not_answer_costs_the_connect_timeout() {
+        use std::os::fd::AsRawFd;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // SAFETY: listen on a socket this test owns; a backlog of 0 queues one connection.
+        assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+        let addr = l.local_addr().unwrap();
+        let mut held = Vec::new();
+        while let Ok(s) = TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            held.push(s);
+            assert!(held.len() < 64, "the accept queue never filled");
+        }
+        let mut site = MountdSite::with_addr("far", Addr::Tcp(addr.to_string()), None);
+        site.set_connect_timeout(Duration::from_millis(500));
+        let t = std::time::Instant::now();
+        let e = site.stat().unwrap_err();
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "a request to an unanswering site took {:?}",
+            t.elapsed()
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains("far") && msg.contains(&addr.to_string()),
+            "{msg}"
+        );
+    }
+
+    /// A link whose key directory is wrong is reported as a link that cannot be opened, naming
+    /// the site, the link and the pool file, not as a link out of key material (which would
+    /// send the operator to provision key that is not missing).
+    #[test]
+    fn a_wrong_key_directory_is_named_not_called_exhaustion() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = LinkKeys {
+            dir: dir.path().join("no-such-dir"),
+            link: "home-lsa".into(),
+            end: End::A,
+            options: StreamOptions::default(),
+        };
+        let e = MountdSite::tcp("lsa", "127.0.0.1:1", &keys).unwrap_err();
+        assert!(matches!(e, SiteError::Link { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("site lsa")
+                && msg.contains("link home-lsa")
+                && msg.contains("no-such-dir")
+                && !msg.contains("out of key"),
+            "{msg}"
+        );
+    }
 
     /// A Unix socket gets the send buffer asked for, up to what the kernel allows
     /// (`net.core.wmem_max`; Linux reports twice the size it was given).
