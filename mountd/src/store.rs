@@ -89,9 +89,11 @@ pub enum StoreError {
     },
     #[error("index {dir} is corrupt: {reason}")]
     CorruptIndex { dir: PathBuf, reason: String },
-    #[error("site {site}: volume full: need {needed} bytes, {free} free (largest free extent {largest_free})")]
+    #[error("site {site}: volume {volume} full: {key} needs {needed} bytes, {free} free (largest free extent {largest_free})")]
     VolumeFull {
         site: String,
+        volume: PathBuf,
+        key: ShareKey,
         needed: u64,
         free: u64,
         largest_free: u64,
@@ -793,6 +795,8 @@ impl<D: BlockDevice> Store<D> {
             a.allocate(extent_len)
                 .ok_or_else(|| StoreError::VolumeFull {
                     site: self.sb.site.clone(),
+                    volume: self.dev.path().to_path_buf(),
+                    key,
                     needed: extent_len,
                     free: a.free_bytes(),
                     largest_free: a.largest_free(),
@@ -801,6 +805,22 @@ impl<D: BlockDevice> Store<D> {
         // Until the index entry is inserted, a failure gives the extent back.
         let release = |e: StoreError| {
             lock(&self.alloc).free(offset, extent_len);
+            e
+        };
+        // Once the share is written, its header is valid on the volume: a failure after that
+        // zeroes it before giving the extent back, or a later `rebuild-index` would find a
+        // share the index never had (and that a delete never reaches). If even that write
+        // fails the extent stays allocated until the next start.
+        let unwrite = |e: StoreError| {
+            match tombstone(&self.dev, &self.sb, offset) {
+                Ok(()) => {
+                    lock(&self.alloc).free(offset, extent_len);
+                }
+                Err(t) => tracing::warn!(
+                    site = %self.sb.site,
+                    "{key}: zeroing the header of a share whose put failed ({e}): {t}; its extent at {offset} stays allocated until the next start"
+                ),
+            }
             e
         };
         let generation = self.next_generation().map_err(release)?;
@@ -829,25 +849,54 @@ impl<D: BlockDevice> Store<D> {
         let old = self
             .shares
             .get(key.encode())
-            .map_err(|e| release(self.ix(e)))?
+            .map_err(|e| unwrite(self.ix(e)))?
             .and_then(|v| IndexEntry::decode(&v).ok());
         if let Some(old) = &old {
             self.retiring
                 .insert(old.offset.to_be_bytes(), &retiring_record(&key, old)[..])
-                .map_err(|e| release(self.ix(e)))?;
+                .map_err(|e| unwrite(self.ix(e)))?;
         }
         if let Err(e) = self.shares.insert(key.encode(), &entry.encode()[..]) {
             if let Some(old) = &old {
                 // Harmless if it stays (`open` sees the entry still live), but not left behind.
                 let _ = self.retiring.remove(old.offset.to_be_bytes());
             }
-            return Err(release(self.ix(e)));
+            return Err(unwrite(self.ix(e)));
         }
         let seq = self.applied.fetch_add(1, Ordering::SeqCst) + 1;
         // From here the index may reference the extent: never give it back on failure.
         self.commit(seq)?;
         if let Some(old) = old {
-            self.retire(&old)?;
+            // The new share is durable and indexed: the put has succeeded whatever happens
+            // to the old extent. A failed tombstone keeps its retiring record (and the extent
+            // allocated), finished by a delete of the key or by the next start.
+            if let Err(e) = self.retire(&old) {
+                tracing::warn!(
+                    site = %self.sb.site,
+                    "{key}: zeroing the replaced share's header at {}: {e}; retried at the key's delete and at the next start",
+                    old.offset
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Finish the retiring records of `key` (replaced extents whose tombstone failed), so
+    /// that deleting the key leaves no older generation for a volume scan to bring back.
+    fn retire_leftovers(&self, key: &ShareKey) -> Result<(), StoreError> {
+        let mut left = Vec::new();
+        for item in self.retiring.iter() {
+            let (_, record) = item.map_err(|e| self.ix(e))?;
+            if record.len() == SHARE_KEY_LEN + INDEX_ENTRY_LEN
+                && record[..SHARE_KEY_LEN] == key.encode()[..]
+            {
+                if let Ok(e) = IndexEntry::decode(&record[SHARE_KEY_LEN..]) {
+                    left.push(e);
+                }
+            }
+        }
+        for e in &left {
+            self.retire(e)?;
         }
         Ok(())
     }
@@ -971,6 +1020,8 @@ impl<D: BlockDevice> Store<D> {
             .write()
             .unwrap_or_else(|e| e.into_inner());
         let e = self.entry(key)?;
+        // Older generations left by a replace whose tombstone failed, then this one.
+        self.retire_leftovers(key)?;
         // Header first, durably: a crash after it leaves an index entry that reads as damaged
         // (the caller asked for it gone), never a deleted share that a rebuild brings back.
         tombstone(&self.dev, &self.sb, e.offset)?;
@@ -1020,6 +1071,9 @@ impl<D: BlockDevice> Store<D> {
     }
 
     pub fn stat(&self) -> StoreStat {
+        // A full scan of the index (sled counts by iterating): before the allocator's lock,
+        // which every put takes.
+        let shares = self.shares.len() as u64;
         let a = lock(&self.alloc);
         let damaged_reads = self.damaged_reads.load(Ordering::Relaxed);
         StoreStat {
@@ -1028,7 +1082,7 @@ impl<D: BlockDevice> Store<D> {
             capacity: a.capacity(),
             free: a.free_bytes(),
             largest_free: a.largest_free(),
-            shares: self.shares.len() as u64,
+            shares,
             damaged_reads,
             health: if damaged_reads == 0 {
                 Health::Ok

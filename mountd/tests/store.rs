@@ -546,19 +546,37 @@ fn rebuilt(image: Vec<u8>, dir: &std::path::Path) -> (u64, u64, Store<MemVolume>
 }
 
 /// Two shares `k` and `other`, then a replace of `k` whose tombstone of the old extent does not
-/// reach the volume (a crash, here a disk failing right after the new share's write): the
-/// volume's image then, with the two keys.
-fn interrupted_replace(dir: &std::path::Path, file: u8) -> (Vec<u8>, ShareKey, ShareKey) {
+/// reach the volume (a crash, here a disk failing right after the new share's write). The put
+/// succeeds: the new share is durable and indexed. The store, with the two keys.
+fn interrupted_replace_store(
+    dir: &std::path::Path,
+    file: u8,
+) -> (Store<MemVolume>, ShareKey, ShareKey) {
     let s = Store::open(fresh(16 << 20), dir, StoreOptions::default()).unwrap();
     let (k, other) = (key(file, 1, 0), key(file, 2, 0));
     s.put(k, META, &share_bytes(1, &k, 30_000)).unwrap();
     s.put(other, META, &share_bytes(1, &other, 20_000)).unwrap();
     s.device().fail_writes_after(1);
-    assert!(matches!(
-        s.put(k, META, &share_bytes(2, &k, 30_000)),
-        Err(StoreError::Volume(_))
-    ));
+    s.put(k, META, &share_bytes(2, &k, 30_000))
+        .expect("a replace whose tombstone failed has still stored the new share");
+    (s, k, other)
+}
+
+/// [`interrupted_replace_store`], then the process gone: the volume's image, with the two keys.
+fn interrupted_replace(dir: &std::path::Path, file: u8) -> (Vec<u8>, ShareKey, ShareKey) {
+    let (s, k, other) = interrupted_replace_store(dir, file);
     (s.device().image(), k, other)
+}
+
+/// The same, with the store still running and the disk back: deleting the key first finishes
+/// the failed tombstone, so a rebuild brings back no older generation of it.
+#[test]
+fn a_delete_after_a_failed_tombstone_leaves_no_older_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, k, other) = interrupted_replace_store(dir.path(), 11);
+    s.device().fail_writes_after(u64::MAX);
+    assert_eq!(s.get(&k).unwrap().bytes(), &share_bytes(2, &k, 30_000)[..]);
+    delete_and_rebuild(s, k, other, dir.path());
 }
 
 /// Deletes `k`, loses the index and rebuilds it: `k` must stay gone (no older generation of
