@@ -257,7 +257,15 @@ fn flow(args: &DemoArgs, dir: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::R
     let reader = std::thread::spawn(move || std::fs::read(probe));
     std::thread::sleep(Duration::from_secs(2));
     if reader.is_finished() {
-        bail!("a read returned data before consent: the consent gate is broken");
+        return Err(match reader.join() {
+            Ok(Ok(_)) => {
+                anyhow::anyhow!("a read returned data before consent: the consent gate is broken")
+            }
+            Ok(Err(e)) => anyhow::anyhow!(
+                "the read without consent should have waited for the card, but failed at once: {e}"
+            ),
+            Err(_) => anyhow::anyhow!("the reader thread panicked"),
+        });
     }
     let listing: Vec<String> = std::fs::read_dir(&pdir)?
         .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
