@@ -1001,8 +1001,9 @@ impl<D: BlockDevice> Server<D> {
                         ErrorCode::BadRequest,
                         0,
                         &format!(
-                            "site {}: share of {} bytes (allowed 1..={})",
+                            "site {}: {}: share of {} bytes (allowed 1..={})",
                             self.store.site(),
+                            to_key(key),
                             data.len(),
                             self.limits.max_share_len
                         ),
