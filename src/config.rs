@@ -117,9 +117,16 @@ impl SiteConfig {
 pub struct CardConfig {
     #[serde(default = "default_mode")]
     pub mode: String,
-    #[serde(default = "default_minutes")]
-    pub minutes: u64,
+    /// Only with `mode = "expiry"` (default 15): see [`CardConfig::minutes`].
+    minutes: Option<u64>,
     pub reader: Option<String>,
+}
+
+impl CardConfig {
+    /// How long a consent given by presenting the card lasts, in `expiry` mode.
+    pub fn minutes(&self) -> u64 {
+        self.minutes.unwrap_or_else(default_minutes)
+    }
 }
 
 fn default_mode() -> String {
@@ -288,8 +295,14 @@ impl HomeConfig {
             if !matches!(card.mode.as_str(), "until-removed" | "expiry") {
                 return Err(self.invalid("card.mode", "must be \"until-removed\" or \"expiry\""));
             }
+            if card.mode != "expiry" && card.minutes.is_some() {
+                return Err(self.invalid(
+                    "card.minutes",
+                    "applies only with mode = \"expiry\" (an until-removed consent ends when the card is removed)",
+                ));
+            }
             if card.mode == "expiry"
-                && !(1..=crate::consent::MAX_GRANT_MINUTES).contains(&card.minutes)
+                && !(1..=crate::consent::MAX_GRANT_MINUTES).contains(&card.minutes())
             {
                 return Err(self.invalid(
                     "card.minutes",
@@ -444,6 +457,12 @@ end = "a"
             "{GOOD}\n[card]\nmode = \"expiry\"\nminutes = 99999999999\n"
         ));
         assert!(e.contains("card.minutes") && e.contains("7 days"), "{e}");
+        // Ignored before under the default mode; now refused.
+        let e = err(&format!("{GOOD}\n[card]\nminutes = 30\n"));
+        assert!(
+            e.contains("card.minutes") && e.contains("only with mode"),
+            "{e}"
+        );
         let e = err(&GOOD.replacen(
             "mountpoint = \"/qgenome\"",
             "mountpoint = \"/qgenome\"\nconsent_wait_secs = 18446744073709551615",

@@ -75,7 +75,7 @@ pub fn start(
             use crate::consent::{enroll, watcher};
             let cards = watcher::CardConsent::new(catalog.clone(), engine.consent.clone());
             let mode = match card.mode.as_str() {
-                "expiry" => watcher::ConsentMode::Expiry(Duration::from_secs(card.minutes * 60)),
+                "expiry" => watcher::ConsentMode::Expiry(Duration::from_secs(card.minutes() * 60)),
                 _ => watcher::ConsentMode::UntilRemoved,
             };
             let handle = watcher::start(
