@@ -736,6 +736,42 @@ fn a_file_renamed_while_written_is_committed_under_its_new_name() {
     std::fs::remove_file(dir.join("c.cram")).unwrap();
 }
 
+/// `mv a b` while `b` is open for writing: `b` is now `a`'s file, and the writer of the old `b`
+/// loses its name, as at unlink: its close neither takes `b` back nor deletes `a`'s shares.
+#[test]
+fn a_rename_over_a_file_being_written_keeps_the_renamed_file() {
+    use std::io::Write;
+    use std::os::fd::IntoRawFd;
+    let rig = Rig::new(60);
+    let dir = rig.mnt.join("P15");
+    std::fs::create_dir(&dir).unwrap();
+    rig.grant("P15");
+    let a = vec![6u8; 150_000];
+    std::fs::write(dir.join("a.cram"), &a).unwrap();
+    let mut w = std::fs::File::create(dir.join("b.cram")).unwrap();
+    w.write_all(&[9u8; 150_000]).unwrap();
+    std::fs::rename(dir.join("a.cram"), dir.join("b.cram")).unwrap();
+    w.write_all(&[9u8; 1000]).unwrap();
+    nix::unistd::close(w.into_raw_fd()).expect("close of a writer whose name was taken");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["b.cram"]);
+    let got = std::fs::read(dir.join("b.cram")).unwrap();
+    assert!(
+        got == a,
+        "b.cram holds {} bytes, not a.cram's 150000",
+        got.len()
+    );
+    std::fs::remove_file(dir.join("b.cram")).unwrap();
+    // Only the renamed file's shares were ever kept: none is left.
+    wait_for("every share deleted", || {
+        rig.sites.iter().all(|s| s.is_empty())
+    });
+}
+
 /// A writer's commit waits for a slow site while holding the writer; `stat` of that file (as
 /// `ls -l` does) must not wait with it, or a few of them hold every FUSE request thread.
 #[test]
@@ -774,13 +810,20 @@ fn stat_of_a_file_being_committed_to_a_slow_site_answers_at_once() {
 fn commits_held_by_a_slow_site_leave_the_request_threads_free() {
     use std::io::Write;
     let rig = Rig::new(60);
-    let dir = rig.mnt.join("P14");
-    std::fs::create_dir(&dir).unwrap();
-    std::fs::write(dir.join("done.cram"), [9u8; 1000]).unwrap();
+    // One file per directory: the kernel holds a directory's lock through an unlink in it, so
+    // unlinks in one directory reach the mount one at a time, and a listing of it waits for
+    // them whatever the mount does. The checks run in yet another directory.
+    let file = |i: usize| rig.mnt.join(format!("P14-{i}")).join("w.cram");
+    for i in 0..5 {
+        std::fs::create_dir(file(i).parent().unwrap()).unwrap();
+    }
+    let elsewhere = rig.mnt.join("P14b");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::write(elsewhere.join("done.cram"), [9u8; 1000]).unwrap();
     // One more than the mount's four request threads.
     let mut writers: Vec<std::fs::File> = (0..5)
         .map(|i| {
-            let mut w = std::fs::File::create(dir.join(format!("w{i}.cram"))).unwrap();
+            let mut w = std::fs::File::create(file(i)).unwrap();
             w.write_all(&[i as u8; 5000]).unwrap();
             w
         })
@@ -796,17 +839,27 @@ fn commits_held_by_a_slow_site_leave_the_request_threads_free() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(500));
+    // Unlinks of the files being committed wait for their commits: off the request loops too.
+    let removing: Vec<_> = (0..5)
+        .map(|i| {
+            let f = file(i);
+            std::thread::spawn(move || std::fs::remove_file(f))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
     let t = Instant::now();
     assert_eq!(
-        std::fs::metadata(dir.join("done.cram")).unwrap().len(),
+        std::fs::metadata(elsewhere.join("done.cram"))
+            .unwrap()
+            .len(),
         1000
     );
-    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 6);
-    let mut other = std::fs::File::create(dir.join("other.cram")).unwrap();
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 1);
+    let mut other = std::fs::File::create(elsewhere.join("other.cram")).unwrap();
     other.write_all(b"small").unwrap();
     assert!(
         t.elapsed() < Duration::from_secs(2),
-        "the mount waited {:?} behind the commits",
+        "the mount waited {:?} behind the commits and unlinks",
         t.elapsed()
     );
     assert!(
@@ -817,8 +870,16 @@ fn commits_held_by_a_slow_site_leave_the_request_threads_free() {
     for c in committing {
         drop(c.join().unwrap());
     }
+    for r in removing {
+        r.join()
+            .unwrap()
+            .expect("unlink of a file that was being committed");
+    }
     drop(other);
-    for e in std::fs::read_dir(&dir).unwrap() {
+    for i in 0..5 {
+        assert!(!file(i).exists());
+    }
+    for e in std::fs::read_dir(&elsewhere).unwrap() {
         std::fs::remove_file(e.unwrap().path()).unwrap();
     }
 }

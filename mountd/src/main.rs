@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use qgenome_mountd::bench::{bench_store, pattern, run_key, FioBaseline, StoreBench, RUN_META};
 use qgenome_mountd::config::parse_size;
-use qgenome_mountd::store::{FormatOptions, Store, StoreOptions};
+use qgenome_mountd::store::{FormatOptions, Store, StoreError, StoreOptions};
 use qgenome_mountd::volume::{
     create_file_volume, Durability, UringOptions, UringVolume, VolumeKind,
 };
@@ -312,13 +312,16 @@ fn format(
     let dev = vol.open_volume()?;
     // A volume shares were written to (whatever index serves it, from whatever state
     // directory) is formatted only on purpose: a new volume id makes every share unreadable.
-    if let Ok(sb) = qgenome_mountd::store::read_superblock(&dev) {
-        if sb.index_tag != 0 && !force {
-            bail!(
+    if !force {
+        match qgenome_mountd::store::read_superblock(&dev) {
+            Ok(sb) if sb.index_tag != 0 => bail!(
                 "volume {} holds shares of site {} (written since its format); formatting discards every one of them: pass --force to do so",
                 vol.volume.display(),
                 sb.site
-            );
+            ),
+            Ok(_) | Err(StoreError::NoSuperblock { .. }) => {}
+            // A superblock that cannot be read or checked may still front shares.
+            Err(e) => bail!("{e}; formatting would discard whatever the volume holds: pass --force to do so"),
         }
     }
     let alloc_unit = au

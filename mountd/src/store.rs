@@ -883,15 +883,19 @@ impl<D: BlockDevice> Store<D> {
 
     /// Finish the retiring records of `key` (replaced extents whose tombstone failed), so
     /// that deleting the key leaves no older generation for a volume scan to bring back.
-    fn retire_leftovers(&self, key: &ShareKey) -> Result<(), StoreError> {
+    fn retire_leftovers(&self, key: &ShareKey, live: &IndexEntry) -> Result<(), StoreError> {
         let mut left = Vec::new();
         for item in self.retiring.iter() {
             let (_, record) = item.map_err(|e| self.ix(e))?;
             if record.len() == SHARE_KEY_LEN + INDEX_ENTRY_LEN
                 && record[..SHARE_KEY_LEN] == key.encode()[..]
             {
+                // A record of the live extent (a put whose insert and cleanup both failed)
+                // is not a leftover: the delete below zeroes and frees that one.
                 if let Ok(e) = IndexEntry::decode(&record[SHARE_KEY_LEN..]) {
-                    left.push(e);
+                    if e != *live {
+                        left.push(e);
+                    }
                 }
             }
         }
@@ -1021,7 +1025,7 @@ impl<D: BlockDevice> Store<D> {
             .unwrap_or_else(|e| e.into_inner());
         let e = self.entry(key)?;
         // Older generations left by a replace whose tombstone failed, then this one.
-        self.retire_leftovers(key)?;
+        self.retire_leftovers(key, &e)?;
         // Header first, durably: a crash after it leaves an index entry that reads as damaged
         // (the caller asked for it gone), never a deleted share that a rebuild brings back.
         tombstone(&self.dev, &self.sb, e.offset)?;

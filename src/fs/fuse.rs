@@ -75,7 +75,6 @@ impl Inodes {
 enum Handle {
     Write {
         writer: SharedWriter,
-        node: (String, String),
     },
     Read {
         rec: FileRecord,
@@ -140,13 +139,122 @@ impl Writing {
     }
 }
 
+/// Open writers by (patient, name).
+type Writers = Arc<Mutex<HashMap<(String, String), SharedWriter>>>;
+
+/// What unlink and rename change, shareable with a thread of their own: when a writer is open
+/// on a name they take its lock, which a commit holds for as long as a slow site takes, and
+/// that wait must not hold a request loop.
+#[derive(Clone)]
+struct Names {
+    engine: Arc<Engine>,
+    writing: Writers,
+    inodes: Arc<Mutex<Inodes>>,
+}
+
+impl Names {
+    fn writer(&self, key: &(String, String)) -> Option<SharedWriter> {
+        self.writing.lock().expect("writing").get(key).cloned()
+    }
+
+    /// Drop `key`'s entry if it is still `w`; put `w` under `to` if given.
+    fn move_writer(&self, key: &(String, String), w: &SharedWriter, to: Option<(String, String)>) {
+        let mut writing = self.writing.lock().expect("writing");
+        if writing.get(key).is_some_and(|x| Arc::ptr_eq(x, w)) {
+            writing.remove(key);
+            if let Some(to) = to {
+                writing.insert(to, w.clone());
+            }
+        }
+    }
+
+    /// A writer open on the name loses it too, committed or not: like a Unix file without a
+    /// name it takes writes until closed, is never named again, and its shares go at its
+    /// release. Its lock is held throughout, so no commit of it runs in between.
+    fn unlink(&self, p: &str, n: &str) -> Result<(), Errno> {
+        let key = (p.to_string(), n.to_string());
+        let writer = self.writer(&key);
+        let guard = writer.as_ref().map(|w| w.lock());
+        let unnamed = guard.as_ref().and_then(|g| g.as_ref()).map(|w| w.record());
+        match self.engine.catalog.unlink(p, n) {
+            Ok(old) => {
+                if unnamed.is_none_or(|w| w.id != old.id) {
+                    self.engine.retire(&old);
+                }
+            }
+            Err(CatalogError::NoFile { .. }) if unnamed.is_some() => {}
+            Err(e) => return Err(errno(&e.into())),
+        }
+        self.engine.catalog.audit("unlink", Some(p), Some(n), "");
+        if let Some(w) = unnamed {
+            self.engine.retire(w);
+        }
+        if let Some(w) = &writer {
+            self.move_writer(&key, w, None);
+        }
+        Ok(())
+    }
+
+    /// Rename within a patient. A writer open on the source moves with it (its commits take
+    /// the new name); one open on the target loses its name, as at unlink. Both writers'
+    /// locks are held throughout, taken in name order.
+    fn rename(&self, from: &Node, to: &Node) -> Result<(), Errno> {
+        let (Node::File(p, n), Node::File(np, nn)) = (from, to) else {
+            return Err(Errno::EPERM);
+        };
+        let (src_key, dst_key) = ((p.clone(), n.clone()), (np.clone(), nn.clone()));
+        if src_key == dst_key {
+            return Ok(());
+        }
+        let (src, dst) = (self.writer(&src_key), self.writer(&dst_key));
+        fn lock(w: &Option<SharedWriter>) -> Option<std::sync::MutexGuard<'_, Option<FileWriter>>> {
+            w.as_ref().map(|w| w.lock())
+        }
+        let (mut src_guard, dst_guard) = if src_key < dst_key {
+            let s = lock(&src);
+            (s, lock(&dst))
+        } else {
+            let d = lock(&dst);
+            (lock(&src), d)
+        };
+        let open = src_guard.as_mut().and_then(|g| g.as_mut());
+        let src_open = open.is_some();
+        let result = match self.engine.rename(p, n, np, nn) {
+            // Nothing committed yet: only the writer has the name.
+            Err(EngineError::Catalog(CatalogError::NoFile { .. })) if src_open => Ok(()),
+            r => r,
+        }
+        .and_then(|()| match open {
+            Some(w) => w.rename(&self.engine, nn),
+            None => Ok(()),
+        });
+        if let Err(e) = result {
+            tracing::warn!("rename {p}/{n} -> {np}/{nn}: {e}");
+            return Err(errno(&e));
+        }
+        if let Some(displaced) = dst_guard.as_ref().and_then(|g| g.as_ref()) {
+            self.engine.retire(displaced.record());
+        }
+        if let Some(d) = &dst {
+            self.move_writer(&dst_key, d, None);
+        }
+        if let Some(s) = &src {
+            // A writer released meanwhile is dropped from the table, not moved.
+            self.move_writer(&src_key, s, src_open.then(|| dst_key.clone()));
+        }
+        drop((src_guard, dst_guard));
+        self.inodes.lock().expect("inodes").rename(from, to.clone());
+        Ok(())
+    }
+}
+
 /// The filesystem. `fuser` calls it from several request loops at once.
 pub struct QgenomeFs {
     engine: Arc<Engine>,
     inodes: Arc<Mutex<Inodes>>,
     handles: Arc<Mutex<HashMap<u64, Handle>>>,
     /// Open writers by (patient, name), so the file shows up while it is written.
-    writing: Mutex<HashMap<(String, String), SharedWriter>>,
+    writing: Writers,
     next_fh: AtomicU64,
     /// Per write handle: the processes (thread-group ids) that wrote through it, and a cache
     /// of thread id -> thread-group id. Only their FLUSH commits (see `flush`).
@@ -299,7 +407,7 @@ impl QgenomeFs {
             engine,
             inodes: Arc::new(Mutex::new(inodes)),
             handles: Arc::new(Mutex::new(HashMap::new())),
-            writing: Mutex::new(HashMap::new()),
+            writing: Arc::new(Mutex::new(HashMap::new())),
             next_fh: AtomicU64::new(1),
             writer_procs: Mutex::new(HashMap::new()),
             workers: Mutex::new(tx),
@@ -450,18 +558,48 @@ impl QgenomeFs {
         // the writer still writes; its shares then go at release, not under the writer.
         self.engine.writer_opened(&w.id());
         let writer = Arc::new(Writing::new(w));
-        let node = (patient.to_string(), name.to_string());
         self.writing
             .lock()
             .expect("writing")
-            .insert(node.clone(), writer.clone());
-        Ok(self.new_fh(Handle::Write { writer, node }))
+            .insert((patient.to_string(), name.to_string()), writer.clone());
+        Ok(self.new_fh(Handle::Write { writer }))
     }
 
     fn writer(&self, fh: FileHandle) -> Option<SharedWriter> {
         match self.handles.lock().expect("handles").get(&fh.0) {
             Some(Handle::Write { writer, .. }) => Some(writer.clone()),
             _ => None,
+        }
+    }
+
+    fn names(&self) -> Names {
+        Names {
+            engine: self.engine.clone(),
+            writing: self.writing.clone(),
+            inodes: self.inodes.clone(),
+        }
+    }
+
+    /// Run `job` (an unlink or rename) here, or on a thread of its own when a writer is open
+    /// on one of `keys`: the job then waits for that writer's lock, which a commit to a slow
+    /// site holds.
+    fn off_the_loop_if(&self, keys: &[&(String, String)], job: impl FnOnce() + Send + 'static) {
+        let busy = {
+            let writing = self.writing.lock().expect("writing");
+            keys.iter().any(|k| writing.contains_key(*k))
+        };
+        if !busy {
+            return job();
+        }
+        let job: Job = Box::new(job);
+        if let Err(job) = run_apart(
+            &self.committers,
+            MAX_COMMITTERS,
+            "fs-names",
+            "unlink or rename",
+            job,
+        ) {
+            job();
         }
     }
 
@@ -888,14 +1026,16 @@ impl Filesystem for QgenomeFs {
             .lock()
             .expect("writer procs")
             .remove(&fh.0);
-        if let Some(Handle::Write { writer, node }) = handle {
+        if let Some(Handle::Write { writer }) = handle {
             // The last commit runs under the writer's lock, so that an unlink or rename of
             // the file waits for it rather than racing it.
             let mut guard = writer.lock();
             if let Some(mut w) = guard.take() {
                 let id = w.id();
                 if let Err(e) = w.commit(&self.engine) {
-                    tracing::error!("{}/{}: not committed, discarding: {e}", node.0, node.1);
+                    // The name it has now: a rename while open moved it from `node`.
+                    let r = w.record();
+                    tracing::error!("{}/{}: not committed, discarding: {e}", r.patient, r.name);
                     w.abort(&self.engine);
                 }
                 self.engine.writer_closed(&id);
@@ -914,40 +1054,12 @@ impl Filesystem for QgenomeFs {
         let Ok(Node::File(p, n)) = self.child(parent, name) else {
             return reply.error(Errno::EPERM);
         };
-        // A writer open on the name loses it too, committed or not: like a Unix file without
-        // a name it takes writes until closed, is never named again, and its shares go at its
-        // release. Its lock is held throughout, so no commit of it runs in between.
         let key = (p.clone(), n.clone());
-        let writer = self.writing.lock().expect("writing").get(&key).cloned();
-        let guard = writer.as_ref().map(|w| w.lock());
-        let unnamed = guard.as_ref().and_then(|g| g.as_ref()).map(|w| w.record());
-        let result = match self.engine.catalog.unlink(&p, &n) {
-            Ok(old) => {
-                if unnamed.is_none_or(|w| w.id != old.id) {
-                    self.engine.retire(&old);
-                }
-                Ok(())
-            }
-            Err(CatalogError::NoFile { .. }) if unnamed.is_some() => Ok(()),
-            Err(e) => Err(e),
-        };
-        if result.is_ok() {
-            self.engine.catalog.audit("unlink", Some(&p), Some(&n), "");
-            if let Some(w) = unnamed {
-                self.engine.retire(w);
-            }
-            if let Some(w) = &writer {
-                let mut writing = self.writing.lock().expect("writing");
-                if writing.get(&key).is_some_and(|x| Arc::ptr_eq(x, w)) {
-                    writing.remove(&key);
-                }
-            }
-        }
-        drop(guard);
-        match result {
+        let names = self.names();
+        self.off_the_loop_if(&[&key], move || match names.unlink(&p, &n) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e.into())),
-        }
+            Err(e) => reply.error(e),
+        });
     }
 
     fn rename(
@@ -966,38 +1078,14 @@ impl Filesystem for QgenomeFs {
         let (Node::File(p, n), Node::File(np, nn)) = (&from, &to) else {
             return reply.error(Errno::EPERM);
         };
-        // A writer open on the name moves with it: its commits take the new name. Its lock
-        // is held throughout, so no commit of it runs in between.
-        let key = (p.clone(), n.clone());
-        let writer = self.writing.lock().expect("writing").get(&key).cloned();
-        let mut guard = writer.as_ref().map(|w| w.lock());
-        let open = guard.as_mut().and_then(|g| g.as_mut());
-        let result = match self.engine.rename(p, n, np, nn) {
-            // Nothing committed yet: only the writer has the name.
-            Err(EngineError::Catalog(CatalogError::NoFile { .. })) if open.is_some() => Ok(()),
-            r => r,
-        }
-        .and_then(|()| match open {
-            Some(w) => w.rename(&self.engine, nn),
-            None => Ok(()),
+        let keys = [(p.clone(), n.clone()), (np.clone(), nn.clone())];
+        let names = self.names();
+        self.off_the_loop_if(&[&keys[0], &keys[1]], move || {
+            match names.rename(&from, &to) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
         });
-        match result {
-            Ok(()) => {
-                if let Some(w) = writer.clone() {
-                    let mut writing = self.writing.lock().expect("writing");
-                    writing.remove(&key);
-                    writing.insert((np.clone(), nn.clone()), w);
-                }
-                drop(guard);
-                self.inodes.lock().expect("inodes").rename(&from, to);
-                reply.ok()
-            }
-            Err(e) => {
-                drop(guard);
-                tracing::warn!("rename {p}/{n} -> {np}/{nn}: {e}");
-                reply.error(errno(&e))
-            }
-        }
     }
 
     fn readdir(
