@@ -807,10 +807,10 @@ impl<D: BlockDevice> Store<D> {
             lock(&self.alloc).free(offset, extent_len);
             e
         };
-        // Once the share is written, its header is valid on the volume: a failure after that
-        // zeroes it before giving the extent back, or a later `rebuild-index` would find a
-        // share the index never had (and that a delete never reaches). If even that write
-        // fails the extent stays allocated until the next start.
+        // Once the share's write was issued, its header may be valid on the volume: a failure
+        // from then on zeroes it before giving the extent back, or a later `rebuild-index`
+        // would find a share the index never had (and that a delete never reaches). If even
+        // that write fails the extent stays allocated until the next start.
         let unwrite = |e: StoreError| {
             match tombstone(&self.dev, &self.sb, offset) {
                 Ok(()) => {
@@ -838,9 +838,10 @@ impl<D: BlockDevice> Store<D> {
         buf.as_mut_slice()[..HEADER_LEN].copy_from_slice(&header.encode());
         // The header block after HEADER_LEN and the padding after the share are zero:
         // share_buf zeroed them and only the share range was handed out.
+        // A failed write may still have put the header (and maybe every byte) on the volume.
         self.dev
             .write_at(buf, offset, true)
-            .map_err(|e| release(e.into()))?;
+            .map_err(|e| unwrite(e.into()))?;
         let entry = IndexEntry::from_header(&header, offset);
         // The extent this put replaces is recorded as retiring before the new entry goes in
         // (both are flushed by the commit below, in this order): a crash before its tombstone
