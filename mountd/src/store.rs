@@ -384,6 +384,16 @@ fn retiring_record(key: &ShareKey, e: &IndexEntry) -> [u8; SHARE_KEY_LEN + INDEX
     r
 }
 
+/// The key and replaced entry of a [`retiring_record`]; the reason if it is not one.
+fn decode_retiring(record: &[u8]) -> Result<(ShareKey, IndexEntry), String> {
+    if record.len() != SHARE_KEY_LEN + INDEX_ENTRY_LEN {
+        return Err(format!("{} bytes", record.len()));
+    }
+    let key = ShareKey::decode(&record[..SHARE_KEY_LEN]).map_err(|e| e.to_string())?;
+    let e = IndexEntry::decode(&record[SHARE_KEY_LEN..]).map_err(|e| e.to_string())?;
+    Ok((key, e))
+}
+
 /// Finishes the tombstones a crash interrupted (see the module's commit protocol). For each
 /// retiring record whose extent is no longer its key's entry, the extent's header is durably
 /// overwritten if it is still the replaced one (if the extent was reused since, its header is
@@ -407,11 +417,7 @@ fn finish_retiring<D: BlockDevice>(
             dir: dir.to_path_buf(),
             reason: format!("retiring record {}: {reason}", hex(&at)),
         };
-        if record.len() != SHARE_KEY_LEN + INDEX_ENTRY_LEN {
-            return Err(corrupt(format!("{} bytes", record.len())));
-        }
-        let key = ShareKey::decode(&record[..SHARE_KEY_LEN]).map_err(|e| corrupt(e.to_string()))?;
-        let e = IndexEntry::decode(&record[SHARE_KEY_LEN..]).map_err(|e| corrupt(e.to_string()))?;
+        let (key, e) = decode_retiring(&record).map_err(corrupt)?;
         if e.offset < sb.data_start
             || e.offset
                 .checked_add(bs as u64)
@@ -888,16 +894,12 @@ impl<D: BlockDevice> Store<D> {
         let mut left = Vec::new();
         for item in self.retiring.iter() {
             let (_, record) = item.map_err(|e| self.ix(e))?;
-            if record.len() == SHARE_KEY_LEN + INDEX_ENTRY_LEN
-                && record[..SHARE_KEY_LEN] == key.encode()[..]
-            {
-                // A record of the live extent (a put whose insert and cleanup both failed)
-                // is not a leftover: the delete below zeroes and frees that one.
-                if let Ok(e) = IndexEntry::decode(&record[SHARE_KEY_LEN..]) {
-                    if e != *live {
-                        left.push(e);
-                    }
-                }
+            // A record of the live extent (a put whose insert and cleanup both failed) is not
+            // a leftover: the delete zeroes and frees that one. A record that does not decode
+            // is left for `open`, which reports it.
+            match decode_retiring(&record) {
+                Ok((k, e)) if k == *key && e != *live => left.push(e),
+                _ => {}
             }
         }
         for e in &left {

@@ -1033,7 +1033,7 @@ impl Filesystem for QgenomeFs {
             if let Some(mut w) = guard.take() {
                 let id = w.id();
                 if let Err(e) = w.commit(&self.engine) {
-                    // The name it has now: a rename while open moved it from `node`.
+                    // Its record has the name it has now, after any rename while open.
                     let r = w.record();
                     tracing::error!("{}/{}: not committed, discarding: {e}", r.patient, r.name);
                     w.abort(&self.engine);
