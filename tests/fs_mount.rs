@@ -902,3 +902,104 @@ fn a_file_not_yet_committed_is_busy_for_readers_then_readable() {
     assert_eq!(std::fs::read(&f).unwrap(), vec![3u8; 5000]);
     std::fs::remove_file(&f).unwrap();
 }
+
+/// `renameat2` with RENAME_EXCHANGE is refused (taken as a plain rename, it deleted the
+/// target's version); RENAME_NOREPLACE keeps an existing target and renames onto a free name.
+#[test]
+fn a_rename_exchange_is_refused_and_noreplace_keeps_the_target() {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("P8")).unwrap();
+    let (a, b, c) = (
+        rig.mnt.join("P8/a.cram"),
+        rig.mnt.join("P8/b.cram"),
+        rig.mnt.join("P8/c.cram"),
+    );
+    std::fs::write(&a, vec![1u8; 70_000]).unwrap();
+    std::fs::write(&b, vec![2u8; 3_000]).unwrap();
+    let rename2 = |from: &Path, to: &Path, flags: libc::c_uint| -> Result<(), i32> {
+        let (f, t) = (
+            CString::new(from.as_os_str().as_bytes()).unwrap(),
+            CString::new(to.as_os_str().as_bytes()).unwrap(),
+        );
+        // SAFETY: two valid NUL-terminated paths.
+        let r = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                f.as_ptr(),
+                libc::AT_FDCWD,
+                t.as_ptr(),
+                flags,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error().raw_os_error().unwrap())
+        }
+    };
+    assert_eq!(rename2(&a, &b, libc::RENAME_EXCHANGE), Err(libc::EINVAL));
+    assert_eq!(rename2(&a, &b, libc::RENAME_NOREPLACE), Err(libc::EEXIST));
+    rename2(&a, &c, libc::RENAME_NOREPLACE).unwrap();
+    rig.grant("P8");
+    assert!(!a.exists());
+    assert_eq!(std::fs::read(&b).unwrap(), vec![2u8; 3_000]);
+    assert_eq!(std::fs::read(&c).unwrap(), vec![1u8; 70_000]);
+}
+
+/// A process that wrote and dies before closing (killed, or exiting with a failure status)
+/// leaves the file as its last commit did: an O_TRUNC replacement keeps the old version, and
+/// a new file never appears. A normal exit without a close commits, as close would.
+#[test]
+fn a_writer_that_dies_before_closing_leaves_the_previous_version() {
+    let rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("P9")).unwrap();
+    let (x, y) = (rig.mnt.join("P9/x.cram"), rig.mnt.join("P9/y.cram"));
+    std::fs::write(&x, vec![5u8; 100_000]).unwrap();
+    let size = |f: &Path| std::fs::metadata(f).map(|m| m.len()).ok();
+    for (f, before) in [(&x, Some(100_000)), (&y, None)] {
+        let mut dd = Command::new("dd")
+            .arg("if=/dev/zero")
+            .arg(format!("of={}", f.display()))
+            .args(["bs=64k", "count=1000000"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for("dd to write 1 MiB", || {
+            size(f).is_some_and(|s| s >= 1 << 20)
+        });
+        dd.kill().unwrap();
+        dd.wait().unwrap();
+        wait_for("the killed writer's release", || size(f) == before);
+    }
+    // A process that opens, writes and exits with status 3 without closing.
+    let z = rig.mnt.join("P9/z.txt");
+    let exit = |code: u8| {
+        let script = format!(
+            "import os; fd = os.open({:?}, os.O_WRONLY | os.O_CREAT | os.O_TRUNC); os.write(fd, b'partial'); os._exit({code})",
+            z.display().to_string()
+        );
+        Command::new("python3")
+            .args(["-c", &script])
+            .status()
+            .unwrap()
+    };
+    assert_eq!(exit(3).code(), Some(3));
+    wait_for("the failed writer's release", || size(&z).is_none());
+    assert!(!z.exists(), "a writer that failed published its file");
+    assert_eq!(exit(0).code(), Some(0));
+    wait_for("the writer's release", || size(&z) == Some(7));
+    rig.grant("P9");
+    assert_eq!(std::fs::read(&x).unwrap(), vec![5u8; 100_000]);
+    assert_eq!(std::fs::read(&z).unwrap(), b"partial");
+    let names: Vec<_> = std::fs::read_dir(rig.mnt.join("P9"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    // Only x's two chunks and z's one, and their manifests, have shares left.
+    wait_for("the abandoned versions' shares to go", || {
+        rig.sites.iter().all(|s| s.len() == 3 + 2)
+    });
+}

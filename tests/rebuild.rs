@@ -353,6 +353,66 @@ fn a_manifest_rewrite_cut_short_or_a_lying_site_still_rebuilds_a_consistent_mani
     assert_eq!(read_all(&d, "P1", "new").unwrap(), data);
 }
 
+/// A rename (or chmod) of a file committed by an fsync and still being written rewrites the
+/// manifest of the committed version only: a rebuild restores it at its committed size.
+#[test]
+fn a_manifest_rewritten_while_the_file_grows_describes_the_committed_version() {
+    let rig = Rig::new();
+    let a = rig.engine("catalog-a");
+    a.catalog.add_patient("P1").unwrap();
+    let data = random(150_000 + 140_000);
+    let mut w = a.create("P1", "grows", 0o644).unwrap();
+    w.write(&a, 0, &data[..150_000]).unwrap();
+    w.commit(&a).unwrap();
+    // Two more whole chunks, uploaded and recorded, not committed.
+    w.write(&a, 150_000, &data[150_000..]).unwrap();
+    w.wait_in_flight(&a).unwrap();
+    let id = w.id();
+    assert!(
+        a.catalog.chunks(&id).unwrap().len() > 3,
+        "appended chunks recorded"
+    );
+    a.rename("P1", "grows", "P1", "renamed").unwrap();
+    a.set_attrs(&id, Some(0o600), None).unwrap();
+    let b = rig.engine("catalog-b");
+    let report = b.rebuild_catalog().unwrap();
+    assert_eq!(restored_names(&report), ["P1/renamed"], "{report:?}");
+    let rec = b.catalog.file("P1", "renamed").unwrap().unwrap();
+    assert_eq!((rec.size, rec.mode), (150_000, 0o600));
+    b.consent.grant("P1", Some(Duration::from_secs(60)), "test");
+    assert_eq!(read_all(&b, "P1", "renamed").unwrap(), &data[..150_000]);
+    w.abort(&a);
+}
+
+/// A version deleted while a site is down stays in the catalog, retired, and the next
+/// recovery deletes its shares there once the site is back (they were left for good before).
+#[test]
+fn shares_a_down_site_kept_at_a_delete_go_at_the_next_recovery() {
+    let rig = Rig::new();
+    let a = rig.engine("catalog-a");
+    a.catalog.add_patient("P1").unwrap();
+    // Committed by an fsync, then grown by two chunks and abandoned.
+    let data = random(290_000);
+    let mut w = a.create("P1", "f", 0o644).unwrap();
+    w.write(&a, 0, &data[..150_000]).unwrap();
+    w.commit(&a).unwrap();
+    w.write(&a, 150_000, &data[150_000..]).unwrap();
+    w.abort(&a);
+    rig.sites[2].inner.set_down(true);
+    unlink(&a, "P1", "f");
+    assert!(rig.sites[..2].iter().all(|s| s.inner.is_empty()));
+    rig.sites[2].inner.set_down(false);
+    assert_eq!(
+        rig.sites[2].inner.len(),
+        5 + 1,
+        "five chunks and the manifest"
+    );
+    assert_eq!(a.catalog.retired().unwrap().len(), 1, "still retired");
+    assert_eq!(a.recover().unwrap(), 1);
+    assert!(rig.sites.iter().all(|s| s.inner.is_empty()));
+    assert!(a.catalog.retired().unwrap().is_empty());
+}
+
 #[test]
 fn a_site_down_during_the_rebuild_is_reported_and_files_stay_readable() {
     let rig = Rig::new();

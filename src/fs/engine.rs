@@ -710,12 +710,25 @@ impl Engine {
         self.discard(rec);
     }
 
-    /// Delete a version's shares from every site, then its catalog records. Errors are logged:
-    /// an orphaned share reveals nothing alone, and `qgenome catalog rebuild` reports orphans.
+    /// Delete a version's shares from every site, then its catalog records. A share that
+    /// cannot be deleted (a site down) is logged, and the records stay: the version stays
+    /// retired (or unfinished), and [`Engine::recover`] tries again at the next mount, instead
+    /// of leaving shares that nothing would ever delete.
     ///
-    /// Chunks past the last recorded one (in flight, or uploaded while their records were not
-    /// yet durable when the mount died) are found by listing each site from there.
+    /// Each site lists what it holds of the version, so that chunks past the records go too:
+    /// in flight when a writer failed, appended after an fsync's commit by a writer that was
+    /// then abandoned, or uploaded while their records were not yet durable when the mount
+    /// died. A site that cannot list gets the recorded indices and `max_in_flight` more
+    /// deleted.
     pub fn discard(&self, rec: &FileRecord) {
+        let failed = std::cell::Cell::new(0usize);
+        let delete = |site: &dyn ShareSite, key: &ShareKey| match site.delete(key) {
+            Ok(()) | Err(SiteError::NotFound { .. }) => {}
+            Err(e) => {
+                tracing::warn!("{}: deleting {key}: {e}", label(rec));
+                failed.set(failed.get() + 1);
+            }
+        };
         // The manifest goes first: a crash part-way leaves data shares without a manifest,
         // which a catalog rebuild reports as an orphan instead of restoring the file.
         {
@@ -726,39 +739,15 @@ impl Engine {
                     chunk: MANIFEST_CHUNK,
                     share: share as u8,
                 };
-                match site.delete(&key) {
-                    Ok(()) | Err(SiteError::NotFound { .. }) => {}
-                    Err(e) => tracing::warn!("{}: deleting manifest {key}: {e}", label(rec)),
-                }
+                delete(site.as_ref(), &key);
             }
         }
         let recorded = self.catalog.chunks(&rec.id).unwrap_or_default().len() as u64;
-        for index in 0..recorded {
-            for (share, site) in self.core.sites.iter().enumerate() {
-                let key = ShareKey {
-                    file: rec.id,
-                    chunk: index,
-                    share: share as u8,
-                };
-                match site.delete(&key) {
-                    Ok(()) | Err(SiteError::NotFound { .. }) => {}
-                    Err(e) => tracing::warn!("{}: deleting {key}: {e}", label(rec)),
-                }
-            }
-        }
-        // Chunks past the last recorded one of a version never committed: in flight when the
-        // writer failed, or uploaded while their records were not yet durable when the mount
-        // died (the catalog is flushed at commits, so a committed version has none). Each
-        // site lists what it holds of the version from there; one that cannot list gets the
-        // `max_in_flight` indices after the last record deleted.
-        let sites = match rec.state {
-            FileState::Writing => &self.core.sites[..],
-            _ => &[],
-        };
-        for (share, site) in sites.iter().enumerate() {
-            let keys = shares_from(site.as_ref(), &rec.id, recorded).unwrap_or_else(|e| {
-                tracing::debug!("{}: listing site {}: {e}", label(rec), site.name());
-                (recorded..=recorded + self.cfg.max_in_flight as u64)
+        for (share, site) in self.core.sites.iter().enumerate() {
+            let keys = shares_from(site.as_ref(), &rec.id, 0).unwrap_or_else(|e| {
+                tracing::warn!("{}: listing site {}: {e}", label(rec), site.name());
+                failed.set(failed.get() + 1);
+                (0..=recorded + self.cfg.max_in_flight as u64)
                     .map(|chunk| ShareKey {
                         file: rec.id,
                         chunk,
@@ -767,11 +756,16 @@ impl Engine {
                     .collect()
             });
             for key in keys.iter().filter(|k| k.chunk != MANIFEST_CHUNK) {
-                match site.delete(key) {
-                    Ok(()) | Err(SiteError::NotFound { .. }) => {}
-                    Err(e) => tracing::debug!("{}: deleting {key}: {e}", label(rec)),
-                }
+                delete(site.as_ref(), key);
             }
+        }
+        if failed.get() > 0 {
+            tracing::warn!(
+                "{}: {} deletions or listings failed; the version stays in the catalog and the next mount deletes the rest",
+                label(rec),
+                failed.get()
+            );
+            return;
         }
         if let Err(e) = self.catalog.forget(&rec.id) {
             tracing::warn!("{}: forgetting version: {e}", label(rec));
@@ -857,7 +851,15 @@ impl Engine {
             let (FileState::Committed, Some(root)) = (rec.state, rec.root) else {
                 return Ok(None);
             };
-            let chunks = self.catalog.chunks(id)?;
+            // A version committed by an fsync and still growing has records of chunks past
+            // its committed size: they are not the committed version's (its root does not
+            // cover them), and a manifest with them fails its check in a rebuild.
+            let mut chunks = self.catalog.chunks(id)?;
+            let committed = chunks
+                .iter()
+                .take_while(|c| c.offset + u64::from(c.len) <= rec.size)
+                .count();
+            chunks.truncate(committed);
             self.put_manifest(&rec, root, &chunks)?;
             Ok(Some(rec))
         })();

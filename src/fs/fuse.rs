@@ -94,6 +94,31 @@ const MAX_COMMITTERS: usize = 256;
 struct WriterProcs {
     tgids: std::collections::HashSet<u32>,
     tid_to_tgid: HashMap<u32, u32>,
+    /// How a process that wrote through the handle ended without closing it (killed, or
+    /// exited with a failure status): the handle's writes are then not committed.
+    abandoned: Option<String>,
+}
+
+/// How thread `tid` ends, if it is exiting abnormally: killed by a signal, or exiting with a
+/// non-zero status. `None` for a live thread, a normal exit, or what /proc does not show (a
+/// thread in another PID namespace, or `exit_code` hidden from a mount without the rights to
+/// trace it). A FLUSH that a dying process's kernel exit sends comes from that process.
+fn abnormal_exit(tid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).ok()?;
+    // The command name, in parentheses, may hold spaces: fields are counted after it, from
+    // field 3 (state). flags is field 9 and exit_code field 52 (proc(5)).
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let flags: u64 = fields.get(6)?.parse().ok()?;
+    let code: i32 = fields.get(49)?.parse().ok()?;
+    const PF_EXITING: u64 = 0x4;
+    if flags & PF_EXITING == 0 {
+        return None;
+    }
+    match (code & 0x7f, (code >> 8) & 0xff) {
+        (0, 0) => None,
+        (0, status) => Some(format!("exited with status {status}")),
+        (signal, _) => Some(format!("was killed by signal {signal}")),
+    }
 }
 
 /// The thread-group id (process id) of thread `tid`, from /proc; the tid itself if unknown.
@@ -197,8 +222,9 @@ impl Names {
 
     /// Rename within a patient. A writer open on the source moves with it (its commits take
     /// the new name); one open on the target loses its name, as at unlink. Both writers'
-    /// locks are held throughout, taken in name order.
-    fn rename(&self, from: &Node, to: &Node) -> Result<(), Errno> {
+    /// locks are held throughout, taken in name order. With `noreplace`, a target that is
+    /// committed or being written is left alone and the answer is `EEXIST`.
+    fn rename(&self, from: &Node, to: &Node, noreplace: bool) -> Result<(), Errno> {
         let (Node::File(p, n), Node::File(np, nn)) = (from, to) else {
             return Err(Errno::EPERM);
         };
@@ -217,6 +243,16 @@ impl Names {
             let d = lock(&dst);
             (lock(&src), d)
         };
+        if noreplace {
+            let writing = dst_guard.as_ref().is_some_and(|g| g.is_some());
+            let committed = self.engine.catalog.file(np, nn).map_err(|e| {
+                tracing::warn!("rename {p}/{n} -> {np}/{nn}: {e}");
+                errno(&EngineError::Catalog(e))
+            })?;
+            if writing || committed.is_some() {
+                return Err(Errno::EEXIST);
+            }
+        }
         let open = src_guard.as_mut().and_then(|g| g.as_mut());
         let src_open = open.is_some();
         let result = match self.engine.rename(p, n, np, nn) {
@@ -980,6 +1016,11 @@ impl Filesystem for QgenomeFs {
     /// closes at exec. Committing on those would make a half-written file visible (and keep it
     /// after a crash), so only a process that wrote through the handle commits at its close;
     /// any other close just waits for the chunks in flight and reports their errors.
+    ///
+    /// A process that wrote and dies without closing (killed, or exiting with a failure
+    /// status) also closes its descriptors, from its exit: that FLUSH marks the handle
+    /// abandoned, and its RELEASE drops what was written since the last commit, so a
+    /// pipeline step that crashed never replaces a good file with its partial output.
     fn flush(
         &self,
         req: &Request,
@@ -988,13 +1029,27 @@ impl Filesystem for QgenomeFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let wrote = {
-            let procs = self.writer_procs.lock().expect("writer procs");
-            procs
-                .get(&fh.0)
-                .is_some_and(|p| p.tgids.contains(&tgid_of(req.pid())))
+        let commit = {
+            let mut procs = self.writer_procs.lock().expect("writer procs");
+            match procs.get_mut(&fh.0) {
+                Some(p) if p.tgids.contains(&tgid_of(req.pid())) => {
+                    match abnormal_exit(req.pid()) {
+                        Some(how) => {
+                            let how = format!("process {} {how}", req.pid());
+                            tracing::warn!(
+                                "write handle {}: {how} before closing it; its writes since the last commit will not be committed",
+                                fh.0
+                            );
+                            p.abandoned = Some(how);
+                            false
+                        }
+                        None => p.abandoned.is_none(),
+                    }
+                }
+                _ => false,
+            }
         };
-        self.commit_apart(fh, wrote, reply);
+        self.commit_apart(fh, commit, reply);
     }
 
     fn fsync(
@@ -1022,17 +1077,27 @@ impl Filesystem for QgenomeFs {
         if let Some(Handle::Read { rec, .. }) = &handle {
             self.engine.reader_closed(&rec.id);
         }
-        self.writer_procs
+        let abandoned = self
+            .writer_procs
             .lock()
             .expect("writer procs")
-            .remove(&fh.0);
+            .remove(&fh.0)
+            .and_then(|p| p.abandoned);
         if let Some(Handle::Write { writer }) = handle {
             // The last commit runs under the writer's lock, so that an unlink or rename of
             // the file waits for it rather than racing it.
             let mut guard = writer.lock();
             if let Some(mut w) = guard.take() {
                 let id = w.id();
-                if let Err(e) = w.commit(&self.engine) {
+                if let Some(how) = abandoned {
+                    let r = w.record();
+                    tracing::warn!(
+                        "{}/{}: not committed, {how} before closing it; the file stays as its last commit left it (an fsync's, or the version it was to replace)",
+                        r.patient,
+                        r.name,
+                    );
+                    w.abort(&self.engine);
+                } else if let Err(e) = w.commit(&self.engine) {
                     // Its record has the name it has now, after any rename while open.
                     let r = w.record();
                     tracing::error!("{}/{}: not committed, discarding: {e}", r.patient, r.name);
@@ -1069,9 +1134,16 @@ impl Filesystem for QgenomeFs {
         name: &OsStr,
         newparent: INodeNo,
         newname: &OsStr,
-        _flags: RenameFlags,
+        flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        // An exchange (or a whiteout) is not done: taken as a plain rename, it would delete
+        // the target's version.
+        if flags.intersects(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_WHITEOUT) {
+            tracing::info!("rename of {name:?}: flags {flags} not supported");
+            return reply.error(Errno::EINVAL);
+        }
+        let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
         let (Ok(from), Ok(to)) = (self.child(parent, name), self.child(newparent, newname)) else {
             return reply.error(Errno::EINVAL);
         };
@@ -1081,7 +1153,7 @@ impl Filesystem for QgenomeFs {
         let keys = [(p.clone(), n.clone()), (np.clone(), nn.clone())];
         let names = self.names();
         self.off_the_loop_if(&[&keys[0], &keys[1]], move || {
-            match names.rename(&from, &to) {
+            match names.rename(&from, &to, noreplace) {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
             }
