@@ -1003,3 +1003,25 @@ fn a_writer_that_dies_before_closing_leaves_the_previous_version() {
         rig.sites.iter().all(|s| s.len() == 3 + 2)
     });
 }
+
+/// A site out of space fails the write with ENOSPC ("No space left on device"), not EIO, and
+/// the file is not committed.
+#[test]
+fn a_full_site_fails_the_write_with_enospc() {
+    use std::io::Write;
+    let rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("P10")).unwrap();
+    rig.sites[1].set_capacity(4);
+    let f = rig.mnt.join("P10/big.cram");
+    let err = (|| -> std::io::Result<()> {
+        let mut w = std::fs::File::create(&f)?;
+        for _ in 0..16 {
+            w.write_all(&[7u8; 65_536])?;
+        }
+        w.sync_all()
+    })()
+    .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    wait_for("the failed writer's release", || !f.exists());
+    rig.sites[1].set_capacity(0);
+}

@@ -30,6 +30,14 @@ pub use merkle::Hash;
 
 pub type FileId = [u8; 16];
 
+/// The outcome of a write that checks the record it read is still there (see
+/// [`Catalog::update_record`]).
+enum Swap<T> {
+    Done(T),
+    /// The record changed after it was read: nothing was written.
+    Stale,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CatalogError {
@@ -403,33 +411,79 @@ impl Catalog {
         root: Hash,
         mtime: u64,
     ) -> Result<Option<FileRecord>> {
-        let mut rec = self
-            .file_by_id(id)?
-            .ok_or_else(|| CatalogError::NotWriting(merkle::hex(id)))?;
-        rec.state = FileState::Committed;
-        rec.size = size;
-        rec.root = Some(root);
-        rec.mtime = mtime;
-        let key = name_key(&rec.patient, &rec.name);
-        let value = Self::encode(&rec);
-        let replaced = self.swap_name(&key, Some(id), Some((id, value)), None)?;
+        let missing = || CatalogError::NotWriting(merkle::hex(id));
+        let replaced = self.update_record(id, missing, |read, mut rec| {
+            rec.state = FileState::Committed;
+            rec.size = size;
+            rec.root = Some(root);
+            rec.mtime = mtime;
+            let key = name_key(&rec.patient, &rec.name);
+            self.swap_name(
+                &key,
+                Some(id),
+                Some((id, Self::encode(&rec), Some(read))),
+                None,
+            )
+        })?;
         self.flush()?;
         Ok(replaced)
     }
 
-    /// Atomically set (or remove) `names[key]` and write a file record; returns the record
-    /// of the version the name pointed at before, removed from `files` (its chunks stay until
-    /// [`Catalog::forget`]).
+    /// Read-modify-write of `files[id]` that loses no concurrent change: `write` gets the
+    /// record's stored bytes and the record, and returns `Swap::Stale` if the record is no
+    /// longer those bytes when it writes (a chmod, a rename, another commit came between),
+    /// and then runs again on the new record. A record gone meanwhile (retired, forgotten)
+    /// is the error `missing()`.
+    fn update_record<T>(
+        &self,
+        id: &FileId,
+        missing: impl Fn() -> CatalogError,
+        mut write: impl FnMut(sled::IVec, FileRecord) -> Result<Swap<T>>,
+    ) -> Result<T> {
+        loop {
+            let Some(read) = self.files.get(id).map_err(|e| self.db_err(e))? else {
+                return Err(missing());
+            };
+            let rec = self.decode(id, &read)?;
+            if let Swap::Done(t) = write(read, rec)? {
+                return Ok(t);
+            }
+        }
+    }
+
+    /// `files[id] = value` if it still holds `read` (see [`Catalog::update_record`]).
+    fn replace_record(&self, id: &FileId, read: &[u8], value: Vec<u8>) -> Result<Swap<()>> {
+        Ok(
+            match self
+                .files
+                .compare_and_swap(id, Some(read), Some(value))
+                .map_err(|e| self.db_err(e))?
+            {
+                Ok(()) => Swap::Done(()),
+                Err(_) => Swap::Stale,
+            },
+        )
+    }
+
+    /// Atomically set (or remove) `names[key]` and write a file record (if the record is
+    /// still the bytes given as read, when given: else nothing changes, and the answer is
+    /// `Swap::Stale`); returns the record of the version the name pointed at before, removed
+    /// from `files` (its chunks stay until [`Catalog::forget`]).
     fn swap_name(
         &self,
         key: &[u8],
         id: Option<&FileId>,
-        record: Option<(&FileId, Vec<u8>)>,
+        record: Option<(&FileId, Vec<u8>, Option<sled::IVec>)>,
         also_remove: Option<&[u8]>,
-    ) -> Result<Option<FileRecord>> {
+    ) -> Result<Swap<Option<FileRecord>>> {
         use sled::Transactional;
         let res: std::result::Result<Option<sled::IVec>, TransactionError<()>> =
             (&self.names, &self.files, &self.retired).transaction(|(names, files, retired)| {
+                if let Some((id, _, Some(read))) = &record {
+                    if files.get(id.as_slice())?.as_ref() != Some(read) {
+                        return Err(ConflictableTransactionError::Abort(()));
+                    }
+                }
                 let prev = match id {
                     Some(id) => names.insert(key, id.as_slice())?,
                     None => names.remove(key)?,
@@ -443,7 +497,7 @@ impl Catalog {
                         }
                     }
                 }
-                if let Some((id, value)) = &record {
+                if let Some((id, value, _)) = &record {
                     files.insert(id.as_slice(), value.as_slice())?;
                 }
                 if let Some(other) = also_remove {
@@ -451,17 +505,20 @@ impl Catalog {
                 }
                 Ok::<_, ConflictableTransactionError<()>>(old)
             });
-        let old = res.map_err(|e| match e {
-            TransactionError::Storage(e) => self.db_err(e),
-            TransactionError::Abort(()) => unreachable!("no abort"),
-        })?;
-        old.map(|v| self.decode(key, &v)).transpose()
+        let old = match res {
+            Ok(old) => old,
+            Err(TransactionError::Abort(())) => return Ok(Swap::Stale),
+            Err(TransactionError::Storage(e)) => return Err(self.db_err(e)),
+        };
+        Ok(Swap::Done(old.map(|v| self.decode(key, &v)).transpose()?))
     }
 
     /// Remove `patient/name`; returns the removed version, whose shares the caller deletes.
     pub fn unlink(&self, patient: &str, name: &str) -> Result<FileRecord> {
         let key = name_key(patient, name);
-        let old = self.swap_name(&key, None, None, None)?;
+        let Swap::Done(old) = self.swap_name(&key, None, None, None)? else {
+            unreachable!("no record to find changed");
+        };
         self.flush()?;
         old.ok_or_else(|| CatalogError::NoFile {
             patient: patient.to_string(),
@@ -481,44 +538,48 @@ impl Catalog {
         if self.patient(new_patient)?.is_none() {
             return Err(CatalogError::NoPatient(new_patient.to_string()));
         }
-        let mut rec = self
-            .file(patient, name)?
-            .ok_or_else(|| CatalogError::NoFile {
-                patient: patient.to_string(),
-                name: name.to_string(),
-            })?;
+        let no_file = || CatalogError::NoFile {
+            patient: patient.to_string(),
+            name: name.to_string(),
+        };
+        let old_key = name_key(patient, name);
+        let Some(id) = self.names.get(&old_key).map_err(|e| self.db_err(e))? else {
+            return Err(no_file());
+        };
+        let id: FileId = id.as_ref().try_into().map_err(|_| CatalogError::Corrupt {
+            path: self.path.clone(),
+            key: String::from_utf8_lossy(&old_key).into_owned(),
+            reason: format!("a file id of {} bytes", id.len()),
+        })?;
         if patient == new_patient && name == new_name {
             return Ok(None);
         }
-        rec.patient = new_patient.to_string();
-        rec.name = new_name.to_string();
-        let id = rec.id;
-        let value = Self::encode(&rec);
-        let old_key = name_key(patient, name);
-        let replaced = self.swap_name(
-            &name_key(new_patient, new_name),
-            Some(&id),
-            Some((&id, value)),
-            Some(&old_key),
-        )?;
+        let replaced = self.update_record(&id, no_file, |read, mut rec| {
+            rec.patient = new_patient.to_string();
+            rec.name = new_name.to_string();
+            self.swap_name(
+                &name_key(new_patient, new_name),
+                Some(&id),
+                Some((&id, Self::encode(&rec), Some(read))),
+                Some(&old_key),
+            )
+        })?;
         self.flush()?;
         Ok(replaced)
     }
 
     /// Change a version's mode bits and/or modification time.
     pub fn set_attrs(&self, id: &FileId, mode: Option<u32>, mtime: Option<u64>) -> Result<()> {
-        let mut rec = self
-            .file_by_id(id)?
-            .ok_or_else(|| CatalogError::NotWriting(merkle::hex(id)))?;
-        if let Some(m) = mode {
-            rec.mode = m & 0o7777;
-        }
-        if let Some(t) = mtime {
-            rec.mtime = t;
-        }
-        self.files
-            .insert(id, Self::encode(&rec))
-            .map_err(|e| self.db_err(e))?;
+        let missing = || CatalogError::NotWriting(merkle::hex(id));
+        self.update_record(id, missing, |read, mut rec| {
+            if let Some(m) = mode {
+                rec.mode = m & 0o7777;
+            }
+            if let Some(t) = mtime {
+                rec.mtime = t;
+            }
+            self.replace_record(id, &read, Self::encode(&rec))
+        })?;
         self.flush()
     }
 
@@ -526,16 +587,14 @@ impl Catalog {
     /// its commit will take. A committed version is renamed by [`Catalog::rename`].
     pub fn rename_unnamed(&self, id: &FileId, new_name: &str) -> Result<()> {
         validate_name(new_name)?;
-        let mut rec = self
-            .file_by_id(id)?
-            .ok_or_else(|| CatalogError::NotWriting(merkle::hex(id)))?;
-        if rec.state != FileState::Writing {
-            return Ok(());
-        }
-        rec.name = new_name.to_string();
-        self.files
-            .insert(id, Self::encode(&rec))
-            .map_err(|e| self.db_err(e))?;
+        let missing = || CatalogError::NotWriting(merkle::hex(id));
+        self.update_record(id, missing, |read, mut rec| {
+            if rec.state != FileState::Writing {
+                return Ok(Swap::Done(()));
+            }
+            rec.name = new_name.to_string();
+            self.replace_record(id, &read, Self::encode(&rec))
+        })?;
         self.flush()
     }
 
@@ -557,13 +616,13 @@ impl Catalog {
         }
         let mut rec = rec.clone();
         rec.state = FileState::Committed;
+        let key = name_key(&rec.patient, &rec.name);
         let value = Self::encode(&rec);
-        let replaced = self.swap_name(
-            &name_key(&rec.patient, &rec.name),
-            Some(&rec.id),
-            Some((&rec.id, value)),
-            None,
-        )?;
+        let Swap::Done(replaced) =
+            self.swap_name(&key, Some(&rec.id), Some((&rec.id, value, None)), None)?
+        else {
+            unreachable!("a record written whatever it was");
+        };
         self.flush()?;
         Ok(replaced)
     }
@@ -770,6 +829,46 @@ mod tests {
         ));
         c.remove_patient("P2").unwrap();
         assert_eq!(c.patients().unwrap(), vec!["P1".to_string()]);
+    }
+
+    /// A commit and a chmod of one version at once: neither writes back a record the other
+    /// changed after it was read (a re-commit's size, a mode), and a re-commit of a version
+    /// another commit replaced fails instead of taking the name back.
+    #[test]
+    fn concurrent_changes_to_a_version_lose_nothing() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let (_d, c) = cat();
+        c.add_patient("P1").unwrap();
+        let v = c.begin("P1", "x", 1024, 2, 3, 0o600).unwrap();
+        c.commit(&v.id, 0, [0; 32]).unwrap();
+        let committed = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for size in 1..=300u64 {
+                    c.commit_at(&v.id, size, [1; 32], 7).unwrap();
+                    committed.store(size, Ordering::SeqCst);
+                }
+            });
+            s.spawn(|| {
+                for i in 0..300u32 {
+                    let floor = committed.load(Ordering::SeqCst);
+                    c.set_attrs(&v.id, Some(0o600 | (i & 1)), None).unwrap();
+                    let rec = c.file_by_id(&v.id).unwrap().unwrap();
+                    assert!(rec.size >= floor, "a chmod wrote back size {}", rec.size);
+                    assert_eq!(rec.mode & 1, i & 1, "a commit wrote back the mode");
+                }
+            });
+        });
+        let rec = c.file("P1", "x").unwrap().unwrap();
+        assert_eq!((rec.size, rec.mode), (300, 0o601));
+        // A newer version replaces it; the old one's re-commit finds it retired.
+        let w = c.begin("P1", "x", 1024, 2, 3, 0o600).unwrap();
+        assert_eq!(c.commit(&w.id, 5, [2; 32]).unwrap().unwrap().id, v.id);
+        assert!(matches!(
+            c.commit(&v.id, 301, [1; 32]),
+            Err(CatalogError::NotWriting(_))
+        ));
+        assert_eq!(c.file("P1", "x").unwrap().unwrap().id, w.id);
     }
 
     #[test]

@@ -173,6 +173,8 @@ pub enum EngineError {
         file: String,
         chunk: u64,
         reason: String,
+        /// A site's volume or a link's key ran out (ENOSPC rather than EIO).
+        no_space: bool,
     },
     #[error(
         "{file}: chunk {chunk}: only {good} of the {need} shares needed could be read ({detail})"
@@ -206,7 +208,12 @@ pub enum EngineError {
         chunk_size: usize,
     },
     #[error("{file}: an earlier chunk failed, the file will not be committed: {reason}")]
-    Failed { file: String, reason: String },
+    Failed {
+        file: String,
+        reason: String,
+        /// As for [`EngineError::Store`].
+        no_space: bool,
+    },
     #[error("catalog {path}: not empty; a rebuild only fills an empty catalog")]
     CatalogNotEmpty { path: String },
     #[error("{from} -> {to}: a file cannot move to another patient (reading it there would need only that patient's consent); copy it, which needs its own patient's consent")]
@@ -220,6 +227,9 @@ impl EngineError {
             EngineError::Consent(_) => libc::EACCES,
             EngineError::NotAppend { .. } => libc::EINVAL,
             EngineError::TooLarge { .. } => libc::EFBIG,
+            // A pipeline told "no space" stops and says so; EIO would read as a broken disk.
+            EngineError::Store { no_space: true, .. }
+            | EngineError::Failed { no_space: true, .. } => libc::ENOSPC,
             EngineError::CrossPatient { .. } => libc::EXDEV,
             EngineError::Catalog(CatalogError::NoFile { .. } | CatalogError::NoPatient(_)) => {
                 libc::ENOENT
@@ -979,15 +989,17 @@ impl Core {
             };
             self.sites[i].put(&key, &meta, share)
         });
-        let failures: Vec<String> = results
-            .into_iter()
-            .filter_map(|r| r.err().map(|e| e.to_string()))
-            .collect();
-        if !failures.is_empty() {
+        let errors: Vec<SiteError> = results.into_iter().filter_map(Result::err).collect();
+        if !errors.is_empty() {
+            let no_space = errors
+                .iter()
+                .any(|e| matches!(e, SiteError::Full { .. } | SiteError::KeyExhausted { .. }));
+            let reasons: Vec<String> = errors.iter().map(ToString::to_string).collect();
             return Err(EngineError::Store {
                 file: label.to_string(),
                 chunk: index,
-                reason: failures.join("; "),
+                reason: reasons.join("; "),
+                no_space,
             });
         }
         Ok(())
@@ -1224,7 +1236,8 @@ pub struct FileWriter {
     hashes: BTreeMap<u64, Hash>,
     done: Sender<(u64, Result<ChunkRecord, EngineError>)>,
     results: Receiver<(u64, Result<ChunkRecord, EngineError>)>,
-    failed: Option<String>,
+    /// The first failure of a chunk, and whether it was for lack of space or key.
+    failed: Option<(String, bool)>,
     /// Size at the last commit.
     committed: Option<u64>,
 }
@@ -1304,9 +1317,10 @@ impl FileWriter {
 
     fn check_failed(&self) -> Result<(), EngineError> {
         match &self.failed {
-            Some(reason) => Err(EngineError::Failed {
+            Some((reason, no_space)) => Err(EngineError::Failed {
                 file: self.label.clone(),
                 reason: reason.clone(),
+                no_space: *no_space,
             }),
             None => Ok(()),
         }
@@ -1355,7 +1369,8 @@ impl FileWriter {
             }
             Err(e) => {
                 tracing::error!("{e}");
-                self.failed.get_or_insert_with(|| e.to_string());
+                let no_space = e.errno() == libc::ENOSPC;
+                self.failed.get_or_insert_with(|| (e.to_string(), no_space));
             }
         }
     }
@@ -1417,6 +1432,7 @@ impl FileWriter {
                         chunks.len(),
                         leaves.len()
                     ),
+                    no_space: false,
                 });
             }
             engine.put_manifest(&rec, root, &chunks)?;

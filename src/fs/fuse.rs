@@ -652,7 +652,8 @@ impl QgenomeFs {
             let result = match guard.as_mut() {
                 None => Ok(()),
                 Some(w) if commit => w.commit(&engine).map_err(|e| {
-                    tracing::error!("commit failed: {e}");
+                    let r = w.record();
+                    tracing::error!("{}/{}: commit failed: {e}", r.patient, r.name);
                     errno(&e)
                 }),
                 Some(w) => w.wait_in_flight(&engine).map_err(|e| errno(&e)),

@@ -145,6 +145,8 @@ pub struct MemSite {
     corrupt: AtomicBool,
     /// Milliseconds every put takes first (a slow site).
     put_delay_ms: std::sync::atomic::AtomicU64,
+    /// Most shares held (0: no limit), as a volume's size would bound them.
+    capacity: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for MemSite {
@@ -176,6 +178,12 @@ impl MemSite {
     pub fn set_put_delay(&self, delay: std::time::Duration) {
         self.put_delay_ms
             .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Hold at most `shares` shares (0: no limit); a put of a new key past it fails as a
+    /// full volume does.
+    pub fn set_capacity(&self, shares: usize) {
+        self.capacity.store(shares, Ordering::SeqCst);
     }
 
     pub fn len(&self) -> usize {
@@ -215,6 +223,13 @@ impl ShareSite for MemSite {
             std::thread::sleep(std::time::Duration::from_millis(delay));
         }
         let mut shares = self.shares.lock().expect("memsite");
+        let cap = self.capacity.load(Ordering::SeqCst);
+        if cap > 0 && shares.len() >= cap && !shares.contains_key(key) {
+            return Err(SiteError::Full {
+                site: self.name.clone(),
+                reason: format!("no room for {key}: {cap} shares held (simulated)"),
+            });
+        }
         shares.insert(*key, (*meta, data.to_vec()));
         Ok(())
     }
