@@ -125,14 +125,4 @@ mod tests {
             .to_string();
         assert!(e.contains("/proc/swaps unreadable"), "{e}");
     }
-
-    #[test]
-    fn this_machine_s_swaps_parse() {
-        // The real file: one name per line after the column heads.
-        let swaps = std::fs::read_to_string("/proc/swaps").unwrap();
-        let active = active_swaps().unwrap();
-        assert_eq!(active.len(), swaps.lines().skip(1).count());
-        let r = unlocked_memory_allowed("test", refused(), Ok(active.clone()));
-        assert_eq!(r.is_ok(), active.is_empty());
-    }
 }

@@ -68,17 +68,23 @@ fn random(len: usize) -> Vec<u8> {
 
 fn write(engine: &Engine, name: &str, data: &[u8]) -> Result<(), EngineError> {
     let mut w = engine.create("P0001", name, 0o644)?;
-    // Uneven request sizes, as pipelines issue them.
+    // Uneven request sizes, as pipelines issue them: each 50 000-byte piece whole, or (two
+    // pieces in three) a third of it and then the rest.
     let mut off = 0;
     for (i, piece) in data.chunks(50_000).enumerate() {
-        let piece = if i % 3 == 0 {
-            piece
+        let cut = if i % 3 == 0 {
+            piece.len()
         } else {
-            &piece[..piece.len()]
+            piece.len() / 3
         };
-        w.write(engine, off as u64, piece)?;
-        off += piece.len();
+        for part in [&piece[..cut], &piece[cut..]] {
+            if !part.is_empty() {
+                w.write(engine, off as u64, part)?;
+                off += part.len();
+            }
+        }
     }
+    assert_eq!(off, data.len());
     w.commit(engine)
 }
 
@@ -260,9 +266,10 @@ fn an_unfinished_version_is_discarded_at_recovery() {
     let r = rig(3, 5);
     let mut w = r.engine.create("P0001", "g.cram", 0o644).unwrap();
     w.write(&r.engine, 0, &random(200_000)).unwrap();
-    // Simulate a crash: the writer vanishes without commit or abort.
+    // Simulate a crash: the writer vanishes without commit or abort, once the chunks it
+    // handed to the upload workers are at the sites (recovery must not race them).
+    w.wait_in_flight(&r.engine).unwrap();
     std::mem::forget(w);
-    std::thread::sleep(Duration::from_millis(200));
     assert_eq!(r.engine.recover().unwrap(), 1);
     assert!(r.engine.catalog.file("P0001", "g.cram").unwrap().is_none());
     assert!(
@@ -313,8 +320,9 @@ fn recovery_deletes_shares_past_the_last_durable_chunk_record() {
     let kept: Vec<usize> = r.sites.iter().map(|s| s.len()).collect();
     let mut w = r.engine.create("P0001", "u.cram", 0o644).unwrap();
     w.write(&r.engine, 0, &random(200_000)).unwrap();
+    // Its uploads at the sites before the writer vanishes, so none lands after recovery.
+    w.wait_in_flight(&r.engine).unwrap();
     std::mem::forget(w);
-    std::thread::sleep(Duration::from_millis(200));
     let id = r.engine.catalog.unfinished().unwrap()[0].id;
     let meta = ShareMeta {
         k: 2,

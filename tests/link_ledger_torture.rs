@@ -1,5 +1,6 @@
 //! Crash torture of the sender's ledger: a child process seals frames with a tiny window
-//! (a ledger write every few frames) and is SIGKILLed at random moments, many times.
+//! (a ledger write every few frames) and is SIGKILLed at random moments, many times: once it
+//! has printed a random number of frames, after a random pause of up to 2 ms.
 //!
 //! The child wraps its pool in a key source that writes every key read to stdout with a raw
 //! `write(2)` *before* handing the key out, so key that was used but whose frame never got
@@ -9,11 +10,12 @@
 //! and persist makes the next run read the same key: both assertions catch that.)
 //! Then all recorded frames go to a receiver: each accepted once, replays rejected, also
 //! after the receiver restarts.
-use std::io::Read;
+use std::io::{BufRead, BufReader};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use qgenome::keys::{pool, Destroyed, Direction, End, KeyError, KeySource, PoolFile, StreamInfo};
 use qgenome::link::ledger::{self, Role};
@@ -61,15 +63,11 @@ impl KeySource for LoggingKey {
     }
 }
 
-/// The child: runs only when the parent sets `CHILD_ENV`; seals until killed.
-#[test]
-fn torture_child() {
-    let Some(dir) = std::env::var_os(CHILD_ENV) else {
-        return;
-    };
-    let dir = PathBuf::from(dir);
-    let key = PoolFile::open(&dir, LINK, Direction::AtoB, End::A).unwrap();
-    let lp = ledger_path(&dir, LINK, Direction::AtoB);
+/// The child, run by the test binary re-executed with `CHILD_ENV` set to the pools' directory:
+/// seals until killed.
+fn torture_child(dir: &Path) {
+    let key = PoolFile::open(dir, LINK, Direction::AtoB, End::A).unwrap();
+    let lp = ledger_path(dir, LINK, Direction::AtoB);
     let led = open_ledger(&lp, Role::Sender, &key).unwrap();
     let mut s = SendStream::with_parts(
         Box::new(LoggingKey(key)),
@@ -77,7 +75,8 @@ fn torture_child() {
         StreamOptions { window: WINDOW },
     )
     .unwrap();
-    raw_stdout(&format!("START {}\n", s.next_offset()));
+    // The leading newline ends the test harness's "test ... " line, if it left one open.
+    raw_stdout(&format!("\nSTART {}\n", s.next_offset()));
     let mut frame = Vec::new();
     let mut x = std::process::id() as u64 | 1;
     for _ in 0..FRAMES_PER_RUN {
@@ -112,8 +111,10 @@ fn unhex(s: &str) -> Vec<u8> {
 
 #[test]
 fn sigkill_at_random_moments_never_reuses_key() {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        return;
+    if let Some(dir) = std::env::var_os(CHILD_ENV) {
+        // This binary re-executed by the test below: be the child, never the test.
+        torture_child(Path::new(&dir));
+        std::process::exit(0);
     }
     // On the real filesystem (not tmpfs) so fdatasync takes real time and kills land
     // inside ledger writes too.
@@ -145,19 +146,22 @@ fn sigkill_at_random_moments_never_reuses_key() {
     let runs = RUNS;
     let mut runs_with_frames = 0;
     let mut killed_mid_stream = 0;
-    // Kills land up to this long after the start; shortened whenever a child got through
-    // all its frames first, so that on a fast machine most kills still hit work.
-    let mut max_delay_us = 40_000u64;
     for run in 0..runs {
         let resume = ledger::peek(&lp, LINK).unwrap().map_or(0, |s| s.value);
         assert!(
             resume >= max_read_end,
             "run {run}: ledger resumes at {resume} but key up to {max_read_end} was already read"
         );
+        // The kill lands once the child has printed a random number of frames (none: right
+        // after it opened its ledger), after a random pause of up to 2 ms; not after a random
+        // time, which on a busy machine can pass before the child even starts. At most half
+        // its frames, so that it is still sealing when the kill lands.
+        let target = (rand() % (FRAMES_PER_RUN as u64 / 2 + 1)) as usize;
+        let pause = Duration::from_micros(rand() % 2_001);
         let mut child = Command::new(&exe)
             .args([
                 "--exact",
-                "torture_child",
+                "sigkill_at_random_moments_never_reuses_key",
                 "--nocapture",
                 "--test-threads=1",
             ])
@@ -166,20 +170,54 @@ fn sigkill_at_random_moments_never_reuses_key() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let mut out = child.stdout.take().unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let (tx, rx) = mpsc::channel::<String>();
         let reader = std::thread::spawn(move || {
-            let mut s = String::new();
-            out.read_to_string(&mut s).unwrap();
-            s
+            // Lines as they come, with their newline: the last one may be cut by the kill.
+            let mut out = out;
+            loop {
+                let mut line = Vec::new();
+                if out.read_until(b'\n', &mut line).unwrap() == 0 {
+                    return;
+                }
+                if tx.send(String::from_utf8(line).unwrap()).is_err() {
+                    return;
+                }
+            }
         });
-        // Startup takes a few ms; kill anywhere from before the pool opens to mid-stream.
-        std::thread::sleep(Duration::from_micros(1_000 + rand() % max_delay_us));
+        let mut lines = Vec::new();
+        let (mut started, mut printed) = (false, 0usize);
+        let waited = Instant::now();
+        while !started || printed < target {
+            let left = Duration::from_secs(120).saturating_sub(waited.elapsed());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    let whole = line.ends_with('\n');
+                    started |= whole && line.starts_with("START ");
+                    printed += (whole && line.starts_with("FRAME ")) as usize;
+                    lines.push(line);
+                }
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "run {run}: the child printed {printed} of {target} frames, then {e}:\n{}",
+                        lines.join("\n")
+                    );
+                }
+            }
+        }
+        std::thread::sleep(pause);
         child.kill().unwrap();
         child.wait().unwrap();
-        let text = reader.join().unwrap();
-        let mut any = false;
+        lines.extend(rx.iter());
+        reader.join().unwrap();
+        // A line cut by the kill (no newline) is not on record. (None should be: each line
+        // goes out in one write of at most PIPE_BUF bytes, which a pipe takes whole; and the
+        // key is read only once its line is out.)
+        let mut any = 0usize;
         let mut done = false;
-        for line in text.lines() {
+        for line in lines.iter().filter(|l| l.ends_with('\n')) {
             let mut w = line.split_whitespace();
             match w.next() {
                 Some("READ") => {
@@ -189,12 +227,8 @@ fn sigkill_at_random_moments_never_reuses_key() {
                     max_read_end = max_read_end.max(e);
                 }
                 Some("FRAME") => {
-                    // A line cut by the kill is not a frame.
-                    let h = w.next().unwrap_or("");
-                    if line.len() == text.len() || !h.is_empty() && h.len() % 2 == 0 {
-                        frames.push(unhex(h));
-                        any = true;
-                    }
+                    frames.push(unhex(w.next().unwrap()));
+                    any += 1;
                 }
                 Some("START") => {
                     let s: u64 = w.next().unwrap().parse().unwrap();
@@ -208,16 +242,20 @@ fn sigkill_at_random_moments_never_reuses_key() {
                 _ => {}
             }
         }
-        runs_with_frames += any as usize;
-        if done {
-            max_delay_us = (max_delay_us * 2 / 3).max(2_000);
-        } else if any {
-            killed_mid_stream += 1;
-        }
+        assert!(
+            any >= target,
+            "run {run}: killed after {target} frames, {any} recorded"
+        );
+        runs_with_frames += (any > 0) as usize;
+        killed_mid_stream += (any > 0 && !done) as usize;
     }
+    // Every run was killed after its target number of frames (asserted above). Its other
+    // half takes the child tens of ms even on tmpfs, against a pause of 2 ms at most, so
+    // kills land while it seals; only a parent stalled that long lets a child finish first.
     assert!(
-        killed_mid_stream >= runs / 4,
-        "only {killed_mid_stream} of {runs} runs were killed while sealing: the kills never hit work"
+        killed_mid_stream * 2 >= runs_with_frames,
+        "only {killed_mid_stream} of {runs_with_frames} runs with frames were killed while \
+         sealing: the children got through all their frames before the kill"
     );
     // No key byte read by two different runs (within a run, reads are disjoint too).
     let mut sorted = reads.clone();
