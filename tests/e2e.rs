@@ -5,6 +5,8 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
+mod common;
+
 use qgenome::deploy::{DeployOptions, Deployment, Windows};
 use qgenome::sharing::{Drbg, RandomSource};
 use serde_json::json;
@@ -108,6 +110,49 @@ fn reads_survive_dead_sites_and_nothing_at_rest_is_plaintext(mut d: Deployment) 
         assert!(
             !windows.in_file(f).unwrap(),
             "plaintext found in {}",
+            f.display()
+        );
+    }
+}
+
+/// samtools on every htslib-test CRAM through a mount over the three real daemons (the
+/// same checks fs_mount.rs makes over in-memory sites), then writers for three patients at
+/// once, each file read back identical.
+#[test]
+fn every_htslib_cram_and_concurrent_patients_round_trip_through_real_daemons() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = deployment(dir.path());
+    let patient = d.mountpoint.join("P1");
+    std::fs::create_dir(&patient).unwrap();
+    grant(&d, "P1");
+    let scratch = dir.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    common::every_cram_round_trips(&patient, &scratch);
+
+    let files: Vec<(std::path::PathBuf, Vec<u8>)> = ["P2", "P3", "P4"]
+        .iter()
+        .map(|p| {
+            std::fs::create_dir(d.mountpoint.join(p)).unwrap();
+            (d.mountpoint.join(p).join("w.cram"), random(3 << 20))
+        })
+        .collect();
+    std::thread::scope(|s| {
+        for (f, data) in &files {
+            s.spawn(move || {
+                let mut w = std::fs::File::create(f).unwrap();
+                // Small writes, so that the three interleave at the sites.
+                for piece in data.chunks(100_000) {
+                    w.write_all(piece).unwrap();
+                }
+                w.sync_all().unwrap();
+            });
+        }
+    });
+    for (p, (f, data)) in ["P2", "P3", "P4"].iter().zip(&files) {
+        grant(&d, p);
+        assert!(
+            std::fs::read(f).unwrap() == *data,
+            "{} differs",
             f.display()
         );
     }

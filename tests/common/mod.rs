@@ -1,0 +1,173 @@
+//! What the mount tests over in-memory sites (fs_mount.rs) and over real daemons (e2e.rs)
+//! both run: samtools on Debian's htslib-test CRAM files.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const FIXTURES: &str = "/usr/share/htslib-test/test";
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.env("REF_PATH", "/nonexistent").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn samtools(args: &[&str]) -> Vec<u8> {
+    run(Command::new("samtools").args(args)).stdout
+}
+
+/// The htslib-test CRAM files with the reference each was made against.
+pub fn fixtures() -> Vec<(PathBuf, PathBuf)> {
+    [
+        ("auxf#values_java.cram", "auxf.fa"),
+        ("ce#5b_java.cram", "ce.fa"),
+        ("range.cram", "ce.fa"),
+        ("xx#large_aux_java.cram", "xx.fa"),
+    ]
+    .iter()
+    .map(|(c, r)| (Path::new(FIXTURES).join(c), Path::new(FIXTURES).join(r)))
+    .collect()
+}
+
+/// Every CRAM under the fixtures directory through a mounted patient directory `patient`
+/// (whose consent is granted), with `scratch` for local files: copied in and read back
+/// byte-identical; written by samtools straight into the mount, byte-identical to its local
+/// output, with the same records and references; sorted and indexed in the mount, where a
+/// region query gives what it gives on the source sorted and indexed locally.
+pub fn every_cram_round_trips(patient: &Path, scratch: &Path) {
+    let crams = fixtures();
+    // Every CRAM under the fixtures directory, subdirectories included, is one of these.
+    let found = run(Command::new("find").args([FIXTURES, "-name", "*.cram"])).stdout;
+    let mut found: Vec<PathBuf> = String::from_utf8(found)
+        .unwrap()
+        .lines()
+        .map(PathBuf::from)
+        .collect();
+    found.sort();
+    let mut covered: Vec<PathBuf> = crams.iter().map(|(c, _)| c.clone()).collect();
+    covered.sort();
+    assert_eq!(found, covered, "a CRAM fixture is not covered");
+    for (i, (src, reference)) in crams.iter().enumerate() {
+        let reference = reference.to_str().unwrap();
+        // 1. A CRAM made by samtools elsewhere, copied in unchanged, reads back byte-identical.
+        let local = scratch.join(format!("local{i}.cram"));
+        samtools(&[
+            "view",
+            "--no-PG",
+            "-T",
+            reference,
+            "-C",
+            "-o",
+            local.to_str().unwrap(),
+            src.to_str().unwrap(),
+        ]);
+        let copied = patient.join(format!("copy{i}.cram"));
+        std::fs::copy(&local, &copied).unwrap();
+        assert_eq!(
+            std::fs::read(&copied).unwrap(),
+            std::fs::read(&local).unwrap(),
+            "{src:?}"
+        );
+        // 2. samtools writing straight into the mount: the same records, index, region queries.
+        let mounted = patient.join(format!("direct{i}.cram"));
+        let m = mounted.to_str().unwrap();
+        samtools(&[
+            "view",
+            "--no-PG",
+            "-T",
+            reference,
+            "-C",
+            "-o",
+            m,
+            src.to_str().unwrap(),
+        ]);
+        // Byte for byte what samtools wrote locally, but for the CRAM file definition's
+        // 20-byte file id (bytes 6..26), which htslib fills from the output's path.
+        let file_bytes = |f: &Path| {
+            let mut b = std::fs::read(f).unwrap();
+            b[6..26].fill(0);
+            b
+        };
+        assert!(
+            file_bytes(&mounted) == file_bytes(&local),
+            "samtools wrote other bytes into the mount for {src:?}"
+        );
+        // Records, and reference names and lengths (samtools adds UR: and @PG lines naming paths).
+        let want = samtools(&["view", "-T", reference, src.to_str().unwrap()]);
+        assert!(!want.is_empty());
+        assert_eq!(
+            samtools(&["view", "-T", reference, m]),
+            want,
+            "records differ for {src:?}"
+        );
+        let sq = |h: Vec<u8>| -> Vec<String> {
+            String::from_utf8(h)
+                .unwrap()
+                .lines()
+                .filter(|l| l.starts_with("@SQ"))
+                .map(|l| {
+                    l.split('\t')
+                        .filter(|f| f.starts_with("SN:") || f.starts_with("LN:"))
+                        .collect::<Vec<_>>()
+                        .join("\t")
+                })
+                .collect()
+        };
+        // (samtools corrects an @SQ length that disagrees with the reference: compare with its
+        // own local output, which it corrected the same way.)
+        assert_eq!(
+            sq(samtools(&["view", "-H", m])),
+            sq(samtools(&["view", "-H", local.to_str().unwrap()]))
+        );
+        let sorted = patient.join(format!("sorted{i}.cram"));
+        let s = sorted.to_str().unwrap();
+        samtools(&[
+            "sort",
+            "--no-PG",
+            "--reference",
+            reference,
+            "-O",
+            "cram",
+            "-o",
+            s,
+            m,
+        ]);
+        samtools(&["index", s]);
+        assert!(patient.join(format!("sorted{i}.cram.crai")).exists());
+        // A region holding the first sorted record, queried through the mount's index, gives
+        // what the same query gives on the source sorted and indexed locally.
+        let local_sorted = scratch.join(format!("sorted{i}.cram"));
+        let ls = local_sorted.to_str().unwrap();
+        samtools(&[
+            "sort",
+            "--no-PG",
+            "--reference",
+            reference,
+            "-O",
+            "cram",
+            "-o",
+            ls,
+            src.to_str().unwrap(),
+        ]);
+        samtools(&["index", ls]);
+        let first = String::from_utf8(samtools(&["view", "-T", reference, ls])).unwrap();
+        let fields: Vec<&str> = first
+            .lines()
+            .next()
+            .expect("a record")
+            .split('\t')
+            .collect();
+        let start: u64 = fields[3].parse().unwrap();
+        let region = format!("{}:{start}-{}", fields[2], start + 1000);
+        let want = samtools(&["view", "-T", reference, ls, &region]);
+        assert!(!want.is_empty(), "region {region} of {src:?} holds records");
+        assert_eq!(
+            samtools(&["view", "-T", reference, s, &region]),
+            want,
+            "region {region} differs for {src:?}"
+        );
+    }
+}
