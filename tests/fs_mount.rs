@@ -888,3 +888,44 @@ fn a_full_site_fails_the_write_with_enospc() {
     wait_for("the failed writer's release", || !f.exists());
     rig.sites[1].set_capacity(0);
 }
+
+/// Two handles writing one name: the last opener has it. The earlier one's commit fails with
+/// EBUSY and publishes nothing, so it can neither replace the later file nor bring back a
+/// name unlinked meanwhile.
+#[test]
+fn of_two_writers_on_one_name_the_last_opener_has_it() {
+    use std::io::Write;
+    let rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("P11")).unwrap();
+    let x = rig.mnt.join("P11/x.cram");
+    let mut a = std::fs::File::create(&x).unwrap();
+    a.write_all(&[1u8; 100_000]).unwrap();
+    let mut b = std::fs::File::create(&x).unwrap();
+    b.write_all(&[2u8; 50_000]).unwrap();
+    a.write_all(&[1u8; 1000]).unwrap();
+    let err = a.sync_all().unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EBUSY), "{err}");
+    drop(a);
+    drop(b);
+    rig.grant("P11");
+    wait_for("the writers' release", || {
+        std::fs::metadata(&x).is_ok_and(|m| m.len() == 50_000)
+    });
+    assert_eq!(std::fs::read(&x).unwrap(), vec![2u8; 50_000]);
+    // An unlink while both are open: neither close brings the name back.
+    let mut a = std::fs::File::create(&x).unwrap();
+    a.write_all(&[3u8; 10]).unwrap();
+    let mut b = std::fs::File::create(&x).unwrap();
+    b.write_all(&[4u8; 10]).unwrap();
+    std::fs::remove_file(&x).unwrap();
+    drop(b);
+    drop(a);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !x.exists(),
+        "a writer's close brought an unlinked name back"
+    );
+    wait_for("the versions' shares to go", || {
+        rig.sites.iter().all(|s| s.is_empty())
+    });
+}

@@ -141,6 +141,8 @@ struct Writing {
     writer: Mutex<Option<FileWriter>>,
     /// Bytes written so far.
     size: AtomicU64,
+    /// Another handle opened the name for writing since (see `open_writer`).
+    displaced: std::sync::atomic::AtomicBool,
     mode: u32,
     mtime: u64,
     created: u64,
@@ -152,6 +154,7 @@ impl Writing {
         let (mode, mtime, created) = (r.mode, r.mtime, r.created);
         Self {
             size: AtomicU64::new(w.size()),
+            displaced: Default::default(),
             writer: Mutex::new(Some(w)),
             mode,
             mtime,
@@ -594,10 +597,21 @@ impl QgenomeFs {
         // the writer still writes; its shares then go at release, not under the writer.
         self.engine.writer_opened(&w.id());
         let writer = Arc::new(Writing::new(w));
-        self.writing
+        let earlier = self
+            .writing
             .lock()
             .expect("writing")
             .insert((patient.to_string(), name.to_string()), writer.clone());
+        // The name goes to the last opener. An earlier handle still open loses it: its writes
+        // since its last commit are never published (its commit fails with EBUSY), so neither
+        // its close nor an unlink or rename, which act on the name's writer, can be undone by
+        // a writer they did not see.
+        if let Some(e) = earlier {
+            e.displaced.store(true, Ordering::SeqCst);
+            tracing::warn!(
+                "{patient}/{name}: opened for writing while another handle writes it; that handle's writes since its last commit will not be committed"
+            );
+        }
         Ok(self.new_fh(Handle::Write { writer }))
     }
 
@@ -651,6 +665,17 @@ impl QgenomeFs {
             let mut guard = writer.lock();
             let result = match guard.as_mut() {
                 None => Ok(()),
+                Some(w)
+                    if commit && writer.displaced.load(Ordering::SeqCst) && !w.is_committed() =>
+                {
+                    let r = w.record();
+                    tracing::error!(
+                        "{}/{}: not committed: the file was opened for writing again by another handle",
+                        r.patient,
+                        r.name
+                    );
+                    Err(Errno::EBUSY)
+                }
                 Some(w) if commit => w.commit(&engine).map_err(|e| {
                     let r = w.record();
                     tracing::error!("{}/{}: commit failed: {e}", r.patient, r.name);
@@ -1096,6 +1121,14 @@ impl Filesystem for QgenomeFs {
                         "{}/{}: not committed, {how} before closing it; the file stays as its last commit left it (an fsync's, or the version it was to replace)",
                         r.patient,
                         r.name,
+                    );
+                    w.abort(&self.engine);
+                } else if writer.displaced.load(Ordering::SeqCst) && !w.is_committed() {
+                    let r = w.record();
+                    tracing::warn!(
+                        "{}/{}: not committed, the file was opened for writing again by another handle",
+                        r.patient,
+                        r.name
                     );
                     w.abort(&self.engine);
                 } else if let Err(e) = w.commit(&self.engine) {
