@@ -555,6 +555,10 @@ impl Catalog {
             return Ok(None);
         }
         let replaced = self.update_record(&id, no_file, |read, mut rec| {
+            // Renamed by someone else since the name was looked up: the name is not its.
+            if (rec.patient.as_str(), rec.name.as_str()) != (patient, name) {
+                return Err(no_file());
+            }
             rec.patient = new_patient.to_string();
             rec.name = new_name.to_string();
             self.swap_name(
@@ -851,8 +855,10 @@ mod tests {
             });
             s.spawn(|| {
                 for i in 0..300u32 {
-                    let floor = committed.load(Ordering::SeqCst);
                     c.set_attrs(&v.id, Some(0o600 | (i & 1)), None).unwrap();
+                    // Read after the chmod: a commit that returned before it ended must
+                    // still show (a chmod that read before that commit wrote it back).
+                    let floor = committed.load(Ordering::SeqCst);
                     let rec = c.file_by_id(&v.id).unwrap().unwrap();
                     assert!(rec.size >= floor, "a chmod wrote back size {}", rec.size);
                     assert_eq!(rec.mode & 1, i & 1, "a commit wrote back the mode");

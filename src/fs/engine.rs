@@ -725,11 +725,10 @@ impl Engine {
     /// retired (or unfinished), and [`Engine::recover`] tries again at the next mount, instead
     /// of leaving shares that nothing would ever delete.
     ///
-    /// Each site lists what it holds of the version, so that chunks past the records go too:
-    /// in flight when a writer failed, appended after an fsync's commit by a writer that was
-    /// then abandoned, or uploaded while their records were not yet durable when the mount
-    /// died. A site that cannot list gets the recorded indices and `max_in_flight` more
-    /// deleted.
+    /// Each site lists what it holds of the version (`list_shares_of`: only that file's
+    /// keys cross the link), so that chunks past the records go too: in flight when a writer
+    /// failed, appended after an fsync's commit by a writer that was then abandoned, or
+    /// uploaded while their records were not yet durable when the mount died.
     pub fn discard(&self, rec: &FileRecord) {
         let failed = std::cell::Cell::new(0usize);
         let delete = |site: &dyn ShareSite, key: &ShareKey| match site.delete(key) {
@@ -752,19 +751,17 @@ impl Engine {
                 delete(site.as_ref(), &key);
             }
         }
-        let recorded = self.catalog.chunks(&rec.id).unwrap_or_default().len() as u64;
-        for (share, site) in self.core.sites.iter().enumerate() {
-            let keys = shares_from(site.as_ref(), &rec.id, 0).unwrap_or_else(|e| {
-                tracing::warn!("{}: listing site {}: {e}", label(rec), site.name());
-                failed.set(failed.get() + 1);
-                (0..=recorded + self.cfg.max_in_flight as u64)
-                    .map(|chunk| ShareKey {
-                        file: rec.id,
-                        chunk,
-                        share: share as u8,
-                    })
-                    .collect()
-            });
+        for site in &self.core.sites {
+            // A site that cannot list is down: trying each key there would cost a connect
+            // timeout apiece, at every mount, and the version is kept for the next one anyway.
+            let keys = match shares_of(site.as_ref(), &rec.id) {
+                Ok(keys) => keys,
+                Err(e) => {
+                    tracing::warn!("{}: listing site {}: {e}", label(rec), site.name());
+                    failed.set(failed.get() + 1);
+                    continue;
+                }
+            };
             for key in keys.iter().filter(|k| k.chunk != MANIFEST_CHUNK) {
                 delete(site.as_ref(), key);
             }
@@ -1177,25 +1174,18 @@ impl Drop for PooledShares<'_> {
     }
 }
 
-/// The keys of every share `site` holds of version `id` from chunk `from` on, from its
-/// listing (in key order: file id, chunk, share).
-fn shares_from(site: &dyn ShareSite, id: &FileId, from: u64) -> Result<Vec<ShareKey>, SiteError> {
-    // Listing starts strictly after a key: the last one that could come before (id, from, 0).
-    let mut after = match from.checked_sub(1) {
-        Some(chunk) => Some(ShareKey {
-            file: *id,
-            chunk,
-            share: u8::MAX,
-        }),
-        None => u128::from_be_bytes(*id).checked_sub(1).map(|p| ShareKey {
-            file: p.to_be_bytes(),
-            chunk: u64::MAX,
-            share: u8::MAX,
-        }),
-    };
+/// The keys of every share `site` holds of version `id`, from its listing (in key order:
+/// file id, chunk, share).
+fn shares_of(site: &dyn ShareSite, id: &FileId) -> Result<Vec<ShareKey>, SiteError> {
+    // Listing starts strictly after a key: the last one of the file id before `id`.
+    let mut after = u128::from_be_bytes(*id).checked_sub(1).map(|p| ShareKey {
+        file: p.to_be_bytes(),
+        chunk: u64::MAX,
+        share: u8::MAX,
+    });
     let mut keys = Vec::new();
     loop {
-        let (page, next) = site.list_shares(after)?;
+        let (page, next) = site.list_shares_of(id, after)?;
         for (k, _) in page {
             if k.file != *id {
                 return Ok(keys);

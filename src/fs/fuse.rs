@@ -94,16 +94,18 @@ const MAX_COMMITTERS: usize = 256;
 struct WriterProcs {
     tgids: std::collections::HashSet<u32>,
     tid_to_tgid: HashMap<u32, u32>,
-    /// How a process that wrote through the handle ended without closing it (killed, or
-    /// exited with a failure status): the handle's writes are then not committed.
+    /// How a process that wrote through the handle ended without closing it (killed by a
+    /// signal): the handle's writes since its last commit are then not committed.
     abandoned: Option<String>,
 }
 
-/// How thread `tid` ends, if it is exiting abnormally: killed by a signal, or exiting with a
-/// non-zero status. `None` for a live thread, a normal exit, or what /proc does not show (a
-/// thread in another PID namespace, or `exit_code` hidden from a mount without the rights to
-/// trace it). A FLUSH that a dying process's kernel exit sends comes from that process.
-fn abnormal_exit(tid: u32) -> Option<String> {
+/// The signal that is killing thread `tid`, if it is exiting from one. `None` for a live
+/// thread, an exit by `exit()` (whatever its status: a program that fails and exits leaves
+/// what it wrote, as on any filesystem, and a log or error report written just before is
+/// what its user needs), or what /proc does not show (a thread in another PID namespace, or
+/// `exit_code` hidden from a mount without the rights to trace it). The FLUSH that a dying
+/// process's kernel exit sends comes from that process.
+fn killing_signal(tid: u32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).ok()?;
     // The command name, in parentheses, may hold spaces: fields are counted after it, from
     // field 3 (state). flags is field 9 and exit_code field 52 (proc(5)).
@@ -111,14 +113,8 @@ fn abnormal_exit(tid: u32) -> Option<String> {
     let flags: u64 = fields.get(6)?.parse().ok()?;
     let code: i32 = fields.get(49)?.parse().ok()?;
     const PF_EXITING: u64 = 0x4;
-    if flags & PF_EXITING == 0 {
-        return None;
-    }
-    match (code & 0x7f, (code >> 8) & 0xff) {
-        (0, 0) => None,
-        (0, status) => Some(format!("exited with status {status}")),
-        (signal, _) => Some(format!("was killed by signal {signal}")),
-    }
+    // exit_code as wait(2) reports it: the signal in the low 7 bits, else the status.
+    (flags & PF_EXITING != 0 && code & 0x7f != 0).then_some(code & 0x7f)
 }
 
 /// The thread-group id (process id) of thread `tid`, from /proc; the tid itself if unknown.
@@ -132,6 +128,7 @@ fn tgid_of(tid: u32) -> u32 {
         })
         .unwrap_or(tid)
 }
+
 /// A writer shared by its handle and the by-name table; `None` once released.
 type SharedWriter = Arc<Writing>;
 
@@ -660,6 +657,21 @@ impl QgenomeFs {
         let Some(writer) = self.writer(fh) else {
             return reply.ok();
         };
+        // A handle a killed writer abandoned commits nothing more: an fsync, or the close of
+        // another process sharing it, is told so rather than answered as if durable.
+        let abandoned = self
+            .writer_procs
+            .lock()
+            .expect("writer procs")
+            .get(&fh.0)
+            .and_then(|p| p.abandoned.clone());
+        if let Some(how) = abandoned {
+            tracing::warn!(
+                "write handle {}: not committed, {how} while writing it",
+                fh.0
+            );
+            return reply.error(Errno::EIO);
+        }
         let engine = self.engine.clone();
         let job: Job = Box::new(move || {
             let mut guard = writer.lock();
@@ -892,6 +904,13 @@ impl Filesystem for QgenomeFs {
                     tracing::warn!("{p}/{n}: opening for write without O_TRUNC refused: stored data cannot be rewritten in place");
                     return reply.error(Errno::EPERM);
                 }
+                // Only an O_TRUNC open takes the name from a writer (`open_writer`): a `touch`
+                // of a file being written must not discard its writer's work.
+                let key = (p.clone(), n.clone());
+                if self.writing.lock().expect("writing").contains_key(&key) {
+                    tracing::warn!("{p}/{n}: opening for write without O_TRUNC refused: another handle is writing it");
+                    return reply.error(Errno::EBUSY);
+                }
             }
             let mode = self
                 .engine
@@ -1043,9 +1062,9 @@ impl Filesystem for QgenomeFs {
     /// after a crash), so only a process that wrote through the handle commits at its close;
     /// any other close just waits for the chunks in flight and reports their errors.
     ///
-    /// A process that wrote and dies without closing (killed, or exiting with a failure
-    /// status) also closes its descriptors, from its exit: that FLUSH marks the handle
-    /// abandoned, and its RELEASE drops what was written since the last commit, so a
+    /// A process that wrote and is killed without closing (a signal: kill -9, the OOM
+    /// killer, a segfault) has its descriptors closed by its exit: that FLUSH marks the
+    /// handle abandoned, and its RELEASE drops what was written since the last commit, so a
     /// pipeline step that crashed never replaces a good file with its partial output.
     fn flush(
         &self,
@@ -1059,9 +1078,10 @@ impl Filesystem for QgenomeFs {
             let mut procs = self.writer_procs.lock().expect("writer procs");
             match procs.get_mut(&fh.0) {
                 Some(p) if p.tgids.contains(&tgid_of(req.pid())) => {
-                    match abnormal_exit(req.pid()) {
-                        Some(how) => {
-                            let how = format!("process {} {how}", req.pid());
+                    match killing_signal(req.pid()) {
+                        Some(signal) => {
+                            let how =
+                                format!("process {} was killed by signal {signal}", req.pid());
                             tracing::warn!(
                                 "write handle {}: {how} before closing it; its writes since the last commit will not be committed",
                                 fh.0

@@ -89,6 +89,17 @@ pub trait ShareSite: Send + Sync {
     /// after `after` (from the start if None), and where the next page starts (None: no
     /// more). Used to rebuild a lost catalog; see [`list_all`].
     fn list_shares(&self, after: Option<ShareKey>) -> Result<SharePage, SiteError>;
+    /// As [`ShareSite::list_shares`], for a caller that wants only the shares of file `id`
+    /// (it stops at the first key of another file): a site that can filters at its end, so
+    /// that such a listing does not carry, and spend link key on, other files' keys.
+    fn list_shares_of(
+        &self,
+        id: &[u8; 16],
+        after: Option<ShareKey>,
+    ) -> Result<SharePage, SiteError> {
+        let _ = id;
+        self.list_shares(after)
+    }
     /// Key material left on the link to this site for what the home sends (a PUT's share
     /// spends it), if the site is behind a link.
     fn key_remaining(&self) -> Option<u64> {

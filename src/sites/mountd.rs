@@ -324,6 +324,16 @@ impl MountdSite {
         })
     }
 
+    /// A page of the shares whose file id starts with `prefix`, as [`ShareSite`] lists them.
+    fn share_page(
+        &self,
+        prefix: &[u8],
+        after: Option<ShareKey>,
+    ) -> Result<super::SharePage, SiteError> {
+        let (entries, next) = self.list(prefix, after, msg::MAX_LIST)?;
+        Ok((entries.into_iter().map(|e| (e.key, e.meta)).collect(), next))
+    }
+
     /// Capacity, free space, share count, health and key left per link of the site.
     pub fn stat(&self) -> Result<SiteStat, SiteError> {
         self.call(&Body::Stat, |b| match b {
@@ -781,8 +791,15 @@ impl ShareSite for MountdSite {
     }
 
     fn list_shares(&self, after: Option<ShareKey>) -> Result<super::SharePage, SiteError> {
-        let (entries, next) = self.list(&[], after, msg::MAX_LIST)?;
-        Ok((entries.into_iter().map(|e| (e.key, e.meta)).collect(), next))
+        self.share_page(&[], after)
+    }
+
+    fn list_shares_of(
+        &self,
+        id: &[u8; 16],
+        after: Option<ShareKey>,
+    ) -> Result<super::SharePage, SiteError> {
+        self.share_page(id, after)
     }
 
     fn key_remaining(&self) -> Option<u64> {
