@@ -856,6 +856,23 @@ fn a_writer_that_dies_before_closing_leaves_the_previous_version() {
     assert!(!z.exists(), "a killed writer published its file");
     assert_eq!(python("os._exit(3)").code(), Some(3));
     wait_for("the writer's release", || size(&z) == Some(7));
+    // A parent sharing the descriptor of a child that wrote and was killed: its close is
+    // told the file is not committed (EIO), and nothing appears.
+    let shared = rig.mnt.join("P9/shared.txt");
+    let script = format!(
+        "import os\nfd = os.open({:?}, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)\npid = os.fork()\nif pid == 0:\n    os.write(fd, b'x' * 100000)\n    os.kill(os.getpid(), 9)\nos.waitpid(pid, 0)\ntry:\n    os.close(fd)\n    print('closed')\nexcept OSError as e:\n    print('errno', e.errno)\n",
+        shared.display().to_string()
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("errno {}", libc::EIO),
+        "{out:?}"
+    );
+    wait_for("the shared handle's release", || size(&shared).is_none());
     rig.grant("P9");
     assert_eq!(std::fs::read(&x).unwrap(), vec![5u8; 100_000]);
     assert_eq!(std::fs::read(&z).unwrap(), b"partial");
