@@ -954,3 +954,35 @@ fn of_two_writers_on_one_name_the_last_opener_has_it() {
         rig.sites.iter().all(|s| s.is_empty())
     });
 }
+
+/// A second writer opening a name while the first one's commit waits for a slow site waits
+/// for that commit: an unlink after the second open then removes the name for good (the
+/// first commit used to land after it and bring the name back).
+#[test]
+fn a_commit_under_way_lands_before_a_second_writer_takes_the_name() {
+    use std::io::Write;
+    let rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("P12")).unwrap();
+    let x = rig.mnt.join("P12/x.cram");
+    let mut a = std::fs::File::create(&x).unwrap();
+    a.write_all(&[1u8; 100_000]).unwrap();
+    rig.sites[2].set_put_delay(Duration::from_secs(2));
+    std::thread::scope(|s| {
+        // A close (FLUSH) commits without the inode lock an fsync holds, which would make
+        // the second open wait in the kernel already.
+        let committing = s.spawn(move || drop(a));
+        std::thread::sleep(Duration::from_millis(500));
+        let b = std::fs::File::create(&x).unwrap();
+        std::fs::remove_file(&x).unwrap();
+        drop(b);
+        committing.join().unwrap();
+    });
+    rig.sites[2].set_put_delay(Duration::ZERO);
+    // Asked of the catalog: the kernel keeps the unlinked name as a negative entry a while.
+    let engine = &rig.mounted.as_ref().unwrap().engine;
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        engine.catalog.file("P12", "x.cram").unwrap().is_none(),
+        "the first writer's commit brought an unlinked name back"
+    );
+}

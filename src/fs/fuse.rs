@@ -594,20 +594,35 @@ impl QgenomeFs {
         // the writer still writes; its shares then go at release, not under the writer.
         self.engine.writer_opened(&w.id());
         let writer = Arc::new(Writing::new(w));
-        let earlier = self
-            .writing
-            .lock()
-            .expect("writing")
-            .insert((patient.to_string(), name.to_string()), writer.clone());
         // The name goes to the last opener. An earlier handle still open loses it: its writes
         // since its last commit are never published (its commit fails with EBUSY), so neither
         // its close nor an unlink or rename, which act on the name's writer, can be undone by
-        // a writer they did not see.
-        if let Some(e) = earlier {
-            e.displaced.store(true, Ordering::SeqCst);
-            tracing::warn!(
-                "{patient}/{name}: opened for writing while another handle writes it; that handle's writes since its last commit will not be committed"
-            );
+        // a writer they did not see. It is displaced under its lock, before this handle takes
+        // the name: a commit of it already under way lands first (this handle's commit then
+        // replaces it), none starts after, and an unlink or rename meanwhile still finds it
+        // as the name's writer. (This open waits for that commit, as an unlink would.)
+        let key = (patient.to_string(), name.to_string());
+        loop {
+            let earlier = self.writing.lock().expect("writing").get(&key).cloned();
+            if let Some(e) = &earlier {
+                let _held = e.lock();
+                if !e.displaced.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(
+                        "{patient}/{name}: opened for writing while another handle writes it; that handle's writes since its last commit will not be committed"
+                    );
+                }
+            }
+            let mut writing = self.writing.lock().expect("writing");
+            let unchanged = match (writing.get(&key), &earlier) {
+                (None, _) => true,
+                (Some(now), Some(e)) => Arc::ptr_eq(now, e),
+                (Some(_), None) => false,
+            };
+            // Else a third handle opened it meanwhile: displace that one too.
+            if unchanged {
+                writing.insert(key, writer.clone());
+                break;
+            }
         }
         Ok(self.new_fh(Handle::Write { writer }))
     }
