@@ -536,11 +536,12 @@ impl<D: BlockDevice> Store<D> {
             dir: dir.clone(),
             source,
         };
-        let db = sled::Config::new()
-            .path(dir.join("index"))
-            .cache_capacity(opts.index_cache_bytes)
-            .open()
-            .map_err(ix)?;
+        let db = open_index(
+            sled::Config::new()
+                .path(dir.join("index"))
+                .cache_capacity(opts.index_cache_bytes),
+        )
+        .map_err(ix)?;
         let shares = db.open_tree("shares").map_err(ix)?;
         let meta = db.open_tree("meta").map_err(ix)?;
         let retiring = db.open_tree("retiring").map_err(ix)?;
@@ -1154,7 +1155,7 @@ impl<D: BlockDevice> Store<D> {
             dir: dir.clone(),
             source,
         };
-        let db = sled::Config::new().path(&index).open().map_err(ix)?;
+        let db = open_index(sled::Config::new().path(&index)).map_err(ix)?;
         let shares = db.open_tree("shares").map_err(ix)?;
         let meta = db.open_tree("meta").map_err(ix)?;
         let mut max_gen = 0;
@@ -1183,6 +1184,28 @@ impl<D: BlockDevice> Store<D> {
         Ok(report)
     }
 }
+
+/// Opens an index with `config`. The state directory's own lock (taken first) keeps other
+/// processes out, so a sled lock held here is this process's: an index just dropped, whose
+/// last background write still holds its file for a moment (seen after a `rebuild_index`
+/// followed at once by an open, under load). Waits up to [`INDEX_LOCK_WAIT`] for it.
+fn open_index(config: sled::Config) -> sled::Result<sled::Db> {
+    let start = std::time::Instant::now();
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && start.elapsed() < INDEX_LOCK_WAIT =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// How long [`open_index`] waits for a just-dropped index of this process to let go.
+const INDEX_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The newest valid extent of each key a scan found.
 type Newest = std::collections::BTreeMap<ShareKey, IndexEntry>;
