@@ -16,6 +16,8 @@ use qgenome::sites::{MemSite, ShareKey, ShareMeta, SharePage, ShareSite, SiteErr
 struct LossySite {
     inner: MemSite,
     lose_deletes: AtomicBool,
+    /// Listings asked for.
+    lists: std::sync::atomic::AtomicUsize,
 }
 
 impl ShareSite for LossySite {
@@ -35,6 +37,7 @@ impl ShareSite for LossySite {
         self.inner.delete(key)
     }
     fn list_shares(&self, after: Option<ShareKey>) -> Result<SharePage, SiteError> {
+        self.lists.fetch_add(1, Ordering::SeqCst);
         self.inner.list_shares(after)
     }
 }
@@ -55,6 +58,7 @@ impl Rig {
                     Arc::new(LossySite {
                         inner: MemSite::new(&format!("site{i}")),
                         lose_deletes: AtomicBool::new(false),
+                        lists: Default::default(),
                     })
                 })
                 .collect(),
@@ -398,17 +402,26 @@ fn shares_a_down_site_kept_at_a_delete_go_at_the_next_recovery() {
     w.commit(&a).unwrap();
     w.write(&a, 150_000, &data[150_000..]).unwrap();
     w.abort(&a);
+    // And two more files, one chunk each.
+    write(&a, "P1", "g", &data[..1000]);
+    write(&a, "P1", "h", &data[..1000]);
     rig.sites[2].inner.set_down(true);
-    unlink(&a, "P1", "f");
+    for f in ["f", "g", "h"] {
+        unlink(&a, "P1", f);
+    }
     assert!(rig.sites[..2].iter().all(|s| s.inner.is_empty()));
+    assert_eq!(a.catalog.retired().unwrap().len(), 3, "still retired");
+    // A recovery while the site is still down asks it once, not once per version.
+    let lists = rig.sites[2].lists.load(Ordering::SeqCst);
+    assert_eq!(a.recover().unwrap(), 3);
+    assert_eq!(rig.sites[2].lists.load(Ordering::SeqCst), lists + 1);
     rig.sites[2].inner.set_down(false);
     assert_eq!(
         rig.sites[2].inner.len(),
-        5 + 1,
-        "five chunks and the manifest"
+        5 + 1 + 2 * (1 + 1),
+        "f's five chunks, g's and h's one, and three manifests"
     );
-    assert_eq!(a.catalog.retired().unwrap().len(), 1, "still retired");
-    assert_eq!(a.recover().unwrap(), 1);
+    assert_eq!(a.recover().unwrap(), 3);
     assert!(rig.sites.iter().all(|s| s.inner.is_empty()));
     assert!(a.catalog.retired().unwrap().is_empty());
 }

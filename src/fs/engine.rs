@@ -730,6 +730,13 @@ impl Engine {
     /// failed, appended after an fsync's commit by a writer that was then abandoned, or
     /// uploaded while their records were not yet durable when the mount died.
     pub fn discard(&self, rec: &FileRecord) {
+        self.discard_unless_down(rec, &mut HashSet::new());
+    }
+
+    /// [`Engine::discard`], passing over the sites in `down` and adding to it those that
+    /// cannot list: a recovery of many versions waits for a dead host's connect timeout once,
+    /// not once per version.
+    fn discard_unless_down(&self, rec: &FileRecord, down: &mut HashSet<String>) {
         let failed = std::cell::Cell::new(0usize);
         let delete = |site: &dyn ShareSite, key: &ShareKey| match site.delete(key) {
             Ok(()) | Err(SiteError::NotFound { .. }) => {}
@@ -754,10 +761,15 @@ impl Engine {
         for site in &self.core.sites {
             // A site that cannot list is down: trying each key there would cost a connect
             // timeout apiece, at every mount, and the version is kept for the next one anyway.
+            if down.contains(site.name()) {
+                failed.set(failed.get() + 1);
+                continue;
+            }
             let keys = match shares_of(site.as_ref(), &rec.id) {
                 Ok(keys) => keys,
                 Err(e) => {
                     tracing::warn!("{}: listing site {}: {e}", label(rec), site.name());
+                    down.insert(site.name().to_string());
                     failed.set(failed.get() + 1);
                     continue;
                 }
@@ -783,6 +795,7 @@ impl Engine {
     /// versions replaced or unlinked whose shares were not yet deleted (nothing names them).
     /// Returns how many versions were discarded.
     pub fn recover(&self) -> Result<usize, EngineError> {
+        let mut down = HashSet::new();
         let unnamed = self.catalog.retired()?;
         for rec in &unnamed {
             tracing::info!(
@@ -791,7 +804,7 @@ impl Engine {
             );
             self.catalog
                 .audit("discard-replaced", Some(&rec.patient), Some(&rec.name), "");
-            self.discard(rec);
+            self.discard_unless_down(rec, &mut down);
         }
         let unfinished = self.catalog.unfinished()?;
         for rec in &unfinished {
@@ -805,7 +818,7 @@ impl Engine {
                 Some(&rec.name),
                 "",
             );
-            self.discard(rec);
+            self.discard_unless_down(rec, &mut down);
         }
         Ok(unnamed.len() + unfinished.len())
     }
