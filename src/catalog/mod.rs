@@ -38,6 +38,16 @@ enum Swap<T> {
     Stale,
 }
 
+impl<T> Swap<T> {
+    /// The outcome of a write that gave no record read to check, which is never stale.
+    fn unchecked(self) -> T {
+        match self {
+            Swap::Done(t) => t,
+            Swap::Stale => unreachable!("a write with no record read to check is never stale"),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CatalogError {
@@ -516,9 +526,7 @@ impl Catalog {
     /// Remove `patient/name`; returns the removed version, whose shares the caller deletes.
     pub fn unlink(&self, patient: &str, name: &str) -> Result<FileRecord> {
         let key = name_key(patient, name);
-        let Swap::Done(old) = self.swap_name(&key, None, None, None)? else {
-            unreachable!("no record to find changed");
-        };
+        let old = self.swap_name(&key, None, None, None)?.unchecked();
         self.flush()?;
         old.ok_or_else(|| CatalogError::NoFile {
             patient: patient.to_string(),
@@ -546,11 +554,7 @@ impl Catalog {
         let Some(id) = self.names.get(&old_key).map_err(|e| self.db_err(e))? else {
             return Err(no_file());
         };
-        let id: FileId = id.as_ref().try_into().map_err(|_| CatalogError::Corrupt {
-            path: self.path.clone(),
-            key: String::from_utf8_lossy(&old_key).into_owned(),
-            reason: format!("a file id of {} bytes", id.len()),
-        })?;
+        let id = to_id(&id);
         if patient == new_patient && name == new_name {
             return Ok(None);
         }
@@ -622,11 +626,9 @@ impl Catalog {
         rec.state = FileState::Committed;
         let key = name_key(&rec.patient, &rec.name);
         let value = Self::encode(&rec);
-        let Swap::Done(replaced) =
-            self.swap_name(&key, Some(&rec.id), Some((&rec.id, value, None)), None)?
-        else {
-            unreachable!("a record written whatever it was");
-        };
+        let replaced = self
+            .swap_name(&key, Some(&rec.id), Some((&rec.id, value, None)), None)?
+            .unchecked();
         self.flush()?;
         Ok(replaced)
     }
