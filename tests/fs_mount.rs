@@ -986,3 +986,46 @@ fn a_commit_under_way_lands_before_a_second_writer_takes_the_name() {
         "the first writer's commit brought an unlinked name back"
     );
 }
+
+/// The mount keeps an inode number only while the kernel holds a lookup of it: when the
+/// kernel drops its cached inodes (memory pressure; here `drop_caches`), its FORGETs empty
+/// the table, so a mount that lives for months does not grow with every name it ever saw.
+/// The files are all still there, under new numbers.
+#[test]
+fn inode_numbers_the_kernel_forgets_are_dropped_and_the_files_stay() {
+    use std::os::unix::fs::MetadataExt;
+    let rig = Rig::new(60);
+    let mounted = rig.mounted.as_ref().unwrap();
+    std::fs::create_dir(rig.mnt.join("P12")).unwrap();
+    rig.grant("P12");
+    let files: Vec<PathBuf> = (0..300)
+        .map(|i| rig.mnt.join(format!("P12/f{i}.cram")))
+        .collect();
+    for (i, f) in files.iter().enumerate() {
+        std::fs::write(f, format!("file {i}")).unwrap();
+    }
+    let inos: Vec<u64> = files
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().ino())
+        .collect();
+    assert!(
+        mounted.inodes_held() >= 302,
+        "every file, the patient and the root are known: {}",
+        mounted.inodes_held()
+    );
+    // Free the kernel's unused dentries and inodes: each evicted inode sends a FORGET.
+    std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    wait_for("the kernel's forgets", || mounted.inodes_held() <= 2);
+    let listed = std::fs::read_dir(rig.mnt.join("P12")).unwrap().count();
+    assert_eq!(listed, files.len());
+    for (i, f) in files.iter().enumerate() {
+        let md = std::fs::metadata(f).unwrap();
+        assert_ne!(
+            md.ino(),
+            inos[i],
+            "{}: a forgotten number is not reused",
+            f.display()
+        );
+        assert_eq!(std::fs::read_to_string(f).unwrap(), format!("file {i}"));
+    }
+}

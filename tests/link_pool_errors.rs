@@ -316,3 +316,146 @@ fn provision_refuses_zero_absurd_and_existing() {
     let e = pool::provision("../x", 4096, &l.a, &l.b).unwrap_err();
     assert!(matches!(e, KeyError::InvalidLinkName { .. }), "{e}");
 }
+
+/// A ramfs mounted on a fresh temporary directory, detached (`umount -l`) when dropped, so
+/// even when the test fails. Declare it before anything that keeps files in it open.
+struct Ramfs {
+    dir: tempfile::TempDir,
+}
+
+impl Ramfs {
+    fn mount() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        nix::mount::mount(
+            Some("ramfs"),
+            dir.path(),
+            Some("ramfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap_or_else(|e| panic!("mount ramfs on {}: {e}", dir.path().display()));
+        Self { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Ramfs {
+    fn drop(&mut self) {
+        // Before the TempDir field removes the (then empty) mount point.
+        if let Err(e) = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH) {
+            eprintln!("umount -l {}: {e}", self.dir.path().display());
+        }
+    }
+}
+
+#[test]
+fn used_key_is_overwritten_where_holes_cannot_be_punched() {
+    // Needs root (mount), as the tests run.
+    let ram = Ramfs::mount();
+    const RAMFS_MAGIC: nix::sys::statfs::FsType = nix::sys::statfs::FsType(0x8584_58f6);
+    assert_eq!(
+        nix::sys::statfs::statfs(ram.path())
+            .unwrap()
+            .filesystem_type(),
+        RAMFS_MAGIC,
+        "{} is not a ramfs",
+        ram.path().display()
+    );
+    // Punching must fail there with EOPNOTSUPP, else this would test the punch path again.
+    let probe = ram.path().join("probe");
+    std::fs::write(&probe, [7u8; 8192]).unwrap();
+    {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&probe)
+            .unwrap();
+        // SAFETY: plain syscall on an fd owned by `f`; no memory is passed.
+        let rc = unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                4096,
+            )
+        };
+        let e = std::io::Error::last_os_error();
+        assert_eq!(
+            rc, -1,
+            "ramfs punched a hole: pick a filesystem that cannot"
+        );
+        assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP), "{e}");
+    }
+    std::fs::remove_file(&probe).unwrap();
+    // `provision` refuses a ramfs (it reports no free space): provision elsewhere and copy
+    // the pools in (mode kept).
+    let l = provision(1 << 20);
+    let (ra, rb) = (ram.path().join("a"), ram.path().join("b"));
+    for (from, to) in [(&l.a, &ra), (&l.b, &rb)] {
+        std::fs::create_dir(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+    let pool = |dir: &Path| std::fs::read(dir.join("home-lsa.a2b.pool")).unwrap();
+    let before = [pool(&ra), pool(&rb)];
+    assert_eq!(before[0].len() as u64, 4096 + (1 << 20));
+
+    let mut s = send(&ra).unwrap();
+    let mut r = RecvStream::from_dir(&rb, LINK, Direction::AtoB, opts()).unwrap();
+    let (mut f, mut o) = (Vec::new(), Vec::new());
+    let mut used = Vec::new();
+    for _ in 0..10 {
+        let k = s.seal(&[5; 10_000], &mut f).unwrap().key_range;
+        r.open(&f, &mut o).unwrap();
+        s.flush().unwrap();
+        r.flush().unwrap();
+        for dir in [&ra, &rb] {
+            let mut buf = vec![1u8; (k.end - k.start) as usize];
+            std::fs::File::open(dir.join("home-lsa.a2b.pool"))
+                .unwrap()
+                .read_exact_at(&mut buf, 4096 + k.start)
+                .unwrap();
+            assert!(
+                buf.iter().all(|&x| x == 0),
+                "used key {k:?} left in {}",
+                dir.display()
+            );
+        }
+        used.push(4096 + k.start..4096 + k.end);
+    }
+    let next = s.next_offset();
+    assert_eq!(used.last().unwrap().end, 4096 + next);
+    assert!(next < 1 << 20, "no unused key left to compare");
+    // Every used byte zero, every other byte (header, unused key) as before, size unchanged.
+    for (dir, before) in [(&ra, &before[0]), (&rb, &before[1])] {
+        let after = pool(dir);
+        assert_eq!(
+            after.len(),
+            before.len(),
+            "pool size changed in {}",
+            dir.display()
+        );
+        for k in &used {
+            let k = k.start as usize..k.end as usize;
+            assert!(before[k.clone()].iter().any(|&x| x != 0));
+            assert!(
+                after[k.clone()].iter().all(|&x| x == 0),
+                "used key {k:?} left in {}",
+                dir.display()
+            );
+        }
+        let is_used = |i: usize| used.iter().any(|k| k.contains(&(i as u64)));
+        let changed = (0..after.len()).find(|&i| !is_used(i) && after[i] != before[i]);
+        assert_eq!(
+            changed,
+            None,
+            "byte {changed:?} outside the used key changed in {}",
+            dir.display()
+        );
+    }
+}

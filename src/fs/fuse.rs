@@ -34,30 +34,112 @@ enum Node {
     File(String, String),
 }
 
-#[derive(Default)]
-struct Inodes {
-    by_ino: HashMap<u64, Node>,
-    by_node: HashMap<Node, u64>,
-    next: u64,
+/// A node the kernel was told of, and how many of its lookups the kernel still holds.
+struct Known {
+    node: Node,
+    /// Entry replies (lookup, create, mkdir) not yet given back by a FORGET. A node known
+    /// only from a directory listing has none: the kernel holds no reference to it.
+    lookups: u64,
 }
 
+/// The mount's inode numbers. A number lives while the kernel holds a lookup of it: a FORGET
+/// that gives back the last one drops it, so the table follows the kernel's inode cache, not
+/// every name the mount ever saw. Numbers are never reused; a name looked up again after it
+/// was forgotten gets a new one. Numbers given out by `readdir` alone (no lookup) are swept
+/// whenever the table has doubled since the last sweep.
+struct Inodes {
+    by_ino: HashMap<u64, Known>,
+    by_node: HashMap<Node, u64>,
+    next: u64,
+    /// Size of the table above which the next new number first sweeps the unlooked ones.
+    sweep_at: usize,
+}
+
+/// The smallest table that is ever swept.
+const SWEEP_FLOOR: usize = 4096;
+
 impl Inodes {
+    fn new() -> Self {
+        let mut inodes = Inodes {
+            by_ino: HashMap::new(),
+            by_node: HashMap::new(),
+            next: ROOT,
+            sweep_at: SWEEP_FLOOR,
+        };
+        let root = Known {
+            node: Node::Root,
+            lookups: 0,
+        };
+        inodes.by_ino.insert(ROOT, root);
+        inodes.by_node.insert(Node::Root, ROOT);
+        inodes
+    }
+
+    /// The number of `node`, given one if it has none.
     fn ino(&mut self, node: Node) -> u64 {
         if let Some(&i) = self.by_node.get(&node) {
             return i;
         }
+        if self.by_ino.len() >= self.sweep_at {
+            let by_node = &mut self.by_node;
+            self.by_ino.retain(|&i, k| {
+                let keep = i == ROOT || k.lookups > 0;
+                if !keep && by_node.get(&k.node) == Some(&i) {
+                    by_node.remove(&k.node);
+                }
+                keep
+            });
+            self.sweep_at = (2 * self.by_ino.len()).max(SWEEP_FLOOR);
+        }
         self.next += 1;
         let i = self.next;
-        self.by_ino.insert(i, node.clone());
+        self.by_ino.insert(
+            i,
+            Known {
+                node: node.clone(),
+                lookups: 0,
+            },
+        );
         self.by_node.insert(node, i);
         i
+    }
+
+    /// The number of `node` for an entry reply, counted as one more lookup the kernel holds.
+    fn looked_up(&mut self, node: &Node) -> u64 {
+        let i = self.ino(node.clone());
+        if let Some(k) = self.by_ino.get_mut(&i) {
+            k.lookups += 1;
+        }
+        i
+    }
+
+    /// The kernel gave back `n` lookups of `ino` (FORGET), or an entry reply was not sent.
+    fn forget(&mut self, ino: u64, n: u64) {
+        if ino == ROOT {
+            return;
+        }
+        let Some(k) = self.by_ino.get_mut(&ino) else {
+            // Already dropped: its name went to another number by a rename.
+            return;
+        };
+        k.lookups = k.lookups.saturating_sub(n);
+        if k.lookups == 0 {
+            let k = self.by_ino.remove(&ino).expect("present");
+            if self.by_node.get(&k.node) == Some(&ino) {
+                self.by_node.remove(&k.node);
+            }
+        }
+    }
+
+    fn node(&self, ino: u64) -> Option<Node> {
+        self.by_ino.get(&ino).map(|k| k.node.clone())
     }
 
     /// Inode numbers the kernel was given for files of `patient`.
     fn files_of(&self, patient: &str) -> Vec<u64> {
         self.by_ino
             .iter()
-            .filter(|(_, n)| matches!(n, Node::File(p, _) if p == patient))
+            .filter(|(_, k)| matches!(&k.node, Node::File(p, _) if p == patient))
             .map(|(&i, _)| i)
             .collect()
     }
@@ -67,7 +149,9 @@ impl Inodes {
             if let Some(old) = self.by_node.insert(to.clone(), i) {
                 self.by_ino.remove(&old);
             }
-            self.by_ino.insert(i, to);
+            if let Some(k) = self.by_ino.get_mut(&i) {
+                k.node = to;
+            }
         }
     }
 }
@@ -306,7 +390,19 @@ pub struct QgenomeFs {
 
 /// The mount's inode numbers, kept by [`QgenomeFs::inode_table`] for use after the file
 /// system has gone into its FUSE session.
+#[derive(Clone)]
 pub struct InodeTable(Arc<Mutex<Inodes>>);
+
+impl InodeTable {
+    /// How many numbers the table holds, the root's included.
+    pub fn len(&self) -> usize {
+        self.0.lock().expect("inodes").by_ino.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// When a patient's consent ends, drops every page the kernel cached of that patient's files.
 ///
@@ -433,15 +529,9 @@ impl QgenomeFs {
                 })
                 .expect("spawn fs worker");
         }
-        let mut inodes = Inodes {
-            next: ROOT,
-            ..Inodes::default()
-        };
-        inodes.by_ino.insert(ROOT, Node::Root);
-        inodes.by_node.insert(Node::Root, ROOT);
         Self {
             engine,
-            inodes: Arc::new(Mutex::new(inodes)),
+            inodes: Arc::new(Mutex::new(Inodes::new())),
             handles: Arc::new(Mutex::new(HashMap::new())),
             writing: Arc::new(Mutex::new(HashMap::new())),
             next_fh: AtomicU64::new(1),
@@ -486,12 +576,7 @@ impl QgenomeFs {
     }
 
     fn node(&self, ino: INodeNo) -> Option<Node> {
-        self.inodes
-            .lock()
-            .expect("inodes")
-            .by_ino
-            .get(&ino.0)
-            .cloned()
+        self.inodes.lock().expect("inodes").node(ino.0)
     }
 
     fn ino(&self, node: Node) -> u64 {
@@ -540,14 +625,29 @@ impl QgenomeFs {
 
     /// Attributes of a node, or None if it does not exist (any more).
     fn attr(&self, node: &Node) -> Result<Option<(FileAttr, Duration)>, EngineError> {
+        self.attr_at(self.ino(node.clone()), node)
+    }
+
+    /// Attributes of a node for an entry reply (lookup, mkdir, create): its number then
+    /// counts one more lookup, which a FORGET gives back. Not counted if there is no entry.
+    fn entry(&self, node: &Node) -> Result<Option<(FileAttr, Duration)>, EngineError> {
+        let ino = self.inodes.lock().expect("inodes").looked_up(node);
+        let attr = self.attr_at(ino, node);
+        if !matches!(attr, Ok(Some(_))) {
+            self.inodes.lock().expect("inodes").forget(ino, 1);
+        }
+        attr
+    }
+
+    /// Attributes of `node` under inode number `ino`.
+    fn attr_at(&self, ino: u64, node: &Node) -> Result<Option<(FileAttr, Duration)>, EngineError> {
         let cat = &self.engine.catalog;
         Ok(match node {
             Node::Root => Some((self.dir_attr(ROOT, 0), DIR_TTL)),
             Node::Patient(p) => cat
                 .patient(p)?
-                .map(|r| (self.dir_attr(self.ino(node.clone()), r.created), DIR_TTL)),
+                .map(|r| (self.dir_attr(ino, r.created), DIR_TTL)),
             Node::File(p, n) => {
-                let ino = self.ino(node.clone());
                 let writing = self
                     .writing
                     .lock()
@@ -739,12 +839,18 @@ impl Filesystem for QgenomeFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        match self.attr(&node) {
+        match self.entry(&node) {
             Ok(Some((attr, ttl))) => reply.entry(&ttl, &attr, Generation(0)),
             Ok(None) => reply.error(Errno::ENOENT),
             Err(e) => reply.error(errno(&e)),
         }
     }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.inodes.lock().expect("inodes").forget(ino.0, nlookup);
+    }
+
+    // batch_forget: fuser's default hands each node to `forget`.
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let Some(node) = self.node(ino) else {
@@ -847,7 +953,7 @@ impl Filesystem for QgenomeFs {
             return reply.error(errno(&e.into()));
         }
         self.engine.catalog.audit("patient-add", Some(id), None, "");
-        match self.attr(&Node::Patient(id.to_string())) {
+        match self.entry(&Node::Patient(id.to_string())) {
             Ok(Some((a, ttl))) => reply.entry(&ttl, &a, Generation(0)),
             _ => reply.error(Errno::EIO),
         }
@@ -885,7 +991,7 @@ impl Filesystem for QgenomeFs {
             return reply.error(Errno::EPERM);
         };
         match self.open_writer(&p, &n, mode & !umask & 0o7777) {
-            Ok(fh) => match self.attr(&Node::File(p, n)) {
+            Ok(fh) => match self.entry(&Node::File(p, n)) {
                 Ok(Some((a, ttl))) => reply.created(
                     &ttl,
                     &a,
@@ -1294,5 +1400,80 @@ impl Filesystem for QgenomeFs {
             255,
             1 << 20,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(n: &str) -> Node {
+        Node::File("p".into(), n.into())
+    }
+
+    #[test]
+    fn a_node_lives_while_the_kernel_holds_a_lookup_of_it() {
+        let mut t = Inodes::new();
+        let a = t.looked_up(&file("a"));
+        assert_eq!(t.looked_up(&file("a")), a, "same node, same number");
+        t.forget(a, 1);
+        assert_eq!(t.node(a), Some(file("a")), "one lookup still held");
+        t.forget(a, 1);
+        assert_eq!(t.node(a), None, "the last lookup given back drops it");
+        assert_eq!(t.by_ino.len(), 1, "only the root is left");
+        assert!(!t.by_node.contains_key(&file("a")));
+        let again = t.looked_up(&file("a"));
+        assert!(again > a, "a forgotten number is never reused");
+        t.forget(again, 5);
+        assert_eq!(t.by_ino.len(), 1, "an over-count forgets, never underflows");
+        t.forget(ROOT, 1);
+        assert_eq!(
+            t.node(ROOT),
+            Some(Node::Root),
+            "the root is never forgotten"
+        );
+    }
+
+    #[test]
+    fn a_forget_after_a_rename_over_the_number_is_ignored() {
+        let mut t = Inodes::new();
+        let a = t.looked_up(&file("a"));
+        let b = t.looked_up(&file("b"));
+        t.rename(&file("a"), file("b"));
+        assert_eq!(t.node(a), Some(file("b")));
+        assert_eq!(t.node(b), None, "the replaced number is gone");
+        t.forget(b, 1);
+        assert_eq!(
+            t.node(a),
+            Some(file("b")),
+            "forgetting the old number leaves the new"
+        );
+        t.forget(a, 1);
+        assert_eq!(t.by_ino.len(), 1);
+        assert_eq!(t.by_node.len(), 1, "only the root's name is left");
+    }
+
+    #[test]
+    fn numbers_only_listed_are_swept_once_the_table_doubles() {
+        let mut t = Inodes::new();
+        let held = t.looked_up(&file("held"));
+        for i in 0..SWEEP_FLOOR - 2 {
+            t.ino(file(&format!("listed{i}")));
+        }
+        assert_eq!(t.by_ino.len(), SWEEP_FLOOR, "no sweep below the floor");
+        assert_eq!(
+            t.ino(file("listed0")),
+            held + 1,
+            "a listed name keeps its number"
+        );
+        // The table reached the floor: the next new number sweeps the listed ones first.
+        let fresh = t.ino(file("fresh"));
+        assert_eq!(t.by_ino.len(), 3, "root, the held node and the fresh one");
+        assert_eq!(t.by_node.len(), 3);
+        assert_eq!(t.node(held), Some(file("held")));
+        assert_eq!(t.node(fresh), Some(file("fresh")));
+        assert_eq!(t.sweep_at, SWEEP_FLOOR);
+        let relisted = t.ino(file("listed0"));
+        assert!(relisted > fresh, "a swept name gets a new number");
     }
 }

@@ -41,6 +41,7 @@ pub struct Mounted {
     pub engine: Arc<Engine>,
     session: Option<fuser::BackgroundSession>,
     mountpoint: std::path::PathBuf,
+    inodes: super::fuse::InodeTable,
     /// The card watcher, when `[card]` is configured; stops (ending its sessions) on drop.
     _watcher: Option<crate::consent::watcher::WatcherHandle>,
 }
@@ -117,17 +118,28 @@ pub fn start(
     let inodes = fs.inode_table();
     let session = fuser::spawn_mount(fs, mountpoint, &options)
         .with_context(|| format!("mounting at {}", mountpoint.display()))?;
-    super::fuse::drop_cached_pages_at_consent_end(inodes, &engine.consent, session.notifier());
+    super::fuse::drop_cached_pages_at_consent_end(
+        inodes.clone(),
+        &engine.consent,
+        session.notifier(),
+    );
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
     Ok(Mounted {
         engine,
         session: Some(session),
         mountpoint: mountpoint.to_path_buf(),
+        inodes,
         _watcher: watcher,
     })
 }
 
 impl Mounted {
+    /// How many inode numbers the mount keeps: the root, and every node the kernel holds a
+    /// lookup of or was listed since the last sweep (see `fuse::Inodes`).
+    pub fn inodes_held(&self) -> usize {
+        self.inodes.len()
+    }
+
     pub fn unmount(mut self) -> anyhow::Result<()> {
         self.engine.consent.close();
         if let Some(s) = self.session.take() {
