@@ -338,3 +338,72 @@ fn pools_relocated_between_a_write_and_a_read_serve_the_read() {
         &data[..1 << 20]
     );
 }
+
+/// The room the sites report through `status` (the least of their volumes' sizes, and of their
+/// free space and links' key left), as `statfs` should give it: `(total, free)`.
+fn room_by_status(d: &Deployment) -> (u64, u64) {
+    let st = d.control(&json!({"cmd": "status"})).unwrap();
+    let sites = st["sites"].as_array().unwrap();
+    assert_eq!(sites.len(), 3, "{st}");
+    let total = sites
+        .iter()
+        .map(|s| s["usage"]["capacity"].as_u64().unwrap())
+        .min()
+        .unwrap();
+    let free = sites
+        .iter()
+        .flat_map(|s| [s["usage"]["free"].as_u64(), s["key_remaining"].as_u64()])
+        .flatten()
+        .min()
+        .unwrap();
+    (total, free)
+}
+
+/// `df` on the mount tells how much more can be written: what the sites hold and have free,
+/// and what their links have left of key (here the key, 24 MiB a link, is what runs out
+/// first), no longer the fixed "ample room" it reported before. It falls as a file is stored,
+/// and a site that is down leaves no room (a write would fail there).
+#[test]
+fn df_reports_the_room_the_sites_and_links_have_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = deployment(dir.path());
+    let df = |d: &Deployment| {
+        let v = nix::sys::statvfs::statvfs(&d.mountpoint).unwrap();
+        let unit = v.fragment_size();
+        (v.blocks() * unit, v.blocks_available() * unit)
+    };
+    // Within a frame's key: each STAT of a remote site spends a little, statfs's included.
+    let near = |a: u64, b: u64| a.abs_diff(b) <= 64 << 10;
+    let (total, free) = df(&d);
+    let (want_total, want_free) = room_by_status(&d);
+    assert!(
+        near(total, want_total),
+        "df total {total}, sites {want_total}"
+    );
+    assert!(near(free, want_free), "df free {free}, sites {want_free}");
+    assert!(free > 16 << 20 && free < total, "free {free} of {total}");
+
+    std::fs::create_dir(d.mountpoint.join("P1")).unwrap();
+    let mut w = std::fs::File::create(d.mountpoint.join("P1/w.cram")).unwrap();
+    w.write_all(&random(4 << 20)).unwrap();
+    w.sync_all().unwrap();
+    drop(w);
+    // Past the 2 s that statfs reuses the sites' answer for.
+    std::thread::sleep(Duration::from_millis(2100));
+    let (_, after) = df(&d);
+    let (_, want_after) = room_by_status(&d);
+    assert!(
+        near(after, want_after),
+        "df free {after}, sites {want_after}"
+    );
+    assert!(
+        free - after >= 4 << 20,
+        "4 MiB stored: free went from {free} to {after}"
+    );
+
+    d.kill_site(2);
+    std::thread::sleep(Duration::from_millis(2100));
+    let (total, free) = df(&d);
+    assert_eq!(free, 0, "a site down: nothing free");
+    assert!(total > 0, "the sites that answer still give the size");
+}

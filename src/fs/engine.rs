@@ -827,6 +827,22 @@ impl Engine {
         &self.core.sites
     }
 
+    /// The plaintext room the sites have ([`crate::placement::Space`]), asking them all at
+    /// once: a site that is down costs its connect timeout, not one per site.
+    pub fn space(&self) -> crate::placement::Space {
+        let sites: Vec<_> = std::thread::scope(|scope| {
+            let asks: Vec<_> = self
+                .sites()
+                .iter()
+                .map(|s| scope.spawn(move || (s.space(), s.key_remaining())))
+                .collect();
+            asks.into_iter()
+                .map(|a| a.join().unwrap_or((None, None)))
+                .collect()
+        });
+        crate::placement::Space::of(&sites)
+    }
+
     fn next_seq(&self) -> u64 {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -384,6 +384,8 @@ pub struct QgenomeFs {
     waiters: Arc<AtomicUsize>,
     /// Commits waiting for the sites on threads of their own (at most [`MAX_COMMITTERS`]).
     committers: Arc<AtomicUsize>,
+    /// The sites' room, for `statfs`.
+    space: Arc<SpaceCache>,
     uid: u32,
     gid: u32,
 }
@@ -539,6 +541,7 @@ impl QgenomeFs {
             workers: Mutex::new(tx),
             waiters: Arc::new(AtomicUsize::new(0)),
             committers: Arc::new(AtomicUsize::new(0)),
+            space: Arc::new(SpaceCache::default()),
             uid: nix::unistd::getuid().as_raw(),
             gid: nix::unistd::getgid().as_raw(),
         }
@@ -1388,19 +1391,68 @@ impl Filesystem for QgenomeFs {
         reply.ok();
     }
 
+    /// The sites' room ([`Engine::space`]), at most [`SPACE_TTL`] old. Asking the sites
+    /// waits for their answers (a connect timeout for a host that is off), so it runs off the
+    /// request loops, one asking at a time; the other `statfs` calls wait for its answer.
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        // Capacity is the sites'; `qgenome status` reports it per site. Report ample room.
-        reply.statfs(
-            1 << 32,
-            1 << 31,
-            1 << 31,
-            1 << 20,
-            1 << 19,
-            1 << 20,
-            255,
-            1 << 20,
-        );
+        if let Some(space) = self.space.fresh() {
+            return reply_space(reply, space);
+        }
+        let (engine, cache) = (self.engine.clone(), self.space.clone());
+        let job: Job = Box::new(move || reply_space(reply, cache.get(&engine)));
+        if let Err(job) = run_apart(&self.committers, MAX_COMMITTERS, "fs-statfs", "statfs", job) {
+            job();
+        }
     }
+}
+
+/// How long the sites' room is reused for `statfs` before they are asked again.
+const SPACE_TTL: Duration = Duration::from_secs(2);
+
+/// Bytes per block in `statfs`'s counts (`f_frsize`, what `df` multiplies by).
+const SPACE_BLOCK: u64 = 4096;
+
+/// The last answer of [`Engine::space`], and when it was had.
+#[derive(Default)]
+struct SpaceCache {
+    last: Mutex<Option<(std::time::Instant, crate::placement::Space)>>,
+    /// Held while the sites are asked, so that one asks and the others wait for its answer.
+    asking: Mutex<()>,
+}
+
+impl SpaceCache {
+    fn fresh(&self) -> Option<crate::placement::Space> {
+        match *self.last.lock().expect("space") {
+            Some((at, space)) if at.elapsed() < SPACE_TTL => Some(space),
+            _ => None,
+        }
+    }
+
+    fn get(&self, engine: &Engine) -> crate::placement::Space {
+        let _asking = self.asking.lock().expect("space asking");
+        if let Some(space) = self.fresh() {
+            return space;
+        }
+        let space = engine.space();
+        *self.last.lock().expect("space") = Some((std::time::Instant::now(), space));
+        space
+    }
+}
+
+fn reply_space(reply: ReplyStatfs, space: crate::placement::Space) {
+    let blocks = space.total / SPACE_BLOCK;
+    let free = space.free / SPACE_BLOCK;
+    // Files are catalog records, not bounded by the volumes: report names as plentiful.
+    reply.statfs(
+        blocks,
+        free,
+        free,
+        1 << 32,
+        1 << 31,
+        1 << 20,
+        255,
+        SPACE_BLOCK as u32,
+    );
 }
 
 #[cfg(test)]

@@ -26,9 +26,78 @@ pub fn read_order(
     v
 }
 
+/// What one site tells of its room: its volume's `(size, free bytes)` (`None`: it did not
+/// answer), and the key left on its link for what the home sends (`None`: no link).
+pub type SiteRoom = (Option<(u64, u64)>, Option<u64>);
+
+/// What `statfs` reports for the mount: plaintext bytes in all, and still free to write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Space {
+    pub total: u64,
+    pub free: u64,
+}
+
+impl Space {
+    /// From each site's [`SiteRoom`]. Every chunk puts a share the size of the chunk on
+    /// every site and spends as much key on every remote site's link, so the mount holds as
+    /// much as its smallest volume and can still take the least of the sites' free space and
+    /// their links' key left (the shares' headers and the frames' tags not counted). A site
+    /// that does not answer leaves no room: a write now would fail there.
+    pub fn of(sites: &[SiteRoom]) -> Space {
+        let mut total = None::<u64>;
+        let mut free = u64::MAX;
+        for (space, key) in sites {
+            match space {
+                Some((size, left)) => {
+                    total = Some(total.map_or(*size, |t| t.min(*size)));
+                    free = free.min(*left);
+                }
+                None => free = 0,
+            }
+            if let Some(k) = key {
+                free = free.min(*k);
+            }
+        }
+        let total = total.unwrap_or(0);
+        Space {
+            total,
+            free: free.min(total),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_space_is_the_least_of_the_volumes_free_space_and_key_left() {
+        let gib = 1u64 << 30;
+        // Home (no link) and two remote sites.
+        let sites = [
+            (Some((10 * gib, 6 * gib)), None),
+            (Some((8 * gib, 7 * gib)), Some(5 * gib)),
+            (Some((12 * gib, 4 * gib)), Some(9 * gib)),
+        ];
+        let s = Space::of(&sites);
+        assert_eq!(s.total, 8 * gib, "the smallest volume");
+        assert_eq!(s.free, 4 * gib, "the least free volume");
+        let mut low_key = sites;
+        low_key[2].1 = Some(gib);
+        assert_eq!(Space::of(&low_key).free, gib, "a link short of key");
+        let mut down = sites;
+        down[1].0 = None;
+        assert_eq!(
+            Space::of(&down),
+            Space {
+                total: 10 * gib,
+                free: 0
+            },
+            "a site down leaves no room"
+        );
+        assert_eq!(Space::of(&[]).total, 0);
+        assert_eq!(Space::of(&[(None, None)]), Space { total: 0, free: 0 });
+    }
 
     fn loc(share: u8, site: &str) -> ShareLocation {
         ShareLocation {

@@ -115,6 +115,10 @@ pub trait ShareSite: Send + Sync {
     fn usage(&self) -> Option<serde_json::Value> {
         None
     }
+    /// The site's volume size and free space in bytes, or `None` if it cannot say (down).
+    fn space(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// A page of a site's share listing: entries, and the key the next page starts after.
@@ -260,6 +264,18 @@ impl ShareSite for MemSite {
             data[0] ^= 1;
         }
         Ok(data)
+    }
+
+    /// A nominal 1 TiB, less the bytes held (and, with [`MemSite::set_capacity`], nothing
+    /// free once the capacity is reached).
+    fn space(&self) -> Option<(u64, u64)> {
+        self.up().ok()?;
+        const NOMINAL: u64 = 1 << 40;
+        let shares = self.shares.lock().expect("memsite");
+        let held: u64 = shares.values().map(|(_, d)| d.len() as u64).sum();
+        let cap = self.capacity.load(Ordering::SeqCst);
+        let full = cap != 0 && shares.len() >= cap;
+        Some((NOMINAL, if full { 0 } else { NOMINAL - held }))
     }
 
     fn delete(&self, key: &ShareKey) -> Result<(), SiteError> {

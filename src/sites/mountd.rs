@@ -810,6 +810,11 @@ impl ShareSite for MountdSite {
         self.link.as_ref().map(|l| lock(&l.recv).remaining())
     }
 
+    fn space(&self) -> Option<(u64, u64)> {
+        let st = self.stat().ok()?;
+        Some((st.capacity, st.free))
+    }
+
     fn usage(&self) -> Option<serde_json::Value> {
         let st = self.stat().ok()?;
         Some(serde_json::json!({
