@@ -3,7 +3,7 @@
 //! the kernel. Needs the workspace binaries built (`make test` builds them first).
 use std::io::Write;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 mod common;
 
@@ -397,8 +397,35 @@ fn df_reports_the_room_the_sites_and_links_have_left() {
         "df free {after}, sites {want_after}"
     );
     assert!(
-        free - after >= 4 << 20,
+        free.saturating_sub(after) >= 4 << 20,
         "4 MiB stored: free went from {free} to {after}"
+    );
+
+    // A site that took the connection and never answers (stopped): `df` waits for it at most
+    // the engine's 3 s and shows no room, and the mount's other requests do not wait at all.
+    let stopped = nix::unistd::Pid::from_raw(d.pids()[1] as i32);
+    nix::sys::signal::kill(stopped, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    std::thread::sleep(Duration::from_millis(2100));
+    let mnt = d.mountpoint.clone();
+    let asked = std::thread::spawn(move || {
+        let t = Instant::now();
+        let v = nix::sys::statvfs::statvfs(&mnt).unwrap();
+        (t.elapsed(), v.blocks_available())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    std::fs::metadata(d.mountpoint.join("P1/w.cram")).unwrap();
+    let stat_took = t.elapsed();
+    let (df_took, avail) = asked.join().unwrap();
+    nix::sys::signal::kill(stopped, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert_eq!(avail, 0, "a site that does not answer leaves no room");
+    assert!(
+        df_took < Duration::from_secs(10),
+        "df waited {df_took:?} for a stopped site"
+    );
+    assert!(
+        stat_took < Duration::from_secs(2),
+        "a stat waited {stat_took:?} while df asked a stopped site"
     );
 
     d.kill_site(2);

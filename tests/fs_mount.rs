@@ -1029,3 +1029,35 @@ fn inode_numbers_the_kernel_forgets_are_dropped_and_the_files_stay() {
         assert_eq!(std::fs::read_to_string(f).unwrap(), format!("file {i}"));
     }
 }
+
+/// A patient directory removed while a process holds it (a shell's working directory) and
+/// made again is a new directory: it gets a new inode number, not the dead one's, which the
+/// kernel still holds and would attach the new name to.
+#[test]
+fn a_patient_directory_made_again_while_the_old_one_is_held_is_a_new_directory() {
+    use std::os::unix::fs::MetadataExt;
+    let rig = Rig::new(60);
+    let p = rig.mnt.join("P13");
+    std::fs::create_dir(&p).unwrap();
+    let held = std::fs::File::open(&p).unwrap();
+    let old = held.metadata().unwrap().ino();
+    std::fs::remove_dir(&p).unwrap();
+    std::fs::create_dir(&p).unwrap();
+    assert_ne!(std::fs::metadata(&p).unwrap().ino(), old);
+    std::fs::write(p.join("x.cram"), b"new").unwrap();
+    let names: Vec<_> = std::fs::read_dir(&p)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["x.cram"]);
+    // The same for a file unlinked while open and created again.
+    let f = p.join("x.cram");
+    rig.grant("P13");
+    let open = std::fs::File::open(&f).unwrap();
+    let open_ino = open.metadata().unwrap().ino();
+    std::fs::remove_file(&f).unwrap();
+    std::fs::write(&f, b"again").unwrap();
+    assert_ne!(std::fs::metadata(&f).unwrap().ino(), open_ino);
+    assert_eq!(std::fs::read(&f).unwrap(), b"again");
+    drop((held, open));
+}

@@ -289,7 +289,14 @@ struct Core {
     /// When each site last failed a GET: such a site is asked last for [`FAILING_FOR`], so a
     /// site that is down costs one chunk its timeout, not every chunk.
     failed_at: Mutex<HashMap<String, Instant>>,
+    /// Per site: a STAT of [`Engine::space`] still waiting for it (one that hung past
+    /// [`SPACE_WAIT`]); the site is not asked again until it answers or fails.
+    space_asking: Vec<std::sync::atomic::AtomicBool>,
 }
+
+/// How long [`Engine::space`] waits for the sites; one that has not answered by then counts
+/// as down.
+pub const SPACE_WAIT: Duration = Duration::from_secs(3);
 
 /// How long a site that failed a GET is asked for shares only after the others.
 const FAILING_FOR: Duration = Duration::from_secs(30);
@@ -448,6 +455,7 @@ impl Engine {
             .iter()
             .map(|s| (s.name().to_string(), s.clone()))
             .collect();
+        let space_asking = sites.iter().map(|_| Default::default()).collect();
         let core = Arc::new(Core {
             scheme,
             sites,
@@ -460,6 +468,7 @@ impl Engine {
             // Chunks being rebuilt and those just dropped by the cache; beyond that, freed.
             read_bufs: Arc::new(BufPool::new(2 * cfg.readahead + 4, true)),
             failed_at: Mutex::new(HashMap::new()),
+            space_asking,
         });
         let (tx, rx) = mpsc::sync_channel::<UploadJob>(cfg.upload_workers);
         let rx = Arc::new(Mutex::new(rx));
@@ -828,19 +837,36 @@ impl Engine {
     }
 
     /// The plaintext room the sites have ([`crate::placement::Space`]), asking them all at
-    /// once: a site that is down costs its connect timeout, not one per site.
+    /// once and waiting at most [`SPACE_WAIT`]: a site that has not answered by then (a host
+    /// that is off, or one that took the connection and hangs) counts as down, and its ask
+    /// finishes alone; it is not asked again while that ask is under way.
     pub fn space(&self) -> crate::placement::Space {
-        let sites: Vec<_> = std::thread::scope(|scope| {
-            let asks: Vec<_> = self
-                .sites()
-                .iter()
-                .map(|s| scope.spawn(move || (s.space(), s.key_remaining())))
-                .collect();
-            asks.into_iter()
-                .map(|a| a.join().unwrap_or((None, None)))
-                .collect()
-        });
-        crate::placement::Space::of(&sites)
+        let (tx, rx) = mpsc::channel();
+        let mut room: Vec<crate::placement::SiteRoom> = vec![(None, None); self.core.sites.len()];
+        for (i, site) in self.core.sites.iter().enumerate() {
+            if self.core.space_asking[i].swap(true, Ordering::SeqCst) {
+                continue;
+            }
+            let (core, site, tx) = (self.core.clone(), site.clone(), tx.clone());
+            let spawned = std::thread::Builder::new()
+                .name("site-space".into())
+                .spawn(move || {
+                    let r = (site.space(), site.key_remaining());
+                    core.space_asking[i].store(false, Ordering::SeqCst);
+                    let _ = tx.send((i, r));
+                });
+            if let Err(e) = spawned {
+                let site = self.core.sites[i].name();
+                tracing::warn!("asking site {site} for its room: no thread: {e}");
+                self.core.space_asking[i].store(false, Ordering::SeqCst);
+            }
+        }
+        drop(tx);
+        let deadline = Instant::now() + SPACE_WAIT;
+        while let Ok((i, r)) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            room[i] = r;
+        }
+        crate::placement::Space::of(&room)
     }
 
     fn next_seq(&self) -> u64 {

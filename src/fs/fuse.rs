@@ -40,12 +40,17 @@ struct Known {
     /// Entry replies (lookup, create, mkdir) not yet given back by a FORGET. A node known
     /// only from a directory listing has none: the kernel holds no reference to it.
     lookups: u64,
+    /// Its name went (unlink, rmdir, or a rename over it) while the kernel still held it: it
+    /// names nothing now (`getattr` gets ENOENT, the name gets a new number), and stays only
+    /// until the kernel forgets it, so that the consent-end page dropping still reaches an
+    /// open file's pages.
+    detached: bool,
 }
 
 /// The mount's inode numbers. A number lives while the kernel holds a lookup of it: a FORGET
 /// that gives back the last one drops it, so the table follows the kernel's inode cache, not
 /// every name the mount ever saw. Numbers are never reused; a name looked up again after it
-/// was forgotten gets a new one. Numbers given out by `readdir` alone (no lookup) are swept
+/// was forgotten, or created again after it was removed, gets a new one. Numbers given out by `readdir` alone (no lookup) are swept
 /// whenever the table has doubled since the last sweep.
 struct Inodes {
     by_ino: HashMap<u64, Known>,
@@ -69,6 +74,7 @@ impl Inodes {
         let root = Known {
             node: Node::Root,
             lookups: 0,
+            detached: false,
         };
         inodes.by_ino.insert(ROOT, root);
         inodes.by_node.insert(Node::Root, ROOT);
@@ -98,6 +104,7 @@ impl Inodes {
             Known {
                 node: node.clone(),
                 lookups: 0,
+                detached: false,
             },
         );
         self.by_node.insert(node, i);
@@ -132,10 +139,35 @@ impl Inodes {
     }
 
     fn node(&self, ino: u64) -> Option<Node> {
-        self.by_ino.get(&ino).map(|k| k.node.clone())
+        self.by_ino
+            .get(&ino)
+            .filter(|k| !k.detached)
+            .map(|k| k.node.clone())
     }
 
-    /// Inode numbers the kernel was given for files of `patient`.
+    /// `node`'s name went (unlink, rmdir): its number names nothing any more.
+    fn removed(&mut self, node: &Node) {
+        if let Some(i) = self.by_node.remove(node) {
+            self.detach(i);
+        }
+    }
+
+    /// Number `i` lost its name: dropped if the kernel holds no lookup of it, else kept
+    /// detached until its FORGET.
+    fn detach(&mut self, i: u64) {
+        if i == ROOT {
+            return;
+        }
+        match self.by_ino.get_mut(&i) {
+            Some(k) if k.lookups > 0 => k.detached = true,
+            Some(_) => {
+                self.by_ino.remove(&i);
+            }
+            None => {}
+        }
+    }
+
+    /// Inode numbers the kernel was given for files of `patient`, detached ones included.
     fn files_of(&self, patient: &str) -> Vec<u64> {
         self.by_ino
             .iter()
@@ -145,13 +177,17 @@ impl Inodes {
     }
 
     fn rename(&mut self, from: &Node, to: Node) {
-        if let Some(i) = self.by_node.remove(from) {
-            if let Some(old) = self.by_node.insert(to.clone(), i) {
-                self.by_ino.remove(&old);
+        match self.by_node.remove(from) {
+            Some(i) => {
+                if let Some(old) = self.by_node.insert(to.clone(), i) {
+                    self.detach(old);
+                }
+                if let Some(k) = self.by_ino.get_mut(&i) {
+                    k.node = to;
+                }
             }
-            if let Some(k) = self.by_ino.get_mut(&i) {
-                k.node = to;
-            }
+            // A source without a number (forgotten): the target's number still lost its name.
+            None => self.removed(&to),
         }
     }
 }
@@ -301,6 +337,8 @@ impl Names {
         if let Some(w) = &writer {
             self.move_writer(&key, w, None);
         }
+        let node = Node::File(key.0, key.1);
+        self.inodes.lock().expect("inodes").removed(&node);
         Ok(())
     }
 
@@ -974,6 +1012,8 @@ impl Filesystem for QgenomeFs {
                 self.engine
                     .catalog
                     .audit("patient-remove", Some(id), None, "");
+                let node = Node::Patient(id.to_string());
+                self.inodes.lock().expect("inodes").removed(&node);
                 reply.ok()
             }
             Err(e) => reply.error(errno(&e.into())),
@@ -1392,17 +1432,11 @@ impl Filesystem for QgenomeFs {
     }
 
     /// The sites' room ([`Engine::space`]), at most [`SPACE_TTL`] old. Asking the sites
-    /// waits for their answers (a connect timeout for a host that is off), so it runs off the
-    /// request loops, one asking at a time; the other `statfs` calls wait for its answer.
+    /// waits for their answers (up to [`super::engine::SPACE_WAIT`]), so it is done by one
+    /// thread of its own, off the request loops; the `statfs` calls that come meanwhile wait
+    /// in a queue for its answer, holding no thread.
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        if let Some(space) = self.space.fresh() {
-            return reply_space(reply, space);
-        }
-        let (engine, cache) = (self.engine.clone(), self.space.clone());
-        let job: Job = Box::new(move || reply_space(reply, cache.get(&engine)));
-        if let Err(job) = run_apart(&self.committers, MAX_COMMITTERS, "fs-statfs", "statfs", job) {
-            job();
-        }
+        SpaceCache::statfs(&self.space, &self.engine, reply);
     }
 }
 
@@ -1412,30 +1446,70 @@ const SPACE_TTL: Duration = Duration::from_secs(2);
 /// Bytes per block in `statfs`'s counts (`f_frsize`, what `df` multiplies by).
 const SPACE_BLOCK: u64 = 4096;
 
-/// The last answer of [`Engine::space`], and when it was had.
+/// The last answer of [`Engine::space`] and when it was had, and the `statfs` calls waiting
+/// for the next.
 #[derive(Default)]
 struct SpaceCache {
-    last: Mutex<Option<(std::time::Instant, crate::placement::Space)>>,
-    /// Held while the sites are asked, so that one asks and the others wait for its answer.
-    asking: Mutex<()>,
+    state: Mutex<SpaceState>,
+}
+
+#[derive(Default)]
+struct SpaceState {
+    last: Option<(std::time::Instant, crate::placement::Space)>,
+    waiting: Vec<ReplyStatfs>,
+    /// A thread is asking the sites; it answers `waiting` when they have answered.
+    asking: bool,
 }
 
 impl SpaceCache {
-    fn fresh(&self) -> Option<crate::placement::Space> {
-        match *self.last.lock().expect("space") {
-            Some((at, space)) if at.elapsed() < SPACE_TTL => Some(space),
-            _ => None,
+    /// Answer from the last answer if it is fresh, else queue the reply for the asking
+    /// thread, starting one if none runs.
+    fn statfs(cache: &Arc<SpaceCache>, engine: &Arc<Engine>, reply: ReplyStatfs) {
+        let mut st = cache.state.lock().expect("space");
+        if let Some((at, space)) = st.last {
+            if at.elapsed() < SPACE_TTL {
+                drop(st);
+                return reply_space(reply, space);
+            }
+        }
+        st.waiting.push(reply);
+        if st.asking {
+            return;
+        }
+        st.asking = true;
+        drop(st);
+        let (c, engine) = (cache.clone(), engine.clone());
+        let spawned = std::thread::Builder::new()
+            .name("fs-statfs".into())
+            .spawn(move || c.ask(&engine));
+        if let Err(e) = spawned {
+            tracing::error!("statfs: no thread to ask the sites on: {e}");
+            let mut st = cache.state.lock().expect("space");
+            st.asking = false;
+            for r in std::mem::take(&mut st.waiting) {
+                r.error(Errno::EAGAIN);
+            }
         }
     }
 
-    fn get(&self, engine: &Engine) -> crate::placement::Space {
-        let _asking = self.asking.lock().expect("space asking");
-        if let Some(space) = self.fresh() {
-            return space;
+    /// Ask the sites, answer every waiting reply, and again while replies keep coming.
+    fn ask(&self, engine: &Engine) {
+        loop {
+            let space = engine.space();
+            let waiting = {
+                let mut st = self.state.lock().expect("space");
+                st.last = Some((std::time::Instant::now(), space));
+                std::mem::take(&mut st.waiting)
+            };
+            for r in waiting {
+                reply_space(r, space);
+            }
+            let mut st = self.state.lock().expect("space");
+            if st.waiting.is_empty() {
+                st.asking = false;
+                return;
+            }
         }
-        let space = engine.space();
-        *self.last.lock().expect("space") = Some((std::time::Instant::now(), space));
-        space
     }
 }
 
@@ -1449,7 +1523,7 @@ fn reply_space(reply: ReplyStatfs, space: crate::placement::Space) {
         free,
         1 << 32,
         1 << 31,
-        1 << 20,
+        SPACE_BLOCK as u32,
         255,
         SPACE_BLOCK as u32,
     );
@@ -1493,8 +1567,14 @@ mod tests {
         let b = t.looked_up(&file("b"));
         t.rename(&file("a"), file("b"));
         assert_eq!(t.node(a), Some(file("b")));
-        assert_eq!(t.node(b), None, "the replaced number is gone");
+        assert_eq!(t.node(b), None, "the replaced number names nothing");
+        assert_eq!(
+            t.files_of("p").len(),
+            2,
+            "but is kept for the consent-end page dropping until forgotten"
+        );
         t.forget(b, 1);
+        assert_eq!(t.files_of("p"), vec![a]);
         assert_eq!(
             t.node(a),
             Some(file("b")),
@@ -1503,6 +1583,37 @@ mod tests {
         t.forget(a, 1);
         assert_eq!(t.by_ino.len(), 1);
         assert_eq!(t.by_node.len(), 1, "only the root's name is left");
+    }
+
+    #[test]
+    fn a_removed_name_created_again_gets_a_new_number() {
+        let mut t = Inodes::new();
+        let dir = Node::Patient("p".into());
+        let d = t.looked_up(&dir);
+        let a = t.looked_up(&file("a"));
+        let listed = t.ino(file("listed"));
+        t.removed(&file("a"));
+        t.removed(&file("listed"));
+        t.removed(&dir);
+        assert_eq!(
+            t.node(a),
+            None,
+            "an unlinked file held by the kernel names nothing"
+        );
+        assert_eq!(t.node(d), None, "nor a removed patient directory");
+        assert_eq!(t.files_of("p"), vec![a], "kept until forgotten");
+        assert!(
+            !t.by_ino.contains_key(&listed),
+            "a number with no lookups goes at once"
+        );
+        let d2 = t.looked_up(&dir);
+        let a2 = t.looked_up(&file("a"));
+        assert!(d2 != d && a2 != a, "created again: new numbers");
+        t.forget(a, 1);
+        t.forget(d, 1);
+        assert_eq!(t.node(a2), Some(file("a")));
+        assert_eq!(t.node(d2), Some(dir));
+        assert_eq!(t.by_ino.len(), 3, "root and the two new numbers");
     }
 
     #[test]
