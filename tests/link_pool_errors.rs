@@ -251,18 +251,23 @@ fn a_stream_is_opened_by_one_process_at_a_time() {
     send(&l.a).unwrap();
 }
 
-#[test]
-fn used_key_is_destroyed_at_both_ends() {
-    let l = provision(1 << 20);
-    let mut s = send(&l.a).unwrap();
-    let mut r = RecvStream::from_dir(&l.b, LINK, Direction::AtoB, opts()).unwrap();
+/// Ten frames from the sender's pools in `a` to the receiver's in `b`, each end flushed after
+/// each: the key each used must then read back as zeros at both ends. Returns the pool-file
+/// ranges used and the sender's next key offset.
+fn send_ten_frames_checking_their_key_is_destroyed(
+    a: &Path,
+    b: &Path,
+) -> (Vec<std::ops::Range<u64>>, u64) {
+    let mut s = send(a).unwrap();
+    let mut r = RecvStream::from_dir(b, LINK, Direction::AtoB, opts()).unwrap();
     let (mut f, mut o) = (Vec::new(), Vec::new());
+    let mut used = Vec::new();
     for _ in 0..10 {
         let k = s.seal(&[5; 10_000], &mut f).unwrap().key_range;
         r.open(&f, &mut o).unwrap();
         s.flush().unwrap();
         r.flush().unwrap();
-        for dir in [&l.a, &l.b] {
+        for dir in [a, b] {
             let mut buf = vec![1u8; (k.end - k.start) as usize];
             std::fs::File::open(dir.join("home-lsa.a2b.pool"))
                 .unwrap()
@@ -270,13 +275,20 @@ fn used_key_is_destroyed_at_both_ends() {
                 .unwrap();
             assert!(
                 buf.iter().all(|&x| x == 0),
-                "used key left in {}",
+                "used key {k:?} left in {}",
                 dir.display()
             );
         }
+        used.push(4096 + k.start..4096 + k.end);
     }
+    (used, s.next_offset())
+}
+
+#[test]
+fn used_key_is_destroyed_at_both_ends() {
+    let l = provision(1 << 20);
+    let (_, next) = send_ten_frames_checking_their_key_is_destroyed(&l.a, &l.b);
     // The unused key just past the last frame is intact (non-zero) at both ends.
-    let next = s.next_offset();
     let mut a = [0u8; 32];
     let mut b = [0u8; 32];
     std::fs::File::open(l.a.join("home-lsa.a2b.pool"))
@@ -405,30 +417,7 @@ fn used_key_is_overwritten_where_holes_cannot_be_punched() {
     let before = [pool(&ra), pool(&rb)];
     assert_eq!(before[0].len() as u64, 4096 + (1 << 20));
 
-    let mut s = send(&ra).unwrap();
-    let mut r = RecvStream::from_dir(&rb, LINK, Direction::AtoB, opts()).unwrap();
-    let (mut f, mut o) = (Vec::new(), Vec::new());
-    let mut used = Vec::new();
-    for _ in 0..10 {
-        let k = s.seal(&[5; 10_000], &mut f).unwrap().key_range;
-        r.open(&f, &mut o).unwrap();
-        s.flush().unwrap();
-        r.flush().unwrap();
-        for dir in [&ra, &rb] {
-            let mut buf = vec![1u8; (k.end - k.start) as usize];
-            std::fs::File::open(dir.join("home-lsa.a2b.pool"))
-                .unwrap()
-                .read_exact_at(&mut buf, 4096 + k.start)
-                .unwrap();
-            assert!(
-                buf.iter().all(|&x| x == 0),
-                "used key {k:?} left in {}",
-                dir.display()
-            );
-        }
-        used.push(4096 + k.start..4096 + k.end);
-    }
-    let next = s.next_offset();
+    let (used, next) = send_ten_frames_checking_their_key_is_destroyed(&ra, &rb);
     assert_eq!(used.last().unwrap().end, 4096 + next);
     assert!(next < 1 << 20, "no unused key left to compare");
     // Every used byte zero, every other byte (header, unused key) as before, size unchanged.
