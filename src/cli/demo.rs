@@ -379,6 +379,24 @@ fn flow(args: &DemoArgs, dir: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::R
             mib(back)
         );
     }
+    // What a sysadmin's `df` shows of the mount: the room left is the least of the sites'
+    // free space and the links' key left (statfs asks the sites).
+    let df = Command::new("df")
+        .args(["-B1M", "--output=size,avail"])
+        .arg(&deployment.mountpoint)
+        .output()
+        .context("running df on the mount")?;
+    let df = String::from_utf8_lossy(&df.stdout);
+    if let Some([size, avail]) = df
+        .lines()
+        .nth(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .and_then(|v| <[&str; 2]>::try_from(v).ok())
+    {
+        println!(
+            "df of the mount: {size} MiB in all, {avail} MiB free (the least of the sites' free space and the links' key left)"
+        );
+    }
     println!("counters: {}", status["stats"]);
     println!(
         "\nstore: {:.1} MiB in {:.1} s, samtools CRAM encoding included; restore (md5 + samtools view -c of every file): {:.1} s",
