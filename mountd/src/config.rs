@@ -14,7 +14,7 @@
 //! max_share_bytes = 67108864
 //! queue_depth = 32
 //! fixed_buffers = 16
-//! durability = "rwf-dsync"
+//! durability = "fdatasync"             # or "rwf-dsync", "o-dsync"
 //! ```
 
 use std::path::{Path, PathBuf};
