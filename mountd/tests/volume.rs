@@ -57,6 +57,28 @@ fn round_trip_every_durability_mode_with_fixed_and_heap_buffers() {
     }
 }
 
+/// The group fdatasync (the default) is used where there is a device to flush; a volume on
+/// tmpfs, which has none, writes with RWF_DSYNC instead (no fdatasync through io_uring's
+/// worker threads for nothing).
+#[test]
+fn the_default_durability_groups_fdatasyncs_except_on_tmpfs() {
+    assert_eq!(Durability::default(), Durability::Fdatasync);
+    let on_disk = tempfile::tempdir_in("/var/tmp").unwrap();
+    let in_ram = tempfile::tempdir_in("/dev/shm").unwrap();
+    for (dir, want) in [
+        (&on_disk, Durability::Fdatasync),
+        (&in_ram, Durability::RwfDsync),
+    ] {
+        let v = UringVolume::open(&file_of(dir, 4 << 20), &UringOptions::default()).unwrap();
+        assert_eq!(v.durability(), want, "{}", dir.path().display());
+        let data = pattern(7, 1 << 20);
+        let mut b = v.alloc_buf(data.len());
+        b.as_mut_slice().copy_from_slice(&data);
+        v.write_at(b, 0, true).unwrap();
+        assert!(v.read_at(v.alloc_buf(data.len()), 0).unwrap().as_slice() == &data[..]);
+    }
+}
+
 #[test]
 fn many_concurrent_requests_from_threads_and_async() {
     let dir = tempfile::tempdir().unwrap();
