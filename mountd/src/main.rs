@@ -431,7 +431,7 @@ fn bench(vol: &VolumeArgs, run: &BenchRun, via_daemon: Option<&Path>, json: bool
     let created = !vol.volume.exists();
     let fio_path = sibling(&vol.volume, ".fio");
     let mut made_fio = false;
-    let measured = (|| -> Result<(StoreBench, bool)> {
+    let measured = (|| -> Result<(StoreBench, bool, Durability)> {
         if created {
             // Room for the shares, their header blocks and the superblock.
             let need = count * (share_size + 64 * 1024) + (64 << 20);
@@ -448,6 +448,8 @@ fn bench(vol: &VolumeArgs, run: &BenchRun, via_daemon: Option<&Path>, json: bool
             },
         )?;
         let fixed = store.device().has_fixed_buffers();
+        // The mode the volume uses (on tmpfs, RWF_DSYNC whatever was asked).
+        let durability = store.device().durability();
         // fio's file is made as the volume is (allocated and written with zeros), and each
         // round of fio writes and reads its own slice of it, as that round's shares take theirs.
         if !no_fio && store.device().kind() != VolumeKind::BlockDevice {
@@ -472,7 +474,7 @@ fn bench(vol: &VolumeArgs, run: &BenchRun, via_daemon: Option<&Path>, json: bool
                 keys,
             )?,
         };
-        Ok((r, fixed))
+        Ok((r, fixed, durability))
     })();
     if made_fio {
         let _ = std::fs::remove_file(&fio_path);
@@ -483,7 +485,7 @@ fn bench(vol: &VolumeArgs, run: &BenchRun, via_daemon: Option<&Path>, json: bool
             let _ = std::fs::remove_dir_all(dir);
         }
     }
-    let (r, fixed) = measured?;
+    let (r, fixed, durability) = measured?;
     let mut out = serde_json::json!({
         "put_mbps": r.put_mbps,
         "get_mbps": r.get_mbps,
@@ -493,7 +495,7 @@ fn bench(vol: &VolumeArgs, run: &BenchRun, via_daemon: Option<&Path>, json: bool
         "shares": r.shares,
         "share_size": share_size,
         "jobs": jobs,
-        "durability": vol.durability,
+        "durability": durability,
         "fixed_buffers": fixed,
         "path": if via_daemon.is_some() { "daemon-tcp-sealed" } else { "store-direct" },
         "rounds": r.rounds,

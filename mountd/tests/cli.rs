@@ -249,6 +249,12 @@ fn bench_measures_rounds_beside_fio_and_leaves_nothing_behind() {
         .unwrap();
     let j = json_report(&out);
     assert_eq!(j["path"], "daemon-tcp-sealed");
+    // The mode the volume uses: the default group fdatasync on a disk, RWF_DSYNC on tmpfs.
+    let on_tmpfs = qgenome::keys::tmpfs::is_tmpfs(dir.path());
+    assert_eq!(
+        j["durability"],
+        if on_tmpfs { "rwf-dsync" } else { "fdatasync" }
+    );
     for key in [
         "put_mbps",
         "get_mbps",

@@ -65,6 +65,21 @@ fn the_default_durability_groups_fdatasyncs_except_on_tmpfs() {
     assert_eq!(Durability::default(), Durability::Fdatasync);
     let on_disk = tempfile::tempdir_in("/var/tmp").unwrap();
     let in_ram = tempfile::tempdir_in("/dev/shm").unwrap();
+    let fs = |d: &tempfile::TempDir| {
+        nix::sys::statfs::statfs(d.path())
+            .unwrap()
+            .filesystem_type()
+    };
+    assert_ne!(
+        fs(&on_disk),
+        nix::sys::statfs::TMPFS_MAGIC,
+        "this test needs /var/tmp on a disk"
+    );
+    assert_eq!(
+        fs(&in_ram),
+        nix::sys::statfs::TMPFS_MAGIC,
+        "this test needs /dev/shm on tmpfs"
+    );
     for (dir, want) in [
         (&on_disk, Durability::Fdatasync),
         (&in_ram, Durability::RwfDsync),

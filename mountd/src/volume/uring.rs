@@ -700,7 +700,15 @@ impl Worker {
                     tracing::error!(volume = %self.path.display(), error = %e, "io_uring submit failed");
                     // Fail everything; the thread ends and later requests see RingGone. What
                     // may still be in the kernel keeps its memory forever (see fail_all).
-                    let leaked = fail_all(&self.path, &mut slots, &backlog, &e);
+                    // Writes waiting for a group fdatasync completed: the kernel holds none of
+                    // their memory (the fsync carries none).
+                    let out_of_kernel: Vec<usize> = backlog
+                        .iter()
+                        .chain(&group.covered)
+                        .chain(&group.next)
+                        .copied()
+                        .collect();
+                    let leaked = fail_all(&self.path, &mut slots, &out_of_kernel, &e);
                     if wake_armed {
                         std::mem::forget(wake_word);
                     }
@@ -899,20 +907,21 @@ fn enter_error_is_transient(errno: Option<i32>) -> bool {
 }
 
 /// Fail every request of a ring that cannot go on (`e`), answering each with an error.
-/// Requests still in `backlog` never reached the kernel: their buffers are freed. Any other
-/// request was put in the submission queue and may still be in the kernel, which can read
-/// from or DMA into its buffer after the ring is gone: that buffer is leaked (a registered
-/// slot is never handed out again), never freed or reused. Returns how many were leaked.
+/// Requests in `out_of_kernel` (still in the backlog, or written and waiting for a group
+/// fdatasync) are not in the kernel: their buffers are freed. Any other request was put in
+/// the submission queue and may still be in the kernel, which can read from or DMA into its
+/// buffer after the ring is gone: that buffer is leaked (a registered slot is never handed
+/// out again), never freed or reused. Returns how many were leaked.
 fn fail_all(
     path: &Path,
     slots: &mut [Option<Op>],
-    backlog: &VecDeque<usize>,
+    out_of_kernel: &[usize],
     e: &io::Error,
 ) -> usize {
     let mut leaked = 0;
     for (id, slot) in slots.iter_mut().enumerate() {
         let Some(mut op) = slot.take() else { continue };
-        if !backlog.contains(&id) {
+        if !out_of_kernel.contains(&id) {
             if let Some(buf) = op.buf.take() {
                 std::mem::forget(buf);
                 leaked += 1;
@@ -1010,9 +1019,9 @@ mod tests {
         let (in_kernel2, mut rx2) = op(pool.take(4096).unwrap());
         assert!(pool.take(4096).is_none());
         let mut slots = vec![Some(in_kernel), Some(queued), None, Some(in_kernel2)];
-        let backlog: VecDeque<usize> = [1].into_iter().collect();
+        // Slot 1: in the backlog, or written and waiting for a group fdatasync.
         let e = io::Error::from_raw_os_error(libc::EBADF);
-        let leaked = fail_all(Path::new("/dev/test"), &mut slots, &backlog, &e);
+        let leaked = fail_all(Path::new("/dev/test"), &mut slots, &[1], &e);
         assert_eq!(leaked, 2);
         assert!(slots.iter().all(Option::is_none));
         for rx in [&mut rx0, &mut rx1, &mut rx2] {
