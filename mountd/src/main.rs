@@ -136,7 +136,11 @@ impl VolumeArgs {
         if let Some(s) = &self.state {
             return Ok(s.clone());
         }
-        if self.volume.starts_with("/dev") {
+        // A block device, or any name under /dev but a file on /dev/shm (a tmpfs).
+        let device = (self.volume.starts_with("/dev") && !self.volume.starts_with("/dev/shm"))
+            || std::fs::metadata(&self.volume)
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()));
+        if device {
             bail!(
                 "volume {} is a device: give the index directory with --state",
                 self.volume.display()

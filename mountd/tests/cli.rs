@@ -333,3 +333,24 @@ fn bench_measures_rounds_beside_fio_and_leaves_nothing_behind() {
     assert!(j.get("fio_write_mbps").is_none(), "{j}");
     assert_eq!(j["rounds"].as_array().unwrap().len(), 6);
 }
+
+/// A file volume on /dev/shm (a tmpfs) is a file, not a device: `bench` needs no `--state`
+/// for it, its volume keeps RWF_DSYNC (nothing to flush), and it leaves nothing behind.
+#[test]
+fn bench_takes_a_file_volume_on_dev_shm_as_a_file() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let vol = dir.path().join("bench.vol");
+    let out = mountd()
+        .args([
+            "bench", "--size", "16M", "--rounds", "1", "--no-fio", "--json",
+        ])
+        .arg("--volume")
+        .arg(&vol)
+        .arg("--key-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let j = json_report(&out);
+    assert_eq!(j["durability"], "rwf-dsync", "{j}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
