@@ -387,15 +387,16 @@ fn flow(args: &DemoArgs, dir: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::R
         .output()
         .context("running df on the mount")?;
     let df = String::from_utf8_lossy(&df.stdout);
-    if let Some([size, avail]) = df
+    match df
         .lines()
         .nth(1)
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
         .and_then(|v| <[&str; 2]>::try_from(v).ok())
     {
-        println!(
+        Some([size, avail]) => println!(
             "df of the mount: {size} MiB in all, {avail} MiB free (the least of the sites' free space and the links' key left)"
-        );
+        ),
+        None => println!("df of the mount gave no size and free space: {df:?}"),
     }
     println!("counters: {}", status["stats"]);
     println!(

@@ -50,8 +50,9 @@ struct Known {
 /// The mount's inode numbers. A number lives while the kernel holds a lookup of it: a FORGET
 /// that gives back the last one drops it, so the table follows the kernel's inode cache, not
 /// every name the mount ever saw. Numbers are never reused; a name looked up again after it
-/// was forgotten, or created again after it was removed, gets a new one. Numbers given out by `readdir` alone (no lookup) are swept
-/// whenever the table has doubled since the last sweep.
+/// was forgotten, or created again after it was removed, gets a new one. Numbers given out
+/// by `readdir` alone (no lookup) are swept whenever the table has doubled since the last
+/// sweep.
 struct Inodes {
     by_ino: HashMap<u64, Known>,
     by_node: HashMap<Node, u64>,
@@ -126,7 +127,7 @@ impl Inodes {
             return;
         }
         let Some(k) = self.by_ino.get_mut(&ino) else {
-            // Already dropped: its name went to another number by a rename.
+            // Dropped already: forgotten, or detached with no lookup left.
             return;
         };
         k.lookups = k.lookups.saturating_sub(n);
@@ -435,12 +436,8 @@ pub struct InodeTable(Arc<Mutex<Inodes>>);
 
 impl InodeTable {
     /// How many numbers the table holds, the root's included.
-    pub fn len(&self) -> usize {
+    pub fn held(&self) -> usize {
         self.0.lock().expect("inodes").by_ino.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

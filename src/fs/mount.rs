@@ -137,7 +137,7 @@ impl Mounted {
     /// How many inode numbers the mount keeps: the root, and every node the kernel holds a
     /// lookup of or was listed since the last sweep (see `fuse::Inodes`).
     pub fn inodes_held(&self) -> usize {
-        self.inodes.len()
+        self.inodes.held()
     }
 
     pub fn unmount(mut self) -> anyhow::Result<()> {
