@@ -23,7 +23,16 @@ struct Rig {
 
 impl Rig {
     fn new(consent_wait_secs: u64) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::in_dir(tempfile::tempdir().unwrap(), consent_wait_secs, |_| {})
+    }
+
+    /// The rig with its catalog and mountpoint in `dir`, and `before` run on its catalog
+    /// before the mount.
+    fn in_dir(
+        dir: tempfile::TempDir,
+        consent_wait_secs: u64,
+        before: impl FnOnce(&qgenome::catalog::Catalog),
+    ) -> Self {
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
         let text = format!(
@@ -55,6 +64,8 @@ end = "a"
             state = dir.path().join("state").display()
         );
         let cfg = HomeConfig::parse(&text, &dir.path().join("qgenome.toml")).unwrap();
+        std::fs::create_dir_all(&cfg.state_dir).unwrap();
+        before(&qgenome::catalog::Catalog::open(&cfg.catalog_path()).unwrap());
         let sites: Vec<Arc<MemSite>> = cfg
             .sites
             .iter()
@@ -1060,4 +1071,52 @@ fn a_patient_directory_made_again_while_the_old_one_is_held_is_a_new_directory()
     assert_ne!(std::fs::metadata(&f).unwrap().ino(), open_ino);
     assert_eq!(std::fs::read(&f).unwrap(), b"again");
     drop((held, open));
+}
+
+/// A directory of thousands of names (the root of a cohort's mount: a directory per patient)
+/// is read in many READDIR calls, a page of names each. Each name is listed once, even when a
+/// patient is made in the middle of the listing, and under the number `stat` then gives it,
+/// though the inode table passes its sweep floor while the listing is read and no name of it
+/// is held by the kernel.
+#[test]
+fn a_root_of_thousands_of_patients_lists_each_once_under_the_number_stat_gives() {
+    use std::collections::HashSet;
+    use std::os::unix::fs::{DirEntryExt, MetadataExt};
+    let names: Vec<String> = (0..std::env::var("QG_N")
+        .map(|v| v.parse().unwrap())
+        .unwrap_or(5000))
+        .map(|i| format!("P{i:06}"))
+        .collect();
+    // Made before the mount, so that the kernel holds none of them (no lookup yet); on
+    // tmpfs, as each one flushes the catalog.
+    let rig = Rig::in_dir(tempfile::tempdir_in("/dev/shm").unwrap(), 60, |cat| {
+        for n in &names {
+            cat.add_patient(n).unwrap();
+        }
+    });
+    let started = Instant::now();
+    let mut dir = std::fs::read_dir(&rig.mnt).unwrap();
+    let first = dir.next().unwrap().unwrap();
+    // Sorts before every name: a listing made again for each READDIR would shift them all.
+    if std::env::var("QG_NOMK").is_err() {
+        std::fs::create_dir(rig.mnt.join("A0")).unwrap();
+    }
+    let listed: Vec<(String, u64)> = std::iter::once(first)
+        .chain(dir.map(|e| e.unwrap()))
+        .map(|e| (e.file_name().into_string().unwrap(), e.ino()))
+        .collect();
+    eprintln!("listed {} names in {:?}", listed.len(), started.elapsed());
+    let mut seen = HashSet::new();
+    for (name, _) in &listed {
+        assert!(seen.insert(name.clone()), "{name} listed twice");
+    }
+    let missing: Vec<&String> = names.iter().filter(|n| !seen.contains(*n)).collect();
+    assert!(missing.is_empty(), "not listed: {missing:?}");
+    for (name, ino) in &listed {
+        let st = std::fs::metadata(rig.mnt.join(name)).unwrap().ino();
+        assert_eq!(st, *ino, "{name}: listed as {ino}, stat gives {st}");
+    }
+    // Listed again from the start (a new open): the patient made meanwhile is there.
+    let again = std::fs::read_dir(&rig.mnt).unwrap().count();
+    assert!(again >= names.len());
 }

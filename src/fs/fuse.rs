@@ -40,6 +40,10 @@ struct Known {
     /// Entry replies (lookup, create, mkdir) not yet given back by a FORGET. A node known
     /// only from a directory listing has none: the kernel holds no reference to it.
     lookups: u64,
+    /// Open directory listings ([`Listing`]) that gave out this number: while one is open
+    /// the number is not swept, so a name listed and then looked up (`ls -l`, `find`) gets
+    /// the number its listing showed.
+    pins: u32,
     /// Its name went (unlink, rmdir, or a rename over it) while the kernel still held it: it
     /// names nothing now (`getattr` gets ENOENT, the name gets a new number), and stays only
     /// until the kernel forgets it, so that the consent-end page dropping still reaches an
@@ -52,7 +56,7 @@ struct Known {
 /// every name the mount ever saw. Numbers are never reused; a name looked up again after it
 /// was forgotten, or created again after it was removed, gets a new one. Numbers given out
 /// by `readdir` alone (no lookup) are swept whenever the table has doubled since the last
-/// sweep.
+/// sweep, unless a listing still open gave them out.
 struct Inodes {
     by_ino: HashMap<u64, Known>,
     by_node: HashMap<Node, u64>,
@@ -75,6 +79,7 @@ impl Inodes {
         let root = Known {
             node: Node::Root,
             lookups: 0,
+            pins: 0,
             detached: false,
         };
         inodes.by_ino.insert(ROOT, root);
@@ -90,7 +95,7 @@ impl Inodes {
         if self.by_ino.len() >= self.sweep_at {
             let by_node = &mut self.by_node;
             self.by_ino.retain(|&i, k| {
-                let keep = i == ROOT || k.lookups > 0;
+                let keep = i == ROOT || k.lookups > 0 || k.pins > 0;
                 if !keep && by_node.get(&k.node) == Some(&i) {
                     by_node.remove(&k.node);
                 }
@@ -105,6 +110,7 @@ impl Inodes {
             Known {
                 node: node.clone(),
                 lookups: 0,
+                pins: 0,
                 detached: false,
             },
         );
@@ -121,6 +127,23 @@ impl Inodes {
         i
     }
 
+    /// The number of `node` for an open directory listing, pinned until [`Inodes::unpin`].
+    fn pinned(&mut self, node: Node) -> u64 {
+        let i = self.ino(node);
+        if let Some(k) = self.by_ino.get_mut(&i) {
+            k.pins += 1;
+        }
+        i
+    }
+
+    /// A listing that pinned `ino` was closed or made again. The number stays (a name listed
+    /// is often looked up next) until a sweep, a FORGET or the loss of its name drops it.
+    fn unpin(&mut self, ino: u64) {
+        if let Some(k) = self.by_ino.get_mut(&ino) {
+            k.pins = k.pins.saturating_sub(1);
+        }
+    }
+
     /// The kernel gave back `n` lookups of `ino` (FORGET), or an entry reply was not sent.
     fn forget(&mut self, ino: u64, n: u64) {
         if ino == ROOT {
@@ -131,7 +154,7 @@ impl Inodes {
             return;
         };
         k.lookups = k.lookups.saturating_sub(n);
-        if k.lookups == 0 {
+        if k.lookups == 0 && (k.pins == 0 || k.detached) {
             let k = self.by_ino.remove(&ino).expect("present");
             if self.by_node.get(&k.node) == Some(&ino) {
                 self.by_node.remove(&k.node);
@@ -204,6 +227,19 @@ enum Handle {
 }
 
 type Job = Box<dyn FnOnce() + Send>;
+
+/// A directory's entries as one READDIR lists them: (number, type, name), entry i at offset
+/// i + 1.
+type Entries = Arc<Vec<(u64, FileType, String)>>;
+
+/// An open directory's listing. It is made at the directory's first READDIR and made again
+/// at each READDIR from offset 0 (a rewind), so that a directory read in many READDIR calls
+/// (a page of names each) costs one catalog scan, and its offsets stay put while names come
+/// and go. Its numbers stay pinned in the inode table until it is made again or closed.
+#[derive(Default)]
+struct Listing {
+    entries: Option<Entries>,
+}
 
 /// Most opens and reads waiting for consent on threads of their own at once.
 const MAX_WAITERS: usize = 1024;
@@ -412,6 +448,8 @@ pub struct QgenomeFs {
     engine: Arc<Engine>,
     inodes: Arc<Mutex<Inodes>>,
     handles: Arc<Mutex<HashMap<u64, Handle>>>,
+    /// Open directories, by handle.
+    dirs: Mutex<HashMap<u64, Listing>>,
     /// Open writers by (patient, name), so the file shows up while it is written.
     writing: Writers,
     next_fh: AtomicU64,
@@ -570,6 +608,7 @@ impl QgenomeFs {
             engine,
             inodes: Arc::new(Mutex::new(Inodes::new())),
             handles: Arc::new(Mutex::new(HashMap::new())),
+            dirs: Mutex::new(HashMap::new()),
             writing: Arc::new(Mutex::new(HashMap::new())),
             next_fh: AtomicU64::new(1),
             writer_procs: Mutex::new(HashMap::new()),
@@ -716,6 +755,62 @@ impl QgenomeFs {
             Some(Node::Patient(p)) => Ok(Node::File(p, name)),
             Some(Node::File(..)) => Err(Errno::ENOTDIR),
             None => Err(Errno::ENOENT),
+        }
+    }
+
+    /// The entries of directory `ino`, `.` and `..` first, then its names in order, each
+    /// with its number pinned (see [`Listing`]).
+    fn list(&self, ino: INodeNo) -> Result<Vec<(u64, FileType, String)>, Errno> {
+        let cat = &self.engine.catalog;
+        let (kind, names): (FileType, Vec<(Node, String)>) = match self.node(ino) {
+            None => return Err(Errno::ENOENT),
+            Some(Node::File(..)) => return Err(Errno::ENOTDIR),
+            Some(Node::Root) => {
+                let ps = cat.patients().map_err(|e| errno(&e.into()))?;
+                let names = ps
+                    .into_iter()
+                    .map(|p| (Node::Patient(p.clone()), p))
+                    .collect();
+                (FileType::Directory, names)
+            }
+            Some(Node::Patient(p)) => {
+                let mut names: Vec<String> = cat
+                    .files_of(&p)
+                    .map_err(|e| errno(&e.into()))?
+                    .into_iter()
+                    .map(|f| f.name)
+                    .collect();
+                let known: std::collections::HashSet<String> = names.iter().cloned().collect();
+                for (wp, wn) in self.writing.lock().expect("writing").keys() {
+                    if *wp == p && !known.contains(wn) {
+                        names.push(wn.clone());
+                    }
+                }
+                names.sort();
+                let names = names
+                    .into_iter()
+                    .map(|n| (Node::File(p.clone(), n.clone()), n))
+                    .collect();
+                (FileType::RegularFile, names)
+            }
+        };
+        let mut entries = Vec::with_capacity(names.len() + 2);
+        entries.push((ino.0, FileType::Directory, ".".to_string()));
+        entries.push((ROOT, FileType::Directory, "..".to_string()));
+        let mut inodes = self.inodes.lock().expect("inodes");
+        entries.extend(
+            names
+                .into_iter()
+                .map(|(node, name)| (inodes.pinned(node), kind, name)),
+        );
+        Ok(entries)
+    }
+
+    /// Give back the pins of a listing made by [`QgenomeFs::list`].
+    fn unpin(&self, entries: &[(u64, FileType, String)]) {
+        let mut inodes = self.inodes.lock().expect("inodes");
+        for (ino, ..) in &entries[2..] {
+            inodes.unpin(*ino);
         }
     }
 
@@ -1375,55 +1470,72 @@ impl Filesystem for QgenomeFs {
         });
     }
 
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.node(ino) {
+            Some(Node::File(..)) => reply.error(Errno::ENOTDIR),
+            None => reply.error(Errno::ENOENT),
+            Some(_) => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                self.dirs
+                    .lock()
+                    .expect("dirs")
+                    .insert(fh, Listing::default());
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+        }
+    }
+
     fn readdir(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(node) = self.node(ino) else {
-            return reply.error(Errno::ENOENT);
+        let made = match self.dirs.lock().expect("dirs").get(&fh.0) {
+            Some(Listing {
+                entries: Some(entries),
+            }) if offset > 0 => Some(entries.clone()),
+            _ => None,
         };
-        let mut entries: Vec<(u64, FileType, String)> = vec![
-            (ino.0, FileType::Directory, ".".into()),
-            (ROOT, FileType::Directory, "..".into()),
-        ];
-        let cat = &self.engine.catalog;
-        match &node {
-            Node::Root => match cat.patients() {
-                Ok(ps) => entries.extend(
-                    ps.into_iter()
-                        .map(|p| (self.ino(Node::Patient(p.clone())), FileType::Directory, p)),
-                ),
-                Err(e) => return reply.error(errno(&e.into())),
-            },
-            Node::Patient(p) => {
-                let mut names: Vec<String> = match cat.files_of(p) {
-                    Ok(fs) => fs.into_iter().map(|f| f.name).collect(),
-                    Err(e) => return reply.error(errno(&e.into())),
+        let entries = match made {
+            Some(entries) => entries,
+            None => {
+                let entries = match self.list(ino) {
+                    Ok(entries) => Arc::new(entries),
+                    Err(e) => return reply.error(e),
                 };
-                for (wp, wn) in self.writing.lock().expect("writing").keys() {
-                    if wp == p && !names.contains(wn) {
-                        names.push(wn.clone());
-                    }
+                let old = match self.dirs.lock().expect("dirs").get_mut(&fh.0) {
+                    Some(l) => l.entries.replace(entries.clone()),
+                    // Not opened through `opendir`: nothing holds the listing.
+                    None => Some(entries.clone()),
+                };
+                if let Some(old) = old {
+                    self.unpin(&old);
                 }
-                names.sort();
-                entries.extend(names.into_iter().map(|n| {
-                    (
-                        self.ino(Node::File(p.clone(), n.clone())),
-                        FileType::RegularFile,
-                        n,
-                    )
-                }));
+                entries
             }
-            Node::File(..) => return reply.error(Errno::ENOTDIR),
-        }
-        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
+        };
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, name) {
                 break;
             }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        let listing = self.dirs.lock().expect("dirs").remove(&fh.0);
+        if let Some(entries) = listing.and_then(|l| l.entries) {
+            self.unpin(&entries);
         }
         reply.ok();
     }
@@ -1635,5 +1747,47 @@ mod tests {
         assert_eq!(t.sweep_at, SWEEP_FLOOR);
         let relisted = t.ino(file("listed0"));
         assert!(relisted > fresh, "a swept name gets a new number");
+    }
+
+    #[test]
+    fn numbers_an_open_listing_gave_out_outlive_sweeps_and_forgets_until_it_closes() {
+        let mut t = Inodes::new();
+        let listed: Vec<u64> = (0..SWEEP_FLOOR)
+            .map(|i| t.pinned(file(&format!("listed{i}"))))
+            .collect();
+        assert!(
+            t.sweep_at > SWEEP_FLOOR,
+            "the table passed the floor while the listing was made: {}",
+            t.sweep_at
+        );
+        for (i, &n) in listed.iter().enumerate() {
+            assert_eq!(
+                t.node(n),
+                Some(file(&format!("listed{i}"))),
+                "a sweep while the listing is made keeps its numbers"
+            );
+        }
+        // `ls -l`: each listed name looked up, then forgotten, while the listing is open.
+        assert_eq!(t.looked_up(&file("listed7")), listed[7]);
+        t.forget(listed[7], 1);
+        assert_eq!(t.node(listed[7]), Some(file("listed7")), "still pinned");
+        // Closed: the numbers stay until a sweep, so a lookup right after gets the same.
+        for &n in &listed {
+            t.unpin(n);
+        }
+        assert_eq!(t.looked_up(&file("listed9")), listed[9]);
+        while t.by_ino.len() < t.sweep_at {
+            t.ino(file(&format!("other{}", t.next)));
+        }
+        t.ino(file("sweeps"));
+        assert_eq!(t.node(listed[9]), Some(file("listed9")), "looked up: kept");
+        assert_eq!(t.node(listed[8]), None, "only listed, closed: swept");
+        // A pinned number whose name goes is dropped at its last forget, pin or not.
+        let p = t.pinned(file("gone"));
+        t.looked_up(&file("gone"));
+        t.removed(&file("gone"));
+        t.forget(p, 1);
+        assert!(!t.by_ino.contains_key(&p));
+        t.unpin(p);
     }
 }
