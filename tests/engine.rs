@@ -298,6 +298,8 @@ fn a_replaced_version_kept_for_a_reader_is_deleted_by_close_or_recovery() {
             assert_eq!(r.engine.recover().unwrap(), 1);
         } else {
             r.engine.reader_closed(&old.id);
+            // Deleted after the close, by the discarder.
+            assert!(r.engine.wait_discards(Duration::from_secs(10)));
         }
         assert_eq!(shares(&r), 3 * 2, "crash: {crash}");
         r.engine
@@ -305,6 +307,7 @@ fn a_replaced_version_kept_for_a_reader_is_deleted_by_close_or_recovery() {
             .unlink("P0001", "h.cram")
             .map(|v| r.engine.retire(&v))
             .unwrap();
+        assert!(r.engine.wait_discards(Duration::from_secs(10)));
         assert_eq!(shares(&r), 0);
     }
 }

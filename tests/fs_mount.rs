@@ -333,11 +333,10 @@ fn rewriting_in_place_is_refused_and_replacing_is_atomic() {
         .collect();
     assert_eq!(names, ["x.cram"]);
     // Only the live version's shares remain at the sites: 1 chunk x 1 share per site, plus
-    // the version's manifest share.
-    assert!(
-        rig.sites.iter().all(|s| s.len() == 1 + 1),
-        "old versions' shares were not deleted"
-    );
+    // the version's manifest share (the old versions' go just after the replacing calls).
+    wait_for("old versions' shares to be deleted", || {
+        rig.sites.iter().all(|s| s.len() == 1 + 1)
+    });
     std::fs::remove_file(&f).unwrap();
     std::fs::remove_dir(rig.mnt.join("P5")).unwrap();
     // The kernel sends the read's RELEASE after close() returns; the shares go with it.
@@ -1119,4 +1118,48 @@ fn a_root_of_thousands_of_patients_lists_each_once_under_the_number_stat_gives()
     // Listed again from the start (a new open): the patient made meanwhile is there.
     let again = std::fs::read_dir(&rig.mnt).unwrap().count();
     assert!(again >= names.len());
+}
+
+/// Deleting a file's shares takes a delete per share, a quarter of a million for a whole
+/// genome: `rm`, and a `mv` over a file, answer once the name has changed, and the shares go
+/// after, without holding a request loop. An unmount waits for them.
+#[test]
+fn an_rm_answers_before_the_shares_are_deleted_and_the_mount_goes_on() {
+    let mut rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("P17")).unwrap();
+    // 20 chunks of 64 KiB and a manifest: 21 deletes at each site, 60 ms each.
+    let (a, b) = (rig.mnt.join("P17/a.cram"), rig.mnt.join("P17/b.cram"));
+    std::fs::write(&a, vec![5u8; 20 << 16]).unwrap();
+    std::fs::write(&b, vec![6u8; 20 << 16]).unwrap();
+    std::fs::write(rig.mnt.join("P17/c.tmp"), b"new").unwrap();
+    for s in &rig.sites {
+        s.set_delete_delay(Duration::from_millis(60));
+    }
+    let started = Instant::now();
+    std::fs::remove_file(&a).unwrap();
+    std::fs::rename(rig.mnt.join("P17/c.tmp"), &b).unwrap();
+    let answered = started.elapsed();
+    assert!(
+        answered < Duration::from_secs(2),
+        "rm and mv waited {answered:?} for 42 deletes of 60 ms at each site"
+    );
+    // Meanwhile the mount serves: a listing, a new file, a read.
+    let names: Vec<_> = std::fs::read_dir(rig.mnt.join("P17"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["b.cram"]);
+    std::fs::write(rig.mnt.join("P17/d.cram"), b"more").unwrap();
+    rig.grant("P17");
+    assert_eq!(std::fs::read(&b).unwrap(), b"new");
+    assert!(
+        rig.sites.iter().any(|s| s.len() > 4),
+        "the old versions' shares were deleted before the replies"
+    );
+    // The unmount waits for the deletions: only b's and d's shares (a chunk and a manifest
+    // each) are left at every site.
+    rig.mounted.take().unwrap().unmount().unwrap();
+    for s in &rig.sites {
+        assert_eq!(s.len(), 4, "site {}", s.name());
+    }
 }

@@ -457,11 +457,25 @@ impl<D: BlockDevice> Server<D> {
                 }
             };
             first_by = None;
-            let total = match frame_len(&prefix, sealed.is_some()) {
+            let before_hello = sealed.as_ref().is_some_and(|c| c.link.is_none());
+            let total = match frame_len(&prefix, sealed.is_some(), before_hello) {
                 Ok(n) => n,
                 Err(reason) => return refuse(&reason),
             };
-            let mut permit = Some(self.reserve(total).await);
+            // Before HELLO anyone may send: a frame no link of this site receives is refused
+            // before it holds any of the in-flight memory (which the links and the home
+            // mount share), and `frame_len` held it to a HELLO's size.
+            if before_hello {
+                if let Err(reason) = self.first_frame_stream(&prefix) {
+                    return refuse(&reason);
+                }
+            }
+            // Waiting for memory held by other requests ends at a stop like any other wait.
+            let mut permit = Some(tokio::select! {
+                biased;
+                _ = stop.changed() => return,
+                p = self.reserve(total) => p,
+            });
             // A PUT's share is read straight into the store buffer it is written from. On the
             // Unix socket once its head shows a PUT; on a link (whose message is sealed) for
             // any frame long enough to be one after HELLO, opened there in place and judged
@@ -761,6 +775,18 @@ impl<D: BlockDevice> Server<D> {
         }
     }
 
+    /// The link whose receive stream the frame starting with `prefix` (its header, already
+    /// checked by `frame_len`) is sealed for, found as the blocking path will find it.
+    fn first_frame_stream(&self, prefix: &[u8]) -> Result<(), String> {
+        let p: &[u8; frame::HEADER_LEN] = prefix.try_into().expect("header length");
+        let h = FrameHeader::parse_prefix(p, msg::MAX_HELLO as u64)
+            .map_err(|e| format!("malformed frame header: {e}"))?;
+        match self.links.iter().any(|l| l.recv_id == h.stream_id) {
+            true => Ok(()),
+            false => Err(unknown_stream(&h.stream_id)),
+        }
+    }
+
     fn handle_sealed(
         &self,
         c: &mut ConnLink,
@@ -777,13 +803,7 @@ impl<D: BlockDevice> Server<D> {
             Some(l) => l.clone(),
             None => match self.links.iter().find(|l| l.recv_id == header.stream_id) {
                 Some(l) => l.clone(),
-                None => {
-                    return Outcome::Close(format!(
-                        "frame sealed for stream {} which no link of this site receives \
-                         (another link's key or another site)",
-                        hex(&header.stream_id)
-                    ))
-                }
+                None => return Outcome::Close(unknown_stream(&header.stream_id)),
             },
         };
         if let Err(e) = lock(&link.recv).open(frame, plain) {
@@ -1377,15 +1397,27 @@ async fn read_full<S: AsyncRead + Unpin>(s: &mut S, buf: &mut [u8]) -> std::io::
     Ok(at)
 }
 
+fn unknown_stream(id: &[u8; 16]) -> String {
+    format!(
+        "frame sealed for stream {} which no link of this site receives \
+         (another link's key or another site)",
+        hex(id)
+    )
+}
+
 /// Total bytes of the frame whose start is `prefix` (including the prefix for sealed frames,
-/// excluding it for plain ones), refusing absurd lengths before anything is allocated.
-fn frame_len(prefix: &[u8], sealed: bool) -> Result<usize, String> {
+/// excluding it for plain ones), refusing absurd lengths before anything is allocated: on a
+/// link before its HELLO, anything longer than a HELLO.
+fn frame_len(prefix: &[u8], sealed: bool, before_hello: bool) -> Result<usize, String> {
     if sealed {
         let p: &[u8; frame::HEADER_LEN] = prefix.try_into().expect("header length");
-        let h = FrameHeader::parse_prefix(p, msg::MAX_MSG as u64).map_err(|e| match e {
+        let (max, when) = match before_hello {
+            true => (msg::MAX_HELLO, " before HELLO"),
+            false => (msg::MAX_MSG, ""),
+        };
+        let h = FrameHeader::parse_prefix(p, max as u64).map_err(|e| match e {
             frame::FrameError::PayloadTooLarge { declared } => format!(
-                "absurd length: frame declares a {declared}-byte payload (at most {})",
-                msg::MAX_MSG
+                "absurd length: frame declares a {declared}-byte payload (at most {max}{when})"
             ),
             e => format!("malformed frame header: {e}"),
         })?;

@@ -304,6 +304,77 @@ fn silent_tcp_connections_neither_lock_out_the_unix_socket_nor_keep_their_slots(
     assert_eq!(c.get(&k).unwrap(), share_bytes(2, &k, 5000));
 }
 
+/// Before its HELLO a TCP connection is anyone's: it must not hold the in-flight memory
+/// that the links and the home mount's socket share. A header promising a full-size frame,
+/// or one sealed for a stream no link of the site receives, is refused from the header alone,
+/// so keyless clients that stall inside such frames leave the home mount served.
+#[test]
+fn frames_before_hello_cannot_hold_the_memory_the_home_mount_needs() {
+    let site = Site::new(
+        "site-prehello",
+        Vol::File(64 << 20),
+        &["home-x"],
+        &["home-x"],
+        64 << 20,
+    );
+    // Room for two frames of the largest size, and a frame timeout far longer than the test.
+    site.set_limit("max_inflight_bytes", &(2 * msg::MAX_MSG).to_string());
+    site.set_limit("frame_timeout_secs", "60");
+    let d = site.start();
+    // The stream the site receives the link on: in clear in every frame header on the wire.
+    let stream = Raw::open(&site, "home-x").send_id;
+    let header = |stream: [u8; 16], payload: u64| {
+        let mut h = [0u8; HEADER_LEN];
+        h[..4].copy_from_slice(b"QGLF");
+        h[4] = 1;
+        h[8..24].copy_from_slice(&stream);
+        h[32..40].copy_from_slice(&payload.to_le_bytes());
+        FrameHeader::parse_prefix(&h, u64::MAX).expect("a well-formed header");
+        h
+    };
+    let mut attackers = Vec::new();
+    // Four headers of the largest frame a site takes, on the link's stream, then silence.
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(&d.tcp).unwrap();
+        s.write_all(&header(stream, msg::MAX_MSG as u64)).unwrap();
+        attackers.push(s);
+    }
+    // Four small ones on a stream the site does not receive, then silence.
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(&d.tcp).unwrap();
+        s.write_all(&header([0x5a; 16], 100)).unwrap();
+        attackers.push(s);
+    }
+    for s in &mut attackers {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert!(
+            closed_by_server(s),
+            "a connection stalled in its first frame kept it (frame timeout 60 s)"
+        );
+    }
+    let t = d.wait_log_n("before HELLO", 4);
+    let l = t.lines().find(|l| l.contains("before HELLO")).unwrap();
+    assert!(
+        l.contains(&format!(
+            "{}-byte payload (at most {}",
+            msg::MAX_MSG,
+            msg::MAX_HELLO
+        )),
+        "{l}"
+    );
+    let t = d.wait_log_n("which no link of this site receives", 4);
+    assert!(t.contains(&"5a".repeat(16)), "the unknown stream is named");
+    assert!(
+        unix_stat_within(&d.socket, Duration::from_secs(2)),
+        "the Unix socket waited for memory held by keyless connections"
+    );
+    // The link itself still connects and serves.
+    let c = MountdSite::tcp(&site.name, &d.tcp, &site.client_keys("home-x")).unwrap();
+    let k = key(31, 1);
+    c.put(&k, &META, &share_bytes(2, &k, 5000)).unwrap();
+    assert_eq!(c.get(&k).unwrap(), share_bytes(2, &k, 5000));
+}
+
 #[test]
 fn idle_connections_are_closed_and_pooled_clients_reconnect() {
     let site = Site::new(

@@ -422,7 +422,17 @@ pub struct Engine {
     uploads: Mutex<SyncSender<UploadJob>>,
     prefetch: Mutex<SyncSender<(FileRecord, u64, ChunkRecord)>>,
     cache: Arc<ChunkCache>,
+    /// Versions retired in the catalog whose shares the discarder thread deletes
+    /// ([`Engine::discard_later`]).
+    discards: Mutex<Sender<FileRecord>>,
+    /// How many of them are queued or being deleted, signalled as each is done.
+    discarding: (Mutex<usize>, Condvar),
 }
+
+/// How long an unmount waits for the shares of retired versions to be deleted
+/// ([`Engine::wait_discards`]). What is left then stays retired in the catalog, and the next
+/// mount's [`Engine::recover`] deletes it.
+pub const DISCARD_WAIT: Duration = Duration::from_secs(30);
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -498,6 +508,7 @@ impl Engine {
         consent.on_end(move |_| shares.share_bufs.wipe_all());
 
         let (ptx, prx) = mpsc::sync_channel::<(FileRecord, u64, ChunkRecord)>(64);
+        let (dtx, drx) = mpsc::channel::<FileRecord>();
         let engine = Arc::new(Self {
             catalog,
             consent,
@@ -510,7 +521,22 @@ impl Engine {
             uploads: Mutex::new(tx),
             prefetch: Mutex::new(ptx),
             cache,
+            discards: Mutex::new(dtx),
+            discarding: Default::default(),
         });
+        let weak = Arc::downgrade(&engine);
+        std::thread::Builder::new()
+            .name("fs-discard".into())
+            .spawn(move || {
+                while let Ok(rec) = drx.recv() {
+                    let Some(engine) = weak.upgrade() else { return };
+                    engine.discard(&rec);
+                    let (n, done) = &engine.discarding;
+                    *n.lock().expect("discarding") -= 1;
+                    done.notify_all();
+                }
+            })
+            .expect("spawn discard thread");
         // Several readahead workers, so that the chunks ahead of a sequential reader are
         // rebuilt in parallel (each waits on k sites, then combines and hashes).
         let prx = Arc::new(Mutex::new(prx));
@@ -707,7 +733,7 @@ impl Engine {
             readers.remove(id).and_then(|(_, rec)| rec)
         };
         if let Some(rec) = retired {
-            self.discard(&rec);
+            self.discard_later(rec);
         }
     }
 
@@ -726,7 +752,35 @@ impl Engine {
                 return;
             }
         }
-        self.discard(rec);
+        self.discard_later(rec.clone());
+    }
+
+    /// [`Engine::discard`] on the discarder thread, after the caller has gone on. The version
+    /// is already retired in the catalog (the unlink, rename or commit that replaced it is
+    /// durable), so nothing serves it and a crash meanwhile leaves it to [`Engine::recover`].
+    /// Deleting a whole genome's shares takes one delete per share (a quarter of a million
+    /// for 80 GB in 1 MiB chunks over three sites): an `rm`, a `mv` over a file, the close
+    /// of a file that replaced another, or the last reader's close of a replaced file must
+    /// not wait for that, nor hold a FUSE request loop meanwhile.
+    fn discard_later(&self, rec: FileRecord) {
+        *self.discarding.0.lock().expect("discarding") += 1;
+        if let Err(mpsc::SendError(rec)) = self.discards.lock().expect("discards").send(rec) {
+            // The discarder is gone (it ends only with the engine): delete here.
+            self.discard(&rec);
+            *self.discarding.0.lock().expect("discarding") -= 1;
+            self.discarding.1.notify_all();
+        }
+    }
+
+    /// Wait until the shares of every version retired so far are deleted (or failed to be,
+    /// and stay for the next mount), or until `limit` has passed; true if none is left.
+    pub fn wait_discards(&self, limit: Duration) -> bool {
+        let (n, done) = &self.discarding;
+        let n = n.lock().expect("discarding");
+        let (n, _) = done
+            .wait_timeout_while(n, limit, |n| *n > 0)
+            .expect("discarding");
+        *n == 0
     }
 
     /// Delete a version's shares from every site, then its catalog records. A share that

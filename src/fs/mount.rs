@@ -147,6 +147,13 @@ impl Mounted {
             s.umount_and_join()
                 .with_context(|| format!("unmounting {}", self.mountpoint.display()))?;
         }
+        if !self.engine.wait_discards(super::engine::DISCARD_WAIT) {
+            tracing::warn!(
+                "shares of unlinked or replaced files still being deleted after {:?}; \
+                 the next mount deletes the rest",
+                super::engine::DISCARD_WAIT
+            );
+        }
         self.engine.catalog.flush()?;
         Ok(())
     }

@@ -160,6 +160,8 @@ pub struct MemSite {
     corrupt: AtomicBool,
     /// Milliseconds every put takes first (a slow site).
     put_delay_ms: std::sync::atomic::AtomicU64,
+    /// Milliseconds every delete takes first.
+    delete_delay_ms: std::sync::atomic::AtomicU64,
     /// Most shares held (0: no limit), as a volume's size would bound them.
     capacity: std::sync::atomic::AtomicUsize,
 }
@@ -192,6 +194,12 @@ impl MemSite {
     /// Make every put take `delay` first (a slow site or link).
     pub fn set_put_delay(&self, delay: std::time::Duration) {
         self.put_delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Make every delete take `delay` first.
+    pub fn set_delete_delay(&self, delay: std::time::Duration) {
+        self.delete_delay_ms
             .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
@@ -280,6 +288,10 @@ impl ShareSite for MemSite {
 
     fn delete(&self, key: &ShareKey) -> Result<(), SiteError> {
         self.up()?;
+        let delay = self.delete_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(delay));
+        }
         self.shares.lock().expect("memsite").remove(key);
         Ok(())
     }

@@ -28,6 +28,9 @@ pub const MAX_LIST: u32 = 4096;
 pub const MAX_LINKS: usize = 64;
 /// Longest error message, site or link name on the wire.
 pub const MAX_TEXT: usize = 1024;
+/// Largest HELLO: header, the link's name (length and text), both stream ids and the
+/// client's receive floor. Before a connection's HELLO a site takes no larger frame.
+pub const MAX_HELLO: usize = HEADER_LEN + 2 + MAX_TEXT + 16 + 16 + 8;
 pub const KEY_LEN: usize = 25;
 /// Bytes of one LIST entry: key, k, n, secret length u32, share length u32.
 pub const LIST_ENTRY_LEN: usize = KEY_LEN + 2 + 4 + 4;
@@ -993,6 +996,20 @@ mod tests {
             }
             let _ = decode(&b);
         }
+    }
+
+    #[test]
+    fn the_longest_hello_is_max_hello_bytes() {
+        let hello = Msg {
+            id: u64::MAX,
+            body: Body::Hello {
+                link: "l".repeat(MAX_TEXT + 10),
+                c2s_stream: [1; 16],
+                s2c_stream: [2; 16],
+                client_recv_floor: u64::MAX,
+            },
+        };
+        assert_eq!(hello.to_vec().len(), MAX_HELLO);
     }
 
     #[test]
