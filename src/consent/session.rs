@@ -40,9 +40,12 @@ pub enum ConsentError {
     Ended { patient: String },
 }
 
-/// Whether thread `tid` has a pending signal that will kill it (pending, neither caught nor
-/// ignored, and not one whose default is to ignore). fuser 0.18 drops FUSE_INTERRUPT, so a
-/// reader killed while it waits for consent is noticed this way instead.
+/// Whether thread `tid` has a pending signal that will kill it (pending, neither blocked,
+/// caught nor ignored, and not one whose default is to ignore or to stop). fuser 0.18 drops
+/// FUSE_INTERRUPT, so a reader killed while it waits for consent is noticed this way
+/// instead. A stop signal (Ctrl-Z's SIGTSTP) waits pending until the read returns, and then
+/// stops the reader, which `fg` resumes; a blocked one (a program taking its signals with
+/// `sigwait` or `signalfd`) is never delivered while blocked: neither ends the reader.
 pub fn fatal_signal_pending(tid: u32) -> bool {
     // The kernel sends pid 0 for a caller outside the mount's pid namespace (a pipeline in a
     // container): it cannot be looked up, which is not the same as gone.
@@ -63,7 +66,8 @@ pub fn fatal_signal_pending(tid: u32) -> bool {
     let bit = |sig: i32| 1u64 << (sig - 1);
     let default_ignored =
         bit(libc::SIGCHLD) | bit(libc::SIGCONT) | bit(libc::SIGURG) | bit(libc::SIGWINCH);
-    let handled = mask("SigCgt:") | mask("SigIgn:");
+    let stops = bit(libc::SIGSTOP) | bit(libc::SIGTSTP) | bit(libc::SIGTTIN) | bit(libc::SIGTTOU);
+    let handled = mask("SigCgt:") | mask("SigIgn:") | mask("SigBlk:") | stops;
     pending & bit(libc::SIGKILL) != 0 || pending & !handled & !default_ignored != 0
 }
 

@@ -324,6 +324,8 @@ struct BufPool {
     bufs: Mutex<Vec<Vec<u8>>>,
     max: usize,
     wipe: bool,
+    /// How many times [`BufPool::wipe_all`] ran (changed under `bufs`' lock).
+    wipes: AtomicU64,
 }
 
 impl BufPool {
@@ -332,6 +334,7 @@ impl BufPool {
             bufs: Mutex::new(Vec::new()),
             max,
             wipe,
+            wipes: AtomicU64::new(0),
         }
     }
 
@@ -367,11 +370,34 @@ impl BufPool {
         v
     }
 
-    /// Wipes and frees every buffer the pool holds.
+    /// Wipes and frees every buffer the pool holds; buffers out of it now are wiped when
+    /// they come back through [`BufPool::give_since`].
     fn wipe_all(&self) {
-        let bufs = std::mem::take(&mut *self.bufs.lock().expect("buffer pool"));
+        let bufs = {
+            let mut held = self.bufs.lock().expect("buffer pool");
+            self.wipes.fetch_add(1, Ordering::SeqCst);
+            std::mem::take(&mut *held)
+        };
         for mut b in bufs {
             wipe(&mut b);
+        }
+    }
+
+    /// A mark to pass to [`BufPool::give_since`] for buffers filled after it.
+    fn mark(&self) -> u64 {
+        self.wipes.load(Ordering::SeqCst)
+    }
+
+    /// [`BufPool::give`], wiping `v` first if the pool was wiped since `mark`: it was out
+    /// then, and what it holds may belong to a consent that has ended.
+    fn give_since(&self, mut v: Vec<u8>, mark: u64) {
+        let mut bufs = self.bufs.lock().expect("buffer pool");
+        if self.wipe || self.wipes.load(Ordering::SeqCst) != mark {
+            wipe(&mut v);
+            v.clear();
+        }
+        if bufs.len() < self.max {
+            bufs.push(v);
         }
     }
 
@@ -1129,7 +1155,11 @@ impl Core {
         // Into a pooled buffer: the share is opened straight into it, and a buffer that held a
         // share of the same length is reused without a memset.
         let mut v = self.share_bufs.pop();
-        site.get_into(&key, &mut v).map_err(|e| e.to_string())?;
+        if let Err(e) = site.get_into(&key, &mut v) {
+            // It may hold part of this share, or an earlier one.
+            wipe(&mut v);
+            return Err(e.to_string());
+        }
         Ok(v)
     }
 
@@ -1139,10 +1169,11 @@ impl Core {
         index: u64,
         chunk: &ChunkRecord,
     ) -> Result<Plain, EngineError> {
+        let mark = self.share_bufs.mark();
         let mut good = Vec::new();
         let r = self.fetch_into(rec, index, chunk, &mut good);
         for (_, share) in good {
-            self.share_bufs.give(share);
+            self.share_bufs.give_since(share, mark);
         }
         r
     }
@@ -1186,12 +1217,15 @@ impl Core {
                     for (loc, r) in batch.iter().zip(got) {
                         match r {
                             Ok(d) if d.len() == share_len => good.push((loc.share as usize, d)),
-                            Ok(d) => failures.push(format!(
-                                "site {}: share {} is {} bytes, expected {share_len}",
-                                loc.site,
-                                loc.share,
-                                d.len()
-                            )),
+                            Ok(mut d) => {
+                                failures.push(format!(
+                                    "site {}: share {} is {} bytes, expected {share_len}",
+                                    loc.site,
+                                    loc.share,
+                                    d.len()
+                                ));
+                                wipe(&mut d);
+                            }
                             Err(e) => failures.push(e),
                         }
                     }
@@ -1569,6 +1603,24 @@ impl FileWriter {
 
 type CacheKey = (FileId, u64);
 
+/// Takes a chunk out of the cache's `fetching` set if its fetch panics (a thread that could
+/// not be spawned, say): else every later read of the chunk would wait for it for good.
+struct Unmark<'a> {
+    cache: &'a ChunkCache,
+    key: CacheKey,
+    armed: bool,
+}
+
+impl Drop for Unmark<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut inner = self.cache.inner.lock().unwrap_or_else(|e| e.into_inner());
+            inner.fetching.remove(&self.key);
+            self.cache.ready.notify_all();
+        }
+    }
+}
+
 struct CacheEntry {
     data: Arc<Plain>,
     patient: String,
@@ -1635,7 +1687,13 @@ impl ChunkCache {
         inner.fetching.insert(key);
         drop(inner);
         let started = Instant::now();
+        let mut unmark = Unmark {
+            cache: self,
+            key,
+            armed: true,
+        };
         let result = fetch();
+        unmark.armed = false;
         let mut inner = self.inner.lock().expect("cache");
         inner.fetching.remove(&key);
         self.ready.notify_all();
@@ -1705,6 +1763,51 @@ mod tests {
         });
         assert_eq!(got, vec![(11, true), (21, false), (31, false)]);
         assert!(in_parallel(&[] as &[u8], |_| ()).is_empty());
+    }
+
+    /// Shares fetched under a consent that ended while they were out of the pool (a read
+    /// under way when the card was pulled) come back wiped: any k of them rebuild a chunk.
+    #[test]
+    fn buffers_out_of_the_pool_at_a_wipe_come_back_wiped() {
+        let pool = BufPool::new(4, false);
+        let before = pool.mark();
+        pool.give_since(vec![0xA5; 4096], before);
+        let mark = pool.mark();
+        let out = pool.pop();
+        assert!(
+            out.iter().all(|&b| b == 0xA5),
+            "not wiped without a wipe_all"
+        );
+        pool.wipe_all();
+        pool.give_since(out, mark);
+        let back = pool.pop();
+        assert!(
+            back.is_empty(),
+            "given back after the wipe: wiped and emptied"
+        );
+        assert!(back.capacity() >= 4096, "and kept for reuse");
+    }
+
+    /// A fetch that panics leaves its chunk to the next reader, who fetches it again, instead
+    /// of waiting for it for good.
+    #[test]
+    fn a_fetch_that_panics_does_not_hold_up_the_chunk() {
+        let cache = Arc::new(ChunkCache::new(1 << 20));
+        let key = ([7u8; 16], 3);
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = cache.get_or_fetch(key, "P1", || panic!("no thread"), || true);
+        }));
+        assert!(panicked.is_err());
+        let (tx, rx) = mpsc::channel();
+        let c = cache.clone();
+        std::thread::spawn(move || {
+            let got = c.get_or_fetch(key, "P1", || Ok(Plain::new(vec![1, 2, 3])), || true);
+            let _ = tx.send(got.map(|p| p.to_vec()));
+        });
+        let got = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the next read of the chunk waited for the panicked fetch");
+        assert_eq!(got.unwrap(), vec![1, 2, 3]);
     }
 
     /// A rebuilt chunk's buffer comes back to its pool wiped, and the next chunk gets it

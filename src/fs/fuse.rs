@@ -1144,8 +1144,11 @@ impl Filesystem for QgenomeFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let Some(Node::File(p, n)) = self.node(ino) else {
-            return reply.error(Errno::EISDIR);
+        let (p, n) = match self.node(ino) {
+            Some(Node::File(p, n)) => (p, n),
+            Some(_) => return reply.error(Errno::EISDIR),
+            // A number whose name went (an open of /proc/PID/fd/N of an unlinked file).
+            None => return reply.error(Errno::ENOENT),
         };
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             if flags.0 & libc::O_TRUNC == 0 {
