@@ -469,3 +469,33 @@ fn a_consent_that_ends_during_a_read_returns_no_data() {
         "a chunk rebuilt after the consent ended was served from the cache"
     );
 }
+
+/// A version committed by an fsync and still growing: a reader opened then gets the committed
+/// chunks, each at its index, whatever its writer has recorded past them, in whatever order
+/// its uploads completed.
+#[test]
+fn a_reader_of_a_growing_file_gets_its_committed_chunks_only() {
+    let r = rig(2, 3);
+    let data = random(3 * 65_536);
+    let mut w = r.engine.create("P0001", "g.cram", 0o644).unwrap();
+    w.write(&r.engine, 0, &data).unwrap();
+    w.commit(&r.engine).unwrap();
+    let rec = r.engine.catalog.file("P0001", "g.cram").unwrap().unwrap();
+    // An append's chunk 5 recorded before its chunks 3 and 4.
+    let mut late = r.engine.catalog.chunk(&rec.id, 2).unwrap().unwrap();
+    late.offset = 5 * 65_536;
+    r.engine.catalog.put_chunk(&rec.id, 5, &late).unwrap();
+    assert_eq!(r.engine.catalog.chunks(&rec.id).unwrap().len(), 4);
+    let chunks = r.engine.committed_chunks(&rec).unwrap();
+    assert_eq!(chunks.len(), 3, "only the committed version's chunks");
+    for (i, c) in chunks.iter().enumerate() {
+        assert_eq!(c.offset, i as u64 * 65_536, "chunk {i} at its place");
+    }
+    r.engine
+        .consent
+        .grant("P0001", Some(Duration::from_secs(60)), "test");
+    assert_eq!(
+        r.engine.read(&rec, &chunks, 0, data.len() + 10).unwrap(),
+        data
+    );
+}

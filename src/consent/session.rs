@@ -277,10 +277,18 @@ impl ConsentRegistry {
                     waited: limit,
                 });
             }
+            // Asked without the lock, which every `is_active` takes: up to 1024 readers wait at
+            // once, each reading /proc every 250 ms.
+            drop(grants);
             if abandoned() {
                 return Err(ConsentError::Abandoned {
                     patient: patient.to_string(),
                 });
+            }
+            grants = self.grants.lock().expect("grants");
+            if Self::active_locked(&grants, patient, Instant::now()) {
+                // Granted while the lock was let go (its wake-up came before this wait).
+                return Ok(());
             }
             // Wake at the deadline, or at any grant; re-check expiry and the reader too.
             let step = (deadline - now).min(Duration::from_millis(250));

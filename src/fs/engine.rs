@@ -619,6 +619,21 @@ impl Engine {
         })
     }
 
+    /// The chunks of committed version `rec`, in order: chunk i at place i. A version
+    /// committed by an fsync and still growing also has records of chunks past its committed
+    /// size, which are not the committed version's (its root does not cover them) and, being
+    /// recorded as their uploads complete, may leave gaps, after which a chunk's place in the
+    /// list is no longer its index.
+    pub fn committed_chunks(&self, rec: &FileRecord) -> Result<Vec<ChunkRecord>, EngineError> {
+        let mut chunks = self.catalog.chunks(&rec.id)?;
+        let committed = chunks
+            .iter()
+            .take_while(|c| c.offset + u64::from(c.len) <= rec.size)
+            .count();
+        chunks.truncate(committed);
+        Ok(chunks)
+    }
+
     /// Wait for consent, then read up to `size` bytes at `offset` of a committed version.
     pub fn read(
         &self,
@@ -993,15 +1008,8 @@ impl Engine {
             let (FileState::Committed, Some(root)) = (rec.state, rec.root) else {
                 return Ok(None);
             };
-            // A version committed by an fsync and still growing has records of chunks past
-            // its committed size: they are not the committed version's (its root does not
-            // cover them), and a manifest with them fails its check in a rebuild.
-            let mut chunks = self.catalog.chunks(id)?;
-            let committed = chunks
-                .iter()
-                .take_while(|c| c.offset + u64::from(c.len) <= rec.size)
-                .count();
-            chunks.truncate(committed);
+            // A manifest with chunks past the committed size fails its check in a rebuild.
+            let chunks = self.committed_chunks(&rec)?;
             self.put_manifest(&rec, root, &chunks)?;
             Ok(Some(rec))
         })();

@@ -1206,17 +1206,12 @@ impl Filesystem for QgenomeFs {
                 _ => engine.reader_closed(&rec.id),
             }
         };
-        // The handle is registered now; the reply waits for consent on a worker.
-        let chunks = match engine.catalog.chunks(&rec.id) {
-            Ok(c) => Arc::new(c),
-            Err(e) => {
-                engine.reader_closed(&rec.id);
-                return reply.error(errno(&e.into()));
-            }
-        };
+        // The handle is registered now; the reply waits for consent on a worker, which then
+        // gives it the version's chunk list (a genome's is tens of MB, not to be read on a
+        // request loop, nor held by every open still waiting for a card).
         let fh = self.new_fh(Handle::Read {
             rec: rec.clone(),
-            chunks,
+            chunks: Arc::default(),
         });
         let tid = req.pid();
         let handles = self.handles.clone();
@@ -1224,8 +1219,18 @@ impl Filesystem for QgenomeFs {
         self.spawn_for(&patient, move || {
             let abandoned = || crate::consent::session::fatal_signal_pending(tid);
             let limit = engine.config().consent_wait;
-            match engine.consent.wait_unless(&rec.patient, limit, &abandoned) {
-                Ok(()) => {
+            let opened = engine
+                .consent
+                .wait_unless(&rec.patient, limit, &abandoned)
+                .map_err(EngineError::from)
+                .and_then(|()| engine.committed_chunks(&rec));
+            match opened {
+                Ok(list) => {
+                    if let Some(Handle::Read { chunks, .. }) =
+                        handles.lock().expect("handles").get_mut(&fh)
+                    {
+                        *chunks = Arc::new(list);
+                    }
                     // One audit entry per file opened for reading under a consent.
                     engine.catalog.audit(
                         "read",
@@ -1240,7 +1245,7 @@ impl Filesystem for QgenomeFs {
                     handles.lock().expect("handles").remove(&fh);
                     engine.reader_closed(&rec.id);
                     tracing::warn!("open {}/{}: {e}", rec.patient, rec.name);
-                    reply.error(errno(&e.into()))
+                    reply.error(errno(&e))
                 }
             }
         });

@@ -552,7 +552,37 @@ impl RangeSet {
     pub fn ranges(&self) -> impl Iterator<Item = Range<u64>> + '_ {
         self.map.iter().map(|(&s, &e)| s..e)
     }
+
+    /// Ranges held (gaps between them, and one more).
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Fill the lowest gaps until at most `max` ranges are left: the key in them then counts
+    /// as used. Each gap is key a sender used for a frame the receiver never accepted (a
+    /// connection cut mid-frame, a refused frame); filled, a late frame there is refused as a
+    /// replay, which is the safe side, and the set stays bounded however many connections
+    /// are cut. Returns the gaps filled.
+    pub fn fill_lowest_gaps(&mut self, max: usize) -> Vec<Range<u64>> {
+        let mut filled = Vec::new();
+        while self.map.len() > max.max(1) {
+            let mut it = self.map.iter();
+            let (&s1, &e1) = it.next().expect("more than one range");
+            let (&s2, &e2) = it.next().expect("more than one range");
+            self.map.remove(&s2);
+            self.map.insert(s1, e2);
+            filled.push(e1..s2);
+        }
+        filled
+    }
 }
+
+/// Most disjoint consumed ranges a receiving end keeps (see [`RangeSet::fill_lowest_gaps`]).
+pub const MAX_CONSUMED_RANGES: usize = 4096;
 
 /// The receiving end of one (link, direction).
 pub struct RecvStream {
@@ -711,6 +741,9 @@ impl RecvStream {
     fn accept(&mut self, range: Range<u64>) -> Result<SealedFrame, LinkError> {
         self.end.cover(range.end)?;
         self.consumed.insert(range.clone());
+        for gap in self.consumed.fill_lowest_gaps(MAX_CONSUMED_RANGES) {
+            self.end.key.destroy(gap)?;
+        }
         self.end.key.destroy(range.clone())?;
         Ok(SealedFrame { key_range: range })
     }
@@ -995,6 +1028,30 @@ mod tests {
             prop_assert_eq!(s.overlap(&r).is_some(), hit);
             let v: Vec<_> = s.ranges().collect();
             for w in v.windows(2) { prop_assert!(w[0].end < w[1].start); }
+        }
+
+        /// Filling the lowest gaps keeps at most `max` ranges, counts every byte that was
+        /// used as used still, adds exactly the filled gaps, and leaves the ranges above them
+        /// as they were.
+        #[test]
+        fn filling_gaps_bounds_the_set_and_never_frees_used_key(ops in proptest::collection::vec((0u64..200, 0u64..30), 0..40), max in 1usize..6) {
+            let mut s = RangeSet::default();
+            for (a, l) in ops { s.insert(a..a + l); }
+            let before: Vec<_> = s.ranges().collect();
+            let filled = s.fill_lowest_gaps(max);
+            let after: Vec<_> = s.ranges().collect();
+            prop_assert!(after.len() <= max);
+            prop_assert_eq!(filled.len(), before.len() - after.len());
+            let used = |set: &[Range<u64>], x: u64| set.iter().any(|r| r.contains(&x));
+            for x in 0..260 {
+                let now = used(&after, x);
+                prop_assert_eq!(now, used(&before, x) || used(&filled, x));
+            }
+            if before.len() > max {
+                prop_assert_eq!(&after[1..], &before[before.len() - after.len() + 1..]);
+            } else {
+                prop_assert_eq!(&after, &before);
+            }
         }
     }
 }
