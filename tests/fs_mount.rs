@@ -1192,7 +1192,7 @@ fn a_reader_stopped_or_blocking_signals_while_waiting_for_consent_keeps_waiting(
             .spawn()
             .unwrap()
     };
-    let mut cat = spawn(Command::new("cat").arg(&f));
+    let cat = spawn(Command::new("cat").arg(&f));
     // perl's open, unlike Python's, does not retry after EINTR.
     let mut perl = spawn(
         Command::new("perl")
@@ -1203,15 +1203,23 @@ fn a_reader_stopped_or_blocking_signals_while_waiting_for_consent_keeps_waiting(
             )
             .arg(&f),
     );
-    std::thread::sleep(Duration::from_secs(1));
+    // Both opens registered, so both wait (perl's comes after its sigprocmask).
+    let waiting = || {
+        control::request(&rig.cfg.control_socket(), &json!({"cmd": "status"})).unwrap()
+            ["open_for_reading"]
+            .as_u64()
+            .unwrap()
+    };
+    let until = Instant::now() + Duration::from_secs(20);
+    while waiting() < 2 {
+        assert!(Instant::now() < until, "the two readers never opened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     kill(Pid::from_raw(cat.id() as i32), Signal::SIGSTOP).unwrap();
     kill(Pid::from_raw(perl.id() as i32), Signal::SIGTERM).unwrap();
-    // The mount looks at a waiting reader's signals every 250 ms.
+    // The mount looks at a waiting reader's signals every 250 ms. (A stopped child does not
+    // show in try_wait: cat's part is its success below, as it would fail with EINTR.)
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(
-        cat.try_wait().unwrap().is_none(),
-        "a stopped reader's wait ended"
-    );
     assert!(
         perl.try_wait().unwrap().is_none(),
         "a reader blocking the signal sent to it had its wait ended"

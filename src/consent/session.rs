@@ -286,8 +286,13 @@ impl ConsentRegistry {
                 });
             }
             grants = self.grants.lock().expect("grants");
+            // What changed while the lock was let go (its wake-up came before this wait).
+            if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(ConsentError::ShuttingDown {
+                    patient: patient.to_string(),
+                });
+            }
             if Self::active_locked(&grants, patient, Instant::now()) {
-                // Granted while the lock was let go (its wake-up came before this wait).
                 return Ok(());
             }
             // Wake at the deadline, or at any grant; re-check expiry and the reader too.
@@ -358,6 +363,19 @@ mod tests {
             reg.wait("P1", Duration::from_secs(1)).is_err(),
             "a closed registry let a read through"
         );
+    }
+
+    /// The reader's own check runs without the lock: a close, then a grant, that come
+    /// meanwhile still refuse it.
+    #[test]
+    fn a_close_while_a_reader_is_checked_refuses_it_whatever_is_granted() {
+        let reg = ConsentRegistry::new(Arc::new(MemAudit::default()));
+        let r = reg.wait_unless("P1", Duration::from_secs(10), &|| {
+            reg.close();
+            reg.grant("P1", None, "card");
+            false
+        });
+        assert!(matches!(r, Err(ConsentError::ShuttingDown { .. })), "{r:?}");
     }
 
     #[test]

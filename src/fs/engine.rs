@@ -556,7 +556,15 @@ impl Engine {
             .spawn(move || {
                 while let Ok(rec) = drx.recv() {
                     let Some(engine) = weak.upgrade() else { return };
-                    engine.discard(&rec);
+                    let deleted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        engine.discard(&rec)
+                    }));
+                    if deleted.is_err() {
+                        tracing::error!(
+                            "{}: deleting its shares failed (a panic); it stays retired and the next mount deletes them",
+                            label(&rec)
+                        );
+                    }
                     let (n, done) = &engine.discarding;
                     *n.lock().expect("discarding") -= 1;
                     done.notify_all();
