@@ -93,6 +93,8 @@ pub struct UringVolume {
     wake: Arc<OwnedFd>,
     thread: Option<JoinHandle<()>>,
     _file: Arc<File>,
+    /// Group fdatasyncs issued ([`Durability::Fdatasync`]).
+    group_syncs: Arc<std::sync::atomic::AtomicU64>,
 }
 
 enum Kind {
@@ -381,6 +383,7 @@ impl UringVolume {
         let file = Arc::new(file);
         let path: Arc<Path> = Arc::from(path);
         let (tx, rx) = mpsc::channel();
+        let group_syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let worker = Worker {
             fd: file.as_raw_fd(),
             _file: Arc::clone(&file),
@@ -391,6 +394,7 @@ impl UringVolume {
             durability,
             depth: opts.queue_depth.max(16) as usize,
             _pool: pool.clone(),
+            group_syncs: Arc::clone(&group_syncs),
         };
         let thread = std::thread::Builder::new()
             .name("qgenome-uring".into())
@@ -407,7 +411,14 @@ impl UringVolume {
             wake,
             thread: Some(thread),
             _file: file,
+            group_syncs,
         })
+    }
+
+    /// How many fdatasyncs the durable writes of [`Durability::Fdatasync`] have shared so far
+    /// (one covers every durable write completed before it was issued).
+    pub fn group_syncs(&self) -> u64 {
+        self.group_syncs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn kind(&self) -> VolumeKind {
@@ -561,6 +572,7 @@ struct Worker {
     durability: Durability,
     depth: usize,
     _pool: Option<Arc<FixedPool>>,
+    group_syncs: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A request being served: `done` bytes have completed so far.
@@ -644,6 +656,8 @@ impl Worker {
                     group.covered = std::mem::take(&mut group.next);
                     group.in_flight = true;
                     in_flight += 1;
+                    self.group_syncs
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
             // Queue as much as the ring takes, keeping one entry for the wake-up read.
