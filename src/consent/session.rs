@@ -101,6 +101,42 @@ pub struct ConsentRegistry {
     changed: Condvar,
     hooks: Mutex<Vec<Hook>>,
     audit: Arc<dyn Audit>,
+    /// Replies of plaintext under way, per patient ([`ConsentRegistry::serving`]); taken
+    /// inside `grants`' lock, never the other way round.
+    serving: Mutex<HashMap<String, usize>>,
+    served: Condvar,
+}
+
+/// How long the end of a session waits for the replies under way of its patient before it
+/// wipes the caches all the same (a reply is a copy into the kernel: microseconds).
+pub const SERVE_WAIT: Duration = Duration::from_secs(5);
+
+/// A reply of `patient`'s plaintext under way: while one is held, the end of the patient's
+/// session waits (see [`ConsentRegistry::serving`]).
+pub struct Serving {
+    reg: Arc<ConsentRegistry>,
+    patient: String,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let mut serving = self.reg.serving.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = serving.get_mut(&self.patient) {
+            *n -= 1;
+            if *n == 0 {
+                serving.remove(&self.patient);
+            }
+        }
+        self.reg.served.notify_all();
+    }
+}
+
+impl std::fmt::Debug for Serving {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Serving")
+            .field("patient", &self.patient)
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for ConsentRegistry {
@@ -117,6 +153,8 @@ impl ConsentRegistry {
             changed: Condvar::new(),
             hooks: Mutex::new(Vec::new()),
             audit,
+            serving: Mutex::new(HashMap::new()),
+            served: Condvar::new(),
         });
         // Expire sessions on time even when nobody is reading, so cached plaintext is wiped.
         let weak = Arc::downgrade(&reg);
@@ -157,7 +195,46 @@ impl ConsentRegistry {
         self.changed.notify_all();
     }
 
-    /// End a session (revoke, card removed). Returns whether one was active.
+    /// A reply of `patient`'s plaintext may begin: `None` unless the session is active
+    /// (and the registry open). The session's end, once the session is gone, waits for the
+    /// replies begun before it (up to [`SERVE_WAIT`]), so that no byte is delivered after a
+    /// revoke or a card removal has returned, and the caches are wiped after the last one.
+    pub fn serving(self: &Arc<Self>, patient: &str) -> Option<Serving> {
+        let grants = self.grants.lock().expect("grants");
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst)
+            || !Self::active_locked(&grants, patient, Instant::now())
+        {
+            return None;
+        }
+        *self
+            .serving
+            .lock()
+            .expect("serving")
+            .entry(patient.to_string())
+            .or_default() += 1;
+        Some(Serving {
+            reg: self.clone(),
+            patient: patient.to_string(),
+        })
+    }
+
+    /// Wait for the replies of `patient` under way, which began before its session ended.
+    fn wait_served(&self, patient: &str) {
+        let serving = self.serving.lock().expect("serving");
+        let (serving, waited) = self
+            .served
+            .wait_timeout_while(serving, SERVE_WAIT, |s| s.contains_key(patient))
+            .expect("serving");
+        if waited.timed_out() {
+            tracing::warn!(
+                "patient {patient}: {} read(s) still replying {SERVE_WAIT:?} after the consent ended; wiping the caches all the same",
+                serving.get(patient).copied().unwrap_or(0)
+            );
+        }
+    }
+
+    /// End a session (revoke, card removed). Returns whether one was active. Returns once
+    /// the replies begun under it are done and the caches wiped.
     pub fn end(&self, patient: &str, reason: &str) -> bool {
         let ended = self
             .grants
@@ -168,6 +245,7 @@ impl ConsentRegistry {
         if ended {
             self.audit
                 .record("consent-end", Some(patient), None, reason);
+            self.wait_served(patient);
             self.run_hooks(patient);
         }
         ended
@@ -225,6 +303,7 @@ impl ConsentRegistry {
         };
         for p in expired {
             self.audit.record("consent-expired", Some(&p), None, "");
+            self.wait_served(&p);
             self.run_hooks(&p);
         }
     }
@@ -363,6 +442,35 @@ mod tests {
             reg.wait("P1", Duration::from_secs(1)).is_err(),
             "a closed registry let a read through"
         );
+    }
+
+    /// The end of a session returns only once the replies begun under it are done: no byte
+    /// goes out after a revoke (or a card removal) has returned, and none begins after it.
+    #[test]
+    fn an_end_waits_for_the_replies_under_way_and_none_begins_after() {
+        let reg = ConsentRegistry::new(Arc::new(MemAudit::default()));
+        reg.grant("P1", None, "card");
+        let wiped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let w = wiped.clone();
+        reg.on_end(move |_| w.store(true, std::sync::atomic::Ordering::SeqCst));
+        let reply = reg.serving("P1").expect("active");
+        let other = reg.serving("P1").expect("active");
+        drop(other);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let r2 = reg.clone();
+        std::thread::spawn(move || tx.send(r2.end("P1", "card removed")).unwrap());
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the end returned while a reply was under way"
+        );
+        assert!(
+            !wiped.load(std::sync::atomic::Ordering::SeqCst),
+            "wiped under a reply"
+        );
+        assert!(reg.serving("P1").is_none(), "a reply began after the end");
+        drop(reply);
+        assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap());
+        assert!(wiped.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     /// The reader's own check runs without the lock: a close, then a grant, that come

@@ -86,6 +86,8 @@ impl std::fmt::Debug for Plain {
 /// The bytes of one read: ranges of rebuilt chunks, in order, shared with the chunk cache.
 pub struct ReadData {
     parts: Vec<(Arc<Plain>, std::ops::Range<usize>)>,
+    /// Held until the reply is sent: the end of the patient's session waits for it.
+    _serving: crate::consent::session::Serving,
 }
 
 impl ReadData {
@@ -687,14 +689,18 @@ impl Engine {
             last_index = Some(index);
         }
         // Consent was active when the read began; it may have ended (revoked, card pulled)
-        // while the chunks were fetched. Data goes back only if it is still active now.
-        if !self.consent.is_active(&rec.patient) {
+        // while the chunks were fetched. Data goes back only if it is still active now, and
+        // an end from now on waits for this reply before it returns.
+        let Some(serving) = self.consent.serving(&rec.patient) else {
             return Err(ConsentError::Ended {
                 patient: rec.patient.clone(),
             }
             .into());
-        }
-        Ok(ReadData { parts })
+        };
+        Ok(ReadData {
+            parts,
+            _serving: serving,
+        })
     }
 
     /// Queue up to `readahead` chunks past byte `end` (those not cached or being fetched) for
