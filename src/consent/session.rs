@@ -90,6 +90,9 @@ pub struct GrantInfo {
 struct Grant {
     source: String,
     expires: Option<Instant>,
+    /// Which session this is: a grant that extends an active one keeps its number, one made
+    /// after an end gets a new one, so that an end waits for its own session's replies only.
+    id: u64,
 }
 
 type Hook = Box<dyn Fn(&str) + Send + Sync>;
@@ -101,10 +104,12 @@ pub struct ConsentRegistry {
     changed: Condvar,
     hooks: Mutex<Vec<Hook>>,
     audit: Arc<dyn Audit>,
-    /// Replies of plaintext under way, per patient ([`ConsentRegistry::serving`]); taken
-    /// inside `grants`' lock, never the other way round.
-    serving: Mutex<HashMap<String, usize>>,
+    /// Replies of plaintext under way, per patient and session ([`ConsentRegistry::serving`]);
+    /// taken inside `grants`' lock, never the other way round.
+    serving: Mutex<HashMap<(String, u64), usize>>,
     served: Condvar,
+    /// The next session's number.
+    next_id: std::sync::atomic::AtomicU64,
 }
 
 /// How long the end of a session waits for the replies under way of its patient before it
@@ -115,16 +120,17 @@ pub const SERVE_WAIT: Duration = Duration::from_secs(5);
 /// session waits (see [`ConsentRegistry::serving`]).
 pub struct Serving {
     reg: Arc<ConsentRegistry>,
-    patient: String,
+    /// Patient and session.
+    key: (String, u64),
 }
 
 impl Drop for Serving {
     fn drop(&mut self) {
         let mut serving = self.reg.serving.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = serving.get_mut(&self.patient) {
+        if let Some(n) = serving.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                serving.remove(&self.patient);
+                serving.remove(&self.key);
             }
         }
         self.reg.served.notify_all();
@@ -134,7 +140,7 @@ impl Drop for Serving {
 impl std::fmt::Debug for Serving {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Serving")
-            .field("patient", &self.patient)
+            .field("patient", &self.key.0)
             .finish()
     }
 }
@@ -155,6 +161,7 @@ impl ConsentRegistry {
             audit,
             serving: Mutex::new(HashMap::new()),
             served: Condvar::new(),
+            next_id: std::sync::atomic::AtomicU64::new(0),
         });
         // Expire sessions on time even when nobody is reading, so cached plaintext is wiped.
         let weak = Arc::downgrade(&reg);
@@ -179,13 +186,26 @@ impl ConsentRegistry {
     /// Open (or extend) a session. `ttl = None` lasts until [`ConsentRegistry::end`].
     pub fn grant(&self, patient: &str, ttl: Option<Duration>, source: &str) {
         let expires = ttl.map(|t| Instant::now() + t);
-        self.grants.lock().expect("grants").insert(
-            patient.to_string(),
-            Grant {
-                source: source.to_string(),
-                expires,
-            },
-        );
+        {
+            let mut grants = self.grants.lock().expect("grants");
+            // Extending a session keeps its number, so its end waits for the replies begun
+            // before the extension too.
+            let id = grants.get(patient).map_or_else(
+                || {
+                    self.next_id
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                },
+                |g| g.id,
+            );
+            grants.insert(
+                patient.to_string(),
+                Grant {
+                    source: source.to_string(),
+                    expires,
+                    id,
+                },
+            );
+        }
         let detail = match ttl {
             Some(t) => format!("{source}, {} s", t.as_secs()),
             None => format!("{source}, until removed"),
@@ -206,29 +226,32 @@ impl ConsentRegistry {
         {
             return None;
         }
+        let key = (patient.to_string(), grants[patient].id);
         *self
             .serving
             .lock()
             .expect("serving")
-            .entry(patient.to_string())
+            .entry(key.clone())
             .or_default() += 1;
         Some(Serving {
             reg: self.clone(),
-            patient: patient.to_string(),
+            key,
         })
     }
 
-    /// Wait for the replies of `patient` under way, which began before its session ended.
-    fn wait_served(&self, patient: &str) {
+    /// Wait for the replies of `patient`'s session `id` under way, which began before the
+    /// session ended (not those of a session granted since).
+    fn wait_served(&self, patient: &str, id: u64) {
+        let key = (patient.to_string(), id);
         let serving = self.serving.lock().expect("serving");
         let (serving, waited) = self
             .served
-            .wait_timeout_while(serving, SERVE_WAIT, |s| s.contains_key(patient))
+            .wait_timeout_while(serving, SERVE_WAIT, |s| s.contains_key(&key))
             .expect("serving");
         if waited.timed_out() {
             tracing::warn!(
                 "patient {patient}: {} read(s) still replying {SERVE_WAIT:?} after the consent ended; wiping the caches all the same",
-                serving.get(patient).copied().unwrap_or(0)
+                serving.get(&key).copied().unwrap_or(0)
             );
         }
     }
@@ -236,19 +259,14 @@ impl ConsentRegistry {
     /// End a session (revoke, card removed). Returns whether one was active. Returns once
     /// the replies begun under it are done and the caches wiped.
     pub fn end(&self, patient: &str, reason: &str) -> bool {
-        let ended = self
-            .grants
-            .lock()
-            .expect("grants")
-            .remove(patient)
-            .is_some();
-        if ended {
+        let ended = self.grants.lock().expect("grants").remove(patient);
+        if let Some(g) = &ended {
             self.audit
                 .record("consent-end", Some(patient), None, reason);
-            self.wait_served(patient);
+            self.wait_served(patient, g.id);
             self.run_hooks(patient);
         }
-        ended
+        ended.is_some()
     }
 
     pub fn list(&self) -> Vec<GrantInfo> {
@@ -289,21 +307,21 @@ impl ConsentRegistry {
     /// End every session past its expiry.
     fn sweep(&self) {
         let now = Instant::now();
-        let expired: Vec<String> = {
+        let expired: Vec<(String, u64)> = {
             let mut grants = self.grants.lock().expect("grants");
-            let gone: Vec<String> = grants
+            let gone: Vec<(String, u64)> = grants
                 .iter()
                 .filter(|(_, g)| g.expires.is_some_and(|e| e <= now))
-                .map(|(p, _)| p.clone())
+                .map(|(p, g)| (p.clone(), g.id))
                 .collect();
-            for p in &gone {
+            for (p, _) in &gone {
                 grants.remove(p);
             }
             gone
         };
-        for p in expired {
+        for (p, id) in expired {
             self.audit.record("consent-expired", Some(&p), None, "");
-            self.wait_served(&p);
+            self.wait_served(&p, id);
             self.run_hooks(&p);
         }
     }
@@ -468,9 +486,17 @@ mod tests {
             "wiped under a reply"
         );
         assert!(reg.serving("P1").is_none(), "a reply began after the end");
+        // A new session meanwhile (another card, an admin grant): its replies are not the
+        // ended one's, and the end does not wait for them.
+        reg.grant("P1", None, "admin");
+        let next = reg.serving("P1").expect("the new session");
         drop(reply);
-        assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap());
+        assert!(
+            rx.recv_timeout(Duration::from_secs(2)).unwrap(),
+            "the end waited for the next session's reply"
+        );
         assert!(wiped.load(std::sync::atomic::Ordering::SeqCst));
+        drop(next);
     }
 
     /// The reader's own check runs without the lock: a close, then a grant, that come

@@ -644,7 +644,10 @@ impl Engine {
         Ok(chunks)
     }
 
-    /// Wait for consent, then read up to `size` bytes at `offset` of a committed version.
+    /// Wait for consent, then read up to `size` bytes at `offset` of a committed version. A
+    /// copy, for tests and tools: the bytes outlive the reply guard ([`ReadData`]'s), so an
+    /// end of the consent does not wait for what the caller does with them. The mount replies
+    /// from [`Engine::read_unless`]'s data, which holds it.
     pub fn read(
         &self,
         rec: &FileRecord,
