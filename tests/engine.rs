@@ -85,7 +85,10 @@ fn write(engine: &Engine, name: &str, data: &[u8]) -> Result<(), EngineError> {
         }
     }
     assert_eq!(off, data.len());
-    w.commit(engine)
+    w.commit(engine)?;
+    // A version this one replaced is deleted after the commit, by the discarder.
+    assert!(engine.wait_discards(Duration::from_secs(10)));
+    Ok(())
 }
 
 fn read_all(engine: &Engine, name: &str) -> Result<Vec<u8>, EngineError> {

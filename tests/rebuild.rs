@@ -106,6 +106,8 @@ fn write(engine: &Engine, patient: &str, name: &str, data: &[u8]) -> FileRecord 
         off += piece.len();
     }
     w.commit(engine).unwrap();
+    // A version this one replaced is deleted after the commit, by the discarder.
+    assert!(engine.wait_discards(Duration::from_secs(10)));
     engine.catalog.file(patient, name).unwrap().unwrap()
 }
 
@@ -289,6 +291,8 @@ fn when_deletes_were_lost_the_last_written_version_wins_and_the_rest_are_orphans
     let v3 = write(&a, "P1", "x", &random(30_000));
     assert!(v3.mtime >= v2.mtime);
     a.rename("P1", "t", "P1", "x").unwrap();
+    // The deletes of v1 and v3 (run after the commit and the rename) are lost too.
+    assert!(a.wait_discards(Duration::from_secs(10)));
     rig.lose_deletes(false);
 
     let b = rig.engine("catalog-b");
