@@ -775,8 +775,9 @@ impl<D: BlockDevice> Server<D> {
         }
     }
 
-    /// The link whose receive stream the frame starting with `prefix` (its header, already
-    /// checked by `frame_len`) is sealed for, found as the blocking path will find it.
+    /// Whether some link of this site receives the stream that the frame starting with
+    /// `prefix` (its header, already checked by `frame_len`) is sealed for; the blocking
+    /// path finds the link the same way.
     fn first_frame_stream(&self, prefix: &[u8]) -> Result<(), String> {
         let p: &[u8; frame::HEADER_LEN] = prefix.try_into().expect("header length");
         let h = FrameHeader::parse_prefix(p, msg::MAX_HELLO as u64)

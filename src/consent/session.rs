@@ -43,9 +43,10 @@ pub enum ConsentError {
 /// Whether thread `tid` has a pending signal that will kill it (pending, neither blocked,
 /// caught nor ignored, and not one whose default is to ignore or to stop). fuser 0.18 drops
 /// FUSE_INTERRUPT, so a reader killed while it waits for consent is noticed this way
-/// instead. A stop signal (Ctrl-Z's SIGTSTP) waits pending until the read returns, and then
-/// stops the reader, which `fg` resumes; a blocked one (a program taking its signals with
-/// `sigwait` or `signalfd`) is never delivered while blocked: neither ends the reader.
+/// instead. A blocked signal (a program taking its signals with `sigwait` or `signalfd`) is
+/// never delivered while blocked, and a stop signal stops the reader rather than ending it
+/// (this kernel stops a reader at once, its signal not left pending; one that left it
+/// pending until the read returns must not end the wait either): neither ends the reader.
 pub fn fatal_signal_pending(tid: u32) -> bool {
     // The kernel sends pid 0 for a caller outside the mount's pid namespace (a pipeline in a
     // container): it cannot be looked up, which is not the same as gone.

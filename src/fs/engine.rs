@@ -390,11 +390,16 @@ impl BufPool {
         self.wipes.load(Ordering::SeqCst)
     }
 
-    /// [`BufPool::give`], wiping `v` first if the pool was wiped since `mark`: it was out
-    /// then, and what it holds may belong to a consent that has ended.
+    /// [`BufPool::give`], wiping `v` first also if the pool was wiped since `mark`: it was
+    /// out then, and what it holds may belong to a consent that has ended. That check is
+    /// made under the lock, so no `wipe_all` falls between it and the push.
     fn give_since(&self, mut v: Vec<u8>, mark: u64) {
+        if self.wipe {
+            wipe(&mut v);
+            v.clear();
+        }
         let mut bufs = self.bufs.lock().expect("buffer pool");
-        if self.wipe || self.wipes.load(Ordering::SeqCst) != mark {
+        if !self.wipe && self.wipes.load(Ordering::SeqCst) != mark {
             wipe(&mut v);
             v.clear();
         }
@@ -412,15 +417,8 @@ impl BufPool {
     }
 
     /// Keep `v` for reuse (wiped first when the pool wipes), or free it when the pool is full.
-    fn give(&self, mut v: Vec<u8>) {
-        if self.wipe {
-            wipe(&mut v);
-            v.clear();
-        }
-        let mut bufs = self.bufs.lock().expect("buffer pool");
-        if bufs.len() < self.max {
-            bufs.push(v);
-        }
+    fn give(&self, v: Vec<u8>) {
+        self.give_since(v, self.mark());
     }
 }
 
@@ -567,9 +565,7 @@ impl Engine {
                             label(&rec)
                         );
                     }
-                    let (n, done) = &engine.discarding;
-                    *n.lock().expect("discarding") -= 1;
-                    done.notify_all();
+                    engine.discarded();
                 }
             })
             .expect("spawn discard thread");
@@ -825,9 +821,15 @@ impl Engine {
         if let Err(mpsc::SendError(rec)) = self.discards.lock().expect("discards").send(rec) {
             // The discarder is gone (it ends only with the engine): delete here.
             self.discard(&rec);
-            *self.discarding.0.lock().expect("discarding") -= 1;
-            self.discarding.1.notify_all();
+            self.discarded();
         }
+    }
+
+    /// One version queued by [`Engine::discard_later`] is done with.
+    fn discarded(&self) {
+        let (n, done) = &self.discarding;
+        *n.lock().expect("discarding") -= 1;
+        done.notify_all();
     }
 
     /// Wait until the shares of every version retired so far are deleted (or failed to be,

@@ -228,18 +228,12 @@ enum Handle {
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// A directory's entries as one READDIR lists them: (number, type, name), entry i at offset
-/// i + 1.
-type Entries = Arc<Vec<(u64, FileType, String)>>;
-
-/// An open directory's listing. It is made at the directory's first READDIR and made again
-/// at each READDIR from offset 0 (a rewind), so that a directory read in many READDIR calls
-/// (a page of names each) costs one catalog scan, and its offsets stay put while names come
-/// and go. Its numbers stay pinned in the inode table until it is made again or closed.
-#[derive(Default)]
-struct Listing {
-    entries: Option<Entries>,
-}
+/// An open directory's listing: (number, type, name), entry i at offset i + 1. It is made
+/// at the directory's first READDIR and made again at each READDIR from offset 0 (a rewind),
+/// so that a directory read in many READDIR calls (a page of names each) costs one catalog
+/// scan, and its offsets stay put while names come and go. Its numbers stay pinned in the
+/// inode table until it is made again or closed.
+type Listing = Arc<Vec<(u64, FileType, String)>>;
 
 /// Most opens and reads waiting for consent on threads of their own at once.
 const MAX_WAITERS: usize = 1024;
@@ -448,8 +442,8 @@ pub struct QgenomeFs {
     engine: Arc<Engine>,
     inodes: Arc<Mutex<Inodes>>,
     handles: Arc<Mutex<HashMap<u64, Handle>>>,
-    /// Open directories, by handle.
-    dirs: Mutex<HashMap<u64, Listing>>,
+    /// Open directories, by handle, with their listing once made.
+    dirs: Mutex<HashMap<u64, Option<Listing>>>,
     /// Open writers by (patient, name), so the file shows up while it is written.
     writing: Writers,
     next_fh: AtomicU64,
@@ -1484,10 +1478,7 @@ impl Filesystem for QgenomeFs {
             None => reply.error(Errno::ENOENT),
             Some(_) => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-                self.dirs
-                    .lock()
-                    .expect("dirs")
-                    .insert(fh, Listing::default());
+                self.dirs.lock().expect("dirs").insert(fh, None);
                 reply.opened(FileHandle(fh), FopenFlags::empty());
             }
         }
@@ -1502,9 +1493,7 @@ impl Filesystem for QgenomeFs {
         mut reply: ReplyDirectory,
     ) {
         let made = match self.dirs.lock().expect("dirs").get(&fh.0) {
-            Some(Listing {
-                entries: Some(entries),
-            }) if offset > 0 => Some(entries.clone()),
+            Some(Some(entries)) if offset > 0 => Some(entries.clone()),
             _ => None,
         };
         let entries = match made {
@@ -1515,7 +1504,7 @@ impl Filesystem for QgenomeFs {
                     Err(e) => return reply.error(e),
                 };
                 let old = match self.dirs.lock().expect("dirs").get_mut(&fh.0) {
-                    Some(l) => l.entries.replace(entries.clone()),
+                    Some(made) => made.replace(entries.clone()),
                     // Not opened through `opendir`: nothing holds the listing.
                     None => Some(entries.clone()),
                 };
@@ -1542,7 +1531,7 @@ impl Filesystem for QgenomeFs {
         reply: ReplyEmpty,
     ) {
         let listing = self.dirs.lock().expect("dirs").remove(&fh.0);
-        if let Some(entries) = listing.and_then(|l| l.entries) {
+        if let Some(entries) = listing.flatten() {
             self.unpin(&entries);
         }
         reply.ok();

@@ -553,15 +553,6 @@ impl RangeSet {
         self.map.iter().map(|(&s, &e)| s..e)
     }
 
-    /// Ranges held (gaps between them, and one more).
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
     /// Fill the lowest gaps until at most `max` ranges are left: the key in them then counts
     /// as used. Each gap is key a sender used for a frame the receiver never accepted (a
     /// connection cut mid-frame, a refused frame); filled, a late frame there is refused as a

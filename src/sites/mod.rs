@@ -166,6 +166,14 @@ pub struct MemSite {
     capacity: std::sync::atomic::AtomicUsize,
 }
 
+/// Sleep for the milliseconds `ms` holds, if any (a [`MemSite`]'s slowness).
+fn pause(ms: &std::sync::atomic::AtomicU64) {
+    let ms = ms.load(Ordering::SeqCst);
+    if ms > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
 impl std::fmt::Debug for MemSite {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemSite")
@@ -241,10 +249,7 @@ impl ShareSite for MemSite {
 
     fn put(&self, key: &ShareKey, meta: &ShareMeta, data: &[u8]) -> Result<(), SiteError> {
         self.up()?;
-        let delay = self.put_delay_ms.load(Ordering::SeqCst);
-        if delay > 0 {
-            std::thread::sleep(std::time::Duration::from_millis(delay));
-        }
+        pause(&self.put_delay_ms);
         let mut shares = self.shares.lock().expect("memsite");
         let cap = self.capacity.load(Ordering::SeqCst);
         if cap > 0 && shares.len() >= cap && !shares.contains_key(key) {
@@ -288,10 +293,7 @@ impl ShareSite for MemSite {
 
     fn delete(&self, key: &ShareKey) -> Result<(), SiteError> {
         self.up()?;
-        let delay = self.delete_delay_ms.load(Ordering::SeqCst);
-        if delay > 0 {
-            std::thread::sleep(std::time::Duration::from_millis(delay));
-        }
+        pause(&self.delete_delay_ms);
         self.shares.lock().expect("memsite").remove(key);
         Ok(())
     }
