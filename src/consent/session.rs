@@ -109,6 +109,11 @@ pub struct ConsentRegistry {
     /// taken inside `grants`' lock, never the other way round.
     serving: Mutex<HashMap<(String, u64), usize>>,
     served: Condvar,
+    /// Ends under way (waiting for replies, then wiping), per patient; taken inside
+    /// `grants`' lock, so that an end finding no grant sees the end that took it.
+    ending: Mutex<HashMap<String, usize>>,
+    /// Signalled when an end under way has wiped.
+    wiped: Condvar,
     /// The next session's number.
     next_id: std::sync::atomic::AtomicU64,
 }
@@ -116,6 +121,10 @@ pub struct ConsentRegistry {
 /// How long the end of a session waits for the replies under way of its patient before it
 /// wipes the caches all the same (a reply is a copy into the kernel: microseconds).
 pub const SERVE_WAIT: Duration = Duration::from_secs(5);
+
+/// How long an end that finds the session already ending waits for that end's wipe: its
+/// wait for replies ([`SERVE_WAIT`]) and the wipe hooks (page-cache drops wait up to 2 s).
+pub const END_WAIT: Duration = Duration::from_secs(15);
 
 /// A reply of `patient`'s plaintext under way: while one is held, the end of the patient's
 /// session waits (see [`ConsentRegistry::serving`]).
@@ -162,6 +171,8 @@ impl ConsentRegistry {
             audit,
             serving: Mutex::new(HashMap::new()),
             served: Condvar::new(),
+            ending: Mutex::new(HashMap::new()),
+            wiped: Condvar::new(),
             next_id: std::sync::atomic::AtomicU64::new(0),
         });
         // Expire sessions on time even when nobody is reading, so cached plaintext is wiped.
@@ -258,16 +269,66 @@ impl ConsentRegistry {
     }
 
     /// End a session (revoke, card removed). Returns whether one was active. Returns once
-    /// the replies begun under it are done and the caches wiped.
+    /// the replies begun under it are done and the caches wiped; when another end of the
+    /// patient's session (an expiry, the card pulled) is under way, once that one has wiped.
     pub fn end(&self, patient: &str, reason: &str) -> bool {
-        let ended = self.grants.lock().expect("grants").remove(patient);
-        if let Some(g) = &ended {
-            self.audit
-                .record("consent-end", Some(patient), None, reason);
-            self.wait_served(patient, g.id);
-            self.run_hooks(patient);
+        let ended = {
+            let mut grants = self.grants.lock().expect("grants");
+            let ended = grants.remove(patient);
+            if ended.is_some() {
+                self.begin_end(patient);
+            }
+            ended
+        };
+        match &ended {
+            Some(g) => {
+                self.audit
+                    .record("consent-end", Some(patient), None, reason);
+                self.finish_end(patient, g.id);
+            }
+            None => self.wait_ends(patient),
         }
         ended.is_some()
+    }
+
+    /// Mark an end of `patient`'s session under way (called inside `grants`' lock).
+    fn begin_end(&self, patient: &str) {
+        *self
+            .ending
+            .lock()
+            .expect("ending")
+            .entry(patient.to_string())
+            .or_default() += 1;
+    }
+
+    /// Wait for the replies under way of the session `id` that ended, wipe, and mark the end
+    /// done.
+    fn finish_end(&self, patient: &str, id: u64) {
+        self.wait_served(patient, id);
+        self.run_hooks(patient);
+        let mut ending = self.ending.lock().expect("ending");
+        if let Some(n) = ending.get_mut(patient) {
+            *n -= 1;
+            if *n == 0 {
+                ending.remove(patient);
+            }
+        }
+        self.wiped.notify_all();
+    }
+
+    /// Wait until no end of `patient`'s session is under way (up to [`END_WAIT`]).
+    fn wait_ends(&self, patient: &str) {
+        let ending = self.ending.lock().expect("ending");
+        let (ending, waited) = self
+            .wiped
+            .wait_timeout_while(ending, END_WAIT, |e| e.contains_key(patient))
+            .expect("ending");
+        drop(ending);
+        if waited.timed_out() {
+            tracing::warn!(
+                "patient {patient}: the end of the session under way has not wiped the caches after {END_WAIT:?}"
+            );
+        }
     }
 
     pub fn list(&self) -> Vec<GrantInfo> {
@@ -317,13 +378,13 @@ impl ConsentRegistry {
                 .collect();
             for (p, _) in &gone {
                 grants.remove(p);
+                self.begin_end(p);
             }
             gone
         };
         for (p, id) in expired {
             self.audit.record("consent-expired", Some(&p), None, "");
-            self.wait_served(&p, id);
-            self.run_hooks(&p);
+            self.finish_end(&p, id);
         }
     }
 
@@ -498,6 +559,44 @@ mod tests {
         );
         assert!(wiped.load(std::sync::atomic::Ordering::SeqCst));
         drop(next);
+    }
+
+    #[test]
+    fn a_second_end_returns_only_once_the_first_has_wiped() {
+        let reg = ConsentRegistry::new(Arc::new(MemAudit::default()));
+        reg.grant("P1", None, "card");
+        let wiped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let w = wiped.clone();
+        reg.on_end(move |_| w.store(true, std::sync::atomic::Ordering::SeqCst));
+        let reply = reg.serving("P1").expect("active");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let r1 = reg.clone();
+        let t1 = tx.clone();
+        std::thread::spawn(move || t1.send(("card", r1.end("P1", "card removed"))).unwrap());
+        // The card's end has taken the grant and waits for the reply.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while reg.is_active("P1") {
+            assert!(Instant::now() < deadline, "the first end never began");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let r2 = reg.clone();
+        std::thread::spawn(move || {
+            tx.send(("admin", r2.end("P1", "revoked by admin")))
+                .unwrap()
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "an end returned before the caches were wiped"
+        );
+        assert!(!wiped.load(std::sync::atomic::Ordering::SeqCst));
+        drop(reply);
+        let mut got = [
+            rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+            rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+        ];
+        got.sort();
+        assert_eq!(got, [("admin", false), ("card", true)], "one session ended");
+        assert!(wiped.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     /// The reader's own check runs without the lock: a close, then a grant, that come

@@ -527,8 +527,9 @@ pub fn drop_cached_pages_at_consent_end(
 const INVALIDATE_WAIT: Duration = Duration::from_secs(2);
 
 /// Run `job` on a thread of its own named `thread`, counted in `count`; the job back if
-/// `limit` such threads already run (the caller then runs it itself). `what` names the job
-/// in the log.
+/// `limit` such threads already run or no thread can be made (the caller then runs it
+/// itself: a job dropped unrun would leave its handle, reader count or writer behind, with
+/// the kernel told EIO). `what` names the job in the log.
 fn run_apart(
     count: &Arc<AtomicUsize>,
     limit: usize,
@@ -541,30 +542,53 @@ fn run_apart(
         return Err(job);
     }
     let running = count.clone();
-    let spawned = std::thread::Builder::new()
-        .name(thread.into())
-        .spawn(move || {
+    let counted: Job = Box::new(move || {
+        job();
+        running.fetch_sub(1, Ordering::SeqCst);
+    });
+    spawn_or_return(std::thread::Builder::new().name(thread.into()), counted).map_err(
+        |(counted, e)| {
+            tracing::error!("{what}: no thread of its own ({e}); it runs on the caller's");
+            // Counted out by running it, wherever that is.
+            counted
+        },
+    )
+}
+
+/// Spawn `job` with `builder`, or give it back with the error if no thread can be made (a
+/// failed spawn drops its closure, so the job waits in a slot it can be taken back from).
+fn spawn_or_return(builder: std::thread::Builder, job: Job) -> Result<(), (Job, std::io::Error)> {
+    let slot = Arc::new(Mutex::new(Some(job)));
+    let theirs = slot.clone();
+    let spawned = builder.spawn(move || {
+        let job = theirs.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(job) = job {
             job();
-            running.fetch_sub(1, Ordering::SeqCst);
-        });
-    if let Err(e) = spawned {
-        // The job (and its reply) went with the failed spawn: fuser answers a dropped reply
-        // with EIO.
-        count.fetch_sub(1, Ordering::SeqCst);
-        tracing::error!("{what}: no thread to run it on: {e}");
+        }
+    });
+    match spawned {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let job = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+            Err((
+                job.expect("a job whose thread never started is still in its slot"),
+                e,
+            ))
+        }
     }
-    Ok(())
 }
 
 /// Run `job` on a thread of its own, to wait for `patient`'s consent there; the job back if
-/// [`MAX_WAITERS`] already wait (the caller then runs it on the pool).
+/// [`MAX_WAITERS`] already wait or no thread can be made (the caller then runs it on the
+/// pool).
 fn wait_apart(waiters: &Arc<AtomicUsize>, patient: &str, job: Job) -> Result<(), Job> {
-    let what = format!("patient {patient}'s wait for consent");
-    run_apart(waiters, MAX_WAITERS, "fs-consent-wait", &what, job).inspect_err(|_| {
+    if waiters.load(Ordering::SeqCst) >= MAX_WAITERS {
         tracing::warn!(
             "{MAX_WAITERS} requests already wait for consent; patient {patient}'s waits on the worker pool"
-        )
-    })
+        );
+    }
+    let what = format!("patient {patient}'s wait for consent");
+    run_apart(waiters, MAX_WAITERS, "fs-consent-wait", &what, job)
 }
 
 fn errno(e: &EngineError) -> Errno {
@@ -1641,6 +1665,54 @@ mod tests {
 
     fn file(n: &str) -> Node {
         Node::File("p".into(), n.into())
+    }
+
+    #[test]
+    fn a_job_whose_thread_cannot_be_made_comes_back_to_run_on_the_callers() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let ran = Arc::new(AtomicUsize::new(0));
+        let job = |ran: &Arc<AtomicUsize>| -> Job {
+            let ran = ran.clone();
+            Box::new(move || {
+                ran.fetch_add(1, Ordering::SeqCst);
+            })
+        };
+        // No thread gets a stack of 2^62 bytes.
+        let huge = std::thread::Builder::new().stack_size(1 << 62);
+        let (back, e) = spawn_or_return(huge, job(&ran)).expect_err("no such stack");
+        assert!(!e.to_string().is_empty());
+        assert_eq!(ran.load(Ordering::SeqCst), 0, "not run yet");
+        back();
+        assert_eq!(ran.load(Ordering::SeqCst), 1, "the job came back whole");
+        // The normal way: run apart, counted while it runs.
+        let (tx, rx) = mpsc::channel::<()>();
+        let (go, wait) = mpsc::channel::<()>();
+        let r = ran.clone();
+        let held: Job = Box::new(move || {
+            let _ = wait.recv();
+            r.fetch_add(1, Ordering::SeqCst);
+            let _ = tx.send(());
+        });
+        assert!(run_apart(&count, 1, "t", "test", held).is_ok());
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        let refused = run_apart(&count, 1, "t", "test", job(&ran)).expect_err("at the limit");
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            1,
+            "a refused job is not counted"
+        );
+        refused();
+        go.send(()).unwrap();
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while count.load(Ordering::SeqCst) != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the count went back to 0"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(ran.load(Ordering::SeqCst), 3);
     }
 
     #[test]
