@@ -136,6 +136,23 @@ impl End {
     }
 }
 
+/// Hand used key `r` to the pool's destruction. A failure (this range's, or one the
+/// destroyer met earlier and reports now) does not fail the frame that used it: the range
+/// counts as used whatever happens, the pool keeps every range it failed on, and its next
+/// sync, which every new window's reservation waits for, destroys them or stops the stream
+/// with the error.
+fn destroy_used(key: &dyn KeySource, r: Range<u64>) {
+    if let Err(e) = key.destroy(r.clone()) {
+        tracing::warn!(
+            "link {}: destroying used key {}..{} of {}: {e}; retried before the next window is reserved",
+            key.info().link,
+            r.start,
+            r.end,
+            key.location().display()
+        );
+    }
+}
+
 fn seal_error(key: &dyn KeySource, e: SealError<KeyError>, offset: u64) -> LinkError {
     match e {
         SealError::Key(k) => k.into(),
@@ -362,8 +379,11 @@ impl SendStream {
         }
         let offset = offset.min(self.end.key.len());
         self.end.cover(offset)?;
-        self.end.key.destroy(self.next..offset)?;
+        // Skipped from here on, whatever the destruction gives: a pad must never be read
+        // from key handed to the destroyer (a punched pad reads as zeros).
+        let skipped = self.next..offset;
         self.next = offset;
+        destroy_used(self.end.key.as_ref(), skipped);
         Ok(())
     }
 
@@ -427,9 +447,8 @@ impl FrameGrant {
     fn used(mut self, sealed: Result<(), SealError<KeyError>>) -> Result<SealedFrame, LinkError> {
         self.spent = true;
         let range = self.range.clone();
-        let destroyed = self.key.destroy(range.clone());
+        destroy_used(self.key.as_ref(), range.clone());
         sealed.map_err(|e| seal_error(self.key.as_ref(), e, range.start))?;
-        destroyed?;
         Ok(SealedFrame { key_range: range })
     }
 
@@ -733,9 +752,9 @@ impl RecvStream {
         self.end.cover(range.end)?;
         self.consumed.insert(range.clone());
         for gap in self.consumed.fill_lowest_gaps(MAX_CONSUMED_RANGES) {
-            self.end.key.destroy(gap)?;
+            destroy_used(self.end.key.as_ref(), gap);
         }
-        self.end.key.destroy(range.clone())?;
+        destroy_used(self.end.key.as_ref(), range.clone());
         Ok(SealedFrame { key_range: range })
     }
 
@@ -973,6 +992,67 @@ mod tests {
             self.1.destroyed.lock().unwrap().push(r.clone());
             self.0.destroy(r)
         }
+    }
+
+    /// A key source whose destroys are carried out but answer with an error, as a pool's
+    /// do when its destroyer failed on an earlier range (once armed).
+    struct LateFailure(MemKeySource, Arc<std::sync::atomic::AtomicBool>);
+    impl KeySource for LateFailure {
+        fn info(&self) -> &crate::keys::StreamInfo {
+            self.0.info()
+        }
+        fn location(&self) -> &Path {
+            self.0.location()
+        }
+        fn read_at(&self, o: u64, b: &mut [u8]) -> Result<(), KeyError> {
+            self.0.read_at(o, b)
+        }
+        fn destroy(&self, r: Range<u64>) -> Result<crate::keys::Destroyed, KeyError> {
+            let done = self.0.destroy(r)?;
+            if !self.1.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(done);
+            }
+            Err(KeyError::Io {
+                link: "t".into(),
+                op: "punch used key",
+                path: "<pool>".into(),
+                source: std::io::Error::from_raw_os_error(libc::EIO),
+            })
+        }
+    }
+
+    #[test]
+    fn an_earlier_destruction_failure_neither_rewinds_a_skip_nor_loses_a_frame() {
+        let (a, b) = MemKeySource::pair("t", Direction::AtoB, 100_000);
+        let opts = StreamOptions { window: 4096 };
+        let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut tx = SendStream::with_parts(
+            Box::new(LateFailure(a, armed.clone())),
+            Box::new(MemLedger::new("a")),
+            opts.clone(),
+        )
+        .unwrap();
+        let mut rx = RecvStream::with_parts(
+            Box::new(LateFailure(b, armed.clone())),
+            Box::new(MemLedger::new("b")),
+            opts,
+        )
+        .unwrap();
+        armed.store(true, std::sync::atomic::Ordering::SeqCst);
+        tx.skip_to(500)
+            .expect("the skip stands whatever the destroyer reports");
+        assert_eq!(tx.next_offset(), 500, "no pad comes from the skipped key");
+        let mut frame = Vec::new();
+        let sealed = tx.seal(b"a share", &mut frame).expect("sealed");
+        assert!(sealed.key_range.start >= 500, "{:?}", sealed.key_range);
+        let mut out = Vec::new();
+        rx.open(&frame, &mut out)
+            .expect("an authentic frame is accepted");
+        assert_eq!(out, b"a share");
+        assert!(
+            rx.open(&frame, &mut out).is_err(),
+            "its key counts as used all the same"
+        );
     }
 
     #[test]
