@@ -1238,7 +1238,8 @@ struct StagedPut {
 /// The reply to a request that ran as `r`: store errors become error replies (logged).
 fn answer(id: u64, what: &str, r: Result<Reply, StoreError>, peer: &str, via: &str) -> Reply {
     r.unwrap_or_else(|e| {
-        tracing::debug!("{via} peer {peer}: {what} failed: {e}");
+        // A missing share is an answer, not a fault; a failing volume or index must show
+        // in the site's own log at the default level.
         let code = match &e {
             StoreError::NotFound { .. } => ErrorCode::NotFound,
             StoreError::Damaged { .. } => ErrorCode::Damaged,
@@ -1246,6 +1247,11 @@ fn answer(id: u64, what: &str, r: Result<Reply, StoreError>, peer: &str, via: &s
             StoreError::InvalidShare { .. } => ErrorCode::BadRequest,
             _ => ErrorCode::Internal,
         };
+        match code {
+            ErrorCode::NotFound => tracing::debug!("{via} peer {peer}: {what} failed: {e}"),
+            ErrorCode::Internal => tracing::error!("{via} peer {peer}: {what} failed: {e}"),
+            _ => tracing::warn!("{via} peer {peer}: {what} failed: {e}"),
+        }
         Reply::plain(Msg {
             id,
             body: error_body(code, 0, &e.to_string()),

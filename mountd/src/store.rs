@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
 
 use nix::fcntl::{Flock, FlockArg};
+use qgenome::catalog::durable::SledSync;
 
 use crate::alloc::{AllocError, Allocator};
 use crate::layout::{
@@ -40,8 +41,12 @@ const META_INDEX_TAG: &[u8] = b"index_tag";
 pub enum StoreError {
     #[error(transparent)]
     Volume(#[from] VolumeError),
-    #[error("volume {path}: no valid superblock ({source}); format it first")]
+    #[error("volume {path}: no superblock ({source}); format it first")]
     NoSuperblock { path: PathBuf, source: LayoutError },
+    /// A superblock is there but cannot be used: damaged, of another format version, or
+    /// for another sector size. Its shares may all be intact.
+    #[error("volume {path}: its superblock cannot be used ({source}); the shares after it may be intact: do not format it unless they are to be discarded")]
+    BadSuperblock { path: PathBuf, source: LayoutError },
     #[error("volume {path}: cannot format: {source}")]
     Format { path: PathBuf, source: LayoutError },
     #[error("volume {path}: superblock says {volume_len} bytes but the device has {device_len}")]
@@ -289,6 +294,8 @@ pub struct Store<D: BlockDevice> {
     sb: Superblock,
     dir: PathBuf,
     db: sled::Db,
+    /// Makes `db`'s flushes durable (sled's own are not).
+    sync: SledSync,
     shares: sled::Tree,
     meta: sled::Tree,
     /// Replaced extents whose header may still be on the volume: extent offset (big-endian) ->
@@ -331,9 +338,15 @@ fn now_secs() -> u64 {
 pub fn read_superblock<D: BlockDevice>(dev: &D) -> Result<Superblock, StoreError> {
     let len = (dev.alignment().step() as usize).max(4096);
     let buf = dev.read_at(dev.alloc_buf(len), 0)?;
-    let sb = Superblock::decode(buf.as_slice()).map_err(|source| StoreError::NoSuperblock {
-        path: dev.path().to_path_buf(),
-        source,
+    let sb = Superblock::decode(buf.as_slice()).map_err(|source| match source {
+        LayoutError::BadMagic { .. } => StoreError::NoSuperblock {
+            path: dev.path().to_path_buf(),
+            source,
+        },
+        source => StoreError::BadSuperblock {
+            path: dev.path().to_path_buf(),
+            source,
+        },
     })?;
     if sb.volume_len > dev.size() {
         return Err(StoreError::DeviceShrank {
@@ -343,7 +356,7 @@ pub fn read_superblock<D: BlockDevice>(dev: &D) -> Result<Superblock, StoreError
         });
     }
     if sb.block_size % dev.alignment().offset != 0 {
-        return Err(StoreError::NoSuperblock {
+        return Err(StoreError::BadSuperblock {
             path: dev.path().to_path_buf(),
             source: LayoutError::Invalid {
                 field: "block size",
@@ -542,6 +555,7 @@ impl<D: BlockDevice> Store<D> {
                 .cache_capacity(opts.index_cache_bytes),
         )
         .map_err(ix)?;
+        let sync = SledSync::open(&dir.join("index")).map_err(|e| ix(sled::Error::Io(e)))?;
         let shares = db.open_tree("shares").map_err(ix)?;
         let meta = db.open_tree("meta").map_err(ix)?;
         let retiring = db.open_tree("retiring").map_err(ix)?;
@@ -608,6 +622,20 @@ impl<D: BlockDevice> Store<D> {
                 dir: dir.clone(),
                 reason: format!("entry of {key}: {e}"),
             })?;
+            // Reads size their buffers from share_len: a damaged one must stop here, not
+            // make a GET allocate whatever it says.
+            if e.share_len == 0
+                || e.share_len > sb.volume_len
+                || sb.extent_len(e.share_len) != e.extent_len
+            {
+                return Err(StoreError::CorruptIndex {
+                    dir: dir.clone(),
+                    reason: format!(
+                        "entry of {key}: a share of {} bytes does not fill an extent of {}",
+                        e.share_len, e.extent_len
+                    ),
+                });
+            }
             live.push((e.offset, e.extent_len));
         }
         let alloc =
@@ -635,7 +663,7 @@ impl<D: BlockDevice> Store<D> {
         if finished > 0 {
             tracing::info!(site = %sb.site, finished, "finished tombstones of replaced shares interrupted by a crash");
         }
-        db.flush().map_err(ix)?;
+        sync.flush(&db).map_err(ix)?;
         let has_shares = !shares.is_empty();
         let store = Self {
             _state_lock: state_lock,
@@ -646,6 +674,7 @@ impl<D: BlockDevice> Store<D> {
             sb,
             dir,
             db,
+            sync,
             shares,
             meta,
             retiring,
@@ -720,7 +749,7 @@ impl<D: BlockDevice> Store<D> {
             self.meta
                 .insert(META_GEN_RESERVED, &reserved.to_le_bytes())
                 .map_err(|e| self.ix(e))?;
-            self.db.flush().map_err(|e| self.ix(e))?;
+            self.sync.flush(&self.db).map_err(|e| self.ix(e))?;
             g.reserved = reserved;
         }
         g.next += 1;
@@ -734,7 +763,7 @@ impl<D: BlockDevice> Store<D> {
             return Ok(());
         }
         let target = self.applied.load(Ordering::SeqCst);
-        self.db.flush().map_err(|e| self.ix(e))?;
+        self.sync.flush(&self.db).map_err(|e| self.ix(e))?;
         *flushed = target;
         Ok(())
     }
@@ -1074,7 +1103,7 @@ impl<D: BlockDevice> Store<D> {
 
     /// Flushes the index (every earlier commit already is; this is for an orderly stop).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush().map_err(|e| self.ix(e))?;
+        self.sync.flush(&self.db).map_err(|e| self.ix(e))?;
         Ok(())
     }
 
@@ -1138,13 +1167,14 @@ impl<D: BlockDevice> Store<D> {
         // Never beside a daemon still committing into the index moved aside below.
         let _state_lock = lock_state_dir(&dir)?;
         let mut report = RebuildReport::default();
+        // The scan first: one that fails (an unreadable block, say) leaves the index in place.
+        let (found, superseded) = scan(dev, &sb, &mut report)?;
         let index = dir.join("index");
         if index.exists() {
             let aside = dir.join(format!("index.old-{}", now_secs()));
             std::fs::rename(&index, &aside).map_err(io)?;
             report.old_index = Some(aside);
         }
-        let (found, superseded) = scan(dev, &sb, &mut report)?;
         // An older generation left on the volume (its replace's tombstone lost with the old
         // index) would come back in the next rebuild once its key is deleted: tombstone it.
         for &offset in &superseded {
@@ -1156,6 +1186,7 @@ impl<D: BlockDevice> Store<D> {
             source,
         };
         let db = open_index(sled::Config::new().path(&index)).map_err(ix)?;
+        let sync = SledSync::open(&index).map_err(|e| ix(sled::Error::Io(e)))?;
         let shares = db.open_tree("shares").map_err(ix)?;
         let meta = db.open_tree("meta").map_err(ix)?;
         let mut max_gen = 0;
@@ -1172,7 +1203,7 @@ impl<D: BlockDevice> Store<D> {
         let tag = new_index_tag().map_err(io)?;
         meta.insert(META_INDEX_TAG, &tag.to_le_bytes())
             .map_err(ix)?;
-        db.flush().map_err(ix)?;
+        sync.flush(&db).map_err(ix)?;
         write_superblock(
             dev,
             &Superblock {

@@ -1,6 +1,7 @@
 //! The command line: format creates a volume, scrub finds a byte changed behind the store's back.
 
 use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::process::Command;
 
 use qgenome_mountd::bench::{pattern, run_key, RUN_META};
@@ -34,6 +35,33 @@ fn format_then_scrub_detects_a_changed_byte_by_file_and_chunk() {
         .unwrap();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    // Nor does it take a damaged superblock for none: one byte of it changed (its site
+    // name), with the index gone, is still refused without --force.
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&vol).unwrap();
+        let sb = std::fs::read(&vol).unwrap()[..4096].to_vec();
+        let at = sb.windows(7).position(|w| w == b"osaka-2").unwrap();
+        f.write_all_at(b"O", at as u64).unwrap();
+    }
+    let index = dir.path().join("site.vol.state").join("index");
+    std::fs::rename(&index, dir.path().join("index.kept")).unwrap();
+    let damaged = mountd()
+        .args(["format", "--site", "x", "--volume"])
+        .arg(&vol)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&damaged.stderr);
+    assert!(
+        !damaged.status.success() && err.contains("checksum") && err.contains("--force"),
+        "a damaged superblock was formatted over: {err}"
+    );
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&vol).unwrap();
+        let sb = std::fs::read(&vol).unwrap()[..4096].to_vec();
+        let at = sb.windows(7).position(|w| w == b"Osaka-2").unwrap();
+        f.write_all_at(b"o", at as u64).unwrap();
+    }
+    std::fs::rename(dir.path().join("index.kept"), &index).unwrap();
 
     let state = dir.path().join("site.vol.state");
     let file_id = *b"patient-P0001-r1";

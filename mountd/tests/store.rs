@@ -1,7 +1,7 @@
 //! The store on the in-memory volume: round trips, replace, delete, full volume, torn writes,
 //! tampering, restart and index rebuild.
 
-use qgenome_mountd::layout::{ShareKey, ShareMeta};
+use qgenome_mountd::layout::{IndexEntry, ShareKey, ShareMeta};
 
 const META: ShareMeta = ShareMeta {
     k: 2,
@@ -630,4 +630,38 @@ fn a_rebuild_tombstones_the_older_generations_it_finds() {
     assert_eq!((shares, superseded), (2, 1));
     assert_eq!(s.get(&k).unwrap().bytes(), &share_bytes(2, &k, 30_000)[..]);
     delete_and_rebuild(s, k, other, dir.path());
+}
+
+/// An index entry whose share length does not fit its extent (a damaged index) stops the
+/// open, naming the share, instead of sizing a later read by it.
+#[test]
+fn an_index_entry_whose_length_does_not_fit_its_extent_is_refused_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(fresh(16 << 20), dir.path(), StoreOptions::default()).unwrap();
+    let k = key(9, 0, 1);
+    s.put(k, META, &share_bytes(9, &k, 5000)).unwrap();
+    let image = s.device().image();
+    drop(s);
+    {
+        let db = sled::open(dir.path().join("index")).unwrap();
+        let shares = db.open_tree("shares").unwrap();
+        let mut e = IndexEntry::decode(&shares.get(k.encode()).unwrap().unwrap()).unwrap();
+        e.share_len = 1 << 40;
+        shares.insert(k.encode(), &e.encode()[..]).unwrap();
+        db.flush().unwrap();
+    }
+    let e = Store::open(
+        MemVolume::from_image("mem-vol", image, A),
+        dir.path(),
+        StoreOptions::default(),
+    )
+    .err()
+    .expect("a damaged entry");
+    let msg = e.to_string();
+    assert!(
+        matches!(e, StoreError::CorruptIndex { .. })
+            && msg.contains(&k.to_string())
+            && msg.contains("1099511627776"),
+        "{msg}"
+    );
 }

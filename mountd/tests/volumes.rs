@@ -9,7 +9,7 @@ use qgenome_mountd::bench::pattern;
 use qgenome_mountd::layout::{ShareKey, ShareMeta};
 use qgenome_mountd::store::{FormatOptions, Store, StoreOptions};
 use qgenome_mountd::volume::{
-    create_file_volume, BlockDevice, UringOptions, UringVolume, VolumeKind,
+    create_file_volume, BlockDevice, UringOptions, UringVolume, VolumeError, VolumeKind,
 };
 
 const META: ShareMeta = ShareMeta {
@@ -127,4 +127,90 @@ fn many_shares_round_trip_on_a_loop_block_device() {
         150,
         VolumeKind::BlockDevice,
     );
+}
+
+/// A tmpfs of `size` mounted on a directory of its own, unmounted on drop.
+struct SmallTmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallTmpfs {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "qgenome-test"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(ok.success(), "mount -t tmpfs on {}", dir.path().display());
+        Self { dir }
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// A durable write that fails (here: the loop device's backing file cannot grow on a full
+/// tmpfs, so the device answers the write with an error) stops every later durable write of
+/// the volume, even where the device could take it, until the volume is opened again: after
+/// a failed write or flush, what was written since the last good flush may not be on the
+/// disk, and a later flush that succeeds does not say it is.
+#[test]
+fn after_a_failed_durable_write_the_volume_refuses_durable_writes_until_reopened() {
+    let fs = SmallTmpfs::mount("3m");
+    let backing = fs.dir.path().join("backing");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let lo = LoopDevice::attach(&backing);
+    let open = || UringVolume::open(&lo.dev, &UringOptions::default()).unwrap();
+    let v = open();
+    assert_eq!(v.kind(), VolumeKind::BlockDevice);
+    let write = |v: &UringVolume, seed: u64, at: u64, durable: bool| {
+        let mut b = v.alloc_buf(1 << 20);
+        pattern(seed, &key(at), b.as_mut_slice());
+        v.write_at(b, at << 20, durable)
+    };
+    let mut first_failure = None;
+    for at in 0..16u64 {
+        if let Err(e) = write(&v, 1, at, true) {
+            first_failure = Some((at, e));
+            break;
+        }
+    }
+    let (failed_at, e) = first_failure.expect("a 3 MiB tmpfs cannot back 16 MiB of writes");
+    assert!(failed_at >= 1, "the first MiB fits");
+    assert!(
+        matches!(e, VolumeError::Io { .. }),
+        "the failure itself is reported as it is: {e}"
+    );
+    // Block 0 is backed already: the device would take this write; the volume must not.
+    let e = write(&v, 2, 0, true).expect_err("a durable write after the failure");
+    let msg = e.to_string();
+    assert!(
+        matches!(e, VolumeError::DurabilityLost { .. })
+            && msg.contains(&lo.dev.display().to_string())
+            && msg.contains("refused until the daemon restarts"),
+        "{msg}"
+    );
+    let mut want = vec![0u8; 1 << 20];
+    pattern(1, &key(0), &mut want);
+    let got = v.read_at(v.alloc_buf(1 << 20), 0).expect("reads go on");
+    assert!(
+        got.as_slice() == &want[..],
+        "block 0 still holds what was acknowledged"
+    );
+    assert!(
+        matches!(v.sync(), Err(VolumeError::DurabilityLost { .. })),
+        "a sync is refused too"
+    );
+    drop(v);
+    let v = open();
+    write(&v, 3, 0, true).expect("a volume opened again takes durable writes");
 }

@@ -17,6 +17,7 @@
 //! crash at any point leaves either the old version or the new one visible, never a mix, and
 //! a `Writing` record left by a crash is found and garbage-collected at the next mount.
 pub mod cards;
+pub mod durable;
 pub mod manifest;
 pub mod merkle;
 
@@ -189,6 +190,8 @@ fn chunk_key(id: &FileId, index: u64) -> [u8; 24] {
 pub struct Catalog {
     path: PathBuf,
     db: sled::Db,
+    /// Makes `db`'s flushes durable (sled's own are not).
+    sync: durable::SledSync,
     patients: sled::Tree,
     names: sled::Tree,
     files: sled::Tree,
@@ -215,6 +218,7 @@ impl Catalog {
             .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(err)?;
+        let sync = durable::SledSync::open(path).map_err(|e| err(sled::Error::Io(e)))?;
         let tree = |name: &str| db.open_tree(name).map_err(err);
         Ok(Self {
             path: path.to_path_buf(),
@@ -225,6 +229,7 @@ impl Catalog {
             audit: tree("audit")?,
             retired: tree("retired")?,
             db,
+            sync,
         })
     }
 
@@ -261,9 +266,10 @@ impl Catalog {
         serde_json::to_vec(value).expect("catalog records always serialize")
     }
 
-    /// Make every earlier write durable (fsync). Called at every commit point.
+    /// Make every earlier write durable (fdatasync; see [`durable`]). Called at every
+    /// commit point.
     pub fn flush(&self) -> Result<()> {
-        self.db.flush().map(|_| ()).map_err(|e| self.db_err(e))
+        self.sync.flush(&self.db).map_err(|e| self.db_err(e))
     }
 
     // ---- patients -------------------------------------------------------------------------

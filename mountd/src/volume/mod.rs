@@ -49,6 +49,12 @@ pub enum VolumeError {
     },
     #[error("volume {path}: cannot set up io_uring: {source}")]
     Ring { path: PathBuf, source: io::Error },
+    #[error("volume {path}: an earlier {op} failed ({source}); shares written since the last good flush may not be on the disk, so durable writes are refused until the daemon restarts (check the disk and the kernel log first)")]
+    DurabilityLost {
+        path: PathBuf,
+        op: &'static str,
+        source: io::Error,
+    },
     #[error("volume {path}: the io_uring thread has stopped")]
     RingGone { path: PathBuf },
     #[error("volume {path}: injected fault: {what}")]

@@ -602,6 +602,62 @@ struct GroupSync {
     stalls: u32,
 }
 
+/// The first failure of a durable write or fdatasync of a volume, after which its durable
+/// writes fail until the process restarts (fail-stop). After a failed flush Linux may have
+/// dropped the data it could not write, and a later flush can succeed without it: a write
+/// acknowledged after that flush would not be on the disk.
+#[derive(Debug, Default)]
+struct Latch(Option<(&'static str, i32)>);
+
+impl Latch {
+    /// The error every durable write gets once tripped.
+    fn error(&self, path: &Path) -> Option<VolumeError> {
+        self.0.map(|(op, errno)| VolumeError::DurabilityLost {
+            path: path.to_path_buf(),
+            op,
+            source: io::Error::from_raw_os_error(errno),
+        })
+    }
+
+    fn trip(&mut self, path: &Path, op: &'static str, errno: i32) {
+        if self.0.is_none() {
+            tracing::error!(volume = %path.display(), "{op} failed ({}): durable writes to this volume are refused from now until the daemon restarts",
+                io::Error::from_raw_os_error(errno));
+            self.0 = Some((op, errno));
+        }
+    }
+
+    /// What a durable request (a durable write or a sync) that completed with `result` is
+    /// answered: its own failure trips the latch; its success once tripped is refused.
+    fn durable<T>(
+        &mut self,
+        path: &Path,
+        result: Result<T, VolumeError>,
+    ) -> Result<T, VolumeError> {
+        match result {
+            Err(VolumeError::Io {
+                op,
+                source,
+                offset,
+                path: p,
+            }) => {
+                self.trip(path, op, source.raw_os_error().unwrap_or(libc::EIO));
+                Err(VolumeError::Io {
+                    path: p,
+                    op,
+                    offset,
+                    source,
+                })
+            }
+            Ok(v) => match self.error(path) {
+                Some(e) => Err(e),
+                None => Ok(v),
+            },
+            Err(e) => Err(e),
+        }
+    }
+}
+
 impl Worker {
     fn run(self, ring: IoUring) {
         // Declaration order matters: the ring is dropped first (cancelling anything still in the
@@ -616,11 +672,19 @@ impl Worker {
         let mut wake_armed = false;
         let mut closed = false;
         let mut group = GroupSync::default();
+        let mut latch = Latch::default();
         loop {
             // Take new requests.
             while !closed {
                 match self.rx.try_recv() {
                     Ok(req) => {
+                        if matches!(req.kind, Kind::Write { durable: true } | Kind::Sync) {
+                            if let Some(e) = latch.error(&self.path) {
+                                // Refused, not written: nothing of it reaches the volume.
+                                let _ = req.reply.send(Err(e));
+                                continue;
+                            }
+                        }
                         let op = Op {
                             kind: req.kind,
                             buf: req.buf,
@@ -760,19 +824,19 @@ impl Worker {
                         continue;
                     }
                     group.stalls = 0;
-                    for id in std::mem::take(&mut group.covered) {
+                    let mut answered = std::mem::take(&mut group.covered);
+                    if res < 0 {
+                        latch.trip(&self.path, "fdatasync", -res);
+                        // Written before this flush ran, maybe in the cache it lost.
+                        answered.append(&mut group.next);
+                    }
+                    for id in answered {
                         let Some(mut op) = slots[id].take() else {
                             continue;
                         };
-                        let result = if res < 0 {
-                            Err(VolumeError::Io {
-                                path: self.path.to_path_buf(),
-                                op: "fdatasync",
-                                offset: op.offset,
-                                source: io::Error::from_raw_os_error(-res),
-                            })
-                        } else {
-                            Ok(op.buf.take())
+                        let result = match latch.error(&self.path) {
+                            Some(e) => Err(e),
+                            None => Ok(op.buf.take()),
                         };
                         let _ = op.reply.send(result);
                         free.push(id);
@@ -788,11 +852,23 @@ impl Worker {
                         slots[id] = Some(op);
                         backlog.push_back(id);
                     }
-                    Next::AwaitSync => {
-                        slots[id] = Some(op);
-                        group.next.push(id);
-                    }
+                    Next::AwaitSync => match latch.error(&self.path) {
+                        Some(e) => {
+                            let _ = op.reply.send(Err(e));
+                            free.push(id);
+                        }
+                        None => {
+                            slots[id] = Some(op);
+                            group.next.push(id);
+                        }
+                    },
                     Next::Done(result) => {
+                        let result = match op.kind {
+                            Kind::Write { durable: true } | Kind::Sync => {
+                                latch.durable(&self.path, result)
+                            }
+                            _ => result,
+                        };
                         let _ = op.reply.send(result);
                         free.push(id);
                     }
