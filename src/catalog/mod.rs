@@ -199,7 +199,12 @@ pub struct Catalog {
     audit: sled::Tree,
     /// Versions that lost their name (replaced, unlinked), until their shares are deleted.
     retired: sled::Tree,
+    /// Single values: the highest manifest seq written or restored ([`MANIFEST_SEQ`]).
+    meta: sled::Tree,
 }
+
+/// Key in `meta` of the highest manifest seq (u64, big-endian) written or restored.
+const MANIFEST_SEQ: &[u8] = b"manifest-seq";
 
 impl std::fmt::Debug for Catalog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -228,6 +233,7 @@ impl Catalog {
             chunks: tree("chunks")?,
             audit: tree("audit")?,
             retired: tree("retired")?,
+            meta: tree("meta")?,
             db,
             sync,
         })
@@ -270,6 +276,27 @@ impl Catalog {
     /// commit point.
     pub fn flush(&self) -> Result<()> {
         self.sync.flush(&self.db).map_err(|e| self.db_err(e))
+    }
+
+    /// The highest manifest seq written or restored (0 if none): later manifests must sort
+    /// after it whatever the clock says.
+    pub fn manifest_seq(&self) -> Result<u64> {
+        let v = self.meta.get(MANIFEST_SEQ).map_err(|e| self.db_err(e))?;
+        Ok(v.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes))
+    }
+
+    /// Raise the stored manifest seq to `seq` (never lowers it). Durable with the next flush.
+    pub fn raise_manifest_seq(&self, seq: u64) -> Result<()> {
+        self.meta
+            .fetch_and_update(MANIFEST_SEQ, |old| {
+                let old = old
+                    .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                    .map_or(0, u64::from_be_bytes);
+                Some(old.max(seq).to_be_bytes().to_vec())
+            })
+            .map_err(|e| self.db_err(e))?;
+        Ok(())
     }
 
     // ---- patients -------------------------------------------------------------------------

@@ -481,6 +481,7 @@ impl Engine {
         cfg: EngineConfig,
     ) -> Result<Arc<Self>, EngineError> {
         let scheme = Scheme::new(cfg.k, cfg.n)?;
+        let seq = catalog.manifest_seq()?;
         if sites.len() != cfg.n {
             return Err(EngineError::Sharing(SharingError::ShareCount {
                 expected: cfg.n,
@@ -540,7 +541,7 @@ impl Engine {
             consent,
             cfg,
             core,
-            seq: AtomicU64::new(0),
+            seq: AtomicU64::new(seq),
             manifest_locks: (0..16).map(|_| Mutex::new(())).collect(),
             readers: Mutex::new(HashMap::new()),
             writers_holding: AtomicUsize::new(0),
@@ -1010,6 +1011,8 @@ impl Engine {
         chunks: &[ChunkRecord],
     ) -> Result<(), EngineError> {
         let m = Manifest::new(rec, root, chunks, self.next_seq());
+        // Remembered, so that a restart with the clock behind still writes later seqs.
+        self.catalog.raise_manifest_seq(m.seq)?;
         let bytes = m.encode();
         self.core
             .put_shares(&rec.id, &label(rec), MANIFEST_CHUNK, &bytes)
@@ -1899,6 +1902,48 @@ mod tests {
         assert!(pooled() >= 2, "the read's shares went back to the pool");
         engine.consent.end("P1", "test");
         assert_eq!(pooled(), 0);
+    }
+
+    /// A rebuild's restored seqs, and every manifest written, are kept in the catalog: an
+    /// engine opened on it later (a mount after `catalog rebuild`, a restart with the clock
+    /// set back) writes manifests that sort after them.
+    #[test]
+    fn manifest_seqs_go_on_from_the_catalogs_whatever_the_clock() {
+        use crate::sites::{MemSite, ShareSite};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c");
+        let open = || {
+            let catalog = Arc::new(crate::catalog::Catalog::open(&path).unwrap());
+            let consent = ConsentRegistry::new(catalog.clone());
+            let sites: Vec<Arc<dyn ShareSite>> = (0..3)
+                .map(|i| Arc::new(MemSite::new(&format!("s{i}"))) as Arc<dyn ShareSite>)
+                .collect();
+            let cfg = EngineConfig {
+                k: 2,
+                n: 3,
+                chunk_size: 64 << 10,
+                readahead: 0,
+                ..EngineConfig::default()
+            };
+            Engine::new(catalog, consent, sites, cfg).unwrap()
+        };
+        let engine = open();
+        // A restored manifest written by a clock a day ahead of this one.
+        let ahead = engine.next_seq() + 86_400 * 1_000_000_000;
+        engine.catalog.raise_manifest_seq(ahead).unwrap();
+        engine.catalog.raise_manifest_seq(5).unwrap();
+        assert_eq!(engine.catalog.manifest_seq().unwrap(), ahead, "never lowered");
+        engine.catalog.flush().unwrap();
+        drop(engine);
+        let engine = open();
+        let next = engine.next_seq();
+        assert!(next > ahead, "{next} <= {ahead}");
+        // A manifest written now raises it in turn.
+        engine.catalog.add_patient("P1").unwrap();
+        let mut w = engine.create("P1", "f", 0o644).unwrap();
+        w.write(&engine, 0, b"x").unwrap();
+        w.commit(&engine).unwrap();
+        assert!(engine.catalog.manifest_seq().unwrap() > next);
     }
 
     fn spare_is_zero(p: &Plain) -> bool {

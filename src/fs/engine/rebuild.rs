@@ -202,9 +202,11 @@ impl Engine {
                 degraded_chunks: degraded,
             });
         }
-        // Manifests written from now on must sort after every restored one.
+        // Manifests written from now on, by this engine or a mount of this catalog, must
+        // sort after every restored one.
         self.seq
             .fetch_max(max_seq, std::sync::atomic::Ordering::SeqCst);
+        self.catalog.raise_manifest_seq(max_seq)?;
         self.catalog.audit(
             "rebuild",
             None,
