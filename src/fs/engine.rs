@@ -1932,7 +1932,11 @@ mod tests {
         let ahead = engine.next_seq() + 86_400 * 1_000_000_000;
         engine.catalog.raise_manifest_seq(ahead).unwrap();
         engine.catalog.raise_manifest_seq(5).unwrap();
-        assert_eq!(engine.catalog.manifest_seq().unwrap(), ahead, "never lowered");
+        assert_eq!(
+            engine.catalog.manifest_seq().unwrap(),
+            ahead,
+            "never lowered"
+        );
         engine.catalog.flush().unwrap();
         drop(engine);
         let engine = open();

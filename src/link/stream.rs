@@ -6,10 +6,11 @@
 //! whose key ends above its persisted window end W it persists a new W; in memory it keeps
 //! the exact consumed ranges; after a restart everything below W counts as consumed.
 //! Both ends destroy used key (and, on open, everything below the resume point).
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
@@ -589,15 +590,56 @@ impl RangeSet {
         }
         filled
     }
+
+    /// Fill every gap that ends at or below `floor`; returns the gaps filled.
+    pub fn fill_gaps_below(&mut self, floor: u64) -> Vec<Range<u64>> {
+        let mut filled = Vec::new();
+        loop {
+            let mut it = self.map.iter();
+            let (Some((&s1, &e1)), Some((&s2, &e2))) = (it.next(), it.next()) else {
+                break;
+            };
+            if s2 > floor {
+                break;
+            }
+            self.map.remove(&s2);
+            self.map.insert(s1, e2);
+            filled.push(e1..s2);
+        }
+        filled
+    }
+
+    /// The end of the highest range (0 if none).
+    pub fn top(&self) -> u64 {
+        self.map.last_key_value().map_or(0, |(_, &e)| e)
+    }
 }
 
 /// Most disjoint consumed ranges a receiving end keeps (see [`RangeSet::fill_lowest_gaps`]).
 pub const MAX_CONSUMED_RANGES: usize = 4096;
 
+/// How long a gap in a receiving end's consumed key may stay (see [`RecvStream`]).
+pub const GAP_LIFETIME: Duration = Duration::from_secs(300);
+
 /// The receiving end of one (link, direction).
+///
+/// A gap below the highest consumed byte is key the sender used for a frame that has not
+/// arrived: one still on its way, or one that never will (a connection cut mid-frame, a
+/// frame dropped on the way). The sender destroyed its copy; the receiver's would outlive
+/// it, and decrypt a recorded frame if the pool were taken later. So gaps die of age: the
+/// sender grants key in increasing order, so once a frame ending at T is accepted, every
+/// frame below T was granted before it; [`GAP_LIFETIME`] later (far past any frame's
+/// timeout) the gaps below T are filled and their key destroyed, and a frame still to come
+/// there is refused as a replay (its sender retries on fresh key).
 pub struct RecvStream {
     end: End,
     consumed: RangeSet,
+    /// (when, the highest consumed byte then), oldest first, at most one per
+    /// `gap_lifetime / 8`.
+    tops: VecDeque<(Instant, u64)>,
+    /// The newest such pair, kept aside until it is its turn in `tops`.
+    pending: Option<(Instant, u64)>,
+    gap_lifetime: Duration,
 }
 
 impl std::fmt::Debug for RecvStream {
@@ -631,7 +673,13 @@ impl RecvStream {
         let end = End::new(key, ledger, &opts)?;
         let mut consumed = RangeSet::default();
         consumed.insert(0..end.persisted);
-        Ok(Self { end, consumed })
+        Ok(Self {
+            end,
+            consumed,
+            tops: VecDeque::new(),
+            pending: None,
+            gap_lifetime: GAP_LIFETIME,
+        })
     }
 
     /// Verify and decrypt a whole `frame` into `out` (resized to the payload; the ciphertext is
@@ -751,11 +799,49 @@ impl RecvStream {
     fn accept(&mut self, range: Range<u64>) -> Result<SealedFrame, LinkError> {
         self.end.cover(range.end)?;
         self.consumed.insert(range.clone());
-        for gap in self.consumed.fill_lowest_gaps(MAX_CONSUMED_RANGES) {
+        for gap in self.dead_gaps() {
             destroy_used(self.end.key.as_ref(), gap);
         }
         destroy_used(self.end.key.as_ref(), range.clone());
         Ok(SealedFrame { key_range: range })
+    }
+
+    /// Fill the gaps past their lifetime, and the lowest ones past [`MAX_CONSUMED_RANGES`];
+    /// returns them, to be destroyed.
+    fn dead_gaps(&mut self) -> Vec<Range<u64>> {
+        let now = Instant::now();
+        let top = self.consumed.top();
+        let every = self.gap_lifetime / 8;
+        if let Some(p) = self.pending {
+            if self
+                .tops
+                .back()
+                .is_none_or(|&(t, _)| now.duration_since(t) >= every)
+            {
+                self.tops.push_back(p);
+                self.pending = None;
+            }
+        }
+        let known = self.pending.or(self.tops.back().copied());
+        if known.is_none_or(|(_, t)| top > t) {
+            self.pending = Some((now, top));
+        }
+        let mut floor = 0;
+        while let Some(&(t, top)) = self.tops.front() {
+            if now.duration_since(t) < self.gap_lifetime {
+                break;
+            }
+            floor = top;
+            self.tops.pop_front();
+        }
+        let mut dead = self.consumed.fill_gaps_below(floor);
+        dead.extend(self.consumed.fill_lowest_gaps(MAX_CONSUMED_RANGES));
+        dead
+    }
+
+    /// How long a gap may stay ([`GAP_LIFETIME`] unless set here).
+    pub fn set_gap_lifetime(&mut self, lifetime: Duration) {
+        self.gap_lifetime = lifetime;
     }
 
     /// Wait until all used key is destroyed and the destruction is durable.
@@ -770,8 +856,7 @@ impl RecvStream {
 
     /// Key bytes above the highest consumed byte (what the sender can still use).
     pub fn remaining(&self) -> u64 {
-        let top = self.consumed.ranges().last().map_or(0, |r| r.end);
-        self.end.key.len() - top
+        self.end.key.len() - self.consumed.top()
     }
 }
 
@@ -994,6 +1079,57 @@ mod tests {
         }
     }
 
+    /// A frame that never arrives leaves a gap whose key the receiver destroys once the gap
+    /// is older than its lifetime (the sender destroyed its copy when it sealed the frame);
+    /// before that, the frame is still taken.
+    #[test]
+    fn a_gap_left_by_a_frame_that_never_came_dies_of_age() {
+        let (a, b) = MemKeySource::pair("t", Direction::AtoB, 100_000);
+        let opts = StreamOptions { window: 4096 };
+        let mut tx =
+            SendStream::with_parts(Box::new(a), Box::new(MemLedger::new("a")), opts.clone())
+                .unwrap();
+        let watch = Watch::default();
+        let destroyed = watch.destroyed.clone();
+        let mut rx = RecvStream::with_parts(
+            Box::new(Watched(b, watch)),
+            Box::new(MemLedger::new("b")),
+            opts,
+        )
+        .unwrap();
+        rx.set_gap_lifetime(Duration::from_millis(200));
+        let frames: Vec<(Vec<u8>, Range<u64>)> = (0..5u8)
+            .map(|i| {
+                let mut f = Vec::new();
+                let r = tx.seal(&[i; 100], &mut f).unwrap().key_range;
+                (f, r)
+            })
+            .collect();
+        let mut out = Vec::new();
+        // Frame 1 is late, frame 2 never comes.
+        rx.open(&frames[0].0, &mut out).unwrap();
+        rx.open(&frames[3].0, &mut out).unwrap();
+        rx.open(&frames[1].0, &mut out)
+            .expect("a late frame within the lifetime");
+        assert_eq!(out, [1u8; 100]);
+        let gap = frames[2].1.clone();
+        assert!(!destroyed.lock().unwrap().contains(&gap));
+        std::thread::sleep(Duration::from_millis(250));
+        rx.open(&frames[4].0, &mut out).unwrap();
+        assert!(
+            destroyed.lock().unwrap().contains(&gap),
+            "the dead gap's key was destroyed at the receiver"
+        );
+        assert!(
+            matches!(
+                rx.open(&frames[2].0, &mut out),
+                Err(LinkError::KeyAlreadyUsed { .. })
+            ),
+            "a frame in a dead gap is refused"
+        );
+        assert_eq!(rx.consumed.ranges().count(), 1, "no gap is left");
+    }
+
     /// A key source whose destroys are carried out but answer with an error, as a pool's
     /// do when its destroyer failed on an earlier range (once armed).
     struct LateFailure(MemKeySource, Arc<std::sync::atomic::AtomicBool>);
@@ -1122,6 +1258,24 @@ mod tests {
                 prop_assert_eq!(&after[1..], &before[before.len() - after.len() + 1..]);
             } else {
                 prop_assert_eq!(&after, &before);
+            }
+        }
+
+        /// Filling the gaps below a floor fills exactly the gaps that end at or below it,
+        /// and frees nothing.
+        #[test]
+        fn filling_gaps_below_a_floor_fills_those_and_only_those(ops in proptest::collection::vec((0u64..200, 0u64..30), 0..40), floor in 0u64..240) {
+            let mut s = RangeSet::default();
+            for (a, l) in ops { s.insert(a..a + l); }
+            let before: Vec<_> = s.ranges().collect();
+            let filled = s.fill_gaps_below(floor);
+            let gaps: Vec<_> = before.windows(2).map(|w| w[0].end..w[1].start).collect();
+            let want: Vec<_> = gaps.iter().filter(|g| g.end <= floor).cloned().collect();
+            prop_assert_eq!(&filled, &want);
+            let after: Vec<_> = s.ranges().collect();
+            let used = |set: &[Range<u64>], x: u64| set.iter().any(|r| r.contains(&x));
+            for x in 0..260 {
+                prop_assert_eq!(used(&after, x), used(&before, x) || used(&filled, x));
             }
         }
     }
