@@ -446,12 +446,26 @@ fn finish_retiring<D: BlockDevice>(
             .map_err(ix)?
             .and_then(|v| IndexEntry::decode(&v).ok());
         if live != Some(e) {
-            let header = dev.read_at(dev.alloc_buf(bs), e.offset)?;
-            if ShareHeader::decode(header.as_slice())
-                .is_ok_and(|h| e.matches(&h, &key, &sb.volume_id))
-            {
-                tombstone(dev, sb, e.offset)?;
-                finished += 1;
+            let done = (|| -> Result<bool, StoreError> {
+                let header = dev.read_at(dev.alloc_buf(bs), e.offset)?;
+                if ShareHeader::decode(header.as_slice())
+                    .is_ok_and(|h| e.matches(&h, &key, &sb.volume_id))
+                {
+                    tombstone(dev, sb, e.offset)?;
+                    return Ok(true);
+                }
+                Ok(false)
+            })();
+            match done {
+                Ok(true) => finished += 1,
+                Ok(false) => {}
+                // A superseded share is no reason to keep the site down: the record stays
+                // for the next start (its exact header check makes a retry safe even once
+                // the extent is reused).
+                Err(err) => {
+                    tracing::warn!(site = %sb.site, "{key}: zeroing the header of the share it replaced at {}: {err}; retried at the next start", e.offset);
+                    continue;
+                }
             }
         }
         retiring.remove(at).map_err(ix)?;

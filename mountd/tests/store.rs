@@ -665,3 +665,30 @@ fn an_index_entry_whose_length_does_not_fit_its_extent_is_refused_at_open() {
         "{msg}"
     );
 }
+
+/// The zeroing of a replaced share's header that failed is finished at the next start; a
+/// start whose volume refuses that write still opens (the record waits for the one after),
+/// instead of keeping the whole site down over a share already superseded.
+#[test]
+fn a_start_that_cannot_finish_a_replaced_shares_tombstone_still_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(fresh(16 << 20), dir.path(), StoreOptions::default()).unwrap();
+    let k = key(11, 0, 2);
+    s.put(k, META, &share_bytes(1, &k, 9000)).unwrap();
+    // The new share's write goes through; the old header's zeroing after it fails.
+    s.device().fail_writes_after(1);
+    s.put(k, META, &share_bytes(2, &k, 9000))
+        .expect("the put stands: its share is durable and indexed");
+    let image = s.device().image();
+    drop(s);
+    let v = MemVolume::from_image("mem-vol", image, A);
+    v.fail_writes_after(0);
+    let s = Store::open(v, dir.path(), StoreOptions::default())
+        .expect("a start with the tombstone still failing");
+    assert_eq!(s.get(&k).unwrap().bytes(), &share_bytes(2, &k, 9000)[..]);
+    let image = s.device().image();
+    drop(s);
+    let s = reopen(image, dir.path());
+    assert_eq!(s.get(&k).unwrap().bytes(), &share_bytes(2, &k, 9000)[..]);
+    assert!(s.scrub().unwrap().damaged.is_empty());
+}
