@@ -4,7 +4,9 @@
 //! Protocol: one JSON object per line each way over a Unix socket created mode 0600 in the
 //! state directory. A request is `{"cmd": "...", ...arguments}`; a reply is
 //! `{"ok": true, ...}` or `{"ok": false, "error": "..."}`. Each connection may send several
-//! requests. Plaintext and key bytes never travel here.
+//! requests. Plaintext and key bytes never travel here. Only root and the mount's own user may
+//! connect (checked by the peer's credentials); each request reaches the handlers with
+//! `"peer": {"uid", "pid"}` set from them (whatever the client sent), for the audit.
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -55,32 +57,80 @@ pub fn arg_str<'a>(req: &'a Value, key: &str) -> Result<&'a str, Value> {
 
 /// Serve `handlers` (tried in order) on a socket at `path` from a background thread.
 pub fn serve(path: &Path, handlers: Vec<Arc<Handler>>) -> std::io::Result<()> {
+    use nix::sys::stat::{umask, Mode};
     let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
+    // Made 0600 from the start: a chmod after the bind leaves a moment in which another user
+    // could connect, and keep the connection.
+    let old = umask(Mode::from_bits_truncate(0o077));
+    let bound = UnixListener::bind(path);
+    umask(old);
+    let listener = bound?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     let handlers = Arc::new(handlers);
+    let me = nix::unistd::geteuid().as_raw();
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for conn in listener.incoming().flatten() {
+                let peer = match nix::sys::socket::getsockopt(
+                    &conn,
+                    nix::sys::socket::sockopt::PeerCredentials,
+                ) {
+                    Ok(c) if c.uid() == 0 || c.uid() == me => Peer {
+                        uid: c.uid(),
+                        pid: c.pid(),
+                    },
+                    Ok(c) => {
+                        tracing::warn!(
+                            "control socket: refused a connection from uid {} (pid {}): only root and uid {me} may use it",
+                            c.uid(),
+                            c.pid()
+                        );
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!("control socket: no peer credentials ({e}); connection refused");
+                        continue;
+                    }
+                };
                 let handlers = handlers.clone();
                 std::thread::spawn(move || {
-                    let _ = session(conn, &handlers);
+                    let _ = session(conn, peer, &handlers);
                 });
             }
         })?;
     Ok(())
 }
 
-fn session(conn: UnixStream, handlers: &[Arc<Handler>]) -> std::io::Result<()> {
+/// Who is on the other end of a control connection (from `SO_PEERCRED`).
+#[derive(Clone, Copy, Debug)]
+struct Peer {
+    uid: u32,
+    pid: i32,
+}
+
+/// The caller of a request, as the control socket saw it: "uid U, pid P" (for the audit).
+pub fn peer_of(req: &Value) -> String {
+    match (req["peer"]["uid"].as_u64(), req["peer"]["pid"].as_i64()) {
+        (Some(uid), Some(pid)) => format!("uid {uid}, pid {pid}"),
+        _ => "caller unknown".into(),
+    }
+}
+
+fn session(conn: UnixStream, peer: Peer, handlers: &[Arc<Handler>]) -> std::io::Result<()> {
     let mut out = conn.try_clone()?;
     for line in BufReader::new(conn).lines() {
         let line = line?;
         let reply = match serde_json::from_str::<Value>(&line) {
-            Ok(req) => handlers
-                .iter()
-                .find_map(|h| h(&req))
-                .unwrap_or_else(|| error(format!("unknown command {:?}", req["cmd"]))),
+            Ok(mut req) => {
+                if let Some(fields) = req.as_object_mut() {
+                    fields.insert("peer".into(), json!({"uid": peer.uid, "pid": peer.pid}));
+                }
+                handlers
+                    .iter()
+                    .find_map(|h| h(&req))
+                    .unwrap_or_else(|| error(format!("unknown command {:?}", req["cmd"])))
+            }
             Err(e) => error(format!("request is not JSON: {e}")),
         };
         writeln!(out, "{reply}")?;

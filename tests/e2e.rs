@@ -261,6 +261,19 @@ fn kill_9_of_the_mount_during_a_write_keeps_committed_files_and_drops_the_partia
             .any(|e| e["event"] == "discard-incomplete" && e["file"] == "partial.cram"),
         "recovery did not record discarding the partial file: {audit}"
     );
+    // The admin grant names its caller (from the control socket's peer credentials), whatever
+    // the request claimed.
+    d.control(&json!({"cmd": "consent-grant", "patient": "P3", "minutes": 5, "peer": {"uid": 4242, "pid": 1}}))
+        .unwrap();
+    let audit = d.control(&json!({"cmd": "audit", "last": 10})).unwrap();
+    let me = format!("admin (uid {}, pid ", nix::unistd::geteuid().as_raw());
+    assert!(
+        audit["entries"].as_array().unwrap().iter().any(|e| {
+            e["event"] == "consent-grant"
+                && e["detail"].as_str().is_some_and(|d| d.starts_with(&me))
+        }),
+        "no consent-grant naming {me}...: {audit}"
+    );
 }
 
 /// The same with everything on a tmpfs of huge pages, as the benchmarks and a deployment that

@@ -299,6 +299,12 @@ fn permits_for(bytes: usize) -> u32 {
 impl<D: BlockDevice> Server<D> {
     pub fn new(store: Store<D>, links: Vec<LinkEnds>, limits: ServerLimits) -> Self {
         let permits = (limits.max_inflight_bytes / KIB).clamp(1, u32::MAX as u64) as u32;
+        // A frame granted before one accepted may still be arriving for a frame timeout (its
+        // header is read at once, its body within the timeout): its gap must outlive that.
+        let gap_lifetime = qgenome::link::stream::GAP_LIFETIME.max(limits.frame_timeout * 4);
+        for l in &links {
+            lock(&l.recv).set_gap_lifetime(gap_lifetime);
+        }
         Self {
             store,
             links: links.into_iter().map(Arc::new).collect(),

@@ -857,22 +857,6 @@ impl<D: BlockDevice> Store<D> {
             lock(&self.alloc).free(offset, extent_len);
             e
         };
-        // Once the share's write was issued, its header may be valid on the volume: a failure
-        // from then on zeroes it before giving the extent back, or a later `rebuild-index`
-        // would find a share the index never had (and that a delete never reaches). If even
-        // that write fails the extent stays allocated until the next start.
-        let unwrite = |e: StoreError| {
-            match tombstone(&self.dev, &self.sb, offset) {
-                Ok(()) => {
-                    lock(&self.alloc).free(offset, extent_len);
-                }
-                Err(t) => tracing::warn!(
-                    site = %self.sb.site,
-                    "{key}: zeroing the header of a share whose put failed ({e}): {t}; its extent at {offset} stays allocated until the next start"
-                ),
-            }
-            e
-        };
         let generation = self.next_generation().map_err(release)?;
         let mut buf = share.buf;
         let start = share.start;
@@ -886,13 +870,45 @@ impl<D: BlockDevice> Store<D> {
             share_sum: share_sum(&buf.as_slice()[start..start + share.len]),
         };
         buf.as_mut_slice()[..HEADER_LEN].copy_from_slice(&header.encode());
+        let entry = IndexEntry::from_header(&header, offset);
+        // Once the share's write was issued, its header may be valid on the volume: a failure
+        // from then on zeroes it before giving the extent back, or a later `rebuild-index`
+        // would find a share the index never had (and that a delete never reaches). If even
+        // that write fails (a volume that refuses durable writes after a failed flush, say),
+        // the extent stays allocated, and a retiring record has the next start zero it (it is
+        // not its key's entry, and its header is exactly this one).
+        let unwrite = |e: StoreError| {
+            match tombstone(&self.dev, &self.sb, offset) {
+                Ok(()) => {
+                    lock(&self.alloc).free(offset, extent_len);
+                }
+                Err(t) => {
+                    let recorded = self
+                        .retiring
+                        .insert(offset.to_be_bytes(), &retiring_record(&key, &entry)[..])
+                        .map_err(|x| self.ix(x))
+                        .and_then(|_| {
+                            let seq = self.applied.fetch_add(1, Ordering::SeqCst) + 1;
+                            self.commit(seq)
+                        });
+                    let then = match recorded {
+                        Ok(()) => "the next start zeroes it".to_string(),
+                        Err(r) => format!("recording it for the next start failed too ({r}); a rebuild-index may find it"),
+                    };
+                    tracing::warn!(
+                        site = %self.sb.site,
+                        "{key}: zeroing the header of a share whose put failed ({e}): {t}; its extent at {offset} stays allocated, and {then}"
+                    );
+                }
+            }
+            e
+        };
         // The header block after HEADER_LEN and the padding after the share are zero:
         // share_buf zeroed them and only the share range was handed out.
         // A failed write may still have put the header (and maybe every byte) on the volume.
         self.dev
             .write_at(buf, offset, true)
             .map_err(|e| unwrite(e.into()))?;
-        let entry = IndexEntry::from_header(&header, offset);
         // The extent this put replaces is recorded as retiring before the new entry goes in
         // (both are flushed by the commit below, in this order): a crash before its tombstone
         // is durable leaves the record for `open` to finish. The key's write lock keeps the

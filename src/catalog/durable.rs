@@ -5,28 +5,53 @@
 //! flushes the device's write cache; only its background flusher calls `fsync`, every 500 ms.
 //! Values over its blob threshold go to files of their own that it never syncs. So after a
 //! power loss or a kernel crash a flushed commit may be gone. [`SledSync::flush`] follows
-//! sled's flush with an `fdatasync` of its log and an `fsync` of every blob file.
+//! sled's flush with an `fdatasync` of its log and an `fsync` of every new blob file.
+//!
+//! Fail-stop: Linux reports a write-back error once per open file, and a later sync on it can
+//! succeed with the failed pages marked clean and lost. So after one failed sync every later
+//! flush fails too, with the first error, until the database is opened again.
 
+use std::collections::HashSet;
+use std::ffi::OsString;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// The files of the sled database in one directory, to make its flushes durable.
 #[derive(Debug)]
 pub struct SledSync {
     log: File,
     dir: PathBuf,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The first failed sync's error (kind and text), after which every flush fails.
+    failed: Option<(io::ErrorKind, String)>,
+    /// Blob files already synced (sled never rewrites one in place).
+    synced_blobs: HashSet<OsString>,
 }
 
 impl SledSync {
-    /// For the database at `dir`, already opened by sled (which made its files). Syncs the
-    /// directory, so that the database's files are found after a crash.
+    /// For the database at `dir`, already opened by sled (which made its files). Syncs its
+    /// files, the directory and the directory's parent, so that the database is found whole
+    /// after a crash.
     pub fn open(dir: &Path) -> io::Result<Self> {
         let log = File::open(dir.join("db"))?;
+        if let Ok(conf) = File::open(dir.join("conf")) {
+            conf.sync_all()?;
+        }
+        log.sync_all()?;
         File::open(dir)?.sync_all()?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            File::open(parent)?.sync_all()?;
+        }
         Ok(Self {
             log,
             dir: dir.to_path_buf(),
+            state: Mutex::default(),
         })
     }
 
@@ -34,25 +59,43 @@ impl SledSync {
     /// was called survives a power loss.
     pub fn flush(&self, db: &sled::Db) -> sled::Result<()> {
         db.flush()?;
-        self.sync().map_err(sled::Error::Io)
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((kind, text)) = &st.failed {
+            return Err(sled::Error::Io(io::Error::new(
+                *kind,
+                format!("an earlier sync of {} failed ({text}); its commits since are refused until it is opened again", self.dir.display()),
+            )));
+        }
+        self.sync(&mut st).map_err(|e| {
+            st.failed = Some((e.kind(), e.to_string()));
+            sled::Error::Io(e)
+        })
     }
 
-    fn sync(&self) -> io::Result<()> {
+    fn sync(&self, st: &mut State) -> io::Result<()> {
         let blobs = self.dir.join("blobs");
         match std::fs::read_dir(&blobs) {
             Ok(entries) => {
-                let mut any = false;
+                let mut new = false;
+                let mut seen = HashSet::new();
                 for entry in entries {
-                    let path = entry?.path();
-                    match File::open(&path) {
+                    let name = entry?.file_name();
+                    seen.insert(name.clone());
+                    if st.synced_blobs.contains(&name) {
+                        continue;
+                    }
+                    match File::open(blobs.join(&name)) {
                         Ok(f) => f.sync_all()?,
                         // Collected by sled meanwhile.
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                         Err(e) => return Err(e),
                     }
-                    any = true;
+                    st.synced_blobs.insert(name);
+                    new = true;
                 }
-                if any {
+                // Blobs sled collected are forgotten.
+                st.synced_blobs.retain(|n| seen.contains(n));
+                if new {
                     File::open(&blobs)?.sync_all()?;
                 }
             }
@@ -83,6 +126,25 @@ mod tests {
         drop(db);
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         assert_eq!(db.get(b"large").unwrap().unwrap().len(), 1 << 20);
+    }
+
+    #[test]
+    fn after_a_failed_sync_every_flush_fails_until_opened_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let sync = SledSync::open(dir.path()).unwrap();
+        sync.flush(&db).unwrap();
+        // As a failed fdatasync leaves it (no error can be injected into one here).
+        sync.state.lock().unwrap().failed = Some((io::ErrorKind::Other, "EIO".into()));
+        db.insert(b"k", &b"v"[..]).unwrap();
+        let e = sync.flush(&db).expect_err("fail-stop").to_string();
+        assert!(
+            e.contains("EIO") && e.contains(&dir.path().display().to_string()),
+            "{e}"
+        );
+        assert!(sync.flush(&db).is_err(), "and the next one");
+        drop(sync);
+        SledSync::open(dir.path()).unwrap().flush(&db).unwrap();
     }
 
     #[test]

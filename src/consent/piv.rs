@@ -124,6 +124,8 @@ pub enum PivError {
     },
     #[error("reader {reader:?}, {step}: answer longer than {MAX_RESPONSE} bytes")]
     ResponseTooLong { reader: String, step: &'static str },
+    #[error("reader {reader:?}, {step}: the card announced more data (61xx) and sent none")]
+    NoMoreData { reader: String, step: &'static str },
     #[error("reader {reader:?}: PIV application not on the card (SELECT answered 6A82)")]
     NotPiv { reader: String },
     #[error("reader {reader:?}: object {object} is not on the card")]
@@ -371,6 +373,16 @@ impl<T: CardTransport> PivCard<T> {
         let mut status = resp.status;
         while let Status::MoreData(n) = status {
             let r = self.send_one(step, &apdu::get_response(n))?;
+            // A card that keeps announcing more and sends nothing would hold the watcher in
+            // this loop for good (every answer adds a byte at least, so MAX_RESPONSE bounds
+            // the rounds).
+            if r.data.is_empty() {
+                data.zeroize();
+                return Err(PivError::NoMoreData {
+                    reader: self.reader.clone(),
+                    step,
+                });
+            }
             if data.len() + r.data.len() > MAX_RESPONSE {
                 data.zeroize();
                 return Err(PivError::ResponseTooLong {
@@ -679,6 +691,20 @@ mod tests {
         assert_eq!(card.guid().unwrap(), [7u8; 16]);
         let t = card.into_transport();
         assert_eq!(t.sent[2], vec![0x00, 0xC0, 0x00, 0x00, b.len() as u8]);
+    }
+
+    #[test]
+    fn a_card_announcing_more_data_and_sending_none_is_refused() {
+        let mut card = PivCard::open(scripted(&[
+            &[0x90, 0x00],
+            &[0x61, 0x01],
+            &[0x61, 0x01],
+            &[0x61, 0x01],
+        ]))
+        .unwrap();
+        let err = card.guid().unwrap_err();
+        assert!(matches!(err, PivError::NoMoreData { .. }), "{err}");
+        assert!(err.to_string().contains("scripted"), "{err}");
     }
 
     #[test]

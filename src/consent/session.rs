@@ -197,9 +197,21 @@ impl ConsentRegistry {
 
     /// Open (or extend) a session. `ttl = None` lasts until [`ConsentRegistry::end`].
     pub fn grant(&self, patient: &str, ttl: Option<Duration>, source: &str) {
-        let expires = ttl.map(|t| Instant::now() + t);
-        {
+        let now = Instant::now();
+        let expires = ttl.map(|t| now + t);
+        let expired = {
             let mut grants = self.grants.lock().expect("grants");
+            // A session past its expiry that the sweep has not reached yet ends now (audited,
+            // caches wiped), and this grant opens a new one.
+            let expired = match grants.get(patient) {
+                Some(g) if g.expires.is_some_and(|e| e <= now) => {
+                    let id = g.id;
+                    grants.remove(patient);
+                    self.begin_end(patient);
+                    Some(id)
+                }
+                _ => None,
+            };
             // Extending a session keeps its number, so its end waits for the replies begun
             // before the extension too.
             let id = grants.get(patient).map_or_else(
@@ -217,6 +229,12 @@ impl ConsentRegistry {
                     id,
                 },
             );
+            expired
+        };
+        if let Some(id) = expired {
+            self.audit
+                .record("consent-expired", Some(patient), None, "");
+            self.finish_end(patient, id);
         }
         let detail = match ttl {
             Some(t) => format!("{source}, {} s", t.as_secs()),
@@ -304,16 +322,24 @@ impl ConsentRegistry {
     /// Wait for the replies under way of the session `id` that ended, wipe, and mark the end
     /// done.
     fn finish_end(&self, patient: &str, id: u64) {
-        self.wait_served(patient, id);
-        self.run_hooks(patient);
-        let mut ending = self.ending.lock().expect("ending");
-        if let Some(n) = ending.get_mut(patient) {
-            *n -= 1;
-            if *n == 0 {
-                ending.remove(patient);
+        /// Marks the end done however it finishes: a hook that panics must not leave every
+        /// later end of the patient waiting [`END_WAIT`].
+        struct Done<'a>(&'a ConsentRegistry, &'a str);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                let mut ending = self.0.ending.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(n) = ending.get_mut(self.1) {
+                    *n -= 1;
+                    if *n == 0 {
+                        ending.remove(self.1);
+                    }
+                }
+                self.0.wiped.notify_all();
             }
         }
-        self.wiped.notify_all();
+        let _done = Done(self, patient);
+        self.wait_served(patient, id);
+        self.run_hooks(patient);
     }
 
     /// Wait until no end of `patient`'s session is under way (up to [`END_WAIT`]).

@@ -25,7 +25,7 @@ use super::card::{Backoff, PcscClient};
 use super::piv::{self, CardError, CardTransport, PivCard, PivError};
 use super::session::{Audit, ConsentRegistry};
 use crate::catalog::cards::{hex, CardBindingError, CardPolicy, Guid};
-use crate::catalog::{Catalog, Hash};
+use crate::catalog::Catalog;
 
 /// How long a PIN entered with `qgenome card pin` waits for its card.
 pub const PIN_VALID: Duration = Duration::from_secs(120);
@@ -140,6 +140,12 @@ pub enum Refusal {
     Signature { guid: String, patient: String },
     #[error("card {guid} of patient {patient}: the catalog says it was sealed but the card holds no digest")]
     DigestMissing { guid: String, patient: String },
+    #[error("card {guid} of patient {patient}: the card holds a digest ({card}) but the catalog's binding has none (catalog replaced or binding altered? if the card was enrolled again on purpose, seal it again with `qgenome card seal`)")]
+    DigestUnsealed {
+        guid: String,
+        patient: String,
+        card: String,
+    },
     #[error("card {guid} of patient {patient}: digest on the card {card} differs from the one sealed in the catalog {sealed} (card or catalog swapped)")]
     DigestCardVsCatalog {
         guid: String,
@@ -173,6 +179,7 @@ impl Refusal {
             Refusal::Pin { .. } => "pin-refused",
             Refusal::Signature { .. } => "bad-signature",
             Refusal::DigestMissing { .. } => "digest-missing",
+            Refusal::DigestUnsealed { .. } => "digest-mismatch",
             Refusal::DigestCardVsCatalog { .. } => "digest-mismatch",
             Refusal::DigestManifest { .. } => "manifest-mismatch",
             Refusal::Catalog { .. } => "catalog-error",
@@ -188,6 +195,7 @@ impl Refusal {
             | Refusal::Pin { patient, .. }
             | Refusal::Signature { patient, .. }
             | Refusal::DigestMissing { patient, .. }
+            | Refusal::DigestUnsealed { patient, .. }
             | Refusal::DigestCardVsCatalog { patient, .. }
             | Refusal::DigestManifest { patient, .. } => Some(patient),
             _ => None,
@@ -225,18 +233,19 @@ pub fn present<T: CardTransport>(
     let Some(key) = binding.key() else {
         return Err(Refusal::BadEnrolledKey { guid: g, patient });
     };
-    // Digest I/O before the challenge; compared after the signature checks out.
-    let digests: Option<(Option<Hash>, Hash)> = match binding.sealed_digest {
-        Some(_) => {
-            let on_card = card.read_digest().map_err(card_err)?;
-            let current = catalog
+    // Digest I/O before the challenge; compared after the signature checks out. The card's
+    // is read whatever the binding says: the binding is in the catalog the digest checks, and
+    // a catalog built to pass would say "not sealed".
+    let on_card = card.read_digest().map_err(card_err)?;
+    let current = match binding.sealed_digest {
+        Some(_) => Some(
+            catalog
                 .manifest_digest(&patient)
                 .map_err(|source| Refusal::Catalog {
                     guid: g.clone(),
                     source: Box::new(source),
-                })?;
-            Some((on_card, current))
-        }
+                })?,
+        ),
         None => None,
     };
     let slot = match binding.policy {
@@ -264,7 +273,14 @@ pub fn present<T: CardTransport>(
     if !piv::verify_challenge(&key, &challenge, &signature) {
         return Err(Refusal::Signature { guid: g, patient });
     }
-    if let (Some(sealed), Some((on_card, current))) = (binding.sealed_digest, digests) {
+    if let (None, Some(on_card)) = (binding.sealed_digest, on_card) {
+        return Err(Refusal::DigestUnsealed {
+            guid: g,
+            patient,
+            card: hex(&on_card),
+        });
+    }
+    if let (Some(sealed), Some(current)) = (binding.sealed_digest, current) {
         let Some(on_card) = on_card else {
             return Err(Refusal::DigestMissing { guid: g, patient });
         };

@@ -208,9 +208,11 @@ fn builtin_handler(engine: Arc<Engine>) -> Arc<Handler> {
                     }
                     Err(e) => return Err(control::error(e)),
                 }
-                engine
-                    .consent
-                    .grant(patient, Some(Duration::from_secs(minutes * 60)), "admin");
+                engine.consent.grant(
+                    patient,
+                    Some(Duration::from_secs(minutes * 60)),
+                    &format!("admin ({})", control::peer_of(req)),
+                );
                 Ok(json!({"ok": true, "patient": patient, "minutes": minutes}))
             })(),
             "consent-revoke" => arg_str(req, "patient").map(|p| {

@@ -88,6 +88,16 @@ fn presentation_outcomes_in_process() {
             .code(),
         "manifest-mismatch"
     );
+    // A catalog whose binding of the sealed card says "never sealed" (a catalog built to
+    // pass, with the public GUID and key copied in) is caught by the card's own digest.
+    cat.set_sealed_digest(&id.guid, None).unwrap();
+    let r = present(card(&sealed_card, ok()), &cat, &pins).unwrap_err();
+    assert!(
+        matches!(r, Refusal::DigestUnsealed { .. }) && r.code() == "digest-mismatch",
+        "{r}"
+    );
+    assert!(r.to_string().contains("card seal"), "{r}");
+    cat.set_sealed_digest(&id.guid, Some(digest)).unwrap();
     // Seal refuses a card that is not the enrolled one, and the wrong patient.
     assert!(matches!(
         seal(card(&copy, ok()), &cat, "P0001", &mgmt, None),

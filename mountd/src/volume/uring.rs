@@ -730,6 +730,16 @@ impl Worker {
                 let Some(op) = slots[id].as_mut() else {
                     continue;
                 };
+                if matches!(op.kind, Kind::Write { durable: true } | Kind::Sync) {
+                    if let Some(e) = latch.error(&self.path) {
+                        // Queued before the latch tripped: refused all the same, unwritten.
+                        if let Some(op) = slots[id].take() {
+                            let _ = op.reply.send(Err(e));
+                        }
+                        free.push(id);
+                        continue;
+                    }
+                }
                 let entry = self.entry(op).user_data(id as u64);
                 // SAFETY: the buffer lives in `slots` until its completion is reaped.
                 if unsafe { ring.submission().push(&entry) }.is_err() {

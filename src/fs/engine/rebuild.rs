@@ -158,6 +158,13 @@ impl Engine {
             valid.push(m);
         }
 
+        // Manifests written from now on, by this engine or a mount of this catalog, must sort
+        // after every one found: kept first, so a rebuild cut short keeps it too.
+        let max_seq = valid.iter().map(|m| m.seq).max().unwrap_or(0);
+        self.seq
+            .fetch_max(max_seq, std::sync::atomic::Ordering::SeqCst);
+        self.catalog.raise_manifest_seq(max_seq)?;
+        self.catalog.flush()?;
         let (winners, superseded) = manifest::resolve(valid);
         for m in superseded {
             let reason = "a later-written version has the same name".to_string();
@@ -174,7 +181,6 @@ impl Engine {
             }
         }
         report.patients = patients.iter().map(|p| p.to_string()).collect();
-        let mut max_seq = 0;
         for m in &winners {
             let chunks = &listing[&m.id];
             let records =
@@ -192,7 +198,6 @@ impl Engine {
                     records.len()
                 ),
             );
-            max_seq = max_seq.max(m.seq);
             report.restored.push(RestoredFile {
                 id: hex(&m.id),
                 patient: m.patient.clone(),
@@ -202,11 +207,6 @@ impl Engine {
                 degraded_chunks: degraded,
             });
         }
-        // Manifests written from now on, by this engine or a mount of this catalog, must
-        // sort after every restored one.
-        self.seq
-            .fetch_max(max_seq, std::sync::atomic::Ordering::SeqCst);
-        self.catalog.raise_manifest_seq(max_seq)?;
         self.catalog.audit(
             "rebuild",
             None,
