@@ -29,6 +29,7 @@
 //! mode = "until-removed"              # or "expiry", with `minutes`
 //! minutes = 15                        # 1..10080 (7 days)
 //! reader = "Virtual PCD"              # optional: only readers whose name contains this
+//! admin_grant = false                 # optional: allow `qgenome consent grant` beside cards
 //! ```
 //!
 //! Unknown keys are refused; every error names the key and the file.
@@ -120,6 +121,10 @@ pub struct CardConfig {
     /// Only with `mode = "expiry"` (default 15): see [`CardConfig::minutes`].
     minutes: Option<u64>,
     pub reader: Option<String>,
+    /// Whether `qgenome consent grant` (a session without the card, audited with its caller)
+    /// is allowed beside the cards. Off unless set: with cards, a consent comes from the card.
+    #[serde(default)]
+    pub admin_grant: bool,
 }
 
 impl CardConfig {

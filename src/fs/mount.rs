@@ -70,7 +70,10 @@ pub fn start(
             "discarded {discarded} file version(s) a crash left incomplete, or replaced but not yet deleted"
         );
     }
-    let mut handlers = vec![builtin_handler(engine.clone())];
+    // With cards, a consent comes from the patient's card: an admin grant (no card) only
+    // where the configuration says so.
+    let admin_grants = cfg.card.as_ref().is_none_or(|c| c.admin_grant);
+    let mut handlers = vec![builtin_handler(engine.clone(), admin_grants)];
     let watcher = match &cfg.card {
         Some(card) => {
             use crate::consent::{enroll, watcher};
@@ -188,12 +191,26 @@ impl Drop for Mounted {
 }
 
 /// consent-grant / consent-revoke / consent-list / status / audit.
-fn builtin_handler(engine: Arc<Engine>) -> Arc<Handler> {
+fn builtin_handler(engine: Arc<Engine>, admin_grants: bool) -> Arc<Handler> {
     Arc::new(move |req: &Value| {
         let cmd = req["cmd"].as_str()?;
         let reply = match cmd {
             "consent-grant" => (|| {
                 let patient = arg_str(req, "patient")?;
+                if !admin_grants {
+                    engine.catalog.audit(
+                        "consent-refused",
+                        Some(patient),
+                        None,
+                        &format!(
+                            "admin grant ({}) refused: consent is by card",
+                            control::peer_of(req)
+                        ),
+                    );
+                    return Err(control::error(format!(
+                        "consent-grant {patient}: refused: this mount takes consent from the patient's card ([card] in its configuration); an admin grant needs `admin_grant = true` under [card]"
+                    )));
+                }
                 let minutes = req["minutes"].as_u64().unwrap_or(15);
                 if !(1..=MAX_GRANT_MINUTES).contains(&minutes) {
                     return Err(control::error(format!(

@@ -66,6 +66,14 @@ fn a_blocked_samtools_view_returns_data_when_the_enrolled_card_is_presented() {
     card.remove();
     std::thread::sleep(Duration::from_secs(1));
 
+    // With cards, an admin grant is refused (the configuration does not allow it), and
+    // the refusal is audited with its caller.
+    let e = d
+        .control(&json!({"cmd": "consent-grant", "patient": "P0001", "minutes": 5}))
+        .expect_err("an admin grant beside cards");
+    let e = format!("{e:#}");
+    assert!(e.contains("admin_grant = true"), "{e}");
+
     // samtools blocks without the card...
     let blocked = samtools_view(&cram).spawn().unwrap();
     std::thread::sleep(Duration::from_secs(2));
@@ -116,7 +124,7 @@ fn a_blocked_samtools_view_returns_data_when_the_enrolled_card_is_presented() {
         .iter()
         .filter_map(|e| e["event"].as_str())
         .collect();
-    for e in ["consent-grant", "consent-end"] {
+    for e in ["consent-grant", "consent-end", "consent-refused"] {
         assert!(events.contains(&e), "no {e} in the audit log: {events:?}");
     }
     let reads = audit["entries"]
