@@ -135,12 +135,14 @@ impl PcscClient {
         }
     }
 
-    /// The first reader whose name contains `wanted`.
+    /// The reader named `wanted`, else the first whose name contains it (the watcher passes
+    /// whole names: one reader's name may be contained in another's).
     pub fn find_reader(&mut self, wanted: &str) -> Result<String, CardError> {
         let present = self.readers()?;
         present
             .iter()
-            .find(|r| r.contains(wanted))
+            .find(|r| *r == wanted)
+            .or_else(|| present.iter().find(|r| r.contains(wanted)))
             .cloned()
             .ok_or_else(|| CardError::NoReader {
                 wanted: wanted.to_owned(),

@@ -43,6 +43,8 @@ pub enum EnrollError {
     Revoked { guid: String, patient: String },
     #[error("card {guid} of patient {patient}: signature does not verify against the enrolled key (not the enrolled card)")]
     NotAuthentic { guid: String, patient: String },
+    #[error("card {guid} for patient {patient}: the card cannot sign with the key of its own certificate (a certificate copied onto another card?); not enrolled")]
+    KeyNotHeld { guid: String, patient: String },
     #[error(
         "card {guid} of patient {patient}: PIN policy, enter the PIN first with `qgenome card pin`"
     )]
@@ -140,6 +142,26 @@ pub fn enroll<T: CardTransport>(
     let mut card = PivCard::open(transport).map_err(&err)?;
     let guid = card.guid().map_err(&err)?;
     let key = card.public_key(slot_of(policy)).map_err(&err)?;
+    // The card must hold the certificate's private key: a challenge signed now. (The 9A key
+    // of the PIN policy needs the PIN, which enrollment does not take; its first presentation
+    // proves it.)
+    if policy == CardPolicy::CardAuth9E {
+        let mut challenge = Zeroizing::new([0u8; 32]);
+        getrandom::getrandom(&mut challenge[..]).map_err(|e| {
+            err(PivError::Random {
+                detail: e.to_string(),
+            })
+        })?;
+        let signature = card
+            .sign(Slot::CardAuthentication9E, &challenge)
+            .map_err(&err)?;
+        if !crate::consent::piv::verify_challenge(&key, &challenge, &signature) {
+            return Err(EnrollError::KeyNotHeld {
+                guid: hex(&guid),
+                patient: patient.to_string(),
+            });
+        }
+    }
     let sec1 = key.to_encoded_point(false);
     Ok(catalog.enroll_card(&guid, patient, sec1.as_bytes(), policy)?)
 }

@@ -33,6 +33,23 @@ fn presentation_outcomes_in_process() {
     let r = present(card(&id, ok()), &cat, &pins).unwrap_err();
     assert_eq!(r.code(), "unknown-card", "{r}");
 
+    // A card that signs with another key than its certificate's is not enrolled.
+    let other = CardIdentity::generate().unwrap();
+    let r = enroll(
+        card(
+            &other,
+            CardOptions {
+                wrong_key: true,
+                ..ok()
+            },
+        ),
+        &cat,
+        "P0001",
+        CardPolicy::CardAuth9E,
+    );
+    assert!(matches!(r, Err(EnrollError::KeyNotHeld { .. })), "{r:?}");
+    assert!(cat.card(&other.guid).unwrap().is_none());
+
     let b = enroll(card(&id, ok()), &cat, "P0001", CardPolicy::CardAuth9E).unwrap();
     assert_eq!(b.guid, id.guid);
     assert!(matches!(
