@@ -552,13 +552,19 @@ mod tests {
 
     /// The end of a session returns only once the replies begun under it are done: no byte
     /// goes out after a revoke (or a card removal) has returned, and none begins after it.
-    #[test]
-    fn an_end_waits_for_the_replies_under_way_and_none_begins_after() {
+    /// A registry with a card session of P1, and a flag its end's wipe hook sets.
+    fn granted_with_wipe_flag() -> (Arc<ConsentRegistry>, Arc<std::sync::atomic::AtomicBool>) {
         let reg = ConsentRegistry::new(Arc::new(MemAudit::default()));
         reg.grant("P1", None, "card");
         let wiped = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let w = wiped.clone();
         reg.on_end(move |_| w.store(true, std::sync::atomic::Ordering::SeqCst));
+        (reg, wiped)
+    }
+
+    #[test]
+    fn an_end_waits_for_the_replies_under_way_and_none_begins_after() {
+        let (reg, wiped) = granted_with_wipe_flag();
         let reply = reg.serving("P1").expect("active");
         let other = reg.serving("P1").expect("active");
         drop(other);
@@ -589,11 +595,7 @@ mod tests {
 
     #[test]
     fn a_second_end_returns_only_once_the_first_has_wiped() {
-        let reg = ConsentRegistry::new(Arc::new(MemAudit::default()));
-        reg.grant("P1", None, "card");
-        let wiped = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let w = wiped.clone();
-        reg.on_end(move |_| w.store(true, std::sync::atomic::Ordering::SeqCst));
+        let (reg, wiped) = granted_with_wipe_flag();
         let reply = reg.serving("P1").expect("active");
         let (tx, rx) = std::sync::mpsc::channel();
         let r1 = reg.clone();

@@ -1869,11 +1869,10 @@ mod tests {
     /// Free share buffers hold the last shares fetched (they are not wiped between uses):
     /// when a consent ends they are wiped and let go, so no k shares of a chunk read under it
     /// stay behind in the pool.
-    #[test]
-    fn share_buffers_are_let_go_when_a_consent_ends() {
+    /// A (2,3) engine of 64 KiB chunks over in-memory sites, its catalog at `path`.
+    fn mem_engine(path: &std::path::Path) -> Arc<Engine> {
         use crate::sites::{MemSite, ShareSite};
-        let dir = tempfile::tempdir().unwrap();
-        let catalog = Arc::new(crate::catalog::Catalog::open(&dir.path().join("c")).unwrap());
+        let catalog = Arc::new(crate::catalog::Catalog::open(path).unwrap());
         let consent = ConsentRegistry::new(catalog.clone());
         let sites: Vec<Arc<dyn ShareSite>> = (0..3)
             .map(|i| Arc::new(MemSite::new(&format!("s{i}"))) as Arc<dyn ShareSite>)
@@ -1885,7 +1884,14 @@ mod tests {
             readahead: 0,
             ..EngineConfig::default()
         };
-        let engine = Engine::new(catalog.clone(), consent, sites, cfg).unwrap();
+        Engine::new(catalog, consent, sites, cfg).unwrap()
+    }
+
+    #[test]
+    fn share_buffers_are_let_go_when_a_consent_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = mem_engine(&dir.path().join("c"));
+        let catalog = engine.catalog.clone();
         catalog.add_patient("P1").unwrap();
         let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let mut w = engine.create("P1", "f", 0o644).unwrap();
@@ -1909,24 +1915,9 @@ mod tests {
     /// set back) writes manifests that sort after them.
     #[test]
     fn manifest_seqs_go_on_from_the_catalogs_whatever_the_clock() {
-        use crate::sites::{MemSite, ShareSite};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c");
-        let open = || {
-            let catalog = Arc::new(crate::catalog::Catalog::open(&path).unwrap());
-            let consent = ConsentRegistry::new(catalog.clone());
-            let sites: Vec<Arc<dyn ShareSite>> = (0..3)
-                .map(|i| Arc::new(MemSite::new(&format!("s{i}"))) as Arc<dyn ShareSite>)
-                .collect();
-            let cfg = EngineConfig {
-                k: 2,
-                n: 3,
-                chunk_size: 64 << 10,
-                readahead: 0,
-                ..EngineConfig::default()
-            };
-            Engine::new(catalog, consent, sites, cfg).unwrap()
-        };
+        let open = || mem_engine(&path);
         let engine = open();
         // A restored manifest written by a clock a day ahead of this one.
         let ahead = engine.next_seq() + 86_400 * 1_000_000_000;
