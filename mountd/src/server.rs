@@ -80,6 +80,9 @@ pub struct LinkEnds {
     stale_unanswered: AtomicU64,
 }
 
+/// How often the server sweeps its links' receive gaps (see `RecvStream::expire_gaps`).
+const GAP_SWEEP_EVERY: Duration = Duration::from_secs(30);
+
 /// Sealed answers to stale frames (`KeyAlreadyUsed`) allowed at once on one link.
 ///
 /// Such a frame is refused before its tag can be checked (its key lies below the receive
@@ -341,9 +344,20 @@ impl<D: BlockDevice> Server<D> {
             None => (None, None),
         };
         tokio::pin!(shutdown);
+        // Gaps in the links' received key die of age even on a link fallen silent.
+        let mut sweep = tokio::time::interval(GAP_SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                _ = sweep.tick() => {
+                    let links = self.links.clone();
+                    tokio::task::spawn_blocking(move || {
+                        for l in &links {
+                            lock(&l.recv).expire_gaps();
+                        }
+                    });
+                }
                 (permit, r) = with_permit(&unix_conns, accept_unix(unix.as_ref())) => match r {
                     Ok(s) => {
                         qgenome::sites::mountd::size_unix_socket(&s);
