@@ -425,12 +425,39 @@ pub fn start(cards: Arc<CardConsent>, cfg: WatcherConfig) -> std::io::Result<Wat
     };
     let thread = std::thread::Builder::new()
         .name("card-watcher".into())
-        .spawn(move || w.run())?;
+        .spawn(move || {
+            let cards = w.cards.clone();
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run()));
+            if ran.is_err() {
+                // Nobody watches the cards any more: their removal would end nothing.
+                fail_closed(&cards.registry);
+            }
+        })?;
     Ok(WatcherHandle {
         stop,
         contexts,
         thread: Some(thread),
     })
+}
+
+/// The watcher stopped (a panic): end every session a card opened, since no removal will be
+/// seen from now on. Admin grants (their own expiry) are left. Returns the patients ended.
+fn fail_closed(registry: &ConsentRegistry) -> Vec<String> {
+    let mut ended = Vec::new();
+    for g in registry.list() {
+        if g.source.starts_with("card ")
+            && registry.end(
+                &g.patient,
+                "the card watcher stopped (a panic); cards are no longer watched",
+            )
+        {
+            ended.push(g.patient);
+        }
+    }
+    tracing::error!(
+        "the card watcher stopped on a panic: ended the card sessions of {ended:?}; no card is watched until the mount restarts"
+    );
+    ended
 }
 
 fn pnp_state() -> pcsc::ReaderState {
@@ -715,5 +742,24 @@ impl Watcher {
         // the card on the event does not race the reset; the grant itself is already out.
         drop(connection);
         self.emit(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consent::session::Consent;
+
+    #[test]
+    fn a_watcher_that_stops_ends_the_sessions_cards_opened() {
+        let reg = ConsentRegistry::new(Arc::new(crate::consent::session::MemAudit::default()));
+        reg.grant("P1", None, "card 00112233");
+        reg.grant("P2", Some(Duration::from_secs(600)), "card 44556677");
+        reg.grant("P3", Some(Duration::from_secs(600)), "admin (uid 0, pid 1)");
+        let mut ended = fail_closed(&reg);
+        ended.sort();
+        assert_eq!(ended, ["P1", "P2"]);
+        assert!(!reg.is_active("P1") && !reg.is_active("P2"));
+        assert!(reg.is_active("P3"), "an admin grant keeps its own expiry");
     }
 }
