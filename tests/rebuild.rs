@@ -216,6 +216,18 @@ fn a_lost_catalog_is_rebuilt_from_the_sites_and_every_file_reads_back() {
     // The catalog is lost; a fresh one is rebuilt from the sites.
     let b = rig.engine("catalog-b");
     let report = b.rebuild_catalog().unwrap();
+    assert!(
+        !b.catalog.rebuild_unfinished().unwrap(),
+        "a finished rebuild leaves no mark"
+    );
+    // A rebuild cut short leaves its mark, and a mount refuses such a catalog.
+    b.catalog.set_rebuilding(true).unwrap();
+    let e = qgenome::fs::mount::refuse_unfinished_rebuild(&b.catalog).unwrap_err();
+    assert!(
+        e.to_string().contains("did not finish") && e.to_string().contains("catalog-b"),
+        "{e}"
+    );
+    b.catalog.set_rebuilding(false).unwrap();
     assert_eq!(
         restored_names(&report),
         want.keys()

@@ -205,6 +205,9 @@ pub struct Catalog {
 
 /// Key in `meta` of the highest manifest seq (u64, big-endian) written or restored.
 const MANIFEST_SEQ: &[u8] = b"manifest-seq";
+/// Key in `meta` present while a catalog rebuild fills this catalog (see
+/// [`Catalog::set_rebuilding`]).
+const REBUILDING: &[u8] = b"rebuild-unfinished";
 
 impl std::fmt::Debug for Catalog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -284,6 +287,26 @@ impl Catalog {
         let v = self.meta.get(MANIFEST_SEQ).map_err(|e| self.db_err(e))?;
         Ok(v.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
             .map_or(0, u64::from_be_bytes))
+    }
+
+    /// Mark (durably) that a catalog rebuild is filling this catalog, or that it finished. A
+    /// rebuild cut short (a crash, an error) leaves the mark, and a mount refuses the catalog
+    /// (it would serve part of the patients' files as if it were all).
+    pub fn set_rebuilding(&self, on: bool) -> Result<()> {
+        let r = if on {
+            self.meta.insert(REBUILDING, &b"1"[..]).map(|_| ())
+        } else {
+            self.meta.remove(REBUILDING).map(|_| ())
+        };
+        r.map_err(|e| self.db_err(e))?;
+        self.flush()
+    }
+
+    /// Whether a catalog rebuild into this catalog began and did not finish.
+    pub fn rebuild_unfinished(&self) -> Result<bool> {
+        self.meta
+            .contains_key(REBUILDING)
+            .map_err(|e| self.db_err(e))
     }
 
     /// Raise the stored manifest seq to `seq` (never lowers it). Durable with the next flush.

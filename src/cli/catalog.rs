@@ -80,6 +80,7 @@ pub fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
     let catalog = Arc::new(
         Catalog::open(&target).with_context(|| format!("opening catalog {}", target.display()))?,
     );
+    crate::fs::mount::refuse_unfinished_rebuild(&catalog)?;
     if !catalog.is_empty() {
         bail!(
             "catalog {} is not empty: refusing to rebuild over it (move it away, or use --into a new directory)",

@@ -63,6 +63,7 @@ pub fn start(
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating state directory {}", cfg.state_dir.display()))?;
     let catalog = Arc::new(Catalog::open(&cfg.catalog_path())?);
+    refuse_unfinished_rebuild(&catalog)?;
     let engine = engine_for(cfg, catalog.clone(), sites)?;
     let discarded = engine.recover()?;
     if discarded > 0 {
@@ -160,6 +161,18 @@ impl Mounted {
         self.engine.catalog.flush()?;
         Ok(())
     }
+}
+
+/// A catalog that a `qgenome catalog rebuild` began to fill and did not finish holds only part
+/// of the files: mounted, it would serve that part as if it were all.
+pub fn refuse_unfinished_rebuild(catalog: &Catalog) -> anyhow::Result<()> {
+    if catalog.rebuild_unfinished()? {
+        anyhow::bail!(
+            "catalog {}: a `qgenome catalog rebuild` into it did not finish (some files may be missing); move it aside and run the rebuild again",
+            catalog.path().display()
+        );
+    }
+    Ok(())
 }
 
 /// Wait up to 2 s for `mountpoint` to be idle before it is unmounted: a process that has just

@@ -113,6 +113,7 @@ impl Engine {
                 path: self.catalog.path().display().to_string(),
             });
         }
+        self.catalog.set_rebuilding(true)?;
         let mut report = RebuildReport::default();
         let listing = self.list_sites(&mut report);
         let (k, n) = (self.core.scheme.k(), self.core.scheme.n());
@@ -220,7 +221,7 @@ impl Engine {
                 report.unreachable_sites.len()
             ),
         );
-        self.catalog.flush()?;
+        self.catalog.set_rebuilding(false)?;
         Ok(report)
     }
 
