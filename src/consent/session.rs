@@ -439,11 +439,21 @@ impl ConsentRegistry {
         let start = Instant::now();
         let deadline = start + limit;
         let mut grants = self.grants.lock().expect("grants");
+        let shutting_down = || {
+            self.audit.record(
+                "consent-refused",
+                Some(patient),
+                None,
+                "the mount is shutting down",
+            );
+            Err(ConsentError::ShuttingDown {
+                patient: patient.to_string(),
+            })
+        };
         loop {
             if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err(ConsentError::ShuttingDown {
-                    patient: patient.to_string(),
-                });
+                drop(grants);
+                return shutting_down();
             }
             let now = Instant::now();
             if Self::active_locked(&grants, patient, now) {
@@ -466,6 +476,15 @@ impl ConsentRegistry {
             // once, each reading /proc every 250 ms.
             drop(grants);
             if abandoned() {
+                self.audit.record(
+                    "consent-abandoned",
+                    Some(patient),
+                    None,
+                    &format!(
+                        "the reader was killed after waiting {} s",
+                        start.elapsed().as_secs()
+                    ),
+                );
                 return Err(ConsentError::Abandoned {
                     patient: patient.to_string(),
                 });
@@ -473,9 +492,8 @@ impl ConsentRegistry {
             grants = self.grants.lock().expect("grants");
             // What changed while the lock was let go (its wake-up came before this wait).
             if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err(ConsentError::ShuttingDown {
-                    patient: patient.to_string(),
-                });
+                drop(grants);
+                return shutting_down();
             }
             if Self::active_locked(&grants, patient, Instant::now()) {
                 return Ok(());
@@ -631,18 +649,26 @@ mod tests {
     /// meanwhile still refuse it.
     #[test]
     fn a_close_while_a_reader_is_checked_refuses_it_whatever_is_granted() {
-        let reg = ConsentRegistry::new(Arc::new(MemAudit::default()));
+        let audit = Arc::new(MemAudit::default());
+        let reg = ConsentRegistry::new(audit.clone());
         let r = reg.wait_unless("P1", Duration::from_secs(10), &|| {
             reg.close();
             reg.grant("P1", None, "card");
             false
         });
         assert!(matches!(r, Err(ConsentError::ShuttingDown { .. })), "{r:?}");
+        let log = audit.0.lock().unwrap();
+        assert!(
+            log.iter()
+                .any(|e| e.starts_with("consent-refused P1") && e.contains("shutting down")),
+            "{log:?}"
+        );
     }
 
     #[test]
     fn a_reader_that_gives_up_is_released_early() {
-        let reg = ConsentRegistry::new(Arc::new(MemAudit::default()));
+        let audit = Arc::new(MemAudit::default());
+        let reg = ConsentRegistry::new(audit.clone());
         let start = Instant::now();
         let gone = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|s| {
@@ -655,6 +681,12 @@ mod tests {
             });
             assert!(matches!(r, Err(ConsentError::Abandoned { .. })), "{r:?}");
         });
+        assert!(audit
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.starts_with("consent-abandoned P1")));
         assert!(start.elapsed() < Duration::from_secs(5));
         // This thread has no fatal signal pending; a dead tid counts as gone.
         assert!(!fatal_signal_pending(nix::unistd::gettid().as_raw() as u32));

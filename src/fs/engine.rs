@@ -692,6 +692,12 @@ impl Engine {
         // while the chunks were fetched. Data goes back only if it is still active now, and
         // an end from now on waits for this reply before it returns.
         let Some(serving) = self.consent.serving(&rec.patient) else {
+            self.catalog.audit(
+                "read-refused",
+                Some(&rec.patient),
+                Some(&rec.name),
+                &format!("consent ended during a read at {offset}"),
+            );
             return Err(ConsentError::Ended {
                 patient: rec.patient.clone(),
             }
