@@ -833,6 +833,10 @@ impl<D: BlockDevice> Store<D> {
         {
             return Err(self.invalid(key, "buffer not from share_buf of this store"));
         }
+        // A volume that refuses durable writes (a failed flush) gets no allocation either.
+        if let Some(e) = self.dev.durable_writes_refused() {
+            return Err(e.into());
+        }
         // Before the first share reaches the volume, the volume names this index.
         self.tag_volume()?;
         let _guard = self

@@ -190,6 +190,13 @@ fn after_a_failed_durable_write_the_volume_refuses_durable_writes_until_reopened
         matches!(e, VolumeError::Io { .. }),
         "the failure itself is reported as it is: {e}"
     );
+    assert!(
+        matches!(
+            v.durable_writes_refused(),
+            Some(VolumeError::DurabilityLost { .. })
+        ),
+        "callers can see it before they allocate"
+    );
     // Block 0 is backed already: the device would take this write; the volume must not.
     let e = write(&v, 2, 0, true).expect_err("a durable write after the failure");
     let msg = e.to_string();

@@ -59,20 +59,26 @@ impl SledSync {
     /// was called survives a power loss.
     pub fn flush(&self, db: &sled::Db) -> sled::Result<()> {
         db.flush()?;
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((kind, text)) = &st.failed {
+        let state = || self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((kind, text)) = &state().failed {
             return Err(sled::Error::Io(io::Error::new(
                 *kind,
                 format!("an earlier sync of {} failed ({text}); its commits since are refused until it is opened again", self.dir.display()),
             )));
         }
-        self.sync(&mut st).map_err(|e| {
-            st.failed = Some((e.kind(), e.to_string()));
+        // The log's fdatasync runs outside the lock: flushes of several threads overlap.
+        let synced = self
+            .sync_blobs(&mut state())
+            .and_then(|()| self.log.sync_data());
+        synced.map_err(|e| {
+            state()
+                .failed
+                .get_or_insert_with(|| (e.kind(), e.to_string()));
             sled::Error::Io(e)
         })
     }
 
-    fn sync(&self, st: &mut State) -> io::Result<()> {
+    fn sync_blobs(&self, st: &mut State) -> io::Result<()> {
         let blobs = self.dir.join("blobs");
         match std::fs::read_dir(&blobs) {
             Ok(entries) => {
@@ -102,7 +108,7 @@ impl SledSync {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        self.log.sync_data()
+        Ok(())
     }
 }
 

@@ -374,9 +374,9 @@ impl<T: CardTransport> PivCard<T> {
         while let Status::MoreData(n) = status {
             let r = self.send_one(step, &apdu::get_response(n))?;
             // A card that keeps announcing more and sends nothing would hold the watcher in
-            // this loop for good (every answer adds a byte at least, so MAX_RESPONSE bounds
-            // the rounds).
-            if r.data.is_empty() {
+            // this loop for good (every other round adds a byte at least, so MAX_RESPONSE
+            // bounds the rounds; an empty answer with any other status ends the loop).
+            if r.data.is_empty() && matches!(r.status, Status::MoreData(_)) {
                 data.zeroize();
                 return Err(PivError::NoMoreData {
                     reader: self.reader.clone(),

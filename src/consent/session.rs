@@ -96,7 +96,7 @@ struct Grant {
     id: u64,
 }
 
-type Hook = Box<dyn Fn(&str) + Send + Sync>;
+type Hook = Arc<dyn Fn(&str) + Send + Sync>;
 
 pub struct ConsentRegistry {
     grants: Mutex<HashMap<String, Grant>>,
@@ -192,7 +192,10 @@ impl ConsentRegistry {
 
     /// Run `hook(patient)` whenever a patient's session ends.
     pub fn on_end(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
-        self.hooks.lock().expect("hooks").push(Box::new(hook));
+        self.hooks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::new(hook));
     }
 
     /// Open (or extend) a session. `ttl = None` lasts until [`ConsentRegistry::end`].
@@ -414,9 +417,15 @@ impl ConsentRegistry {
         }
     }
 
+    /// Run every wipe hook, outside the hooks' lock, each on its own: one that panics is
+    /// logged, and neither stops the others nor poisons the lock for every later end.
     fn run_hooks(&self, patient: &str) {
-        for hook in self.hooks.lock().expect("hooks").iter() {
-            hook(patient);
+        let hooks: Vec<Hook> = self.hooks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for hook in hooks {
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook(patient)));
+            if ran.is_err() {
+                tracing::error!("patient {patient}: a wipe hook panicked at the end of the consent; the other hooks ran");
+            }
         }
     }
 
@@ -609,6 +618,24 @@ mod tests {
         );
         assert!(wiped.load(std::sync::atomic::Ordering::SeqCst));
         drop(next);
+    }
+
+    #[test]
+    fn a_wipe_hook_that_panics_stops_neither_the_others_nor_later_ends() {
+        let (reg, wiped) = granted_with_wipe_flag();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        reg.on_end(move |_| panic!("a broken hook"));
+        reg.on_end(move |_| {
+            c.fetch_add(1, Ordering::SeqCst);
+        });
+        assert!(reg.end("P1", "card removed"));
+        assert!(wiped.load(Ordering::SeqCst));
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "the hook after it ran");
+        reg.grant("P1", None, "card");
+        assert!(reg.end("P1", "card removed"), "a later end works");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert!(!reg.end("P1", "again"), "and nothing is left waiting");
     }
 
     #[test]

@@ -81,6 +81,11 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn alloc_buf_dirty(&self, len: usize) -> IoBuf {
         self.alloc_buf(len)
     }
+    /// The error every durable write gets, once the volume refuses them (a failed flush: see
+    /// `UringVolume`); `None` while it takes them. Lets a caller refuse before it allocates.
+    fn durable_writes_refused(&self) -> Option<VolumeError> {
+        None
+    }
     /// Fills the whole of `buf` from `offset`.
     fn read_at(&self, buf: IoBuf, offset: u64) -> Result<IoBuf, VolumeError>;
     /// Starts filling the whole of `buf` from `offset`, for a task that awaits it

@@ -95,6 +95,8 @@ pub struct UringVolume {
     _file: Arc<File>,
     /// Group fdatasyncs issued ([`Durability::Fdatasync`]).
     group_syncs: Arc<std::sync::atomic::AtomicU64>,
+    /// The ring thread's latch, as the callers see it ([`BlockDevice::durable_writes_refused`]).
+    lost: Arc<std::sync::OnceLock<(&'static str, i32)>>,
 }
 
 enum Kind {
@@ -384,6 +386,7 @@ impl UringVolume {
         let path: Arc<Path> = Arc::from(path);
         let (tx, rx) = mpsc::channel();
         let group_syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let lost = Arc::new(std::sync::OnceLock::new());
         let worker = Worker {
             fd: file.as_raw_fd(),
             _file: Arc::clone(&file),
@@ -395,6 +398,7 @@ impl UringVolume {
             depth: opts.queue_depth.max(16) as usize,
             _pool: pool.clone(),
             group_syncs: Arc::clone(&group_syncs),
+            lost: Arc::clone(&lost),
         };
         let thread = std::thread::Builder::new()
             .name("qgenome-uring".into())
@@ -412,6 +416,7 @@ impl UringVolume {
             thread: Some(thread),
             _file: file,
             group_syncs,
+            lost,
         })
     }
 
@@ -500,6 +505,16 @@ fn wake(fd: &OwnedFd) {
 }
 
 impl BlockDevice for UringVolume {
+    fn durable_writes_refused(&self) -> Option<VolumeError> {
+        self.lost
+            .get()
+            .map(|&(op, errno)| VolumeError::DurabilityLost {
+                path: self.path.to_path_buf(),
+                op,
+                source: io::Error::from_raw_os_error(errno),
+            })
+    }
+
     fn path(&self) -> &Path {
         &self.path
     }
@@ -573,6 +588,7 @@ struct Worker {
     depth: usize,
     _pool: Option<Arc<FixedPool>>,
     group_syncs: Arc<std::sync::atomic::AtomicU64>,
+    lost: Arc<std::sync::OnceLock<(&'static str, i32)>>,
 }
 
 /// A request being served: `done` bytes have completed so far.
@@ -607,7 +623,10 @@ struct GroupSync {
 /// dropped the data it could not write, and a later flush can succeed without it: a write
 /// acknowledged after that flush would not be on the disk.
 #[derive(Debug, Default)]
-struct Latch(Option<(&'static str, i32)>);
+struct Latch(
+    Option<(&'static str, i32)>,
+    Option<Arc<std::sync::OnceLock<(&'static str, i32)>>>,
+);
 
 impl Latch {
     /// The error every durable write gets once tripped.
@@ -624,6 +643,9 @@ impl Latch {
             tracing::error!(volume = %path.display(), "{op} failed ({}): durable writes to this volume are refused from now until the daemon restarts",
                 io::Error::from_raw_os_error(errno));
             self.0 = Some((op, errno));
+            if let Some(shared) = &self.1 {
+                let _ = shared.set((op, errno));
+            }
         }
     }
 
@@ -672,7 +694,7 @@ impl Worker {
         let mut wake_armed = false;
         let mut closed = false;
         let mut group = GroupSync::default();
-        let mut latch = Latch::default();
+        let mut latch = Latch(None, Some(Arc::clone(&self.lost)));
         loop {
             // Take new requests.
             while !closed {
