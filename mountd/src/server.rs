@@ -988,7 +988,11 @@ impl<D: BlockDevice> Server<D> {
     /// connection.
     fn refuse_frame(&self, link: &LinkEnds, e: LinkError, out: &mut Vec<u8>) -> Outcome {
         match e {
-            LinkError::KeyAlreadyUsed { consumed_until, .. } => {
+            LinkError::KeyAlreadyUsed {
+                consumed_until,
+                offset,
+                ..
+            } => {
                 // Tell the sender where our unused key starts (sealed, so authentic):
                 // after our restart it skips there; a replay learns nothing new.
                 let reason = format!("replayed or stale frame: {e}");
@@ -1002,9 +1006,12 @@ impl<D: BlockDevice> Server<D> {
                          ({n} unanswered since start)"
                     ));
                 }
+                // Its request id is unknown (the frame was not opened): the answer carries the
+                // refused frame's key offset there, so the sender acts only on the answer to
+                // its own frame, never on one to a replay.
                 match self.seal_reply(
                     link,
-                    0,
+                    offset,
                     error_body(ErrorCode::KeyAlreadyUsed, consumed_until, &e.to_string()),
                     out,
                 ) {

@@ -582,8 +582,26 @@ fn bad_frames_are_refused_with_a_logged_reason_while_another_client_is_served() 
     assert_eq!(evil.reply(&mut s).map(|r| r.2), Some(true));
     let mut s = evil.connect(&d.tcp);
     s.write_all(&f).unwrap();
-    let r = evil.reply(&mut s).expect("a sealed KeyAlreadyUsed answer");
-    assert_eq!(r.0, ErrorCode::KeyAlreadyUsed);
+    let (_, plain) = evil.frame(&mut s).expect("a sealed KeyAlreadyUsed answer");
+    let answer = msg::decode(&plain).unwrap();
+    assert!(
+        matches!(
+            answer.body,
+            Body::Error {
+                code: ErrorCode::KeyAlreadyUsed,
+                ..
+            }
+        ),
+        "{:?}",
+        answer.body
+    );
+    // It names the refused frame (its request id was never read): a client acts only on the
+    // answer to its own frame, not on one to a replay injected into its connection.
+    assert_eq!(
+        answer.id,
+        FrameHeader::parse_frame(&f).unwrap().key_offset,
+        "the answer names the replayed frame's key offset"
+    );
     assert!(closed(&mut s));
     let l = peer_line(&d.wait_log("replayed or stale frame"), "replayed or stale");
     assert!(l.contains("link evil"), "{l}");

@@ -659,11 +659,13 @@ impl MountdSite {
                 Ok(rejoin(&mut b.plain, tail_out, split))
             }
             Some(link) => {
-                if tail.is_empty() {
-                    lock(&link.send)
+                // The key offset of the frame sent: a KeyAlreadyUsed answer must name it.
+                let sent = if tail.is_empty() {
+                    let sealed = lock(&link.send)
                         .seal_parts(&[&b.head], &mut b.frame)
                         .map_err(|e| CallError::Site(self.link_error(e)))?;
                     conn.sock.write_all(&b.frame).map_err(io)?;
+                    sealed.key_range.start
                 } else {
                     // A share goes out as it is sealed, a tile at a time, each piece of
                     // ciphertext written while still in cache. The stream is held only to
@@ -681,8 +683,10 @@ impl MountdSite {
                         .map_err(|e| match e {
                             SealWriteError::Link(e) => CallError::Site(self.link_error(e)),
                             SealWriteError::Write(e) => io(e),
-                        })?;
-                }
+                        })?
+                        .key_range
+                        .start
+                };
                 let mut h = [0u8; HEADER_LEN];
                 conn.sock.read_exact(&mut h).map_err(io)?;
                 let hdr = FrameHeader::parse_prefix(&h, msg::MAX_MSG as u64).map_err(|e| {
@@ -730,15 +734,28 @@ impl MountdSite {
                     Err(e) => return Err(CallError::Site(self.link_error(e))),
                 };
                 if let Ok(Msg {
+                    id,
                     body:
                         Body::Error {
                             code: ErrorCode::KeyAlreadyUsed,
                             arg,
                             ..
                         },
-                    ..
                 }) = msg::decode(&b.plain)
                 {
+                    // The server could not read our request's id (it refused the frame
+                    // unopened), so its answer names the refused frame's key offset: an
+                    // answer to another frame (a replay of an old one, injected here) is
+                    // not ours to act on.
+                    if id != sent {
+                        return Err(CallError::Site(SiteError::Protocol {
+                            site: self.name.clone(),
+                            reason: format!(
+                                "{}: a KeyAlreadyUsed answer for the frame at key offset {id}, not for ours at {sent}",
+                                self.addr
+                            ),
+                        }));
+                    }
                     return Err(CallError::KeyAlreadyUsed(arg));
                 }
                 Ok(split)
