@@ -430,7 +430,13 @@ pub fn start(cards: Arc<CardConsent>, cfg: WatcherConfig) -> std::io::Result<Wat
             let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run()));
             if ran.is_err() {
                 // Nobody watches the cards any more: their removal would end nothing.
-                fail_closed(&cards.registry);
+                let ended = fail_closed(&cards.registry);
+                cards.audit.record(
+                    "card-watcher-stopped",
+                    None,
+                    None,
+                    &format!("a panic; card sessions ended: {ended:?}; no card is watched until the mount restarts"),
+                );
             }
         })?;
     Ok(WatcherHandle {
