@@ -339,9 +339,10 @@ fn handle_list(cards: &CardConsent) -> Reply {
 }
 
 fn handle_revoke(cards: &CardConsent, req: &Value) -> Reply {
-    // Not while a card is being presented: the presentation read the binding before this
-    // revoke, and its grant would come after the check for sessions below.
-    let _desk = cards.desk();
+    // Not between a presentation's last check of its card and its grant: the grant then
+    // comes wholly before this revoke (whose check below finds its session) or after it
+    // (and sees the card revoked).
+    let _granting = cards.granting();
     let revoked = if let Some(g) = req.get("guid").and_then(Value::as_str) {
         let guid = parse_guid(g).map_err(control::error)?;
         vec![cards.catalog.revoke_card(&guid).map_err(control::error)?]

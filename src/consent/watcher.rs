@@ -75,6 +75,10 @@ pub struct CardConsent {
     pub audit: Arc<dyn Audit>,
     pub pins: PinPad,
     desk: Mutex<()>,
+    /// Held by a card's grant (with the last check that its card is not revoked) and by a
+    /// revocation (with its check for the card's sessions): one comes wholly before the other.
+    /// Never held during card I/O, so a card that stalls cannot hold up a revocation.
+    granting: Mutex<()>,
 }
 
 impl std::fmt::Debug for CardConsent {
@@ -95,7 +99,13 @@ impl CardConsent {
             registry,
             pins: PinPad::default(),
             desk: Mutex::new(()),
+            granting: Mutex::new(()),
         })
+    }
+
+    /// See `granting`: taken by a card's grant and by a revocation.
+    pub fn granting(&self) -> MutexGuard<'_, ()> {
+        self.granting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Exclusive use of the cards: presentation, enrollment and sealing take turns.
@@ -707,6 +717,19 @@ impl Watcher {
                 }),
             }),
         };
+        // A card revoked while it was presented (the revoke read no session yet): refused.
+        let granting = cards.granting();
+        let outcome = outcome.and_then(|p| match cards.catalog.card(&p.guid) {
+            Ok(Some(b)) if !b.revoked => Ok(p),
+            Ok(_) => Err(Refusal::Revoked {
+                guid: hex(&p.guid),
+                patient: p.patient.clone(),
+            }),
+            Err(source) => Err(Refusal::Catalog {
+                guid: hex(&p.guid),
+                source: Box::new(source),
+            }),
+        });
         let event = match outcome {
             Ok(p) => {
                 let source = format!("card {}", hex(&p.guid));
@@ -744,6 +767,7 @@ impl Watcher {
                 }
             }
         };
+        drop(granting);
         // Disconnect (pcsc resets the card) before telling anyone, so an observer that pulls
         // the card on the event does not race the reset; the grant itself is already out.
         drop(connection);
