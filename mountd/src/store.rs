@@ -770,8 +770,10 @@ impl<D: BlockDevice> Store<D> {
         Ok(g.next - 1)
     }
 
-    /// Group commit: returns once an index flush that started after our insert has finished.
-    fn commit(&self, seq: u64) -> Result<(), StoreError> {
+    /// Group commit: returns once an index flush that started after the caller's inserts (made
+    /// before this call) has finished.
+    fn commit(&self) -> Result<(), StoreError> {
+        let seq = self.applied.fetch_add(1, Ordering::SeqCst) + 1;
         let mut flushed = lock(&self.flushed);
         if *flushed >= seq {
             return Ok(());
@@ -891,10 +893,7 @@ impl<D: BlockDevice> Store<D> {
                         .retiring
                         .insert(offset.to_be_bytes(), &retiring_record(&key, &entry)[..])
                         .map_err(|x| self.ix(x))
-                        .and_then(|_| {
-                            let seq = self.applied.fetch_add(1, Ordering::SeqCst) + 1;
-                            self.commit(seq)
-                        });
+                        .and_then(|_| self.commit());
                     let then = match recorded {
                         Ok(()) => "the next start zeroes it".to_string(),
                         Err(r) => format!("recording it for the next start failed too ({r}); a rebuild-index may find it"),
@@ -934,9 +933,8 @@ impl<D: BlockDevice> Store<D> {
             }
             return Err(unwrite(self.ix(e)));
         }
-        let seq = self.applied.fetch_add(1, Ordering::SeqCst) + 1;
         // From here the index may reference the extent: never give it back on failure.
-        self.commit(seq)?;
+        self.commit()?;
         if let Some(old) = old {
             // The new share is durable and indexed: the put has succeeded whatever happens
             // to the old extent. A failed tombstone keeps its retiring record (and the extent
@@ -1099,8 +1097,7 @@ impl<D: BlockDevice> Store<D> {
         self.shares
             .remove(key.encode())
             .map_err(|err| self.ix(err))?;
-        let seq = self.applied.fetch_add(1, Ordering::SeqCst) + 1;
-        self.commit(seq)?;
+        self.commit()?;
         lock(&self.alloc).free(e.offset, e.extent_len);
         Ok(())
     }

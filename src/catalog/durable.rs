@@ -125,9 +125,15 @@ mod tests {
         // Over sled's blob threshold (a quarter of a 512 KiB segment).
         db.insert(b"large", vec![7u8; 1 << 20]).unwrap();
         sync.flush(&db).unwrap();
+        let blobs: Vec<_> = std::fs::read_dir(dir.path().join("blobs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(!blobs.is_empty(), "the large value went to a blob file");
+        let synced = &sync.state.lock().unwrap().synced_blobs;
         assert!(
-            std::fs::read_dir(dir.path().join("blobs")).unwrap().count() > 0,
-            "the large value went to a blob file, which the flush synced"
+            blobs.iter().all(|b| synced.contains(b)),
+            "the flush synced every blob file: {blobs:?} against {synced:?}"
         );
         drop(db);
         let db = sled::Config::new().path(dir.path()).open().unwrap();
@@ -154,7 +160,7 @@ mod tests {
     }
 
     #[test]
-    fn a_database_without_its_log_is_refused_naming_nothing_silently() {
+    fn a_directory_without_a_sled_log_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let e = SledSync::open(dir.path()).expect_err("no sled database there");
         assert_eq!(e.kind(), io::ErrorKind::NotFound);

@@ -1061,11 +1061,14 @@ mod tests {
             })
         }
     }
-    /// A key source that counts its reads and records the ranges it destroys.
+    /// A key source that counts its reads and records the ranges it destroys; once
+    /// `late_failure` is set, its destroys are carried out but answer with an error, as a
+    /// pool's do when its destroyer failed on an earlier range.
     #[derive(Default, Clone)]
     struct Watch {
         reads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
         destroyed: std::sync::Arc<std::sync::Mutex<Vec<Range<u64>>>>,
+        late_failure: std::sync::Arc<std::sync::atomic::AtomicBool>,
     }
     struct Watched(MemKeySource, Watch);
     impl KeySource for Watched {
@@ -1083,7 +1086,20 @@ mod tests {
         }
         fn destroy(&self, r: Range<u64>) -> Result<crate::keys::Destroyed, KeyError> {
             self.1.destroyed.lock().unwrap().push(r.clone());
-            self.0.destroy(r)
+            let done = self.0.destroy(r)?;
+            if !self
+                .1
+                .late_failure
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return Ok(done);
+            }
+            Err(KeyError::Io {
+                link: "t".into(),
+                op: "punch used key",
+                path: "<pool>".into(),
+                source: std::io::Error::from_raw_os_error(libc::EIO),
+            })
         }
     }
 
@@ -1141,51 +1157,26 @@ mod tests {
         assert_eq!(rx.consumed.ranges().count(), 1, "no gap is left");
     }
 
-    /// A key source whose destroys are carried out but answer with an error, as a pool's
-    /// do when its destroyer failed on an earlier range (once armed).
-    struct LateFailure(MemKeySource, Arc<std::sync::atomic::AtomicBool>);
-    impl KeySource for LateFailure {
-        fn info(&self) -> &crate::keys::StreamInfo {
-            self.0.info()
-        }
-        fn location(&self) -> &Path {
-            self.0.location()
-        }
-        fn read_at(&self, o: u64, b: &mut [u8]) -> Result<(), KeyError> {
-            self.0.read_at(o, b)
-        }
-        fn destroy(&self, r: Range<u64>) -> Result<crate::keys::Destroyed, KeyError> {
-            let done = self.0.destroy(r)?;
-            if !self.1.load(std::sync::atomic::Ordering::SeqCst) {
-                return Ok(done);
-            }
-            Err(KeyError::Io {
-                link: "t".into(),
-                op: "punch used key",
-                path: "<pool>".into(),
-                source: std::io::Error::from_raw_os_error(libc::EIO),
-            })
-        }
-    }
-
     #[test]
     fn an_earlier_destruction_failure_neither_rewinds_a_skip_nor_loses_a_frame() {
         let (a, b) = MemKeySource::pair("t", Direction::AtoB, 100_000);
         let opts = StreamOptions { window: 4096 };
-        let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watch = Watch::default();
         let mut tx = SendStream::with_parts(
-            Box::new(LateFailure(a, armed.clone())),
+            Box::new(Watched(a, watch.clone())),
             Box::new(MemLedger::new("a")),
             opts.clone(),
         )
         .unwrap();
         let mut rx = RecvStream::with_parts(
-            Box::new(LateFailure(b, armed.clone())),
+            Box::new(Watched(b, watch.clone())),
             Box::new(MemLedger::new("b")),
             opts,
         )
         .unwrap();
-        armed.store(true, std::sync::atomic::Ordering::SeqCst);
+        watch
+            .late_failure
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         tx.skip_to(500)
             .expect("the skip stands whatever the destroyer reports");
         assert_eq!(tx.next_offset(), 500, "no pad comes from the skipped key");

@@ -96,7 +96,7 @@ pub struct UringVolume {
     /// Group fdatasyncs issued ([`Durability::Fdatasync`]).
     group_syncs: Arc<std::sync::atomic::AtomicU64>,
     /// The ring thread's latch, as the callers see it ([`BlockDevice::durable_writes_refused`]).
-    lost: Arc<std::sync::OnceLock<(&'static str, i32)>>,
+    lost: Latch,
 }
 
 enum Kind {
@@ -386,7 +386,7 @@ impl UringVolume {
         let path: Arc<Path> = Arc::from(path);
         let (tx, rx) = mpsc::channel();
         let group_syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let lost = Arc::new(std::sync::OnceLock::new());
+        let lost = Latch::default();
         let worker = Worker {
             fd: file.as_raw_fd(),
             _file: Arc::clone(&file),
@@ -398,7 +398,7 @@ impl UringVolume {
             depth: opts.queue_depth.max(16) as usize,
             _pool: pool.clone(),
             group_syncs: Arc::clone(&group_syncs),
-            lost: Arc::clone(&lost),
+            lost: lost.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("qgenome-uring".into())
@@ -506,13 +506,7 @@ fn wake(fd: &OwnedFd) {
 
 impl BlockDevice for UringVolume {
     fn durable_writes_refused(&self) -> Option<VolumeError> {
-        self.lost
-            .get()
-            .map(|&(op, errno)| VolumeError::DurabilityLost {
-                path: self.path.to_path_buf(),
-                op,
-                source: io::Error::from_raw_os_error(errno),
-            })
+        self.lost.error(&self.path)
     }
 
     fn path(&self) -> &Path {
@@ -588,7 +582,7 @@ struct Worker {
     depth: usize,
     _pool: Option<Arc<FixedPool>>,
     group_syncs: Arc<std::sync::atomic::AtomicU64>,
-    lost: Arc<std::sync::OnceLock<(&'static str, i32)>>,
+    lost: Latch,
 }
 
 /// A request being served: `done` bytes have completed so far.
@@ -622,40 +616,32 @@ struct GroupSync {
 /// writes fail until the process restarts (fail-stop). After a failed flush Linux may have
 /// dropped the data it could not write, and a later flush can succeed without it: a write
 /// acknowledged after that flush would not be on the disk.
-#[derive(Debug, Default)]
-struct Latch(
-    Option<(&'static str, i32)>,
-    Option<Arc<std::sync::OnceLock<(&'static str, i32)>>>,
-);
+/// Shared by the ring thread, which trips it, and the volume's callers, who may look first.
+#[derive(Debug, Default, Clone)]
+struct Latch(Arc<std::sync::OnceLock<(&'static str, i32)>>);
 
 impl Latch {
     /// The error every durable write gets once tripped.
     fn error(&self, path: &Path) -> Option<VolumeError> {
-        self.0.map(|(op, errno)| VolumeError::DurabilityLost {
-            path: path.to_path_buf(),
-            op,
-            source: io::Error::from_raw_os_error(errno),
-        })
+        self.0
+            .get()
+            .map(|&(op, errno)| VolumeError::DurabilityLost {
+                path: path.to_path_buf(),
+                op,
+                source: io::Error::from_raw_os_error(errno),
+            })
     }
 
-    fn trip(&mut self, path: &Path, op: &'static str, errno: i32) {
-        if self.0.is_none() {
+    fn trip(&self, path: &Path, op: &'static str, errno: i32) {
+        if self.0.set((op, errno)).is_ok() {
             tracing::error!(volume = %path.display(), "{op} failed ({}): durable writes to this volume are refused from now until the daemon restarts",
                 io::Error::from_raw_os_error(errno));
-            self.0 = Some((op, errno));
-            if let Some(shared) = &self.1 {
-                let _ = shared.set((op, errno));
-            }
         }
     }
 
     /// What a durable request (a durable write or a sync) that completed with `result` is
     /// answered: its own failure trips the latch; its success once tripped is refused.
-    fn durable<T>(
-        &mut self,
-        path: &Path,
-        result: Result<T, VolumeError>,
-    ) -> Result<T, VolumeError> {
+    fn durable<T>(&self, path: &Path, result: Result<T, VolumeError>) -> Result<T, VolumeError> {
         match result {
             Err(VolumeError::Io {
                 op,
@@ -694,19 +680,12 @@ impl Worker {
         let mut wake_armed = false;
         let mut closed = false;
         let mut group = GroupSync::default();
-        let mut latch = Latch(None, Some(Arc::clone(&self.lost)));
+        let latch = self.lost.clone();
         loop {
             // Take new requests.
             while !closed {
                 match self.rx.try_recv() {
                     Ok(req) => {
-                        if matches!(req.kind, Kind::Write { durable: true } | Kind::Sync) {
-                            if let Some(e) = latch.error(&self.path) {
-                                // Refused, not written: nothing of it reaches the volume.
-                                let _ = req.reply.send(Err(e));
-                                continue;
-                            }
-                        }
                         let op = Op {
                             kind: req.kind,
                             buf: req.buf,
@@ -754,7 +733,7 @@ impl Worker {
                 };
                 if matches!(op.kind, Kind::Write { durable: true } | Kind::Sync) {
                     if let Some(e) = latch.error(&self.path) {
-                        // Queued before the latch tripped: refused all the same, unwritten.
+                        // Refused before it reaches the kernel: nothing of it is written.
                         if let Some(op) = slots[id].take() {
                             let _ = op.reply.send(Err(e));
                         }
