@@ -21,6 +21,11 @@ pub enum BenchCommand {
     /// one-time-pad links, the FUSE mount): written with dd bs=1M, read back 1 MiB at a time
     /// and checked as it is read; gocryptfs, measured the same way, is the baseline.
     E2e(E2eArgs),
+    /// The most any implementation of the design could store and restore through the
+    /// deployment of `bench e2e` on this machine: each kind of work the design requires of a
+    /// byte (SHA-256, split, seal, sockets, volume copies...) timed alone in CPU time, summed per
+    /// plaintext MB, and the cores divided by that.
+    Ceiling(super::ceiling::CeilingArgs),
 }
 
 #[derive(Debug, Args)]
@@ -78,6 +83,9 @@ pub struct E2eArgs {
     /// Skip the gocryptfs baseline.
     #[arg(long)]
     pub no_baseline: bool,
+    /// Skip the ceiling (`qgenome bench ceiling` on --dir, measured before the store).
+    #[arg(long)]
+    pub no_ceiling: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -88,6 +96,7 @@ impl BenchCommand {
         match self {
             BenchCommand::Split(args) => bench_split(&args),
             BenchCommand::E2e(args) => bench_e2e(&args),
+            BenchCommand::Ceiling(args) => super::ceiling::run(&args),
         }
     }
 }
@@ -96,20 +105,20 @@ pub(crate) fn mbps(bytes: u64, t: Duration) -> f64 {
     bytes as f64 / t.as_secs_f64() / 1e6
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
 /// Split, combine and copy-floor rates of one `bench split` configuration, medians of the passes.
-struct SplitRates {
+pub(super) struct SplitRates {
     threads: usize,
     split: f64,
     combine: f64,
     /// Per CPU-second of each thread: on a shared machine the wall clock includes time other
     /// processes took from us; this rate, comparable across thread counts, does not.
-    split_cpu: f64,
-    combine_cpu: f64,
+    pub(super) split_cpu: f64,
+    pub(super) combine_cpu: f64,
     /// Each chunk copied into its n share buffers, nothing else: the floor under any split.
     floor: f64,
 }
@@ -157,7 +166,7 @@ impl SplitRates {
 }
 
 /// Measure split, combine and the copy floor over `chunks` with `threads` threads.
-fn split_rates(
+pub(super) fn split_rates(
     scheme: &Scheme,
     chunks: &[&[u8]],
     threads: usize,
@@ -334,7 +343,7 @@ pub(crate) fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
-fn round2(x: f64) -> f64 {
+pub(super) fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
@@ -1101,6 +1110,9 @@ fn e2e_gocryptfs(
     Ok(BaselineRun { write, read })
 }
 
+/// Bytes per stage of the ceiling measured beside `bench e2e`.
+const CEILING_BYTES: u64 = 256 << 20;
+
 fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
     if args.size == 0 || args.chunk == 0 || args.bs == 0 {
         bail!("--size, --chunk and --bs must be greater than zero");
@@ -1127,6 +1139,19 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
         }
     }
     let load_before = load_average();
+    // What the required work alone allows on this machine, measured now, beside the run.
+    let ceiling = if args.no_ceiling {
+        None
+    } else {
+        Some(super::ceiling::measure(
+            CEILING_BYTES,
+            args.k,
+            args.n,
+            args.chunk,
+            3,
+            &args.dir,
+        )?)
+    };
     let needs = e2e_needs(args.size, args.chunk, args.k, args.n);
     let mem = mem_available()?;
     std::fs::create_dir_all(&args.dir)
@@ -1288,6 +1313,14 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
             v["store_vs_gocryptfs"] = json!(round1(store_mbps / w * 100.0) / 100.0);
             v["restore_vs_gocryptfs"] = json!(round1(restore_mbps / r * 100.0) / 100.0);
         }
+        if let Some(c) = &ceiling {
+            let (sc, rc) = (c.mbps(true), c.mbps(false));
+            v["store_ceiling_mbps"] = json!(round1(sc));
+            v["restore_ceiling_mbps"] = json!(round1(rc));
+            v["store_vs_ceiling"] = json!(round2(store_mbps / sc));
+            v["restore_vs_ceiling"] = json!(round2(restore_mbps / rc));
+            v["ceiling"] = c.json();
+        }
         println!("{v}");
     } else {
         println!(
@@ -1308,6 +1341,14 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
                 "gocryptfs write {w:>8.1} MB/s, read {r:>8.1} MB/s (same source, same dd write and hashed read) -> store {:.2}x, restore {:.2}x",
                 store_mbps / w,
                 restore_mbps / r
+            );
+        }
+        if let Some(c) = &ceiling {
+            let (sc, rc) = (c.mbps(true), c.mbps(false));
+            println!(
+                "ceiling store {sc:>8.1} MB/s, restore {rc:>8.1} MB/s (`qgenome bench ceiling`: the required work alone on every core) -> store {:.2}x, restore {:.2}x",
+                store_mbps / sc,
+                restore_mbps / rc
             );
         }
         println!("counters: {}", run.status["stats"]);

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 pub mod bench;
 pub mod card;
 pub mod catalog;
+pub mod ceiling;
 pub mod consent;
 pub mod demo;
 pub mod keys;
