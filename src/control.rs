@@ -55,10 +55,31 @@ pub fn arg_str<'a>(req: &'a Value, key: &str) -> Result<&'a str, Value> {
     })
 }
 
+/// Make way for a Unix socket at `path`: a socket an earlier run left there is removed. Any
+/// other file is refused and left as it is (a mistyped path must not cost a file), and so is
+/// a socket some live process still listens on.
+pub fn clear_stale_socket(path: &Path) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(m) if !m.file_type().is_socket() => Err(Error::new(
+            ErrorKind::AlreadyExists,
+            "a file that is not a socket is there (left as it is: remove it, or choose another path)",
+        )),
+        Ok(_) if UnixStream::connect(path).is_ok() => Err(Error::new(
+            ErrorKind::AddrInUse,
+            "another process is listening on it",
+        )),
+        Ok(_) => std::fs::remove_file(path),
+    }
+}
+
 /// Serve `handlers` (tried in order) on a socket at `path` from a background thread.
 pub fn serve(path: &Path, handlers: Vec<Arc<Handler>>) -> std::io::Result<()> {
     use nix::sys::stat::{umask, Mode};
-    let _ = std::fs::remove_file(path);
+    clear_stale_socket(path)?;
     // Made 0600 from the start: a chmod after the bind leaves a moment in which another user
     // could connect, and keep the connection.
     let old = umask(Mode::from_bits_truncate(0o077));
@@ -173,6 +194,28 @@ pub fn request(path: &Path, req: &Value) -> Result<Value, ControlError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_socket_nobody_listens_on_makes_way() {
+        let dir = tempfile::tempdir().unwrap();
+        // A file at a mistyped socket path is refused and kept.
+        let file = dir.path().join("site.toml");
+        std::fs::write(&file, "site = \"kept\"\n").unwrap();
+        let err = clear_stale_socket(&file).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists, "{err}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"site = \"kept\"\n");
+        // A live listener's socket is refused and kept.
+        let live = dir.path().join("live.sock");
+        let listener = UnixListener::bind(&live).unwrap();
+        let err = clear_stale_socket(&live).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+        assert!(live.exists());
+        // Once nobody listens, it is stale and goes; a missing path is fine.
+        drop(listener);
+        clear_stale_socket(&live).unwrap();
+        assert!(!live.exists());
+        clear_stale_socket(&live).unwrap();
+    }
 
     #[test]
     fn requests_reach_the_first_handler_that_knows_them() {

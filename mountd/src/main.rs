@@ -278,6 +278,46 @@ fn format(
     au: Option<u64>,
     force: bool,
 ) -> Result<()> {
+    if size.is_some_and(|(size, _)| size == 0) {
+        bail!("--size must be greater than zero");
+    }
+    let dir = vol.state_dir()?;
+    // What this format makes it removes again if it fails: a retry starts from the same place.
+    let made_volume = !vol.volume.exists();
+    let made_dir = !dir.exists();
+    let r = format_volume(vol, &dir, site, size, au, force);
+    if r.is_err() {
+        if made_volume {
+            let _ = std::fs::remove_file(&vol.volume);
+        }
+        if made_dir {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+    r
+}
+
+/// How much of a volume's start `format` reads to tell a blank volume from one holding data.
+const BLANK_CHECK: usize = 1 << 20;
+
+/// The offset of the first byte that is not zero in the volume's first [`BLANK_CHECK`] bytes.
+fn first_nonzero(volume: &Path) -> Result<Option<usize>> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(BLANK_CHECK);
+    std::fs::File::open(volume)
+        .and_then(|f| f.take(BLANK_CHECK as u64).read_to_end(&mut head))
+        .with_context(|| format!("volume {}: reading its start", volume.display()))?;
+    Ok(head.iter().position(|&b| b != 0))
+}
+
+fn format_volume(
+    vol: &VolumeArgs,
+    dir: &Path,
+    site: &str,
+    size: Option<(u64, bool)>,
+    au: Option<u64>,
+    force: bool,
+) -> Result<()> {
     if !vol.volume.exists() {
         let Some((size, zeroed)) = size else {
             bail!(
@@ -297,26 +337,22 @@ fn format(
             );
         }
     }
-    let dir = vol.state_dir()?;
-    std::fs::create_dir_all(&dir)
+    std::fs::create_dir_all(dir)
         .with_context(|| format!("creating state directory {}", dir.display()))?;
     // Not under a daemon (or a rebuild) using this index; released before the open below,
     // which takes it again.
-    let lock = qgenome_mountd::store::lock_state_dir(&dir)?;
+    let lock = qgenome_mountd::store::lock_state_dir(dir)?;
     let index = dir.join("index");
-    if index.exists() {
-        if !force {
-            bail!(
-                "index {} exists (from an earlier format); pass --force to discard it",
-                index.display()
-            );
-        }
-        std::fs::remove_dir_all(&index)
-            .with_context(|| format!("removing index {}", index.display()))?;
+    if index.exists() && !force {
+        bail!(
+            "index {} exists (from an earlier format); pass --force to discard it",
+            index.display()
+        );
     }
     let dev = vol.open_volume()?;
     // A volume shares were written to (whatever index serves it, from whatever state
     // directory) is formatted only on purpose: a new volume id makes every share unreadable.
+    // So is one holding anything else: a mistyped device or file name must not cost its data.
     if !force {
         match qgenome_mountd::store::read_superblock(&dev) {
             Ok(sb) if sb.index_tag != 0 => bail!(
@@ -324,18 +360,34 @@ fn format(
                 vol.volume.display(),
                 sb.site
             ),
-            Ok(_) | Err(StoreError::NoSuperblock { .. }) => {}
+            Ok(_) => {}
+            Err(StoreError::NoSuperblock { .. }) => {
+                if let Some(at) = first_nonzero(&vol.volume)? {
+                    bail!(
+                        "volume {} is not blank (byte {at} is not zero) and holds no qgenome superblock: formatting would overwrite what it holds; pass --force to do so",
+                        vol.volume.display()
+                    );
+                }
+            }
             // A superblock that cannot be read or checked may still front shares.
             Err(e) => bail!("{e}; formatting would discard whatever the volume holds: pass --force to do so"),
         }
     }
-    let alloc_unit = au
-        .map(u32::try_from)
-        .transpose()
-        .context("--alloc-unit too large")?;
-    let sb = Store::format(&dev, site, &FormatOptions { alloc_unit })?;
+    let opts = FormatOptions {
+        alloc_unit: au
+            .map(u32::try_from)
+            .transpose()
+            .context("--alloc-unit too large")?,
+    };
+    // Everything is checked before the old index goes.
+    Store::check_format(&dev, site, &opts)?;
+    if index.exists() {
+        std::fs::remove_dir_all(&index)
+            .with_context(|| format!("removing index {}", index.display()))?;
+    }
+    let sb = Store::format(&dev, site, &opts)?;
     drop(lock);
-    drop(Store::open(dev, &dir, StoreOptions::default())?);
+    drop(Store::open(dev, dir, StoreOptions::default())?);
     println!(
         "formatted {} for site {}: {} bytes, block {} unit {}, index {}",
         vol.volume.display(),
@@ -433,7 +485,21 @@ fn bench(vol: &VolumeArgs, run: &BenchRun, via_daemon: Option<&Path>, json: bool
     // Whatever this bench creates (a volume and its index when none was given, fio's file)
     // it removes, whether the measurement succeeds or not.
     let created = !vol.volume.exists();
+    let state = vol.state_dir()?;
+    if created && state.exists() {
+        bail!(
+            "--state {} exists, but volume {} does not: a new bench volume takes a new index directory, which the bench removes after (remove it, or give another --state)",
+            state.display(),
+            vol.volume.display()
+        );
+    }
     let fio_path = sibling(&vol.volume, ".fio");
+    if !no_fio && fio_path.exists() {
+        bail!(
+            "{} exists: the bench makes fio's file there and removes it after (remove it, or give the volume another name)",
+            fio_path.display()
+        );
+    }
     let mut made_fio = false;
     let measured = (|| -> Result<(StoreBench, bool, Durability)> {
         if created {
@@ -445,7 +511,7 @@ fn bench(vol: &VolumeArgs, run: &BenchRun, via_daemon: Option<&Path>, json: bool
         }
         let store = Store::open(
             vol.open_volume()?,
-            &vol.state_dir()?,
+            &state,
             StoreOptions {
                 max_share_len: share_size.max(1 << 20),
                 ..StoreOptions::default()
@@ -457,7 +523,6 @@ fn bench(vol: &VolumeArgs, run: &BenchRun, via_daemon: Option<&Path>, json: bool
         // fio's file is made as the volume is (allocated and written with zeros), and each
         // round of fio writes and reads its own slice of it, as that round's shares take theirs.
         if !no_fio && store.device().kind() != VolumeKind::BlockDevice {
-            let _ = std::fs::remove_file(&fio_path);
             made_fio = true;
             create_file_volume(&fio_path, count * share_size, true)?;
         }
@@ -485,9 +550,7 @@ fn bench(vol: &VolumeArgs, run: &BenchRun, via_daemon: Option<&Path>, json: bool
     }
     if created {
         let _ = std::fs::remove_file(&vol.volume);
-        if let Ok(dir) = vol.state_dir() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        let _ = std::fs::remove_dir_all(&state);
     }
     let (r, fixed, durability) = measured?;
     let mut out = serde_json::json!({

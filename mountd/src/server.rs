@@ -281,11 +281,7 @@ fn bind_unix(p: &Path) -> Result<UnixListener, ServerError> {
     if let Some(dir) = p.parent() {
         std::fs::create_dir_all(dir).map_err(bind_err)?;
     }
-    match std::fs::remove_file(p) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(bind_err(e)),
-    }
+    qgenome::control::clear_stale_socket(p).map_err(bind_err)?;
     let l = UnixListener::bind(p).map_err(bind_err)?;
     // Only the owner (the mount runs as the same user or root) may connect: no pad here.
     use std::os::unix::fs::PermissionsExt;

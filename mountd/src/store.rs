@@ -514,25 +514,43 @@ impl<D: BlockDevice> Store<D> {
     /// Writes a fresh superblock (new random volume id) to `dev`. Existing shares become
     /// unreachable; a previous index no longer matches the volume and is refused at open.
     pub fn format(dev: &D, site: &str, opts: &FormatOptions) -> Result<Superblock, StoreError> {
-        let fmt_err = |source| StoreError::Format {
-            path: dev.path().to_path_buf(),
-            source,
-        };
-        let block = dev.alignment().step().max(4096).next_power_of_two();
         let mut volume_id = [0u8; 16];
-        getrandom::getrandom(&mut volume_id).map_err(|e| {
-            fmt_err(LayoutError::Invalid {
+        getrandom::getrandom(&mut volume_id).map_err(|e| StoreError::Format {
+            path: dev.path().to_path_buf(),
+            source: LayoutError::Invalid {
                 field: "volume id",
                 reason: e.to_string(),
-            })
+            },
         })?;
-        let au = opts.alloc_unit.unwrap_or(block);
-        let sb =
-            Superblock::new(volume_id, site, block, au, dev.size(), now_secs()).map_err(fmt_err)?;
+        let sb = Self::superblock_for(dev, site, opts, volume_id)?;
+        let block = sb.block_size;
         let mut buf = dev.alloc_buf(block as usize);
         buf.as_mut_slice()[..crate::layout::SUPERBLOCK_LEN].copy_from_slice(&sb.encode());
         dev.write_at(buf, 0, true)?;
         Ok(sb)
+    }
+
+    /// Checks what [`Store::format`] would check (the site name, the allocation unit, the
+    /// device's size and alignment) and writes nothing: for a caller that must know the
+    /// format will go through before it discards anything.
+    pub fn check_format(dev: &D, site: &str, opts: &FormatOptions) -> Result<(), StoreError> {
+        Self::superblock_for(dev, site, opts, [0; 16]).map(drop)
+    }
+
+    fn superblock_for(
+        dev: &D,
+        site: &str,
+        opts: &FormatOptions,
+        volume_id: [u8; 16],
+    ) -> Result<Superblock, StoreError> {
+        let block = dev.alignment().step().max(4096).next_power_of_two();
+        let au = opts.alloc_unit.unwrap_or(block);
+        Superblock::new(volume_id, site, block, au, dev.size(), now_secs()).map_err(|source| {
+            StoreError::Format {
+                path: dev.path().to_path_buf(),
+                source,
+            }
+        })
     }
 
     /// Opens the store on a formatted volume with its index in `state_dir`. The free space is

@@ -382,3 +382,120 @@ fn bench_takes_a_file_volume_on_dev_shm_as_a_file() {
     assert_eq!(j["durability"], "rwf-dsync", "{j}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+/// `format` and `bench` never cost what they did not make: a file holding data is not
+/// formatted over without `--force`, a format that fails keeps the index it found and leaves
+/// nothing it created, and a bench keeps an existing `--state` and fio file.
+#[test]
+fn format_and_bench_keep_what_they_did_not_make() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = mountd()
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    // A file holding data, named by mistake.
+    let precious = dir.path().join("precious.dat");
+    let mut data = vec![0u8; 4 << 20];
+    getrandom::getrandom(&mut data).unwrap();
+    data[..4096].fill(0);
+    std::fs::write(&precious, &data).unwrap();
+    let (ok, err) = run(&["format", "--site", "x", "--volume", "precious.dat"]);
+    assert!(
+        !ok && err.contains("precious.dat") && err.contains("not blank") && err.contains("--force"),
+        "formatted over a file holding data: {err}"
+    );
+    assert!(
+        std::fs::read(&precious).unwrap() == data,
+        "precious.dat changed"
+    );
+    assert!(!dir.path().join("precious.dat.state").exists());
+    let (ok, err) = run(&[
+        "format",
+        "--site",
+        "x",
+        "--force",
+        "--volume",
+        "precious.dat",
+    ]);
+    assert!(ok, "{err}");
+
+    // A new volume whose format fails leaves neither the file nor the state directory.
+    let (ok, err) = run(&[
+        "format",
+        "--site",
+        "",
+        "--size",
+        "64M",
+        "--volume",
+        "fresh.vol",
+    ]);
+    assert!(!ok && err.contains("site"), "{err}");
+    assert!(
+        !dir.path().join("fresh.vol").exists(),
+        "fresh.vol left behind"
+    );
+    assert!(!dir.path().join("fresh.vol.state").exists());
+
+    // `--force` with a bad argument fails before the index goes.
+    let (ok, err) = run(&[
+        "format", "--site", "a", "--size", "64M", "--volume", "good.vol",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, err) = run(&["format", "--site", "", "--force", "--volume", "good.vol"]);
+    assert!(!ok && err.contains("site"), "{err}");
+    assert!(
+        dir.path().join("good.vol.state/index").exists(),
+        "index discarded"
+    );
+    let stat = mountd()
+        .args(["stat", "--volume"])
+        .arg(dir.path().join("good.vol"))
+        .output()
+        .unwrap();
+    assert!(
+        stat.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stat.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&stat.stdout).unwrap();
+    assert_eq!(v["site"], "a");
+
+    // A bench on a new volume keeps an existing --state and an existing fio file.
+    let state = dir.path().join("other.state");
+    std::fs::create_dir_all(state.join("index")).unwrap();
+    std::fs::write(state.join("keep"), b"kept").unwrap();
+    let (ok, err) = run(&[
+        "bench",
+        "--size",
+        "1M",
+        "--rounds",
+        "1",
+        "--no-fio",
+        "--direct",
+        "--volume",
+        "b.vol",
+        "--state",
+        "other.state",
+    ]);
+    assert!(!ok && err.contains("other.state"), "{err}");
+    assert_eq!(std::fs::read(state.join("keep")).unwrap(), b"kept");
+    assert!(state.join("index").exists());
+    assert!(!dir.path().join("b.vol").exists());
+    std::fs::write(dir.path().join("c.vol.fio"), b"mine").unwrap();
+    let (ok, err) = run(&[
+        "bench", "--size", "1M", "--rounds", "1", "--direct", "--volume", "c.vol",
+    ]);
+    assert!(!ok && err.contains("c.vol.fio"), "{err}");
+    assert_eq!(
+        std::fs::read(dir.path().join("c.vol.fio")).unwrap(),
+        b"mine"
+    );
+    assert!(!dir.path().join("c.vol").exists());
+}

@@ -1015,3 +1015,37 @@ fn a_hello_floor_is_bounded_by_the_send_pool_not_the_receive_pool() {
         Body::Welcome { .. }
     ));
 }
+
+/// A `unix_socket` that names a file which is not a socket (a typo for the config, say) stops
+/// the daemon with an error naming the path, and the file is kept.
+#[test]
+fn a_unix_socket_path_holding_a_file_is_refused_and_the_file_kept() {
+    let site = Site::new("kept", Vol::File(64 << 20), &["l"], &["l"], 1 << 20);
+    std::fs::write(&site.socket, b"not a socket").unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qgenome-mountd"))
+        .args(["serve", "--config"])
+        .arg(&site.config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("the daemon replaced the file at its socket path and is serving");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains(&site.socket.display().to_string()) && err.contains("not a socket"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&site.socket).unwrap(), b"not a socket");
+}
