@@ -17,6 +17,7 @@ packages=(
   gocryptfs           # the encrypted-FUSE peer baseline in `qgenome bench e2e`
   iproute2 util-linux # ip netns, losetup
   systemd             # systemd-analyze verify of the units (tests/units.rs)
+  python3             # readers with precise open flags and signal masks in tests/fs_mount.rs
 )
 
 missing=()

@@ -151,6 +151,25 @@ fn default_cache() -> String {
     "256M".into()
 }
 
+/// A remote site's `address`: `host:port` (a name, an IPv4 address, or an IPv6 one in
+/// brackets), with a port from 1 to 65535. Names are resolved when the mount connects.
+fn check_address(address: &str) -> Result<(), String> {
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err(format!("{address:?} is not host:port"));
+    };
+    if host.is_empty() || (host.contains(':') && !(host.starts_with('[') && host.ends_with(']'))) {
+        return Err(format!(
+            "{address:?} is not host:port (an IPv6 address goes in brackets: [::1]:7601)"
+        ));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!(
+            "{address:?}: the port must be a number from 1 to 65535"
+        )),
+    }
+}
+
 impl HomeConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -284,6 +303,11 @@ impl HomeConfig {
                     }
                     if !matches!(s.end.as_deref(), Some("a" | "b")) {
                         return Err(self.invalid(&key("end"), "must be \"a\" or \"b\""));
+                    }
+                    check_address(address).map_err(|e| self.invalid(&key("address"), e))?;
+                    if let Some(link) = &s.link {
+                        crate::keys::pool::check_link_name(link)
+                            .map_err(|e| self.invalid(&key("link"), e.to_string()))?;
                     }
                     s.window_bytes()
                         .map_err(|e| self.invalid(&key("key_window"), e))?;
@@ -476,5 +500,25 @@ end = "a"
         assert!(e.contains("consent_wait_secs"), "{e}");
         let e = err(&GOOD.replace("link = \"home-b\"\n", ""));
         assert!(e.contains("site[2].link") && e.contains("required"), "{e}");
+        for bad in [
+            "127.0.0.1",
+            "nowhere",
+            ":7601",
+            "host:0",
+            "host:http",
+            "::1:7601",
+        ] {
+            let e = err(&GOOD.replace("127.0.0.1:2", bad));
+            assert!(
+                e.contains("site[2].address") && e.contains(bad),
+                "{bad}: {e}"
+            );
+        }
+        for good in ["[::1]:7601", "site-b.example:7601"] {
+            HomeConfig::parse(&GOOD.replace("127.0.0.1:2", good), Path::new("/etc/q.toml"))
+                .unwrap();
+        }
+        let e = err(&GOOD.replace("home-b", "../../etc/x"));
+        assert!(e.contains("site[2].link"), "{e}");
     }
 }

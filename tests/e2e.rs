@@ -267,12 +267,20 @@ fn kill_9_of_the_mount_during_a_write_keeps_committed_files_and_drops_the_partia
         .unwrap();
     let audit = d.control(&json!({"cmd": "audit", "last": 10})).unwrap();
     let me = format!("admin (uid {}, pid ", nix::unistd::geteuid().as_raw());
+    let entries = audit["entries"].as_array().unwrap();
+    // The log is oldest first: the last grant is the one just asked for.
+    let last = entries
+        .iter()
+        .rev()
+        .find(|e| e["event"] == "consent-grant")
+        .unwrap_or_else(|| panic!("no consent-grant: {audit}"));
     assert!(
-        audit["entries"].as_array().unwrap().iter().any(|e| {
-            e["event"] == "consent-grant"
-                && e["detail"].as_str().is_some_and(|d| d.starts_with(&me))
-        }),
-        "no consent-grant naming {me}...: {audit}"
+        last["detail"].as_str().is_some_and(|d| d.starts_with(&me)),
+        "the grant does not name {me}...: {last}"
+    );
+    assert!(
+        !audit.to_string().contains("4242"),
+        "the claimed peer reached the audit: {audit}"
     );
 }
 
@@ -395,6 +403,29 @@ fn df_reports_the_room_the_sites_and_links_have_left() {
     );
     assert!(near(free, want_free), "df free {free}, sites {want_free}");
     assert!(free > 16 << 20 && free < total, "free {free} of {total}");
+    // `qgenome status` prints each site's room beside its key.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qgenome"))
+        .arg("status")
+        .arg("--config")
+        .arg(&d.home_config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for s in &d.cfg.sites {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("site {} ", s.name)))
+            .unwrap_or_else(|| panic!("no line for site {}: {text}", s.name));
+        assert!(
+            line.contains("MiB free") && line.contains("shares"),
+            "{line}"
+        );
+    }
 
     std::fs::create_dir(d.mountpoint.join("P1")).unwrap();
     let mut w = std::fs::File::create(d.mountpoint.join("P1/w.cram")).unwrap();

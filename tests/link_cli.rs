@@ -84,6 +84,22 @@ fn provision_writes_matching_ends_and_refuses_to_overwrite() {
     assert_eq!(v[0]["role"], "sender");
     assert_eq!(v[0]["remaining"], 1 << 20);
     assert_eq!(v[1]["role"], "receiver");
+
+    // A pool cut short on its way to the far site is reported, not counted as full.
+    let pool = a.join("home-lsa.a2b.pool");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&pool)
+        .unwrap()
+        .set_len(500_000)
+        .unwrap();
+    let status = qgenome(&["keys", "status", "--link", "home-lsa", "--dir", sa]);
+    let err = String::from_utf8_lossy(&status.stderr);
+    assert!(
+        !status.status.success() && err.contains(&pool.display().to_string()),
+        "a truncated pool was reported: {}{err}",
+        String::from_utf8_lossy(&status.stdout)
+    );
 }
 
 #[test]

@@ -406,6 +406,16 @@ fn serve(path: &Path) -> Result<()> {
     let cfg = SiteConfig::load(path)?;
     qgenome::harden::harden_process("qgenome-mountd")?;
     let dev = UringVolume::open(&cfg.volume, &cfg.uring_options())?;
+    // Two sites' configs or volumes swapped would serve one site's shares as another's.
+    let formatted_for = qgenome_mountd::store::read_superblock(&dev)?.site;
+    if formatted_for != cfg.site {
+        bail!(
+            "config {}: key `site`: {:?}, but volume {} was formatted for site {formatted_for:?} (another site's config or volume?)",
+            path.display(),
+            cfg.site,
+            cfg.volume.display()
+        );
+    }
     let store = Store::open(dev, &cfg.state_dir, cfg.store_options())?;
     let links = cfg
         .links

@@ -1022,6 +1022,37 @@ fn a_hello_floor_is_bounded_by_the_send_pool_not_the_receive_pool() {
 fn a_unix_socket_path_holding_a_file_is_refused_and_the_file_kept() {
     let site = Site::new("kept", Vol::File(64 << 20), &["l"], &["l"], 1 << 20);
     std::fs::write(&site.socket, b"not a socket").unwrap();
+    let (status, err) = serve_until_it_exits(&site);
+    assert!(!status.success());
+    assert!(
+        err.contains(&site.socket.display().to_string()) && err.contains("not a socket"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&site.socket).unwrap(), b"not a socket");
+}
+
+/// A config whose `site` is not the one its volume was formatted for (two sites' configs or
+/// volumes swapped) is refused, naming both.
+#[test]
+fn a_volume_formatted_for_another_site_is_not_served() {
+    let site = Site::new("sendai-1", Vol::File(64 << 20), &["l"], &["l"], 1 << 20);
+    let cfg = std::fs::read_to_string(&site.config).unwrap();
+    std::fs::write(
+        &site.config,
+        cfg.replace("site = \"sendai-1\"", "site = \"tokyo\""),
+    )
+    .unwrap();
+    let (status, err) = serve_until_it_exits(&site);
+    assert!(!status.success());
+    assert!(
+        err.contains("key `site`") && err.contains("tokyo") && err.contains("sendai-1"),
+        "{err}"
+    );
+}
+
+/// Run `serve` on the site's config, expecting it to stop by itself within 30 s: its exit
+/// status and what it wrote to stderr. A daemon still serving then fails the test.
+fn serve_until_it_exits(site: &Site) -> (std::process::ExitStatus, String) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qgenome-mountd"))
         .args(["serve", "--config"])
         .arg(&site.config)
@@ -1036,16 +1067,11 @@ fn a_unix_socket_path_holding_a_file_is_refused_and_the_file_kept() {
         }
         if std::time::Instant::now() > deadline {
             child.kill().unwrap();
-            panic!("the daemon replaced the file at its socket path and is serving");
+            panic!("the daemon did not refuse its config: it is serving");
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     let mut err = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-    assert!(!status.success());
-    assert!(
-        err.contains(&site.socket.display().to_string()) && err.contains("not a socket"),
-        "{err}"
-    );
-    assert_eq!(std::fs::read(&site.socket).unwrap(), b"not a socket");
+    (status, err)
 }

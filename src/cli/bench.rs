@@ -1117,12 +1117,16 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
     if args.size == 0 || args.chunk == 0 || args.bs == 0 {
         bail!("--size, --chunk and --bs must be greater than zero");
     }
-    if args.n < 2 || args.k < 1 || args.k > args.n {
+    // As the mount's config takes them (scheme and chunk_size), before anything is made.
+    if !(2..=16).contains(&args.n) || !(2..=args.n).contains(&args.k) {
         bail!(
-            "need 1 <= k <= n and n >= 2 (got k={} n={})",
+            "--k and --n: need 2 <= k <= n <= 16 (got k={} n={})",
             args.k,
             args.n
         );
+    }
+    if !(4 << 10..=16 << 20).contains(&args.chunk) {
+        bail!("--chunk must be between 4K and 16M, as the mount's chunk_size");
     }
     let mut tools = vec!["dd", "fusermount3"];
     if !args.no_baseline {

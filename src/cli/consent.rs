@@ -96,7 +96,7 @@ impl ConsentCommand {
     }
 }
 
-/// `qgenome status`: counters and key left per site link.
+/// `qgenome status`: each site's room and the key left on its link, and the counters.
 pub fn status(ctl: &ControlArgs, as_json: bool) -> anyhow::Result<()> {
     let r = control::request(&ctl.socket()?, &json!({"cmd": "status"}))?;
     if as_json {
@@ -116,7 +116,21 @@ pub fn status(ctl: &ControlArgs, as_json: bool) -> anyhow::Result<()> {
             ),
             _ => "local (no link)".into(),
         };
-        println!("site {:<12} {key}", s["name"].as_str().unwrap_or("?"));
+        let u = &s["usage"];
+        let usage = match (u["capacity"].as_u64(), u["free"].as_u64()) {
+            (Some(cap), Some(free)) => format!(
+                "{:.1} of {:.1} MiB free, {} shares, {}",
+                mib(free),
+                mib(cap),
+                u["shares"],
+                u["health"].as_str().unwrap_or("?")
+            ),
+            _ => "usage unknown (the site did not answer)".into(),
+        };
+        println!(
+            "site {:<12} {usage}; {key}",
+            s["name"].as_str().unwrap_or("?")
+        );
     }
     for (k, v) in r["stats"].as_object().into_iter().flatten() {
         println!("{k:<16} {v}");

@@ -88,10 +88,17 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             bail!("{tool} is not installed: run `make demo` (it installs what the demo needs)");
         }
     }
-    std::fs::create_dir_all(&args.dir)?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("--dir {}: cannot create it", args.dir.display()))?;
     let tmp = tempfile::Builder::new()
         .prefix("qgenome-demo-")
-        .tempdir_in(&args.dir)?;
+        .tempdir_in(&args.dir)
+        .with_context(|| {
+            format!(
+                "--dir {}: cannot make a directory in it",
+                args.dir.display()
+            )
+        })?;
     let dir = tmp.path().to_path_buf();
     // htslib writes the first 20 bytes of the output path into the CRAM; a longer common
     // prefix makes a local copy and the mounted file byte-identical, so md5 can compare them.

@@ -1822,6 +1822,12 @@ mod tests {
             "given back after the wipe: wiped and emptied"
         );
         assert!(back.capacity() >= 4096, "and kept for reuse");
+        // SAFETY: every byte of the allocation was written (0xA5, then the wipe's zeros).
+        let all = unsafe { std::slice::from_raw_parts(back.as_ptr(), 4096) };
+        assert!(
+            all.iter().all(|&b| b == 0),
+            "emptied, but the share's bytes are still in the buffer"
+        );
     }
 
     /// A fetch that panics leaves its chunk to the next reader, who fetches it again, instead

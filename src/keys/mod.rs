@@ -54,6 +54,12 @@ pub enum KeyError {
     Exists { link: String, path: PathBuf },
     #[error("link {link:?}: pool {path} is in use by another stream (another qgenome or qgenome-mountd, or a second key directory linking the same pool); two users of one pool would reuse key: stop the other first")]
     InUse { link: String, path: PathBuf },
+    #[error("link {link:?}: pool {path} can be read or written by other users (mode {mode:o}): one-time-pad key is for its owner alone; `chmod 600` it (and check who else may have read it)")]
+    Exposed {
+        link: String,
+        path: PathBuf,
+        mode: u32,
+    },
     #[error("link {link:?}: bad pool size for {path}: {reason}")]
     BadSize {
         link: String,

@@ -275,6 +275,15 @@ impl PoolFile {
             });
         }
         let meta = file.metadata().map_err(|e| io("stat pool", e))?;
+        // Provisioning makes pools 0600; a copy to the far site may not have kept that.
+        let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::Exposed {
+                link: link.to_string(),
+                path,
+                mode,
+            });
+        }
         let actual = meta.len();
         let mut hdr = vec![0u8; HEADER_LEN as usize];
         let n = read_up_to(&file, &mut hdr).map_err(|e| io("read pool header", e))?;
@@ -1136,6 +1145,32 @@ mod tests {
             .iter()
             .filter(|p| p.start % DESTROY_ALIGN != 0 || p.end % DESTROY_ALIGN != 0)
             .count()
+    }
+
+    /// A pool others may read (copied to the far site under umask 022, say) is refused,
+    /// naming it and its mode; once it is 0600 again it opens.
+    #[test]
+    fn a_pool_other_users_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        provision("l1", 1 << 20, &a, &b).unwrap();
+        let path = pool_path(&b, "l1", Direction::AtoB);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = PoolFile::open(&b, "l1", Direction::AtoB, End::B).unwrap_err();
+        assert!(
+            matches!(err, KeyError::Exposed { mode: 0o644, .. }),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&path.display().to_string()) && msg.contains("644"),
+            "{msg}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        PoolFile::open(&b, "l1", Direction::AtoB, End::B).unwrap();
     }
 
     #[test]

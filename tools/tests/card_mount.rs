@@ -127,6 +127,16 @@ fn a_blocked_samtools_view_returns_data_when_the_enrolled_card_is_presented() {
     for e in ["consent-grant", "consent-end", "consent-refused"] {
         assert!(events.contains(&e), "no {e} in the audit log: {events:?}");
     }
+    // The refused admin grant names its caller, from the socket's credentials.
+    // SAFETY: geteuid has no preconditions.
+    let caller = format!("admin grant (uid {}, pid ", unsafe { libc::geteuid() });
+    assert!(
+        audit["entries"].as_array().unwrap().iter().any(|e| {
+            e["event"] == "consent-refused"
+                && e["detail"].as_str().is_some_and(|d| d.starts_with(&caller))
+        }),
+        "the refused admin grant does not name its caller: {audit}"
+    );
     let reads = audit["entries"]
         .as_array()
         .unwrap()
