@@ -87,6 +87,17 @@ pub struct Deployment {
     bin_dir: PathBuf,
 }
 
+/// A path as a TOML string, quoted and escaped (a directory name may hold `"` or `\\`).
+fn toml_path(p: &Path) -> anyhow::Result<String> {
+    let s = p.to_str().with_context(|| {
+        format!(
+            "{}: not UTF-8, which a TOML config cannot hold",
+            p.display()
+        )
+    })?;
+    Ok(toml::Value::String(s.to_string()).to_string())
+}
+
 /// Directory of the binaries: `QGENOME_BIN_DIR`, else beside this executable (or its parent,
 /// for test binaries under `target/*/deps`).
 pub fn bin_dir() -> anyhow::Result<PathBuf> {
@@ -206,16 +217,16 @@ impl Deployment {
                 );
             }
             let mut site_toml = format!(
-                "site = \"{name}\"\nvolume = \"{}\"\nstate_dir = \"{}\"\n",
-                volume.display(),
-                state_dir.display()
+                "site = \"{name}\"\nvolume = {}\nstate_dir = {}\n",
+                toml_path(&volume)?,
+                toml_path(&state_dir)?
             );
             let (key_dir, link) = if i == 0 {
                 let sock = sdir.join("mountd.sock");
-                site_toml += &format!("unix_socket = \"{}\"\n", sock.display());
+                site_toml += &format!("unix_socket = {}\n", toml_path(&sock)?);
                 home_sites += &format!(
-                    "[[site]]\nname = \"{name}\"\nsocket = \"{}\"\n",
-                    sock.display()
+                    "[[site]]\nname = \"{name}\"\nsocket = {}\n",
+                    toml_path(&sock)?
                 );
                 (None, None)
             } else {
@@ -247,13 +258,13 @@ impl Deployment {
                 .with_context(|| format!("provisioning link {link}"))?;
                 let port = free_port()?;
                 site_toml += &format!(
-                    "listen = \"127.0.0.1:{port}\"\n[[link]]\nname = \"{link}\"\nkey_dir = \"{}\"\nend = \"b\"\nwindow = {}\n",
-                    site_end.display(),
+                    "listen = \"127.0.0.1:{port}\"\n[[link]]\nname = \"{link}\"\nkey_dir = {}\nend = \"b\"\nwindow = {}\n",
+                    toml_path(&site_end)?,
                     opts.key_window
                 );
                 home_sites += &format!(
-                    "[[site]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\nlink = \"{link}\"\nkeys = \"{}\"\nend = \"a\"\nkey_window = \"{}\"\n",
-                    home_end.display(),
+                    "[[site]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\nlink = \"{link}\"\nkeys = {}\nend = \"a\"\nkey_window = \"{}\"\n",
+                    toml_path(&home_end)?,
                     opts.key_window
                 );
                 (Some(home_end), Some(link))
@@ -274,9 +285,9 @@ impl Deployment {
         let mountpoint = dir.join("qgenome");
         std::fs::create_dir_all(&mountpoint)?;
         let home_text = format!(
-            "mountpoint = \"{}\"\nstate_dir = \"{}\"\nchunk_size = \"{}\"\nconsent_wait_secs = {}\n[scheme]\nk = {}\nn = {}\n{home_sites}",
-            mountpoint.display(),
-            dir.join("home-state").display(),
+            "mountpoint = {}\nstate_dir = {}\nchunk_size = \"{}\"\nconsent_wait_secs = {}\n[scheme]\nk = {}\nn = {}\n{home_sites}",
+            toml_path(&mountpoint)?,
+            toml_path(&dir.join("home-state"))?,
             opts.chunk_size,
             opts.consent_wait_secs,
             opts.k,
@@ -717,6 +728,22 @@ impl Drop for VirtualCard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Paths go into the generated configs quoted and escaped: a `"` or a `\` in a directory
+    /// name reads back as itself.
+    #[test]
+    fn paths_in_generated_configs_read_back_unchanged() {
+        for p in [
+            "/tmp/plain",
+            "/tmp/a \"quoted\" dir",
+            "/tmp/back\\slash\\u0041",
+            "/tmp/tab\there",
+        ] {
+            let text = format!("volume = {}\n", toml_path(Path::new(p)).unwrap());
+            let v: toml::Table = toml::from_str(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(v["volume"].as_str(), Some(p), "{text}");
+        }
+    }
 
     #[test]
     fn windows_are_found_at_any_offset_and_only_there() {

@@ -457,9 +457,10 @@ fn df_reports_the_room_the_sites_and_links_have_left() {
         (t.elapsed(), v.blocks_available())
     });
     std::thread::sleep(Duration::from_millis(300));
-    let t = Instant::now();
     std::fs::metadata(d.mountpoint.join("P1/w.cram")).unwrap();
-    let stat_took = t.elapsed();
+    // The stat came back while df still waited for the stopped site (a stat queued behind
+    // it would come back after it).
+    let df_still_waiting = !asked.is_finished();
     let (df_took, avail) = asked.join().unwrap();
     nix::sys::signal::kill(stopped, nix::sys::signal::Signal::SIGCONT).unwrap();
     assert_eq!(avail, 0, "a site that does not answer leaves no room");
@@ -468,8 +469,8 @@ fn df_reports_the_room_the_sites_and_links_have_left() {
         "df waited {df_took:?} for a stopped site"
     );
     assert!(
-        stat_took < Duration::from_secs(2),
-        "a stat waited {stat_took:?} while df asked a stopped site"
+        df_still_waiting,
+        "a stat waited for df, which waited {df_took:?} for a stopped site"
     );
 
     d.kill_site(2);

@@ -1135,14 +1135,19 @@ fn an_rm_answers_before_the_shares_are_deleted_and_the_mount_goes_on() {
     for s in &rig.sites {
         s.set_delete_delay(Duration::from_millis(60));
     }
-    let started = Instant::now();
     std::fs::remove_file(&a).unwrap();
     std::fs::rename(rig.mnt.join("P17/c.tmp"), &b).unwrap();
-    let answered = started.elapsed();
-    assert!(
-        answered < Duration::from_secs(2),
-        "rm and mv waited {answered:?} for 42 deletes of 60 ms at each site"
-    );
+    // Each site held 44 shares (a's and b's 21, c's 2); had the replies waited for the 42
+    // deletes, 2 would be left. They are still there when rm and mv have answered, but for
+    // the few the discarder got to meanwhile.
+    for s in &rig.sites {
+        assert!(
+            s.len() > 22,
+            "site {}: {} shares left when rm and mv answered: the deletes came first",
+            s.name(),
+            s.len()
+        );
+    }
     // Meanwhile the mount serves: a listing, a new file, a read.
     let names: Vec<_> = std::fs::read_dir(rig.mnt.join("P17"))
         .unwrap()
@@ -1152,10 +1157,6 @@ fn an_rm_answers_before_the_shares_are_deleted_and_the_mount_goes_on() {
     std::fs::write(rig.mnt.join("P17/d.cram"), b"more").unwrap();
     rig.grant("P17");
     assert_eq!(std::fs::read(&b).unwrap(), b"new");
-    assert!(
-        rig.sites.iter().any(|s| s.len() > 4),
-        "the old versions' shares were deleted before the replies"
-    );
     // The unmount waits for the deletions: only b's and d's shares (a chunk and a manifest
     // each) are left at every site.
     rig.mounted.take().unwrap().unmount().unwrap();

@@ -18,6 +18,8 @@ struct LossySite {
     lose_deletes: AtomicBool,
     /// Listings asked for.
     lists: std::sync::atomic::AtomicUsize,
+    /// Called at each listing (to look at the catalog while a rebuild runs).
+    on_list: std::sync::Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
 }
 
 impl ShareSite for LossySite {
@@ -38,6 +40,9 @@ impl ShareSite for LossySite {
     }
     fn list_shares(&self, after: Option<ShareKey>) -> Result<SharePage, SiteError> {
         self.lists.fetch_add(1, Ordering::SeqCst);
+        if let Some(f) = &*self.on_list.lock().unwrap() {
+            f();
+        }
         self.inner.list_shares(after)
     }
 }
@@ -59,6 +64,7 @@ impl Rig {
                         inner: MemSite::new(&format!("site{i}")),
                         lose_deletes: AtomicBool::new(false),
                         lists: Default::default(),
+                        on_list: Default::default(),
                     })
                 })
                 .collect(),
@@ -220,14 +226,6 @@ fn a_lost_catalog_is_rebuilt_from_the_sites_and_every_file_reads_back() {
         !b.catalog.rebuild_unfinished().unwrap(),
         "a finished rebuild leaves no mark"
     );
-    // A rebuild cut short leaves its mark, and a mount refuses such a catalog.
-    b.catalog.set_rebuilding(true).unwrap();
-    let e = qgenome::fs::mount::refuse_unfinished_rebuild(&b.catalog).unwrap_err();
-    assert!(
-        e.to_string().contains("did not finish") && e.to_string().contains("catalog-b"),
-        "{e}"
-    );
-    b.catalog.set_rebuilding(false).unwrap();
     assert_eq!(
         restored_names(&report),
         want.keys()
@@ -509,4 +507,74 @@ fn a_version_whose_k_shares_all_come_from_one_site_is_not_restored() {
     assert!(restored_names(&report).is_empty(), "{report:?}");
     assert_eq!(report.unreadable.len(), 1, "{report:?}");
     assert!(b.catalog.file("P1", "g.cram").unwrap().is_none());
+}
+
+/// A rebuild marks its catalog while it runs (the mark is there when the sites are listed)
+/// and clears it at the end; a catalog still marked (a rebuild killed half-way) is refused
+/// by a mount and by `qgenome catalog rebuild`, naming it.
+#[test]
+fn a_rebuild_marks_the_catalog_while_it_runs_and_a_marked_one_is_refused() {
+    let rig = Rig::new();
+    let a = rig.engine("catalog-a");
+    a.catalog.add_patient("P1").unwrap();
+    write(&a, "P1", "x.cram", &random(CHUNK * 2 + 1));
+    let b = rig.engine("catalog-b");
+    let seen = Arc::new(AtomicBool::new(false));
+    {
+        let (catalog, seen) = (b.catalog.clone(), seen.clone());
+        *rig.sites[0].on_list.lock().unwrap() = Some(Box::new(move || {
+            seen.store(catalog.rebuild_unfinished().unwrap(), Ordering::SeqCst)
+        }));
+    }
+    let report = b.rebuild_catalog().unwrap();
+    *rig.sites[0].on_list.lock().unwrap() = None;
+    assert_eq!(restored_names(&report), ["P1/x.cram"]);
+    assert!(
+        seen.load(Ordering::SeqCst),
+        "no mark on the catalog while the rebuild listed the sites"
+    );
+    assert!(!b.catalog.rebuild_unfinished().unwrap(), "mark left behind");
+
+    // A catalog left marked, as a rebuild killed half-way leaves it.
+    let state = rig.dir.path().join("state");
+    let catalog_dir = state.join("catalog");
+    {
+        let c = Catalog::open(&catalog_dir).unwrap();
+        c.set_rebuilding(true).unwrap();
+        c.flush().unwrap();
+    }
+    let config = rig.dir.path().join("qgenome.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "mountpoint = {:?}\nstate_dir = {state:?}\n[scheme]\nk = 2\nn = 3\n\
+             [[site]]\nname = \"site0\"\nsocket = \"/nonexistent/h.sock\"\n\
+             [[site]]\nname = \"site1\"\naddress = \"127.0.0.1:9\"\nlink = \"l1\"\nkeys = \"/nonexistent\"\nend = \"a\"\n\
+             [[site]]\nname = \"site2\"\naddress = \"127.0.0.1:10\"\nlink = \"l2\"\nkeys = \"/nonexistent\"\nend = \"a\"\n",
+            rig.dir.path().join("mnt"),
+        ),
+    )
+    .unwrap();
+    let cfg = qgenome::config::HomeConfig::load(&config).unwrap();
+    let sites = rig
+        .sites
+        .iter()
+        .map(|s| s.clone() as Arc<dyn ShareSite>)
+        .collect();
+    let e = match qgenome::fs::mount::start(&cfg, &rig.dir.path().join("mnt"), sites, vec![]) {
+        Ok(_) => panic!("a catalog whose rebuild did not finish was mounted"),
+        Err(e) => format!("{e:#}"),
+    };
+    let named = catalog_dir.display().to_string();
+    assert!(e.contains("did not finish") && e.contains(&named), "{e}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qgenome"))
+        .args(["catalog", "rebuild", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("did not finish") && err.contains(&named),
+        "{err}"
+    );
 }

@@ -347,6 +347,12 @@ pub enum WatchEvent {
     },
     /// The PC/SC service went away; every until-removed session was ended.
     ServiceLost { error: String },
+    /// `[card] reader` matches none of the readers present (said once, until that changes):
+    /// no card will be seen, and reads wait for consent in vain.
+    NoReaderMatches {
+        filter: String,
+        present: Vec<String>,
+    },
 }
 
 pub type EventHook = Arc<dyn Fn(&WatchEvent) + Send + Sync>;
@@ -430,6 +436,7 @@ pub fn start(cards: Arc<CardConsent>, cfg: WatcherConfig) -> std::io::Result<Wat
         states: vec![pnp_state()],
         tracks: Vec::new(),
         use_pnp: true,
+        unmatched_said: false,
         stop: stop.clone(),
         contexts: contexts.clone(),
     };
@@ -498,6 +505,8 @@ struct Watcher {
     tracks: Vec<Track>,
     /// False once pcscd refused the PnP pseudo-reader (then the list is polled each round).
     use_pnp: bool,
+    /// The filter matched no reader present at the last look, and that was said.
+    unmatched_said: bool,
     stop: Arc<AtomicBool>,
     contexts: Arc<AtomicU32>,
 }
@@ -564,9 +573,22 @@ impl Watcher {
     /// Brings the reader list up to date; a reader that vanished with a card in it counts as
     /// a removal.
     fn sync_readers(&mut self) -> Result<(), CardError> {
-        let mut names = self.client.readers()?;
+        let present = self.client.readers()?;
+        let mut names = present.clone();
         if let Some(f) = &self.cfg.reader {
             names.retain(|n| n.contains(f.as_str()));
+            let unmatched = names.is_empty() && !present.is_empty();
+            if unmatched && !self.unmatched_said {
+                tracing::warn!(
+                    "card.reader {f:?} matches none of the readers present ({}): no card will be seen until one does",
+                    present.join(", ")
+                );
+                self.emit(WatchEvent::NoReaderMatches {
+                    filter: f.clone(),
+                    present: present.clone(),
+                });
+            }
+            self.unmatched_said = unmatched;
         }
         if names.len() == self.tracks.len()
             && names.iter().zip(&self.tracks).all(|(n, t)| *n == t.name)

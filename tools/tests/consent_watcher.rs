@@ -174,6 +174,30 @@ fn run(dir: &Path) -> Result<()> {
         ..WatcherConfig::default()
     };
     let watcher = watcher::start(cards.clone(), cfg)?;
+    // A `[card] reader` that matches no reader present is said, naming the readers there.
+    {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = Mutex::new(tx);
+        let typo = watcher::start(
+            cards.clone(),
+            WatcherConfig {
+                mode: ConsentMode::UntilRemoved,
+                reader: Some("Virtul PCD".into()),
+                on_event: Some(Arc::new(move |ev: &WatchEvent| {
+                    let _ = tx.lock().unwrap().send(ev.clone());
+                })),
+                ..WatcherConfig::default()
+            },
+        )?;
+        match rx.recv_timeout(WAIT) {
+            Ok(WatchEvent::NoReaderMatches { filter, present }) => ensure!(
+                filter == "Virtul PCD" && present.iter().any(|r| r.contains(READER)),
+                "{filter:?} {present:?}"
+            ),
+            other => bail!("expected a reader filter matching nothing to be said, got {other:?}"),
+        }
+        drop(typo);
+    }
     let mut rig = Rig {
         dir: dir.to_owned(),
         pcscd: Some(pcscd),
