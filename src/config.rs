@@ -151,6 +151,14 @@ fn default_cache() -> String {
     "256M".into()
 }
 
+/// The directory relative paths in the config at `path` are taken from: the file's own.
+pub fn config_dir(path: &Path) -> PathBuf {
+    std::path::absolute(path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_default()
+}
+
 /// A remote site's `address`: `host:port` (a name, an IPv4 address, or an IPv6 one in
 /// brackets), with a port from 1 to 65535. Names are resolved when the mount connects.
 fn check_address(address: &str) -> Result<(), String> {
@@ -185,6 +193,17 @@ impl HomeConfig {
             message: e.to_string(),
         })?;
         cfg.path = path.to_path_buf();
+        // Relative paths are the config file's neighbours, wherever the mount or a
+        // `qgenome status` is started from.
+        let base = config_dir(path);
+        for p in [&mut cfg.mountpoint, &mut cfg.state_dir] {
+            *p = base.join(&*p);
+        }
+        for s in &mut cfg.sites {
+            for p in [s.socket.as_mut(), s.keys.as_mut()].into_iter().flatten() {
+                *p = base.join(&*p);
+            }
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -520,5 +539,28 @@ end = "a"
         }
         let e = err(&GOOD.replace("home-b", "../../etc/x"));
         assert!(e.contains("site[2].link"), "{e}");
+    }
+
+    #[test]
+    fn relative_paths_are_taken_from_the_config_files_directory() {
+        let text = GOOD
+            .replace("\"/tmp/q\"", "\"state\"")
+            .replace("\"/run/h.sock\"", "\"run/h.sock\"")
+            .replace("keys = \"/k\"", "keys = \"../keys\"");
+        let cfg = HomeConfig::parse(&text, Path::new("/etc/qgenome/q.toml")).unwrap();
+        assert_eq!(cfg.state_dir, Path::new("/etc/qgenome/state"));
+        assert_eq!(
+            cfg.control_socket(),
+            Path::new("/etc/qgenome/state/control.sock")
+        );
+        assert_eq!(cfg.mountpoint, Path::new("/qgenome"));
+        assert_eq!(
+            cfg.sites[0].socket.as_deref(),
+            Some(Path::new("/etc/qgenome/run/h.sock"))
+        );
+        assert_eq!(
+            cfg.sites[1].keys.as_deref(),
+            Some(Path::new("/etc/qgenome/../keys"))
+        );
     }
 }

@@ -157,10 +157,25 @@ impl SiteConfig {
     /// Parses and validates `text`; `path` is only used in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         // toml's message names the unknown or mistyped key and its line.
-        let c: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut c: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
+        // Relative paths are the config file's neighbours, wherever the daemon starts.
+        let base = qgenome::config::config_dir(path);
+        for p in [
+            Some(&mut c.volume),
+            Some(&mut c.state_dir),
+            c.unix_socket.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *p = base.join(&*p);
+        }
+        for l in &mut c.links {
+            l.key_dir = base.join(&l.key_dir);
+        }
         let bad = |key: &str, reason: String| ConfigError::Invalid {
             path: path.to_path_buf(),
             key: key.to_string(),
@@ -281,6 +296,23 @@ durability = "fdatasync"
         assert_eq!(c.limits.durability, Durability::Fdatasync);
         assert_eq!(c.limits.fixed_buffers, 16);
         assert_eq!(c.uring_options().queue_depth, 64);
+    }
+
+    #[test]
+    fn relative_paths_are_taken_from_the_config_files_directory() {
+        let text = format!(
+            "{}unix_socket = \"run/q.sock\"\n[[link]]\nname = \"l\"\nkey_dir = \"keys\"\nend = \"b\"\n",
+            GOOD.replace("/srv/q/shares.vol", "shares.vol")
+                .replace("[limits]\nqueue_depth = 64\ndurability = \"fdatasync\"\n", "")
+        );
+        let c = SiteConfig::parse(&text, Path::new("/etc/q/site.toml")).unwrap();
+        assert_eq!(c.volume, Path::new("/etc/q/shares.vol"));
+        assert_eq!(c.state_dir, Path::new("/var/lib/q"));
+        assert_eq!(
+            c.unix_socket.as_deref(),
+            Some(Path::new("/etc/q/run/q.sock"))
+        );
+        assert_eq!(c.links[0].key_dir, Path::new("/etc/q/keys"));
     }
 
     #[test]
