@@ -16,6 +16,7 @@ packages=(
   libgfshare-bin      # gfsplit, the sharing peer baseline in `qgenome bench split`
   gocryptfs           # the encrypted-FUSE peer baseline in `qgenome bench e2e`
   iproute2 util-linux # ip netns, losetup
+  e2fsprogs           # mkfs.ext4, for an index on a failing disk (mountd/tests/volumes.rs)
   systemd             # systemd-analyze verify of the units (tests/units.rs)
   python3             # readers with precise open flags and signal masks in tests/fs_mount.rs
 )

@@ -1,5 +1,6 @@
 //! Many shares through the store on a real file volume and on a loop block device.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 mod common;
@@ -220,4 +221,81 @@ fn after_a_failed_durable_write_the_volume_refuses_durable_writes_until_reopened
     drop(v);
     let v = open();
     write(&v, 3, 0, true).expect("a volume opened again takes durable writes");
+}
+
+/// A filesystem mounted on a directory of its own, unmounted on drop.
+struct Mounted {
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// A share index on a disk that fails a write-back (ext4 on a loop device whose backing file
+/// sits on a full tmpfs): the flush that meets the failure fails, and so does every later
+/// one, even once the disk takes writes again. Linux reports a write-back error once, and the
+/// pages it lost are clean after it: a later flush that succeeded would acknowledge commits
+/// that are not on the disk. (Here sled's own `sync_file_range` meets the error first, and
+/// sled then refuses everything; `SledSync` latches it too.)
+#[test]
+fn after_a_failed_index_flush_every_later_flush_fails_until_reopened() {
+    use qgenome::catalog::durable::SledSync;
+    let fs = SmallTmpfs::mount("12m");
+    let backing = fs.dir.path().join("backing");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let lo = LoopDevice::attach(&backing);
+    let mkfs = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-O", "^has_journal", "-E", "nodiscard"])
+        .arg(&lo.dev)
+        .status()
+        .expect("run mkfs.ext4");
+    assert!(mkfs.success(), "mkfs.ext4 {}", lo.dev.display());
+    let mnt = Mounted {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let mounted = std::process::Command::new("mount")
+        .arg(&lo.dev)
+        .arg(mnt.dir.path())
+        .status()
+        .expect("run mount");
+    assert!(mounted.success(), "mount {}", lo.dev.display());
+    // What fills the tmpfs, and is removed to let the disk take writes again.
+    let used = std::fs::metadata(&backing).unwrap().blocks() * 512;
+    let ballast = fs.dir.path().join("ballast");
+    let room = (12u64 << 20).saturating_sub(used + (2 << 20));
+    std::fs::write(&ballast, vec![1u8; room as usize]).unwrap();
+
+    let dir = mnt.dir.path().join("index");
+    let db = sled::Config::new().path(&dir).open().unwrap();
+    let sync = SledSync::open(&dir).unwrap();
+    let mut failed = None;
+    for i in 0u32..64 {
+        db.insert(i.to_be_bytes(), vec![i as u8; 100 << 10])
+            .unwrap();
+        if let Err(e) = sync.flush(&db) {
+            failed = Some(e);
+            break;
+        }
+    }
+    let e = failed.expect("a 2 MiB margin cannot take 6 MiB of index");
+    eprintln!("first failure: {e}");
+    std::fs::remove_file(&ballast).unwrap();
+    // sled keeps its first I/O error and fails what comes after it too; either way, nothing
+    // written since is acknowledged.
+    let insert = db.insert(b"after", &b"v"[..]);
+    let again = sync.flush(&db);
+    assert!(
+        again.is_err(),
+        "a flush after a failed one went through (the insert: {insert:?})"
+    );
+    drop(sync);
+    drop(db);
 }

@@ -58,7 +58,6 @@ impl SledSync {
     /// `db.flush()`, then durably: once this returns Ok, every write to `db` made before it
     /// was called survives a power loss.
     pub fn flush(&self, db: &sled::Db) -> sled::Result<()> {
-        db.flush()?;
         let state = || self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((kind, text)) = &state().failed {
             return Err(sled::Error::Io(io::Error::new(
@@ -66,14 +65,25 @@ impl SledSync {
                 format!("an earlier sync of {} failed ({text}); its commits since are refused until it is opened again", self.dir.display()),
             )));
         }
+        let failed = |e: String, kind| {
+            state().failed.get_or_insert((kind, e));
+        };
+        // sled's own flush syncs its log's pages (`sync_file_range`): a write-back error
+        // reported there is reported once, so it stops later flushes just as ours does.
+        if let Err(e) = db.flush() {
+            let kind = match &e {
+                sled::Error::Io(io) => io.kind(),
+                _ => io::ErrorKind::Other,
+            };
+            failed(e.to_string(), kind);
+            return Err(e);
+        }
         // The log's fdatasync runs outside the lock: flushes of several threads overlap.
         let synced = self
             .sync_blobs(&mut state())
             .and_then(|()| self.log.sync_data());
         synced.map_err(|e| {
-            state()
-                .failed
-                .get_or_insert_with(|| (e.kind(), e.to_string()));
+            failed(e.to_string(), e.kind());
             sled::Error::Io(e)
         })
     }
