@@ -59,20 +59,43 @@ pub fn arg_str<'a>(req: &'a Value, key: &str) -> Result<&'a str, Value> {
 /// other file is refused and left as it is (a mistyped path must not cost a file), and so is
 /// a socket some live process still listens on.
 pub fn clear_stale_socket(path: &Path) -> std::io::Result<()> {
+    use nix::errno::Errno;
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
     use std::io::{Error, ErrorKind};
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-        Ok(m) if !m.file_type().is_socket() => Err(Error::new(
-            ErrorKind::AlreadyExists,
-            "a file that is not a socket is there (left as it is: remove it, or choose another path)",
-        )),
-        Ok(_) if UnixStream::connect(path).is_ok() => Err(Error::new(
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                "a file that is not a socket is there (left as it is: remove it, or choose another path)",
+            ))
+        }
+        Ok(_) => {}
+    }
+    // Only a refused connection says nobody listens. Non-blocking: a live listener with a
+    // full backlog answers EAGAIN instead of holding this start up.
+    let probe = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    match connect(probe.as_raw_fd(), &UnixAddr::new(path)?) {
+        Err(Errno::ECONNREFUSED) => match std::fs::remove_file(path) {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+        Ok(()) | Err(Errno::EAGAIN) | Err(Errno::EINPROGRESS) => Err(Error::new(
             ErrorKind::AddrInUse,
             "another process is listening on it",
         )),
-        Ok(_) => std::fs::remove_file(path),
+        Err(e) => Err(Error::new(
+            Error::from(e).kind(),
+            format!("cannot tell whether a process listens on it ({e}); left as it is"),
+        )),
     }
 }
 

@@ -282,19 +282,26 @@ fn format(
         bail!("--size must be greater than zero");
     }
     let dir = vol.state_dir()?;
-    // What this format makes it removes again if it fails: a retry starts from the same place.
-    let made_volume = !vol.volume.exists();
-    let made_dir = !dir.exists();
-    let r = format_volume(vol, &dir, site, size, au, force);
+    // What this format made it removes again if it fails, and nothing else: a retry starts
+    // from the same place.
+    let mut made = Made::default();
+    let r = format_volume(vol, &dir, site, size, au, force, &mut made);
     if r.is_err() {
-        if made_volume {
+        if made.volume {
             let _ = std::fs::remove_file(&vol.volume);
         }
-        if made_dir {
+        if made.dir {
             let _ = std::fs::remove_dir_all(&dir);
         }
     }
     r
+}
+
+/// What a `format` created itself (set only once the creating call succeeded).
+#[derive(Default)]
+struct Made {
+    volume: bool,
+    dir: bool,
 }
 
 /// How much of a volume's start `format` reads to tell a blank volume from one holding data.
@@ -317,6 +324,7 @@ fn format_volume(
     size: Option<(u64, bool)>,
     au: Option<u64>,
     force: bool,
+    made: &mut Made,
 ) -> Result<()> {
     if !vol.volume.exists() {
         let Some((size, zeroed)) = size else {
@@ -325,7 +333,9 @@ fn format_volume(
                 vol.volume.display()
             );
         };
+        // Refuses to create over anything there, a dangling symlink included.
         create_file_volume(&vol.volume, size, zeroed)?;
+        made.volume = true;
     } else if let Some((size, _)) = size {
         let meta = std::fs::metadata(&vol.volume)
             .with_context(|| format!("volume {}", vol.volume.display()))?;
@@ -337,8 +347,17 @@ fn format_volume(
             );
         }
     }
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("creating state directory {}", dir.display()))?;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating state directory {}", dir.display()))?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => made.dir = true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("creating state directory {}", dir.display()))
+        }
+    }
     // Not under a daemon (or a rebuild) using this index; released before the open below,
     // which takes it again.
     let lock = qgenome_mountd::store::lock_state_dir(dir)?;
@@ -346,6 +365,13 @@ fn format_volume(
     if index.exists() && !force {
         bail!(
             "index {} exists (from an earlier format); pass --force to discard it",
+            index.display()
+        );
+    }
+    // `--force` discards a share index, not whatever a mistyped --state holds.
+    if index.exists() && !index.join("db").is_file() {
+        bail!(
+            "{} is not a share index (no sled database in it): check --state; it is left as it is",
             index.display()
         );
     }

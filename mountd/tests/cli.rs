@@ -443,6 +443,17 @@ fn format_and_bench_keep_what_they_did_not_make() {
     );
     assert!(!dir.path().join("fresh.vol.state").exists());
 
+    // A dangling symlink named as the volume is not taken for something format made.
+    std::os::unix::fs::symlink("/nonexistent/target", dir.path().join("link.vol")).unwrap();
+    let (ok, err) = run(&[
+        "format", "--site", "x", "--size", "64M", "--volume", "link.vol",
+    ]);
+    assert!(!ok, "{err}");
+    assert!(
+        std::fs::symlink_metadata(dir.path().join("link.vol")).is_ok(),
+        "the symlink was removed: {err}"
+    );
+
     // `--force` with a bad argument fails before the index goes.
     let (ok, err) = run(&[
         "format", "--site", "a", "--size", "64M", "--volume", "good.vol",

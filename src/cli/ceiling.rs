@@ -197,8 +197,11 @@ pub fn measure(
     dir: &Path,
 ) -> anyhow::Result<Ceiling> {
     let scheme = Scheme::new(k, n)?;
-    if size == 0 || chunk == 0 || passes == 0 {
-        bail!("--size, --chunk and --passes must be greater than zero");
+    if size == 0 || passes == 0 {
+        bail!("--size and --passes must be greater than zero");
+    }
+    if !(4 << 10..=16 << 20).contains(&chunk) {
+        bail!("--chunk must be between 4K and 16M, as the mount's chunk_size");
     }
     let chunk = usize::try_from(chunk).context("--chunk does not fit in memory")?;
     let mut data = vec![0u8; IN_FLIGHT * chunk];
@@ -326,6 +329,8 @@ fn cpu_rate(
     Ok(median(rates))
 }
 
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Clone, Copy)]
 enum Transport {
     Tcp,
@@ -368,6 +373,7 @@ fn socket_rate(passes: usize, bytes: u64, chunk: usize, how: Transport) -> anyho
         })
     }
     match how {
+        // Timeouts: an end that fails must not leave the other blocked for good.
         Transport::Tcp => {
             let listener =
                 std::net::TcpListener::bind("127.0.0.1:0").context("binding a loopback socket")?;
@@ -375,11 +381,15 @@ fn socket_rate(passes: usize, bytes: u64, chunk: usize, how: Transport) -> anyho
                 .context("connecting over loopback")?;
             let (rx, _) = listener.accept().context("accepting over loopback")?;
             tx.set_nodelay(true)?;
+            tx.set_write_timeout(Some(SOCKET_TIMEOUT))?;
+            rx.set_read_timeout(Some(SOCKET_TIMEOUT))?;
             pair(passes, bytes, chunk, (tx, rx), "loopback TCP")
         }
         Transport::Unix => {
-            let p = std::os::unix::net::UnixStream::pair().context("a Unix socket pair")?;
-            pair(passes, bytes, chunk, p, "Unix")
+            let (tx, rx) = std::os::unix::net::UnixStream::pair().context("a Unix socket pair")?;
+            tx.set_write_timeout(Some(SOCKET_TIMEOUT))?;
+            rx.set_read_timeout(Some(SOCKET_TIMEOUT))?;
+            pair(passes, bytes, chunk, (tx, rx), "Unix")
         }
     }
 }
