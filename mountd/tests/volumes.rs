@@ -130,25 +130,35 @@ fn many_shares_round_trip_on_a_loop_block_device() {
     );
 }
 
-/// A tmpfs of `size` mounted on a directory of its own, unmounted on drop.
-struct SmallTmpfs {
+/// A filesystem mounted on a directory of its own, unmounted on drop.
+struct Mounted {
     dir: tempfile::TempDir,
 }
 
-impl SmallTmpfs {
-    fn mount(size: &str) -> Self {
+impl Mounted {
+    /// A tmpfs of `size`.
+    fn tmpfs(size: &str) -> Self {
+        Self::mount(&["-t", "tmpfs", "-o", &format!("size={size}"), "qgenome-test"])
+    }
+
+    /// The filesystem on `dev`.
+    fn device(dev: &Path) -> Self {
+        Self::mount(&[dev.to_str().expect("utf-8 device path")])
+    }
+
+    fn mount(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "qgenome-test"])
+            .args(args)
             .arg(dir.path())
             .status()
             .expect("run mount");
-        assert!(ok.success(), "mount -t tmpfs on {}", dir.path().display());
+        assert!(ok.success(), "mount {args:?} on {}", dir.path().display());
         Self { dir }
     }
 }
 
-impl Drop for SmallTmpfs {
+impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount")
             .arg(self.dir.path())
@@ -163,7 +173,7 @@ impl Drop for SmallTmpfs {
 /// disk, and a later flush that succeeds does not say it is.
 #[test]
 fn after_a_failed_durable_write_the_volume_refuses_durable_writes_until_reopened() {
-    let fs = SmallTmpfs::mount("3m");
+    let fs = Mounted::tmpfs("3m");
     let backing = fs.dir.path().join("backing");
     std::fs::File::create(&backing)
         .unwrap()
@@ -223,19 +233,6 @@ fn after_a_failed_durable_write_the_volume_refuses_durable_writes_until_reopened
     write(&v, 3, 0, true).expect("a volume opened again takes durable writes");
 }
 
-/// A filesystem mounted on a directory of its own, unmounted on drop.
-struct Mounted {
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
 /// A share index on a disk that fails a write-back (ext4 on a loop device whose backing file
 /// sits on a full tmpfs): the flush that meets the failure fails, and so does every later
 /// one, even once the disk takes writes again. Linux reports a write-back error once, and the
@@ -245,7 +242,7 @@ impl Drop for Mounted {
 #[test]
 fn after_a_failed_index_flush_every_later_flush_fails_until_reopened() {
     use qgenome::catalog::durable::SledSync;
-    let fs = SmallTmpfs::mount("12m");
+    let fs = Mounted::tmpfs("12m");
     let backing = fs.dir.path().join("backing");
     std::fs::File::create(&backing)
         .unwrap()
@@ -258,15 +255,7 @@ fn after_a_failed_index_flush_every_later_flush_fails_until_reopened() {
         .status()
         .expect("run mkfs.ext4");
     assert!(mkfs.success(), "mkfs.ext4 {}", lo.dev.display());
-    let mnt = Mounted {
-        dir: tempfile::tempdir().unwrap(),
-    };
-    let mounted = std::process::Command::new("mount")
-        .arg(&lo.dev)
-        .arg(mnt.dir.path())
-        .status()
-        .expect("run mount");
-    assert!(mounted.success(), "mount {}", lo.dev.display());
+    let mnt = Mounted::device(&lo.dev);
     // What fills the tmpfs, and is removed to let the disk take writes again.
     let used = std::fs::metadata(&backing).unwrap().blocks() * 512;
     let ballast = fs.dir.path().join("ballast");

@@ -242,6 +242,25 @@ impl std::fmt::Debug for PoolFile {
     }
 }
 
+/// A pool file of `actual` bytes must hold its header and the `key_len` its header says.
+pub(crate) fn check_len(
+    link: &str,
+    path: &Path,
+    key_len: u64,
+    actual: u64,
+) -> Result<(), KeyError> {
+    let expected = HEADER_LEN.saturating_add(key_len);
+    if actual != expected {
+        return Err(KeyError::Truncated {
+            link: link.to_string(),
+            path: path.to_path_buf(),
+            expected,
+            actual,
+        });
+    }
+    Ok(())
+}
+
 impl PoolFile {
     /// Open `<dir>/<link>.<direction>.pool` as held by `end`, checking that its header says
     /// exactly that and that the file is as long as its header says. Opens read-write
@@ -304,15 +323,7 @@ impl PoolFile {
                 found: format!("link {:?} {} end {}", info.link, info.direction, info.end),
             });
         }
-        let expected = HEADER_LEN.saturating_add(info.key_len);
-        if actual != expected {
-            return Err(KeyError::Truncated {
-                link: link.to_string(),
-                path,
-                expected,
-                actual,
-            });
-        }
+        check_len(link, &path, info.key_len, actual)?;
         let map = if std::os::unix::fs::MetadataExt::blksize(&meta) >= MAP_MIN_BLKSIZE {
             // SAFETY: a shared read-only mapping of a pool file this process opened; its size
             // was just checked against the header and pools are never truncated or written

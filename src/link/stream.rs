@@ -232,7 +232,6 @@ pub fn status(dir: &Path, link: &str, direction: Direction) -> Result<StreamStat
     let path = crate::keys::pool::pool_path(dir, link, direction);
     let hdr = PoolFile::read_header(&path, link)?;
     // A pool cut short on its way to the far site: as opening it would say.
-    let expected = crate::keys::pool::HEADER_LEN.saturating_add(hdr.key_len);
     let actual = std::fs::metadata(&path)
         .map_err(|source| KeyError::Io {
             link: link.to_string(),
@@ -241,15 +240,7 @@ pub fn status(dir: &Path, link: &str, direction: Direction) -> Result<StreamStat
             source,
         })?
         .len();
-    if actual != expected {
-        return Err(KeyError::Truncated {
-            link: link.to_string(),
-            path,
-            expected,
-            actual,
-        }
-        .into());
-    }
+    crate::keys::pool::check_len(link, &path, hdr.key_len, actual)?;
     let role = if hdr.end == direction.sender() {
         "sender"
     } else {
