@@ -158,11 +158,38 @@ impl Mounted {
     }
 }
 
+/// A 64 MiB loop device whose backing file sits on a tmpfs of `size`: writes past what the
+/// tmpfs holds fail at the device. The tmpfs, the backing file's path and the device.
+fn failing_disk(size: &str) -> (Mounted, std::path::PathBuf, LoopDevice) {
+    let fs = Mounted::tmpfs(size);
+    let backing = fs.dir.path().join("backing");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let lo = LoopDevice::attach(&backing);
+    (fs, backing, lo)
+}
+
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(self.dir.path())
-            .status();
+        // A loop device just detached may hold its backing file on this mount a moment
+        // longer (the kernel detaches it once it is idle): retry, then detach it lazily.
+        let umount = |lazy: bool| {
+            std::process::Command::new("umount")
+                .args(lazy.then_some("-l"))
+                .arg(self.dir.path())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        for _ in 0..40 {
+            if umount(false) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = umount(true);
     }
 }
 
@@ -173,13 +200,7 @@ impl Drop for Mounted {
 /// disk, and a later flush that succeeds does not say it is.
 #[test]
 fn after_a_failed_durable_write_the_volume_refuses_durable_writes_until_reopened() {
-    let fs = Mounted::tmpfs("3m");
-    let backing = fs.dir.path().join("backing");
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let lo = LoopDevice::attach(&backing);
+    let (_fs, _backing, lo) = failing_disk("3m");
     let open = || UringVolume::open(&lo.dev, &UringOptions::default()).unwrap();
     let v = open();
     assert_eq!(v.kind(), VolumeKind::BlockDevice);
@@ -242,13 +263,7 @@ fn after_a_failed_durable_write_the_volume_refuses_durable_writes_until_reopened
 #[test]
 fn after_a_failed_index_flush_every_later_flush_fails_until_reopened() {
     use qgenome::catalog::durable::SledSync;
-    let fs = Mounted::tmpfs("12m");
-    let backing = fs.dir.path().join("backing");
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let lo = LoopDevice::attach(&backing);
+    let (fs, backing, lo) = failing_disk("12m");
     let mkfs = std::process::Command::new("mkfs.ext4")
         .args(["-q", "-F", "-O", "^has_journal", "-E", "nodiscard"])
         .arg(&lo.dev)
