@@ -92,13 +92,28 @@ pub struct LinkConfig {
     /// The end this site holds.
     pub end: LinkEnd,
     /// Key reserved per ledger write (a crash wastes at most this much); must match the
-    /// other end's. Default 64 MiB.
-    #[serde(default = "default_window")]
+    /// other end's `key_window`. A size as the home config writes it (`"64M"`) or bytes.
+    /// Default 64 MiB.
+    #[serde(default = "default_window", deserialize_with = "size_or_bytes")]
     pub window: u64,
 }
 
 fn default_window() -> u64 {
     qgenome::link::StreamOptions::default().window
+}
+
+/// A size written as the home config writes sizes (`"64M"`), or a number of bytes.
+fn size_or_bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match <Size as serde::Deserialize>::deserialize(d)? {
+        Size::Bytes(n) => Ok(n),
+        Size::Text(t) => parse_size(&t).map_err(serde::de::Error::custom),
+    }
 }
 
 /// Limits and tuning.
@@ -351,6 +366,16 @@ durability = "fdatasync"
         assert_eq!(c.links[0].end, LinkEnd::B);
         assert_eq!(c.links[0].window, 64 << 20);
         assert_eq!(c.unix_socket.as_deref(), Some(Path::new("/run/q.sock")));
+        // The window in the units the home config's key_window uses, or in bytes.
+        for (w, bytes) in [("\"16M\"", 16u64 << 20), ("1048576", 1 << 20)] {
+            let c =
+                SiteConfig::parse(&format!("{text}window = {w}\n"), Path::new("s.toml")).unwrap();
+            assert_eq!(c.links[0].window, bytes, "{w}");
+        }
+        let e = SiteConfig::parse(&format!("{text}window = \"lots\"\n"), Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("window") && e.contains("s.toml"), "{e}");
         let e = SiteConfig::parse(
             &text.replace("end = ", "colour = \"red\"\nend = "),
             Path::new("s.toml"),
