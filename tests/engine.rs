@@ -462,6 +462,14 @@ fn a_consent_that_ends_during_a_read_returns_no_data() {
     );
     assert_eq!(err.errno(), libc::EACCES);
     assert!(err.to_string().contains("P0001"), "{err}");
+    // The refusal is in the audit log, with the file.
+    let log = engine.catalog.audit_log().unwrap();
+    assert!(
+        log.iter()
+            .any(|e| e.event == "read-refused" && e.file.as_deref() == Some("v.cram")),
+        "no read-refused entry: {:?}",
+        log.iter().map(|e| &e.event).collect::<Vec<_>>()
+    );
     // Nothing was kept: under a new consent the chunks are fetched again.
     *revoking.on_get.lock().unwrap() = None;
     let before = revoking.gets.load(Ordering::SeqCst);

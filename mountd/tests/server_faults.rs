@@ -1075,3 +1075,107 @@ fn serve_until_it_exits(site: &Site) -> (std::process::ExitStatus, String) {
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
     (status, err)
 }
+
+/// A man in the middle of a client's link: forwards frames both ways, remembers the client's
+/// frames, and once `inject` holds an answer, answers the client's next frame with it instead
+/// of forwarding it.
+struct Injector {
+    addr: String,
+    client_frames: Arc<Mutex<Vec<Vec<u8>>>>,
+    inject: Arc<Mutex<Option<Vec<u8>>>>,
+}
+
+impl Injector {
+    fn start(upstream: &str) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let client_frames: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let inject: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
+        let (upstream, frames, answer) =
+            (upstream.to_string(), client_frames.clone(), inject.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { return };
+                let mut u = TcpStream::connect(&upstream).unwrap();
+                let (mut to_client, mut from_server) =
+                    (c.try_clone().unwrap(), u.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from_server, &mut to_client);
+                });
+                let (frames, answer) = (frames.clone(), answer.clone());
+                std::thread::spawn(move || loop {
+                    let mut h = [0u8; HEADER_LEN];
+                    if c.read_exact(&mut h).is_err() {
+                        let _ = u.shutdown(Shutdown::Both);
+                        return;
+                    }
+                    let hdr = FrameHeader::parse_prefix(&h, u64::MAX).unwrap();
+                    let mut f = h.to_vec();
+                    f.resize(hdr.frame_len(), 0);
+                    if c.read_exact(&mut f[HEADER_LEN..]).is_err() {
+                        return;
+                    }
+                    frames.lock().unwrap().push(f.clone());
+                    match answer.lock().unwrap().take() {
+                        Some(a) => c.write_all(&a).unwrap(),
+                        None => u.write_all(&f).unwrap(),
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            client_frames,
+            inject,
+        }
+    }
+}
+
+/// A site's sealed KeyAlreadyUsed answer to a replayed frame, injected into a client's
+/// connection as the answer to its next request, is not acted on: it names the replayed
+/// frame, not the client's, so the client reports a protocol error instead of skipping key
+/// and retrying a request the site may have done.
+#[test]
+fn a_key_already_used_answer_to_another_frame_is_not_taken_for_ours() {
+    let site = Site::new(
+        "inj",
+        Vol::File(64 << 20),
+        &["home-x"],
+        &["home-x"],
+        64 << 20,
+    );
+    let d = site.start();
+    let mitm = Injector::start(&d.tcp);
+    let c = MountdSite::tcp(&site.name, &mitm.addr, &site.client_keys("home-x")).unwrap();
+    let k = key(40, 1);
+    c.put(&k, &META, &share_bytes(3, &k, 5000)).unwrap();
+    // The attacker replays the client's HELLO and PUT on a connection of its own: the site
+    // answers the replay with a sealed KeyAlreadyUsed naming the replayed frame.
+    let (hello, put) = {
+        let f = mitm.client_frames.lock().unwrap();
+        (f[0].clone(), f[1].clone())
+    };
+    let mut s = TcpStream::connect(&d.tcp).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(&hello).unwrap();
+    s.write_all(&put).unwrap();
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h).expect("a sealed answer to the replay");
+    let hdr = FrameHeader::parse_prefix(&h, msg::MAX_MSG as u64).unwrap();
+    let mut answer = h.to_vec();
+    answer.resize(hdr.frame_len(), 0);
+    s.read_exact(&mut answer[HEADER_LEN..]).unwrap();
+    // ...which the man in the middle hands the client as the answer to its next PUT.
+    *mitm.inject.lock().unwrap() = Some(answer);
+    let k2 = key(40, 2);
+    let err = c
+        .put(&k2, &META, &share_bytes(3, &k2, 5000))
+        .expect_err("the client took another frame's answer for its own");
+    assert!(
+        err.to_string().contains("not for ours"),
+        "the client acted on the injected answer: {err}"
+    );
+    // The link still works: the next PUT goes through.
+    c.put(&k2, &META, &share_bytes(3, &k2, 5000)).unwrap();
+    assert_eq!(c.get(&k2).unwrap(), share_bytes(3, &k2, 5000));
+}
