@@ -51,6 +51,23 @@ pub fn tune_malloc() {
     }
 }
 
+/// An error and its causes on one line, as `{:#}` prints them, but leaving out a cause whose
+/// text the line already holds (most of our errors name their cause in their own message).
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 /// CPU time of the whole process so far (all threads). Benchmarks report throughput per
 /// CPU-second beside wall-clock throughput: on a shared machine it moves far less.
 pub fn process_cpu() -> std::time::Duration {
@@ -70,4 +87,25 @@ pub fn wipe(v: &mut Vec<u8>) {
     v.fill(0);
     v.spare_capacity_mut().fill(std::mem::MaybeUninit::new(0));
     std::hint::black_box(&mut *v);
+}
+
+#[cfg(test)]
+mod error_line_tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("volume v: cannot format: {source}")]
+    struct Outer {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_cause_the_message_already_names_is_said_once() {
+        let inner = std::io::Error::other("too small");
+        let e = anyhow::Error::new(Outer { source: inner }).context("format");
+        assert_eq!(
+            super::error_line(&e),
+            "format: volume v: cannot format: too small"
+        );
+        let e = anyhow::anyhow!("plain").context("outer");
+        assert_eq!(super::error_line(&e), "outer: plain");
+    }
 }

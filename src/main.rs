@@ -7,7 +7,7 @@ fn main() -> std::process::ExitCode {
     match cli.run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("qgenome: {e:#}");
+            eprintln!("qgenome: {}", qgenome::error_line(&e));
             std::process::ExitCode::FAILURE
         }
     }

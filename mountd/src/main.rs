@@ -182,7 +182,7 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("qgenome-mountd: {e:#}");
+            eprintln!("qgenome-mountd: {}", qgenome::error_line(&e));
             ExitCode::from(2)
         }
     }
@@ -376,6 +376,15 @@ fn format_volume(
         );
     }
     let dev = vol.open_volume()?;
+    let opts = FormatOptions {
+        alloc_unit: au
+            .map(u32::try_from)
+            .transpose()
+            .context("--alloc-unit too large")?,
+    };
+    // Everything is checked before the old index goes (and a volume too small to hold
+    // anything is said as such, not as an unreadable superblock).
+    Store::check_format(&dev, site, &opts)?;
     // A volume shares were written to (whatever index serves it, from whatever state
     // directory) is formatted only on purpose: a new volume id makes every share unreadable.
     // So is one holding anything else: a mistyped device or file name must not cost its data.
@@ -399,14 +408,6 @@ fn format_volume(
             Err(e) => bail!("{e}; formatting would discard whatever the volume holds: pass --force to do so"),
         }
     }
-    let opts = FormatOptions {
-        alloc_unit: au
-            .map(u32::try_from)
-            .transpose()
-            .context("--alloc-unit too large")?,
-    };
-    // Everything is checked before the old index goes.
-    Store::check_format(&dev, site, &opts)?;
     if index.exists() {
         std::fs::remove_dir_all(&index)
             .with_context(|| format!("removing index {}", index.display()))?;
