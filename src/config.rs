@@ -106,7 +106,9 @@ impl SiteConfig {
         match &self.key_window {
             None => Ok(crate::link::StreamOptions::default().window),
             Some(w) => match crate::cli::parse_size(w)? {
-                0 => Err("must be greater than zero".into()),
+                v if v < MIN_KEY_WINDOW => Err(format!(
+                    "{v} bytes is below the least window, 1M (\"64M\" is what was meant?)"
+                )),
                 v => Ok(v),
             },
         }
@@ -150,6 +152,10 @@ fn default_wait() -> u64 {
 fn default_cache() -> String {
     "256M".into()
 }
+
+/// The smallest key window a link takes (both ends: the site's `window` too): below it a
+/// ledger `fdatasync` would come at nearly every frame.
+pub const MIN_KEY_WINDOW: u64 = 1 << 20;
 
 /// The directory relative paths in the config at `path` are taken from: the file's own.
 pub fn config_dir(path: &Path) -> PathBuf {
@@ -539,6 +545,11 @@ end = "a"
         }
         let e = err(&GOOD.replace("home-b", "../../etc/x"));
         assert!(e.contains("site[2].link"), "{e}");
+        let e = err(&GOOD.replace(
+            "link = \"home-b\"",
+            "link = \"home-b\"\nkey_window = \"64\"",
+        ));
+        assert!(e.contains("site[2].key_window") && e.contains("1M"), "{e}");
     }
 
     #[test]

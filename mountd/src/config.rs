@@ -104,17 +104,28 @@ fn default_window() -> u64 {
 
 /// A size written as the home config writes sizes (`"64M"`), or a number of bytes.
 fn size_or_bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    #[derive(serde::Deserialize)]
-    #[serde(untagged)]
-    enum Size {
-        Bytes(u64),
-        Text(String),
+    struct Size;
+    impl serde::de::Visitor<'_> for Size {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a size such as \"64M\", or a number of bytes")
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| E::custom(format!("{v}: a size cannot be negative")))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<u64, E> {
+            parse_size(v).map_err(E::custom)
+        }
     }
-    match <Size as serde::Deserialize>::deserialize(d)? {
-        Size::Bytes(n) => Ok(n),
-        Size::Text(t) => parse_size(&t).map_err(serde::de::Error::custom),
-    }
+    d.deserialize_any(Size)
 }
+
+/// The smallest key window a link takes, as at the home end (a bare number meant as MiB,
+/// `window = 64`, is caught).
+pub const MIN_WINDOW: u64 = qgenome::config::MIN_KEY_WINDOW;
 
 /// Limits and tuning.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -263,8 +274,14 @@ impl SiteConfig {
                     format!("link {:?} appears twice", l.name),
                 ));
             }
-            if l.window == 0 {
-                return Err(bad(&format!("link[{i}].window"), "must be positive".into()));
+            if l.window < MIN_WINDOW {
+                return Err(bad(
+                    &format!("link[{i}].window"),
+                    format!(
+                        "{} bytes is below the least window, 1M (a size such as \"64M\" is what was meant?)",
+                        l.window
+                    ),
+                ));
             }
         }
         Ok(c)
@@ -372,10 +389,16 @@ durability = "fdatasync"
                 SiteConfig::parse(&format!("{text}window = {w}\n"), Path::new("s.toml")).unwrap();
             assert_eq!(c.links[0].window, bytes, "{w}");
         }
-        let e = SiteConfig::parse(&format!("{text}window = \"lots\"\n"), Path::new("s.toml"))
+        for bad in ["\"lots\"", "-1", "true", "64"] {
+            let e = SiteConfig::parse(&format!("{text}window = {bad}\n"), Path::new("s.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("window") && e.contains("s.toml"), "{bad}: {e}");
+        }
+        let e = SiteConfig::parse(&format!("{text}window = true\n"), Path::new("s.toml"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("window") && e.contains("s.toml"), "{e}");
+        assert!(e.contains("a size such as"), "{e}");
         let e = SiteConfig::parse(
             &text.replace("end = ", "colour = \"red\"\nend = "),
             Path::new("s.toml"),

@@ -182,6 +182,16 @@ impl Superblock {
         device_len: u64,
         created: u64,
     ) -> Result<Self, LayoutError> {
+        let unit = u64::from(alloc_unit);
+        if unit > 0 && device_len < 2 * unit {
+            return Err(invalid(
+                "volume length",
+                format!(
+                    "the device has {device_len} bytes; a volume needs at least {} (a unit of {unit} for the superblock and one for shares)",
+                    2 * unit
+                ),
+            ));
+        }
         let sb = Self {
             volume_id,
             site: site.to_owned(),
@@ -475,6 +485,18 @@ impl IndexEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_too_small_for_a_volume_says_how_small_and_what_it_needs() {
+        let e = Superblock::new([1; 16], "s", 4096, 4096, 5000, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("5000 bytes") && e.contains("at least 8192"),
+            "{e}"
+        );
+        Superblock::new([1; 16], "s", 4096, 4096, 10_000, 0).unwrap();
+    }
     use proptest::prelude::*;
 
     /// The checksum is on every volume: it must stay XXH3-128 whichever crate computes it

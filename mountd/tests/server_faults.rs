@@ -1131,7 +1131,7 @@ impl Injector {
     }
 }
 
-/// A site's sealed KeyAlreadyUsed answer to a replayed frame, injected into a client's
+/// A site's sealed KeyAlreadyUsed answer to a replayed frame (the client's HELLO), injected into a client's
 /// connection as the answer to its next request, is not acted on: it names the replayed
 /// frame, not the client's, so the client reports a protocol error instead of skipping key
 /// and retrying a request the site may have done.
@@ -1149,8 +1149,9 @@ fn a_key_already_used_answer_to_another_frame_is_not_taken_for_ours() {
     let c = MountdSite::tcp(&site.name, &mitm.addr, &site.client_keys("home-x")).unwrap();
     let k = key(40, 1);
     c.put(&k, &META, &share_bytes(3, &k, 5000)).unwrap();
-    // The attacker replays the client's HELLO and PUT on a connection of its own: the site
-    // answers the replay with a sealed KeyAlreadyUsed naming the replayed frame.
+    // The attacker replays the client's HELLO (and its PUT, never read) on a connection of
+    // its own: the site answers the replayed HELLO with a sealed KeyAlreadyUsed naming that
+    // frame's key offset.
     let (hello, put) = {
         let f = mitm.client_frames.lock().unwrap();
         (f[0].clone(), f[1].clone())
