@@ -485,6 +485,7 @@ impl IndexEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn a_device_too_small_for_a_volume_says_how_small_and_what_it_needs() {
@@ -497,7 +498,6 @@ mod tests {
         );
         Superblock::new([1; 16], "s", 4096, 4096, 10_000, 0).unwrap();
     }
-    use proptest::prelude::*;
 
     /// The checksum is on every volume: it must stay XXH3-128 whichever crate computes it
     /// (values from the reference, `XXH3_128bits` of "" = 0x99aa06d3014798d86001c324468d497f,

@@ -16,6 +16,7 @@
 //! the kernel's, and all cores are taken as busy all the time.
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -224,8 +225,8 @@ pub fn measure(
     let split = split_rates(&scheme, &cycled, 1, passes)?;
     let seal = crate::link::bench_seal_detail(size, dir)
         .with_context(|| format!("seal benchmark in {}", dir.display()))?;
-    let tcp = socket_rate(passes, bytes, chunk, Transport::Tcp)?;
-    let unix = socket_rate(passes, bytes, chunk, Transport::Unix)?;
+    let tcp = socket_rate(passes, bytes, chunk, tcp_pair()?, "loopback TCP")?;
+    let unix = socket_rate(passes, bytes, chunk, unix_pair()?, "Unix")?;
     let (vol_write, vol_read) = volume_rates(passes, rounds, &chunks, dir)?;
     let mut outs = vec![vec![1u8; chunk]; IN_FLIGHT];
     let copy = cpu_rate(passes, bytes, || {
@@ -329,69 +330,62 @@ fn cpu_rate(
     Ok(median(rates))
 }
 
+/// Both ends of a socket give up after this: an end that fails must not leave the other
+/// blocked for good.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
 
-#[derive(Clone, Copy)]
-enum Transport {
-    Tcp,
-    Unix,
+/// A connected loopback TCP pair, writer first.
+fn tcp_pair() -> anyhow::Result<(std::net::TcpStream, std::net::TcpStream)> {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").context("binding a loopback socket")?;
+    let tx =
+        std::net::TcpStream::connect(listener.local_addr()?).context("connecting over loopback")?;
+    let (rx, _) = listener.accept().context("accepting over loopback")?;
+    tx.set_nodelay(true)?;
+    tx.set_write_timeout(Some(SOCKET_TIMEOUT))?;
+    rx.set_read_timeout(Some(SOCKET_TIMEOUT))?;
+    Ok((tx, rx))
 }
 
-/// A writer thread sends `bytes` in chunks, this thread reads them: both ends' CPU (and the
-/// kernel's, in their system time) per MB.
-fn socket_rate(passes: usize, bytes: u64, chunk: usize, how: Transport) -> anyhow::Result<f64> {
-    fn pair<S: Read + Write + Send>(
-        passes: usize,
-        bytes: u64,
-        chunk: usize,
-        (mut tx, mut rx): (S, S),
-        what: &str,
-    ) -> anyhow::Result<f64> {
-        let rounds = bytes.div_ceil(chunk as u64);
-        let bytes = rounds * chunk as u64;
-        let out = vec![7u8; chunk];
-        let mut inb = vec![0u8; chunk];
-        cpu_rate(passes, bytes, || {
-            std::thread::scope(|s| {
-                let out = &out;
-                let tx = &mut tx;
-                let writer = s.spawn(move || -> std::io::Result<()> {
-                    for _ in 0..rounds {
-                        tx.write_all(out)?;
-                    }
-                    Ok(())
-                });
+/// A connected Unix socket pair, writer first.
+fn unix_pair() -> anyhow::Result<(UnixStream, UnixStream)> {
+    let (tx, rx) = UnixStream::pair().context("a Unix socket pair")?;
+    tx.set_write_timeout(Some(SOCKET_TIMEOUT))?;
+    rx.set_read_timeout(Some(SOCKET_TIMEOUT))?;
+    Ok((tx, rx))
+}
+
+/// A writer thread sends `bytes` (a whole number of chunks) through `tx`, this thread reads
+/// them from `rx`: both ends' CPU (and the kernel's, in their system time) per MB.
+fn socket_rate<S: Read + Write + Send>(
+    passes: usize,
+    bytes: u64,
+    chunk: usize,
+    (mut tx, mut rx): (S, S),
+    what: &str,
+) -> anyhow::Result<f64> {
+    let rounds = bytes / chunk as u64;
+    let out = vec![7u8; chunk];
+    let mut inb = vec![0u8; chunk];
+    cpu_rate(passes, bytes, || {
+        std::thread::scope(|s| {
+            let (out, tx) = (&out, &mut tx);
+            let writer = s.spawn(move || -> std::io::Result<()> {
                 for _ in 0..rounds {
-                    rx.read_exact(&mut inb)
-                        .with_context(|| format!("reading from the {what} socket"))?;
+                    tx.write_all(out)?;
                 }
-                writer
-                    .join()
-                    .expect("socket writer")
-                    .with_context(|| format!("writing to the {what} socket"))
-            })
+                Ok(())
+            });
+            for _ in 0..rounds {
+                rx.read_exact(&mut inb)
+                    .with_context(|| format!("reading from the {what} socket"))?;
+            }
+            writer
+                .join()
+                .expect("socket writer")
+                .with_context(|| format!("writing to the {what} socket"))
         })
-    }
-    match how {
-        // Timeouts: an end that fails must not leave the other blocked for good.
-        Transport::Tcp => {
-            let listener =
-                std::net::TcpListener::bind("127.0.0.1:0").context("binding a loopback socket")?;
-            let tx = std::net::TcpStream::connect(listener.local_addr()?)
-                .context("connecting over loopback")?;
-            let (rx, _) = listener.accept().context("accepting over loopback")?;
-            tx.set_nodelay(true)?;
-            tx.set_write_timeout(Some(SOCKET_TIMEOUT))?;
-            rx.set_read_timeout(Some(SOCKET_TIMEOUT))?;
-            pair(passes, bytes, chunk, (tx, rx), "loopback TCP")
-        }
-        Transport::Unix => {
-            let (tx, rx) = std::os::unix::net::UnixStream::pair().context("a Unix socket pair")?;
-            tx.set_write_timeout(Some(SOCKET_TIMEOUT))?;
-            rx.set_read_timeout(Some(SOCKET_TIMEOUT))?;
-            pair(passes, bytes, chunk, (tx, rx), "Unix")
-        }
-    }
+    })
 }
 
 /// Copies of chunks into and out of a file in `dir` that was written once before (the cost of
