@@ -1,7 +1,10 @@
 # The two set-up commands of the README. Each installs what it needs, then does its job.
 CARGO ?= cargo
 
-.PHONY: demo test deps build bench lint
+.PHONY: demo test deps build bench lint install
+# Where cargo puts its builds (CARGO_TARGET_DIR when set, as cargo does).
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
+PREFIX ?= /usr/local
 
 deps:
 	@bash scripts/install-deps.sh
@@ -9,15 +12,30 @@ deps:
 build: deps
 	$(CARGO) build --release --workspace
 
+# Extra arguments for the demo, e.g. make demo DEMO_ARGS="--cram-size 256M --dir /srv/tmp"
+DEMO_ARGS ?=
+
 demo: build
-	./target/release/qgenome demo
+	$(TARGET_DIR)/release/qgenome demo $(DEMO_ARGS)
 
 test: deps
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace --no-fail-fast
 
 bench: build
-	./target/release/qgenome bench split --size 256M --k 2 --n 3
+	$(TARGET_DIR)/release/qgenome bench split --size 256M --k 2 --n 3
+
+# The binaries, the systemd units (which run $(PREFIX)/bin/...), the design notes they link to,
+# /etc/qgenome for the configurations and the /qgenome mountpoint (empty: the mount refuses
+# anything else). Then: configure, `systemctl daemon-reload`, enable the units.
+install: build
+	install -D -m 0755 $(TARGET_DIR)/release/qgenome $(DESTDIR)$(PREFIX)/bin/qgenome
+	install -D -m 0755 $(TARGET_DIR)/release/qgenome-mountd $(DESTDIR)$(PREFIX)/bin/qgenome-mountd
+	install -D -m 0644 systemd/qgenome.service $(DESTDIR)/etc/systemd/system/qgenome.service
+	install -D -m 0644 systemd/qgenome-mountd@.service $(DESTDIR)/etc/systemd/system/qgenome-mountd@.service
+	install -D -m 0644 docs/design.md $(DESTDIR)/usr/share/doc/qgenome/design.md
+	install -d -m 0700 $(DESTDIR)/etc/qgenome
+	install -d -m 0755 $(DESTDIR)/qgenome
 
 lint:
 	$(CARGO) fmt --all -- --check

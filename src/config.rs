@@ -25,9 +25,16 @@
 //! key_window = "64M"                  # key reserved per ledger write (a crash wastes at most
 //!                                     # this much); must equal the site's [[link]] window
 //!
+//! [[site]]                            # share 2: another remote site (one [[site]] per share)
+//! name = "sendai-1"
+//! address = "192.0.2.20:7601"
+//! link = "home-sendai-1"
+//! keys = "/var/lib/qgenome/keys"
+//! end = "a"
+//!
 //! [card]                              # optional: consent by the patient's PIV card
-//! mode = "until-removed"              # or "expiry", with `minutes`
-//! minutes = 15                        # 1..10080 (7 days)
+//! mode = "until-removed"              # or "expiry", which needs `minutes`:
+//! # minutes = 15                      # 1..10080 (7 days); only with mode = "expiry"
 //! reader = "Virtual PCD"              # optional: only readers whose name contains this
 //! admin_grant = false                 # optional: allow `qgenome consent grant` beside cards
 //! ```
@@ -402,6 +409,23 @@ impl HomeConfig {
 
 #[cfg(test)]
 mod tests {
+    /// The example at the top of this file is a configuration the parser takes.
+    #[test]
+    fn the_documented_example_parses() {
+        let text: String = include_str!("config.rs")
+            .lines()
+            .map_while(|l| l.strip_prefix("//!"))
+            .skip_while(|l| l.trim() != "```toml")
+            .skip(1)
+            .take_while(|l| l.trim() != "```")
+            .map(|l| format!("{}\n", l.strip_prefix(' ').unwrap_or(l)))
+            .collect();
+        assert!(text.contains("[[site]]"), "example found: {text}");
+        let cfg = HomeConfig::parse(&text, Path::new("src/config.rs"))
+            .unwrap_or_else(|e| panic!("the example in src/config.rs: {e}"));
+        assert_eq!(cfg.sites.len(), cfg.scheme.n);
+    }
+
     use super::*;
 
     const GOOD: &str = r#"

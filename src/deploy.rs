@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{bail, ensure, Context};
 use serde_json::Value;
 
 use crate::config::HomeConfig;
@@ -433,12 +433,19 @@ impl Deployment {
         }
     }
 
-    /// Start `qgenome mount` and wait until the mountpoint is live.
+    /// Start `qgenome mount` and wait for its READY=1 on `$NOTIFY_SOCKET`, as systemd does
+    /// (`Type=notify`); by then the mountpoint must be live and the control socket up.
     pub fn mount(&mut self) -> anyhow::Result<()> {
+        let notify_path = self.dir().join("mount.notify");
+        let _ = std::fs::remove_file(&notify_path);
+        let notify = std::os::unix::net::UnixDatagram::bind(&notify_path)
+            .with_context(|| format!("binding {}", notify_path.display()))?;
+        notify.set_nonblocking(true)?;
         let child = Command::new(self.bin_dir.join("qgenome"))
             .arg("mount")
             .arg("--config")
             .arg(&self.home_config)
+            .env("NOTIFY_SOCKET", &notify_path)
             .stdout(log_file(&self.dir().join("mount.stdout"))?)
             .stderr(Stdio::from(
                 std::fs::OpenOptions::new()
@@ -450,7 +457,7 @@ impl Deployment {
             .context("starting qgenome mount")?;
         self.mount = Some(child);
         let mp = self.mountpoint.clone();
-        wait_for("the mount", Duration::from_secs(20), || {
+        let res = wait_for("the mount (READY=1)", Duration::from_secs(20), || {
             if let Some(status) = self
                 .mount
                 .as_mut()
@@ -461,8 +468,31 @@ impl Deployment {
                     self.mount_log.display()
                 );
             }
-            Ok(is_fuse_mount(&mp) && self.cfg.control_socket().exists())
-        })
+            let mut buf = [0u8; 64];
+            match notify.recv(&mut buf) {
+                Ok(n) if &buf[..n] == b"READY=1" => {
+                    ensure!(
+                        is_fuse_mount(&mp) && self.cfg.control_socket().exists(),
+                        "qgenome mount said READY=1 before {} was mounted and its control socket up",
+                        mp.display()
+                    );
+                    Ok(true)
+                }
+                Ok(n) => bail!(
+                    "qgenome mount sent {:?} to $NOTIFY_SOCKET before READY=1",
+                    String::from_utf8_lossy(&buf[..n])
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+                Err(e) => Err(e).context("reading $NOTIFY_SOCKET"),
+            }
+        });
+        let _ = std::fs::remove_file(&notify_path);
+        res
+    }
+
+    /// The running mount's process, if any.
+    pub fn mount_process(&mut self) -> Option<&mut Child> {
+        self.mount.as_mut()
     }
 
     /// Stop the mount: SIGTERM (clean unmount) or SIGKILL (a crash; the mountpoint is then

@@ -18,6 +18,7 @@
 //!   benchmarks and integration tests.
 //! - [`cli`]: the `qgenome` subcommands (argument parsing and dispatch only).
 //! - [`harden`]: keeping plaintext and key bytes out of swap and core dumps.
+//! - [`notify`]: systemd readiness (`sd_notify`), for `qgenome mount` and `qgenome-mountd`.
 //!
 //! Byte-level formats and the reasons behind the choices are in `docs/design.md`.
 pub mod catalog;
@@ -30,6 +31,7 @@ pub mod fs;
 pub mod harden;
 pub mod keys;
 pub mod link;
+pub mod notify;
 pub mod placement;
 pub mod sharing;
 pub mod sites;

@@ -481,3 +481,54 @@ fn df_reports_the_room_the_sites_and_links_have_left() {
     assert_eq!(free, 0, "a site down: nothing free");
     assert!(total > 0, "the sites that answer still give the size");
 }
+
+/// `/qgenome` never fails open. The mount says READY=1 only once it is mounted
+/// (`Deployment::mount` checks, as systemd's `Type=notify` relies on); taken away under the
+/// process (`umount`), it exits with an error naming the mountpoint instead of sleeping on
+/// while pipelines write into a plain directory; and it refuses to mount over a directory that
+/// holds anything (files written there in the clear, hidden by the mount).
+#[test]
+fn the_mount_fails_closed_when_unmounted_under_it_or_over_a_non_empty_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = deployment(dir.path());
+    let mp = d.mountpoint.clone();
+    let out = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&mp)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let child = d.mount_process().expect("the mount runs");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "qgenome mount still running 15 s after its mountpoint was unmounted:\n{}",
+            mount_log(&d)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "{status}");
+    let log = mount_log(&d);
+    assert!(
+        log.contains("ended without a stop signal") && log.contains(&mp.display().to_string()),
+        "{log}"
+    );
+    // A file written into the bare directory meanwhile: the next mount refuses to hide it.
+    std::fs::write(mp.join("P0001.cram"), b"written while unmounted").unwrap();
+    let err = d.mount().expect_err("mounted over a non-empty directory");
+    let log = mount_log(&d);
+    assert!(log.contains("is not empty (P0001.cram)"), "{err:#}\n{log}");
+    std::fs::remove_file(mp.join("P0001.cram")).unwrap();
+    d.mount().unwrap();
+    std::fs::create_dir(mp.join("P0001")).unwrap();
+    std::fs::write(mp.join("P0001/a.cram"), b"stored").unwrap();
+    d.stop_mount(false).unwrap();
+}

@@ -542,6 +542,29 @@ fn a_file_unlinked_while_written_closes_cleanly_and_leaves_no_shares() {
     std::fs::remove_dir(rig.mnt.join("P9")).unwrap();
 }
 
+/// A patient's folder whose only file is still being written is not empty (`ls` shows the
+/// file): rmdir fails with ENOTEMPTY, and the file commits at its close, listed.
+#[test]
+fn rmdir_of_a_folder_whose_file_is_being_written_is_refused() {
+    use std::io::Write;
+    let rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("P13")).unwrap();
+    let f = rig.mnt.join("P13/w.cram");
+    let mut w = std::fs::File::create(&f).unwrap();
+    w.write_all(&vec![5u8; 100_000]).unwrap();
+    let err =
+        std::fs::remove_dir(rig.mnt.join("P13")).expect_err("rmdir of a folder being written");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTEMPTY), "{err}");
+    w.write_all(&vec![6u8; 100_000]).unwrap();
+    drop(w);
+    let names: Vec<_> = std::fs::read_dir(rig.mnt.join("P13"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["w.cram"]);
+    assert_eq!(std::fs::metadata(&f).unwrap().len(), 200_000);
+}
+
 /// A file unlinked before anything of it was committed: the unlink succeeds (`ls` listed the
 /// file), the writer keeps writing, and at its close the file does not come back and its
 /// shares are gone from every site.

@@ -129,3 +129,64 @@ fn both_units_load_without_a_warning() {
         );
     }
 }
+
+/// Paths a site writes to (the README's `--state` for `qgenome-mountd`, and the site config
+/// example's `state_dir`, `key_dir`, `volume` and `unix_socket`) lie where the site's unit
+/// lets it write: under `ProtectSystem=strict` anything else is read-only, and the daemon
+/// fails at start (the README once put site state under /var/lib/qgenome).
+#[test]
+fn the_documented_site_paths_are_writable_under_the_site_unit() {
+    let settings = service_settings(&unit("qgenome-mountd@.service"));
+    let writable: Vec<String> = settings
+        .iter()
+        .filter(|(k, _)| k == "ReadWritePaths")
+        .flat_map(|(_, v)| {
+            v.split_whitespace()
+                .map(|p| p.trim_start_matches('-').to_string())
+        })
+        .chain(
+            settings
+                .iter()
+                .filter(|(k, _)| k == "StateDirectory")
+                .map(|(_, v)| format!("/var/lib/{v}")),
+        )
+        .collect();
+    assert!(
+        writable.iter().any(|p| p == "/var/lib/qgenome-mountd"),
+        "{writable:?}"
+    );
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let mut paths: Vec<String> = readme
+        .lines()
+        .filter(|l| l.starts_with("qgenome-mountd "))
+        .filter_map(|l| l.split("--state ").nth(1))
+        .map(|rest| rest.split_whitespace().next().unwrap().to_string())
+        .collect();
+    assert!(!paths.is_empty(), "the README gives no site --state path");
+    let example = std::fs::read_to_string(root.join("mountd/src/config.rs")).unwrap();
+    for key in ["state_dir", "key_dir", "volume", "unix_socket"] {
+        let line = example
+            .lines()
+            .find(|l| l.starts_with(&format!("//! {key} = ")))
+            .unwrap_or_else(|| panic!("no {key} in the site config example"));
+        paths.push(line.split('"').nth(1).unwrap().to_string());
+    }
+    for p in &paths {
+        assert!(
+            writable.iter().any(|w| Path::new(p).starts_with(w)),
+            "{p} (README or the site config example) is not writable under qgenome-mountd@.service: {writable:?}"
+        );
+    }
+}
+
+/// The mount tells systemd when /qgenome is really mounted (units that write there are
+/// ordered after it); `qgenome mount` sends READY=1 (tests/e2e.rs waits for it).
+#[test]
+fn the_mount_unit_waits_for_readiness() {
+    let settings = service_settings(&unit("qgenome.service"));
+    assert!(
+        settings.contains(&("Type".into(), "notify".into())),
+        "{settings:?}"
+    );
+}

@@ -3,7 +3,8 @@
 //! ```toml
 //! site = "sendai-1"
 //! volume = "/srv/qgenome/shares.vol"
-//! state_dir = "/var/lib/qgenome-mountd"
+//! state_dir = "/var/lib/qgenome-mountd/sendai-1"  # the share index (under systemd: below
+//!                                              # /var/lib/qgenome-mountd, the unit's writable paths)
 //! unix_socket = "/run/qgenome/sendai-1.sock"   # the home mount's local socket (no pad)
 //! listen = "0.0.0.0:7474"                       # sealed TCP for remote sites
 //! [[link]]
@@ -309,6 +310,23 @@ pub use qgenome::cli::parse_size;
 
 #[cfg(test)]
 mod tests {
+    /// The example at the top of this file is a configuration the parser takes.
+    #[test]
+    fn the_documented_example_parses() {
+        let text: String = include_str!("config.rs")
+            .lines()
+            .map_while(|l| l.strip_prefix("//!"))
+            .skip_while(|l| l.trim() != "```toml")
+            .skip(1)
+            .take_while(|l| l.trim() != "```")
+            .map(|l| format!("{}\n", l.strip_prefix(' ').unwrap_or(l)))
+            .collect();
+        assert!(text.contains("[[link]]"), "example found: {text}");
+        let cfg = SiteConfig::parse(&text, Path::new("mountd/src/config.rs"))
+            .unwrap_or_else(|e| panic!("the example in mountd/src/config.rs: {e}"));
+        assert_eq!(cfg.links.len(), 1);
+    }
+
     use super::*;
 
     const GOOD: &str = r#"

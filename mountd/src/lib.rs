@@ -10,14 +10,12 @@
 //! - [`bench`]: store throughput against fio, and deterministic share contents for tests.
 //! - [`store`]: puts, gets, deletes, scrub and index rebuild of shares on a volume.
 //! - [`server`]: the share protocol over a Unix socket (plain) and TCP (sealed link frames).
-//! - [`notify`]: systemd readiness notification.
 //!
 //! Byte formats and the reasons behind the choices are in `docs/design.md` ("mountd").
 pub mod alloc;
 pub mod bench;
 pub mod config;
 pub mod layout;
-pub mod notify;
 pub mod server;
 pub mod store;
 pub mod volume;

@@ -171,14 +171,7 @@ impl VolumeArgs {
 
 fn main() -> ExitCode {
     qgenome::tune_malloc();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(false)
-        .with_writer(std::io::stderr)
-        .init();
+    qgenome::cli::init_tracing();
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
@@ -481,9 +474,9 @@ fn serve(path: &Path) -> Result<()> {
                 _ = term.recv() => tracing::info!("SIGTERM"),
                 _ = int.recv() => tracing::info!("SIGINT"),
             }
-            let _ = qgenome_mountd::notify::notify("STOPPING=1");
+            let _ = qgenome::notify::notify("STOPPING=1");
         };
-        if let Err(e) = qgenome_mountd::notify::notify("READY=1") {
+        if let Err(e) = qgenome::notify::notify("READY=1") {
             tracing::warn!("sd_notify READY=1: {e}");
         }
         tracing::info!("site {}: ready", cfg.site);

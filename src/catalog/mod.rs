@@ -201,6 +201,9 @@ pub struct Catalog {
     retired: sled::Tree,
     /// Single values: the highest manifest seq written or restored ([`MANIFEST_SEQ`]).
     meta: sled::Tree,
+    /// Held (shared) while a name is given to a version, and (exclusive) while a patient is
+    /// checked empty and removed: no name lands in a patient between the two.
+    patient_names: std::sync::RwLock<()>,
 }
 
 /// Key in `meta` of the highest manifest seq (u64, big-endian) written or restored.
@@ -215,12 +218,33 @@ impl std::fmt::Debug for Catalog {
     }
 }
 
+/// Creates the catalog's directory, or tightens an existing one, to mode 0700: it holds patient
+/// ids, file names, the SHA-256 of every chunk and the audit log (uids, pids), and sled makes
+/// its files by the caller's umask (0644 under the usual 022).
+fn private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)?;
+    let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            "catalog {}: mode {mode:03o} let other users read it; set to 700",
+            path.display()
+        );
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 impl Catalog {
     pub fn open(path: &Path) -> Result<Self> {
         let err = |source| CatalogError::Db {
             path: path.to_path_buf(),
             source,
         };
+        private_dir(path).map_err(|e| err(sled::Error::Io(e)))?;
         let db = sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)
@@ -239,6 +263,7 @@ impl Catalog {
             meta: tree("meta")?,
             db,
             sync,
+            patient_names: std::sync::RwLock::new(()),
         })
     }
 
@@ -361,6 +386,10 @@ impl Catalog {
         if self.patient(id)?.is_none() {
             return Err(CatalogError::NoPatient(id.to_string()));
         }
+        let _names = self
+            .patient_names
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         if !self.files_of(id)?.is_empty() {
             return Err(CatalogError::PatientNotEmpty(id.to_string()));
         }
@@ -543,6 +572,21 @@ impl Catalog {
         also_remove: Option<&[u8]>,
     ) -> Result<Swap<Option<FileRecord>>> {
         use sled::Transactional;
+        // Naming a version needs its patient, then and until the name is in: a patient
+        // removed meanwhile (rmdir of a folder whose only file was still being written)
+        // would leave a committed file no listing shows.
+        let patient = key.split(|&b| b == 0).next().unwrap_or_default();
+        let _names = id.map(|_| self.patient_names.read().unwrap_or_else(|e| e.into_inner()));
+        if id.is_some()
+            && !self
+                .patients
+                .contains_key(patient)
+                .map_err(|e| self.db_err(e))?
+        {
+            return Err(CatalogError::NoPatient(
+                String::from_utf8_lossy(patient).into_owned(),
+            ));
+        }
         let res: std::result::Result<Option<sled::IVec>, TransactionError<()>> =
             (&self.names, &self.files, &self.retired).transaction(|(names, files, retired)| {
                 if let Some((id, _, Some(read))) = &record {
@@ -838,6 +882,41 @@ mod tests {
                 site: "home".into(),
             }],
         }
+    }
+
+    /// A patient removed while a version in it was being written (its folder listed no
+    /// committed name) takes that version's name away: its commit fails, naming the patient,
+    /// instead of naming a file in a patient no listing shows.
+    #[test]
+    fn a_version_is_not_committed_into_a_removed_patient() {
+        let (_d, c) = cat();
+        c.add_patient("P0001").unwrap();
+        let v = c.begin("P0001", "a.cram", 1 << 20, 2, 3, 0o644).unwrap();
+        c.remove_patient("P0001").unwrap();
+        let err = c.commit(&v.id, 0, [0; 32]).unwrap_err();
+        assert!(
+            matches!(err, CatalogError::NoPatient(ref p) if p == "P0001"),
+            "{err}"
+        );
+        assert!(c.patients().unwrap().is_empty());
+        assert!(c.file("P0001", "a.cram").unwrap().is_none());
+    }
+
+    /// Patient ids, names, chunk hashes and the audit log are for the mount's user alone,
+    /// whatever the umask: a new catalog directory is 0700, an existing open one is tightened.
+    #[test]
+    fn the_catalog_directory_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let fresh = dir.path().join("a/catalog");
+        drop(Catalog::open(&fresh).unwrap());
+        assert_eq!(mode(&fresh), 0o700);
+        let open = dir.path().join("b");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        drop(Catalog::open(&open).unwrap());
+        assert_eq!(mode(&open), 0o700);
     }
 
     #[test]

@@ -41,6 +41,39 @@ fn demo_key_size(cram: u64) -> u64 {
     (2 * cram + (256 << 20)).next_multiple_of(1 << 20)
 }
 
+/// Each site's volume for a demo CRAM of `cram` bytes.
+fn demo_volume_size(cram: u64) -> u64 {
+    (cram * 3 / 2 + (256 << 20)).next_multiple_of(1 << 20)
+}
+
+/// Bytes the demo writes under `--dir`: eight key pools (two links, both directions, both
+/// ends), three volumes, the CRAM, its local copy, the small fixtures and indexes (1 GiB).
+fn demo_disk_need(cram: u64) -> u64 {
+    8 * demo_key_size(cram) + 3 * demo_volume_size(cram) + 2 * cram + (1 << 30)
+}
+
+/// Refuses to start a demo that would run out of room part-way (after minutes of key
+/// generation), naming what it needs.
+fn check_room(args: &DemoArgs) -> anyhow::Result<()> {
+    let v = nix::sys::statvfs::statvfs(&args.dir)
+        .with_context(|| format!("--dir {}: cannot read its free space", args.dir.display()))?;
+    let free = v.blocks_available() as u64 * v.fragment_size() as u64;
+    let need = demo_disk_need(args.cram_size);
+    let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+    if free < need {
+        bail!(
+            "--dir {}: {:.1} GiB free, and a demo with a {:.1} GiB CRAM needs about {:.1} GiB there (8 key pools of {:.2} GiB, 3 volumes of {:.2} GiB, the CRAM and its copy); free some space, or pass --dir elsewhere or a smaller --cram-size (make demo DEMO_ARGS=\"--cram-size 256M\")",
+            args.dir.display(),
+            gib(free),
+            gib(args.cram_size),
+            gib(need),
+            gib(demo_key_size(args.cram_size)),
+            gib(demo_volume_size(args.cram_size)),
+        );
+    }
+    Ok(())
+}
+
 /// What a Ctrl-C must undo even while the main thread is busy.
 #[derive(Default)]
 struct Cleanup {
@@ -90,6 +123,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("--dir {}: cannot create it", args.dir.display()))?;
+    check_room(&args)?;
     let tmp = tempfile::Builder::new()
         .prefix("qgenome-demo-")
         .tempdir_in(&args.dir)
@@ -170,7 +204,7 @@ fn flow(args: &DemoArgs, dir: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::R
         "provisioning key pools, formatting volumes, starting 3 sites",
     );
     let mut opts = DeployOptions::new(&dir.join("deploy"));
-    opts.volume_size = (args.cram_size * 3 / 2 + (256 << 20)).next_multiple_of(1 << 20);
+    opts.volume_size = demo_volume_size(args.cram_size);
     opts.key_size = demo_key_size(args.cram_size);
     opts.consent_wait_secs = 120;
     opts.card = true;
@@ -498,5 +532,26 @@ mod tests {
             assert!(key >= bytes, "store: {key} < {bytes}");
             assert!(key >= 3 * bytes / 2, "reads: {key} < {}", 3 * bytes / 2);
         }
+    }
+
+    /// A demo that cannot fit says so before it starts, with what it needs (the README's
+    /// figures: about 26 GiB for the default 1 GiB CRAM, 9.5 for 256 MiB).
+    #[test]
+    fn a_demo_too_big_for_its_directory_is_refused_before_it_starts() {
+        let gib = |b: u64| (b as f64 / f64::from(1u32 << 30) * 2.0).round() / 2.0;
+        assert_eq!(gib(demo_disk_need(1 << 30)), 26.5);
+        assert_eq!(gib(demo_disk_need(256 << 20)), 9.5);
+        let dir = tempfile::tempdir().unwrap();
+        let args = DemoArgs {
+            cram_size: 1 << 50,
+            dir: dir.path().to_path_buf(),
+            keep: false,
+        };
+        let err = check_room(&args).unwrap_err().to_string();
+        assert!(
+            err.contains("needs about") && err.contains("--cram-size"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

@@ -63,12 +63,18 @@ impl Cli {
     }
 }
 
-/// Logs go to stderr, filtered by `QGENOME_LOG` (default `info`).
+/// Logs go to stderr, filtered by `QGENOME_LOG`, else `RUST_LOG`, else `info`; both binaries
+/// (`qgenome` and `qgenome-mountd`) log this way. Colours only on a terminal: under systemd
+/// stderr is the journal, where escape codes would be noise in every line.
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("QGENOME_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let filter = ["QGENOME_LOG", "RUST_LOG"]
+        .iter()
+        .find_map(|var| tracing_subscriber::EnvFilter::try_from_env(var).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }

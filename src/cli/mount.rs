@@ -1,6 +1,7 @@
 //! `qgenome mount`: serve `/qgenome` until SIGTERM or SIGINT, then unmount cleanly.
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
@@ -73,7 +74,41 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         mountpoint.display(),
         cfg.control_socket().display()
     );
-    let sig = stop.wait().context("waiting for a stop signal")?;
-    tracing::info!("{sig:?}: unmounting");
-    mounted.unmount()
+    if let Err(e) = crate::notify::notify("READY=1") {
+        tracing::warn!("cannot tell systemd the mount is ready ($NOTIFY_SOCKET): {e}");
+    }
+    // A stop signal, or the session ending under us (checked every second).
+    loop {
+        if let Some(sig) = wait_signal(&stop, Duration::from_secs(1))? {
+            tracing::info!("{sig:?}: unmounting");
+            let _ = crate::notify::notify("STOPPING=1");
+            return mounted.unmount();
+        }
+        if mounted.session_ended() {
+            let mp = mounted.mountpoint().display().to_string();
+            drop(mounted);
+            anyhow::bail!(
+                "the FUSE mount at {mp} ended without a stop signal (unmounted by someone, or its kernel connection failed): {mp} is now a plain directory and nothing written there is stored; stopping"
+            );
+        }
+    }
+}
+
+/// The signal of `set` (blocked in every thread) that arrives within `timeout`, if any.
+fn wait_signal(set: &SigSet, timeout: Duration) -> anyhow::Result<Option<Signal>> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `set` is a valid signal set, `ts` a valid timespec; no siginfo is asked for.
+    let n = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &ts) };
+    if n >= 0 {
+        return Ok(Some(
+            Signal::try_from(n).context("sigtimedwait returned an unknown signal")?,
+        ));
+    }
+    match nix::errno::Errno::last() {
+        nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR => Ok(None),
+        e => Err(e).context("waiting for a stop signal"),
+    }
 }

@@ -1117,6 +1117,18 @@ impl Filesystem for QgenomeFs {
         let Some(id) = name.to_str() else {
             return reply.error(Errno::EINVAL);
         };
+        // A file being written shows in the folder's listing: the folder is not empty. (One
+        // created after this check and before the removal fails at its commit, with ENOENT
+        // at close: the catalog names no version in a patient it no longer has.)
+        if self
+            .writing
+            .lock()
+            .expect("writing")
+            .keys()
+            .any(|(p, _)| p == id)
+        {
+            return reply.error(Errno::ENOTEMPTY);
+        }
         match self.engine.catalog.remove_patient(id) {
             Ok(()) => {
                 self.engine

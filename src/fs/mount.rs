@@ -60,6 +60,7 @@ pub fn start(
     sites: Vec<Arc<dyn ShareSite>>,
     extra: Vec<Arc<Handler>>,
 ) -> anyhow::Result<Mounted> {
+    check_mountpoint(mountpoint)?;
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating state directory {}", cfg.state_dir.display()))?;
     let catalog = Arc::new(Catalog::open(&cfg.catalog_path())?);
@@ -144,6 +145,17 @@ impl Mounted {
         self.inodes.held()
     }
 
+    /// True once the FUSE session has ended without [`Mounted::unmount`]: someone unmounted
+    /// the mountpoint (`umount`, `fusermount3 -u`), or the kernel connection failed. The
+    /// mountpoint is then a plain directory, and whatever is written there is not stored.
+    pub fn session_ended(&self) -> bool {
+        self.session.as_ref().is_none_or(|s| s.guard.is_finished())
+    }
+
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
     pub fn unmount(mut self) -> anyhow::Result<()> {
         self.engine.consent.close();
         if let Some(s) = self.session.take() {
@@ -161,6 +173,41 @@ impl Mounted {
         self.engine.catalog.flush()?;
         Ok(())
     }
+}
+
+/// Refuses a mountpoint that is not an empty directory. Whatever is in it would be hidden
+/// under the mount, and files in a bare `/qgenome` are most likely genomes a pipeline wrote
+/// there in the clear while no mount was up: they belong to an operator's decision, not
+/// under a mount that hides them. A mount left behind by a crashed `qgenome mount` reads as
+/// "not connected" and is named as such.
+pub fn check_mountpoint(mountpoint: &Path) -> anyhow::Result<()> {
+    let entries = match std::fs::read_dir(mountpoint) {
+        Ok(entries) => entries,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => anyhow::bail!(
+            "mountpoint {}: a mount of a stopped qgenome is still attached there ({e}); detach it with `fusermount3 -u {}`",
+            mountpoint.display(),
+            mountpoint.display()
+        ),
+        Err(e) => {
+            return Err(e).with_context(|| format!("mountpoint {}", mountpoint.display()));
+        }
+    };
+    let mut names = Vec::new();
+    for entry in entries.take(6) {
+        let entry =
+            entry.with_context(|| format!("listing mountpoint {}", mountpoint.display()))?;
+        names.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    if !names.is_empty() {
+        let more = if names.len() > 5 { ", ..." } else { "" };
+        names.truncate(5);
+        anyhow::bail!(
+            "mountpoint {} is not empty ({}{more}): files there would be hidden under the mount, and may be data written in the clear while it was not mounted; move them away first",
+            mountpoint.display(),
+            names.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// A catalog that a `qgenome catalog rebuild` began to fill and did not finish holds only part
