@@ -33,6 +33,16 @@ impl Rig {
         consent_wait_secs: u64,
         before: impl FnOnce(&qgenome::catalog::Catalog),
     ) -> Self {
+        Self::configured(dir, consent_wait_secs, "", before)
+    }
+
+    /// [`Rig::in_dir`] with `extra` lines at the top of the configuration.
+    fn configured(
+        dir: tempfile::TempDir,
+        consent_wait_secs: u64,
+        extra: &str,
+        before: impl FnOnce(&qgenome::catalog::Catalog),
+    ) -> Self {
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
         let text = format!(
@@ -41,6 +51,7 @@ mountpoint = "{mnt}"
 state_dir = "{state}"
 chunk_size = "64K"
 consent_wait_secs = {consent_wait_secs}
+{extra}
 [scheme]
 k = 2
 n = 3
@@ -1252,4 +1263,72 @@ fn a_reader_stopped_or_blocking_signals_while_waiting_for_consent_keeps_waiting(
         );
         assert_eq!(out.stdout, b"the data", "{what}");
     }
+}
+
+/// Run `script` with `sh -c` as the unprivileged user nobody (65534); its exit status and
+/// what it printed on stderr.
+fn as_nobody(script: &str) -> (bool, String) {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .expect("setpriv (util-linux) runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// With `allow_other`, other users reach the mount, and the kernel holds them to the owners
+/// and modes it reports (`default_permissions`): files and patient folders belong to whoever
+/// made them (kept in the catalog), a user cannot delete, replace or read what the modes
+/// keep from them, and `chown` gives a folder to a pipeline's user. Before, every file was
+/// the mount's and nothing was checked: any local user could `rm` any patient's file.
+#[test]
+fn other_users_are_held_to_owners_and_modes() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    // nobody must reach the mountpoint through the test's directory.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let rig = Rig::configured(dir, 60, "allow_other = true", |_| {});
+    let p = rig.mnt.join("P20");
+    std::fs::create_dir(&p).unwrap();
+    std::fs::write(p.join("root.cram"), b"the root's genome").unwrap();
+    std::fs::set_permissions(p.join("root.cram"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    rig.grant("P20");
+    let at = |name: &str| p.join(name).display().to_string();
+    for script in [
+        format!("rm -f {}", at("root.cram")),
+        format!("echo x > {}", at("new.cram")),
+        format!("cat {}", at("root.cram")),
+        format!("mv {} {}", at("root.cram"), at("moved.cram")),
+    ] {
+        let (ok, err) = as_nobody(&script);
+        assert!(
+            !ok && err.contains("Permission denied"),
+            "{script}: {ok} {err}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(p.join("root.cram")).unwrap(),
+        b"the root's genome"
+    );
+    assert!(!p.join("new.cram").exists());
+    // The folder given to nobody: they write there, and own what they write.
+    std::os::unix::fs::chown(&p, Some(65534), Some(65534)).unwrap();
+    let (ok, err) = as_nobody(&format!("printf abc > {}", at("mine.cram")));
+    assert!(ok, "{err}");
+    let meta = std::fs::metadata(p.join("mine.cram")).unwrap();
+    assert_eq!((meta.uid(), meta.gid(), meta.len()), (65534, 65534, 3));
+    let (ok, err) = as_nobody(&format!("chown 0 {}", at("mine.cram")));
+    assert!(!ok && err.contains("not permitted"), "{err}");
+    // The closed file's and the folder's attributes come from their catalog records.
+    assert_eq!(std::fs::metadata(&p).unwrap().uid(), 65534);
+    assert_eq!(std::fs::metadata(p.join("root.cram")).unwrap().uid(), 0);
 }

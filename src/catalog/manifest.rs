@@ -224,6 +224,8 @@ impl Manifest {
             mode: self.mode,
             created: self.created,
             mtime: self.mtime,
+            // Manifests do not carry owners: a rebuilt catalog's files are the mount's user's.
+            owner: None,
         }
     }
 

@@ -81,6 +81,20 @@ type Result<T> = std::result::Result<T, CatalogError>;
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PatientRecord {
     pub created: u64,
+    /// Who made the folder (`mkdir`), or was given it (`chown`); `None`: the mount's user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
+    /// The folder's permission bits; `None`: 0755.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+}
+
+/// The Unix owner of a file or patient folder, as the kernel checks it (the mount runs with
+/// `default_permissions`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -107,6 +121,11 @@ pub struct FileRecord {
     pub mode: u32,
     pub created: u64,
     pub mtime: u64,
+    /// Who created the file (kept when it is replaced or renamed), or was given it by
+    /// `chown`; `None`: the mount's user (versions from before owners were kept, or restored
+    /// by a catalog rebuild: manifests do not carry owners).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
 }
 
 /// Where share `share` of a chunk lives.
@@ -350,9 +369,21 @@ impl Catalog {
     // ---- patients -------------------------------------------------------------------------
 
     pub fn add_patient(&self, id: &str) -> Result<()> {
+        self.add_patient_owned(id, None, None)
+    }
+
+    /// [`Catalog::add_patient`] with the folder's owner and permission bits (`mkdir`).
+    pub fn add_patient_owned(
+        &self,
+        id: &str,
+        owner: Option<Owner>,
+        mode: Option<u32>,
+    ) -> Result<()> {
         validate_patient(id)?;
         let rec = Self::encode(&PatientRecord {
             created: now_secs(),
+            owner,
+            mode: mode.map(|m| m & 0o7777),
         });
         let prev = self
             .patients
@@ -442,6 +473,21 @@ impl Catalog {
         n: u8,
         mode: u32,
     ) -> Result<FileRecord> {
+        self.begin_owned(patient, name, chunk_size, k, n, mode, None)
+    }
+
+    /// [`Catalog::begin`] with the new file's owner.
+    #[allow(clippy::too_many_arguments)]
+    pub fn begin_owned(
+        &self,
+        patient: &str,
+        name: &str,
+        chunk_size: u32,
+        k: u8,
+        n: u8,
+        mode: u32,
+        owner: Option<Owner>,
+    ) -> Result<FileRecord> {
         validate_name(name)?;
         if self.patient(patient)?.is_none() {
             return Err(CatalogError::NoPatient(patient.to_string()));
@@ -462,6 +508,7 @@ impl Catalog {
             mode,
             created: now,
             mtime: now,
+            owner,
         };
         self.files
             .insert(id, Self::encode(&rec))
@@ -677,6 +724,44 @@ impl Catalog {
     }
 
     /// Change a version's mode bits and/or modification time.
+    /// Change the owner of version `id` (`chown`; the kernel has checked the caller may).
+    pub fn set_owner(&self, id: &FileId, owner: Owner) -> Result<()> {
+        let missing = || CatalogError::NotWriting(merkle::hex(id));
+        self.update_record(id, missing, |read, mut rec| {
+            rec.owner = Some(owner);
+            self.replace_record(id, &read, Self::encode(&rec))
+        })?;
+        self.flush()
+    }
+
+    /// Change a patient folder's owner or permission bits (`chown`, `chmod`).
+    pub fn set_patient_attrs(
+        &self,
+        id: &str,
+        owner: Option<Owner>,
+        mode: Option<u32>,
+    ) -> Result<()> {
+        loop {
+            let Some(read) = self.patients.get(id).map_err(|e| self.db_err(e))? else {
+                return Err(CatalogError::NoPatient(id.to_string()));
+            };
+            let mut rec: PatientRecord = self.decode(id.as_bytes(), &read)?;
+            if owner.is_some() {
+                rec.owner = owner;
+            }
+            if let Some(m) = mode {
+                rec.mode = Some(m & 0o7777);
+            }
+            let swapped = self
+                .patients
+                .compare_and_swap(id, Some(read), Some(Self::encode(&rec)))
+                .map_err(|e| self.db_err(e))?;
+            if swapped.is_ok() {
+                return self.flush();
+            }
+        }
+    }
+
     pub fn set_attrs(&self, id: &FileId, mode: Option<u32>, mtime: Option<u64>) -> Result<()> {
         let missing = || CatalogError::NotWriting(merkle::hex(id));
         self.update_record(id, missing, |read, mut rec| {
@@ -1068,6 +1153,7 @@ mod tests {
             mode: 0o600,
             created: 5,
             mtime: 6,
+            owner: None,
         };
         assert!(matches!(
             c.restore(&rec, &[chunk(1)]),

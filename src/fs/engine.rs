@@ -602,13 +602,25 @@ impl Engine {
 
     /// Start writing a new version of `patient/name`.
     pub fn create(&self, patient: &str, name: &str, mode: u32) -> Result<FileWriter, EngineError> {
-        let rec = self.catalog.begin(
+        self.create_owned(patient, name, mode, None)
+    }
+
+    /// [`Engine::create`] with the new version's owner.
+    pub fn create_owned(
+        &self,
+        patient: &str,
+        name: &str,
+        mode: u32,
+        owner: Option<crate::catalog::Owner>,
+    ) -> Result<FileWriter, EngineError> {
+        let rec = self.catalog.begin_owned(
             patient,
             name,
             self.cfg.chunk_size as u32,
             self.cfg.k as u8,
             self.cfg.n as u8,
             mode,
+            owner,
         )?;
         let (done, results) = mpsc::channel();
         Ok(FileWriter {

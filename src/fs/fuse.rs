@@ -19,7 +19,7 @@ use fuser::{
 };
 
 use super::engine::{Engine, EngineError, FileWriter};
-use crate::catalog::{CatalogError, ChunkRecord, FileRecord};
+use crate::catalog::{CatalogError, ChunkRecord, FileRecord, Owner};
 use crate::consent::Consent;
 
 const ROOT: u64 = 1;
@@ -294,12 +294,14 @@ struct Writing {
     mode: u32,
     mtime: u64,
     created: u64,
+    /// The version's owner (changed by a `chown` while it is written).
+    owner: Mutex<Option<Owner>>,
 }
 
 impl Writing {
     fn new(w: FileWriter) -> Self {
         let r = w.record();
-        let (mode, mtime, created) = (r.mode, r.mtime, r.created);
+        let (mode, mtime, created, owner) = (r.mode, r.mtime, r.created, r.owner);
         Self {
             size: AtomicU64::new(w.size()),
             displaced: Default::default(),
@@ -307,6 +309,7 @@ impl Writing {
             mode,
             mtime,
             created,
+            owner: Mutex::new(owner),
         }
     }
 
@@ -678,7 +681,16 @@ impl QgenomeFs {
         self.inodes.lock().expect("inodes").ino(node)
     }
 
-    fn dir_attr(&self, ino: u64, mtime: u64) -> FileAttr {
+    /// The owner the kernel is told: the recorded one, else the mount's user.
+    fn owner_or_mount(&self, owner: Option<Owner>) -> Owner {
+        owner.unwrap_or(Owner {
+            uid: self.uid,
+            gid: self.gid,
+        })
+    }
+
+    fn dir_attr(&self, ino: u64, mtime: u64, mode: u32, owner: Option<Owner>) -> FileAttr {
+        let owner = self.owner_or_mount(owner);
         FileAttr {
             ino: INodeNo(ino),
             size: 0,
@@ -688,17 +700,26 @@ impl QgenomeFs {
             ctime: secs(mtime),
             crtime: secs(mtime),
             kind: FileType::Directory,
-            perm: 0o755,
+            perm: (mode & 0o7777) as u16,
             nlink: 2,
-            uid: self.uid,
-            gid: self.gid,
+            uid: owner.uid,
+            gid: owner.gid,
             rdev: 0,
             blksize: 1 << 20,
             flags: 0,
         }
     }
 
-    fn file_attr(&self, ino: u64, size: u64, mode: u32, mtime: u64, created: u64) -> FileAttr {
+    fn file_attr(
+        &self,
+        ino: u64,
+        size: u64,
+        mode: u32,
+        times: (u64, u64),
+        owner: Option<Owner>,
+    ) -> FileAttr {
+        let (mtime, created) = times;
+        let owner = self.owner_or_mount(owner);
         FileAttr {
             ino: INodeNo(ino),
             size,
@@ -710,8 +731,8 @@ impl QgenomeFs {
             kind: FileType::RegularFile,
             perm: (mode & 0o7777) as u16,
             nlink: 1,
-            uid: self.uid,
-            gid: self.gid,
+            uid: owner.uid,
+            gid: owner.gid,
             rdev: 0,
             blksize: 1 << 20,
             flags: 0,
@@ -738,10 +759,11 @@ impl QgenomeFs {
     fn attr_at(&self, ino: u64, node: &Node) -> Result<Option<(FileAttr, Duration)>, EngineError> {
         let cat = &self.engine.catalog;
         Ok(match node {
-            Node::Root => Some((self.dir_attr(ROOT, 0), DIR_TTL)),
-            Node::Patient(p) => cat
-                .patient(p)?
-                .map(|r| (self.dir_attr(ino, r.created), DIR_TTL)),
+            Node::Root => Some((self.dir_attr(ROOT, 0, 0o755, None), DIR_TTL)),
+            Node::Patient(p) => cat.patient(p)?.map(|r| {
+                let mode = r.mode.unwrap_or(0o755);
+                (self.dir_attr(ino, r.created, mode, r.owner), DIR_TTL)
+            }),
             Node::File(p, n) => {
                 let writing = self
                     .writing
@@ -751,14 +773,17 @@ impl QgenomeFs {
                     .cloned();
                 if let Some(w) = writing {
                     let size = w.size.load(Ordering::SeqCst);
+                    let owner = *w.owner.lock().expect("owner");
+                    let times = (w.mtime, w.created);
                     return Ok(Some((
-                        self.file_attr(ino, size, w.mode, w.mtime, w.created),
+                        self.file_attr(ino, size, w.mode, times, owner),
                         FILE_TTL,
                     )));
                 }
                 cat.file(p, n)?.map(|r| {
+                    let times = (r.mtime, r.created);
                     (
-                        self.file_attr(ino, r.size, r.mode, r.mtime, r.created),
+                        self.file_attr(ino, r.size, r.mode, times, r.owner),
                         FILE_TTL,
                     )
                 })
@@ -839,8 +864,35 @@ impl QgenomeFs {
     }
 
     /// Open a writer for `patient/name` and register it.
-    fn open_writer(&self, patient: &str, name: &str, mode: u32) -> Result<u64, EngineError> {
-        let w = self.engine.create(patient, name, mode)?;
+    /// `chown` of a file: its committed version and a version being written under its name.
+    fn set_file_owner(&self, p: &str, n: &str, owner: Owner) -> Result<(), EngineError> {
+        let writer = self
+            .writing
+            .lock()
+            .expect("writing")
+            .get(&(p.to_string(), n.to_string()))
+            .cloned();
+        if let Some(w) = writer {
+            *w.owner.lock().expect("owner") = Some(owner);
+            let id = w.lock().as_ref().map(|w| w.id());
+            if let Some(id) = id {
+                self.engine.catalog.set_owner(&id, owner)?;
+            }
+        }
+        if let Some(rec) = self.engine.catalog.file(p, n)? {
+            self.engine.catalog.set_owner(&rec.id, owner)?;
+        }
+        Ok(())
+    }
+
+    fn open_writer(
+        &self,
+        patient: &str,
+        name: &str,
+        mode: u32,
+        owner: Option<Owner>,
+    ) -> Result<u64, EngineError> {
+        let w = self.engine.create_owned(patient, name, mode, owner)?;
         // Held like a read handle: once committed (fsync) the version may lose its name while
         // the writer still writes; its shares then go at release, not under the writer.
         self.engine.writer_opened(&w.id());
@@ -1019,8 +1071,8 @@ impl Filesystem for QgenomeFs {
         _req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
         size: Option<u64>,
         _atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
@@ -1035,18 +1087,40 @@ impl Filesystem for QgenomeFs {
         let Some(node) = self.node(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        let Node::File(p, n) = &node else {
-            // Directories: nothing to change; report what is there.
-            return match self.attr(&node) {
-                Ok(Some((a, ttl))) => reply.attr(&ttl, &a),
-                _ => reply.error(Errno::ENOENT),
-            };
-        };
         let current = match self.attr(&node) {
             Ok(Some((a, _))) => a,
             Ok(None) => return reply.error(Errno::ENOENT),
             Err(e) => return reply.error(errno(&e)),
         };
+        // chown: the kernel (default_permissions) has checked the caller may.
+        let owner = (uid.is_some() || gid.is_some()).then(|| Owner {
+            uid: uid.unwrap_or(current.uid),
+            gid: gid.unwrap_or(current.gid),
+        });
+        let Node::File(p, n) = &node else {
+            let changed = match &node {
+                Node::Patient(id) if owner.is_some() || mode.is_some() => {
+                    self.engine.catalog.set_patient_attrs(id, owner, mode)
+                }
+                // The root is the mount's; its attributes are not kept.
+                Node::Root if owner.is_some() || mode.is_some() => {
+                    return reply.error(Errno::EPERM)
+                }
+                _ => Ok(()),
+            };
+            if let Err(e) = changed {
+                return reply.error(errno(&e.into()));
+            }
+            return match self.attr(&node) {
+                Ok(Some((a, ttl))) => reply.attr(&ttl, &a),
+                _ => reply.error(Errno::ENOENT),
+            };
+        };
+        if let Some(owner) = owner {
+            if let Err(e) = self.set_file_owner(p, n, owner) {
+                return reply.error(errno(&e));
+            }
+        }
         if let Some(size) = size {
             if size != current.size {
                 let open_writer = fh.and_then(|fh| self.writer(fh)).is_some();
@@ -1055,9 +1129,13 @@ impl Filesystem for QgenomeFs {
                     return reply.error(Errno::EINVAL);
                 }
                 // Truncate a closed file to zero: commit an empty version over it.
+                let owner = Owner {
+                    uid: current.uid,
+                    gid: current.gid,
+                };
                 let result = self
                     .engine
-                    .create(p, n, u32::from(current.perm))
+                    .create_owned(p, n, u32::from(current.perm), Some(owner))
                     .and_then(|mut w| w.commit(&self.engine));
                 if let Err(e) = result {
                     return reply.error(errno(&e));
@@ -1086,11 +1164,11 @@ impl Filesystem for QgenomeFs {
 
     fn mkdir(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
-        _mode: u32,
-        _umask: u32,
+        mode: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
         if parent.0 != ROOT {
@@ -1099,7 +1177,16 @@ impl Filesystem for QgenomeFs {
         let Some(id) = name.to_str() else {
             return reply.error(Errno::EINVAL);
         };
-        if let Err(e) = self.engine.catalog.add_patient(id) {
+        let owner = Owner {
+            uid: req.uid(),
+            gid: req.gid(),
+        };
+        let mode = mode & !umask & 0o7777;
+        if let Err(e) = self
+            .engine
+            .catalog
+            .add_patient_owned(id, Some(owner), Some(mode))
+        {
             tracing::warn!("mkdir {id}: {e}");
             return reply.error(errno(&e.into()));
         }
@@ -1144,7 +1231,7 @@ impl Filesystem for QgenomeFs {
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
@@ -1155,7 +1242,11 @@ impl Filesystem for QgenomeFs {
         let Ok(Node::File(p, n)) = self.child(parent, name) else {
             return reply.error(Errno::EPERM);
         };
-        match self.open_writer(&p, &n, mode & !umask & 0o7777) {
+        let owner = Owner {
+            uid: req.uid(),
+            gid: req.gid(),
+        };
+        match self.open_writer(&p, &n, mode & !umask & 0o7777, Some(owner)) {
             Ok(fh) => match self.entry(&Node::File(p, n)) {
                 Ok(Some((a, ttl))) => reply.created(
                     &ttl,
@@ -1201,14 +1292,20 @@ impl Filesystem for QgenomeFs {
                     return reply.error(Errno::EBUSY);
                 }
             }
-            let mode = self
-                .engine
-                .catalog
-                .file(&p, &n)
-                .ok()
-                .flatten()
-                .map_or(0o644, |r| r.mode);
-            return match self.open_writer(&p, &n, mode) {
+            // A replacement keeps the file's mode and owner (the kernel checked the opener
+            // may write it); a name only being written so far is the opener's.
+            let old = self.engine.catalog.file(&p, &n).ok().flatten();
+            let (mode, owner) = old.map_or_else(
+                || {
+                    let owner = Owner {
+                        uid: req.uid(),
+                        gid: req.gid(),
+                    };
+                    (0o644, Some(owner))
+                },
+                |r| (r.mode, r.owner),
+            );
+            return match self.open_writer(&p, &n, mode, owner) {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
                 Err(e) => reply.error(errno(&e)),
             };

@@ -112,6 +112,10 @@ pub fn start(
         fuser::MountOption::NoDev,
         fuser::MountOption::NoSuid,
         fuser::MountOption::NoExec,
+        // The kernel checks every access against the owners and modes the mount reports
+        // (the creator's, kept in the catalog): with `allow_other`, users are kept to their
+        // own files and to the folders they may write in.
+        fuser::MountOption::DefaultPermissions,
     ];
     options.acl = if cfg.allow_other {
         fuser::SessionACL::All
