@@ -1332,3 +1332,42 @@ fn other_users_are_held_to_owners_and_modes() {
     assert_eq!(std::fs::metadata(&p).unwrap().uid(), 65534);
     assert_eq!(std::fs::metadata(p.join("root.cram")).unwrap().uid(), 0);
 }
+
+/// `touch f`, `: > f`, an empty `cp`: a new file nothing was written to is committed at its
+/// opener's close, so close(2) reports a failure (here every site down) instead of RELEASE,
+/// after close had returned 0, logging it while the file silently never appeared.
+#[test]
+fn an_empty_new_file_is_committed_at_its_close_which_reports_a_failure() {
+    use nix::fcntl::{open, OFlag};
+    use nix::sys::stat::Mode;
+    let rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("P21")).unwrap();
+    let create = |name: &str| {
+        open(
+            &rig.mnt.join("P21").join(name),
+            OFlag::O_CREAT | OFlag::O_WRONLY,
+            Mode::from_bits_truncate(0o644),
+        )
+        .unwrap()
+    };
+    nix::unistd::close(create("done.flag")).unwrap();
+    assert_eq!(
+        std::fs::metadata(rig.mnt.join("P21/done.flag"))
+            .unwrap()
+            .len(),
+        0
+    );
+    for s in &rig.sites {
+        s.set_down(true);
+    }
+    let err = nix::unistd::close(create("late.flag")).expect_err("close with every site down");
+    assert_eq!(err, nix::errno::Errno::EIO);
+    // RELEASE tries once more (as for any handle), and fails the same way.
+    wait_for("the failed file's writer released", || {
+        !rig.mnt.join("P21/late.flag").exists()
+    });
+    for s in &rig.sites {
+        s.set_down(false);
+    }
+    assert!(rig.mnt.join("P21/done.flag").exists());
+}

@@ -243,11 +243,22 @@ const MAX_COMMITTERS: usize = 256;
 
 #[derive(Default)]
 struct WriterProcs {
+    /// The process that opened the handle (see `flush`).
+    opener: Option<u32>,
     tgids: std::collections::HashSet<u32>,
     tid_to_tgid: HashMap<u32, u32>,
     /// How a process that wrote through the handle ended without closing it (killed by a
     /// signal): the handle's writes since its last commit are then not committed.
     abandoned: Option<String>,
+}
+
+/// What a FLUSH or FSYNC of a write handle commits (see `QgenomeFs::flush`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    No,
+    Yes,
+    /// Only a version whose name has no committed version (a new file).
+    IfNew,
 }
 
 /// The signal that is killing thread `tid`, if it is exiting from one. `None` for a live
@@ -891,6 +902,7 @@ impl QgenomeFs {
         name: &str,
         mode: u32,
         owner: Option<Owner>,
+        pid: u32,
     ) -> Result<u64, EngineError> {
         let w = self.engine.create_owned(patient, name, mode, owner)?;
         // Held like a read handle: once committed (fsync) the version may lose its name while
@@ -927,7 +939,9 @@ impl QgenomeFs {
                 break;
             }
         }
-        Ok(self.new_fh(Handle::Write { writer }))
+        let fh = self.new_fh(Handle::Write { writer });
+        self.opened_by(fh, pid);
+        Ok(fh)
     }
 
     fn writer(&self, fh: FileHandle) -> Option<SharedWriter> {
@@ -971,7 +985,13 @@ impl QgenomeFs {
     /// Commit the writer of `fh` (or, with `commit` false, wait for its chunks in flight),
     /// then answer. This waits for every site to acknowledge, so it runs on a thread of its
     /// own: a slow site must not hold the request loops that serve everything else.
-    fn commit_apart(&self, fh: FileHandle, commit: bool, reply: ReplyEmpty) {
+    /// Remembers which process opened write handle `fh` (see `flush`).
+    fn opened_by(&self, fh: u64, pid: u32) {
+        let mut procs = self.writer_procs.lock().expect("writer procs");
+        procs.entry(fh).or_default().opener = Some(tgid_of(pid));
+    }
+
+    fn commit_apart(&self, fh: FileHandle, commit: Commit, reply: ReplyEmpty) {
         let Some(writer) = self.writer(fh) else {
             return reply.ok();
         };
@@ -995,8 +1015,23 @@ impl QgenomeFs {
             let mut guard = writer.lock();
             let result = match guard.as_mut() {
                 None => Ok(()),
+                // The opener's close of a handle nothing was written through: a new file
+                // appears now, with close(2) reporting whether it could (a replacement waits
+                // for the writes of whoever the handle was passed to; see `flush`).
                 Some(w)
-                    if commit && writer.displaced.load(Ordering::SeqCst) && !w.is_committed() =>
+                    if commit == Commit::IfNew
+                        && (w.is_committed()
+                            || !matches!(
+                                engine.catalog.file(&w.record().patient, &w.record().name),
+                                Ok(None)
+                            )) =>
+                {
+                    Ok(())
+                }
+                Some(w)
+                    if commit != Commit::No
+                        && writer.displaced.load(Ordering::SeqCst)
+                        && !w.is_committed() =>
                 {
                     let r = w.record();
                     tracing::error!(
@@ -1006,7 +1041,7 @@ impl QgenomeFs {
                     );
                     Err(Errno::EBUSY)
                 }
-                Some(w) if commit => w.commit(&engine).map_err(|e| {
+                Some(w) if commit != Commit::No => w.commit(&engine).map_err(|e| {
                     let r = w.record();
                     tracing::error!("{}/{}: commit failed: {e}", r.patient, r.name);
                     errno(&e)
@@ -1246,7 +1281,7 @@ impl Filesystem for QgenomeFs {
             uid: req.uid(),
             gid: req.gid(),
         };
-        match self.open_writer(&p, &n, mode & !umask & 0o7777, Some(owner)) {
+        match self.open_writer(&p, &n, mode & !umask & 0o7777, Some(owner), req.pid()) {
             Ok(fh) => match self.entry(&Node::File(p, n)) {
                 Ok(Some((a, ttl))) => reply.created(
                     &ttl,
@@ -1305,7 +1340,7 @@ impl Filesystem for QgenomeFs {
                 },
                 |r| (r.mode, r.owner),
             );
-            return match self.open_writer(&p, &n, mode, owner) {
+            return match self.open_writer(&p, &n, mode, owner, req.pid()) {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
                 Err(e) => reply.error(errno(&e)),
             };
@@ -1467,23 +1502,30 @@ impl Filesystem for QgenomeFs {
     ) {
         let commit = {
             let mut procs = self.writer_procs.lock().expect("writer procs");
+            let tgid = tgid_of(req.pid());
             match procs.get_mut(&fh.0) {
-                Some(p) if p.tgids.contains(&tgid_of(req.pid())) => {
-                    match killing_signal(req.pid()) {
-                        Some(signal) => {
-                            let how =
-                                format!("process {} was killed by signal {signal}", req.pid());
-                            tracing::warn!(
-                                "write handle {}: {how} before closing it; its writes since the last commit will not be committed",
-                                fh.0
-                            );
-                            p.abandoned = Some(how);
-                            false
-                        }
-                        None => p.abandoned.is_none(),
+                Some(p) if p.tgids.contains(&tgid) => match killing_signal(req.pid()) {
+                    Some(signal) => {
+                        let how = format!("process {} was killed by signal {signal}", req.pid());
+                        tracing::warn!(
+                            "write handle {}: {how} before closing it; its writes since the last commit will not be committed",
+                            fh.0
+                        );
+                        p.abandoned = Some(how);
+                        Commit::No
                     }
-                }
-                _ => false,
+                    None if p.abandoned.is_none() => Commit::Yes,
+                    None => Commit::No,
+                },
+                // `touch f`, `: > f`, an empty `cp`: nothing was written through the handle,
+                // and its opener closes it. A new file is committed now, so close(2) says
+                // whether it could be (a site down, no room) instead of RELEASE, after close
+                // returned, failing into a log line. Not a replacement (`O_TRUNC` of a stored
+                // file): its opener may have passed the handle to a child that writes after
+                // this close (a shell's `cmd > f`, `Popen(stdout=open(f, "wb"))`), and
+                // committing the empty version would show readers an empty file meanwhile.
+                Some(p) if p.tgids.is_empty() && p.opener == Some(tgid) => Commit::IfNew,
+                _ => Commit::No,
             }
         };
         self.commit_apart(fh, commit, reply);
@@ -1497,7 +1539,7 @@ impl Filesystem for QgenomeFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.commit_apart(fh, true, reply);
+        self.commit_apart(fh, Commit::Yes, reply);
     }
 
     fn release(
