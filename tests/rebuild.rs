@@ -561,7 +561,9 @@ fn a_rebuild_marks_the_catalog_while_it_runs_and_a_marked_one_is_refused() {
         .iter()
         .map(|s| s.clone() as Arc<dyn ShareSite>)
         .collect();
-    let e = match qgenome::fs::mount::start(&cfg, &rig.dir.path().join("mnt"), sites, vec![]) {
+    let mnt = rig.dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let e = match qgenome::fs::mount::start(&cfg, &mnt, sites, vec![]) {
         Ok(_) => panic!("a catalog whose rebuild did not finish was mounted"),
         Err(e) => format!("{e:#}"),
     };

@@ -635,6 +635,7 @@ impl Engine {
             results,
             failed: None,
             committed: None,
+            mtime_set: Arc::default(),
         })
     }
 
@@ -1421,6 +1422,10 @@ pub struct FileWriter {
     failed: Option<(String, bool)>,
     /// Size at the last commit.
     committed: Option<u64>,
+    /// An mtime set (`utimes`, `cp -p`) since the last write, for the next commit to keep;
+    /// 0: none, the commit's time is the mtime. Shared with whoever sets it without this
+    /// writer's lock ([`FileWriter::mtime_setter`]).
+    mtime_set: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for FileWriter {
@@ -1459,13 +1464,40 @@ impl FileWriter {
         self.rec.id
     }
 
-    pub fn write(
+    /// Where an mtime set while the file is open goes (seconds since the epoch): the next
+    /// commit keeps it, unless a write comes after it, as on a local filesystem.
+    pub fn mtime_setter(&self) -> Arc<AtomicU64> {
+        self.mtime_set.clone()
+    }
+
+    /// Appends `data` at `offset` (the size so far), waiting for the sites whenever
+    /// `max_in_flight` chunks of this file are still being stored.
+    pub fn write(&mut self, engine: &Engine, offset: u64, data: &[u8]) -> Result<(), EngineError> {
+        let mut at = 0;
+        loop {
+            at += self.write_some(engine, offset + at as u64, &data[at..])?;
+            if self.must_wait(engine) {
+                self.wait_room(engine)?;
+            }
+            if at == data.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Appends what it can of `data` without waiting for the sites, and returns how much:
+    /// everything, unless the chunk buffer filled while `max_in_flight` chunks are being
+    /// stored. That full chunk then waits, unsent, for [`FileWriter::wait_room`] (or the next
+    /// call, or a commit), and [`FileWriter::must_wait`] says so. For a caller that must not
+    /// block where it is (a FUSE request loop, while a slow site holds the uploads).
+    pub fn write_some(
         &mut self,
         engine: &Engine,
         offset: u64,
         mut data: &[u8],
-    ) -> Result<(), EngineError> {
+    ) -> Result<usize, EngineError> {
         self.check_failed()?;
+        self.mtime_set.store(0, Ordering::SeqCst);
         if offset != self.size {
             return Err(EngineError::NotAppend {
                 file: self.label.clone(),
@@ -1484,16 +1516,38 @@ impl FileWriter {
                 chunk_size,
             });
         }
+        let len = data.len();
         while !data.is_empty() {
+            if self.buf.len() == chunk_size && !self.try_submit(engine)? {
+                break;
+            }
             let take = (chunk_size - self.buf.len()).min(data.len());
             self.buf.extend_from_slice(&data[..take]);
             self.size += take as u64;
             data = &data[take..];
-            if self.buf.len() == chunk_size {
-                self.submit(engine)?;
-            }
         }
-        Ok(())
+        if self.buf.len() == chunk_size {
+            self.try_submit(engine)?;
+        }
+        Ok(len - data.len())
+    }
+
+    /// A full chunk waits to be sent: this file has `max_in_flight` chunks being stored, or
+    /// the upload workers' queue is full (every file's uploads wait for the sites).
+    pub fn must_wait(&self, engine: &Engine) -> bool {
+        self.buf.len() == engine.cfg.chunk_size
+    }
+
+    /// Waits until the sites have room for the waiting chunk, and sends it.
+    pub fn wait_room(&mut self, engine: &Engine) -> Result<(), EngineError> {
+        while self.in_flight >= engine.cfg.max_in_flight {
+            let r = self.results.recv().expect("sender held by self");
+            self.settle(engine, r);
+        }
+        if self.buf.len() == engine.cfg.chunk_size {
+            self.submit(engine)?;
+        }
+        self.check_failed()
     }
 
     fn check_failed(&self) -> Result<(), EngineError> {
@@ -1507,11 +1561,22 @@ impl FileWriter {
         }
     }
 
+    /// Sends the chunk buffer to the upload workers, waiting for room in their queue.
     fn submit(&mut self, engine: &Engine) -> Result<(), EngineError> {
-        let data = std::mem::replace(
-            &mut self.buf,
-            Plain::new(engine.core.chunk_bufs.take(engine.cfg.chunk_size)),
-        );
+        self.send_chunk(engine, true).map(|_| ())
+    }
+
+    /// Sends a full chunk buffer if this file has fewer than `max_in_flight` chunks being
+    /// stored and the upload workers' queue has room; else leaves it, and says so.
+    fn try_submit(&mut self, engine: &Engine) -> Result<bool, EngineError> {
+        if self.in_flight >= engine.cfg.max_in_flight {
+            return Ok(false);
+        }
+        self.send_chunk(engine, false)
+    }
+
+    fn send_chunk(&mut self, engine: &Engine, wait: bool) -> Result<bool, EngineError> {
+        let data = std::mem::replace(&mut self.buf, Plain::new(Vec::new()));
         let job = UploadJob {
             file: self.rec.id,
             label: self.label.clone(),
@@ -1520,19 +1585,28 @@ impl FileWriter {
             data,
             done: self.done.clone(),
         };
+        let tx = engine.uploads.lock().expect("uploads").clone();
+        if wait {
+            tx.send(job)
+                .expect("upload workers run for the engine's life");
+        } else if let Err(e) = tx.try_send(job) {
+            match e {
+                mpsc::TrySendError::Full(job) => {
+                    self.buf = job.data;
+                    return Ok(false);
+                }
+                mpsc::TrySendError::Disconnected(_) => {
+                    panic!("upload workers run for the engine's life")
+                }
+            }
+        }
+        self.buf = Plain::new(engine.core.chunk_bufs.take(engine.cfg.chunk_size));
         self.next_index += 1;
         self.in_flight += 1;
-        let tx = engine.uploads.lock().expect("uploads").clone();
-        tx.send(job)
-            .expect("upload workers run for the engine's life");
         while let Ok(r) = self.results.try_recv() {
             self.settle(engine, r);
         }
-        while self.in_flight >= engine.cfg.max_in_flight {
-            let r = self.results.recv().expect("sender held by self");
-            self.settle(engine, r);
-        }
-        self.check_failed()
+        self.check_failed().map(|()| true)
     }
 
     fn settle(
@@ -1559,6 +1633,9 @@ impl FileWriter {
     /// Wait for the chunks already handed to the upload pool; report any failure so far.
     /// Commits nothing (see the FLUSH rule in `fuse.rs`).
     pub fn wait_in_flight(&mut self, engine: &Engine) -> Result<(), EngineError> {
+        if self.must_wait(engine) {
+            self.wait_room(engine)?;
+        }
         while self.in_flight > 0 {
             let r = self.results.recv().expect("sender held by self");
             self.settle(engine, r);
@@ -1602,7 +1679,10 @@ impl FileWriter {
                 .file_by_id(&self.rec.id)?
                 .ok_or_else(|| CatalogError::NotWriting(merkle::hex(&self.rec.id)))?;
             rec.size = self.size;
-            rec.mtime = crate::catalog::now_secs();
+            rec.mtime = match self.mtime_set.load(Ordering::SeqCst) {
+                0 => crate::catalog::now_secs(),
+                set => set,
+            };
             let chunks = engine.catalog.chunks(&self.rec.id)?;
             if chunks.len() != leaves.len() {
                 return Err(EngineError::Store {

@@ -238,13 +238,12 @@ type Listing = Arc<Vec<(u64, FileType, String)>>;
 /// Most opens and reads waiting for consent on threads of their own at once.
 const MAX_WAITERS: usize = 1024;
 
-/// Most commits (`fsync`, the `close` of a writer) running on threads of their own at once.
+/// Most commits (`fsync`, the `close` of a writer), renames and unlinks waiting for a writer,
+/// and writes waiting for the sites, running on threads of their own at once.
 const MAX_COMMITTERS: usize = 256;
 
 #[derive(Default)]
 struct WriterProcs {
-    /// The process that opened the handle (see `flush`).
-    opener: Option<u32>,
     tgids: std::collections::HashSet<u32>,
     tid_to_tgid: HashMap<u32, u32>,
     /// How a process that wrote through the handle ended without closing it (killed by a
@@ -257,8 +256,6 @@ struct WriterProcs {
 enum Commit {
     No,
     Yes,
-    /// Only a version whose name has no committed version (a new file).
-    IfNew,
 }
 
 /// The signal that is killing thread `tid`, if it is exiting from one. `None` for a live
@@ -302,11 +299,16 @@ struct Writing {
     size: AtomicU64,
     /// Another handle opened the name for writing since (see `open_writer`).
     displaced: std::sync::atomic::AtomicBool,
-    mode: u32,
-    mtime: u64,
+    /// The version written (fixed for the writer's life).
+    id: crate::catalog::FileId,
+    /// Mode and mtime as `getattr` shows them (a chmod or utimes while written changes them).
+    mode: std::sync::atomic::AtomicU32,
+    mtime: AtomicU64,
     created: u64,
     /// The version's owner (changed by a `chown` while it is written).
     owner: Mutex<Option<Owner>>,
+    /// An mtime set while written, which the next commit keeps (`FileWriter::mtime_setter`).
+    mtime_set: Arc<AtomicU64>,
 }
 
 impl Writing {
@@ -316,11 +318,13 @@ impl Writing {
         Self {
             size: AtomicU64::new(w.size()),
             displaced: Default::default(),
-            writer: Mutex::new(Some(w)),
-            mode,
-            mtime,
+            id: w.id(),
+            mode: mode.into(),
+            mtime: mtime.into(),
             created,
             owner: Mutex::new(owner),
+            mtime_set: w.mtime_setter(),
+            writer: Mutex::new(Some(w)),
         }
     }
 
@@ -785,9 +789,10 @@ impl QgenomeFs {
                 if let Some(w) = writing {
                     let size = w.size.load(Ordering::SeqCst);
                     let owner = *w.owner.lock().expect("owner");
-                    let times = (w.mtime, w.created);
+                    let times = (w.mtime.load(Ordering::SeqCst), w.created);
+                    let mode = w.mode.load(Ordering::SeqCst);
                     return Ok(Some((
-                        self.file_attr(ino, size, w.mode, times, owner),
+                        self.file_attr(ino, size, mode, times, owner),
                         FILE_TTL,
                     )));
                 }
@@ -902,7 +907,6 @@ impl QgenomeFs {
         name: &str,
         mode: u32,
         owner: Option<Owner>,
-        pid: u32,
     ) -> Result<u64, EngineError> {
         let w = self.engine.create_owned(patient, name, mode, owner)?;
         // Held like a read handle: once committed (fsync) the version may lose its name while
@@ -939,9 +943,7 @@ impl QgenomeFs {
                 break;
             }
         }
-        let fh = self.new_fh(Handle::Write { writer });
-        self.opened_by(fh, pid);
-        Ok(fh)
+        Ok(self.new_fh(Handle::Write { writer }))
     }
 
     fn writer(&self, fh: FileHandle) -> Option<SharedWriter> {
@@ -985,12 +987,6 @@ impl QgenomeFs {
     /// Commit the writer of `fh` (or, with `commit` false, wait for its chunks in flight),
     /// then answer. This waits for every site to acknowledge, so it runs on a thread of its
     /// own: a slow site must not hold the request loops that serve everything else.
-    /// Remembers which process opened write handle `fh` (see `flush`).
-    fn opened_by(&self, fh: u64, pid: u32) {
-        let mut procs = self.writer_procs.lock().expect("writer procs");
-        procs.entry(fh).or_default().opener = Some(tgid_of(pid));
-    }
-
     fn commit_apart(&self, fh: FileHandle, commit: Commit, reply: ReplyEmpty) {
         let Some(writer) = self.writer(fh) else {
             return reply.ok();
@@ -1015,19 +1011,6 @@ impl QgenomeFs {
             let mut guard = writer.lock();
             let result = match guard.as_mut() {
                 None => Ok(()),
-                // The opener's close of a handle nothing was written through: a new file
-                // appears now, with close(2) reporting whether it could (a replacement waits
-                // for the writes of whoever the handle was passed to; see `flush`).
-                Some(w)
-                    if commit == Commit::IfNew
-                        && (w.is_committed()
-                            || !matches!(
-                                engine.catalog.file(&w.record().patient, &w.record().name),
-                                Ok(None)
-                            )) =>
-                {
-                    Ok(())
-                }
                 Some(w)
                     if commit != Commit::No
                         && writer.displaced.load(Ordering::SeqCst)
@@ -1178,13 +1161,34 @@ impl Filesystem for QgenomeFs {
             }
         }
         if mode.is_some() || mtime.is_some() {
-            if let Ok(Some(rec)) = self.engine.catalog.file(p, n) {
-                let m = mtime.map(|t| match t {
-                    TimeOrNow::Now => crate::catalog::now_secs(),
-                    TimeOrNow::SpecificTime(t) => {
-                        t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+            let m = mtime.map(|t| match t {
+                TimeOrNow::Now => crate::catalog::now_secs(),
+                TimeOrNow::SpecificTime(t) => {
+                    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+                }
+            });
+            // A file being written (`cp -p` and `install -m` set both before close): the
+            // version its close commits takes them. Its record has the mode (the commit
+            // reads it); the mtime waits for the commit, unless a write comes after it.
+            let writer = self
+                .writing
+                .lock()
+                .expect("writing")
+                .get(&(p.clone(), n.clone()))
+                .cloned();
+            if let Some(w) = &writer {
+                if let Some(mode) = mode {
+                    if let Err(e) = self.engine.catalog.set_attrs(&w.id, Some(mode), None) {
+                        return reply.error(errno(&e.into()));
                     }
-                });
+                    w.mode.store(mode & 0o7777, Ordering::SeqCst);
+                }
+                if let Some(t) = m {
+                    w.mtime_set.store(t.max(1), Ordering::SeqCst);
+                    w.mtime.store(t, Ordering::SeqCst);
+                }
+            }
+            if let Ok(Some(rec)) = self.engine.catalog.file(p, n) {
                 if let Err(e) = self.engine.set_attrs(&rec.id, mode, m) {
                     return reply.error(errno(&e));
                 }
@@ -1281,7 +1285,7 @@ impl Filesystem for QgenomeFs {
             uid: req.uid(),
             gid: req.gid(),
         };
-        match self.open_writer(&p, &n, mode & !umask & 0o7777, Some(owner), req.pid()) {
+        match self.open_writer(&p, &n, mode & !umask & 0o7777, Some(owner)) {
             Ok(fh) => match self.entry(&Node::File(p, n)) {
                 Ok(Some((a, ttl))) => reply.created(
                     &ttl,
@@ -1340,7 +1344,7 @@ impl Filesystem for QgenomeFs {
                 },
                 |r| (r.mode, r.owner),
             );
-            return match self.open_writer(&p, &n, mode, owner, req.pid()) {
+            return match self.open_writer(&p, &n, mode, owner) {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
                 Err(e) => reply.error(errno(&e)),
             };
@@ -1471,15 +1475,50 @@ impl Filesystem for QgenomeFs {
         let Some(w) = guard.as_mut() else {
             return reply.error(Errno::EBADF);
         };
-        match w.write(&self.engine, offset, data) {
-            Ok(()) => {
-                writer.size.store(w.size(), Ordering::SeqCst);
-                reply.written(data.len() as u32)
-            }
+        // What the sites have room for is taken here; a write that must wait for them (a
+        // slow or hung site holding this file's uploads) waits on a thread of its own, so
+        // that four such writers do not take every request loop from `ls`, `stat` and the
+        // reads of other files. The kernel sends this handle's next write after the reply.
+        let len = data.len();
+        let took = match w.write_some(&self.engine, offset, data) {
+            Ok(n) => n,
             Err(e) => {
                 tracing::warn!("{e}");
-                reply.error(errno(&e))
+                return reply.error(errno(&e));
             }
+        };
+        writer.size.store(w.size(), Ordering::SeqCst);
+        if !w.must_wait(&self.engine) && took == len {
+            return reply.written(len as u32);
+        }
+        drop(guard);
+        let rest = data[took..].to_vec();
+        let engine = self.engine.clone();
+        let job: Job = Box::new(move || {
+            let mut guard = writer.lock();
+            let result = match guard.as_mut() {
+                None => Err(Errno::EBADF),
+                Some(w) => {
+                    let at = w.size();
+                    let r = w
+                        .wait_room(&engine)
+                        .and_then(|()| w.write(&engine, at, &rest));
+                    writer.size.store(w.size(), Ordering::SeqCst);
+                    r.map_err(|e| {
+                        tracing::warn!("{e}");
+                        errno(&e)
+                    })
+                }
+            };
+            drop(guard);
+            match result {
+                Ok(()) => reply.written(len as u32),
+                Err(e) => reply.error(e),
+            }
+        });
+        let what = format!("write of handle {}", fh.0);
+        if let Err(job) = run_apart(&self.committers, MAX_COMMITTERS, "fs-write", &what, job) {
+            job();
         }
     }
 
@@ -1517,14 +1556,6 @@ impl Filesystem for QgenomeFs {
                     None if p.abandoned.is_none() => Commit::Yes,
                     None => Commit::No,
                 },
-                // `touch f`, `: > f`, an empty `cp`: nothing was written through the handle,
-                // and its opener closes it. A new file is committed now, so close(2) says
-                // whether it could be (a site down, no room) instead of RELEASE, after close
-                // returned, failing into a log line. Not a replacement (`O_TRUNC` of a stored
-                // file): its opener may have passed the handle to a child that writes after
-                // this close (a shell's `cmd > f`, `Popen(stdout=open(f, "wb"))`), and
-                // committing the empty version would show readers an empty file meanwhile.
-                Some(p) if p.tgids.is_empty() && p.opener == Some(tgid) => Commit::IfNew,
                 _ => Commit::No,
             }
         };
@@ -1585,9 +1616,17 @@ impl Filesystem for QgenomeFs {
                     );
                     w.abort(&self.engine);
                 } else if let Err(e) = w.commit(&self.engine) {
-                    // Its record has the name it has now, after any rename while open.
+                    // Its record has the name it has now, after any rename while open. No
+                    // close(2) is left to tell: the audit keeps it beside the log line (a
+                    // `touch` or `: > f` with a site down, whose close committed nothing).
                     let r = w.record();
                     tracing::error!("{}/{}: not committed, discarding: {e}", r.patient, r.name);
+                    self.engine.catalog.audit(
+                        "write-failed",
+                        Some(&r.patient),
+                        Some(&r.name),
+                        &format!("not committed at release, discarded: {e}"),
+                    );
                     w.abort(&self.engine);
                 }
                 self.engine.writer_closed(&id);
