@@ -42,6 +42,20 @@
 //! Unknown keys are refused; every error names the key and the file.
 use std::path::{Path, PathBuf};
 
+/// The TOML example in the `//!` comment at the top of a source file (for the tests that
+/// check the documented examples parse).
+#[doc(hidden)]
+pub fn toml_example(source: &str) -> String {
+    source
+        .lines()
+        .map_while(|l| l.strip_prefix("//!"))
+        .skip_while(|l| l.trim() != "```toml")
+        .skip(1)
+        .take_while(|l| l.trim() != "```")
+        .map(|l| format!("{}\n", l.strip_prefix(' ').unwrap_or(l)))
+        .collect()
+}
+
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -412,14 +426,7 @@ mod tests {
     /// The example at the top of this file is a configuration the parser takes.
     #[test]
     fn the_documented_example_parses() {
-        let text: String = include_str!("config.rs")
-            .lines()
-            .map_while(|l| l.strip_prefix("//!"))
-            .skip_while(|l| l.trim() != "```toml")
-            .skip(1)
-            .take_while(|l| l.trim() != "```")
-            .map(|l| format!("{}\n", l.strip_prefix(' ').unwrap_or(l)))
-            .collect();
+        let text = toml_example(include_str!("config.rs"));
         assert!(text.contains("[[site]]"), "example found: {text}");
         let cfg = HomeConfig::parse(&text, Path::new("src/config.rs"))
             .unwrap_or_else(|e| panic!("the example in src/config.rs: {e}"));

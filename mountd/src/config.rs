@@ -313,14 +313,7 @@ mod tests {
     /// The example at the top of this file is a configuration the parser takes.
     #[test]
     fn the_documented_example_parses() {
-        let text: String = include_str!("config.rs")
-            .lines()
-            .map_while(|l| l.strip_prefix("//!"))
-            .skip_while(|l| l.trim() != "```toml")
-            .skip(1)
-            .take_while(|l| l.trim() != "```")
-            .map(|l| format!("{}\n", l.strip_prefix(' ').unwrap_or(l)))
-            .collect();
+        let text = qgenome::config::toml_example(include_str!("config.rs"));
         assert!(text.contains("[[link]]"), "example found: {text}");
         let cfg = SiteConfig::parse(&text, Path::new("mountd/src/config.rs"))
             .unwrap_or_else(|e| panic!("the example in mountd/src/config.rs: {e}"));

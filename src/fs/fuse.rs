@@ -780,12 +780,7 @@ impl QgenomeFs {
                 (self.dir_attr(ino, r.created, mode, r.owner), DIR_TTL)
             }),
             Node::File(p, n) => {
-                let writing = self
-                    .writing
-                    .lock()
-                    .expect("writing")
-                    .get(&(p.clone(), n.clone()))
-                    .cloned();
+                let writing = self.writer_of(p, n);
                 if let Some(w) = writing {
                     let size = w.size.load(Ordering::SeqCst);
                     let owner = *w.owner.lock().expect("owner");
@@ -879,21 +874,18 @@ impl QgenomeFs {
         fh
     }
 
-    /// Open a writer for `patient/name` and register it.
+    /// The writer open on `p/n`, if any.
+    fn writer_of(&self, p: &str, n: &str) -> Option<SharedWriter> {
+        let key = (p.to_string(), n.to_string());
+        self.writing.lock().expect("writing").get(&key).cloned()
+    }
+
     /// `chown` of a file: its committed version and a version being written under its name.
     fn set_file_owner(&self, p: &str, n: &str, owner: Owner) -> Result<(), EngineError> {
-        let writer = self
-            .writing
-            .lock()
-            .expect("writing")
-            .get(&(p.to_string(), n.to_string()))
-            .cloned();
+        let writer = self.writer_of(p, n);
         if let Some(w) = writer {
             *w.owner.lock().expect("owner") = Some(owner);
-            let id = w.lock().as_ref().map(|w| w.id());
-            if let Some(id) = id {
-                self.engine.catalog.set_owner(&id, owner)?;
-            }
+            self.engine.catalog.set_owner(&w.id, owner)?;
         }
         if let Some(rec) = self.engine.catalog.file(p, n)? {
             self.engine.catalog.set_owner(&rec.id, owner)?;
@@ -901,6 +893,7 @@ impl QgenomeFs {
         Ok(())
     }
 
+    /// Open a writer for `patient/name` and register it.
     fn open_writer(
         &self,
         patient: &str,
@@ -1170,12 +1163,7 @@ impl Filesystem for QgenomeFs {
             // A file being written (`cp -p` and `install -m` set both before close): the
             // version its close commits takes them. Its record has the mode (the commit
             // reads it); the mtime waits for the commit, unless a write comes after it.
-            let writer = self
-                .writing
-                .lock()
-                .expect("writing")
-                .get(&(p.clone(), n.clone()))
-                .cloned();
+            let writer = self.writer_of(p, n);
             if let Some(w) = &writer {
                 if let Some(mode) = mode {
                     if let Err(e) = self.engine.catalog.set_attrs(&w.id, Some(mode), None) {
