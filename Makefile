@@ -1,7 +1,7 @@
 # The two set-up commands of the README. Each installs what it needs, then does its job.
 CARGO ?= cargo
 
-.PHONY: demo test deps build bench lint install
+.PHONY: demo test deps build release bench lint install
 # Where cargo puts its builds (CARGO_TARGET_DIR when set, as cargo does).
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 PREFIX ?= /usr/local
@@ -9,7 +9,10 @@ PREFIX ?= /usr/local
 deps:
 	@bash scripts/install-deps.sh
 
-build: deps
+build: deps release
+
+# The release binaries alone, without the test and demo packages (for `make install`).
+release:
 	$(CARGO) build --release --workspace
 
 # Extra arguments for the demo, e.g. make demo DEMO_ARGS="--cram-size 256M --dir /srv/tmp"
@@ -28,7 +31,7 @@ bench: build
 # The binaries, the systemd units (which run $(PREFIX)/bin/...), the design notes they link to,
 # /etc/qgenome for the configurations and the /qgenome mountpoint (empty: the mount refuses
 # anything else). Then: configure, `systemctl daemon-reload`, enable the units.
-install: build
+install: release
 	install -D -m 0755 $(TARGET_DIR)/release/qgenome $(DESTDIR)$(PREFIX)/bin/qgenome
 	install -D -m 0755 $(TARGET_DIR)/release/qgenome-mountd $(DESTDIR)$(PREFIX)/bin/qgenome-mountd
 	install -D -m 0644 systemd/qgenome.service $(DESTDIR)/etc/systemd/system/qgenome.service

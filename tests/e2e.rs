@@ -492,6 +492,9 @@ fn the_mount_fails_closed_when_unmounted_under_it_or_over_a_non_empty_directory(
     let dir = tempfile::tempdir().unwrap();
     let mut d = deployment(dir.path());
     let mp = d.mountpoint.clone();
+    // Held open across the unmount: a lazy unmount of a busy mount detaches it from the
+    // mountpoint while the kernel keeps its FUSE connection (and session) alive.
+    let busy = std::fs::File::open(&mp).unwrap();
     let out = std::process::Command::new("umount")
         .arg("-l")
         .arg(&mp)
@@ -516,6 +519,7 @@ fn the_mount_fails_closed_when_unmounted_under_it_or_over_a_non_empty_directory(
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(!status.success(), "{status}");
+    drop(busy);
     let log = mount_log(&d);
     assert!(
         log.contains("ended without a stop signal") && log.contains(&mp.display().to_string()),

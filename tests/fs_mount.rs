@@ -1452,3 +1452,34 @@ fn writers_waiting_for_a_slow_site_leave_the_mount_answering() {
         assert_eq!(len, 12 << 16);
     }
 }
+
+/// An O_TRUNC open of a name that is only being written so far (a retried step reopening its
+/// output before the first attempt closed it) keeps that version's mode, as a replacement of a
+/// stored file keeps its own: not 0644, readable by every user.
+#[test]
+fn a_replacement_of_a_file_still_being_written_keeps_its_mode() {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("P24")).unwrap();
+    let f = rig.mnt.join("P24/private.cram");
+    let mut first = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&f)
+        .unwrap();
+    first.write_all(b"first attempt").unwrap();
+    let mut second = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&f)
+        .unwrap();
+    second.write_all(b"second attempt").unwrap();
+    drop(second);
+    drop(first);
+    let meta = std::fs::metadata(&f).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(meta.len(), 14);
+}

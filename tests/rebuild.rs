@@ -233,6 +233,9 @@ fn a_lost_catalog_is_rebuilt_from_the_sites_and_every_file_reads_back() {
             .collect::<Vec<_>>()
     );
     assert_eq!(report.patients, ["P1", "P2"]);
+    // Manifests carry no folder modes: rebuilt folders are closed to others until opened.
+    let p1 = b.catalog.patient("P1").unwrap().unwrap();
+    assert_eq!((p1.owner, p1.mode), (None, Some(0o700)));
     assert!(report.superseded.is_empty(), "{report:?}");
     assert!(report.unreadable.is_empty(), "{report:?}");
     assert!(report.unreachable_sites.is_empty());

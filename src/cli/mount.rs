@@ -86,7 +86,10 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         }
         if mounted.session_ended() {
             let mp = mounted.mountpoint().display().to_string();
-            drop(mounted);
+            // Not unmounted on the way out: the path may hold another mount now, and a
+            // detached one may still be held open. Exiting closes the FUSE connection, which
+            // the kernel then aborts; every commit point already flushed the catalog.
+            std::mem::forget(mounted);
             anyhow::bail!(
                 "the FUSE mount at {mp} ended without a stop signal (unmounted by someone, or its kernel connection failed): {mp} is now a plain directory and nothing written there is stored; stopping"
             );

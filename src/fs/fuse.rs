@@ -1320,18 +1320,23 @@ impl Filesystem for QgenomeFs {
                 }
             }
             // A replacement keeps the file's mode and owner (the kernel checked the opener
-            // may write it); a name only being written so far is the opener's.
+            // may write it): the stored version's, else those of the version being written
+            // under the name; only a name with neither is the opener's.
             let old = self.engine.catalog.file(&p, &n).ok().flatten();
-            let (mode, owner) = old.map_or_else(
-                || {
+            let (mode, owner) = match (old, self.writer_of(&p, &n)) {
+                (Some(r), _) => (r.mode, r.owner),
+                (None, Some(w)) => (
+                    w.mode.load(Ordering::SeqCst),
+                    *w.owner.lock().expect("owner"),
+                ),
+                (None, None) => {
                     let owner = Owner {
                         uid: req.uid(),
                         gid: req.gid(),
                     };
                     (0o644, Some(owner))
-                },
-                |r| (r.mode, r.owner),
-            );
+                }
+            };
             return match self.open_writer(&p, &n, mode, owner) {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
                 Err(e) => reply.error(errno(&e)),
@@ -1480,7 +1485,8 @@ impl Filesystem for QgenomeFs {
             return reply.written(len as u32);
         }
         drop(guard);
-        let rest = data[took..].to_vec();
+        // Plaintext: wiped when dropped, like every plaintext buffer of the engine.
+        let rest = crate::fs::engine::Plain::new(data[took..].to_vec());
         let engine = self.engine.clone();
         let job: Job = Box::new(move || {
             let mut guard = writer.lock();

@@ -41,6 +41,8 @@ pub struct Mounted {
     pub engine: Arc<Engine>,
     session: Option<fuser::BackgroundSession>,
     mountpoint: std::path::PathBuf,
+    /// The mountpoint's canonical path and this mount's id in `/proc/self/mountinfo`.
+    mount_id: Option<(std::path::PathBuf, u64)>,
     inodes: super::fuse::InodeTable,
     /// The card watcher, when `[card]` is configured; stops (ending its sessions) on drop.
     _watcher: Option<crate::consent::watcher::WatcherHandle>,
@@ -125,8 +127,20 @@ pub fn start(
     options.n_threads = Some(4);
     let fs = QgenomeFs::new(engine.clone(), 16);
     let inodes = fs.inode_table();
+    let canonical = mountpoint
+        .canonicalize()
+        .with_context(|| format!("mountpoint {}", mountpoint.display()))?;
     let session = fuser::spawn_mount(fs, mountpoint, &options)
         .with_context(|| format!("mounting at {}", mountpoint.display()))?;
+    let mount_id = top_mount(&canonical)
+        .filter(|(_, fstype)| fstype == "fuse" || fstype.starts_with("fuse."))
+        .map(|(id, _)| (canonical, id));
+    if mount_id.is_none() {
+        tracing::warn!(
+            "{}: the new mount is not in /proc/self/mountinfo; a mount taken away under this one will go unnoticed",
+            mountpoint.display()
+        );
+    }
     super::fuse::drop_cached_pages_at_consent_end(
         inodes.clone(),
         &engine.consent,
@@ -136,6 +150,7 @@ pub fn start(
     Ok(Mounted {
         engine,
         session: Some(session),
+        mount_id,
         mountpoint: mountpoint.to_path_buf(),
         inodes,
         _watcher: watcher,
@@ -152,8 +167,19 @@ impl Mounted {
     /// True once the FUSE session has ended without [`Mounted::unmount`]: someone unmounted
     /// the mountpoint (`umount`, `fusermount3 -u`), or the kernel connection failed. The
     /// mountpoint is then a plain directory, and whatever is written there is not stored.
+    ///
+    /// Also true once the mountpoint no longer shows this mount on top: a lazy unmount
+    /// (`umount -l`) of a mount something still holds open detaches it from the mountpoint
+    /// while the kernel keeps the FUSE connection, and so the session, alive; another mount
+    /// over it hides it likewise. Read from `/proc/self/mountinfo`, never through the mount.
     pub fn session_ended(&self) -> bool {
-        self.session.as_ref().is_none_or(|s| s.guard.is_finished())
+        if self.session.as_ref().is_none_or(|s| s.guard.is_finished()) {
+            return true;
+        }
+        match &self.mount_id {
+            Some((path, id)) => top_mount(path).is_none_or(|(top, _)| top != *id),
+            None => false,
+        }
     }
 
     pub fn mountpoint(&self) -> &Path {
@@ -177,6 +203,46 @@ impl Mounted {
         self.engine.catalog.flush()?;
         Ok(())
     }
+}
+
+/// The id and filesystem type of the topmost mount at `path` (canonical), from
+/// `/proc/self/mountinfo` (later lines are mounted over earlier ones).
+fn top_mount(path: &Path) -> Option<(u64, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().rev().find_map(|l| {
+        let fields: Vec<&str> = l.split(' ').collect();
+        let dash = fields.iter().position(|f| *f == "-")?;
+        let at = unescape_mountinfo(fields.get(4)?);
+        (Path::new(&at) == path).then(|| {
+            let id = fields[0].parse().ok()?;
+            Some((id, fields.get(dash + 1)?.to_string()))
+        })?
+    })
+}
+
+/// A mountinfo path field: space, tab, newline and backslash are written as `\ooo`.
+fn unescape_mountinfo(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b.get(i + 1..i + 4).and_then(|o| {
+            std::str::from_utf8(o)
+                .ok()
+                .and_then(|o| u8::from_str_radix(o, 8).ok())
+        });
+        match (b[i], octal) {
+            (b'\\', Some(c)) => {
+                out.push(c);
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Refuses a mountpoint that is not an empty directory. Whatever is in it would be hidden
@@ -334,4 +400,22 @@ fn builtin_handler(engine: Arc<Engine>, admin_grants: bool) -> Arc<Handler> {
         };
         Some(reply.unwrap_or_else(|e| e))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape_mountinfo("/a\\040b/c\\134d"), "/a b/c\\d");
+        assert_eq!(unescape_mountinfo("/plain\\"), "/plain\\");
+    }
+
+    #[test]
+    fn the_root_filesystem_is_a_mount_on_top_of_slash() {
+        let (_, fstype) = top_mount(Path::new("/")).expect("/ is in mountinfo");
+        assert!(!fstype.is_empty());
+        assert!(top_mount(Path::new("/no/such/mountpoint")).is_none());
+    }
 }

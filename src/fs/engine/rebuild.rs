@@ -176,7 +176,10 @@ impl Engine {
         }
         let patients: BTreeSet<&str> = winners.iter().map(|m| m.patient.as_str()).collect();
         for p in &patients {
-            match self.catalog.add_patient(p) {
+            // Manifests carry neither owners nor folder modes: a rebuilt folder is the mount
+            // user's and closed to others (0700) until an administrator opens it again, rather
+            // than open to every local user (0755) whatever it was before.
+            match self.catalog.add_patient_owned(p, None, Some(0o700)) {
                 Ok(()) | Err(CatalogError::PatientExists(_)) => {}
                 Err(e) => return Err(e.into()),
             }
