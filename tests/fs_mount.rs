@@ -1483,3 +1483,35 @@ fn a_replacement_of_a_file_still_being_written_keeps_its_mode() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     assert_eq!(meta.len(), 14);
 }
+
+/// A name longer than NAME_MAX (255 bytes) is `ENAMETOOLONG`, as on a local filesystem (it
+/// was ENOENT at lookup and EINVAL at create); an unlink's audit entry names its caller.
+#[test]
+fn long_names_are_enametoolong_and_unlinks_are_audited_with_their_caller() {
+    let rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("P26")).unwrap();
+    let long = rig.mnt.join("P26").join("x".repeat(300));
+    let err = std::fs::write(&long, b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENAMETOOLONG), "{err}");
+    let err = std::fs::metadata(&long).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENAMETOOLONG), "{err}");
+    let ok = rig.mnt.join("P26").join("y".repeat(255));
+    std::fs::write(&ok, b"y").unwrap();
+    std::fs::remove_file(&ok).unwrap();
+    let audit = control::request(
+        &rig.cfg.control_socket(),
+        &json!({"cmd": "audit", "last": 20}),
+    )
+    .unwrap();
+    let me = format!("uid {}, pid ", nix::unistd::geteuid().as_raw());
+    assert!(
+        audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["event"] == "unlink"
+                && e["patient"] == "P26"
+                && e["detail"].as_str().is_some_and(|d| d.starts_with(&me))),
+        "{audit}"
+    );
+}

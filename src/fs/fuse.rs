@@ -365,7 +365,7 @@ impl Names {
     /// A writer open on the name loses it too, committed or not: like a Unix file without a
     /// name it takes writes until closed, is never named again, and its shares go at its
     /// release. Its lock is held throughout, so no commit of it runs in between.
-    fn unlink(&self, p: &str, n: &str) -> Result<(), Errno> {
+    fn unlink(&self, p: &str, n: &str, by: &str) -> Result<(), Errno> {
         let key = (p.to_string(), n.to_string());
         let writer = self.writer(&key);
         let guard = writer.as_ref().map(|w| w.lock());
@@ -379,7 +379,7 @@ impl Names {
             Err(CatalogError::NoFile { .. }) if unnamed.is_some() => {}
             Err(e) => return Err(errno(&e.into())),
         }
-        self.engine.catalog.audit("unlink", Some(p), Some(n), "");
+        self.engine.catalog.audit("unlink", Some(p), Some(n), by);
         if let Some(w) = unnamed {
             self.engine.retire(w);
         }
@@ -803,6 +803,10 @@ impl QgenomeFs {
     }
 
     fn child(&self, parent: INodeNo, name: &OsStr) -> Result<Node, Errno> {
+        // NAME_MAX, as local filesystems answer (FUSE passes names up to 1024 bytes).
+        if name.len() > 255 {
+            return Err(Errno::ENAMETOOLONG);
+        }
         let name = name.to_str().ok_or(Errno::EINVAL)?.to_string();
         match self.node(parent) {
             Some(Node::Root) => Ok(Node::Patient(name)),
@@ -1635,13 +1639,15 @@ impl Filesystem for QgenomeFs {
         reply.ok();
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let Ok(Node::File(p, n)) = self.child(parent, name) else {
             return reply.error(Errno::EPERM);
         };
         let key = (p.clone(), n.clone());
         let names = self.names();
-        self.off_the_loop_if(&[&key], move || match names.unlink(&p, &n) {
+        // Who removed a patient's file, in the audit (as the consent grants name theirs).
+        let by = format!("uid {}, pid {}", req.uid(), req.pid());
+        self.off_the_loop_if(&[&key], move || match names.unlink(&p, &n, &by) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         });
