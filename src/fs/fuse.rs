@@ -251,11 +251,12 @@ struct WriterProcs {
     abandoned: Option<String>,
 }
 
-/// What a FLUSH or FSYNC of a write handle commits (see `QgenomeFs::flush`).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Commit {
-    No,
-    Yes,
+/// The owner of what the caller of `req` creates.
+fn caller(req: &Request) -> Owner {
+    Owner {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
 }
 
 /// The signal that is killing thread `tid`, if it is exiting from one. `None` for a live
@@ -984,7 +985,7 @@ impl QgenomeFs {
     /// Commit the writer of `fh` (or, with `commit` false, wait for its chunks in flight),
     /// then answer. This waits for every site to acknowledge, so it runs on a thread of its
     /// own: a slow site must not hold the request loops that serve everything else.
-    fn commit_apart(&self, fh: FileHandle, commit: Commit, reply: ReplyEmpty) {
+    fn commit_apart(&self, fh: FileHandle, commit: bool, reply: ReplyEmpty) {
         let Some(writer) = self.writer(fh) else {
             return reply.ok();
         };
@@ -1009,9 +1010,7 @@ impl QgenomeFs {
             let result = match guard.as_mut() {
                 None => Ok(()),
                 Some(w)
-                    if commit != Commit::No
-                        && writer.displaced.load(Ordering::SeqCst)
-                        && !w.is_committed() =>
+                    if commit && writer.displaced.load(Ordering::SeqCst) && !w.is_committed() =>
                 {
                     let r = w.record();
                     tracing::error!(
@@ -1021,7 +1020,7 @@ impl QgenomeFs {
                     );
                     Err(Errno::EBUSY)
                 }
-                Some(w) if commit != Commit::No => w.commit(&engine).map_err(|e| {
+                Some(w) if commit => w.commit(&engine).map_err(|e| {
                     let r = w.record();
                     tracing::error!("{}/{}: commit failed: {e}", r.patient, r.name);
                     errno(&e)
@@ -1208,10 +1207,7 @@ impl Filesystem for QgenomeFs {
         let Some(id) = name.to_str() else {
             return reply.error(Errno::EINVAL);
         };
-        let owner = Owner {
-            uid: req.uid(),
-            gid: req.gid(),
-        };
+        let owner = caller(req);
         let mode = mode & !umask & 0o7777;
         if let Err(e) = self
             .engine
@@ -1273,10 +1269,7 @@ impl Filesystem for QgenomeFs {
         let Ok(Node::File(p, n)) = self.child(parent, name) else {
             return reply.error(Errno::EPERM);
         };
-        let owner = Owner {
-            uid: req.uid(),
-            gid: req.gid(),
-        };
+        let owner = caller(req);
         match self.open_writer(&p, &n, mode & !umask & 0o7777, Some(owner)) {
             Ok(fh) => match self.entry(&Node::File(p, n)) {
                 Ok(Some((a, ttl))) => reply.created(
@@ -1333,13 +1326,7 @@ impl Filesystem for QgenomeFs {
                     w.mode.load(Ordering::SeqCst),
                     *w.owner.lock().expect("owner"),
                 ),
-                (None, None) => {
-                    let owner = Owner {
-                        uid: req.uid(),
-                        gid: req.gid(),
-                    };
-                    (0o644, Some(owner))
-                }
+                (None, None) => (0o644, Some(caller(req))),
             };
             return match self.open_writer(&p, &n, mode, owner) {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
@@ -1549,12 +1536,11 @@ impl Filesystem for QgenomeFs {
                             fh.0
                         );
                         p.abandoned = Some(how);
-                        Commit::No
+                        false
                     }
-                    None if p.abandoned.is_none() => Commit::Yes,
-                    None => Commit::No,
+                    None => p.abandoned.is_none(),
                 },
-                _ => Commit::No,
+                _ => false,
             }
         };
         self.commit_apart(fh, commit, reply);
@@ -1568,7 +1554,7 @@ impl Filesystem for QgenomeFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.commit_apart(fh, Commit::Yes, reply);
+        self.commit_apart(fh, true, reply);
     }
 
     fn release(
