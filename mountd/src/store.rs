@@ -410,20 +410,24 @@ fn decode_retiring(record: &[u8]) -> Result<(ShareKey, IndexEntry), String> {
 /// Finishes the tombstones a crash interrupted (see the module's commit protocol). For each
 /// retiring record whose extent is no longer its key's entry, the extent's header is durably
 /// overwritten if it is still the replaced one (if the extent was reused since, its header is
-/// another share's and stays); then the record goes. Returns how many headers it overwrote.
+/// another share's and stays); then the record goes. Returns how many headers it overwrote,
+/// and the extents of the records it had to keep (their zeroing failed): those stay allocated
+/// until a later delete or start finishes them, so no new share is written where a retry would
+/// zero it.
 fn finish_retiring<D: BlockDevice>(
     dev: &D,
     sb: &Superblock,
     dir: &Path,
     shares: &sled::Tree,
     retiring: &sled::Tree,
-) -> Result<u64, StoreError> {
+) -> Result<(u64, Vec<IndexEntry>), StoreError> {
     let ix = |source| StoreError::Index {
         dir: dir.to_path_buf(),
         source,
     };
     let bs = sb.block_size as usize;
     let mut finished = 0;
+    let mut kept = Vec::new();
     for item in retiring.iter() {
         let (at, record) = item.map_err(ix)?;
         let corrupt = |reason: String| StoreError::CorruptIndex {
@@ -463,14 +467,24 @@ fn finish_retiring<D: BlockDevice>(
                 // for the next start (its exact header check makes a retry safe even once
                 // the extent is reused).
                 Err(err) => {
-                    tracing::warn!(site = %sb.site, "{key}: zeroing the header of the share it replaced at {}: {err}; retried at the next start", e.offset);
+                    tracing::warn!(site = %sb.site, "{key}: zeroing the header of the share it replaced at {}: {err}; the extent stays allocated, retried at the key's delete and at the next start", e.offset);
+                    kept.push(e);
                     continue;
                 }
             }
         }
         retiring.remove(at).map_err(ix)?;
     }
-    Ok(finished)
+    Ok((finished, kept))
+}
+
+/// Whether `offset..offset+len` overlaps one of `live` (sorted by offset, disjoint).
+fn overlaps_live(live: &[(u64, u64)], offset: u64, len: u64) -> bool {
+    let after = live.partition_point(|&(o, _)| o < offset + len);
+    after > 0 && {
+        let (o, l) = live[after - 1];
+        o + l > offset
+    }
 }
 
 /// An exclusive lock on `dir/lock`, held by whoever has the index open: a second process on
@@ -670,6 +684,24 @@ impl<D: BlockDevice> Store<D> {
             }
             live.push((e.offset, e.extent_len));
         }
+        // Before the allocator: an extent whose tombstone cannot be finished now stays
+        // allocated to its record. If a live share overlaps it (an index from before this
+        // rule, which let such an extent be reused), the live share owns the space and its
+        // header: the record goes, unfinished, since there is nothing of the old share left.
+        let (finished, kept) = finish_retiring(&dev, &sb, &dir, &shares, &retiring)?;
+        if finished > 0 {
+            tracing::info!(site = %sb.site, finished, "finished tombstones of replaced shares interrupted by a crash");
+        }
+        live.sort_unstable();
+        let mut reserved_for_records = Vec::new();
+        for e in kept {
+            if overlaps_live(&live, e.offset, e.extent_len) {
+                retiring.remove(e.offset.to_be_bytes()).map_err(ix)?;
+            } else {
+                reserved_for_records.push((e.offset, e.extent_len));
+            }
+        }
+        live.extend(reserved_for_records);
         let alloc =
             Allocator::from_live(sb.data_start, sb.volume_len, u64::from(sb.alloc_unit), live)
                 .map_err(|e: AllocError| StoreError::CorruptIndex {
@@ -691,10 +723,6 @@ impl<D: BlockDevice> Store<D> {
         let reserved = next + GEN_BATCH;
         meta.insert(META_GEN_RESERVED, &reserved.to_le_bytes())
             .map_err(ix)?;
-        let finished = finish_retiring(&dev, &sb, &dir, &shares, &retiring)?;
-        if finished > 0 {
-            tracing::info!(site = %sb.site, finished, "finished tombstones of replaced shares interrupted by a crash");
-        }
         sync.flush(&db).map_err(ix)?;
         let has_shares = !shares.is_empty();
         let store = Self {
@@ -983,7 +1011,22 @@ impl<D: BlockDevice> Store<D> {
             }
         }
         for e in &left {
-            self.retire(e)?;
+            // The record's extent is allocated to it (by `put`, or by `open` for a record it
+            // kept), so freeing it is right; its header is zeroed only if it is still the
+            // replaced share's.
+            let header = self
+                .dev
+                .read_at(self.dev.alloc_buf(self.sb.block_size as usize), e.offset)?;
+            if ShareHeader::decode(header.as_slice())
+                .is_ok_and(|h| e.matches(&h, key, &self.sb.volume_id))
+            {
+                self.retire(e)?;
+            } else {
+                self.retiring
+                    .remove(e.offset.to_be_bytes())
+                    .map_err(|err| self.ix(err))?;
+                lock(&self.alloc).free(e.offset, e.extent_len);
+            }
         }
         Ok(())
     }

@@ -666,6 +666,47 @@ fn an_index_entry_whose_length_does_not_fit_its_extent_is_refused_at_open() {
     );
 }
 
+/// A replaced extent whose tombstone a start could not finish stays reserved until its record
+/// goes: new shares never land on it, so deleting its key (which finishes that tombstone)
+/// cannot zero or free space that belongs to another acknowledged share.
+#[test]
+fn a_replaced_extent_kept_at_a_start_is_not_handed_out_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, k, other) = interrupted_replace(dir.path(), 13);
+    let v = MemVolume::from_image("mem-vol", image, A);
+    // Models a read of the old header failing at the start: the record is kept.
+    v.fail_writes_after(0);
+    let s = Store::open(v, dir.path(), StoreOptions::default()).expect("opens");
+    s.device().fail_writes_after(u64::MAX);
+    let mut stored = vec![];
+    loop {
+        let j = key(14, stored.len() as u64, 0);
+        match s.put(j, META, &share_bytes(3, &j, 30_000)) {
+            Ok(()) => stored.push(j),
+            Err(StoreError::VolumeFull { .. }) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(stored.len() > 100, "{} shares fitted", stored.len());
+    s.delete(&k).unwrap();
+    for j in stored.iter().chain([&other]) {
+        let seed = if *j == other { 1 } else { 3 };
+        let len = if *j == other { 20_000 } else { 30_000 };
+        assert_eq!(
+            s.get(j).unwrap_or_else(|e| panic!("{j}: {e}")).bytes(),
+            &share_bytes(seed, j, len)[..]
+        );
+    }
+    assert!(s.scrub().unwrap().damaged.is_empty());
+    // The space the delete gave back is whole and usable once, and the index still opens.
+    let j = key(15, 0, 0);
+    s.put(j, META, &share_bytes(4, &j, 30_000)).unwrap();
+    let image = s.device().image();
+    drop(s);
+    let s = reopen(image, dir.path());
+    assert!(s.scrub().unwrap().damaged.is_empty());
+}
+
 /// The zeroing of a replaced share's header that failed is finished at the next start; a
 /// start whose volume refuses that write still opens (the record waits for the one after),
 /// instead of keeping the whole site down over a share already superseded.
