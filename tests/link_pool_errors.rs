@@ -193,7 +193,7 @@ fn ledger_beyond_the_pool_and_foreign_ledger() {
 
 #[test]
 fn stale_or_missing_ledger_of_a_used_pool() {
-    let l = provision(1 << 16);
+    let l = provision(1 << 18);
     let lp = ledger_path(&l.a, LINK, Direction::AtoB);
     use_stream(&l.a, 1);
     let backup = std::fs::read(&lp).unwrap();
@@ -208,26 +208,27 @@ fn stale_or_missing_ledger_of_a_used_pool() {
 
 #[test]
 fn exhausted_stream() {
-    let l = provision(4096);
+    // Frames use whole key blocks of 4096 bytes, 4064 of them pad.
+    let l = provision(3 * 4096);
     let mut s = send(&l.a).unwrap();
     let mut f = Vec::new();
     s.seal(&[7; 4000], &mut f).unwrap();
-    assert_eq!(s.remaining(), 4096 - 4032);
+    assert_eq!(s.remaining(), 2 * 4096);
     // Used key is destroyed on a background thread: let it finish before the snapshot.
     s.flush().unwrap();
-    let e = refused(&l.a, "home-lsa.a2b.pool", || s.seal(&[7; 100], &mut f));
+    let e = refused(&l.a, "home-lsa.a2b.pool", || s.seal(&[7; 9000], &mut f));
     assert!(
         matches!(
             e,
             LinkError::Exhausted {
-                needed: 132,
-                remaining: 64,
+                needed: 12288,
+                remaining: 8192,
                 ..
             }
         ),
         "{e}"
     );
-    s.seal(&[7; 32], &mut f).unwrap();
+    s.seal(&[7; 2 * 4064], &mut f).unwrap();
     assert_eq!(s.remaining(), 0);
     s.flush().unwrap();
     let e = refused(&l.a, "home-lsa.a2b.pool", || s.seal(&[], &mut f));

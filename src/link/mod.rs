@@ -164,7 +164,7 @@ pub fn bench_seal_detail(size: u64, dir: &Path) -> Result<SealBench, LinkError> 
             })
         })
     };
-    let key_len = frames * (FRAME as u64 + 32);
+    let key_len = frames * crate::wire::frame::key_len_for(FRAME as u64).expect("1 MiB");
     mk(&work)?;
     let huge = crate::keys::tmpfs::HugeTmpfs::over_tmpfs(
         &work,

@@ -32,6 +32,20 @@ pub trait FrameKey {
         let _ = (rel, len);
         None
     }
+    /// How many key bytes from `rel` on lie together, so that they may be read or lent in
+    /// one piece (a frame's pad skips the MAC key slots of the blocks it crosses).
+    fn contiguous(&self, rel: u64) -> u64 {
+        let _ = rel;
+        u64::MAX
+    }
+}
+
+/// Length of the next piece at key offset `rel` (relative to the frame's key, MAC key
+/// first) with `left` payload bytes to go: at most [`CHUNK`], and never across a break in
+/// the key.
+fn piece<K: FrameKey>(key: &K, rel: u64, left: usize) -> usize {
+    let run = key.contiguous(rel).min(CHUNK as u64) as usize;
+    run.min(left)
 }
 
 /// Key held in a slice (tests, benchmarks): in place, like a mapped pool.
@@ -138,8 +152,12 @@ impl<'a> Sealer<'a> {
             dst.len().is_multiple_of(16) || dst.len() == self.remaining(),
             "Sealer::next: only the last piece may end inside a block"
         );
-        for c in dst.chunks_mut(CHUNK) {
+        let mut rest = dst;
+        while !rest.is_empty() {
             let rel = MAC_KEY_LEN + self.done as u64;
+            let n = piece(key, rel, rest.len());
+            let (c, later) = std::mem::take(&mut rest).split_at_mut(n);
+            rest = later;
             if let Some(pad) = key.mapped(rel, c.len()) {
                 self.src.next_xor(c, Some(pad));
             } else {
@@ -265,12 +283,16 @@ fn crypt_in_place<K: FrameKey>(
     // Pad bytes copied out of a key source that cannot lend them in place (wiped on drop).
     let mut scratch: Option<Zeroizing<Vec<u8>>> = None;
     let mut at = 0usize;
-    for piece in body.iter_mut() {
-        for c in piece.chunks_mut(CHUNK) {
+    for part in body.iter_mut() {
+        let mut rest = &mut part[..];
+        while !rest.is_empty() {
+            let rel = MAC_KEY_LEN + at as u64;
+            let n = piece(key, rel, rest.len());
+            let (c, later) = std::mem::take(&mut rest).split_at_mut(n);
+            rest = later;
             if way == Way::Open {
                 mac.update(c);
             }
-            let rel = MAC_KEY_LEN + at as u64;
             if let Some(pad) = key.mapped(rel, c.len()) {
                 xor_into(c, pad);
             } else {

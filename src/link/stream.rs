@@ -20,7 +20,8 @@ use super::seal::{self, SealError};
 use super::{hex, LinkError};
 use crate::keys::{Direction, KeyError, KeySource, PoolFile};
 use crate::wire::frame::{
-    key_len_for, FrameError, FrameHeader, HEADER_LEN, MAC_KEY_LEN, MAX_PAYLOAD_LEN, TAG_LEN,
+    key_len_for, key_position, FrameError, FrameHeader, HEADER_LEN, KEY_BLOCK, MAC_KEY_LEN,
+    MAX_PAYLOAD_LEN, TAG_LEN,
 };
 
 /// Bytes of ciphertext [`FrameGrant::seal_parts_to`] hands out at a time: sealed a
@@ -64,13 +65,23 @@ struct RangeKey<'a> {
     base: u64,
 }
 
+/// Reads and lends key by the frame's own offsets (the MAC key, then the pad), placed in its
+/// blocks by [`key_position`]; the seal never asks for bytes across a slot
+/// ([`seal::FrameKey::contiguous`]), and a request that would is refused outright.
 impl seal::FrameKey for RangeKey<'_> {
     type Error = KeyError;
     fn read(&mut self, rel: u64, buf: &mut [u8]) -> Result<(), KeyError> {
-        self.key.read_at(self.base + rel, buf)
+        let (at, run) = key_position(rel);
+        assert!(buf.len() as u64 <= run, "a key read across a MAC key slot");
+        self.key.read_at(self.base + at, buf)
     }
     fn mapped(&self, rel: u64, len: usize) -> Option<&[u8]> {
-        self.key.mapped(self.base + rel, len)
+        let (at, run) = key_position(rel);
+        assert!(len as u64 <= run, "a key loan across a MAC key slot");
+        self.key.mapped(self.base + at, len)
+    }
+    fn contiguous(&self, rel: u64) -> u64 {
+        key_position(rel).1
     }
 }
 
@@ -353,7 +364,10 @@ impl SendStream {
             });
         }
         let need = key_len_for(payload_len as u64).expect("bounded payload");
-        let remaining = self.remaining();
+        // Frames start on a key block; what lies before the next one (after a restart or a
+        // skip) is never used, and goes with this frame's range below.
+        let start = self.next.next_multiple_of(KEY_BLOCK);
+        let remaining = self.end.key.len().saturating_sub(start);
         if need > remaining {
             return Err(LinkError::Exhausted {
                 link: link(),
@@ -362,13 +376,16 @@ impl SendStream {
                 remaining,
             });
         }
-        let range = self.next..self.next + need;
+        let range = start..start + need;
         self.end.cover(range.end)?;
         let header = FrameHeader {
             stream_id: self.end.key.info().stream_id,
             key_offset: range.start,
             payload_len: payload_len as u64,
         };
+        if start > self.next {
+            destroy_used(self.end.key.as_ref(), self.next..start);
+        }
         self.next = range.end;
         Ok(FrameGrant {
             key: self.end.key.clone(),
@@ -887,7 +904,7 @@ mod tests {
 
     #[test]
     fn mem_round_trip_replay_and_restart() {
-        let (a, b) = MemKeySource::pair("t", Direction::AtoB, 10_000);
+        let (a, b) = MemKeySource::pair("t", Direction::AtoB, 64 * 1024);
         let (la, lb) = (MemLedger::new("a"), MemLedger::new("b"));
         let opts = StreamOptions { window: 1000 };
         let mut tx =
@@ -911,6 +928,83 @@ mod tests {
             ));
         }
         assert_eq!(tx.remaining(), rx.remaining());
+    }
+
+    /// An attacker who knows the plaintext of a frame the receiver never got (a stale
+    /// answer, a dropped HELLO) knows its pad, at its places in the pool. No frame built on
+    /// that, at any offset inside the frame's key range, is accepted: a forged frame's MAC
+    /// key is the slot of the block it claims to start on, and no slot is ever pad. Nor does
+    /// a refused forgery use key: the real frame opens afterwards.
+    #[test]
+    fn known_pad_of_an_undelivered_frame_forges_nothing() {
+        let (a, b) = MemKeySource::pair("t", Direction::AtoB, 64 * 1024);
+        let opts = StreamOptions { window: 1 << 20 };
+        let mut tx =
+            SendStream::with_parts(Box::new(a), Box::new(MemLedger::new("a")), opts.clone())
+                .unwrap();
+        let mut rx =
+            RecvStream::with_parts(Box::new(b), Box::new(MemLedger::new("b")), opts).unwrap();
+        let known: Vec<u8> = (0..9000u32).map(|i| (i % 251) as u8).collect();
+        let mut sent = Vec::new();
+        let r = tx.seal(&known, &mut sent).unwrap();
+        let ct = &sent[HEADER_LEN..HEADER_LEN + known.len()];
+        let mut learnt = std::collections::BTreeMap::new();
+        for (i, (c, p)) in ct.iter().zip(&known).enumerate() {
+            let at = r.key_range.start + key_position(MAC_KEY_LEN + i as u64).0;
+            learnt.insert(at, c ^ p);
+        }
+        let stream_id = FrameHeader::parse_frame(&sent).unwrap().stream_id;
+        let payload = [0xEE; 16];
+        let mut out = Vec::new();
+        for o in r.key_range.clone() {
+            let h = FrameHeader {
+                stream_id,
+                key_offset: o,
+                payload_len: payload.len() as u64,
+            };
+            // The receiver's key for such a frame, with what was learnt where it can be, and
+            // a guess elsewhere.
+            let key: Vec<u8> = (0..MAC_KEY_LEN + payload.len() as u64)
+                .map(|rel| *learnt.get(&(o + key_position(rel).0)).unwrap_or(&0x5a))
+                .collect();
+            let mut forged = Vec::new();
+            seal::seal(&h, &[&payload], &mut forged, &mut &key[..]).unwrap();
+            let opened = rx.open(&forged, &mut out);
+            assert!(opened.is_err(), "a forged frame at {o} was accepted");
+            assert!(out.is_empty());
+        }
+        rx.open(&sent, &mut out).unwrap();
+        assert_eq!(out, known);
+    }
+
+    /// A sender starts each frame on a key block, also after a skip (or a restart) that left
+    /// it inside one.
+    #[test]
+    fn frames_start_on_key_blocks() {
+        let (a, b) = MemKeySource::pair("t", Direction::AtoB, 64 * 1024);
+        let opts = StreamOptions { window: 100 };
+        let mut rx =
+            RecvStream::with_parts(Box::new(b), Box::new(MemLedger::new("b")), opts.clone())
+                .unwrap();
+        let mut tx =
+            SendStream::with_parts(Box::new(a), Box::new(MemLedger::new("a")), opts).unwrap();
+        let (mut f, mut out) = (Vec::new(), Vec::new());
+        let r = tx.seal(b"one", &mut f).unwrap();
+        assert_eq!(r.key_range, 0..KEY_BLOCK);
+        rx.open(&f, &mut out).unwrap();
+        let r = tx.seal(&[7; 4065], &mut f).unwrap();
+        assert_eq!(
+            r.key_range,
+            KEY_BLOCK..3 * KEY_BLOCK,
+            "4065 bytes of pad take two blocks"
+        );
+        rx.open(&f, &mut out).unwrap();
+        assert_eq!(out, [7; 4065]);
+        tx.skip_to(5 * KEY_BLOCK + 100).unwrap();
+        let r = tx.seal(b"two", &mut f).unwrap();
+        assert_eq!(r.key_range, 6 * KEY_BLOCK..7 * KEY_BLOCK);
+        rx.open(&f, &mut out).unwrap();
+        assert_eq!(out, b"two");
     }
 
     /// A frame received in pieces and opened in place: the same checks as a whole frame.

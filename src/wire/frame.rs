@@ -10,16 +10,26 @@
 //!     32    8 payload length, u64 LE
 //!     40    . ciphertext (payload XOR pad), then a 16-byte tag
 //! ```
-//! The frame uses the key range `[key_offset, key_offset + 32 + payload_len)`: 32 bytes of
-//! one-time MAC key, then the pad.
+//! A stream's key is cut into blocks of [`KEY_BLOCK`] bytes, and the first [`MAC_KEY_LEN`]
+//! bytes of every block are a MAC key slot, never pad. A frame starts on a block
+//! (`key_offset` a multiple of [`KEY_BLOCK`]) and uses whole blocks: the slot of its first
+//! block is its one-time MAC key, its pad is the rest of every block it uses, and the slots of
+//! its other blocks go unused (destroyed with the frame). So no byte that was ever pad, and
+//! could be learnt from a frame whose plaintext is known, can be claimed as another frame's
+//! MAC key by a forged header (docs/design.md, "Links": key slots).
 use std::ops::Range;
 
 pub const MAGIC: [u8; 4] = *b"QGLF";
-pub const VERSION: u8 = 1;
+/// 2: frames on key blocks with MAC key slots (1 took its MAC key wherever it started).
+pub const VERSION: u8 = 2;
 pub const HEADER_LEN: usize = 40;
 pub const TAG_LEN: usize = 16;
-/// One-time MAC key bytes at the start of every frame's key range (`H` then `s`).
+/// One-time MAC key bytes at the start of every key block (`H` then `s`).
 pub const MAC_KEY_LEN: u64 = 32;
+/// Frames start on, and use whole, blocks of this many key bytes.
+pub const KEY_BLOCK: u64 = 4096;
+/// Pad bytes in one key block (the rest is its MAC key slot).
+pub const PAD_PER_BLOCK: u64 = KEY_BLOCK - MAC_KEY_LEN;
 /// Largest payload a frame may carry; larger declared lengths are rejected before any work.
 pub const MAX_PAYLOAD_LEN: u64 = 1 << 30;
 
@@ -41,6 +51,8 @@ pub enum FrameError {
     LengthMismatch { declared: u64, actual: u64 },
     #[error("key range of the frame overflows (offset {key_offset}, payload {payload_len})")]
     KeyRangeOverflow { key_offset: u64, payload_len: u64 },
+    #[error("key offset {key_offset} is not on a key block of {KEY_BLOCK} bytes")]
+    KeyOffsetMisaligned { key_offset: u64 },
 }
 
 /// The parsed, fixed-size frame header.
@@ -131,8 +143,14 @@ impl FrameHeader {
         Ok(h)
     }
 
-    /// Key bytes this frame uses: `[key_offset, key_offset + 32 + payload_len)`.
+    /// Key bytes this frame uses: the whole blocks from `key_offset` that hold its MAC key
+    /// and its pad ([`key_len_for`]).
     pub fn key_range(&self) -> Result<Range<u64>, FrameError> {
+        if !self.key_offset.is_multiple_of(KEY_BLOCK) {
+            return Err(FrameError::KeyOffsetMisaligned {
+                key_offset: self.key_offset,
+            });
+        }
         let end = key_len_for(self.payload_len)
             .and_then(|n| self.key_offset.checked_add(n))
             .ok_or(FrameError::KeyRangeOverflow {
@@ -148,9 +166,28 @@ impl FrameHeader {
     }
 }
 
-/// Key bytes needed to seal a payload of `payload_len` bytes.
+/// Key bytes a frame of `payload_len` bytes uses: whole blocks, at least one, with
+/// [`PAD_PER_BLOCK`] bytes of pad each.
 pub fn key_len_for(payload_len: u64) -> Option<u64> {
-    payload_len.checked_add(MAC_KEY_LEN)
+    payload_len
+        .div_ceil(PAD_PER_BLOCK)
+        .max(1)
+        .checked_mul(KEY_BLOCK)
+}
+
+/// Where in its key range (relative to the range's start) the frame's key byte `rel` lies,
+/// counting its key as the MAC key (`rel` below [`MAC_KEY_LEN`]) followed by its pad; and how
+/// many key bytes from there lie together before the next slot.
+pub fn key_position(rel: u64) -> (u64, u64) {
+    if rel < MAC_KEY_LEN {
+        return (rel, MAC_KEY_LEN - rel);
+    }
+    let p = rel - MAC_KEY_LEN;
+    let (block, within) = (p / PAD_PER_BLOCK, p % PAD_PER_BLOCK);
+    (
+        block * KEY_BLOCK + MAC_KEY_LEN + within,
+        PAD_PER_BLOCK - within,
+    )
 }
 
 #[cfg(test)]
@@ -166,16 +203,39 @@ mod tests {
 
     proptest! {
         #[test]
-        fn header_round_trips(id in any::<[u8; 16]>(), off in 0u64..u64::MAX / 2, len in 0u64..5000) {
-            let h = FrameHeader { stream_id: id, key_offset: off, payload_len: len };
+        fn header_round_trips(id in any::<[u8; 16]>(), block in 0u64..u64::MAX / 2 / KEY_BLOCK, len in 0u64..5000) {
+            let h = FrameHeader { stream_id: id, key_offset: block * KEY_BLOCK, payload_len: len };
             prop_assert_eq!(FrameHeader::parse_frame(&frame(&h)), Ok(h));
         }
 
         #[test]
-        fn prefix_agrees_with_whole_frame(id in any::<[u8; 16]>(), off in 0u64..u64::MAX / 2, len in 0u64..5000) {
-            let h = FrameHeader { stream_id: id, key_offset: off, payload_len: len };
+        fn prefix_agrees_with_whole_frame(id in any::<[u8; 16]>(), block in 0u64..u64::MAX / 2 / KEY_BLOCK, len in 0u64..5000) {
+            let h = FrameHeader { stream_id: id, key_offset: block * KEY_BLOCK, payload_len: len };
             prop_assert_eq!(FrameHeader::parse_prefix(&h.encode(), 5000), Ok(h));
             prop_assert!(FrameHeader::parse_prefix(&h.encode(), len.saturating_sub(1)).is_err() || len == 0);
+        }
+
+        /// Key positions: the MAC key first, then pad that never touches a slot; every
+        /// position inside the frame's range, each used once.
+        #[test]
+        fn pad_never_touches_a_slot(len in 0u64..20_000) {
+            let range = key_len_for(len).unwrap();
+            let mut seen = std::collections::BTreeSet::new();
+            let mut rel = 0;
+            while rel < MAC_KEY_LEN + len {
+                let (at, run) = key_position(rel);
+                prop_assert!(run > 0);
+                let n = run.min(MAC_KEY_LEN + len - rel);
+                for i in 0..n {
+                    let pos = at + i;
+                    prop_assert!(pos < range);
+                    prop_assert_eq!(pos % KEY_BLOCK < MAC_KEY_LEN, rel + i < MAC_KEY_LEN, "{} at {}", rel + i, pos);
+                    prop_assert!(seen.insert(pos));
+                }
+                rel += n;
+            }
+            // No block more than the pad needs.
+            prop_assert!(range == KEY_BLOCK || (range / KEY_BLOCK - 1) * PAD_PER_BLOCK < len);
         }
 
         #[test]
@@ -188,10 +248,18 @@ mod tests {
     fn malformed_headers_are_named() {
         let h = FrameHeader {
             stream_id: [1; 16],
-            key_offset: 7,
+            key_offset: 7 * KEY_BLOCK,
             payload_len: 3,
         };
         let good = frame(&h);
+        let mut f = good.clone();
+        f[24] = 7;
+        assert_eq!(
+            FrameHeader::parse_frame(&f),
+            Err(FrameError::KeyOffsetMisaligned {
+                key_offset: 7 * KEY_BLOCK + 7
+            })
+        );
         assert!(matches!(
             FrameHeader::parse_frame(&good[..HEADER_LEN]),
             Err(FrameError::TooShort { .. })
@@ -203,10 +271,10 @@ mod tests {
             Err(FrameError::BadMagic { .. })
         ));
         let mut f = good.clone();
-        f[4] = 2;
+        f[4] = 1;
         assert_eq!(
             FrameHeader::parse_frame(&f),
-            Err(FrameError::UnsupportedVersion { found: 2 })
+            Err(FrameError::UnsupportedVersion { found: 1 })
         );
         let mut f = good.clone();
         f[6] = 1;
@@ -230,7 +298,7 @@ mod tests {
             Err(FrameError::PayloadTooLarge { .. })
         ));
         let big = FrameHeader {
-            key_offset: u64::MAX - 10,
+            key_offset: u64::MAX / KEY_BLOCK * KEY_BLOCK,
             ..h
         };
         assert!(matches!(
