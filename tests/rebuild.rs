@@ -512,6 +512,50 @@ fn a_version_whose_k_shares_all_come_from_one_site_is_not_restored() {
     assert!(b.catalog.file("P1", "g.cram").unwrap().is_none());
 }
 
+/// One hostile remote site cannot defeat a rebuild that the home and the other site can do:
+/// listing extra manifest shares (so that, capped, the honest site's was never fetched),
+/// with a bad one of its own, or claiming the other site's share index for its data shares
+/// (so that the honest site's share was never recorded, and every read failed its hash).
+#[test]
+fn one_hostile_site_cannot_hide_a_file_from_a_rebuild_or_make_it_unreadable() {
+    const MANIFEST: u64 = u64::MAX;
+    let rig = Rig::new();
+    let a = rig.engine("catalog-a");
+    a.catalog.add_patient("P1").unwrap();
+    let data = random(CHUNK * 2 + 500);
+    let rec = write(&a, "P1", "h.cram", &data);
+    let of_file = |s: &LossySite| -> Vec<(ShareKey, ShareMeta)> {
+        let (page, _) = s.list_shares(None).unwrap();
+        page.into_iter().filter(|(k, _)| k.file == rec.id).collect()
+    };
+    let hostile = &rig.sites[1];
+    for (key, meta) in of_file(hostile) {
+        let d = hostile.get(&key).unwrap();
+        hostile.delete(&key).unwrap();
+        if key.chunk == MANIFEST {
+            // Its own manifest share spoilt, and 15 more listed.
+            let junk = vec![0x5a; d.len()];
+            hostile.put(&key, &meta, &junk).unwrap();
+            for share in 3..18 {
+                hostile
+                    .put(&ShareKey { share, ..key }, &meta, &junk)
+                    .unwrap();
+            }
+        } else {
+            // Its data shares listed under site 2's share index.
+            hostile
+                .put(&ShareKey { share: 2, ..key }, &meta, &d)
+                .unwrap();
+        }
+    }
+
+    let b = rig.engine("catalog-b");
+    let report = b.rebuild_catalog().unwrap();
+    assert_eq!(restored_names(&report), ["P1/h.cram"], "{report:?}");
+    b.consent.grant("P1", Some(Duration::from_secs(60)), "test");
+    assert_eq!(read_all(&b, "P1", "h.cram").unwrap(), data);
+}
+
 /// A rebuild marks its catalog while it runs (the mark is there when the sites are listed)
 /// and clears it at the end; a catalog still marked (a rebuild killed half-way) is refused
 /// by a mount and by `qgenome catalog rebuild`, naming it.

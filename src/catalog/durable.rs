@@ -57,6 +57,13 @@ impl SledSync {
 
     /// `db.flush()`, then durably: once this returns Ok, every write to `db` made before it
     /// was called survives a power loss.
+    /// Makes every flush from now on fail, as one after a failed sync does (tests).
+    #[cfg(test)]
+    pub(crate) fn fail_from_now(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.failed = Some((io::ErrorKind::Other, "made to fail by a test".into()));
+    }
+
     pub fn flush(&self, db: &sled::Db) -> sled::Result<()> {
         let state = || self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((kind, text)) = &state().failed {

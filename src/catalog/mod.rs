@@ -325,6 +325,28 @@ impl Catalog {
         self.sync.flush(&self.db).map_err(|e| self.db_err(e))
     }
 
+    /// Makes every flush fail from now on, as after a failed sync (tests).
+    #[cfg(test)]
+    pub(crate) fn fail_flushes(&self) {
+        self.sync.fail_from_now();
+    }
+
+    /// Whether `id` is the committed version its name points at (read from the catalog's
+    /// current state, durable or not).
+    pub fn is_named(&self, id: &FileId) -> Result<bool> {
+        let Some(v) = self.files.get(id).map_err(|e| self.db_err(e))? else {
+            return Ok(false);
+        };
+        let rec: FileRecord = self.decode(id, &v)?;
+        Ok(rec.state == FileState::Committed
+            && self
+                .names
+                .get(name_key(&rec.patient, &rec.name))
+                .map_err(|e| self.db_err(e))?
+                .as_deref()
+                == Some(id.as_slice()))
+    }
+
     /// The highest manifest seq written or restored (0 if none): later manifests must sort
     /// after it whatever the clock says.
     pub fn manifest_seq(&self) -> Result<u64> {
@@ -837,8 +859,13 @@ impl Catalog {
         self.decode_all(self.retired.iter())
     }
 
-    /// Drop a version's record and chunk records (after its shares were deleted).
+    /// Drop a version's record and chunk records (after its shares were deleted). A committed
+    /// version its name still points at is kept whole.
     pub fn forget(&self, id: &FileId) -> Result<()> {
+        if self.is_named(id)? {
+            self.retired.remove(id).map_err(|e| self.db_err(e))?;
+            return self.flush();
+        }
         let keys: Vec<sled::IVec> = self
             .chunks
             .scan_prefix(id)
@@ -848,20 +875,7 @@ impl Catalog {
         for k in keys {
             self.chunks.remove(k).map_err(|e| self.db_err(e))?;
         }
-        if let Some(v) = self.files.get(id).map_err(|e| self.db_err(e))? {
-            let rec: FileRecord = self.decode(id, &v)?;
-            // A committed version still named must not disappear.
-            if rec.state == FileState::Writing
-                || self
-                    .names
-                    .get(name_key(&rec.patient, &rec.name))
-                    .map_err(|e| self.db_err(e))?
-                    .as_deref()
-                    != Some(id.as_slice())
-            {
-                self.files.remove(id).map_err(|e| self.db_err(e))?;
-            }
-        }
+        self.files.remove(id).map_err(|e| self.db_err(e))?;
         self.retired.remove(id).map_err(|e| self.db_err(e))?;
         self.flush()
     }

@@ -880,6 +880,23 @@ impl Engine {
     /// cannot list: a recovery of many versions waits for a dead host's connect timeout once,
     /// not once per version.
     fn discard_unless_down(&self, rec: &FileRecord, down: &mut HashSet<String>) {
+        // Whatever asked for it, the version a name points at keeps its shares: a commit
+        // whose flush failed after its transaction applied is named, though its writer
+        // was told the commit failed.
+        match self.catalog.is_named(&rec.id) {
+            Ok(false) => {}
+            Ok(true) => {
+                tracing::error!(
+                    "{}: not deleting the shares of the version its name points at",
+                    label(rec)
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("{}: kept for the next mount: {e}", label(rec));
+                return;
+            }
+        }
         let failed = std::cell::Cell::new(0usize);
         let delete = |site: &dyn ShareSite, key: &ShareKey| match site.delete(key) {
             Ok(()) | Err(SiteError::NotFound { .. }) => {}
@@ -1697,9 +1714,21 @@ impl FileWriter {
                 });
             }
             engine.put_manifest(&rec, root, &chunks)?;
-            engine
+            match engine
                 .catalog
-                .commit_at(&self.rec.id, self.size, root, rec.mtime)?
+                .commit_at(&self.rec.id, self.size, root, rec.mtime)
+            {
+                Ok(replaced) => replaced,
+                Err(e) => {
+                    // Applied but not made durable (the flush failed): the name points at
+                    // this version now, so it must not be discarded as a failed write. The
+                    // caller still hears of the failure.
+                    if engine.catalog.is_named(&self.rec.id).unwrap_or(true) {
+                        self.committed = Some(self.size);
+                    }
+                    return Err(e.into());
+                }
+            }
         };
         if let Some(old) = replaced {
             engine.retire(&old);
@@ -2043,6 +2072,43 @@ mod tests {
         w.write(&engine, 0, b"x").unwrap();
         w.commit(&engine).unwrap();
         assert!(engine.catalog.manifest_seq().unwrap() > next);
+    }
+
+    /// A commit whose catalog flush fails after its transaction applied: the writer hears
+    /// of the failure, but the version its name now points at keeps its shares and reads
+    /// back (before, the writer's abort discarded it and the file read as empty).
+    #[test]
+    fn a_commit_that_applied_but_could_not_flush_is_not_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = mem_engine(&dir.path().join("c"));
+        engine.catalog.add_patient("P1").unwrap();
+        let old: Vec<u8> = (0..100_000u32).map(|i| (i % 13) as u8).collect();
+        let mut w = engine.create("P1", "f", 0o644).unwrap();
+        w.write(&engine, 0, &old).unwrap();
+        w.commit(&engine).unwrap();
+        let new: Vec<u8> = (0..4 * 65_536u32).map(|i| (i % 251) as u8).collect();
+        let mut w = engine.create("P1", "f", 0o644).unwrap();
+        w.write(&engine, 0, &new).unwrap();
+        w.wait_in_flight(&engine).unwrap();
+        engine.catalog.fail_flushes();
+        assert!(
+            w.commit(&engine).is_err(),
+            "the writer hears of the failure"
+        );
+        w.abort(&engine);
+        let rec = engine.catalog.file("P1", "f").unwrap().unwrap();
+        assert_eq!(
+            rec.size,
+            new.len() as u64,
+            "the name points at the new version"
+        );
+        let chunks = engine.catalog.chunks(&rec.id).unwrap();
+        assert_eq!(chunks.len(), new.len().div_ceil(64 << 10));
+        engine
+            .consent
+            .grant("P1", Some(Duration::from_secs(60)), "test");
+        let got = engine.read(&rec, &chunks, 0, new.len()).unwrap();
+        assert_eq!(&got[..], &new[..]);
     }
 
     fn spare_is_zero(p: &Plain) -> bool {

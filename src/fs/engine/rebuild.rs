@@ -288,20 +288,30 @@ impl Engine {
         for f in &found {
             *per_site.entry(f.site).or_default() += 1;
         }
-        let mut by_share: BTreeMap<u8, ShareLocation> = BTreeMap::new();
+        // Where two sites claim one share index, the one the placement puts it on (site i
+        // holds share i) wins: a site claiming another's index must not push the real one
+        // out, leaving a location whose share fails every read's hash.
+        let mut by_share: BTreeMap<u8, (bool, usize)> = BTreeMap::new();
         for f in found {
             if per_site[&f.site] == 1
                 && f.meta.secret_len == len
                 && (usize::from(f.meta.k), usize::from(f.meta.n)) == (k, n)
                 && usize::from(f.share) < n
             {
-                by_share.entry(f.share).or_insert_with(|| ShareLocation {
-                    share: f.share,
-                    site: self.core.sites[f.site].name().to_string(),
-                });
+                let placed = usize::from(f.share) == f.site;
+                let e = by_share.entry(f.share).or_insert((placed, f.site));
+                if placed && !e.0 {
+                    *e = (true, f.site);
+                }
             }
         }
-        by_share.into_values().collect()
+        by_share
+            .into_iter()
+            .map(|(share, (_, site))| ShareLocation {
+                share,
+                site: self.core.sites[site].name().to_string(),
+            })
+            .collect()
     }
 
     /// Fetch the manifest shares of a version and find the latest-written manifest any k of
@@ -313,7 +323,23 @@ impl Engine {
         // Shares grouped by the secret length their site recorded: only equal ones combine.
         // Each keeps its site: the k shares combined must come from k sites (see `locations`).
         let mut groups: BTreeMap<u32, Vec<(usize, usize, Vec<u8>)>> = BTreeMap::new();
-        for f in found.iter().take(MAX_MANIFEST_SHARES) {
+        // Each site holds one manifest share of a version (share i at site i, rewritten in
+        // place): a site listing more is forging, and is passed over before the cap, so that
+        // its extra listings cannot crowd out the shares of honest sites.
+        let mut per_site: BTreeMap<usize, usize> = BTreeMap::new();
+        for f in found {
+            *per_site.entry(f.site).or_default() += 1;
+        }
+        for (site, listed) in &per_site {
+            if *listed > 1 {
+                failures.push(format!(
+                    "site {} lists {listed} manifest shares of one version",
+                    self.core.sites[*site].name()
+                ));
+            }
+        }
+        let honest = found.iter().filter(|f| per_site[&f.site] == 1);
+        for f in honest.take(MAX_MANIFEST_SHARES) {
             if (usize::from(f.meta.k), usize::from(f.meta.n)) != (k, scheme.n()) {
                 failures.push(format!(
                     "share {}: (k,n) = ({},{}) differs from the configuration",
