@@ -342,8 +342,15 @@ pub fn bench_daemon<D: BlockDevice>(
     let work = key_root.join(format!("qgenome-bench-keys-{}", std::process::id()));
     let (a, b) = (work.join("a"), work.join("b"));
     let window = 64 << 20;
-    let frames = count + 1024;
-    let key_len = count * share_len as u64 + frames * 256 + 4 * window;
+    // Each share: a PUT, a GET and a DELETE one way, their answers the other, each frame on
+    // whole key blocks; the larger of the two directions, plus room for the rest.
+    let frame_key =
+        |payload: usize| qgenome::wire::frame::key_len_for(payload as u64).expect("a share");
+    let block = qgenome::wire::frame::KEY_BLOCK;
+    let per_share = frame_key(qgenome::wire::msg::PUT_HEAD_LEN + share_len)
+        .max(frame_key(qgenome::wire::msg::DATA_HEAD_LEN + share_len))
+        + 2 * block;
+    let key_len = count * per_share + 1024 * block + 4 * window;
     std::fs::create_dir_all(&work).with_context(|| {
         format!(
             "--key-dir {}: cannot make the bench's key directory {}",

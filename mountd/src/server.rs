@@ -87,7 +87,7 @@ const GAP_SWEEP_EVERY: Duration = Duration::from_secs(30);
 ///
 /// Such a frame is refused before its tag can be checked (its key lies below the receive
 /// stream's floor, destroyed or never to be used), so anyone who saw the link's stream id
-/// can send one; each sealed answer spends about 200 bytes of the link's send key. A genuine
+/// can send one; each sealed answer spends a key block (4 KiB) of the link's send key. A genuine
 /// peer needs one answer per connection it opened before it learnt our floor (after our
 /// restart: its pool's worth at once, 8 for `MountdSite`), so a burst of this many is
 /// answered, then one per [`STALE_ANSWER_EVERY`]; beyond that the connection is closed

@@ -401,8 +401,9 @@ fn gfsplit_baseline(data: &[u8], args: &SplitArgs) -> anyhow::Result<f64> {
 /// Volume and per-direction key pool size for storing `size` bytes in `chunk`-byte chunks.
 ///
 /// A share is as long as its chunk (padded to a multiple of p-1), each stored in whole 4 KiB
-/// blocks with its header; each sealed frame spends its payload length of pad plus a tag key,
-/// and the sender reserves key ahead in its ledger. The slack covers all of that with room.
+/// blocks with its header; each sealed frame spends whole 4 KiB key blocks (4064 bytes of pad
+/// and a MAC key slot each, so 0.8% above its payload, and one block at least), and the
+/// sender reserves key ahead in its ledger. The slack covers all of that with room.
 /// Bytes of each volume, and of each link's pools in the store direction (home → site: every
 /// share a site stores) and in the reply direction (site → home: acknowledgements, and the
 /// shares a read fetches from it). A read takes k shares, the home's first and the k-1 others

@@ -635,6 +635,7 @@ impl Engine {
             results,
             failed: None,
             committed: None,
+            named_unflushed: None,
             mtime_set: Arc::default(),
         })
     }
@@ -1017,7 +1018,10 @@ impl Engine {
         while let Ok((i, r)) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             room[i] = r;
         }
-        crate::placement::Space::of(&room)
+        let chunk = self.cfg.chunk_size;
+        let put = crate::wire::msg::PUT_HEAD_LEN + self.core.scheme.share_len(chunk);
+        let key_per_chunk = crate::wire::frame::key_len_for(put as u64).expect("a chunk's PUT");
+        crate::placement::Space::of(&room, chunk as u64, key_per_chunk)
     }
 
     fn next_seq(&self) -> u64 {
@@ -1439,6 +1443,10 @@ pub struct FileWriter {
     failed: Option<(String, bool)>,
     /// Size at the last commit.
     committed: Option<u64>,
+    /// A commit whose transaction applied but whose flush failed: the catalog names this
+    /// version at this size, so it is never discarded, yet it is not durable, so it is not
+    /// committed either; the next commit at this size retries only the flush.
+    named_unflushed: Option<u64>,
     /// An mtime set (`utimes`, `cp -p`) since the last write, for the next commit to keep;
     /// 0: none, the commit's time is the mtime. Shared with whoever sets it without this
     /// writer's lock ([`FileWriter::mtime_setter`]).
@@ -1677,6 +1685,13 @@ impl FileWriter {
             self.committed = Some(self.size);
             return Ok(());
         }
+        if self.named_unflushed == Some(self.size) {
+            // Named at this size already: only its durability is missing.
+            engine.catalog.flush()?;
+            self.named_unflushed = None;
+            self.committed = Some(self.size);
+            return Ok(());
+        }
         if !self.buf.is_empty() {
             self.submit(engine)?;
         }
@@ -1721,10 +1736,16 @@ impl FileWriter {
                 Ok(replaced) => replaced,
                 Err(e) => {
                     // Applied but not made durable (the flush failed): the name points at
-                    // this version now, so it must not be discarded as a failed write. The
-                    // caller still hears of the failure.
-                    if engine.catalog.is_named(&self.rec.id).unwrap_or(true) {
-                        self.committed = Some(self.size);
+                    // this version at this size now, so it must not be discarded as a failed
+                    // write; nor is it committed, so every later commit fails too until a
+                    // flush succeeds. The caller hears of the failure.
+                    let named = engine.catalog.is_named(&self.rec.id).unwrap_or(false)
+                        && engine
+                            .catalog
+                            .file_by_id(&self.rec.id)
+                            .is_ok_and(|r| r.is_some_and(|r| r.size == self.size));
+                    if named {
+                        self.named_unflushed = Some(self.size);
                     }
                     return Err(e.into());
                 }
@@ -1746,15 +1767,18 @@ impl FileWriter {
         Ok(())
     }
 
-    /// Drop an uncommitted version (failed write): shares deleted, nothing visible.
-    pub fn abort(mut self, engine: &Engine) {
+    /// Drop an uncommitted version (failed write): shares deleted, nothing visible. Returns
+    /// whether it was discarded (not if a commit of it, or one the catalog names, came first).
+    pub fn abort(mut self, engine: &Engine) -> bool {
         while self.in_flight > 0 {
             let r = self.results.recv().expect("sender held by self");
             self.settle(engine, r);
         }
-        if self.committed.is_none() {
+        let discard = self.committed.is_none() && self.named_unflushed.is_none();
+        if discard {
             engine.discard(&self.rec);
         }
+        discard
     }
 }
 
@@ -2095,7 +2119,11 @@ mod tests {
             w.commit(&engine).is_err(),
             "the writer hears of the failure"
         );
-        w.abort(&engine);
+        assert!(
+            w.commit(&engine).is_err(),
+            "and again at a retry: nothing was made durable"
+        );
+        assert!(!w.abort(&engine), "not discarded");
         let rec = engine.catalog.file("P1", "f").unwrap().unwrap();
         assert_eq!(
             rec.size,

@@ -1603,15 +1603,19 @@ impl Filesystem for QgenomeFs {
                     // Its record has the name it has now, after any rename while open. No
                     // close(2) is left to tell: the audit keeps it beside the log line (a
                     // `touch` or `: > f` with a site down, whose close committed nothing).
-                    let r = w.record();
-                    tracing::error!("{}/{}: not committed, discarding: {e}", r.patient, r.name);
+                    let (patient, name) = (w.record().patient.clone(), w.record().name.clone());
+                    let what = if w.abort(&self.engine) {
+                        "discarded"
+                    } else {
+                        "kept: the catalog names it, but could not make that durable"
+                    };
+                    tracing::error!("{patient}/{name}: not committed, {what}: {e}");
                     self.engine.catalog.audit(
                         "write-failed",
-                        Some(&r.patient),
-                        Some(&r.name),
-                        &format!("not committed at release, discarded: {e}"),
+                        Some(&patient),
+                        Some(&name),
+                        &format!("not committed at release, {what}: {e}"),
                     );
-                    w.abort(&self.engine);
                 }
                 self.engine.writer_closed(&id);
             }

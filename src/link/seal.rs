@@ -2,8 +2,11 @@
 //! comes in through a [`FrameKey`], so these functions do no I/O themselves and can be
 //! tested with in-memory key.
 //!
-//! Key range of a frame: `[off, off + 32 + len)`. Bytes 0..16 are the POLYVAL key `H`,
-//! 16..32 the one-time mask `s`, the rest the pad. Tag =
+//! A frame's key, as these functions see it (relative offsets): bytes 0..16 are the POLYVAL
+//! key `H`, 16..32 the one-time mask `s`, the rest the pad. Where those bytes lie in the pool
+//! (whole key blocks, the pad skipping each block's MAC key slot) is the [`FrameKey`]'s
+//! business ([`crate::wire::frame::key_position`]); it tells where the key breaks
+//! ([`FrameKey::contiguous`]) and pieces never cross a break. Tag =
 //! `POLYVAL_H(header || 0-pad || ciphertext || 0-pad || le64(header bits) || le64(ct bits)) ^ s`.
 //!
 //! XOR and MAC are fused per `CHUNK` bytes: the pad of a chunk is XORed with the data straight

@@ -39,11 +39,12 @@ pub struct Space {
 
 impl Space {
     /// From each site's [`SiteRoom`]. Every chunk puts a share the size of the chunk on
-    /// every site and spends as much key on every remote site's link, so the mount holds as
-    /// much as its smallest volume and can still take the least of the sites' free space and
-    /// their links' key left (the shares' headers and the frames' tags not counted). A site
-    /// that does not answer leaves no room: a write now would fail there.
-    pub fn of(sites: &[SiteRoom]) -> Space {
+    /// every site, so the mount holds as much as its smallest volume and can still take the
+    /// least of the sites' free space (the shares' headers not counted) and of what their
+    /// links' key left carries: each chunk's PUT spends `key_per_chunk` bytes of key (whole
+    /// key blocks, [`crate::wire::frame::key_len_for`]) for `chunk` bytes of plaintext. A
+    /// site that does not answer leaves no room: a write now would fail there.
+    pub fn of(sites: &[SiteRoom], chunk: u64, key_per_chunk: u64) -> Space {
         let mut total = None::<u64>;
         let mut free = u64::MAX;
         for (space, key) in sites {
@@ -55,7 +56,7 @@ impl Space {
                 None => free = 0,
             }
             if let Some(k) = key {
-                free = free.min(*k);
+                free = free.min((k / key_per_chunk.max(1)).saturating_mul(chunk));
             }
         }
         let total = total.unwrap_or(0);
@@ -79,24 +80,31 @@ mod tests {
             (Some((8 * gib, 7 * gib)), Some(5 * gib)),
             (Some((12 * gib, 4 * gib)), Some(9 * gib)),
         ];
-        let s = Space::of(&sites);
+        let of = |sites: &[SiteRoom]| Space::of(sites, 1, 1);
+        let s = of(&sites);
         assert_eq!(s.total, 8 * gib, "the smallest volume");
         assert_eq!(s.free, 4 * gib, "the least free volume");
         let mut low_key = sites;
         low_key[2].1 = Some(gib);
-        assert_eq!(Space::of(&low_key).free, gib, "a link short of key");
+        assert_eq!(of(&low_key).free, gib, "a link short of key");
+        // 1 MiB chunks whose PUT frames take 259 key blocks (1,060,864 bytes) each.
+        assert_eq!(
+            Space::of(&low_key, 1 << 20, 1_060_864).free,
+            (gib / 1_060_864) << 20,
+            "key left counted in whole chunks' frames"
+        );
         let mut down = sites;
         down[1].0 = None;
         assert_eq!(
-            Space::of(&down),
+            of(&down),
             Space {
                 total: 10 * gib,
                 free: 0
             },
             "a site down leaves no room"
         );
-        assert_eq!(Space::of(&[]).total, 0);
-        assert_eq!(Space::of(&[(None, None)]), Space { total: 0, free: 0 });
+        assert_eq!(of(&[]).total, 0);
+        assert_eq!(of(&[(None, None)]), Space { total: 0, free: 0 });
     }
 
     fn loc(share: u8, site: &str) -> ShareLocation {
