@@ -1007,6 +1007,45 @@ fn of_two_writers_on_one_name_the_last_opener_has_it() {
     });
 }
 
+/// `truncate -s 0` of a name another handle is writing is refused (EBUSY), and the writer's
+/// data all lands: before, the truncation replaced the version the writer had fsynced, and
+/// the writer's later writes went nowhere while its close returned 0.
+#[test]
+fn truncating_a_file_another_handle_writes_is_refused_and_loses_nothing() {
+    use std::io::Write;
+    let rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("P12")).unwrap();
+    let x = rig.mnt.join("P12/t.cram");
+    let mut a = std::fs::File::create(&x).unwrap();
+    a.write_all(&[1u8; 100_000]).unwrap();
+    a.sync_all().unwrap();
+    // truncate(2) by path (the truncate tool opens the file for writing without O_TRUNC,
+    // which is refused whatever the state).
+    let truncate = |p: &std::path::Path| {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        let rc = unsafe { libc::truncate(c.as_ptr(), 0) };
+        (rc == 0)
+            .then_some(())
+            .ok_or_else(std::io::Error::last_os_error)
+    };
+    let err = truncate(&x).expect_err("truncate went through");
+    assert_eq!(err.raw_os_error(), Some(libc::EBUSY), "{err}");
+    a.write_all(&[2u8; 50_000]).unwrap();
+    a.sync_all().unwrap();
+    drop(a);
+    rig.grant("P12");
+    wait_for("the writer's release", || {
+        std::fs::metadata(&x).is_ok_and(|m| m.len() == 150_000)
+    });
+    let got = std::fs::read(&x).unwrap();
+    assert_eq!(got.len(), 150_000);
+    assert!(got[..100_000].iter().all(|&b| b == 1) && got[100_000..].iter().all(|&b| b == 2));
+    // Closed, it truncates.
+    truncate(&x).unwrap();
+    assert_eq!(std::fs::metadata(&x).unwrap().len(), 0);
+}
+
 /// A second writer opening a name while the first one's commit waits for a slow site waits
 /// for that commit: an unlink after the second open then removes the name for good (the
 /// first commit used to land after it and bring the name back).

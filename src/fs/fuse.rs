@@ -1142,6 +1142,15 @@ impl Filesystem for QgenomeFs {
                     tracing::warn!("{p}/{n}: truncate to {size} refused: only truncation of a closed file to zero is supported");
                     return reply.error(Errno::EINVAL);
                 }
+                // Another handle writing the name: its fsynced version would be replaced
+                // under it, and its later writes would go nowhere (a version that lost its
+                // name is never named again) while its close returned 0. Refused instead:
+                // nothing is lost, and the truncation can be done once it is closed.
+                let key = (p.to_string(), n.to_string());
+                if self.writing.lock().expect("writing").contains_key(&key) {
+                    tracing::warn!("{p}/{n}: truncate refused: another handle is writing it");
+                    return reply.error(Errno::EBUSY);
+                }
                 // Truncate a closed file to zero: commit an empty version over it.
                 let owner = Owner {
                     uid: current.uid,
