@@ -1011,9 +1011,10 @@ impl<D: BlockDevice> Store<D> {
             }
         }
         for e in &left {
-            // The record's extent is allocated to it (by `put`, or by `open` for a record it
-            // kept), so freeing it is right; its header is zeroed only if it is still the
-            // replaced share's.
+            // Zeroed and freed only if its header is still the replaced share's (its extent
+            // is then allocated to the record: by `put`, or by `open` for a record it kept).
+            // Else the record just goes: it is not ours to free (at worst the space waits for
+            // the next start).
             let header = self
                 .dev
                 .read_at(self.dev.alloc_buf(self.sb.block_size as usize), e.offset)?;
@@ -1025,7 +1026,6 @@ impl<D: BlockDevice> Store<D> {
                 self.retiring
                     .remove(e.offset.to_be_bytes())
                     .map_err(|err| self.ix(err))?;
-                lock(&self.alloc).free(e.offset, e.extent_len);
             }
         }
         Ok(())
@@ -1157,6 +1157,11 @@ impl<D: BlockDevice> Store<D> {
         tombstone(&self.dev, &self.sb, e.offset)?;
         self.shares
             .remove(key.encode())
+            .map_err(|err| self.ix(err))?;
+        // A record of this extent itself (a put whose insert and cleanup both failed) goes
+        // with it: left behind, it would name space that is free once this returns.
+        self.retiring
+            .remove(e.offset.to_be_bytes())
             .map_err(|err| self.ix(err))?;
         self.commit()?;
         lock(&self.alloc).free(e.offset, e.extent_len);
