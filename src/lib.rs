@@ -91,6 +91,38 @@ pub fn wipe(v: &mut Vec<u8>) {
     std::hint::black_box(&mut *v);
 }
 
+/// `v.resize(len, 0)`, except that growing past its capacity leaves no copy behind: a
+/// reallocation would free the old block, contents and all, to the allocator. The old buffer
+/// is wiped and freed instead, and a fresh one of `len` zeros takes its place.
+pub fn resize_wiped(v: &mut Vec<u8>, len: usize) {
+    if len > v.capacity() {
+        let mut old = std::mem::replace(v, vec![0; len]);
+        wipe(&mut old);
+    } else {
+        v.resize(len, 0);
+    }
+}
+
+#[cfg(test)]
+mod resize_tests {
+    #[test]
+    fn growing_past_capacity_wipes_the_old_block() {
+        let mut v = vec![0xa5u8; 100];
+        let old = v.as_ptr();
+        super::resize_wiped(&mut v, 50);
+        assert_eq!(
+            (v.len(), v.as_ptr()),
+            (50, old),
+            "shrinking keeps the block"
+        );
+        super::resize_wiped(&mut v, 100);
+        assert_eq!(v.as_ptr(), old, "within capacity, in place");
+        super::resize_wiped(&mut v, 1 << 20);
+        assert_ne!(v.as_ptr(), old);
+        assert!(v.iter().all(|&b| b == 0));
+    }
+}
+
 #[cfg(test)]
 mod error_line_tests {
     #[derive(Debug, thiserror::Error)]

@@ -1131,6 +1131,54 @@ impl Injector {
     }
 }
 
+/// A reply below the client's receive floor cannot be opened, so anyone on the path can send
+/// one: answering a HELLO with it made the client skip (and destroy) a window of its send key
+/// each time, without limit. Once the site has answered since the client started, such a reply
+/// is a protocol error and costs no key.
+#[test]
+fn a_reply_below_our_floor_once_the_site_has_answered_skips_no_key() {
+    let site = Site::new(
+        "floor",
+        Vol::File(64 << 20),
+        &["home-x"],
+        &["home-x"],
+        64 << 20,
+    );
+    let d = site.start();
+    // The client's receive stream, in clear in every reply header.
+    let recv_id = Raw::open(&site, "home-x").recv_id;
+    let mitm = Injector::start(&d.tcp);
+    let mut c = MountdSite::tcp(&site.name, &mitm.addr, &site.client_keys("home-x")).unwrap();
+    c.set_pool_size(0);
+    let k = key(41, 1);
+    c.put(&k, &META, &share_bytes(3, &k, 5000)).unwrap();
+    for _ in 0..3 {
+        let mut forged = FrameHeader {
+            stream_id: recv_id,
+            key_offset: 0,
+            payload_len: 16,
+        }
+        .encode()
+        .to_vec();
+        forged.resize(HEADER_LEN + 16 + TAG_LEN, 0x5a);
+        *mitm.inject.lock().unwrap() = Some(forged);
+        let before = c.key_remaining().unwrap();
+        let k2 = key(41, 2);
+        let err = c
+            .put(&k2, &META, &share_bytes(3, &k2, 5000))
+            .expect_err("a forged answer to the HELLO");
+        assert!(err.to_string().contains("below our receive floor"), "{err}");
+        let spent = before - c.key_remaining().unwrap();
+        assert!(
+            spent < WINDOW,
+            "a forged reply cost {spent} bytes of send key"
+        );
+    }
+    let k2 = key(41, 2);
+    c.put(&k2, &META, &share_bytes(3, &k2, 5000)).unwrap();
+    assert_eq!(c.get(&k2).unwrap(), share_bytes(3, &k2, 5000));
+}
+
 /// A site's sealed KeyAlreadyUsed answer to a replayed frame (the client's HELLO), injected into a client's
 /// connection as the answer to its next request, is not acted on: it names the replayed
 /// frame, not the client's, so the client reports a protocol error instead of skipping key

@@ -353,7 +353,7 @@ impl BufPool {
     /// written here.
     fn take_len(&self, len: usize) -> Vec<u8> {
         let mut v = self.pop();
-        v.resize(len, 0);
+        crate::resize_wiped(&mut v, len);
         v
     }
 
@@ -405,14 +405,22 @@ impl BufPool {
         }
         if bufs.len() < self.max {
             bufs.push(v);
+        } else {
+            // Not kept: freed, so wiped first (a share of a chunk read under a consent).
+            drop(bufs);
+            wipe(&mut v);
         }
     }
 
     /// An empty buffer with at least `capacity` bytes reserved.
     fn take(&self, capacity: usize) -> Vec<u8> {
         let mut v = self.pop();
+        if v.capacity() < capacity {
+            // Growing would free the old block unwiped.
+            wipe(&mut v);
+            return Vec::with_capacity(capacity);
+        }
         v.clear();
-        v.reserve_exact(capacity);
         v
     }
 
@@ -1397,17 +1405,27 @@ fn shares_of(site: &dyn ShareSite, id: &FileId) -> Result<Vec<ShareKey>, SiteErr
         share: u8::MAX,
     });
     let mut keys = Vec::new();
+    // Every chunk a manifest can list, and the manifest, in at most 255 shares each.
+    let most = (manifest::MAX_CHUNKS + 1).saturating_mul(255);
     loop {
-        let (page, next) = site.list_shares_of(id, after)?;
+        let page = site.list_shares_of(id, after)?;
+        crate::sites::check_page(site, after, &page)?;
+        let (page, next) = page;
         for (k, _) in page {
             if k.file != *id {
                 return Ok(keys);
             }
             keys.push(k);
         }
+        if keys.len() as u64 > most {
+            return Err(SiteError::Protocol {
+                site: site.name().to_string(),
+                reason: format!("lists more than {most} shares of file {}", merkle::hex(id)),
+            });
+        }
         match next {
-            Some(n) if Some(n) != after => after = Some(n),
-            _ => return Ok(keys),
+            Some(n) => after = Some(n),
+            None => return Ok(keys),
         }
     }
 }

@@ -722,8 +722,9 @@ impl RecvStream {
         };
         let (head, rest) = frame.split_at(HEADER_LEN);
         let (ct, tag) = rest.split_at(header.payload_len as usize);
-        out.clear();
-        out.extend_from_slice(ct);
+        // Grown without leaving the last message's plaintext in a freed block.
+        crate::resize_wiped(out, ct.len());
+        out.copy_from_slice(ct);
         let head: &[u8; HEADER_LEN] = head.try_into().expect("parse_frame checked the length");
         let r = self.open_in_place(head, &mut [out.as_mut_slice()], tag);
         if r.is_err() {

@@ -124,6 +124,39 @@ pub trait ShareSite: Send + Sync {
 /// A page of a site's share listing: entries, and the key the next page starts after.
 pub type SharePage = (Vec<(ShareKey, ShareMeta)>, Option<ShareKey>);
 
+/// Checks a page a site listed after `after`: its keys strictly increasing past `after`, and
+/// a next page, if any, starting after its last key. A page that breaks this (a broken or
+/// hostile site) is a protocol error naming the site: else a listing could go round for ever.
+pub fn check_page(
+    site: &dyn ShareSite,
+    after: Option<ShareKey>,
+    page: &SharePage,
+) -> Result<(), SiteError> {
+    let (entries, next) = page;
+    let bad = |reason: String| {
+        Err(SiteError::Protocol {
+            site: site.name().to_string(),
+            reason,
+        })
+    };
+    let mut last = after;
+    for (k, _) in entries {
+        if last.is_some_and(|l| *k <= l) {
+            return bad(format!(
+                "listing goes back to {k} after {}",
+                last.expect("some")
+            ));
+        }
+        last = Some(*k);
+    }
+    match next {
+        Some(n) if entries.is_empty() || Some(*n) != last => bad(format!(
+            "listing's next page starts after {n}, not after its last key"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Walk a site's whole listing page by page, handing each entry to `each`.
 pub fn list_all(
     site: &dyn ShareSite,
@@ -131,18 +164,14 @@ pub fn list_all(
 ) -> Result<(), SiteError> {
     let mut after = None;
     loop {
-        let (entries, next) = site.list_shares(after)?;
+        let page = site.list_shares(after)?;
+        check_page(site, after, &page)?;
+        let (entries, next) = page;
         for (k, m) in entries {
             each(k, m);
         }
         match next {
-            Some(n) if Some(n) != after => after = Some(n),
-            Some(n) => {
-                return Err(SiteError::Protocol {
-                    site: site.name().to_string(),
-                    reason: format!("listing does not advance past {n}"),
-                })
-            }
+            Some(n) => after = Some(n),
             None => return Ok(()),
         }
     }
@@ -316,6 +345,49 @@ impl ShareSite for MemSite {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A site whose listing pages go round (next alternating between two keys), or skip
+    /// back: an error naming the site, not a walk for ever.
+    #[test]
+    fn a_listing_that_goes_round_is_a_protocol_error() {
+        struct Round(std::sync::atomic::AtomicU64, bool);
+        impl ShareSite for Round {
+            fn name(&self) -> &str {
+                "round"
+            }
+            fn put(&self, _: &ShareKey, _: &ShareMeta, _: &[u8]) -> Result<(), SiteError> {
+                unreachable!()
+            }
+            fn get(&self, _: &ShareKey) -> Result<Vec<u8>, SiteError> {
+                unreachable!()
+            }
+            fn delete(&self, _: &ShareKey) -> Result<(), SiteError> {
+                unreachable!()
+            }
+            fn list_shares(&self, _: Option<ShareKey>) -> Result<SharePage, SiteError> {
+                let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let k = |chunk| ShareKey {
+                    file: [7; 16],
+                    chunk,
+                    share: 0,
+                };
+                let m = ShareMeta {
+                    k: 2,
+                    n: 3,
+                    secret_len: 1,
+                };
+                let c = if self.1 { n % 2 } else { 5 };
+                Ok((vec![(k(c), m)], Some(k(c))))
+            }
+        }
+        for alternate in [true, false] {
+            let site = Round(Default::default(), alternate);
+            let mut seen = 0;
+            let e = list_all(&site, |_, _| seen += 1).expect_err("went round");
+            assert!(e.to_string().contains("round"), "{e}");
+            assert!(seen <= 2, "{seen} entries taken");
+        }
+    }
 
     #[test]
     fn mem_listing_pages_through_every_share_in_key_order() {

@@ -55,6 +55,11 @@ struct ClientLink {
     recv_id: [u8; 16],
     recv_key_len: u64,
     window: u64,
+    /// A reply of the site opened (its tag verified) since this process opened the link: from
+    /// then on the site knows our receive floor, so a reply below it cannot be genuine.
+    heard: std::sync::atomic::AtomicBool,
+    /// The one skip a reply below our floor may cause (both ends restarted) was taken.
+    floor_skipped: std::sync::atomic::AtomicBool,
 }
 
 enum Addr {
@@ -274,6 +279,8 @@ impl MountdSite {
             recv_id: ri.stream_id,
             recv_key_len: ri.key_len,
             window: keys.options.window,
+            heard: Default::default(),
+            floor_skipped: Default::default(),
         };
         Ok(Self::with_addr(
             site,
@@ -581,6 +588,20 @@ impl MountdSite {
                     // The server restarted and cannot read our HELLO, and its reply uses key
                     // below our own restart floor: skip one window, which lies above any
                     // floor the server can have (it is below our last frame + one window).
+                    // Such a reply cannot be opened, so it may be anyone's: it is acted on
+                    // only where it can be genuine, before any reply of the site opened since
+                    // we started (after one, the site knows our floor), and once.
+                    if link.heard.load(Ordering::SeqCst)
+                        || link.floor_skipped.swap(true, Ordering::SeqCst)
+                    {
+                        return Err(SiteError::Protocol {
+                            site: self.name.clone(),
+                            reason: format!(
+                                "{}: a reply on link {} below our receive floor, which the site cannot send once it knows that floor: not acted on (no key skipped)",
+                                self.addr, link.name
+                            ),
+                        });
+                    }
                     let next = lock(&link.send).next_offset();
                     self.skip_send(next.saturating_add(link.window))?;
                 }
@@ -638,8 +659,8 @@ impl MountdSite {
                 // Sized without clearing: all of it is overwritten by the reads.
                 let split = match tail_out.as_deref_mut() {
                     Some(t) if n >= msg::DATA_HEAD_LEN => {
-                        b.plain.resize(msg::DATA_HEAD_LEN, 0);
-                        t.resize(n - msg::DATA_HEAD_LEN, 0);
+                        crate::resize_wiped(&mut b.plain, msg::DATA_HEAD_LEN);
+                        crate::resize_wiped(t, n - msg::DATA_HEAD_LEN);
                         read_exact_parts(
                             &mut conn.sock,
                             &mut [
@@ -651,7 +672,7 @@ impl MountdSite {
                         true
                     }
                     _ => {
-                        b.plain.resize(n, 0);
+                        crate::resize_wiped(&mut b.plain, n);
                         conn.sock.read_exact(&mut b.plain).map_err(io)?;
                         false
                     }
@@ -701,8 +722,8 @@ impl MountdSite {
                     // opened there, in place. Sized without clearing (no memset of a reused
                     // buffer): all of it is overwritten by the read.
                     Some(t) if len >= msg::DATA_HEAD_LEN => {
-                        b.plain.resize(msg::DATA_HEAD_LEN, 0);
-                        t.resize(len - msg::DATA_HEAD_LEN, 0);
+                        crate::resize_wiped(&mut b.plain, msg::DATA_HEAD_LEN);
+                        crate::resize_wiped(t, len - msg::DATA_HEAD_LEN);
                         let mut tag = [0u8; TAG_LEN];
                         read_exact_parts(
                             &mut conn.sock,
@@ -727,7 +748,10 @@ impl MountdSite {
                     }
                 };
                 let split = match opened {
-                    Ok(split) => rejoin(&mut b.plain, tail_out, split),
+                    Ok(split) => {
+                        link.heard.store(true, Ordering::SeqCst);
+                        rejoin(&mut b.plain, tail_out, split)
+                    }
                     Err(LinkError::KeyAlreadyUsed { .. }) => {
                         return Err(CallError::ReplyBelowFloor)
                     }
