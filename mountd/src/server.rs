@@ -676,7 +676,7 @@ impl<D: BlockDevice> Server<D> {
             _ => return Inline::Opened,
         };
         let r = self.get_awaited(id, &key, permit, peer, &link.name).await;
-        Inline::Done(self.seal_answer(&link, r, out))
+        Inline::Done(self.seal_answer(&link, id, r, out))
     }
 
     /// A GET answered from the connection's task: the index looked up, the reply's bytes
@@ -949,12 +949,12 @@ impl<D: BlockDevice> Server<D> {
         } else {
             self.execute(&m, peer, &link.name)
         };
-        self.seal_answer(link, reply, out)
+        self.seal_answer(link, m.id, reply, out)
     }
 
     /// Seal `reply` on `link` into `out`; a share it carries is sealed where it lies (and sent
     /// from there behind `out`, then its tag).
-    fn seal_answer(&self, link: &LinkEnds, reply: Reply, out: &mut Vec<u8>) -> Outcome {
+    fn seal_answer(&self, link: &LinkEnds, id: u64, reply: Reply, out: &mut Vec<u8>) -> Outcome {
         if let Some(mut share) = reply.share {
             // The share is sealed where it was read and sent from there.
             let mut head = reply.head;
@@ -968,6 +968,21 @@ impl<D: BlockDevice> Server<D> {
                     out.extend_from_slice(&header);
                     out.extend_from_slice(&head);
                     Outcome::SealedShare(share, tag)
+                }
+                // Too little key left to send the share: said so (sealed, on what is left)
+                // if a small answer still fits, so the home reports the link's key, not a
+                // site that hung up.
+                Err(e @ LinkError::Exhausted { .. }) => {
+                    let reason = format!("cannot seal the reply: {e}");
+                    match self.seal_reply(
+                        link,
+                        id,
+                        error_body(ErrorCode::KeyExhausted, 0, &e.to_string()),
+                        out,
+                    ) {
+                        Ok(()) => Outcome::ReplyAndClose(reason),
+                        Err(se) => Outcome::Close(format!("{reason}; cannot answer: {se}")),
+                    }
                 }
                 Err(e) => Outcome::Close(format!("cannot seal the reply: {e}")),
             };

@@ -1131,6 +1131,66 @@ impl Injector {
     }
 }
 
+/// A link whose key for the site's answers runs out says so, naming the link: a GET whose
+/// share no longer fits gets a sealed KeyExhausted (the site used to hang up, and the home
+/// reported the site unreachable), and once not even a small answer fits, the home sends no
+/// request at all (the site would do it and could not say so).
+#[test]
+fn a_link_out_of_key_for_answers_is_named_and_nothing_is_done_unanswered() {
+    let site = Site::new(
+        "rk",
+        Vol::File(64 << 20),
+        &["home-x"],
+        &["home-x"],
+        4 << 20,
+    );
+    let d = site.start();
+    let c = MountdSite::tcp(&site.name, &d.tcp, &site.client_keys("home-x")).unwrap();
+    let k = key(42, 1);
+    let share = share_bytes(3, &k, 1 << 20);
+    c.put(&k, &META, &share).unwrap();
+    let mut gets = 0;
+    let err = loop {
+        match c.get(&k) {
+            Ok(got) => {
+                assert_eq!(got, share);
+                gets += 1;
+                assert!(gets < 8, "4 MiB of answers held {gets} shares of 1 MiB");
+            }
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(err, SiteError::KeyExhausted { .. }) && err.to_string().contains("home-x"),
+        "{err}"
+    );
+    let mut asks = 0;
+    let err = loop {
+        match c.stat() {
+            Ok(_) => {
+                asks += 1;
+                assert!(asks < 2000);
+            }
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(err, SiteError::KeyExhausted { .. }) && err.to_string().contains("home-x"),
+        "{err}"
+    );
+    let k2 = key(42, 2);
+    let err = c
+        .put(&k2, &META, &share_bytes(4, &k2, 5000))
+        .expect_err("a put with no key left for its answer");
+    assert!(matches!(err, SiteError::KeyExhausted { .. }), "{err}");
+    let unix = d.unix_client(&site.name);
+    assert!(
+        matches!(unix.get(&k2), Err(SiteError::NotFound { .. })),
+        "the site stored a share it could not acknowledge"
+    );
+    assert_eq!(unix.get(&k).unwrap(), share);
+}
+
 /// A reply below the client's receive floor cannot be opened, so anyone on the path can send
 /// one: answering a HELLO with it made the client skip (and destroy) a window of its send key
 /// each time, without limit. Once the site has answered since the client started, such a reply

@@ -19,7 +19,7 @@ use std::time::Duration;
 use super::{ShareKey, ShareMeta, ShareSite, SiteError};
 use crate::keys::{pool, Direction, End, PoolFile};
 use crate::link::{LinkError, RecvStream, SealWriteError, SendStream, StreamOptions};
-use crate::wire::frame::{FrameHeader, HEADER_LEN, TAG_LEN};
+use crate::wire::frame::{FrameHeader, HEADER_LEN, KEY_BLOCK, TAG_LEN};
 use crate::wire::msg::{self, Body, ErrorCode, ListEntry, Msg, SiteStat};
 
 /// Send buffer asked for on both ends of the home site's Unix socket: room for a whole share
@@ -615,6 +615,23 @@ impl MountdSite {
         })
     }
 
+    /// The home's receive stream must hold at least one key block, the least any answer of
+    /// the site takes: else the request is not sent at all (the site would do it and could
+    /// not say so), and the link's key is named as what ran out.
+    fn reply_key_check(&self, link: &ClientLink) -> Result<(), SiteError> {
+        let left = lock(&link.recv).remaining();
+        if left < KEY_BLOCK {
+            return Err(SiteError::KeyExhausted {
+                site: self.name.clone(),
+                link: link.name.clone(),
+                reason: format!(
+                    "{left} bytes left of the key for the site's answers, less than the {KEY_BLOCK} one answer takes: provision new key for this direction"
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Write one request and read its reply into `conn.b.plain` (decoded by the caller).
     /// With `tail`, a reply of at least [`msg::DATA_HEAD_LEN`] bytes has its first
     /// `DATA_HEAD_LEN` in `conn.b.plain` and the rest in `tail` (a DATA reply's share lands in
@@ -680,6 +697,7 @@ impl MountdSite {
                 Ok(rejoin(&mut b.plain, tail_out, split))
             }
             Some(link) => {
+                self.reply_key_check(link).map_err(CallError::Site)?;
                 // The key offset of the frame sent: a KeyAlreadyUsed answer must name it.
                 let sent = if tail.is_empty() {
                     let sealed = lock(&link.send)
