@@ -507,6 +507,8 @@ fn the_mount_fails_closed_when_unmounted_under_it_or_over_a_non_empty_directory(
     let dir = tempfile::tempdir().unwrap();
     let mut d = deployment(dir.path());
     let mp = d.mountpoint.clone();
+    std::fs::create_dir(mp.join("P9")).unwrap();
+    grant(&d, "P9");
     // Held open across the unmount: a lazy unmount of a busy mount detaches it from the
     // mountpoint while the kernel keeps its FUSE connection (and session) alive.
     let busy = std::fs::File::open(&mp).unwrap();
@@ -534,6 +536,18 @@ fn the_mount_fails_closed_when_unmounted_under_it_or_over_a_non_empty_directory(
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(!status.success(), "{status}");
+    // Its consents ended on the way out (dropping pages cached under them, which the still
+    // connected detached mount would go on serving to mappings).
+    {
+        let catalog =
+            qgenome::catalog::Catalog::open(&dir.path().join("home-state/catalog")).unwrap();
+        let ended = catalog.audit_log().unwrap().into_iter().any(|e| {
+            e.event == "consent-end"
+                && e.patient.as_deref() == Some("P9")
+                && e.detail.contains("shutting down")
+        });
+        assert!(ended, "P9's consent did not end when the mount went away");
+    }
     drop(busy);
     let log = mount_log(&d);
     assert!(

@@ -1137,13 +1137,7 @@ impl Injector {
 /// request at all (the site would do it and could not say so).
 #[test]
 fn a_link_out_of_key_for_answers_is_named_and_nothing_is_done_unanswered() {
-    let site = Site::new(
-        "rk",
-        Vol::File(64 << 20),
-        &["home-x"],
-        &["home-x"],
-        4 << 20,
-    );
+    let site = Site::new("rk", Vol::File(64 << 20), &["home-x"], &["home-x"], 4 << 20);
     let d = site.start();
     let c = MountdSite::tcp(&site.name, &d.tcp, &site.client_keys("home-x")).unwrap();
     let k = key(42, 1);

@@ -86,6 +86,12 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         }
         if mounted.session_ended() {
             let mp = mounted.mountpoint().display().to_string();
+            // Every consent ends first, dropping the pages the kernel cached of the patients'
+            // files: a mount detached while busy (`umount -l`) keeps its connection, and
+            // mappings made under a consent would go on serving them.
+            mounted.engine.consent.close();
+            // Its audit entries kept (best effort: the catalog's disk may be what failed).
+            let _ = mounted.engine.catalog.flush();
             // Not unmounted on the way out: the path may hold another mount now, and a
             // detached one may still be held open. Exiting closes the FUSE connection, which
             // the kernel then aborts; every commit point already flushed the catalog.

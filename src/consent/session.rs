@@ -320,6 +320,28 @@ impl ConsentRegistry {
             .expect("ending")
             .entry(patient.to_string())
             .or_default() += 1;
+        // Readers waiting for this patient's consent are refused while the end runs.
+        self.changed.notify_all();
+    }
+
+    /// A read of `patient` waiting for consent while an end of that patient's session is under
+    /// way is refused (called inside `grants`' lock, the session gone): a mapped page's read
+    /// waiting there holds the page's lock, which the end's dropping of cached pages waits
+    /// for; so the pages of the patient's files could stay readable, with no FUSE read to
+    /// refuse them, for as long as that read would have waited.
+    fn refuse_while_ending(&self, patient: &str) -> Result<(), ConsentError> {
+        if !self.ending.lock().expect("ending").contains_key(patient) {
+            return Ok(());
+        }
+        self.audit.record(
+            "consent-refused",
+            Some(patient),
+            None,
+            "a read waited while the consent was ending",
+        );
+        Err(ConsentError::Ended {
+            patient: patient.to_string(),
+        })
     }
 
     /// Wait for the replies under way of the session `id` that ended, wipe, and mark the end
@@ -468,6 +490,7 @@ impl ConsentRegistry {
             if Self::active_locked(&grants, patient, now) {
                 return Ok(());
             }
+            self.refuse_while_ending(patient)?;
             if now >= deadline {
                 drop(grants);
                 self.audit.record(
@@ -507,6 +530,7 @@ impl ConsentRegistry {
             if Self::active_locked(&grants, patient, Instant::now()) {
                 return Ok(());
             }
+            self.refuse_while_ending(patient)?;
             // Wake at the deadline, or at any grant; re-check expiry and the reader too.
             let step = (deadline - now).min(Duration::from_millis(250));
             grants = self.changed.wait_timeout(grants, step).expect("grants").0;
@@ -555,6 +579,47 @@ mod tests {
         assert_eq!(waiter.join().unwrap(), Ok(()));
         assert!(reg.is_active("P1"));
         assert!(!reg.is_active("P2"));
+    }
+
+    /// A read that waits for consent while an end of the patient's session runs (its hooks,
+    /// which drop cached pages, take their time) is refused at once, not held for its limit.
+    #[test]
+    fn a_read_waiting_while_the_consent_ends_is_refused_at_once() {
+        let reg = ConsentRegistry::new(Arc::new(MemAudit::default()));
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let rx = Mutex::new(rx);
+        reg.on_end(move |_| {
+            let _ = rx.lock().unwrap().recv_timeout(Duration::from_secs(10));
+        });
+        reg.grant("P1", Some(Duration::from_secs(60)), "admin");
+        let r2 = reg.clone();
+        let ender = std::thread::spawn(move || r2.end("P1", "card removed"));
+        // The end is under way (its hook holds it): a reader comes.
+        let start = Instant::now();
+        while reg.is_active("P1") {
+            assert!(start.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let r3 = reg.clone();
+        let waiter = std::thread::spawn(move || r3.wait("P1", Duration::from_secs(30)));
+        let t = Instant::now();
+        while !waiter.is_finished() && t.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(waiter.is_finished(), "the reader waited through the end");
+        assert!(matches!(
+            waiter.join().unwrap(),
+            Err(ConsentError::Ended { .. })
+        ));
+        tx.send(()).unwrap();
+        assert!(ender.join().unwrap());
+        // Once the end is done, a reader waits for the next consent again.
+        let r4 = reg.clone();
+        let waiter = std::thread::spawn(move || r4.wait("P1", Duration::from_secs(30)));
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!waiter.is_finished());
+        reg.grant("P1", Some(Duration::from_secs(60)), "admin");
+        assert_eq!(waiter.join().unwrap(), Ok(()));
     }
 
     #[test]

@@ -534,7 +534,11 @@ pub fn drop_cached_pages_at_consent_end(
             });
         match spawned {
             Ok(_) => {
-                let _ = finished.recv_timeout(INVALIDATE_WAIT);
+                if finished.recv_timeout(INVALIDATE_WAIT).is_err() {
+                    tracing::error!(
+                        "consent of {patient} ended: its files' cached pages not all dropped after {INVALIDATE_WAIT:?} (a read under way holds one); still dropping them"
+                    );
+                }
             }
             Err(e) => tracing::error!("consent of {patient} ended: cannot drop cached pages: {e}"),
         }
