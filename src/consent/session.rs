@@ -98,6 +98,18 @@ struct Grant {
 
 type Hook = Arc<dyn Fn(&str) + Send + Sync>;
 
+/// See [`ConsentRegistry::hold_end`].
+pub struct EndHold {
+    registry: Arc<ConsentRegistry>,
+    patient: String,
+}
+
+impl Drop for EndHold {
+    fn drop(&mut self) {
+        self.registry.end_done(&self.patient);
+    }
+}
+
 pub struct ConsentRegistry {
     grants: Mutex<HashMap<String, Grant>>,
     /// Set at shutdown: every waiting and later read is refused at once.
@@ -352,19 +364,41 @@ impl ConsentRegistry {
         struct Done<'a>(&'a ConsentRegistry, &'a str);
         impl Drop for Done<'_> {
             fn drop(&mut self) {
-                let mut ending = self.0.ending.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(n) = ending.get_mut(self.1) {
-                    *n -= 1;
-                    if *n == 0 {
-                        ending.remove(self.1);
-                    }
-                }
-                self.0.wiped.notify_all();
+                self.0.end_done(self.1);
             }
         }
         let _done = Done(self, patient);
         self.wait_served(patient, id);
         self.run_hooks(patient);
+    }
+
+    /// One mark of an end of `patient` under way taken off ([`ConsentRegistry::begin_end`],
+    /// [`ConsentRegistry::hold_end`]).
+    fn end_done(&self, patient: &str) {
+        let mut ending = self.ending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = ending.get_mut(patient) {
+            *n -= 1;
+            if *n == 0 {
+                ending.remove(patient);
+            }
+        }
+        self.wiped.notify_all();
+    }
+
+    /// For an end hook that hands its work to a thread of its own (dropping cached pages):
+    /// the end of `patient` counts as under way, and readers waiting for that patient's
+    /// consent are refused, until the returned hold is dropped.
+    pub fn hold_end(self: &Arc<Self>, patient: &str) -> EndHold {
+        *self
+            .ending
+            .lock()
+            .expect("ending")
+            .entry(patient.to_string())
+            .or_default() += 1;
+        EndHold {
+            registry: self.clone(),
+            patient: patient.to_string(),
+        }
     }
 
     /// Wait until no end of `patient`'s session is under way (up to [`END_WAIT`]).
@@ -618,6 +652,54 @@ mod tests {
         let waiter = std::thread::spawn(move || r4.wait("P1", Duration::from_secs(30)));
         std::thread::sleep(Duration::from_millis(200));
         assert!(!waiter.is_finished());
+        reg.grant("P1", Some(Duration::from_secs(60)), "admin");
+        assert_eq!(waiter.join().unwrap(), Ok(()));
+    }
+
+    /// Work an end hook hands to a thread of its own (the page-cache drop) keeps the end
+    /// under way until it is done: readers waiting meanwhile are refused.
+    #[test]
+    fn an_end_held_by_its_hooks_work_refuses_waiting_readers_until_done() {
+        let reg = ConsentRegistry::new(Arc::new(MemAudit::default()));
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let rx = Arc::new(Mutex::new(rx));
+        let weak = Arc::downgrade(&reg);
+        reg.on_end(move |patient| {
+            let hold = weak.upgrade().map(|r| r.hold_end(patient));
+            let rx = rx.clone();
+            std::thread::spawn(move || {
+                let _ = rx.lock().unwrap().recv_timeout(Duration::from_secs(10));
+                drop(hold);
+            });
+        });
+        reg.grant("P1", Some(Duration::from_secs(60)), "admin");
+        assert!(
+            reg.end("P1", "card removed"),
+            "the end returns, its work goes on"
+        );
+        let r2 = reg.clone();
+        let waiter = std::thread::spawn(move || r2.wait("P1", Duration::from_secs(30)));
+        let t = Instant::now();
+        while !waiter.is_finished() && t.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(matches!(
+            waiter.join().unwrap(),
+            Err(ConsentError::Ended { .. })
+        ));
+        tx.send(()).unwrap();
+        let t = Instant::now();
+        while reg.ending.lock().unwrap().contains_key("P1") {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "the hold was not let go"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let r3 = reg.clone();
+        let waiter = std::thread::spawn(move || r3.wait("P1", Duration::from_secs(30)));
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!waiter.is_finished(), "a reader after the end waits again");
         reg.grant("P1", Some(Duration::from_secs(60)), "admin");
         assert_eq!(waiter.join().unwrap(), Ok(()));
     }

@@ -1405,8 +1405,9 @@ fn shares_of(site: &dyn ShareSite, id: &FileId) -> Result<Vec<ShareKey>, SiteErr
         share: u8::MAX,
     });
     let mut keys = Vec::new();
-    // Every chunk a manifest can list, and the manifest, in at most 255 shares each.
-    let most = (manifest::MAX_CHUNKS + 1).saturating_mul(255);
+    // A site holds one share of each chunk of a version (share i on site i): at most every
+    // chunk a manifest can list, and the manifest.
+    let most = manifest::MAX_CHUNKS + 1;
     loop {
         let page = site.list_shares_of(id, after)?;
         crate::sites::check_page(site, after, &page)?;

@@ -505,15 +505,20 @@ impl InodeTable {
 /// [`INVALIDATE_WAIT`], then lets them finish alone.
 pub fn drop_cached_pages_at_consent_end(
     inodes: InodeTable,
-    consent: &crate::consent::ConsentRegistry,
+    consent: &Arc<crate::consent::ConsentRegistry>,
     notifier: fuser::Notifier,
 ) {
     let inodes = inodes.0;
+    let registry = Arc::downgrade(consent);
     consent.on_end(move |patient| {
         let inos = inodes.lock().expect("inodes").files_of(patient);
         if inos.is_empty() {
             return;
         }
+        // The end counts as under way until every page is dropped, not only for the wait
+        // below: readers waiting for this consent meanwhile are refused, so none holds a
+        // page lock the drop waits for.
+        let hold = registry.upgrade().map(|r| r.hold_end(patient));
         let (done, finished) = mpsc::channel();
         let notifier = notifier.clone();
         let who = patient.to_string();
@@ -531,6 +536,7 @@ pub fn drop_cached_pages_at_consent_end(
                     }
                 }
                 let _ = done.send(());
+                drop(hold);
             });
         match spawned {
             Ok(_) => {

@@ -60,6 +60,9 @@ struct ClientLink {
     heard: std::sync::atomic::AtomicBool,
     /// The one skip a reply below our floor may cause (both ends restarted) was taken.
     floor_skipped: std::sync::atomic::AtomicBool,
+    /// The receive stream's key left, as of its last open: read on every request's way out
+    /// without taking the stream, which a reply's check holds while it verifies a share.
+    recv_left: AtomicU64,
 }
 
 enum Addr {
@@ -271,6 +274,7 @@ impl MountdSite {
             .map_err(link_err)?;
         let recv = RecvStream::from_dir(&keys.dir, &keys.link, rx, keys.options.clone())
             .map_err(link_err)?;
+        let recv_left = AtomicU64::new(recv.remaining());
         let link = ClientLink {
             name: keys.link.clone(),
             send: Mutex::new(send),
@@ -281,6 +285,7 @@ impl MountdSite {
             window: keys.options.window,
             heard: Default::default(),
             floor_skipped: Default::default(),
+            recv_left,
         };
         Ok(Self::with_addr(
             site,
@@ -591,9 +596,7 @@ impl MountdSite {
                     // Such a reply cannot be opened, so it may be anyone's: it is acted on
                     // only where it can be genuine, before any reply of the site opened since
                     // we started (after one, the site knows our floor), and once.
-                    if link.heard.load(Ordering::SeqCst)
-                        || link.floor_skipped.swap(true, Ordering::SeqCst)
-                    {
+                    if link.heard.load(Ordering::SeqCst) {
                         return Err(SiteError::Protocol {
                             site: self.name.clone(),
                             reason: format!(
@@ -602,8 +605,13 @@ impl MountdSite {
                             ),
                         });
                     }
-                    let next = lock(&link.send).next_offset();
-                    self.skip_send(next.saturating_add(link.window))?;
+                    // Connections opened together after both restarts all get such a reply;
+                    // the first skips, the others only try again (their next HELLO goes
+                    // out past that skip), at a key block each.
+                    if !link.floor_skipped.swap(true, Ordering::SeqCst) {
+                        let next = lock(&link.send).next_offset();
+                        self.skip_send(next.saturating_add(link.window))?;
+                    }
                 }
                 Err(CallError::Io(e)) => return Err(self.unreachable(e)),
                 Err(CallError::Site(e)) => return Err(e),
@@ -619,7 +627,7 @@ impl MountdSite {
     /// the site takes: else the request is not sent at all (the site would do it and could
     /// not say so), and the link's key is named as what ran out.
     fn reply_key_check(&self, link: &ClientLink) -> Result<(), SiteError> {
-        let left = lock(&link.recv).remaining();
+        let left = link.recv_left.load(Ordering::SeqCst);
         if left < KEY_BLOCK {
             return Err(SiteError::KeyExhausted {
                 site: self.name.clone(),
@@ -752,9 +760,10 @@ impl MountdSite {
                             ],
                         )
                         .map_err(io)?;
-                        lock(&link.recv)
-                            .open_in_place(&h, &mut [&mut b.plain, t], &tag)
-                            .map(|_| true)
+                        let mut rx = lock(&link.recv);
+                        let r = rx.open_in_place(&h, &mut [&mut b.plain, t], &tag);
+                        link.recv_left.store(rx.remaining(), Ordering::SeqCst);
+                        r.map(|_| true)
                     }
                     _ => {
                         b.reply.resize(hdr.frame_len(), 0);
@@ -762,7 +771,10 @@ impl MountdSite {
                         conn.sock
                             .read_exact(&mut b.reply[HEADER_LEN..])
                             .map_err(io)?;
-                        lock(&link.recv).open(&b.reply, &mut b.plain).map(|_| false)
+                        let mut rx = lock(&link.recv);
+                        let r = rx.open(&b.reply, &mut b.plain);
+                        link.recv_left.store(rx.remaining(), Ordering::SeqCst);
+                        r.map(|_| false)
                     }
                 };
                 let split = match opened {
