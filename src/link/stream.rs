@@ -903,6 +903,16 @@ mod tests {
     use crate::link::ledger::MemLedger;
     use proptest::prelude::*;
 
+    /// The two ends of one direction over `len` bytes of key in memory, ledgers in memory.
+    fn mem_ends(len: usize, window: u64) -> (SendStream, RecvStream) {
+        let (a, b) = MemKeySource::pair("t", Direction::AtoB, len);
+        let opts = StreamOptions { window };
+        let tx = SendStream::with_parts(Box::new(a), Box::new(MemLedger::new("a")), opts.clone())
+            .unwrap();
+        let rx = RecvStream::with_parts(Box::new(b), Box::new(MemLedger::new("b")), opts).unwrap();
+        (tx, rx)
+    }
+
     #[test]
     fn mem_round_trip_replay_and_restart() {
         let (a, b) = MemKeySource::pair("t", Direction::AtoB, 64 * 1024);
@@ -938,13 +948,7 @@ mod tests {
     /// a refused forgery use key: the real frame opens afterwards.
     #[test]
     fn known_pad_of_an_undelivered_frame_forges_nothing() {
-        let (a, b) = MemKeySource::pair("t", Direction::AtoB, 64 * 1024);
-        let opts = StreamOptions { window: 1 << 20 };
-        let mut tx =
-            SendStream::with_parts(Box::new(a), Box::new(MemLedger::new("a")), opts.clone())
-                .unwrap();
-        let mut rx =
-            RecvStream::with_parts(Box::new(b), Box::new(MemLedger::new("b")), opts).unwrap();
+        let (mut tx, mut rx) = mem_ends(64 * 1024, 1 << 20);
         let known: Vec<u8> = (0..9000u32).map(|i| (i % 251) as u8).collect();
         let mut sent = Vec::new();
         let r = tx.seal(&known, &mut sent).unwrap();
@@ -982,13 +986,7 @@ mod tests {
     /// it inside one.
     #[test]
     fn frames_start_on_key_blocks() {
-        let (a, b) = MemKeySource::pair("t", Direction::AtoB, 64 * 1024);
-        let opts = StreamOptions { window: 100 };
-        let mut rx =
-            RecvStream::with_parts(Box::new(b), Box::new(MemLedger::new("b")), opts.clone())
-                .unwrap();
-        let mut tx =
-            SendStream::with_parts(Box::new(a), Box::new(MemLedger::new("a")), opts).unwrap();
+        let (mut tx, mut rx) = mem_ends(64 * 1024, 100);
         let (mut f, mut out) = (Vec::new(), Vec::new());
         let r = tx.seal(b"one", &mut f).unwrap();
         assert_eq!(r.key_range, 0..KEY_BLOCK);
@@ -1011,13 +1009,7 @@ mod tests {
     /// A frame received in pieces and opened in place: the same checks as a whole frame.
     #[test]
     fn open_in_place_round_trip_replay_and_bad_lengths() {
-        let (a, b) = MemKeySource::pair("t", Direction::AtoB, 10_000);
-        let opts = StreamOptions { window: 1000 };
-        let mut tx =
-            SendStream::with_parts(Box::new(a), Box::new(MemLedger::new("a")), opts.clone())
-                .unwrap();
-        let mut rx =
-            RecvStream::with_parts(Box::new(b), Box::new(MemLedger::new("b")), opts).unwrap();
+        let (mut tx, mut rx) = mem_ends(10_000, 1000);
         let p: Vec<u8> = (0..777u32).map(|i| (i * 3) as u8).collect();
         let mut f = Vec::new();
         tx.seal(&p, &mut f).unwrap();
@@ -1048,13 +1040,7 @@ mod tests {
     /// stops the frame and still uses its key.
     #[test]
     fn seal_parts_to_streams_frames_that_open() {
-        let (a, b) = MemKeySource::pair("t", Direction::AtoB, 4 * EMIT_TILE);
-        let opts = StreamOptions { window: 1 << 20 };
-        let mut tx =
-            SendStream::with_parts(Box::new(a), Box::new(MemLedger::new("a")), opts.clone())
-                .unwrap();
-        let mut rx =
-            RecvStream::with_parts(Box::new(b), Box::new(MemLedger::new("b")), opts).unwrap();
+        let (mut tx, mut rx) = mem_ends(4 * EMIT_TILE, 1 << 20);
         let head = b"head of 13 by";
         let share: Vec<u8> = (0..EMIT_TILE + 1000).map(|i| (i * 7) as u8).collect();
         let (mut tile, mut out) = (Vec::new(), Vec::new());
