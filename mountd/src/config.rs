@@ -231,6 +231,13 @@ impl SiteConfig {
         if c.limits.max_connections == 0 {
             return Err(bad("limits.max_connections", "must be at least 1".into()));
         }
+        // Each registered buffer pins a share's worth of memory at start (~1 MiB): a typo
+        // must not lock gigabytes.
+        within(
+            "limits.fixed_buffers",
+            c.limits.fixed_buffers.into(),
+            0..=1024,
+        )?;
         let min_inflight = (qgenome::wire::msg::MAX_MSG as u64) * 2;
         if c.limits.max_inflight_bytes < min_inflight {
             return Err(bad(
@@ -375,6 +382,16 @@ durability = "fdatasync"
         assert!(e.to_string().contains("state_dir"), "{e}");
         let e = SiteConfig::parse(&GOOD.replace("64", "8"), Path::new("x.toml")).unwrap_err();
         assert!(e.to_string().contains("limits.queue_depth"), "{e}");
+        // A typo that would pin gigabytes of registered buffers at start.
+        let e = SiteConfig::parse(
+            &format!("{GOOD}fixed_buffers = 8000\n"),
+            Path::new("x.toml"),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("limits.fixed_buffers") && e.to_string().contains("x.toml"),
+            "{e}"
+        );
         let e = SiteConfig::parse(&GOOD.replace("fdatasync", "fsync"), Path::new("x.toml"))
             .unwrap_err();
         assert!(

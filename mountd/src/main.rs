@@ -508,6 +508,9 @@ fn bench(vol: &VolumeArgs, run: &BenchRun, via_daemon: Option<&Path>, json: bool
         rounds,
         no_fio,
     } = run;
+    if share_size == 0 {
+        bail!("--share-size must be at least 1 byte");
+    }
     let count = size / share_size;
     if count == 0 {
         bail!("--size must be at least one share");

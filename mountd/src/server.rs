@@ -364,7 +364,11 @@ impl<D: BlockDevice> Server<D> {
                             drop(permit);
                         });
                     }
-                    Err(e) => tracing::warn!("unix socket accept: {e}"),
+                    Err(e) => {
+                        // EMFILE and the like: a pause, not a loop flooding the log.
+                        tracing::warn!("unix socket accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                 },
                 (permit, r) = with_permit(&tcp_conns, accept_tcp(tcp.as_ref())) => match r {
                     Ok((s, peer)) => {
@@ -379,7 +383,10 @@ impl<D: BlockDevice> Server<D> {
                             drop(permit);
                         });
                     }
-                    Err(e) => tracing::warn!("tcp accept: {e}"),
+                    Err(e) => {
+                        tracing::warn!("tcp accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                 },
             }
             // Reap finished connection tasks so the set does not grow.

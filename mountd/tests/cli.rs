@@ -509,4 +509,19 @@ fn format_and_bench_keep_what_they_did_not_make() {
         b"mine"
     );
     assert!(!dir.path().join("c.vol").exists());
+    // A share size of 0 is named (it divided by zero: a panic).
+    let (ok, err) = run(&[
+        "bench",
+        "--size",
+        "1M",
+        "--share-size",
+        "0",
+        "--volume",
+        "d.vol",
+    ]);
+    assert!(
+        !ok && err.contains("--share-size") && !err.contains("panicked"),
+        "{err}"
+    );
+    assert!(!dir.path().join("d.vol").exists());
 }
