@@ -55,8 +55,6 @@ impl SledSync {
         })
     }
 
-    /// `db.flush()`, then durably: once this returns Ok, every write to `db` made before it
-    /// was called survives a power loss.
     /// Makes every flush from now on fail, as one after a failed sync does (tests).
     #[cfg(test)]
     pub(crate) fn fail_from_now(&self) {
@@ -64,6 +62,8 @@ impl SledSync {
         st.failed = Some((io::ErrorKind::Other, "made to fail by a test".into()));
     }
 
+    /// `db.flush()`, then durably: once this returns Ok, every write to `db` made before it
+    /// was called survives a power loss.
     pub fn flush(&self, db: &sled::Db) -> sled::Result<()> {
         let state = || self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((kind, text)) = &state().failed {

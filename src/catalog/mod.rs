@@ -331,20 +331,21 @@ impl Catalog {
         self.sync.fail_from_now();
     }
 
-    /// Whether `id` is the committed version its name points at (read from the catalog's
-    /// current state, durable or not).
-    pub fn is_named(&self, id: &FileId) -> Result<bool> {
+    /// The record of `id` if it is the committed version its name points at (read from the
+    /// catalog's current state, durable or not).
+    pub fn named_version(&self, id: &FileId) -> Result<Option<FileRecord>> {
         let Some(v) = self.files.get(id).map_err(|e| self.db_err(e))? else {
-            return Ok(false);
+            return Ok(None);
         };
         let rec: FileRecord = self.decode(id, &v)?;
-        Ok(rec.state == FileState::Committed
+        let named = rec.state == FileState::Committed
             && self
                 .names
                 .get(name_key(&rec.patient, &rec.name))
                 .map_err(|e| self.db_err(e))?
                 .as_deref()
-                == Some(id.as_slice()))
+                == Some(id.as_slice());
+        Ok(named.then_some(rec))
     }
 
     /// The highest manifest seq written or restored (0 if none): later manifests must sort
@@ -862,7 +863,7 @@ impl Catalog {
     /// Drop a version's record and chunk records (after its shares were deleted). A committed
     /// version its name still points at is kept whole.
     pub fn forget(&self, id: &FileId) -> Result<()> {
-        if self.is_named(id)? {
+        if self.named_version(id)?.is_some() {
             self.retired.remove(id).map_err(|e| self.db_err(e))?;
             return self.flush();
         }

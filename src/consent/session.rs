@@ -326,12 +326,7 @@ impl ConsentRegistry {
 
     /// Mark an end of `patient`'s session under way (called inside `grants`' lock).
     fn begin_end(&self, patient: &str) {
-        *self
-            .ending
-            .lock()
-            .expect("ending")
-            .entry(patient.to_string())
-            .or_default() += 1;
+        self.mark_ending(patient);
         // Readers waiting for this patient's consent are refused while the end runs.
         self.changed.notify_all();
     }
@@ -372,6 +367,17 @@ impl ConsentRegistry {
         self.run_hooks(patient);
     }
 
+    /// One more mark of an end of `patient` under way ([`ConsentRegistry::end_done`] takes
+    /// it off).
+    fn mark_ending(&self, patient: &str) {
+        *self
+            .ending
+            .lock()
+            .expect("ending")
+            .entry(patient.to_string())
+            .or_default() += 1;
+    }
+
     /// One mark of an end of `patient` under way taken off ([`ConsentRegistry::begin_end`],
     /// [`ConsentRegistry::hold_end`]).
     fn end_done(&self, patient: &str) {
@@ -389,12 +395,7 @@ impl ConsentRegistry {
     /// the end of `patient` counts as under way, and readers waiting for that patient's
     /// consent are refused, until the returned hold is dropped.
     pub fn hold_end(self: &Arc<Self>, patient: &str) -> EndHold {
-        *self
-            .ending
-            .lock()
-            .expect("ending")
-            .entry(patient.to_string())
-            .or_default() += 1;
+        self.mark_ending(patient);
         EndHold {
             registry: self.clone(),
             patient: patient.to_string(),

@@ -892,9 +892,9 @@ impl Engine {
         // Whatever asked for it, the version a name points at keeps its shares: a commit
         // whose flush failed after its transaction applied is named, though its writer
         // was told the commit failed.
-        match self.catalog.is_named(&rec.id) {
-            Ok(false) => {}
-            Ok(true) => {
+        match self.catalog.named_version(&rec.id) {
+            Ok(None) => {}
+            Ok(Some(_)) => {
                 tracing::error!(
                     "{}: not deleting the shares of the version its name points at",
                     label(rec)
@@ -1758,12 +1758,8 @@ impl FileWriter {
                     // this version at this size now, so it must not be discarded as a failed
                     // write; nor is it committed, so every later commit fails too until a
                     // flush succeeds. The caller hears of the failure.
-                    let named = engine.catalog.is_named(&self.rec.id).unwrap_or(false)
-                        && engine
-                            .catalog
-                            .file_by_id(&self.rec.id)
-                            .is_ok_and(|r| r.is_some_and(|r| r.size == self.size));
-                    if named {
+                    let named = engine.catalog.named_version(&self.rec.id);
+                    if named.is_ok_and(|r| r.is_some_and(|r| r.size == self.size)) {
                         self.named_unflushed = Some(self.size);
                     }
                     return Err(e.into());

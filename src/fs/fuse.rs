@@ -1156,8 +1156,7 @@ impl Filesystem for QgenomeFs {
                 // under it, and its later writes would go nowhere (a version that lost its
                 // name is never named again) while its close returned 0. Refused instead:
                 // nothing is lost, and the truncation can be done once it is closed.
-                let key = (p.to_string(), n.to_string());
-                if self.writing.lock().expect("writing").contains_key(&key) {
+                if self.writer_of(p, n).is_some() {
                     tracing::warn!("{p}/{n}: truncate refused: another handle is writing it");
                     return reply.error(Errno::EBUSY);
                 }

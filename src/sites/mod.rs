@@ -141,11 +141,8 @@ pub fn check_page(
     };
     let mut last = after;
     for (k, _) in entries {
-        if last.is_some_and(|l| *k <= l) {
-            return bad(format!(
-                "listing goes back to {k} after {}",
-                last.expect("some")
-            ));
+        if let Some(l) = last.filter(|l| k <= l) {
+            return bad(format!("listing goes back to {k} after {l}"));
         }
         last = Some(*k);
     }

@@ -65,6 +65,19 @@ struct ClientLink {
     recv_left: AtomicU64,
 }
 
+impl ClientLink {
+    /// Open a reply with the receive stream, keeping [`ClientLink::recv_left`] current.
+    fn open<T>(
+        &self,
+        f: impl FnOnce(&mut RecvStream) -> Result<T, LinkError>,
+    ) -> Result<T, LinkError> {
+        let mut rx = lock(&self.recv);
+        let r = f(&mut rx);
+        self.recv_left.store(rx.remaining(), Ordering::SeqCst);
+        r
+    }
+}
+
 enum Addr {
     Unix(PathBuf),
     Tcp(String),
@@ -760,10 +773,8 @@ impl MountdSite {
                             ],
                         )
                         .map_err(io)?;
-                        let mut rx = lock(&link.recv);
-                        let r = rx.open_in_place(&h, &mut [&mut b.plain, t], &tag);
-                        link.recv_left.store(rx.remaining(), Ordering::SeqCst);
-                        r.map(|_| true)
+                        link.open(|rx| rx.open_in_place(&h, &mut [&mut b.plain, t], &tag))
+                            .map(|_| true)
                     }
                     _ => {
                         b.reply.resize(hdr.frame_len(), 0);
@@ -771,10 +782,8 @@ impl MountdSite {
                         conn.sock
                             .read_exact(&mut b.reply[HEADER_LEN..])
                             .map_err(io)?;
-                        let mut rx = lock(&link.recv);
-                        let r = rx.open(&b.reply, &mut b.plain);
-                        link.recv_left.store(rx.remaining(), Ordering::SeqCst);
-                        r.map(|_| false)
+                        link.open(|rx| rx.open(&b.reply, &mut b.plain))
+                            .map(|_| false)
                     }
                 };
                 let split = match opened {

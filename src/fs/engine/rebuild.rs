@@ -70,6 +70,15 @@ struct Found {
 
 type Listing = HashMap<FileId, BTreeMap<u64, Vec<Found>>>;
 
+/// How many of `found` each site listed.
+fn listed_per_site<'a>(found: impl IntoIterator<Item = &'a Found>) -> BTreeMap<usize, usize> {
+    let mut per_site = BTreeMap::new();
+    for f in found {
+        *per_site.entry(f.site).or_default() += 1;
+    }
+    per_site
+}
+
 fn orphan(
     id: &FileId,
     chunks: &BTreeMap<u64, Vec<Found>>,
@@ -284,10 +293,7 @@ impl Engine {
     fn locations(&self, found: Option<&Vec<Found>>, len: u32) -> Vec<ShareLocation> {
         let (k, n) = (self.core.scheme.k(), self.core.scheme.n());
         let found: Vec<&Found> = found.into_iter().flatten().collect();
-        let mut per_site: BTreeMap<usize, usize> = BTreeMap::new();
-        for f in &found {
-            *per_site.entry(f.site).or_default() += 1;
-        }
+        let per_site = listed_per_site(found.iter().copied());
         // Where two sites claim one share index, the one the placement puts it on (site i
         // holds share i) wins: a site claiming another's index must not push the real one
         // out, leaving a location whose share fails every read's hash.
@@ -326,10 +332,7 @@ impl Engine {
         // Each site holds one manifest share of a version (share i at site i, rewritten in
         // place): a site listing more is forging, and is passed over before the cap, so that
         // its extra listings cannot crowd out the shares of honest sites.
-        let mut per_site: BTreeMap<usize, usize> = BTreeMap::new();
-        for f in found {
-            *per_site.entry(f.site).or_default() += 1;
-        }
+        let per_site = listed_per_site(found);
         for (site, listed) in &per_site {
             if *listed > 1 {
                 failures.push(format!(
