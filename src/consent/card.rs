@@ -74,6 +74,11 @@ impl PcscClient {
         self.established
     }
 
+    /// A handle on the context held, if any (to cancel a wait from another thread).
+    pub fn context(&self) -> Option<pcsc::Context> {
+        self.ctx.clone()
+    }
+
     /// Whether a context is currently held (it may still be stale after a pcscd restart).
     pub fn has_context(&self) -> bool {
         self.ctx.is_some()

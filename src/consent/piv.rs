@@ -16,6 +16,9 @@ use zeroize::{Zeroize, Zeroizing};
 
 /// Largest response we assemble from GET RESPONSE chains (PIV objects are well below this).
 pub const MAX_RESPONSE: usize = 64 * 1024;
+/// Most GET RESPONSE rounds one answer may take: [`MAX_RESPONSE`] in full 256-byte rounds. A
+/// card that dribbles a byte a round would otherwise take 65,536 round trips per answer.
+pub const MAX_RESPONSE_ROUNDS: usize = MAX_RESPONSE / 256;
 /// Version byte of the patient digest record.
 pub const DIGEST_RECORD_VERSION: u8 = 1;
 
@@ -126,6 +129,8 @@ pub enum PivError {
     ResponseTooLong { reader: String, step: &'static str },
     #[error("reader {reader:?}, {step}: the card announced more data (61xx) and sent none")]
     NoMoreData { reader: String, step: &'static str },
+    #[error("reader {reader:?}, {step}: the card's answer took more than {MAX_RESPONSE_ROUNDS} GET RESPONSE rounds")]
+    TooManyRounds { reader: String, step: &'static str },
     #[error("reader {reader:?}: PIV application not on the card (SELECT answered 6A82)")]
     NotPiv { reader: String },
     #[error("reader {reader:?}: object {object} is not on the card")]
@@ -371,7 +376,16 @@ impl<T: CardTransport> PivCard<T> {
         }
         let mut data = std::mem::take(&mut resp.data);
         let mut status = resp.status;
+        let mut rounds = 0;
         while let Status::MoreData(n) = status {
+            rounds += 1;
+            if rounds > MAX_RESPONSE_ROUNDS {
+                data.zeroize();
+                return Err(PivError::TooManyRounds {
+                    reader: self.reader.clone(),
+                    step,
+                });
+            }
             let r = self.send_one(step, &apdu::get_response(n))?;
             // A card that keeps announcing more and sends nothing would hold the watcher in
             // this loop for good (every other round adds a byte at least, so MAX_RESPONSE
@@ -691,6 +705,21 @@ mod tests {
         assert_eq!(card.guid().unwrap(), [7u8; 16]);
         let t = card.into_transport();
         assert_eq!(t.sent[2], vec![0x00, 0xC0, 0x00, 0x00, b.len() as u8]);
+    }
+
+    /// A card answering a byte at a time is cut off after [`MAX_RESPONSE_ROUNDS`] rounds, not
+    /// 65,536 (each a round trip that held the card watcher before presentations had threads
+    /// of their own, and still holds the desk).
+    #[test]
+    fn a_card_dribbling_its_answer_is_cut_off_after_a_bounded_number_of_rounds() {
+        let mut answers: Vec<&[u8]> = vec![&[0x90, 0x00]];
+        answers.extend(std::iter::repeat_n(&[0x53, 0x61, 0x01][..], 1000));
+        let mut card = PivCard::open(scripted(&answers)).unwrap();
+        let err = card.guid().unwrap_err();
+        assert!(matches!(err, PivError::TooManyRounds { .. }), "{err}");
+        assert!(err.to_string().contains("scripted"), "{err}");
+        let sent = card.into_transport().sent.len();
+        assert_eq!(sent, 2 + MAX_RESPONSE_ROUNDS, "APDUs sent");
     }
 
     #[test]

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -134,6 +134,12 @@ pub enum Refusal {
     },
     #[error("card {guid} is not enrolled")]
     Unknown { guid: String },
+    #[error("card {guid} of patient {patient} left reader {reader:?} during its presentation")]
+    Left {
+        reader: String,
+        guid: String,
+        patient: String,
+    },
     #[error("card {guid} of patient {patient} is revoked")]
     Revoked { guid: String, patient: String },
     #[error("card {guid} of patient {patient}: enrolled public key is unusable")]
@@ -183,6 +189,7 @@ impl Refusal {
         match self {
             Refusal::Card { .. } => "card-error",
             Refusal::Unknown { .. } => "unknown-card",
+            Refusal::Left { .. } => "left-during-presentation",
             Refusal::Revoked { .. } => "revoked",
             Refusal::BadEnrolledKey { .. } => "bad-enrolled-key",
             Refusal::NoPin { .. } => "no-pin",
@@ -200,6 +207,7 @@ impl Refusal {
     pub fn patient(&self) -> Option<&str> {
         match self {
             Refusal::Revoked { patient, .. }
+            | Refusal::Left { patient, .. }
             | Refusal::BadEnrolledKey { patient, .. }
             | Refusal::NoPin { patient, .. }
             | Refusal::Pin { patient, .. }
@@ -316,6 +324,37 @@ pub fn present<T: CardTransport>(
         patient,
         answered_at,
     })
+}
+
+/// Presents the card in `reader` (connecting over a PC/SC context of its own), taking turns
+/// at the desk with enrollment and sealing.
+fn present_in(
+    cards: &CardConsent,
+    backoff: Backoff,
+    reader: String,
+    insertion: u64,
+) -> Presentation {
+    let _desk = cards.desk();
+    // The connection outlives the grant: disconnecting is a pcscd round trip that must not
+    // sit between the card's answer and the waking reader.
+    let mut connection = None;
+    let outcome = match PcscClient::new(backoff).connect(&reader) {
+        Ok(transport) => present(connection.insert(transport), &cards.catalog, &cards.pins),
+        Err(source) => Err(Refusal::Card {
+            reader: reader.clone(),
+            source: Box::new(PivError::Transport {
+                reader: reader.clone(),
+                step: "connect",
+                source,
+            }),
+        }),
+    };
+    Presentation {
+        reader,
+        insertion,
+        outcome,
+        connection,
+    }
 }
 
 /// How long a card's consent lasts.
@@ -439,6 +478,8 @@ pub fn start(cards: Arc<CardConsent>, cfg: WatcherConfig) -> std::io::Result<Wat
         unmatched_said: false,
         stop: stop.clone(),
         contexts: contexts.clone(),
+        insertions: 0,
+        outcomes: mpsc::channel(),
     };
     let thread = std::thread::Builder::new()
         .name("card-watcher".into())
@@ -492,8 +533,20 @@ struct Track {
     name: String,
     present: bool,
     count: u32,
+    /// Which insertion the card now in the reader is (unique across readers and reader
+    /// lists); a presentation's outcome counts only while its insertion is still here.
+    insertion: u64,
     /// (GUID, patient) of the until-removed session granted from this reader.
     granted: Option<(Guid, String)>,
+}
+
+/// A presentation's outcome, sent from its thread back to the watcher, which alone grants.
+struct Presentation {
+    reader: String,
+    insertion: u64,
+    outcome: Result<Presented, Refusal>,
+    /// Dropped (the card reset) by the watcher after the grant, before the event.
+    connection: Option<super::card::PcscCard>,
 }
 
 struct Watcher {
@@ -509,6 +562,10 @@ struct Watcher {
     unmatched_said: bool,
     stop: Arc<AtomicBool>,
     contexts: Arc<AtomicU32>,
+    /// The last insertion number handed out.
+    insertions: u64,
+    /// Outcomes of presentations running on their own threads.
+    outcomes: (mpsc::Sender<Presentation>, mpsc::Receiver<Presentation>),
 }
 
 impl Watcher {
@@ -615,6 +672,7 @@ impl Watcher {
                             name: n,
                             present: false,
                             count: 0,
+                            insertion: 0,
                             granted: None,
                         },
                     )
@@ -632,7 +690,14 @@ impl Watcher {
     }
 
     fn step(&mut self) -> Result<(), CardError> {
+        let (context, had_cards) = (
+            self.client.contexts_established(),
+            self.tracks.iter().any(|t| t.present),
+        );
         self.sync_readers()?;
+        while let Ok(p) = self.outcomes.1.try_recv() {
+            self.finish(p);
+        }
         let poll = self.cfg.poll;
         let from = usize::from(!self.use_pnp);
         if self.states.len() == from {
@@ -644,9 +709,18 @@ impl Watcher {
         let result = self
             .client
             .with_context(|ctx| ctx.get_status_change(poll, states))?;
+        if had_cards && self.client.contexts_established() != context {
+            // pcscd came back within the client's retries (a quick restart, or socket
+            // activation): what it reports of the cards starts afresh (a card swapped
+            // meanwhile may show no change at all), so every card is authenticated again.
+            self.lose_all("PC/SC service restarted");
+            return Ok(());
+        }
         match result {
             Ok(()) => {}
-            Err(pcsc::Error::Timeout) => return Ok(()),
+            // A presentation finished (its thread cancelled the wait): the next round takes
+            // its outcome.
+            Err(pcsc::Error::Timeout) | Err(pcsc::Error::Cancelled) => return Ok(()),
             Err(pcsc::Error::UnknownReader) | Err(pcsc::Error::ReaderUnavailable) => {
                 // A reader vanished between listing and waiting (the next round relists), or
                 // an old pcscd without the PnP pseudo-reader.
@@ -684,8 +758,10 @@ impl Watcher {
                     name: t.name.clone(),
                     present: true,
                     count,
+                    insertion: t.insertion,
                     granted: t.granted.take(),
                 };
+                t.insertion = 0;
                 self.removed(gone);
             }
             if now_present && (!was_present || swapped) {
@@ -718,27 +794,68 @@ impl Watcher {
         });
     }
 
+    /// A card went into reader `i`: it is presented on a thread of its own, so a card that
+    /// answers slowly (or a reader that stalls) never holds up what this thread watches, above
+    /// all the removal of another patient's card. The outcome comes back to [`Watcher::finish`].
     fn inserted(&mut self, i: usize) {
+        self.insertions += 1;
+        let insertion = self.insertions;
+        self.tracks[i].insertion = insertion;
         let reader = self.tracks[i].name.clone();
-        let cards = self.cards.clone();
-        let _desk = cards.desk();
-        cards
+        self.cards
             .audit
             .record("card-presented", None, None, &format!("reader {reader:?}"));
-        // The connection outlives the grant: disconnecting is a pcscd round trip that must not
-        // sit between the card's answer and the waking reader.
-        let mut connection = None;
-        let outcome = match self.client.connect(&reader) {
-            Ok(transport) => present(connection.insert(transport), &cards.catalog, &cards.pins),
-            Err(source) => Err(Refusal::Card {
+        let cards = self.cards.clone();
+        let backoff = self.cfg.backoff;
+        let outcomes = self.outcomes.0.clone();
+        // Wakes this thread from its wait for reader events (a stale context after a pcscd
+        // restart wakes nothing: the outcome then waits one `poll`).
+        let waker = self.client.context();
+        let stop = self.stop.clone();
+        let spawned = std::thread::Builder::new()
+            .name("card-present".into())
+            .spawn(move || {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let p = present_in(&cards, backoff, reader, insertion);
+                if outcomes.send(p).is_ok() {
+                    if let Some(ctx) = waker {
+                        let _ = ctx.cancel();
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            // No thread to be had: presented here, as the one way left.
+            tracing::warn!("no thread for a card presentation ({e}): presented on the watcher's");
+            let reader = self.tracks[i].name.clone();
+            let p = present_in(&self.cards, backoff, reader, insertion);
+            self.finish(p);
+        }
+    }
+
+    /// A presentation's outcome: granted only if its card is still in its reader (the same
+    /// insertion), and not revoked meanwhile.
+    fn finish(&mut self, p: Presentation) {
+        let Presentation {
+            reader,
+            insertion,
+            outcome,
+            connection,
+        } = p;
+        let cards = self.cards.clone();
+        let here = self
+            .tracks
+            .iter()
+            .position(|t| t.name == reader && t.present && t.insertion == insertion);
+        let outcome = outcome.and_then(|p| match here {
+            Some(_) => Ok(p),
+            None => Err(Refusal::Left {
                 reader: reader.clone(),
-                source: Box::new(PivError::Transport {
-                    reader: reader.clone(),
-                    step: "connect",
-                    source,
-                }),
+                guid: hex(&p.guid),
+                patient: p.patient,
             }),
-        };
+        });
         // A card revoked while it was presented (the revoke read no session yet): refused.
         let granting = cards.granting();
         let outcome = outcome.and_then(|p| match cards.catalog.card(&p.guid) {
@@ -766,7 +883,7 @@ impl Watcher {
                     &format!("{source}, reader {reader:?}"),
                 );
                 cards.registry.grant(&p.patient, ttl, &source);
-                if ttl.is_none() {
+                if let (None, Some(i)) = (ttl, here) {
                     self.tracks[i].granted = Some((p.guid, p.patient.clone()));
                 }
                 WatchEvent::Granted {

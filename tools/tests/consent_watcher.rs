@@ -15,10 +15,13 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const READER: &str = "Virtual PCD 00 00";
 const PORT: u16 = 35963;
+/// vpcd's second slot.
+const SECOND_READER: &str = "Virtual PCD 00 01";
+const SECOND_PORT: u16 = 35964;
 const WAIT: Duration = Duration::from_secs(20);
 
 struct Rig {
@@ -364,6 +367,15 @@ fn run(dir: &Path) -> Result<()> {
     ensure!(rig.remove(vc)?.as_deref() == Some("P0002"));
     rig.refused(&pin_card, "no-pin")?; // the PIN was used up
 
+    // (For step 10: P0003's card.)
+    catalog.add_patient("P0003")?;
+    let p3_state = dir.join("p3.state");
+    let p3 = ["--state", s(&p3_state)];
+    let vc = rig.insert(&p3)?;
+    rig.expect_refused("unknown-card")?;
+    rig.call(json!({"cmd": "card-enroll", "patient": "P0003", "reader": READER}))?;
+    ensure!(rig.remove(vc)?.is_none());
+
     // The audit log holds every step with its reason, and no PIN.
     let log = catalog.audit_log()?;
     let text: Vec<String> = log
@@ -400,5 +412,83 @@ fn run(dir: &Path) -> Result<()> {
     let refusals = log.iter().filter(|e| e.event == "card-refused").count();
     ensure!(refusals >= 12, "{refusals} refusals audited:\n{joined}");
     drop(watcher);
+
+    // 10. Every reader watched (no filter): a card that answers slowly in one reader holds
+    //     nothing up in the other. P0003's card is granted in reader 00 00, a slow unenrolled
+    //     card goes into 00 01, and P0003's card is pulled while the slow one is still being
+    //     presented: the removal ends P0003's consent at once, not after the slow card.
+    let (tx, events) = std::sync::mpsc::channel();
+    let tx = Mutex::new(tx);
+    let both = watcher::start(
+        cards.clone(),
+        WatcherConfig {
+            mode: ConsentMode::UntilRemoved,
+            reader: None,
+            on_event: Some(Arc::new(move |ev: &WatchEvent| {
+                let _ = tx.lock().unwrap().send(ev.clone());
+            })),
+            ..WatcherConfig::default()
+        },
+    )?;
+    rig.events = events;
+    let vc = rig.insert(&p3)?;
+    rig.expect_granted("P0003")?;
+    let presented = |c: &Catalog| -> Result<usize> {
+        Ok(c.audit_log()?
+            .iter()
+            .filter(|e| e.event == "card-presented" && e.detail.contains(SECOND_READER))
+            .count())
+    };
+    let slow = Vcard::start(
+        Path::new(env!("CARGO_BIN_EXE_qgenome-vcard")),
+        &[
+            "--port",
+            &SECOND_PORT.to_string(),
+            "--state",
+            s(&dir.join("slow.state")),
+            "--delay-ms",
+            "4000",
+        ],
+        &dir.join("vcard-slow.log"),
+    )?;
+    let deadline = Instant::now() + WAIT;
+    while presented(&catalog)? == 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the slow card in {SECOND_READER:?} was never presented"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let pulled = Instant::now();
+    ensure!(
+        rig.remove(vc)?.as_deref() == Some("P0003"),
+        "removal ended no session"
+    );
+    ensure!(!registry.is_active("P0003"), "consent outlived the card");
+    ensure!(
+        pulled.elapsed() < Duration::from_secs(2),
+        "the removal waited {:?} (behind the slow card's presentation)",
+        pulled.elapsed()
+    );
+    // The slow card is refused in its turn: unenrolled, or gone before it answered.
+    drop(slow);
+    loop {
+        match rig.next("the slow card's refusal")? {
+            WatchEvent::Refused { reader, code, .. } if reader == SECOND_READER => {
+                ensure!(
+                    ["unknown-card", "card-error"].contains(&code),
+                    "slow card refused as {code}"
+                );
+                break;
+            }
+            WatchEvent::Removed { reader, ended } if reader == SECOND_READER => {
+                ensure!(ended.is_none(), "the slow card's removal ended {ended:?}");
+            }
+            other => bail!("expected the slow card's refusal, got {}", describe(&other)),
+        }
+    }
+    ensure!(!registry.is_active("P0003"));
+    drop(both);
     Ok(())
 }
