@@ -73,13 +73,18 @@ impl Rig {
 
     /// An engine over the rig's sites with a fresh catalog named `name`.
     fn engine(&self, name: &str) -> Arc<Engine> {
-        let catalog = Arc::new(Catalog::open(&self.dir.path().join(name)).unwrap());
-        let consent = ConsentRegistry::new(catalog.clone());
         let sites = self
             .sites
             .iter()
             .map(|s| s.clone() as Arc<dyn ShareSite>)
             .collect();
+        self.engine_over(name, sites)
+    }
+
+    /// An engine over `sites` (the rig's, some maybe wrapped) with a fresh catalog `name`.
+    fn engine_over(&self, name: &str, sites: Vec<Arc<dyn ShareSite>>) -> Arc<Engine> {
+        let catalog = Arc::new(Catalog::open(&self.dir.path().join(name)).unwrap());
+        let consent = ConsentRegistry::new(catalog.clone());
         let cfg = EngineConfig {
             k: 2,
             n: 3,
@@ -207,7 +212,11 @@ fn a_lost_catalog_is_rebuilt_from_the_sites_and_every_file_reads_back() {
     let deadline = Instant::now() + Duration::from_secs(30);
     while rig.sites.iter().any(|s| {
         let mut n = 0;
-        qgenome::sites::list_all(s.as_ref(), |k, _| n += usize::from(k.file == e_id)).unwrap();
+        qgenome::sites::list_all(s.as_ref(), |k, _| {
+            n += usize::from(k.file == e_id);
+            Ok(())
+        })
+        .unwrap();
         n < 3
     }) {
         assert!(
@@ -554,6 +563,156 @@ fn one_hostile_site_cannot_hide_a_file_from_a_rebuild_or_make_it_unreadable() {
     assert_eq!(restored_names(&report), ["P1/h.cram"], "{report:?}");
     b.consent.grant("P1", Some(Duration::from_secs(60)), "test");
     assert_eq!(read_all(&b, "P1", "h.cram").unwrap(), data);
+}
+
+/// A site (with a valid link key) whose listing never ends: its real shares, then pages of
+/// 4096 made-up keys, each page well formed and with a next page, for ever.
+struct EndlessSite {
+    inner: Arc<LossySite>,
+    /// Every made-up key of one file id (chunks 0, 1, ...), else each of a new file id.
+    one_file: bool,
+    /// What it says of its volume.
+    volume: Option<u64>,
+    /// Made-up pages listed.
+    pages: std::sync::atomic::AtomicU64,
+}
+
+/// The made-up file ids: from here up (past every random one, but for a chance of 2^-96).
+const MADE_UP: u128 = u128::MAX - (1 << 32);
+
+impl EndlessSite {
+    fn made_up(&self, after: Option<ShareKey>) -> SharePage {
+        let pages = self.pages.fetch_add(1, Ordering::SeqCst);
+        // Past every bound the rebuild should have stopped at (a site of ~130 000 shares of
+        // one file, or of 1000 in all): a rebuild still listing would run until memory ends.
+        assert!(
+            pages < 64,
+            "{pages} made-up pages listed: the rebuild never stops"
+        );
+        let after = after.filter(|a| u128::from_be_bytes(a.file) >= MADE_UP);
+        let meta = ShareMeta {
+            k: 2,
+            n: 3,
+            secret_len: 1,
+        };
+        let keys: Vec<(ShareKey, ShareMeta)> = (0..4096u64)
+            .map(|i| {
+                let key = if self.one_file {
+                    ShareKey {
+                        file: MADE_UP.to_be_bytes(),
+                        chunk: after.map_or(0, |a| a.chunk + 1) + i,
+                        share: 1,
+                    }
+                } else {
+                    let first = after.map_or(MADE_UP, |a| u128::from_be_bytes(a.file) + 1);
+                    ShareKey {
+                        file: (first + u128::from(i)).to_be_bytes(),
+                        chunk: 0,
+                        share: 1,
+                    }
+                };
+                (key, meta)
+            })
+            .collect();
+        let next = keys.last().map(|(k, _)| *k);
+        (keys, next)
+    }
+}
+
+impl ShareSite for EndlessSite {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn put(&self, key: &ShareKey, meta: &ShareMeta, data: &[u8]) -> Result<(), SiteError> {
+        self.inner.put(key, meta, data)
+    }
+    fn get(&self, key: &ShareKey) -> Result<Vec<u8>, SiteError> {
+        self.inner.get(key)
+    }
+    fn delete(&self, key: &ShareKey) -> Result<(), SiteError> {
+        self.inner.delete(key)
+    }
+    fn list_shares(&self, after: Option<ShareKey>) -> Result<SharePage, SiteError> {
+        if after.is_some_and(|a| u128::from_be_bytes(a.file) >= MADE_UP) {
+            return Ok(self.made_up(after));
+        }
+        let (page, next) = self.inner.list_shares(after)?;
+        match (next, page.last()) {
+            (Some(_), _) => Ok((page, next)),
+            (None, Some((last, _))) => {
+                let last = *last;
+                Ok((page, Some(last)))
+            }
+            (None, None) => Ok(self.made_up(None)),
+        }
+    }
+    fn space(&self) -> Option<(u64, u64)> {
+        self.volume.map(|v| (v, 0))
+    }
+}
+
+/// One site that lists for ever (made-up keys, every page well formed) cannot run a rebuild
+/// out of memory: its listing is cut at what it could hold (one version's worth of one file
+/// id; its volume's worth in all), the site reported with the reason, none of its entries
+/// kept, and the files rebuilt from the k honest sites.
+#[test]
+fn a_site_that_lists_for_ever_is_cut_off_and_the_others_still_rebuild() {
+    let rig = Rig::new();
+    let a = rig.engine("catalog-a");
+    a.catalog.add_patient("P1").unwrap();
+    let data = random(CHUNK * 2 + 9);
+    write(&a, "P1", "e.cram", &data);
+    for (case, one_file, volume, reason) in [
+        (
+            "one-file",
+            true,
+            None,
+            format!(
+                "lists more than 130561 shares of file {}",
+                hex(&MADE_UP.to_be_bytes())
+            ),
+        ),
+        (
+            "new-files",
+            false,
+            Some(1000 * 1024),
+            "lists more than 1000 shares, more than its volume of 1024000 bytes can hold".into(),
+        ),
+    ] {
+        let endless = Arc::new(EndlessSite {
+            inner: rig.sites[1].clone(),
+            one_file,
+            volume,
+            pages: Default::default(),
+        });
+        let mut sites: Vec<Arc<dyn ShareSite>> = Vec::new();
+        for (i, s) in rig.sites.iter().enumerate() {
+            sites.push(match i {
+                1 => endless.clone(),
+                _ => s.clone(),
+            });
+        }
+        let b = rig.engine_over(&format!("catalog-{case}"), sites);
+        let report = b.rebuild_catalog().unwrap();
+        // (Not the whole report: its made-up versions, if kept, list 100 000s of keys.)
+        let sites = &report.unreachable_sites;
+        assert_eq!(sites.len(), 1, "{case}: {sites:?}");
+        assert!(
+            sites[0].starts_with("site1:") && sites[0].contains(&reason),
+            "{case}: {sites:?}"
+        );
+        assert_eq!(restored_names(&report), ["P1/e.cram"], "{case}");
+        // None of its entries kept: no made-up version reported, no location at site 1.
+        let (uncommitted, unreadable) = (report.uncommitted.len(), report.unreadable.len());
+        assert_eq!((uncommitted, unreadable), (0, 0), "{case}: orphans kept");
+        let rec = b.catalog.file("P1", "e.cram").unwrap().unwrap();
+        for c in b.catalog.chunks(&rec.id).unwrap() {
+            let at: Vec<&str> = c.shares.iter().map(|s| s.site.as_str()).collect();
+            assert_eq!(at, ["site0", "site2"], "{case}");
+        }
+        b.consent.grant("P1", Some(Duration::from_secs(60)), "test");
+        assert_eq!(read_all(&b, "P1", "e.cram").unwrap(), data, "{case}");
+    }
 }
 
 /// A rebuild marks its catalog while it runs (the mark is there when the sites are listed)

@@ -36,7 +36,8 @@ pub enum CardCommand {
     Enroll {
         #[arg(long)]
         patient: String,
-        /// Reader name (or part of it); default: the only reader holding a card.
+        /// Reader name (or a part of it no other reader's name has); default: the only
+        /// reader holding a card.
         #[arg(long)]
         reader: Option<String>,
         #[arg(long, value_enum, default_value = "9e")]

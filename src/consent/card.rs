@@ -37,6 +37,33 @@ fn is_service_gone(e: pcsc::Error) -> bool {
     )
 }
 
+/// Which of the readers `present` `wanted` names: the one named exactly so, else the only one
+/// whose name contains it. Two or more containing it is an error naming them all, not the
+/// first of them: readers of one make differ only at the end ("Virtual PCD 00 00" and "... 01"),
+/// and `card enroll --reader "PCD 00"` bound whichever card was in the first to the patient.
+/// The watcher passes whole names (one reader's name may be contained in another's).
+pub fn choose_reader(wanted: &str, present: Vec<String>) -> Result<String, CardError> {
+    if present.iter().any(|r| r == wanted) {
+        return Ok(wanted.to_owned());
+    }
+    let mut matching: Vec<String> = present
+        .iter()
+        .filter(|r| r.contains(wanted))
+        .cloned()
+        .collect();
+    match matching.len() {
+        0 => Err(CardError::NoReader {
+            wanted: wanted.to_owned(),
+            present,
+        }),
+        1 => Ok(matching.remove(0)),
+        _ => Err(CardError::AmbiguousReader {
+            wanted: wanted.to_owned(),
+            matching,
+        }),
+    }
+}
+
 /// A PC/SC client that survives pcscd restarts.
 pub struct PcscClient {
     ctx: Option<pcsc::Context>,
@@ -140,19 +167,9 @@ impl PcscClient {
         }
     }
 
-    /// The reader named `wanted`, else the first whose name contains it (the watcher passes
-    /// whole names: one reader's name may be contained in another's).
+    /// The reader `wanted` names among those present: see [`choose_reader`].
     pub fn find_reader(&mut self, wanted: &str) -> Result<String, CardError> {
-        let present = self.readers()?;
-        present
-            .iter()
-            .find(|r| *r == wanted)
-            .or_else(|| present.iter().find(|r| r.contains(wanted)))
-            .cloned()
-            .ok_or_else(|| CardError::NoReader {
-                wanted: wanted.to_owned(),
-                present,
-            })
+        choose_reader(wanted, self.readers()?)
     }
 
     /// Waits until a card is present in `reader` (exact name), up to `timeout`.
@@ -222,7 +239,8 @@ impl PcscClient {
         }
     }
 
-    /// Connects (shared mode, T=0 or T=1) to the card in the first reader containing `wanted`.
+    /// Connects (shared mode, T=0 or T=1) to the card in the reader `wanted` names (see
+    /// [`choose_reader`]).
     pub fn connect(&mut self, wanted: &str) -> Result<PcscCard, CardError> {
         let reader = self.find_reader(wanted)?;
         let name = CString::new(reader.clone()).expect("reader names have no NUL");
@@ -292,5 +310,55 @@ impl CardTransport for PcscCard {
 
     fn reader(&self) -> &str {
         &self.reader
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Part of a name that two readers share is refused, naming both and asking for the whole
+    /// name, instead of taking the first (and binding whatever card is in it to the patient).
+    #[test]
+    fn a_reader_named_by_part_must_be_the_only_one_matching() {
+        let two = names(&["Virtual PCD 00 00", "Virtual PCD 00 01"]);
+        let e = choose_reader("PCD 00", two.clone()).expect_err("two readers match");
+        match &e {
+            CardError::AmbiguousReader { wanted, matching } => {
+                assert_eq!(wanted, "PCD 00");
+                assert_eq!(matching, &two);
+            }
+            other => panic!("{other:?}"),
+        }
+        let said = e.to_string();
+        for part in [
+            "\"PCD 00\"",
+            "Virtual PCD 00 00",
+            "Virtual PCD 00 01",
+            "whole name",
+        ] {
+            assert!(said.contains(part), "{said}");
+        }
+
+        // The whole name, or a part only one reader has, still chooses it.
+        assert_eq!(
+            choose_reader("Virtual PCD 00 01", two.clone()).unwrap(),
+            two[1]
+        );
+        assert_eq!(choose_reader("00 01", two.clone()).unwrap(), two[1]);
+        // An exact name wins over another reader whose name contains it.
+        let nested = names(&["Reader 1 extra", "Reader 1"]);
+        assert_eq!(choose_reader("Reader 1", nested).unwrap(), "Reader 1");
+        // None matching: every reader present named.
+        match choose_reader("Yubico", two.clone()) {
+            Err(CardError::NoReader { wanted, present }) => {
+                assert_eq!((wanted.as_str(), present), ("Yubico", two));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -77,8 +77,9 @@ impl From<crate::catalog::CatalogError> for EnrollError {
 
 /// Where the control handler finds cards.
 pub trait CardReaders: Send + Sync {
-    /// The card in the first reader whose name contains `reader`, or without a name the card
-    /// in the only reader that holds one.
+    /// The card in the reader named `reader`, else in the only reader whose name contains it
+    /// (several: an error naming them), or without a name the card in the only reader that
+    /// holds one.
     fn connect(&self, reader: Option<&str>) -> Result<Box<dyn CardTransport>, EnrollError>;
 }
 

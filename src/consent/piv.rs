@@ -33,6 +33,15 @@ pub enum CardError {
         wanted: String,
         present: Vec<String>,
     },
+    #[error(
+        "{count} readers' names contain {wanted:?} ({matching:?}): give the whole name of \
+         the reader to use",
+        count = matching.len()
+    )]
+    AmbiguousReader {
+        wanted: String,
+        matching: Vec<String>,
+    },
     #[error("no card in reader {reader:?}")]
     NoCard { reader: String },
     #[error("card removed from reader {reader:?}")]
@@ -597,9 +606,18 @@ impl<T: CardTransport> PivCard<T> {
         let witness = tmpl
             .child(Tag::from_const(0x80))
             .map_err(|e| self.malformed(STEP, e))?;
-        let plain = key
-            .crypt_block(witness.value, false)
-            .ok_or_else(|| self.status_err(STEP, Status::WrongLength))?;
+        // A witness not one cipher block long is the card's answer at fault (it said 9000),
+        // not a status word: named as such.
+        let plain = key.crypt_block(witness.value, false).ok_or_else(|| {
+            self.malformed(
+                STEP,
+                TlvError::WrongLength {
+                    tag: witness.tag,
+                    len: witness.value.len(),
+                    expected: bl,
+                },
+            )
+        })?;
         let mut challenge = Zeroizing::new(vec![0u8; bl]);
         getrandom::getrandom(&mut challenge).map_err(|e| PivError::Random {
             detail: e.to_string(),
@@ -647,8 +665,10 @@ impl<T: CardTransport> PivCard<T> {
         let digest: [u8; 32] = digest.value.try_into().map_err(|_| {
             self.malformed(
                 STEP,
-                TlvError::Missing {
-                    tag: Tag::from_const(0x81),
+                TlvError::WrongLength {
+                    tag: digest.tag,
+                    len: digest.value.len(),
+                    expected: 32,
                 },
             )
         })?;
@@ -749,6 +769,49 @@ mod tests {
         assert_eq!(&rec[..7], &[0x53, 0x25, 0x80, 0x01, 0x01, 0x81, 0x20]);
         assert_eq!(rec.len(), 39);
         assert!(rec[7..].iter().all(|&b| b == 0xAB));
+    }
+
+    /// A digest object whose tag 81 is there but not 32 bytes long says so, naming reader and
+    /// step; before, it was reported as "tag 81 missing".
+    #[test]
+    fn a_digest_of_the_wrong_length_is_named_as_such_not_as_missing() {
+        let answer = [
+            0x53, 0x0A, 0x80, 0x01, 0x01, 0x81, 0x05, 1, 2, 3, 4, 5, 0x90, 0x00,
+        ];
+        let mut card = PivCard::open(scripted(&[&[0x90, 0x00], &answer])).unwrap();
+        let err = card.read_digest().unwrap_err().to_string();
+        assert!(!err.contains("missing"), "{err}");
+        for part in [
+            "scripted",
+            "read patient digest",
+            "tag 81 holds 5 byte(s), not 32",
+        ] {
+            assert!(err.contains(part), "{err}");
+        }
+    }
+
+    /// A management-key witness (tag 80) that is not one cipher block, in an answer the card
+    /// ended with 9000, is a malformed answer, named as such; before, it was reported as
+    /// "card answered 6700 (wrong length)", a status the card never sent.
+    #[test]
+    fn a_management_witness_of_the_wrong_length_is_not_reported_as_6700() {
+        let key = ManagementKey::new(Algorithm::Aes192, &ManagementKey::DEFAULT_BYTES).unwrap();
+        let answer = [0x7C, 0x03, 0x80, 0x01, 0xAA, 0x90, 0x00];
+        let mut card = PivCard::open(scripted(&[&[0x90, 0x00], &answer])).unwrap();
+        let err = card.authenticate_management(&key).unwrap_err();
+        assert!(matches!(err, PivError::Malformed { .. }), "{err}");
+        let err = err.to_string();
+        assert!(
+            !err.contains("6700") && !err.contains("wrong length"),
+            "{err}"
+        );
+        for part in [
+            "scripted",
+            "management key authentication",
+            "tag 80 holds 1 byte(s), not 16",
+        ] {
+            assert!(err.contains(part), "{err}");
+        }
     }
 
     #[test]

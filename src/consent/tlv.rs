@@ -118,6 +118,13 @@ pub enum TlvError {
     },
     #[error("tag {tag} missing")]
     Missing { tag: Tag },
+    /// A tag whose value must have one length (a digest, a cipher block) has another.
+    #[error("tag {tag} holds {len} byte(s), not {expected}")]
+    WrongLength {
+        tag: Tag,
+        len: usize,
+        expected: usize,
+    },
     #[error("{extra} trailing byte(s) after the TLV at offset {offset}")]
     Trailing { offset: usize, extra: usize },
 }

@@ -154,10 +154,12 @@ pub fn check_page(
     }
 }
 
-/// Walk a site's whole listing page by page, handing each entry to `each`.
+/// Walk a site's whole listing page by page, handing each entry to `each`, which may stop
+/// the walk with an error: a site that pages for ever, every page well formed, is stopped
+/// only by its caller's bound on what that site could hold (see the catalog rebuild's).
 pub fn list_all(
     site: &dyn ShareSite,
-    mut each: impl FnMut(ShareKey, ShareMeta),
+    mut each: impl FnMut(ShareKey, ShareMeta) -> Result<(), SiteError>,
 ) -> Result<(), SiteError> {
     let mut after = None;
     loop {
@@ -165,7 +167,7 @@ pub fn list_all(
         check_page(site, after, &page)?;
         let (entries, next) = page;
         for (k, m) in entries {
-            each(k, m);
+            each(k, m)?;
         }
         match next {
             Some(n) => after = Some(n),
@@ -380,7 +382,11 @@ mod tests {
         for alternate in [true, false] {
             let site = Round(Default::default(), alternate);
             let mut seen = 0;
-            let e = list_all(&site, |_, _| seen += 1).expect_err("went round");
+            let e = list_all(&site, |_, _| {
+                seen += 1;
+                Ok(())
+            })
+            .expect_err("went round");
             assert!(e.to_string().contains("round"), "{e}");
             assert!(seen <= 2, "{seen} entries taken");
         }
@@ -413,12 +419,13 @@ mod tests {
         list_all(&site, |k, m| {
             assert_eq!(m, meta);
             got.push(k);
+            Ok(())
         })
         .unwrap();
         assert_eq!(got, want);
         site.set_down(true);
         assert!(matches!(
-            list_all(&site, |_, _| {}),
+            list_all(&site, |_, _| Ok(())),
             Err(SiteError::Unreachable { .. })
         ));
     }

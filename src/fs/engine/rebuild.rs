@@ -11,10 +11,28 @@ use crate::catalog::manifest::{self, Manifest, MANIFEST_CHUNK};
 use crate::catalog::merkle::hex;
 use crate::catalog::{CatalogError, FileId, ShareLocation};
 use crate::sharing::k_subsets;
-use crate::sites::{list_all, ShareKey, ShareMeta};
+use crate::sites::{list_all, ShareKey, ShareMeta, SiteError};
 
 /// At most this many manifest shares of one version are tried in combination.
 const MAX_MANIFEST_SHARES: usize = 16;
+
+/// Most entries one site's listing may give one file id: a site holds one share of each
+/// chunk of a version (share i on site i), so at most every chunk a manifest can list, and
+/// the manifest (the bound `shares_of` puts on a version's listing).
+const MAX_LISTED_PER_FILE: u64 = manifest::MAX_CHUNKS + 1;
+
+/// Most entries the rebuild takes from one site's listing, whatever the site says of its
+/// volume. The listing is held in memory (~40 bytes a share), so without a bound one site
+/// that pages for ever, every page well formed (made-up keys, each file id under
+/// [`MAX_LISTED_PER_FILE`]), runs the rebuild out of memory. 2^26 shares is ~2.7 GB here; at
+/// one share per chunk per version it is 64 Mi chunks at a site (64 TiB of genomes at
+/// 1 MiB chunks). A site holding more is refused by name, as one that lies is.
+const MAX_LISTED_PER_SITE: u64 = 1 << 26;
+
+/// Fewest volume bytes one share takes at a site: its extent is a header block and its bytes
+/// (never none) padded to a block, and a block is at least 512 bytes. A site's listing longer
+/// than its volume's size over this lists shares it cannot hold.
+const MIN_SHARE_EXTENT: u64 = 2 * 512;
 
 /// What [`Engine::rebuild_catalog`] found at the sites and put in the catalog.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -252,13 +270,50 @@ impl Engine {
         deleted
     }
 
-    /// Every site's listing, by file id and chunk index.
+    /// Every site's listing, by file id and chunk index. A site whose listing fails, or
+    /// passes what it could hold ([`MAX_LISTED_PER_FILE`] entries of one file id, or
+    /// [`MAX_LISTED_PER_SITE`] or its volume's worth in all), is reported unreachable and
+    /// none of its entries kept: what it listed before is no more to be trusted than the rest.
     fn list_sites(&self, report: &mut RebuildReport) -> Listing {
         let mut listing = Listing::new();
         for (i, site) in self.core.sites.iter().enumerate() {
+            let name = site.name();
+            let too_many = |reason: String| SiteError::Protocol {
+                site: name.to_string(),
+                reason,
+            };
+            // Asked once the site lists something, so that a site down is not waited for twice.
+            let bound = || match site.space() {
+                Some((size, _)) if size / MIN_SHARE_EXTENT < MAX_LISTED_PER_SITE => (
+                    size / MIN_SHARE_EXTENT,
+                    format!("its volume of {size} bytes can hold"),
+                ),
+                _ => (MAX_LISTED_PER_SITE, "a rebuild takes from one site".into()),
+            };
+            let mut most: Option<(u64, String)> = None;
             let mut seen = 0u64;
+            // Keys come in order, so one file id's entries come together: how many so far.
+            let mut run: Option<(FileId, u64)> = None;
             let r = list_all(site.as_ref(), |key, meta| {
                 seen += 1;
+                let (most, holds) = most.get_or_insert_with(bound);
+                if seen > *most {
+                    return Err(too_many(format!(
+                        "lists more than {most} shares, more than {holds}"
+                    )));
+                }
+                match &mut run {
+                    Some((file, n)) if *file == key.file => *n += 1,
+                    _ => run = Some((key.file, 1)),
+                }
+                if run.is_some_and(|(_, n)| n > MAX_LISTED_PER_FILE) {
+                    return Err(too_many(format!(
+                        "lists more than {MAX_LISTED_PER_FILE} shares of file {} (a \
+                         manifest and {} chunks at most)",
+                        hex(&key.file),
+                        manifest::MAX_CHUNKS
+                    )));
+                }
                 listing
                     .entry(key.file)
                     .or_default()
@@ -269,14 +324,20 @@ impl Engine {
                         share: key.share,
                         meta,
                     });
+                Ok(())
             });
             match r {
-                Ok(()) => tracing::info!(site = site.name(), shares = seen, "listed"),
+                Ok(()) => tracing::info!(site = name, shares = seen, "listed"),
                 Err(e) => {
-                    tracing::warn!("rebuild: listing {} failed: {e}", site.name());
-                    report
-                        .unreachable_sites
-                        .push(format!("{}: {e}", site.name()));
+                    tracing::warn!("rebuild: listing {name} failed: {e}");
+                    report.unreachable_sites.push(format!("{name}: {e}"));
+                    listing.retain(|_, chunks| {
+                        chunks.retain(|_, found| {
+                            found.retain(|f| f.site != i);
+                            !found.is_empty()
+                        });
+                        !chunks.is_empty()
+                    });
                 }
             }
         }
