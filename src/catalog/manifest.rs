@@ -100,6 +100,35 @@ impl std::fmt::Debug for Manifest {
     }
 }
 
+/// That chunks given as (offset, length, hash) tile `[0, size)` in order, none empty or longer
+/// than `chunk_size`, and that their hashes make `root`: what a manifest or a catalog record
+/// must hold before its chunks are used. The reason, if not.
+pub fn check_chunks(
+    chunks: impl Iterator<Item = (u64, u32, Hash)>,
+    chunk_size: u32,
+    size: u64,
+    root: &Hash,
+) -> Result<(), String> {
+    let mut end = 0u64;
+    let mut leaves = Vec::new();
+    for (i, (offset, len, hash)) in chunks.enumerate() {
+        if offset != end || len == 0 || len > chunk_size {
+            return Err(format!(
+                "chunk {i} at offset {offset} with {len} bytes does not follow the previous chunk (end {end}, chunk size {chunk_size})"
+            ));
+        }
+        end += u64::from(len);
+        leaves.push(hash);
+    }
+    if end != size {
+        return Err(format!("chunks cover {end} bytes, size says {size}"));
+    }
+    if merkle::root(&leaves) != *root {
+        return Err("Merkle root does not match the chunk hashes".into());
+    }
+    Ok(())
+}
+
 impl Manifest {
     /// The manifest of a version with its chunk records (in index order) and Merkle root.
     pub fn new(rec: &FileRecord, root: Hash, chunks: &[ChunkRecord], seq: u64) -> Self {
@@ -186,27 +215,13 @@ impl Manifest {
         }
         super::validate_patient(&self.patient).map_err(|e| bad(e.to_string()))?;
         super::validate_name(&self.name).map_err(|e| bad(e.to_string()))?;
-        let mut end = 0u64;
-        for (i, c) in self.chunks.iter().enumerate() {
-            if c.offset != end || c.len == 0 || c.len > self.chunk_size {
-                return Err(bad(format!(
-                    "chunk {i} at offset {} with {} bytes does not follow the previous chunk (end {end}, chunk size {})",
-                    c.offset, c.len, self.chunk_size
-                )));
-            }
-            end += u64::from(c.len);
-        }
-        if end != self.size {
-            return Err(bad(format!(
-                "chunks cover {end} bytes, size says {}",
-                self.size
-            )));
-        }
-        let leaves: Vec<Hash> = self.chunks.iter().map(|c| c.hash).collect();
-        if merkle::root(&leaves) != self.root {
-            return Err(bad("Merkle root does not match the chunk hashes".into()));
-        }
-        Ok(())
+        check_chunks(
+            self.chunks.iter().map(|c| (c.offset, c.len, c.hash)),
+            self.chunk_size,
+            self.size,
+            &self.root,
+        )
+        .map_err(bad)
     }
 
     /// The committed catalog record this manifest describes.

@@ -459,8 +459,9 @@ impl Catalog {
         prefix.push(0);
         let mut out = Vec::new();
         for item in self.names.scan_prefix(&prefix) {
-            let (_, id) = item.map_err(|e| self.db_err(e))?;
-            if let Some(rec) = self.file_by_id(&to_id(&id))? {
+            let (key, id) = item.map_err(|e| self.db_err(e))?;
+            let name = String::from_utf8_lossy(&key[prefix.len()..]);
+            if let Some(rec) = self.named(patient, &name, &to_id(&id))? {
                 out.push(rec);
             }
         }
@@ -474,9 +475,31 @@ impl Catalog {
             .get(name_key(patient, name))
             .map_err(|e| self.db_err(e))?
         {
-            Some(id) => self.file_by_id(&to_id(&id)),
+            Some(id) => self.named(patient, name, &to_id(&id)),
             None => Ok(None),
         }
+    }
+
+    /// The version `patient/name` points at, which must record that name: a record under
+    /// another name (names swapped in the catalog's files) would serve one file's bytes, each
+    /// chunk matching its hash, as another's.
+    fn named(&self, patient: &str, name: &str, id: &FileId) -> Result<Option<FileRecord>> {
+        let Some(rec) = self.file_by_id(id)? else {
+            return Ok(None);
+        };
+        if (rec.patient.as_str(), rec.name.as_str()) != (patient, name) {
+            return Err(CatalogError::Corrupt {
+                path: self.path.clone(),
+                key: format!("{patient}/{name}"),
+                reason: format!(
+                    "the name points at version {} recorded as {}/{} (catalog altered?)",
+                    merkle::hex(id),
+                    rec.patient,
+                    rec.name
+                ),
+            });
+        }
+        Ok(Some(rec))
     }
 
     pub fn file_by_id(&self, id: &FileId) -> Result<Option<FileRecord>> {
@@ -1000,6 +1023,36 @@ mod tests {
         );
         assert!(c.patients().unwrap().is_empty());
         assert!(c.file("P0001", "a.cram").unwrap().is_none());
+    }
+
+    /// Two names swapped in the catalog's files (each name now at the other's version): both
+    /// versions are intact and each chunk matches its hash, and the card's digest, built from
+    /// the records, does not change. Looking either name up is an error naming it.
+    #[test]
+    fn a_name_pointing_at_a_version_recorded_under_another_is_refused() {
+        let (_d, c) = cat();
+        c.add_patient("P0001").unwrap();
+        for (name, fill) in [("tumor.cram", 1u8), ("normal.cram", 2)] {
+            let v = c.begin("P0001", name, 1 << 20, 2, 3, 0o644).unwrap();
+            c.commit(&v.id, 0, [fill; 32]).unwrap();
+        }
+        let (t, n) = (
+            name_key("P0001", "tumor.cram"),
+            name_key("P0001", "normal.cram"),
+        );
+        let (ti, ni) = (
+            c.names.get(&t).unwrap().unwrap(),
+            c.names.get(&n).unwrap().unwrap(),
+        );
+        c.names.insert(&t, ni).unwrap();
+        c.names.insert(&n, ti).unwrap();
+        let err = c.file("P0001", "tumor.cram").unwrap_err().to_string();
+        assert!(
+            err.contains("P0001/tumor.cram") && err.contains("recorded as P0001/normal.cram"),
+            "{err}"
+        );
+        let err = c.files_of("P0001").unwrap_err().to_string();
+        assert!(err.contains("catalog altered"), "{err}");
     }
 
     /// Patient ids, names, chunk hashes and the audit log are for the mount's user alone,

@@ -218,6 +218,12 @@ pub enum EngineError {
     },
     #[error("catalog {path}: not empty; a rebuild only fills an empty catalog")]
     CatalogNotEmpty { path: String },
+    #[error("{file}: written with (k,n) = {written:?}, and the configuration's `scheme` is now {configured:?}: its manifest is not rewritten under another scheme (set `scheme` back to rewrite it)")]
+    OtherScheme {
+        file: String,
+        written: (u8, u8),
+        configured: (usize, usize),
+    },
     #[error("{from} -> {to}: a file cannot move to another patient (reading it there would need only that patient's consent); copy it, which needs its own patient's consent")]
     CrossPatient { from: String, to: String },
 }
@@ -274,7 +280,10 @@ impl Stats {
 
 /// What the upload workers and readers share.
 struct Core {
-    scheme: Scheme,
+    /// The configured scheme: every new version is split with it.
+    scheme: Arc<Scheme>,
+    /// Schemes of versions written under another configured `scheme`, built as they are read.
+    other_schemes: Mutex<HashMap<(u8, u8), Arc<Scheme>>>,
     sites: Vec<Arc<dyn ShareSite>>,
     by_name: HashMap<String, Arc<dyn ShareSite>>,
     stats: Stats,
@@ -488,7 +497,7 @@ impl Engine {
         sites: Vec<Arc<dyn ShareSite>>,
         cfg: EngineConfig,
     ) -> Result<Arc<Self>, EngineError> {
-        let scheme = Scheme::new(cfg.k, cfg.n)?;
+        let scheme = Arc::new(Scheme::new(cfg.k, cfg.n)?);
         let seq = catalog.manifest_seq()?;
         if sites.len() != cfg.n {
             return Err(EngineError::Sharing(SharingError::ShareCount {
@@ -503,6 +512,7 @@ impl Engine {
         let space_asking = sites.iter().map(|_| Default::default()).collect();
         let core = Arc::new(Core {
             scheme,
+            other_schemes: Mutex::default(),
             sites,
             by_name,
             stats: Stats::default(),
@@ -653,13 +663,31 @@ impl Engine {
     /// size, which are not the committed version's (its root does not cover them) and, being
     /// recorded as their uploads complete, may leave gaps, after which a chunk's place in the
     /// list is no longer its index.
+    ///
+    /// The list must tile the committed size and make the version's Merkle root: each chunk is
+    /// checked against its own hash only when read, and a hash says nothing of where its chunk
+    /// lies, so an offset moved in the catalog's files would otherwise serve shifted bytes.
     pub fn committed_chunks(&self, rec: &FileRecord) -> Result<Vec<ChunkRecord>, EngineError> {
         let mut chunks = self.catalog.chunks(&rec.id)?;
         let committed = chunks
             .iter()
-            .take_while(|c| c.offset + u64::from(c.len) <= rec.size)
+            .take_while(|c| c.offset.saturating_add(u64::from(c.len)) <= rec.size)
             .count();
         chunks.truncate(committed);
+        match &rec.root {
+            Some(root) => manifest::check_chunks(
+                chunks.iter().map(|c| (c.offset, c.len, c.hash)),
+                rec.chunk_size,
+                rec.size,
+                root,
+            ),
+            None => Err("no Merkle root recorded".into()),
+        }
+        .map_err(|reason| CatalogError::Corrupt {
+            path: self.catalog.path().to_owned(),
+            key: label(rec),
+            reason: format!("its chunk list: {reason} (catalog altered?)"),
+        })?;
         Ok(chunks)
     }
 
@@ -1078,6 +1106,15 @@ impl Engine {
             let (FileState::Committed, Some(root)) = (rec.state, rec.root) else {
                 return Ok(None);
             };
+            let configured = (self.core.scheme.k(), self.core.scheme.n());
+            if (usize::from(rec.k), usize::from(rec.n)) != configured {
+                // Its manifest is shared under its own (k,n), over the sites it was placed on.
+                return Err(EngineError::OtherScheme {
+                    file: label(&rec),
+                    written: (rec.k, rec.n),
+                    configured,
+                });
+            }
             // A manifest with chunks past the committed size fails its check in a rebuild.
             let chunks = self.committed_chunks(&rec)?;
             self.put_manifest(&rec, root, &chunks)?;
@@ -1241,6 +1278,24 @@ impl Core {
         Ok(v)
     }
 
+    /// The scheme `rec` was written with. A version keeps the (k,n) it was written under, so
+    /// after `scheme` changes in the configuration (a site added, say), the files written
+    /// before are rebuilt with their own: read with the new one, every chunk would fail its
+    /// hash and honest sites would be blamed.
+    fn scheme_of(&self, rec: &FileRecord) -> Result<Arc<Scheme>, EngineError> {
+        let (k, n) = (rec.k, rec.n);
+        if (usize::from(k), usize::from(n)) == (self.scheme.k(), self.scheme.n()) {
+            return Ok(self.scheme.clone());
+        }
+        let mut others = self.other_schemes.lock().expect("other_schemes");
+        if let Some(s) = others.get(&(k, n)) {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(Scheme::new(usize::from(k), usize::from(n))?);
+        others.insert((k, n), s.clone());
+        Ok(s)
+    }
+
     fn fetch(
         &self,
         rec: &FileRecord,
@@ -1264,9 +1319,10 @@ impl Core {
         chunk: &ChunkRecord,
         good: &mut Vec<(usize, Vec<u8>)>,
     ) -> Result<Plain, EngineError> {
-        let k = self.scheme.k();
+        let scheme = self.scheme_of(rec)?;
+        let k = scheme.k();
         let file = label(rec);
-        let share_len = self.scheme.share_len(chunk.len as usize);
+        let share_len = scheme.share_len(chunk.len as usize);
         let home = self.sites[0].name();
         // A share fetched spends the key of its site's replies.
         let key_left = |s: &str| self.by_name.get(s).and_then(|x| x.reply_key_remaining());
@@ -1315,16 +1371,16 @@ impl Core {
             tracing::warn!("{file}: chunk {index}: routed around a failed share: {f}");
         }
         let mut out = Plain::pooled(&self.read_bufs, chunk.len as usize);
-        let rebuild =
-            |subset: &[&(usize, Vec<u8>)], out: &mut Plain| -> Result<bool, EngineError> {
-                let given: Vec<(usize, &[u8])> =
-                    subset.iter().map(|(i, d)| (*i, d.as_slice())).collect();
-                // Hashed tile by tile as it is rebuilt, while each tile is in cache.
-                let mut hash = merkle::ChunkHasher::new();
-                self.scheme
-                    .combine_observed(&given, chunk.len as usize, out, &mut |t| hash.update(t))?;
-                Ok(hash.finish() == chunk.hash)
-            };
+        let rebuild = |subset: &[&(usize, Vec<u8>)],
+                       out: &mut Plain|
+         -> Result<bool, EngineError> {
+            let given: Vec<(usize, &[u8])> =
+                subset.iter().map(|(i, d)| (*i, d.as_slice())).collect();
+            // Hashed tile by tile as it is rebuilt, while each tile is in cache.
+            let mut hash = merkle::ChunkHasher::new();
+            scheme.combine_observed(&given, chunk.len as usize, out, &mut |t| hash.update(t))?;
+            Ok(hash.finish() == chunk.hash)
+        };
         if good.len() >= k && rebuild(&good.iter().take(k).collect::<Vec<_>>(), &mut out)? {
             self.stats.chunks_read.fetch_add(1, Ordering::Relaxed);
             return Ok(out);
@@ -1342,11 +1398,27 @@ impl Core {
                 let pick: Vec<&(usize, Vec<u8>)> = subset.iter().map(|&i| &good[i]).collect();
                 if rebuild(&pick, &mut out)? {
                     let used: Vec<usize> = pick.iter().map(|p| p.0).collect();
-                    let suspects: Vec<usize> = good
-                        .iter()
-                        .map(|g| g.0)
-                        .filter(|s| !used.contains(s))
-                        .collect();
+                    // A share left out is to blame only if it spoils a rebuild with k-1 of the
+                    // shares known good (with n-k >= 2, some left out were never tried).
+                    let mut scratch = Plain::pooled(&self.read_bufs, chunk.len as usize);
+                    let mut suspects = Vec::new();
+                    for other in good.iter().filter(|g| !used.contains(&g.0)) {
+                        let mut trial = pick[..k - 1].to_vec();
+                        trial.push(other);
+                        if !rebuild(&trial, &mut scratch)? {
+                            suspects.push(other.0);
+                        }
+                    }
+                    drop(scratch);
+                    {
+                        // Asked last for the next chunks, as a site whose GET failed.
+                        let mut failed_at = self.failed_at.lock().expect("failed_at");
+                        for l in chunk.shares.iter() {
+                            if suspects.contains(&usize::from(l.share)) {
+                                failed_at.insert(l.site.clone(), Instant::now());
+                            }
+                        }
+                    }
                     self.stats
                         .share_failures
                         .fetch_add(suspects.len() as u64, Ordering::Relaxed);
