@@ -159,3 +159,47 @@ fn shares_round_trip_over_sealed_tcp_and_unix_on_a_loop_device() {
     exercise(&site, &mut d);
     drop(d);
 }
+
+/// The length of the all-zero prefix of the key in pool file `path` (after its 4 KiB header),
+/// in whole 4 KiB blocks; every block after it must be key (not all zeros).
+fn destroyed_prefix(path: &std::path::Path) -> u64 {
+    let bytes = std::fs::read(path).unwrap();
+    let key = &bytes[4096..];
+    let zero = |b: &[u8]| b.iter().all(|&x| x == 0);
+    let prefix = key.chunks(4096).take_while(|b| zero(b)).count();
+    assert!(
+        key.chunks(4096).skip(prefix).all(|b| !zero(b)),
+        "{}: destroyed key past the used prefix",
+        path.display()
+    );
+    (prefix * 4096) as u64
+}
+
+/// A flushed link (what a mount or a catalog rebuild does before it exits) leaves none of the
+/// key its frames used on the client's disk: the destroyer holds a used range short of a
+/// 2 MiB boundary back for a while to punch it with the next, and an exit cut that short.
+#[test]
+fn a_flushed_link_leaves_none_of_the_key_it_used_on_disk() {
+    let site = Site::new(
+        "s1",
+        Vol::File(64 << 20),
+        &["home-x"],
+        &["home-x"],
+        16 << 20,
+    );
+    let _d = site.start();
+    let tcp = MountdSite::tcp(&site.name, &_d.tcp, &site.client_keys("home-x")).unwrap();
+    let k = key(9, 0);
+    let share = share_bytes(3, &k, 300_001);
+    tcp.put(&k, &META, &share).unwrap();
+    assert_eq!(tcp.get(&k).unwrap(), share);
+    tcp.flush_link().unwrap();
+    let dir = site.keys.path().join("client");
+    let sent = destroyed_prefix(&dir.join("home-x.a2b.pool"));
+    assert!(sent >= 300_001, "{sent} bytes of send key destroyed");
+    let answered = destroyed_prefix(&dir.join("home-x.b2a.pool"));
+    assert!(
+        answered >= 300_001,
+        "{answered} bytes of reply key destroyed"
+    );
+}

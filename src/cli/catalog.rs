@@ -107,6 +107,8 @@ pub fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    // The key the listings and deletions used, destroyed before this process exits.
+    let unflushed = engine.flush_links();
     if args.json {
         let mut v = serde_json::to_value(&report)?;
         v["catalog"] = target.display().to_string().into();
@@ -114,6 +116,12 @@ pub fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print_report(&report, &target, deleted);
+    }
+    if !unflushed.is_empty() {
+        bail!(
+            "the destruction of used link key did not complete: {}",
+            unflushed.join("; ")
+        );
     }
     if !complete {
         let sites: Vec<&str> = report

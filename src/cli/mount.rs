@@ -90,8 +90,10 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
             // files: a mount detached while busy (`umount -l`) keeps its connection, and
             // mappings made under a consent would go on serving them.
             mounted.engine.consent.close();
-            // Its audit entries kept (best effort: the catalog's disk may be what failed).
+            // Its audit entries kept (best effort: the catalog's disk may be what failed), and
+            // the link key used so far destroyed (failures are logged).
             let _ = mounted.engine.catalog.flush();
+            mounted.engine.flush_links();
             // Not unmounted on the way out: the path may hold another mount now, and a
             // detached one may still be held open. Exiting closes the FUSE connection, which
             // the kernel then aborts; every commit point already flushed the catalog.

@@ -889,6 +889,19 @@ impl Engine {
         done.notify_all();
     }
 
+    /// Completes and syncs the destruction of the link key every site's link used (before
+    /// the process exits); the sites whose link could not, with why.
+    pub fn flush_links(&self) -> Vec<String> {
+        let mut failed = Vec::new();
+        for site in &self.core.sites {
+            if let Err(e) = site.flush_link() {
+                tracing::error!("site {}: used link key may stay on disk: {e}", site.name());
+                failed.push(format!("{}: {e}", site.name()));
+            }
+        }
+        failed
+    }
+
     /// Wait until the shares of every version retired so far are deleted (or failed to be,
     /// and stay for the next mount), or until `limit` has passed; true if none is left.
     pub fn wait_discards(&self, limit: Duration) -> bool {

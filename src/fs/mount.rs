@@ -201,6 +201,13 @@ impl Mounted {
             );
         }
         self.engine.catalog.flush()?;
+        let failed = self.engine.flush_links();
+        if !failed.is_empty() {
+            anyhow::bail!(
+                "unmounted, but the destruction of used link key did not complete: {}",
+                failed.join("; ")
+            );
+        }
         Ok(())
     }
 }

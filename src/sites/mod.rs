@@ -119,6 +119,12 @@ pub trait ShareSite: Send + Sync {
     fn space(&self) -> Option<(u64, u64)> {
         None
     }
+    /// Completes the destruction of the link key used so far and makes it durable: a process
+    /// about to exit calls it, or that key stays readable on disk until the link's next
+    /// opening (the destroyer holds small used ranges back a while to punch them together).
+    fn flush_link(&self) -> Result<(), SiteError> {
+        Ok(())
+    }
 }
 
 /// A page of a site's share listing: entries, and the key the next page starts after.

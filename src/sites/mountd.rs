@@ -890,6 +890,12 @@ impl ShareSite for MountdSite {
         self.link.as_ref().map(|l| lock(&l.recv).remaining())
     }
 
+    fn flush_link(&self) -> Result<(), SiteError> {
+        let Some(l) = &self.link else { return Ok(()) };
+        lock(&l.send).flush().map_err(|e| self.link_error(e))?;
+        lock(&l.recv).flush().map_err(|e| self.link_error(e))
+    }
+
     fn space(&self) -> Option<(u64, u64)> {
         let st = self.stat().ok()?;
         Some((st.capacity, st.free))
