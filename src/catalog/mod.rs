@@ -470,24 +470,47 @@ impl Catalog {
 
     /// The committed version of `patient/name`.
     pub fn file(&self, patient: &str, name: &str) -> Result<Option<FileRecord>> {
-        match self
-            .names
-            .get(name_key(patient, name))
-            .map_err(|e| self.db_err(e))?
-        {
-            Some(id) => self.named(patient, name, &to_id(&id)),
-            None => Ok(None),
+        // Looked up again if the name moved between its read and its record's (a rename).
+        for _ in 0..4 {
+            let Some(id) = self
+                .names
+                .get(name_key(patient, name))
+                .map_err(|e| self.db_err(e))?
+            else {
+                return Ok(None);
+            };
+            if let Some(rec) = self.named(patient, name, &to_id(&id))? {
+                return Ok(Some(rec));
+            }
         }
+        Ok(None)
     }
 
     /// The version `patient/name` points at, which must record that name: a record under
     /// another name (names swapped in the catalog's files) would serve one file's bytes, each
-    /// chunk matching its hash, as another's.
+    /// chunk matching its hash, as another's. A rename between the two reads (the name and
+    /// the record are read apart; the rename changes both at once) is no such thing: the name
+    /// no longer points at `id`, and is taken as gone.
     fn named(&self, patient: &str, name: &str, id: &FileId) -> Result<Option<FileRecord>> {
         let Some(rec) = self.file_by_id(id)? else {
             return Ok(None);
         };
         if (rec.patient.as_str(), rec.name.as_str()) != (patient, name) {
+            let now = self
+                .names
+                .get(name_key(patient, name))
+                .map_err(|e| self.db_err(e))?;
+            if now.is_none_or(|now| to_id(&now) != *id) {
+                return Ok(None);
+            }
+            // Renamed away and back between the reads: the record says so by now.
+            match self.file_by_id(id)? {
+                Some(again) if (again.patient.as_str(), again.name.as_str()) == (patient, name) => {
+                    return Ok(Some(again))
+                }
+                None => return Ok(None),
+                Some(_) => {}
+            }
             return Err(CatalogError::Corrupt {
                 path: self.path.clone(),
                 key: format!("{patient}/{name}"),
@@ -1053,6 +1076,43 @@ mod tests {
         );
         let err = c.files_of("P0001").unwrap_err().to_string();
         assert!(err.contains("catalog altered"), "{err}");
+    }
+
+    /// A rename between a lookup's two reads (the name's, then its record's) is not taken for
+    /// an altered catalog: looking a name up or listing the folder while it is renamed to and
+    /// fro gives the file or nothing, never an error.
+    #[test]
+    fn lookups_racing_renames_never_read_as_an_altered_catalog() {
+        let (_d, c) = cat();
+        c.add_patient("P0001").unwrap();
+        let v = c.begin("P0001", "a", 1 << 20, 2, 3, 0o644).unwrap();
+        c.commit(&v.id, 0, [1; 32]).unwrap();
+        let c = std::sync::Arc::new(c);
+        let renames = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let renamer = {
+            let (c, renames) = (c.clone(), renames.clone());
+            std::thread::spawn(move || {
+                // Each rename flushes the catalog: tens a second.
+                for _ in 0..60 {
+                    c.rename("P0001", "a", "P0001", "b").unwrap();
+                    c.rename("P0001", "b", "P0001", "a").unwrap();
+                    renames.fetch_add(2, std::sync::atomic::Ordering::SeqCst);
+                }
+            })
+        };
+        let (mut found, mut listed) = (0, 0);
+        while !renamer.is_finished() {
+            for name in ["a", "b"] {
+                if let Some(rec) = c.file("P0001", name).unwrap() {
+                    assert_eq!(rec.name, name);
+                    found += 1;
+                }
+            }
+            listed += c.files_of("P0001").unwrap().len();
+        }
+        renamer.join().unwrap();
+        assert_eq!(renames.load(std::sync::atomic::Ordering::SeqCst), 120);
+        assert!(found > 0 && listed > 0);
     }
 
     /// Patient ids, names, chunk hashes and the audit log are for the mount's user alone,

@@ -134,6 +134,8 @@ pub enum Refusal {
     },
     #[error("card {guid} is not enrolled")]
     Unknown { guid: String },
+    #[error("the card inserted in reader {reader:?} left it before its presentation began")]
+    Gone { reader: String },
     #[error("card {guid} of patient {patient} left reader {reader:?} during its presentation")]
     Left {
         reader: String,
@@ -189,7 +191,7 @@ impl Refusal {
         match self {
             Refusal::Card { .. } => "card-error",
             Refusal::Unknown { .. } => "unknown-card",
-            Refusal::Left { .. } => "left-during-presentation",
+            Refusal::Left { .. } | Refusal::Gone { .. } => "left-during-presentation",
             Refusal::Revoked { .. } => "revoked",
             Refusal::BadEnrolledKey { .. } => "bad-enrolled-key",
             Refusal::NoPin { .. } => "no-pin",
@@ -333,8 +335,27 @@ fn present_in(
     backoff: Backoff,
     reader: String,
     insertion: u64,
+    current: &Current,
 ) -> Presentation {
     let _desk = cards.desk();
+    // Waiting for the desk (a slow card elsewhere, an enrollment), its card may have left and
+    // another come: that one has a presentation of its own, and talking to it here would take
+    // its patient's PIN and leave that presentation without one.
+    let here = current
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&reader)
+        == Some(&insertion);
+    if !here {
+        return Presentation {
+            outcome: Err(Refusal::Gone {
+                reader: reader.clone(),
+            }),
+            reader,
+            insertion,
+            connection: None,
+        };
+    }
     // The connection outlives the grant: disconnecting is a pcscd round trip that must not
     // sit between the card's answer and the waking reader.
     let mut connection = None;
@@ -480,6 +501,7 @@ pub fn start(cards: Arc<CardConsent>, cfg: WatcherConfig) -> std::io::Result<Wat
         contexts: contexts.clone(),
         insertions: 0,
         outcomes: mpsc::channel(),
+        current: Current::default(),
     };
     let thread = std::thread::Builder::new()
         .name("card-watcher".into())
@@ -566,6 +588,20 @@ struct Watcher {
     insertions: u64,
     /// Outcomes of presentations running on their own threads.
     outcomes: (mpsc::Sender<Presentation>, mpsc::Receiver<Presentation>),
+    /// The insertion each reader holds now, for presentation threads to check before they
+    /// talk to the card in it (once they have the desk, it may be another).
+    current: Current,
+}
+
+/// Reader name to the insertion it holds (absent: empty, or not watched).
+type Current = Arc<Mutex<HashMap<String, u64>>>;
+
+fn set_current(current: &Current, reader: &str, insertion: Option<u64>) {
+    let mut c = current.lock().unwrap_or_else(|p| p.into_inner());
+    match insertion {
+        Some(i) => c.insert(reader.to_owned(), i),
+        None => c.remove(reader),
+    };
 }
 
 impl Watcher {
@@ -610,6 +646,10 @@ impl Watcher {
     /// pcscd is gone: nothing can see the cards any more, so no until-removed session stays.
     fn lose_all(&mut self, error: &str) {
         self.states = vec![pnp_state()];
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         let tracks = std::mem::take(&mut self.tracks);
         if tracks.is_empty() {
             return;
@@ -682,6 +722,7 @@ impl Watcher {
             self.tracks.push(t);
         }
         for (_, (_, t)) in old {
+            set_current(&self.current, &t.name, None);
             if t.present {
                 self.removed(t);
             }
@@ -762,6 +803,7 @@ impl Watcher {
                     granted: t.granted.take(),
                 };
                 t.insertion = 0;
+                set_current(&self.current, &t.name, None);
                 self.removed(gone);
             }
             if now_present && (!was_present || swapped) {
@@ -802,6 +844,7 @@ impl Watcher {
         let insertion = self.insertions;
         self.tracks[i].insertion = insertion;
         let reader = self.tracks[i].name.clone();
+        set_current(&self.current, &reader, Some(insertion));
         self.cards
             .audit
             .record("card-presented", None, None, &format!("reader {reader:?}"));
@@ -812,13 +855,14 @@ impl Watcher {
         // restart wakes nothing: the outcome then waits one `poll`).
         let waker = self.client.context();
         let stop = self.stop.clone();
+        let current = self.current.clone();
         let spawned = std::thread::Builder::new()
             .name("card-present".into())
             .spawn(move || {
                 if stop.load(Ordering::SeqCst) {
                     return;
                 }
-                let p = present_in(&cards, backoff, reader, insertion);
+                let p = present_in(&cards, backoff, reader, insertion, &current);
                 if outcomes.send(p).is_ok() {
                     if let Some(ctx) = waker {
                         let _ = ctx.cancel();
@@ -829,7 +873,7 @@ impl Watcher {
             // No thread to be had: presented here, as the one way left.
             tracing::warn!("no thread for a card presentation ({e}): presented on the watcher's");
             let reader = self.tracks[i].name.clone();
-            let p = present_in(&self.cards, backoff, reader, insertion);
+            let p = present_in(&self.cards, backoff, reader, insertion, &self.current);
             self.finish(p);
         }
     }

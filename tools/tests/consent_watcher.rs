@@ -489,6 +489,48 @@ fn run(dir: &Path) -> Result<()> {
         }
     }
     ensure!(!registry.is_active("P0003"));
+
+    // 11. A presentation still waiting for the desk when its card left does not talk to the
+    //     card that came next into that reader: that card has its own presentation, and the
+    //     first would take its patient's PIN and leave it refused for want of one.
+    let in_reader = |c: &Catalog| -> Result<usize> {
+        Ok(c.audit_log()?
+            .iter()
+            .filter(|e| e.event == "card-presented" && e.detail.contains(READER))
+            .count())
+    };
+    let wait_presented = |n: usize| -> Result<()> {
+        let deadline = Instant::now() + WAIT;
+        while in_reader(&catalog)? < n {
+            ensure!(Instant::now() < deadline, "card not seen in {READER:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    };
+    let before = in_reader(&catalog)?;
+    let desk = cards.desk();
+    let x = rig.insert(&["--state", s(&dir.join("x.state"))])?;
+    wait_presented(before + 1)?;
+    ensure!(rig.remove(x)?.is_none());
+    rig.call(json!({"cmd": "card-pin", "patient": "P0002", "pin": "246810"}))?;
+    let vc = rig.insert(&pin_card)?;
+    wait_presented(before + 2)?;
+    drop(desk);
+    let (mut gone, mut granted) = (false, false);
+    while !(gone && granted) {
+        match rig.next("the two presentations' outcomes")? {
+            WatchEvent::Refused { code, .. } if code == "left-during-presentation" && !gone => {
+                gone = true
+            }
+            WatchEvent::Granted { presented, .. } if presented.patient == "P0002" => granted = true,
+            other => bail!(
+                "expected the first card's presentation dropped and P0002 granted, got {}",
+                describe(&other)
+            ),
+        }
+    }
+    ensure!(registry.is_active("P0002"));
+    ensure!(rig.remove(vc)?.as_deref() == Some("P0002"));
     drop(both);
     Ok(())
 }
