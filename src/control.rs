@@ -55,6 +55,34 @@ pub fn arg_str<'a>(req: &'a Value, key: &str) -> Result<&'a str, Value> {
     })
 }
 
+/// Optional argument `key` of a request: absent (or null) is `None`; present, it must be a
+/// string, else an error naming it (a wrong type must not fall back to a default).
+pub fn opt_str<'a>(req: &'a Value, key: &str) -> Result<Option<&'a str>, Value> {
+    match req.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_str().map(Some).ok_or_else(|| {
+            error(format!(
+                "request {:?}: argument {key:?} must be a string, not {v}",
+                req["cmd"]
+            ))
+        }),
+    }
+}
+
+/// Optional whole-number argument `key`: absent (or null) is `None`; present, anything but a
+/// whole number >= 0 is an error naming it.
+pub fn opt_u64(req: &Value, key: &str) -> Result<Option<u64>, Value> {
+    match req.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            error(format!(
+                "request {:?}: argument {key:?} must be a whole number, not {v}",
+                req["cmd"]
+            ))
+        }),
+    }
+}
+
 /// Make way for a Unix socket at `path`: a socket an earlier run left there is removed. Any
 /// other file is refused and left as it is (a mistyped path must not cost a file), and so is
 /// a socket some live process still listens on.
@@ -138,9 +166,20 @@ pub fn serve(path: &Path, handlers: Vec<Arc<Handler>>) -> std::io::Result<()> {
                     }
                 };
                 let handlers = handlers.clone();
-                std::thread::spawn(move || {
-                    let _ = session(conn, peer, &handlers);
-                });
+                // A thread the system refuses costs that one connection, not the socket: a
+                // panic here would end this loop, and with it every later `consent revoke`.
+                let spawned = std::thread::Builder::new()
+                    .name("control-session".into())
+                    .spawn(move || {
+                        let _ = session(conn, peer, &handlers);
+                    });
+                if let Err(e) = spawned {
+                    tracing::error!(
+                        "control socket: no thread for a connection from uid {} (pid {}): {e}; connection dropped",
+                        peer.uid,
+                        peer.pid
+                    );
+                }
             }
         })?;
     Ok(())
@@ -238,6 +277,33 @@ mod tests {
         clear_stale_socket(&live).unwrap();
         assert!(!live.exists());
         clear_stale_socket(&live).unwrap();
+    }
+
+    /// An optional argument of the wrong type is an error naming it, never its default.
+    #[test]
+    fn optional_arguments_of_the_wrong_type_are_named() {
+        let req = json!({"cmd": "x", "n": 5, "s": "v", "bad_n": "60", "bad_s": 1, "null": null});
+        assert_eq!(opt_u64(&req, "n").unwrap(), Some(5));
+        assert_eq!(opt_u64(&req, "absent").unwrap(), None);
+        assert_eq!(opt_u64(&req, "null").unwrap(), None);
+        let e = opt_u64(&req, "bad_n").unwrap_err();
+        assert!(
+            e["error"]
+                .as_str()
+                .unwrap()
+                .contains("\"bad_n\" must be a whole number"),
+            "{e}"
+        );
+        assert_eq!(opt_str(&req, "s").unwrap(), Some("v"));
+        assert_eq!(opt_str(&req, "absent").unwrap(), None);
+        let e = opt_str(&req, "bad_s").unwrap_err();
+        assert!(
+            e["error"]
+                .as_str()
+                .unwrap()
+                .contains("\"bad_s\" must be a string"),
+            "{e}"
+        );
     }
 
     #[test]

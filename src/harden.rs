@@ -1,8 +1,9 @@
 //! Keeping plaintext and key bytes out of swap and out of core dumps.
 //!
-//! Both binaries that hold such bytes in memory call [`harden_process`] before their first
-//! worker thread starts: `qgenome mount` (chunks, rebuilt plaintext, pads) and
-//! `qgenome-mountd serve` (pads read with `pread`, one-time MAC keys and their powers).
+//! Every command that holds such bytes in memory calls [`harden_process`] before it holds any:
+//! `qgenome mount` (chunks, rebuilt plaintext, pads), `qgenome catalog rebuild` (pads and
+//! rebuilt manifests), `qgenome keys provision` (the new key) and `qgenome-mountd serve` (pads
+//! read with `pread`, one-time MAC keys and their powers).
 
 /// A process that would hold plaintext or key bytes in memory that may be swapped to disk.
 #[derive(Debug, thiserror::Error)]

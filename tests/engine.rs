@@ -616,6 +616,7 @@ fn files_written_under_another_scheme_stay_readable() {
     four.rename("P0001", "old.cram", "P0001", "older.cram")
         .unwrap();
     assert_eq!(read_all(&four, "older.cram").unwrap(), data);
+    assert!(four.wait_discards(Duration::from_secs(10)));
     let log = catalog.audit_log().unwrap();
     let stale = log
         .iter()

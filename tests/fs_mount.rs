@@ -209,6 +209,40 @@ fn an_absurd_grant_is_refused_by_name_and_the_mount_goes_on() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("minutes") && e.contains("7 days"), "{e}");
+    // A wrong type is an error naming the argument, not its default; a patient that does not
+    // exist is named, for a revoke as for a grant.
+    let ask = |req: serde_json::Value| {
+        control::request(&rig.cfg.control_socket(), &req).map_err(|e| e.to_string())
+    };
+    let e = ask(json!({"cmd": "consent-grant", "patient": "G1", "minutes": "60"})).unwrap_err();
+    assert!(
+        e.contains("\"minutes\"") && e.contains("whole number"),
+        "{e}"
+    );
+    let e = ask(json!({"cmd": "audit", "last": -1})).unwrap_err();
+    assert!(e.contains("\"last\""), "{e}");
+    let e = ask(json!({"cmd": "consent-revoke", "patient": "G0"})).unwrap_err();
+    assert!(e.contains("patient G0 does not exist"), "{e}");
+    // A revoke is audited with its caller, as a grant is.
+    rig.grant("G1");
+    ask(json!({"cmd": "consent-revoke", "patient": "G1"})).unwrap();
+    let log = ask(json!({"cmd": "audit", "last": 5})).unwrap();
+    let end = log["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|e| e["event"] == "consent-end")
+        .expect("the revoke's consent-end")
+        .clone();
+    let me = nix::unistd::geteuid().as_raw();
+    assert!(
+        end["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("revoked by admin (uid {me}, pid ")),
+        "{end}"
+    );
     rig.grant("G1");
     std::fs::write(rig.mnt.join("G1/x"), b"still served").unwrap();
     assert_eq!(
@@ -1554,4 +1588,95 @@ fn long_names_are_enametoolong_and_unlinks_are_audited_with_their_caller() {
                 && e["detail"].as_str().is_some_and(|d| d.starts_with(&me))),
         "{audit}"
     );
+}
+
+/// A writer killed mid-file leaves a version whose shares must all go: tens of thousands at
+/// each site for a whole genome. Its RELEASE answers once the version is dropped, and the
+/// shares go after, on the discarder: deleted in the RELEASE, they held a FUSE request thread
+/// (and the file's writer lock, which a retried step's reopen waits for) for as long as that
+/// took. An unmount waits for them.
+#[test]
+fn a_killed_writers_shares_are_deleted_after_its_release_answers() {
+    let mut rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("P19")).unwrap();
+    let f = rig.mnt.join("P19/killed.cram");
+    let size = |f: &Path| std::fs::metadata(f).map(|m| m.len()).ok();
+    let mut dd = Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", f.display()))
+        .args(["bs=64k", "count=1000000"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("dd to write 1 MiB", || {
+        size(&f).is_some_and(|s| s >= 1 << 20)
+    });
+    // At least 16 chunks of 64 KiB at each of the 3 sites, 100 ms a delete: about 5 s.
+    for s in &rig.sites {
+        s.set_delete_delay(Duration::from_millis(100));
+    }
+    dd.kill().unwrap();
+    dd.wait().unwrap();
+    let killed = Instant::now();
+    while size(&f).is_some() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(2),
+            "the killed writer's release took over 2 s (its shares deleted in it)"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        rig.sites.iter().all(|s| s.len() >= 10),
+        "the shares went before the release answered"
+    );
+    rig.mounted.take().unwrap().unmount().unwrap();
+    for s in &rig.sites {
+        assert_eq!(
+            s.len(),
+            0,
+            "site {}: shares of the killed writer left",
+            s.name()
+        );
+    }
+}
+
+/// A `chmod`, `touch -m` or `mv` of a committed file is done in the catalog at once; its
+/// manifest is rewritten at every site after the reply. Rewritten in the request, each held
+/// a FUSE request thread for as long as the slowest site took: rsync does all three per file,
+/// and five of them took the mount's four threads.
+#[test]
+fn attribute_changes_and_renames_answer_before_a_slow_site_has_their_manifests() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut rig = Rig::new(60);
+    let dir = |i: usize| rig.mnt.join(format!("P21-{i}"));
+    for i in 0..5 {
+        std::fs::create_dir(dir(i)).unwrap();
+        std::fs::write(dir(i).join("f.tmp"), [i as u8; 3000]).unwrap();
+    }
+    rig.sites[1].set_put_delay(Duration::from_secs(1));
+    let t = Instant::now();
+    let changing: Vec<_> = (0..5)
+        .map(|i| {
+            let d = dir(i);
+            std::thread::spawn(move || {
+                std::fs::set_permissions(d.join("f.tmp"), std::fs::Permissions::from_mode(0o600))
+                    .unwrap();
+                std::fs::rename(d.join("f.tmp"), d.join("f.cram")).unwrap();
+            })
+        })
+        .collect();
+    for c in changing {
+        c.join().unwrap();
+    }
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "5 chmods and renames took {:?} behind a slow site",
+        t.elapsed()
+    );
+    for i in 0..5 {
+        let m = std::fs::metadata(dir(i).join("f.cram")).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
+    }
+    // The unmount waits for the rewrites.
+    rig.mounted.take().unwrap().unmount().unwrap();
 }

@@ -183,6 +183,10 @@ fn a_lost_catalog_is_rebuilt_from_the_sites_and_every_file_reads_back() {
         Err(EngineError::CrossPatient { .. })
     ));
     a.rename("P2", "c.tmp", "P2", "c.cram").unwrap();
+    assert!(
+        a.wait_discards(Duration::from_secs(10)),
+        "manifest rewritten"
+    );
     put("P2", "c.cram", c);
     // Unlinked: gone.
     write(&a, "P2", "d.cram", &random(90_000));
@@ -192,6 +196,10 @@ fn a_lost_catalog_is_rebuilt_from_the_sites_and_every_file_reads_back() {
     let f_rec = write(&a, "P1", "f.cram", &f);
     a.set_attrs(&f_rec.id, Some(0o600), Some(1_234_567))
         .unwrap();
+    assert!(
+        a.wait_discards(Duration::from_secs(10)),
+        "manifest rewritten"
+    );
     put("P1", "f.cram", f);
     // Empty file.
     write(&a, "P2", "empty", &[]);
@@ -356,6 +364,10 @@ fn a_manifest_rewrite_cut_short_or_a_lying_site_still_rebuilds_a_consistent_mani
     // manifest; mixed subsets fail the manifest checksum and are passed over.
     rig.sites[2].inner.set_down(true);
     a.rename("P1", "old", "P1", "new").unwrap();
+    assert!(
+        a.wait_discards(Duration::from_secs(10)),
+        "manifest rewritten"
+    );
     rig.sites[2].inner.set_down(false);
     let b = rig.engine("catalog-b");
     let report = b.rebuild_catalog().unwrap();
@@ -364,10 +376,18 @@ fn a_manifest_rewrite_cut_short_or_a_lying_site_still_rebuilds_a_consistent_mani
     // An attribute change with every site up makes the manifests agree again.
     let id = a.catalog.file("P1", "new").unwrap().unwrap().id;
     a.set_attrs(&id, Some(0o640), None).unwrap();
+    assert!(
+        a.wait_discards(Duration::from_secs(10)),
+        "manifest rewritten"
+    );
     // Reaching a single site, the rewrite cannot be rebuilt: the previous name comes back.
     rig.sites[1].inner.set_down(true);
     rig.sites[2].inner.set_down(true);
     a.rename("P1", "new", "P1", "newer").unwrap();
+    assert!(
+        a.wait_discards(Duration::from_secs(10)),
+        "manifest rewritten"
+    );
     rig.sites[1].inner.set_down(false);
     rig.sites[2].inner.set_down(false);
     let c = rig.engine("catalog-c");
@@ -404,6 +424,10 @@ fn a_manifest_rewritten_while_the_file_grows_describes_the_committed_version() {
     );
     a.rename("P1", "grows", "P1", "renamed").unwrap();
     a.set_attrs(&id, Some(0o600), None).unwrap();
+    assert!(
+        a.wait_discards(Duration::from_secs(10)),
+        "manifest rewritten"
+    );
     let b = rig.engine("catalog-b");
     let report = b.rebuild_catalog().unwrap();
     assert_eq!(restored_names(&report), ["P1/renamed"], "{report:?}");

@@ -87,6 +87,8 @@ pub fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
             target.display()
         );
     }
+    // Pads, one-time MAC keys and rebuilt manifests are about to be held in memory.
+    crate::harden::harden_process("qgenome catalog rebuild")?;
     let sites = crate::cli::mount::build_sites(&cfg)?;
     let engine = crate::fs::mount::engine_for(&cfg, catalog, sites)?;
     let report = engine

@@ -51,6 +51,8 @@ impl KeysCommand {
                 out_a,
                 out_b,
             } => {
+                // The new key passes through this process's buffers.
+                crate::harden::harden_process("qgenome keys provision")?;
                 let sizes = pool::PoolSizes {
                     a_to_b: size,
                     b_to_a: size_b2a.unwrap_or(size),

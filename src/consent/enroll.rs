@@ -248,9 +248,9 @@ fn binding_json(b: &CardBinding) -> Value {
 /// Parses `mgmt_alg` (`3des`, `aes128`, `aes192`, `aes256`; default `3des`) and `mgmt_key` hex
 /// (default: the YubiKey factory key). The hex and the bytes are zeroized after use.
 fn management_key(req: &Value) -> Result<ManagementKey, String> {
-    let alg = match req
-        .get("mgmt_alg")
-        .and_then(Value::as_str)
+    let text = |e: Value| e["error"].as_str().unwrap_or("bad argument").to_owned();
+    let alg = match control::opt_str(req, "mgmt_alg")
+        .map_err(text)?
         .unwrap_or("3des")
     {
         "3des" | "tdes" => Algorithm::TripleDes,
@@ -264,7 +264,7 @@ fn management_key(req: &Value) -> Result<ManagementKey, String> {
         }
     };
     let len = alg.key_len().expect("symmetric");
-    let bytes = Zeroizing::new(match req.get("mgmt_key").and_then(Value::as_str) {
+    let bytes = Zeroizing::new(match control::opt_str(req, "mgmt_key").map_err(text)? {
         None => ManagementKey::DEFAULT_BYTES
             .iter()
             .cycle()
@@ -305,12 +305,13 @@ type Reply = Result<Value, Value>;
 
 fn handle_enroll(cards: &CardConsent, readers: &dyn CardReaders, req: &Value) -> Reply {
     let patient = arg_str(req, "patient")?;
-    let policy = match req.get("policy").and_then(Value::as_str) {
+    let policy = match control::opt_str(req, "policy")? {
         None => CardPolicy::CardAuth9E,
         Some(p) => CardPolicy::parse(p)
             .ok_or_else(|| control::error(format!("policy {p:?}: use card-auth-9e or pin-9a")))?,
     };
-    let reader = req.get("reader").and_then(Value::as_str);
+    let reader = control::opt_str(req, "reader")?;
+    let by = control::peer_of(req);
     let _desk = cards.desk();
     let result = readers
         .connect(reader)
@@ -321,14 +322,21 @@ fn handle_enroll(cards: &CardConsent, readers: &dyn CardReaders, req: &Value) ->
                 "card-enrolled",
                 Some(patient),
                 None,
-                &format!("card {}, policy {}", hex(&b.guid), b.policy.as_str()),
+                &format!(
+                    "card {}, policy {}, by {by}",
+                    hex(&b.guid),
+                    b.policy.as_str()
+                ),
             );
             Ok(json!({"ok": true, "card": binding_json(&b)}))
         }
         Err(e) => {
-            cards
-                .audit
-                .record("card-enroll-refused", Some(patient), None, &e.to_string());
+            cards.audit.record(
+                "card-enroll-refused",
+                Some(patient),
+                None,
+                &format!("{e} (by {by})"),
+            );
             Err(control::error(e))
         }
     }
@@ -344,10 +352,11 @@ fn handle_revoke(cards: &CardConsent, req: &Value) -> Reply {
     // comes wholly before this revoke (whose check below finds its session) or after it
     // (and sees the card revoked).
     let _granting = cards.granting();
-    let revoked = if let Some(g) = req.get("guid").and_then(Value::as_str) {
+    let by = control::peer_of(req);
+    let revoked = if let Some(g) = control::opt_str(req, "guid")? {
         let guid = parse_guid(g).map_err(control::error)?;
         vec![cards.catalog.revoke_card(&guid).map_err(control::error)?]
-    } else if let Some(p) = req.get("patient").and_then(Value::as_str) {
+    } else if let Some(p) = control::opt_str(req, "patient")? {
         cards.catalog.revoke_cards_of(p).map_err(control::error)?
     } else {
         return Err(control::error("card-revoke needs \"guid\" or \"patient\""));
@@ -355,16 +364,23 @@ fn handle_revoke(cards: &CardConsent, req: &Value) -> Reply {
     let mut ended = Vec::new();
     for b in &revoked {
         let g = hex(&b.guid);
-        cards
-            .audit
-            .record("card-revoked", Some(&b.patient), None, &format!("card {g}"));
+        cards.audit.record(
+            "card-revoked",
+            Some(&b.patient),
+            None,
+            &format!("card {g}, by {by}"),
+        );
         // A session opened by this card must not outlive its revocation.
         let granted_by_it = cards
             .registry
             .list()
             .iter()
             .any(|s| s.patient == b.patient && s.source == format!("card {g}"));
-        if granted_by_it && cards.registry.end(&b.patient, &format!("card {g} revoked")) {
+        if granted_by_it
+            && cards
+                .registry
+                .end(&b.patient, &format!("card {g} revoked (by {by})"))
+        {
             ended.push(b.patient.clone());
         }
     }
@@ -378,7 +394,8 @@ fn handle_revoke(cards: &CardConsent, req: &Value) -> Reply {
 fn handle_seal(cards: &CardConsent, readers: &dyn CardReaders, req: &Value) -> Reply {
     let patient = arg_str(req, "patient")?;
     let mgmt = management_key(req).map_err(control::error)?;
-    let reader = req.get("reader").and_then(Value::as_str);
+    let reader = control::opt_str(req, "reader")?;
+    let by = control::peer_of(req);
     let _desk = cards.desk();
     let pin = cards.pins.take(patient);
     let result = readers
@@ -390,14 +407,21 @@ fn handle_seal(cards: &CardConsent, readers: &dyn CardReaders, req: &Value) -> R
                 "card-sealed",
                 Some(patient),
                 None,
-                &format!("card {}, manifest digest {}", hex(&b.guid), hex(&digest)),
+                &format!(
+                    "card {}, manifest digest {}, by {by}",
+                    hex(&b.guid),
+                    hex(&digest)
+                ),
             );
             Ok(json!({"ok": true, "guid": hex(&b.guid), "digest": hex(&digest)}))
         }
         Err(e) => {
-            cards
-                .audit
-                .record("card-seal-refused", Some(patient), None, &e.to_string());
+            cards.audit.record(
+                "card-seal-refused",
+                Some(patient),
+                None,
+                &format!("{e} (by {by})"),
+            );
             Err(control::error(e))
         }
     }
@@ -409,6 +433,17 @@ fn handle_pin(cards: &CardConsent, req: &Value) -> Reply {
     if !(6..=8).contains(&pin.len()) || !pin.is_ascii() {
         return Err(control::error("PIN must be 6 to 8 ASCII characters"));
     }
+    // A mistyped patient would hold the PIN for nobody, and the real patient's card would be
+    // refused for want of one.
+    let all = cards.catalog.cards().map_err(control::error)?;
+    if !all
+        .iter()
+        .any(|b| b.patient == patient && !b.revoked && b.policy == CardPolicy::Pin9A)
+    {
+        return Err(control::error(format!(
+            "card-pin: patient {patient} has no card enrolled under the pin-9a policy"
+        )));
+    }
     cards
         .pins
         .offer(patient, Zeroizing::new(pin.as_bytes().to_vec()));
@@ -416,7 +451,11 @@ fn handle_pin(cards: &CardConsent, req: &Value) -> Reply {
         "card-pin-entered",
         Some(patient),
         None,
-        &format!("valid {} s, one use", super::watcher::PIN_VALID.as_secs()),
+        &format!(
+            "valid {} s, one use, by {}",
+            super::watcher::PIN_VALID.as_secs(),
+            control::peer_of(req)
+        ),
     );
     Ok(json!({"ok": true}))
 }

@@ -278,6 +278,16 @@ impl Stats {
     }
 }
 
+/// Work the discarder thread does after the request that asked for it has been answered: a
+/// version's shares to delete, or a version's manifest to rewrite at every site (after a
+/// rename or an attribute change, which are already durable in the catalog). Either waits on
+/// every site, and a hung site held a FUSE request thread for its timeout on each `chmod`,
+/// `touch` or `mv` (rsync does all three per file).
+enum Later {
+    Discard(FileRecord),
+    Refresh(FileId),
+}
+
 /// What the upload workers and readers share.
 struct Core {
     /// The configured scheme: every new version is split with it.
@@ -467,7 +477,7 @@ pub struct Engine {
     cache: Arc<ChunkCache>,
     /// Versions retired in the catalog whose shares the discarder thread deletes
     /// ([`Engine::discard_later`]).
-    discards: Mutex<Sender<FileRecord>>,
+    discards: Mutex<Sender<Later>>,
     /// How many of them are queued or being deleted, signalled as each is done.
     discarding: (Mutex<usize>, Condvar),
 }
@@ -553,7 +563,7 @@ impl Engine {
         consent.on_end(move |_| shares.share_bufs.wipe_all());
 
         let (ptx, prx) = mpsc::sync_channel::<(FileRecord, u64, ChunkRecord)>(64);
-        let (dtx, drx) = mpsc::channel::<FileRecord>();
+        let (dtx, drx) = mpsc::channel::<Later>();
         let engine = Arc::new(Self {
             catalog,
             consent,
@@ -573,8 +583,16 @@ impl Engine {
         std::thread::Builder::new()
             .name("fs-discard".into())
             .spawn(move || {
-                while let Ok(rec) = drx.recv() {
+                while let Ok(job) = drx.recv() {
                     let Some(engine) = weak.upgrade() else { return };
+                    let rec = match job {
+                        Later::Refresh(id) => {
+                            engine.refresh_manifest(&id);
+                            engine.discarded();
+                            continue;
+                        }
+                        Later::Discard(rec) => rec,
+                    };
                     let deleted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         engine.discard(&rec)
                     }));
@@ -874,10 +892,18 @@ impl Engine {
     /// of a file that replaced another, or the last reader's close of a replaced file must
     /// not wait for that, nor hold a FUSE request loop meanwhile.
     fn discard_later(&self, rec: FileRecord) {
+        self.later(Later::Discard(rec));
+    }
+
+    /// Queues `job` for the discarder thread ([`Engine::wait_discards`] waits for it).
+    fn later(&self, job: Later) {
         *self.discarding.0.lock().expect("discarding") += 1;
-        if let Err(mpsc::SendError(rec)) = self.discards.lock().expect("discards").send(rec) {
-            // The discarder is gone (it ends only with the engine): delete here.
-            self.discard(&rec);
+        if let Err(mpsc::SendError(job)) = self.discards.lock().expect("discards").send(job) {
+            // The discarder is gone (it ends only with the engine): done here.
+            match job {
+                Later::Discard(rec) => self.discard(&rec),
+                Later::Refresh(id) => self.refresh_manifest(&id),
+            }
             self.discarded();
         }
     }
@@ -903,7 +929,8 @@ impl Engine {
     }
 
     /// Wait until the shares of every version retired so far are deleted (or failed to be,
-    /// and stay for the next mount), or until `limit` has passed; true if none is left.
+    /// and stay for the next mount), and every manifest rewrite queued so far is done, or
+    /// until `limit` has passed; true if none is left.
     pub fn wait_discards(&self, limit: Duration) -> bool {
         let (n, done) = &self.discarding;
         let n = n.lock().expect("discarding");
@@ -1147,8 +1174,9 @@ impl Engine {
         }
     }
 
-    /// Rename a committed file (within or across patients), replacing any file at the target
-    /// (whose shares are deleted), and rewrite its manifest under the new name.
+    /// Rename a committed file (within the patient), replacing any file at the target (whose
+    /// shares are deleted), and have its manifest rewritten under the new name (by the
+    /// discarder, after this returns: see [`Later`]).
     pub fn rename(
         &self,
         patient: &str,
@@ -1176,13 +1204,13 @@ impl Engine {
             self.retire(&old);
         }
         if let Some(rec) = self.catalog.file(new_patient, new_name)? {
-            self.refresh_manifest(&rec.id);
+            self.later(Later::Refresh(rec.id));
         }
         Ok(())
     }
 
-    /// Change a committed version's mode and/or modification time, in the catalog and in its
-    /// manifest.
+    /// Change a committed version's mode and/or modification time, in the catalog, and in its
+    /// manifest after this returns (see [`Later`]).
     pub fn set_attrs(
         &self,
         id: &FileId,
@@ -1190,7 +1218,7 @@ impl Engine {
         mtime: Option<u64>,
     ) -> Result<(), EngineError> {
         self.catalog.set_attrs(id, mode, mtime)?;
-        self.refresh_manifest(id);
+        self.later(Later::Refresh(*id));
         Ok(())
     }
 }
@@ -1867,8 +1895,11 @@ impl FileWriter {
         Ok(())
     }
 
-    /// Drop an uncommitted version (failed write): shares deleted, nothing visible. Returns
-    /// whether it was discarded (not if a commit of it, or one the catalog names, came first).
+    /// Drop an uncommitted version (failed write): nothing visible, its shares deleted by the
+    /// discarder ([`Engine::wait_discards`] waits for them). Returns whether it was discarded
+    /// (not if a commit of it, or one the catalog names, came first). A killed writer of a
+    /// whole genome leaves tens of thousands of shares at each site: deleted here, they held
+    /// the FUSE request thread that runs the RELEASE for minutes.
     pub fn abort(mut self, engine: &Engine) -> bool {
         while self.in_flight > 0 {
             let r = self.results.recv().expect("sender held by self");
@@ -1876,7 +1907,7 @@ impl FileWriter {
         }
         let discard = self.committed.is_none() && self.named_unflushed.is_none();
         if discard {
-            engine.discard(&self.rec);
+            engine.discard_later(self.rec.clone());
         }
         discard
     }

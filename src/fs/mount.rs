@@ -186,13 +186,28 @@ impl Mounted {
         &self.mountpoint
     }
 
+    /// Unmounts, then lets the deletions under way finish (up to [`DISCARD_WAIT`]), flushes
+    /// the catalog and completes the destruction of used link key: all of it also when the
+    /// unmount fails (a busy mount: `EBUSY`), before that error is returned, since the process
+    /// exits after either way.
+    ///
+    /// [`DISCARD_WAIT`]: super::engine::DISCARD_WAIT
     pub fn unmount(mut self) -> anyhow::Result<()> {
         self.engine.consent.close();
-        if let Some(s) = self.session.take() {
-            wait_until_idle(&self.mountpoint);
-            s.umount_and_join()
-                .with_context(|| format!("unmounting {}", self.mountpoint.display()))?;
-        }
+        let unmounted = match self.session.take() {
+            Some(s) => {
+                wait_until_idle(&self.mountpoint);
+                s.umount_and_join()
+                    .with_context(|| format!("unmounting {}", self.mountpoint.display()))
+            }
+            None => Ok(()),
+        };
+        let finished = self.finish();
+        unmounted.and(finished)
+    }
+
+    /// What [`Mounted::unmount`] does after the unmount itself.
+    fn finish(&self) -> anyhow::Result<()> {
         if !self.engine.wait_discards(super::engine::DISCARD_WAIT) {
             tracing::warn!(
                 "shares of unlinked or replaced files still being deleted after {:?}; \
@@ -348,7 +363,7 @@ fn builtin_handler(engine: Arc<Engine>, admin_grants: bool) -> Arc<Handler> {
                         "consent-grant {patient}: refused: this mount takes consent from the patient's card ([card] in its configuration); an admin grant needs `admin_grant = true` under [card]"
                     )));
                 }
-                let minutes = req["minutes"].as_u64().unwrap_or(15);
+                let minutes = control::opt_u64(req, "minutes")?.unwrap_or(15);
                 if !(1..=MAX_GRANT_MINUTES).contains(&minutes) {
                     return Err(control::error(format!(
                         "consent-grant: minutes must be between 1 and {MAX_GRANT_MINUTES} (7 days), not {}",
@@ -369,10 +384,21 @@ fn builtin_handler(engine: Arc<Engine>, admin_grants: bool) -> Arc<Handler> {
                 );
                 Ok(json!({"ok": true, "patient": patient, "minutes": minutes}))
             })(),
-            "consent-revoke" => arg_str(req, "patient").map(|p| {
-                let ended = engine.consent.end(p, "revoked by admin");
-                json!({"ok": true, "ended": ended})
-            }),
+            "consent-revoke" => (|| {
+                let patient = arg_str(req, "patient")?;
+                match engine.catalog.patient(patient) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        return Err(control::error(format!("patient {patient} does not exist")))
+                    }
+                    Err(e) => return Err(control::error(e)),
+                }
+                let ended = engine.consent.end(
+                    patient,
+                    &format!("revoked by admin ({})", control::peer_of(req)),
+                );
+                Ok(json!({"ok": true, "ended": ended}))
+            })(),
             "consent-list" => Ok(json!({"ok": true, "grants": engine.consent.list()})),
             "status" => {
                 let sites: Vec<Value> = engine
@@ -394,15 +420,17 @@ fn builtin_handler(engine: Arc<Engine>, admin_grants: bool) -> Arc<Handler> {
                     "sites": sites,
                 }))
             }
-            "audit" => engine
-                .catalog
-                .audit_log()
-                .map(|log| {
-                    let last = req["last"].as_u64().unwrap_or(50) as usize;
-                    let tail = &log[log.len().saturating_sub(last)..];
-                    json!({"ok": true, "entries": tail})
-                })
-                .map_err(control::error),
+            "audit" => control::opt_u64(req, "last").and_then(|last| {
+                engine
+                    .catalog
+                    .audit_log()
+                    .map(|log| {
+                        let last = last.unwrap_or(50).min(log.len() as u64) as usize;
+                        let tail = &log[log.len() - last..];
+                        json!({"ok": true, "entries": tail})
+                    })
+                    .map_err(control::error)
+            }),
             _ => return None,
         };
         Some(reply.unwrap_or_else(|e| e))

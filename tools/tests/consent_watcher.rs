@@ -358,6 +358,17 @@ fn run(dir: &Path) -> Result<()> {
     )?;
     rig.remove(vc)?;
     rig.refused(&pin_card, "no-pin")?;
+    // A PIN for a patient without a pin-9a card (a typo) is refused, naming the patient.
+    let e =
+        (rig.handler)(&json!({"cmd": "card-pin", "patient": "P0O02", "pin": "246810"})).unwrap();
+    ensure!(
+        e["ok"] == json!(false)
+            && e["error"]
+                .as_str()
+                .unwrap()
+                .contains("patient P0O02 has no card enrolled under the pin-9a policy"),
+        "{e}"
+    );
     rig.call(json!({"cmd": "card-pin", "patient": "P0002", "pin": "111111"}))?;
     rig.refused(&pin_card, "pin-refused")?;
     rig.call(json!({"cmd": "card-pin", "patient": "P0002", "pin": "246810"}))?;
