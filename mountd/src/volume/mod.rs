@@ -28,7 +28,7 @@ pub enum VolumeError {
     Open { path: PathBuf, source: io::Error },
     #[error("volume {path}: in use by another process (a running qgenome-mountd, rebuild-index or format?); one process at a time")]
     InUse { path: PathBuf },
-    #[error("volume {path}: the filesystem does not support O_DIRECT (statx reports no DIOALIGN and aligned O_DIRECT reads fail)")]
+    #[error("volume {path}: the filesystem does not support O_DIRECT (refused at open, or no DIOALIGN from statx and aligned O_DIRECT reads fail; tmpfs takes it from Linux 6.6): put the volume on a filesystem or device that does")]
     NoDirectIo { path: PathBuf },
     #[error("volume {path}: not a regular file or block device")]
     NotAVolume { path: PathBuf },

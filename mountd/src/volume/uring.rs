@@ -279,6 +279,25 @@ fn probe_dio_read(file: &File) -> Option<Alignment> {
 /// has gone, and a restart right after a crash must not fail on that.
 const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// An error opening `path` with `flags`: EINVAL for `O_DIRECT` on a file that opens without
+/// it is a filesystem that refuses direct I/O at open (tmpfs before Linux 6.6, some FUSE
+/// filesystems), named as such.
+fn open_error(path: &Path, flags: i32, e: std::io::Error) -> VolumeError {
+    let direct = flags & libc::O_DIRECT != 0;
+    if direct && e.raw_os_error() == Some(libc::EINVAL) {
+        let plain = OpenOptions::new()
+            .read(true)
+            .custom_flags(flags & !(libc::O_DIRECT | libc::O_EXCL))
+            .open(path);
+        if plain.is_ok() {
+            return VolumeError::NoDirectIo {
+                path: path.to_path_buf(),
+            };
+        }
+    }
+    os_err(path, e)
+}
+
 /// Open the volume with `flags`, for this process alone for as long as the file is open: two
 /// processes allocating on one volume (two daemons, or a daemon and a `rebuild-index`, each
 /// with its own index) would hand out the same space twice. An exclusive `flock` on the
@@ -301,7 +320,7 @@ fn open_claimed(path: &Path, mut flags: i32) -> Result<std::fs::File, VolumeErro
             .open(path);
         let held = match file {
             Err(e) if block && e.raw_os_error() == Some(libc::EBUSY) => true,
-            Err(e) => return Err(os_err(path, e)),
+            Err(e) => return Err(open_error(path, flags, e)),
             Ok(file) => {
                 // SAFETY: flock on a descriptor borrowed for the call; no memory is passed.
                 if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
@@ -1081,6 +1100,25 @@ pub fn create_file_volume(path: &Path, size: u64, zeroed: bool) -> Result<PathBu
 
 #[cfg(test)]
 mod tests {
+    /// EINVAL for an `O_DIRECT` open of a file that opens without it (tmpfs before Linux 6.6)
+    /// is named as no direct I/O, not as "cannot open: Invalid argument"; other errors stay
+    /// what they are.
+    #[test]
+    fn o_direct_refused_at_open_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("v");
+        std::fs::write(&f, [0u8; 4096]).unwrap();
+        let einval = || std::io::Error::from_raw_os_error(libc::EINVAL);
+        let e = super::open_error(&f, libc::O_DIRECT, einval());
+        assert!(matches!(e, VolumeError::NoDirectIo { .. }), "{e}");
+        assert!(e.to_string().contains("O_DIRECT"), "{e}");
+        let e = super::open_error(&f, 0, einval());
+        assert!(matches!(e, VolumeError::Open { .. }), "{e}");
+        let missing = dir.path().join("absent");
+        let e = super::open_error(&missing, libc::O_DIRECT, einval());
+        assert!(matches!(e, VolumeError::Open { .. }), "{e}");
+    }
+
     use super::*;
 
     #[test]
