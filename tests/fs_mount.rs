@@ -402,6 +402,26 @@ fn wait_for(what: &str, done: impl Fn() -> bool) {
     }
 }
 
+/// The size `stat` gives `f`, if it exists.
+fn size_of(f: &Path) -> Option<u64> {
+    std::fs::metadata(f).map(|m| m.len()).ok()
+}
+
+/// A `dd` writing zeros to `f` in 64 KiB blocks until killed, once it has written 1 MiB.
+fn dd_writing_1_mib(f: &Path) -> std::process::Child {
+    let dd = Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", f.display()))
+        .args(["bs=64k", "count=1000000"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("dd to write 1 MiB", || {
+        size_of(f).is_some_and(|s| s >= 1 << 20)
+    });
+    dd
+}
+
 /// A file replaced or unlinked while open for reading stays readable through that
 /// descriptor, as on any Unix filesystem; its shares go when the reader closes it.
 #[test]
@@ -906,18 +926,9 @@ fn a_writer_that_dies_before_closing_leaves_the_previous_version() {
     std::fs::create_dir(rig.mnt.join("P9")).unwrap();
     let (x, y) = (rig.mnt.join("P9/x.cram"), rig.mnt.join("P9/y.cram"));
     std::fs::write(&x, vec![5u8; 100_000]).unwrap();
-    let size = |f: &Path| std::fs::metadata(f).map(|m| m.len()).ok();
+    let size = size_of;
     for (f, before) in [(&x, Some(100_000)), (&y, None)] {
-        let mut dd = Command::new("dd")
-            .arg("if=/dev/zero")
-            .arg(format!("of={}", f.display()))
-            .args(["bs=64k", "count=1000000"])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_for("dd to write 1 MiB", || {
-            size(f).is_some_and(|s| s >= 1 << 20)
-        });
+        let mut dd = dd_writing_1_mib(f);
         dd.kill().unwrap();
         dd.wait().unwrap();
         wait_for("the killed writer's release", || size(f) == before);
@@ -1600,17 +1611,8 @@ fn a_killed_writers_shares_are_deleted_after_its_release_answers() {
     let mut rig = Rig::new(60);
     std::fs::create_dir(rig.mnt.join("P19")).unwrap();
     let f = rig.mnt.join("P19/killed.cram");
-    let size = |f: &Path| std::fs::metadata(f).map(|m| m.len()).ok();
-    let mut dd = Command::new("dd")
-        .arg("if=/dev/zero")
-        .arg(format!("of={}", f.display()))
-        .args(["bs=64k", "count=1000000"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for("dd to write 1 MiB", || {
-        size(&f).is_some_and(|s| s >= 1 << 20)
-    });
+    let size = size_of;
+    let mut dd = dd_writing_1_mib(&f);
     // At least 16 chunks of 64 KiB at each of the 3 sites, 100 ms a delete: about 5 s.
     for s in &rig.sites {
         s.set_delete_delay(Duration::from_millis(100));

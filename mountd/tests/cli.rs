@@ -12,13 +12,11 @@ fn mountd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_qgenome-mountd"))
 }
 
-#[test]
-fn format_then_scrub_detects_a_changed_byte_by_file_and_chunk() {
-    let dir = tempfile::tempdir().unwrap();
-    let vol = dir.path().join("site.vol");
+/// A new 64 MiB file volume at `vol` for `site`, formatted by the command line; its output.
+fn format(vol: &std::path::Path, site: &str) -> std::process::Output {
     let out = mountd()
-        .args(["format", "--site", "osaka-2", "--size", "64M", "--volume"])
-        .arg(&vol)
+        .args(["format", "--site", site, "--size", "64M", "--volume"])
+        .arg(vol)
         .output()
         .unwrap();
     assert!(
@@ -26,6 +24,14 @@ fn format_then_scrub_detects_a_changed_byte_by_file_and_chunk() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out
+}
+
+#[test]
+fn format_then_scrub_detects_a_changed_byte_by_file_and_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("site.vol");
+    let out = format(&vol, "osaka-2");
     assert!(String::from_utf8_lossy(&out.stdout).contains("osaka-2"));
     // Formatting again without --force refuses to drop the index.
     let again = mountd()
@@ -533,16 +539,7 @@ fn format_and_bench_keep_what_they_did_not_make() {
 fn a_failed_bench_on_an_existing_volume_leaves_no_share_on_it() {
     let dir = tempfile::tempdir().unwrap();
     let vol = dir.path().join("site.vol");
-    let out = mountd()
-        .args(["format", "--site", "s", "--size", "64M", "--volume"])
-        .arg(&vol)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    format(&vol, "s");
     let out = mountd()
         .args([
             "bench", "--direct", "--size", "8M", "--rounds", "2", "--volume",
