@@ -58,25 +58,26 @@ pub fn arg_str<'a>(req: &'a Value, key: &str) -> Result<&'a str, Value> {
 /// Optional argument `key` of a request: absent (or null) is `None`; present, it must be a
 /// string, else an error naming it (a wrong type must not fall back to a default).
 pub fn opt_str<'a>(req: &'a Value, key: &str) -> Result<Option<&'a str>, Value> {
-    match req.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_str().map(Some).ok_or_else(|| {
-            error(format!(
-                "request {:?}: argument {key:?} must be a string, not {v}",
-                req["cmd"]
-            ))
-        }),
-    }
+    optional(req, key, "a string", Value::as_str)
 }
 
 /// Optional whole-number argument `key`: absent (or null) is `None`; present, anything but a
 /// whole number >= 0 is an error naming it.
 pub fn opt_u64(req: &Value, key: &str) -> Result<Option<u64>, Value> {
+    optional(req, key, "a whole number", Value::as_u64)
+}
+
+fn optional<'a, T>(
+    req: &'a Value,
+    key: &str,
+    what: &str,
+    get: impl Fn(&'a Value) -> Option<T>,
+) -> Result<Option<T>, Value> {
     match req.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+        Some(v) => get(v).map(Some).ok_or_else(|| {
             error(format!(
-                "request {:?}: argument {key:?} must be a whole number, not {v}",
+                "request {:?}: argument {key:?} must be {what}, not {v}",
                 req["cmd"]
             ))
         }),
