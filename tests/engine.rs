@@ -628,3 +628,28 @@ fn files_written_under_another_scheme_stay_readable() {
         stale.detail
     );
 }
+
+/// A manifest rewrite still queued when an unmount stops waiting (a site too slow) is audited:
+/// that version's manifests keep its previous name, which a catalog rebuild would restore.
+#[test]
+fn manifest_rewrites_an_unmount_leaves_are_audited() {
+    let r = rig(2, 3);
+    write(&r.engine, "m.tmp", &random(1000)).unwrap();
+    r.sites[2].set_put_delay(Duration::from_secs(2));
+    r.engine
+        .rename("P0001", "m.tmp", "P0001", "m.cram")
+        .unwrap();
+    assert!(!r.engine.wait_discards(Duration::from_millis(100)));
+    r.engine.audit_unrefreshed();
+    let log = r.engine.catalog.audit_log().unwrap();
+    let stale = log
+        .iter()
+        .find(|e| e.event == "manifest-stale")
+        .expect("the rewrite left is audited");
+    assert!(
+        stale.detail.contains("not rewritten before the unmount"),
+        "{}",
+        stale.detail
+    );
+    assert!(r.engine.wait_discards(Duration::from_secs(10)));
+}

@@ -223,6 +223,14 @@ fn an_absurd_grant_is_refused_by_name_and_the_mount_goes_on() {
     assert!(e.contains("\"last\""), "{e}");
     let e = ask(json!({"cmd": "consent-revoke", "patient": "G0"})).unwrap_err();
     assert!(e.contains("patient G0 does not exist"), "{e}");
+    // A consent outlives its patient's folder: its revoke still ends it.
+    std::fs::create_dir(rig.mnt.join("G2")).unwrap();
+    rig.grant("G2");
+    std::fs::remove_dir(rig.mnt.join("G2")).unwrap();
+    let r = ask(json!({"cmd": "consent-revoke", "patient": "G2"})).unwrap();
+    assert_eq!(r["ended"], json!(true), "{r}");
+    let list = ask(json!({"cmd": "consent-list"})).unwrap();
+    assert!(!list.to_string().contains("G2"), "{list}");
     // A revoke is audited with its caller, as a grant is.
     rig.grant("G1");
     ask(json!({"cmd": "consent-revoke", "patient": "G1"})).unwrap();

@@ -278,16 +278,6 @@ impl Stats {
     }
 }
 
-/// Work the discarder thread does after the request that asked for it has been answered: a
-/// version's shares to delete, or a version's manifest to rewrite at every site (after a
-/// rename or an attribute change, which are already durable in the catalog). Either waits on
-/// every site, and a hung site held a FUSE request thread for its timeout on each `chmod`,
-/// `touch` or `mv` (rsync does all three per file).
-enum Later {
-    Discard(FileRecord),
-    Refresh(FileId),
-}
-
 /// What the upload workers and readers share.
 struct Core {
     /// The configured scheme: every new version is split with it.
@@ -477,8 +467,13 @@ pub struct Engine {
     cache: Arc<ChunkCache>,
     /// Versions retired in the catalog whose shares the discarder thread deletes
     /// ([`Engine::discard_later`]).
-    discards: Mutex<Sender<Later>>,
-    /// How many of them are queued or being deleted, signalled as each is done.
+    discards: Mutex<Sender<FileRecord>>,
+    /// Versions whose manifest the manifest thread rewrites ([`Engine::refresh_later`]).
+    refreshes: Mutex<Sender<FileId>>,
+    /// Those queued and not yet rewritten, with how many times each (audited if an unmount
+    /// leaves them).
+    unrefreshed: Mutex<HashMap<FileId, usize>>,
+    /// How many deletions and rewrites are queued or under way, signalled as each is done.
     discarding: (Mutex<usize>, Condvar),
 }
 
@@ -563,7 +558,8 @@ impl Engine {
         consent.on_end(move |_| shares.share_bufs.wipe_all());
 
         let (ptx, prx) = mpsc::sync_channel::<(FileRecord, u64, ChunkRecord)>(64);
-        let (dtx, drx) = mpsc::channel::<Later>();
+        let (dtx, drx) = mpsc::channel::<FileRecord>();
+        let (rtx, rrx) = mpsc::channel::<FileId>();
         let engine = Arc::new(Self {
             catalog,
             consent,
@@ -577,22 +573,16 @@ impl Engine {
             prefetch: Mutex::new(ptx),
             cache,
             discards: Mutex::new(dtx),
+            refreshes: Mutex::new(rtx),
+            unrefreshed: Mutex::default(),
             discarding: Default::default(),
         });
         let weak = Arc::downgrade(&engine);
         std::thread::Builder::new()
             .name("fs-discard".into())
             .spawn(move || {
-                while let Ok(job) = drx.recv() {
+                while let Ok(rec) = drx.recv() {
                     let Some(engine) = weak.upgrade() else { return };
-                    let rec = match job {
-                        Later::Refresh(id) => {
-                            engine.refresh_manifest(&id);
-                            engine.discarded();
-                            continue;
-                        }
-                        Later::Discard(rec) => rec,
-                    };
                     let deleted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         engine.discard(&rec)
                     }));
@@ -606,6 +596,18 @@ impl Engine {
                 }
             })
             .expect("spawn discard thread");
+        // Manifest rewrites on a thread of their own: behind a whole genome's deletion on the
+        // discarder's, they waited minutes, and an unmount's bounded wait could leave them.
+        let weak = Arc::downgrade(&engine);
+        std::thread::Builder::new()
+            .name("fs-manifest".into())
+            .spawn(move || {
+                while let Ok(id) = rrx.recv() {
+                    let Some(engine) = weak.upgrade() else { return };
+                    engine.refresh_now(&id);
+                }
+            })
+            .expect("spawn manifest thread");
         // Several readahead workers, so that the chunks ahead of a sequential reader are
         // rebuilt in parallel (each waits on k sites, then combines and hashes).
         let prx = Arc::new(Mutex::new(prx));
@@ -892,20 +894,79 @@ impl Engine {
     /// of a file that replaced another, or the last reader's close of a replaced file must
     /// not wait for that, nor hold a FUSE request loop meanwhile.
     fn discard_later(&self, rec: FileRecord) {
-        self.later(Later::Discard(rec));
-    }
-
-    /// Queues `job` for the discarder thread ([`Engine::wait_discards`] waits for it).
-    fn later(&self, job: Later) {
         *self.discarding.0.lock().expect("discarding") += 1;
-        if let Err(mpsc::SendError(job)) = self.discards.lock().expect("discards").send(job) {
-            // The discarder is gone (it ends only with the engine): done here.
-            match job {
-                Later::Discard(rec) => self.discard(&rec),
-                Later::Refresh(id) => self.refresh_manifest(&id),
-            }
+        if let Err(mpsc::SendError(rec)) = self.discards.lock().expect("discards").send(rec) {
+            // The discarder is gone (it ends only with the engine): delete here.
+            self.discard(&rec);
             self.discarded();
         }
+    }
+
+    /// Has version `id`'s manifest rewritten at every site after this returns (after a rename
+    /// or an attribute change, already durable in the catalog), on the manifest thread
+    /// ([`Engine::wait_discards`] waits for it). A rewrite waits on every site: in the request,
+    /// a hung site held a FUSE request thread for its timeout on each `chmod`, `touch` or `mv`
+    /// (rsync does all three per file).
+    fn refresh_later(&self, id: FileId) {
+        *self.discarding.0.lock().expect("discarding") += 1;
+        *self
+            .unrefreshed
+            .lock()
+            .expect("unrefreshed")
+            .entry(id)
+            .or_default() += 1;
+        if let Err(mpsc::SendError(id)) = self.refreshes.lock().expect("refreshes").send(id) {
+            self.refresh_now(&id);
+        }
+    }
+
+    /// One rewrite queued by [`Engine::refresh_later`], done (a panic in it is audited as a
+    /// rewrite that failed).
+    fn refresh_now(&self, id: &FileId) {
+        let done =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.refresh_manifest(id)));
+        if done.is_err() {
+            self.manifest_stale(id, "its rewrite failed (a panic)");
+        }
+        {
+            let mut left = self.unrefreshed.lock().expect("unrefreshed");
+            if let Some(n) = left.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    left.remove(id);
+                }
+            }
+        }
+        self.discarded();
+    }
+
+    /// Audits the rewrites still queued (an unmount's wait ran out): those versions' manifests
+    /// keep their previous name and attributes, which a catalog rebuild would restore.
+    pub fn audit_unrefreshed(&self) {
+        let left: Vec<FileId> = self
+            .unrefreshed
+            .lock()
+            .expect("unrefreshed")
+            .keys()
+            .copied()
+            .collect();
+        for id in left {
+            self.manifest_stale(&id, "not rewritten before the unmount");
+        }
+    }
+
+    /// A manifest not rewritten: logged and audited.
+    fn manifest_stale(&self, id: &FileId, why: &str) {
+        tracing::warn!(
+            "file {}: manifest {why}; a catalog rebuild would restore its previous name and attributes",
+            merkle::hex(id)
+        );
+        self.catalog.audit(
+            "manifest-stale",
+            None,
+            None,
+            &format!("file {}: {why}", merkle::hex(id)),
+        );
     }
 
     /// One version queued by [`Engine::discard_later`] is done with.
@@ -1161,22 +1222,13 @@ impl Engine {
             Ok(Some(rec))
         })();
         if let Err(e) = result {
-            tracing::warn!(
-                "file {}: manifest not rewritten, a catalog rebuild would restore its previous name and attributes: {e}",
-                merkle::hex(id)
-            );
-            self.catalog.audit(
-                "manifest-stale",
-                None,
-                None,
-                &format!("file {}: {e}", merkle::hex(id)),
-            );
+            self.manifest_stale(id, &format!("not rewritten: {e}"));
         }
     }
 
     /// Rename a committed file (within the patient), replacing any file at the target (whose
     /// shares are deleted), and have its manifest rewritten under the new name (by the
-    /// discarder, after this returns: see [`Later`]).
+    /// manifest thread, after this returns: see [`Engine::refresh_later`]).
     pub fn rename(
         &self,
         patient: &str,
@@ -1204,13 +1256,13 @@ impl Engine {
             self.retire(&old);
         }
         if let Some(rec) = self.catalog.file(new_patient, new_name)? {
-            self.later(Later::Refresh(rec.id));
+            self.refresh_later(rec.id);
         }
         Ok(())
     }
 
     /// Change a committed version's mode and/or modification time, in the catalog, and in its
-    /// manifest after this returns (see [`Later`]).
+    /// manifest after this returns (see [`Engine::refresh_later`]).
     pub fn set_attrs(
         &self,
         id: &FileId,
@@ -1218,7 +1270,7 @@ impl Engine {
         mtime: Option<u64>,
     ) -> Result<(), EngineError> {
         self.catalog.set_attrs(id, mode, mtime)?;
-        self.later(Later::Refresh(*id));
+        self.refresh_later(*id);
         Ok(())
     }
 }

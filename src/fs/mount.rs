@@ -214,6 +214,7 @@ impl Mounted {
                  the next mount deletes the rest",
                 super::engine::DISCARD_WAIT
             );
+            self.engine.audit_unrefreshed();
         }
         self.engine.catalog.flush()?;
         let failed = self.engine.flush_links();
@@ -386,17 +387,16 @@ fn builtin_handler(engine: Arc<Engine>, admin_grants: bool) -> Arc<Handler> {
             })(),
             "consent-revoke" => (|| {
                 let patient = arg_str(req, "patient")?;
-                match engine.catalog.patient(patient) {
-                    Ok(Some(_)) => {}
-                    Ok(None) => {
-                        return Err(control::error(format!("patient {patient} does not exist")))
-                    }
-                    Err(e) => return Err(control::error(e)),
-                }
+                // Ended first, whatever the catalog says: a consent outlives its patient's
+                // folder (rmdir, then mkdir again), and a revoke must never be held up.
                 let ended = engine.consent.end(
                     patient,
                     &format!("revoked by admin ({})", control::peer_of(req)),
                 );
+                if !ended && matches!(engine.catalog.patient(patient), Ok(None)) {
+                    // Nothing ended, and no such patient: a typo, named.
+                    return Err(control::error(format!("patient {patient} does not exist")));
+                }
                 Ok(json!({"ok": true, "ended": ended}))
             })(),
             "consent-list" => Ok(json!({"ok": true, "grants": engine.consent.list()})),

@@ -283,11 +283,15 @@ const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// it is a filesystem that refuses direct I/O at open (tmpfs before Linux 6.6, some FUSE
 /// filesystems), named as such.
 fn open_error(path: &Path, flags: i32, e: std::io::Error) -> VolumeError {
+    use std::os::unix::fs::FileTypeExt;
     let direct = flags & libc::O_DIRECT != 0;
-    if direct && e.raw_os_error() == Some(libc::EINVAL) {
+    // Only a file or a block device is probed: a FIFO opened to read would wait for a writer.
+    let volume_like = std::fs::metadata(path)
+        .is_ok_and(|m| m.file_type().is_file() || m.file_type().is_block_device());
+    if direct && volume_like && e.raw_os_error() == Some(libc::EINVAL) {
         let plain = OpenOptions::new()
             .read(true)
-            .custom_flags(flags & !(libc::O_DIRECT | libc::O_EXCL))
+            .custom_flags((flags & !(libc::O_DIRECT | libc::O_EXCL)) | libc::O_NONBLOCK)
             .open(path);
         if plain.is_ok() {
             return VolumeError::NoDirectIo {
@@ -1116,6 +1120,11 @@ mod tests {
         assert!(matches!(e, VolumeError::Open { .. }), "{e}");
         let missing = dir.path().join("absent");
         let e = super::open_error(&missing, libc::O_DIRECT, einval());
+        assert!(matches!(e, VolumeError::Open { .. }), "{e}");
+        // A FIFO is not probed (opened to read, it would wait for a writer for good).
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = super::open_error(&fifo, libc::O_DIRECT, einval());
         assert!(matches!(e, VolumeError::Open { .. }), "{e}");
     }
 
