@@ -9,7 +9,9 @@ PREFIX ?= /usr/local
 deps:
 	@bash scripts/install-deps.sh
 
-build: deps release
+# deps first, then the build (never both at once under make -j: the build needs libpcsclite-dev).
+build: deps
+	$(MAKE) release
 
 # The release binaries alone, without the test and demo packages (for `make install`).
 release:
@@ -31,11 +33,13 @@ bench: build
 # The binaries, the systemd units (which run $(PREFIX)/bin/...), the design notes they link to,
 # /etc/qgenome for the configurations and the /qgenome mountpoint (empty: the mount refuses
 # anything else). Then: configure, `systemctl daemon-reload`, enable the units.
-install: release
+install: build
 	install -D -m 0755 $(TARGET_DIR)/release/qgenome $(DESTDIR)$(PREFIX)/bin/qgenome
 	install -D -m 0755 $(TARGET_DIR)/release/qgenome-mountd $(DESTDIR)$(PREFIX)/bin/qgenome-mountd
-	install -D -m 0644 systemd/qgenome.service $(DESTDIR)/etc/systemd/system/qgenome.service
-	install -D -m 0644 systemd/qgenome-mountd@.service $(DESTDIR)/etc/systemd/system/qgenome-mountd@.service
+	install -d -m 0755 $(DESTDIR)/etc/systemd/system
+	sed 's|/usr/local/bin/|$(PREFIX)/bin/|g' systemd/qgenome.service > $(DESTDIR)/etc/systemd/system/qgenome.service
+	sed 's|/usr/local/bin/|$(PREFIX)/bin/|g' systemd/qgenome-mountd@.service > $(DESTDIR)/etc/systemd/system/qgenome-mountd@.service
+	chmod 0644 $(DESTDIR)/etc/systemd/system/qgenome.service $(DESTDIR)/etc/systemd/system/qgenome-mountd@.service
 	install -D -m 0644 docs/design.md $(DESTDIR)/usr/share/doc/qgenome/design.md
 	install -d -m 0700 $(DESTDIR)/etc/qgenome
 	install -d -m 0755 $(DESTDIR)/qgenome

@@ -174,7 +174,16 @@ impl Deployment {
             None => bin_dir()?,
         };
         let dir = &opts.dir;
-        std::fs::create_dir_all(dir)?;
+        // Volumes side by side, any k of which rebuild the data, and plaintext sources: for
+        // this user alone.
+        {
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
         let mut sites = Vec::new();
         let names: Vec<String> = (0..opts.n)
             .map(|i| {
@@ -496,8 +505,10 @@ impl Deployment {
     }
 
     /// Stop the mount: SIGTERM (clean unmount) or SIGKILL (a crash; the mountpoint is then
-    /// detached with fusermount3).
+    /// detached with fusermount3). A clean stop that exits with a failure (the unmount, the
+    /// catalog flush or the destruction of used link key failed) is an error naming its log.
     pub fn stop_mount(&mut self, crash: bool) -> anyhow::Result<()> {
+        let mut exited = None;
         if let Some(mut c) = self.mount.take() {
             if crash {
                 let _ = c.kill();
@@ -505,7 +516,7 @@ impl Deployment {
                 let pid = nix::unistd::Pid::from_raw(c.id() as i32);
                 let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
             }
-            let _ = c.wait();
+            exited = Some(c.wait());
         }
         if is_fuse_mount(&self.mountpoint) {
             let _ = Command::new("fusermount3")
@@ -514,7 +525,14 @@ impl Deployment {
                 .arg(&self.mountpoint)
                 .status();
         }
-        Ok(())
+        match exited {
+            Some(Ok(st)) if !crash && !st.success() => anyhow::bail!(
+                "qgenome mount exited with {st} at a clean stop; see {}",
+                self.dir().join("mount.log").display()
+            ),
+            Some(Err(e)) => anyhow::bail!("waiting for qgenome mount to exit: {e}"),
+            _ => Ok(()),
+        }
     }
 
     /// Process ids of everything this deployment started (for emergency cleanup).

@@ -54,8 +54,18 @@ fn mount_log(d: &Deployment) -> String {
 
 #[test]
 fn no_plaintext_at_rest_and_reads_survive_a_dead_remote_site() {
+    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    reads_survive_dead_sites_and_nothing_at_rest_is_plaintext(deployment(dir.path()));
+    let deploy = dir.path().join("deploy");
+    let d = deployment(&deploy);
+    // Volumes side by side (any k rebuild the data): the deployment and every volume are for
+    // this user alone, whatever the umask.
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&deploy), 0o700);
+    for site in ["home", "site1", "site2"] {
+        assert_eq!(mode(&deploy.join(site).join("volume")), 0o600, "{site}");
+    }
+    reads_survive_dead_sites_and_nothing_at_rest_is_plaintext(d);
 }
 
 /// A file written, read back, read again with each remote site down in turn; then every file

@@ -126,6 +126,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     check_room(&args)?;
     let tmp = tempfile::Builder::new()
         .prefix("qgenome-demo-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .tempdir_in(&args.dir)
         .with_context(|| {
             format!(
@@ -447,8 +448,22 @@ fn flow(args: &DemoArgs, dir: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::R
         read_secs.as_secs_f64()
     );
     card.remove();
-    std::thread::sleep(Duration::from_secs(1));
-    let grants = deployment.control(&json!({"cmd": "consent-list"}))?;
+    // The removal must end the consent (pcscd polls the reader, ~0.4 s).
+    let removed = Instant::now();
+    let grants = loop {
+        let grants = deployment.control(&json!({"cmd": "consent-list"}))?;
+        let active = grants["grants"].as_array().is_some_and(|g| !g.is_empty());
+        if !active {
+            break grants;
+        }
+        if removed.elapsed() > Duration::from_secs(10) {
+            bail!(
+                "the card was removed 10 s ago and consent is still active: {}",
+                grants["grants"]
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     step(
         t0,
         &format!("card removed: active consents now {}", grants["grants"]),

@@ -1068,10 +1068,13 @@ fn fail_all(
 /// can complete), and on tmpfs, or in a VM whose host backs memory lazily, the first touch of
 /// each page is what costs.
 pub fn create_file_volume(path: &Path, size: u64, zeroed: bool) -> Result<PathBuf, VolumeError> {
+    // For the site's user alone, whatever the umask: a share is no secret alone, but a host
+    // holding two sites' volumes (a test, a demo) would hand any k of them to anyone.
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(path)
         .map_err(|e| os_err(path, e))?;
     // SAFETY: fallocate on a descriptor we own.
