@@ -30,10 +30,13 @@ test: deps
 bench: build
 	$(TARGET_DIR)/release/qgenome bench split --size 256M --k 2 --n 3
 
-# The binaries, the systemd units (which run $(PREFIX)/bin/...), the design notes they link to,
+# What a server needs to build and run them (scripts/install-deps.sh --server), the binaries,
+# the systemd units (made to run $(PREFIX)/bin/...), the design notes they link to,
 # /etc/qgenome for the configurations and the /qgenome mountpoint (empty: the mount refuses
 # anything else). Then: configure, `systemctl daemon-reload`, enable the units.
-install: build
+install:
+	@bash scripts/install-deps.sh --server
+	$(MAKE) release
 	install -D -m 0755 $(TARGET_DIR)/release/qgenome $(DESTDIR)$(PREFIX)/bin/qgenome
 	install -D -m 0755 $(TARGET_DIR)/release/qgenome-mountd $(DESTDIR)$(PREFIX)/bin/qgenome-mountd
 	install -d -m 0755 $(DESTDIR)/etc/systemd/system

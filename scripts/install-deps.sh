@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # Installs the Debian packages that `make test` and `make demo` need, only when missing.
-# Idempotent and quiet when everything is present.
+# Idempotent and quiet when everything is present. With --server, only what a server needs to
+# build and run the two binaries (`make install`): no virtual card reader, test data or peers.
 set -euo pipefail
+
+server=(
+  pkg-config          # pcsc crate build
+  libpcsclite-dev     # pcsc crate link
+  pcscd               # PC/SC daemon, for the patients' cards ([card])
+  fuse3               # fusermount3, /etc/fuse.conf
+)
 
 packages=(
   pkg-config          # pcsc crate build
@@ -20,6 +28,10 @@ packages=(
   systemd             # systemd-analyze verify of the units (tests/units.rs)
   python3             # readers with precise open flags and signal masks in tests/fs_mount.rs
 )
+
+if [ "${1:-}" = "--server" ]; then
+  packages=("${server[@]}")
+fi
 
 missing=()
 for p in "${packages[@]}"; do
