@@ -528,7 +528,7 @@ impl Deployment {
         match exited {
             Some(Ok(st)) if !crash && !st.success() => anyhow::bail!(
                 "qgenome mount exited with {st} at a clean stop; see {}",
-                self.dir().join("mount.log").display()
+                self.mount_log.display()
             ),
             Some(Err(e)) => anyhow::bail!("waiting for qgenome mount to exit: {e}"),
             _ => Ok(()),
