@@ -1263,10 +1263,29 @@ impl<D: BlockDevice> Store<D> {
         std::fs::create_dir_all(&dir).map_err(io)?;
         // Never beside a daemon still committing into the index moved aside below.
         let _state_lock = lock_state_dir(&dir)?;
+        let index = dir.join("index");
+        // An index there that names another volume is another site's (a mistyped --state):
+        // moved aside, it would leave that site refusing to start. One that cannot be read, or
+        // names no volume, is what a rebuild is for.
+        if index.exists() {
+            if let Ok(db) = open_index(sled::Config::new().path(&index)) {
+                let named = db
+                    .open_tree("meta")
+                    .ok()
+                    .and_then(|m| m.get(META_VOLUME_ID).ok().flatten());
+                if let Some(v) = named.filter(|v| v.as_ref() != sb.volume_id) {
+                    return Err(StoreError::StateMismatch {
+                        dir,
+                        volume: dev.path().to_path_buf(),
+                        expected: hex(&sb.volume_id),
+                        found: hex(&v),
+                    });
+                }
+            }
+        }
         let mut report = RebuildReport::default();
         // The scan first: one that fails (an unreadable block, say) leaves the index in place.
         let (found, superseded) = scan(dev, &sb, &mut report)?;
-        let index = dir.join("index");
         if index.exists() {
             let aside = dir.join(format!("index.old-{}", now_secs()));
             std::fs::rename(&index, &aside).map_err(io)?;

@@ -559,3 +559,52 @@ fn a_failed_bench_on_an_existing_volume_leaves_no_share_on_it() {
     let left = store.list().count();
     assert_eq!(left, 0, "shares left by the failed bench");
 }
+
+/// `rebuild-index` with the `--state` of another site (a mistyped path) is refused, naming
+/// both volumes, and that site's index is left where it is: moved aside, it left that site
+/// refusing to start.
+#[test]
+fn rebuild_index_into_another_volumes_state_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.vol"), dir.path().join("b.vol"));
+    format(&a, "a");
+    format(&b, "b");
+    let a_state = dir.path().join("a.vol.state");
+    {
+        let store = Store::open(
+            UringVolume::open(&a, &UringOptions::default()).unwrap(),
+            &a_state,
+            StoreOptions::default(),
+        )
+        .unwrap();
+        store
+            .put(run_key([3; 16], 0), RUN_META, &[7u8; 5000])
+            .unwrap();
+    }
+    let out = mountd()
+        .args(["rebuild-index", "--volume"])
+        .arg(&b)
+        .arg("--state")
+        .arg(&a_state)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "rebuilt b's index into a's state");
+    assert!(
+        err.contains("a.vol.state") && err.contains("b.vol"),
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&a_state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("index.old"))
+        .collect();
+    assert!(left.is_empty(), "a's index moved aside: {left:?}");
+    let store = Store::open(
+        UringVolume::open(&a, &UringOptions::default()).unwrap(),
+        &a_state,
+        StoreOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(store.list().count(), 1, "site a lost its index");
+}
