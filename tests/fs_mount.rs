@@ -82,11 +82,22 @@ end = "a"
             .iter()
             .map(|s| Arc::new(MemSite::new(&s.name)))
             .collect();
-        let dyn_sites = sites
+        let dyn_sites: Vec<Arc<dyn ShareSite>> = sites
             .iter()
             .map(|s| s.clone() as Arc<dyn ShareSite>)
             .collect();
-        let mounted = start(&cfg, &mnt, dyn_sites, vec![]).unwrap();
+        // The catalog `before` had open is let go by sled's flusher thread a moment after
+        // its drop: until then its lock makes the mount's open fail (WouldBlock).
+        let mut tries = 0;
+        let mounted = loop {
+            match start(&cfg, &mnt, dyn_sites.clone(), vec![]) {
+                Err(e) if tries < 50 && format!("{e:#}").contains("could not acquire lock") => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                r => break r.unwrap(),
+            }
+        };
         Rig {
             dir,
             mnt,
