@@ -555,9 +555,6 @@ struct Track {
     name: String,
     present: bool,
     count: u32,
-    /// Which insertion the card now in the reader is (unique across readers and reader
-    /// lists); a presentation's outcome counts only while its insertion is still here.
-    insertion: u64,
     /// (GUID, patient) of the until-removed session granted from this reader.
     granted: Option<(Guid, String)>,
 }
@@ -588,8 +585,9 @@ struct Watcher {
     insertions: u64,
     /// Outcomes of presentations running on their own threads.
     outcomes: (mpsc::Sender<Presentation>, mpsc::Receiver<Presentation>),
-    /// The insertion each reader holds now, for presentation threads to check before they
-    /// talk to the card in it (once they have the desk, it may be another).
+    /// The insertion each reader holds now (numbers unique across readers and reader lists):
+    /// presentation threads check it before they talk to the card (once they have the desk,
+    /// it may be another), and an outcome counts only while its insertion is still there.
     current: Current,
 }
 
@@ -712,7 +710,6 @@ impl Watcher {
                             name: n,
                             present: false,
                             count: 0,
-                            insertion: 0,
                             granted: None,
                         },
                     )
@@ -799,10 +796,8 @@ impl Watcher {
                     name: t.name.clone(),
                     present: true,
                     count,
-                    insertion: t.insertion,
                     granted: t.granted.take(),
                 };
-                t.insertion = 0;
                 set_current(&self.current, &t.name, None);
                 self.removed(gone);
             }
@@ -842,7 +837,6 @@ impl Watcher {
     fn inserted(&mut self, i: usize) {
         self.insertions += 1;
         let insertion = self.insertions;
-        self.tracks[i].insertion = insertion;
         let reader = self.tracks[i].name.clone();
         set_current(&self.current, &reader, Some(insertion));
         self.cards
@@ -888,10 +882,17 @@ impl Watcher {
             connection,
         } = p;
         let cards = self.cards.clone();
-        let here = self
-            .tracks
-            .iter()
-            .position(|t| t.name == reader && t.present && t.insertion == insertion);
+        // Still the reader's card: `current` is kept by the insertions and removals this
+        // thread sees (the one record of which insertion each reader holds).
+        let still = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&reader)
+            == Some(&insertion);
+        let here = still
+            .then(|| self.tracks.iter().position(|t| t.name == reader))
+            .flatten();
         let outcome = outcome.and_then(|p| match here {
             Some(_) => Ok(p),
             None => Err(Refusal::Left {
