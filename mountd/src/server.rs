@@ -18,7 +18,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use qgenome::keys::{pool, Direction, End, KeyError, PoolFile};
 use qgenome::link::{hex, LinkError, RecvStream, SendStream, StreamOptions};
@@ -74,57 +74,53 @@ pub struct LinkEnds {
     recv: Mutex<RecvStream>,
     send_id: [u8; 16],
     recv_id: [u8; 16],
-    /// Sealed answers to stale frames this link may still give (see [`StaleAnswers`]).
-    stale_answers: Mutex<StaleAnswers>,
-    /// Stale frames refused without an answer since start.
-    stale_unanswered: AtomicU64,
+    /// Where the receive stream's unused key started when this process opened it (its
+    /// persisted window end: everything below counts as used after a restart).
+    floor_at_start: u64,
+    /// The answer to every stale frame of this process's life: sealed once, when the first
+    /// comes, and resent as the same bytes (see [`floor_notice`]). An error naming why if it
+    /// could not be sealed (the send key ran out).
+    floor_notice: std::sync::OnceLock<Result<Vec<u8>, String>>,
+    /// Stale frames answered with the floor notice since start.
+    stale_frames: AtomicU64,
 }
 
 /// How often the server sweeps its links' receive gaps (see `RecvStream::expire_gaps`).
 const GAP_SWEEP_EVERY: Duration = Duration::from_secs(30);
 
-/// Sealed answers to stale frames (`KeyAlreadyUsed`) allowed at once on one link.
+/// Seal the floor notice of a link: a `KeyAlreadyUsed` error, id [`msg::FLOOR_NOTICE_ID`],
+/// whose `arg` is where our receive stream's unused key started at start (its window end: all
+/// key below it counts as used once we restarted).
 ///
-/// Such a frame is refused before its tag can be checked (its key lies below the receive
-/// stream's floor, destroyed or never to be used), so anyone who saw the link's stream id
-/// can send one; each sealed answer spends a key block (4 KiB) of the link's send key. A genuine
-/// peer needs one answer per connection it opened before it learnt our floor (after our
-/// restart: its pool's worth at once, 8 for `MountdSite`), so a burst of this many is
-/// answered, then one per [`STALE_ANSWER_EVERY`]; beyond that the connection is closed
-/// unanswered (the peer retries on a new connection).
-pub const STALE_ANSWER_BURST: u32 = 8;
-/// How often one more stale frame may be answered once the burst is spent.
-pub const STALE_ANSWER_EVERY: Duration = Duration::from_secs(1);
-
-/// A token bucket of sealed answers to stale frames: [`STALE_ANSWER_BURST`] deep, refilled
-/// one every [`STALE_ANSWER_EVERY`].
-#[derive(Debug)]
-struct StaleAnswers {
-    tokens: f64,
-    at: Instant,
-}
-
-impl StaleAnswers {
-    fn new(now: Instant) -> Self {
-        Self {
-            tokens: f64::from(STALE_ANSWER_BURST),
-            at: now,
+/// A stale frame (key below our floor: a peer that sent before our restart, or a replay) is
+/// refused before its tag can be checked, so anyone who saw the link's stream id can send
+/// one. A sealed answer per frame spent a key block of our send key each (session 22 bounded
+/// it at 8, then one a second, which still drained about 350 MB a day and let a flood take
+/// the answers a restarted peer needed). One notice, sealed when the first stale frame of
+/// this process comes (after a restart, the peer's own HELLO) and resent as the same bytes,
+/// spends nothing more however often it is sent, and a genuine peer tells a resent copy from
+/// a forgery by its header and tag (see `MountdSite`). Sealed only when needed, so a link
+/// that never sees a stale frame leaves no unopened block at the peer. Resending a frame is not reuse of its key: the same plaintext under the
+/// same pad and MAC key, nothing new to anyone who saw the first copy.
+fn floor_notice(send: &mut SendStream, recv_floor: u64) -> Result<Vec<u8>, LinkError> {
+    let body = error_body(
+        ErrorCode::KeyAlreadyUsed,
+        recv_floor,
+        &format!(
+            "this link's key below offset {recv_floor} is used or destroyed (the site \
+             restarted, or the frame was replayed): skip past it"
+        ),
+    );
+    let mut out = Vec::new();
+    send.seal(
+        &Msg {
+            id: msg::FLOOR_NOTICE_ID,
+            body,
         }
-    }
-
-    /// Whether one more stale frame may be answered at `now` (and if so, count it).
-    fn take(&mut self, now: Instant) -> bool {
-        let refill =
-            now.saturating_duration_since(self.at).as_secs_f64() / STALE_ANSWER_EVERY.as_secs_f64();
-        self.tokens = (self.tokens + refill).min(f64::from(STALE_ANSWER_BURST));
-        self.at = self.at.max(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
+        .to_vec(),
+        &mut out,
+    )?;
+    Ok(out)
 }
 
 impl std::fmt::Debug for LinkEnds {
@@ -164,14 +160,16 @@ impl LinkEnds {
         };
         let send = SendStream::from_dir(&c.key_dir, &c.name, tx_dir, opts.clone()).map_err(le)?;
         let recv = RecvStream::from_dir(&c.key_dir, &c.name, rx_dir, opts).map_err(le)?;
+        let floor_at_start = recv.window_end();
         Ok(Self {
             name: c.name.clone(),
             send: Mutex::new(send),
             recv: Mutex::new(recv),
             send_id: tx_info.stream_id,
             recv_id: rx_info.stream_id,
-            stale_answers: Mutex::new(StaleAnswers::new(Instant::now())),
-            stale_unanswered: AtomicU64::new(0),
+            floor_at_start,
+            floor_notice: std::sync::OnceLock::new(),
+            stale_frames: AtomicU64::new(0),
         })
     }
 
@@ -1001,40 +999,30 @@ impl<D: BlockDevice> Server<D> {
         }
     }
 
-    /// The answer to a frame the link refused: a replay is told (sealed) where our unused
-    /// key starts, as often as [`STALE_ANSWER_BURST`] allows; anything else closes the
+    /// The answer to a frame the link refused: a stale or replayed frame gets the link's floor
+    /// notice (sealed for the first, resent as is: no key spent); anything else closes the
     /// connection.
     fn refuse_frame(&self, link: &LinkEnds, e: LinkError, out: &mut Vec<u8>) -> Outcome {
         match e {
-            LinkError::KeyAlreadyUsed {
-                consumed_until,
-                offset,
-                ..
-            } => {
-                // Tell the sender where our unused key starts (sealed, so authentic):
-                // after our restart it skips there; a replay learns nothing new.
+            LinkError::KeyAlreadyUsed { .. } => {
+                let n = link.stale_frames.fetch_add(1, Ordering::Relaxed) + 1;
                 let reason = format!("replayed or stale frame: {e}");
-                // Its tag could not be checked: anyone may send these, and each answer
-                // spends our send key. Answered at a bounded rate only.
-                if !lock(&link.stale_answers).take(Instant::now()) {
-                    let n = link.stale_unanswered.fetch_add(1, Ordering::Relaxed) + 1;
-                    return Outcome::Close(format!(
-                        "{reason}; not answered: more than {STALE_ANSWER_BURST} stale frames \
-                         on this link at once, one answered per {STALE_ANSWER_EVERY:?} \
-                         ({n} unanswered since start)"
-                    ));
-                }
-                // Its request id is unknown (the frame was not opened): the answer carries the
-                // refused frame's key offset there, so the sender acts only on the answer to
-                // its own frame, never on one to a replay.
-                match self.seal_reply(
-                    link,
-                    offset,
-                    error_body(ErrorCode::KeyAlreadyUsed, consumed_until, &e.to_string()),
-                    out,
-                ) {
-                    Ok(()) => Outcome::ReplyAndClose(reason),
-                    Err(se) => Outcome::Close(format!("{reason}; cannot answer: {se}")),
+                let notice = link.floor_notice.get_or_init(|| {
+                    floor_notice(&mut lock(&link.send), link.floor_at_start)
+                        .map_err(|e| e.to_string())
+                });
+                match notice {
+                    Ok(notice) => {
+                        out.clear();
+                        out.extend_from_slice(notice);
+                        Outcome::ReplyAndClose(format!(
+                            "{reason}; answered with the link's floor notice ({n} stale \
+                             frames since start)"
+                        ))
+                    }
+                    Err(why) => Outcome::Close(format!(
+                        "{reason}; not answered: the link's floor notice could not be sealed: {why}"
+                    )),
                 }
             }
             LinkError::WrongStream { .. } => Outcome::Close(format!(
@@ -1491,27 +1479,6 @@ fn frame_len(prefix: &[u8], sealed: bool, before_hello: bool) -> Result<usize, S
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stale_answers_are_a_burst_then_one_per_interval() {
-        let t0 = Instant::now();
-        let mut b = StaleAnswers::new(t0);
-        for _ in 0..STALE_ANSWER_BURST {
-            assert!(b.take(t0));
-        }
-        assert!(!b.take(t0));
-        assert!(!b.take(t0 + STALE_ANSWER_EVERY / 2));
-        assert!(b.take(t0 + STALE_ANSWER_EVERY));
-        assert!(!b.take(t0 + STALE_ANSWER_EVERY));
-        // A long quiet spell refills the burst, no more.
-        let later = t0 + STALE_ANSWER_EVERY * 1000;
-        for _ in 0..STALE_ANSWER_BURST {
-            assert!(b.take(later));
-        }
-        assert!(!b.take(later));
-        // A clock read earlier than the last one (threads racing) neither refills nor panics.
-        assert!(!b.take(t0));
-    }
 
     /// A server over an in-memory volume holding one share of `len` bytes under key `k`,
     /// with `inflight` bytes allowed in flight.

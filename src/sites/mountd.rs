@@ -6,8 +6,9 @@
 //! on a fresh one; if that fails too the error is `Unreachable` naming the site and address.
 //! Key handling (see `docs/design.md` ("mountd"), "Share protocol"): the HELLO carries where our
 //! receive stream's unused key starts, so the server never answers with key we count as
-//! consumed; a `KeyAlreadyUsed` reply (the server restarted) makes us skip our send stream
-//! to the server's floor and retry once. Key is never reused: skipping only moves forward.
+//! consumed; the site's floor notice (a `KeyAlreadyUsed` answer, the same bytes for every
+//! stale frame) answering our HELLO (the server restarted) makes us skip our send stream to
+//! the server's floor and say HELLO again. Key is never reused: skipping only moves forward.
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
@@ -63,6 +64,30 @@ struct ClientLink {
     /// The receive stream's key left, as of its last open: read on every request's way out
     /// without taking the stream, which a reply's check holds while it verifies a share.
     recv_left: AtomicU64,
+    /// The site's floor notice, once one was opened: its resent copies cannot be opened again
+    /// (their key is used), so they are known by their header and tag.
+    notice: Mutex<Option<FloorNotice>>,
+}
+
+/// A floor notice of the site that was opened (its tag verified): the answer it resends, as
+/// is, to every stale frame of the link (`qgenome-mountd`'s `floor_notice`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FloorNotice {
+    header: [u8; HEADER_LEN],
+    tag: [u8; TAG_LEN],
+    floor: u64,
+}
+
+impl ClientLink {
+    /// Where the site's unused key starts, if `header` and `tag` are those of the floor
+    /// notice opened before. A copy whose ciphertext was altered is taken for the notice
+    /// too, harmlessly: only the floor the genuine one said is acted on.
+    fn known_notice(&self, header: &[u8; HEADER_LEN], tag: &[u8; TAG_LEN]) -> Option<u64> {
+        lock(&self.notice)
+            .as_ref()
+            .filter(|n| n.header == *header && n.tag == *tag)
+            .map(|n| n.floor)
+    }
 }
 
 impl ClientLink {
@@ -298,6 +323,7 @@ impl MountdSite {
             window: keys.options.window,
             heard: Default::default(),
             floor_skipped: Default::default(),
+            notice: Mutex::new(None),
             recv_left,
         };
         Ok(Self::with_addr(
@@ -453,8 +479,19 @@ impl MountdSite {
                     }
                     return r;
                 }
-                Err(CallError::KeyAlreadyUsed(until)) if attempt == 0 => {
-                    self.skip_send(until)?;
+                Err(CallError::KeyAlreadyUsed(floor)) => {
+                    // A floor notice answers only a stale frame, and on a connection whose
+                    // HELLO was welcomed our frames are not stale (the site skipped to our
+                    // floor, and we never reuse key): this copy is someone else's, injected
+                    // here. Not acted on: no key skipped, and no retry of a request the site
+                    // may have done.
+                    return Err(SiteError::Protocol {
+                        site: self.name.clone(),
+                        reason: format!(
+                            "{}: the site's floor notice (key used up to {floor}) as the answer to a request after its HELLO was welcomed: not for ours, not acted on",
+                            self.addr
+                        ),
+                    });
                 }
                 Err(CallError::Io(e)) if attempt == 0 || reused => {
                     // A broken idle connection usually means the server restarted: its
@@ -465,15 +502,6 @@ impl MountdSite {
                     last = e;
                 }
                 Err(CallError::Io(e)) => return Err(self.unreachable(e)),
-                Err(CallError::KeyAlreadyUsed(until)) => {
-                    return Err(SiteError::Protocol {
-                        site: self.name.clone(),
-                        reason: format!(
-                            "{} still refuses our key after skipping to {until}",
-                            self.addr
-                        ),
-                    })
-                }
                 Err(CallError::ReplyBelowFloor) => {
                     return Err(SiteError::Protocol {
                         site: self.name.clone(),
@@ -719,13 +747,11 @@ impl MountdSite {
             }
             Some(link) => {
                 self.reply_key_check(link).map_err(CallError::Site)?;
-                // The key offset of the frame sent: a KeyAlreadyUsed answer must name it.
-                let sent = if tail.is_empty() {
-                    let sealed = lock(&link.send)
+                if tail.is_empty() {
+                    lock(&link.send)
                         .seal_parts(&[&b.head], &mut b.frame)
                         .map_err(|e| CallError::Site(self.link_error(e)))?;
                     conn.sock.write_all(&b.frame).map_err(io)?;
-                    sealed.key_range.start
                 } else {
                     // A share goes out as it is sealed, a tile at a time, each piece of
                     // ciphertext written while still in cache. The stream is held only to
@@ -743,10 +769,8 @@ impl MountdSite {
                         .map_err(|e| match e {
                             SealWriteError::Link(e) => CallError::Site(self.link_error(e)),
                             SealWriteError::Write(e) => io(e),
-                        })?
-                        .key_range
-                        .start
-                };
+                        })?;
+                }
                 let mut h = [0u8; HEADER_LEN];
                 conn.sock.read_exact(&mut h).map_err(io)?;
                 let hdr = FrameHeader::parse_prefix(&h, msg::MAX_MSG as u64).map_err(|e| {
@@ -756,6 +780,7 @@ impl MountdSite {
                     })
                 })?;
                 let len = hdr.payload_len as usize;
+                let mut tag = [0u8; TAG_LEN];
                 let opened = match tail_out.as_deref_mut() {
                     // A DATA reply's share is read straight into the caller's buffer and
                     // opened there, in place. Sized without clearing (no memset of a reused
@@ -763,7 +788,6 @@ impl MountdSite {
                     Some(t) if len >= msg::DATA_HEAD_LEN => {
                         crate::resize_wiped(&mut b.plain, msg::DATA_HEAD_LEN);
                         crate::resize_wiped(t, len - msg::DATA_HEAD_LEN);
-                        let mut tag = [0u8; TAG_LEN];
                         read_exact_parts(
                             &mut conn.sock,
                             &mut [
@@ -782,8 +806,21 @@ impl MountdSite {
                         conn.sock
                             .read_exact(&mut b.reply[HEADER_LEN..])
                             .map_err(io)?;
-                        link.open(|rx| rx.open(&b.reply, &mut b.plain))
-                            .map(|_| false)
+                        tag.copy_from_slice(&b.reply[b.reply.len() - TAG_LEN..]);
+                        link.open(|rx| {
+                            rx.open(&b.reply, &mut b.plain)?;
+                            // Known before the stream is let go: a copy on another
+                            // connection fails to open only once the stream is ours again,
+                            // and must then find this notice.
+                            if let Some(floor) = notice_floor(&b.plain) {
+                                *lock(&link.notice) = Some(FloorNotice {
+                                    header: h,
+                                    tag,
+                                    floor,
+                                });
+                            }
+                            Ok(false)
+                        })
                     }
                 };
                 let split = match opened {
@@ -791,8 +828,14 @@ impl MountdSite {
                         link.heard.store(true, Ordering::SeqCst);
                         rejoin(&mut b.plain, tail_out, split)
                     }
+                    // A resent copy of the floor notice we opened before (a pool's connections
+                    // all sent stale frames after the site restarted): its key is used, so
+                    // it is known by its header and tag.
                     Err(LinkError::KeyAlreadyUsed { .. }) => {
-                        return Err(CallError::ReplyBelowFloor)
+                        return Err(match link.known_notice(&h, &tag) {
+                            Some(floor) => CallError::KeyAlreadyUsed(floor),
+                            None => CallError::ReplyBelowFloor,
+                        })
                     }
                     Err(e) => return Err(CallError::Site(self.link_error(e))),
                 };
@@ -806,15 +849,14 @@ impl MountdSite {
                         },
                 }) = msg::decode(&b.plain)
                 {
-                    // The server could not read our request's id (it refused the frame
-                    // unopened), so its answer names the refused frame's key offset: an
-                    // answer to another frame (a replay of an old one, injected here) is
-                    // not ours to act on.
-                    if id != sent {
+                    // The server could not read our frame (it refused it unopened), so it
+                    // answers with its floor notice, the same for every stale frame; the
+                    // caller acts on it only as the answer to a HELLO.
+                    if id != msg::FLOOR_NOTICE_ID {
                         return Err(CallError::Site(SiteError::Protocol {
                             site: self.name.clone(),
                             reason: format!(
-                                "{}: a KeyAlreadyUsed answer for the frame at key offset {id}, not for ours at {sent}",
+                                "{}: a KeyAlreadyUsed answer with request id {id}, which is not the site's floor notice: not acted on",
                                 self.addr
                             ),
                         }));
@@ -824,6 +866,22 @@ impl MountdSite {
                 Ok(split)
             }
         }
+    }
+}
+
+/// The floor a site's notice gives, if `plain` is one.
+fn notice_floor(plain: &[u8]) -> Option<u64> {
+    match msg::decode(plain) {
+        Ok(Msg {
+            id: msg::FLOOR_NOTICE_ID,
+            body:
+                Body::Error {
+                    code: ErrorCode::KeyAlreadyUsed,
+                    arg,
+                    ..
+                },
+        }) => Some(arg),
+        _ => None,
     }
 }
 

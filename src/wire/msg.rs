@@ -24,6 +24,10 @@ pub const MAX_DATA: usize = 16 << 20;
 pub const MAX_MSG: usize = MAX_DATA + 4096;
 /// Most entries in one LIST reply.
 pub const MAX_LIST: u32 = 4096;
+/// The id of a site's floor notice: the one `KeyAlreadyUsed` answer it gives every stale
+/// frame of a link, sealed once per start (a stale frame is refused unopened, so its request
+/// id is unknown). Never a request's id: clients number requests from 1.
+pub const FLOOR_NOTICE_ID: u64 = u64::MAX;
 /// Most links reported by one STAT reply.
 pub const MAX_LINKS: usize = 64;
 /// Longest error message, site or link name on the wire.
