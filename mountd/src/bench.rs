@@ -380,6 +380,7 @@ pub fn bench_daemon<D: BlockDevice>(
         let ends = LinkEnds::open(&link)?;
         let limits = ServerLimits {
             max_connections: 64,
+            max_unwelcomed_per_address: 64,
             max_inflight_bytes: 1 << 30,
             frame_timeout: std::time::Duration::from_secs(60),
             idle_timeout: std::time::Duration::from_secs(300),

@@ -142,6 +142,11 @@ pub struct Limits {
     pub durability: Durability,
     /// Connections served at once (more wait in the listen queue).
     pub max_connections: u32,
+    /// TCP connections from one IP address (an IPv6 /64) whose HELLO has not been welcomed
+    /// yet, at once (default: half of `max_connections`; capped at it); more from that
+    /// address are closed as they come. So a keyless client on one address cannot hold every
+    /// slot the remote sites' home needs.
+    pub max_unwelcomed_per_address: Option<u32>,
     /// Bytes of frames being received, processed or answered at once.
     pub max_inflight_bytes: u64,
     /// Seconds a started frame may take to arrive completely; also how long a new
@@ -157,6 +162,16 @@ pub const MAX_FRAME_TIMEOUT_SECS: u64 = 3600;
 /// The longest `idle_timeout_secs` accepted (a day).
 pub const MAX_IDLE_TIMEOUT_SECS: u64 = 86_400;
 
+impl Limits {
+    /// `max_unwelcomed_per_address` as it applies: half of `max_connections` unless set,
+    /// never more than `max_connections`, at least 1.
+    pub fn unwelcomed_per_address(&self) -> u32 {
+        self.max_unwelcomed_per_address
+            .unwrap_or(self.max_connections / 2)
+            .clamp(1, self.max_connections.max(1))
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -165,6 +180,7 @@ impl Default for Limits {
             fixed_buffers: 16,
             durability: Durability::default(),
             max_connections: 64,
+            max_unwelcomed_per_address: None,
             max_inflight_bytes: 256 << 20,
             frame_timeout_secs: 30,
             idle_timeout_secs: 300,
@@ -230,6 +246,12 @@ impl SiteConfig {
         )?;
         if c.limits.max_connections == 0 {
             return Err(bad("limits.max_connections", "must be at least 1".into()));
+        }
+        if c.limits.max_unwelcomed_per_address == Some(0) {
+            return Err(bad(
+                "limits.max_unwelcomed_per_address",
+                "must be at least 1".into(),
+            ));
         }
         // Each registered buffer pins a share's worth of memory at start (~1 MiB): a typo
         // must not lock gigabytes.
@@ -460,6 +482,32 @@ durability = "fdatasync"
         .unwrap_err()
         .to_string();
         assert!(e.contains("`listen`"), "{e}");
+    }
+
+    #[test]
+    fn unwelcomed_connections_per_address_default_to_half_the_slots_and_zero_is_named() {
+        let c = SiteConfig::parse(GOOD, Path::new("site.toml")).unwrap();
+        assert_eq!(c.limits.max_unwelcomed_per_address, None);
+        assert_eq!(c.limits.unwelcomed_per_address(), 32);
+        let c = SiteConfig::parse(
+            &format!("{GOOD}max_connections = 9\nmax_unwelcomed_per_address = 20\n"),
+            Path::new("site.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.limits.unwelcomed_per_address(), 9);
+        let c = SiteConfig::parse(&format!("{GOOD}max_connections = 1\n"), Path::new("s.toml"))
+            .unwrap();
+        assert_eq!(c.limits.unwelcomed_per_address(), 1);
+        let e = SiteConfig::parse(
+            &format!("{GOOD}max_unwelcomed_per_address = 0\n"),
+            Path::new("/etc/q/site.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("/etc/q/site.toml") && e.contains("limits.max_unwelcomed_per_address"),
+            "{e}"
+        );
     }
 
     #[test]

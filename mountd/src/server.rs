@@ -193,6 +193,8 @@ pub struct ServerLimits {
     /// Connections served at once, on each listener (the Unix socket and TCP each have
     /// this many, so remote peers can never take the home mount's).
     pub max_connections: usize,
+    /// TCP connections from one address (an IPv6 /64) not yet welcomed, at once.
+    pub max_unwelcomed_per_address: usize,
     pub max_inflight_bytes: u64,
     /// How long a started frame may take to arrive, a new connection its first frame, and
     /// a reply to be taken by its peer.
@@ -206,6 +208,7 @@ impl ServerLimits {
     pub fn from_config(c: &SiteConfig) -> Self {
         Self {
             max_connections: c.limits.max_connections as usize,
+            max_unwelcomed_per_address: c.limits.unwelcomed_per_address() as usize,
             max_inflight_bytes: c.limits.max_inflight_bytes,
             frame_timeout: Duration::from_secs(c.limits.frame_timeout_secs),
             idle_timeout: Duration::from_secs(c.limits.idle_timeout_secs),
@@ -331,6 +334,11 @@ impl<D: BlockDevice> Server<D> {
         // never hold the ones the home mount's Unix socket needs.
         let unix_conns = Arc::new(Semaphore::new(self.limits.max_connections));
         let tcp_conns = Arc::new(Semaphore::new(self.limits.max_connections));
+        let unwelcomed = Arc::new(UnwelcomedCounts::default());
+        let cap = self
+            .limits
+            .max_unwelcomed_per_address
+            .clamp(1, self.limits.max_connections);
         let mut tasks = JoinSet::new();
         let Listeners { unix, tcp } = listeners;
         let (unix, unix_path) = match unix {
@@ -370,6 +378,11 @@ impl<D: BlockDevice> Server<D> {
                 },
                 (permit, r) = with_permit(&tcp_conns, accept_tcp(tcp.as_ref())) => match r {
                     Ok((s, peer)) => {
+                        let Some(slot) = Unwelcomed::take(&unwelcomed, peer.ip(), cap) else {
+                            // Closed at once: its permit goes back with it.
+                            unwelcomed.refused(peer, cap);
+                            continue;
+                        };
                         let _ = s.set_nodelay(true);
                         if let Err(e) = set_keepalive(&s) {
                             tracing::warn!("peer {peer}: cannot enable TCP keepalive: {e}");
@@ -377,7 +390,11 @@ impl<D: BlockDevice> Server<D> {
                         let srv = self.clone();
                         let stop = stop_rx.clone();
                         tasks.spawn(async move {
-                            srv.serve_conn(s, peer.to_string(), Some(ConnLink::default()), stop).await;
+                            let c = ConnLink {
+                                link: None,
+                                unwelcomed: Some(slot),
+                            };
+                            srv.serve_conn(s, peer.to_string(), Some(c), stop).await;
                             drop(permit);
                         });
                     }
@@ -925,6 +942,7 @@ impl<D: BlockDevice> Server<D> {
                     }
                     drop(tx);
                     c.link = Some(link.clone());
+                    c.unwelcomed = None;
                     tracing::info!("link {} peer {peer}: connected", link.name);
                     Reply::plain(Msg {
                         id: m.id,
@@ -1255,9 +1273,93 @@ fn plain_error(out: &mut Vec<u8>, id: u64, code: ErrorCode, arg: u64, message: &
 }
 
 /// Per-connection state of a sealed connection: the link, once HELLO named it.
-#[derive(Default)]
 struct ConnLink {
     link: Option<Arc<LinkEnds>>,
+    /// Counted against its address until its HELLO is welcomed.
+    unwelcomed: Option<Unwelcomed>,
+}
+
+/// TCP connections not yet welcomed, by source ([`source_of`]), and the refusals not logged.
+#[derive(Default)]
+struct UnwelcomedCounts {
+    by_source: Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    /// When a refusal was last logged, and how many were refused since without a line.
+    log: Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+/// How often a refusal for too many unwelcomed connections is logged at most (a client
+/// reconnecting in a loop would flood the log otherwise).
+const UNWELCOMED_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl UnwelcomedCounts {
+    /// A connection from `peer` closed unserved: its address had `cap` unwelcomed ones.
+    fn refused(&self, peer: std::net::SocketAddr, cap: usize) {
+        let mut log = lock(&self.log);
+        log.1 += 1;
+        let now = std::time::Instant::now();
+        if log
+            .0
+            .is_some_and(|t| now.duration_since(t) < UNWELCOMED_LOG_EVERY)
+        {
+            return;
+        }
+        tracing::warn!(
+            "peer {peer}: closed unserved: {cap} connections from {} have not said HELLO yet \
+             (limits.max_unwelcomed_per_address); {} refused so since the last such line",
+            source_of(peer.ip()),
+            log.1
+        );
+        *log = (Some(now), 0);
+    }
+}
+
+/// Where a connection comes from, for [`Unwelcomed`]: its IPv4 address (also when mapped into
+/// IPv6), or its IPv6 /64 (one host commonly holds a whole /64).
+fn source_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+    }
+}
+
+/// One TCP connection counted against its source's unwelcomed connections, until its HELLO is
+/// welcomed (dropped then) or it closes.
+struct Unwelcomed {
+    counts: Arc<UnwelcomedCounts>,
+    source: std::net::IpAddr,
+}
+
+impl Unwelcomed {
+    /// Count a connection from `ip`, unless its source already has `cap` unwelcomed.
+    fn take(counts: &Arc<UnwelcomedCounts>, ip: std::net::IpAddr, cap: usize) -> Option<Self> {
+        let source = source_of(ip);
+        let mut m = lock(&counts.by_source);
+        let n = m.entry(source).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            counts: counts.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for Unwelcomed {
+    fn drop(&mut self) {
+        let mut m = lock(&self.counts.by_source);
+        if let Some(n) = m.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.source);
+            }
+        }
+    }
 }
 
 /// A PUT request whose share is already in the buffer the store writes from.
@@ -1480,6 +1582,31 @@ fn frame_len(prefix: &[u8], sealed: bool, before_hello: bool) -> Result<usize, S
 mod tests {
     use super::*;
 
+    #[test]
+    fn unwelcomed_connections_are_counted_per_ipv4_address_or_ipv6_64() {
+        let counts = Arc::new(UnwelcomedCounts::default());
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let a: Vec<_> = (0..2)
+            .map(|_| Unwelcomed::take(&counts, ip("192.0.2.7"), 2).unwrap())
+            .collect();
+        assert!(Unwelcomed::take(&counts, ip("192.0.2.7"), 2).is_none());
+        // The same host mapped into IPv6 is the same source; another address is not.
+        assert!(Unwelcomed::take(&counts, ip("::ffff:192.0.2.7"), 2).is_none());
+        let b = Unwelcomed::take(&counts, ip("192.0.2.8"), 2).unwrap();
+        // Two addresses of one IPv6 /64 are one source; the next /64 another.
+        let c: Vec<_> = ["2001:db8:1:2::1", "2001:db8:1:2:ffff::9"]
+            .iter()
+            .map(|s| Unwelcomed::take(&counts, ip(s), 2).unwrap())
+            .collect();
+        assert!(Unwelcomed::take(&counts, ip("2001:db8:1:2::77"), 2).is_none());
+        assert!(Unwelcomed::take(&counts, ip("2001:db8:1:3::1"), 2).is_some());
+        // A connection welcomed or closed gives its place back; none are left counted.
+        drop(a);
+        let again = Unwelcomed::take(&counts, ip("192.0.2.7"), 2).unwrap();
+        drop((again, b, c));
+        assert!(lock(&counts.by_source).is_empty());
+    }
+
     /// A server over an in-memory volume holding one share of `len` bytes under key `k`,
     /// with `inflight` bytes allowed in flight.
     fn server_with_share(
@@ -1501,6 +1628,7 @@ mod tests {
         store.put(to_key(k), meta, &vec![7u8; len]).unwrap();
         let limits = ServerLimits {
             max_connections: 4,
+            max_unwelcomed_per_address: 4,
             max_inflight_bytes: inflight,
             frame_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(10),

@@ -283,6 +283,8 @@ fn silent_tcp_connections_neither_lock_out_the_unix_socket_nor_keep_their_slots(
         64 << 20,
     );
     site.set_limit("max_connections", "4");
+    // All from one address here (the cap per address has its own test below).
+    site.set_limit("max_unwelcomed_per_address", "4");
     site.set_limit("frame_timeout_secs", "2");
     let d = site.start();
     // Every TCP slot held: by connections that send nothing, and by ones that stop inside
@@ -326,6 +328,78 @@ fn silent_tcp_connections_neither_lock_out_the_unix_socket_nor_keep_their_slots(
 /// that the links and the home mount's socket share. A header promising a full-size frame,
 /// or one sealed for a stream no link of the site receives, is refused from the header alone,
 /// so keyless clients that stall inside such frames leave the home mount served.
+/// A TCP connection to `addr` made from the local address `from` (another loopback address
+/// stands for another host).
+fn connect_from(from: std::net::Ipv4Addr, addr: &str) -> TcpStream {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    let to: std::net::SocketAddrV4 = addr.parse().unwrap();
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(from, 0)),
+    )
+    .unwrap();
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(to)).unwrap();
+    TcpStream::from(fd)
+}
+
+/// A keyless client that opens connections and says nothing held every TCP slot (each for
+/// `frame_timeout_secs`, and it could reopen them as they closed), shutting out the remote
+/// sites' home. Connections not yet welcomed are now counted per source address: past
+/// `limits.max_unwelcomed_per_address`, more from that address are closed at once, so the
+/// home, from another address, is served.
+#[test]
+fn one_address_saying_nothing_cannot_hold_the_slots_the_home_needs() {
+    let site = Site::new(
+        "site-by-address",
+        Vol::File(64 << 20),
+        &["home-x"],
+        &["home-x"],
+        64 << 20,
+    );
+    site.set_limit("max_connections", "8");
+    site.set_limit("max_unwelcomed_per_address", "3");
+    let d = site.start();
+    let evil = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let mut held: Vec<TcpStream> = (0..10).map(|_| connect_from(evil, &d.tcp)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let open = held
+        .iter_mut()
+        .filter_map(|s| {
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            (!closed_by_server(s)).then_some(())
+        })
+        .count();
+    assert_eq!(open, 3, "silent connections from one address kept open");
+    let l = d.wait_log("have not said HELLO yet (limits.max_unwelcomed_per_address)");
+    assert!(l.contains("from 127.0.0.2"), "{l}");
+    // ...and it may reopen as fast as it likes: the home, from 127.0.0.1, is served at once.
+    let again: Vec<TcpStream> = (0..10).map(|_| connect_from(evil, &d.tcp)).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let home = MountdSite::tcp(&site.name, &d.tcp, &site.client_keys("home-x")).unwrap();
+    std::thread::spawn(move || {
+        let k = key(60, 1);
+        let data = share_bytes(8, &k, 100_000);
+        let r = home
+            .put(&k, &META, &data)
+            .and_then(|()| home.get(&k))
+            .map(|got| got == data);
+        let _ = tx.send(r.map_err(|e| e.to_string()));
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the home was not served within 10 s while one address held its connections");
+    assert_eq!(r, Ok(true));
+    drop((held, again));
+}
+
 #[test]
 fn frames_before_hello_cannot_hold_the_memory_the_home_mount_needs() {
     let site = Site::new(
