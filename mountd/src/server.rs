@@ -78,9 +78,10 @@ pub struct LinkEnds {
     /// persisted window end: everything below counts as used after a restart).
     floor_at_start: u64,
     /// The answer to every stale frame of this process's life: sealed once, when the first
-    /// comes, and resent as the same bytes (see [`floor_notice`]). An error naming why if it
-    /// could not be sealed (the send key ran out).
-    floor_notice: std::sync::OnceLock<Result<Vec<u8>, String>>,
+    /// comes, and resent as the same bytes (see [`floor_notice`]); or why it never can be
+    /// (the send key ran out). Other failures to seal it (an I/O error of the ledger) are
+    /// not kept: the next stale frame tries again.
+    floor_notice: Mutex<Option<Result<Vec<u8>, String>>>,
     /// Stale frames answered with the floor notice since start.
     stale_frames: AtomicU64,
 }
@@ -168,7 +169,7 @@ impl LinkEnds {
             send_id: tx_info.stream_id,
             recv_id: rx_info.stream_id,
             floor_at_start,
-            floor_notice: std::sync::OnceLock::new(),
+            floor_notice: Mutex::new(None),
             stale_frames: AtomicU64::new(0),
         })
     }
@@ -1025,11 +1026,19 @@ impl<D: BlockDevice> Server<D> {
             LinkError::KeyAlreadyUsed { .. } => {
                 let n = link.stale_frames.fetch_add(1, Ordering::Relaxed) + 1;
                 let reason = format!("replayed or stale frame: {e}");
-                let notice = link.floor_notice.get_or_init(|| {
-                    floor_notice(&mut lock(&link.send), link.floor_at_start)
-                        .map_err(|e| e.to_string())
-                });
-                match notice {
+                let mut kept = lock(&link.floor_notice);
+                if kept.is_none() {
+                    match floor_notice(&mut lock(&link.send), link.floor_at_start) {
+                        Ok(notice) => *kept = Some(Ok(notice)),
+                        Err(e @ LinkError::Exhausted { .. }) => *kept = Some(Err(e.to_string())),
+                        Err(e) => {
+                            return Outcome::Close(format!(
+                                "{reason}; not answered: cannot seal the link's floor notice: {e}"
+                            ))
+                        }
+                    }
+                }
+                match kept.as_ref().expect("kept above") {
                     Ok(notice) => {
                         out.clear();
                         out.extend_from_slice(notice);

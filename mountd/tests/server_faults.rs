@@ -46,8 +46,10 @@ struct WireTap {
 }
 
 /// Key ranges of the frames a [`WireTap`] saw, by stream id, each with a digest of the
-/// frame's bytes (a site resends its floor notice as is: the same frame, not key reused).
-type Seen = Mutex<BTreeMap<[u8; 16], Vec<(Range<u64>, [u8; 32])>>>;
+/// frame's bytes once all of it passed (a site resends its floor notice as is: the same
+/// frame, not key reused); None for a frame cut short, whose header and part of its
+/// ciphertext an eavesdropper saw all the same.
+type Seen = Mutex<BTreeMap<[u8; 16], Vec<(Range<u64>, Option<[u8; 32]>)>>>;
 
 impl WireTap {
     fn start(upstream: &str) -> Self {
@@ -79,15 +81,18 @@ impl WireTap {
             let hdr = FrameHeader::parse_prefix(&f[..HEADER_LEN].try_into().unwrap(), u64::MAX)
                 .expect("a frame header");
             let range = hdr.key_range().expect("a key range");
+            let at = {
+                let mut seen = seen.lock().unwrap();
+                let frames = seen.entry(hdr.stream_id).or_default();
+                frames.push((range, None));
+                frames.len() - 1
+            };
             f.resize(hdr.frame_len(), 0);
             if from.read_exact(&mut f[HEADER_LEN..]).is_err() {
                 break;
             }
-            seen.lock()
-                .unwrap()
-                .entry(hdr.stream_id)
-                .or_default()
-                .push((range, sha2::Sha256::digest(&f).into()));
+            seen.lock().unwrap().get_mut(&hdr.stream_id).unwrap()[at].1 =
+                Some(sha2::Sha256::digest(&f).into());
             if to.write_all(&f).is_err() {
                 break;
             }
@@ -103,12 +108,12 @@ impl WireTap {
     }
 
     /// Panics if any two different frames of one stream used a byte of key in common (the
-    /// same frame sent twice is one).
+    /// same whole frame sent twice is one; a frame cut short is always another).
     fn assert_no_key_reused(&self) {
         for (stream, frames) in self.seen.lock().unwrap().iter() {
             let mut f = frames.clone();
             f.sort_by_key(|(r, d)| (r.start, r.end, *d));
-            f.dedup();
+            f.dedup_by(|a, b| a.1.is_some() && a == b);
             let r: Vec<_> = f.into_iter().map(|(r, _)| r).collect();
             for w in r.windows(2) {
                 assert!(
@@ -591,11 +596,65 @@ fn stale_frames_from_anyone_are_all_answered_with_one_key_block_of_the_links_sen
     assert_eq!(evil.reply(&mut s).map(|r| r.2), Some(true));
 }
 
+/// A relay that, once armed, holds back what the daemon sends on every connection until
+/// `n` connections were made through it (or 10 s passed): so that all of them have sent their
+/// first frame before any of them hears back.
+struct Gate {
+    addr: String,
+    /// (armed to hold until this many more connections, connections since arming).
+    state: Arc<(Mutex<(usize, usize)>, std::sync::Condvar)>,
+}
+
+impl Gate {
+    fn start(upstream: &str) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let state: Arc<(Mutex<(usize, usize)>, std::sync::Condvar)> = Arc::default();
+        let (upstream, st) = (upstream.to_string(), state.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(c) = c else { return };
+                let Ok(u) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                {
+                    let (m, cv) = &*st;
+                    m.lock().unwrap().1 += 1;
+                    cv.notify_all();
+                }
+                let (mut c2, mut u2) = (c.try_clone().unwrap(), u.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c2, &mut u2);
+                    let _ = u2.shutdown(Shutdown::Both);
+                });
+                let st = st.clone();
+                std::thread::spawn(move || {
+                    let (m, cv) = &*st;
+                    let g = m.lock().unwrap();
+                    let _ = cv
+                        .wait_timeout_while(g, Duration::from_secs(10), |(n, seen)| seen < n)
+                        .unwrap();
+                    let (mut u, mut c) = (u, c);
+                    let _ = std::io::copy(&mut u, &mut c);
+                    let _ = c.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        Self { addr, state }
+    }
+
+    /// Hold back the daemon's answers until `n` more connections were made.
+    fn arm(&self, n: usize) {
+        *self.state.0.lock().unwrap() = (n, 0);
+    }
+}
+
 /// After a site restarts, every connection of the home's pool sends a stale HELLO and needs
 /// the site's answer to skip ahead. Someone flooding the link with forged stale frames took
 /// those answers while they were rationed (the home read as unreachable); with one notice
 /// resent to all, the home's connections all get it, the first opens it, and the others
-/// know its copies by header and tag.
+/// know its copies by header and tag (a relay holds the answers back until all eight HELLOs
+/// went out, so that the copies are there to be known).
 #[test]
 fn a_restarted_sites_notice_reaches_every_connection_of_the_home_while_anyone_floods_the_link() {
     let site = Site::new(
@@ -607,7 +666,9 @@ fn a_restarted_sites_notice_reaches_every_connection_of_the_home_while_anyone_fl
     );
     site.fix_port();
     let mut d = site.start();
-    let home = Arc::new(MountdSite::tcp(&site.name, &d.tcp, &site.client_keys("home-x")).unwrap());
+    let gate = Gate::start(&d.tcp);
+    let home =
+        Arc::new(MountdSite::tcp(&site.name, &gate.addr, &site.client_keys("home-x")).unwrap());
     let puts = |round: u8| {
         let threads: Vec<_> = (0..8)
             .map(|i| {
@@ -647,15 +708,14 @@ fn a_restarted_sites_notice_reaches_every_connection_of_the_home_while_anyone_fl
     forged.resize(HEADER_LEN + 64 + TAG_LEN, 0x5a);
     assert!(d.terminate().success());
     d = site.start();
+    // The flood comes from 127.0.0.2, the home (through the relay) from 127.0.0.1.
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
     let flood = {
         let (addr, stop, sent) = (d.tcp.clone(), stop.clone(), sent.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
-                let Ok(mut s) = TcpStream::connect(&addr) else {
-                    continue;
-                };
+                let mut s = connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), &addr);
                 let _ = s.write_all(&forged);
                 let _ = s.read_to_end(&mut Vec::new());
                 sent.fetch_add(1, Ordering::SeqCst);
@@ -665,6 +725,7 @@ fn a_restarted_sites_notice_reaches_every_connection_of_the_home_while_anyone_fl
     while sent.load(Ordering::SeqCst) < 20 {
         std::thread::sleep(Duration::from_millis(5));
     }
+    gate.arm(8);
     let r = puts(1);
     stop.store(true, Ordering::SeqCst);
     flood.join().unwrap();
@@ -679,8 +740,23 @@ fn a_restarted_sites_notice_reaches_every_connection_of_the_home_while_anyone_fl
             assert_eq!(home.get(&k).unwrap(), share_bytes(7, &k, 200_000));
         }
     }
-    // The home's own HELLOs were among the stale frames answered with the notice.
-    d.wait_log("answered with the link's floor notice");
+    // The home's own HELLOs got the notice, several of them (all sent before any answer came
+    // back): each copy after the first could only be known by its header and tag.
+    let log = d.log_text();
+    let home_notices = log
+        .lines()
+        .filter(|l| {
+            l.contains("peer 127.0.0.1:") && l.contains("answered with the link's floor notice")
+        })
+        .count();
+    assert!(
+        home_notices >= 2,
+        "{home_notices} of the home's HELLOs got the notice: {}",
+        log.lines()
+            .filter(|l| l.contains("127.0.0.1:"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 #[test]
@@ -1431,10 +1507,11 @@ fn a_reply_below_our_floor_once_the_site_has_answered_skips_no_key() {
     assert_eq!(c.get(&k2).unwrap(), share_bytes(3, &k2, 5000));
 }
 
-/// A site's sealed KeyAlreadyUsed answer to a replayed frame (the client's HELLO), injected into a client's
-/// connection as the answer to its next request, is not acted on: it names the replayed
-/// frame, not the client's, so the client reports a protocol error instead of skipping key
-/// and retrying a request the site may have done.
+/// A site's floor notice, drawn by replaying the client's HELLO and injected into the client's
+/// connection as the answer to its next request, is not acted on: a notice only ever answers
+/// a stale frame, and the client's frames after a welcomed HELLO are never stale, so the
+/// client reports a protocol error instead of skipping key and retrying a request the site
+/// may have done.
 #[test]
 fn a_key_already_used_answer_to_another_frame_is_not_taken_for_ours() {
     let site = Site::new(

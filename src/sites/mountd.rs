@@ -64,10 +64,15 @@ struct ClientLink {
     /// The receive stream's key left, as of its last open: read on every request's way out
     /// without taking the stream, which a reply's check holds while it verifies a share.
     recv_left: AtomicU64,
-    /// The site's floor notice, once one was opened: its resent copies cannot be opened again
-    /// (their key is used), so they are known by their header and tag.
-    notice: Mutex<Option<FloorNotice>>,
+    /// The site's floor notices opened last, newest at the back, at most [`NOTICES_KEPT`]:
+    /// their resent copies cannot be opened again (their key is used), so they are known by
+    /// header and tag. More than one: a connection's copy of a notice may come after a site
+    /// restarted again and its next process's notice was opened.
+    notices: Mutex<std::collections::VecDeque<FloorNotice>>,
 }
+
+/// How many of a site's floor notices the home knows copies of.
+const NOTICES_KEPT: usize = 4;
 
 /// A floor notice of the site that was opened (its tag verified): the answer it resends, as
 /// is, to every stale frame of the link (`qgenome-mountd`'s `floor_notice`).
@@ -83,10 +88,19 @@ impl ClientLink {
     /// notice opened before. A copy whose ciphertext was altered is taken for the notice
     /// too, harmlessly: only the floor the genuine one said is acted on.
     fn known_notice(&self, header: &[u8; HEADER_LEN], tag: &[u8; TAG_LEN]) -> Option<u64> {
-        lock(&self.notice)
-            .as_ref()
-            .filter(|n| n.header == *header && n.tag == *tag)
+        lock(&self.notices)
+            .iter()
+            .find(|n| n.header == *header && n.tag == *tag)
             .map(|n| n.floor)
+    }
+
+    /// Keep `notice`, opened just now (with the receive stream still held).
+    fn keep_notice(&self, notice: FloorNotice) {
+        let mut kept = lock(&self.notices);
+        if kept.len() == NOTICES_KEPT {
+            kept.pop_front();
+        }
+        kept.push_back(notice);
     }
 }
 
@@ -323,7 +337,7 @@ impl MountdSite {
             window: keys.options.window,
             heard: Default::default(),
             floor_skipped: Default::default(),
-            notice: Mutex::new(None),
+            notices: Mutex::default(),
             recv_left,
         };
         Ok(Self::with_addr(
@@ -441,7 +455,10 @@ impl MountdSite {
     ) -> Result<T, SiteError> {
         let mut last = String::new();
         for attempt in 0..2 {
-            let (mut conn, reused) = match lock(&self.idle).pop() {
+            // Taken in a statement of its own: a guard in the `match` below would be held
+            // through `connect`, making every caller wait for one connection's HELLO.
+            let idle = lock(&self.idle).pop();
+            let (mut conn, reused) = match idle {
                 Some(c) => (c, true),
                 None => (self.connect()?, false),
             };
@@ -813,7 +830,7 @@ impl MountdSite {
                             // connection fails to open only once the stream is ours again,
                             // and must then find this notice.
                             if let Some(floor) = notice_floor(&b.plain) {
-                                *lock(&link.notice) = Some(FloorNotice {
+                                link.keep_notice(FloorNotice {
                                     header: h,
                                     tag,
                                     floor,
