@@ -1,7 +1,7 @@
 # The two set-up commands of the README. Each installs what it needs, then does its job.
 CARGO ?= cargo
 
-.PHONY: demo test deps build release bench lint install
+.PHONY: demo test deps build release bench lint install install-files
 # Where cargo puts its builds (CARGO_TARGET_DIR when set, as cargo does).
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 PREFIX ?= /usr/local
@@ -37,6 +37,11 @@ bench: build
 install:
 	@bash scripts/install-deps.sh --server
 	$(MAKE) release
+	$(MAKE) install-files
+
+# The files alone, from binaries already built (`make release` as a user whose rustup root's
+# sudo does not see, then `sudo make install-files`).
+install-files:
 	install -D -m 0755 $(TARGET_DIR)/release/qgenome $(DESTDIR)$(PREFIX)/bin/qgenome
 	install -D -m 0755 $(TARGET_DIR)/release/qgenome-mountd $(DESTDIR)$(PREFIX)/bin/qgenome-mountd
 	install -d -m 0755 $(DESTDIR)/etc/systemd/system
@@ -44,7 +49,8 @@ install:
 	sed 's|/usr/local/bin/|$(PREFIX)/bin/|g' systemd/qgenome-mountd@.service > $(DESTDIR)/etc/systemd/system/qgenome-mountd@.service
 	chmod 0644 $(DESTDIR)/etc/systemd/system/qgenome.service $(DESTDIR)/etc/systemd/system/qgenome-mountd@.service
 	install -D -m 0644 docs/design.md $(DESTDIR)/usr/share/doc/qgenome/design.md
-	install -d -m 0700 $(DESTDIR)/etc/qgenome
+	install -D -m 0644 -t $(DESTDIR)/usr/share/doc/qgenome/examples examples/qgenome.toml examples/site-home.toml examples/site-sendai-1.toml
+	install -d -m 0700 $(DESTDIR)/etc/qgenome $(DESTDIR)/var/lib/qgenome $(DESTDIR)/var/lib/qgenome/keys
 	install -d -m 0755 $(DESTDIR)/qgenome
 
 lint:

@@ -139,6 +139,12 @@ fn the_rebuild_command_restores_a_deleted_catalog_on_real_daemons() {
         "{}",
         text(&o)
     );
+    // Card bindings live in the catalog alone: the report says to enroll the cards again.
+    assert!(
+        out.contains("enroll each patient's card again (qgenome card enroll)"),
+        "{}",
+        text(&o)
+    );
 
     d.mount().unwrap();
     assert_eq!(names(&mnt), ["P1", "P2"]);

@@ -190,3 +190,65 @@ fn the_mount_unit_waits_for_readiness() {
         "{settings:?}"
     );
 }
+
+/// `make install-files` (what `make install` does after building) puts every file the README
+/// names where it says, with the units pointed at `$(PREFIX)/bin`, the example configurations
+/// beside the design notes, and the private directories made 0700.
+#[test]
+fn install_puts_binaries_units_examples_and_private_directories_in_place() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let built = tmp.path().join("target");
+    for b in ["qgenome", "qgenome-mountd"] {
+        let p = built.join("release").join(b);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, format!("#!/bin/sh\necho {b}\n")).unwrap();
+    }
+    let dest = tmp.path().join("dest");
+    let out = Command::new("make")
+        .arg("-C")
+        .arg(env!("CARGO_MANIFEST_DIR"))
+        .arg("install-files")
+        .arg(format!("TARGET_DIR={}", built.display()))
+        .arg(format!("DESTDIR={}", dest.display()))
+        .arg("PREFIX=/opt/qg")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = |p: &str| {
+        std::fs::metadata(dest.join(p))
+            .unwrap_or_else(|e| panic!("{p}: {e}"))
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    for b in ["opt/qg/bin/qgenome", "opt/qg/bin/qgenome-mountd"] {
+        assert_eq!(mode(b), 0o755, "{b}");
+    }
+    for u in ["qgenome.service", "qgenome-mountd@.service"] {
+        let text = std::fs::read_to_string(dest.join("etc/systemd/system").join(u)).unwrap();
+        assert!(text.contains("ExecStart=/opt/qg/bin/"), "{u}: {text}");
+        assert!(!text.contains("/usr/local/bin/"), "{u}");
+    }
+    for e in ["qgenome.toml", "site-home.toml", "site-sendai-1.toml"] {
+        let p = format!("usr/share/doc/qgenome/examples/{e}");
+        assert_eq!(
+            std::fs::read(dest.join(&p)).unwrap(),
+            std::fs::read(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("examples")
+                    .join(e)
+            )
+            .unwrap(),
+            "{p}"
+        );
+    }
+    for d in ["etc/qgenome", "var/lib/qgenome", "var/lib/qgenome/keys"] {
+        assert_eq!(mode(d), 0o700, "{d}");
+    }
+    assert!(dest.join("qgenome").is_dir());
+}

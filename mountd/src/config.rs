@@ -6,9 +6,9 @@
 //! state_dir = "/var/lib/qgenome-mountd/sendai-1"  # the share index (under systemd: below
 //!                                              # /var/lib/qgenome-mountd, the unit's writable paths)
 //! unix_socket = "/run/qgenome/sendai-1.sock"   # the home mount's local socket (no pad)
-//! listen = "0.0.0.0:7474"                       # sealed TCP for remote sites
+//! listen = "0.0.0.0:7601"                       # sealed TCP: the home's [[site]] address
 //! [[link]]
-//! name = "tokyo-sendai"          # as given to `qgenome keys provision --link`
+//! name = "home-sendai-1"         # as given to `qgenome keys provision --link`
 //! key_dir = "/var/lib/qgenome-mountd/keys"
 //! end = "b"                       # which end of the link this site holds
 //! [limits]
@@ -339,6 +339,61 @@ pub use qgenome::cli::parse_size;
 
 #[cfg(test)]
 mod tests {
+    /// The example configurations the README points to (and `make install` installs) parse,
+    /// and fit together: the home's Unix-socket site is `site-home.toml`'s socket, and each
+    /// remote site with an example is reached at its `listen` port over its one link, with
+    /// the other end and the same window.
+    #[test]
+    fn the_installed_examples_parse_and_fit_together() {
+        let home = qgenome::config::HomeConfig::parse(
+            include_str!("../../examples/qgenome.toml"),
+            Path::new("examples/qgenome.toml"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let sites: Vec<SiteConfig> = [
+            (
+                "site-home.toml",
+                include_str!("../../examples/site-home.toml"),
+            ),
+            (
+                "site-sendai-1.toml",
+                include_str!("../../examples/site-sendai-1.toml"),
+            ),
+        ]
+        .iter()
+        .map(|(name, text)| {
+            SiteConfig::parse(text, &Path::new("examples").join(name))
+                .unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+        assert_eq!(home.sites.len(), home.scheme.n);
+        for s in &sites {
+            let h = home
+                .sites
+                .iter()
+                .find(|h| h.name == s.site)
+                .unwrap_or_else(|| panic!("site {} is not in examples/qgenome.toml", s.site));
+            match (&h.socket, &s.listen) {
+                (Some(sock), None) => {
+                    assert_eq!(Some(sock), s.unix_socket.as_ref(), "site {}", s.site);
+                    assert!(s.links.is_empty());
+                }
+                (None, Some(listen)) => {
+                    let port = |a: &str| a.rsplit(':').next().unwrap().to_string();
+                    assert_eq!(port(h.address.as_deref().unwrap()), port(listen));
+                    let [l] = &s.links[..] else {
+                        panic!("site {}: one [[link]]", s.site)
+                    };
+                    assert_eq!(Some(&l.name), h.link.as_ref());
+                    assert_eq!(h.end.as_deref(), Some("a"));
+                    assert_eq!(l.end.end(), qgenome::keys::End::B);
+                    assert_eq!(Ok(l.window), h.window_bytes());
+                }
+                other => panic!("site {}: {other:?}", s.site),
+            }
+        }
+    }
+
     /// The example at the top of this file is a configuration the parser takes.
     #[test]
     fn the_documented_example_parses() {

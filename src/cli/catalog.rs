@@ -115,6 +115,8 @@ pub fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
         let mut v = serde_json::to_value(&report)?;
         v["catalog"] = target.display().to_string().into();
         v["orphan_shares_deleted"] = deleted.into();
+        // Cards are bound to patients in the catalog alone (nothing of them is at the sites).
+        v["card_enrolments_restored"] = false.into();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print_report(&report, &target, deleted);
@@ -193,5 +195,9 @@ fn print_report(r: &RebuildReport, target: &Path, deleted: Option<usize>) {
                 " (kept at the sites; --delete-orphans deletes the superseded and uncommitted ones)"
                     .into(),
         }
+    );
+    println!(
+        "card enrolments are kept in the catalog alone, not at the sites: under [card], enroll \
+         each patient's card again (qgenome card enroll) before their files can be read"
     );
 }
