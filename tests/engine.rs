@@ -462,6 +462,14 @@ fn a_consent_that_ends_during_a_read_returns_no_data() {
     );
     assert_eq!(err.errno(), libc::EACCES);
     assert!(err.to_string().contains("P0001"), "{err}");
+    // The read spans chunks 0 and 1, and the consent ended during chunk 0's GETs: chunk 1 is
+    // not fetched at all (its shares would have gone back to the share pool after the end's
+    // wipe, unwiped, and its GETs spent pad for a read that is refused).
+    assert_eq!(
+        revoking.gets.load(Ordering::SeqCst),
+        1,
+        "shares fetched after the consent ended"
+    );
     // The refusal is in the audit log, with the file.
     let log = engine.catalog.audit_log().unwrap();
     assert!(

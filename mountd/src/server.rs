@@ -846,7 +846,9 @@ impl<D: BlockDevice> Server<D> {
                 None => return Outcome::Close(unknown_stream(&header.stream_id)),
             },
         };
-        if let Err(e) = lock(&link.recv).open(frame, plain) {
+        // Bound first: in `if let` the stream's guard would live through `refuse_frame`.
+        let opened = lock(&link.recv).open(frame, plain);
+        if let Err(e) = opened {
             return self.refuse_frame(&link, e, out);
         }
         self.answer_sealed(c, &link, plain, out, peer)
@@ -871,7 +873,8 @@ impl<D: BlockDevice> Server<D> {
         let (head, rest) = frame.split_at_mut(frame::HEADER_LEN);
         let (ct, tag) = rest.split_at_mut(rest.len() - frame::TAG_LEN);
         let head: &[u8; frame::HEADER_LEN] = (&*head).try_into().expect("header length");
-        if let Err(e) = lock(&link.recv).open_in_place(head, &mut [ct, buf.as_mut_slice()], tag) {
+        let opened = lock(&link.recv).open_in_place(head, &mut [ct, buf.as_mut_slice()], tag);
+        if let Err(e) = opened {
             return self.refuse_frame(&link, e, out);
         }
         let put = match msg::decode_split(ct, buf.as_slice()) {

@@ -507,8 +507,16 @@ fn idle_connections_are_closed_and_pooled_clients_reconnect() {
     assert_eq!(tcp.get(&k1).unwrap(), share_bytes(4, &k1, 3000));
     assert_eq!(unix.get(&k2).unwrap(), share_bytes(4, &k2, 3000));
     std::thread::sleep(Duration::from_secs(3));
+    // The pooled connections are dead by now: they are let go unused, not each sealed a put's
+    // worth of key for before the site's close shows (one put and one HELLO are spent).
     let k3 = key(31, 3);
-    tcp.put(&k3, &META, &share_bytes(4, &k3, 3000)).unwrap();
+    let before = tcp.key_remaining().unwrap();
+    tcp.put(&k3, &META, &share_bytes(4, &k3, 300_000)).unwrap();
+    let spent = before - tcp.key_remaining().unwrap();
+    assert!(
+        spent < 300_000 * 3 / 2,
+        "{spent} bytes of key spent on one put of 300 kB after the idle close"
+    );
     unix.delete(&k2).unwrap();
     assert!(
         d.log_text()

@@ -752,7 +752,13 @@ impl Engine {
             if last_index.is_none() {
                 self.prefetch_after(rec, chunks, index, end);
             }
-            let data = self.chunk(rec, index as u64, chunk)?;
+            let data = match self.chunk(rec, index as u64, chunk) {
+                Ok(data) => data,
+                Err(EngineError::Consent(ConsentError::Ended { .. })) => {
+                    return Err(self.refused_mid_read(rec, offset))
+                }
+                Err(e) => return Err(e),
+            };
             let from = (offset.max(chunk.offset) - chunk.offset) as usize;
             let to = (end.min(chunk.offset + u64::from(chunk.len)) - chunk.offset) as usize;
             parts.push((data, from..to));
@@ -762,16 +768,7 @@ impl Engine {
         // while the chunks were fetched. Data goes back only if it is still active now, and
         // an end from now on waits for this reply before it returns.
         let Some(serving) = self.consent.serving(&rec.patient) else {
-            self.catalog.audit(
-                "read-refused",
-                Some(&rec.patient),
-                Some(&rec.name),
-                &format!("consent ended during a read at {offset}"),
-            );
-            return Err(ConsentError::Ended {
-                patient: rec.patient.clone(),
-            }
-            .into());
+            return Err(self.refused_mid_read(rec, offset));
         };
         Ok(ReadData {
             parts,
@@ -805,10 +802,41 @@ impl Engine {
         self.cache.get_or_fetch(
             (rec.id, index),
             &rec.patient,
-            || self.core.fetch(rec, index, chunk),
+            || {
+                // The share pool's wipe count first, then the consent: an end takes its grant
+                // away before it wipes the pool, so a consent still active after the count was
+                // read has its wipe still to come, and that wipe catches these shares when they
+                // come back (`give_since`). A consent already ended fetches nothing: the shares
+                // of a fetch begun after its wipe would stay in the pool unwiped (a read
+                // spanning two chunks, or a reader taking over a read-ahead's fetch, after a
+                // card was pulled), and the GETs would spend pad for a read that is refused.
+                let mark = self.core.share_bufs.mark();
+                if !self.consent.is_active(&rec.patient) {
+                    return Err(ConsentError::Ended {
+                        patient: rec.patient.clone(),
+                    }
+                    .into());
+                }
+                self.core.fetch_since(rec, index, chunk, mark)
+            },
             // A consent that ended during the fetch must not leave plaintext in the cache.
             || self.consent.is_active(&rec.patient),
         )
+    }
+
+    /// A read at `offset` of `rec` whose consent ended while it was served: audited, and the
+    /// error it fails with (EACCES).
+    fn refused_mid_read(&self, rec: &FileRecord, offset: u64) -> EngineError {
+        self.catalog.audit(
+            "read-refused",
+            Some(&rec.patient),
+            Some(&rec.name),
+            &format!("consent ended during a read at {offset}"),
+        );
+        ConsentError::Ended {
+            patient: rec.patient.clone(),
+        }
+        .into()
     }
 
     /// A read handle of version `id` opened: its shares stay until [`Engine::reader_closed`].
@@ -1389,13 +1417,15 @@ impl Core {
         Ok(s)
     }
 
-    fn fetch(
+    /// Rebuild chunk `index` of `rec` from k sites; its share buffers go back to the pool,
+    /// wiped if the pool was wiped since `mark` (read before the caller's consent check).
+    fn fetch_since(
         &self,
         rec: &FileRecord,
         index: u64,
         chunk: &ChunkRecord,
+        mark: u64,
     ) -> Result<Plain, EngineError> {
-        let mark = self.share_bufs.mark();
         let mut good = Vec::new();
         let r = self.fetch_into(rec, index, chunk, &mut good);
         for (_, share) in good {

@@ -136,6 +136,24 @@ enum Sock {
     Tcp(TcpStream),
 }
 
+impl Sock {
+    /// Whether the site may still be there: the connection is neither closed nor holding
+    /// bytes no request asked for. Asked without blocking.
+    fn is_live(&self) -> bool {
+        use nix::sys::socket::{recv, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Sock::Unix(s) => s.as_raw_fd(),
+            Sock::Tcp(s) => s.as_raw_fd(),
+        };
+        let mut b = [0u8; 1];
+        matches!(
+            recv(fd, &mut b, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT),
+            Err(nix::errno::Errno::EAGAIN)
+        )
+    }
+}
+
 impl Read for Sock {
     fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
         match self {
@@ -354,7 +372,7 @@ impl MountdSite {
             link,
             idle: Mutex::new(Vec::new()),
             pool_size: 8,
-            next_id: AtomicU64::new(1),
+            next_id: AtomicU64::new(first_request_id()),
             timeout: Duration::from_secs(60),
             connect_timeout: CONNECT_TIMEOUT,
         }
@@ -457,7 +475,7 @@ impl MountdSite {
         for attempt in 0..2 {
             // Taken in a statement of its own: a guard in the `match` below would be held
             // through `connect`, making every caller wait for one connection's HELLO.
-            let idle = lock(&self.idle).pop();
+            let idle = self.live_idle();
             let (mut conn, reused) = match idle {
                 Some(c) => (c, true),
                 None => (self.connect()?, false),
@@ -478,7 +496,11 @@ impl MountdSite {
                             site: self.name.clone(),
                             reason: format!("DATA reply from {} out of its layout", self.addr),
                         }),
-                        Ok(m) if m.id == id || m.id == 0 => {
+                        // Id 0: an error answering a request whose id the site could not read.
+                        Ok(m)
+                            if m.id == id
+                                || (m.id == 0 && matches!(m.body, Body::Error { .. })) =>
+                        {
                             self.reply(m.body, request_key(body), &f)
                         }
                         Ok(m) => Err(SiteError::Protocol {
@@ -574,6 +596,19 @@ impl MountdSite {
                 site,
                 reason: message,
             },
+        }
+    }
+
+    /// An idle connection the site has not closed meanwhile, if the pool has one. The site
+    /// closes connections idle past its `idle_timeout_secs` (and after some answers): a dead
+    /// one taken blindly cost a whole sealed request's key (up to a share's worth) before its
+    /// failure showed, on every quiet spell, for each upload worker.
+    fn live_idle(&self) -> Option<Conn> {
+        loop {
+            let c = lock(&self.idle).pop()?;
+            if c.sock.is_live() {
+                return Some(c);
+            }
         }
     }
 
@@ -886,6 +921,19 @@ impl MountdSite {
     }
 }
 
+/// Where a client's request ids start: at random in 1..2^62, not at 1. A reply is tied to its
+/// request by the id alone, and a reply the site sealed that a home never opened (dropped on
+/// the way before the home crashed) can still be opened by the home's next process, whose
+/// receive stream counts only the key below its persisted window as used: with ids from 1 in
+/// every process, a recorded DONE could be injected as the answer to the new process's
+/// request of the same number, a PUT acknowledged that no site stored. (Fresh ids per process
+/// leave a guess of one in 2^62.)
+fn first_request_id() -> u64 {
+    let mut b = [0u8; 8];
+    getrandom::getrandom(&mut b).expect("the OS random source");
+    (u64::from_le_bytes(b) >> 2).max(1)
+}
+
 /// The floor a site's notice gives, if `plain` is one.
 fn notice_floor(plain: &[u8]) -> Option<u64> {
     match msg::decode(plain) {
@@ -1015,6 +1063,22 @@ pub fn socket_path(dir: &Path, site: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each client numbers its requests from a random start, so a reply recorded from one
+    /// process's exchange cannot answer the request of the same number in the next.
+    #[test]
+    fn request_ids_start_at_random_away_from_hello_and_the_floor_notice() {
+        let firsts: std::collections::BTreeSet<u64> = (0..64)
+            .map(|_| {
+                let s = MountdSite::with_addr("s", Addr::Unix("/nonexistent".into()), None);
+                s.next_id.load(Ordering::SeqCst)
+            })
+            .collect();
+        assert_eq!(firsts.len(), 64, "two clients started at the same id");
+        assert!(firsts
+            .iter()
+            .all(|&i| (1..1 << 62).contains(&i) && i != msg::FLOOR_NOTICE_ID));
+    }
 
     /// A site whose host does not answer (SYNs dropped: here a listener whose accept queue is
     /// full) costs a request the connect timeout, not the kernel's two minutes of retries;
