@@ -604,6 +604,95 @@ fn stale_frames_from_anyone_are_all_answered_with_one_key_block_of_the_links_sen
     assert_eq!(evil.reply(&mut s).map(|r| r.2), Some(true));
 }
 
+/// A relay that, once armed, passes what the daemon sends one byte every 50 ms: a site (or
+/// someone on the path) answering as slowly as it can without tripping a socket's timeout.
+struct Drip {
+    addr: String,
+    armed: Arc<AtomicBool>,
+}
+
+impl Drip {
+    fn start(upstream: &str) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let armed = Arc::new(AtomicBool::new(false));
+        let (upstream, on) = (upstream.to_string(), armed.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(c) = c else { return };
+                let Ok(u) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let (mut c2, mut u2) = (c.try_clone().unwrap(), u.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c2, &mut u2);
+                    let _ = u2.shutdown(Shutdown::Both);
+                });
+                let on = on.clone();
+                std::thread::spawn(move || {
+                    let (mut u, mut c) = (u, c);
+                    let mut b = vec![0u8; 1 << 16];
+                    while let Ok(n) = u.read(&mut b) {
+                        if n == 0 {
+                            break;
+                        }
+                        for byte in &b[..n] {
+                            if on.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                            if c.write_all(std::slice::from_ref(byte)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    let _ = c.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        Self { addr, armed }
+    }
+}
+
+/// The client's timeouts bound each system call: a reply dripped a byte at a time, each within
+/// the socket's timeout, held a read (a FUSE request, an upload worker) for as long as the
+/// dripping went on (a 64 KiB share: about an hour). Each request now has a deadline.
+#[test]
+fn a_site_answering_a_byte_at_a_time_costs_a_request_its_timeout_not_hours() {
+    let site = Site::new(
+        "site-drip",
+        Vol::File(64 << 20),
+        &["home-x"],
+        &["home-x"],
+        64 << 20,
+    );
+    let d = site.start();
+    let drip = Drip::start(&d.tcp);
+    let mut c = MountdSite::tcp(&site.name, &drip.addr, &site.client_keys("home-x")).unwrap();
+    c.set_timeout(Duration::from_secs(1));
+    let k = key(70, 1);
+    let data = share_bytes(9, &k, 65_536);
+    c.put(&k, &META, &data).unwrap();
+    drip.armed.store(true, Ordering::SeqCst);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = Instant::now();
+    std::thread::spawn(move || {
+        let _ = tx.send(c.get(&k).map(|_| ()));
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("a get answered a byte every 50 ms was still waiting after 20 s");
+    let e = r.expect_err("the dripped get succeeded");
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "{:?} for a get with a 1 s timeout (retried once)",
+        t.elapsed()
+    );
+    assert!(
+        matches!(e, SiteError::Unreachable { .. }) && e.to_string().contains("site-drip"),
+        "{e}"
+    );
+}
+
 /// A relay that, once armed, holds back what the daemon sends on every connection until
 /// `n` connections were made through it (or 10 s passed): so that all of them have sent their
 /// first frame before any of them hears back.

@@ -15,7 +15,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{ShareKey, ShareMeta, ShareSite, SiteError};
 use crate::keys::{pool, Direction, End, PoolFile};
@@ -131,20 +131,91 @@ impl std::fmt::Display for Addr {
     }
 }
 
-enum Sock {
+enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
 }
 
+/// A connection to the site, whose reads and writes for one request end by that request's
+/// deadline: the socket's own timeouts bound each system call only, so a site (or someone on
+/// the path) answering a byte at a time held a FUSE read or an upload worker for as long as
+/// it kept dripping.
+struct Sock {
+    s: Stream,
+    /// When the request under way must be done by.
+    deadline: Option<Instant>,
+    /// The read and write timeout the socket has now.
+    timeout: Duration,
+    /// The timeout a request starts with ([`MountdSite::timeout`]).
+    full: Duration,
+}
+
 impl Sock {
+    fn new(s: Stream, timeout: Duration) -> std::io::Result<Self> {
+        let mut sock = Self {
+            s,
+            deadline: None,
+            timeout: Duration::ZERO,
+            full: timeout,
+        };
+        sock.set_timeout(timeout)?;
+        Ok(sock)
+    }
+
+    fn set_timeout(&mut self, t: Duration) -> std::io::Result<()> {
+        let t = t.max(Duration::from_millis(1));
+        match &self.s {
+            Stream::Unix(s) => {
+                s.set_read_timeout(Some(t))?;
+                s.set_write_timeout(Some(t))?;
+            }
+            Stream::Tcp(s) => {
+                s.set_read_timeout(Some(t))?;
+                s.set_write_timeout(Some(t))?;
+            }
+        }
+        self.timeout = t;
+        Ok(())
+    }
+
+    /// A request starts: all of its reads and writes must be done within the full timeout.
+    fn start_request(&mut self) -> std::io::Result<()> {
+        self.deadline = Some(Instant::now() + self.full);
+        if self.timeout != self.full {
+            self.set_timeout(self.full)?;
+        }
+        Ok(())
+    }
+
+    /// Before a system call: fail once the deadline has passed; else bound the call by what
+    /// is left of it, the socket's timeout lowered only when it exceeds twice that (a request
+    /// may so take up to twice its timeout, for a dozen `setsockopt`s at most, not one per
+    /// read of a share).
+    fn before_call(&mut self) -> std::io::Result<()> {
+        let Some(d) = self.deadline else {
+            return Ok(());
+        };
+        let left = d.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no whole answer within {:?}", self.full),
+            ));
+        }
+        if self.timeout > left * 2 {
+            self.set_timeout(left)?;
+        }
+        Ok(())
+    }
+
     /// Whether the site may still be there: the connection is neither closed nor holding
     /// bytes no request asked for. Asked without blocking.
     fn is_live(&self) -> bool {
         use nix::sys::socket::{recv, MsgFlags};
         use std::os::fd::AsRawFd;
-        let fd = match self {
-            Sock::Unix(s) => s.as_raw_fd(),
-            Sock::Tcp(s) => s.as_raw_fd(),
+        let fd = match &self.s {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
         };
         let mut b = [0u8; 1];
         matches!(
@@ -156,36 +227,40 @@ impl Sock {
 
 impl Read for Sock {
     fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Sock::Unix(s) => s.read(b),
-            Sock::Tcp(s) => s.read(b),
+        self.before_call()?;
+        match &mut self.s {
+            Stream::Unix(s) => s.read(b),
+            Stream::Tcp(s) => s.read(b),
         }
     }
     fn read_vectored(&mut self, b: &mut [std::io::IoSliceMut<'_>]) -> std::io::Result<usize> {
-        match self {
-            Sock::Unix(s) => s.read_vectored(b),
-            Sock::Tcp(s) => s.read_vectored(b),
+        self.before_call()?;
+        match &mut self.s {
+            Stream::Unix(s) => s.read_vectored(b),
+            Stream::Tcp(s) => s.read_vectored(b),
         }
     }
 }
 
 impl Write for Sock {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Sock::Unix(s) => s.write(b),
-            Sock::Tcp(s) => s.write(b),
+        self.before_call()?;
+        match &mut self.s {
+            Stream::Unix(s) => s.write(b),
+            Stream::Tcp(s) => s.write(b),
         }
     }
     fn write_vectored(&mut self, b: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
-        match self {
-            Sock::Unix(s) => s.write_vectored(b),
-            Sock::Tcp(s) => s.write_vectored(b),
+        self.before_call()?;
+        match &mut self.s {
+            Stream::Unix(s) => s.write_vectored(b),
+            Stream::Tcp(s) => s.write_vectored(b),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            Sock::Unix(s) => s.flush(),
-            Sock::Tcp(s) => s.flush(),
+        match &mut self.s {
+            Stream::Unix(s) => s.flush(),
+            Stream::Tcp(s) => s.flush(),
         }
     }
 }
@@ -376,6 +451,12 @@ impl MountdSite {
             timeout: Duration::from_secs(60),
             connect_timeout: CONNECT_TIMEOUT,
         }
+    }
+
+    /// How long one request (its writes and the whole answer) may take (default 60 s; up to
+    /// twice this when the site answers slowly to the end).
+    pub fn set_timeout(&mut self, t: Duration) {
+        self.timeout = t;
     }
 
     /// How long opening a TCP connection may take (default 5 s).
@@ -629,16 +710,12 @@ impl MountdSite {
                 Addr::Unix(p) => {
                     let s = UnixStream::connect(p)?;
                     size_unix_socket(&s);
-                    s.set_read_timeout(Some(self.timeout))?;
-                    s.set_write_timeout(Some(self.timeout))?;
-                    Sock::Unix(s)
+                    Sock::new(Stream::Unix(s), self.timeout)?
                 }
                 Addr::Tcp(a) => {
                     let s = connect_tcp(a, self.connect_timeout)?;
                     s.set_nodelay(true)?;
-                    s.set_read_timeout(Some(self.timeout))?;
-                    s.set_write_timeout(Some(self.timeout))?;
-                    Sock::Tcp(s)
+                    Sock::new(Stream::Tcp(s), self.timeout)?
                 }
             })
         };
@@ -746,6 +823,7 @@ impl MountdSite {
         mut tail_out: Option<&mut Vec<u8>>,
     ) -> Result<bool, CallError> {
         let io = |e: std::io::Error| CallError::Io(e.to_string());
+        conn.sock.start_request().map_err(io)?;
         let m = Msg {
             id,
             body: body.clone(),
