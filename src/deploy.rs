@@ -36,7 +36,16 @@ pub struct DeployOptions {
     /// a read fetches) are written, when not beside the others: `DIR/home/<link>` and
     /// `DIR/<site>`, symlinked from the usual places (`keys::pool::provision_placed`).
     pub b2a_key_dir: Option<PathBuf>,
+    /// Where the pids of the daemons this deployment has running are kept, current as it
+    /// starts and reaps them: for a handler on another thread that must stop them whenever
+    /// it runs (a demo's Ctrl-C, while the sites are still starting).
+    pub running: Option<Running>,
 }
+
+/// Pids of running processes, shared with whoever must stop them (see
+/// [`DeployOptions::running`]). A process is added under the lock as it is spawned, so a
+/// holder of the lock has every one started so far, and none starts while it holds it.
+pub type Running = std::sync::Arc<std::sync::Mutex<Vec<u32>>>;
 
 impl DeployOptions {
     /// Key bytes of each direction of every link (the home is end a).
@@ -61,7 +70,13 @@ impl DeployOptions {
             card: false,
             key_window: 16 << 20,
             b2a_key_dir: None,
+            running: None,
         }
+    }
+
+    /// Where the deployment mounts `/qgenome`.
+    pub fn mountpoint(&self) -> PathBuf {
+        self.dir.join("qgenome")
     }
 }
 
@@ -291,7 +306,7 @@ impl Deployment {
                 child: None,
             });
         }
-        let mountpoint = dir.join("qgenome");
+        let mountpoint = opts.mountpoint();
         std::fs::create_dir_all(&mountpoint)?;
         let home_text = format!(
             "mountpoint = {}\nstate_dir = {}\nchunk_size = \"{}\"\nconsent_wait_secs = {}\n[scheme]\nk = {}\nn = {}\n{home_sites}",
@@ -332,19 +347,20 @@ impl Deployment {
             .create(true)
             .append(true)
             .open(&self.sites[i].log)?;
-        let site = &mut self.sites[i];
-        let child = Command::new(self.bin_dir.join("qgenome-mountd"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&site.config)
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .spawn()
+        let child = self
+            .spawn(
+                Command::new(self.bin_dir.join("qgenome-mountd"))
+                    .arg("serve")
+                    .arg("--config")
+                    .arg(&self.sites[i].config)
+                    .stdout(Stdio::from(log.try_clone()?))
+                    .stderr(Stdio::from(log)),
+            )
             .context("starting qgenome-mountd serve")?;
-        site.child = Some(child);
+        self.sites[i].child = Some(child);
         let home = &self.cfg.sites[i];
         let (sock, addr) = (home.socket.clone(), home.address.clone());
-        let name = site.name.clone();
+        let name = self.sites[i].name.clone();
         wait_for(&format!("site {name}"), Duration::from_secs(20), || {
             if let Some(status) = self.sites[i]
                 .child
@@ -375,8 +391,27 @@ impl Deployment {
                 std::thread::sleep(Duration::from_millis(20));
             }
             let _ = c.kill();
-            let _ = c.wait();
+            let _ = self.reap(&mut c);
         }
+    }
+
+    /// Spawn `cmd`, recording its pid in [`DeployOptions::running`] under the lock.
+    fn spawn(&self, cmd: &mut Command) -> std::io::Result<Child> {
+        let mut running = self.opts.running.as_ref().map(|r| lock_running(r));
+        let child = cmd.spawn()?;
+        if let Some(r) = running.as_mut() {
+            r.push(child.id());
+        }
+        Ok(child)
+    }
+
+    /// Wait for `c`, which was told to stop, and forget its pid first (once reaped, the pid
+    /// may be another process's).
+    fn reap(&self, c: &mut Child) -> std::io::Result<std::process::ExitStatus> {
+        if let Some(r) = &self.opts.running {
+            lock_running(r).retain(|&p| p != c.id());
+        }
+        c.wait()
     }
 
     /// The pool files of `direction` of every link, at both ends (the home's, then the
@@ -438,7 +473,7 @@ impl Deployment {
     pub fn kill_site(&mut self, i: usize) {
         if let Some(mut c) = self.sites[i].child.take() {
             let _ = c.kill();
-            let _ = c.wait();
+            let _ = self.reap(&mut c);
         }
     }
 
@@ -450,19 +485,21 @@ impl Deployment {
         let notify = std::os::unix::net::UnixDatagram::bind(&notify_path)
             .with_context(|| format!("binding {}", notify_path.display()))?;
         notify.set_nonblocking(true)?;
-        let child = Command::new(self.bin_dir.join("qgenome"))
-            .arg("mount")
-            .arg("--config")
-            .arg(&self.home_config)
-            .env("NOTIFY_SOCKET", &notify_path)
-            .stdout(log_file(&self.dir().join("mount.stdout"))?)
-            .stderr(Stdio::from(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&self.mount_log)?,
-            ))
-            .spawn()
+        let child = self
+            .spawn(
+                Command::new(self.bin_dir.join("qgenome"))
+                    .arg("mount")
+                    .arg("--config")
+                    .arg(&self.home_config)
+                    .env("NOTIFY_SOCKET", &notify_path)
+                    .stdout(log_file(&self.dir().join("mount.stdout"))?)
+                    .stderr(Stdio::from(
+                        std::fs::OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(&self.mount_log)?,
+                    )),
+            )
             .context("starting qgenome mount")?;
         self.mount = Some(child);
         let mp = self.mountpoint.clone();
@@ -516,7 +553,7 @@ impl Deployment {
                 let pid = nix::unistd::Pid::from_raw(c.id() as i32);
                 let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
             }
-            exited = Some(c.wait());
+            exited = Some(self.reap(&mut c));
         }
         if is_fuse_mount(&self.mountpoint) {
             let _ = Command::new("fusermount3")
@@ -595,6 +632,10 @@ impl Drop for Deployment {
             self.stop_site(i);
         }
     }
+}
+
+fn lock_running(r: &Running) -> std::sync::MutexGuard<'_, Vec<u32>> {
+    r.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The aligned `window`-byte slices of some plaintext, for finding any of them in files at

@@ -78,7 +78,11 @@ fn check_room(args: &DemoArgs) -> anyhow::Result<()> {
 #[derive(Default)]
 struct Cleanup {
     mountpoint: Option<PathBuf>,
+    /// pcscd and the virtual cards.
     pids: Vec<u32>,
+    /// The deployment's daemons, recorded as they are started (and forgotten as they are
+    /// reaped), so that an interrupt while the sites or the mount are starting stops them.
+    running: crate::deploy::Running,
     dir: Option<PathBuf>,
 }
 
@@ -209,16 +213,16 @@ fn flow(args: &DemoArgs, dir: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::R
     opts.key_size = demo_key_size(args.cram_size);
     opts.consent_wait_secs = 120;
     opts.card = true;
+    {
+        let mut c = cleanup.lock().expect("cleanup");
+        opts.running = Some(c.running.clone());
+        c.mountpoint = Some(opts.mountpoint());
+    }
     // The reader first: the mount's card watcher follows it from the start.
     let pcscd = crate::deploy::Pcscd::ensure(&dir.join("pcscd.log"))?;
     cleanup.lock().expect("cleanup").pids.extend(pcscd.pid());
     let mut deployment = Deployment::start_sites(opts)?;
     deployment.mount()?;
-    {
-        let mut c = cleanup.lock().expect("cleanup");
-        c.mountpoint = Some(deployment.mountpoint.clone());
-        c.pids.extend(deployment.pids());
-    }
     let mnt = deployment.mountpoint.clone();
     for s in &deployment.sites {
         let how = match &s.link {
@@ -510,6 +514,8 @@ fn install_interrupt_cleanup(cleanup: Arc<Mutex<Cleanup>>) -> anyhow::Result<()>
             let _ = nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&rx), &mut byte);
             eprintln!("\ninterrupted: cleaning up");
             let c = cleanup.lock().unwrap_or_else(|e| e.into_inner());
+            // Held to the exit: no daemon starts after these were signalled.
+            let running = c.running.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(m) = &c.mountpoint {
                 let _ = Command::new("fusermount3")
                     .arg("-u")
@@ -518,7 +524,7 @@ fn install_interrupt_cleanup(cleanup: Arc<Mutex<Cleanup>>) -> anyhow::Result<()>
                     .status();
             }
             let signal_all = |sig| {
-                for pid in &c.pids {
+                for pid in c.pids.iter().chain(running.iter()) {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), sig);
                 }
             };
