@@ -363,6 +363,7 @@ struct Metered {
     replies: u64,
     gets: AtomicUsize,
     on_get: std::sync::Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    on_put: std::sync::Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
 }
 
 impl Metered {
@@ -373,6 +374,7 @@ impl Metered {
             replies,
             gets: Default::default(),
             on_get: Default::default(),
+            on_put: Default::default(),
         }
     }
 }
@@ -382,6 +384,15 @@ impl ShareSite for Metered {
         self.inner.name()
     }
     fn put(&self, key: &ShareKey, meta: &ShareMeta, data: &[u8]) -> Result<(), SiteError> {
+        // The hook may panic under the lock: its poison is no concern here.
+        if let Some(hook) = self
+            .on_put
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            hook();
+        }
         self.inner.put(key, meta, data)
     }
     fn get(&self, key: &ShareKey) -> Result<Vec<u8>, SiteError> {
@@ -402,6 +413,40 @@ impl ShareSite for Metered {
     }
     fn reply_key_remaining(&self) -> Option<u64> {
         Some(self.replies)
+    }
+}
+
+/// A panic in an upload (a thread that could not be spawned for the puts, a site's bug) fails
+/// the chunk, named, and the commit says so: unanswered, it left the writer waiting for ever
+/// (its close hung, holding the name's lock), and the upload worker gone for good.
+#[test]
+fn a_panicking_upload_fails_the_commit_instead_of_hanging_it() {
+    let panicky = Arc::new(Metered::new("b", 1 << 30, 1 << 30));
+    *panicky.on_put.lock().unwrap() = Some(Box::new(|| panic!("a put that panics (test)")));
+    let sites: Vec<Arc<dyn ShareSite>> = vec![
+        Arc::new(MemSite::new("home")),
+        Arc::new(MemSite::new("a")),
+        panicky.clone(),
+    ];
+    let (_dir, engine) = engine_over(2, sites);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let e = engine.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(write(&e, "p.cram", &random(3 * (64 << 10))));
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the commit of a file whose upload panicked did not return in 20 s");
+    let err = r.expect_err("committed although an upload panicked");
+    assert!(
+        err.to_string().contains("p.cram") && err.to_string().contains("upload failed"),
+        "{err}"
+    );
+    assert!(engine.catalog.file("P0001", "p.cram").unwrap().is_none());
+    // The workers are all still there: a file written once the site behaves commits.
+    *panicky.on_put.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    for i in 0..8 {
+        write(&engine, &format!("ok{i}.cram"), &random(2 * (64 << 10))).unwrap();
     }
 }
 

@@ -972,6 +972,21 @@ fn a_writer_that_dies_before_closing_leaves_the_previous_version() {
     assert!(!z.exists(), "a killed writer published its file");
     assert_eq!(python("os._exit(3)").code(), Some(3));
     wait_for("the writer's release", || size(&z) == Some(7));
+    // A process killed after its O_TRUNC open and before any write (the OOM killer while a
+    // step loads its index): the file it was to replace stays, and a new one does not appear
+    // (both were published empty, and the replaced version's shares deleted).
+    let w = rig.mnt.join("P9/w.txt");
+    for f in [&x, &w] {
+        let st = Command::new("sh")
+            .arg("-c")
+            .arg(format!("exec 3>'{}'; kill -9 $$", f.display()))
+            .status()
+            .unwrap();
+        assert_eq!(st.signal(), Some(9));
+    }
+    wait_for("the killed opener's release", || {
+        size(&x) == Some(100_000) && size(&w).is_none()
+    });
     // A parent sharing the descriptor of a child that wrote and was killed: its close is
     // told the file is not committed (EIO), and nothing appears.
     let shared = rig.mnt.join("P9/shared.txt");

@@ -19,11 +19,22 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// The files of the sled database in one directory, to make its flushes durable.
-#[derive(Debug)]
 pub struct SledSync {
     log: File,
     dir: PathBuf,
     state: Mutex<State>,
+    /// Run by a flush between sled's flush and our syncs (tests: another flush's failure
+    /// landing there).
+    #[cfg(test)]
+    between: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl std::fmt::Debug for SledSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledSync")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -52,6 +63,8 @@ impl SledSync {
             log,
             dir: dir.to_path_buf(),
             state: Mutex::default(),
+            #[cfg(test)]
+            between: Mutex::default(),
         })
     }
 
@@ -66,15 +79,7 @@ impl SledSync {
     /// was called survives a power loss.
     pub fn flush(&self, db: &sled::Db) -> sled::Result<()> {
         let state = || self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((kind, text)) = &state().failed {
-            return Err(sled::Error::Io(io::Error::new(
-                *kind,
-                format!("an earlier sync of {} failed ({text}); its commits since are refused until it is opened again", self.dir.display()),
-            )));
-        }
-        let failed = |e: String, kind| {
-            state().failed.get_or_insert((kind, e));
-        };
+        self.refused(&state())?;
         // sled's own flush syncs its log's pages (`sync_file_range`): a write-back error
         // reported there is reported once, so it stops later flushes just as ours does.
         if let Err(e) = db.flush() {
@@ -82,17 +87,36 @@ impl SledSync {
                 sled::Error::Io(io) => io.kind(),
                 _ => io::ErrorKind::Other,
             };
-            failed(e.to_string(), kind);
+            state().failed.get_or_insert((kind, e.to_string()));
             return Err(e);
         }
-        // The log's fdatasync runs outside the lock: flushes of several threads overlap.
-        let synced = self
-            .sync_blobs(&mut state())
-            .and_then(|()| self.log.sync_data());
+        #[cfg(test)]
+        if let Some(f) = self.between.lock().unwrap().take() {
+            f();
+        }
+        // Checked again, synced and any failure recorded in one hold of the lock: a flush
+        // that checked before another's sync failed, then synced the same file after it,
+        // would be told Ok by a kernel that reports a write-back error once (the other
+        // sync had it), its commit not on disk (so it was in session 23, whose syncs ran
+        // under the lock all the same but whose failure was recorded after letting go).
+        let mut st = state();
+        self.refused(&st)?;
+        let synced = self.sync_blobs(&mut st).and_then(|()| self.log.sync_data());
         synced.map_err(|e| {
-            failed(e.to_string(), e.kind());
+            st.failed.get_or_insert((e.kind(), e.to_string()));
             sled::Error::Io(e)
         })
+    }
+
+    /// The error every flush fails with once a sync has failed.
+    fn refused(&self, st: &State) -> sled::Result<()> {
+        match &st.failed {
+            Some((kind, text)) => Err(sled::Error::Io(io::Error::new(
+                *kind,
+                format!("an earlier sync of {} failed ({text}); its commits since are refused until it is opened again", self.dir.display()),
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn sync_blobs(&self, st: &mut State) -> io::Result<()> {
@@ -174,6 +198,26 @@ mod tests {
         assert!(sync.flush(&db).is_err(), "and the next one");
         drop(sync);
         SledSync::open(dir.path()).unwrap().flush(&db).unwrap();
+    }
+
+    /// A flush that checked for an earlier failure before another flush's sync failed, then
+    /// synced after it, must fail too: the kernel reports a write-back error to one sync only,
+    /// and its own would be told Ok with its commit lost.
+    #[test]
+    fn a_flush_under_way_when_another_sync_fails_fails_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let sync = std::sync::Arc::new(SledSync::open(dir.path()).unwrap());
+        let other = sync.clone();
+        *sync.between.lock().unwrap() = Some(Box::new(move || {
+            // As the other flush's failed fdatasync leaves it.
+            other.state.lock().unwrap().failed = Some((io::ErrorKind::Other, "EIO".into()));
+        }));
+        db.insert(b"k", &b"v"[..]).unwrap();
+        let e = sync
+            .flush(&db)
+            .expect_err("told Ok after another's sync failed");
+        assert!(e.to_string().contains("EIO"), "{e}");
     }
 
     #[test]

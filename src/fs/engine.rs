@@ -542,7 +542,20 @@ impl Engine {
                         Err(_) => return,
                     };
                     let mut job = job;
-                    let result = core.upload(&job);
+                    // A panic (a thread that could not be spawned for the puts) is the chunk's
+                    // failure: unanswered, it left the writer waiting for ever under its lock,
+                    // and this worker gone from the pool for good.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        core.upload(&job)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(EngineError::Store {
+                            file: job.label.clone(),
+                            chunk: job.index,
+                            reason: "its upload failed (panicked; see the log)".into(),
+                            no_space: false,
+                        })
+                    });
                     let _ = job.done.send((job.index, result));
                     // Out of its `Zeroizing` (which would wipe byte by byte) into the pool.
                     core.chunk_bufs.give(std::mem::take(&mut *job.data));

@@ -249,6 +249,10 @@ struct WriterProcs {
     /// How a process that wrote through the handle ended without closing it (killed by a
     /// signal): the handle's writes since its last commit are then not committed.
     abandoned: Option<String>,
+    /// How a process that held the handle was killed before anyone wrote through it (an
+    /// `O_TRUNC` open, then the OOM killer): unless a process writes through it later, its
+    /// release commits nothing, rather than an empty file over the one it was to replace.
+    killed_before_writing: Option<String>,
 }
 
 /// The owner of what the caller of `req` creates.
@@ -329,8 +333,10 @@ impl Writing {
         }
     }
 
+    /// The writer, also after a panic under its lock (which would otherwise make every later
+    /// release, open, unlink or rename of the name panic a request loop away).
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<FileWriter>> {
-        self.writer.lock().expect("writer")
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -1558,7 +1564,22 @@ impl Filesystem for QgenomeFs {
                     }
                     None => p.abandoned.is_none(),
                 },
-                _ => false,
+                p => {
+                    // A process that never wrote: if nobody has written yet and it was
+                    // killed, the handle's release must not publish the empty version.
+                    let nobody_wrote = p.as_ref().is_none_or(|p| p.tgids.is_empty());
+                    if nobody_wrote && self.writer(fh).is_some() {
+                        if let Some(signal) = killing_signal(req.pid()) {
+                            let how = format!(
+                                "process {} was killed by signal {signal} before anything was written",
+                                req.pid()
+                            );
+                            tracing::warn!("write handle {}: {how}", fh.0);
+                            procs.entry(fh.0).or_default().killed_before_writing = Some(how);
+                        }
+                    }
+                    false
+                }
             }
         };
         self.commit_apart(fh, commit, reply);
@@ -1594,7 +1615,11 @@ impl Filesystem for QgenomeFs {
             .lock()
             .expect("writer procs")
             .remove(&fh.0)
-            .and_then(|p| p.abandoned);
+            .and_then(|p| match p.abandoned {
+                Some(how) => Some(how),
+                None if p.tgids.is_empty() => p.killed_before_writing,
+                None => None,
+            });
         if let Some(Handle::Write { writer }) = handle {
             // The last commit runs under the writer's lock, so that an unlink or rename of
             // the file waits for it rather than racing it.
