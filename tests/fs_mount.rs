@@ -1489,6 +1489,40 @@ fn an_empty_file_not_committed_at_release_is_audited() {
             && e["file"] == "late.flag"),
         "{audit}"
     );
+    // A file an fsync committed, then written to, then closed with every site down: its
+    // audit says the fsync's bytes stay and the rest was not committed (it said "kept: the
+    // catalog names it, but could not make that durable", as if all of it were named).
+    use std::io::Write;
+    let mut f = std::fs::File::create(rig.mnt.join("P21/part.cram")).unwrap();
+    f.write_all(&[3u8; 100_000]).unwrap();
+    f.sync_all().unwrap();
+    for s in &rig.sites {
+        s.set_down(true);
+    }
+    let _ = f.write_all(&[4u8; 100_000]);
+    drop(f);
+    let stayed = |e: &serde_json::Value| {
+        e["event"] == "write-failed"
+            && e["file"] == "part.cram"
+            && e["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("the 100000 bytes its last fsync committed stay"))
+    };
+    wait_for("the partial file's release audited", || {
+        control::request(
+            &rig.cfg.control_socket(),
+            &json!({"cmd": "audit", "last": 20}),
+        )
+        .is_ok_and(|a| {
+            a["entries"]
+                .as_array()
+                .is_some_and(|v| v.iter().any(stayed))
+        })
+    });
+    for s in &rig.sites {
+        s.set_down(false);
+    }
+    assert_eq!(size_of(&rig.mnt.join("P21/part.cram")), Some(100_000));
 }
 
 /// `cp -p`, `install -m 0444`: the mode and mtime set on a file before its close are the

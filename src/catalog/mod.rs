@@ -160,6 +160,16 @@ pub struct AuditEntry {
     pub detail: String,
 }
 
+/// A catalog key as an error names it: as text when it is (a patient's folder and a file
+/// name), else in hex (a version's id, a chunk's id and index), which lossy UTF-8 made
+/// unreadable.
+fn key_text(key: &[u8]) -> String {
+    match std::str::from_utf8(key) {
+        Ok(s) if !s.chars().any(char::is_control) => s.to_string(),
+        _ => format!("0x{}", merkle::hex(key)),
+    }
+}
+
 pub fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -300,7 +310,7 @@ impl Catalog {
     fn decode<T: for<'de> Deserialize<'de>>(&self, key: &[u8], value: &[u8]) -> Result<T> {
         serde_json::from_slice(value).map_err(|e| CatalogError::Corrupt {
             path: self.path.clone(),
-            key: String::from_utf8_lossy(key).into_owned(),
+            key: key_text(key),
             reason: e.to_string(),
         })
     }
@@ -1011,6 +1021,13 @@ pub fn unhex<const N: usize>(s: &str) -> std::result::Result<[u8; N], String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_that_does_not_decode_is_named_readably() {
+        assert_eq!(key_text(b"P0001/x.cram"), "P0001/x.cram");
+        assert_eq!(key_text(&[0x9f, 0x00, 0x41]), "0x9f0041");
+        assert_eq!(key_text(b"a\0b"), "0x610062");
+    }
 
     fn cat() -> (tempfile::TempDir, Catalog) {
         let dir = tempfile::tempdir().unwrap();

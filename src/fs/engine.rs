@@ -1702,6 +1702,11 @@ impl FileWriter {
         self.committed == Some(self.size)
     }
 
+    /// The size its last commit (an fsync's, while open) made durable, if any.
+    pub fn committed_size(&self) -> Option<u64> {
+        self.committed
+    }
+
     /// The file was renamed (within its patient) while this writer is open: its commits take
     /// the new name. A version already committed was moved by [`Engine::rename`].
     pub fn rename(&mut self, engine: &Engine, new_name: &str) -> Result<(), EngineError> {

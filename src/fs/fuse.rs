@@ -1647,10 +1647,15 @@ impl Filesystem for QgenomeFs {
                     // close(2) is left to tell: the audit keeps it beside the log line (a
                     // `touch` or `: > f` with a site down, whose close committed nothing).
                     let (patient, name) = (w.record().patient.clone(), w.record().name.clone());
-                    let what = if w.abort(&self.engine) {
-                        "discarded"
-                    } else {
-                        "kept: the catalog names it, but could not make that durable"
+                    let fsynced = w.committed_size();
+                    let what = match (w.abort(&self.engine), fsynced) {
+                        (true, _) => "discarded".to_string(),
+                        (false, Some(size)) => format!(
+                            "the {size} bytes its last fsync committed stay; what was written after them is not committed"
+                        ),
+                        (false, None) => {
+                            "kept: the catalog names it, but could not make that durable".into()
+                        }
                     };
                     tracing::error!("{patient}/{name}: not committed, {what}: {e}");
                     self.engine.catalog.audit(
