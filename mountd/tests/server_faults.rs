@@ -613,44 +613,56 @@ struct Drip {
 
 impl Drip {
     fn start(upstream: &str) -> Self {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap().to_string();
         let armed = Arc::new(AtomicBool::new(false));
-        let (upstream, on) = (upstream.to_string(), armed.clone());
-        std::thread::spawn(move || {
-            for c in l.incoming() {
-                let Ok(c) = c else { return };
-                let Ok(u) = TcpStream::connect(&upstream) else {
-                    continue;
-                };
-                let (mut c2, mut u2) = (c.try_clone().unwrap(), u.try_clone().unwrap());
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut c2, &mut u2);
-                    let _ = u2.shutdown(Shutdown::Both);
-                });
-                let on = on.clone();
-                std::thread::spawn(move || {
-                    let (mut u, mut c) = (u, c);
-                    let mut b = vec![0u8; 1 << 16];
-                    while let Ok(n) = u.read(&mut b) {
-                        if n == 0 {
-                            break;
-                        }
-                        for byte in &b[..n] {
-                            if on.load(Ordering::SeqCst) {
-                                std::thread::sleep(Duration::from_millis(50));
-                            }
-                            if c.write_all(std::slice::from_ref(byte)).is_err() {
-                                return;
-                            }
-                        }
+        let on = armed.clone();
+        let addr = relay(upstream, move |mut u, mut c| {
+            let mut b = vec![0u8; 1 << 16];
+            while let Ok(n) = u.read(&mut b) {
+                if n == 0 {
+                    break;
+                }
+                for byte in &b[..n] {
+                    if on.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(50));
                     }
-                    let _ = c.shutdown(Shutdown::Both);
-                });
+                    if c.write_all(std::slice::from_ref(byte)).is_err() {
+                        return;
+                    }
+                }
             }
         });
         Self { addr, armed }
     }
+}
+
+/// A relay on a loopback port of its own to `upstream`, for tests standing between a client
+/// and a daemon: each client connection gets its own connection to `upstream`; what the client
+/// sends is passed on as it comes, and `down(upstream, client)` runs on a thread of its own for
+/// what comes back (both are shut down once it returns). Returns the relay's address.
+fn relay(upstream: &str, down: impl Fn(TcpStream, TcpStream) + Send + Sync + 'static) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let (upstream, down) = (upstream.to_string(), Arc::new(down));
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { return };
+            let Ok(u) = TcpStream::connect(&upstream) else {
+                continue;
+            };
+            let (mut c2, mut u2) = (c.try_clone().unwrap(), u.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut u2);
+                let _ = u2.shutdown(Shutdown::Both);
+            });
+            let down = down.clone();
+            std::thread::spawn(move || {
+                let c3 = c.try_clone().unwrap();
+                down(u, c);
+                let _ = c3.shutdown(Shutdown::Both);
+            });
+        }
+    });
+    addr
 }
 
 /// The client's timeouts bound each system call: a reply dripped a byte at a time, each within
@@ -704,38 +716,18 @@ struct Gate {
 
 impl Gate {
     fn start(upstream: &str) -> Self {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap().to_string();
         let state: Arc<(Mutex<(usize, usize)>, std::sync::Condvar)> = Arc::default();
-        let (upstream, st) = (upstream.to_string(), state.clone());
-        std::thread::spawn(move || {
-            for c in l.incoming() {
-                let Ok(c) = c else { return };
-                let Ok(u) = TcpStream::connect(&upstream) else {
-                    continue;
-                };
-                {
-                    let (m, cv) = &*st;
-                    m.lock().unwrap().1 += 1;
-                    cv.notify_all();
-                }
-                let (mut c2, mut u2) = (c.try_clone().unwrap(), u.try_clone().unwrap());
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut c2, &mut u2);
-                    let _ = u2.shutdown(Shutdown::Both);
-                });
-                let st = st.clone();
-                std::thread::spawn(move || {
-                    let (m, cv) = &*st;
-                    let g = m.lock().unwrap();
-                    let _ = cv
-                        .wait_timeout_while(g, Duration::from_secs(10), |(n, seen)| seen < n)
-                        .unwrap();
-                    let (mut u, mut c) = (u, c);
-                    let _ = std::io::copy(&mut u, &mut c);
-                    let _ = c.shutdown(Shutdown::Both);
-                });
-            }
+        let st = state.clone();
+        let addr = relay(upstream, move |mut u, mut c| {
+            let (m, cv) = &*st;
+            let mut g = m.lock().unwrap();
+            g.1 += 1;
+            cv.notify_all();
+            drop(
+                cv.wait_timeout_while(g, Duration::from_secs(10), |(n, seen)| seen < n)
+                    .unwrap(),
+            );
+            let _ = std::io::copy(&mut u, &mut c);
         });
         Self { addr, state }
     }
