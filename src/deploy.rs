@@ -405,9 +405,13 @@ impl Deployment {
         Ok(child)
     }
 
-    /// Wait for `c`, which was told to stop, and forget its pid first (once reaped, the pid
-    /// may be another process's).
+    /// Wait for `c`, which was told to stop, and forget its pid: once it has exited (left a
+    /// zombie, so that its pid is no other process's yet), then reap it. An interrupt while it
+    /// is still stopping (a clean unmount takes seconds) so still finds it.
     fn reap(&self, c: &mut Child) -> std::io::Result<std::process::ExitStatus> {
+        use nix::sys::wait::{waitid, Id, WaitPidFlag};
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        let _ = waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT);
         if let Some(r) = &self.opts.running {
             lock_running(r).retain(|&p| p != c.id());
         }

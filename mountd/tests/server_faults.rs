@@ -333,6 +333,44 @@ fn silent_tcp_connections_neither_lock_out_the_unix_socket_nor_keep_their_slots(
 /// that the links and the home mount's socket share. A header promising a full-size frame,
 /// or one sealed for a stream no link of the site receives, is refused from the header alone,
 /// so keyless clients that stall inside such frames leave the home mount served.
+/// The cap per address applies to the home too. Before it, a home whose pool was empty
+/// dialled for every request at once (a scatter step's closes after a quiet spell: some
+/// thirty connections to one site), and those past the cap were closed unanswered: writes
+/// failed "unreachable" with the site up. A client now opens at most four at once, and opens
+/// again, after a pause, one the site closed before answering its HELLO.
+#[test]
+fn a_home_dialling_many_connections_at_once_stays_within_the_cap_per_address() {
+    let site = Site::new(
+        "site-many",
+        Vol::File(64 << 20),
+        &["home-x"],
+        &["home-x"],
+        64 << 20,
+    );
+    site.set_limit("max_connections", "16");
+    site.set_limit("max_unwelcomed_per_address", "2");
+    let d = site.start();
+    let home = Arc::new(MountdSite::tcp(&site.name, &d.tcp, &site.client_keys("home-x")).unwrap());
+    let barrier = Arc::new(std::sync::Barrier::new(12));
+    let puts: Vec<_> = (0..12)
+        .map(|i| {
+            let (home, barrier) = (home.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let k = key(80, i);
+                barrier.wait();
+                home.put(&k, &META, &share_bytes(10, &k, 50_000))
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    let r: Vec<_> = puts.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(r.iter().all(Result::is_ok), "{r:?}");
+    for i in 0..12 {
+        let k = key(80, i);
+        assert_eq!(home.get(&k).unwrap(), share_bytes(10, &k, 50_000));
+    }
+}
+
 /// A TCP connection to `addr` made from the local address `from` (another loopback address
 /// stands for another host).
 fn connect_from(from: std::net::Ipv4Addr, addr: &str) -> TcpStream {

@@ -136,6 +136,10 @@ enum Stream {
     Tcp(TcpStream),
 }
 
+/// The slowest transfer a request's deadline allows for, in bytes per second, on top of the
+/// client's timeout.
+const SLOWEST_LINK: u64 = 256 << 10;
+
 /// A connection to the site, whose reads and writes for one request end by that request's
 /// deadline: the socket's own timeouts bound each system call only, so a site (or someone on
 /// the path) answering a byte at a time held a FUSE read or an upload worker for as long as
@@ -185,6 +189,15 @@ impl Sock {
             self.set_timeout(self.full)?;
         }
         Ok(())
+    }
+
+    /// The request carries `bytes` more (a share sent or announced): its deadline moves on by
+    /// the time they take at [`SLOWEST_LINK`], so a slow link still moves a large share while
+    /// a dripping one is cut (a 16 MiB share: 64 s more).
+    fn allow_bytes(&mut self, bytes: usize) {
+        if let Some(d) = &mut self.deadline {
+            *d += Duration::from_secs_f64(bytes as f64 / SLOWEST_LINK as f64);
+        }
     }
 
     /// Before a system call: fail once the deadline has passed; else bound the call by what
@@ -320,7 +333,7 @@ fn read_exact_parts(
 /// Why one exchange failed.
 enum CallError {
     /// The connection broke: retry on a fresh one, then report Unreachable.
-    Io(String),
+    Io(std::io::Error),
     /// The server counts our frame's key as used; its unused key starts here.
     KeyAlreadyUsed(u64),
     /// The server's reply used key our receive stream counts as consumed (both ends
@@ -340,6 +353,48 @@ pub struct MountdSite {
     next_id: AtomicU64,
     timeout: Duration,
     connect_timeout: Duration,
+    /// Connections being opened (HELLO not yet answered), at most [`CONNECTS_AT_ONCE`].
+    connecting: (Mutex<usize>, std::sync::Condvar),
+}
+
+/// Connections a client opens to one site at once. A site closes, as it accepts them, the
+/// connections from one address past `limits.max_unwelcomed_per_address` still without an
+/// answered HELLO; a home that dialled for every request finding the pool empty at once (a
+/// scatter step's closes after a quiet spell: manifests, uploads, read-ahead, FUSE loops,
+/// some thirty) would have met that cap. Each waits one round trip.
+const CONNECTS_AT_ONCE: usize = 4;
+
+/// How often a connection the site closed before answering its HELLO (it was past the site's
+/// cap of unwelcomed connections, or the site was restarting) is opened again before the
+/// site counts as unreachable, and the first pause before that (doubled each time).
+const REFUSED_HELLO_RETRIES: u32 = 3;
+const REFUSED_HELLO_PAUSE: Duration = Duration::from_millis(25);
+
+/// A connection closed (or reset) by the site before any answer.
+fn closed_unanswered(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), UnexpectedEof | ConnectionReset | BrokenPipe)
+}
+
+/// One of the [`CONNECTS_AT_ONCE`] places to open a connection, held until dropped.
+struct Connecting<'a>(&'a (Mutex<usize>, std::sync::Condvar));
+
+impl<'a> Connecting<'a> {
+    fn take(c: &'a (Mutex<usize>, std::sync::Condvar)) -> Self {
+        let mut n = lock(&c.0);
+        while *n >= CONNECTS_AT_ONCE {
+            n = c.1.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+        *n += 1;
+        Self(c)
+    }
+}
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0 .0) -= 1;
+        self.0 .1.notify_one();
+    }
 }
 
 /// How long a TCP connection to a site may take to open. Without a limit a host that is off
@@ -450,6 +505,7 @@ impl MountdSite {
             next_id: AtomicU64::new(first_request_id()),
             timeout: Duration::from_secs(60),
             connect_timeout: CONNECT_TIMEOUT,
+            connecting: Default::default(),
         }
     }
 
@@ -619,7 +675,7 @@ impl MountdSite {
                     if reused {
                         lock(&self.idle).clear();
                     }
-                    last = e;
+                    last = e.to_string();
                 }
                 Err(CallError::Io(e)) => return Err(self.unreachable(e)),
                 Err(CallError::ReplyBelowFloor) => {
@@ -705,6 +761,7 @@ impl MountdSite {
     }
 
     fn connect(&self) -> Result<Conn, SiteError> {
+        let _place = Connecting::take(&self.connecting);
         let open = || -> std::io::Result<Sock> {
             Ok(match &self.addr {
                 Addr::Unix(p) => {
@@ -726,8 +783,12 @@ impl MountdSite {
                 b: Bufs::default(),
             });
         };
-        // HELLO; after a restart of the server (or of both ends) skip forward and retry.
-        for _ in 0..3 {
+        // HELLO; after a restart of the server (or of both ends) skip forward and retry; a
+        // connection closed unanswered is opened again after a pause.
+        let mut refused = 0;
+        let mut pause = REFUSED_HELLO_PAUSE;
+        let mut skips = 0;
+        while skips < 3 {
             let sock = open().map_err(|e| self.unreachable(e))?;
             let mut conn = Conn {
                 sock,
@@ -758,8 +819,19 @@ impl MountdSite {
                         }),
                     };
                 }
-                Err(CallError::KeyAlreadyUsed(until)) => self.skip_send(until)?,
+                Err(CallError::KeyAlreadyUsed(until)) => {
+                    skips += 1;
+                    self.skip_send(until)?
+                }
+                Err(CallError::Io(e))
+                    if closed_unanswered(&e) && refused < REFUSED_HELLO_RETRIES =>
+                {
+                    refused += 1;
+                    std::thread::sleep(pause);
+                    pause *= 2;
+                }
                 Err(CallError::ReplyBelowFloor) => {
+                    skips += 1;
                     // The server restarted and cannot read our HELLO, and its reply uses key
                     // below our own restart floor: skip one window, which lies above any
                     // floor the server can have (it is below our last frame + one window).
@@ -822,7 +894,7 @@ impl MountdSite {
         body: &Body<'_>,
         mut tail_out: Option<&mut Vec<u8>>,
     ) -> Result<bool, CallError> {
-        let io = |e: std::io::Error| CallError::Io(e.to_string());
+        let io = CallError::Io;
         conn.sock.start_request().map_err(io)?;
         let m = Msg {
             id,
@@ -832,6 +904,7 @@ impl MountdSite {
         b.head.clear();
         // The share bytes (PUT) go out from the caller's buffer, never copied behind the head.
         let tail = m.encode_head(&mut b.head);
+        conn.sock.allow_bytes(tail.len());
         match &self.link {
             None => {
                 let len = ((b.head.len() + tail.len()) as u32).to_le_bytes();
@@ -852,6 +925,7 @@ impl MountdSite {
                         reason: format!("reply from {}: {e}", self.addr),
                     })
                 })?;
+                conn.sock.allow_bytes(n);
                 // Sized without clearing: all of it is overwritten by the reads.
                 let split = match tail_out.as_deref_mut() {
                     Some(t) if n >= msg::DATA_HEAD_LEN => {
@@ -910,6 +984,7 @@ impl MountdSite {
                     })
                 })?;
                 let len = hdr.payload_len as usize;
+                conn.sock.allow_bytes(len);
                 let mut tag = [0u8; TAG_LEN];
                 let opened = match tail_out.as_deref_mut() {
                     // A DATA reply's share is read straight into the caller's buffer and
@@ -1141,6 +1216,21 @@ pub fn socket_path(dir: &Path, site: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request's deadline is the timeout, plus the time its share takes at the slowest link
+    /// allowed: a 1 MiB share gives 4 s more.
+    #[test]
+    fn a_requests_deadline_grows_with_the_bytes_it_carries() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut s = Sock::new(Stream::Unix(a), Duration::from_secs(1)).unwrap();
+        s.start_request().unwrap();
+        s.allow_bytes(1 << 20);
+        let left = s.deadline.unwrap() - Instant::now();
+        assert!(
+            left > Duration::from_millis(4900) && left <= Duration::from_secs(5),
+            "{left:?}"
+        );
+    }
 
     /// Each client numbers its requests from a random start, so a reply recorded from one
     /// process's exchange cannot answer the request of the same number in the next.

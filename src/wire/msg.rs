@@ -26,7 +26,7 @@ pub const MAX_MSG: usize = MAX_DATA + 4096;
 pub const MAX_LIST: u32 = 4096;
 /// The id of a site's floor notice: the one `KeyAlreadyUsed` answer it gives every stale
 /// frame of a link, sealed once per start (a stale frame is refused unopened, so its request
-/// id is unknown). Never a request's id: clients number requests from 1.
+/// id is unknown). Never a request's id: clients start theirs at random below 2^62.
 pub const FLOOR_NOTICE_ID: u64 = u64::MAX;
 /// Most links reported by one STAT reply.
 pub const MAX_LINKS: usize = 64;
