@@ -634,7 +634,7 @@ impl Engine {
                         return;
                     };
                     let Some(engine) = weak.upgrade() else { return };
-                    if engine.consent.is_active(&rec.patient) {
+                    if engine.consent.is_active(&rec.patient) && engine.still_read(&rec) {
                         let _ = engine.chunk(&rec, index, &chunk);
                     }
                 })
@@ -856,6 +856,17 @@ impl Engine {
     pub fn reader_opened(&self, id: &FileId) {
         let mut readers = self.readers.lock().expect("readers");
         readers.entry(*id).or_insert((0, None)).0 += 1;
+    }
+
+    /// Whether a read-ahead of version `rec` is still worth its fetch: the version is held
+    /// open, or still named. One closed and deleted meanwhile (`cat big | head -c 1M; rm big`)
+    /// is having its shares deleted: fetching them logged a false "too few shares" naming
+    /// every site, and counted every site as failing.
+    fn still_read(&self, rec: &FileRecord) -> bool {
+        if self.readers.lock().expect("readers").contains_key(&rec.id) {
+            return true;
+        }
+        matches!(self.catalog.file(&rec.patient, &rec.name), Ok(Some(f)) if f.id == rec.id)
     }
 
     /// Whether version `id`, still held open, lost its name (see [`Engine::retire`]).
@@ -2273,6 +2284,32 @@ mod tests {
             ..EngineConfig::default()
         };
         Engine::new(catalog, consent, sites, cfg).unwrap()
+    }
+
+    /// A read-ahead fetches a version only while it is open or named: one replaced and then
+    /// closed is having its shares deleted.
+    #[test]
+    fn read_ahead_skips_a_version_neither_open_nor_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = mem_engine(&dir.path().join("c"));
+        engine.catalog.add_patient("P1").unwrap();
+        let write = |byte: u8| {
+            let mut w = engine.create("P1", "f", 0o644).unwrap();
+            w.write(&engine, 0, &[byte; 1000]).unwrap();
+            w.commit(&engine).unwrap();
+            engine.catalog.file("P1", "f").unwrap().unwrap()
+        };
+        let old = write(1);
+        assert!(engine.still_read(&old), "named");
+        engine.reader_opened(&old.id);
+        let new = write(2);
+        assert!(engine.still_read(&old), "replaced, but held open");
+        assert!(engine.still_read(&new));
+        engine.reader_closed(&old.id);
+        assert!(
+            !engine.still_read(&old),
+            "replaced and closed: being deleted"
+        );
     }
 
     #[test]
