@@ -357,7 +357,7 @@ fn format_volume(
     let index = dir.join("index");
     if index.exists() && !force {
         bail!(
-            "index {} exists (from an earlier format); pass --force to discard it",
+            "index {} exists; pass --force to discard it (only the index of this volume is)",
             index.display()
         );
     }
@@ -402,6 +402,25 @@ fn format_volume(
         }
     }
     if index.exists() {
+        // `--force` discards this volume's own index, not another's (a mistyped --state would
+        // have left that site refusing to start until its whole volume was scanned again).
+        if let Some(named) = qgenome_mountd::store::index_volume_id(&index) {
+            let this = qgenome_mountd::store::read_superblock(&dev)
+                .ok()
+                .map(|sb| sb.volume_id);
+            if this.as_ref().is_none_or(|id| id[..] != named[..]) {
+                bail!(
+                    "index {} belongs to volume {}, not to {} ({}): check --state; if that volume is gone for good, remove the index by hand",
+                    index.display(),
+                    qgenome::link::hex(&named),
+                    vol.volume.display(),
+                    this.map_or("which has no superblock yet".to_string(), |id| format!(
+                        "volume {}",
+                        qgenome::link::hex(&id)
+                    ))
+                );
+            }
+        }
         std::fs::remove_dir_all(&index)
             .with_context(|| format!("removing index {}", index.display()))?;
     }

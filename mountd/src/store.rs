@@ -31,6 +31,14 @@ use crate::volume::{BlockDevice, IoBuf, VolumeError};
 const GEN_BATCH: u64 = 1 << 16;
 const KEY_LOCKS: usize = 64;
 const META_VOLUME_ID: &[u8] = b"volume_id";
+
+/// The id of the volume the index at `index` names, if it can be read and names one (the
+/// caller holds the state directory's lock).
+pub fn index_volume_id(index: &Path) -> Option<Vec<u8>> {
+    let db = open_index(sled::Config::new().path(index)).ok()?;
+    let named = db.open_tree("meta").ok()?.get(META_VOLUME_ID).ok()??;
+    Some(named.to_vec())
+}
 const META_GEN_RESERVED: &[u8] = b"gen_reserved";
 /// This index's tag (u32 LE, nonzero): `Superblock::index_tag` names the volume's index.
 const META_INDEX_TAG: &[u8] = b"index_tag";
@@ -881,10 +889,13 @@ impl<D: BlockDevice> Store<D> {
         {
             return Err(self.invalid(key, "buffer not from share_buf of this store"));
         }
-        // A volume that refuses durable writes (a failed flush) gets no allocation either.
+        // A volume that refuses durable writes (a failed flush) gets no allocation either;
+        // nor does an index whose sync failed (its commit would refuse the put only after
+        // the share took an extent, for good, and became readable).
         if let Some(e) = self.dev.durable_writes_refused() {
             return Err(e.into());
         }
+        self.sync.check().map_err(|e| self.ix(e))?;
         // Before the first share reaches the volume, the volume names this index.
         self.tag_volume()?;
         let _guard = self
@@ -1267,59 +1278,77 @@ impl<D: BlockDevice> Store<D> {
         // An index there that names another volume is another site's (a mistyped --state):
         // moved aside, it would leave that site refusing to start. One that cannot be read, or
         // names no volume, is what a rebuild is for.
-        if index.exists() {
-            if let Ok(db) = open_index(sled::Config::new().path(&index)) {
-                let named = db
-                    .open_tree("meta")
-                    .ok()
-                    .and_then(|m| m.get(META_VOLUME_ID).ok().flatten());
-                if let Some(v) = named.filter(|v| v.as_ref() != sb.volume_id) {
-                    return Err(StoreError::StateMismatch {
-                        dir,
-                        volume: dev.path().to_path_buf(),
-                        expected: hex(&sb.volume_id),
-                        found: hex(&v),
-                    });
-                }
-            }
+        if let Some(v) = index
+            .exists()
+            .then(|| index_volume_id(&index))
+            .flatten()
+            .filter(|v| v[..] != sb.volume_id)
+        {
+            return Err(StoreError::StateMismatch {
+                dir,
+                volume: dev.path().to_path_buf(),
+                expected: hex(&sb.volume_id),
+                found: hex(&v),
+            });
         }
         let mut report = RebuildReport::default();
         // The scan first: one that fails (an unreadable block, say) leaves the index in place.
         let (found, superseded) = scan(dev, &sb, &mut report)?;
+        // The new index is built and made durable beside the old one, and the older
+        // generations tombstoned, before the old index moves aside: a failure in any of it
+        // leaves the index there was (once, a failed tombstone left the site no index).
+        let ix = |source| StoreError::Index {
+            dir: dir.clone(),
+            source,
+        };
+        let building = dir.join("index.new");
+        if building.exists() {
+            std::fs::remove_dir_all(&building).map_err(io)?;
+        }
+        let built = (|| -> Result<u32, StoreError> {
+            let db = open_index(sled::Config::new().path(&building)).map_err(ix)?;
+            let sync = SledSync::open(&building).map_err(|e| ix(sled::Error::Io(e)))?;
+            let shares = db.open_tree("shares").map_err(ix)?;
+            let meta = db.open_tree("meta").map_err(ix)?;
+            let mut max_gen = 0;
+            for (key, e) in &found {
+                shares.insert(key.encode(), &e.encode()[..]).map_err(ix)?;
+                max_gen = max_gen.max(e.generation);
+            }
+            max_gen = max_gen.max(report.max_generation_seen);
+            meta.insert(META_VOLUME_ID, &sb.volume_id[..]).map_err(ix)?;
+            meta.insert(META_GEN_RESERVED, &(max_gen + 1).to_le_bytes())
+                .map_err(ix)?;
+            // The rebuilt index is the volume's index from now on (a crash before the
+            // superblock names it leaves the volume refusing it: rebuild again).
+            let tag = new_index_tag().map_err(io)?;
+            meta.insert(META_INDEX_TAG, &tag.to_le_bytes())
+                .map_err(ix)?;
+            sync.flush(&db).map_err(ix)?;
+            // An older generation left on the volume (its replace's tombstone lost with the
+            // old index) would come back in the next rebuild once its key is deleted.
+            for &offset in &superseded {
+                tombstone(dev, &sb, offset)?;
+            }
+            Ok(tag)
+        })();
+        let tag = match built {
+            Ok(tag) => tag,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&building);
+                return Err(e);
+            }
+        };
+        report.superseded = superseded.len() as u64;
         if index.exists() {
             let aside = dir.join(format!("index.old-{}", now_secs()));
             std::fs::rename(&index, &aside).map_err(io)?;
             report.old_index = Some(aside);
         }
-        // An older generation left on the volume (its replace's tombstone lost with the old
-        // index) would come back in the next rebuild once its key is deleted: tombstone it.
-        for &offset in &superseded {
-            tombstone(dev, &sb, offset)?;
-        }
-        report.superseded = superseded.len() as u64;
-        let ix = |source| StoreError::Index {
-            dir: dir.clone(),
-            source,
-        };
-        let db = open_index(sled::Config::new().path(&index)).map_err(ix)?;
-        let sync = SledSync::open(&index).map_err(|e| ix(sled::Error::Io(e)))?;
-        let shares = db.open_tree("shares").map_err(ix)?;
-        let meta = db.open_tree("meta").map_err(ix)?;
-        let mut max_gen = 0;
-        for (key, e) in &found {
-            shares.insert(key.encode(), &e.encode()[..]).map_err(ix)?;
-            max_gen = max_gen.max(e.generation);
-        }
-        max_gen = max_gen.max(report.max_generation_seen);
-        meta.insert(META_VOLUME_ID, &sb.volume_id[..]).map_err(ix)?;
-        meta.insert(META_GEN_RESERVED, &(max_gen + 1).to_le_bytes())
-            .map_err(ix)?;
-        // The rebuilt index is the volume's index from now on (a crash before the superblock
-        // names it leaves the volume refusing it: rebuild again).
-        let tag = new_index_tag().map_err(io)?;
-        meta.insert(META_INDEX_TAG, &tag.to_le_bytes())
-            .map_err(ix)?;
-        sync.flush(&db).map_err(ix)?;
+        std::fs::rename(&building, &index).map_err(io)?;
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
         write_superblock(
             dev,
             &Superblock {

@@ -600,6 +600,32 @@ fn rebuild_index_into_another_volumes_state_is_refused() {
         .filter(|n| n.starts_with("index.old"))
         .collect();
     assert!(left.is_empty(), "a's index moved aside: {left:?}");
+    // Nor does `format --force` of another volume (formatted or new) discard a's index: it
+    // discards only the index of the volume it formats.
+    let c = dir.path().join("c.vol");
+    for (vol, size) in [(&b, None), (&c, Some("64M"))] {
+        let mut cmd = mountd();
+        cmd.args(["format", "--site", "z", "--force", "--volume"])
+            .arg(vol)
+            .arg("--state")
+            .arg(&a_state);
+        if let Some(size) = size {
+            cmd.args(["--size", size]);
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{}: discarded a's index",
+            vol.display()
+        );
+        assert!(
+            err.contains("a.vol.state")
+                && err.contains("belongs to volume")
+                && err.contains("check --state"),
+            "{err}"
+        );
+    }
     let store = Store::open(
         UringVolume::open(&a, &UringOptions::default()).unwrap(),
         &a_state,
@@ -607,4 +633,18 @@ fn rebuild_index_into_another_volumes_state_is_refused() {
     )
     .unwrap();
     assert_eq!(store.list().count(), 1, "site a lost its index");
+    drop(store);
+    // Its own volume's index it does discard, with --force.
+    let out = mountd()
+        .args(["format", "--site", "a", "--force", "--volume"])
+        .arg(&a)
+        .arg("--state")
+        .arg(&a_state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

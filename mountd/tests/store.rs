@@ -620,6 +620,31 @@ fn a_replaced_share_whose_tombstone_was_interrupted_never_comes_back() {
     delete_and_rebuild(s, k, other, dir.path());
 }
 
+/// A rebuild that fails part-way (here its tombstone of an older generation: a disk error)
+/// leaves the index there was, in its place: it used to have moved it aside first, leaving
+/// the site no index to start with.
+#[test]
+fn a_rebuild_that_fails_leaves_the_index_it_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, k, _other) = interrupted_replace(dir.path(), 12);
+    let v = MemVolume::from_image("mem-vol", image, A);
+    v.fail_writes_after(0);
+    Store::rebuild_index(&v, dir.path()).expect_err("a rebuild whose tombstone failed");
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("index"))
+        .collect();
+    assert_eq!(
+        names,
+        ["index"],
+        "the index moved, or a half-built one left"
+    );
+    v.fail_writes_after(u64::MAX);
+    let s = Store::open(v, dir.path(), StoreOptions::default()).unwrap();
+    assert_eq!(s.get(&k).unwrap().bytes(), &share_bytes(2, &k, 30_000)[..]);
+}
+
 /// The index lost right after an interrupted replace: the rebuild indexes the newer
 /// generation and tombstones the older.
 #[test]

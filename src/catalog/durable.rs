@@ -108,6 +108,12 @@ impl SledSync {
         })
     }
 
+    /// Ok, or the error every flush fails with since a sync failed: a caller can refuse work
+    /// that a flush would only refuse at its end (a site's put, before it allocates).
+    pub fn check(&self) -> sled::Result<()> {
+        self.refused(&self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// The error every flush fails with once a sync has failed.
     fn refused(&self, st: &State) -> sled::Result<()> {
         match &st.failed {
@@ -187,6 +193,7 @@ mod tests {
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let sync = SledSync::open(dir.path()).unwrap();
         sync.flush(&db).unwrap();
+        sync.check().unwrap();
         // As a failed fdatasync leaves it (no error can be injected into one here).
         sync.state.lock().unwrap().failed = Some((io::ErrorKind::Other, "EIO".into()));
         db.insert(b"k", &b"v"[..]).unwrap();
@@ -196,6 +203,7 @@ mod tests {
             "{e}"
         );
         assert!(sync.flush(&db).is_err(), "and the next one");
+        assert!(sync.check().is_err(), "and a check before any work");
         drop(sync);
         SledSync::open(dir.path()).unwrap().flush(&db).unwrap();
     }
