@@ -23,6 +23,9 @@ pub struct SledSync {
     log: File,
     dir: PathBuf,
     state: Mutex<State>,
+    /// Set with `state.failed`: read by [`SledSync::check`] without the lock, which a flush
+    /// holds through its fdatasync (a put checking first must not wait for that).
+    tripped: std::sync::atomic::AtomicBool,
     /// Run by a flush between sled's flush and our syncs (tests: another flush's failure
     /// landing there).
     #[cfg(test)]
@@ -63,6 +66,7 @@ impl SledSync {
             log,
             dir: dir.to_path_buf(),
             state: Mutex::default(),
+            tripped: Default::default(),
             #[cfg(test)]
             between: Mutex::default(),
         })
@@ -72,7 +76,11 @@ impl SledSync {
     #[cfg(test)]
     pub(crate) fn fail_from_now(&self) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.failed = Some((io::ErrorKind::Other, "made to fail by a test".into()));
+        self.trip(
+            &mut st,
+            io::ErrorKind::Other,
+            "made to fail by a test".into(),
+        );
     }
 
     /// `db.flush()`, then durably: once this returns Ok, every write to `db` made before it
@@ -87,7 +95,7 @@ impl SledSync {
                 sled::Error::Io(io) => io.kind(),
                 _ => io::ErrorKind::Other,
             };
-            state().failed.get_or_insert((kind, e.to_string()));
+            self.trip(&mut state(), kind, e.to_string());
             return Err(e);
         }
         #[cfg(test)]
@@ -103,15 +111,26 @@ impl SledSync {
         self.refused(&st)?;
         let synced = self.sync_blobs(&mut st).and_then(|()| self.log.sync_data());
         synced.map_err(|e| {
-            st.failed.get_or_insert((e.kind(), e.to_string()));
+            self.trip(&mut st, e.kind(), e.to_string());
             sled::Error::Io(e)
         })
     }
 
     /// Ok, or the error every flush fails with since a sync failed: a caller can refuse work
-    /// that a flush would only refuse at its end (a site's put, before it allocates).
+    /// that a flush would only refuse at its end (a site's put, before it allocates). Takes
+    /// no lock unless a sync has failed.
     pub fn check(&self) -> sled::Result<()> {
+        if !self.tripped.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
         self.refused(&self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Record the first failed sync.
+    fn trip(&self, st: &mut State, kind: io::ErrorKind, text: String) {
+        st.failed.get_or_insert((kind, text));
+        self.tripped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The error every flush fails with once a sync has failed.
@@ -195,7 +214,11 @@ mod tests {
         sync.flush(&db).unwrap();
         sync.check().unwrap();
         // As a failed fdatasync leaves it (no error can be injected into one here).
-        sync.state.lock().unwrap().failed = Some((io::ErrorKind::Other, "EIO".into()));
+        sync.trip(
+            &mut sync.state.lock().unwrap(),
+            io::ErrorKind::Other,
+            "EIO".into(),
+        );
         db.insert(b"k", &b"v"[..]).unwrap();
         let e = sync.flush(&db).expect_err("fail-stop").to_string();
         assert!(
@@ -219,7 +242,11 @@ mod tests {
         let other = sync.clone();
         *sync.between.lock().unwrap() = Some(Box::new(move || {
             // As the other flush's failed fdatasync leaves it.
-            other.state.lock().unwrap().failed = Some((io::ErrorKind::Other, "EIO".into()));
+            other.trip(
+                &mut other.state.lock().unwrap(),
+                io::ErrorKind::Other,
+                "EIO".into(),
+            );
         }));
         db.insert(b"k", &b"v"[..]).unwrap();
         let e = sync
