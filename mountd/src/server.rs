@@ -89,9 +89,9 @@ pub struct LinkEnds {
 /// How often the server sweeps its links' receive gaps (see `RecvStream::expire_gaps`).
 const GAP_SWEEP_EVERY: Duration = Duration::from_secs(30);
 
-/// Seal the floor notice of a link: a `KeyAlreadyUsed` error, id [`msg::FLOOR_NOTICE_ID`],
-/// whose `arg` is where our receive stream's unused key started at start (its window end: all
-/// key below it counts as used once we restarted).
+/// The body of a link's floor notice, sealed under id [`msg::FLOOR_NOTICE_ID`]: a
+/// `KeyAlreadyUsed` error whose `arg` is where our receive stream's unused key started at
+/// start (its window end: all key below it counts as used once we restarted).
 ///
 /// A stale frame (key below our floor: a peer that sent before our restart, or a replay) is
 /// refused before its tag can be checked, so anyone who saw the link's stream id can send
@@ -103,25 +103,15 @@ const GAP_SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// a forgery by its header and tag (see `MountdSite`). Sealed only when needed, so a link
 /// that never sees a stale frame leaves no unopened block at the peer. Resending a frame is not reuse of its key: the same plaintext under the
 /// same pad and MAC key, nothing new to anyone who saw the first copy.
-fn floor_notice(send: &mut SendStream, recv_floor: u64) -> Result<Vec<u8>, LinkError> {
-    let body = error_body(
+fn floor_notice(recv_floor: u64) -> Body<'static> {
+    error_body(
         ErrorCode::KeyAlreadyUsed,
         recv_floor,
         &format!(
             "this link's key below offset {recv_floor} is used or destroyed (the site \
              restarted, or the frame was replayed): skip past it"
         ),
-    );
-    let mut out = Vec::new();
-    send.seal(
-        &Msg {
-            id: msg::FLOOR_NOTICE_ID,
-            body,
-        }
-        .to_vec(),
-        &mut out,
-    )?;
-    Ok(out)
+    )
 }
 
 impl std::fmt::Debug for LinkEnds {
@@ -1031,8 +1021,10 @@ impl<D: BlockDevice> Server<D> {
                 let reason = format!("replayed or stale frame: {e}");
                 let mut kept = lock(&link.floor_notice);
                 if kept.is_none() {
-                    match floor_notice(&mut lock(&link.send), link.floor_at_start) {
-                        Ok(notice) => *kept = Some(Ok(notice)),
+                    let mut notice = Vec::new();
+                    let body = floor_notice(link.floor_at_start);
+                    match self.seal_reply(link, msg::FLOOR_NOTICE_ID, body, &mut notice) {
+                        Ok(()) => *kept = Some(Ok(notice)),
                         Err(e @ LinkError::Exhausted { .. }) => *kept = Some(Err(e.to_string())),
                         Err(e) => {
                             return Outcome::Close(format!(

@@ -1087,8 +1087,12 @@ fn first_request_id() -> u64 {
     (u64::from_le_bytes(b) >> 2).max(1)
 }
 
-/// The floor a site's notice gives, if `plain` is one.
+/// The floor a site's notice gives, if `plain` is one. Only an ERROR is decoded here (under
+/// the receive stream's lock); every other reply is decoded once, by the caller.
 fn notice_floor(plain: &[u8]) -> Option<u64> {
+    if !msg::is_error(plain) {
+        return None;
+    }
     match msg::decode(plain) {
         Ok(Msg {
             id: msg::FLOOR_NOTICE_ID,

@@ -628,6 +628,12 @@ pub fn is_put(head: &[u8]) -> bool {
     head.len() > 5 && head[5] == K_PUT
 }
 
+/// Whether `head`, the start of a message, is that of an ERROR (its kind byte only, as
+/// [`is_put`]): lets a client look for a site's floor notice without decoding every reply.
+pub fn is_error(head: &[u8]) -> bool {
+    head.len() > 5 && head[5] == K_ERROR
+}
+
 /// Length of the encoding of a PUT without its share bytes.
 pub const PUT_HEAD_LEN: usize = HEADER_LEN + KEY_LEN + 2 + 4 + 4;
 
@@ -820,6 +826,26 @@ pub fn plain_len(prefix: [u8; PLAIN_PREFIX]) -> Result<usize, MsgError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn is_error_tells_an_error_from_other_replies_by_its_kind_byte() {
+        let err = Msg {
+            id: 7,
+            body: Body::Error {
+                code: ErrorCode::KeyAlreadyUsed,
+                arg: 1,
+                message: "m".into(),
+            },
+        }
+        .to_vec();
+        let done = Msg {
+            id: 7,
+            body: Body::Done,
+        }
+        .to_vec();
+        assert!(is_error(&err));
+        assert!(!is_error(&done) && !is_error(&err[..3]));
+    }
     use proptest::prelude::*;
 
     fn key() -> impl Strategy<Value = ShareKey> {
