@@ -1,6 +1,5 @@
 //! Many shares through the store on a real file volume and on a loop block device.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 mod common;
@@ -141,11 +140,6 @@ impl Mounted {
         Self::mount(&["-t", "tmpfs", "-o", &format!("size={size}"), "qgenome-test"])
     }
 
-    /// The filesystem on `dev`.
-    fn device(dev: &Path) -> Self {
-        Self::mount(&[dev.to_str().expect("utf-8 device path")])
-    }
-
     fn mount(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ok = std::process::Command::new("mount")
@@ -159,8 +153,8 @@ impl Mounted {
 }
 
 /// A 64 MiB loop device whose backing file sits on a tmpfs of `size`: writes past what the
-/// tmpfs holds fail at the device. The tmpfs, the backing file's path and the device.
-fn failing_disk(size: &str) -> (Mounted, std::path::PathBuf, LoopDevice) {
+/// tmpfs holds fail at the device. The tmpfs and the device.
+fn failing_disk(size: &str) -> (Mounted, LoopDevice) {
     let fs = Mounted::tmpfs(size);
     let backing = fs.dir.path().join("backing");
     std::fs::File::create(&backing)
@@ -168,7 +162,7 @@ fn failing_disk(size: &str) -> (Mounted, std::path::PathBuf, LoopDevice) {
         .set_len(64 << 20)
         .unwrap();
     let lo = LoopDevice::attach(&backing);
-    (fs, backing, lo)
+    (fs, lo)
 }
 
 impl Drop for Mounted {
@@ -200,7 +194,7 @@ impl Drop for Mounted {
 /// disk, and a later flush that succeeds does not say it is.
 #[test]
 fn after_a_failed_durable_write_the_volume_refuses_durable_writes_until_reopened() {
-    let (_fs, _backing, lo) = failing_disk("3m");
+    let (_fs, lo) = failing_disk("3m");
     let open = || UringVolume::open(&lo.dev, &UringOptions::default()).unwrap();
     let v = open();
     assert_eq!(v.kind(), VolumeKind::BlockDevice);
@@ -263,18 +257,29 @@ fn after_a_failed_durable_write_the_volume_refuses_durable_writes_until_reopened
 #[test]
 fn after_a_failed_index_flush_every_later_flush_fails_until_reopened() {
     use qgenome::catalog::durable::SledSync;
-    let (fs, backing, lo) = failing_disk("12m");
+    let (fs, lo) = failing_disk("12m");
     let mkfs = std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-O", "^has_journal", "-E", "nodiscard"])
+        .args(["-q", "-F", "-O", "^has_journal"])
+        // Inode tables written now, not by ext4's lazy-init thread after the mount: that
+        // thread's writes would land in the tmpfs while the ballast below is sized.
+        .args(["-E", "nodiscard,lazy_itable_init=0"])
         .arg(&lo.dev)
         .status()
         .expect("run mkfs.ext4");
     assert!(mkfs.success(), "mkfs.ext4 {}", lo.dev.display());
-    let mnt = Mounted::device(&lo.dev);
-    // What fills the tmpfs, and is removed to let the disk take writes again.
-    let used = std::fs::metadata(&backing).unwrap().blocks() * 512;
+    let mnt = Mounted::mount(&["-o", "noinit_itable", lo.dev.to_str().unwrap()]);
+    // What fills the tmpfs, and is removed to let the disk take writes again: all of its
+    // free space but a 2 MiB margin, measured once the mount's own writes have reached it.
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    let free = nix::sys::statvfs::statvfs(fs.dir.path()).unwrap();
+    let free = free.blocks_available() * free.fragment_size();
     let ballast = fs.dir.path().join("ballast");
-    let room = (12u64 << 20).saturating_sub(used + (2 << 20));
+    let room = free.saturating_sub(2 << 20);
+    assert!(
+        room > 0,
+        "the 12 MiB tmpfs has {free} bytes free after mkfs"
+    );
     std::fs::write(&ballast, vec![1u8; room as usize]).unwrap();
 
     let dir = mnt.dir.path().join("index");
