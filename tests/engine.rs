@@ -682,6 +682,45 @@ fn files_written_under_another_scheme_stay_readable() {
     );
 }
 
+/// New versions hash each chunk as side-by-side pieces; a version recorded with whole-chunk
+/// hashes (written before the pieces) still reads, its hashes still catch a lying site, and
+/// the record's `leaf` is what picks the hash: whole-chunk hashes under a record that says
+/// pieces rebuild nothing.
+#[test]
+fn versions_of_either_leaf_hash_read_and_are_checked_by_their_own() {
+    use qgenome::catalog::merkle::{self, LeafHash};
+    let r = rig(2, 3);
+    let cat = &r.engine.catalog;
+    let data = random(200_000);
+    // As a version from before the pieces: the same shares, whole-chunk hashes and their root.
+    let as_whole = |name: &str, leaf: LeafHash| {
+        write(&r.engine, name, &data).unwrap();
+        let mut rec = cat.file("P0001", name).unwrap().unwrap();
+        let mut chunks = r.engine.committed_chunks(&rec).unwrap();
+        assert_eq!((rec.leaf, chunks.len()), (LeafHash::Pieces, 4));
+        for c in &mut chunks {
+            let plain = &data[c.offset as usize..][..c.len as usize];
+            assert_eq!(c.hash, LeafHash::Pieces.hash(plain));
+            c.hash = merkle::chunk_hash(plain);
+        }
+        let leaves: Vec<_> = chunks.iter().map(|c| c.hash).collect();
+        (rec.root, rec.leaf) = (Some(merkle::root(&leaves)), leaf);
+        cat.restore(&rec, &chunks).unwrap();
+        assert_eq!(cat.file("P0001", name).unwrap().unwrap().leaf, leaf);
+    };
+    as_whole("whole.cram", LeafHash::Whole);
+    r.engine.consent.grant("P0001", None, "test");
+    r.sites[1].set_corrupt(true);
+    assert_eq!(read_all(&r.engine, "whole.cram").unwrap(), data);
+    let stats = r.engine.stats().snapshot();
+    assert!(stats["bad_rebuilds"] >= 1, "the lying site was not caught");
+    r.sites[1].set_corrupt(false);
+
+    as_whole("mislabelled.cram", LeafHash::Pieces);
+    let e = read_all(&r.engine, "mislabelled.cram").unwrap_err();
+    assert!(matches!(e, EngineError::Corrupt { .. }), "{e}");
+}
+
 /// A manifest rewrite still queued when an unmount stops waiting (a site too slow) is audited:
 /// that version's manifests keep its previous name, which a catalog rebuild would restore.
 #[test]

@@ -17,13 +17,25 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use super::{merkle, ChunkRecord, FileId, FileRecord, FileState, Hash, ShareLocation};
+use super::merkle::{self, LeafHash};
+use super::{ChunkRecord, FileId, FileRecord, FileState, Hash, ShareLocation};
 
 /// The chunk index under which a version's manifest shares are stored at the sites.
 pub const MANIFEST_CHUNK: u64 = u64::MAX;
 
-/// The manifest format this code writes and reads.
-pub const MANIFEST_FORMAT: u32 = 1;
+/// The manifest format this code writes for versions of [`LeafHash::Pieces`]: format 1 plus
+/// the `leaf` field. Format 1 (no `leaf`: chunk hashes of [`LeafHash::Whole`]) is still written
+/// for the versions that have it, so it stays readable by builds from before format 2.
+pub const MANIFEST_FORMAT: u32 = 2;
+
+/// The format of a version's manifest, by its leaf hash.
+fn format_for(leaf: LeafHash) -> u32 {
+    if leaf.is_whole() {
+        1
+    } else {
+        MANIFEST_FORMAT
+    }
+}
 
 /// Most bytes one chunk's entry takes in the manifest's JSON, at its longest:
 /// `{"offset":<20 digits>,"len":<10 digits>,"hash":"<64 hex>"},` is 121.
@@ -48,7 +60,7 @@ pub enum ManifestError {
     Checksum { file: String },
     #[error("manifest of file {file}: not a manifest record: {reason}")]
     Parse { file: String, reason: String },
-    #[error("manifest of file {file}: format {format} is not supported (this build reads {MANIFEST_FORMAT})")]
+    #[error("manifest of file {file}: format {format} is not supported (this build reads 1 to {MANIFEST_FORMAT})")]
     Format { file: String, format: u32 },
     #[error("manifest of file {file}: {reason}")]
     Inconsistent { file: String, reason: String },
@@ -80,6 +92,9 @@ pub struct Manifest {
     pub mtime: u64,
     #[serde(with = "super::hex32")]
     pub root: Hash,
+    /// How the chunk hashes were computed (absent in format 1: [`LeafHash::Whole`]).
+    #[serde(default, skip_serializing_if = "LeafHash::is_whole")]
+    pub leaf: LeafHash,
     /// When this manifest was written (ns since the Unix epoch, strictly increasing within a
     /// mount): of two versions claiming one name, the later-written manifest wins.
     pub seq: u64,
@@ -133,7 +148,7 @@ impl Manifest {
     /// The manifest of a version with its chunk records (in index order) and Merkle root.
     pub fn new(rec: &FileRecord, root: Hash, chunks: &[ChunkRecord], seq: u64) -> Self {
         Self {
-            format: MANIFEST_FORMAT,
+            format: format_for(rec.leaf),
             id: rec.id,
             patient: rec.patient.clone(),
             name: rec.name.clone(),
@@ -145,6 +160,7 @@ impl Manifest {
             created: rec.created,
             mtime: rec.mtime,
             root,
+            leaf: rec.leaf,
             seq,
             chunks: chunks
                 .iter()
@@ -186,7 +202,7 @@ impl Manifest {
             file: name(),
             reason: e.to_string(),
         })?;
-        if v.format != MANIFEST_FORMAT {
+        if !(1..=MANIFEST_FORMAT).contains(&v.format) {
             return Err(ManifestError::Format {
                 file: name(),
                 format: v.format,
@@ -213,6 +229,12 @@ impl Manifest {
                 merkle::hex(&self.id)
             )));
         }
+        if self.format != format_for(self.leaf) {
+            return Err(bad(format!(
+                "format {} with {:?} chunk hashes",
+                self.format, self.leaf
+            )));
+        }
         super::validate_patient(&self.patient).map_err(|e| bad(e.to_string()))?;
         super::validate_name(&self.name).map_err(|e| bad(e.to_string()))?;
         check_chunks(
@@ -236,6 +258,7 @@ impl Manifest {
             n: self.n,
             state: FileState::Committed,
             root: Some(self.root),
+            leaf: self.leaf,
             mode: self.mode,
             created: self.created,
             mtime: self.mtime,
@@ -306,6 +329,7 @@ mod tests {
             created: 1,
             mtime: 2,
             root: merkle::root(&leaves),
+            leaf: LeafHash::Pieces,
             seq,
             chunks,
         }
@@ -377,16 +401,53 @@ mod tests {
         let mut size = m.clone();
         size.size += 1;
         assert!(size.check(&m.id).is_err());
+        for format in [0, 3] {
+            let mut fmt = m.clone();
+            fmt.format = format;
+            let e = Manifest::decode(&m.id, &fmt.encode()).unwrap_err();
+            assert!(
+                matches!(e, ManifestError::Format { format: f, .. } if f == format),
+                "{e}"
+            );
+            assert!(e.to_string().contains("reads 1 to 2"), "{e}");
+        }
+        // A format that does not go with the leaf hash named.
         let mut fmt = m.clone();
-        fmt.format = 2;
-        assert!(matches!(
-            Manifest::decode(&m.id, &fmt.encode()),
-            Err(ManifestError::Format { format: 2, .. })
-        ));
+        fmt.format = 1;
+        let e = Manifest::decode(&m.id, &fmt.encode()).unwrap_err();
+        assert!(e.to_string().contains("format 1 with Pieces"), "{e}");
         assert!(matches!(
             Manifest::decode(&m.id, b"short"),
             Err(ManifestError::TooShort { .. })
         ));
+    }
+
+    /// A version of whole-chunk leaves keeps format 1, byte for byte what builds before format
+    /// 2 wrote and read (no `leaf` field); a version of piece leaves gets format 2.
+    #[test]
+    fn the_leaf_hash_picks_the_format_and_comes_back_in_the_record() {
+        let mut rec = manifest(&[1024, 10], 1).file_record();
+        assert_eq!(rec.leaf, LeafHash::Pieces);
+        let chunks = manifest(&[1024, 10], 1).chunk_records(|_| Vec::new());
+        let root = manifest(&[1024, 10], 1).root;
+        let m = Manifest::new(&rec, root, &chunks, 1);
+        assert_eq!((m.format, m.leaf), (2, LeafHash::Pieces));
+        let bytes = m.encode();
+        let json = std::str::from_utf8(&bytes[..bytes.len() - 32]).unwrap();
+        assert!(json.contains(r#""leaf":"pieces""#), "{json}");
+        assert_eq!(Manifest::decode(&m.id, &m.encode()).unwrap(), m);
+
+        rec.leaf = LeafHash::Whole;
+        let m = Manifest::new(&rec, root, &chunks, 1);
+        assert_eq!((m.format, m.leaf), (1, LeafHash::Whole));
+        let bytes = m.encode();
+        let json = std::str::from_utf8(&bytes[..bytes.len() - 32]).unwrap();
+        assert!(
+            json.starts_with(r#"{"format":1,"#) && !json.contains("leaf"),
+            "{json}"
+        );
+        let back = Manifest::decode(&m.id, &bytes).unwrap();
+        assert_eq!(back.file_record().leaf, LeafHash::Whole);
     }
 
     #[test]

@@ -118,6 +118,9 @@ pub struct FileRecord {
     /// Merkle root over the chunk hashes, set at commit.
     #[serde(default, with = "opt_hex32")]
     pub root: Option<Hash>,
+    /// How its chunk hashes are computed (absent in records from before there was a choice).
+    #[serde(default, skip_serializing_if = "merkle::LeafHash::is_whole")]
+    pub leaf: merkle::LeafHash,
     pub mode: u32,
     pub created: u64,
     pub mtime: u64,
@@ -584,6 +587,7 @@ impl Catalog {
             n,
             state: FileState::Writing,
             root: None,
+            leaf: merkle::LeafHash::CURRENT,
             mode,
             created: now,
             mtime: now,
@@ -1295,6 +1299,7 @@ mod tests {
             n: 3,
             state: FileState::Writing,
             root: Some([1; 32]),
+            leaf: merkle::LeafHash::Pieces,
             mode: 0o600,
             created: 5,
             mtime: 6,

@@ -217,7 +217,7 @@ pub fn measure(
 
     let sha = cpu_rate(passes, bytes, || {
         for c in 0..rounds {
-            std::hint::black_box(crate::catalog::merkle::chunk_hash(each(c)));
+            std::hint::black_box(crate::catalog::merkle::LeafHash::CURRENT.hash(each(c)));
         }
         Ok(())
     })?;

@@ -17,7 +17,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::catalog::manifest::{self, Manifest, MANIFEST_CHUNK};
-use crate::catalog::merkle::{self, Hash};
+use crate::catalog::merkle::{self, Hash, LeafHash};
 use crate::catalog::{
     Catalog, CatalogError, ChunkRecord, FileId, FileRecord, FileState, ShareLocation,
 };
@@ -441,6 +441,8 @@ impl BufPool {
 
 struct UploadJob {
     file: FileId,
+    /// How the chunk is hashed: its version's [`FileRecord::leaf`].
+    leaf: LeafHash,
     label: String,
     index: u64,
     offset: u64,
@@ -1329,7 +1331,7 @@ impl Engine {
 
 impl Core {
     fn upload(&self, job: &UploadJob) -> Result<ChunkRecord, EngineError> {
-        let hash = merkle::chunk_hash(&job.data);
+        let hash = job.leaf.hash(&job.data);
         self.put_shares(&job.file, &job.label, job.index, &job.data)?;
         self.stats.chunks_written.fetch_add(1, Ordering::Relaxed);
         Ok(ChunkRecord {
@@ -1518,16 +1520,27 @@ impl Core {
             tracing::warn!("{file}: chunk {index}: routed around a failed share: {f}");
         }
         let mut out = Plain::pooled(&self.read_bufs, chunk.len as usize);
-        let rebuild = |subset: &[&(usize, Vec<u8>)],
-                       out: &mut Plain|
-         -> Result<bool, EngineError> {
-            let given: Vec<(usize, &[u8])> =
-                subset.iter().map(|(i, d)| (*i, d.as_slice())).collect();
-            // Hashed tile by tile as it is rebuilt, while each tile is in cache.
-            let mut hash = merkle::ChunkHasher::new();
-            scheme.combine_observed(&given, chunk.len as usize, out, &mut |t| hash.update(t))?;
-            Ok(hash.finish() == chunk.hash)
-        };
+        let rebuild =
+            |subset: &[&(usize, Vec<u8>)], out: &mut Plain| -> Result<bool, EngineError> {
+                let given: Vec<(usize, &[u8])> =
+                    subset.iter().map(|(i, d)| (*i, d.as_slice())).collect();
+                let hash = match rec.leaf {
+                    // Hashed tile by tile as it is rebuilt, while each tile is in cache.
+                    LeafHash::Whole => {
+                        let mut hash = merkle::ChunkHasher::new();
+                        scheme.combine_observed(&given, chunk.len as usize, out, &mut |t| {
+                            hash.update(t)
+                        })?;
+                        hash.finish()
+                    }
+                    // Its pieces side by side, once it is whole (1 MiB stays in this core's L2).
+                    leaf @ LeafHash::Pieces => {
+                        scheme.combine(&given, chunk.len as usize, out)?;
+                        leaf.hash(out)
+                    }
+                };
+                Ok(hash == chunk.hash)
+            };
         if good.len() >= k && rebuild(&good.iter().take(k).collect::<Vec<_>>(), &mut out)? {
             self.stats.chunks_read.fetch_add(1, Ordering::Relaxed);
             return Ok(out);
@@ -1847,6 +1860,7 @@ impl FileWriter {
         let data = std::mem::replace(&mut self.buf, Plain::new(Vec::new()));
         let job = UploadJob {
             file: self.rec.id,
+            leaf: self.rec.leaf,
             label: self.label.clone(),
             index: self.next_index,
             offset: self.size - data.len() as u64,
