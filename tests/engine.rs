@@ -688,16 +688,29 @@ fn files_written_under_another_scheme_stay_readable() {
 /// pieces rebuild nothing.
 #[test]
 fn versions_of_either_leaf_hash_read_and_are_checked_by_their_own() {
-    use qgenome::catalog::merkle::{self, LeafHash};
-    let r = rig(2, 3);
+    use qgenome::catalog::merkle::{self, LeafHash, PIECE};
+    let sites: Vec<Arc<MemSite>> = (0..3)
+        .map(|i| Arc::new(MemSite::new(&format!("site{i}"))))
+        .collect();
+    let dyn_sites = sites
+        .iter()
+        .map(|s| s.clone() as Arc<dyn ShareSite>)
+        .collect();
+    // Chunks of four pieces, the last chunk of one and a bit.
+    let (_dir, engine) = engine_with(2, dyn_sites, |c| c.chunk_size = 4 * PIECE);
+    let r = Rig {
+        _dir,
+        engine,
+        sites,
+    };
     let cat = &r.engine.catalog;
-    let data = random(200_000);
+    let data = random(8 * PIECE + PIECE + 1000);
     // As a version from before the pieces: the same shares, whole-chunk hashes and their root.
     let as_whole = |name: &str, leaf: LeafHash| {
         write(&r.engine, name, &data).unwrap();
         let mut rec = cat.file("P0001", name).unwrap().unwrap();
         let mut chunks = r.engine.committed_chunks(&rec).unwrap();
-        assert_eq!((rec.leaf, chunks.len()), (LeafHash::Pieces, 4));
+        assert_eq!((rec.leaf, chunks.len()), (LeafHash::Pieces, 3));
         for c in &mut chunks {
             let plain = &data[c.offset as usize..][..c.len as usize];
             assert_eq!(c.hash, LeafHash::Pieces.hash(plain));
