@@ -603,40 +603,78 @@ fn parse_mem_field(meminfo: &str, name: &str) -> Option<u64> {
 
 /// Longest wait for memory an earlier run freed (see [`settled_mem_available`]).
 const MEM_SETTLE_MAX: Duration = Duration::from_secs(180);
+/// How often `MemAvailable` is read while waiting.
+const MEM_SETTLE_STEP: Duration = Duration::from_secs(2);
+/// Samples (of [`MEM_SETTLE_STEP`]) over which `MemAvailable` must rise by
+/// [`MEM_SETTLE_RISE`] for the wait to go on: 10 s.
+const MEM_SETTLE_SPAN: usize = 5;
+const MEM_SETTLE_RISE: u64 = 32 << 20;
+
+/// What the memory available decides in `bench e2e`'s placement: whether the source and the
+/// volumes fit on `--dir`, where the key pools go, and whether the restore direction's pools
+/// move to `--dir` after the store.
+fn placement_at(data: Room, needs: Needs, mem: u64) -> (bool, KeySplit, bool) {
+    let split = key_split(data, needs, true, mem);
+    (
+        needs.source + needs.volumes <= data.usable(mem),
+        split,
+        split == KeySplit::StoreOnData && reply_keys_fit_after_store(data, needs, true, mem),
+    )
+}
 
 /// `MemAvailable` once memory freed by an earlier run has come back. On this VM the memory of
 /// a benchmark just ended (its tmpfs pools and volumes, its processes) returns to
-/// `MemAvailable` over a minute or two, and where the pools go, and so the result, depends on
-/// it: back to back, the same command put every pool on disk and stored at half the speed.
-/// So when the machine's memory (`MemTotal`) would place more pools on `data` than what is
-/// available now, this waits while `MemAvailable` still rises (by 64 MiB in 10 s), up to
-/// [`MEM_SETTLE_MAX`], until it places them so. The wait, if any, is noted.
+/// `MemAvailable` over a minute or two, and the placement, and so the result, depends on it:
+/// back to back, the same command put every pool on disk and stored at half the speed. So
+/// when the machine's memory (`MemTotal`) would place more on a tmpfs `data` than what is
+/// available now ([`placement_at`]), this waits while `MemAvailable` still rises, up to
+/// [`MEM_SETTLE_MAX`], and notes the wait.
 fn settled_mem_available(data: Room, needs: Needs, notes: &mut Vec<String>) -> anyhow::Result<u64> {
-    let plan = |mem: u64| {
-        (
-            key_split(data, needs, true, mem),
-            reply_keys_fit_after_store(data, needs, true, mem),
-        )
-    };
-    let best = plan(mem_field("MemTotal")?);
-    let start = Instant::now();
-    let mut seen = vec![mem_available()?];
-    while data.tmpfs && plan(*seen.last().expect("one sample")) != best {
-        let rising = seen.len() < 6 || seen[seen.len() - 1] > seen[seen.len() - 6] + (64 << 20);
-        if !rising || start.elapsed() >= MEM_SETTLE_MAX {
+    if !data.tmpfs {
+        return mem_available();
+    }
+    let best = placement_at(data, needs, mem_field("MemTotal")?);
+    settle(
+        |mem| placement_at(data, needs, mem) == best,
+        mem_available,
+        std::thread::sleep,
+        notes,
+    )
+}
+
+/// The wait of [`settled_mem_available`]: `sample` until `good` says the memory is enough, or
+/// it stops rising by [`MEM_SETTLE_RISE`] over [`MEM_SETTLE_SPAN`] steps, or
+/// [`MEM_SETTLE_MAX`] has passed (counted in steps slept).
+fn settle(
+    good: impl Fn(u64) -> bool,
+    mut sample: impl FnMut() -> anyhow::Result<u64>,
+    mut sleep: impl FnMut(Duration),
+    notes: &mut Vec<String>,
+) -> anyhow::Result<u64> {
+    let mut seen = vec![sample()?];
+    let steps = (MEM_SETTLE_MAX.as_secs() / MEM_SETTLE_STEP.as_secs()) as usize;
+    while !good(seen[seen.len() - 1]) && seen.len() <= steps {
+        let n = seen.len();
+        if n > MEM_SETTLE_SPAN && seen[n - 1] < seen[n - 1 - MEM_SETTLE_SPAN] + MEM_SETTLE_RISE {
             break;
         }
-        std::thread::sleep(Duration::from_secs(2));
-        seen.push(mem_available()?);
+        sleep(MEM_SETTLE_STEP);
+        seen.push(sample()?);
     }
-    let mem = *seen.last().expect("one sample");
+    let mem = seen[seen.len() - 1];
     if seen.len() > 1 {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         notes.push(format!(
-            "waited {:.0} s for memory freed by an earlier run: {:.1} GiB available, from {:.1}",
-            start.elapsed().as_secs_f64(),
+            "waited {} s for memory to settle (an earlier run's comes back slowly): {:.1} GiB \
+             available, from {:.1}{}",
+            (seen.len() - 1) as u64 * MEM_SETTLE_STEP.as_secs(),
             gib(mem),
-            gib(seen[0])
+            gib(seen[0]),
+            if good(mem) {
+                ""
+            } else {
+                "; not enough for the placement the machine's memory allows"
+            }
         ));
     }
     Ok(mem)
@@ -1557,6 +1595,44 @@ mod tests {
             err.contains("/var/tmp") && err.contains("key pools"),
             "{err}"
         );
+    }
+
+    /// The wait for memory: none when there is enough; on while it rises, up to its limit;
+    /// over once it stops rising; each wait noted, and one that ends short says so.
+    #[test]
+    fn the_wait_for_memory_ends_when_enough_or_no_longer_rising() {
+        const G: u64 = 1 << 30;
+        let run = |samples: Vec<u64>| {
+            let mut it = samples.into_iter();
+            let mut last = 0;
+            let mut slept = Duration::ZERO;
+            let mut notes = Vec::new();
+            let mem = settle(
+                |m| m >= 22 * G,
+                || {
+                    last = it.next().unwrap_or(last);
+                    Ok(last)
+                },
+                |d| slept += d,
+                &mut notes,
+            )
+            .unwrap();
+            (mem, slept.as_secs(), notes)
+        };
+        let (mem, slept, notes) = run(vec![23 * G]);
+        assert_eq!((mem, slept), (23 * G, 0));
+        assert!(notes.is_empty(), "{notes:?}");
+        // Rising 64 MiB a step, enough after four steps.
+        let (mem, slept, notes) = run((0..5).map(|i| 22 * G - (4 - i) * (64 << 20)).collect());
+        assert_eq!((mem, slept), (22 * G, 8));
+        assert!(notes[0].starts_with("waited 8 s") && !notes[0].contains("not enough"));
+        // Flat: over after 10 s, and said to be short.
+        let (mem, slept, notes) = run(vec![20 * G]);
+        assert_eq!((mem, slept), (20 * G, 10));
+        assert!(notes[0].contains("not enough"), "{notes:?}");
+        // Rising slowly but for good, never enough: over at the limit.
+        let (_, slept, _) = run((0..200).map(|i| 10 * G + i * (8 << 20)).collect());
+        assert_eq!(slept, MEM_SETTLE_MAX.as_secs());
     }
 
     #[test]
