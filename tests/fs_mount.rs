@@ -1680,13 +1680,28 @@ fn a_killed_writers_shares_are_deleted_after_its_release_answers() {
     std::fs::create_dir(rig.mnt.join("P19")).unwrap();
     let f = rig.mnt.join("P19/killed.cram");
     let size = size_of;
-    let mut dd = dd_writing_1_mib(&f);
-    // At least 16 chunks of 64 KiB at each of the 3 sites, 100 ms a delete: about 5 s.
+    // Exactly 2 MiB, then dd waits on its open pipe for more: killed mid-file, with 32 chunks
+    // of 64 KiB at each of the 3 sites, at 100 ms a delete about 3 s a site. (A dd from
+    // /dev/zero wrote on until killed: as the write path got faster, more chunks than the
+    // unmount's 30 s wait for deletions could take.)
+    let mut dd = Command::new("dd")
+        .arg(format!("of={}", f.display()))
+        .args(["bs=64k", "iflag=fullblock"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut input = dd.stdin.take().unwrap();
+    std::io::Write::write_all(&mut input, &vec![0u8; 2 << 20]).unwrap();
+    wait_for("dd to write 2 MiB", || {
+        size(&f).is_some_and(|s| s >= 2 << 20)
+    });
     for s in &rig.sites {
         s.set_delete_delay(Duration::from_millis(100));
     }
     dd.kill().unwrap();
     dd.wait().unwrap();
+    drop(input);
     let killed = Instant::now();
     while size(&f).is_some() {
         assert!(
