@@ -16,6 +16,11 @@ struct Rig {
 }
 
 fn rig(k: usize, n: usize) -> Rig {
+    rig_with(k, n, |_| {})
+}
+
+/// [`rig`] with its configuration changed by `tweak`.
+fn rig_with(k: usize, n: usize, tweak: impl FnOnce(&mut EngineConfig)) -> Rig {
     let sites: Vec<Arc<MemSite>> = (0..n)
         .map(|i| Arc::new(MemSite::new(&format!("site{i}"))))
         .collect();
@@ -23,7 +28,7 @@ fn rig(k: usize, n: usize) -> Rig {
         .iter()
         .map(|s| s.clone() as Arc<dyn ShareSite>)
         .collect();
-    let (dir, engine) = engine_over(k, dyn_sites);
+    let (dir, engine) = engine_with(k, dyn_sites, tweak);
     Rig {
         _dir: dir,
         engine,
@@ -602,14 +607,11 @@ fn a_chunk_list_that_does_not_make_the_version_is_refused_at_open() {
 /// for the next chunks (not first again, costing every chunk a fetch from all n sites).
 #[test]
 fn a_damaged_share_is_blamed_on_its_site_alone_and_that_site_is_asked_last() {
-    let sites: Vec<Arc<MemSite>> = (0..4)
-        .map(|i| Arc::new(MemSite::new(&format!("site{i}"))))
-        .collect();
-    let dyn_sites = sites
-        .iter()
-        .map(|s| s.clone() as Arc<dyn ShareSite>)
-        .collect();
-    let (_dir, engine) = engine_with(2, dyn_sites, |c| c.readahead = 0);
+    let Rig {
+        _dir,
+        engine,
+        sites,
+    } = rig_with(2, 4, |c| c.readahead = 0);
     let data = random(10 << 16);
     write(&engine, "e.cram", &data).unwrap();
     engine.consent.grant("P0001", None, "test");
@@ -689,20 +691,8 @@ fn files_written_under_another_scheme_stay_readable() {
 #[test]
 fn versions_of_either_leaf_hash_read_and_are_checked_by_their_own() {
     use qgenome::catalog::merkle::{self, LeafHash, PIECE};
-    let sites: Vec<Arc<MemSite>> = (0..3)
-        .map(|i| Arc::new(MemSite::new(&format!("site{i}"))))
-        .collect();
-    let dyn_sites = sites
-        .iter()
-        .map(|s| s.clone() as Arc<dyn ShareSite>)
-        .collect();
     // Chunks of four pieces, the last chunk of one and a bit.
-    let (_dir, engine) = engine_with(2, dyn_sites, |c| c.chunk_size = 4 * PIECE);
-    let r = Rig {
-        _dir,
-        engine,
-        sites,
-    };
+    let r = rig_with(2, 3, |c| c.chunk_size = 4 * PIECE);
     let cat = &r.engine.catalog;
     let data = random(8 * PIECE + PIECE + 1000);
     // As a version from before the pieces: the same shares, whole-chunk hashes and their root.
