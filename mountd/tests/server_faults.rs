@@ -906,7 +906,11 @@ fn bad_frames_are_refused_with_a_logged_reason_while_another_client_is_served() 
             let mut i = 0;
             while !stop.load(Ordering::SeqCst) || i < 20 {
                 let k = key(1, i);
-                let data = share_bytes(3, &k, 70_000);
+                // Small shares: this loop runs as fast as the machine puts, and each round
+                // spends key both ways; at 7 KB the 64 MiB of each direction lasts some 8,000
+                // rounds (76 in the whole test here), where at 70 KB a machine with fast
+                // fdatasyncs could exhaust it before the attacks are done.
+                let data = share_bytes(3, &k, 7_000);
                 good.put(&k, &META, &data).unwrap();
                 assert_eq!(good.get(&k).unwrap(), data);
                 served.fetch_add(1, Ordering::SeqCst);
