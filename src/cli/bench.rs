@@ -1245,9 +1245,10 @@ fn bench_e2e(args: &E2eArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;
     let mut notes: Vec<String> = ceiling_note.into_iter().collect();
-    let data_tmpfs = room(&args.dir)?.tmpfs;
+    let data_room = room(&args.dir)?;
+    let data_tmpfs = data_room.tmpfs;
     let mem = if args.key_dir.is_none() {
-        settled_mem_available(room(&args.dir)?, needs, &mut notes)?
+        settled_mem_available(data_room, needs, &mut notes)?
     } else {
         mem_available()?
     };
