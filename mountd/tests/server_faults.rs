@@ -233,17 +233,37 @@ impl Raw {
     }
 }
 
+/// One read of at most `b.len()` bytes on a socket whose receive timeout is `timeout`. A stop
+/// and continue of this process (a frozen CI job) makes such a read fail with EINTR, which
+/// the kernel does not restart: it is tried again until `timeout` has passed since the first
+/// try, and then reported as timed out.
+fn read_some(s: &mut impl Read, timeout: Option<Duration>, b: &mut [u8]) -> std::io::Result<usize> {
+    let start = Instant::now();
+    loop {
+        match s.read(b) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                if timeout.is_some_and(|t| start.elapsed() >= t) {
+                    return Err(std::io::ErrorKind::TimedOut.into());
+                }
+            }
+            r => return r,
+        }
+    }
+}
+
 /// The server closed the connection (EOF or reset), possibly after one reply.
 fn closed(s: &mut TcpStream) -> bool {
     let mut b = [0u8; 1];
-    matches!(s.read(&mut b), Ok(0) | Err(_))
+    let t = s.read_timeout().unwrap();
+    matches!(read_some(s, t, &mut b), Ok(0) | Err(_))
 }
 
 /// Whether the server closed the connection (EOF or reset) within the read timeout set on
 /// `s`; false if the connection was still open when the timeout passed.
 fn closed_by_server(s: &mut TcpStream) -> bool {
     let mut b = [0u8; 1];
-    match s.read(&mut b) {
+    let t = s.read_timeout().unwrap();
+    match read_some(s, t, &mut b) {
         Ok(0) => true,
         Ok(_) => panic!("the server sent a byte to a connection that sent no frame"),
         Err(e) => !matches!(
@@ -655,7 +675,7 @@ impl Drip {
         let on = armed.clone();
         let addr = relay(upstream, move |mut u, mut c| {
             let mut b = vec![0u8; 1 << 16];
-            while let Ok(n) = u.read(&mut b) {
+            while let Ok(n) = read_some(&mut u, None, &mut b) {
                 if n == 0 {
                     break;
                 }
@@ -1092,7 +1112,7 @@ fn bad_frames_are_refused_with_a_logged_reason_while_another_client_is_served() 
     let mut u = UnixStream::connect(&d.socket).unwrap();
     u.write_all(&u32::MAX.to_le_bytes()).unwrap();
     let mut b = [0u8; 1];
-    assert!(matches!(u.read(&mut b), Ok(0) | Err(_)));
+    assert!(matches!(read_some(&mut u, None, &mut b), Ok(0) | Err(_)));
     let t = d.wait_log("unix socket, unsealed) peer unix: refused frame: absurd length");
     assert!(t.contains("4294967295"), "{t}");
     let mut u = UnixStream::connect(&d.socket).unwrap();
@@ -1123,7 +1143,7 @@ fn bad_frames_are_refused_with_a_logged_reason_while_another_client_is_served() 
     let mut u = UnixStream::connect(&d.socket).unwrap();
     u.write_all(&cut[..cut.len() - 1000]).unwrap();
     u.shutdown(Shutdown::Write).unwrap();
-    assert!(matches!(u.read(&mut b), Ok(0) | Err(_)));
+    assert!(matches!(read_some(&mut u, None, &mut b), Ok(0) | Err(_)));
     // Counted across the head and the share read into the store buffer.
     d.wait_log(&format!(
         "unix socket, unsealed) peer unix: refused frame: truncated frame: {} of {} bytes",

@@ -2,10 +2,11 @@
 //! links, a readiness wait through $NOTIFY_SOCKET, log capture, loop devices.
 #![allow(dead_code)]
 
+use std::io::ErrorKind;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use qgenome::keys::End;
 use qgenome::link::StreamOptions;
@@ -153,12 +154,22 @@ impl Daemon {
             .spawn()
             .unwrap();
         let mut buf = [0u8; 64];
-        let n = notify.recv(&mut buf).unwrap_or_else(|e| {
-            panic!(
-                "daemon not ready: {e}\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            )
-        });
+        // A receive timeout makes recv(2) fail with EINTR, not restart, whenever this process
+        // is stopped and continued (a frozen CI job); only the 120 s deadline ends the wait.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let n = loop {
+            match notify.recv(&mut buf) {
+                Err(e) if e.kind() == ErrorKind::Interrupted && Instant::now() < deadline => {}
+                r => {
+                    break r.unwrap_or_else(|e| {
+                        panic!(
+                            "daemon not ready: {e}\n{}",
+                            std::fs::read_to_string(&log).unwrap_or_default()
+                        )
+                    })
+                }
+            }
+        };
         assert_eq!(&buf[..n], b"READY=1");
         let text = std::fs::read_to_string(&log).unwrap();
         let tcp = text
