@@ -633,18 +633,20 @@ fn a_damaged_share_is_blamed_on_its_site_alone_and_that_site_is_asked_last() {
 
 /// A version keeps the (k,n) it was written under: after `scheme` changes in the
 /// configuration (a fourth site added), files written before still read, with their own
-/// scheme; their manifests are not rewritten under another (a rename says why).
+/// scheme; a rename rewrites their manifest under that scheme, so a catalog rebuild restores
+/// them by their new name. A rebuild whose configured k is higher does not take them (fewer
+/// sites than its threshold could have forged them), and a version placed on a site no longer
+/// configured keeps its old manifest (the rename says why).
 #[test]
-fn files_written_under_another_scheme_stay_readable() {
+fn files_written_under_another_scheme_stay_readable_and_are_rebuilt_with_it() {
     let sites: Vec<Arc<MemSite>> = (0..4)
         .map(|i| Arc::new(MemSite::new(&format!("site{i}"))))
         .collect();
     let dir = tempfile::tempdir().unwrap();
-    let catalog = Arc::new(Catalog::open(&dir.path().join("catalog")).unwrap());
-    catalog.add_patient("P0001").unwrap();
-    let engine = |n: usize| {
+    let engine = |catalog: &str, k: usize, n: usize| {
+        let catalog = Arc::new(Catalog::open(&dir.path().join(catalog)).unwrap());
         let cfg = EngineConfig {
-            k: 2,
+            k,
             n,
             chunk_size: 64 << 10,
             consent_wait: Duration::from_millis(300),
@@ -656,13 +658,14 @@ fn files_written_under_another_scheme_stay_readable() {
             .collect();
         let consent = ConsentRegistry::new(catalog.clone());
         consent.grant("P0001", None, "test");
-        Engine::new(catalog.clone(), consent, sites, cfg).unwrap()
+        Engine::new(catalog, consent, sites, cfg).unwrap()
     };
     let data = random(300_001);
-    let three = engine(3);
+    let three = engine("catalog", 2, 3);
+    three.catalog.add_patient("P0001").unwrap();
     write(&three, "old.cram", &data).unwrap();
     drop(three);
-    let four = engine(4);
+    let four = engine("catalog", 2, 4);
     assert_eq!(read_all(&four, "old.cram").unwrap(), data);
     write(&four, "new.cram", &data).unwrap();
     assert_eq!(read_all(&four, "new.cram").unwrap(), data);
@@ -672,13 +675,69 @@ fn files_written_under_another_scheme_stay_readable() {
         .unwrap();
     assert_eq!(read_all(&four, "older.cram").unwrap(), data);
     assert!(four.wait_discards(Duration::from_secs(10)));
-    let log = catalog.audit_log().unwrap();
+    let log = four.catalog.audit_log().unwrap();
+    assert!(
+        !log.iter().any(|e| e.event == "manifest-stale"),
+        "{:?}",
+        log.iter().find(|e| e.event == "manifest-stale")
+    );
+    // The (2,3) version's manifest shares stayed on the first three sites.
+    let older = four.catalog.file("P0001", "older.cram").unwrap().unwrap();
+    assert_eq!((older.k, older.n), (2, 3));
+    let manifest_at = |site: &MemSite, id| {
+        let (page, _) = site.list_shares(None).unwrap();
+        page.iter()
+            .any(|(key, _)| key.file == id && key.chunk == u64::MAX)
+    };
+    let placed: Vec<bool> = sites.iter().map(|s| manifest_at(s, older.id)).collect();
+    assert_eq!(placed, [true, true, true, false]);
+    drop(four);
+
+    // The catalog lost: a rebuild under (2,4) restores both, each with its own (k,n).
+    let rebuilt = engine("rebuilt", 2, 4);
+    let report = rebuilt.rebuild_catalog().unwrap();
+    let mut names: Vec<_> = report.restored.iter().map(|f| f.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["new.cram", "older.cram"], "{report:?}");
+    let kn = |e: &Engine, name| {
+        let r = e.catalog.file("P0001", name).unwrap().unwrap();
+        (r.k, r.n)
+    };
+    assert_eq!(kn(&rebuilt, "older.cram"), (2, 3));
+    assert_eq!(kn(&rebuilt, "new.cram"), (2, 4));
+    for name in ["older.cram", "new.cram"] {
+        assert_eq!(read_all(&rebuilt, name).unwrap(), data, "{name}");
+    }
+    drop(rebuilt);
+
+    // Configured k = 3: versions of k = 2 are not taken, and the report says why.
+    let strict = engine("strict", 3, 4);
+    let report = strict.rebuild_catalog().unwrap();
+    assert!(report.restored.is_empty(), "{report:?}");
+    assert_eq!(report.unreadable.len(), 2, "{report:?}");
+    for u in &report.unreadable {
+        assert!(
+            u.reason.contains("below the configured k = 3"),
+            "{}",
+            u.reason
+        );
+    }
+    drop(strict);
+
+    // The fourth site taken out of the configuration: the (2,4) version still reads from
+    // three, but a rename cannot put its manifest's fourth share anywhere, and says so.
+    let back = engine("rebuilt", 2, 3);
+    assert_eq!(read_all(&back, "new.cram").unwrap(), data);
+    back.rename("P0001", "new.cram", "P0001", "newer.cram")
+        .unwrap();
+    assert!(back.wait_discards(Duration::from_secs(10)));
+    let log = back.catalog.audit_log().unwrap();
     let stale = log
         .iter()
         .find(|e| e.event == "manifest-stale")
         .expect("the rename's manifest refresh says why it was not done");
     assert!(
-        stale.detail.contains("(2, 3)") && stale.detail.contains("`scheme`"),
+        stale.detail.contains("(2, 4)") && stale.detail.contains("only 3 sites"),
         "{}",
         stale.detail
     );

@@ -218,11 +218,11 @@ pub enum EngineError {
     },
     #[error("catalog {path}: not empty; a rebuild only fills an empty catalog")]
     CatalogNotEmpty { path: String },
-    #[error("{file}: written with (k,n) = {written:?}, and the configuration's `scheme` is now {configured:?}: its manifest is not rewritten under another scheme (set `scheme` back to rewrite it)")]
+    #[error("{file}: written with (k,n) = {written:?}, its share i on site i, and only {sites} sites are configured now: its manifest cannot be rewritten where its chunks are")]
     OtherScheme {
         file: String,
         written: (u8, u8),
-        configured: (usize, usize),
+        sites: usize,
     },
     #[error("{from} -> {to}: a file cannot move to another patient (reading it there would need only that patient's consent); copy it, which needs its own patient's consent")]
     CrossPatient { from: String, to: String },
@@ -1233,20 +1233,31 @@ impl Engine {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Split a version's manifest (k,n) and put share i on site i under [`MANIFEST_CHUNK`],
-    /// replacing the one stored before. Caller holds the version's manifest lock.
+    /// Split a version's manifest with the version's own (k,n) and put share i on site i
+    /// under [`MANIFEST_CHUNK`], replacing the one stored before. Caller holds the version's
+    /// manifest lock.
     fn put_manifest(
         &self,
         rec: &FileRecord,
         root: Hash,
         chunks: &[ChunkRecord],
     ) -> Result<(), EngineError> {
+        let scheme = self.core.scheme_of(rec)?;
+        // Share i goes to site i: a version placed on more sites than are configured now (a
+        // site taken out) cannot have its manifest put where its chunks are.
+        if scheme.n() > self.core.sites.len() {
+            return Err(EngineError::OtherScheme {
+                file: label(rec),
+                written: (rec.k, rec.n),
+                sites: self.core.sites.len(),
+            });
+        }
         let m = Manifest::new(rec, root, chunks, self.next_seq());
         // Remembered, so that a restart with the clock behind still writes later seqs.
         self.catalog.raise_manifest_seq(m.seq)?;
         let bytes = m.encode();
         self.core
-            .put_shares(&rec.id, &label(rec), MANIFEST_CHUNK, &bytes)
+            .put_shares(&scheme, &rec.id, &label(rec), MANIFEST_CHUNK, &bytes)
     }
 
     /// Rewrite the manifest of a committed version from its catalog record (after a rename
@@ -1261,15 +1272,6 @@ impl Engine {
             let (FileState::Committed, Some(root)) = (rec.state, rec.root) else {
                 return Ok(None);
             };
-            let configured = (self.core.scheme.k(), self.core.scheme.n());
-            if (usize::from(rec.k), usize::from(rec.n)) != configured {
-                // Its manifest is shared under its own (k,n), over the sites it was placed on.
-                return Err(EngineError::OtherScheme {
-                    file: label(&rec),
-                    written: (rec.k, rec.n),
-                    configured,
-                });
-            }
             // A manifest with chunks past the committed size fails its check in a rebuild.
             let chunks = self.committed_chunks(&rec)?;
             self.put_manifest(&rec, root, &chunks)?;
@@ -1332,7 +1334,7 @@ impl Engine {
 impl Core {
     fn upload(&self, job: &UploadJob) -> Result<ChunkRecord, EngineError> {
         let hash = job.leaf.hash(&job.data);
-        self.put_shares(&job.file, &job.label, job.index, &job.data)?;
+        self.put_shares(&self.scheme, &job.file, &job.label, job.index, &job.data)?;
         self.stats.chunks_written.fetch_add(1, Ordering::Relaxed);
         Ok(ChunkRecord {
             offset: job.offset,
@@ -1347,31 +1349,32 @@ impl Core {
         })
     }
 
-    /// Split `data` and put share i on site i under (file, index), all sites in parallel;
-    /// returns once every site acknowledged.
+    /// Split `data` with `scheme` and put share i on site i under (file, index), all sites in
+    /// parallel; returns once every site acknowledged.
     fn put_shares(
         &self,
+        scheme: &Scheme,
         file: &FileId,
         label: &str,
         index: u64,
         data: &[u8],
     ) -> Result<(), EngineError> {
-        let share_len = self.scheme.share_len(data.len());
+        let share_len = scheme.share_len(data.len());
         let mut shares = PooledShares {
             pool: &self.share_bufs,
-            bufs: (0..self.scheme.n())
+            bufs: (0..scheme.n())
                 .map(|_| self.share_bufs.take_len(share_len))
                 .collect(),
         };
         {
             let mut refs: Vec<&mut [u8]> =
                 shares.bufs.iter_mut().map(|s| s.as_mut_slice()).collect();
-            with_thread_drbg(|rng| self.scheme.split(data, rng, &mut refs))
+            with_thread_drbg(|rng| scheme.split(data, rng, &mut refs))
                 .map_err(SharingError::from)??;
         }
         let meta = ShareMeta {
-            k: self.scheme.k() as u8,
-            n: self.scheme.n() as u8,
+            k: scheme.k() as u8,
+            n: scheme.n() as u8,
             secret_len: data.len() as u32,
         };
         let jobs: Vec<(usize, &Vec<u8>)> = shares.bufs.iter().enumerate().collect();
@@ -1430,7 +1433,11 @@ impl Core {
     /// before are rebuilt with their own: read with the new one, every chunk would fail its
     /// hash and honest sites would be blamed.
     fn scheme_of(&self, rec: &FileRecord) -> Result<Arc<Scheme>, EngineError> {
-        let (k, n) = (rec.k, rec.n);
+        self.scheme_for(rec.k, rec.n)
+    }
+
+    /// The (k,n) scheme, the configured one's `Arc` when it is that.
+    fn scheme_for(&self, k: u8, n: u8) -> Result<Arc<Scheme>, EngineError> {
         if (usize::from(k), usize::from(n)) == (self.scheme.k(), self.scheme.n()) {
             return Ok(self.scheme.clone());
         }

@@ -143,7 +143,6 @@ impl Engine {
         self.catalog.set_rebuilding(true)?;
         let mut report = RebuildReport::default();
         let listing = self.list_sites(&mut report);
-        let (k, n) = (self.core.scheme.k(), self.core.scheme.n());
 
         let mut valid: Vec<Manifest> = Vec::new();
         let mut ids: Vec<&FileId> = listing.keys().collect();
@@ -167,16 +166,11 @@ impl Engine {
                 }
             };
             let file = Some(format!("{}/{}", m.patient, m.name));
-            if (usize::from(m.k), usize::from(m.n)) != (k, n) {
-                let reason = format!(
-                    "written with (k,n) = ({},{}), the configuration says ({k},{n})",
-                    m.k, m.n
-                );
-                report.unreadable.push(orphan(id, chunks, file, reason));
-                continue;
-            }
+            // A version is rebuilt with its own (k,n) (`read_manifest` took only shares of
+            // the (k,n) the manifest names, and at least the configured k).
+            let k = usize::from(m.k);
             let short = m.chunks.iter().enumerate().find_map(|(i, c)| {
-                let got = self.locations(chunks.get(&(i as u64)), c.len).len();
+                let got = self.locations(chunks.get(&(i as u64)), c.len, &m).len();
                 (got < k).then(|| format!("chunk {i}: {got} shares found, {k} needed"))
             });
             if let Some(reason) = short {
@@ -215,7 +209,8 @@ impl Engine {
         for m in &winners {
             let chunks = &listing[&m.id];
             let records =
-                m.chunk_records(|i| self.locations(chunks.get(&i), m.chunks[i as usize].len));
+                m.chunk_records(|i| self.locations(chunks.get(&i), m.chunks[i as usize].len, m));
+            let n = usize::from(m.n);
             let degraded = records.iter().filter(|c| c.shares.len() < n).count() as u64;
             self.catalog.restore(&m.file_record(), &records)?;
             self.catalog.audit(
@@ -344,15 +339,15 @@ impl Engine {
         listing
     }
 
-    /// Where the shares of a chunk of `len` bytes live: one location per distinct share
-    /// index, matching the configured scheme and length, by share index.
+    /// Where the shares of a chunk of `len` bytes of version `m` live: one location per
+    /// distinct share index, matching the version's (k,n) and the length, by share index.
     ///
     /// A site listing two or more shares of one chunk is passed over for that chunk: the
     /// placement never puts two shares of a chunk on one site (k-1 sites would then hold k),
     /// so such a listing is a site forging a version on its own, whose chunks it could
     /// otherwise rebuild alone with hashes of its choosing.
-    fn locations(&self, found: Option<&Vec<Found>>, len: u32) -> Vec<ShareLocation> {
-        let (k, n) = (self.core.scheme.k(), self.core.scheme.n());
+    fn locations(&self, found: Option<&Vec<Found>>, len: u32, m: &Manifest) -> Vec<ShareLocation> {
+        let (k, n) = (usize::from(m.k), usize::from(m.n));
         let found: Vec<&Found> = found.into_iter().flatten().collect();
         let per_site = listed_per_site(found.iter().copied());
         // Where two sites claim one share index, the one the placement puts it on (site i
@@ -383,13 +378,19 @@ impl Engine {
 
     /// Fetch the manifest shares of a version and find the latest-written manifest any k of
     /// them rebuild (a rewrite interrupted across sites leaves shares of two writes).
+    ///
+    /// A version written under another (k,n) than the configured one (before a site was
+    /// added, say) is read with its own, as long as its k is at least the configured k: the
+    /// shares combined must come from k distinct sites, so a version of a lower k would let
+    /// fewer sites than the configured threshold forge a file into the catalog.
     fn read_manifest(&self, id: &FileId, found: &[Found]) -> Result<Manifest, String> {
-        let scheme = &self.core.scheme;
-        let k = scheme.k();
+        let least_k = self.core.scheme.k();
         let mut failures = Vec::new();
-        // Shares grouped by the secret length their site recorded: only equal ones combine.
-        // Each keeps its site: the k shares combined must come from k sites (see `locations`).
-        let mut groups: BTreeMap<u32, Vec<(usize, usize, Vec<u8>)>> = BTreeMap::new();
+        // Shares grouped by the (k,n) and secret length their site recorded: only equal ones
+        // combine. Each keeps its site: the k shares combined must come from k sites (see
+        // `locations`).
+        type Group = Vec<(usize, usize, Vec<u8>)>;
+        let mut groups: BTreeMap<(u8, u8, u32), Group> = BTreeMap::new();
         // Each site holds one manifest share of a version (share i at site i, rewritten in
         // place): a site listing more is forging, and is passed over before the cap, so that
         // its extra listings cannot crowd out the shares of honest sites.
@@ -404,13 +405,25 @@ impl Engine {
         }
         let honest = found.iter().filter(|f| per_site[&f.site] == 1);
         for f in honest.take(MAX_MANIFEST_SHARES) {
-            if (usize::from(f.meta.k), usize::from(f.meta.n)) != (k, scheme.n()) {
+            let (k, n) = (f.meta.k, f.meta.n);
+            if usize::from(k) < least_k {
                 failures.push(format!(
-                    "share {}: (k,n) = ({},{}) differs from the configuration",
-                    f.share, f.meta.k, f.meta.n
+                    "share {}: (k,n) = ({k},{n}), below the configured k = {least_k}",
+                    f.share
                 ));
                 continue;
             }
+            let scheme = match self.core.scheme_for(k, n) {
+                Ok(s) if f.share < n => s,
+                Ok(_) => {
+                    failures.push(format!("share {} of (k,n) = ({k},{n})", f.share));
+                    continue;
+                }
+                Err(e) => {
+                    failures.push(format!("share {}: {e}", f.share));
+                    continue;
+                }
+            };
             let key = ShareKey {
                 file: *id,
                 chunk: MANIFEST_CHUNK,
@@ -418,7 +431,7 @@ impl Engine {
             };
             match self.core.sites[f.site].get(&key) {
                 Ok(d) if d.len() == scheme.share_len(f.meta.secret_len as usize) => {
-                    groups.entry(f.meta.secret_len).or_default().push((
+                    groups.entry((k, n, f.meta.secret_len)).or_default().push((
                         usize::from(f.share),
                         f.site,
                         d,
@@ -429,7 +442,9 @@ impl Engine {
             }
         }
         let mut best: Option<Manifest> = None;
-        for (len, shares) in &groups {
+        for (&(k, n, len), shares) in &groups {
+            let scheme = self.core.scheme_for(k, n).map_err(|e| e.to_string())?;
+            let k = usize::from(k);
             for subset in k_subsets(shares.len(), k) {
                 let given: Vec<(usize, &[u8])> = subset
                     .iter()
@@ -440,12 +455,22 @@ impl Engine {
                 if distinct.len() < k || sites.len() < k {
                     continue;
                 }
-                let mut out = Zeroizing::new(vec![0u8; *len as usize]);
-                if let Err(e) = scheme.combine(&given, *len as usize, &mut out) {
+                let mut out = Zeroizing::new(vec![0u8; len as usize]);
+                if let Err(e) = scheme.combine(&given, len as usize, &mut out) {
                     failures.push(e.to_string());
                     continue;
                 }
                 match Manifest::decode(id, &out) {
+                    // The version is rebuilt with the (k,n) its manifest names: the shares
+                    // that made the manifest must be of that (k,n).
+                    Ok(m) if (usize::from(m.k), usize::from(m.n)) != (k, scheme.n()) => {
+                        failures.push(format!(
+                            "a manifest of (k,n) = ({},{}) from shares of ({k},{})",
+                            m.k,
+                            m.n,
+                            scheme.n()
+                        ));
+                    }
                     Ok(m) if best.as_ref().is_none_or(|b| m.seq > b.seq) => best = Some(m),
                     Ok(_) => {}
                     Err(e) => failures.push(e.to_string()),
@@ -455,7 +480,7 @@ impl Engine {
         best.ok_or_else(|| {
             failures.dedup();
             format!(
-                "no {k} of the {} manifest shares rebuild a valid manifest ({})",
+                "no k of the {} manifest shares rebuild a valid manifest ({})",
                 found.len(),
                 failures.join("; ")
             )
