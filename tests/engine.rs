@@ -643,7 +643,9 @@ fn files_written_under_another_scheme_stay_readable_and_are_rebuilt_with_it() {
         .map(|i| Arc::new(MemSite::new(&format!("site{i}"))))
         .collect();
     let dir = tempfile::tempdir().unwrap();
-    let engine = |catalog: &str, k: usize, n: usize| {
+    // An engine over the sites `on`, in that order (share i of a new version on `on[i]`).
+    let engine = |catalog: &str, k: usize, on: &[usize]| {
+        let n = on.len();
         let catalog = Arc::new(Catalog::open(&dir.path().join(catalog)).unwrap());
         let cfg = EngineConfig {
             k,
@@ -652,20 +654,20 @@ fn files_written_under_another_scheme_stay_readable_and_are_rebuilt_with_it() {
             consent_wait: Duration::from_millis(300),
             ..EngineConfig::default()
         };
-        let sites = sites[..n]
+        let sites = on
             .iter()
-            .map(|s| s.clone() as Arc<dyn ShareSite>)
+            .map(|&i| sites[i].clone() as Arc<dyn ShareSite>)
             .collect();
         let consent = ConsentRegistry::new(catalog.clone());
         consent.grant("P0001", None, "test");
         Engine::new(catalog, consent, sites, cfg).unwrap()
     };
     let data = random(300_001);
-    let three = engine("catalog", 2, 3);
+    let three = engine("catalog", 2, &[0, 1, 2]);
     three.catalog.add_patient("P0001").unwrap();
     write(&three, "old.cram", &data).unwrap();
     drop(three);
-    let four = engine("catalog", 2, 4);
+    let four = engine("catalog", 2, &[0, 1, 2, 3]);
     assert_eq!(read_all(&four, "old.cram").unwrap(), data);
     write(&four, "new.cram", &data).unwrap();
     assert_eq!(read_all(&four, "new.cram").unwrap(), data);
@@ -694,7 +696,7 @@ fn files_written_under_another_scheme_stay_readable_and_are_rebuilt_with_it() {
     drop(four);
 
     // The catalog lost: a rebuild under (2,4) restores both, each with its own (k,n).
-    let rebuilt = engine("rebuilt", 2, 4);
+    let rebuilt = engine("rebuilt", 2, &[0, 1, 2, 3]);
     let report = rebuilt.rebuild_catalog().unwrap();
     let mut names: Vec<_> = report.restored.iter().map(|f| f.name.as_str()).collect();
     names.sort();
@@ -711,7 +713,7 @@ fn files_written_under_another_scheme_stay_readable_and_are_rebuilt_with_it() {
     drop(rebuilt);
 
     // Configured k = 3: versions of k = 2 are not taken, and the report says why.
-    let strict = engine("strict", 3, 4);
+    let strict = engine("strict", 3, &[0, 1, 2, 3]);
     let report = strict.rebuild_catalog().unwrap();
     assert!(report.restored.is_empty(), "{report:?}");
     assert_eq!(report.unreadable.len(), 2, "{report:?}");
@@ -726,7 +728,7 @@ fn files_written_under_another_scheme_stay_readable_and_are_rebuilt_with_it() {
 
     // The fourth site taken out of the configuration: the (2,4) version still reads from
     // three, but a rename cannot put its manifest's fourth share anywhere, and says so.
-    let back = engine("rebuilt", 2, 3);
+    let back = engine("rebuilt", 2, &[0, 1, 2]);
     assert_eq!(read_all(&back, "new.cram").unwrap(), data);
     back.rename("P0001", "new.cram", "P0001", "newer.cram")
         .unwrap();
@@ -737,9 +739,37 @@ fn files_written_under_another_scheme_stay_readable_and_are_rebuilt_with_it() {
         .find(|e| e.event == "manifest-stale")
         .expect("the rename's manifest refresh says why it was not done");
     assert!(
-        stale.detail.contains("(2, 4)") && stale.detail.contains("only 3 sites"),
+        stale.detail.contains("(2, 4)") && stale.detail.contains("share 3 on site site3"),
         "{}",
         stale.detail
+    );
+    drop(back);
+
+    // The same number of sites, another order (site1 taken out, site3 added in its place):
+    // the (2,3) version's share 1 is on site1 and its share 2 on site2, so the manifest's
+    // share 1 cannot go to site2 (which would then hold two of its shares).
+    let moved = engine("rebuilt", 2, &[0, 2, 3]);
+    assert_eq!(read_all(&moved, "older.cram").unwrap(), data);
+    moved
+        .rename("P0001", "older.cram", "P0001", "oldest.cram")
+        .unwrap();
+    assert!(moved.wait_discards(Duration::from_secs(10)));
+    let log = moved.catalog.audit_log().unwrap();
+    assert!(
+        log.iter().any(|e| e.event == "manifest-stale"
+            && e.detail.contains("(2, 3)")
+            && e.detail.contains("share 1 on site site1")),
+        "{log:?}"
+    );
+    let (listed, _) = sites[2].list_shares(None).unwrap();
+    let older = moved.catalog.file("P0001", "oldest.cram").unwrap().unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .filter(|(key, _)| key.file == older.id && key.chunk == u64::MAX)
+            .count(),
+        1,
+        "site2 holds one manifest share of the version"
     );
 }
 
@@ -806,4 +836,70 @@ fn manifest_rewrites_an_unmount_leaves_are_audited() {
         stale.detail
     );
     assert!(r.engine.wait_discards(Duration::from_secs(10)));
+}
+
+/// A manifest rewrite that fails (sites down at the rename) is recorded in the catalog, and
+/// the next mount's recovery rewrites it: a catalog rebuild then finds the name the catalog
+/// has, not the one before the rename (which a later file of that name would supersede, and
+/// `--delete-orphans` delete).
+#[test]
+fn a_manifest_whose_rewrite_failed_is_rewritten_at_the_next_recovery() {
+    let r = rig(2, 3);
+    let data = random(100_000);
+    write(&r.engine, "s.tmp", &data).unwrap();
+    // Two sites down: the new manifest reaches one site, fewer than k.
+    r.sites[1].set_down(true);
+    r.sites[2].set_down(true);
+    r.engine
+        .rename("P0001", "s.tmp", "P0001", "s.cram")
+        .unwrap();
+    assert!(r.engine.wait_discards(Duration::from_secs(10)));
+    let id = r
+        .engine
+        .catalog
+        .file("P0001", "s.cram")
+        .unwrap()
+        .unwrap()
+        .id;
+    assert_eq!(r.engine.catalog.stale_manifests().unwrap(), [id]);
+    // A recovery with the site still down leaves it recorded.
+    r.engine.recover().unwrap();
+    assert!(r.engine.wait_discards(Duration::from_secs(10)));
+    assert_eq!(r.engine.catalog.stale_manifests().unwrap(), [id]);
+    r.sites[1].set_down(false);
+    r.sites[2].set_down(false);
+    let sites: Vec<Arc<dyn ShareSite>> = r
+        .sites
+        .iter()
+        .map(|s| s.clone() as Arc<dyn ShareSite>)
+        .collect();
+    // An engine over the sites with an empty catalog, for a rebuild.
+    let dir = tempfile::tempdir().unwrap();
+    let empty = |name: &str| {
+        let catalog = Arc::new(Catalog::open(&dir.path().join(name)).unwrap());
+        let cfg = EngineConfig {
+            k: 2,
+            n: 3,
+            chunk_size: 64 << 10,
+            consent_wait: Duration::from_millis(300),
+            ..EngineConfig::default()
+        };
+        let consent = ConsentRegistry::new(catalog.clone());
+        Engine::new(catalog, consent, sites.clone(), cfg).unwrap()
+    };
+    // Before the recovery, a rebuild would restore the name before the rename.
+    let before = empty("before");
+    let names = |e: &Engine| {
+        let report = e.rebuild_catalog().unwrap();
+        let names: Vec<String> = report.restored.iter().map(|f| f.name.clone()).collect();
+        names
+    };
+    assert_eq!(names(&before), ["s.tmp"]);
+    r.engine.recover().unwrap();
+    assert!(r.engine.wait_discards(Duration::from_secs(10)));
+    assert!(r.engine.catalog.stale_manifests().unwrap().is_empty());
+    let after = empty("after");
+    assert_eq!(names(&after), ["s.cram"]);
+    after.consent.grant("P0001", None, "test");
+    assert_eq!(read_all(&after, "s.cram").unwrap(), data);
 }

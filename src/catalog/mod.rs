@@ -233,6 +233,9 @@ pub struct Catalog {
     retired: sled::Tree,
     /// Single values: the highest manifest seq written or restored ([`MANIFEST_SEQ`]).
     meta: sled::Tree,
+    /// Versions whose manifest at the sites is older than their record (a rewrite after a
+    /// rename or attribute change failed or was cut short), until one is rewritten.
+    stale_manifests: sled::Tree,
     /// Held (shared) while a name is given to a version, and (exclusive) while a patient is
     /// checked empty and removed: no name lands in a patient between the two.
     patient_names: std::sync::RwLock<()>,
@@ -243,6 +246,9 @@ const MANIFEST_SEQ: &[u8] = b"manifest-seq";
 /// Key in `meta` present while a catalog rebuild fills this catalog (see
 /// [`Catalog::set_rebuilding`]).
 const REBUILDING: &[u8] = b"rebuild-unfinished";
+/// Key in `meta` present once `stale_manifests` holds what the audit log says (catalogs from
+/// before the tree recorded their stale manifests in the audit log alone).
+const STALE_FROM_AUDIT: &[u8] = b"stale-manifests-from-audit";
 
 impl std::fmt::Debug for Catalog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -293,6 +299,7 @@ impl Catalog {
             audit: tree("audit")?,
             retired: tree("retired")?,
             meta: tree("meta")?,
+            stale_manifests: tree("stale_manifests")?,
             db,
             sync,
             patient_names: std::sync::RwLock::new(()),
@@ -965,6 +972,57 @@ impl Catalog {
     pub fn audit_log(&self) -> Result<Vec<AuditEntry>> {
         self.decode_all(self.audit.iter())
     }
+
+    // ---- manifests older than their records -----------------------------------------------
+
+    /// Record (durably) that the manifest of `id` at the sites is older than its record.
+    pub fn mark_manifest_stale(&self, id: &FileId) -> Result<()> {
+        self.stale_manifests
+            .insert(id, &[][..])
+            .map_err(|e| self.db_err(e))?;
+        self.flush()
+    }
+
+    /// The manifest of `id` was rewritten from its record (or the version is gone). Durable
+    /// with the next flush: a crash before it only costs one more rewrite.
+    pub fn manifest_rewritten(&self, id: &FileId) -> Result<()> {
+        self.stale_manifests
+            .remove(id)
+            .map_err(|e| self.db_err(e))?;
+        Ok(())
+    }
+
+    /// Versions whose manifest is older than their record. The first call on a catalog from
+    /// before this record was kept takes them from the audit log's `manifest-stale` entries.
+    pub fn stale_manifests(&self) -> Result<Vec<FileId>> {
+        if !self
+            .meta
+            .contains_key(STALE_FROM_AUDIT)
+            .map_err(|e| self.db_err(e))?
+        {
+            for entry in self.audit_log()? {
+                let id = entry
+                    .detail
+                    .strip_prefix("file ")
+                    .and_then(|d| d.get(..32))
+                    .and_then(|h| unhex::<16>(h).ok());
+                if let (true, Some(id)) = (entry.event == "manifest-stale", id) {
+                    self.stale_manifests
+                        .insert(id, &[][..])
+                        .map_err(|e| self.db_err(e))?;
+                }
+            }
+            self.meta
+                .insert(STALE_FROM_AUDIT, &b"1"[..])
+                .map_err(|e| self.db_err(e))?;
+            self.flush()?;
+        }
+        self.stale_manifests
+            .iter()
+            .keys()
+            .map(|k| k.map(|k| to_id(&k)).map_err(|e| self.db_err(e)))
+            .collect()
+    }
 }
 
 fn to_id(bytes: &[u8]) -> FileId {
@@ -1025,6 +1083,35 @@ pub fn unhex<const N: usize>(s: &str) -> std::result::Result<[u8; N], String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Stale manifests are kept until rewritten, across a reopen; a catalog from before they
+    /// were kept takes them from its audit log once (and only entries that name a file).
+    #[test]
+    fn stale_manifests_are_kept_and_an_older_catalog_takes_them_from_its_audit_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog");
+        let (a, b) = ([0xa1; 16], [0xb2; 16]);
+        {
+            // As an older build left it: audit entries only, no record of them.
+            let c = Catalog::open(&path).unwrap();
+            let stale = |id: &FileId| format!("file {}: not rewritten: site down", merkle::hex(id));
+            c.audit("manifest-stale", None, None, &stale(&a));
+            c.audit("rename", None, None, &stale(&b));
+            c.audit("manifest-stale", None, None, "file zz: garbled");
+            c.flush().unwrap();
+        }
+        let c = Catalog::open(&path).unwrap();
+        assert_eq!(c.stale_manifests().unwrap(), [a]);
+        c.mark_manifest_stale(&b).unwrap();
+        c.manifest_rewritten(&a).unwrap();
+        c.flush().unwrap();
+        drop(c);
+        // Taken from the audit log once: `a`, rewritten, does not come back.
+        let c = Catalog::open(&path).unwrap();
+        assert_eq!(c.stale_manifests().unwrap(), [b]);
+        c.manifest_rewritten(&b).unwrap();
+        assert!(c.stale_manifests().unwrap().is_empty());
+    }
 
     #[test]
     fn a_record_that_does_not_decode_is_named_readably() {

@@ -218,11 +218,11 @@ pub enum EngineError {
     },
     #[error("catalog {path}: not empty; a rebuild only fills an empty catalog")]
     CatalogNotEmpty { path: String },
-    #[error("{file}: written with (k,n) = {written:?}, its share i on site i, and only {sites} sites are configured now: its manifest cannot be rewritten where its chunks are")]
+    #[error("{file}: written with (k,n) = {written:?}, its share i on site i, and the configured sites no longer match where it was placed ({placed}): its manifest cannot be rewritten where its chunks are")]
     OtherScheme {
         file: String,
         written: (u8, u8),
-        sites: usize,
+        placed: String,
     },
     #[error("{from} -> {to}: a file cannot move to another patient (reading it there would need only that patient's consent); copy it, which needs its own patient's consent")]
     CrossPatient { from: String, to: String },
@@ -1009,12 +1009,19 @@ impl Engine {
         }
     }
 
-    /// A manifest not rewritten: logged and audited.
+    /// A manifest not rewritten: logged, audited, and recorded for the next mount's
+    /// [`Engine::recover`] to rewrite.
     fn manifest_stale(&self, id: &FileId, why: &str) {
         tracing::warn!(
             "file {}: manifest {why}; a catalog rebuild would restore its previous name and attributes",
             merkle::hex(id)
         );
+        if let Err(e) = self.catalog.mark_manifest_stale(id) {
+            tracing::error!(
+                "file {}: recording its stale manifest for a rewrite at the next mount: {e}",
+                merkle::hex(id)
+            );
+        }
         self.catalog.audit(
             "manifest-stale",
             None,
@@ -1144,9 +1151,19 @@ impl Engine {
     }
 
     /// Garbage-collect what a crash left behind: versions half-written (never served) and
-    /// versions replaced or unlinked whose shares were not yet deleted (nothing names them).
-    /// Returns how many versions were discarded.
+    /// versions replaced or unlinked whose shares were not yet deleted (nothing names them);
+    /// and queue a rewrite of every manifest recorded as older than its record (a rename or
+    /// attribute change whose rewrite failed or was cut short), so that a catalog rebuild
+    /// finds the names and attributes the catalog has. Returns how many versions were
+    /// discarded.
     pub fn recover(&self) -> Result<usize, EngineError> {
+        for id in self.catalog.stale_manifests()? {
+            tracing::info!(
+                "file {}: rewriting a manifest older than its record",
+                merkle::hex(&id)
+            );
+            self.refresh_later(id);
+        }
         let mut down = HashSet::new();
         let unnamed = self.catalog.retired()?;
         for rec in &unnamed {
@@ -1243,13 +1260,23 @@ impl Engine {
         chunks: &[ChunkRecord],
     ) -> Result<(), EngineError> {
         let scheme = self.core.scheme_of(rec)?;
-        // Share i goes to site i: a version placed on more sites than are configured now (a
-        // site taken out) cannot have its manifest put where its chunks are.
-        if scheme.n() > self.core.sites.len() {
+        // Share i goes to site i, where share i of every chunk is: a version placed on sites
+        // other than the configured ones in that order (a site taken out or moved) cannot
+        // have its manifest put where its chunks are.
+        let sites = &self.core.sites;
+        let moved = chunks.iter().flat_map(|c| &c.shares).find(|l| {
+            sites
+                .get(usize::from(l.share))
+                .is_none_or(|s| s.name() != l.site)
+        });
+        if scheme.n() > sites.len() || moved.is_some() {
             return Err(EngineError::OtherScheme {
                 file: label(rec),
                 written: (rec.k, rec.n),
-                sites: self.core.sites.len(),
+                placed: moved.map_or_else(
+                    || format!("{} sites", rec.n),
+                    |l| format!("share {} on site {}", l.share, l.site),
+                ),
             });
         }
         let m = Manifest::new(rec, root, chunks, self.next_seq());
@@ -1266,15 +1293,20 @@ impl Engine {
     fn refresh_manifest(&self, id: &FileId) {
         let _guard = self.manifest_lock(id);
         let result = (|| -> Result<Option<FileRecord>, EngineError> {
-            let Some(rec) = self.catalog.file_by_id(id)? else {
+            // Only a version a name points at: one replaced or unlinked meanwhile is being
+            // discarded, manifest first (under this lock), and must not get one back.
+            let Some(rec) = self.catalog.named_version(id)? else {
+                self.catalog.manifest_rewritten(id)?;
                 return Ok(None);
             };
             let (FileState::Committed, Some(root)) = (rec.state, rec.root) else {
+                self.catalog.manifest_rewritten(id)?;
                 return Ok(None);
             };
             // A manifest with chunks past the committed size fails its check in a rebuild.
             let chunks = self.committed_chunks(&rec)?;
             self.put_manifest(&rec, root, &chunks)?;
+            self.catalog.manifest_rewritten(id)?;
             Ok(Some(rec))
         })();
         if let Err(e) = result {
