@@ -34,6 +34,27 @@ struct Rig {
     runs: usize,
 }
 
+/// Whether pcscd reports a card in `reader` within `within`, asked over a context of our own.
+fn pcscd_sees_card(reader: &str, within: Duration) -> Result<bool> {
+    let ctx = pcsc::Context::establish(pcsc::Scope::User).context("PC/SC context")?;
+    let name = std::ffi::CString::new(reader)?;
+    let mut states = [pcsc::ReaderState::new(name, pcsc::State::UNAWARE)];
+    let deadline = Instant::now() + within;
+    loop {
+        match ctx.get_status_change(Duration::from_millis(250), &mut states) {
+            Ok(()) | Err(pcsc::Error::Timeout) => {}
+            Err(e) => bail!("status of {reader:?}: {e}"),
+        }
+        if states[0].event_state().contains(pcsc::State::PRESENT) {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        states[0].sync_current_state();
+    }
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 temp path")
 }
@@ -49,13 +70,29 @@ fn describe(ev: &WatchEvent) -> String {
 }
 
 impl Rig {
+    /// A virtual card into [`READER`], once pcscd reports it there. Seen from a PC/SC context
+    /// of the test's own: the card's TCP connect to vpcd succeeds as soon as it is in the
+    /// listen backlog, and vpcd has (rarely) left one there unaccepted; such a card is put in
+    /// again, and said so. What the watcher makes of a card pcscd reports is the test's to
+    /// check, not this one's.
     fn insert(&mut self, args: &[&str]) -> Result<Vcard> {
-        self.runs += 1;
-        let log = self.dir.join(format!("vcard-{}.log", self.runs));
         let bin = Path::new(env!("CARGO_BIN_EXE_qgenome-vcard"));
-        let mut all = vec!["--port", "35963"];
+        let port = PORT.to_string();
+        let mut all = vec!["--port", port.as_str()];
         all.extend_from_slice(args);
-        Ok(Vcard::start(bin, &all, &log)?)
+        for attempt in 1..=3 {
+            self.runs += 1;
+            let log = self.dir.join(format!("vcard-{}.log", self.runs));
+            let vc = Vcard::start(bin, &all, &log)?;
+            if pcscd_sees_card(READER, Duration::from_secs(5))? {
+                return Ok(vc);
+            }
+            eprintln!(
+                "pcscd did not see the card of {} in {READER:?} within 5 s (attempt {attempt}); putting it in again",
+                log.display()
+            );
+        }
+        bail!("pcscd never saw a card in {READER:?}")
     }
 
     fn next(&self, what: &str) -> Result<WatchEvent> {
