@@ -903,3 +903,57 @@ fn a_manifest_whose_rewrite_failed_is_rewritten_at_the_next_recovery() {
     after.consent.grant("P0001", None, "test");
     assert_eq!(read_all(&after, "s.cram").unwrap(), data);
 }
+
+/// A rename or attribute change records the manifest as stale with the catalog change itself
+/// (a crash before its rewrite leaves the record for the next mount), and a rewrite clears
+/// only the mark it began under: one finishing while a later change's rewrite is still
+/// queued leaves the mark to that one.
+#[test]
+fn a_manifest_stays_recorded_stale_until_its_last_change_is_rewritten() {
+    let r = rig(2, 3);
+    write(&r.engine, "q.tmp", &random(1000)).unwrap();
+    let id = r.engine.catalog.file("P0001", "q.tmp").unwrap().unwrap().id;
+    assert!(r.engine.catalog.stale_manifests().unwrap().is_empty());
+    // Manifest share i as site i holds it now.
+    let manifest = |i: usize| {
+        let key = ShareKey {
+            file: id,
+            chunk: u64::MAX,
+            share: i as u8,
+        };
+        r.sites[i].get(&key).unwrap()
+    };
+    let changed = |i: usize, from: &[u8]| {
+        let t = std::time::Instant::now();
+        while manifest(i) == from {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "site{i}'s manifest never rewritten"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let (first, slow) = (manifest(0), manifest(2));
+    r.sites[2].set_put_delay(Duration::from_millis(1500));
+    r.engine.set_attrs(&id, Some(0o600), None).unwrap();
+    // Recorded with the change, before any rewrite could have run.
+    assert_eq!(r.engine.catalog.stale_manifests().unwrap(), [id]);
+    // The attribute change's rewrite has read the record (site0 has its share; site2 is
+    // slow); the rename's rewrite is queued behind it.
+    changed(0, &first);
+    r.engine
+        .rename("P0001", "q.tmp", "P0001", "q.cram")
+        .unwrap();
+    r.engine.audit_unrefreshed();
+    // The first rewrite done at the slow site too; the rename's takes 1.5 s there.
+    changed(2, &slow);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        r.engine.catalog.stale_manifests().unwrap(),
+        [id],
+        "the first rewrite cleared the mark the rename's still owes"
+    );
+    r.sites[2].set_put_delay(Duration::ZERO);
+    assert!(r.engine.wait_discards(Duration::from_secs(10)));
+    assert!(r.engine.catalog.stale_manifests().unwrap().is_empty());
+}

@@ -795,6 +795,9 @@ impl Catalog {
         if patient == new_patient && name == new_name {
             return Ok(None);
         }
+        // Its manifest at the sites keeps the old name until rewritten: recorded with the
+        // rename's own flush, so a crash before the rewrite leaves it for the next mount.
+        self.note_manifest_stale(&id)?;
         let replaced = self.update_record(&id, no_file, |read, mut rec| {
             // Renamed by someone else since the name was looked up: the name is not its.
             if (rec.patient.as_str(), rec.name.as_str()) != (patient, name) {
@@ -854,6 +857,8 @@ impl Catalog {
 
     pub fn set_attrs(&self, id: &FileId, mode: Option<u32>, mtime: Option<u64>) -> Result<()> {
         let missing = || CatalogError::NotWriting(merkle::hex(id));
+        // As for a rename: the manifest is older than the record until rewritten.
+        self.note_manifest_stale(id)?;
         self.update_record(id, missing, |read, mut rec| {
             if let Some(m) = mode {
                 rec.mode = m & 0o7777;
@@ -977,17 +982,34 @@ impl Catalog {
 
     /// Record (durably) that the manifest of `id` at the sites is older than its record.
     pub fn mark_manifest_stale(&self, id: &FileId) -> Result<()> {
-        self.stale_manifests
-            .insert(id, &[][..])
-            .map_err(|e| self.db_err(e))?;
+        self.note_manifest_stale(id)?;
         self.flush()
     }
 
-    /// The manifest of `id` was rewritten from its record (or the version is gone). Durable
-    /// with the next flush: a crash before it only costs one more rewrite.
-    pub fn manifest_rewritten(&self, id: &FileId) -> Result<()> {
+    /// [`Catalog::mark_manifest_stale`], durable with the next flush. Each mark is a new
+    /// value, so that a rewrite begun before it does not clear it ([`StaleMark`]).
+    fn note_manifest_stale(&self, id: &FileId) -> Result<()> {
+        let mark = self.db.generate_id().map_err(|e| self.db_err(e))?;
         self.stale_manifests
-            .remove(id)
+            .insert(id, &mark.to_be_bytes()[..])
+            .map_err(|e| self.db_err(e))?;
+        Ok(())
+    }
+
+    /// The stale mark of `id` as it is now, taken before a rewrite reads the record.
+    pub fn stale_mark(&self, id: &FileId) -> Result<StaleMark> {
+        let mark = self.stale_manifests.get(id).map_err(|e| self.db_err(e))?;
+        Ok(StaleMark(mark))
+    }
+
+    /// The manifest of `id` was rewritten from its record read after `seen` was taken (or the
+    /// version is gone): the mark is cleared unless it was marked again meanwhile (a rename
+    /// or an attribute change whose own rewrite is still to come). Durable with the next
+    /// flush: a crash before it only costs one more rewrite.
+    pub fn manifest_rewritten(&self, id: &FileId, seen: StaleMark) -> Result<()> {
+        let _ = self
+            .stale_manifests
+            .compare_and_swap(id, seen.0, None::<&[u8]>)
             .map_err(|e| self.db_err(e))?;
         Ok(())
     }
@@ -1000,16 +1022,20 @@ impl Catalog {
             .contains_key(STALE_FROM_AUDIT)
             .map_err(|e| self.db_err(e))?
         {
-            for entry in self.audit_log()? {
+            // One entry at a time, and one that does not decode is passed over: the audit
+            // log holds an entry per read and may be long, and it must not stop a mount.
+            for item in self.audit.iter() {
+                let (k, v) = item.map_err(|e| self.db_err(e))?;
+                let Ok(entry) = self.decode::<AuditEntry>(&k, &v) else {
+                    continue;
+                };
                 let id = entry
                     .detail
                     .strip_prefix("file ")
                     .and_then(|d| d.get(..32))
                     .and_then(|h| unhex::<16>(h).ok());
                 if let (true, Some(id)) = (entry.event == "manifest-stale", id) {
-                    self.stale_manifests
-                        .insert(id, &[][..])
-                        .map_err(|e| self.db_err(e))?;
+                    self.note_manifest_stale(&id)?;
                 }
             }
             self.meta
@@ -1024,6 +1050,10 @@ impl Catalog {
             .collect()
     }
 }
+
+/// A version's stale-manifest mark as read at one moment ([`Catalog::stale_mark`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleMark(Option<sled::IVec>);
 
 fn to_id(bytes: &[u8]) -> FileId {
     let mut id = [0u8; 16];
@@ -1102,14 +1132,20 @@ mod tests {
         }
         let c = Catalog::open(&path).unwrap();
         assert_eq!(c.stale_manifests().unwrap(), [a]);
+        // A rewrite clears the mark it began under, not one made after it began.
+        let seen = c.stale_mark(&a).unwrap();
         c.mark_manifest_stale(&b).unwrap();
-        c.manifest_rewritten(&a).unwrap();
+        let early = c.stale_mark(&b).unwrap();
+        c.mark_manifest_stale(&b).unwrap();
+        c.manifest_rewritten(&b, early).unwrap();
+        c.manifest_rewritten(&a, seen).unwrap();
         c.flush().unwrap();
         drop(c);
         // Taken from the audit log once: `a`, rewritten, does not come back.
         let c = Catalog::open(&path).unwrap();
         assert_eq!(c.stale_manifests().unwrap(), [b]);
-        c.manifest_rewritten(&b).unwrap();
+        let seen = c.stale_mark(&b).unwrap();
+        c.manifest_rewritten(&b, seen).unwrap();
         assert!(c.stale_manifests().unwrap().is_empty());
     }
 

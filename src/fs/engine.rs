@@ -1293,20 +1293,23 @@ impl Engine {
     fn refresh_manifest(&self, id: &FileId) {
         let _guard = self.manifest_lock(id);
         let result = (|| -> Result<Option<FileRecord>, EngineError> {
+            // Taken before the record is read: a mark made after it (a later rename, whose
+            // rewrite is queued behind this one) stays for that rewrite to clear.
+            let seen = self.catalog.stale_mark(id)?;
             // Only a version a name points at: one replaced or unlinked meanwhile is being
             // discarded, manifest first (under this lock), and must not get one back.
             let Some(rec) = self.catalog.named_version(id)? else {
-                self.catalog.manifest_rewritten(id)?;
+                self.catalog.manifest_rewritten(id, seen)?;
                 return Ok(None);
             };
             let (FileState::Committed, Some(root)) = (rec.state, rec.root) else {
-                self.catalog.manifest_rewritten(id)?;
+                self.catalog.manifest_rewritten(id, seen)?;
                 return Ok(None);
             };
             // A manifest with chunks past the committed size fails its check in a rebuild.
             let chunks = self.committed_chunks(&rec)?;
             self.put_manifest(&rec, root, &chunks)?;
-            self.catalog.manifest_rewritten(id)?;
+            self.catalog.manifest_rewritten(id, seen)?;
             Ok(Some(rec))
         })();
         if let Err(e) = result {
