@@ -934,6 +934,17 @@ fn a_manifest_stays_recorded_stale_until_its_last_change_is_rewritten() {
         }
     };
     let (first, slow) = (manifest(0), manifest(2));
+    // A chmod of a version still being written marks nothing: its commit writes the
+    // manifest from the record.
+    let mut w = r.engine.create("P0001", "w.cram", 0o644).unwrap();
+    w.write(&r.engine, 0, b"being written").unwrap();
+    r.engine
+        .catalog
+        .set_attrs(&w.id(), Some(0o640), None)
+        .unwrap();
+    assert!(r.engine.catalog.stale_manifests().unwrap().is_empty());
+    w.commit(&r.engine).unwrap();
+    assert!(r.engine.catalog.stale_manifests().unwrap().is_empty());
     r.sites[2].set_put_delay(Duration::from_millis(1500));
     r.engine.set_attrs(&id, Some(0o600), None).unwrap();
     // Recorded with the change, before any rewrite could have run.
@@ -941,10 +952,12 @@ fn a_manifest_stays_recorded_stale_until_its_last_change_is_rewritten() {
     // The attribute change's rewrite has read the record (site0 has its share; site2 is
     // slow); the rename's rewrite is queued behind it.
     changed(0, &first);
+    let before = r.engine.catalog.stale_mark(&id).unwrap();
     r.engine
         .rename("P0001", "q.tmp", "P0001", "q.cram")
         .unwrap();
-    r.engine.audit_unrefreshed();
+    // The rename marked it anew (the attribute change's rewrite cannot clear this mark).
+    assert_ne!(r.engine.catalog.stale_mark(&id).unwrap(), before);
     // The first rewrite done at the slow site too; the rename's takes 1.5 s there.
     changed(2, &slow);
     std::thread::sleep(Duration::from_millis(100));

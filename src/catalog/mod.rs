@@ -795,8 +795,11 @@ impl Catalog {
         if patient == new_patient && name == new_name {
             return Ok(None);
         }
-        // Its manifest at the sites keeps the old name until rewritten: recorded with the
-        // rename's own flush, so a crash before the rewrite leaves it for the next mount.
+        // Its manifest at the sites keeps the old name until rewritten, so it is marked stale
+        // (`stale_manifests`), twice: before the record changes, so that no flush (sled's
+        // own, in the background, included) makes the new name durable without a mark; and
+        // after, with a new value, so that a rewrite already under way, which may have read
+        // the old record, cannot clear it.
         self.note_manifest_stale(&id)?;
         let replaced = self.update_record(&id, no_file, |read, mut rec| {
             // Renamed by someone else since the name was looked up: the name is not its.
@@ -812,6 +815,7 @@ impl Catalog {
                 Some(&old_key),
             )
         })?;
+        self.note_manifest_stale(&id)?;
         self.flush()?;
         Ok(replaced)
     }
@@ -857,8 +861,16 @@ impl Catalog {
 
     pub fn set_attrs(&self, id: &FileId, mode: Option<u32>, mtime: Option<u64>) -> Result<()> {
         let missing = || CatalogError::NotWriting(merkle::hex(id));
-        // As for a rename: the manifest is older than the record until rewritten.
-        self.note_manifest_stale(id)?;
+        // As for a rename: a committed version's manifest is older than its record until
+        // rewritten, marked before and after the change. (A version still being written gets
+        // its manifest from the record at its commit.)
+        let committed = |c: &Self| -> Result<bool> {
+            Ok(c.file_by_id(id)?
+                .is_some_and(|r| r.state == FileState::Committed))
+        };
+        if committed(self)? {
+            self.note_manifest_stale(id)?;
+        }
         self.update_record(id, missing, |read, mut rec| {
             if let Some(m) = mode {
                 rec.mode = m & 0o7777;
@@ -868,6 +880,9 @@ impl Catalog {
             }
             self.replace_record(id, &read, Self::encode(&rec))
         })?;
+        if committed(self)? {
+            self.note_manifest_stale(id)?;
+        }
         self.flush()
     }
 

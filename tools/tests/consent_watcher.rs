@@ -70,10 +70,10 @@ fn describe(ev: &WatchEvent) -> String {
 }
 
 impl Rig {
-    /// A virtual card into [`READER`], once pcscd reports it there. Seen from a PC/SC context
-    /// of the test's own: the card's TCP connect to vpcd succeeds as soon as it is in the
-    /// listen backlog, and vpcd has (rarely) left one there unaccepted; such a card is put in
-    /// again, and said so. What the watcher makes of a card pcscd reports is the test's to
+    /// A virtual card into [`READER`], once pcscd reports it there (asked over a PC/SC context
+    /// of the test's own): the card's TCP connect to vpcd succeeds as soon as it is in the
+    /// listen backlog, before pcscd knows of it. One pcscd does not report within 5 s is put
+    /// in again, and said so. What the watcher makes of a card pcscd reports is the test's to
     /// check, not this one's.
     fn insert(&mut self, args: &[&str]) -> Result<Vcard> {
         let bin = Path::new(env!("CARGO_BIN_EXE_qgenome-vcard"));
@@ -125,7 +125,9 @@ impl Rig {
     fn remove(&self, vc: Vcard) -> Result<Option<String>> {
         drop(vc);
         match self.next("removal")? {
-            WatchEvent::Removed { ended, .. } => Ok(ended),
+            // Only this reader's: another's removal taken here would let the test go on
+            // before the watcher saw this card leave.
+            WatchEvent::Removed { reader, ended } if reader == READER => Ok(ended),
             other => bail!("expected a removal, got {}", describe(&other)),
         }
     }
@@ -519,21 +521,28 @@ fn run(dir: &Path) -> Result<()> {
         "the removal waited {:?} (behind the slow card's presentation)",
         pulled.elapsed()
     );
-    // The slow card is refused in its turn: unenrolled, or gone before it answered.
+    // The slow card is refused in its turn (unenrolled, or gone before it answered), and its
+    // removal seen, in either order: both are taken here, or the next step's removal would
+    // take this one's event for its own.
     drop(slow);
-    loop {
-        match rig.next("the slow card's refusal")? {
-            WatchEvent::Refused { reader, code, .. } if reader == SECOND_READER => {
+    let (mut refused, mut removed) = (false, false);
+    while !(refused && removed) {
+        match rig.next("the slow card's refusal and removal")? {
+            WatchEvent::Refused { reader, code, .. } if reader == SECOND_READER && !refused => {
                 ensure!(
                     ["unknown-card", "card-error"].contains(&code),
                     "slow card refused as {code}"
                 );
-                break;
+                refused = true;
             }
-            WatchEvent::Removed { reader, ended } if reader == SECOND_READER => {
+            WatchEvent::Removed { reader, ended } if reader == SECOND_READER && !removed => {
                 ensure!(ended.is_none(), "the slow card's removal ended {ended:?}");
+                removed = true;
             }
-            other => bail!("expected the slow card's refusal, got {}", describe(&other)),
+            other => bail!(
+                "expected the slow card's refusal and removal, got {}",
+                describe(&other)
+            ),
         }
     }
     ensure!(!registry.is_active("P0003"));
