@@ -170,6 +170,17 @@ fn reads_route_around_a_down_site_and_a_lying_site() {
 /// costs one chunk its failure (for a host that is off, its connect timeout), not every chunk.
 #[test]
 fn a_site_that_failed_is_asked_last_for_the_next_chunks() {
+    asked_last_once_failed(|s| s.set_down(true));
+}
+
+/// Likewise a site that answers, but with shares of the wrong length (each of which also
+/// spends a share's worth of its link's reply key).
+#[test]
+fn a_site_serving_shares_of_the_wrong_length_is_asked_last_for_the_next_chunks() {
+    asked_last_once_failed(|s| s.set_short(true));
+}
+
+fn asked_last_once_failed(fail: impl Fn(&MemSite)) {
     let r = rig(2, 3);
     // 20 chunks of 64K.
     let data = random(20 << 16);
@@ -178,7 +189,7 @@ fn a_site_that_failed_is_asked_last_for_the_next_chunks() {
     write(&r.engine, "g.cram", &data).unwrap();
     // The home site is asked first while it answers. Once it failed, only the chunks already
     // being fetched (read-ahead) ask it; the rest, and the next file, do not.
-    r.sites[0].set_down(true);
+    fail(&r.sites[0]);
     assert_eq!(read_all(&r.engine, "f.cram").unwrap(), data);
     let failures = r.engine.stats().snapshot()["share_failures"];
     assert!(

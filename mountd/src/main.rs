@@ -218,7 +218,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let dir = vol.state_dir()?;
             let r = Store::rebuild_index(&vol.open_volume()?, &dir)?;
             println!(
-                "rebuilt index {}: {} shares, {} superseded (older generations, now tombstoned), {} torn, {} bytes scanned{}",
+                "rebuilt index {}: {} shares, {} superseded (older generations, and shares the old index was retiring: not indexed, their headers zeroed when the daemon next starts), {} torn, {} bytes scanned{}",
                 dir.display(),
                 r.shares,
                 r.superseded,

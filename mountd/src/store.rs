@@ -39,6 +39,28 @@ pub fn index_volume_id(index: &Path) -> Option<Vec<u8>> {
     let named = db.open_tree("meta").ok()?.get(META_VOLUME_ID).ok()??;
     Some(named.to_vec())
 }
+
+/// The retiring records of the index at `index` (replaced shares, and puts refused after
+/// their bytes landed, whose headers were still to be zeroed), by offset: what a rebuild must
+/// not bring back. Best effort: an index that does not open, or a record that does not
+/// decode, gives nothing (a rebuild is for an index that may be damaged).
+fn retiring_of(index: &Path) -> std::collections::BTreeMap<u64, (ShareKey, IndexEntry)> {
+    let mut out = std::collections::BTreeMap::new();
+    let Some(tree) = index
+        .exists()
+        .then(|| open_index(sled::Config::new().path(index)).ok())
+        .flatten()
+        .and_then(|db| db.open_tree("retiring").ok())
+    else {
+        return out;
+    };
+    for (_, record) in tree.iter().flatten() {
+        if let Ok((key, e)) = decode_retiring(&record) {
+            out.insert(e.offset, (key, e));
+        }
+    }
+    out
+}
 const META_GEN_RESERVED: &[u8] = b"gen_reserved";
 /// This index's tag (u32 LE, nonzero): `Superblock::index_tag` names the volume's index.
 const META_INDEX_TAG: &[u8] = b"index_tag";
@@ -280,8 +302,9 @@ pub struct ScrubReport {
 pub struct RebuildReport {
     pub scanned_bytes: u64,
     pub shares: u64,
-    /// Older generations of a key also found on the volume (not indexed; their headers are
-    /// overwritten, as a replace does).
+    /// Older generations of a key also found on the volume, and shares the previous index
+    /// had recorded as retiring: not indexed, and recorded as retiring in the new index, so
+    /// that the next start zeroes their headers (as after a replace).
     pub superseded: u64,
     /// Valid headers whose share bytes failed checksum (torn or damaged; not indexed).
     pub torn: u64,
@@ -1156,6 +1179,13 @@ impl<D: BlockDevice> Store<D> {
 
     /// Deletes a share; once this returns it is gone from the index and from a volume scan.
     pub fn delete(&self, key: &ShareKey) -> Result<(), StoreError> {
+        // As at a put: an index whose sync failed cannot commit the removal, and a volume
+        // that refuses durable writes cannot make the tombstone durable. Refused before the
+        // share is touched: a delete that fails leaves the share as it was, readable.
+        if let Some(e) = self.dev.durable_writes_refused() {
+            return Err(e.into());
+        }
+        self.sync.check().map_err(|e| self.ix(e))?;
         let _guard = self
             .key_lock(key)
             .write()
@@ -1207,6 +1237,12 @@ impl<D: BlockDevice> Store<D> {
                     IndexEntry::decode(&v).map_err(corrupt)?,
                 ))
             })
+    }
+
+    /// Makes every index flush from now on fail, as after a failed sync of the index (tests).
+    #[doc(hidden)]
+    pub fn fail_index_flushes(&self) {
+        self.sync.fail_from_now();
     }
 
     /// Flushes the index (every earlier commit already is; this is for an orderly stop).
@@ -1292,11 +1328,18 @@ impl<D: BlockDevice> Store<D> {
             });
         }
         let mut report = RebuildReport::default();
+        // What the index there was had still to zero is not brought back (a put refused
+        // after its bytes landed would otherwise win over the acknowledged share it was to
+        // replace).
+        let retiring = retiring_of(&index);
         // The scan first: one that fails (an unreadable block, say) leaves the index in place.
-        let (found, superseded) = scan(dev, &sb, &mut report)?;
-        // The new index is built and made durable beside the old one, and the older
-        // generations tombstoned, before the old index moves aside: a failure in any of it
-        // leaves the index there was (once, a failed tombstone left the site no index).
+        let (found, superseded) = scan(dev, &sb, &retiring, &mut report)?;
+        // The new index is built and made durable beside the old one before the old index
+        // moves aside: a failure in any of it leaves the index there was (once, a failed
+        // tombstone left the site no index). Nothing on the volume is zeroed here: the older
+        // generations go into the new index as retiring records, zeroed at its first start.
+        // Zeroed here, a rebuild stopped before the swap (a crash, a failed rename) would
+        // leave the old index in use with shares it names destroyed.
         let ix = |source| StoreError::Index {
             dir: dir.clone(),
             source,
@@ -1310,10 +1353,18 @@ impl<D: BlockDevice> Store<D> {
             let sync = SledSync::open(&building).map_err(|e| ix(sled::Error::Io(e)))?;
             let shares = db.open_tree("shares").map_err(ix)?;
             let meta = db.open_tree("meta").map_err(ix)?;
+            let retiring = db.open_tree("retiring").map_err(ix)?;
             let mut max_gen = 0;
             for (key, e) in &found {
                 shares.insert(key.encode(), &e.encode()[..]).map_err(ix)?;
                 max_gen = max_gen.max(e.generation);
+            }
+            // An older generation left on the volume (its replace's tombstone lost with the
+            // old index) would come back in the next rebuild once its key is deleted.
+            for (key, e) in &superseded {
+                retiring
+                    .insert(e.offset.to_be_bytes(), &retiring_record(key, e)[..])
+                    .map_err(ix)?;
             }
             max_gen = max_gen.max(report.max_generation_seen);
             meta.insert(META_VOLUME_ID, &sb.volume_id[..]).map_err(ix)?;
@@ -1325,11 +1376,6 @@ impl<D: BlockDevice> Store<D> {
             meta.insert(META_INDEX_TAG, &tag.to_le_bytes())
                 .map_err(ix)?;
             sync.flush(&db).map_err(ix)?;
-            // An older generation left on the volume (its replace's tombstone lost with the
-            // old index) would come back in the next rebuild once its key is deleted.
-            for &offset in &superseded {
-                tombstone(dev, &sb, offset)?;
-            }
             Ok(tag)
         })();
         let tag = match built {
@@ -1341,7 +1387,15 @@ impl<D: BlockDevice> Store<D> {
         };
         report.superseded = superseded.len() as u64;
         if index.exists() {
-            let aside = dir.join(format!("index.old-{}", now_secs()));
+            // A name of its own, also for a second rebuild within the same second.
+            let secs = now_secs();
+            let aside = (0..)
+                .map(|n| match n {
+                    0 => dir.join(format!("index.old-{secs}")),
+                    n => dir.join(format!("index.old-{secs}-{n}")),
+                })
+                .find(|p| !p.exists())
+                .expect("an unused name");
             std::fs::rename(&index, &aside).map_err(io)?;
             report.old_index = Some(aside);
         }
@@ -1385,16 +1439,20 @@ const INDEX_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The newest valid extent of each key a scan found.
 type Newest = std::collections::BTreeMap<ShareKey, IndexEntry>;
+/// Extents a scan found valid but does not index, with their keys.
+type Superseded = Vec<(ShareKey, IndexEntry)>;
 
 /// Scans the data area for valid extents: every allocation unit not inside an accepted extent
 /// is tried as a header; a header counts only if it belongs to this volume, fits the geometry
-/// and its share bytes match its checksum. The newest generation of each key wins; the
-/// offsets of the older ones found come second.
+/// and its share bytes match its checksum. The newest generation of each key wins, except
+/// over an extent `retiring` names exactly (which an index had still to zero); the older
+/// ones found, and those, come second.
 fn scan<D: BlockDevice>(
     dev: &D,
     sb: &Superblock,
+    retiring: &std::collections::BTreeMap<u64, (ShareKey, IndexEntry)>,
     report: &mut RebuildReport,
-) -> Result<(Newest, Vec<u64>), StoreError> {
+) -> Result<(Newest, Superseded), StoreError> {
     let au = u64::from(sb.alloc_unit);
     let window = (8u64 << 20).div_ceil(au) * au;
     let bs = sb.block_size as usize;
@@ -1432,9 +1490,10 @@ fn scan<D: BlockDevice>(
             }
             let e = IndexEntry::from_header(&h, u);
             match found.get(&h.key) {
-                Some(prev) if prev.generation > e.generation => superseded.push(e.offset),
+                _ if retiring.get(&u) == Some(&(h.key, e)) => superseded.push((h.key, e)),
+                Some(prev) if prev.generation > e.generation => superseded.push((h.key, e)),
                 Some(prev) => {
-                    superseded.push(prev.offset);
+                    superseded.push((h.key, *prev));
                     found.insert(h.key, e);
                 }
                 None => {

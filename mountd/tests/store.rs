@@ -551,6 +551,28 @@ fn a_read_without_the_key_lock_serves_only_bytes_that_verify() {
     assert!(read(l).is_none());
 }
 
+/// A delete the index cannot commit (its sync failed before) is refused before it touches the
+/// share, which stays readable, here and after a restart: it used to zero the share's header
+/// first and fail at the commit, so that the share read as damaged from then on.
+#[test]
+fn a_delete_the_index_cannot_commit_leaves_the_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(fresh(16 << 20), dir.path(), StoreOptions::default()).unwrap();
+    let k = key(14, 1, 0);
+    s.put(k, META, &share_bytes(1, &k, 30_000)).unwrap();
+    s.fail_index_flushes();
+    let e = s
+        .delete(&k)
+        .expect_err("a delete whose commit cannot be durable");
+    assert!(matches!(e, StoreError::Index { .. }), "{e}");
+    assert_eq!(s.get(&k).unwrap().bytes(), &share_bytes(1, &k, 30_000)[..]);
+    let image = s.device().image();
+    drop(s);
+    let s = reopen(image, dir.path());
+    assert_eq!(s.get(&k).unwrap().bytes(), &share_bytes(1, &k, 30_000)[..]);
+    assert_eq!(s.scrub().unwrap().damaged.len(), 0);
+}
+
 /// Rebuilds the index of `image` from the volume alone (the index lost), then opens it.
 fn rebuilt(image: Vec<u8>, dir: &std::path::Path) -> (u64, u64, Store<MemVolume>) {
     std::fs::remove_dir_all(dir.join("index")).unwrap();
@@ -620,29 +642,64 @@ fn a_replaced_share_whose_tombstone_was_interrupted_never_comes_back() {
     delete_and_rebuild(s, k, other, dir.path());
 }
 
-/// A rebuild that fails part-way (here its tombstone of an older generation: a disk error)
-/// leaves the index there was, in its place: it used to have moved it aside first, leaving
-/// the site no index to start with.
+/// A rebuild writes nothing on the volume but, last, the superblock: the older generations
+/// it finds go into the new index as retiring records, zeroed at its first start. It used to
+/// zero them before the old index moved aside, so that a rebuild stopped in between (a crash,
+/// a failed rename) left the old index in use with shares it named destroyed. Here every
+/// write fails: the rebuild fails at the superblock with the volume untouched, and a rebuild
+/// on a disk that works again (within the same second: the old index goes aside under a name
+/// of its own) finds everything there was.
 #[test]
-fn a_rebuild_that_fails_leaves_the_index_it_found() {
+fn a_rebuild_that_fails_has_zeroed_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let (image, k, _other) = interrupted_replace(dir.path(), 12);
-    let v = MemVolume::from_image("mem-vol", image, A);
+    let (image, k, other) = interrupted_replace(dir.path(), 12);
+    let v = MemVolume::from_image("mem-vol", image.clone(), A);
     v.fail_writes_after(0);
-    Store::rebuild_index(&v, dir.path()).expect_err("a rebuild whose tombstone failed");
-    let names: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("index"))
-        .collect();
-    assert_eq!(
-        names,
-        ["index"],
-        "the index moved, or a half-built one left"
-    );
+    Store::rebuild_index(&v, dir.path()).expect_err("a rebuild whose superblock write failed");
+    assert!(v.image() == image, "the failed rebuild wrote on the volume");
     v.fail_writes_after(u64::MAX);
+    let r = Store::rebuild_index(&v, dir.path()).unwrap();
+    assert_eq!((r.shares, r.superseded), (2, 1));
+    // Still nothing zeroed: a rebuild again finds the older generation too.
+    let r = Store::rebuild_index(&v, dir.path()).unwrap();
+    assert_eq!((r.shares, r.superseded), (2, 1), "a rebuild zeroed a share");
     let s = Store::open(v, dir.path(), StoreOptions::default()).unwrap();
     assert_eq!(s.get(&k).unwrap().bytes(), &share_bytes(2, &k, 30_000)[..]);
+    delete_and_rebuild(s, k, other, dir.path());
+}
+
+/// A put refused after its bytes landed (its write reported a failure, and zeroing its
+/// header failed too) is recorded as retiring by the index. A rebuild with that index there
+/// does not bring it back over the acknowledged share it was to replace, although its
+/// generation is newer; the next start zeroes it.
+#[test]
+fn a_rebuild_does_not_bring_back_a_share_its_index_was_retiring() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(fresh(16 << 20), dir.path(), StoreOptions::default()).unwrap();
+    let k = key(15, 1, 0);
+    s.put(k, META, &share_bytes(1, &k, 30_000)).unwrap();
+    // The replace's write lands whole but reports a failure; zeroing its header then fails.
+    s.device().fail_writes_after(1);
+    s.device().tear_next_write(usize::MAX);
+    s.put(k, META, &share_bytes(2, &k, 30_000))
+        .expect_err("a put whose write failed");
+    let image = s.device().image();
+    drop(s);
+    let v = MemVolume::from_image("mem-vol", image, A);
+    let r = Store::rebuild_index(&v, dir.path()).unwrap();
+    assert_eq!((r.shares, r.superseded), (1, 1));
+    let s = Store::open(v, dir.path(), StoreOptions::default()).unwrap();
+    assert_eq!(
+        s.get(&k).unwrap().bytes(),
+        &share_bytes(1, &k, 30_000)[..],
+        "the refused put came back"
+    );
+    // Its header is zeroed now: a rebuild without any index finds only the acknowledged one.
+    let image = s.device().image();
+    drop(s);
+    let (shares, superseded, s) = rebuilt(image, dir.path());
+    assert_eq!((shares, superseded), (1, 0));
+    assert_eq!(s.get(&k).unwrap().bytes(), &share_bytes(1, &k, 30_000)[..]);
 }
 
 /// The index lost right after an interrupted replace: the rebuild indexes the newer

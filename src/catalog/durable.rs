@@ -72,9 +72,10 @@ impl SledSync {
         })
     }
 
-    /// Makes every flush from now on fail, as one after a failed sync does (tests).
-    #[cfg(test)]
-    pub(crate) fn fail_from_now(&self) {
+    /// Makes every flush from now on fail, as one after a failed sync does (tests, here and
+    /// in the site daemon's crate: a failed sync needs a failing disk otherwise).
+    #[doc(hidden)]
+    pub fn fail_from_now(&self) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         self.trip(
             &mut st,

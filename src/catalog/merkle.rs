@@ -145,10 +145,13 @@ mod tests {
     }
 
     /// The side-by-side piece hashes are plain SHA-256 (checked against `sha2`, one piece at
-    /// a time), at every length around the piece boundaries and at a full chunk.
+    /// a time), at lengths around the piece boundaries, at a full chunk, and at every piece
+    /// count from 0 to 19 with a full and a short last piece: the hashing kernels take the
+    /// pieces in groups (4 lanes, 16 lanes, a partly filled group for the rest), and each
+    /// count fills them differently.
     #[test]
     fn pieces_hash_is_sha256_of_the_pieces_sha256() {
-        let data: Vec<u8> = (0..(1u32 << 20) + 70_000)
+        let data: Vec<u8> = (0..19 * PIECE as u32 + 70_000)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
         let want = |d: &[u8]| -> Hash {
@@ -175,7 +178,10 @@ mod tests {
             1 << 20,
             (1 << 20) + 1,
             data.len(),
-        ] {
+        ]
+        .into_iter()
+        .chain((1..=19).flat_map(|pieces| [pieces * PIECE, pieces * PIECE - 4097]))
+        {
             let d = &data[..len];
             assert_eq!(LeafHash::Pieces.hash(d), want(d), "length {len}");
         }

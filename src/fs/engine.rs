@@ -1532,10 +1532,12 @@ impl Core {
                     let got = in_parallel(batch, |loc| self.get_share(rec, index, loc));
                     {
                         let mut failed_at = self.failed_at.lock().expect("failed_at");
+                        // A share of the wrong length is a failed GET too: its site is
+                        // asked last for a while, as one that did not answer.
                         for (loc, r) in batch.iter().zip(&got) {
                             match r {
-                                Ok(_) => failed_at.remove(&loc.site),
-                                Err(_) => failed_at.insert(loc.site.clone(), Instant::now()),
+                                Ok(d) if d.len() == share_len => failed_at.remove(&loc.site),
+                                _ => failed_at.insert(loc.site.clone(), Instant::now()),
                             };
                         }
                     }

@@ -192,6 +192,7 @@ pub struct MemSite {
     shares: Mutex<HashMap<ShareKey, (ShareMeta, Vec<u8>)>>,
     down: AtomicBool,
     corrupt: AtomicBool,
+    short: AtomicBool,
     /// Milliseconds every put takes first (a slow site).
     put_delay_ms: std::sync::atomic::AtomicU64,
     /// Milliseconds every delete takes first.
@@ -231,6 +232,11 @@ impl MemSite {
     /// Serve every share with one bit flipped (a site that lies without knowing it).
     pub fn set_corrupt(&self, corrupt: bool) {
         self.corrupt.store(corrupt, Ordering::SeqCst);
+    }
+
+    /// Serve every share a byte short (a site that answers with the wrong length).
+    pub fn set_short(&self, short: bool) {
+        self.short.store(short, Ordering::SeqCst);
     }
 
     /// Make every put take `delay` first (a slow site or link).
@@ -309,6 +315,9 @@ impl ShareSite for MemSite {
                 })?;
         if self.corrupt.load(Ordering::SeqCst) && !data.is_empty() {
             data[0] ^= 1;
+        }
+        if self.short.load(Ordering::SeqCst) {
+            data.pop();
         }
         Ok(data)
     }

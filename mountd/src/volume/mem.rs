@@ -20,6 +20,8 @@ struct State {
     writes_left: Option<u64>,
     /// The next write keeps only this many leading bytes, then fails.
     tear_at: Option<usize>,
+    /// Durable writes refused, as a [`super::UringVolume`] refuses them after a failed flush.
+    durability_lost: bool,
 }
 
 impl MemVolume {
@@ -37,6 +39,7 @@ impl MemVolume {
                 bytes,
                 writes_left: None,
                 tear_at: None,
+                durability_lost: false,
             }),
         }
     }
@@ -49,6 +52,20 @@ impl MemVolume {
     /// After `n` more successful writes, every write fails (as a dead disk would).
     pub fn fail_writes_after(&self, n: u64) {
         self.lock().writes_left = Some(n);
+    }
+
+    /// From now on refuse durable writes, as a volume whose flush failed does
+    /// ([`BlockDevice::durable_writes_refused`]); plain writes and reads go on.
+    pub fn lose_durability(&self) {
+        self.lock().durability_lost = true;
+    }
+
+    fn lost(&self) -> VolumeError {
+        VolumeError::DurabilityLost {
+            path: self.path.clone(),
+            op: "fdatasync",
+            source: std::io::Error::other("injected"),
+        }
     }
 
     /// The next write stores only its first `prefix` bytes and fails (a torn write at a crash).
@@ -108,9 +125,17 @@ impl BlockDevice for MemVolume {
         Ok(buf)
     }
 
-    fn write_at(&self, buf: IoBuf, offset: u64, _durable: bool) -> Result<IoBuf, VolumeError> {
+    fn durable_writes_refused(&self) -> Option<VolumeError> {
+        self.lock().durability_lost.then(|| self.lost())
+    }
+
+    fn write_at(&self, buf: IoBuf, offset: u64, durable: bool) -> Result<IoBuf, VolumeError> {
         self.check(&buf, offset)?;
         let mut s = self.lock();
+        if durable && s.durability_lost {
+            drop(s);
+            return Err(self.lost());
+        }
         let o = offset as usize;
         if let Some(left) = s.writes_left.as_mut() {
             if *left == 0 {
@@ -134,6 +159,9 @@ impl BlockDevice for MemVolume {
     }
 
     fn sync(&self) -> Result<(), VolumeError> {
+        if self.lock().durability_lost {
+            return Err(self.lost());
+        }
         Ok(())
     }
 }
