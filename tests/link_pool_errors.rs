@@ -206,11 +206,51 @@ fn stale_or_missing_ledger_of_a_used_pool() {
     assert!(matches!(e, LinkError::LedgerMissing { .. }), "{e}");
 }
 
+/// A pool used under one ledger, then reached from another key directory (a symlink to it, or
+/// its ledger deleted) before any used key was destroyed (the first process killed right
+/// after its first frame): the pool shows it was used, and the second opening is refused as
+/// missing its ledger, at both ends. A new ledger starts past the first key block, which the
+/// stream's opening destroys durably before any key is read; the opening alone is enough.
+/// Before, the first block was destroyed only once its frame was used (in the background),
+/// and the second opening started a new ledger at it: the same pad again.
+#[test]
+fn a_pool_reached_under_another_ledger_is_refused_even_before_used_key_is_destroyed() {
+    let l = provision(1 << 20);
+    drop(send(&l.a).unwrap());
+    drop(RecvStream::from_dir(&l.b, LINK, Direction::AtoB, opts()).unwrap());
+    let other = tempfile::tempdir().unwrap();
+    for (from, name) in [(&l.a, "a"), (&l.b, "b")] {
+        let dir = other.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::symlink(
+            from.join("home-lsa.a2b.pool"),
+            dir.join("home-lsa.a2b.pool"),
+        )
+        .unwrap();
+    }
+    let (oa, ob) = (other.path().join("a"), other.path().join("b"));
+    let e = refused(&oa, "home-lsa.a2b.ledger", || send(&oa));
+    assert!(matches!(e, LinkError::LedgerMissing { .. }), "{e}");
+    let e = refused(&ob, "home-lsa.a2b.ledger", || {
+        RecvStream::from_dir(&ob, LINK, Direction::AtoB, opts())
+    });
+    assert!(matches!(e, LinkError::LedgerMissing { .. }), "{e}");
+    // The ledgers where they are still work.
+    let mut s = send(&l.a).unwrap();
+    let mut r = RecvStream::from_dir(&l.b, LINK, Direction::AtoB, opts()).unwrap();
+    let (mut f, mut o) = (Vec::new(), Vec::new());
+    s.seal(b"still fine", &mut f).unwrap();
+    r.open(&f, &mut o).unwrap();
+    assert_eq!(o, b"still fine");
+}
+
 #[test]
 fn exhausted_stream() {
-    // Frames use whole key blocks of 4096 bytes, 4064 of them pad.
-    let l = provision(3 * 4096);
+    // Frames use whole key blocks of 4096 bytes, 4064 of them pad; a new stream destroys
+    // its first block unused (so that a lost ledger is always seen).
+    let l = provision(4 * 4096);
     let mut s = send(&l.a).unwrap();
+    assert_eq!(s.remaining(), 3 * 4096);
     let mut f = Vec::new();
     s.seal(&[7; 4000], &mut f).unwrap();
     assert_eq!(s.remaining(), 2 * 4096);
@@ -262,7 +302,10 @@ fn send_ten_frames_checking_their_key_is_destroyed(
     let mut s = send(a).unwrap();
     let mut r = RecvStream::from_dir(b, LINK, Direction::AtoB, opts()).unwrap();
     let (mut f, mut o) = (Vec::new(), Vec::new());
+    // The first key block, destroyed unused by the streams' opening (a new ledger starts
+    // past it), then each frame's key.
     let mut used = Vec::new();
+    used.push(4096..4096 + 4096);
     for _ in 0..10 {
         let k = s.seal(&[5; 10_000], &mut f).unwrap().key_range;
         r.open(&f, &mut o).unwrap();

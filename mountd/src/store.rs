@@ -42,20 +42,32 @@ pub fn index_volume_id(index: &Path) -> Option<Vec<u8>> {
 
 /// The retiring records of the index at `index` (replaced shares, and puts refused after
 /// their bytes landed, whose headers were still to be zeroed), by offset: what a rebuild must
-/// not bring back. Best effort: an index that does not open, or a record that does not
-/// decode, gives nothing (a rebuild is for an index that may be damaged).
+/// not bring back. A record of its key's live entry is left out: `open` drops such a record
+/// (a replace whose insert failed after its record was written), the share being the one
+/// acknowledged. Best effort: an index that does not open, or a record that does not decode,
+/// gives nothing (a rebuild is for an index that may be damaged).
 fn retiring_of(index: &Path) -> std::collections::BTreeMap<u64, (ShareKey, IndexEntry)> {
     let mut out = std::collections::BTreeMap::new();
-    let Some(tree) = index
+    let Some(db) = index
         .exists()
         .then(|| open_index(sled::Config::new().path(index)).ok())
         .flatten()
-        .and_then(|db| db.open_tree("retiring").ok())
     else {
         return out;
     };
-    for (_, record) in tree.iter().flatten() {
-        if let Ok((key, e)) = decode_retiring(&record) {
+    let (Ok(retiring), Ok(shares)) = (db.open_tree("retiring"), db.open_tree("shares")) else {
+        return out;
+    };
+    for (_, record) in retiring.iter().flatten() {
+        let Ok((key, e)) = decode_retiring(&record) else {
+            continue;
+        };
+        let live = shares
+            .get(key.encode())
+            .ok()
+            .flatten()
+            .and_then(|v| IndexEntry::decode(&v).ok());
+        if live != Some(e) {
             out.insert(e.offset, (key, e));
         }
     }
@@ -1331,7 +1343,10 @@ impl<D: BlockDevice> Store<D> {
         // What the index there was had still to zero is not brought back (a put refused
         // after its bytes landed would otherwise win over the acknowledged share it was to
         // replace).
-        let retiring = retiring_of(&index);
+        // The index in place; with none, one built by a rebuild that stopped between its
+        // two renames (the old index moved aside, this one not yet in its place).
+        let building = dir.join("index.new");
+        let retiring = retiring_of(if index.exists() { &index } else { &building });
         // The scan first: one that fails (an unreadable block, say) leaves the index in place.
         let (found, superseded) = scan(dev, &sb, &retiring, &mut report)?;
         // The new index is built and made durable beside the old one before the old index
@@ -1344,7 +1359,6 @@ impl<D: BlockDevice> Store<D> {
             dir: dir.clone(),
             source,
         };
-        let building = dir.join("index.new");
         if building.exists() {
             std::fs::remove_dir_all(&building).map_err(io)?;
         }
@@ -1505,4 +1519,50 @@ fn scan<D: BlockDevice>(
         pos = u.max(pos + wlen);
     }
     Ok((found, superseded))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::{Alignment, MemVolume};
+
+    const A: Alignment = Alignment {
+        offset: 512,
+        mem: 512,
+    };
+
+    /// A retiring record of its key's live entry (a replace whose index insert failed after
+    /// its record was written, and whose cleanup failed too, flushed by another put's commit)
+    /// does not keep that share out of a rebuild: it is the acknowledged share, and `open`
+    /// drops such a record. The rebuild used to leave it out and zero it at the next start.
+    #[test]
+    fn a_rebuild_keeps_a_live_share_its_index_holds_a_retiring_record_of() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = MemVolume::new("mem-vol", 16 << 20, A);
+        Store::format(&v, "site-a", &FormatOptions::default()).unwrap();
+        let s = Store::open(v, dir.path(), StoreOptions::default()).unwrap();
+        let k = ShareKey {
+            file_id: [3; 16],
+            chunk: 1,
+            share: 0,
+        };
+        let meta = ShareMeta {
+            k: 2,
+            n: 3,
+            secret_len: 1 << 20,
+        };
+        s.put(k, meta, &[7u8; 5000]).unwrap();
+        let e = s.entry(&k).unwrap();
+        s.retiring
+            .insert(e.offset.to_be_bytes(), &retiring_record(&k, &e)[..])
+            .unwrap();
+        s.commit().unwrap();
+        let image = s.device().image();
+        drop(s);
+        let v = MemVolume::from_image("mem-vol", image, A);
+        let r = Store::rebuild_index(&v, dir.path()).unwrap();
+        assert_eq!((r.shares, r.superseded), (1, 0));
+        let s = Store::open(v, dir.path(), StoreOptions::default()).unwrap();
+        assert_eq!(s.get(&k).unwrap().bytes(), &[7u8; 5000][..]);
+    }
 }

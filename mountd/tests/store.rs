@@ -573,6 +573,29 @@ fn a_delete_the_index_cannot_commit_leaves_the_share() {
     assert_eq!(s.scrub().unwrap().damaged.len(), 0);
 }
 
+/// Likewise on a volume that refuses durable writes (its flush failed): the delete is refused
+/// with `DurabilityLost`, naming the volume, and the share stays readable.
+#[test]
+fn a_delete_on_a_volume_that_lost_durability_leaves_the_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(fresh(16 << 20), dir.path(), StoreOptions::default()).unwrap();
+    let k = key(16, 1, 0);
+    s.put(k, META, &share_bytes(1, &k, 30_000)).unwrap();
+    s.device().lose_durability();
+    let e = s
+        .delete(&k)
+        .expect_err("a delete that cannot be made durable");
+    assert!(
+        matches!(
+            e,
+            StoreError::Volume(qgenome_mountd::volume::VolumeError::DurabilityLost { .. })
+        ) && e.to_string().contains("mem-vol"),
+        "{e}"
+    );
+    assert_eq!(s.get(&k).unwrap().bytes(), &share_bytes(1, &k, 30_000)[..]);
+    assert!(s.put(k, META, &share_bytes(2, &k, 30_000)).is_err());
+}
+
 /// Rebuilds the index of `image` from the volume alone (the index lost), then opens it.
 fn rebuilt(image: Vec<u8>, dir: &std::path::Path) -> (u64, u64, Store<MemVolume>) {
     std::fs::remove_dir_all(dir.join("index")).unwrap();

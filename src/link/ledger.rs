@@ -220,6 +220,7 @@ impl FileLedger {
         link: &str,
         role: Role,
         stream_id: [u8; 16],
+        value: u64,
     ) -> Result<Self, LinkError> {
         let io = |op, source| LinkError::LedgerIo {
             link: link.to_string(),
@@ -248,7 +249,7 @@ impl FileLedger {
             role,
             stream_id,
             seq: 1,
-            value: 0,
+            value,
         };
         // Sequence s lives in slot s % 2: the first store (sequence 2) then goes to the other
         // slot than this one, so a torn first store still leaves this one valid.
@@ -424,7 +425,7 @@ mod tests {
     fn a_torn_first_store_leaves_the_created_slot() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l.ledger");
-        let mut l = FileLedger::create(&path, "l", Role::Sender, [7; 16]).unwrap();
+        let mut l = FileLedger::create(&path, "l", Role::Sender, [7; 16], 0).unwrap();
         l.store(4096).unwrap();
         drop(l);
         let f = OpenOptions::new().write(true).open(&path).unwrap();
@@ -446,7 +447,7 @@ mod tests {
         let path = dir.path().join("l.a2b.ledger");
         let leftover = path.with_extension(format!("ledger.new-{}", std::process::id()));
         std::fs::write(&leftover, [0u8; 10]).unwrap();
-        let l = FileLedger::create(&path, "l", Role::Sender, [7; 16]).unwrap();
+        let l = FileLedger::create(&path, "l", Role::Sender, [7; 16], 0).unwrap();
         assert_eq!(l.value(), 0);
         let names: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
@@ -454,7 +455,7 @@ mod tests {
             .collect();
         assert_eq!(names, ["l.a2b.ledger"]);
         drop(l);
-        assert!(FileLedger::create(&path, "l", Role::Sender, [7; 16]).is_err());
+        assert!(FileLedger::create(&path, "l", Role::Sender, [7; 16], 0).is_err());
         let l = FileLedger::open(&path, "l", Role::Sender, [7; 16])
             .unwrap()
             .unwrap();
@@ -467,7 +468,7 @@ mod tests {
     fn the_last_sequence_number_is_refused_not_wrapped() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l.ledger");
-        drop(FileLedger::create(&path, "l", Role::Sender, [7; 16]).unwrap());
+        drop(FileLedger::create(&path, "l", Role::Sender, [7; 16], 0).unwrap());
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         let at = SLOT_STRIDE; // u64::MAX is odd: slot 1
         f.write_all_at(&slot(u64::MAX, 8192).encode(), at).unwrap();

@@ -164,7 +164,9 @@ pub fn bench_seal_detail(size: u64, dir: &Path) -> Result<SealBench, LinkError> 
             })
         })
     };
-    let key_len = frames * crate::wire::frame::key_len_for(FRAME as u64).expect("1 MiB");
+    // And the first key block, which a new stream destroys unused (`stream::open_ledger`).
+    let key_len = frames * crate::wire::frame::key_len_for(FRAME as u64).expect("1 MiB")
+        + crate::wire::frame::KEY_BLOCK;
     mk(&work)?;
     let huge = crate::keys::tmpfs::HugeTmpfs::over_tmpfs(
         &work,

@@ -190,8 +190,17 @@ fn key_destroyed_at(key: &dyn KeySource, offset: u64) -> Result<bool, LinkError>
     Ok(bool::from(b[..n].ct_eq(&[0u8; MAC_KEY_LEN as usize][..n])))
 }
 
-/// Open and lock the ledger at `path` for the stream `key` holds; create it (value 0) only
-/// when there is none and the key is untouched (its first bytes not destroyed).
+/// Open and lock the ledger at `path` for the stream `key` holds; create it only when there is
+/// none and the key is untouched (its first bytes not destroyed).
+///
+/// A new ledger starts at the second key block, which is destroyed first, durably, before
+/// the ledger exists and any key is read. So a pool once used always shows it, and a ledger
+/// lost (deleted, or a second key directory reaching the same pool through a symlink) is
+/// refused as missing. Starting at 0, the first block was destroyed only once its frame had
+/// been used, in the background, and durably only at the next window: a process killed
+/// within that time left the pool looking untouched, and a new ledger would have used the
+/// same key again. (A crash between the destruction and the ledger leaves a pool refused as
+/// missing its ledger: the safe side, as after a lost ledger.)
 pub fn open_ledger(path: &Path, role: Role, key: &dyn KeySource) -> Result<FileLedger, LinkError> {
     let info = key.info();
     match FileLedger::open(path, &info.link, role, info.stream_id)? {
@@ -204,7 +213,10 @@ pub fn open_ledger(path: &Path, role: Role, key: &dyn KeySource) -> Result<FileL
                     pool: key.location().to_path_buf(),
                 });
             }
-            FileLedger::create(path, &info.link, role, info.stream_id)
+            let start = crate::wire::frame::KEY_BLOCK.min(key.len());
+            key.destroy(0..start)?;
+            key.sync()?;
+            FileLedger::create(path, &info.link, role, info.stream_id, start)
         }
     }
 }
