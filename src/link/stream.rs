@@ -271,7 +271,8 @@ pub fn status(dir: &Path, link: &str, direction: Direction) -> Result<StreamStat
     };
     let lpath = ledger_path(dir, link, direction);
     let value = match super::ledger::peek(&lpath, link)? {
-        None => 0,
+        // Never opened: its ledger will start past the first key block (`open_ledger`).
+        None => crate::wire::frame::KEY_BLOCK.min(hdr.key_len),
         Some(s) if s.stream_id != hdr.stream_id => {
             return Err(LinkError::LedgerForeign {
                 link: link.to_string(),
