@@ -850,9 +850,66 @@ fn manifest_rewrites_an_unmount_leaves_are_audited() {
 }
 
 /// A manifest rewrite that fails (sites down at the rename) is recorded in the catalog, and
-/// the next mount's recovery rewrites it: a catalog rebuild then finds the name the catalog
-/// has, not the one before the rename (which a later file of that name would supersede, and
-/// `--delete-orphans` delete).
+/// retried by the manifest thread while the mount runs (whenever it has been idle for
+/// `manifest_retry`, doubling while the retries fail): once the sites are back, a catalog
+/// rebuild finds the name the catalog has, not the one before the rename (which a later
+/// file of that name would supersede, and `--delete-orphans` delete). It used to wait for
+/// the next mount.
+#[test]
+fn a_stale_manifest_is_rewritten_while_the_mount_runs_once_its_sites_are_back() {
+    let r = rig_with(2, 3, |c| c.manifest_retry = Duration::from_millis(100));
+    let data = random(100_000);
+    write(&r.engine, "s.tmp", &data).unwrap();
+    r.sites[1].set_down(true);
+    r.sites[2].set_down(true);
+    r.engine
+        .rename("P0001", "s.tmp", "P0001", "s.cram")
+        .unwrap();
+    assert!(r.engine.wait_discards(Duration::from_secs(10)));
+    let id = r
+        .engine
+        .catalog
+        .file("P0001", "s.cram")
+        .unwrap()
+        .unwrap()
+        .id;
+    // Retried while the sites are down (at 100, 300 and 700 ms): still recorded.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(r.engine.catalog.stale_manifests().unwrap(), [id]);
+    r.sites[1].set_down(false);
+    r.sites[2].set_down(false);
+    // No remount: the manifest thread's next idle round rewrites it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !r.engine.catalog.stale_manifests().unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stale manifest was not rewritten while the mount ran"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A catalog lost now is rebuilt with the new name.
+    let sites: Vec<Arc<dyn ShareSite>> = r
+        .sites
+        .iter()
+        .map(|s| s.clone() as Arc<dyn ShareSite>)
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Arc::new(Catalog::open(&dir.path().join("rebuilt")).unwrap());
+    let cfg = EngineConfig {
+        k: 2,
+        n: 3,
+        chunk_size: 64 << 10,
+        ..EngineConfig::default()
+    };
+    let consent = ConsentRegistry::new(catalog.clone());
+    let rebuilt = Engine::new(catalog, consent, sites, cfg).unwrap();
+    let report = rebuilt.rebuild_catalog().unwrap();
+    let names: Vec<&str> = report.restored.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["s.cram"]);
+}
+
+/// The same at the next mount: its recovery rewrites what is recorded stale (a catalog
+/// rebuild before it would restore the name before the rename).
 #[test]
 fn a_manifest_whose_rewrite_failed_is_rewritten_at_the_next_recovery() {
     let r = rig(2, 3);

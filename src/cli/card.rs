@@ -160,6 +160,9 @@ impl CardCommand {
                 reader,
                 control,
             } => {
+                // The management key is held while the card is sealed (up to minutes): kept
+                // out of swap and core dumps, as the mount keeps its secrets.
+                crate::harden::harden_process("qgenome card seal")?;
                 let alg = match mgmt_alg {
                     MgmtAlg::TripleDes => "3des",
                     MgmtAlg::Aes128 => "aes128",
@@ -181,6 +184,7 @@ impl CardCommand {
                 );
             }
             CardCommand::Pin { patient, control } => {
+                crate::harden::harden_process("qgenome card pin")?;
                 let mut line = Zeroizing::new(String::new());
                 std::io::stdin()
                     .lock()

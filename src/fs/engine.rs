@@ -143,7 +143,14 @@ pub struct EngineConfig {
     pub readahead: usize,
     /// Most chunks one file can have ([`manifest::MAX_CHUNKS`]: what its manifest can list).
     pub max_chunks: u64,
+    /// How long the manifest thread waits, idle, before it retries the manifests recorded
+    /// stale (a rename or attribute change whose rewrite a site refused); doubled after each
+    /// round that leaves some stale, up to [`MANIFEST_RETRY_MAX`].
+    pub manifest_retry: Duration,
 }
+
+/// The longest wait between two rounds of stale manifest rewrites.
+pub const MANIFEST_RETRY_MAX: Duration = Duration::from_secs(3600);
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -157,6 +164,7 @@ impl Default for EngineConfig {
             max_in_flight: 8,
             readahead: 4,
             max_chunks: manifest::MAX_CHUNKS,
+            manifest_retry: Duration::from_secs(60),
         }
     }
 }
@@ -613,13 +621,30 @@ impl Engine {
             .expect("spawn discard thread");
         // Manifest rewrites on a thread of their own: behind a whole genome's deletion on the
         // discarder's, they waited minutes, and an unmount's bounded wait could leave them.
+        // Idle, it retries the manifests recorded stale: a rename made while a site was down
+        // would otherwise keep its old name at the sites until the next mount, and a catalog
+        // lost meanwhile would be rebuilt with it.
         let weak = Arc::downgrade(&engine);
+        let retry = engine.cfg.manifest_retry.max(Duration::from_millis(1));
         std::thread::Builder::new()
             .name("fs-manifest".into())
             .spawn(move || {
-                while let Ok(id) = rrx.recv() {
-                    let Some(engine) = weak.upgrade() else { return };
-                    engine.refresh_now(&id);
+                let mut wait = retry;
+                loop {
+                    match rrx.recv_timeout(wait) {
+                        Ok(id) => {
+                            let Some(engine) = weak.upgrade() else { return };
+                            engine.refresh_now(&id);
+                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            let Some(engine) = weak.upgrade() else { return };
+                            wait = match engine.retry_stale_manifests() {
+                                0 => retry,
+                                _ => (wait * 2).min(MANIFEST_RETRY_MAX),
+                            };
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
                 }
             })
             .expect("spawn manifest thread");
@@ -1291,8 +1316,54 @@ impl Engine {
     /// or an attribute change). A failure is logged and audited: the catalog stays right, and
     /// only a later rebuild from the sites would see the previous name or attributes.
     fn refresh_manifest(&self, id: &FileId) {
+        if let Err(e) = self.rewrite_manifest(id) {
+            self.manifest_stale(id, &format!("not rewritten: {e}"));
+        }
+    }
+
+    /// One round of retries of the manifests recorded stale, on the manifest thread while it
+    /// is idle. A failure leaves the mark (and is not audited again: the first failure was);
+    /// returns how many are still stale.
+    fn retry_stale_manifests(&self) -> usize {
+        let stale = match self.catalog.stale_manifests() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("reading the stale manifests to retry them: {e}");
+                return 1;
+            }
+        };
+        let mut left = 0;
+        for id in &stale {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.rewrite_manifest(id)
+            }));
+            match r {
+                Ok(Ok(_)) => tracing::info!(
+                    "file {}: stale manifest rewritten (a retry)",
+                    merkle::hex(id)
+                ),
+                Ok(Err(e)) => {
+                    left += 1;
+                    tracing::debug!(
+                        "file {}: stale manifest not rewritten yet: {e}",
+                        merkle::hex(id)
+                    );
+                }
+                Err(_) => left += 1,
+            }
+        }
+        if left > 0 {
+            tracing::info!(
+                "{left} manifest(s) still older than their records (a site refused their rewrite); retried later"
+            );
+        }
+        left
+    }
+
+    /// [`Engine::refresh_manifest`]'s rewrite, its failure returned.
+    fn rewrite_manifest(&self, id: &FileId) -> Result<Option<FileRecord>, EngineError> {
         let _guard = self.manifest_lock(id);
-        let result = (|| -> Result<Option<FileRecord>, EngineError> {
+        (|| -> Result<Option<FileRecord>, EngineError> {
             // Taken before the record is read: a mark made after it (a later rename, whose
             // rewrite is queued behind this one) stays for that rewrite to clear.
             let seen = self.catalog.stale_mark(id)?;
@@ -1311,10 +1382,7 @@ impl Engine {
             self.put_manifest(&rec, root, &chunks)?;
             self.catalog.manifest_rewritten(id, seen)?;
             Ok(Some(rec))
-        })();
-        if let Err(e) = result {
-            self.manifest_stale(id, &format!("not rewritten: {e}"));
-        }
+        })()
     }
 
     /// Rename a committed file (within the patient), replacing any file at the target (whose
