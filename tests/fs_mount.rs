@@ -891,6 +891,69 @@ fn a_file_not_yet_committed_is_busy_for_readers_then_readable() {
     std::fs::remove_file(&f).unwrap();
 }
 
+/// A write through a descriptor opened O_DSYNC (or O_SYNC) is committed when it returns, as
+/// after an fsync: a reader then finds it while the writer is still open. It used to return
+/// with the bytes only buffered in the mount.
+#[test]
+fn a_write_through_an_o_dsync_descriptor_is_committed_when_it_returns() {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("P13")).unwrap();
+    rig.grant("P13");
+    for (name, flag) in [("d.cram", libc::O_DSYNC), ("s.cram", libc::O_SYNC)] {
+        let f = rig.mnt.join("P13").join(name);
+        let mut w = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(flag)
+            .open(&f)
+            .unwrap();
+        w.write_all(&[5u8; 5000]).unwrap();
+        assert_eq!(std::fs::read(&f).unwrap(), vec![5u8; 5000], "{name}");
+        w.write_all(&[6u8; 70_000]).unwrap();
+        let mut want = vec![5u8; 5000];
+        want.extend_from_slice(&[6u8; 70_000]);
+        assert_eq!(std::fs::read(&f).unwrap(), want, "{name}");
+        drop(w);
+        std::fs::remove_file(&f).unwrap();
+    }
+}
+
+/// `lseek(SEEK_END)` of a file open for reading ends at the version it reads while another
+/// handle replaces it (O_TRUNC), and `stat` of the name gives the replacement's size so
+/// far: a reader seeking to the end (`samtools quickcheck`) used to get the writer's size
+/// against the old version's bytes. (`fstat` reaches the filesystem without the handle, so
+/// it gives the name's size, as `stat` does.)
+#[test]
+fn seek_to_end_of_a_reader_ends_at_the_version_it_reads_while_the_name_is_replaced() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("P12")).unwrap();
+    rig.grant("P12");
+    let f = rig.mnt.join("P12/x.cram");
+    let old: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&f, &old).unwrap();
+    let mut r = std::fs::File::open(&f).unwrap();
+    let mut w = std::fs::File::create(&f).unwrap();
+    w.write_all(&[9u8; 3000]).unwrap();
+    assert_eq!(
+        std::fs::metadata(&f).unwrap().len(),
+        3000,
+        "stat of the name"
+    );
+    assert_eq!(r.seek(SeekFrom::End(-10)).unwrap(), 99_990);
+    let mut tail = Vec::new();
+    r.read_to_end(&mut tail).unwrap();
+    assert_eq!(tail, old[99_990..]);
+    drop(w);
+    assert_eq!(r.seek(SeekFrom::End(0)).unwrap(), 100_000, "once replaced");
+    drop(r);
+    assert_eq!(std::fs::read(&f).unwrap(), vec![9u8; 3000]);
+    std::fs::remove_file(&f).unwrap();
+}
+
 /// `renameat2` with RENAME_EXCHANGE is refused (taken as a plain rename, it deleted the
 /// target's version); RENAME_NOREPLACE keeps an existing target and renames onto a free name.
 #[test]

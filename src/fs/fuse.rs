@@ -343,6 +343,26 @@ impl Writing {
 /// Open writers by (patient, name).
 type Writers = Arc<Mutex<HashMap<(String, String), SharedWriter>>>;
 
+/// Commit `w`, the writer of `writing`, under its lock (an fsync, a close, a synchronous
+/// write): refused with `EBUSY` if another handle has since opened the name for writing and
+/// this one never committed (its writes are not to be published).
+fn commit_or_refuse(engine: &Engine, writing: &Writing, w: &mut FileWriter) -> Result<(), Errno> {
+    if writing.displaced.load(Ordering::SeqCst) && !w.is_committed() {
+        let r = w.record();
+        tracing::error!(
+            "{}/{}: not committed: the file was opened for writing again by another handle",
+            r.patient,
+            r.name
+        );
+        return Err(Errno::EBUSY);
+    }
+    w.commit(engine).map_err(|e| {
+        let r = w.record();
+        tracing::error!("{}/{}: commit failed: {e}", r.patient, r.name);
+        errno(&e)
+    })
+}
+
 /// What unlink and rename change, shareable with a thread of their own: when a writer is open
 /// on a name they take its lock, which a commit holds for as long as a slow site takes, and
 /// that wait must not hold a request loop.
@@ -1025,22 +1045,7 @@ impl QgenomeFs {
             let mut guard = writer.lock();
             let result = match guard.as_mut() {
                 None => Ok(()),
-                Some(w)
-                    if commit && writer.displaced.load(Ordering::SeqCst) && !w.is_committed() =>
-                {
-                    let r = w.record();
-                    tracing::error!(
-                        "{}/{}: not committed: the file was opened for writing again by another handle",
-                        r.patient,
-                        r.name
-                    );
-                    Err(Errno::EBUSY)
-                }
-                Some(w) if commit => w.commit(&engine).map_err(|e| {
-                    let r = w.record();
-                    tracing::error!("{}/{}: commit failed: {e}", r.patient, r.name);
-                    errno(&e)
-                }),
+                Some(w) if commit => commit_or_refuse(&engine, &writer, w),
                 Some(w) => w.wait_in_flight(&engine).map_err(|e| errno(&e)),
             };
             drop(guard);
@@ -1085,10 +1090,31 @@ impl Filesystem for QgenomeFs {
 
     // batch_forget: fuser's default hands each node to `forget`.
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let Some(node) = self.node(ino) else {
             return reply.error(Errno::ENOENT);
         };
+        // The kernel names the handle when it asks for the size of an open file (`lseek` to
+        // its end; not `fstat`, which comes without one): for a handle open for reading, the
+        // version it reads, not one being written under the name meanwhile (an O_TRUNC
+        // replacement), whose size so far `stat` of the name gives. A reader seeking to the
+        // end (`samtools quickcheck`) would mix the two.
+        let reading = fh.and_then(
+            |fh| match self.handles.lock().expect("handles").get(&fh.0) {
+                Some(Handle::Read { rec, .. }) => Some(rec.clone()),
+                _ => None,
+            },
+        );
+        if let Some(rec) = reading {
+            // Mode, owner and times as they are now (a chmod meanwhile); the size it reads.
+            let now = match self.engine.catalog.file_by_id(&rec.id) {
+                Ok(Some(now)) => now,
+                _ => rec.clone(),
+            };
+            let times = (now.mtime, now.created);
+            let attr = self.file_attr(ino.0, rec.size, now.mode, times, now.owner);
+            return reply.attr(&FILE_TTL, &attr);
+        }
         match self.attr(&node) {
             Ok(Some((attr, ttl))) => reply.attr(&ttl, &attr),
             Ok(None) => reply.error(Errno::ENOENT),
@@ -1320,14 +1346,17 @@ impl Filesystem for QgenomeFs {
             None => return reply.error(Errno::ENOENT),
         };
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            // A catalog that cannot be read fails the open: taken as "no file", a `touch` of
+            // a stored file would commit an empty version over it at its close.
+            let old = match self.engine.catalog.file(&p, &n) {
+                Ok(old) => old,
+                Err(e) => {
+                    tracing::warn!("{p}/{n}: opening for write: {e}");
+                    return reply.error(errno(&e.into()));
+                }
+            };
             if flags.0 & libc::O_TRUNC == 0 {
-                let size = self
-                    .engine
-                    .catalog
-                    .file(&p, &n)
-                    .ok()
-                    .flatten()
-                    .map_or(0, |r| r.size);
+                let size = old.as_ref().map_or(0, |r| r.size);
                 if size > 0 {
                     tracing::warn!("{p}/{n}: opening for write without O_TRUNC refused: stored data cannot be rewritten in place");
                     return reply.error(Errno::EPERM);
@@ -1343,7 +1372,6 @@ impl Filesystem for QgenomeFs {
             // A replacement keeps the file's mode and owner (the kernel checked the opener
             // may write it): the stored version's, else those of the version being written
             // under the name; only a name with neither is the opener's.
-            let old = self.engine.catalog.file(&p, &n).ok().flatten();
             let (mode, owner) = match (old, self.writer_of(&p, &n)) {
                 (Some(r), _) => (r.mode, r.owner),
                 (None, Some(w)) => (
@@ -1465,13 +1493,18 @@ impl Filesystem for QgenomeFs {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let Some(writer) = self.writer(fh) else {
             return reply.error(Errno::EBADF);
         };
+        // A write through a descriptor opened O_SYNC or O_DSYNC, or made with RWF_DSYNC (the
+        // kernel passes both as these flags): durable when it returns, as after an fsync.
+        // With direct I/O the kernel leaves that to the filesystem; it used to return with
+        // the bytes only buffered here.
+        let sync = flags.0 & libc::O_DSYNC != 0;
         {
             let mut procs = self.writer_procs.lock().expect("writer procs");
             let p = procs.entry(fh.0).or_default();
@@ -1496,7 +1529,7 @@ impl Filesystem for QgenomeFs {
             }
         };
         writer.size.store(w.size(), Ordering::SeqCst);
-        if !w.must_wait(&self.engine) && took == len {
+        if !sync && !w.must_wait(&self.engine) && took == len {
             return reply.written(len as u32);
         }
         drop(guard);
@@ -1513,10 +1546,14 @@ impl Filesystem for QgenomeFs {
                         .wait_room(&engine)
                         .and_then(|()| w.write(&engine, at, &rest));
                     writer.size.store(w.size(), Ordering::SeqCst);
-                    r.map_err(|e| {
-                        tracing::warn!("{e}");
-                        errno(&e)
-                    })
+                    match r {
+                        Err(e) => {
+                            tracing::warn!("{e}");
+                            Err(errno(&e))
+                        }
+                        Ok(()) if sync => commit_or_refuse(&engine, &writer, w),
+                        Ok(()) => Ok(()),
+                    }
                 }
             };
             drop(guard);
