@@ -1269,10 +1269,39 @@ impl Engine {
     }
 
     fn manifest_lock(&self, id: &FileId) -> std::sync::MutexGuard<'_, ()> {
-        let i = usize::from(id[0]) % self.manifest_locks.len();
+        self.manifest_stripe(self.manifest_stripe_of(id))
+    }
+
+    fn manifest_stripe_of(&self, id: &FileId) -> usize {
+        usize::from(id[0]) % self.manifest_locks.len()
+    }
+
+    fn manifest_stripe(&self, i: usize) -> std::sync::MutexGuard<'_, ()> {
         self.manifest_locks[i]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The manifest locks of `id` and `other`: one stripe once, two in stripe order (so
+    /// that two holders of two never wait on each other).
+    fn manifest_locks(
+        &self,
+        id: &FileId,
+        other: Option<&FileId>,
+    ) -> Vec<std::sync::MutexGuard<'_, ()>> {
+        let a = self.manifest_stripe_of(id);
+        let mut stripes = vec![a];
+        if let Some(b) = other
+            .map(|o| self.manifest_stripe_of(o))
+            .filter(|&b| b != a)
+        {
+            stripes.push(b);
+            stripes.sort_unstable();
+        }
+        stripes
+            .into_iter()
+            .map(|i| self.manifest_stripe(i))
+            .collect()
     }
 
     /// Split a version's manifest with the version's own (k,n) and put share i on site i
@@ -2074,7 +2103,19 @@ impl FileWriter {
         let replaced = {
             // The manifest is at every site before the catalog commit: a version the catalog
             // calls committed can always be found by a rebuild.
-            let _guard = engine.manifest_lock(&self.rec.id);
+            // The manifest lock of the version this commit replaces too (if any, as named
+            // now): a rewrite of that one's manifest (a chmod of it just before, `cp -p`)
+            // then either finishes before this one takes its seq, or finds it retired. Else
+            // it could take a later seq than this commit's, and a catalog rebuild would give
+            // it the name.
+            let replaced = engine
+                .catalog
+                .file(&self.rec.patient, &self.rec.name)
+                .ok()
+                .flatten()
+                .map(|r| r.id)
+                .filter(|id| *id != self.rec.id);
+            let _guards = engine.manifest_locks(&self.rec.id, replaced.as_ref());
             let mut rec = engine
                 .catalog
                 .file_by_id(&self.rec.id)?
