@@ -921,6 +921,35 @@ fn a_write_through_an_o_dsync_descriptor_is_committed_when_it_returns() {
     }
 }
 
+/// A synchronous write whose commit fails (a site down) fails, and fails its writer: later
+/// writes and the close fail too, and the file stays what it was (nothing the failed write
+/// took is published by a later commit).
+#[test]
+fn a_synchronous_write_that_cannot_commit_fails_its_writer() {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let rig = Rig::new(60);
+    std::fs::create_dir(rig.mnt.join("P14")).unwrap();
+    rig.grant("P14");
+    let f = rig.mnt.join("P14/f.cram");
+    std::fs::write(&f, [1u8; 4000]).unwrap();
+    let mut w = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .custom_flags(libc::O_DSYNC)
+        .open(&f)
+        .unwrap();
+    rig.sites[1].set_down(true);
+    w.write_all(&[2u8; 3000])
+        .expect_err("a synchronous write that cannot be made durable");
+    rig.sites[1].set_down(false);
+    assert!(w.write_all(&[3u8; 10]).is_err(), "a write after it");
+    let closed = unsafe { libc::close(std::os::unix::io::IntoRawFd::into_raw_fd(w)) };
+    assert_eq!(closed, -1, "its close");
+    assert_eq!(std::fs::read(&f).unwrap(), vec![1u8; 4000]);
+    std::fs::remove_file(&f).unwrap();
+}
+
 /// `lseek(SEEK_END)` of a file open for reading ends at the version it reads while another
 /// handle replaces it (O_TRUNC), and `stat` of the name gives the replacement's size so
 /// far: a reader seeking to the end (`samtools quickcheck`) used to get the writer's size

@@ -160,9 +160,6 @@ impl CardCommand {
                 reader,
                 control,
             } => {
-                // The management key is held while the card is sealed (up to minutes): kept
-                // out of swap and core dumps, as the mount keeps its secrets.
-                crate::harden::harden_process("qgenome card seal")?;
                 let alg = match mgmt_alg {
                     MgmtAlg::TripleDes => "3des",
                     MgmtAlg::Aes128 => "aes128",
@@ -172,6 +169,11 @@ impl CardCommand {
                 let key = mgmt_key
                     .or_else(|| std::env::var("QGENOME_MGMT_KEY").ok())
                     .map(Zeroizing::new);
+                // A management key given is held while the card is sealed (up to minutes):
+                // kept out of swap and core dumps, as the mount keeps its secrets.
+                if key.is_some() {
+                    crate::harden::harden_process("qgenome card seal")?;
+                }
                 let mut req = json!({"cmd": "card-seal", "patient": patient, "mgmt_alg": alg, "reader": reader});
                 if let Some(k) = &key {
                     req["mgmt_key"] = json!(k.as_str());

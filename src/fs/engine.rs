@@ -629,9 +629,13 @@ impl Engine {
         std::thread::Builder::new()
             .name("fs-manifest".into())
             .spawn(move || {
+                // A deadline, not an idle time: rewrites arriving more often than the wait
+                // (a pipeline renaming a file every 30 s) must not put the retries off.
                 let mut wait = retry;
+                let mut due = Instant::now() + wait;
                 loop {
-                    match rrx.recv_timeout(wait) {
+                    let left = due.saturating_duration_since(Instant::now());
+                    match rrx.recv_timeout(left) {
                         Ok(id) => {
                             let Some(engine) = weak.upgrade() else { return };
                             engine.refresh_now(&id);
@@ -642,6 +646,7 @@ impl Engine {
                                 0 => retry,
                                 _ => (wait * 2).min(MANIFEST_RETRY_MAX),
                             };
+                            due = Instant::now() + wait;
                         }
                         Err(mpsc::RecvTimeoutError::Disconnected) => return,
                     }
@@ -1371,6 +1376,9 @@ impl Engine {
                     "file {}: stale manifest rewritten (a retry)",
                     merkle::hex(id)
                 ),
+                // Never rewritable under this configuration (a site taken out of its place):
+                // not counted, so that it does not hold the other retries at the longest wait.
+                Ok(Err(EngineError::OtherScheme { .. })) => {}
                 Ok(Err(e)) => {
                     left += 1;
                     tracing::debug!(
@@ -1970,6 +1978,12 @@ impl FileWriter {
             self.submit(engine)?;
         }
         self.check_failed()
+    }
+
+    /// Marks the writer failed (as a failed upload does): every later write, fsync and
+    /// close fails with `reason`, and nothing more is committed.
+    pub fn fail(&mut self, reason: String) {
+        self.failed.get_or_insert((reason, false));
     }
 
     fn check_failed(&self) -> Result<(), EngineError> {

@@ -1505,12 +1505,22 @@ impl Filesystem for QgenomeFs {
         // With direct I/O the kernel leaves that to the filesystem; it used to return with
         // the bytes only buffered here.
         let sync = flags.0 & libc::O_DSYNC != 0;
-        {
+        let abandoned = {
             let mut procs = self.writer_procs.lock().expect("writer procs");
             let p = procs.entry(fh.0).or_default();
             let tid = req.pid();
             let tgid = *p.tid_to_tgid.entry(tid).or_insert_with(|| tgid_of(tid));
             p.tgids.insert(tgid);
+            p.abandoned.clone()
+        };
+        // A handle a killed writer abandoned commits nothing more (see `commit_apart`): a
+        // synchronous write through it, which would, is refused as its fsync would be.
+        if let Some(how) = abandoned.filter(|_| sync) {
+            tracing::warn!(
+                "write handle {}: not committed, {how} while writing it",
+                fh.0
+            );
+            return reply.error(Errno::EIO);
         }
         let mut guard = writer.lock();
         let Some(w) = guard.as_mut() else {
@@ -1551,7 +1561,15 @@ impl Filesystem for QgenomeFs {
                             tracing::warn!("{e}");
                             Err(errno(&e))
                         }
-                        Ok(()) if sync => commit_or_refuse(&engine, &writer, w),
+                        // A commit that fails fails the writer too: the bytes it took are
+                        // not to be published by a later commit (the write said it failed),
+                        // and a retry of the write would no longer append.
+                        Ok(()) if sync => commit_or_refuse(&engine, &writer, w).inspect_err(|e| {
+                            w.fail(format!(
+                                "a synchronous write failed to commit ({})",
+                                std::io::Error::from_raw_os_error(e.code())
+                            ));
+                        }),
                         Ok(()) => Ok(()),
                     }
                 }
