@@ -849,6 +849,23 @@ fn manifest_rewrites_an_unmount_leaves_are_audited() {
     assert!(r.engine.wait_discards(Duration::from_secs(10)));
 }
 
+/// Renames `s.tmp` to `s.cram` with sites 1 and 2 down (the new manifest reaches one site,
+/// fewer than k) and waits for its rewrite to fail; the version's id.
+fn rename_with_two_sites_down(r: &Rig) -> qgenome::catalog::FileId {
+    r.sites[1].set_down(true);
+    r.sites[2].set_down(true);
+    r.engine
+        .rename("P0001", "s.tmp", "P0001", "s.cram")
+        .unwrap();
+    assert!(r.engine.wait_discards(Duration::from_secs(10)));
+    r.engine
+        .catalog
+        .file("P0001", "s.cram")
+        .unwrap()
+        .unwrap()
+        .id
+}
+
 /// A manifest rewrite that fails (sites down at the rename) is recorded in the catalog, and
 /// retried by the manifest thread while the mount runs (whenever it has been idle for
 /// `manifest_retry`, doubling while the retries fail): once the sites are back, a catalog
@@ -868,19 +885,7 @@ fn a_stale_manifest_is_rewritten_while_the_mount_runs_once_its_sites_are_back() 
         .unwrap()
         .unwrap()
         .id;
-    r.sites[1].set_down(true);
-    r.sites[2].set_down(true);
-    r.engine
-        .rename("P0001", "s.tmp", "P0001", "s.cram")
-        .unwrap();
-    assert!(r.engine.wait_discards(Duration::from_secs(10)));
-    let id = r
-        .engine
-        .catalog
-        .file("P0001", "s.cram")
-        .unwrap()
-        .unwrap()
-        .id;
+    let id = rename_with_two_sites_down(&r);
     // Retried while the sites are down (at 100, 300 and 700 ms): still recorded.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(r.engine.catalog.stale_manifests().unwrap(), [id]);
@@ -929,20 +934,7 @@ fn a_manifest_whose_rewrite_failed_is_rewritten_at_the_next_recovery() {
     let r = rig(2, 3);
     let data = random(100_000);
     write(&r.engine, "s.tmp", &data).unwrap();
-    // Two sites down: the new manifest reaches one site, fewer than k.
-    r.sites[1].set_down(true);
-    r.sites[2].set_down(true);
-    r.engine
-        .rename("P0001", "s.tmp", "P0001", "s.cram")
-        .unwrap();
-    assert!(r.engine.wait_discards(Duration::from_secs(10)));
-    let id = r
-        .engine
-        .catalog
-        .file("P0001", "s.cram")
-        .unwrap()
-        .unwrap()
-        .id;
+    let id = rename_with_two_sites_down(&r);
     assert_eq!(r.engine.catalog.stale_manifests().unwrap(), [id]);
     // A recovery with the site still down leaves it recorded.
     r.engine.recover().unwrap();
