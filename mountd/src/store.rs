@@ -1340,11 +1340,10 @@ impl<D: BlockDevice> Store<D> {
             });
         }
         let mut report = RebuildReport::default();
-        // What the index there was had still to zero is not brought back (a put refused
-        // after its bytes landed would otherwise win over the acknowledged share it was to
-        // replace).
-        // The index in place; with none, one built by a rebuild that stopped between its
-        // two renames (the old index moved aside, this one not yet in its place).
+        // What the index in place had still to zero is not brought back (a put refused after
+        // its bytes landed would otherwise win over the acknowledged share it was to
+        // replace). With no index in place, the one a rebuild stopped between its two
+        // renames left (the old index moved aside, this one not yet in its place).
         let building = dir.join("index.new");
         let retiring = retiring_of(if index.exists() { &index } else { &building });
         // The scan first: one that fails (an unreadable block, say) leaves the index in place.

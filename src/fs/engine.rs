@@ -631,23 +631,26 @@ impl Engine {
             .spawn(move || {
                 // A deadline, not an idle time: rewrites arriving more often than the wait
                 // (a pipeline renaming a file every 30 s) must not put the retries off.
+                // Checked before each receive, so that a backlog of them does not either.
                 let mut wait = retry;
                 let mut due = Instant::now() + wait;
                 loop {
-                    let left = due.saturating_duration_since(Instant::now());
-                    match rrx.recv_timeout(left) {
+                    let now = Instant::now();
+                    if now >= due {
+                        let Some(engine) = weak.upgrade() else { return };
+                        wait = match engine.retry_stale_manifests() {
+                            0 => retry,
+                            _ => (wait * 2).min(MANIFEST_RETRY_MAX),
+                        };
+                        due = Instant::now() + wait;
+                        continue;
+                    }
+                    match rrx.recv_timeout(due - now) {
                         Ok(id) => {
                             let Some(engine) = weak.upgrade() else { return };
                             engine.refresh_now(&id);
                         }
-                        Err(mpsc::RecvTimeoutError::Timeout) => {
-                            let Some(engine) = weak.upgrade() else { return };
-                            wait = match engine.retry_stale_manifests() {
-                                0 => retry,
-                                _ => (wait * 2).min(MANIFEST_RETRY_MAX),
-                            };
-                            due = Instant::now() + wait;
-                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
                         Err(mpsc::RecvTimeoutError::Disconnected) => return,
                     }
                 }
@@ -1398,28 +1401,26 @@ impl Engine {
     }
 
     /// [`Engine::refresh_manifest`]'s rewrite, its failure returned.
-    fn rewrite_manifest(&self, id: &FileId) -> Result<Option<FileRecord>, EngineError> {
+    fn rewrite_manifest(&self, id: &FileId) -> Result<(), EngineError> {
         let _guard = self.manifest_lock(id);
-        (|| -> Result<Option<FileRecord>, EngineError> {
-            // Taken before the record is read: a mark made after it (a later rename, whose
-            // rewrite is queued behind this one) stays for that rewrite to clear.
-            let seen = self.catalog.stale_mark(id)?;
-            // Only a version a name points at: one replaced or unlinked meanwhile is being
-            // discarded, manifest first (under this lock), and must not get one back.
-            let Some(rec) = self.catalog.named_version(id)? else {
-                self.catalog.manifest_rewritten(id, seen)?;
-                return Ok(None);
-            };
-            let (FileState::Committed, Some(root)) = (rec.state, rec.root) else {
-                self.catalog.manifest_rewritten(id, seen)?;
-                return Ok(None);
-            };
-            // A manifest with chunks past the committed size fails its check in a rebuild.
-            let chunks = self.committed_chunks(&rec)?;
-            self.put_manifest(&rec, root, &chunks)?;
+        // Taken before the record is read: a mark made after it (a later rename, whose
+        // rewrite is queued behind this one) stays for that rewrite to clear.
+        let seen = self.catalog.stale_mark(id)?;
+        // Only a version a name points at: one replaced or unlinked meanwhile is being
+        // discarded, manifest first (under this lock), and must not get one back.
+        let Some(rec) = self.catalog.named_version(id)? else {
             self.catalog.manifest_rewritten(id, seen)?;
-            Ok(Some(rec))
-        })()
+            return Ok(());
+        };
+        let (FileState::Committed, Some(root)) = (rec.state, rec.root) else {
+            self.catalog.manifest_rewritten(id, seen)?;
+            return Ok(());
+        };
+        // A manifest with chunks past the committed size fails its check in a rebuild.
+        let chunks = self.committed_chunks(&rec)?;
+        self.put_manifest(&rec, root, &chunks)?;
+        self.catalog.manifest_rewritten(id, seen)?;
+        Ok(())
     }
 
     /// Rename a committed file (within the patient), replacing any file at the target (whose

@@ -363,6 +363,15 @@ fn commit_or_refuse(engine: &Engine, writing: &Writing, w: &mut FileWriter) -> R
     })
 }
 
+/// The answer to a commit through a handle a killed writer abandoned (`how`): `EIO`, logged.
+fn refused_as_abandoned(fh: FileHandle, how: &str) -> Errno {
+    tracing::warn!(
+        "write handle {}: not committed, {how} while writing it",
+        fh.0
+    );
+    Errno::EIO
+}
+
 /// What unlink and rename change, shareable with a thread of their own: when a writer is open
 /// on a name they take its lock, which a commit holds for as long as a slow site takes, and
 /// that wait must not hold a request loop.
@@ -1034,11 +1043,7 @@ impl QgenomeFs {
             .get(&fh.0)
             .and_then(|p| p.abandoned.clone());
         if let Some(how) = abandoned {
-            tracing::warn!(
-                "write handle {}: not committed, {how} while writing it",
-                fh.0
-            );
-            return reply.error(Errno::EIO);
+            return reply.error(refused_as_abandoned(fh, &how));
         }
         let engine = self.engine.clone();
         let job: Job = Box::new(move || {
@@ -1516,11 +1521,7 @@ impl Filesystem for QgenomeFs {
         // A handle a killed writer abandoned commits nothing more (see `commit_apart`): a
         // synchronous write through it, which would, is refused as its fsync would be.
         if let Some(how) = abandoned.filter(|_| sync) {
-            tracing::warn!(
-                "write handle {}: not committed, {how} while writing it",
-                fh.0
-            );
-            return reply.error(Errno::EIO);
+            return reply.error(refused_as_abandoned(fh, &how));
         }
         let mut guard = writer.lock();
         let Some(w) = guard.as_mut() else {
