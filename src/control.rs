@@ -203,9 +203,10 @@ pub fn peer_of(req: &Value) -> String {
 
 fn session(conn: UnixStream, peer: Peer, handlers: &[Arc<Handler>]) -> std::io::Result<()> {
     let mut out = conn.try_clone()?;
-    for line in BufReader::new(conn).lines() {
+    for line in BufReader::new(conn).split(b'\n') {
+        // serde_json reads bytes: a line that is not UTF-8 gets its error like any other.
         let line = line?;
-        let reply = match serde_json::from_str::<Value>(&line) {
+        let reply = match serde_json::from_slice::<Value>(&line) {
             Ok(mut req) => {
                 if let Some(fields) = req.as_object_mut() {
                     fields.insert("peer".into(), json!({"uid": peer.uid, "pid": peer.pid}));
@@ -327,5 +328,23 @@ mod tests {
         assert_eq!(mode, 0o600);
         let err = request(&dir.path().join("absent.sock"), &json!({})).unwrap_err();
         assert!(err.to_string().contains("absent.sock"), "{err}");
+
+        // A line that is not UTF-8 is answered with an error, and the session goes on.
+        use std::io::{BufRead, Write};
+        let mut conn = UnixStream::connect(&path).unwrap();
+        conn.write_all(
+            b"{\"cmd\": \"echo\", \"text\": \"\xff\"}\n{\"cmd\": \"echo\", \"text\": \"again\"}\n",
+        )
+        .unwrap();
+        let mut replies = std::io::BufReader::new(conn).lines();
+        let first: Value = serde_json::from_str(&replies.next().unwrap().unwrap()).unwrap();
+        assert!(
+            first["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("request is not JSON")),
+            "{first}"
+        );
+        let second: Value = serde_json::from_str(&replies.next().unwrap().unwrap()).unwrap();
+        assert_eq!(second["said"], "again");
     }
 }

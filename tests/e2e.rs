@@ -87,12 +87,20 @@ fn reads_survive_dead_sites_and_nothing_at_rest_is_plaintext(mut d: Deployment) 
     grant(&d, "P1");
     assert_eq!(std::fs::read(d.mountpoint.join("P1/a.cram")).unwrap(), data);
 
+    let chunks = data.len().div_ceil(d.cfg.chunk_bytes().unwrap()) as u64;
     for remote in [1, 2] {
         d.kill_site(remote);
         fresh_consent(&d, "P1");
+        let before = stat(&d, "chunks_read");
         let got = std::fs::read(d.mountpoint.join("P1/a.cram"))
             .unwrap_or_else(|e| panic!("read with site {remote} down: {e}\n{}", mount_log(&d)));
         assert_eq!(got, data, "read with site {remote} down");
+        // Rebuilt from shares fetched from the sites, not served from a cache.
+        let read = stat(&d, "chunks_read") - before;
+        assert!(
+            read >= chunks,
+            "{read} of the file's {chunks} chunks fetched with site {remote} down"
+        );
         d.start_site(remote).unwrap();
     }
 
@@ -125,9 +133,9 @@ fn reads_survive_dead_sites_and_nothing_at_rest_is_plaintext(mut d: Deployment) 
     }
 }
 
-/// samtools on every htslib-test CRAM through a mount over the three real daemons (the
-/// same checks fs_mount.rs makes over in-memory sites), then writers for three patients at
-/// once, each file read back identical.
+/// samtools on every htslib-test CRAM, and on a generated CRAM of many chunks, through a
+/// mount over the three real daemons (the same checks fs_mount.rs makes over in-memory
+/// sites), then writers for three patients at once, each file read back identical.
 #[test]
 fn every_htslib_cram_and_concurrent_patients_round_trip_through_real_daemons() {
     let dir = tempfile::tempdir().unwrap();
@@ -138,6 +146,7 @@ fn every_htslib_cram_and_concurrent_patients_round_trip_through_real_daemons() {
     let scratch = dir.path().join("scratch");
     std::fs::create_dir(&scratch).unwrap();
     common::every_cram_round_trips(&patient, &scratch);
+    common::a_multi_chunk_cram_round_trips(&patient, &scratch, d.cfg.chunk_bytes().unwrap());
 
     let files: Vec<(std::path::PathBuf, Vec<u8>)> = ["P2", "P3", "P4"]
         .iter()
@@ -176,8 +185,9 @@ fn a_share_damaged_on_a_volume_is_routed_around_and_two_sites_down_is_eio() {
     let data = random(2 << 20);
     std::fs::write(d.mountpoint.join("P2/b.cram"), &data).unwrap();
 
-    // Damage the home site's volume behind its daemon's back: one byte every 64 KiB of the
-    // first 16 MiB after the superblock, which hits every stored share.
+    // Damage the home site's volume behind its daemon's back: one byte every 64 KiB from
+    // 64 KiB to 17 MiB (the superblock left whole), which hits every stored share, each
+    // longer than 64 KiB and stored from the volume's second 4 KiB block on.
     d.kill_site(0);
     {
         use std::os::unix::fs::FileExt;
@@ -186,7 +196,7 @@ fn a_share_damaged_on_a_volume_is_routed_around_and_two_sites_down_is_eio() {
             .write(true)
             .open(&d.sites[0].volume)
             .unwrap();
-        for off in (1u64 << 20..17 << 20).step_by(64 << 10) {
+        for off in (64u64 << 10..17 << 20).step_by(64 << 10) {
             let mut b = [0u8; 1];
             vol.read_exact_at(&mut b, off + 4097).unwrap();
             vol.write_all_at(&[b[0] ^ 0x5a], off + 4097).unwrap();
@@ -206,17 +216,24 @@ fn a_share_damaged_on_a_volume_is_routed_around_and_two_sites_down_is_eio() {
         "no log line names the damage:\n{log}"
     );
 
+    // A file stored after the damage: its home share is whole.
+    std::fs::write(d.mountpoint.join("P2/c.cram"), &data[..1 << 20]).unwrap();
+
     d.kill_site(1);
     d.kill_site(2);
     fresh_consent(&d, "P2");
-    let err = std::fs::read(d.mountpoint.join("P2/b.cram")).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
-    let log = mount_log(&d);
-    assert!(
-        log.lines()
-            .any(|l| l.contains("P2/b.cram") && l.contains("shares needed could be read")),
-        "no error line names the file:\n{log}"
-    );
+    // Fewer than k shares good: none of b's (home's damaged), one of c's (home's).
+    let k = d.cfg.scheme.k;
+    for (file, good) in [("P2/b.cram", 0), ("P2/c.cram", 1)] {
+        let err = std::fs::read(d.mountpoint.join(file)).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{file}: {err}");
+        let log = mount_log(&d);
+        let says = format!("only {good} of the {k} shares needed could be read");
+        assert!(
+            log.lines().any(|l| l.contains(file) && l.contains(&says)),
+            "no error line names {file} with \"{says}\":\n{log}"
+        );
+    }
 }
 
 #[test]

@@ -136,6 +136,11 @@ fn every_htslib_cram_round_trips_through_the_mount_under_consent() {
     std::fs::create_dir(&patient).unwrap();
     rig.grant("P0001");
     common::every_cram_round_trips(&patient, rig.dir.path());
+    common::a_multi_chunk_cram_round_trips(
+        &patient,
+        rig.dir.path(),
+        rig.cfg.chunk_bytes().unwrap(),
+    );
 }
 
 #[test]
@@ -150,22 +155,25 @@ fn a_read_blocks_until_consent_while_listings_and_other_writes_go_on() {
     let reader = std::thread::spawn(move || std::fs::read(path));
     std::thread::sleep(Duration::from_millis(500));
     assert!(!reader.is_finished(), "the read returned before consent");
-    // Meanwhile the filesystem keeps serving everything else.
-    let t = Instant::now();
-    let listing: Vec<_> = std::fs::read_dir(rig.mnt.join("P1"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    // Meanwhile the filesystem keeps serving everything else: a listing, another patient's
+    // write, a stat of the file being read. On a thread, so that one stuck behind the blocked
+    // read fails the test rather than hangs it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (mnt, head) = (rig.mnt.clone(), data[..1000].to_vec());
+    std::thread::spawn(move || {
+        let listing: Vec<_> = std::fs::read_dir(mnt.join("P1"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        std::fs::write(mnt.join("P2/b.cram"), &head).unwrap();
+        let len = std::fs::metadata(mnt.join("P1/a.cram")).unwrap().len();
+        tx.send((listing, len)).unwrap();
+    });
+    let (listing, len) = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("a listing, a write or a stat stalled (or failed) behind the blocked read");
     assert_eq!(listing, ["a.cram"]);
-    std::fs::write(rig.mnt.join("P2/b.cram"), &data[..1000]).unwrap();
-    assert_eq!(
-        std::fs::metadata(rig.mnt.join("P1/a.cram")).unwrap().len(),
-        300_000
-    );
-    assert!(
-        t.elapsed() < Duration::from_secs(5),
-        "other requests stalled behind the blocked read"
-    );
+    assert_eq!(len, data.len() as u64);
     assert!(!reader.is_finished());
     rig.grant("P1");
     assert_eq!(reader.join().unwrap().unwrap(), data);
@@ -262,6 +270,26 @@ fn an_absurd_grant_is_refused_by_name_and_the_mount_goes_on() {
             .contains(&format!("revoked by admin (uid {me}, pid ")),
         "{end}"
     );
+    // A revoke that ends nothing, and every refused grant, are audited too, with the caller.
+    ask(json!({"cmd": "consent-revoke", "patient": "G1"})).unwrap();
+    let log = ask(json!({"cmd": "audit", "last": 50})).unwrap();
+    let entries = log["entries"].as_array().unwrap();
+    let audited = |event: &str, patient: &str, says: &str| {
+        entries.iter().any(|e| {
+            e["event"] == event
+                && e["patient"] == patient
+                && e["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains(says) && d.contains(&format!("(uid {me}, pid ")))
+        })
+    };
+    assert!(
+        audited("consent-revoke", "G1", "no consent was active"),
+        "{log}"
+    );
+    assert!(audited("consent-revoke", "G0", "no such patient"), "{log}");
+    assert!(audited("consent-refused", "G1", "7 days"), "{log}");
+    assert!(audited("consent-refused", "G1", "whole number"), "{log}");
     rig.grant("G1");
     std::fs::write(rig.mnt.join("G1/x"), b"still served").unwrap();
     assert_eq!(
@@ -275,8 +303,16 @@ fn past_the_wait_limit_a_read_fails_with_eacces() {
     let rig = Rig::new(1);
     std::fs::create_dir(rig.mnt.join("P3")).unwrap();
     std::fs::write(rig.mnt.join("P3/c.cram"), b"not for you").unwrap();
+    let t = Instant::now();
     let err = std::fs::read(rig.mnt.join("P3/c.cram")).unwrap_err();
+    let waited = t.elapsed();
     assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+    // After the configured wait, not at once nor long after.
+    let limit = Duration::from_secs(rig.cfg.consent_wait_secs);
+    assert!(
+        waited + Duration::from_millis(100) >= limit && waited < 10 * limit,
+        "EACCES after {waited:?}, the limit being {limit:?}"
+    );
     // The refused open left no read handle behind (the kernel sends no RELEASE for it).
     let open = || {
         let r = control::request(&rig.cfg.control_socket(), &json!({"cmd": "status"})).unwrap();

@@ -485,10 +485,13 @@ fn serve(path: &Path) -> Result<()> {
         }
         let server =
             std::sync::Arc::new(Server::new(store, links, ServerLimits::from_config(&cfg)));
-        let shutdown = async {
-            use tokio::signal::unix::{signal, SignalKind};
-            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        // The handlers exist before READY=1 goes out: a future's body runs only when first
+        // polled, and a SIGTERM between READY and that poll (a restart racing the start)
+        // would have killed the daemon without finishing its connections.
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let shutdown = async move {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM"),
                 _ = int.recv() => tracing::info!("SIGINT"),

@@ -188,7 +188,8 @@ pub struct ServerLimits {
     pub max_unwelcomed_per_address: usize,
     pub max_inflight_bytes: u64,
     /// How long a started frame may take to arrive, a new connection its first frame, and
-    /// a reply to be taken by its peer.
+    /// a reply to be taken by its peer; a frame or reply of `n` bytes has
+    /// [`qgenome::wire::slowest_transfer`]`(n)` more ([`ServerLimits::transfer_deadline`]).
     pub frame_timeout: Duration,
     /// How long a connection may stay idle between frames.
     pub idle_timeout: Duration,
@@ -196,6 +197,14 @@ pub struct ServerLimits {
 }
 
 impl ServerLimits {
+    /// How long a frame (from its first bytes) or a reply of `bytes` may take to go through:
+    /// the frame timeout, plus the time the bytes take on the slowest link the client allows
+    /// for (`qgenome::wire::SLOWEST_LINK`), so that a large share on a slow link is not cut
+    /// while the client still waits for it, and a dripping peer still is.
+    pub fn transfer_deadline(&self, bytes: usize) -> Duration {
+        self.frame_timeout + qgenome::wire::slowest_transfer(bytes as u64)
+    }
+
     pub fn from_config(c: &SiteConfig) -> Self {
         Self {
             max_connections: c.limits.max_connections as usize,
@@ -217,6 +226,8 @@ pub struct Server<D: BlockDevice> {
     memory: Arc<Semaphore>,
     /// How many permits `memory` holds in all.
     memory_permits: u32,
+    /// Which refusals get a log line.
+    refusals: RefusalLog,
 }
 
 /// Frames up to this long (a GET's is under 100 bytes) are opened in the connection's task to
@@ -290,9 +301,11 @@ fn permits_for(bytes: usize) -> u32 {
 impl<D: BlockDevice> Server<D> {
     pub fn new(store: Store<D>, links: Vec<LinkEnds>, limits: ServerLimits) -> Self {
         let permits = (limits.max_inflight_bytes / KIB).clamp(1, u32::MAX as u64) as u32;
-        // A frame granted before one accepted may still be arriving for a frame timeout (its
-        // header is read at once, its body within the timeout): its gap must outlive that.
-        let gap_lifetime = qgenome::link::stream::GAP_LIFETIME.max(limits.frame_timeout * 4);
+        // A frame granted before one accepted may still be arriving for its transfer deadline
+        // (its header is read at once, its body within the deadline, the longest for the
+        // largest share): its gap must outlive that.
+        let longest = limits.transfer_deadline(limits.max_share_len as usize);
+        let gap_lifetime = qgenome::link::stream::GAP_LIFETIME.max(longest * 4);
         for l in &links {
             lock(&l.recv).set_gap_lifetime(gap_lifetime);
         }
@@ -301,6 +314,7 @@ impl<D: BlockDevice> Server<D> {
             links: links.into_iter().map(Arc::new).collect(),
             memory: Arc::new(Semaphore::new(permits as usize)),
             memory_permits: permits,
+            refusals: RefusalLog::default(),
             limits,
         }
     }
@@ -442,6 +456,12 @@ impl<D: BlockDevice> Server<D> {
         // was accepted; later ones may be awaited for the idle timeout. Once its header is in,
         // a frame must arrive whole within the frame timeout.
         let mut first_by = Some(tokio::time::Instant::now() + self.limits.frame_timeout);
+        // Refusals are logged per source, within a budget (`RefusalLog`); the Unix socket's
+        // peers (the home mount, the site's own admin) always.
+        let source = peer
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|a| source_of(a.ip()));
         loop {
             let link_name = sealed
                 .as_ref()
@@ -454,8 +474,17 @@ impl<D: BlockDevice> Server<D> {
                     }
                 });
             let refuse = |reason: &str| {
+                let unlogged = match source.map(|ip| (ip, self.refusals.admit(ip))) {
+                    Some((_, None)) => return,
+                    Some((ip, Some(n))) if n > 0 => format!(
+                        " ({n} more refusals from {ip} not logged since its last line: at most \
+                         one a second after a burst of {REFUSAL_BURST})"
+                    ),
+                    _ => String::new(),
+                };
                 tracing::warn!(
-                    "link {link_name} peer {peer}: refused frame: {reason}; closing connection"
+                    "link {link_name} peer {peer}: refused frame: {reason}; closing \
+                     connection{unlogged}"
                 );
             };
             // Wait for the next frame, or stop.
@@ -521,7 +550,7 @@ impl<D: BlockDevice> Server<D> {
             frame.resize(if to_store { head_len } else { total }, 0);
             frame[..prefix.len()].copy_from_slice(&prefix);
             // One deadline for the whole frame, however many reads it takes.
-            let by = tokio::time::Instant::now() + self.limits.frame_timeout;
+            let by = tokio::time::Instant::now() + self.limits.transfer_deadline(total);
             let at = prefix.len();
             if let Err(reason) = self
                 .read_rest(&mut s, &mut frame[at..], at, total, by)
@@ -614,15 +643,16 @@ impl<D: BlockDevice> Server<D> {
                 }
             };
             let tail = share.as_ref().map_or(&[][..], |d| d.bytes());
-            // A peer that does not take its reply within the frame timeout loses the
+            // A peer that does not take its reply within its transfer deadline loses the
             // connection (it would otherwise hold its slot, its in-flight bytes, and a
             // shutdown's wait for every connection, forever).
+            let limit = self.limits.transfer_deadline(reply.len() + tail.len());
             let w = if sealed.is_some() {
                 let tag = tag.as_ref().map_or(&[][..], |t| &t[..]);
-                write_by(self.limits.frame_timeout, &mut s, &[&reply, tail, tag]).await
+                write_by(limit, &mut s, &[&reply, tail, tag]).await
             } else {
                 let len = ((reply.len() + tail.len()) as u32).to_le_bytes();
-                write_by(self.limits.frame_timeout, &mut s, &[&len, &reply, tail]).await
+                write_by(limit, &mut s, &[&len, &reply, tail]).await
             };
             drop(share);
             drop(permit);
@@ -722,7 +752,8 @@ impl<D: BlockDevice> Server<D> {
     }
 
     /// Fill `buf`, the part of a frame of `total` bytes after its first `at`, by `deadline`
-    /// (the frame timeout after the frame began); the reason to refuse the frame otherwise.
+    /// (the frame's transfer deadline after it began); the reason to refuse the frame
+    /// otherwise.
     async fn read_rest<S: AsyncRead + Unpin>(
         &self,
         s: &mut S,
@@ -733,8 +764,10 @@ impl<D: BlockDevice> Server<D> {
     ) -> Result<(), String> {
         match tokio::time::timeout_at(deadline, read_full(s, buf)).await {
             Err(_) => Err(format!(
-                "frame of {total} bytes incomplete after {:?}",
-                self.limits.frame_timeout
+                "frame of {total} bytes incomplete after {:?} (limits.frame_timeout_secs, and \
+                 the time its bytes take at {} KiB/s)",
+                self.limits.transfer_deadline(total),
+                qgenome::wire::SLOWEST_LINK >> 10
             )),
             Ok(Err(e)) => Err(format!("reading frame body: {e}")),
             Ok(Ok(got)) if got < buf.len() => Err(format!(
@@ -1317,6 +1350,66 @@ impl UnwelcomedCounts {
     }
 }
 
+/// Refusal lines per source ([`source_of`]): a burst of [`REFUSAL_BURST`], then one every
+/// [`REFUSAL_EVERY`], the refusals not logged meanwhile counted in the next line. A peer with
+/// no key that reconnects in a loop sending garbage (each refused at once, its slot free
+/// again) would otherwise write thousands of lines a second, and journald's rate limit would
+/// then drop the daemon's other lines with them (damaged shares, index failures).
+#[derive(Default)]
+struct RefusalLog {
+    by_source: Mutex<std::collections::HashMap<std::net::IpAddr, RefusalBudget>>,
+}
+
+struct RefusalBudget {
+    lines: u32,
+    /// When `lines` was last topped up.
+    since: std::time::Instant,
+    unlogged: u64,
+}
+
+const REFUSAL_BURST: u32 = 32;
+const REFUSAL_EVERY: Duration = Duration::from_secs(1);
+/// Sources tracked at most; past that, the new ones share one budget.
+const REFUSAL_SOURCES: usize = 4096;
+
+impl RefusalLog {
+    /// Whether a refusal from `source` gets a line: `Some(n)`, `n` the refusals from there not
+    /// logged since its last line; `None`: not logged, but counted.
+    fn admit(&self, source: std::net::IpAddr) -> Option<u64> {
+        self.admit_at(source, std::time::Instant::now())
+    }
+
+    fn admit_at(&self, source: std::net::IpAddr, now: std::time::Instant) -> Option<u64> {
+        let mut by = lock(&self.by_source);
+        let mut key = source;
+        if by.len() >= REFUSAL_SOURCES && !by.contains_key(&source) {
+            // Forget the sources whose budget is whole again and owes no count.
+            by.retain(|_, b| {
+                b.unlogged > 0 || now.duration_since(b.since) < REFUSAL_EVERY * REFUSAL_BURST
+            });
+            if by.len() >= REFUSAL_SOURCES {
+                key = std::net::Ipv6Addr::UNSPECIFIED.into();
+            }
+        }
+        let b = by.entry(key).or_insert(RefusalBudget {
+            lines: REFUSAL_BURST,
+            since: now,
+            unlogged: 0,
+        });
+        let earned = (now.duration_since(b.since).as_nanos() / REFUSAL_EVERY.as_nanos()) as u32;
+        if earned > 0 {
+            b.lines = b.lines.saturating_add(earned).min(REFUSAL_BURST);
+            b.since += REFUSAL_EVERY * earned;
+        }
+        if b.lines == 0 {
+            b.unlogged += 1;
+            return None;
+        }
+        b.lines -= 1;
+        Some(std::mem::take(&mut b.unlogged))
+    }
+}
+
 /// Where a connection comes from, for [`Unwelcomed`]: its IPv4 address (also when mapped into
 /// IPv6), or its IPv6 /64 (one host commonly holds a whole /64).
 fn source_of(ip: std::net::IpAddr) -> std::net::IpAddr {
@@ -1408,7 +1501,11 @@ async fn write_by<S: AsyncWrite + Unpin>(
         Ok(r) => r,
         Err(_) => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
-            format!("peer took no reply within {limit:?} (limits.frame_timeout_secs)"),
+            format!(
+                "peer took no reply within {limit:?} (limits.frame_timeout_secs, and the time \
+                 the reply takes at {} KiB/s)",
+                qgenome::wire::SLOWEST_LINK >> 10
+            ),
         )),
     }
 }
@@ -1585,6 +1682,54 @@ fn frame_len(prefix: &[u8], sealed: bool, before_hello: bool) -> Result<usize, S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_are_logged_in_a_burst_then_one_a_second_counting_those_left_out() {
+        let log = RefusalLog::default();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let (a, t0) = (ip("192.0.2.7"), std::time::Instant::now());
+        for _ in 0..REFUSAL_BURST {
+            assert_eq!(log.admit_at(a, t0), Some(0));
+        }
+        for _ in 0..100 {
+            assert_eq!(log.admit_at(a, t0), None);
+        }
+        // Another source has a budget of its own.
+        assert_eq!(log.admit_at(ip("192.0.2.8"), t0), Some(0));
+        assert_eq!(log.admit_at(a, t0 + REFUSAL_EVERY / 2), None);
+        // A second on: one line, which counts the 101 left out.
+        assert_eq!(log.admit_at(a, t0 + REFUSAL_EVERY), Some(101));
+        assert_eq!(log.admit_at(a, t0 + REFUSAL_EVERY), None);
+        // After a long quiet, a whole burst again (no more than that).
+        let later = t0 + REFUSAL_EVERY * 1000;
+        assert_eq!(log.admit_at(a, later), Some(1));
+        for _ in 1..REFUSAL_BURST {
+            assert_eq!(log.admit_at(a, later), Some(0));
+        }
+        assert_eq!(log.admit_at(a, later), None);
+    }
+
+    #[test]
+    fn refusal_budgets_past_the_sources_tracked_are_shared_until_old_ones_are_forgotten() {
+        let log = RefusalLog::default();
+        let t0 = std::time::Instant::now();
+        let nth = |i: usize| std::net::IpAddr::from([10, 0, (i >> 8) as u8, i as u8]);
+        for i in 0..REFUSAL_SOURCES {
+            assert_eq!(log.admit_at(nth(i), t0), Some(0));
+        }
+        // Every tracked source was refused just now: the next ones share one budget.
+        let late = |i: usize, t| log.admit_at(nth(REFUSAL_SOURCES + i), t);
+        for i in 0..REFUSAL_BURST as usize {
+            assert_eq!(late(i, t0), Some(0));
+        }
+        assert_eq!(late(REFUSAL_BURST as usize, t0), None);
+        assert!(lock(&log.by_source).len() <= REFUSAL_SOURCES + 1);
+        // Once their budgets are whole again, the quiet sources are forgotten and a new one
+        // has its own.
+        let then = t0 + REFUSAL_EVERY * (REFUSAL_BURST + 1);
+        assert_eq!(late(REFUSAL_BURST as usize + 1, then), Some(0));
+        assert!(lock(&log.by_source).len() < 10);
+    }
 
     #[test]
     fn unwelcomed_connections_are_counted_per_ipv4_address_or_ipv6_64() {

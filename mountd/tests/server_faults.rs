@@ -1708,3 +1708,167 @@ fn a_key_already_used_answer_to_another_frame_is_not_taken_for_ours() {
     c.put(&k2, &META, &share_bytes(3, &k2, 5000)).unwrap();
     assert_eq!(c.get(&k2).unwrap(), share_bytes(3, &k2, 5000));
 }
+
+/// A share frame on a slow link gets the frame timeout plus the time its bytes take at the
+/// slowest link the client allows for (`qgenome::wire::SLOWEST_LINK`), as the client's own
+/// deadline does: with a 1 s frame timeout, a 640 KB PUT sent steadily over about 2 s is
+/// stored (it was cut at 1 s, the client still waiting), and one that drips slower than that
+/// link is cut with a reason naming the deadline.
+#[test]
+fn a_large_share_on_a_slow_link_gets_the_time_its_bytes_take() {
+    let site = Site::new(
+        "site-slow",
+        Vol::File(64 << 20),
+        &["slow"],
+        &["slow"],
+        64 << 20,
+    );
+    site.set_limit("frame_timeout_secs", "1");
+    let d = site.start();
+    let mut raw = Raw::open(&site, "slow");
+    let put = |raw: &mut Raw, k: ShareKey| {
+        raw.seal(Body::Put {
+            key: k,
+            meta: META,
+            data: &share_bytes(4, &k, 640_000),
+        })
+    };
+    // 32 KB every 100 ms: about 320 KB/s, above the slowest link's 256 KiB/s.
+    let mut s = raw.connect(&d.tcp);
+    let f = put(&mut raw, key(4, 1));
+    let started = Instant::now();
+    for piece in f.chunks(32_000) {
+        s.write_all(piece).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        started.elapsed() > Duration::from_millis(1500),
+        "the frame went faster than its test needs"
+    );
+    assert_eq!(
+        raw.reply(&mut s).map(|r| r.2),
+        Some(true),
+        "the slow PUT was refused:\n{}",
+        d.log_text()
+    );
+
+    // Dripping: 8 KB every 100 ms (80 KB/s) runs out of the 1 s + 640 KB at 256 KiB/s.
+    let mut s = raw.connect(&d.tcp);
+    let f = put(&mut raw, key(4, 2));
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    for piece in f.chunks(8_000) {
+        if s.write_all(piece).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let t = d.wait_log("incomplete after");
+    let l = t.lines().find(|l| l.contains("incomplete after")).unwrap();
+    assert!(
+        l.contains("link slow") && l.contains("limits.frame_timeout_secs"),
+        "{l}"
+    );
+
+    // The link's pools are used by one stream at a time: the raw end steps aside.
+    drop((s, raw));
+    let site_client = MountdSite::tcp(&site.name, &d.tcp, &site.client_keys("slow")).unwrap();
+    assert!(
+        site_client.get(&key(4, 1)).unwrap() == share_bytes(4, &key(4, 1), 640_000),
+        "the share stored is not the one sent"
+    );
+    assert!(
+        matches!(site_client.get(&key(4, 2)), Err(SiteError::NotFound { .. })),
+        "the dripped share was stored"
+    );
+}
+
+/// SIGTERM while a PUT is half sent: the daemon stops accepting but finishes the request,
+/// answers it, and exits 0; the share is there after a restart.
+#[test]
+fn sigterm_finishes_a_put_in_flight_and_acknowledges_it() {
+    let site = Site::new(
+        "site-term",
+        Vol::File(64 << 20),
+        &["home-x"],
+        &["home-x"],
+        64 << 20,
+    );
+    site.fix_port();
+    let mut d = site.start();
+    let mut raw = Raw::open(&site, "home-x");
+    let k = key(7, 1);
+    let data = share_bytes(7, &k, 300_000);
+    let mut s = raw.connect(&d.tcp);
+    let f = raw.seal(Body::Put {
+        key: k,
+        meta: META,
+        data: &data,
+    });
+    let (first, rest) = f.split_at(f.len() / 2);
+    s.write_all(first).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    d.sigterm();
+    d.wait_log("SIGTERM");
+    // Stopped accepting: no new connection is served.
+    assert!(
+        TcpStream::connect(&d.tcp).is_err() || {
+            let mut late = raw.hello(&d.tcp, 0);
+            late.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            closed(&mut late)
+        },
+        "a connection made after SIGTERM was served"
+    );
+    s.write_all(rest).unwrap();
+    assert_eq!(
+        raw.reply(&mut s).map(|r| r.2),
+        Some(true),
+        "the PUT in flight at SIGTERM was not acknowledged:\n{}",
+        d.log_text()
+    );
+    drop((s, raw));
+    assert!(d.terminate_wait().success(), "{}", d.log_text());
+    let d = site.start();
+    let c = MountdSite::tcp(&site.name, &d.tcp, &site.client_keys("home-x")).unwrap();
+    assert!(c.get(&k).unwrap() == data, "the acknowledged share differs");
+}
+
+/// A peer with no key reconnecting in a loop with garbage: each connection refused at once,
+/// but the log gets a burst of lines and then about one a second, the next line counting
+/// those left out, while a good client is served throughout.
+#[test]
+fn a_garbage_flood_from_one_address_gets_a_bounded_number_of_log_lines() {
+    let site = Site::new(
+        "site-flood",
+        Vol::File(64 << 20),
+        &["good"],
+        &["good"],
+        64 << 20,
+    );
+    let d = site.start();
+    let lines = |t: &str| t.matches("bad frame magic").count();
+    let flood = |n: usize| {
+        for _ in 0..n {
+            let mut s = TcpStream::connect(&d.tcp).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(&[b'X'; 40]).unwrap();
+            assert!(closed_by_server(&mut s), "a garbage connection was kept");
+        }
+    };
+    let started = Instant::now();
+    flood(300);
+    let logged = lines(&d.wait_log("bad frame magic"));
+    // 32 at once, and one a second after.
+    let allowed = 32 + started.elapsed().as_secs() as usize + 1;
+    assert!(
+        (32..=allowed).contains(&logged),
+        "{logged} lines for 300 refusals (allowed {allowed})"
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    flood(1);
+    let t = d.wait_log("more refusals from 127.0.0.1 not logged");
+    assert!(lines(&t) <= allowed + 2, "{}", lines(&t));
+    let good = MountdSite::tcp(&site.name, &d.tcp, &site.client_keys("good")).unwrap();
+    let k = key(8, 1);
+    good.put(&k, &META, &share_bytes(8, &k, 10_000)).unwrap();
+    assert_eq!(good.get(&k).unwrap(), share_bytes(8, &k, 10_000));
+}

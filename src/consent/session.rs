@@ -468,10 +468,24 @@ impl ConsentRegistry {
             }
             gone
         };
-        for (p, id) in expired {
-            self.audit.record("consent-expired", Some(&p), None, "");
-            self.finish_end(&p, id);
+        for (p, _) in &expired {
+            self.audit.record("consent-expired", Some(p), None, "");
         }
+        // Each end on its own thread: one waiting on a slow reply or page drop must not keep
+        // another patient's caches and pages past its own expiry.
+        std::thread::scope(|scope| {
+            for (p, id) in &expired {
+                let spawned = std::thread::Builder::new()
+                    .name("consent-expiry".into())
+                    .spawn_scoped(scope, move || self.finish_end(p, *id));
+                if let Err(e) = spawned {
+                    tracing::warn!(
+                        "consent of {p} expired: no thread to end it apart ({e}); ending it here"
+                    );
+                    self.finish_end(p, *id);
+                }
+            }
+        });
     }
 
     /// Run every wipe hook, outside the hooks' lock, each on its own: one that panics is
@@ -882,6 +896,36 @@ mod tests {
             .unwrap()
             .iter()
             .any(|e| e.starts_with("consent-refused P9")));
+    }
+
+    /// Two sessions expiring together, each one's wipe held up (a slow reply, a page drop
+    /// waiting on a page lock): both wipes begin, neither waits for the other's.
+    #[test]
+    fn sessions_expiring_together_end_apart() {
+        let reg = ConsentRegistry::new(Arc::new(MemAudit::default()));
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (wiped_tx, wiped) = std::sync::mpsc::channel::<String>();
+        let wiped_tx = Mutex::new(wiped_tx);
+        let r = released.clone();
+        reg.on_end(move |patient| {
+            wiped_tx.lock().unwrap().send(patient.to_string()).unwrap();
+            let t = Instant::now();
+            while !r.load(Ordering::SeqCst) && t.elapsed() < Duration::from_secs(20) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        reg.grant("P1", Some(Duration::from_millis(100)), "admin");
+        reg.grant("P2", Some(Duration::from_millis(100)), "admin");
+        let mut ended: Vec<String> = (0..2)
+            .map(|_| {
+                wiped
+                    .recv_timeout(Duration::from_secs(5))
+                    .expect("both sessions' wipes begun, each while the other's is held")
+            })
+            .collect();
+        released.store(true, Ordering::SeqCst);
+        ended.sort();
+        assert_eq!(ended, ["P1", "P2"]);
     }
 
     #[test]

@@ -343,6 +343,26 @@ impl Writing {
 /// Open writers by (patient, name).
 type Writers = Arc<Mutex<HashMap<(String, String), SharedWriter>>>;
 
+/// Drop `key`'s entry if it is still `w`; put `w` under `to` if given, unless another holds
+/// `to` (then false, and `w` is under neither: an entry is never put over another's).
+fn move_entry<K: Eq + std::hash::Hash, T>(
+    table: &mut HashMap<K, Arc<T>>,
+    key: &K,
+    w: &Arc<T>,
+    to: Option<K>,
+) -> bool {
+    if table.get(key).is_some_and(|x| Arc::ptr_eq(x, w)) {
+        table.remove(key);
+        if let Some(to) = to {
+            if table.get(&to).is_some_and(|x| !Arc::ptr_eq(x, w)) {
+                return false;
+            }
+            table.insert(to, w.clone());
+        }
+    }
+    true
+}
+
 /// Commit `w`, the writer of `writing`, under its lock (an fsync, a close, a synchronous
 /// write): refused with `EBUSY` if another handle has since opened the name for writing and
 /// this one never committed (its writes are not to be published).
@@ -387,15 +407,14 @@ impl Names {
         self.writing.lock().expect("writing").get(key).cloned()
     }
 
-    /// Drop `key`'s entry if it is still `w`; put `w` under `to` if given.
-    fn move_writer(&self, key: &(String, String), w: &SharedWriter, to: Option<(String, String)>) {
-        let mut writing = self.writing.lock().expect("writing");
-        if writing.get(key).is_some_and(|x| Arc::ptr_eq(x, w)) {
-            writing.remove(key);
-            if let Some(to) = to {
-                writing.insert(to, w.clone());
-            }
-        }
+    /// [`move_entry`] in the writers table.
+    fn move_writer(
+        &self,
+        key: &(String, String),
+        w: &SharedWriter,
+        to: Option<(String, String)>,
+    ) -> bool {
+        move_entry(&mut self.writing.lock().expect("writing"), key, w, to)
     }
 
     /// A writer open on the name loses it too, committed or not: like a Unix file without a
@@ -482,8 +501,17 @@ impl Names {
             self.move_writer(&dst_key, d, None);
         }
         if let Some(s) = &src {
-            // A writer released meanwhile is dropped from the table, not moved.
-            self.move_writer(&src_key, s, src_open.then(|| dst_key.clone()));
+            // A writer released meanwhile is dropped from the table, not moved. One whose
+            // target was opened for writing (O_TRUNC) while this rename waited for its locks
+            // loses the name to that handle, as an earlier writer does at such an open: it
+            // is displaced under its lock (held here), and its writes since its last commit
+            // are not committed.
+            if !self.move_writer(&src_key, s, src_open.then(|| dst_key.clone())) {
+                s.displaced.store(true, Ordering::SeqCst);
+                tracing::warn!(
+                    "{np}/{nn}: opened for writing while {p}/{n} was renamed over it; the renamed handle's writes since its last commit will not be committed"
+                );
+            }
         }
         drop((src_guard, dst_guard));
         self.inodes.lock().expect("inodes").rename(from, to.clone());
@@ -553,38 +581,55 @@ pub fn drop_cached_pages_at_consent_end(
         // The end counts as under way until every page is dropped, not only for the wait
         // below: readers waiting for this consent meanwhile are refused, so none holds a
         // page lock the drop waits for.
-        let hold = registry.upgrade().map(|r| r.hold_end(patient));
-        let (done, finished) = mpsc::channel();
-        let notifier = notifier.clone();
-        let who = patient.to_string();
-        let spawned = std::thread::Builder::new()
-            .name("fs-invalidate".into())
-            .spawn(move || {
-                for ino in inos {
-                    // ENOENT: the kernel already forgot the inode (nothing cached).
-                    if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
-                        if e.raw_os_error() != Some(libc::ENOENT) {
-                            tracing::warn!(
-                                "consent of {who} ended: dropping cached pages of inode {ino}: {e}"
-                            );
+        let hold = Arc::new(registry.upgrade().map(|r| r.hold_end(patient)));
+        // Several threads take the files in turn: a page a read under way holds locked (a
+        // mapped page's fault, fetching its chunk from a slow site) stalls the drop of its
+        // own file's later pages, not that of every file after it.
+        let workers = inos.len().min(INVALIDATE_THREADS);
+        let queue = Arc::new(Mutex::new(inos));
+        // Each worker holds a sender: the channel disconnects once all are done.
+        let (done, finished) = mpsc::channel::<()>();
+        let mut spawned = 0;
+        for _ in 0..workers {
+            let (notifier, queue, done, hold) =
+                (notifier.clone(), queue.clone(), done.clone(), hold.clone());
+            let who = patient.to_string();
+            let worker = std::thread::Builder::new()
+                .name("fs-invalidate".into())
+                .spawn(move || {
+                    let next = || queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                    while let Some(ino) = next() {
+                        // ENOENT: the kernel already forgot the inode (nothing cached).
+                        if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
+                            if e.raw_os_error() != Some(libc::ENOENT) {
+                                tracing::warn!(
+                                    "consent of {who} ended: dropping cached pages of inode {ino}: {e}"
+                                );
+                            }
                         }
                     }
-                }
-                let _ = done.send(());
-                drop(hold);
-            });
-        match spawned {
-            Ok(_) => {
-                if finished.recv_timeout(INVALIDATE_WAIT).is_err() {
-                    tracing::error!(
-                        "consent of {patient} ended: its files' cached pages not all dropped after {INVALIDATE_WAIT:?} (a read under way holds one); still dropping them"
-                    );
-                }
+                    drop((done, hold));
+                });
+            match worker {
+                Ok(_) => spawned += 1,
+                Err(e) => tracing::error!(
+                    "consent of {patient} ended: cannot start a thread dropping cached pages: {e}"
+                ),
             }
-            Err(e) => tracing::error!("consent of {patient} ended: cannot drop cached pages: {e}"),
+        }
+        drop((done, hold));
+        if spawned == 0 {
+            tracing::error!("consent of {patient} ended: no thread could drop its files' cached pages");
+        } else if let Err(mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(INVALIDATE_WAIT) {
+            tracing::error!(
+                "consent of {patient} ended: its files' cached pages not all dropped after {INVALIDATE_WAIT:?} (a read under way holds one); still dropping them"
+            );
         }
     });
 }
+
+/// Threads dropping one consent end's cached pages at most.
+const INVALIDATE_THREADS: usize = 8;
 
 /// How long a consent end waits for its page-cache invalidations (see
 /// [`drop_cached_pages_at_consent_end`]).
@@ -1949,6 +1994,24 @@ mod tests {
 
     fn file(n: &str) -> Node {
         Node::File("p".into(), n.into())
+    }
+
+    /// A rename's writer never lands over a writer that took the target meanwhile (an
+    /// O_TRUNC open while the rename waited for its locks): it is told, and holds no name.
+    #[test]
+    fn an_entry_moved_onto_a_name_another_holds_is_refused_and_leaves_it() {
+        let (a, b, w2) = (Arc::new(1u8), Arc::new(2u8), Arc::new(3u8));
+        let mut t = HashMap::from([("a", a.clone()), ("b", w2.clone())]);
+        assert!(!move_entry(&mut t, &"a", &a, Some("b")));
+        assert!(Arc::ptr_eq(&t["b"], &w2) && !t.contains_key("a"));
+        // Onto a free name, or its own: moved. An entry no longer its key's: left alone.
+        t.insert("a", a.clone());
+        assert!(move_entry(&mut t, &"a", &a, Some("c")));
+        assert!(Arc::ptr_eq(&t["c"], &a));
+        assert!(move_entry(&mut t, &"c", &a, Some("c")));
+        assert!(Arc::ptr_eq(&t["c"], &a));
+        assert!(move_entry(&mut t, &"b", &b, Some("d")));
+        assert!(Arc::ptr_eq(&t["b"], &w2) && !t.contains_key("d"));
     }
 
     #[test]

@@ -364,19 +364,29 @@ fn builtin_handler(engine: Arc<Engine>, admin_grants: bool) -> Arc<Handler> {
                         "consent-grant {patient}: refused: this mount takes consent from the patient's card ([card] in its configuration); an admin grant needs `admin_grant = true` under [card]"
                     )));
                 }
-                let minutes = control::opt_u64(req, "minutes")?.unwrap_or(15);
+                // A grant refused is audited as one given is.
+                let refused = |why: String| {
+                    engine.catalog.audit(
+                        "consent-refused",
+                        Some(patient),
+                        None,
+                        &format!("admin grant ({}) refused: {why}", control::peer_of(req)),
+                    );
+                    control::error(why)
+                };
+                let minutes = control::opt_u64(req, "minutes")
+                    .map_err(|e| refused(e["error"].as_str().unwrap_or_default().to_string()))?
+                    .unwrap_or(15);
                 if !(1..=MAX_GRANT_MINUTES).contains(&minutes) {
-                    return Err(control::error(format!(
+                    return Err(refused(format!(
                         "consent-grant: minutes must be between 1 and {MAX_GRANT_MINUTES} (7 days), not {}",
                         req["minutes"]
                     )));
                 }
                 match engine.catalog.patient(patient) {
                     Ok(Some(_)) => {}
-                    Ok(None) => {
-                        return Err(control::error(format!("patient {patient} does not exist")))
-                    }
-                    Err(e) => return Err(control::error(e)),
+                    Ok(None) => return Err(refused(format!("patient {patient} does not exist"))),
+                    Err(e) => return Err(refused(e.to_string())),
                 }
                 engine.consent.grant(
                     patient,
@@ -393,11 +403,30 @@ fn builtin_handler(engine: Arc<Engine>, admin_grants: bool) -> Arc<Handler> {
                     patient,
                     &format!("revoked by admin ({})", control::peer_of(req)),
                 );
-                if !ended && matches!(engine.catalog.patient(patient), Ok(None)) {
+                if ended {
+                    return Ok(json!({"ok": true, "ended": true}));
+                }
+                // A revoke that ended nothing is audited too (the end audits one that did).
+                let missing = matches!(engine.catalog.patient(patient), Ok(None));
+                engine.catalog.audit(
+                    "consent-revoke",
+                    Some(patient),
+                    None,
+                    &format!(
+                        "by admin ({}): {}",
+                        control::peer_of(req),
+                        if missing {
+                            "no such patient"
+                        } else {
+                            "no consent was active"
+                        }
+                    ),
+                );
+                if missing {
                     // Nothing ended, and no such patient: a typo, named.
                     return Err(control::error(format!("patient {patient} does not exist")));
                 }
-                Ok(json!({"ok": true, "ended": ended}))
+                Ok(json!({"ok": true, "ended": false}))
             })(),
             "consent-list" => Ok(json!({"ok": true, "grants": engine.consent.list()})),
             "status" => {

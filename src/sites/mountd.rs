@@ -136,10 +136,6 @@ enum Stream {
     Tcp(TcpStream),
 }
 
-/// The slowest transfer a request's deadline allows for, in bytes per second, on top of the
-/// client's timeout.
-const SLOWEST_LINK: u64 = 256 << 10;
-
 /// A connection to the site, whose reads and writes for one request end by that request's
 /// deadline: the socket's own timeouts bound each system call only, so a site (or someone on
 /// the path) answering a byte at a time held a FUSE read or an upload worker for as long as
@@ -192,11 +188,10 @@ impl Sock {
     }
 
     /// The request carries `bytes` more (a share sent or announced): its deadline moves on by
-    /// the time they take at [`SLOWEST_LINK`], so a slow link still moves a large share while
-    /// a dripping one is cut (a 16 MiB share: 64 s more).
+    /// the time they take at [`crate::wire::SLOWEST_LINK`].
     fn allow_bytes(&mut self, bytes: usize) {
         if let Some(d) = &mut self.deadline {
-            *d += Duration::from_secs_f64(bytes as f64 / SLOWEST_LINK as f64);
+            *d += crate::wire::slowest_transfer(bytes as u64);
         }
     }
 

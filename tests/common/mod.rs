@@ -131,3 +131,89 @@ pub fn every_cram_round_trips(patient: &Path, scratch: &Path) {
         );
     }
 }
+
+/// A CRAM of many chunks (`chunk` bytes each) through a mounted patient directory `patient`
+/// (whose consent is granted), with `scratch` for local files: `qgenome-gen-cram` makes a
+/// reference and a sorted CRAM of reads on three contigs, which samtools writes straight into
+/// the mount with its index (containers smaller than the file, so the index has many). Read
+/// back through the mount it holds the source's records, and region queries spread over every
+/// contig and the whole file, through the index samtools wrote there, give what they give on
+/// the source indexed locally.
+pub fn a_multi_chunk_cram_round_trips(patient: &Path, scratch: &Path, chunk: usize) {
+    let gen = scratch.join("gen");
+    let tool = qgenome::deploy::bin_dir().unwrap().join("qgenome-gen-cram");
+    run(Command::new(tool).arg("--out").arg(&gen).args([
+        "--size",
+        "3M",
+        "--contigs",
+        "3",
+        "--contig-len",
+        "300000",
+    ]));
+    let reference = gen.join("ref.fa");
+    let reference = reference.to_str().unwrap();
+    let local = gen.join("sample.cram");
+    let local = local.to_str().unwrap();
+    samtools(&["index", local]);
+    let mounted = patient.join("gen.cram");
+    let m = mounted.to_str().unwrap();
+    samtools(&[
+        "view",
+        "--no-PG",
+        "-C",
+        "-T",
+        reference,
+        "--output-fmt-option",
+        "seqs_per_slice=2000",
+        "--write-index",
+        "-o",
+        m,
+        local,
+    ]);
+    let size = std::fs::metadata(&mounted).unwrap().len();
+    assert!(
+        size > 4 * chunk as u64,
+        "{m} is {size} bytes, not many {chunk}-byte chunks"
+    );
+    // The same records as the source.
+    let records = String::from_utf8(samtools(&["view", "-T", reference, local])).unwrap();
+    assert!(!records.is_empty());
+    assert!(
+        samtools(&["view", "-T", reference, m]) == records.as_bytes(),
+        "records of {m} differ from the source's"
+    );
+    // The index samtools wrote into the mount points at containers all through the file.
+    let crai = format!("{m}.crai");
+    let index = String::from_utf8(run(Command::new("gzip").args(["-dc", &crai])).stdout).unwrap();
+    let last_container = index
+        .lines()
+        .map(|l| l.split('\t').nth(3).unwrap().parse::<u64>().unwrap())
+        .max()
+        .unwrap_or_else(|| panic!("{crai} lists no container"));
+    assert!(
+        last_container > 4 * chunk as u64,
+        "{crai} indexes nothing past byte {last_container}"
+    );
+    // Regions at the records at each eighth of the file (the middle of it), over every contig.
+    let records: Vec<Vec<&str>> = records.lines().map(|l| l.split('\t').collect()).collect();
+    let regions: Vec<(&str, String)> = (0..8)
+        .map(|i| {
+            let r = &records[(2 * i + 1) * records.len() / 16];
+            let start: u64 = r[3].parse().unwrap();
+            (r[2], format!("{}:{start}-{}", r[2], start + 2000))
+        })
+        .collect();
+    let mut contigs: Vec<&str> = records.iter().map(|r| r[2]).collect();
+    contigs.dedup();
+    let mut queried: Vec<&str> = regions.iter().map(|(c, _)| *c).collect();
+    queried.dedup();
+    assert_eq!(queried, contigs, "the regions miss a contig");
+    for (_, region) in &regions {
+        let want = samtools(&["view", "-T", reference, local, region]);
+        assert!(!want.is_empty(), "region {region} holds records");
+        assert!(
+            samtools(&["view", "-T", reference, m, region]) == want,
+            "region {region} of {m} differs from the source's"
+        );
+    }
+}

@@ -217,15 +217,25 @@ impl Daemon {
         }
     }
 
-    /// SIGTERM and wait; returns the exit status.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut c = self.child.take().expect("running");
+    /// SIGTERM, without waiting.
+    pub fn sigterm(&self) {
+        let c = self.child.as_ref().expect("running");
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(c.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         )
         .unwrap();
-        c.wait().unwrap()
+    }
+
+    /// Wait for the daemon to exit (after [`Daemon::sigterm`]); returns the exit status.
+    pub fn terminate_wait(&mut self) -> std::process::ExitStatus {
+        self.child.take().expect("running").wait().unwrap()
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.sigterm();
+        self.terminate_wait()
     }
 
     pub fn unix_client(&self, site: &str) -> MountdSite {
