@@ -170,6 +170,18 @@ fn default_chunk() -> String {
 fn default_wait() -> u64 {
     300
 }
+/// Bytes of memory this machine has (0 if the system will not say).
+fn physical_memory() -> u64 {
+    // SAFETY: sysconf only reads system constants.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages.max(0) as u64).saturating_mul(page.max(0) as u64)
+}
+
 fn default_cache() -> String {
     "256M".into()
 }
@@ -276,7 +288,19 @@ impl HomeConfig {
                 ),
             ));
         }
-        self.cache_bytes()?;
+        let cache = self.cache_bytes()?;
+        // The cache is locked in memory (mlockall): more than half the machine's is a slip
+        // ("256G" for "256M") that would end in the OOM killer mid-read.
+        let memory = physical_memory();
+        if memory > 0 && cache as u64 > memory / 2 {
+            return Err(self.invalid(
+                "cache",
+                format!(
+                    "{cache} bytes is more than half this machine's memory ({memory} bytes); the cache is locked in memory (\"256M\" meant?)"
+                ),
+            ));
+        }
+        self.check_state_dir(&self.mountpoint)?;
         for (i, s) in self.sites.iter().enumerate() {
             let key = |f: &str| format!("site[{i}].{f}");
             if s.name.is_empty() || s.name.contains(['/', '\0', ' ']) {
@@ -406,6 +430,23 @@ impl HomeConfig {
         Ok(v as usize)
     }
 
+    /// `state_dir` (the catalog and the control socket) must not lie under the mountpoint
+    /// `mountpoint`: the mount would hide the control socket from every admin command, and
+    /// the next start find the mountpoint not empty.
+    pub fn check_state_dir(&self, mountpoint: &Path) -> Result<(), ConfigError> {
+        if self.state_dir.starts_with(mountpoint) {
+            return Err(self.invalid(
+                "state_dir",
+                format!(
+                    "{} is under the mountpoint {}: the mount would hide the control socket and catalog",
+                    self.state_dir.display(),
+                    mountpoint.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn cache_bytes(&self) -> Result<usize, ConfigError> {
         crate::cli::parse_size(&self.cache)
             .map(|v| v as usize)
@@ -500,6 +541,31 @@ end = "a"
             "socket = \"/run/h.sock\"\nkey_window = \"junk\"",
         ));
         assert!(e.contains("site[0].key_window"), "{e}");
+    }
+
+    /// Slips that parse but would hurt: a state directory the mount hides, a cache larger
+    /// than the machine can lock.
+    #[test]
+    fn a_state_dir_under_the_mountpoint_and_a_cache_past_memory_are_refused() {
+        let e = err(&GOOD.replace("state_dir = \"/tmp/q\"", "state_dir = \"/qgenome/.state\""));
+        assert!(
+            e.contains("/etc/q.toml")
+                && e.contains("key `state_dir`")
+                && e.contains("under the mountpoint"),
+            "{e}"
+        );
+        // Only a whole path component counts: /qgenome-state is beside /qgenome.
+        HomeConfig::parse(
+            &GOOD.replace("state_dir = \"/tmp/q\"", "state_dir = \"/qgenome-state\""),
+            Path::new("/etc/q.toml"),
+        )
+        .unwrap();
+        let e = err(&GOOD.replacen(
+            "mountpoint = \"/qgenome\"",
+            "mountpoint = \"/qgenome\"\ncache = \"1024T\"",
+            1,
+        ));
+        assert!(e.contains("key `cache`") && e.contains("memory"), "{e}");
     }
 
     #[test]

@@ -492,3 +492,36 @@ fn used_key_is_overwritten_where_holes_cannot_be_punched() {
         );
     }
 }
+
+/// A window above half its pool ("64G" written for "64M") is refused where the configured
+/// links are opened, at the home and at the site, naming the link and the pool, before any
+/// file is touched.
+#[test]
+fn a_window_above_half_the_pool_is_refused_by_name() {
+    use qgenome::sites::mountd::{LinkKeys, MountdSite};
+    let l = provision(4 << 20);
+    let window = 64 << 30;
+    let pool = pool::pool_path(&l.a, LINK, Direction::AtoB);
+    let e = refused(&l.a, "home-lsa.a2b.pool", || {
+        qgenome::link::stream::check_window(LINK, &pool, 4 << 20, window)
+    });
+    assert!(e.to_string().contains("more than half of pool"), "{e}");
+    let before = snapshot(&l.a);
+    let keys = LinkKeys {
+        dir: l.a.clone(),
+        link: LINK.into(),
+        end: qgenome::keys::End::A,
+        options: StreamOptions { window },
+    };
+    let Err(e) = MountdSite::tcp("site1", "127.0.0.1:9", &keys) else {
+        panic!("a window of 64 GiB over a 4 MiB pool was taken");
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains(LINK) && e.contains("home-lsa.a2b.pool") && e.contains("key_window"),
+        "{e}"
+    );
+    assert_eq!(snapshot(&l.a), before, "files changed by a refused window");
+    // Half the pool is allowed.
+    qgenome::link::stream::check_window(LINK, &pool, 4 << 20, 2 << 20).unwrap();
+}

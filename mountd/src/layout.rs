@@ -319,6 +319,10 @@ impl Superblock {
     }
 }
 
+/// Generations a put can have given: far above any a store reaches (they are reserved 2^16
+/// at a time), so that a rebuild's next one, one above the highest found, never overflows.
+pub const MAX_GENERATION: u64 = 1 << 62;
+
 /// The self-describing first block of every stored share extent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShareHeader {
@@ -398,10 +402,16 @@ impl ShareHeader {
         Ok(h)
     }
 
-    /// True when the header could describe an extent of a volume with this superblock.
+    /// True when the header could describe an extent of a volume with this superblock: one
+    /// a put could have written (its header and share in a single request, a generation
+    /// below [`MAX_GENERATION`]), lying whole within the volume. The length is bounded before
+    /// any arithmetic on it, so that a crafted header (its checksum is no secret) neither
+    /// overflows the extent's size nor has a rebuild allocate the volume's size to read it.
     pub fn fits(&self, sb: &Superblock, offset: u64) -> bool {
+        let most = crate::volume::MAX_REQUEST as u64 - u64::from(sb.block_size);
         self.volume_id == sb.volume_id
-            && self.share_len > 0
+            && (1..=most).contains(&self.share_len)
+            && self.generation < MAX_GENERATION
             && self.extent_len == sb.extent_len(self.share_len)
             && offset >= sb.data_start
             && offset.is_multiple_of(u64::from(sb.alloc_unit))
@@ -638,7 +648,26 @@ mod tests {
             ..h.clone()
         }
         .fits(&s, s.data_start));
-        assert!(!ShareHeader { extent_len: 1, ..h }.fits(&s, s.data_start));
+        assert!(!ShareHeader {
+            extent_len: 1,
+            ..h.clone()
+        }
+        .fits(&s, s.data_start));
+        // Lengths and generations no put makes, whose arithmetic would overflow (a crafted
+        // header: its checksum is no secret): refused, not wrapped.
+        for share_len in [u64::MAX, u64::MAX / 2, 1 << 30] {
+            let crafted = ShareHeader {
+                share_len,
+                extent_len: u64::from(s.alloc_unit),
+                ..h.clone()
+            };
+            assert!(!crafted.fits(&s, s.data_start), "{share_len}");
+        }
+        assert!(!ShareHeader {
+            generation: u64::MAX,
+            ..h
+        }
+        .fits(&s, s.data_start));
     }
 
     #[test]

@@ -300,14 +300,18 @@ struct Made {
 /// How much of a volume's start `format` reads to tell a blank volume from one holding data.
 const BLANK_CHECK: usize = 1 << 20;
 
-/// The offset of the first byte that is not zero in the volume's first [`BLANK_CHECK`] bytes.
-fn first_nonzero(volume: &Path) -> Result<Option<usize>> {
-    use std::io::Read;
+/// The offset of the first byte that is not zero in the [`BLANK_CHECK`] bytes of the volume
+/// from `from` on.
+fn first_nonzero(volume: &Path, from: u64) -> Result<Option<u64>> {
+    use std::io::{Read, Seek};
     let mut head = Vec::with_capacity(BLANK_CHECK);
     std::fs::File::open(volume)
-        .and_then(|f| f.take(BLANK_CHECK as u64).read_to_end(&mut head))
-        .with_context(|| format!("volume {}: reading its start", volume.display()))?;
-    Ok(head.iter().position(|&b| b != 0))
+        .and_then(|mut f| {
+            f.seek(std::io::SeekFrom::Start(from))?;
+            f.take(BLANK_CHECK as u64).read_to_end(&mut head)
+        })
+        .with_context(|| format!("volume {}: reading it from byte {from}", volume.display()))?;
+    Ok(head.iter().position(|&b| b != 0).map(|at| from + at as u64))
 }
 
 fn format_volume(
@@ -388,9 +392,19 @@ fn format_volume(
                 vol.volume.display(),
                 sb.site
             ),
-            Ok(_) => {}
+            // No share written since this build's format, but a volume of a build before
+            // index tags (whose shares the store tags at its first open) may hold some.
+            Ok(sb) => {
+                if let Some(at) = first_nonzero(&vol.volume, sb.data_start)? {
+                    bail!(
+                        "volume {} of site {} is not blank past its superblock (byte {at} is not zero): it may hold shares written before index tags; formatting discards them: pass --force to do so",
+                        vol.volume.display(),
+                        sb.site
+                    );
+                }
+            }
             Err(StoreError::NoSuperblock { .. }) => {
-                if let Some(at) = first_nonzero(&vol.volume)? {
+                if let Some(at) = first_nonzero(&vol.volume, 0)? {
                     bail!(
                         "volume {} is not blank (byte {at} is not zero) and holds no qgenome superblock: formatting would overwrite what it holds; pass --force to do so",
                         vol.volume.display()
@@ -443,6 +457,12 @@ fn serve(path: &Path) -> Result<()> {
     use qgenome_mountd::config::SiteConfig;
     use qgenome_mountd::server::{LinkEnds, Listeners, Server, ServerLimits};
     let cfg = SiteConfig::load(path)?;
+    if cfg.listen.is_none() && cfg.unix_socket.is_none() {
+        bail!(
+            "config {}: keys `listen` and `unix_socket`: neither is set, so the daemon would serve nobody",
+            path.display()
+        );
+    }
     qgenome::harden::harden_process("qgenome-mountd")?;
     let dev = UringVolume::open(&cfg.volume, &cfg.uring_options())?;
     // Two sites' configs or volumes swapped would serve one site's shares as another's.

@@ -149,6 +149,10 @@ impl LinkEnds {
             link: link(),
             source,
         };
+        for (d, i) in [(tx_dir, &tx_info), (rx_dir, &rx_info)] {
+            let pool = pool::pool_path(&c.key_dir, &c.name, d);
+            qgenome::link::stream::check_window(&c.name, &pool, i.key_len, c.window).map_err(le)?;
+        }
         let send = SendStream::from_dir(&c.key_dir, &c.name, tx_dir, opts.clone()).map_err(le)?;
         let recv = RecvStream::from_dir(&c.key_dir, &c.name, rx_dir, opts).map_err(le)?;
         let floor_at_start = recv.window_end();

@@ -30,6 +30,9 @@ use crate::volume::{BlockDevice, IoBuf, VolumeError};
 /// Generations are reserved in the index this many at a time, so none is ever reused.
 const GEN_BATCH: u64 = 1 << 16;
 const KEY_LOCKS: usize = 64;
+/// The largest allocation unit `format` gives a volume (64 MiB): `rebuild-index` reads whole
+/// units, in requests of at most [`crate::volume::MAX_REQUEST`].
+pub const MAX_ALLOC_UNIT: u32 = 64 << 20;
 const META_VOLUME_ID: &[u8] = b"volume_id";
 
 /// The id of the volume the index at `index` names, if it can be read and names one (the
@@ -602,12 +605,18 @@ impl<D: BlockDevice> Store<D> {
     ) -> Result<Superblock, StoreError> {
         let block = dev.alignment().step().max(4096).next_power_of_two();
         let au = opts.alloc_unit.unwrap_or(block);
-        Superblock::new(volume_id, site, block, au, dev.size(), now_secs()).map_err(|source| {
-            StoreError::Format {
-                path: dev.path().to_path_buf(),
-                source,
-            }
-        })
+        let format_error = |source| StoreError::Format {
+            path: dev.path().to_path_buf(),
+            source,
+        };
+        // A rebuild reads the volume a window of whole units at a time, in single requests.
+        if au > MAX_ALLOC_UNIT {
+            return Err(format_error(LayoutError::Invalid {
+                field: "allocation unit",
+                reason: format!("{au} bytes (at most {MAX_ALLOC_UNIT})"),
+            }));
+        }
+        Superblock::new(volume_id, site, block, au, dev.size(), now_secs()).map_err(format_error)
     }
 
     /// Opens the store on a formatted volume with its index in `state_dir`. The free space is
@@ -1299,7 +1308,14 @@ impl<D: BlockDevice> Store<D> {
                     offset: e.offset,
                     reason,
                 }),
-                Err(StoreError::Volume(v)) => report.damaged.push(Damage {
+                // A read the device failed is this share's damage; the ring or a request
+                // failing is the scrub's own, which it stops at (reporting every share
+                // after as damaged would send an operator to restore shares that are whole).
+                Err(StoreError::Volume(
+                    v @ (VolumeError::Io { .. }
+                    | VolumeError::NoProgress { .. }
+                    | VolumeError::Injected { .. }),
+                )) => report.damaged.push(Damage {
                     key,
                     offset: e.offset,
                     reason: v.to_string(),
@@ -1487,7 +1503,6 @@ fn scan<D: BlockDevice>(
                 u += au;
                 continue;
             }
-            report.max_generation_seen = report.max_generation_seen.max(h.generation);
             let wl = sb.write_len(h.share_len);
             let len = h.share_len as usize;
             let ok = if u + wl <= pos + wlen {
@@ -1501,6 +1516,7 @@ fn scan<D: BlockDevice>(
                 u += au;
                 continue;
             }
+            report.max_generation_seen = report.max_generation_seen.max(h.generation);
             let e = IndexEntry::from_header(&h, u);
             match found.get(&h.key) {
                 _ if retiring.get(&u) == Some(&(h.key, e)) => superseded.push((h.key, e)),

@@ -648,3 +648,90 @@ fn rebuild_index_into_another_volumes_state_is_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `serve` with a config that gives it nothing to serve on, or a TCP port 0 (one the kernel
+/// picks, which no home's config names), is refused at once, naming the file and the keys.
+#[test]
+fn serve_refuses_a_config_that_listens_nowhere_a_home_can_reach() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("site.toml");
+    let base = format!(
+        "site = \"s\"\nvolume = {:?}\nstate_dir = {:?}\n",
+        dir.path().join("vol"),
+        dir.path().join("state")
+    );
+    let run = |text: &str| {
+        std::fs::write(&cfg, text).unwrap();
+        let out = mountd()
+            .arg("serve")
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = run(&base);
+    assert!(
+        e.contains(cfg.to_str().unwrap()) && e.contains("`listen`") && e.contains("`unix_socket`"),
+        "{e}"
+    );
+    let e = run(&format!(
+        "{base}listen = \"127.0.0.1:0\"\n[[link]]\nname = \"l\"\nkey_dir = \"/k\"\nend = \"b\"\n"
+    ));
+    assert!(
+        e.contains(cfg.to_str().unwrap()) && e.contains("key `listen`") && e.contains("port 0"),
+        "{e}"
+    );
+}
+
+/// A volume of a build before index tags holds shares under a superblock whose tag is 0
+/// (the store tags it at its first open): `format` without `--force` keeps it.
+#[test]
+fn format_keeps_a_volume_whose_untagged_superblock_fronts_shares() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("old.vol");
+    format(&vol, "old");
+    let k = run_key([4; 16], 0);
+    {
+        let dev = UringVolume::open(&vol, &UringOptions::default()).unwrap();
+        let s = Store::open(
+            dev,
+            &dir.path().join("old.vol.state"),
+            StoreOptions::default(),
+        )
+        .unwrap();
+        let mut data = vec![0u8; 100_000];
+        pattern(1, &k, &mut data);
+        s.put(k, RUN_META, &data).unwrap();
+    }
+    // As the older build left it: the same superblock, no tag.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&vol)
+        .unwrap();
+    let mut b = vec![0u8; 4096];
+    f.read_exact_at(&mut b, 0).unwrap();
+    let mut sb = qgenome_mountd::layout::Superblock::decode(&b).unwrap();
+    sb.index_tag = 0;
+    let enc = sb.encode();
+    f.write_all_at(&enc, 0).unwrap();
+    f.sync_all().unwrap();
+    let before = std::fs::read(&vol).unwrap();
+    let out = mountd()
+        .args(["format", "--site", "new", "--volume"])
+        .arg(&vol)
+        .arg("--state")
+        .arg(dir.path().join("elsewhere"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("not blank past its superblock")
+            && err.contains("--force"),
+        "{err}"
+    );
+    assert!(std::fs::read(&vol).unwrap() == before, "the volume changed");
+}

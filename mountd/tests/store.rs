@@ -217,6 +217,54 @@ fn tampered_bytes_are_detected_named_and_never_returned() {
     assert_eq!(s.stat().health, qgenome_mountd::store::Health::Damaged);
 }
 
+/// Headers no put writes, crafted on the volume (their checksum is no secret): a share
+/// length that overflows its extent's size or would have the rebuild read the whole volume,
+/// a generation at the top of the range. The rebuild skips them and keeps every real share.
+#[test]
+fn a_rebuild_skips_crafted_headers_without_panicking_or_reading_the_volume_at_once() {
+    use qgenome_mountd::layout::{share_sum, ShareHeader};
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(fresh(16 << 20), dir.path(), StoreOptions::default()).unwrap();
+    let k = key(8, 0, 0);
+    s.put(k, META, &share_bytes(8, &k, 20_000)).unwrap();
+    let mut image = s.device().image();
+    drop(s);
+    let sb =
+        qgenome_mountd::store::read_superblock(&MemVolume::from_image("mem-vol", image.clone(), A))
+            .unwrap();
+    let au = u64::from(sb.alloc_unit);
+    let body = vec![7u8; 4096];
+    let crafted = |share_len: u64, generation: u64| ShareHeader {
+        volume_id: sb.volume_id,
+        key: key(9, share_len % 1000, 0),
+        meta: META,
+        share_len,
+        generation,
+        extent_len: sb.extent_len(share_len.min(4096)),
+        share_sum: share_sum(&body),
+    };
+    let headers = [
+        crafted(u64::MAX, 1),
+        crafted(sb.volume_len - 4 * au, 1),
+        crafted(4096, u64::MAX),
+    ];
+    for (i, h) in headers.iter().enumerate() {
+        let at = (sb.volume_len - (i as u64 + 2) * au) as usize;
+        image[at..at + h.encode().len()].copy_from_slice(&h.encode());
+        let bs = sb.block_size as usize;
+        image[at + bs..at + bs + body.len()].copy_from_slice(&body);
+    }
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let v = MemVolume::from_image("mem-vol", image, A);
+    let r = Store::rebuild_index(&v, dir.path()).unwrap();
+    assert_eq!(r.shares, 1, "{r:?}");
+    assert!(r.max_generation_seen < 1 << 62, "{r:?}");
+    let s = Store::open(v, dir.path(), StoreOptions::default()).unwrap();
+    assert_eq!(s.get(&k).unwrap().bytes(), &share_bytes(8, &k, 20_000)[..]);
+    let k2 = key(8, 1, 0);
+    s.put(k2, META, &share_bytes(8, &k2, 1000)).unwrap();
+}
+
 #[test]
 fn rebuild_index_restores_live_shares_newest_generation_and_not_deleted_ones() {
     let dir = tempfile::tempdir().unwrap();
@@ -837,4 +885,45 @@ fn a_start_that_cannot_finish_a_replaced_shares_tombstone_still_opens() {
     let s = reopen(image, dir.path());
     assert_eq!(s.get(&k).unwrap().bytes(), &share_bytes(2, &k, 9000)[..]);
     assert!(s.scrub().unwrap().damaged.is_empty());
+}
+
+/// An allocation unit a rebuild could not read in single requests is refused at format.
+#[test]
+fn format_refuses_an_allocation_unit_past_the_largest() {
+    use qgenome_mountd::store::MAX_ALLOC_UNIT;
+    let v = MemVolume::new("mem-vol", 16 << 20, A);
+    let opts = |au| FormatOptions {
+        alloc_unit: Some(au),
+    };
+    let e = Store::format(&v, "s", &opts(2 << 30))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("allocation unit") && e.contains("mem-vol"),
+        "{e}"
+    );
+    let e = Store::format(&v, "s", &opts(MAX_ALLOC_UNIT * 2))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("allocation unit") && e.contains(&format!("at most {MAX_ALLOC_UNIT}")),
+        "{e}"
+    );
+    Store::format(&v, "s", &opts(1 << 20)).unwrap();
+}
+
+/// A scrub whose volume stops answering (the io_uring thread gone) fails, naming the
+/// volume, rather than reporting every share after as damaged.
+#[test]
+fn a_scrub_stops_at_a_volume_that_stops_rather_than_report_whole_shares_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(fresh(16 << 20), dir.path(), StoreOptions::default()).unwrap();
+    for c in 0..6 {
+        let k = key(5, c, 0);
+        s.put(k, META, &share_bytes(5, &k, 10_000)).unwrap();
+    }
+    assert!(s.scrub().unwrap().damaged.is_empty());
+    s.device().stop_after_reads(3);
+    let e = s.scrub().expect_err("a scrub past a stopped volume");
+    assert!(e.to_string().contains("mem-vol"), "{e}");
 }

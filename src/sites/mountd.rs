@@ -465,6 +465,11 @@ impl MountdSite {
                 .map_err(|e| link_err(e.into()))
         };
         let (ti, ri) = (info(tx)?, info(rx)?);
+        for (d, i) in [(tx, &ti), (rx, &ri)] {
+            let pool = pool::pool_path(&keys.dir, &keys.link, d);
+            crate::link::stream::check_window(&keys.link, &pool, i.key_len, keys.options.window)
+                .map_err(link_err)?;
+        }
         let send = SendStream::from_dir(&keys.dir, &keys.link, tx, keys.options.clone())
             .map_err(link_err)?;
         let recv = RecvStream::from_dir(&keys.dir, &keys.link, rx, keys.options.clone())
@@ -799,6 +804,19 @@ impl MountdSite {
             match self.exchange(&mut conn, 0, &hello, None) {
                 Ok(_) => {
                     return match msg::decode(&conn.b.plain) {
+                        // The daemon names its site: one that is not the site configured
+                        // here is another machine's daemon (two entries reaching one daemon
+                        // would put two shares of every chunk on it), or a misnamed one.
+                        Ok(Msg {
+                            body: Body::Welcome { site },
+                            ..
+                        }) if *site != self.name => Err(SiteError::Protocol {
+                            site: self.name.clone(),
+                            reason: format!(
+                                "the daemon at {} serves site {site:?}, not {:?}: each [[site]] name must be the `site` of the daemon its address reaches",
+                                self.addr, self.name
+                            ),
+                        }),
                         Ok(Msg {
                             body: Body::Welcome { .. },
                             ..

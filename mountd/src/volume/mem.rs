@@ -22,6 +22,8 @@ struct State {
     tear_at: Option<usize>,
     /// Durable writes refused, as a [`super::UringVolume`] refuses them after a failed flush.
     durability_lost: bool,
+    /// Reads still served before the "ring" stops (None: unlimited).
+    reads_left: Option<u64>,
 }
 
 impl MemVolume {
@@ -40,6 +42,7 @@ impl MemVolume {
                 writes_left: None,
                 tear_at: None,
                 durability_lost: false,
+                reads_left: None,
             }),
         }
     }
@@ -66,6 +69,12 @@ impl MemVolume {
             op: "fdatasync",
             source: std::io::Error::other("injected"),
         }
+    }
+
+    /// After `n` more reads, every request fails as it does on a [`super::UringVolume`] whose
+    /// io_uring thread has stopped.
+    pub fn stop_after_reads(&self, n: u64) {
+        self.lock().reads_left = Some(n);
     }
 
     /// The next write stores only its first `prefix` bytes and fails (a torn write at a crash).
@@ -118,7 +127,15 @@ impl BlockDevice for MemVolume {
 
     fn read_at(&self, mut buf: IoBuf, offset: u64) -> Result<IoBuf, VolumeError> {
         self.check(&buf, offset)?;
-        let s = self.lock();
+        let mut s = self.lock();
+        if let Some(left) = s.reads_left.as_mut() {
+            if *left == 0 {
+                return Err(VolumeError::RingGone {
+                    path: self.path.clone(),
+                });
+            }
+            *left -= 1;
+        }
         let o = offset as usize;
         let n = buf.len();
         buf.as_mut_slice().copy_from_slice(&s.bytes[o..o + n]);

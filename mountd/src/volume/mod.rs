@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 pub use buf::IoBuf;
 pub use mem::MemVolume;
-pub use request::{check_request, Alignment, RequestError};
+pub use request::{check_request, Alignment, RequestError, MAX_REQUEST};
 pub use uring::{create_file_volume, Durability, Pending, UringOptions, UringVolume, VolumeKind};
 
 /// Errors from a volume; every variant names the volume.
