@@ -288,19 +288,7 @@ impl HomeConfig {
                 ),
             ));
         }
-        let cache = self.cache_bytes()?;
-        // The cache is locked in memory (mlockall): more than half the machine's is a slip
-        // ("256G" for "256M") that would end in the OOM killer mid-read.
-        let memory = physical_memory();
-        if memory > 0 && cache as u64 > memory / 2 {
-            return Err(self.invalid(
-                "cache",
-                format!(
-                    "{cache} bytes is more than half this machine's memory ({memory} bytes); the cache is locked in memory (\"256M\" meant?)"
-                ),
-            ));
-        }
-        self.check_state_dir(&self.mountpoint)?;
+        self.cache_bytes()?;
         for (i, s) in self.sites.iter().enumerate() {
             let key = |f: &str| format!("site[{i}].{f}");
             if s.name.is_empty() || s.name.contains(['/', '\0', ' ']) {
@@ -430,10 +418,24 @@ impl HomeConfig {
         Ok(v as usize)
     }
 
-    /// `state_dir` (the catalog and the control socket) must not lie under the mountpoint
-    /// `mountpoint`: the mount would hide the control socket from every admin command, and
-    /// the next start find the mountpoint not empty.
-    pub fn check_state_dir(&self, mountpoint: &Path) -> Result<(), ConfigError> {
+    /// What only the mount checks (the other commands read the file on other machines, or
+    /// with the mountpoint given on the command line): `state_dir` (the catalog and the
+    /// control socket) not under `mountpoint`, where the mount would hide the control socket
+    /// from every admin command and the next start find the mountpoint not empty; and a
+    /// `cache` (locked in memory) of at most half this machine's memory, more being a slip
+    /// ("256G" for "256M") that would end in the OOM killer mid-read. Paths are compared as
+    /// written (made absolute), not through symlinks.
+    pub fn check_for_mount(&self, mountpoint: &Path) -> Result<(), ConfigError> {
+        let cache = self.cache_bytes()?;
+        let memory = physical_memory();
+        if memory > 0 && cache as u64 > memory / 2 {
+            return Err(self.invalid(
+                "cache",
+                format!(
+                    "{cache} bytes is more than half this machine's memory ({memory} bytes); the cache is locked in memory (\"256M\" meant?)"
+                ),
+            ));
+        }
         if self.state_dir.starts_with(mountpoint) {
             return Err(self.invalid(
                 "state_dir",
@@ -543,11 +545,16 @@ end = "a"
         assert!(e.contains("site[0].key_window"), "{e}");
     }
 
-    /// Slips that parse but would hurt: a state directory the mount hides, a cache larger
+    /// Slips that parse but would hurt the mount: a state directory it hides, a cache larger
     /// than the machine can lock.
     #[test]
     fn a_state_dir_under_the_mountpoint_and_a_cache_past_memory_are_refused() {
-        let e = err(&GOOD.replace("state_dir = \"/tmp/q\"", "state_dir = \"/qgenome/.state\""));
+        let mount_err = |text: &str| {
+            let c = HomeConfig::parse(text, Path::new("/etc/q.toml")).unwrap();
+            c.check_for_mount(&c.mountpoint).unwrap_err().to_string()
+        };
+        let e =
+            mount_err(&GOOD.replace("state_dir = \"/tmp/q\"", "state_dir = \"/qgenome/.state\""));
         assert!(
             e.contains("/etc/q.toml")
                 && e.contains("key `state_dir`")
@@ -555,16 +562,21 @@ end = "a"
             "{e}"
         );
         // Only a whole path component counts: /qgenome-state is beside /qgenome.
-        HomeConfig::parse(
+        let c = HomeConfig::parse(
             &GOOD.replace("state_dir = \"/tmp/q\"", "state_dir = \"/qgenome-state\""),
             Path::new("/etc/q.toml"),
         )
         .unwrap();
-        let e = err(&GOOD.replacen(
+        c.check_for_mount(&c.mountpoint).unwrap();
+        // The other commands still read a file with a cache this machine could not lock
+        // (the mount runs on another one, say); the mount refuses it.
+        let big = GOOD.replacen(
             "mountpoint = \"/qgenome\"",
             "mountpoint = \"/qgenome\"\ncache = \"1024T\"",
             1,
-        ));
+        );
+        HomeConfig::parse(&big, Path::new("/etc/q.toml")).unwrap();
+        let e = mount_err(&big);
         assert!(e.contains("key `cache`") && e.contains("memory"), "{e}");
     }
 

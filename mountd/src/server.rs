@@ -1387,10 +1387,9 @@ impl RefusalLog {
         let mut by = lock(&self.by_source);
         let mut key = source;
         if by.len() >= REFUSAL_SOURCES && !by.contains_key(&source) {
-            // Forget the sources whose budget is whole again and owes no count.
-            by.retain(|_, b| {
-                b.unlogged > 0 || now.duration_since(b.since) < REFUSAL_EVERY * REFUSAL_BURST
-            });
+            // Forget the sources whose budget is whole again (their count of lines left out
+            // goes with them: the table stays bounded whoever floods it).
+            by.retain(|_, b| now.duration_since(b.since) < REFUSAL_EVERY * REFUSAL_BURST);
             if by.len() >= REFUSAL_SOURCES {
                 key = std::net::Ipv6Addr::UNSPECIFIED.into();
             }
@@ -1686,6 +1685,33 @@ fn frame_len(prefix: &[u8], sealed: bool, before_hello: bool) -> Result<usize, S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A site's link whose window is larger than its pool ("64G" for "64M") is refused
+    /// before its ledgers are made, naming the link and the pool; one of the whole pool opens.
+    #[test]
+    fn a_link_whose_window_is_larger_than_its_pool_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        pool::provision("home-s", 4 << 20, &a, &b).unwrap();
+        let config = |window| crate::config::LinkConfig {
+            name: "home-s".into(),
+            key_dir: b.clone(),
+            end: crate::config::LinkEnd::B,
+            window,
+        };
+        let Err(e) = LinkEnds::open(&config(64 << 30)) else {
+            panic!("a 64 GiB window over a 4 MiB pool was taken");
+        };
+        let e = e.to_string();
+        assert!(
+            e.contains("home-s") && e.contains("larger than pool") && e.contains(".pool"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_dir(&b).unwrap().count(), 2, "only the pools");
+        LinkEnds::open(&config(4 << 20)).unwrap();
+    }
 
     #[test]
     fn refusals_are_logged_in_a_burst_then_one_a_second_counting_those_left_out() {

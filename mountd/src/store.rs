@@ -1308,12 +1308,14 @@ impl<D: BlockDevice> Store<D> {
                     offset: e.offset,
                     reason,
                 }),
-                // A read the device failed is this share's damage; the ring or a request
-                // failing is the scrub's own, which it stops at (reporting every share
-                // after as damaged would send an operator to restore shares that are whole).
+                // A read the device failed, or refused as this entry asks it (a damaged
+                // entry's length, say), is this share's damage; the ring stopping is the
+                // scrub's own, which it stops at (reporting every share after as damaged
+                // would send an operator to restore shares that are whole).
                 Err(StoreError::Volume(
                     v @ (VolumeError::Io { .. }
                     | VolumeError::NoProgress { .. }
+                    | VolumeError::Request { .. }
                     | VolumeError::Injected { .. }),
                 )) => report.damaged.push(Damage {
                     key,

@@ -649,38 +649,31 @@ fn rebuild_index_into_another_volumes_state_is_refused() {
     );
 }
 
-/// `serve` with a config that gives it nothing to serve on, or a TCP port 0 (one the kernel
-/// picks, which no home's config names), is refused at once, naming the file and the keys.
+/// `serve` with a config that gives it nothing to serve on is refused at once, naming the
+/// file and the keys.
 #[test]
-fn serve_refuses_a_config_that_listens_nowhere_a_home_can_reach() {
+fn serve_refuses_a_config_that_listens_nowhere() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("site.toml");
-    let base = format!(
-        "site = \"s\"\nvolume = {:?}\nstate_dir = {:?}\n",
-        dir.path().join("vol"),
-        dir.path().join("state")
-    );
-    let run = |text: &str| {
-        std::fs::write(&cfg, text).unwrap();
-        let out = mountd()
-            .arg("serve")
-            .arg("--config")
-            .arg(&cfg)
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
-    let e = run(&base);
+    std::fs::write(
+        &cfg,
+        format!(
+            "site = \"s\"\nvolume = {:?}\nstate_dir = {:?}\n",
+            dir.path().join("vol"),
+            dir.path().join("state")
+        ),
+    )
+    .unwrap();
+    let out = mountd()
+        .arg("serve")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
     assert!(
         e.contains(cfg.to_str().unwrap()) && e.contains("`listen`") && e.contains("`unix_socket`"),
-        "{e}"
-    );
-    let e = run(&format!(
-        "{base}listen = \"127.0.0.1:0\"\n[[link]]\nname = \"l\"\nkey_dir = \"/k\"\nend = \"b\"\n"
-    ));
-    assert!(
-        e.contains(cfg.to_str().unwrap()) && e.contains("key `listen`") && e.contains("port 0"),
         "{e}"
     );
 }

@@ -1872,27 +1872,3 @@ fn a_garbage_flood_from_one_address_gets_a_bounded_number_of_log_lines() {
     good.put(&k, &META, &share_bytes(8, &k, 10_000)).unwrap();
     assert_eq!(good.get(&k).unwrap(), share_bytes(8, &k, 10_000));
 }
-
-/// The home's name for a site must be the name its daemon serves: an address that reaches
-/// another site's daemon (or a misnamed one) is refused at HELLO, naming both.
-#[test]
-fn a_daemon_serving_another_site_than_the_one_configured_is_refused() {
-    let site = Site::new(
-        "site-real",
-        Vol::File(64 << 20),
-        &["home-x"],
-        &["home-x"],
-        64 << 20,
-    );
-    let d = site.start();
-    let c = MountdSite::tcp("site-other", &d.tcp, &site.client_keys("home-x")).unwrap();
-    let k = key(9, 1);
-    let e = c.put(&k, &META, &share_bytes(9, &k, 1000)).unwrap_err();
-    let text = e.to_string();
-    assert!(
-        matches!(e, SiteError::Protocol { .. })
-            && text.contains("\"site-real\"")
-            && text.contains("\"site-other\""),
-        "{text}"
-    );
-}

@@ -60,7 +60,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         .mountpoint
         .clone()
         .unwrap_or_else(|| cfg.mountpoint.clone());
-    cfg.check_state_dir(&std::path::absolute(&mountpoint)?)?;
+    cfg.check_for_mount(&std::path::absolute(&mountpoint)?)?;
     // Block the stop signals before any thread starts, so every thread inherits the mask and
     // this one receives them in sigwait.
     let mut stop = SigSet::empty();

@@ -111,6 +111,8 @@ impl Drop for EndHold {
 }
 
 pub struct ConsentRegistry {
+    /// This registry, for the threads an expiry ends sessions on.
+    me: std::sync::Weak<ConsentRegistry>,
     grants: Mutex<HashMap<String, Grant>>,
     /// Set at shutdown: every waiting and later read is refused at once.
     closed: std::sync::atomic::AtomicBool,
@@ -175,7 +177,8 @@ impl std::fmt::Debug for ConsentRegistry {
 
 impl ConsentRegistry {
     pub fn new(audit: Arc<dyn Audit>) -> Arc<Self> {
-        let reg = Arc::new(Self {
+        let reg = Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             grants: Mutex::new(HashMap::new()),
             closed: std::sync::atomic::AtomicBool::new(false),
             changed: Condvar::new(),
@@ -471,21 +474,28 @@ impl ConsentRegistry {
         for (p, _) in &expired {
             self.audit.record("consent-expired", Some(p), None, "");
         }
-        // Each end on its own thread: one waiting on a slow reply or page drop must not keep
-        // another patient's caches and pages past its own expiry.
-        std::thread::scope(|scope| {
-            for (p, id) in &expired {
-                let spawned = std::thread::Builder::new()
-                    .name("consent-expiry".into())
-                    .spawn_scoped(scope, move || self.finish_end(p, *id));
-                if let Err(e) = spawned {
+        // Each end on a thread of its own, not waited for: one waiting on a slow reply or
+        // page drop must keep no other patient's caches and pages past its expiry, whether
+        // that one expired in this sweep or a later one. (Its end is marked under way
+        // above: readers are refused, and a revoke waits for it.)
+        for (p, id) in expired {
+            let spawned = self.me.upgrade().map(|me| {
+                let patient = p.clone();
+                std::thread::Builder::new()
+                    .name("consent-end".into())
+                    .spawn(move || me.finish_end(&patient, id))
+            });
+            match spawned {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
                     tracing::warn!(
                         "consent of {p} expired: no thread to end it apart ({e}); ending it here"
                     );
-                    self.finish_end(p, *id);
+                    self.finish_end(&p, id);
                 }
+                None => self.finish_end(&p, id),
             }
-        });
+        }
     }
 
     /// Run every wipe hook, outside the hooks' lock, each on its own: one that panics is

@@ -75,7 +75,7 @@ pub enum LinkError {
     },
     #[error("link {link:?}: ledger {path} is in use by another process")]
     Busy { link: String, path: PathBuf },
-    #[error("link {link:?}: a key window of {window} bytes is more than half of pool {pool} ({key_len} bytes of key): each restart may destroy up to a window of unused key; set the window (key_window at the home, window at the site) well below the pool (\"64M\" meant, not \"64G\"?)")]
+    #[error("link {link:?}: a key window of {window} bytes is larger than pool {pool} ({key_len} bytes of key): each restart may destroy up to a window of unused key; set the window (key_window at the home, window at the site) well below the pool (\"64M\" meant, not \"64G\"?)")]
     WindowTooLarge {
         link: String,
         pool: PathBuf,

@@ -190,6 +190,21 @@ fn key_destroyed_at(key: &dyn KeySource, offset: u64) -> Result<bool, LinkError>
     Ok(bool::from(b[..n].ct_eq(&[0u8; MAC_KEY_LEN as usize][..n])))
 }
 
+/// Refuse a window (`StreamOptions::window`) larger than the key of the pool at `pool`
+/// (`key_len` bytes): each restart of a stream may destroy up to a window of unused key, so a
+/// slip such as "64G" for "64M" would throw the whole pool away at the first restart.
+pub fn check_window(link: &str, pool: &Path, key_len: u64, window: u64) -> Result<(), LinkError> {
+    if window > key_len {
+        return Err(LinkError::WindowTooLarge {
+            link: link.to_string(),
+            pool: pool.to_path_buf(),
+            window,
+            key_len,
+        });
+    }
+    Ok(())
+}
+
 /// Open and lock the ledger at `path` for the stream `key` holds; create it only when there is
 /// none and the key is untouched (its first bytes not destroyed).
 ///
@@ -201,21 +216,6 @@ fn key_destroyed_at(key: &dyn KeySource, offset: u64) -> Result<bool, LinkError>
 /// within that time left the pool looking untouched, and a new ledger would have used the
 /// same key again. (A crash between the destruction and the ledger leaves a pool refused as
 /// missing its ledger: the safe side, as after a lost ledger.)
-/// Refuse a window (`StreamOptions::window`) above half the key of the pool at `pool`
-/// (`key_len` bytes): each restart of a stream may destroy up to a window of unused key, so a
-/// slip such as "64G" for "64M" would throw the whole pool away at the first restart.
-pub fn check_window(link: &str, pool: &Path, key_len: u64, window: u64) -> Result<(), LinkError> {
-    if window > key_len / 2 {
-        return Err(LinkError::WindowTooLarge {
-            link: link.to_string(),
-            pool: pool.to_path_buf(),
-            window,
-            key_len,
-        });
-    }
-    Ok(())
-}
-
 pub fn open_ledger(path: &Path, role: Role, key: &dyn KeySource) -> Result<FileLedger, LinkError> {
     let info = key.info();
     match FileLedger::open(path, &info.link, role, info.stream_id)? {

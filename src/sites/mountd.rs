@@ -804,19 +804,6 @@ impl MountdSite {
             match self.exchange(&mut conn, 0, &hello, None) {
                 Ok(_) => {
                     return match msg::decode(&conn.b.plain) {
-                        // The daemon names its site: one that is not the site configured
-                        // here is another machine's daemon (two entries reaching one daemon
-                        // would put two shares of every chunk on it), or a misnamed one.
-                        Ok(Msg {
-                            body: Body::Welcome { site },
-                            ..
-                        }) if *site != self.name => Err(SiteError::Protocol {
-                            site: self.name.clone(),
-                            reason: format!(
-                                "the daemon at {} serves site {site:?}, not {:?}: each [[site]] name must be the `site` of the daemon its address reaches",
-                                self.addr, self.name
-                            ),
-                        }),
                         Ok(Msg {
                             body: Body::Welcome { .. },
                             ..
