@@ -170,6 +170,28 @@ fn default_chunk() -> String {
 fn default_wait() -> u64 {
     300
 }
+/// `p` made absolute, with `.` and `..` taken out and each prefix that exists resolved
+/// through its symlinks (the parts that do not exist yet kept as written).
+fn resolved(p: &Path) -> PathBuf {
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            c => {
+                out.push(c);
+                if let Ok(r) = out.canonicalize() {
+                    out = r;
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Bytes of memory this machine has (0 if the system will not say).
 fn physical_memory() -> u64 {
     // SAFETY: sysconf only reads system constants.
@@ -423,8 +445,8 @@ impl HomeConfig {
     /// control socket) not under `mountpoint`, where the mount would hide the control socket
     /// from every admin command and the next start find the mountpoint not empty; and a
     /// `cache` (locked in memory) of at most half this machine's memory, more being a slip
-    /// ("256G" for "256M") that would end in the OOM killer mid-read. Paths are compared as
-    /// written (made absolute), not through symlinks.
+    /// ("256G" for "256M") that would end in the OOM killer mid-read. Paths are compared
+    /// resolved ([`resolved`]: symlinks and `..` of the parts that exist).
     pub fn check_for_mount(&self, mountpoint: &Path) -> Result<(), ConfigError> {
         let cache = self.cache_bytes()?;
         let memory = physical_memory();
@@ -436,7 +458,7 @@ impl HomeConfig {
                 ),
             ));
         }
-        if self.state_dir.starts_with(mountpoint) {
+        if resolved(&self.state_dir).starts_with(resolved(mountpoint)) {
             return Err(self.invalid(
                 "state_dir",
                 format!(
@@ -568,6 +590,30 @@ end = "a"
         )
         .unwrap();
         c.check_for_mount(&c.mountpoint).unwrap();
+        // A mountpoint given with `..`, or through a symlink, is the same place.
+        let dir = tempfile::tempdir().unwrap();
+        let (real, link) = (dir.path().join("real"), dir.path().join("link"));
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let under = |state: &Path| {
+            let text = GOOD.replace(
+                "state_dir = \"/tmp/q\"",
+                &format!("state_dir = {:?}", state.to_str().unwrap()),
+            );
+            HomeConfig::parse(&text, Path::new("/etc/q.toml")).unwrap()
+        };
+        let c = under(&real.join(".state"));
+        for mp in [
+            link.clone(),
+            dir.path().join("real/../real"),
+            link.join("x/.."),
+        ] {
+            let e = c.check_for_mount(&mp).unwrap_err().to_string();
+            assert!(e.contains("under the mountpoint"), "{}: {e}", mp.display());
+        }
+        under(&dir.path().join("state"))
+            .check_for_mount(&link)
+            .unwrap();
         // The other commands still read a file with a cache this machine could not lock
         // (the mount runs on another one, say); the mount refuses it.
         let big = GOOD.replacen(

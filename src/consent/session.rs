@@ -453,6 +453,19 @@ impl ConsentRegistry {
             self.end(&p, "mount shutting down");
         }
         self.changed.notify_all();
+        // Ends already under way (an expiry's, on a thread of its own) finish before the
+        // mount goes: their page drop and wipes are what a shutdown must not leave undone.
+        let ending = self.ending.lock().unwrap_or_else(|e| e.into_inner());
+        let (ending, waited) = self
+            .wiped
+            .wait_timeout_while(ending, END_WAIT, |e| !e.is_empty())
+            .unwrap_or_else(|e| e.into_inner());
+        if waited.timed_out() {
+            let left: Vec<&String> = ending.keys().collect();
+            tracing::warn!(
+                "mount shutting down: the ends of the sessions of {left:?} have not wiped the caches after {END_WAIT:?}"
+            );
+        }
     }
 
     /// End every session past its expiry.
@@ -936,6 +949,31 @@ mod tests {
         released.store(true, Ordering::SeqCst);
         ended.sort();
         assert_eq!(ended, ["P1", "P2"]);
+    }
+
+    /// A close waits for an expiry's end still under way on its own thread: the mount goes
+    /// only once that end's page drop and wipes are done.
+    #[test]
+    fn close_waits_for_an_expirys_end_under_way() {
+        let reg = ConsentRegistry::new(Arc::new(MemAudit::default()));
+        let (began, started) = std::sync::mpsc::channel::<()>();
+        let began = Mutex::new(began);
+        let wiped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let w = wiped.clone();
+        reg.on_end(move |_| {
+            began.lock().unwrap().send(()).unwrap();
+            std::thread::sleep(Duration::from_millis(700));
+            w.store(true, Ordering::SeqCst);
+        });
+        reg.grant("P1", Some(Duration::from_millis(50)), "admin");
+        started
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the expiry's end began");
+        reg.close();
+        assert!(
+            wiped.load(Ordering::SeqCst),
+            "close returned before the end under way had wiped"
+        );
     }
 
     #[test]
