@@ -24,16 +24,20 @@ fn rig_with(k: usize, n: usize, tweak: impl FnOnce(&mut EngineConfig)) -> Rig {
     let sites: Vec<Arc<MemSite>> = (0..n)
         .map(|i| Arc::new(MemSite::new(&format!("site{i}"))))
         .collect();
-    let dyn_sites: Vec<Arc<dyn ShareSite>> = sites
-        .iter()
-        .map(|s| s.clone() as Arc<dyn ShareSite>)
-        .collect();
-    let (dir, engine) = engine_with(k, dyn_sites, tweak);
+    let (dir, engine) = engine_with(k, as_dyn(&sites), tweak);
     Rig {
         _dir: dir,
         engine,
         sites,
     }
+}
+
+/// In-memory sites as the engine takes them.
+fn as_dyn(sites: &[Arc<MemSite>]) -> Vec<Arc<dyn ShareSite>> {
+    sites
+        .iter()
+        .map(|s| s.clone() as Arc<dyn ShareSite>)
+        .collect()
 }
 
 /// An engine with a fresh catalog (in the returned directory) over `sites`, the first the
@@ -44,6 +48,21 @@ fn engine_over(k: usize, sites: Vec<Arc<dyn ShareSite>>) -> (tempfile::TempDir, 
 
 /// [`engine_over`] with its configuration changed by `tweak`.
 fn engine_with(
+    k: usize,
+    sites: Vec<Arc<dyn ShareSite>>,
+    tweak: impl FnOnce(&mut EngineConfig),
+) -> (tempfile::TempDir, Arc<Engine>) {
+    let (dir, engine) = empty_engine_with(k, sites, tweak);
+    engine.catalog.add_patient("P0001").unwrap();
+    (dir, engine)
+}
+
+/// An engine with an empty catalog over `sites` (for a catalog rebuild).
+fn empty_engine(k: usize, sites: Vec<Arc<dyn ShareSite>>) -> (tempfile::TempDir, Arc<Engine>) {
+    empty_engine_with(k, sites, |_| {})
+}
+
+fn empty_engine_with(
     k: usize,
     sites: Vec<Arc<dyn ShareSite>>,
     tweak: impl FnOnce(&mut EngineConfig),
@@ -60,8 +79,7 @@ fn engine_with(
         ..EngineConfig::default()
     };
     tweak(&mut cfg);
-    let engine = Engine::new(catalog.clone(), consent, sites, cfg).unwrap();
-    catalog.add_patient("P0001").unwrap();
+    let engine = Engine::new(catalog, consent, sites, cfg).unwrap();
     (dir, engine)
 }
 
@@ -906,21 +924,7 @@ fn a_stale_manifest_is_rewritten_while_the_mount_runs_once_its_sites_are_back() 
     }
     assert!(r.engine.wait_discards(Duration::from_secs(10)));
     // A catalog lost now is rebuilt with the new name.
-    let sites: Vec<Arc<dyn ShareSite>> = r
-        .sites
-        .iter()
-        .map(|s| s.clone() as Arc<dyn ShareSite>)
-        .collect();
-    let dir = tempfile::tempdir().unwrap();
-    let catalog = Arc::new(Catalog::open(&dir.path().join("rebuilt")).unwrap());
-    let cfg = EngineConfig {
-        k: 2,
-        n: 3,
-        chunk_size: 64 << 10,
-        ..EngineConfig::default()
-    };
-    let consent = ConsentRegistry::new(catalog.clone());
-    let rebuilt = Engine::new(catalog, consent, sites, cfg).unwrap();
+    let (_dir, rebuilt) = empty_engine(2, as_dyn(&r.sites));
     let report = rebuilt.rebuild_catalog().unwrap();
     let mut names: Vec<&str> = report.restored.iter().map(|f| f.name.as_str()).collect();
     names.sort_unstable();
@@ -942,27 +946,10 @@ fn a_manifest_whose_rewrite_failed_is_rewritten_at_the_next_recovery() {
     assert_eq!(r.engine.catalog.stale_manifests().unwrap(), [id]);
     r.sites[1].set_down(false);
     r.sites[2].set_down(false);
-    let sites: Vec<Arc<dyn ShareSite>> = r
-        .sites
-        .iter()
-        .map(|s| s.clone() as Arc<dyn ShareSite>)
-        .collect();
     // An engine over the sites with an empty catalog, for a rebuild.
-    let dir = tempfile::tempdir().unwrap();
-    let empty = |name: &str| {
-        let catalog = Arc::new(Catalog::open(&dir.path().join(name)).unwrap());
-        let cfg = EngineConfig {
-            k: 2,
-            n: 3,
-            chunk_size: 64 << 10,
-            consent_wait: Duration::from_millis(300),
-            ..EngineConfig::default()
-        };
-        let consent = ConsentRegistry::new(catalog.clone());
-        Engine::new(catalog, consent, sites.clone(), cfg).unwrap()
-    };
+    let empty = || empty_engine(2, as_dyn(&r.sites));
     // Before the recovery, a rebuild would restore the name before the rename.
-    let before = empty("before");
+    let (_before_dir, before) = empty();
     let names = |e: &Engine| {
         let report = e.rebuild_catalog().unwrap();
         let names: Vec<String> = report.restored.iter().map(|f| f.name.clone()).collect();
@@ -972,7 +959,7 @@ fn a_manifest_whose_rewrite_failed_is_rewritten_at_the_next_recovery() {
     r.engine.recover().unwrap();
     assert!(r.engine.wait_discards(Duration::from_secs(10)));
     assert!(r.engine.catalog.stale_manifests().unwrap().is_empty());
-    let after = empty("after");
+    let (_after_dir, after) = empty();
     assert_eq!(names(&after), ["s.cram"]);
     after.consent.grant("P0001", None, "test");
     assert_eq!(read_all(&after, "s.cram").unwrap(), data);

@@ -458,7 +458,7 @@ impl<D: BlockDevice> Server<D> {
         let mut plain = Vec::new();
         // The first frame's header (a link's HELLO) must arrive this soon after the connection
         // was accepted; later ones may be awaited for the idle timeout. Once its header is in,
-        // a frame must arrive whole within the frame timeout.
+        // a frame must arrive whole within its transfer deadline.
         let mut first_by = Some(tokio::time::Instant::now() + self.limits.frame_timeout);
         // Refusals are logged per source, within a budget (`RefusalLog`); the Unix socket's
         // peers (the home mount, the site's own admin) always.

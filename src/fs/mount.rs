@@ -350,20 +350,6 @@ fn builtin_handler(engine: Arc<Engine>, admin_grants: bool) -> Arc<Handler> {
         let reply = match cmd {
             "consent-grant" => (|| {
                 let patient = arg_str(req, "patient")?;
-                if !admin_grants {
-                    engine.catalog.audit(
-                        "consent-refused",
-                        Some(patient),
-                        None,
-                        &format!(
-                            "admin grant ({}) refused: consent is by card",
-                            control::peer_of(req)
-                        ),
-                    );
-                    return Err(control::error(format!(
-                        "consent-grant {patient}: refused: this mount takes consent from the patient's card ([card] in its configuration); an admin grant needs `admin_grant = true` under [card]"
-                    )));
-                }
                 // A grant refused is audited as one given is.
                 let refused = |why: String| {
                     engine.catalog.audit(
@@ -374,6 +360,11 @@ fn builtin_handler(engine: Arc<Engine>, admin_grants: bool) -> Arc<Handler> {
                     );
                     control::error(why)
                 };
+                if !admin_grants {
+                    return Err(refused(format!(
+                        "consent-grant {patient}: refused: this mount takes consent from the patient's card ([card] in its configuration); an admin grant needs `admin_grant = true` under [card]"
+                    )));
+                }
                 let minutes = control::opt_u64(req, "minutes")
                     .map_err(|e| refused(e["error"].as_str().unwrap_or_default().to_string()))?
                     .unwrap_or(15);
