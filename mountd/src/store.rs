@@ -2,20 +2,27 @@
 //!
 //! Commit protocol of a put (see `docs/design.md` ("mountd") for the crash argument):
 //! 1. allocate an extent (in memory; the allocator is rebuilt from the index at open);
-//! 2. write `[header | share]` with ONE durable write;
-//! 3. insert the index entry and flush the index (group commit: one flush covers every put
-//!    whose entry was inserted before it started);
-//! 4. only then return Ok; a replaced extent is tombstoned and its space freed afterwards.
+//! 2. make sure the extent's regions are recorded as open in the index, durably (an index
+//!    flush when one is not: once per region of 256 MiB or more, see [`lazy`]);
+//! 3. write `[header | share]` with ONE durable write;
+//! 4. insert the index entry, and return Ok: the share is durable, and a crash before the
+//!    entry's flush leaves it in an open region, where `open` finds it again;
+//! 5. the flusher thread flushes the index for all the puts of the last 20 ms at once, then
+//!    tombstones and frees the extents they replaced.
 //!
 //! A replaced extent is recorded in the index's `retiring` tree before the new entry goes in,
 //! and the record is dropped only once its header is durably overwritten: `open` finishes any
 //! tombstone a crash interrupted, so an older generation never outlives its key in a volume
-//! scan (where it would come back in `rebuild-index` after the key is deleted).
+//! scan (where it would come back in `rebuild-index` after the key is deleted). Deletes still
+//! flush the index before they return.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+mod lazy;
+use lazy::Committer;
 
 use nix::fcntl::{Flock, FlockArg};
 use qgenome::catalog::durable::SledSync;
@@ -29,7 +36,6 @@ use crate::volume::{BlockDevice, IoBuf, VolumeError};
 
 /// Generations are reserved in the index this many at a time, so none is ever reused.
 const GEN_BATCH: u64 = 1 << 16;
-const KEY_LOCKS: usize = 64;
 /// The largest allocation unit `format` gives a volume (64 MiB): `rebuild-index` reads whole
 /// units, in requests of at most [`crate::volume::MAX_REQUEST`].
 pub const MAX_ALLOC_UNIT: u32 = 64 << 20;
@@ -336,24 +342,15 @@ struct Gens {
 
 /// The share store of one site on one volume.
 pub struct Store<D: BlockDevice> {
-    dev: D,
+    /// What puts, deletes and the index flusher thread share.
+    c: Arc<Committer<D>>,
+    /// The index flusher (see [`lazy`]), stopped and joined on drop.
+    flusher: Option<std::thread::JoinHandle<()>>,
     sb: Superblock,
     dir: PathBuf,
-    db: sled::Db,
-    /// Makes `db`'s flushes durable (sled's own are not).
-    sync: SledSync,
     shares: sled::Tree,
     meta: sled::Tree,
-    /// Replaced extents whose header may still be on the volume: extent offset (big-endian) ->
-    /// share key and the index entry it had.
-    retiring: sled::Tree,
-    alloc: Mutex<Allocator>,
     gens: Mutex<Gens>,
-    /// Highest commit sequence number known flushed.
-    flushed: Mutex<u64>,
-    /// Commit sequence numbers handed out (after the index insert they follow).
-    applied: AtomicU64,
-    key_locks: Vec<RwLock<()>>,
     damaged_reads: AtomicU64,
     opts: StoreOptions,
     /// This index's tag (`Superblock::index_tag`).
@@ -362,7 +359,9 @@ pub struct Store<D: BlockDevice> {
     tagged: AtomicBool,
     /// Held while the superblock is rewritten with our tag.
     tagging: Mutex<()>,
-    /// The state directory's lock, held while the store is open.
+    /// Valid shares the open regions held that the index lacked, found by `open`.
+    recovered: u64,
+    /// The state directory's lock, held while the store is open (dropped last).
     _state_lock: Flock<std::fs::File>,
 }
 
@@ -736,6 +735,19 @@ impl<D: BlockDevice> Store<D> {
             }
             live.push((e.offset, e.extent_len));
         }
+        // Shares acknowledged before a crash whose entries were not flushed: indexed before
+        // the tombstones are finished (what they replace gets a record) and the allocator
+        // is built.
+        let open_regions = db.open_tree(lazy::OPEN_TREE).map_err(ix)?;
+        let recovered = recover_open_regions(
+            &dev,
+            &sb,
+            &dir,
+            &shares,
+            &retiring,
+            &open_regions,
+            &mut live,
+        )?;
         // Before the allocator: an extent whose tombstone cannot be finished now stays
         // allocated to its record. If a live share overlaps it (an index from before this
         // rule, which let such an extent be reused), the live share owns the space and its
@@ -777,25 +789,40 @@ impl<D: BlockDevice> Store<D> {
             .map_err(ix)?;
         sync.flush(&db).map_err(ix)?;
         let has_shares = !shares.is_empty();
+        let c = Arc::new(Committer::new(
+            dev,
+            sb.clone(),
+            dir.clone(),
+            db,
+            sync,
+            retiring,
+            open_regions,
+            alloc,
+        ));
+        let flusher = {
+            let c = Arc::clone(&c);
+            std::thread::Builder::new()
+                .name("qgenome-index".into())
+                .spawn(move || c.run())
+                .map_err(|source| StoreError::StateDir {
+                    dir: dir.clone(),
+                    source,
+                })?
+        };
         let store = Self {
             _state_lock: state_lock,
             index_tag,
             tagged: AtomicBool::new(sb.index_tag == index_tag),
             tagging: Mutex::new(()),
-            dev,
+            c,
+            flusher: Some(flusher),
             sb,
             dir,
-            db,
-            sync,
             shares,
             meta,
-            retiring,
-            alloc: Mutex::new(alloc),
             gens: Mutex::new(Gens { next, reserved }),
-            flushed: Mutex::new(0),
-            applied: AtomicU64::new(0),
-            key_locks: (0..KEY_LOCKS).map(|_| RwLock::new(())).collect(),
             damaged_reads: AtomicU64::new(0),
+            recovered,
             opts,
         };
         // A volume whose shares were written before index tags existed: tag it now.
@@ -816,7 +843,7 @@ impl<D: BlockDevice> Store<D> {
             return Ok(());
         }
         write_superblock(
-            &self.dev,
+            &self.c.dev,
             &Superblock {
                 index_tag: self.index_tag,
                 ..self.sb.clone()
@@ -835,7 +862,7 @@ impl<D: BlockDevice> Store<D> {
     }
 
     pub fn device(&self) -> &D {
-        &self.dev
+        &self.c.dev
     }
 
     fn ix(&self, source: sled::Error) -> StoreError {
@@ -846,12 +873,7 @@ impl<D: BlockDevice> Store<D> {
     }
 
     fn key_lock(&self, key: &ShareKey) -> &RwLock<()> {
-        let mut h = key.chunk ^ u64::from(key.share).rotate_left(40);
-        for (i, b) in key.file_id.iter().enumerate() {
-            h ^= u64::from(*b) << ((i % 8) * 8);
-        }
-        h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        &self.key_locks[(h >> 58) as usize % KEY_LOCKS]
+        self.c.key_lock(key)
     }
 
     fn next_generation(&self) -> Result<u64, StoreError> {
@@ -861,7 +883,7 @@ impl<D: BlockDevice> Store<D> {
             self.meta
                 .insert(META_GEN_RESERVED, &reserved.to_le_bytes())
                 .map_err(|e| self.ix(e))?;
-            self.sync.flush(&self.db).map_err(|e| self.ix(e))?;
+            self.c.sync.flush(&self.c.db).map_err(|e| self.ix(e))?;
             g.reserved = reserved;
         }
         g.next += 1;
@@ -871,15 +893,7 @@ impl<D: BlockDevice> Store<D> {
     /// Group commit: returns once an index flush that started after the caller's inserts (made
     /// before this call) has finished.
     fn commit(&self) -> Result<(), StoreError> {
-        let seq = self.applied.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut flushed = lock(&self.flushed);
-        if *flushed >= seq {
-            return Ok(());
-        }
-        let target = self.applied.load(Ordering::SeqCst);
-        self.sync.flush(&self.db).map_err(|e| self.ix(e))?;
-        *flushed = target;
-        Ok(())
+        self.c.commit()
     }
 
     fn invalid(&self, key: ShareKey, reason: impl Into<String>) -> StoreError {
@@ -897,7 +911,7 @@ impl<D: BlockDevice> Store<D> {
     pub fn share_buf(&self, len: usize) -> ShareBuf {
         let write_len = self.sb.write_len(len as u64) as usize;
         let start = self.sb.block_size as usize;
-        let mut buf = self.dev.alloc_buf_dirty(write_len);
+        let mut buf = self.c.dev.alloc_buf_dirty(write_len);
         let b = buf.as_mut_slice();
         b[..start].fill(0);
         b[start + len..].fill(0);
@@ -936,10 +950,10 @@ impl<D: BlockDevice> Store<D> {
         // A volume that refuses durable writes (a failed flush) gets no allocation either;
         // nor does an index whose sync failed (its commit would refuse the put only after
         // the share took an extent, for good, and became readable).
-        if let Some(e) = self.dev.durable_writes_refused() {
+        if let Some(e) = self.c.dev.durable_writes_refused() {
             return Err(e.into());
         }
-        self.sync.check().map_err(|e| self.ix(e))?;
+        self.c.sync.check().map_err(|e| self.ix(e))?;
         // Before the first share reaches the volume, the volume names this index.
         self.tag_volume()?;
         let _guard = self
@@ -948,11 +962,11 @@ impl<D: BlockDevice> Store<D> {
             .unwrap_or_else(|e| e.into_inner());
         let extent_len = self.sb.extent_len(len);
         let offset = {
-            let mut a = lock(&self.alloc);
+            let mut a = lock(&self.c.alloc);
             a.allocate(extent_len)
                 .ok_or_else(|| StoreError::VolumeFull {
                     site: self.sb.site.clone(),
-                    volume: self.dev.path().to_path_buf(),
+                    volume: self.c.dev.path().to_path_buf(),
                     key,
                     needed: extent_len,
                     free: a.free_bytes(),
@@ -961,10 +975,13 @@ impl<D: BlockDevice> Store<D> {
         };
         // Until the index entry is inserted, a failure gives the extent back.
         let release = |e: StoreError| {
-            lock(&self.alloc).free(offset, extent_len);
+            lock(&self.c.alloc).free(offset, extent_len);
             e
         };
         let generation = self.next_generation().map_err(release)?;
+        // The extent's regions are durably open before a byte of it is written: a crash
+        // before the index entry below is flushed leaves the share for `open` to find there.
+        let regions = self.c.enter(offset, extent_len).map_err(release)?;
         let mut buf = share.buf;
         let start = share.start;
         let header = ShareHeader {
@@ -985,12 +1002,14 @@ impl<D: BlockDevice> Store<D> {
         // the extent stays allocated, and a retiring record has the next start zero it (it is
         // not its key's entry, and its header is exactly this one).
         let unwrite = |e: StoreError| {
-            match tombstone(&self.dev, &self.sb, offset) {
+            self.c.release(regions.clone());
+            match tombstone(&self.c.dev, &self.sb, offset) {
                 Ok(()) => {
-                    lock(&self.alloc).free(offset, extent_len);
+                    lock(&self.c.alloc).free(offset, extent_len);
                 }
                 Err(t) => {
                     let recorded = self
+                        .c
                         .retiring
                         .insert(offset.to_be_bytes(), &retiring_record(&key, &entry)[..])
                         .map_err(|x| self.ix(x))
@@ -1010,11 +1029,12 @@ impl<D: BlockDevice> Store<D> {
         // The header block after HEADER_LEN and the padding after the share are zero:
         // share_buf zeroed them and only the share range was handed out.
         // A failed write may still have put the header (and maybe every byte) on the volume.
-        self.dev
+        self.c
+            .dev
             .write_at(buf, offset, true)
             .map_err(|e| unwrite(e.into()))?;
         // The extent this put replaces is recorded as retiring before the new entry goes in
-        // (both are flushed by the commit below, in this order): a crash before its tombstone
+        // (both are flushed by the same flush, in this order): a crash before its tombstone
         // is durable leaves the record for `open` to finish. The key's write lock keeps the
         // entry read here the one the insert replaces.
         let old = self
@@ -1023,31 +1043,23 @@ impl<D: BlockDevice> Store<D> {
             .map_err(|e| unwrite(self.ix(e)))?
             .and_then(|v| IndexEntry::decode(&v).ok());
         if let Some(old) = &old {
-            self.retiring
+            self.c
+                .retiring
                 .insert(old.offset.to_be_bytes(), &retiring_record(&key, old)[..])
                 .map_err(|e| unwrite(self.ix(e)))?;
         }
         if let Err(e) = self.shares.insert(key.encode(), &entry.encode()[..]) {
             if let Some(old) = &old {
                 // Harmless if it stays (`open` sees the entry still live), but not left behind.
-                let _ = self.retiring.remove(old.offset.to_be_bytes());
+                let _ = self.c.retiring.remove(old.offset.to_be_bytes());
             }
             return Err(unwrite(self.ix(e)));
         }
-        // From here the index may reference the extent: never give it back on failure.
-        self.commit()?;
-        if let Some(old) = old {
-            // The new share is durable and indexed: the put has succeeded whatever happens
-            // to the old extent. A failed tombstone keeps its retiring record (and the extent
-            // allocated), finished by a delete of the key or by the next start.
-            if let Err(e) = self.retire(&old) {
-                tracing::warn!(
-                    site = %self.sb.site,
-                    "{key}: zeroing the replaced share's header at {}: {e}; retried at the key's delete and at the next start",
-                    old.offset
-                );
-            }
-        }
+        // From here the index may reference the extent: never give it back on failure. The
+        // share is durable, and so is its region's record: the put is done. The flusher makes
+        // the entry durable, then zeroes and frees the replaced extent (until that flush the
+        // durable index still names it, so it must stay whole and allocated).
+        self.c.acknowledged(regions, old.map(|o| (key, o)));
         Ok(())
     }
 
@@ -1055,7 +1067,7 @@ impl<D: BlockDevice> Store<D> {
     /// that deleting the key leaves no older generation for a volume scan to bring back.
     fn retire_leftovers(&self, key: &ShareKey, live: &IndexEntry) -> Result<(), StoreError> {
         let mut left = Vec::new();
-        for item in self.retiring.iter() {
+        for item in self.c.retiring.iter() {
             let (_, record) = item.map_err(|e| self.ix(e))?;
             // A record of the live extent (a put whose insert and cleanup both failed) is not
             // a leftover: the delete zeroes and frees that one. A record that does not decode
@@ -1066,34 +1078,8 @@ impl<D: BlockDevice> Store<D> {
             }
         }
         for e in &left {
-            // Zeroed and freed only if its header is still the replaced share's (its extent
-            // is then allocated to the record: by `put`, or by `open` for a record it kept).
-            // Else the record just goes: it is not ours to free (at worst the space waits for
-            // the next start).
-            let header = self
-                .dev
-                .read_at(self.dev.alloc_buf(self.sb.block_size as usize), e.offset)?;
-            if ShareHeader::decode(header.as_slice())
-                .is_ok_and(|h| e.matches(&h, key, &self.sb.volume_id))
-            {
-                self.retire(e)?;
-            } else {
-                self.retiring
-                    .remove(e.offset.to_be_bytes())
-                    .map_err(|err| self.ix(err))?;
-            }
+            self.c.retire_checked(key, e)?;
         }
-        Ok(())
-    }
-
-    /// Durably overwrites a replaced extent's header block so a volume scan no longer sees it,
-    /// drops its retiring record, then frees it (a failure keeps the record for `open`).
-    fn retire(&self, e: &IndexEntry) -> Result<(), StoreError> {
-        tombstone(&self.dev, &self.sb, e.offset)?;
-        self.retiring
-            .remove(e.offset.to_be_bytes())
-            .map_err(|err| self.ix(err))?;
-        lock(&self.alloc).free(e.offset, e.extent_len);
         Ok(())
     }
 
@@ -1134,8 +1120,9 @@ impl<D: BlockDevice> Store<D> {
     /// been freed and reused meanwhile), or the share is damaged. The caller then asks
     /// [`Store::get`], which reads under the key's lock and tells the two apart.
     pub async fn read_located(&self, l: &Located) -> Result<Option<ShareData>, StoreError> {
-        let buf = self.dev.alloc_buf_dirty(l.read_len);
+        let buf = self.c.dev.alloc_buf_dirty(l.read_len);
         let buf = self
+            .c
             .dev
             .read_pending(buf, l.entry.offset)
             .into_buf()
@@ -1158,8 +1145,9 @@ impl<D: BlockDevice> Store<D> {
         // Not zeroed first: the read fills every byte or fails (and the share's checksum is
         // checked below either way).
         let buf = self
+            .c
             .dev
-            .read_at(self.dev.alloc_buf_dirty(write_len), e.offset)?;
+            .read_at(self.c.dev.alloc_buf_dirty(write_len), e.offset)?;
         self.verify_extent(key, e, buf)
             .map_err(|reason| self.damaged(key, reason))
     }
@@ -1203,10 +1191,10 @@ impl<D: BlockDevice> Store<D> {
         // As at a put: an index whose sync failed cannot commit the removal, and a volume
         // that refuses durable writes cannot make the tombstone durable. Refused before the
         // share is touched: a delete that fails leaves the share as it was, readable.
-        if let Some(e) = self.dev.durable_writes_refused() {
+        if let Some(e) = self.c.dev.durable_writes_refused() {
             return Err(e.into());
         }
-        self.sync.check().map_err(|e| self.ix(e))?;
+        self.c.sync.check().map_err(|e| self.ix(e))?;
         let _guard = self
             .key_lock(key)
             .write()
@@ -1216,17 +1204,18 @@ impl<D: BlockDevice> Store<D> {
         self.retire_leftovers(key, &e)?;
         // Header first, durably: a crash after it leaves an index entry that reads as damaged
         // (the caller asked for it gone), never a deleted share that a rebuild brings back.
-        tombstone(&self.dev, &self.sb, e.offset)?;
+        tombstone(&self.c.dev, &self.sb, e.offset)?;
         self.shares
             .remove(key.encode())
             .map_err(|err| self.ix(err))?;
         // A record of this extent itself (a put whose insert and cleanup both failed) goes
         // with it: left behind, it would name space that is free once this returns.
-        self.retiring
+        self.c
+            .retiring
             .remove(e.offset.to_be_bytes())
             .map_err(|err| self.ix(err))?;
         self.commit()?;
-        lock(&self.alloc).free(e.offset, e.extent_len);
+        lock(&self.c.alloc).free(e.offset, e.extent_len);
         Ok(())
     }
 
@@ -1263,20 +1252,27 @@ impl<D: BlockDevice> Store<D> {
     /// Makes every index flush from now on fail, as after a failed sync of the index (tests).
     #[doc(hidden)]
     pub fn fail_index_flushes(&self) {
-        self.sync.fail_from_now();
+        self.c.sync.fail_from_now();
     }
 
-    /// Flushes the index (every earlier commit already is; this is for an orderly stop).
+    /// How many shares `open` found in the open regions that the index lacked (acknowledged
+    /// before a crash, their entries not yet flushed).
+    pub fn recovered_at_open(&self) -> u64 {
+        self.recovered
+    }
+
+    /// Flushes the index: every put acknowledged before this call is indexed durably when it
+    /// returns, and the extents such puts replaced are zeroed and free (the flusher thread
+    /// does both on its own within 20 ms).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.sync.flush(&self.db).map_err(|e| self.ix(e))?;
-        Ok(())
+        self.c.settle()
     }
 
     pub fn stat(&self) -> StoreStat {
         // A full scan of the index (sled counts by iterating): before the allocator's lock,
         // which every put takes.
         let shares = self.shares.len() as u64;
-        let a = lock(&self.alloc);
+        let a = lock(&self.c.alloc);
         let damaged_reads = self.damaged_reads.load(Ordering::Relaxed);
         StoreStat {
             site: self.sb.site.clone(),
@@ -1365,7 +1361,14 @@ impl<D: BlockDevice> Store<D> {
         let building = dir.join("index.new");
         let retiring = retiring_of(if index.exists() { &index } else { &building });
         // The scan first: one that fails (an unreadable block, say) leaves the index in place.
-        let (found, superseded) = scan(dev, &sb, &retiring, &mut report)?;
+        let (found, superseded) = scan(
+            dev,
+            &sb,
+            &[(sb.data_start, sb.volume_len)],
+            &[],
+            &retiring,
+            &mut report,
+        )?;
         // The new index is built and made durable beside the old one before the old index
         // moves aside: a failure in any of it leaves the index there was (once, a failed
         // tombstone left the site no index). Nothing on the volume is zeroed here: the older
@@ -1446,6 +1449,17 @@ impl<D: BlockDevice> Store<D> {
     }
 }
 
+impl<D: BlockDevice> Drop for Store<D> {
+    /// The flusher's last round: the puts acknowledged since its previous flush are indexed
+    /// durably, and every region is closed, so the next start scans nothing.
+    fn drop(&mut self) {
+        self.c.stop();
+        if let Some(h) = self.flusher.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 /// Opens an index with `config`. The state directory's own lock (taken first) keeps other
 /// processes out, so a sled lock held here is this process's: an index just dropped, whose
 /// last background write still holds its file for a moment (seen after a `rebuild_index`
@@ -1473,69 +1487,178 @@ type Newest = std::collections::BTreeMap<ShareKey, IndexEntry>;
 /// Extents a scan found valid but does not index, with their keys.
 type Superseded = Vec<(ShareKey, IndexEntry)>;
 
-/// Scans the data area for valid extents: every allocation unit not inside an accepted extent
-/// is tried as a header; a header counts only if it belongs to this volume, fits the geometry
-/// and its share bytes match its checksum. The newest generation of each key wins, except
-/// over an extent `retiring` names exactly (which an index had still to zero); the older
-/// ones found, and those, come second.
+/// Scans `ranges` of the data area (sorted, disjoint, on allocation units) for valid extents:
+/// every allocation unit not inside an accepted extent or one of `skip` (sorted, disjoint) is
+/// tried as a header; a header counts only if it belongs to this volume, fits the geometry and
+/// its share bytes match its checksum. The newest generation of each key wins, except over an
+/// extent `retiring` names exactly (which an index had still to zero); the older ones found,
+/// and those, come second.
 fn scan<D: BlockDevice>(
     dev: &D,
     sb: &Superblock,
+    ranges: &[(u64, u64)],
+    skip: &[(u64, u64)],
     retiring: &std::collections::BTreeMap<u64, (ShareKey, IndexEntry)>,
     report: &mut RebuildReport,
 ) -> Result<(Newest, Superseded), StoreError> {
     let au = u64::from(sb.alloc_unit);
     let window = (8u64 << 20).div_ceil(au) * au;
     let bs = sb.block_size as usize;
+    // The end of the `skip` extent holding `u`, if one does.
+    let skipped = |u: u64| {
+        let i = skip.partition_point(|&(o, _)| o <= u);
+        (i > 0 && skip[i - 1].0 + skip[i - 1].1 > u).then(|| skip[i - 1].0 + skip[i - 1].1)
+    };
     let mut found = Newest::new();
     let mut superseded = Vec::new();
-    let mut pos = sb.data_start;
-    while pos < sb.volume_len {
-        let wlen = window.min(sb.volume_len - pos);
-        let win = dev.read_at(dev.alloc_buf(wlen as usize), pos)?;
-        report.scanned_bytes += wlen;
-        let mut u = pos;
-        while u < pos + wlen {
-            let at = (u - pos) as usize;
-            let Ok(h) = ShareHeader::decode(&win.as_slice()[at..at + HEADER_LEN]) else {
-                u += au;
-                continue;
-            };
-            if !h.fits(sb, u) {
-                u += au;
+    for &(start, end) in ranges {
+        let mut pos = start;
+        while pos < end {
+            if let Some(next) = skipped(pos) {
+                pos = next;
                 continue;
             }
-            let wl = sb.write_len(h.share_len);
-            let len = h.share_len as usize;
-            let ok = if u + wl <= pos + wlen {
-                share_sum(&win.as_slice()[at + bs..at + bs + len]) == h.share_sum
-            } else {
-                let b = dev.read_at(dev.alloc_buf(wl as usize), u)?;
-                share_sum(&b.as_slice()[bs..bs + len]) == h.share_sum
-            };
-            if !ok {
-                report.torn += 1;
-                u += au;
-                continue;
-            }
-            report.max_generation_seen = report.max_generation_seen.max(h.generation);
-            let e = IndexEntry::from_header(&h, u);
-            match found.get(&h.key) {
-                _ if retiring.get(&u) == Some(&(h.key, e)) => superseded.push((h.key, e)),
-                Some(prev) if prev.generation > e.generation => superseded.push((h.key, e)),
-                Some(prev) => {
-                    superseded.push((h.key, *prev));
-                    found.insert(h.key, e);
+            let wlen = window.min(end - pos);
+            let win = dev.read_at(dev.alloc_buf(wlen as usize), pos)?;
+            report.scanned_bytes += wlen;
+            let mut u = pos;
+            while u < pos + wlen {
+                if let Some(next) = skipped(u) {
+                    u = next;
+                    continue;
                 }
-                None => {
-                    found.insert(h.key, e);
+                let at = (u - pos) as usize;
+                let Ok(h) = ShareHeader::decode(&win.as_slice()[at..at + HEADER_LEN]) else {
+                    u += au;
+                    continue;
+                };
+                if !h.fits(sb, u) {
+                    u += au;
+                    continue;
                 }
+                let wl = sb.write_len(h.share_len);
+                let len = h.share_len as usize;
+                let ok = if u + wl <= pos + wlen {
+                    share_sum(&win.as_slice()[at + bs..at + bs + len]) == h.share_sum
+                } else {
+                    let b = dev.read_at(dev.alloc_buf(wl as usize), u)?;
+                    share_sum(&b.as_slice()[bs..bs + len]) == h.share_sum
+                };
+                if !ok {
+                    report.torn += 1;
+                    u += au;
+                    continue;
+                }
+                report.max_generation_seen = report.max_generation_seen.max(h.generation);
+                let e = IndexEntry::from_header(&h, u);
+                match found.get(&h.key) {
+                    _ if retiring.get(&u) == Some(&(h.key, e)) => superseded.push((h.key, e)),
+                    Some(prev) if prev.generation > e.generation => superseded.push((h.key, e)),
+                    Some(prev) => {
+                        superseded.push((h.key, *prev));
+                        found.insert(h.key, e);
+                    }
+                    None => {
+                        found.insert(h.key, e);
+                    }
+                }
+                u += h.extent_len;
             }
-            u += h.extent_len;
+            pos = u.max(pos + wlen);
         }
-        pos = u.max(pos + wlen);
     }
     Ok((found, superseded))
+}
+
+/// Indexes the valid shares a crash left in the open regions (see [`lazy`]) that the index
+/// lacks: acknowledged puts whose entries were not flushed yet (and puts that finished their
+/// write but not their acknowledgement: whole, checksummed, exactly what was sent). What the
+/// index names is skipped; a found share newer than its key's entry replaces it, and the entry
+/// it replaces (or a found share older than the entry) gets a retiring record, zeroed by
+/// `finish_retiring` right after. Then no region is open. Returns how many it indexed; `live`
+/// (the index's extents) gets theirs in place of what they replace.
+fn recover_open_regions<D: BlockDevice>(
+    dev: &D,
+    sb: &Superblock,
+    dir: &Path,
+    shares: &sled::Tree,
+    retiring: &sled::Tree,
+    open: &sled::Tree,
+    live: &mut Vec<(u64, u64)>,
+) -> Result<u64, StoreError> {
+    let ix = |source| StoreError::Index {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    if open.is_empty() {
+        return Ok(0);
+    }
+    let rl = lazy::region_len(u64::from(sb.alloc_unit));
+    let mut ranges = Vec::new();
+    for item in open.iter() {
+        let (k, _) = item.map_err(ix)?;
+        let r = <[u8; 8]>::try_from(k.as_ref())
+            .map(u64::from_be_bytes)
+            .map_err(|_| StoreError::CorruptIndex {
+                dir: dir.to_path_buf(),
+                reason: format!("open region record {} is not 8 bytes", hex(&k)),
+            })?;
+        let start = r
+            .checked_mul(rl)
+            .and_then(|o| o.checked_add(sb.data_start))
+            .filter(|&o| o < sb.volume_len)
+            .ok_or_else(|| StoreError::CorruptIndex {
+                dir: dir.to_path_buf(),
+                reason: format!("open region {r} lies past the end of the volume"),
+            })?;
+        ranges.push((start, (start + rl).min(sb.volume_len)));
+    }
+    live.sort_unstable();
+    let mut records = std::collections::BTreeMap::new();
+    for item in retiring.iter() {
+        let (at, record) = item.map_err(ix)?;
+        // One that does not decode is reported by `finish_retiring`.
+        if let (Ok(at), Ok(r)) = (<[u8; 8]>::try_from(at.as_ref()), decode_retiring(&record)) {
+            records.insert(u64::from_be_bytes(at), r);
+        }
+    }
+    let mut report = RebuildReport::default();
+    let (found, mut retire) = scan(dev, sb, &ranges, live, &records, &mut report)?;
+    let mut indexed = 0;
+    for (key, e) in found {
+        let entry = shares
+            .get(key.encode())
+            .map_err(ix)?
+            .and_then(|v| IndexEntry::decode(&v).ok());
+        match entry {
+            Some(old) if old.generation >= e.generation => retire.push((key, e)),
+            old => {
+                if let Some(old) = old {
+                    retire.push((key, old));
+                    live.retain(|&x| x != (old.offset, old.extent_len));
+                }
+                shares.insert(key.encode(), &e.encode()[..]).map_err(ix)?;
+                live.push((e.offset, e.extent_len));
+                indexed += 1;
+            }
+        }
+    }
+    for (key, e) in &retire {
+        retiring
+            .insert(e.offset.to_be_bytes(), &retiring_record(key, e)[..])
+            .map_err(ix)?;
+    }
+    open.clear().map_err(ix)?;
+    tracing::info!(
+        site = %sb.site,
+        regions = ranges.len(),
+        scanned_bytes = report.scanned_bytes,
+        indexed,
+        superseded = retire.len(),
+        torn = report.torn,
+        "indexed the shares acknowledged before a crash whose index entries were not flushed"
+    );
+    Ok(indexed)
 }
 
 #[cfg(test)]
@@ -1570,7 +1693,7 @@ mod tests {
         };
         s.put(k, meta, &[7u8; 5000]).unwrap();
         let e = s.entry(&k).unwrap();
-        s.retiring
+        s.c.retiring
             .insert(e.offset.to_be_bytes(), &retiring_record(&k, &e)[..])
             .unwrap();
         s.commit().unwrap();
@@ -1581,5 +1704,104 @@ mod tests {
         assert_eq!((r.shares, r.superseded), (1, 0));
         let s = Store::open(v, dir.path(), StoreOptions::default()).unwrap();
         assert_eq!(s.get(&k).unwrap().bytes(), &[7u8; 5000][..]);
+    }
+
+    fn k(chunk: u64) -> ShareKey {
+        ShareKey {
+            file_id: [5; 16],
+            chunk,
+            share: 1,
+        }
+    }
+
+    const META: ShareMeta = ShareMeta {
+        k: 2,
+        n: 3,
+        secret_len: 1 << 20,
+    };
+
+    /// A crash after puts were acknowledged, before the flush of their index entries: the
+    /// index lost them (removed here by hand, as the crash would have) while their regions
+    /// stayed open, and the next start finds them there. A replace found newer than the lost
+    /// index's entry wins, and the extent it replaced is zeroed and freed; a delete (flushed
+    /// before it returns) stays deleted.
+    #[test]
+    fn puts_whose_index_entries_a_crash_lost_are_found_in_their_open_regions() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = MemVolume::new("mem-vol", 16 << 20, A);
+        Store::format(&v, "site-a", &FormatOptions::default()).unwrap();
+        let s = Store::open(v, dir.path(), StoreOptions::default()).unwrap();
+        let (old, new, gone) = (k(0), k(1), k(2));
+        s.put(old, META, &[1u8; 5000]).unwrap();
+        s.flush().unwrap();
+        let before = s.entry(&old).unwrap();
+        let free_with_one = s.stat().free;
+        s.c.hold(true);
+        s.put(new, META, &[2u8; 7000]).unwrap();
+        s.put(old, META, &[3u8; 5000]).unwrap();
+        s.put(gone, META, &[4u8; 100]).unwrap();
+        s.delete(&gone).unwrap();
+        // What the crash loses: the entries not flushed, and the replace's retiring record.
+        s.shares.remove(new.encode()).unwrap();
+        s.shares.insert(old.encode(), &before.encode()[..]).unwrap();
+        s.c.retiring.remove(before.offset.to_be_bytes()).unwrap();
+        assert!(!s.c.open.is_empty(), "the puts' region is open");
+        let image = s.device().image();
+        drop(s);
+
+        let v = MemVolume::from_image("mem-vol", image, A);
+        let s = Store::open(v, dir.path(), StoreOptions::default()).unwrap();
+        assert_eq!(s.recovered_at_open(), 2);
+        assert_eq!(s.get(&new).unwrap().bytes(), &[2u8; 7000][..]);
+        let got = s.get(&old).unwrap();
+        assert_eq!(got.bytes(), &[3u8; 5000][..]);
+        assert!(got.generation > before.generation);
+        assert!(matches!(s.get(&gone), Err(StoreError::NotFound { .. })));
+        // The replaced extent is free again and its header zeroed: a rebuild finds the two
+        // shares and nothing older.
+        let extent = |len| s.sb.extent_len(len);
+        assert_eq!(
+            s.stat().free,
+            free_with_one + extent(5000) - extent(5000) - extent(7000)
+        );
+        assert!(s.c.open.is_empty(), "no region is open after the start");
+        let image = s.device().image();
+        drop(s);
+        let v = MemVolume::from_image("mem-vol", image, A);
+        let r = Store::rebuild_index(&v, dir.path()).unwrap();
+        assert_eq!((r.shares, r.superseded), (2, 0));
+        let s = Store::open(v, dir.path(), StoreOptions::default()).unwrap();
+        assert_eq!(s.recovered_at_open(), 0);
+    }
+
+    /// The region a put opened is closed once its entry is durable and no put came for a
+    /// while, and by a store's drop: an idle site or an orderly stop leaves nothing to scan.
+    #[test]
+    fn regions_close_when_idle_and_at_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = MemVolume::new("mem-vol", 16 << 20, A);
+        Store::format(&v, "site-a", &FormatOptions::default()).unwrap();
+        let s = Store::open(v, dir.path(), StoreOptions::default()).unwrap();
+        s.put(k(0), META, &[1u8; 5000]).unwrap();
+        assert!(!s.c.open.is_empty());
+        let start = std::time::Instant::now();
+        while !s.c.open.is_empty() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "the idle region was not closed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        s.put(k(1), META, &[2u8; 5000]).unwrap();
+        assert!(!s.c.open.is_empty());
+        let image = s.device().image();
+        drop(s);
+        let index = sled::open(dir.path().join("index")).unwrap();
+        assert!(index.open_tree(lazy::OPEN_TREE).unwrap().is_empty());
+        drop(index);
+        let v = MemVolume::from_image("mem-vol", image, A);
+        let s = Store::open(v, dir.path(), StoreOptions::default()).unwrap();
+        assert_eq!(s.recovered_at_open(), 0);
+        assert_eq!(s.get(&k(1)).unwrap().bytes(), &[2u8; 5000][..]);
     }
 }

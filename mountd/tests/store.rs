@@ -98,6 +98,8 @@ fn replace_and_delete() {
     let g1 = s.get(&k).unwrap().generation;
     let free1 = s.stat().free;
     s.put(k, META, &share_bytes(2, &k, 5000)).unwrap();
+    // Freed once the new entry is durable: by the flusher within 20 ms, or by a flush.
+    s.flush().unwrap();
     let d = s.get(&k).unwrap();
     assert_eq!(d.bytes(), &share_bytes(2, &k, 5000)[..]);
     assert!(d.generation > g1);
@@ -548,6 +550,7 @@ fn a_read_without_the_key_lock_serves_only_bytes_that_verify() {
     let l = s.locate(&replaced).unwrap();
     s.put(replaced, META, &share_bytes(99, &replaced, 30_000))
         .unwrap();
+    s.flush().unwrap();
     assert!(read(l).is_none());
     assert_eq!(
         s.get(&replaced).unwrap().bytes(),
