@@ -900,8 +900,21 @@ impl<D: BlockDevice> Server<D> {
         let (head, rest) = frame.split_at_mut(frame::HEADER_LEN);
         let (ct, tag) = rest.split_at_mut(rest.len() - frame::TAG_LEN);
         let head: &[u8; frame::HEADER_LEN] = (&*head).try_into().expect("header length");
-        let opened = lock(&link.recv).open_in_place(head, &mut [ct, buf.as_mut_slice()], tag);
+        // The share is verified and decrypted outside the stream's lock (the lock only
+        // admits the frame's key range, then marks it used): the connections of one link
+        // open their shares at once, on every core.
+        let len = (ct.len() + buf.len()) as u64;
+        let admitted = lock(&link.recv).admit(head, len, tag.len());
+        let opened = admitted.and_then(|frame| {
+            let body = &mut [&mut *ct, buf.as_mut_slice()];
+            let r = frame.open(body, tag);
+            lock(&link.recv).finish(frame, r)
+        });
         if let Err(e) = opened {
+            // Nothing of a frame that did not open stays readable (its pieces were wiped if
+            // it was admitted; a refused one is wiped here).
+            zeroize::Zeroize::zeroize(&mut *ct);
+            zeroize::Zeroize::zeroize(buf.as_mut_slice());
             return self.refuse_frame(&link, e, out);
         }
         let put = match msg::decode_split(ct, buf.as_slice()) {

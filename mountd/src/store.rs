@@ -143,6 +143,11 @@ pub enum StoreError {
         volume: PathBuf,
         site: String,
     },
+    #[error("index {dir}: cannot start the thread that flushes it: {source}")]
+    Flusher {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
     #[error("index {dir} is corrupt: {reason}")]
     CorruptIndex { dir: PathBuf, reason: String },
     #[error("site {site}: volume {volume} full: {key} needs {needed} bytes, {free} free (largest free extent {largest_free})")]
@@ -804,7 +809,7 @@ impl<D: BlockDevice> Store<D> {
             std::thread::Builder::new()
                 .name("qgenome-index".into())
                 .spawn(move || c.run())
-                .map_err(|source| StoreError::StateDir {
+                .map_err(|source| StoreError::Flusher {
                     dir: dir.clone(),
                     source,
                 })?
@@ -953,25 +958,41 @@ impl<D: BlockDevice> Store<D> {
         if let Some(e) = self.c.dev.durable_writes_refused() {
             return Err(e.into());
         }
-        self.c.sync.check().map_err(|e| self.ix(e))?;
+        self.c.check()?;
         // Before the first share reaches the volume, the volume names this index.
         self.tag_volume()?;
-        let _guard = self
-            .key_lock(&key)
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
+        let write_lock = || {
+            self.key_lock(&key)
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+        };
+        let mut _guard = write_lock();
         let extent_len = self.sb.extent_len(len);
-        let offset = {
+        let mut settled = false;
+        let offset = loop {
             let mut a = lock(&self.c.alloc);
-            a.allocate(extent_len)
-                .ok_or_else(|| StoreError::VolumeFull {
-                    site: self.sb.site.clone(),
-                    volume: self.c.dev.path().to_path_buf(),
-                    key,
-                    needed: extent_len,
-                    free: a.free_bytes(),
-                    largest_free: a.largest_free(),
-                })?
+            if let Some(offset) = a.allocate(extent_len) {
+                break offset;
+            }
+            // Extents replaced by puts acknowledged in the last moments are freed by the
+            // flusher: once, settle them and try again (without the key's lock, which the
+            // flusher's retires take).
+            if !settled && self.c.retires_waiting() {
+                drop(a);
+                drop(_guard);
+                self.c.settle()?;
+                _guard = write_lock();
+                settled = true;
+                continue;
+            }
+            return Err(StoreError::VolumeFull {
+                site: self.sb.site.clone(),
+                volume: self.c.dev.path().to_path_buf(),
+                key,
+                needed: extent_len,
+                free: a.free_bytes(),
+                largest_free: a.largest_free(),
+            });
         };
         // Until the index entry is inserted, a failure gives the extent back.
         let release = |e: StoreError| {
@@ -1194,7 +1215,7 @@ impl<D: BlockDevice> Store<D> {
         if let Some(e) = self.c.dev.durable_writes_refused() {
             return Err(e.into());
         }
-        self.c.sync.check().map_err(|e| self.ix(e))?;
+        self.c.check()?;
         let _guard = self
             .key_lock(key)
             .write()
@@ -1624,7 +1645,7 @@ fn recover_open_regions<D: BlockDevice>(
     }
     let mut report = RebuildReport::default();
     let (found, mut retire) = scan(dev, sb, &ranges, live, &records, &mut report)?;
-    let mut indexed = 0;
+    let mut index = Vec::new();
     for (key, e) in found {
         let entry = shares
             .get(key.encode())
@@ -1637,17 +1658,23 @@ fn recover_open_regions<D: BlockDevice>(
                     retire.push((key, old));
                     live.retain(|&x| x != (old.offset, old.extent_len));
                 }
-                shares.insert(key.encode(), &e.encode()[..]).map_err(ix)?;
                 live.push((e.offset, e.extent_len));
-                indexed += 1;
+                index.push((key, e));
             }
         }
     }
+    // The records first, as a put does: sled may persist any prefix of these before the
+    // flush at the end of `open`, and an entry persisted without the record of what it
+    // replaces would leave that extent's header valid in space nothing names.
     for (key, e) in &retire {
         retiring
             .insert(e.offset.to_be_bytes(), &retiring_record(key, e)[..])
             .map_err(ix)?;
     }
+    for (key, e) in &index {
+        shares.insert(key.encode(), &e.encode()[..]).map_err(ix)?;
+    }
+    let indexed = index.len() as u64;
     open.clear().map_err(ix)?;
     tracing::info!(
         site = %sb.site,
@@ -1803,5 +1830,34 @@ mod tests {
         let s = Store::open(v, dir.path(), StoreOptions::default()).unwrap();
         assert_eq!(s.recovered_at_open(), 0);
         assert_eq!(s.get(&k(1)).unwrap().bytes(), &[2u8; 5000][..]);
+    }
+
+    /// A replace on a full volume: the extent the previous replace freed is still waiting for
+    /// the flusher (held here), and the put settles it instead of failing with VolumeFull.
+    #[test]
+    fn a_replace_on_a_full_volume_settles_the_extents_replaced_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = MemVolume::new("mem-vol", 16 << 20, A);
+        Store::format(&v, "site-a", &FormatOptions::default()).unwrap();
+        let s = Store::open(v, dir.path(), StoreOptions::default()).unwrap();
+        let share = |b: u8| vec![b; 1 << 20];
+        let mut n = 0;
+        while s.put(k(n), META, &share(1)).is_ok() {
+            n += 1;
+        }
+        assert!(n >= 3, "{n} shares fit");
+        s.delete(&k(0)).unwrap();
+        s.c.hold(true);
+        s.put(k(1), META, &share(2)).unwrap();
+        s.put(k(2), META, &share(3))
+            .expect("the second replace gets the extent the first one replaced");
+        assert_eq!(s.get(&k(1)).unwrap().bytes(), &share(2)[..]);
+        assert_eq!(s.get(&k(2)).unwrap().bytes(), &share(3)[..]);
+        // The extent the second replace freed, then nothing.
+        s.put(k(n + 1), META, &share(4)).unwrap();
+        assert!(matches!(
+            s.put(k(n + 2), META, &share(5)),
+            Err(StoreError::VolumeFull { .. })
+        ));
     }
 }

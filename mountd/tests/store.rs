@@ -616,6 +616,10 @@ fn a_delete_the_index_cannot_commit_leaves_the_share() {
         .delete(&k)
         .expect_err("a delete whose commit cannot be durable");
     assert!(matches!(e, StoreError::Index { .. }), "{e}");
+    assert!(
+        matches!(s.flush(), Err(StoreError::Index { .. })),
+        "a flush says the index cannot be made durable"
+    );
     assert_eq!(s.get(&k).unwrap().bytes(), &share_bytes(1, &k, 30_000)[..]);
     let image = s.device().image();
     drop(s);

@@ -15,7 +15,9 @@ pub mod polyval;
 pub mod seal;
 pub mod stream;
 
-pub use stream::{FrameGrant, RecvStream, SealWriteError, SendStream, StreamOptions};
+pub use stream::{
+    AdmittedFrame, FrameGrant, RecvStream, SealWriteError, SendStream, StreamOptions,
+};
 
 /// Errors of link streams. Each names the link and, where a file is at fault, the file.
 #[derive(Debug, thiserror::Error)]

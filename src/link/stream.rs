@@ -689,6 +689,9 @@ pub const GAP_LIFETIME: Duration = Duration::from_secs(300);
 pub struct RecvStream {
     end: End,
     consumed: RangeSet,
+    /// Key ranges of frames admitted and being opened outside the stream's lock
+    /// ([`RecvStream::admit`]): no other frame over them is admitted meanwhile.
+    opening: Vec<Range<u64>>,
     /// (when, the highest consumed byte then), oldest first, at most one per
     /// `gap_lifetime / 8`.
     tops: VecDeque<(Instant, u64)>,
@@ -704,6 +707,44 @@ impl std::fmt::Debug for RecvStream {
             .field("pool", &self.end.key.location())
             .field("window_end", &self.end.persisted)
             .finish()
+    }
+}
+
+/// A frame [`RecvStream::admit`]ted: its key range reserved, to be verified and decrypted
+/// with [`AdmittedFrame::open`] outside the stream, then given to [`RecvStream::finish`].
+#[must_use = "a frame admitted and never finished keeps its key range from every later frame"]
+pub struct AdmittedFrame {
+    header: FrameHeader,
+    range: Range<u64>,
+    key: Arc<dyn KeySource>,
+}
+
+impl std::fmt::Debug for AdmittedFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdmittedFrame")
+            .field("key_range", &self.range)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdmittedFrame {
+    /// Verifies the frame's tag and decrypts `body` (its ciphertext, in pieces) in place with
+    /// the frame's key; on any failure every piece of `body` is wiped. Nothing is accepted
+    /// until [`RecvStream::finish`].
+    pub fn open(&self, body: &mut [&mut [u8]], tag: &[u8]) -> Result<(), SealError<KeyError>> {
+        let r = seal::open_in_place(
+            &self.header,
+            body,
+            tag,
+            &mut RangeKey {
+                key: self.key.as_ref(),
+                base: self.range.start,
+            },
+        );
+        if r.is_err() {
+            body.iter_mut().for_each(|b| zeroize::Zeroize::zeroize(*b));
+        }
+        r
     }
 }
 
@@ -731,6 +772,7 @@ impl RecvStream {
         Ok(Self {
             end,
             consumed,
+            opening: Vec::new(),
             tops: VecDeque::new(),
             pending: None,
             gap_lifetime: GAP_LIFETIME,
@@ -785,27 +827,56 @@ impl RecvStream {
         body: &mut [&mut [u8]],
         tag: &[u8],
     ) -> Result<SealedFrame, LinkError> {
+        let body_len = body.iter().map(|b| b.len() as u64).sum::<u64>();
+        let frame = self.admit(head, body_len, tag.len())?;
+        let opened = frame.open(body, tag);
+        self.finish(frame, opened)
+    }
+
+    /// The first of the three steps of [`RecvStream::open_in_place`], for a receiver that
+    /// verifies and decrypts outside the stream's lock (several connections of one link at
+    /// once): checks the header of a frame whose ciphertext is `body_len` bytes and whose tag
+    /// `tag_len`, and reserves its key range, which no other frame is admitted over until
+    /// [`RecvStream::finish`]. Then [`AdmittedFrame::open`], without the stream, then
+    /// `finish` with its result, which alone marks the key used (or refuses the frame). A
+    /// frame admitted and never finished keeps its range from every later frame.
+    pub fn admit(
+        &mut self,
+        head: &[u8; HEADER_LEN],
+        body_len: u64,
+        tag_len: usize,
+    ) -> Result<AdmittedFrame, LinkError> {
         let header = FrameHeader::parse_prefix(head, MAX_PAYLOAD_LEN)
             .map_err(|source| self.bad_frame(source))?;
-        let body_len = body.iter().map(|b| b.len() as u64).sum::<u64>();
-        if body_len != header.payload_len || tag.len() != TAG_LEN {
+        if body_len != header.payload_len || tag_len != TAG_LEN {
             return Err(self.bad_frame(FrameError::LengthMismatch {
                 declared: header.payload_len,
-                actual: (body_len + tag.len() as u64).saturating_sub(TAG_LEN as u64),
+                actual: (body_len + tag_len as u64).saturating_sub(TAG_LEN as u64),
             }));
         }
-        let range = self.admit(&header)?;
-        let r = seal::open_in_place(
-            &header,
-            body,
-            tag,
-            &mut RangeKey {
-                key: self.end.key.as_ref(),
-                base: range.start,
-            },
-        );
-        r.map_err(|e| self.end.seal_error(e, range.start))?;
-        self.accept(range)
+        let range = self.admit_range(&header)?;
+        self.opening.push(range.clone());
+        Ok(AdmittedFrame {
+            header,
+            range,
+            key: Arc::clone(&self.end.key),
+        })
+    }
+
+    /// The last step of an open begun with [`RecvStream::admit`]: `opened` is what
+    /// [`AdmittedFrame::open`] gave. A frame whose tag verified has its key used and destroyed
+    /// from now on; one that did not frees its range (as [`RecvStream::open_in_place`]
+    /// does: the key was not used, and a forged frame must not burn it).
+    pub fn finish(
+        &mut self,
+        frame: AdmittedFrame,
+        opened: Result<(), SealError<KeyError>>,
+    ) -> Result<SealedFrame, LinkError> {
+        if let Some(i) = self.opening.iter().position(|r| *r == frame.range) {
+            self.opening.swap_remove(i);
+        }
+        opened.map_err(|e| self.end.seal_error(e, frame.range.start))?;
+        self.accept(frame.range)
     }
 
     fn bad_frame(&self, source: FrameError) -> LinkError {
@@ -816,8 +887,8 @@ impl RecvStream {
     }
 
     /// The key range of a frame with `header`, once it is known to be of this stream, inside
-    /// the pool and not yet used; reserved.
-    fn admit(&mut self, header: &FrameHeader) -> Result<Range<u64>, LinkError> {
+    /// the pool, not yet used and not being opened; reserved.
+    fn admit_range(&mut self, header: &FrameHeader) -> Result<Range<u64>, LinkError> {
         let link = self.end.link().to_string();
         let info = self.end.key.info();
         if header.stream_id != info.stream_id {
@@ -839,7 +910,12 @@ impl RecvStream {
                 key_len: self.end.key.len(),
             });
         }
-        if let Some(consumed_until) = self.consumed.overlap(&range) {
+        let opening = self
+            .opening
+            .iter()
+            .find(|r| r.start < range.end && range.start < r.end)
+            .map(|r| r.end);
+        if let Some(consumed_until) = self.consumed.overlap(&range).or(opening) {
             return Err(LinkError::KeyAlreadyUsed {
                 link,
                 stream: hex(&info.stream_id),
@@ -939,6 +1015,42 @@ mod tests {
             .unwrap();
         let rx = RecvStream::with_parts(Box::new(b), Box::new(MemLedger::new("b")), opts).unwrap();
         (tx, rx)
+    }
+
+    /// The split open of a frame (admitted under the stream's lock, opened outside it,
+    /// finished under it again): while one copy of a frame is being opened, another (a replay
+    /// racing the original) is not admitted; a copy that fails its tag leaves the key unused,
+    /// so the genuine frame still opens, and only once.
+    #[test]
+    fn a_frame_being_opened_outside_the_stream_is_not_admitted_twice() {
+        let (mut tx, mut rx) = mem_ends(64 * 1024, 1000);
+        let mut f = Vec::new();
+        tx.seal(b"one share of a chunk", &mut f).unwrap();
+        let head: [u8; HEADER_LEN] = f[..HEADER_LEN].try_into().unwrap();
+        let (ct, tag) = f[HEADER_LEN..].split_at(f.len() - HEADER_LEN - TAG_LEN);
+        let len = ct.len() as u64;
+        let first = rx.admit(&head, len, TAG_LEN).unwrap();
+        assert!(matches!(
+            rx.admit(&head, len, TAG_LEN),
+            Err(LinkError::KeyAlreadyUsed { .. })
+        ));
+        let mut forged = ct.to_vec();
+        forged[0] ^= 1;
+        let opened = first.open(&mut [&mut forged], tag);
+        assert!(matches!(
+            rx.finish(first, opened),
+            Err(LinkError::BadTag { .. })
+        ));
+        assert!(forged.iter().all(|&b| b == 0), "a forged frame is wiped");
+        let mut body = ct.to_vec();
+        let again = rx.admit(&head, len, TAG_LEN).unwrap();
+        let opened = again.open(&mut [&mut body], tag);
+        rx.finish(again, opened).unwrap();
+        assert_eq!(body, b"one share of a chunk");
+        assert!(matches!(
+            rx.admit(&head, len, TAG_LEN),
+            Err(LinkError::KeyAlreadyUsed { .. })
+        ));
     }
 
     #[test]

@@ -68,9 +68,10 @@ struct State {
     waiting: Vec<Waiting>,
     regions: BTreeMap<u64, Region>,
     stop: bool,
-    /// A flush failed: the index is fail-stop from then on (see `SledSync`), so nothing more is
+    /// A round failed (its flush, or its index update): the index is fail-stop from then on
+    /// (as `SledSync` is after a failed sync), puts and deletes are refused, nothing more is
     /// flushed, and what waits stays for the next start's recovery.
-    failed: bool,
+    failed: Option<String>,
     /// Tests: the flusher does nothing while set.
     held: bool,
 }
@@ -92,6 +93,9 @@ pub(super) struct Committer<D: BlockDevice> {
     applied: AtomicU64,
     state: Mutex<State>,
     wake: Condvar,
+    /// Held through a whole round, so that a `settle` returns only after the flusher's round
+    /// it may have raced with has finished its retires too.
+    rounds: Mutex<()>,
     region_len: u64,
 }
 
@@ -122,6 +126,7 @@ impl<D: BlockDevice> Committer<D> {
             applied: AtomicU64::new(0),
             state: Mutex::default(),
             wake: Condvar::new(),
+            rounds: Mutex::new(()),
             region_len,
         }
     }
@@ -131,6 +136,27 @@ impl<D: BlockDevice> Committer<D> {
             dir: self.dir.clone(),
             source,
         }
+    }
+
+    /// Refuses once the index cannot be made durable: its sync failed, or a round of the
+    /// flusher did (its error named).
+    pub(super) fn check(&self) -> Result<(), StoreError> {
+        self.sync.check().map_err(|e| self.ix(e))?;
+        if let Some(why) = &lock(&self.state).failed {
+            return Err(self.ix(sled::Error::Io(std::io::Error::other(format!(
+                "an earlier flush of the index failed ({why}); restart the site"
+            )))));
+        }
+        Ok(())
+    }
+
+    /// Whether extents replaced by acknowledged puts wait for the flusher (a put that finds
+    /// the volume full settles them first).
+    pub(super) fn retires_waiting(&self) -> bool {
+        lock(&self.state)
+            .waiting
+            .iter()
+            .any(|w| w.replaced.is_some())
     }
 
     pub(super) fn key_lock(&self, key: &ShareKey) -> &RwLock<()> {
@@ -256,7 +282,7 @@ impl<D: BlockDevice> Committer<D> {
                 let mut st = lock(&self.state);
                 while !st.stop
                     && (st.held
-                        || st.failed
+                        || st.failed.is_some()
                         || (st.waiting.is_empty()
                             && !st.regions.values().any(|r| {
                                 r.pending == 0 && r.durable && r.last_used.elapsed() >= CLOSE_AFTER
@@ -272,8 +298,10 @@ impl<D: BlockDevice> Committer<D> {
                 (st.stop, st.held)
             };
             if stop {
-                // Held (a test's crash): gone without a flush.
+                // Held (a test's crash): gone without a flush. Else the waiting puts first,
+                // so that the regions they held are free to close in the second round.
                 if !held {
+                    self.log_failure(self.round(false, false));
                     self.log_failure(self.round(true, false));
                 }
                 return;
@@ -284,17 +312,23 @@ impl<D: BlockDevice> Committer<D> {
                 std::thread::sleep(FLUSH_INTERVAL - since);
             }
             last = Instant::now();
+            if lock(&self.state).held {
+                continue;
+            }
             self.log_failure(self.round(false, false));
         }
     }
 
     fn log_failure(&self, r: Result<(), StoreError>) {
         if let Err(e) = r {
-            tracing::error!(
-                site = %self.sb.site,
-                "index flush failed: {e}; puts are refused from now on, and the shares acknowledged since the last flush are found again by the next start"
-            );
-            lock(&self.state).failed = true;
+            let mut st = lock(&self.state);
+            if st.failed.is_none() {
+                tracing::error!(
+                    site = %self.sb.site,
+                    "index flush failed: {e}; puts and deletes are refused from now on, and the shares acknowledged since the last flush are found again by the next start"
+                );
+                st.failed = Some(e.to_string());
+            }
         }
     }
 
@@ -302,18 +336,22 @@ impl<D: BlockDevice> Committer<D> {
     /// durable: once this returns, every put acknowledged before it is indexed durably and
     /// whatever it replaced is gone.
     pub(super) fn settle(&self) -> Result<(), StoreError> {
-        self.round(false, true)
+        let r = self.round(false, true);
+        if r.is_err() {
+            self.log_failure(r);
+            return self.check();
+        }
+        r
     }
 
     /// Closes idle regions (all that hold no pending put when `all`), flushes the index if
     /// anything waits for it (or if `force`), and finishes what the flush made durable.
     fn round(&self, all: bool, force: bool) -> Result<(), StoreError> {
+        let _round = lock(&self.rounds);
+        self.check()?;
         let mut closing = Vec::new();
         let waiting = {
             let mut st = lock(&self.state);
-            if st.failed {
-                return Ok(());
-            }
             for (&r, reg) in st.regions.iter_mut() {
                 if reg.pending == 0
                     && reg.durable
