@@ -875,7 +875,14 @@ impl RecvStream {
         if let Some(i) = self.opening.iter().position(|r| *r == frame.range) {
             self.opening.swap_remove(i);
         }
-        opened.map_err(|e| self.end.seal_error(e, frame.range.start))?;
+        if let Err(e) = opened {
+            // Its gap filled as dead while it was opened: the key is never used now, and
+            // its destruction was left to this frame.
+            if self.consumed.overlap(&frame.range).is_some() {
+                destroy_used(self.end.key.as_ref(), frame.range.clone());
+            }
+            return Err(self.end.seal_error(e, frame.range.start));
+        }
         self.accept(frame.range)
     }
 
@@ -931,11 +938,34 @@ impl RecvStream {
     fn accept(&mut self, range: Range<u64>) -> Result<SealedFrame, LinkError> {
         self.end.cover(range.end)?;
         self.consumed.insert(range.clone());
-        for gap in self.dead_gaps() {
-            destroy_used(self.end.key.as_ref(), gap);
-        }
+        self.destroy_dead_gaps();
         destroy_used(self.end.key.as_ref(), range.clone());
         Ok(SealedFrame { key_range: range })
+    }
+
+    /// Fills the gaps past their lifetime (see [`RecvStream::dead_gaps`]) and destroys their
+    /// key, except what frames being opened outside the lock still read: their own
+    /// [`RecvStream::finish`] destroys that (a frame admitted before its gap was filled is
+    /// still the one frame over its key).
+    fn destroy_dead_gaps(&mut self) {
+        for gap in self.dead_gaps() {
+            let mut from = gap.start;
+            let mut opening: Vec<&Range<u64>> = self
+                .opening
+                .iter()
+                .filter(|r| r.start < gap.end && gap.start < r.end)
+                .collect();
+            opening.sort_by_key(|r| r.start);
+            for r in opening {
+                if r.start > from {
+                    destroy_used(self.end.key.as_ref(), from..r.start);
+                }
+                from = from.max(r.end);
+            }
+            if from < gap.end {
+                destroy_used(self.end.key.as_ref(), from..gap.end);
+            }
+        }
     }
 
     /// Fill the gaps past their lifetime, and the lowest ones past [`MAX_CONSUMED_RANGES`];
@@ -974,9 +1004,7 @@ impl RecvStream {
     /// Destroy the key of gaps past their lifetime now, without a frame: a link that falls
     /// silent would otherwise keep them until its next frame (called on a timer).
     pub fn expire_gaps(&mut self) {
-        for gap in self.dead_gaps() {
-            destroy_used(self.end.key.as_ref(), gap);
-        }
+        self.destroy_dead_gaps();
     }
 
     /// How long a gap may stay ([`GAP_LIFETIME`] unless set here).
@@ -1051,6 +1079,42 @@ mod tests {
             rx.admit(&head, len, TAG_LEN),
             Err(LinkError::KeyAlreadyUsed { .. })
         ));
+    }
+
+    /// A frame's gap past its lifetime is filled and its key destroyed, but not while the
+    /// frame is being opened outside the lock: its key stays whole until its `finish`.
+    #[test]
+    fn a_dead_gap_keeps_the_key_of_a_frame_being_opened() {
+        let (mut tx, mut rx) = mem_ends(64 * 1024, 1000);
+        rx.set_gap_lifetime(Duration::ZERO);
+        let mut frames = Vec::new();
+        for p in [&b"first"[..], b"late frame", b"third", b"fourth"] {
+            let mut f = Vec::new();
+            tx.seal(p, &mut f).unwrap();
+            frames.push(f);
+        }
+        let parts = |f: &[u8]| {
+            let head: [u8; HEADER_LEN] = f[..HEADER_LEN].try_into().unwrap();
+            let (ct, tag) = f[HEADER_LEN..].split_at(f.len() - HEADER_LEN - TAG_LEN);
+            (head, ct.to_vec(), tag.to_vec())
+        };
+        let mut out = Vec::new();
+        rx.open(&frames[0], &mut out).unwrap();
+        let (head, mut late, tag) = parts(&frames[1]);
+        let admitted = rx.admit(&head, late.len() as u64, TAG_LEN).unwrap();
+        for f in &frames[2..] {
+            rx.open(f, &mut out).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        rx.expire_gaps();
+        assert!(
+            rx.consumed.overlap(&admitted.range).is_some(),
+            "the late frame's gap was filled as dead"
+        );
+        let opened = admitted.open(&mut [&mut late], &tag);
+        rx.finish(admitted, opened)
+            .expect("the late frame's key was kept for it");
+        assert_eq!(late, b"late frame");
     }
 
     #[test]

@@ -66,6 +66,8 @@ struct Waiting {
 #[derive(Default)]
 struct State {
     waiting: Vec<Waiting>,
+    /// Replaced extents a round took from `waiting` and is still zeroing and freeing.
+    retiring: usize,
     regions: BTreeMap<u64, Region>,
     stop: bool,
     /// A round failed (its flush, or its index update): the index is fail-stop from then on
@@ -153,10 +155,8 @@ impl<D: BlockDevice> Committer<D> {
     /// Whether extents replaced by acknowledged puts wait for the flusher (a put that finds
     /// the volume full settles them first).
     pub(super) fn retires_waiting(&self) -> bool {
-        lock(&self.state)
-            .waiting
-            .iter()
-            .any(|w| w.replaced.is_some())
+        let st = lock(&self.state);
+        st.retiring > 0 || st.waiting.iter().any(|w| w.replaced.is_some())
     }
 
     pub(super) fn key_lock(&self, key: &ShareKey) -> &RwLock<()> {
@@ -373,7 +373,10 @@ impl<D: BlockDevice> Committer<D> {
         let replaced: Vec<(ShareKey, IndexEntry)> = {
             let mut st = lock(&self.state);
             let State {
-                waiting, regions, ..
+                waiting,
+                regions,
+                retiring,
+                ..
             } = &mut *st;
             let mut done = Vec::new();
             waiting.retain_mut(|w| {
@@ -396,10 +399,13 @@ impl<D: BlockDevice> Committer<D> {
                     regions.remove(&r);
                 }
             }
+            *retiring += done.len();
             done
         };
         for (key, old) in replaced {
-            if let Err(e) = self.retire_replaced(&key, &old) {
+            let r = self.retire_replaced(&key, &old);
+            lock(&self.state).retiring -= 1;
+            if let Err(e) = r {
                 tracing::warn!(
                     site = %self.sb.site,
                     "{key}: zeroing the replaced share's header at {}: {e}; retried at the key's delete and at the next start",
