@@ -21,7 +21,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use qgenome::keys::{pool, Direction, End, KeyError, PoolFile};
-use qgenome::link::{hex, LinkError, RecvStream, SendStream, StreamOptions};
+use qgenome::link::seal::SealError;
+use qgenome::link::{hex, AdmittedFrame, LinkError, RecvStream, SendStream, StreamOptions};
 use qgenome::sites::{ShareKey as WireKey, ShareMeta as WireMeta};
 use qgenome::wire::frame::{self, FrameHeader};
 use qgenome::wire::msg::{self, Body, ErrorCode, ListEntry, Msg};
@@ -563,17 +564,61 @@ impl<D: BlockDevice> Server<D> {
                 return refuse(&reason);
             }
             let mut share = None;
-            if to_store && sealed.is_some() {
-                // The share into the store buffer, the tag behind the head in `frame`.
+            let mut pre_opened = None;
+            if let Some(link) = sealed
+                .as_ref()
+                .and_then(|c| c.link.clone())
+                .filter(|_| to_store)
+            {
+                // The share into the store buffer, the tag behind the head in `frame`; opened
+                // as it arrives (each piece hashed and decrypted while the next is on the
+                // wire), verified once the tag is in. A frame the stream does not admit is
+                // read whole and refused by `handle_sealed_put`, as any other.
                 let mut b = self.store.share_buf(data_len);
                 let at = frame.len();
                 frame.resize(at + frame::TAG_LEN, 0);
-                let (_, tag) = frame.split_at_mut(at);
-                for (buf, at) in [(b.as_mut_slice(), at), (tag, at + data_len)] {
-                    if let Err(reason) = self.read_rest(&mut s, buf, at, total, by).await {
+                let (head, rest) = frame.split_at_mut(frame::HEADER_LEN);
+                let head: &[u8; frame::HEADER_LEN] = (&*head).try_into().expect("header length");
+                let (ct, tag) = rest.split_at_mut(rest.len() - frame::TAG_LEN);
+                let len = (ct.len() + data_len) as u64;
+                let admission = lock(&link.recv)
+                    .admit(head, len, frame::TAG_LEN)
+                    .ok()
+                    .map(|f| Admission {
+                        link: Arc::clone(&link),
+                        frame: Some(f),
+                    });
+                let mut open = admission.as_ref().map(|a| {
+                    let mut o = a.frame().opener()?;
+                    o.update(ct)?;
+                    Ok(o)
+                });
+                // What a frame cut short leaves decrypted (unverified) goes with it.
+                let wipe = |ct: &mut [u8], b: &mut ShareBuf| {
+                    zeroize::Zeroize::zeroize(ct);
+                    zeroize::Zeroize::zeroize(b.as_mut_slice());
+                };
+                let mut done = 0;
+                while done < data_len {
+                    let piece = &mut b.as_mut_slice()[done..(done + OPEN_PIECE).min(data_len)];
+                    let got = self.read_rest(&mut s, piece, at + done, total, by).await;
+                    if let (Ok(()), Some(Ok(o))) = (&got, &mut open) {
+                        if let Err(e) = o.update(piece) {
+                            open = Some(Err(e));
+                        }
+                    }
+                    done += piece.len();
+                    if let Err(reason) = got {
+                        wipe(ct, &mut b);
                         return refuse(&reason);
                     }
                 }
+                if let Err(reason) = self.read_rest(&mut s, tag, at + data_len, total, by).await {
+                    wipe(ct, &mut b);
+                    return refuse(&reason);
+                }
+                let verdict = open.map(|o| o.and_then(|o| o.finish(tag)));
+                pre_opened = admission.zip(verdict);
                 share = Some(b);
             } else if to_store {
                 let head = &frame[msg::PLAIN_PREFIX..];
@@ -619,9 +664,8 @@ impl<D: BlockDevice> Server<D> {
                         (Some(b), None) => {
                             srv.handle_unix_put(&f[msg::PLAIN_PREFIX..], b, &mut out, &peer2)
                         }
-                        (Some(b), Some(c)) => {
-                            srv.handle_sealed_put(c, &mut f, b, &mut p, &mut out, &peer2)
-                        }
+                        (Some(b), Some(c)) => srv
+                            .handle_sealed_put(c, &mut f, b, pre_opened, &mut p, &mut out, &peer2),
                         (None, Some(c)) if opened => {
                             let link = c.link.clone().expect("opened in place: link known");
                             srv.answer_sealed(c, &link, &p, &mut out, &peer2)
@@ -883,12 +927,15 @@ impl<D: BlockDevice> Server<D> {
 
     /// A frame of a link read in place for a PUT (see `serve_conn`): `frame` holds its
     /// header, the sealed PUT head and its tag, `buf` the rest of the payload. Opened in
-    /// place; a PUT is stored from `buf` as it is, anything else goes the ordinary way.
+    /// place (already, as it arrived, when `opened` holds its admission and the tag's
+    /// verdict); a PUT is stored from `buf` as it is, anything else goes the ordinary way.
+    #[allow(clippy::too_many_arguments)]
     fn handle_sealed_put(
         &self,
         c: &mut ConnLink,
         frame: &mut [u8],
         mut buf: ShareBuf,
+        opened: Option<(Admission, Result<(), SealError<KeyError>>)>,
         plain: &mut Vec<u8>,
         out: &mut Vec<u8>,
         peer: &str,
@@ -903,13 +950,18 @@ impl<D: BlockDevice> Server<D> {
         // The share is verified and decrypted outside the stream's lock (the lock only
         // admits the frame's key range, then marks it used): the connections of one link
         // open their shares at once, on every core.
-        let len = (ct.len() + buf.len()) as u64;
-        let admitted = lock(&link.recv).admit(head, len, tag.len());
-        let opened = admitted.and_then(|frame| {
-            let body = &mut [&mut *ct, buf.as_mut_slice()];
-            let r = frame.open(body, tag);
-            lock(&link.recv).finish(frame, r)
-        });
+        let opened = match opened {
+            Some((mut admission, verdict)) => admission.finish(verdict),
+            None => {
+                let len = (ct.len() + buf.len()) as u64;
+                let admitted = lock(&link.recv).admit(head, len, tag.len());
+                admitted.and_then(|frame| {
+                    let body = &mut [&mut *ct, buf.as_mut_slice()];
+                    let r = frame.open(body, tag);
+                    lock(&link.recv).finish(frame, r).map(|_| ())
+                })
+            }
+        };
         if let Err(e) = opened {
             // Nothing of a frame that did not open stays readable (its pieces were wiped if
             // it was admitted; a refused one is wiped here).
@@ -1324,6 +1376,39 @@ fn plain_error(out: &mut Vec<u8>, id: u64, code: ErrorCode, arg: u64, message: &
         body: error_body(code, arg, message),
     }
     .encode(out);
+}
+
+/// Pieces a sealed share is read and opened in (see `serve_conn`): each is hashed and
+/// decrypted while still in cache, while the next is on its way.
+const OPEN_PIECE: usize = 128 << 10;
+
+/// A frame admitted by its link's receive stream while it is read (see `serve_conn`):
+/// finished by `handle_sealed_put` with the tag's verdict, or, if the connection gives up
+/// before that, on drop as unverified (its key range freed, never marked used).
+struct Admission {
+    link: Arc<LinkEnds>,
+    frame: Option<AdmittedFrame>,
+}
+
+impl Admission {
+    fn frame(&self) -> &AdmittedFrame {
+        self.frame
+            .as_ref()
+            .expect("finished only once, by finish or drop")
+    }
+
+    fn finish(&mut self, verdict: Result<(), SealError<KeyError>>) -> Result<(), LinkError> {
+        let frame = self.frame.take().expect("finished only once");
+        lock(&self.link.recv).finish(frame, verdict).map(|_| ())
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if let Some(frame) = self.frame.take() {
+            let _ = lock(&self.link.recv).finish(frame, Err(SealError::BadTag));
+        }
+    }
 }
 
 /// Per-connection state of a sealed connection: the link, once HELLO named it.

@@ -16,7 +16,7 @@ pub mod seal;
 pub mod stream;
 
 pub use stream::{
-    AdmittedFrame, FrameGrant, RecvStream, SealWriteError, SendStream, StreamOptions,
+    AdmittedFrame, FrameGrant, FrameOpen, RecvStream, SealWriteError, SendStream, StreamOptions,
 };
 
 /// Errors of link streams. Each names the link and, where a file is at fault, the file.

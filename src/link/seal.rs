@@ -51,6 +51,20 @@ fn piece<K: FrameKey>(key: &K, rel: u64, left: usize) -> usize {
     run.min(left)
 }
 
+/// A key lent for one seal or open.
+impl<K: FrameKey + ?Sized> FrameKey for &mut K {
+    type Error = K::Error;
+    fn read(&mut self, rel: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
+        (**self).read(rel, buf)
+    }
+    fn mapped(&self, rel: u64, len: usize) -> Option<&[u8]> {
+        (**self).mapped(rel, len)
+    }
+    fn contiguous(&self, rel: u64) -> u64 {
+        (**self).contiguous(rel)
+    }
+}
+
 /// Key held in a slice (tests, benchmarks): in place, like a mapped pool.
 impl FrameKey for &[u8] {
     type Error = std::convert::Infallible;
@@ -273,47 +287,125 @@ fn crypt_in_place<K: FrameKey>(
         "in place: the pieces must hold the payload exactly"
     );
     let wipe = |body: &mut [&mut [u8]]| body.iter_mut().for_each(|b| b.zeroize());
-    let (mac, s) = match mac_init(key) {
-        Ok(m) => m,
+    let mut crypt = match Crypt::new(header, key, way) {
+        Ok(c) => c,
         Err(e) => {
             wipe(body);
             return Err(e);
         }
     };
-    let mut mac = BlockFeed::new(mac);
-    mac.update(&header.encode());
-    mac.pad();
-    // Pad bytes copied out of a key source that cannot lend them in place (wiped on drop).
-    let mut scratch: Option<Zeroizing<Vec<u8>>> = None;
-    let mut at = 0usize;
     for part in body.iter_mut() {
-        let mut rest = &mut part[..];
-        while !rest.is_empty() {
-            let rel = MAC_KEY_LEN + at as u64;
-            let n = piece(key, rel, rest.len());
-            let (c, later) = std::mem::take(&mut rest).split_at_mut(n);
-            rest = later;
-            if way == Way::Open {
-                mac.update(c);
-            }
-            if let Some(pad) = key.mapped(rel, c.len()) {
-                xor_into(c, pad);
-            } else {
-                let pad = scratch.get_or_insert_with(|| Zeroizing::new(vec![0; CHUNK]));
-                let pad = &mut pad[..c.len()];
-                if let Err(e) = key.read(rel, pad) {
-                    wipe(body);
-                    return Err(SealError::Key(e));
-                }
-                xor_into(c, pad);
-            }
-            if way == Way::Seal {
-                mac.update(c);
-            }
-            at += c.len();
+        if let Err(e) = crypt.update(part) {
+            wipe(body);
+            return Err(e);
         }
     }
-    Ok(finish(mac.finish(), &s, len))
+    Ok(crypt.tag())
+}
+
+/// Opens a frame's ciphertext in place as it arrives, in pieces of any length, in order:
+/// each piece is hashed and decrypted while in cache, so a receiver can open the start of a
+/// share while the rest is still on the wire. Nothing it gives is verified before
+/// [`InPlaceOpen::finish`] checks the tag; the caller wipes what it decrypted if that fails.
+pub struct InPlaceOpen<K: FrameKey> {
+    crypt: Crypt<K>,
+    left: usize,
+}
+
+impl<K: FrameKey> InPlaceOpen<K> {
+    /// For the frame `header`, with `key` at the frame's key offset (MAC key first).
+    pub fn new(header: &FrameHeader, key: K) -> Result<Self, SealError<K::Error>> {
+        Ok(Self {
+            crypt: Crypt::new(header, key, Way::Open)?,
+            left: header.payload_len as usize,
+        })
+    }
+
+    /// Decrypts the next `piece` of the ciphertext in place (hashing it first).
+    pub fn update(&mut self, piece: &mut [u8]) -> Result<(), SealError<K::Error>> {
+        assert!(
+            piece.len() <= self.left,
+            "in place: more ciphertext than the frame holds"
+        );
+        self.left -= piece.len();
+        self.crypt.update(piece)
+    }
+
+    /// Checks the frame's `tag` once every byte was given.
+    pub fn finish(self, tag: &[u8]) -> Result<(), SealError<K::Error>> {
+        assert_eq!(tag.len(), TAG_LEN, "open: tag length");
+        assert_eq!(
+            self.left, 0,
+            "in place: the frame's ciphertext is not all there"
+        );
+        if bool::from(self.crypt.tag().ct_eq(tag)) {
+            Ok(())
+        } else {
+            Err(SealError::BadTag)
+        }
+    }
+}
+
+/// The running state of a seal or an open: the MAC, where in the payload it is, the key.
+struct Crypt<K> {
+    key: K,
+    way: Way,
+    mac: BlockFeed,
+    s: Zeroizing<[u8; 16]>,
+    at: usize,
+    len: usize,
+    /// Pad bytes copied out of a key source that cannot lend them in place (wiped on drop).
+    scratch: Option<Zeroizing<Vec<u8>>>,
+}
+
+impl<K: FrameKey> Crypt<K> {
+    fn new(header: &FrameHeader, mut key: K, way: Way) -> Result<Self, SealError<K::Error>> {
+        let (mac, s) = mac_init(&mut key)?;
+        let mut mac = BlockFeed::new(mac);
+        mac.update(&header.encode());
+        mac.pad();
+        Ok(Crypt {
+            key,
+            way,
+            mac,
+            s,
+            at: 0,
+            len: header.payload_len as usize,
+            scratch: None,
+        })
+    }
+
+    fn update(&mut self, part: &mut [u8]) -> Result<(), SealError<K::Error>> {
+        let mut rest = part;
+        while !rest.is_empty() {
+            let rel = MAC_KEY_LEN + self.at as u64;
+            let n = piece(&self.key, rel, rest.len());
+            let (c, later) = std::mem::take(&mut rest).split_at_mut(n);
+            rest = later;
+            if self.way == Way::Open {
+                self.mac.update(c);
+            }
+            if let Some(pad) = self.key.mapped(rel, c.len()) {
+                xor_into(c, pad);
+            } else {
+                let pad = self
+                    .scratch
+                    .get_or_insert_with(|| Zeroizing::new(vec![0; CHUNK]));
+                let pad = &mut pad[..c.len()];
+                self.key.read(rel, pad).map_err(SealError::Key)?;
+                xor_into(c, pad);
+            }
+            if self.way == Way::Seal {
+                self.mac.update(c);
+            }
+            self.at += c.len();
+        }
+        Ok(())
+    }
+
+    fn tag(self) -> [u8; TAG_LEN] {
+        finish(self.mac.finish(), &self.s, self.len)
+    }
 }
 
 /// POLYVAL fed with byte strings of any length, cut into whole blocks across calls (the
@@ -551,6 +643,64 @@ mod tests {
                 };
                 assert_eq!(body, whole[HEADER_LEN..HEADER_LEN + n], "cut {cut}");
                 assert_eq!(tag, whole[HEADER_LEN + n..], "cut {cut}");
+            }
+        }
+    }
+
+    /// An open fed piece by piece (as a share arrives off the socket, cut anywhere, the key
+    /// lent in place or copied out) gives the plaintext and verdict of a whole open; a
+    /// flipped bit anywhere fails at `finish`.
+    #[test]
+    fn opening_as_the_ciphertext_arrives_equals_opening_it_whole() {
+        let (payload, h, k) = fixture(3 * CHUNK + 101, 11);
+        let mut frame = Vec::new();
+        seal(&h, &[&payload], &mut frame, &mut &k[..]).unwrap();
+        let n = payload.len();
+        for (pieces, copied) in [
+            (vec![n], false),
+            (
+                vec![1, 15, 16, CHUNK - 32, CHUNK + 5, n - 2 * CHUNK - 5],
+                true,
+            ),
+            (vec![7; n / 7 + 1], false),
+        ] {
+            for flip in [None, Some(HEADER_LEN + CHUNK + 3), Some(frame.len() - 1)] {
+                let mut f = frame.clone();
+                if let Some(at) = flip {
+                    f[at] ^= 0x10;
+                }
+                let (ct, tag) = f[HEADER_LEN..].split_at_mut(n);
+                let verdict = if copied {
+                    let mut o = InPlaceOpen::new(&h, Copied(&k)).unwrap();
+                    let mut rest = &mut ct[..];
+                    for &p in &pieces {
+                        let p = p.min(rest.len());
+                        let (a, b) = std::mem::take(&mut rest).split_at_mut(p);
+                        o.update(a).unwrap();
+                        rest = b;
+                    }
+                    o.finish(tag)
+                } else {
+                    let mut o = InPlaceOpen::new(&h, &k[..]).unwrap();
+                    let mut rest = &mut ct[..];
+                    for &p in &pieces {
+                        let p = p.min(rest.len());
+                        let (a, b) = std::mem::take(&mut rest).split_at_mut(p);
+                        o.update(a).unwrap();
+                        rest = b;
+                    }
+                    o.finish(tag)
+                };
+                match flip {
+                    None => {
+                        assert!(verdict.is_ok());
+                        assert_eq!(ct, &payload[..]);
+                    }
+                    Some(at) => assert!(
+                        matches!(verdict, Err(SealError::BadTag)),
+                        "flip at {at}, pieces {pieces:?}"
+                    ),
+                }
             }
         }
     }

@@ -727,7 +727,37 @@ impl std::fmt::Debug for AdmittedFrame {
     }
 }
 
+/// An [`AdmittedFrame`]'s ciphertext opened as it arrives ([`AdmittedFrame::opener`]).
+pub struct FrameOpen<'a>(seal::InPlaceOpen<RangeKey<'a>>);
+
+impl FrameOpen<'_> {
+    /// Decrypts the next piece of the frame's ciphertext in place (hashed first). Unverified
+    /// until [`FrameOpen::finish`]: on its failure the caller wipes every piece.
+    pub fn update(&mut self, piece: &mut [u8]) -> Result<(), SealError<KeyError>> {
+        self.0.update(piece)
+    }
+
+    /// Checks the tag once the whole ciphertext went through [`FrameOpen::update`]; the
+    /// result goes to [`RecvStream::finish`].
+    pub fn finish(self, tag: &[u8]) -> Result<(), SealError<KeyError>> {
+        self.0.finish(tag)
+    }
+}
+
 impl AdmittedFrame {
+    /// Opens the frame piece by piece as its ciphertext arrives, instead of at once with
+    /// [`AdmittedFrame::open`].
+    pub fn opener(&self) -> Result<FrameOpen<'_>, SealError<KeyError>> {
+        seal::InPlaceOpen::new(
+            &self.header,
+            RangeKey {
+                key: self.key.as_ref(),
+                base: self.range.start,
+            },
+        )
+        .map(FrameOpen)
+    }
+
     /// Verifies the frame's tag and decrypts `body` (its ciphertext, in pieces) in place with
     /// the frame's key; on any failure every piece of `body` is wiped. Nothing is accepted
     /// until [`RecvStream::finish`].
