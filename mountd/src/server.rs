@@ -581,13 +581,31 @@ impl<D: BlockDevice> Server<D> {
                 let head: &[u8; frame::HEADER_LEN] = (&*head).try_into().expect("header length");
                 let (ct, tag) = rest.split_at_mut(rest.len() - frame::TAG_LEN);
                 let len = (ct.len() + data_len) as u64;
-                let admission = lock(&link.recv)
-                    .admit(head, len, frame::TAG_LEN)
-                    .ok()
-                    .map(|f| Admission {
-                        link: Arc::clone(&link),
-                        frame: Some(f),
-                    });
+                // Admitted on this worker when the stream is free; when it is held (another
+                // frame's finish may be syncing a new key window), on a blocking thread, so
+                // that the connections this worker serves do not wait for that sync.
+                let free = match link.recv.try_lock() {
+                    Ok(mut rx) => Some(rx.admit(head, len, frame::TAG_LEN)),
+                    Err(std::sync::TryLockError::Poisoned(p)) => {
+                        Some(p.into_inner().admit(head, len, frame::TAG_LEN))
+                    }
+                    Err(std::sync::TryLockError::WouldBlock) => None,
+                };
+                let admitted = match free {
+                    Some(admitted) => admitted,
+                    None => {
+                        let (l, h) = (Arc::clone(&link), *head);
+                        tokio::task::spawn_blocking(move || {
+                            lock(&l.recv).admit(&h, len, frame::TAG_LEN)
+                        })
+                        .await
+                        .expect("admit task")
+                    }
+                };
+                let admission = admitted.ok().map(|f| Admission {
+                    link: Arc::clone(&link),
+                    frame: Some(f),
+                });
                 let mut open = admission.as_ref().map(|a| {
                     let mut o = a.frame().opener()?;
                     o.update(ct)?;

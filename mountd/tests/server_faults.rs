@@ -174,8 +174,12 @@ impl Raw {
     }
 
     fn put_frame(&mut self, i: u64) -> Vec<u8> {
+        self.put_frame_of(i, 1000)
+    }
+
+    fn put_frame_of(&mut self, i: u64, len: usize) -> Vec<u8> {
         let k = key(9, i);
-        let data = share_bytes(1, &k, 1000);
+        let data = share_bytes(1, &k, len);
         self.seal(Body::Put {
             key: k,
             meta: META,
@@ -1001,6 +1005,38 @@ fn bad_frames_are_refused_with_a_logged_reason_while_another_client_is_served() 
         "the PUT after it"
     );
     still_served("a message that is no PUT");
+    // 1d. The same three with shares of many pieces (the site opens a share 128 KiB at a
+    // time as it arrives): a bit flipped in the third piece is refused at the tag, a long
+    // message that is no PUT is answered as one, and a frame cut after its first pieces
+    // were opened is dropped as truncated, the link going on.
+    let mut s = evil.connect(&d.tcp);
+    let mut f = evil.put_frame_of(13, 400 << 10);
+    f[HEADER_LEN + (300 << 10)] ^= 0x01;
+    s.write_all(&f).unwrap();
+    assert!(closed(&mut s));
+    d.wait_log_n("altered or forged frame", 3);
+    let data = vec![9u8; 300 << 10];
+    let mut s = evil.connect(&d.tcp);
+    s.write_all(&evil.seal(Body::Data {
+        meta: META,
+        data: &data,
+    }))
+    .unwrap();
+    assert_eq!(evil.reply(&mut s).map(|r| r.0), Some(ErrorCode::BadRequest));
+    let mut s = evil.connect(&d.tcp);
+    let f = evil.put_frame_of(14, 400 << 10);
+    s.write_all(&f[..300 << 10]).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    assert!(closed(&mut s));
+    d.wait_log("truncated frame");
+    let mut s = evil.connect(&d.tcp);
+    s.write_all(&evil.put_frame_of(15, 400 << 10)).unwrap();
+    assert_eq!(
+        evil.reply(&mut s).map(|r| r.2),
+        Some(true),
+        "a PUT of many pieces after them"
+    );
+    still_served("shares of many pieces refused");
 
     // 2. A replayed frame (accepted once, then sent again on a new connection).
     let mut s = evil.connect(&d.tcp);
@@ -1079,7 +1115,14 @@ fn bad_frames_are_refused_with_a_logged_reason_while_another_client_is_served() 
     s.write_all(&f[..f.len() / 2]).unwrap();
     s.shutdown(Shutdown::Write).unwrap();
     assert!(closed(&mut s));
-    let l = peer_line(&d.wait_log("truncated frame"), "truncated frame");
+    // The second such line (the first is 1d's).
+    let log = d.wait_log_n("truncated frame", 2);
+    let l = log
+        .lines()
+        .filter(|l| l.contains("truncated frame"))
+        .nth(1)
+        .expect("two lines")
+        .to_string();
     assert!(l.contains("link evil"), "{l}");
     still_served("a truncated frame");
 
@@ -1171,14 +1214,15 @@ fn bad_frames_are_refused_with_a_logged_reason_while_another_client_is_served() 
     still_served("the attacked link's next PUT");
     stop.store(true, Ordering::SeqCst);
     worker.join().unwrap();
-    // Nothing from a refused frame was stored (nor chunk 11, whose share had a flipped bit).
+    // Nothing from a refused frame was stored (nor chunks 11 and 13, whose shares had a
+    // flipped bit, nor 14, cut short).
     let m = MountdSite::unix(&site.name, &d.socket);
     let (page, _) = m.list(&[9], None, 100).unwrap();
     let chunks: Vec<u64> = page.iter().map(|e| e.key.chunk).collect();
     assert_eq!(
         chunks,
-        vec![2, 7, 12],
-        "the PUTs accepted (2, 7, and 12 after a non-PUT)"
+        vec![2, 7, 12, 15],
+        "the PUTs accepted (2, 7, 12 after a non-PUT, 15 after shares of many pieces refused)"
     );
 }
 

@@ -1147,6 +1147,40 @@ mod tests {
         assert_eq!(late, b"late frame");
     }
 
+    /// A frame over many key blocks (whose MAC key slots the pad skips) opened piece by piece
+    /// through its admission, cut across those slots, as the site opens a share arriving off
+    /// the socket: the payload, once; a bit flipped in a late piece fails at the tag.
+    #[test]
+    fn an_admitted_frame_opened_piece_by_piece_across_key_slots() {
+        let (mut tx, mut rx) = mem_ends(256 * 1024, 1000);
+        let payload: Vec<u8> = (0..20_000u32).map(|i| (i * 7) as u8).collect();
+        for flip in [Some(17_001), None] {
+            let mut f = Vec::new();
+            tx.seal(&payload, &mut f).unwrap();
+            if let Some(at) = flip {
+                f[HEADER_LEN + at] ^= 0x02;
+            }
+            let head: [u8; HEADER_LEN] = f[..HEADER_LEN].try_into().unwrap();
+            let (ct, tag) = f[HEADER_LEN..].split_at_mut(payload.len());
+            let frame = rx.admit(&head, ct.len() as u64, TAG_LEN).unwrap();
+            let verdict = {
+                let mut o = frame.opener().unwrap();
+                for piece in ct.chunks_mut(1000) {
+                    o.update(piece).unwrap();
+                }
+                o.finish(tag)
+            };
+            let r = rx.finish(frame, verdict);
+            match flip {
+                Some(_) => assert!(matches!(r, Err(LinkError::BadTag { .. }))),
+                None => {
+                    r.unwrap();
+                    assert_eq!(ct, &payload[..]);
+                }
+            }
+        }
+    }
+
     #[test]
     fn mem_round_trip_replay_and_restart() {
         let (a, b) = MemKeySource::pair("t", Direction::AtoB, 64 * 1024);
