@@ -647,6 +647,24 @@ mod tests {
         }
     }
 
+    /// `ct` through `o` in pieces of the lengths `pieces` (the last one cut to what is left),
+    /// then the tag.
+    fn open_in_pieces<K: FrameKey>(
+        mut o: InPlaceOpen<K>,
+        ct: &mut [u8],
+        tag: &[u8],
+        pieces: &[usize],
+    ) -> Result<(), SealError<K::Error>> {
+        let mut rest = ct;
+        for &p in pieces {
+            let p = p.min(rest.len());
+            let (a, b) = std::mem::take(&mut rest).split_at_mut(p);
+            o.update(a)?;
+            rest = b;
+        }
+        o.finish(tag)
+    }
+
     /// An open fed piece by piece (as a share arrives off the socket, cut anywhere, the key
     /// lent in place or copied out) gives the plaintext and verdict of a whole open; a
     /// flipped bit anywhere fails at `finish`.
@@ -671,25 +689,9 @@ mod tests {
                 }
                 let (ct, tag) = f[HEADER_LEN..].split_at_mut(n);
                 let verdict = if copied {
-                    let mut o = InPlaceOpen::new(&h, Copied(&k)).unwrap();
-                    let mut rest = &mut ct[..];
-                    for &p in &pieces {
-                        let p = p.min(rest.len());
-                        let (a, b) = std::mem::take(&mut rest).split_at_mut(p);
-                        o.update(a).unwrap();
-                        rest = b;
-                    }
-                    o.finish(tag)
+                    open_in_pieces(InPlaceOpen::new(&h, Copied(&k)).unwrap(), ct, tag, &pieces)
                 } else {
-                    let mut o = InPlaceOpen::new(&h, &k[..]).unwrap();
-                    let mut rest = &mut ct[..];
-                    for &p in &pieces {
-                        let p = p.min(rest.len());
-                        let (a, b) = std::mem::take(&mut rest).split_at_mut(p);
-                        o.update(a).unwrap();
-                        rest = b;
-                    }
-                    o.finish(tag)
+                    open_in_pieces(InPlaceOpen::new(&h, &k[..]).unwrap(), ct, tag, &pieces)
                 };
                 match flip {
                     None => {
