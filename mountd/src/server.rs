@@ -1423,8 +1423,28 @@ impl Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        if let Some(frame) = self.frame.take() {
-            let _ = lock(&self.link.recv).finish(frame, Err(SealError::BadTag));
+        let Some(frame) = self.frame.take() else {
+            return;
+        };
+        let verdict = Err(SealError::BadTag);
+        // As at the admission: not on an async worker behind a window's sync.
+        let link = match self.link.recv.try_lock() {
+            Ok(mut rx) => {
+                let _ = rx.finish(frame, verdict);
+                return;
+            }
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                let _ = p.into_inner().finish(frame, verdict);
+                return;
+            }
+            Err(std::sync::TryLockError::WouldBlock) => Arc::clone(&self.link),
+        };
+        let finish = move || {
+            let _ = lock(&link.recv).finish(frame, verdict);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(finish)),
+            Err(_) => finish(),
         }
     }
 }

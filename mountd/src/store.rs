@@ -1086,7 +1086,16 @@ impl<D: BlockDevice> Store<D> {
 
     /// Finish the retiring records of `key` (replaced extents whose tombstone failed), so
     /// that deleting the key leaves no older generation for a volume scan to bring back.
-    fn retire_leftovers(&self, key: &ShareKey, live: &IndexEntry) -> Result<(), StoreError> {
+    ///
+    /// Returns the extents it zeroed, to be freed by the caller after its own flush: one
+    /// retired by a replace not yet flushed is still named by the durable index, and given out
+    /// again before that flush, a crash would leave the index naming another share's extent
+    /// (and the recovery scan, which skips what the index names, never finding that share).
+    fn retire_leftovers(
+        &self,
+        key: &ShareKey,
+        live: &IndexEntry,
+    ) -> Result<Vec<IndexEntry>, StoreError> {
         let mut left = Vec::new();
         for item in self.c.retiring.iter() {
             let (_, record) = item.map_err(|e| self.ix(e))?;
@@ -1098,10 +1107,13 @@ impl<D: BlockDevice> Store<D> {
                 _ => {}
             }
         }
-        for e in &left {
-            self.c.retire_checked(key, e)?;
+        let mut zeroed = Vec::new();
+        for e in left {
+            if self.c.retire_checked(key, &e)? {
+                zeroed.push(e);
+            }
         }
-        Ok(())
+        Ok(zeroed)
     }
 
     fn entry(&self, key: &ShareKey) -> Result<IndexEntry, StoreError> {
@@ -1221,8 +1233,9 @@ impl<D: BlockDevice> Store<D> {
             .write()
             .unwrap_or_else(|e| e.into_inner());
         let e = self.entry(key)?;
-        // Older generations left by a replace whose tombstone failed, then this one.
-        self.retire_leftovers(key, &e)?;
+        // Older generations left by a replace whose tombstone failed (or that waits for the
+        // flusher), then this one; all freed after the flush below.
+        let zeroed = self.retire_leftovers(key, &e)?;
         // Header first, durably: a crash after it leaves an index entry that reads as damaged
         // (the caller asked for it gone), never a deleted share that a rebuild brings back.
         tombstone(&self.c.dev, &self.sb, e.offset)?;
@@ -1236,7 +1249,10 @@ impl<D: BlockDevice> Store<D> {
             .remove(e.offset.to_be_bytes())
             .map_err(|err| self.ix(err))?;
         self.commit()?;
-        lock(&self.c.alloc).free(e.offset, e.extent_len);
+        let mut alloc = lock(&self.c.alloc);
+        for z in zeroed.iter().chain([&e]) {
+            alloc.free(z.offset, z.extent_len);
+        }
         Ok(())
     }
 

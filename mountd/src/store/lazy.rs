@@ -431,36 +431,37 @@ impl<D: BlockDevice> Committer<D> {
         if record.and_then(|r| decode_retiring(&r).ok()) != Some((*key, *old)) {
             return Ok(());
         }
-        self.retire_checked(key, old)
+        // The new entry is durable (this runs after its flush): nothing durable names the
+        // extent any more, so it is free at once.
+        if self.retire_checked(key, old)? {
+            lock(&self.alloc).free(old.offset, old.extent_len);
+        }
+        Ok(())
     }
 
-    /// Zeroes and frees a retiring extent if its header is still the replaced share's (its
-    /// extent is then allocated to the record); else the record just goes: the space is not
-    /// its to free.
-    pub(super) fn retire_checked(&self, key: &ShareKey, e: &IndexEntry) -> Result<(), StoreError> {
+    /// Zeroes a retiring extent if its header is still the replaced share's, and drops its
+    /// record; true if it zeroed it: the extent is then the record's, and the caller frees it
+    /// once no durable index can name it (a delete, only after its own flush: the replace
+    /// that retired it may not be flushed yet, and the durable index still name it). Else
+    /// the record just goes: the space is not its to free.
+    pub(super) fn retire_checked(
+        &self,
+        key: &ShareKey,
+        e: &IndexEntry,
+    ) -> Result<bool, StoreError> {
         let header = self
             .dev
             .read_at(self.dev.alloc_buf(self.sb.block_size as usize), e.offset)?;
-        if ShareHeader::decode(header.as_slice())
-            .is_ok_and(|h| e.matches(&h, key, &self.sb.volume_id))
-        {
-            self.retire(e)
-        } else {
-            self.retiring
-                .remove(e.offset.to_be_bytes())
-                .map_err(|err| self.ix(err))?;
-            Ok(())
+        let ours = ShareHeader::decode(header.as_slice())
+            .is_ok_and(|h| e.matches(&h, key, &self.sb.volume_id));
+        if ours {
+            // Durably overwritten first, so a volume scan no longer sees it; a failure keeps
+            // the record for `open`.
+            tombstone(&self.dev, &self.sb, e.offset)?;
         }
-    }
-
-    /// Durably overwrites a replaced extent's header block so a volume scan no longer sees it,
-    /// drops its retiring record, then frees it (a failure keeps the record for `open`).
-    pub(super) fn retire(&self, e: &IndexEntry) -> Result<(), StoreError> {
-        tombstone(&self.dev, &self.sb, e.offset)?;
         self.retiring
             .remove(e.offset.to_be_bytes())
             .map_err(|err| self.ix(err))?;
-        lock(&self.alloc).free(e.offset, e.extent_len);
-        Ok(())
+        Ok(ours)
     }
 }
