@@ -55,18 +55,28 @@ pub fn index_volume_id(index: &Path) -> Option<Vec<u8>> {
 /// (a replace whose insert failed after its record was written), the share being the one
 /// acknowledged. Best effort: an index that does not open, or a record that does not decode,
 /// gives nothing (a rebuild is for an index that may be damaged).
-fn retiring_of(index: &Path) -> std::collections::BTreeMap<u64, (ShareKey, IndexEntry)> {
-    let mut out = std::collections::BTreeMap::new();
+fn retiring_of(index: &Path) -> Retiring {
     let Some(db) = index
         .exists()
         .then(|| open_index(sled::Config::new().path(index)).ok())
         .flatten()
     else {
-        return out;
+        return Retiring::new();
     };
-    let (Ok(retiring), Ok(shares)) = (db.open_tree("retiring"), db.open_tree("shares")) else {
-        return out;
-    };
+    match (db.open_tree("retiring"), db.open_tree("shares")) {
+        (Ok(retiring), Ok(shares)) => retiring_records(&retiring, &shares),
+        _ => Retiring::new(),
+    }
+}
+
+/// Retiring records by offset, as a volume scan takes them ([`scan`]).
+type Retiring = std::collections::BTreeMap<u64, (ShareKey, IndexEntry)>;
+
+/// The records of `retiring` that are not their key's live entry in `shares` (see
+/// [`retiring_of`]), by offset. Best effort: one that cannot be read or decoded is left out
+/// (`open` reports it, in `finish_retiring`).
+fn retiring_records(retiring: &sled::Tree, shares: &sled::Tree) -> Retiring {
+    let mut out = Retiring::new();
     for (_, record) in retiring.iter().flatten() {
         let Ok((key, e)) = decode_retiring(&record) else {
             continue;
@@ -82,6 +92,7 @@ fn retiring_of(index: &Path) -> std::collections::BTreeMap<u64, (ShareKey, Index
     }
     out
 }
+
 const META_GEN_RESERVED: &[u8] = b"gen_reserved";
 /// This index's tag (u32 LE, nonzero): `Superblock::index_tag` names the volume's index.
 const META_INDEX_TAG: &[u8] = b"index_tag";
@@ -1535,7 +1546,7 @@ fn scan<D: BlockDevice>(
     sb: &Superblock,
     ranges: &[(u64, u64)],
     skip: &[(u64, u64)],
-    retiring: &std::collections::BTreeMap<u64, (ShareKey, IndexEntry)>,
+    retiring: &Retiring,
     report: &mut RebuildReport,
 ) -> Result<(Newest, Superseded), StoreError> {
     let au = u64::from(sb.alloc_unit);
@@ -1651,14 +1662,7 @@ fn recover_open_regions<D: BlockDevice>(
         ranges.push((start, (start + rl).min(sb.volume_len)));
     }
     live.sort_unstable();
-    let mut records = std::collections::BTreeMap::new();
-    for item in retiring.iter() {
-        let (at, record) = item.map_err(ix)?;
-        // One that does not decode is reported by `finish_retiring`.
-        if let (Ok(at), Ok(r)) = (<[u8; 8]>::try_from(at.as_ref()), decode_retiring(&record)) {
-            records.insert(u64::from_be_bytes(at), r);
-        }
-    }
+    let records = retiring_records(retiring, shares);
     let mut report = RebuildReport::default();
     let (found, mut retire) = scan(dev, sb, &ranges, live, &records, &mut report)?;
     let mut index = Vec::new();
