@@ -25,7 +25,7 @@ mod lazy;
 use lazy::Committer;
 
 use nix::fcntl::{Flock, FlockArg};
-use qgenome::catalog::durable::SledSync;
+use qgenome::catalog::durable::{open_sled, SledSync};
 
 use crate::alloc::{AllocError, Allocator};
 use crate::layout::{
@@ -1509,26 +1509,11 @@ impl<D: BlockDevice> Drop for Store<D> {
 }
 
 /// Opens an index with `config`. The state directory's own lock (taken first) keeps other
-/// processes out, so a sled lock held here is this process's: an index just dropped, whose
-/// last background write still holds its file for a moment (seen after a `rebuild_index`
-/// followed at once by an open, under load). Waits up to [`INDEX_LOCK_WAIT`] for it.
+/// processes out, so a sled lock held here is this process's (an index just dropped, seen
+/// after a `rebuild_index` followed at once by an open): [`open_sled`] waits for it.
 fn open_index(config: sled::Config) -> sled::Result<sled::Db> {
-    let start = std::time::Instant::now();
-    loop {
-        match config.open() {
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock")
-                    && start.elapsed() < INDEX_LOCK_WAIT =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            r => return r,
-        }
-    }
+    open_sled(&config)
 }
-
-/// How long [`open_index`] waits for a just-dropped index of this process to let go.
-const INDEX_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The newest valid extent of each key a scan found.
 type Newest = std::collections::BTreeMap<ShareKey, IndexEntry>;

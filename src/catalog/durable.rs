@@ -18,6 +18,26 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+/// Opens a sled database with `config`, waiting up to 3 s for a lock this process may
+/// still hold: a database just dropped whose last background write still has its file for a
+/// moment (seen when a catalog or a site index is reopened at once, under load). A lock held
+/// by another process fails the same way after the wait.
+pub fn open_sled(config: &sled::Config) -> sled::Result<sled::Db> {
+    const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+    let start = std::time::Instant::now();
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && start.elapsed() < LOCK_WAIT =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// The files of the sled database in one directory, to make its flushes durable.
 pub struct SledSync {
     log: File,

@@ -283,11 +283,12 @@ impl Catalog {
             source,
         };
         private_dir(path).map_err(|e| err(sled::Error::Io(e)))?;
-        let db = sled::Config::new()
-            .path(path)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(err)?;
+        let db = durable::open_sled(
+            &sled::Config::new()
+                .path(path)
+                .mode(sled::Mode::HighThroughput),
+        )
+        .map_err(err)?;
         let sync = durable::SledSync::open(path).map_err(|e| err(sled::Error::Io(e)))?;
         let tree = |name: &str| db.open_tree(name).map_err(err);
         Ok(Self {
