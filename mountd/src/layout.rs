@@ -65,6 +65,32 @@ pub fn share_sum(bytes: &[u8]) -> [u8; 16] {
     twox_hash::XxHash3_128::oneshot(bytes).to_le_bytes()
 }
 
+/// [`share_sum`] of a share that arrives piece by piece: each piece hashed while it is still
+/// in cache (the site hashes what it has just decrypted, as the next piece is on the wire).
+/// Equal to `share_sum` of the pieces joined.
+pub struct ShareSummer(twox_hash::XxHash3_128);
+
+impl ShareSummer {
+    pub fn new() -> Self {
+        Self(twox_hash::XxHash3_128::new())
+    }
+
+    /// The next piece of the share.
+    pub fn update(&mut self, piece: &[u8]) {
+        self.0.write(piece);
+    }
+
+    pub fn finish(&self) -> [u8; 16] {
+        self.0.finish_128().to_le_bytes()
+    }
+}
+
+impl Default for ShareSummer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 fn u16_at(b: &[u8], o: usize) -> u16 {
     u16::from_le_bytes(b[o..o + 2].try_into().expect("2 bytes"))
 }
@@ -524,6 +550,27 @@ mod tests {
         ];
         for (bytes, sum) in want {
             assert_eq!(share_sum(bytes), sum.to_le_bytes(), "{} bytes", bytes.len());
+        }
+    }
+
+    proptest! {
+        /// Hashed in pieces of any sizes (the site's receive loop), the sum is the one-shot one.
+        #[test]
+        fn a_share_summed_piece_by_piece_has_the_one_shot_sum(
+            len in 0usize..300_000,
+            cuts in proptest::collection::vec(1usize..140_000, 0..8),
+            seed in any::<u8>(),
+        ) {
+            let bytes: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect();
+            let mut s = ShareSummer::new();
+            let mut rest = &bytes[..];
+            for c in cuts {
+                let (now, later) = rest.split_at(c.min(rest.len()));
+                s.update(now);
+                rest = later;
+            }
+            s.update(rest);
+            prop_assert_eq!(s.finish(), share_sum(&bytes));
         }
     }
 

@@ -32,7 +32,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::config::{LinkConfig, SiteConfig};
-use crate::layout::{ShareKey, ShareMeta};
+use crate::layout::{ShareKey, ShareMeta, ShareSummer};
 use crate::store::{Health, Located, ShareBuf, ShareData, Store, StoreError};
 use crate::volume::BlockDevice;
 
@@ -616,13 +616,17 @@ impl<D: BlockDevice> Server<D> {
                     zeroize::Zeroize::zeroize(ct);
                     zeroize::Zeroize::zeroize(b.as_mut_slice());
                 };
+                // Each piece is summed for the store once decrypted, while still in cache; the
+                // sum is used only if the tag verifies.
+                let mut sum = ShareSummer::new();
                 let mut done = 0;
                 while done < data_len {
                     let piece = &mut b.as_mut_slice()[done..(done + OPEN_PIECE).min(data_len)];
                     let got = self.read_rest(&mut s, piece, at + done, total, by).await;
                     if let (Ok(()), Some(Ok(o))) = (&got, &mut open) {
-                        if let Err(e) = o.update(piece) {
-                            open = Some(Err(e));
+                        match o.update(piece) {
+                            Ok(()) => sum.update(piece),
+                            Err(e) => open = Some(Err(e)),
                         }
                     }
                     done += piece.len();
@@ -636,6 +640,9 @@ impl<D: BlockDevice> Server<D> {
                     return refuse(&reason);
                 }
                 let verdict = open.map(|o| o.and_then(|o| o.finish(tag)));
+                if matches!(verdict, Some(Ok(_))) {
+                    b.set_sum(sum.finish());
+                }
                 pre_opened = admission.zip(verdict);
                 share = Some(b);
             } else if to_store {

@@ -268,6 +268,8 @@ pub struct ShareBuf {
     buf: IoBuf,
     start: usize,
     len: usize,
+    /// The share's sum, given by whoever filled the buffer ([`ShareBuf::set_sum`]).
+    sum: Option<[u8; 16]>,
 }
 
 impl ShareBuf {
@@ -275,8 +277,17 @@ impl ShareBuf {
         &self.buf.as_slice()[self.start..self.start + self.len]
     }
 
+    /// The share's bytes, to fill. Forgets a sum set before: it may no longer be theirs.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.sum = None;
         &mut self.buf.as_mut_slice()[self.start..self.start + self.len]
+    }
+
+    /// The [`share_sum`] of the bytes as filled, computed while they were written here
+    /// ([`crate::layout::ShareSummer`]), so that [`Store::put_buf`] need not read the whole
+    /// share again. Trusted as given; forgotten by any later [`ShareBuf::as_mut_slice`].
+    pub fn set_sum(&mut self, sum: [u8; 16]) {
+        self.sum = Some(sum);
     }
 
     pub fn len(&self) -> usize {
@@ -931,7 +942,12 @@ impl<D: BlockDevice> Store<D> {
         let b = buf.as_mut_slice();
         b[..start].fill(0);
         b[start + len..].fill(0);
-        ShareBuf { buf, start, len }
+        ShareBuf {
+            buf,
+            start,
+            len,
+            sum: None,
+        }
     }
 
     /// Stores a share; durable (and readable after any crash) once this returns Ok. Putting an
@@ -1023,7 +1039,16 @@ impl<D: BlockDevice> Store<D> {
             share_len: len,
             generation,
             extent_len,
-            share_sum: share_sum(&buf.as_slice()[start..start + share.len]),
+            share_sum: {
+                let bytes = &buf.as_slice()[start..start + share.len];
+                let sum = share.sum.unwrap_or_else(|| share_sum(bytes));
+                debug_assert_eq!(
+                    sum,
+                    share_sum(bytes),
+                    "{key}: the sum set is not the share's"
+                );
+                sum
+            },
         };
         buf.as_mut_slice()[..HEADER_LEN].copy_from_slice(&header.encode());
         let entry = IndexEntry::from_header(&header, offset);
@@ -1804,6 +1829,29 @@ mod tests {
         assert_eq!((r.shares, r.superseded), (2, 0));
         let s = Store::open(v, dir.path(), StoreOptions::default()).unwrap();
         assert_eq!(s.recovered_at_open(), 0);
+    }
+
+    /// A sum set by whoever filled a share's buffer (the site sums what it decrypts as it
+    /// arrives) is forgotten once the bytes are handed out for writing again: the header
+    /// never carries a sum of bytes the share no longer has.
+    #[test]
+    fn a_share_sum_set_before_the_bytes_changed_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = MemVolume::new("mem-vol", 16 << 20, A);
+        Store::format(&v, "site-a", &FormatOptions::default()).unwrap();
+        let s = Store::open(v, dir.path(), StoreOptions::default()).unwrap();
+        let mut b = s.share_buf(6000);
+        b.as_mut_slice().fill(9);
+        b.set_sum(share_sum(&[9u8; 6000]));
+        s.put_buf(k(0), META, b).unwrap();
+        assert_eq!(s.get(&k(0)).unwrap().bytes(), &[9u8; 6000][..]);
+        let mut b = s.share_buf(6000);
+        b.as_mut_slice().fill(9);
+        b.set_sum(share_sum(&[9u8; 6000]));
+        b.as_mut_slice()[0] = 1;
+        s.put_buf(k(1), META, b).unwrap();
+        let got = s.get(&k(1)).unwrap();
+        assert_eq!((got.bytes()[0], &got.bytes()[1..]), (1, &[9u8; 5999][..]));
     }
 
     /// The region a put opened is closed once its entry is durable and no put came for a
