@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::layout::{ShareKey, ShareMeta};
-use crate::store::{Store, StoreError};
+use crate::server::LinkTimes;
+use crate::store::{PutTimes, Store, StoreError};
 use crate::volume::BlockDevice;
 
 /// Fills `out` with bytes determined by (seed, key): a child process can write them and its
@@ -88,6 +89,60 @@ pub struct StoreBench {
     /// The link's key pools were on a tmpfs of huge pages.
     pub key_huge_pages: bool,
     pub rounds: Vec<Round>,
+    /// Where a put's time went, on average over the puts.
+    pub put_latency: PutLatency,
+}
+
+/// The mean time of one put, in microseconds, and its parts: what the put's throughput at a
+/// given number of puts in flight comes from (puts in flight / `put` = puts per second).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct PutLatency {
+    /// The client's put call, from the request to its acknowledgement.
+    pub put: f64,
+    /// Through the daemon: from the PUT frame's head read to its tag verified (the share's
+    /// transfer, opened piece by piece as it came).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub link_open: Option<f64>,
+    /// Through the daemon: from the tag verified to a blocking thread taking the share to the
+    /// store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to_thread: Option<f64>,
+    /// In the store: checks, allocation, the durable write, the index entry.
+    pub store: f64,
+    /// Of the durable write: from the volume's thread taking it to its data written (with
+    /// `--durability rwf-dsync` or `o-dsync`, the flush included)...
+    pub volume_write: f64,
+    /// ...then the wait for the group fdatasync that made it durable.
+    pub flush_wait: f64,
+}
+
+impl PutLatency {
+    /// Means over the puts of a run, from what the client, the server (`link`, daemon only)
+    /// and the store added during it.
+    fn of(client_put_ns: u64, store: PutTimes, link: Option<LinkTimes>) -> Self {
+        let mean = |ns: u64, n: u64| {
+            if n == 0 {
+                0.0
+            } else {
+                ns as f64 / n as f64 / 1e3
+            }
+        };
+        let w = store.volume;
+        PutLatency {
+            put: mean(client_put_ns, store.puts),
+            link_open: link.map(|l| mean(l.open_ns, l.shares)),
+            to_thread: link.map(|l| mean(l.to_thread_ns, l.shares)),
+            store: mean(store.store_ns, store.puts),
+            volume_write: mean(w.write_ns, w.writes),
+            flush_wait: mean(w.flush_wait_ns, w.writes),
+        }
+    }
+}
+
+/// Nanoseconds since `t`, added to `sum`.
+fn clock(sum: &AtomicU64, t: Instant) {
+    let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    sum.fetch_add(ns, Ordering::Relaxed);
 }
 
 /// fio as the baseline: its own file (prepared as the volume is, see
@@ -215,7 +270,13 @@ impl Totals {
     }
 }
 
-fn results(rounds: Vec<Round>, [put, get]: [Totals; 2], shares: u64, huge: bool) -> StoreBench {
+fn results(
+    rounds: Vec<Round>,
+    [put, get]: [Totals; 2],
+    shares: u64,
+    huge: bool,
+    put_latency: PutLatency,
+) -> StoreBench {
     StoreBench {
         put_mbps: put.bytes / put.secs,
         get_mbps: get.bytes / get.secs,
@@ -227,6 +288,7 @@ fn results(rounds: Vec<Round>, [put, get]: [Totals; 2], shares: u64, huge: bool)
         shares,
         key_huge_pages: huge,
         rounds,
+        put_latency,
     }
 }
 
@@ -247,6 +309,7 @@ pub fn bench_store<D: BlockDevice>(
         pattern(j as u64, &run_key(file_id, j as u64), &mut v);
         v
     };
+    let (put_ns, before) = (AtomicU64::new(0), store.put_times());
     let driven = drive(
         count,
         share_len,
@@ -261,7 +324,9 @@ pub fn bench_store<D: BlockDevice>(
                     let mut b = store.share_buf(share_len);
                     b.as_mut_slice().copy_from_slice(tpl);
                     b.as_mut_slice()[..8].copy_from_slice(&i.to_le_bytes());
+                    let t = Instant::now();
                     store.put_buf(key, RUN_META, b)?;
+                    clock(&put_ns, t);
                 }
                 Phase::Get => {
                     let d = store.get(&key)?;
@@ -271,6 +336,8 @@ pub fn bench_store<D: BlockDevice>(
             Ok(())
         },
     );
+    // Before the deletes, whose tombstones are durable writes too.
+    let latency = PutLatency::of(put_ns.into_inner(), store.put_times().since(&before), None);
     // The run's shares go whether it succeeded or not (fio missing, the volume full, a share
     // that read back wrong): on a site's own volume they would stay indexed for good, under
     // a file id no catalog knows.
@@ -280,7 +347,7 @@ pub fn bench_store<D: BlockDevice>(
     });
     let (rounds, totals) = driven?;
     cleaned?;
-    Ok(results(rounds, totals, count, false))
+    Ok(results(rounds, totals, count, false, latency))
 }
 
 /// fio's result for one job, in MB/s.
@@ -434,6 +501,8 @@ pub fn bench_daemon<D: BlockDevice>(
         // Puts send one buffer per thread, stamped with the share's number; gets land in
         // one buffer per thread, as the engine's reads do.
         let scratch = |_| (tpl.clone(), Vec::new());
+        let put_ns = AtomicU64::new(0);
+        let before = (server.link_times(), server.store().put_times());
         let driven = drive(
             count,
             share_len,
@@ -445,7 +514,9 @@ pub fn bench_daemon<D: BlockDevice>(
                 match phase {
                     Phase::Put => {
                         data[..8].copy_from_slice(&i.to_le_bytes());
+                        let t = Instant::now();
                         client.put(&key(i), &meta, data)?;
+                        clock(&put_ns, t);
                     }
                     Phase::Get => {
                         client.get_into(&key(i), got)?;
@@ -458,6 +529,11 @@ pub fn bench_daemon<D: BlockDevice>(
                 Ok(())
             },
         );
+        let latency = PutLatency::of(
+            put_ns.into_inner(),
+            server.store().put_times().since(&before.1),
+            Some(server.link_times().since(&before.0)),
+        );
         // As in the store bench: gone whatever happened.
         let cleaned = (0..count).try_for_each(|i| match client.delete(&key(i)) {
             Ok(()) | Err(qgenome::sites::SiteError::NotFound { .. }) => Ok(()),
@@ -468,7 +544,7 @@ pub fn bench_daemon<D: BlockDevice>(
         drop(client);
         let _ = stop_tx.send(());
         rt.block_on(handle)??;
-        Ok(results(rounds, totals, count, huge.is_some()))
+        Ok(results(rounds, totals, count, huge.is_some(), latency))
     })();
     drop(huge);
     let _ = std::fs::remove_dir_all(&work);

@@ -85,7 +85,10 @@ enum Cmd {
         #[command(flatten)]
         vol: VolumeArgs,
     },
-    /// Measure store put/get of shares against fio on the same filesystem.
+    /// Measure store put/get of shares against fio on the same filesystem. Also reports where a
+    /// put's time goes (`put_latency_us`, mean microseconds): the whole put, its transfer and
+    /// opening on the link, the hand-off to a blocking thread, and the store, of which the
+    /// volume's write and the wait for the flush that made it durable.
     Bench {
         #[command(flatten)]
         vol: VolumeArgs,
@@ -641,6 +644,7 @@ fn bench(vol: &VolumeArgs, run: &BenchRun, via_daemon: Option<&Path>, json: bool
         "fixed_buffers": fixed,
         "path": if via_daemon.is_some() { "daemon-tcp-sealed" } else { "store-direct" },
         "rounds": r.rounds,
+        "put_latency_us": r.put_latency,
     });
     if let (Some(w), Some(rd)) = (r.fio_write_mbps, r.fio_read_mbps) {
         out["fio_write_mbps"] = w.into();

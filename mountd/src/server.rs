@@ -18,7 +18,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use qgenome::keys::{pool, Direction, End, KeyError, PoolFile};
 use qgenome::link::seal::SealError;
@@ -233,6 +233,35 @@ pub struct Server<D: BlockDevice> {
     memory_permits: u32,
     /// Which refusals get a log line.
     refusals: RefusalLog,
+    /// Shares opened as they arrived, and where their time went ([`Server::link_times`]).
+    link_clock: [AtomicU64; 3],
+}
+
+/// Shares that arrived on a link and were opened as they arrived (a sealed PUT's), and the
+/// time they took, summed ([`Server::link_times`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkTimes {
+    pub shares: u64,
+    /// From the frame's head read to its tag verified: the share's transfer, opened as it
+    /// came.
+    pub open_ns: u64,
+    /// From the tag verified to a blocking thread taking the request to the store.
+    pub to_thread_ns: u64,
+}
+
+impl LinkTimes {
+    /// What was added since `before`.
+    pub fn since(&self, before: &LinkTimes) -> LinkTimes {
+        LinkTimes {
+            shares: self.shares - before.shares,
+            open_ns: self.open_ns - before.open_ns,
+            to_thread_ns: self.to_thread_ns - before.to_thread_ns,
+        }
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Frames up to this long (a GET's is under 100 bytes) are opened in the connection's task to
@@ -321,6 +350,20 @@ impl<D: BlockDevice> Server<D> {
             memory_permits: permits,
             refusals: RefusalLog::default(),
             limits,
+            link_clock: Default::default(),
+        }
+    }
+
+    /// Where the shares that arrived on links spent their time until the store took them.
+    pub fn link_times(&self) -> LinkTimes {
+        let [shares, open_ns, to_thread_ns] = self
+            .link_clock
+            .each_ref()
+            .map(|a| a.load(Ordering::Relaxed));
+        LinkTimes {
+            shares,
+            open_ns,
+            to_thread_ns,
         }
     }
 
@@ -565,6 +608,7 @@ impl<D: BlockDevice> Server<D> {
             }
             let mut share = None;
             let mut pre_opened = None;
+            let mut opened_at = None;
             if let Some(link) = sealed
                 .as_ref()
                 .and_then(|c| c.link.clone())
@@ -574,6 +618,7 @@ impl<D: BlockDevice> Server<D> {
                 // as it arrives (each piece hashed and decrypted while the next is on the
                 // wire), verified once the tag is in. A frame the stream does not admit is
                 // read whole and refused by `handle_sealed_put`, as any other.
+                let head_at = Instant::now();
                 let mut b = self.store.share_buf(data_len);
                 let at = frame.len();
                 frame.resize(at + frame::TAG_LEN, 0);
@@ -643,6 +688,10 @@ impl<D: BlockDevice> Server<D> {
                 if matches!(verdict, Some(Ok(_))) {
                     b.set_sum(sum.finish());
                 }
+                let now = Instant::now();
+                self.link_clock[0].fetch_add(1, Ordering::Relaxed);
+                self.link_clock[1].fetch_add(nanos(now - head_at), Ordering::Relaxed);
+                opened_at = Some(now);
                 pre_opened = admission.zip(verdict);
                 share = Some(b);
             } else if to_store {
@@ -684,6 +733,9 @@ impl<D: BlockDevice> Server<D> {
                 let mut out = std::mem::take(&mut reply);
                 let (mut f, mut p) = (std::mem::take(&mut frame), std::mem::take(&mut plain));
                 let (conn, outcome, out, f, p) = tokio::task::spawn_blocking(move || {
+                    if let Some(t) = opened_at {
+                        srv.link_clock[2].fetch_add(nanos(t.elapsed()), Ordering::Relaxed);
+                    }
                     let mut conn = conn;
                     let o = match (share, conn.as_mut()) {
                         (Some(b), None) => {

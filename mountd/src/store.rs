@@ -20,6 +20,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Instant;
 
 mod lazy;
 use lazy::Committer;
@@ -32,7 +33,7 @@ use crate::layout::{
     share_sum, IndexEntry, LayoutError, ShareHeader, ShareKey, ShareMeta, Superblock, HEADER_LEN,
     INDEX_ENTRY_LEN, SHARE_KEY_LEN,
 };
-use crate::volume::{BlockDevice, IoBuf, VolumeError};
+use crate::volume::{BlockDevice, IoBuf, VolumeError, WriteTimes};
 
 /// Generations are reserved in the index this many at a time, so none is ever reused.
 const GEN_BATCH: u64 = 1 << 16;
@@ -307,6 +308,27 @@ impl fmt::Debug for ShareBuf {
     }
 }
 
+/// Successful puts and the time they took, summed ([`Store::put_times`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PutTimes {
+    pub puts: u64,
+    /// In [`Store::put_buf`], from its call to its return.
+    pub store_ns: u64,
+    /// The volume's durable writes (the puts', and any other: tombstones, retires).
+    pub volume: WriteTimes,
+}
+
+impl PutTimes {
+    /// What was added since `before`.
+    pub fn since(&self, before: &PutTimes) -> PutTimes {
+        PutTimes {
+            puts: self.puts - before.puts,
+            store_ns: self.store_ns - before.store_ns,
+            volume: self.volume.since(&before.volume),
+        }
+    }
+}
+
 /// The health the store reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -388,6 +410,8 @@ pub struct Store<D: BlockDevice> {
     tagging: Mutex<()>,
     /// Valid shares the open regions held that the index lacked, found by `open`.
     recovered: u64,
+    /// Puts that succeeded, and the nanoseconds they took ([`Store::put_times`]).
+    put_clock: (AtomicU64, AtomicU64),
     /// The state directory's lock, held while the store is open (dropped last).
     _state_lock: Flock<std::fs::File>,
 }
@@ -850,6 +874,7 @@ impl<D: BlockDevice> Store<D> {
             gens: Mutex::new(Gens { next, reserved }),
             damaged_reads: AtomicU64::new(0),
             recovered,
+            put_clock: Default::default(),
             opts,
         };
         // A volume whose shares were written before index tags existed: tag it now.
@@ -965,6 +990,25 @@ impl<D: BlockDevice> Store<D> {
         meta: ShareMeta,
         share: ShareBuf,
     ) -> Result<(), StoreError> {
+        let started = Instant::now();
+        self.put_share(key, meta, share)?;
+        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.put_clock.0.fetch_add(1, Ordering::Relaxed);
+        self.put_clock.1.fetch_add(ns, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// How many puts succeeded, and where their time went, since the store was opened: what
+    /// `qgenome-mountd bench` shows of a put's time in the store.
+    pub fn put_times(&self) -> PutTimes {
+        PutTimes {
+            puts: self.put_clock.0.load(Ordering::Relaxed),
+            store_ns: self.put_clock.1.load(Ordering::Relaxed),
+            volume: self.c.dev.write_times(),
+        }
+    }
+
+    fn put_share(&self, key: ShareKey, meta: ShareMeta, share: ShareBuf) -> Result<(), StoreError> {
         meta.validate(&key)
             .map_err(|e| self.invalid(key, e.to_string()))?;
         let len = share.len as u64;

@@ -316,6 +316,7 @@ fn bench_measures_rounds_beside_fio_and_leaves_nothing_behind() {
         assert_eq!(shares, 16, "{phase} rounds cover every share once");
     }
     assert!(rounds.iter().all(|r| r["fio_mbps"].as_f64().unwrap() > 0.0));
+    put_latency_adds_up(&j, true, !on_tmpfs);
     let left: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -366,6 +367,37 @@ fn bench_measures_rounds_beside_fio_and_leaves_nothing_behind() {
     assert_eq!(j["path"], "store-direct");
     assert!(j.get("fio_write_mbps").is_none(), "{j}");
     assert_eq!(j["rounds"].as_array().unwrap().len(), 6);
+    put_latency_adds_up(&j, false, !on_tmpfs);
+}
+
+/// The report's account of a put's time (`put_latency_us`): every part measured, and the
+/// parts nest as they happen (the link's and the store's inside the client's put, the
+/// volume's write and flush wait inside the store's).
+fn put_latency_adds_up(j: &serde_json::Value, daemon: bool, flushes: bool) {
+    let l = &j["put_latency_us"];
+    let us = |k: &str| {
+        l[k].as_f64()
+            .unwrap_or_else(|| panic!("put_latency_us.{k} in {j}"))
+    };
+    for k in ["put", "store", "volume_write"] {
+        assert!(us(k) > 0.0, "{k} in {l}");
+    }
+    // A volume on a disk waits for the group fdatasync; on tmpfs the write is all there is.
+    assert_eq!(us("flush_wait") > 0.0, flushes, "{l}");
+    assert!(us("store") >= us("volume_write") + us("flush_wait"), "{l}");
+    if daemon {
+        assert!(us("link_open") > 0.0 && us("to_thread") > 0.0, "{l}");
+        assert!(
+            us("put") >= us("link_open") + us("to_thread") + us("store"),
+            "{l}"
+        );
+    } else {
+        assert!(
+            l.get("link_open").is_none() && l.get("to_thread").is_none(),
+            "{l}"
+        );
+        assert!(us("put") >= us("store"), "{l}");
+    }
 }
 
 /// A file volume on /dev/shm (a tmpfs) is a file, not a device: `bench` needs no `--state`
@@ -386,6 +418,7 @@ fn bench_takes_a_file_volume_on_dev_shm_as_a_file() {
         .unwrap();
     let j = json_report(&out);
     assert_eq!(j["durability"], "rwf-dsync", "{j}");
+    put_latency_adds_up(&j, true, false);
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 

@@ -14,6 +14,8 @@ mod uring;
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 pub use buf::IoBuf;
 pub use mem::MemVolume;
@@ -99,6 +101,64 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn write_at(&self, buf: IoBuf, offset: u64, durable: bool) -> Result<IoBuf, VolumeError>;
     /// Makes every completed write durable.
     fn sync(&self) -> Result<(), VolumeError>;
+    /// Where the durable writes so far spent their time (zero where it is not measured).
+    fn write_times(&self) -> WriteTimes {
+        WriteTimes::default()
+    }
+}
+
+/// The time durable writes took, summed since the volume was opened (what
+/// `qgenome-mountd bench` shows of a put's time at the volume).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteTimes {
+    /// Durable writes that succeeded.
+    pub writes: u64,
+    /// From the request reaching the volume's thread to its data written. With `rwf-dsync`
+    /// and `o-dsync` the flush is inside the write.
+    pub write_ns: u64,
+    /// From the data written to the flush that made it durable (`fdatasync`: the group
+    /// fdatasync in flight when the write completed, if any, then the one covering it).
+    pub flush_wait_ns: u64,
+}
+
+impl WriteTimes {
+    /// What was added since `before`.
+    pub fn since(&self, before: &WriteTimes) -> WriteTimes {
+        WriteTimes {
+            writes: self.writes - before.writes,
+            write_ns: self.write_ns - before.write_ns,
+            flush_wait_ns: self.flush_wait_ns - before.flush_wait_ns,
+        }
+    }
+}
+
+/// Sums a volume's [`WriteTimes`] as its writes complete.
+#[derive(Debug, Default)]
+pub(crate) struct WriteClock {
+    writes: AtomicU64,
+    write_ns: AtomicU64,
+    flush_wait_ns: AtomicU64,
+}
+
+impl WriteClock {
+    /// A durable write that reached the volume's thread at `started`, had its data written at
+    /// `written`, and was durable at `durable`.
+    pub(crate) fn durable(&self, started: Instant, written: Instant, durable: Instant) {
+        let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.write_ns
+            .fetch_add(ns(written.duration_since(started)), Ordering::Relaxed);
+        self.flush_wait_ns
+            .fetch_add(ns(durable.duration_since(written)), Ordering::Relaxed);
+    }
+
+    pub(crate) fn times(&self) -> WriteTimes {
+        WriteTimes {
+            writes: self.writes.load(Ordering::Relaxed),
+            write_ns: self.write_ns.load(Ordering::Relaxed),
+            flush_wait_ns: self.flush_wait_ns.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl<T: BlockDevice> BlockDevice for std::sync::Arc<T> {
@@ -128,5 +188,11 @@ impl<T: BlockDevice> BlockDevice for std::sync::Arc<T> {
     }
     fn sync(&self) -> Result<(), VolumeError> {
         (**self).sync()
+    }
+    fn durable_writes_refused(&self) -> Option<VolumeError> {
+        (**self).durable_writes_refused()
+    }
+    fn write_times(&self) -> WriteTimes {
+        (**self).write_times()
     }
 }

@@ -13,12 +13,13 @@ use std::sync::mpsc::{self, TryRecvError};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use io_uring::{opcode, squeue, types, IoUring};
 use tokio::sync::oneshot;
 
 use super::buf::FixedPool;
-use super::{check_request, Alignment, BlockDevice, IoBuf, VolumeError};
+use super::{check_request, Alignment, BlockDevice, IoBuf, VolumeError, WriteClock, WriteTimes};
 
 /// How a write is made durable before it is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
@@ -95,6 +96,7 @@ pub struct UringVolume {
     _file: Arc<File>,
     /// Group fdatasyncs issued ([`Durability::Fdatasync`]).
     group_syncs: Arc<std::sync::atomic::AtomicU64>,
+    clock: Arc<WriteClock>,
     /// The ring thread's latch, as the callers see it ([`BlockDevice::durable_writes_refused`]).
     lost: Latch,
 }
@@ -409,6 +411,7 @@ impl UringVolume {
         let path: Arc<Path> = Arc::from(path);
         let (tx, rx) = mpsc::channel();
         let group_syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let clock = Arc::new(WriteClock::default());
         let lost = Latch::default();
         let worker = Worker {
             fd: file.as_raw_fd(),
@@ -421,6 +424,7 @@ impl UringVolume {
             depth: opts.queue_depth.max(16) as usize,
             _pool: pool.clone(),
             group_syncs: Arc::clone(&group_syncs),
+            clock: Arc::clone(&clock),
             lost: lost.clone(),
         };
         let thread = std::thread::Builder::new()
@@ -439,6 +443,7 @@ impl UringVolume {
             thread: Some(thread),
             _file: file,
             group_syncs,
+            clock,
             lost,
         })
     }
@@ -567,6 +572,10 @@ impl BlockDevice for UringVolume {
     fn sync(&self) -> Result<(), VolumeError> {
         self.submit_sync().wait().map(|_| ())
     }
+
+    fn write_times(&self) -> WriteTimes {
+        self.clock.times()
+    }
 }
 
 impl Drop for UringVolume {
@@ -605,6 +614,7 @@ struct Worker {
     depth: usize,
     _pool: Option<Arc<FixedPool>>,
     group_syncs: Arc<std::sync::atomic::AtomicU64>,
+    clock: Arc<WriteClock>,
     lost: Latch,
 }
 
@@ -617,6 +627,10 @@ struct Op {
     /// Retries that made no aligned progress (EAGAIN, EINTR, unaligned short counts).
     stalls: u32,
     reply: oneshot::Sender<Result<Option<IoBuf>, VolumeError>>,
+    /// When the ring thread took the request, and when its data was written (a durable write
+    /// waiting for its group fdatasync): for [`WriteTimes`].
+    started: Instant,
+    written: Option<Instant>,
 }
 
 const WAKE: u64 = u64::MAX;
@@ -716,6 +730,8 @@ impl Worker {
                             done: 0,
                             stalls: 0,
                             reply: req.reply,
+                            started: Instant::now(),
+                            written: None,
                         };
                         let id = match free.pop() {
                             Some(id) => {
@@ -870,7 +886,12 @@ impl Worker {
                         };
                         let result = match latch.error(&self.path) {
                             Some(e) => Err(e),
-                            None => Ok(op.buf.take()),
+                            None => {
+                                let now = Instant::now();
+                                let written = op.written.unwrap_or(now);
+                                self.clock.durable(op.started, written, now);
+                                Ok(op.buf.take())
+                            }
                         };
                         let _ = op.reply.send(result);
                         free.push(id);
@@ -892,6 +913,7 @@ impl Worker {
                             free.push(id);
                         }
                         None => {
+                            op.written = Some(Instant::now());
                             slots[id] = Some(op);
                             group.next.push(id);
                         }
@@ -903,6 +925,11 @@ impl Worker {
                             }
                             _ => result,
                         };
+                        if matches!(op.kind, Kind::Write { durable: true }) && result.is_ok() {
+                            // Durable as written (rwf-dsync, o-dsync, or tmpfs).
+                            let now = Instant::now();
+                            self.clock.durable(op.started, now, now);
+                        }
                         let _ = op.reply.send(result);
                         free.push(id);
                     }
@@ -1162,6 +1189,8 @@ mod tests {
                 done: 0,
                 stalls: 0,
                 reply: tx,
+                started: Instant::now(),
+                written: None,
             };
             (op, rx)
         };
