@@ -237,10 +237,12 @@ pub struct Server<D: BlockDevice> {
     link_clock: [AtomicU64; 3],
 }
 
-/// Shares that arrived on a link and were opened as they arrived (a sealed PUT's), and the
-/// time they took, summed ([`Server::link_times`]).
+/// Shares that arrived on a link and were opened as they arrived, and the time they took,
+/// summed ([`Server::link_times`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LinkTimes {
+    /// Sealed frames received as a PUT's share is (long enough to carry one, on a welcomed
+    /// link): PUTs, and also frames refused or found to be no PUT once opened.
     pub shares: u64,
     /// From the frame's head read to its tag verified: the share's transfer, opened as it
     /// came.
