@@ -9,7 +9,7 @@ use std::time::Instant;
 use crate::layout::{ShareKey, ShareMeta};
 use crate::server::LinkTimes;
 use crate::store::{PutTimes, Store, StoreError};
-use crate::volume::BlockDevice;
+use crate::volume::{add_nanos, BlockDevice};
 
 /// Fills `out` with bytes determined by (seed, key): a child process can write them and its
 /// parent check them without any channel between the two.
@@ -137,12 +137,6 @@ impl PutLatency {
             flush_wait: mean(w.flush_wait_ns, w.writes),
         }
     }
-}
-
-/// Nanoseconds since `t`, added to `sum`.
-fn clock(sum: &AtomicU64, t: Instant) {
-    let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
-    sum.fetch_add(ns, Ordering::Relaxed);
 }
 
 /// fio as the baseline: its own file (prepared as the volume is, see
@@ -326,7 +320,7 @@ pub fn bench_store<D: BlockDevice>(
                     b.as_mut_slice()[..8].copy_from_slice(&i.to_le_bytes());
                     let t = Instant::now();
                     store.put_buf(key, RUN_META, b)?;
-                    clock(&put_ns, t);
+                    add_nanos(&put_ns, t.elapsed());
                 }
                 Phase::Get => {
                     let d = store.get(&key)?;
@@ -516,7 +510,7 @@ pub fn bench_daemon<D: BlockDevice>(
                         data[..8].copy_from_slice(&i.to_le_bytes());
                         let t = Instant::now();
                         client.put(&key(i), &meta, data)?;
-                        clock(&put_ns, t);
+                        add_nanos(&put_ns, t.elapsed());
                     }
                     Phase::Get => {
                         client.get_into(&key(i), got)?;

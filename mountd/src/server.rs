@@ -34,7 +34,7 @@ use tokio::task::JoinSet;
 use crate::config::{LinkConfig, SiteConfig};
 use crate::layout::{ShareKey, ShareMeta, ShareSummer};
 use crate::store::{Health, Located, ShareBuf, ShareData, Store, StoreError};
-use crate::volume::BlockDevice;
+use crate::volume::{add_nanos, BlockDevice};
 
 /// Errors starting or running the server; each names the link, address or socket at fault.
 #[derive(Debug, thiserror::Error)]
@@ -260,10 +260,6 @@ impl LinkTimes {
             to_thread_ns: self.to_thread_ns - before.to_thread_ns,
         }
     }
-}
-
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Frames up to this long (a GET's is under 100 bytes) are opened in the connection's task to
@@ -692,7 +688,7 @@ impl<D: BlockDevice> Server<D> {
                 }
                 let now = Instant::now();
                 self.link_clock[0].fetch_add(1, Ordering::Relaxed);
-                self.link_clock[1].fetch_add(nanos(now - head_at), Ordering::Relaxed);
+                add_nanos(&self.link_clock[1], now - head_at);
                 opened_at = Some(now);
                 pre_opened = admission.zip(verdict);
                 share = Some(b);
@@ -736,7 +732,7 @@ impl<D: BlockDevice> Server<D> {
                 let (mut f, mut p) = (std::mem::take(&mut frame), std::mem::take(&mut plain));
                 let (conn, outcome, out, f, p) = tokio::task::spawn_blocking(move || {
                     if let Some(t) = opened_at {
-                        srv.link_clock[2].fetch_add(nanos(t.elapsed()), Ordering::Relaxed);
+                        add_nanos(&srv.link_clock[2], t.elapsed());
                     }
                     let mut conn = conn;
                     let o = match (share, conn.as_mut()) {

@@ -992,9 +992,8 @@ impl<D: BlockDevice> Store<D> {
     ) -> Result<(), StoreError> {
         let started = Instant::now();
         self.put_share(key, meta, share)?;
-        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.put_clock.0.fetch_add(1, Ordering::Relaxed);
-        self.put_clock.1.fetch_add(ns, Ordering::Relaxed);
+        crate::volume::add_nanos(&self.put_clock.1, started.elapsed());
         Ok(())
     }
 
