@@ -68,6 +68,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// [`lock`] if no one holds `m` now, else `None` (for an async worker that must not wait).
+fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
 /// Both streams this site holds for one link.
 pub struct LinkEnds {
     pub name: String,
@@ -627,13 +636,7 @@ impl<D: BlockDevice> Server<D> {
                 // Admitted on this worker when the stream is free; when it is held (another
                 // frame's finish may be syncing a new key window), on a blocking thread, so
                 // that the connections this worker serves do not wait for that sync.
-                let free = match link.recv.try_lock() {
-                    Ok(mut rx) => Some(rx.admit(head, len, frame::TAG_LEN)),
-                    Err(std::sync::TryLockError::Poisoned(p)) => {
-                        Some(p.into_inner().admit(head, len, frame::TAG_LEN))
-                    }
-                    Err(std::sync::TryLockError::WouldBlock) => None,
-                };
+                let free = try_lock(&link.recv).map(|mut rx| rx.admit(head, len, frame::TAG_LEN));
                 let admitted = match free {
                     Some(admitted) => admitted,
                     None => {
@@ -1485,17 +1488,11 @@ impl Drop for Admission {
         };
         let verdict = Err(SealError::BadTag);
         // As at the admission: not on an async worker behind a window's sync.
-        let link = match self.link.recv.try_lock() {
-            Ok(mut rx) => {
-                let _ = rx.finish(frame, verdict);
-                return;
-            }
-            Err(std::sync::TryLockError::Poisoned(p)) => {
-                let _ = p.into_inner().finish(frame, verdict);
-                return;
-            }
-            Err(std::sync::TryLockError::WouldBlock) => Arc::clone(&self.link),
-        };
+        if let Some(mut rx) = try_lock(&self.link.recv) {
+            let _ = rx.finish(frame, verdict);
+            return;
+        }
+        let link = Arc::clone(&self.link);
         let finish = move || {
             let _ = lock(&link.recv).finish(frame, verdict);
         };
