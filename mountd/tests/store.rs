@@ -934,3 +934,166 @@ fn a_scrub_stops_at_a_volume_that_stops_rather_than_report_whole_shares_damaged(
     let e = s.scrub().expect_err("a scrub past a stopped volume");
     assert!(e.to_string().contains("mem-vol"), "{e}");
 }
+
+/// Puts `data` in parts of `part` bytes through `begin_put` / `put_part` / `finish_put`.
+fn put_in_parts(
+    s: &Store<MemVolume>,
+    k: ShareKey,
+    data: &[u8],
+    part: usize,
+) -> Result<(), StoreError> {
+    let mut p = s.begin_put(k, META, data.len() as u64)?;
+    for piece in data.chunks(part) {
+        let mut b = s.part_buf(piece.len());
+        b.as_mut_slice().copy_from_slice(piece);
+        s.put_part(&mut p, b)?;
+    }
+    s.finish_put(p, qgenome_mountd::layout::share_sum(data))
+}
+
+/// A share put in parts reads back as one put whole would, on its own and after a restart,
+/// and scrubs clean; its header is that of a whole put (a rebuild from the volume finds it).
+#[test]
+fn a_share_put_in_parts_reads_back_whole_and_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(fresh(16 << 20), dir.path(), StoreOptions::default()).unwrap();
+    let mut keys = Vec::new();
+    for (i, (len, part)) in [
+        (1 << 20, 256 << 10),
+        (100_000, 4096),
+        (20_485, 8192),
+        (777, 4096),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let k = key(9, i as u64, 1);
+        put_in_parts(&s, k, &share_bytes(9, &k, len), part).unwrap();
+        keys.push((k, len));
+    }
+    for (k, len) in &keys {
+        assert_eq!(
+            s.get(k).unwrap().bytes(),
+            &share_bytes(9, k, *len)[..],
+            "{k}"
+        );
+    }
+    // Replacing a share put whole with one put in parts, and the other way round.
+    let (k0, _) = keys[0];
+    put_in_parts(&s, k0, &share_bytes(10, &k0, 3000), 4096).unwrap();
+    assert_eq!(s.get(&k0).unwrap().bytes(), &share_bytes(10, &k0, 3000)[..]);
+    keys[0].1 = 3000;
+    let r = s.scrub().unwrap();
+    assert_eq!((r.checked, r.damaged.len()), (4, 0), "{r:?}");
+    let image = s.device().image();
+    drop(s);
+    let s = reopen(image.clone(), dir.path());
+    assert_eq!(s.get(&k0).unwrap().bytes(), &share_bytes(10, &k0, 3000)[..]);
+    drop(s);
+    let (shares, _, s) = rebuilt(image, dir.path());
+    assert_eq!(shares, 4);
+    for (k, len) in &keys[1..] {
+        assert_eq!(
+            s.get(k).unwrap().bytes(),
+            &share_bytes(9, k, *len)[..],
+            "{k}"
+        );
+    }
+}
+
+/// A put in parts that is abandoned, refused a part, finished short, or cut by a crash before
+/// its header leaves nothing readable, and its space free.
+#[test]
+fn a_put_in_parts_that_does_not_finish_leaves_nothing_and_frees_its_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(fresh(16 << 20), dir.path(), StoreOptions::default()).unwrap();
+    let good = key(11, 0, 0);
+    s.put(good, META, &share_bytes(11, &good, 9000)).unwrap();
+    let free = s.stat().free;
+    let k = key(11, 1, 0);
+    let data = share_bytes(11, &k, 10_000);
+    // Abandoned after two parts were written.
+    let mut p = s.begin_put(k, META, 10_000).unwrap();
+    assert!(s.stat().free < free, "the space is taken from the start");
+    for piece in data[..8192].chunks(4096) {
+        let mut b = s.part_buf(4096);
+        b.as_mut_slice().copy_from_slice(piece);
+        s.put_part(&mut p, b).unwrap();
+    }
+    s.abandon_put(p);
+    assert_eq!(s.stat().free, free);
+    assert!(matches!(s.get(&k), Err(StoreError::NotFound { .. })));
+    // A part that is not a whole number of blocks before the share's end is refused.
+    let mut p = s.begin_put(k, META, 10_000).unwrap();
+    let e = s.put_part(&mut p, s.part_buf(1000)).unwrap_err();
+    assert!(
+        e.to_string().contains("multiple of the volume's block"),
+        "{e}"
+    );
+    // So is one past the share's end.
+    let mut b = s.part_buf(8192);
+    b.as_mut_slice().copy_from_slice(&data[..8192]);
+    s.put_part(&mut p, b).unwrap();
+    let e = s.put_part(&mut p, s.part_buf(4096)).unwrap_err();
+    assert!(
+        e.to_string().contains("at 8192 of a 10000-byte share"),
+        "{e}"
+    );
+    // Finished short: refused, and the space given back.
+    let e = s.finish_put(p, [0; 16]).unwrap_err();
+    assert!(
+        e.to_string().contains("after 8192 of its 10000 bytes"),
+        "{e}"
+    );
+    assert_eq!(s.stat().free, free);
+    assert!(matches!(s.get(&k), Err(StoreError::NotFound { .. })));
+    // A crash after every part was written, before the header: not served after a restart,
+    // not found by a rebuild.
+    let mut p = s.begin_put(k, META, 10_000).unwrap();
+    for piece in data.chunks(4096) {
+        let mut b = s.part_buf(piece.len());
+        b.as_mut_slice().copy_from_slice(piece);
+        s.put_part(&mut p, b).unwrap();
+    }
+    let image = s.device().image();
+    drop(p);
+    drop(s);
+    let s = reopen(image.clone(), dir.path());
+    assert!(matches!(s.get(&k), Err(StoreError::NotFound { .. })));
+    assert_eq!(
+        s.stat().free,
+        free,
+        "space of a put never finished is free after a restart"
+    );
+    drop(s);
+    let (shares, _, s) = rebuilt(image, dir.path());
+    assert_eq!(shares, 1);
+    assert!(matches!(s.get(&k), Err(StoreError::NotFound { .. })));
+    assert_eq!(
+        s.get(&good).unwrap().bytes(),
+        &share_bytes(11, &good, 9000)[..]
+    );
+}
+
+/// A part write that fails fails the put at its finish, which gives the space back.
+#[test]
+fn a_failed_part_write_fails_the_put_and_frees_its_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(fresh(16 << 20), dir.path(), StoreOptions::default()).unwrap();
+    let free = s.stat().free;
+    let k = key(12, 0, 2);
+    let data = share_bytes(12, &k, 20_000);
+    let mut p = s.begin_put(k, META, 20_000).unwrap();
+    s.device().fail_writes_after(2);
+    for piece in data.chunks(4096) {
+        let mut b = s.part_buf(piece.len());
+        b.as_mut_slice().copy_from_slice(piece);
+        s.put_part(&mut p, b).unwrap();
+    }
+    let e = s
+        .finish_put(p, qgenome_mountd::layout::share_sum(&data))
+        .unwrap_err();
+    assert!(e.to_string().contains("injected fault"), "{e}");
+    assert_eq!(s.stat().free, free);
+    assert!(matches!(s.get(&k), Err(StoreError::NotFound { .. })));
+}
