@@ -349,7 +349,7 @@ impl PartialPut {
     }
 
     /// The share's length.
-    pub fn len(&self) -> u64 {
+    pub fn share_len(&self) -> u64 {
         self.space.len
     }
 
