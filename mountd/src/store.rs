@@ -308,120 +308,6 @@ impl fmt::Debug for ShareBuf {
     }
 }
 
-/// Space taken for a share before any of it is written (`Store::reserve`).
-#[derive(Debug)]
-struct Reserved {
-    key: ShareKey,
-    meta: ShareMeta,
-    len: u64,
-    offset: u64,
-    extent_len: u64,
-    regions: std::ops::RangeInclusive<u64>,
-}
-
-/// A share being put in parts, each written to its place as it comes ([`Store::begin_put`],
-/// [`Store::put_part`], [`Store::finish_put`]), so that the volume writes the first parts
-/// while the last are still on their way. Its extent is taken and its regions open; its
-/// header is written only by `finish_put`, after every part: until then nothing of it is
-/// valid on the volume, whatever a crash leaves there.
-///
-/// Ends with [`Store::finish_put`] or [`Store::abandon_put`]. Dropped without either (a
-/// runtime torn down at exit), its extent stays taken until the daemon next starts, and
-/// nothing else is lost.
-pub struct PartialPut {
-    space: Reserved,
-    /// Share bytes given to `put_part` so far (the next part starts here).
-    next: u64,
-    /// Part writes not yet seen complete ([`PartialPut::written`]).
-    writes: Vec<crate::volume::Pending>,
-    /// The first part write that failed.
-    failed: Option<VolumeError>,
-}
-
-impl PartialPut {
-    pub fn key(&self) -> &ShareKey {
-        &self.space.key
-    }
-
-    /// Share bytes given so far: where the next part starts.
-    pub fn next(&self) -> u64 {
-        self.next
-    }
-
-    /// The share's length.
-    pub fn share_len(&self) -> u64 {
-        self.space.len
-    }
-
-    /// Whether every byte of the share was given.
-    pub fn is_complete(&self) -> bool {
-        self.next == self.space.len
-    }
-
-    /// Awaits the part writes issued so far, from a task (their buffers are freed); a
-    /// failure is kept for `finish_put`. `finish_put` and `abandon_put` wait for any left on
-    /// a plain thread.
-    pub async fn written(&mut self) {
-        for w in std::mem::take(&mut self.writes) {
-            if let Err(e) = w.await {
-                self.failed.get_or_insert(e);
-            }
-        }
-    }
-
-    fn wait_written(&mut self) {
-        for w in std::mem::take(&mut self.writes) {
-            if let Err(e) = w.wait() {
-                self.failed.get_or_insert(e);
-            }
-        }
-    }
-}
-
-impl fmt::Debug for PartialPut {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PartialPut")
-            .field("key", &self.space.key)
-            .field("len", &self.space.len)
-            .field("next", &self.next)
-            .field("writes_in_flight", &self.writes.len())
-            .finish_non_exhaustive()
-    }
-}
-
-/// A buffer for one part of a share ([`Store::part_buf`]): the part's bytes, then zeros to
-/// the volume's block.
-pub struct PartBuf {
-    buf: IoBuf,
-    len: usize,
-}
-
-impl PartBuf {
-    pub fn as_slice(&self) -> &[u8] {
-        &self.buf.as_slice()[..self.len]
-    }
-
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.buf.as_mut_slice()[..self.len]
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-impl fmt::Debug for PartBuf {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PartBuf")
-            .field("len", &self.len)
-            .finish_non_exhaustive()
-    }
-}
-
 /// Successful puts and the time they took, summed ([`Store::put_times`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PutTimes {
@@ -1111,112 +997,6 @@ impl<D: BlockDevice> Store<D> {
         Ok(())
     }
 
-    /// A buffer for a part of `len` bytes of a share put in parts ([`Store::put_part`]).
-    /// The bytes after the part, to the volume's block, are zeroed here.
-    pub fn part_buf(&self, len: usize) -> PartBuf {
-        let bs = self.sb.block_size as usize;
-        let mut buf = self.c.dev.alloc_buf_dirty(len.div_ceil(bs) * bs);
-        buf.as_mut_slice()[len..].fill(0);
-        PartBuf { buf, len }
-    }
-
-    /// Starts a put of a share of `len` bytes in parts: checks it and takes its space, as
-    /// [`Store::put`] does before it writes. Nothing is indexed, nor valid on the volume,
-    /// before [`Store::finish_put`].
-    pub fn begin_put(
-        &self,
-        key: ShareKey,
-        meta: ShareMeta,
-        len: u64,
-    ) -> Result<PartialPut, StoreError> {
-        self.check_share(&key, &meta, len)?;
-        Ok(PartialPut {
-            space: self.reserve(key, meta, len)?,
-            next: 0,
-            writes: Vec::new(),
-            failed: None,
-        })
-    }
-
-    /// Issues the write of the share's next part to its place (plain, not durable: the
-    /// durable write of the header in [`Store::finish_put`] covers it). Parts come in order;
-    /// each but the last is a whole number of the volume's blocks. A part refused here was
-    /// not written, and the put can still be abandoned.
-    pub fn put_part(&self, p: &mut PartialPut, part: PartBuf) -> Result<(), StoreError> {
-        let (bs, len) = (u64::from(self.sb.block_size), part.len as u64);
-        let end = p.next + len;
-        if len == 0 || end > p.space.len || (end < p.space.len && len % bs != 0) {
-            return Err(self.invalid(
-                p.space.key,
-                format!(
-                    "a part of {len} bytes at {} of a {}-byte share: parts come in order, \
-                     non-empty, each but the last a multiple of the volume's block ({bs})",
-                    p.next, p.space.len
-                ),
-            ));
-        }
-        let at = p.space.offset + bs + p.next;
-        p.writes.push(self.c.dev.write_pending(part.buf, at));
-        p.next = end;
-        Ok(())
-    }
-
-    /// Ends a put in parts whose every byte was given: waits for the part writes, writes the
-    /// header (with `sum`, the [`share_sum`] of the whole share, summed as its parts came)
-    /// durably, and indexes the share. Durable once this returns Ok; on any failure the
-    /// space is given back and nothing of the share is valid.
-    pub fn finish_put(&self, mut p: PartialPut, sum: [u8; 16]) -> Result<(), StoreError> {
-        let started = Instant::now();
-        p.wait_written();
-        if let Some(e) = p.failed.take() {
-            self.abandon_put(p);
-            return Err(e.into());
-        }
-        if !p.is_complete() {
-            let e = self.invalid(
-                p.space.key,
-                format!("finished after {} of its {} bytes", p.next, p.space.len),
-            );
-            self.abandon_put(p);
-            return Err(e);
-        }
-        #[cfg(debug_assertions)]
-        self.assert_part_sum(&p, sum);
-        let header = self.c.dev.alloc_buf(self.sb.block_size as usize);
-        self.commit_put(p.space, header, sum)?;
-        self.put_clock.0.fetch_add(1, Ordering::Relaxed);
-        crate::volume::add_nanos(&self.put_clock.1, started.elapsed());
-        Ok(())
-    }
-
-    /// Debug builds: the sum a put in parts was given is that of the bytes written.
-    #[cfg(debug_assertions)]
-    fn assert_part_sum(&self, p: &PartialPut, sum: [u8; 16]) {
-        let bs = u64::from(self.sb.block_size);
-        let read = self.sb.write_len(p.space.len) - bs;
-        if let Ok(b) = self
-            .c
-            .dev
-            .read_at(self.c.dev.alloc_buf(read as usize), p.space.offset + bs)
-        {
-            let bytes = &b.as_slice()[..p.space.len as usize];
-            assert_eq!(
-                sum,
-                share_sum(bytes),
-                "{}: the sum given is not the share's",
-                p.space.key
-            );
-        }
-    }
-
-    /// Gives back the space of a put in parts that will not be finished (after its part
-    /// writes complete: they may not land in space given to another share). No header was
-    /// written, so nothing of it is valid on the volume.
-    pub fn abandon_put(&self, mut p: PartialPut) {
-        p.wait_written();
-        self.unreserve(p.space);
-    }
-
     /// How many puts succeeded, and where their time went, since the store was opened: what
     /// `qgenome-mountd bench` shows of a put's time in the store.
     pub fn put_times(&self) -> PutTimes {
@@ -1228,45 +1008,20 @@ impl<D: BlockDevice> Store<D> {
     }
 
     fn put_share(&self, key: ShareKey, meta: ShareMeta, share: ShareBuf) -> Result<(), StoreError> {
+        meta.validate(&key)
+            .map_err(|e| self.invalid(key, e.to_string()))?;
         let len = share.len as u64;
-        self.check_share(&key, &meta, len)?;
+        if len == 0 || len > self.opts.max_share_len {
+            return Err(self.invalid(
+                key,
+                format!("{len} bytes (allowed 1..={})", self.opts.max_share_len),
+            ));
+        }
         if share.start != self.sb.block_size as usize
             || share.buf.len() as u64 != self.sb.write_len(len)
         {
             return Err(self.invalid(key, "buffer not from share_buf of this store"));
         }
-        let sum = {
-            let bytes = share.as_slice();
-            let sum = share.sum.unwrap_or_else(|| share_sum(bytes));
-            debug_assert_eq!(
-                sum,
-                share_sum(bytes),
-                "{key}: the sum set is not the share's"
-            );
-            sum
-        };
-        let r = self.reserve(key, meta, len)?;
-        self.commit_put(r, share.buf, sum)
-    }
-
-    /// What every put checks before it takes space: the share's meta, its length.
-    fn check_share(&self, key: &ShareKey, meta: &ShareMeta, len: u64) -> Result<(), StoreError> {
-        meta.validate(key)
-            .map_err(|e| self.invalid(*key, e.to_string()))?;
-        if len == 0 || len > self.opts.max_share_len {
-            return Err(self.invalid(
-                *key,
-                format!("{len} bytes (allowed 1..={})", self.opts.max_share_len),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Takes an extent for a share of `len` bytes (checked by `check_share`) and durably
-    /// opens its regions, before a byte of it is written: a crash before its index entry is
-    /// flushed leaves the share for `open` to find there. Given back by `unreserve`, or
-    /// acknowledged by `commit_put`.
-    fn reserve(&self, key: ShareKey, meta: ShareMeta, len: u64) -> Result<Reserved, StoreError> {
         // A volume that refuses durable writes (a failed flush) gets no allocation either;
         // nor does an index whose sync failed (its commit would refuse the put only after
         // the share took an extent, for good, and became readable).
@@ -1276,6 +1031,12 @@ impl<D: BlockDevice> Store<D> {
         self.c.check()?;
         // Before the first share reaches the volume, the volume names this index.
         self.tag_volume()?;
+        let write_lock = || {
+            self.key_lock(&key)
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+        };
+        let mut _guard = write_lock();
         let extent_len = self.sb.extent_len(len);
         let mut settled = false;
         let offset = loop {
@@ -1284,10 +1045,13 @@ impl<D: BlockDevice> Store<D> {
                 break offset;
             }
             // Extents replaced by puts acknowledged in the last moments are freed by the
-            // flusher: once, settle them and try again.
+            // flusher: once, settle them and try again (without the key's lock, which the
+            // flusher's retires take).
             if !settled && self.c.retires_waiting() {
                 drop(a);
+                drop(_guard);
                 self.c.settle()?;
+                _guard = write_lock();
                 settled = true;
                 continue;
             }
@@ -1300,58 +1064,17 @@ impl<D: BlockDevice> Store<D> {
                 largest_free: a.largest_free(),
             });
         };
-        match self.c.enter(offset, extent_len) {
-            Ok(regions) => Ok(Reserved {
-                key,
-                meta,
-                len,
-                offset,
-                extent_len,
-                regions,
-            }),
-            Err(e) => {
-                lock(&self.c.alloc).free(offset, extent_len);
-                Err(e)
-            }
-        }
-    }
-
-    /// Gives back the space of a put that wrote no header there (nothing of it is valid).
-    fn unreserve(&self, r: Reserved) {
-        self.c.release(r.regions);
-        lock(&self.c.alloc).free(r.offset, r.extent_len);
-    }
-
-    /// Writes the header (into the first block of `buf`, which starts at the extent; the
-    /// share's bytes are in `buf` after it, or already written there by `put_part`), makes
-    /// the extent durable, and indexes the share under its key's lock.
-    fn commit_put(
-        &self,
-        r: Reserved,
-        mut buf: IoBuf,
-        share_sum: [u8; 16],
-    ) -> Result<(), StoreError> {
-        // The generation is taken under the key's lock: it orders same-key puts as their
-        // index entries are ordered.
-        let _guard = self
-            .key_lock(&r.key)
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
-        let generation = match self.next_generation() {
-            Ok(g) => g,
-            Err(e) => {
-                self.unreserve(r);
-                return Err(e);
-            }
+        // Until the index entry is inserted, a failure gives the extent back.
+        let release = |e: StoreError| {
+            lock(&self.c.alloc).free(offset, extent_len);
+            e
         };
-        let Reserved {
-            key,
-            meta,
-            len,
-            offset,
-            extent_len,
-            regions,
-        } = r;
+        let generation = self.next_generation().map_err(release)?;
+        // The extent's regions are durably open before a byte of it is written: a crash
+        // before the index entry below is flushed leaves the share for `open` to find there.
+        let regions = self.c.enter(offset, extent_len).map_err(release)?;
+        let mut buf = share.buf;
+        let start = share.start;
         let header = ShareHeader {
             volume_id: self.sb.volume_id,
             key,
@@ -1359,7 +1082,16 @@ impl<D: BlockDevice> Store<D> {
             share_len: len,
             generation,
             extent_len,
-            share_sum,
+            share_sum: {
+                let bytes = &buf.as_slice()[start..start + share.len];
+                let sum = share.sum.unwrap_or_else(|| share_sum(bytes));
+                debug_assert_eq!(
+                    sum,
+                    share_sum(bytes),
+                    "{key}: the sum set is not the share's"
+                );
+                sum
+            },
         };
         buf.as_mut_slice()[..HEADER_LEN].copy_from_slice(&header.encode());
         let entry = IndexEntry::from_header(&header, offset);
@@ -1395,7 +1127,7 @@ impl<D: BlockDevice> Store<D> {
             e
         };
         // The header block after HEADER_LEN and the padding after the share are zero:
-        // share_buf (or header_buf) zeroed them and only the share range was handed out.
+        // share_buf zeroed them and only the share range was handed out.
         // A failed write may still have put the header (and maybe every byte) on the volume.
         self.c
             .dev

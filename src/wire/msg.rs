@@ -5,7 +5,7 @@
 //! offset size field
 //!      0    4 magic "QGMS"
 //!      4    1 format version (1)
-//!      5    1 kind (request 0x01..0x07, reply 0x81..0x86, error 0xff)
+//!      5    1 kind (request 0x01..0x06, reply 0x81..0x86, error 0xff)
 //!      6    2 reserved, zero
 //!      8    8 request id, u64 LE (a reply carries the id of its request; 0 = connection)
 //!     16    . body (per kind, every length checked against the bytes present)
@@ -173,17 +173,6 @@ pub enum Body<'a> {
         meta: ShareMeta,
         data: &'a [u8],
     },
-    /// One part of a share of `share_len` bytes: its bytes from `offset`. A share sent in
-    /// parts goes as consecutive PUT_PARTs of one request id on one connection, in order and
-    /// without gaps, each its own frame (each verified before the site writes it); the site
-    /// answers once, after the part that ends the share.
-    PutPart {
-        key: ShareKey,
-        meta: ShareMeta,
-        share_len: u32,
-        offset: u32,
-        data: &'a [u8],
-    },
     Get {
         key: ShareKey,
     },
@@ -232,20 +221,6 @@ impl std::fmt::Debug for Body<'_> {
                 .debug_struct("Put")
                 .field("key", key)
                 .field("meta", meta)
-                .field("len", &data.len())
-                .finish(),
-            Body::PutPart {
-                key,
-                meta,
-                share_len,
-                offset,
-                data,
-            } => f
-                .debug_struct("PutPart")
-                .field("key", key)
-                .field("meta", meta)
-                .field("share_len", share_len)
-                .field("offset", offset)
                 .field("len", &data.len())
                 .finish(),
             Body::Data { meta, data } => f
@@ -306,7 +281,6 @@ const K_GET: u8 = 0x02;
 const K_DELETE: u8 = 0x03;
 const K_LIST: u8 = 0x04;
 const K_STAT: u8 = 0x05;
-const K_PUT_PART: u8 = 0x07;
 const K_DONE: u8 = 0x81;
 const K_DATA: u8 = 0x82;
 const K_LISTED: u8 = 0x84;
@@ -319,7 +293,6 @@ impl Body<'_> {
         match self {
             Body::Hello { .. } => K_HELLO,
             Body::Put { .. } => K_PUT,
-            Body::PutPart { .. } => K_PUT_PART,
             Body::Get { .. } => K_GET,
             Body::Delete { .. } => K_DELETE,
             Body::List { .. } => K_LIST,
@@ -343,7 +316,6 @@ fn kind_name(kind: u8) -> &'static str {
     match kind {
         K_HELLO => "HELLO",
         K_PUT => "PUT",
-        K_PUT_PART => "PUT_PART",
         K_GET => "GET",
         K_DELETE => "DELETE",
         K_LIST => "LIST",
@@ -385,7 +357,6 @@ impl Msg<'_> {
     pub fn encoded_len(&self) -> usize {
         match &self.body {
             Body::Put { data, .. } => PUT_HEAD_LEN + data.len(),
-            Body::PutPart { data, .. } => PUT_PART_HEAD_LEN + data.len(),
             Body::Data { data, .. } => DATA_HEAD_LEN + data.len(),
             _ => {
                 let mut v = Vec::new();
@@ -426,20 +397,6 @@ impl Msg<'_> {
             Body::Put { key, meta, data } => {
                 put_key(out, key);
                 put_meta(out, meta);
-                out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-                return data;
-            }
-            Body::PutPart {
-                key,
-                meta,
-                share_len,
-                offset,
-                data,
-            } => {
-                put_key(out, key);
-                put_meta(out, meta);
-                out.extend_from_slice(&share_len.to_le_bytes());
-                out.extend_from_slice(&offset.to_le_bytes());
                 out.extend_from_slice(&(data.len() as u32).to_le_bytes());
                 return data;
             }
@@ -680,15 +637,6 @@ pub fn is_error(head: &[u8]) -> bool {
 /// Length of the encoding of a PUT without its share bytes.
 pub const PUT_HEAD_LEN: usize = HEADER_LEN + KEY_LEN + 2 + 4 + 4;
 
-/// Length of the encoding of a PUT_PART without its share bytes.
-pub const PUT_PART_HEAD_LEN: usize = PUT_HEAD_LEN + 8;
-
-/// Whether `head`, the start of a message, is that of a PUT_PART (its kind byte only, as
-/// [`is_put`]).
-pub fn is_put_part(head: &[u8]) -> bool {
-    head.len() > 5 && head[5] == K_PUT_PART
-}
-
 /// Length of the encoding of a DATA reply without its share bytes.
 pub const DATA_HEAD_LEN: usize = HEADER_LEN + 2 + 4 + 4;
 
@@ -745,41 +693,6 @@ fn decode_parts<'a>(b: &'a [u8], tail: Option<&'a [u8]>) -> Result<Msg<'a>, MsgE
                 key,
                 meta,
                 data: r.data()?,
-            }
-        }
-        K_PUT_PART => {
-            let key = r.key()?;
-            let meta = r.meta()?;
-            if key.share >= meta.n {
-                return Err(invalid(
-                    "share index",
-                    format!("{} of n={}", key.share, meta.n),
-                ));
-            }
-            let share_len = r.u32()?;
-            if share_len == 0 || share_len as usize > MAX_DATA {
-                return Err(invalid(
-                    "share length",
-                    format!("{share_len} (1..={MAX_DATA})"),
-                ));
-            }
-            let offset = r.u32()?;
-            let data = r.data()?;
-            if data.is_empty() || u64::from(offset) + data.len() as u64 > u64::from(share_len) {
-                return Err(invalid(
-                    "part",
-                    format!(
-                        "{} bytes at {offset} of a {share_len}-byte share",
-                        data.len()
-                    ),
-                ));
-            }
-            Body::PutPart {
-                key,
-                meta,
-                share_len,
-                offset,
-                data,
             }
         }
         K_GET => Body::Get { key: r.key()? },
@@ -957,7 +870,6 @@ mod tests {
     enum Owned {
         Hello(String, [u8; 16], [u8; 16], u64),
         Put(ShareKey, ShareMeta, Vec<u8>),
-        PutPart(ShareKey, ShareMeta, u32, u32, Vec<u8>),
         Get(ShareKey),
         Delete(ShareKey),
         List(Vec<u8>, Option<ShareKey>, u32),
@@ -1008,13 +920,6 @@ mod tests {
             (key(), meta(), data.clone())
                 .prop_filter("share < n", |(k, m, _)| k.share < m.n)
                 .prop_map(|(k, m, d)| Owned::Put(k, m, d)),
-            (key(), meta(), data.clone(), 0u32..64, 0u32..64)
-                .prop_filter("share < n, a part", |(k, m, d, _, _)| k.share < m.n
-                    && !d.is_empty())
-                .prop_map(|(k, m, d, at, after)| {
-                    let share_len = at + d.len() as u32 + after;
-                    Owned::PutPart(k, m, share_len, at, d)
-                }),
             key().prop_map(Owned::Get),
             key().prop_map(Owned::Delete),
             (
@@ -1048,13 +953,6 @@ mod tests {
             Owned::Put(k, m, d) => Body::Put {
                 key: *k,
                 meta: *m,
-                data: d,
-            },
-            Owned::PutPart(k, m, len, at, d) => Body::PutPart {
-                key: *k,
-                meta: *m,
-                share_len: *len,
-                offset: *at,
                 data: d,
             },
             Owned::Get(k) => Body::Get { key: *k },
@@ -1213,60 +1111,5 @@ mod tests {
         let d = format!("{m:?}");
         assert!(!d.contains("71") && !d.contains("GATTACA"), "{d}");
         assert!(d.contains("len: 14"));
-        let part = Msg {
-            id: 1,
-            body: Body::PutPart {
-                key: ShareKey::default_zero(),
-                meta: ShareMeta {
-                    k: 2,
-                    n: 3,
-                    secret_len: 28,
-                },
-                share_len: 20,
-                offset: 6,
-                data: secret,
-            },
-        };
-        let d = format!("{part:?}");
-        assert!(!d.contains("71") && !d.contains("GATTACA"), "{d}");
-        assert!(d.contains("len: 14"), "{d}");
-    }
-
-    /// A part is non-empty and lies inside its share, which is 1..=MAX_DATA bytes.
-    #[test]
-    fn a_put_part_outside_its_share_is_refused() {
-        let data: &'static [u8] = &[7; 10];
-        let part = |share_len, offset, data: &'static [u8]| Msg {
-            id: 3,
-            body: Body::PutPart {
-                key: ShareKey::default_zero(),
-                meta: ShareMeta {
-                    k: 2,
-                    n: 3,
-                    secret_len: 40,
-                },
-                share_len,
-                offset,
-                data,
-            },
-        };
-        for (len, at, d) in [(20, 10, data), (10, 0, data), (20, 0, data)] {
-            let m = part(len, at, d);
-            assert_eq!(decode(&m.to_vec()), Ok(m.clone()), "{len} {at}");
-        }
-        let refused = [
-            (19, 10, data, "part"),
-            (20, 11, data, "part"),
-            (20, u32::MAX, data, "part"),
-            (20, 0, &[][..], "part"),
-            (0, 0, data, "share length"),
-            (MAX_DATA as u32 + 1, 0, data, "share length"),
-        ];
-        for (len, at, d, field) in refused {
-            match decode(&part(len, at, d).to_vec()) {
-                Err(MsgError::Invalid { field: f, .. }) => assert_eq!(f, field, "{len} {at}"),
-                other => panic!("{len} {at}: {other:?}"),
-            }
-        }
     }
 }

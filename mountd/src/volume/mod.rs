@@ -99,12 +99,6 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Writes the whole of `buf` at `offset`; with `durable` the bytes are on stable storage when
     /// this returns.
     fn write_at(&self, buf: IoBuf, offset: u64, durable: bool) -> Result<IoBuf, VolumeError>;
-    /// Starts a plain (not durable) write of the whole of `buf` at `offset`, for a task that
-    /// awaits it ([`Pending::into_buf`]); as [`BlockDevice::read_pending`], done at once by
-    /// default.
-    fn write_pending(&self, buf: IoBuf, offset: u64) -> Pending {
-        Pending::ready(self.path(), self.write_at(buf, offset, false))
-    }
     /// Makes every completed write durable.
     fn sync(&self) -> Result<(), VolumeError>;
     /// Where the durable writes so far spent their time (zero where it is not measured).
@@ -194,9 +188,6 @@ impl<T: BlockDevice> BlockDevice for std::sync::Arc<T> {
     }
     fn write_at(&self, buf: IoBuf, offset: u64, durable: bool) -> Result<IoBuf, VolumeError> {
         (**self).write_at(buf, offset, durable)
-    }
-    fn write_pending(&self, buf: IoBuf, offset: u64) -> Pending {
-        (**self).write_pending(buf, offset)
     }
     fn sync(&self) -> Result<(), VolumeError> {
         (**self).sync()

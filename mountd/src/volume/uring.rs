@@ -569,10 +569,6 @@ impl BlockDevice for UringVolume {
         self.submit_write(buf, offset, durable).wait_buf()
     }
 
-    fn write_pending(&self, buf: IoBuf, offset: u64) -> Pending {
-        self.submit_write(buf, offset, false)
-    }
-
     fn sync(&self) -> Result<(), VolumeError> {
         self.submit_sync().wait().map(|_| ())
     }
