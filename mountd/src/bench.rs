@@ -114,6 +114,9 @@ pub struct PutLatency {
     pub volume_write: f64,
     /// ...then the wait for the group fdatasync that made it durable.
     pub flush_wait: f64,
+    /// Group fdatasyncs per put (each covers every durable write completed before it: 0.25
+    /// when four puts in flight share every flush, 1 when each has its own).
+    pub syncs_per_put: f64,
 }
 
 impl PutLatency {
@@ -135,6 +138,11 @@ impl PutLatency {
             store: mean(store.store_ns, store.puts),
             volume_write: mean(w.write_ns, w.writes),
             flush_wait: mean(w.flush_wait_ns, w.writes),
+            syncs_per_put: if store.puts == 0 {
+                0.0
+            } else {
+                w.syncs as f64 / store.puts as f64
+            },
         }
     }
 }

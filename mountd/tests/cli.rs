@@ -385,6 +385,14 @@ fn put_latency_adds_up(j: &serde_json::Value, daemon: bool, flushes: bool) {
     // A volume on a disk waits for the group fdatasync; on tmpfs the write is all there is.
     assert_eq!(us("flush_wait") > 0.0, flushes, "{l}");
     assert!(us("store") >= us("volume_write") + us("flush_wait"), "{l}");
+    // Each group fdatasync covers at least one durable write: a put's, or the superblock's
+    // when the first put tags the volume (on tmpfs there are none).
+    let puts = j["shares"].as_f64().unwrap();
+    let syncs = us("syncs_per_put");
+    match flushes {
+        true => assert!(syncs > 0.0 && syncs * puts <= puts + 1.0, "{l}"),
+        false => assert_eq!(syncs, 0.0, "{l}"),
+    }
     if daemon {
         assert!(us("link_open") > 0.0 && us("to_thread") > 0.0, "{l}");
         assert!(

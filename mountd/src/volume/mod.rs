@@ -119,6 +119,8 @@ pub struct WriteTimes {
     /// From the data written to the flush that made it durable (`fdatasync`: the group
     /// fdatasync in flight when the write completed, if any, then the one covering it).
     pub flush_wait_ns: u64,
+    /// Group fdatasyncs issued (each covers every durable write completed before it).
+    pub syncs: u64,
 }
 
 impl WriteTimes {
@@ -128,6 +130,7 @@ impl WriteTimes {
             writes: self.writes - before.writes,
             write_ns: self.write_ns - before.write_ns,
             flush_wait_ns: self.flush_wait_ns - before.flush_wait_ns,
+            syncs: self.syncs - before.syncs,
         }
     }
 }
@@ -160,6 +163,7 @@ impl WriteClock {
             writes: self.writes.load(Ordering::Relaxed),
             write_ns: self.write_ns.load(Ordering::Relaxed),
             flush_wait_ns: self.flush_wait_ns.load(Ordering::Relaxed),
+            syncs: 0,
         }
     }
 }

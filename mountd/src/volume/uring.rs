@@ -574,7 +574,10 @@ impl BlockDevice for UringVolume {
     }
 
     fn write_times(&self) -> WriteTimes {
-        self.clock.times()
+        WriteTimes {
+            syncs: self.group_syncs(),
+            ..self.clock.times()
+        }
     }
 }
 
