@@ -103,8 +103,9 @@ pub struct PutLatency {
     /// transfer, opened piece by piece as it came).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub link_open: Option<f64>,
-    /// Through the daemon: from the tag verified to a blocking thread taking the share to the
-    /// store.
+    /// Through the daemon: from the tag verified to the blocking work with the share (the
+    /// store's put) starting: the connection's thread handing its other tasks over
+    /// (`block_in_place`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub to_thread: Option<f64>,
     /// In the store: checks, allocation, the durable write, the index entry.

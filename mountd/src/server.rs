@@ -3,8 +3,10 @@
 //! `docs/design.md` ("mountd"), "Share protocol".
 //!
 //! Per connection: read one frame (length refused before allocating, in-flight bytes
-//! bounded by a semaphore), then in a blocking task open it (TCP), decode, run it against the
-//! store, encode and seal the reply; write the reply. A GET is the exception: its small frame
+//! bounded by a semaphore), then as blocking work open it (TCP), decode, run it against the
+//! store, encode and seal the reply; write the reply. The blocking work runs on the task's
+//! own thread, the runtime's other workers taking over its tasks meanwhile (`block_in_place`;
+//! on a current-thread runtime, a blocking thread). A GET is the exception: its small frame
 //! is opened in the connection's task, which awaits the volume read itself and seals the
 //! reply there (no hand-off to a blocking thread and back; its reply buffer is what counts
 //! toward the in-flight bytes). One request at a time per connection;
@@ -733,7 +735,7 @@ impl<D: BlockDevice> Server<D> {
                 let peer2 = peer.clone();
                 let mut out = std::mem::take(&mut reply);
                 let (mut f, mut p) = (std::mem::take(&mut frame), std::mem::take(&mut plain));
-                let (conn, outcome, out, f, p) = tokio::task::spawn_blocking(move || {
+                let (conn, outcome, out, f, p) = run_blocking(move || {
                     if let Some(t) = opened_at {
                         add_nanos(&srv.link_clock[2], t.elapsed());
                     }
@@ -752,8 +754,7 @@ impl<D: BlockDevice> Server<D> {
                     };
                     (conn, o, out, f, p)
                 })
-                .await
-                .expect("request task");
+                .await;
                 sealed = conn;
                 reply = out;
                 (frame, plain) = (f, p);
@@ -1685,6 +1686,20 @@ fn answer(id: u64, what: &str, r: Result<Reply, StoreError>, peer: &str, via: &s
 }
 
 /// [`write_all_parts`] within `limit`; a peer that does not take the bytes by then is an error.
+/// Runs a request's blocking work (store and crypto) for its connection's task: on the task's
+/// own thread when the runtime has other workers to take over its tasks (`block_in_place`:
+/// the request goes on without waking a blocking thread, and its task without being woken
+/// again after), else (a current-thread runtime, in tests) on a blocking thread.
+async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    if tokio::runtime::Handle::current().runtime_flavor()
+        == tokio::runtime::RuntimeFlavor::MultiThread
+    {
+        tokio::task::block_in_place(f)
+    } else {
+        tokio::task::spawn_blocking(f).await.expect("request task")
+    }
+}
+
 async fn write_by<S: AsyncWrite + Unpin>(
     limit: Duration,
     s: &mut S,
