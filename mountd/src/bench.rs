@@ -104,8 +104,8 @@ pub struct PutLatency {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub link_open: Option<f64>,
     /// Through the daemon: from the tag verified to the blocking work with the share (the
-    /// store's put) starting: the connection's thread handing its other tasks over
-    /// (`block_in_place`).
+    /// store's put) starting on the connection's thread, once it has handed the worker's
+    /// other tasks to another thread (`block_in_place`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub to_thread: Option<f64>,
     /// In the store: checks, allocation, the durable write, the index entry.

@@ -486,7 +486,10 @@ fn serve(path: &Path) -> Result<()> {
         .collect::<Result<Vec<_>, _>>()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        .max_blocking_threads(cfg.limits.max_connections as usize + 8)
+        // Every connection (up to `max_connections` per listener, Unix and TCP) may have one
+        // request's blocking work under way, on its own thread (`block_in_place`, which hands
+        // the worker's other tasks to a thread of this pool), with room to spare.
+        .max_blocking_threads(2 * cfg.limits.max_connections as usize + 8)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;

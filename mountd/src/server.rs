@@ -5,8 +5,9 @@
 //! Per connection: read one frame (length refused before allocating, in-flight bytes
 //! bounded by a semaphore), then as blocking work open it (TCP), decode, run it against the
 //! store, encode and seal the reply; write the reply. The blocking work runs on the task's
-//! own thread, the runtime's other workers taking over its tasks meanwhile (`block_in_place`;
-//! on a current-thread runtime, a blocking thread). A GET is the exception: its small frame
+//! own thread, a thread of the blocking pool taking over the worker's other tasks meanwhile
+//! (`block_in_place`; on a current-thread runtime, a blocking thread). A GET is the
+//! exception: its small frame
 //! is opened in the connection's task, which awaits the volume read itself and seals the
 //! reply there (no hand-off to a blocking thread and back; its reply buffer is what counts
 //! toward the in-flight bytes). One request at a time per connection;
@@ -1685,11 +1686,11 @@ fn answer(id: u64, what: &str, r: Result<Reply, StoreError>, peer: &str, via: &s
     })
 }
 
-/// [`write_all_parts`] within `limit`; a peer that does not take the bytes by then is an error.
-/// Runs a request's blocking work (store and crypto) for its connection's task: on the task's
-/// own thread when the runtime has other workers to take over its tasks (`block_in_place`:
-/// the request goes on without waking a blocking thread, and its task without being woken
-/// again after), else (a current-thread runtime, in tests) on a blocking thread.
+/// Runs a request's blocking work (store and crypto) for its connection's task. On a
+/// multi-thread runtime, on the task's own thread (`block_in_place`): the worker's other
+/// tasks go to a thread of the blocking pool meanwhile, off the request's path, and the task
+/// goes on when the work is done, without a wake-up. Else (a current-thread runtime) on a
+/// blocking thread.
 async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     if tokio::runtime::Handle::current().runtime_flavor()
         == tokio::runtime::RuntimeFlavor::MultiThread
@@ -1700,6 +1701,7 @@ async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
     }
 }
 
+/// [`write_all_parts`] within `limit`; a peer that does not take the bytes by then is an error.
 async fn write_by<S: AsyncWrite + Unpin>(
     limit: Duration,
     s: &mut S,
@@ -2055,6 +2057,49 @@ mod tests {
         .expect("a GET above the in-flight limit waited forever");
         assert!(r.share.is_some());
         assert_eq!(srv.memory.available_permits(), 0);
+    }
+
+    /// On a current-thread runtime a request's blocking work goes to a blocking thread
+    /// (`run_blocking`; the daemon's multi-thread runtime runs it in place, which a
+    /// current-thread runtime cannot): a put and a delete (blocking work) and gets, over the
+    /// Unix socket.
+    #[tokio::test]
+    async fn requests_are_served_on_a_current_thread_runtime() {
+        use qgenome::sites::{MountdSite, ShareSite};
+        let dir = tempfile::tempdir().unwrap();
+        let k = WireKey {
+            file: [3; 16],
+            chunk: 1,
+            share: 0,
+        };
+        let srv = server_with_share(dir.path(), 64 << 20, &k, 1000);
+        let sock = dir.path().join("site.sock");
+        let listeners = Listeners {
+            unix: Some((bind_unix(&sock).unwrap(), sock.clone())),
+            tcp: None,
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(srv.run(listeners, async {
+            let _ = stop_rx.await;
+        }));
+        tokio::task::spawn_blocking(move || {
+            let site = MountdSite::unix("site-a", &sock);
+            let k2 = WireKey { chunk: 2, ..k };
+            let meta = WireMeta {
+                k: 2,
+                n: 3,
+                secret_len: 5000,
+            };
+            site.put(&k2, &meta, &[9u8; 5000]).unwrap();
+            assert_eq!(site.get(&k2).unwrap(), vec![9u8; 5000]);
+            assert_eq!(site.get(&k).unwrap(), vec![7u8; 1000]);
+            site.delete(&k2).unwrap();
+            assert!(site.get(&k2).is_err());
+        })
+        .await
+        .unwrap();
+        stop_tx.send(()).unwrap();
+        run.await.unwrap().unwrap();
     }
 
     #[tokio::test]
