@@ -124,13 +124,8 @@ impl PutLatency {
     /// Means over the puts of a run, from what the client, the server (`link`, daemon only)
     /// and the store added during it.
     fn of(client_put_ns: u64, store: PutTimes, link: Option<LinkTimes>) -> Self {
-        let mean = |ns: u64, n: u64| {
-            if n == 0 {
-                0.0
-            } else {
-                ns as f64 / n as f64 / 1e3
-            }
-        };
+        let per = |x: u64, n: u64| if n == 0 { 0.0 } else { x as f64 / n as f64 };
+        let mean = |ns: u64, n: u64| per(ns, n) / 1e3;
         let w = store.volume;
         PutLatency {
             put: mean(client_put_ns, store.puts),
@@ -139,11 +134,7 @@ impl PutLatency {
             store: mean(store.store_ns, store.puts),
             volume_write: mean(w.write_ns, w.writes),
             flush_wait: mean(w.flush_wait_ns, w.writes),
-            syncs_per_put: if store.puts == 0 {
-                0.0
-            } else {
-                w.syncs as f64 / store.puts as f64
-            },
+            syncs_per_put: per(w.syncs, store.puts),
         }
     }
 }

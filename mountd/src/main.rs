@@ -87,7 +87,7 @@ enum Cmd {
     },
     /// Measure store put/get of shares against fio on the same filesystem. Also reports where a
     /// put's time goes (`put_latency_us`, mean microseconds): the whole put, its transfer and
-    /// opening on the link, the hand-off to a blocking thread, and the store, of which the
+    /// opening on the link, the hand-off to the store's work, and the store, of which the
     /// volume's write and the wait for the flush that made it durable.
     Bench {
         #[command(flatten)]

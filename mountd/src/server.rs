@@ -259,7 +259,8 @@ pub struct LinkTimes {
     /// From the frame's head read to its tag verified: the share's transfer, opened as it
     /// came.
     pub open_ns: u64,
-    /// From the tag verified to a blocking thread taking the request to the store.
+    /// From the tag verified to the request's blocking work (the store's put) starting
+    /// (`run_blocking`).
     pub to_thread_ns: u64,
 }
 

@@ -141,12 +141,13 @@ pub(crate) fn add_nanos(sum: &AtomicU64, d: std::time::Duration) {
     sum.fetch_add(ns, Ordering::Relaxed);
 }
 
-/// Sums a volume's [`WriteTimes`] as its writes complete.
+/// Sums a volume's [`WriteTimes`] as its writes complete and its group fdatasyncs go out.
 #[derive(Debug, Default)]
 pub(crate) struct WriteClock {
     writes: AtomicU64,
     write_ns: AtomicU64,
     flush_wait_ns: AtomicU64,
+    syncs: AtomicU64,
 }
 
 impl WriteClock {
@@ -158,12 +159,17 @@ impl WriteClock {
         add_nanos(&self.flush_wait_ns, durable.duration_since(written));
     }
 
+    /// A group fdatasync was issued.
+    pub(crate) fn synced(&self) {
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn times(&self) -> WriteTimes {
         WriteTimes {
             writes: self.writes.load(Ordering::Relaxed),
             write_ns: self.write_ns.load(Ordering::Relaxed),
             flush_wait_ns: self.flush_wait_ns.load(Ordering::Relaxed),
-            syncs: 0,
+            syncs: self.syncs.load(Ordering::Relaxed),
         }
     }
 }

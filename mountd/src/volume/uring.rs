@@ -94,8 +94,7 @@ pub struct UringVolume {
     wake: Arc<OwnedFd>,
     thread: Option<JoinHandle<()>>,
     _file: Arc<File>,
-    /// Group fdatasyncs issued ([`Durability::Fdatasync`]).
-    group_syncs: Arc<std::sync::atomic::AtomicU64>,
+    /// Durable writes' times, and the group fdatasyncs issued ([`Durability::Fdatasync`]).
     clock: Arc<WriteClock>,
     /// The ring thread's latch, as the callers see it ([`BlockDevice::durable_writes_refused`]).
     lost: Latch,
@@ -410,7 +409,6 @@ impl UringVolume {
         let file = Arc::new(file);
         let path: Arc<Path> = Arc::from(path);
         let (tx, rx) = mpsc::channel();
-        let group_syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let clock = Arc::new(WriteClock::default());
         let lost = Latch::default();
         let worker = Worker {
@@ -423,7 +421,6 @@ impl UringVolume {
             durability,
             depth: opts.queue_depth.max(16) as usize,
             _pool: pool.clone(),
-            group_syncs: Arc::clone(&group_syncs),
             clock: Arc::clone(&clock),
             lost: lost.clone(),
         };
@@ -442,7 +439,6 @@ impl UringVolume {
             wake,
             thread: Some(thread),
             _file: file,
-            group_syncs,
             clock,
             lost,
         })
@@ -451,7 +447,7 @@ impl UringVolume {
     /// How many fdatasyncs the durable writes of [`Durability::Fdatasync`] have shared so far
     /// (one covers every durable write completed before it was issued).
     pub fn group_syncs(&self) -> u64 {
-        self.group_syncs.load(std::sync::atomic::Ordering::Relaxed)
+        self.clock.times().syncs
     }
 
     pub fn kind(&self) -> VolumeKind {
@@ -574,10 +570,7 @@ impl BlockDevice for UringVolume {
     }
 
     fn write_times(&self) -> WriteTimes {
-        WriteTimes {
-            syncs: self.group_syncs(),
-            ..self.clock.times()
-        }
+        self.clock.times()
     }
 }
 
@@ -616,7 +609,6 @@ struct Worker {
     durability: Durability,
     depth: usize,
     _pool: Option<Arc<FixedPool>>,
-    group_syncs: Arc<std::sync::atomic::AtomicU64>,
     clock: Arc<WriteClock>,
     lost: Latch,
 }
@@ -763,8 +755,7 @@ impl Worker {
                     group.covered = std::mem::take(&mut group.next);
                     group.in_flight = true;
                     in_flight += 1;
-                    self.group_syncs
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.clock.synced();
                 }
             }
             // Queue as much as the ring takes, keeping one entry for the wake-up read.
