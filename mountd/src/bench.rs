@@ -103,9 +103,13 @@ pub struct PutLatency {
     /// transfer, opened piece by piece as it came).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub link_open: Option<f64>,
-    /// Through the daemon: from the tag verified to the blocking work with the share (the
-    /// store's put) starting on the connection's thread, once it has handed the worker's
-    /// other tasks to another thread (`block_in_place`).
+    /// Through the daemon: from the tag verified to one of the store's slots granted (the
+    /// wait behind the puts the store is working on, `limits.store_depth`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_queue: Option<f64>,
+    /// Through the daemon: from the store slot granted to the blocking work with the share
+    /// (the store's put) starting on the connection's thread, once it has handed the
+    /// worker's other tasks to another thread (`block_in_place`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub to_thread: Option<f64>,
     /// In the store: checks, allocation, the durable write, the index entry.
@@ -130,6 +134,7 @@ impl PutLatency {
         PutLatency {
             put: mean(client_put_ns, store.puts),
             link_open: link.map(|l| mean(l.open_ns, l.shares)),
+            store_queue: link.map(|l| mean(l.queue_ns, l.shares)),
             to_thread: link.map(|l| mean(l.to_thread_ns, l.shares)),
             store: mean(store.store_ns, store.puts),
             volume_write: mean(w.write_ns, w.writes),
@@ -155,20 +160,21 @@ fn rates<E>(bytes: u64, f: impl FnOnce() -> Result<(), E>) -> Result<(f64, f64),
     Ok((bytes as f64 / wall / 1e6, bytes as f64 / cpu / 1e6))
 }
 
-/// Runs `op(phase, i, scratch)` for shares `0..count` from `jobs` threads (each with its own
-/// `scratch`, made by `scratch(job)` before timing starts): every put, then every get, each
-/// phase cut into `rounds` slices with fio over the same bytes beside each slice.
+/// Runs `op(phase, i, scratch)` for shares `0..count` from `threads[0]` threads for the puts
+/// and `threads[1]` for the gets (each with its own `scratch`, made by `scratch(thread)`
+/// before timing starts): every put, then every get, each phase cut into `rounds` slices with
+/// fio over the same bytes beside each slice.
 fn drive<S: Send>(
     count: u64,
     share_len: usize,
-    jobs: usize,
+    threads: [usize; 2],
     rounds: u64,
     fio: Option<&FioBaseline<'_>>,
     scratch: impl Fn(usize) -> S + Sync,
     op: impl Fn(Phase, u64, &mut S) -> anyhow::Result<()> + Sync,
 ) -> anyhow::Result<(Vec<Round>, [Totals; 2])> {
     let rounds = rounds.clamp(1, count.max(1));
-    let mut scratches: Vec<S> = (0..jobs).map(&scratch).collect();
+    let mut scratches: Vec<S> = (0..threads[0].max(threads[1])).map(&scratch).collect();
     let mut out = Vec::new();
     let mut totals = [Totals::default(), Totals::default()];
     for (p, phase) in [Phase::Put, Phase::Get].into_iter().enumerate() {
@@ -181,6 +187,7 @@ fn drive<S: Send>(
                     std::thread::scope(|s| {
                         let hs: Vec<_> = scratches
                             .iter_mut()
+                            .take(threads[p])
                             .map(|sc| {
                                 let (next, op) = (&next, &op);
                                 s.spawn(move || -> anyhow::Result<()> {
@@ -307,7 +314,7 @@ pub fn bench_store<D: BlockDevice>(
     let driven = drive(
         count,
         share_len,
-        jobs,
+        [jobs, jobs],
         rounds,
         fio,
         template,
@@ -392,11 +399,16 @@ pub fn run_fio(
 /// sealed: the daemon's code path (`server::Server`, in this process on its own tokio
 /// runtime) and the client (`MountdSite`), with a link provisioned under `key_root` (use
 /// tmpfs so that the volume path is what is measured; removed afterwards).
+/// Puts `count` shares of `share_len` bytes through a daemon over sealed TCP from
+/// `connections` client threads, its store taking `jobs` at once (`limits.store_depth`),
+/// then gets (and verifies) them from `jobs` threads, then deletes them.
+#[allow(clippy::too_many_arguments)]
 pub fn bench_daemon<D: BlockDevice>(
     store: Store<D>,
     count: u64,
     share_len: usize,
     jobs: usize,
+    connections: usize,
     rounds: u64,
     fio: Option<&FioBaseline<'_>>,
     key_root: &Path,
@@ -443,6 +455,7 @@ pub fn bench_daemon<D: BlockDevice>(
             max_connections: 64,
             max_unwelcomed_per_address: 64,
             max_inflight_bytes: 1 << 30,
+            store_depth: jobs,
             frame_timeout: std::time::Duration::from_secs(60),
             idle_timeout: std::time::Duration::from_secs(300),
             max_share_len: crate::store::StoreOptions::default()
@@ -477,7 +490,7 @@ pub fn bench_daemon<D: BlockDevice>(
             options: qgenome::link::StreamOptions { window },
         };
         let mut client = MountdSite::tcp("bench", &addr, &keys)?;
-        client.set_pool_size(jobs);
+        client.set_pool_size(connections.max(jobs));
         let mut file = [0u8; 16];
         getrandom::getrandom(&mut file).expect("OS randomness");
         let meta = WMeta {
@@ -500,7 +513,7 @@ pub fn bench_daemon<D: BlockDevice>(
         let driven = drive(
             count,
             share_len,
-            jobs,
+            [connections, jobs],
             rounds,
             fio,
             scratch,

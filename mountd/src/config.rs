@@ -16,6 +16,7 @@
 //! queue_depth = 32
 //! fixed_buffers = 16
 //! durability = "fdatasync"             # or "rwf-dsync", "o-dsync"
+//! store_depth = 4                      # puts the store works on at once (the rest wait)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -149,6 +150,10 @@ pub struct Limits {
     pub max_unwelcomed_per_address: Option<u32>,
     /// Bytes of frames being received, processed or answered at once.
     pub max_inflight_bytes: u64,
+    /// Puts the store works on at once (1..=256), whatever the number of connections: the
+    /// others wait, received and verified, for a slot, so the volume keeps this many writes
+    /// in flight while the next shares arrive, and is not driven past it.
+    pub store_depth: u32,
     /// Seconds a started frame may take to arrive completely; also how long a new
     /// connection may take to deliver its first frame (a TCP connection's HELLO), and how
     /// long a reply may take to be taken by its peer.
@@ -156,6 +161,10 @@ pub struct Limits {
     /// Seconds a connection may stay idle between frames before the server closes it.
     pub idle_timeout_secs: u64,
 }
+
+/// `limits.store_depth` unless set: the depth at which a disk like the one measured in
+/// docs/benchmarks.md (session 32) is at full speed; more only adds latency.
+pub const DEFAULT_STORE_DEPTH: u32 = 4;
 
 /// The longest `frame_timeout_secs` accepted (an hour).
 pub const MAX_FRAME_TIMEOUT_SECS: u64 = 3600;
@@ -182,6 +191,7 @@ impl Default for Limits {
             max_connections: 64,
             max_unwelcomed_per_address: None,
             max_inflight_bytes: 256 << 20,
+            store_depth: DEFAULT_STORE_DEPTH,
             frame_timeout_secs: 30,
             idle_timeout_secs: 300,
         }
@@ -260,6 +270,7 @@ impl SiteConfig {
             c.limits.fixed_buffers.into(),
             0..=1024,
         )?;
+        within("limits.store_depth", c.limits.store_depth.into(), 1..=256)?;
         let min_inflight = (qgenome::wire::msg::MAX_MSG as u64) * 2;
         if c.limits.max_inflight_bytes < min_inflight {
             return Err(bad(
@@ -422,7 +433,10 @@ durability = "fdatasync"
         assert_eq!(c.limits.queue_depth, 64);
         assert_eq!(c.limits.durability, Durability::Fdatasync);
         assert_eq!(c.limits.fixed_buffers, 16);
+        assert_eq!(c.limits.store_depth, DEFAULT_STORE_DEPTH);
         assert_eq!(c.uring_options().queue_depth, 64);
+        let c = SiteConfig::parse(&format!("{GOOD}store_depth = 16\n"), Path::new("s.toml"));
+        assert_eq!(c.unwrap().limits.store_depth, 16);
     }
 
     #[test]
@@ -469,6 +483,19 @@ durability = "fdatasync"
             e.to_string().contains("limits.fixed_buffers") && e.to_string().contains("x.toml"),
             "{e}"
         );
+        // A store that takes no put, or a typo driving the volume thousands deep.
+        for depth in [0, 1000] {
+            let e = SiteConfig::parse(
+                &format!("{GOOD}store_depth = {depth}\n"),
+                Path::new("x.toml"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("limits.store_depth") && e.contains("x.toml") && e.contains("1..=256"),
+                "{e}"
+            );
+        }
         let e = SiteConfig::parse(&GOOD.replace("fdatasync", "fsync"), Path::new("x.toml"))
             .unwrap_err();
         assert!(

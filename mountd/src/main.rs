@@ -87,8 +87,8 @@ enum Cmd {
     },
     /// Measure store put/get of shares against fio on the same filesystem. Also reports where a
     /// put's time goes (`put_latency_us`, mean microseconds): the whole put, its transfer and
-    /// opening on the link, the hand-off to the store's work, and the store, of which the
-    /// volume's write and the wait for the flush that made it durable.
+    /// opening on the link, the wait for a store slot, the hand-off to the store's work, and
+    /// the store, of which the volume's write and the wait for the flush that made it durable.
     Bench {
         #[command(flatten)]
         vol: VolumeArgs,
@@ -97,9 +97,15 @@ enum Cmd {
         size: u64,
         #[arg(long, value_parser = parse_size, default_value = "1M")]
         share_size: u64,
-        /// Concurrent puts/gets (threads), and fio's iodepth.
+        /// Puts and gets at the volume at once: fio's iodepth, the store's depth
+        /// (`limits.store_depth`) through the daemon, the threads of the store alone
+        /// (`--direct`), and the threads that get through the daemon.
         #[arg(long, default_value_t = 4)]
         jobs: usize,
+        /// Through the daemon: client connections that put (a thread each, one request at a
+        /// time), so that the next shares arrive while the store writes [default: 2 x jobs].
+        #[arg(long)]
+        connections: Option<usize>,
         /// Skip the fio baseline.
         #[arg(long)]
         no_fio: bool,
@@ -237,6 +243,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             size,
             share_size,
             jobs,
+            connections,
             no_fio,
             rounds,
             direct,
@@ -244,10 +251,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             let via = (!direct).then_some(key_dir.as_path());
+            if direct && connections.is_some() {
+                bail!("--connections is for the bench through the daemon, not with --direct");
+            }
             let run = BenchRun {
                 size,
                 share_size,
                 jobs: jobs.max(1),
+                connections: connections.unwrap_or(2 * jobs).max(1),
                 rounds,
                 no_fio,
             };
@@ -544,6 +555,7 @@ struct BenchRun {
     size: u64,
     share_size: u64,
     jobs: usize,
+    connections: usize,
     rounds: u64,
     no_fio: bool,
 }
@@ -553,6 +565,7 @@ fn bench(vol: &VolumeArgs, run: &BenchRun, via_daemon: Option<&Path>, json: bool
         size,
         share_size,
         jobs,
+        connections,
         rounds,
         no_fio,
     } = run;
@@ -619,6 +632,7 @@ fn bench(vol: &VolumeArgs, run: &BenchRun, via_daemon: Option<&Path>, json: bool
                 count,
                 share_len,
                 jobs,
+                connections,
                 rounds,
                 fio.as_ref(),
                 keys,
@@ -649,6 +663,10 @@ fn bench(vol: &VolumeArgs, run: &BenchRun, via_daemon: Option<&Path>, json: bool
         "rounds": r.rounds,
         "put_latency_us": r.put_latency,
     });
+    if via_daemon.is_some() {
+        out["connections"] = connections.into();
+        out["store_depth"] = jobs.into();
+    }
     if let (Some(w), Some(rd)) = (r.fio_write_mbps, r.fio_read_mbps) {
         out["fio_write_mbps"] = w.into();
         out["fio_read_mbps"] = rd.into();

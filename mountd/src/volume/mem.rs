@@ -1,7 +1,9 @@
 //! An in-memory volume with the same alignment rules as the real one, plus fault injection.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use super::{check_request, Alignment, BlockDevice, IoBuf, VolumeError};
 
@@ -12,6 +14,8 @@ pub struct MemVolume {
     path: PathBuf,
     align: Alignment,
     state: Mutex<State>,
+    /// Writes under way now, and the most there ever were at once.
+    writing: [AtomicUsize; 2],
 }
 
 struct State {
@@ -24,6 +28,8 @@ struct State {
     durability_lost: bool,
     /// Reads still served before the "ring" stops (None: unlimited).
     reads_left: Option<u64>,
+    /// How long each write takes (outside the lock: writes overlap, as on a disk).
+    write_time: Duration,
 }
 
 impl MemVolume {
@@ -43,7 +49,9 @@ impl MemVolume {
                 tear_at: None,
                 durability_lost: false,
                 reads_left: None,
+                write_time: Duration::ZERO,
             }),
+            writing: Default::default(),
         }
     }
 
@@ -77,6 +85,16 @@ impl MemVolume {
         self.lock().reads_left = Some(n);
     }
 
+    /// From now on each write takes `t` (so that concurrent writes overlap).
+    pub fn slow_writes(&self, t: Duration) {
+        self.lock().write_time = t;
+    }
+
+    /// The most writes that were ever under way at once.
+    pub fn writes_at_once(&self) -> usize {
+        self.writing[1].load(Ordering::SeqCst)
+    }
+
     /// The next write stores only its first `prefix` bytes and fails (a torn write at a crash).
     pub fn tear_next_write(&self, prefix: usize) {
         self.lock().tear_at = Some(prefix);
@@ -105,6 +123,15 @@ impl MemVolume {
             path: self.path.clone(),
             source,
         })
+    }
+}
+
+/// A write under way, counted off when it returns.
+struct Writing<'a>(&'a AtomicUsize);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -148,6 +175,11 @@ impl BlockDevice for MemVolume {
 
     fn write_at(&self, buf: IoBuf, offset: u64, durable: bool) -> Result<IoBuf, VolumeError> {
         self.check(&buf, offset)?;
+        let now = self.writing[0].fetch_add(1, Ordering::SeqCst) + 1;
+        self.writing[1].fetch_max(now, Ordering::SeqCst);
+        let _done = Writing(&self.writing[0]);
+        let t = self.lock().write_time;
+        std::thread::sleep(t);
         let mut s = self.lock();
         if durable && s.durability_lost {
             drop(s);
