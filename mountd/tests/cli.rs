@@ -283,6 +283,12 @@ fn bench_measures_rounds_beside_fio_and_leaves_nothing_behind() {
         .unwrap();
     let j = json_report(&out);
     assert_eq!(j["path"], "daemon-tcp-sealed");
+    // Four at the volume (the store's depth, and fio's iodepth), eight connections putting.
+    assert_eq!(
+        (j["jobs"].as_u64(), j["store_depth"].as_u64()),
+        (Some(4), Some(4))
+    );
+    assert_eq!(j["connections"].as_u64(), Some(8), "{j}");
     // The mode the volume uses: the default group fdatasync on a disk, RWF_DSYNC on tmpfs.
     let on_tmpfs = qgenome::keys::tmpfs::is_tmpfs(dir.path());
     assert_eq!(
@@ -365,9 +371,21 @@ fn bench_measures_rounds_beside_fio_and_leaves_nothing_behind() {
         .unwrap();
     let j = json_report(&out);
     assert_eq!(j["path"], "store-direct");
+    assert!(j.get("connections").is_none() && j.get("store_depth").is_none());
     assert!(j.get("fio_write_mbps").is_none(), "{j}");
     assert_eq!(j["rounds"].as_array().unwrap().len(), 6);
     put_latency_adds_up(&j, false, !on_tmpfs);
+    // Connections are the daemon's: with the store alone the option is refused, by name.
+    let out = mountd()
+        .args(["bench", "--direct", "--connections", "3", "--volume"])
+        .arg(&vol)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--connections"),
+        "{stderr}"
+    );
 }
 
 /// The report's account of a put's time (`put_latency_us`): every part measured, and the
