@@ -451,9 +451,11 @@ pub fn bench_daemon<D: BlockDevice>(
             window,
         };
         let ends = LinkEnds::open(&link)?;
+        // Room for every connection the client opens (puts, then gets).
+        let conns = 64.max(connections.max(jobs));
         let limits = ServerLimits {
-            max_connections: 64,
-            max_unwelcomed_per_address: 64,
+            max_connections: conns,
+            max_unwelcomed_per_address: conns,
             max_inflight_bytes: 1 << 30,
             store_depth: jobs,
             frame_timeout: std::time::Duration::from_secs(60),

@@ -150,9 +150,11 @@ pub struct Limits {
     pub max_unwelcomed_per_address: Option<u32>,
     /// Bytes of frames being received, processed or answered at once.
     pub max_inflight_bytes: u64,
-    /// Puts the store works on at once (1..=256), whatever the number of connections: the
-    /// others wait, received and verified, for a slot, so the volume keeps this many writes
-    /// in flight while the next shares arrive, and is not driven past it.
+    /// PUTs the store works on at once (1..=256), from all connections (the Unix socket's
+    /// and the links'): the others wait, received and verified, for a slot, in the order they
+    /// came. So the volume has up to this many shares being written while the next ones
+    /// arrive, and puts from many connections do not drive it deeper (GETs, DELETEs and the
+    /// flusher's zeroing of replaced extents take no slot).
     pub store_depth: u32,
     /// Seconds a started frame may take to arrive completely; also how long a new
     /// connection may take to deliver its first frame (a TCP connection's HELLO), and how

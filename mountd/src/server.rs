@@ -743,20 +743,30 @@ impl<D: BlockDevice> Server<D> {
                 o
             } else {
                 let opened = matches!(inline, Inline::Opened);
-                // A share waits here, received and verified, for one of the store's slots
-                // (`limits.store_depth`): the volume gets that many puts at once, kept busy
-                // while the next shares arrive on other connections. Not cut short by a stop:
-                // a share received whole is stored and answered, as the puts holding the
-                // slots are (they are done within the store's time).
-                let slot = match share {
-                    Some(_) => Some(
+                // A PUT waits here, received (and on a link verified), for one of the store's
+                // slots (`limits.store_depth`): the store works on that many puts at once,
+                // kept busy while the next shares arrive on other connections. Not cut short
+                // by a stop: a share received whole is stored and answered, as the puts
+                // holding the slots are (they are done within the store's time). A frame
+                // refused, or found to be no PUT once opened (its head, decrypted in place, is
+                // read only once its tag verified), takes none.
+                let is_put = match (&share, &sealed) {
+                    (None, _) => false,
+                    (Some(_), None) => true,
+                    (Some(_), Some(_)) => {
+                        matches!(pre_opened, Some((_, Ok(()))))
+                            && msg::is_put(&frame[frame::HEADER_LEN..])
+                    }
+                };
+                let slot = match is_put {
+                    true => Some(
                         self.store_slots
                             .clone()
                             .acquire_owned()
                             .await
                             .expect("the store's slots are never closed"),
                     ),
-                    None => None,
+                    false => None,
                 };
                 let granted_at = Instant::now();
                 if let Some(t) = opened_at {
