@@ -15,7 +15,7 @@
 //! max_share_bytes = 67108864
 //! queue_depth = 32
 //! fixed_buffers = 16
-//! durability = "fdatasync"             # or "rwf-dsync", "o-dsync"
+//! durability = "rwf-dsync"             # or "fdatasync" (a disk whose flush is dear), "o-dsync"
 //! store_depth = 4                      # puts the store works on at once (the rest wait)
 //! ```
 

@@ -34,9 +34,9 @@ struct VolumeArgs {
     /// The index directory (default: VOLUME.state next to a file volume).
     #[arg(long)]
     state: Option<PathBuf>,
-    /// How writes are made durable: fdatasync (one flush shared by the writes that completed
-    /// before it), rwf-dsync or o-dsync.
-    #[arg(long, default_value = "fdatasync")]
+    /// How writes are made durable: rwf-dsync (each write flushed with it), fdatasync (one
+    /// flush shared by the writes that completed before it) or o-dsync.
+    #[arg(long, default_value = "rwf-dsync")]
     durability: Durability,
 }
 

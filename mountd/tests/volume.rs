@@ -25,6 +25,14 @@ fn file_of(dir: &tempfile::TempDir, size: u64) -> std::path::PathBuf {
     p
 }
 
+/// The options with the group fdatasync.
+fn group_sync() -> UringOptions {
+    UringOptions {
+        durability: Durability::Fdatasync,
+        ..UringOptions::default()
+    }
+}
+
 #[test]
 fn round_trip_every_durability_mode_with_fixed_and_heap_buffers() {
     let dir = tempfile::tempdir().unwrap();
@@ -57,12 +65,12 @@ fn round_trip_every_durability_mode_with_fixed_and_heap_buffers() {
     }
 }
 
-/// The group fdatasync (the default) is used where there is a device to flush; a volume on
-/// tmpfs, which has none, writes with RWF_DSYNC instead (no fdatasync through io_uring's
-/// worker threads for nothing).
+/// RWF_DSYNC is the default; the group fdatasync, when asked for, is used where there is a
+/// device to flush, and a volume on tmpfs, which has none, writes with RWF_DSYNC instead (no
+/// fdatasync through io_uring's worker threads for nothing).
 #[test]
-fn the_default_durability_groups_fdatasyncs_except_on_tmpfs() {
-    assert_eq!(Durability::default(), Durability::Fdatasync);
+fn the_group_fdatasync_asked_for_is_used_except_on_tmpfs() {
+    assert_eq!(Durability::default(), Durability::RwfDsync);
     let on_disk = tempfile::tempdir_in("/var/tmp").unwrap();
     let in_ram = tempfile::tempdir_in("/dev/shm").unwrap();
     let fs = |d: &tempfile::TempDir| {
@@ -84,7 +92,7 @@ fn the_default_durability_groups_fdatasyncs_except_on_tmpfs() {
         (&on_disk, Durability::Fdatasync),
         (&in_ram, Durability::RwfDsync),
     ] {
-        let v = UringVolume::open(&file_of(dir, 4 << 20), &UringOptions::default()).unwrap();
+        let v = UringVolume::open(&file_of(dir, 4 << 20), &group_sync()).unwrap();
         assert_eq!(v.durability(), want, "{}", dir.path().display());
         let data = pattern(7, 1 << 20);
         let mut b = v.alloc_buf(data.len());
@@ -100,7 +108,7 @@ fn the_default_durability_groups_fdatasyncs_except_on_tmpfs() {
 #[test]
 fn durable_writes_under_way_together_share_their_fdatasyncs() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let v = UringVolume::open(&file_of(&dir, 16 << 20), &UringOptions::default()).unwrap();
+    let v = UringVolume::open(&file_of(&dir, 16 << 20), &group_sync()).unwrap();
     assert_eq!(v.durability(), Durability::Fdatasync);
     let before = v.group_syncs();
     let pending: Vec<_> = (0..64u64)

@@ -26,14 +26,15 @@ use super::{check_request, Alignment, BlockDevice, IoBuf, VolumeError, WriteCloc
 #[serde(rename_all = "kebab-case")]
 pub enum Durability {
     /// `RWF_DSYNC` on each durable write (pwritev2 flag in the SQE); other writes stay plain.
+    /// The default since session 32 (docs/design.md, "Durability choice").
+    #[default]
     RwfDsync,
     /// The volume is opened with `O_DSYNC`: every write is durable.
     ODsync,
     /// A plain write, then an `fdatasync` of the volume (IORING_OP_FSYNC, DATASYNC) shared by
     /// every write that completed before it was issued: one device flush for a group of
-    /// writes, where RWF_DSYNC flushes once per write. The default (docs/design.md,
-    /// "Durability choice").
-    #[default]
+    /// writes, where RWF_DSYNC flushes once per write: ahead on a disk whose flush is dear
+    /// (the default in sessions 17–31; docs/design.md, "Durability choice").
     Fdatasync,
 }
 
