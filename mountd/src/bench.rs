@@ -103,17 +103,17 @@ pub struct PutLatency {
     /// transfer, opened piece by piece as it came).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub link_open: Option<f64>,
-    /// Through the daemon: from the tag verified to one of the store's slots granted (the
-    /// wait behind the puts the store is working on, `limits.store_depth`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub store_queue: Option<f64>,
-    /// Through the daemon: from the store slot granted to the blocking work with the share
-    /// (the store's put) starting on the connection's thread, once it has handed the
-    /// worker's other tasks to another thread (`block_in_place`).
+    /// Through the daemon: from the tag verified to the blocking work with the share (the
+    /// store's put) starting on the connection's thread, once it has handed the worker's
+    /// other tasks to another thread (`block_in_place`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub to_thread: Option<f64>,
-    /// In the store: checks, allocation, the durable write, the index entry.
+    /// In the store: checks, allocation, the wait for a place among the volume's writes, the
+    /// durable write, the index entry.
     pub store: f64,
+    /// Of the store's time: the wait for a place among the share writes at the volume
+    /// (`limits.write_depth`, the bench's `--jobs`).
+    pub write_queue: f64,
     /// Of the durable write: from the volume's thread taking it to its data written (with
     /// `--durability rwf-dsync` or `o-dsync`, the flush included)...
     pub volume_write: f64,
@@ -134,9 +134,9 @@ impl PutLatency {
         PutLatency {
             put: mean(client_put_ns, store.puts),
             link_open: link.map(|l| mean(l.open_ns, l.shares)),
-            store_queue: link.map(|l| mean(l.queue_ns, l.shares)),
             to_thread: link.map(|l| mean(l.to_thread_ns, l.shares)),
             store: mean(store.store_ns, store.puts),
+            write_queue: mean(store.write_queue_ns, store.puts),
             volume_write: mean(w.write_ns, w.writes),
             flush_wait: mean(w.flush_wait_ns, w.writes),
             syncs_per_put: per(w.syncs, store.puts),
@@ -400,8 +400,9 @@ pub fn run_fio(
 /// runtime) and the client (`MountdSite`), with a link provisioned under `key_root` (use
 /// tmpfs so that the volume path is what is measured; removed afterwards).
 /// Puts `count` shares of `share_len` bytes through a daemon over sealed TCP from
-/// `connections` client threads, its store taking `jobs` at once (`limits.store_depth`),
-/// then gets (and verifies) them from `jobs` threads, then deletes them.
+/// `connections` client threads (its store opened with `jobs` writes at the volume at once,
+/// `StoreOptions::write_depth`), then gets (and verifies) them from `jobs` threads, then
+/// deletes them.
 #[allow(clippy::too_many_arguments)]
 pub fn bench_daemon<D: BlockDevice>(
     store: Store<D>,
@@ -457,7 +458,6 @@ pub fn bench_daemon<D: BlockDevice>(
             max_connections: conns,
             max_unwelcomed_per_address: conns,
             max_inflight_bytes: 1 << 30,
-            store_depth: jobs,
             frame_timeout: std::time::Duration::from_secs(60),
             idle_timeout: std::time::Duration::from_secs(300),
             max_share_len: crate::store::StoreOptions::default()

@@ -16,7 +16,7 @@
 //! queue_depth = 32
 //! fixed_buffers = 16
 //! durability = "rwf-dsync"             # or "fdatasync" (a disk whose flush is dear), "o-dsync"
-//! store_depth = 4                      # puts the store works on at once (the rest wait)
+//! write_depth = 4                      # share writes at the volume at once (the rest wait)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -150,12 +150,11 @@ pub struct Limits {
     pub max_unwelcomed_per_address: Option<u32>,
     /// Bytes of frames being received, processed or answered at once.
     pub max_inflight_bytes: u64,
-    /// PUTs the store works on at once (1..=256), from all connections (the Unix socket's
-    /// and the links'): the others wait, received and verified, for a slot, in the order they
-    /// came. So the volume has up to this many shares being written while the next ones
-    /// arrive, and puts from many connections do not drive it deeper (GETs, DELETEs and the
-    /// flusher's zeroing of replaced extents take no slot).
-    pub store_depth: u32,
+    /// Share writes at the volume at once (1..=256), whatever the number of connections
+    /// putting: a put past it waits, its share received, verified and its header made, in
+    /// the order the puts came (the store's `write_depth`). Tombstones and reads are not
+    /// counted.
+    pub write_depth: u32,
     /// Seconds a started frame may take to arrive completely; also how long a new
     /// connection may take to deliver its first frame (a TCP connection's HELLO), and how
     /// long a reply may take to be taken by its peer.
@@ -163,10 +162,6 @@ pub struct Limits {
     /// Seconds a connection may stay idle between frames before the server closes it.
     pub idle_timeout_secs: u64,
 }
-
-/// `limits.store_depth` unless set: the depth at which a disk like the one measured in
-/// docs/benchmarks.md (session 32) is at full speed; more only adds latency.
-pub const DEFAULT_STORE_DEPTH: u32 = 4;
 
 /// The longest `frame_timeout_secs` accepted (an hour).
 pub const MAX_FRAME_TIMEOUT_SECS: u64 = 3600;
@@ -193,7 +188,7 @@ impl Default for Limits {
             max_connections: 64,
             max_unwelcomed_per_address: None,
             max_inflight_bytes: 256 << 20,
-            store_depth: DEFAULT_STORE_DEPTH,
+            write_depth: crate::store::DEFAULT_WRITE_DEPTH as u32,
             frame_timeout_secs: 30,
             idle_timeout_secs: 300,
         }
@@ -272,7 +267,7 @@ impl SiteConfig {
             c.limits.fixed_buffers.into(),
             0..=1024,
         )?;
-        within("limits.store_depth", c.limits.store_depth.into(), 1..=256)?;
+        within("limits.write_depth", c.limits.write_depth.into(), 1..=256)?;
         let min_inflight = (qgenome::wire::msg::MAX_MSG as u64) * 2;
         if c.limits.max_inflight_bytes < min_inflight {
             return Err(bad(
@@ -342,6 +337,7 @@ impl SiteConfig {
     pub fn store_options(&self) -> StoreOptions {
         StoreOptions {
             max_share_len: self.limits.max_share_bytes,
+            write_depth: self.limits.write_depth as usize,
             ..StoreOptions::default()
         }
     }
@@ -435,10 +431,13 @@ durability = "fdatasync"
         assert_eq!(c.limits.queue_depth, 64);
         assert_eq!(c.limits.durability, Durability::Fdatasync);
         assert_eq!(c.limits.fixed_buffers, 16);
-        assert_eq!(c.limits.store_depth, DEFAULT_STORE_DEPTH);
+        assert_eq!(
+            c.store_options().write_depth,
+            crate::store::DEFAULT_WRITE_DEPTH
+        );
         assert_eq!(c.uring_options().queue_depth, 64);
-        let c = SiteConfig::parse(&format!("{GOOD}store_depth = 16\n"), Path::new("s.toml"));
-        assert_eq!(c.unwrap().limits.store_depth, 16);
+        let c = SiteConfig::parse(&format!("{GOOD}write_depth = 16\n"), Path::new("s.toml"));
+        assert_eq!(c.unwrap().store_options().write_depth, 16);
     }
 
     #[test]
@@ -488,13 +487,13 @@ durability = "fdatasync"
         // A store that takes no put, or a typo driving the volume thousands deep.
         for depth in [0, 1000] {
             let e = SiteConfig::parse(
-                &format!("{GOOD}store_depth = {depth}\n"),
+                &format!("{GOOD}write_depth = {depth}\n"),
                 Path::new("x.toml"),
             )
             .unwrap_err()
             .to_string();
             assert!(
-                e.contains("limits.store_depth") && e.contains("x.toml") && e.contains("1..=256"),
+                e.contains("limits.write_depth") && e.contains("x.toml") && e.contains("1..=256"),
                 "{e}"
             );
         }

@@ -97,9 +97,9 @@ enum Cmd {
         size: u64,
         #[arg(long, value_parser = parse_size, default_value = "1M")]
         share_size: u64,
-        /// Puts and gets at the volume at once: fio's iodepth, the store's depth
-        /// (`limits.store_depth`) through the daemon, the threads of the store alone
-        /// (`--direct`), and the threads that get through the daemon.
+        /// Puts and gets at the volume at once: fio's iodepth, the store's share writes at
+        /// once (`limits.write_depth`), the threads of the store alone (`--direct`), and the
+        /// threads that get through the daemon.
         #[arg(long, default_value_t = 4)]
         jobs: usize,
         /// Through the daemon: client connections that put (a thread each, one request at a
@@ -608,6 +608,8 @@ fn bench(vol: &VolumeArgs, run: &BenchRun, via_daemon: Option<&Path>, json: bool
             &state,
             StoreOptions {
                 max_share_len: share_size.max(1 << 20),
+                // The volume gets the shares fio's iodepth gives it.
+                write_depth: jobs,
                 ..StoreOptions::default()
             },
         )?;
@@ -663,9 +665,9 @@ fn bench(vol: &VolumeArgs, run: &BenchRun, via_daemon: Option<&Path>, json: bool
         "rounds": r.rounds,
         "put_latency_us": r.put_latency,
     });
+    out["write_depth"] = jobs.into();
     if via_daemon.is_some() {
         out["connections"] = connections.into();
-        out["store_depth"] = jobs.into();
     }
     if let (Some(w), Some(rd)) = (r.fio_write_mbps, r.fio_read_mbps) {
         out["fio_write_mbps"] = w.into();

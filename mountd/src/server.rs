@@ -204,8 +204,6 @@ pub struct ServerLimits {
     /// TCP connections from one address (an IPv6 /64) not yet welcomed, at once.
     pub max_unwelcomed_per_address: usize,
     pub max_inflight_bytes: u64,
-    /// Puts the store works on at once (`limits.store_depth`).
-    pub store_depth: usize,
     /// How long a started frame may take to arrive, a new connection its first frame, and
     /// a reply to be taken by its peer; a frame or reply of `n` bytes has
     /// [`qgenome::wire::slowest_transfer`]`(n)` more ([`ServerLimits::transfer_deadline`]).
@@ -229,7 +227,6 @@ impl ServerLimits {
             max_connections: c.limits.max_connections as usize,
             max_unwelcomed_per_address: c.limits.unwelcomed_per_address() as usize,
             max_inflight_bytes: c.limits.max_inflight_bytes,
-            store_depth: c.limits.store_depth as usize,
             frame_timeout: Duration::from_secs(c.limits.frame_timeout_secs),
             idle_timeout: Duration::from_secs(c.limits.idle_timeout_secs),
             max_share_len: c.limits.max_share_bytes.min(msg::MAX_DATA as u64),
@@ -248,11 +245,8 @@ pub struct Server<D: BlockDevice> {
     memory_permits: u32,
     /// Which refusals get a log line.
     refusals: RefusalLog,
-    /// Slots of the store for puts (`limits.store_depth`): a share received and verified
-    /// waits for one before its store work starts.
-    store_slots: Arc<Semaphore>,
     /// Shares opened as they arrived, and where their time went ([`Server::link_times`]).
-    link_clock: [AtomicU64; 4],
+    link_clock: [AtomicU64; 3],
 }
 
 /// Shares that arrived on a link and were opened as they arrived, and the time they took,
@@ -265,10 +259,8 @@ pub struct LinkTimes {
     /// From the frame's head read to its tag verified: the share's transfer, opened as it
     /// came.
     pub open_ns: u64,
-    /// From the tag verified to a store slot granted (`limits.store_depth`).
-    pub queue_ns: u64,
-    /// From the store slot granted to the request's blocking work (the store's put)
-    /// starting (`run_blocking`).
+    /// From the tag verified to the request's blocking work (the store's put) starting
+    /// (`run_blocking`).
     pub to_thread_ns: u64,
 }
 
@@ -278,7 +270,6 @@ impl LinkTimes {
         LinkTimes {
             shares: self.shares - before.shares,
             open_ns: self.open_ns - before.open_ns,
-            queue_ns: self.queue_ns - before.queue_ns,
             to_thread_ns: self.to_thread_ns - before.to_thread_ns,
         }
     }
@@ -369,7 +360,6 @@ impl<D: BlockDevice> Server<D> {
             memory: Arc::new(Semaphore::new(permits as usize)),
             memory_permits: permits,
             refusals: RefusalLog::default(),
-            store_slots: Arc::new(Semaphore::new(limits.store_depth.max(1))),
             limits,
             link_clock: Default::default(),
         }
@@ -377,14 +367,13 @@ impl<D: BlockDevice> Server<D> {
 
     /// Where the shares that arrived on links spent their time until the store took them.
     pub fn link_times(&self) -> LinkTimes {
-        let [shares, open_ns, queue_ns, to_thread_ns] = self
+        let [shares, open_ns, to_thread_ns] = self
             .link_clock
             .each_ref()
             .map(|a| a.load(Ordering::Relaxed));
         LinkTimes {
             shares,
             open_ns,
-            queue_ns,
             to_thread_ns,
         }
     }
@@ -743,43 +732,14 @@ impl<D: BlockDevice> Server<D> {
                 o
             } else {
                 let opened = matches!(inline, Inline::Opened);
-                // A PUT waits here, received (and on a link verified), for one of the store's
-                // slots (`limits.store_depth`): the store works on that many puts at once,
-                // kept busy while the next shares arrive on other connections. Not cut short
-                // by a stop: a share received whole is stored and answered, as the puts
-                // holding the slots are (they are done within the store's time). A frame
-                // refused, or found to be no PUT once opened (its head, decrypted in place, is
-                // read only once its tag verified), takes none.
-                let is_put = match (&share, &sealed) {
-                    (None, _) => false,
-                    (Some(_), None) => true,
-                    (Some(_), Some(_)) => {
-                        matches!(pre_opened, Some((_, Ok(()))))
-                            && msg::is_put(&frame[frame::HEADER_LEN..])
-                    }
-                };
-                let slot = match is_put {
-                    true => Some(
-                        self.store_slots
-                            .clone()
-                            .acquire_owned()
-                            .await
-                            .expect("the store's slots are never closed"),
-                    ),
-                    false => None,
-                };
-                let granted_at = Instant::now();
-                if let Some(t) = opened_at {
-                    add_nanos(&self.link_clock[2], granted_at - t);
-                }
                 let srv = self.clone();
                 let conn = sealed.take();
                 let peer2 = peer.clone();
                 let mut out = std::mem::take(&mut reply);
                 let (mut f, mut p) = (std::mem::take(&mut frame), std::mem::take(&mut plain));
                 let (conn, outcome, out, f, p) = run_blocking(move || {
-                    if opened_at.is_some() {
-                        add_nanos(&srv.link_clock[3], granted_at.elapsed());
+                    if let Some(t) = opened_at {
+                        add_nanos(&srv.link_clock[2], t.elapsed());
                     }
                     let mut conn = conn;
                     let o = match (share, conn.as_mut()) {
@@ -797,7 +757,6 @@ impl<D: BlockDevice> Server<D> {
                     (conn, o, out, f, p)
                 })
                 .await;
-                drop(slot);
                 sealed = conn;
                 reply = out;
                 (frame, plain) = (f, p);
@@ -2054,96 +2013,15 @@ mod tests {
             secret_len: len as u64,
         };
         store.put(to_key(k), meta, &vec![7u8; len]).unwrap();
-        Arc::new(Server::new(store, Vec::new(), test_limits(inflight, 4)))
-    }
-
-    fn test_limits(inflight: u64, store_depth: usize) -> ServerLimits {
-        ServerLimits {
-            max_connections: 16,
+        let limits = ServerLimits {
+            max_connections: 4,
             max_unwelcomed_per_address: 4,
             max_inflight_bytes: inflight,
-            store_depth,
             frame_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(10),
             max_share_len: msg::MAX_DATA as u64,
-        }
-    }
-
-    /// Serves `srv` on a Unix socket in `dir` while `clients` run (on their own threads, each
-    /// with its own connection), then stops it.
-    async fn serve_unix_while<D: BlockDevice>(
-        srv: Arc<Server<D>>,
-        dir: &Path,
-        clients: usize,
-        client: impl Fn(usize, qgenome::sites::MountdSite) + Send + Sync + 'static,
-    ) {
-        let sock = dir.join("site.sock");
-        let listeners = Listeners {
-            unix: Some((bind_unix(&sock).unwrap(), sock.clone())),
-            tcp: None,
         };
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let run = tokio::spawn(srv.run(listeners, async {
-            let _ = stop_rx.await;
-        }));
-        let client = Arc::new(client);
-        let threads: Vec<_> = (0..clients)
-            .map(|i| {
-                let (sock, client) = (sock.clone(), client.clone());
-                tokio::task::spawn_blocking(move || {
-                    client(i, qgenome::sites::MountdSite::unix("site-a", &sock))
-                })
-            })
-            .collect();
-        for t in threads {
-            t.await.unwrap();
-        }
-        stop_tx.send(()).unwrap();
-        run.await.unwrap().unwrap();
-    }
-
-    /// However many connections put at once, the store works on `store_depth` puts at a
-    /// time, and every put is stored.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn puts_from_many_connections_reach_the_store_store_depth_at_a_time() {
-        use crate::store::{FormatOptions, StoreOptions};
-        use crate::volume::{Alignment, MemVolume};
-        use qgenome::sites::ShareSite;
-        for depth in [1, 2] {
-            let dir = tempfile::tempdir().unwrap();
-            let v = Arc::new(MemVolume::new(
-                "mem-vol",
-                64 << 20,
-                Alignment::new(512, 512).unwrap(),
-            ));
-            Store::format(&v, "site-a", &FormatOptions::default()).unwrap();
-            let store = Store::open(v.clone(), dir.path(), StoreOptions::default()).unwrap();
-            let srv = Arc::new(Server::new(store, Vec::new(), test_limits(64 << 20, depth)));
-            v.slow_writes(Duration::from_millis(30));
-            let key = |c: usize, i: u64| WireKey {
-                file: [c as u8 + 1; 16],
-                chunk: i,
-                share: 0,
-            };
-            let meta = WireMeta {
-                k: 2,
-                n: 3,
-                secret_len: 4096,
-            };
-            serve_unix_while(srv.clone(), dir.path(), 6, move |c, site| {
-                for i in 0..3 {
-                    site.put(&key(c, i), &meta, &[c as u8; 4096]).unwrap();
-                }
-            })
-            .await;
-            assert_eq!(v.writes_at_once(), depth, "store_depth {depth}");
-            for c in 0..6 {
-                for i in 0..3 {
-                    let got = srv.store().get(&to_key(&key(c, i))).unwrap();
-                    assert_eq!(got.bytes(), &[c as u8; 4096][..]);
-                }
-            }
-        }
+        Arc::new(Server::new(store, Vec::new(), limits))
     }
 
     #[tokio::test]

@@ -22,7 +22,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Instant;
 
+mod gate;
 mod lazy;
+use gate::WriteGate;
 use lazy::Committer;
 
 use nix::fcntl::{Flock, FlockArg};
@@ -194,13 +196,21 @@ pub struct StoreOptions {
     pub max_share_len: u64,
     /// sled's page cache.
     pub index_cache_bytes: u64,
+    /// Share writes at the volume at once (at least 1); more puts wait for a place, in the
+    /// order they came, with the rest of their work done beside the writes ([`gate`]).
+    pub write_depth: usize,
 }
+
+/// [`StoreOptions::write_depth`] unless set: the depth at which this VM's disk writes at full
+/// speed (docs/design.md, "The volume's write depth").
+pub const DEFAULT_WRITE_DEPTH: usize = 4;
 
 impl Default for StoreOptions {
     fn default() -> Self {
         Self {
             max_share_len: 64 << 20,
             index_cache_bytes: 64 << 20,
+            write_depth: DEFAULT_WRITE_DEPTH,
         }
     }
 }
@@ -314,6 +324,9 @@ pub struct PutTimes {
     pub puts: u64,
     /// In [`Store::put_buf`], from its call to its return.
     pub store_ns: u64,
+    /// Of that, waiting for a place among the writes at the volume
+    /// ([`StoreOptions::write_depth`]).
+    pub write_queue_ns: u64,
     /// The volume's durable writes (the puts', and any other: tombstones, retires).
     pub volume: WriteTimes,
 }
@@ -324,6 +337,7 @@ impl PutTimes {
         PutTimes {
             puts: self.puts - before.puts,
             store_ns: self.store_ns - before.store_ns,
+            write_queue_ns: self.write_queue_ns - before.write_queue_ns,
             volume: self.volume.since(&before.volume),
         }
     }
@@ -410,8 +424,11 @@ pub struct Store<D: BlockDevice> {
     tagging: Mutex<()>,
     /// Valid shares the open regions held that the index lacked, found by `open`.
     recovered: u64,
-    /// Puts that succeeded, and the nanoseconds they took ([`Store::put_times`]).
-    put_clock: (AtomicU64, AtomicU64),
+    /// Puts that succeeded, the nanoseconds they took, and those they waited at the gate
+    /// ([`Store::put_times`]).
+    put_clock: [AtomicU64; 3],
+    /// The share writes let through to the volume at once.
+    gate: WriteGate,
     /// The state directory's lock, held while the store is open (dropped last).
     _state_lock: Flock<std::fs::File>,
 }
@@ -875,6 +892,7 @@ impl<D: BlockDevice> Store<D> {
             damaged_reads: AtomicU64::new(0),
             recovered,
             put_clock: Default::default(),
+            gate: WriteGate::new(opts.write_depth),
             opts,
         };
         // A volume whose shares were written before index tags existed: tag it now.
@@ -991,9 +1009,10 @@ impl<D: BlockDevice> Store<D> {
         share: ShareBuf,
     ) -> Result<(), StoreError> {
         let started = Instant::now();
-        self.put_share(key, meta, share)?;
-        self.put_clock.0.fetch_add(1, Ordering::Relaxed);
-        crate::volume::add_nanos(&self.put_clock.1, started.elapsed());
+        let queued = self.put_share(key, meta, share)?;
+        self.put_clock[0].fetch_add(1, Ordering::Relaxed);
+        crate::volume::add_nanos(&self.put_clock[1], started.elapsed());
+        crate::volume::add_nanos(&self.put_clock[2], queued);
         Ok(())
     }
 
@@ -1001,13 +1020,20 @@ impl<D: BlockDevice> Store<D> {
     /// `qgenome-mountd bench` shows of a put's time in the store.
     pub fn put_times(&self) -> PutTimes {
         PutTimes {
-            puts: self.put_clock.0.load(Ordering::Relaxed),
-            store_ns: self.put_clock.1.load(Ordering::Relaxed),
+            puts: self.put_clock[0].load(Ordering::Relaxed),
+            store_ns: self.put_clock[1].load(Ordering::Relaxed),
+            write_queue_ns: self.put_clock[2].load(Ordering::Relaxed),
             volume: self.c.dev.write_times(),
         }
     }
 
-    fn put_share(&self, key: ShareKey, meta: ShareMeta, share: ShareBuf) -> Result<(), StoreError> {
+    /// [`Store::put_buf`]'s work; returns how long the put waited at the gate.
+    fn put_share(
+        &self,
+        key: ShareKey,
+        meta: ShareMeta,
+        share: ShareBuf,
+    ) -> Result<std::time::Duration, StoreError> {
         meta.validate(&key)
             .map_err(|e| self.invalid(key, e.to_string()))?;
         let len = share.len as u64;
@@ -1129,10 +1155,13 @@ impl<D: BlockDevice> Store<D> {
         // The header block after HEADER_LEN and the padding after the share are zero:
         // share_buf zeroed them and only the share range was handed out.
         // A failed write may still have put the header (and maybe every byte) on the volume.
-        self.c
-            .dev
-            .write_at(buf, offset, true)
-            .map_err(|e| unwrite(e.into()))?;
+        // The write waits for its place among the volume's (`write_depth`).
+        let queued_at = Instant::now();
+        let writing = self.gate.enter();
+        let queued = queued_at.elapsed();
+        let written = self.c.dev.write_at(buf, offset, true);
+        drop(writing);
+        written.map_err(|e| unwrite(e.into()))?;
         // The extent this put replaces is recorded as retiring before the new entry goes in
         // (both are flushed by the same flush, in this order): a crash before its tombstone
         // is durable leaves the record for `open` to finish. The key's write lock keeps the
@@ -1160,7 +1189,7 @@ impl<D: BlockDevice> Store<D> {
         // the entry durable, then zeroes and frees the replaced extent (until that flush the
         // durable index still names it, so it must stay whole and allocated).
         self.c.acknowledged(regions, old.map(|o| (key, o)));
-        Ok(())
+        Ok(queued)
     }
 
     /// Finish the retiring records of `key` (replaced extents whose tombstone failed), so
@@ -1770,6 +1799,53 @@ mod tests {
         offset: 512,
         mem: 512,
     };
+
+    /// However many threads put at once, `write_depth` share writes are at the volume at a
+    /// time (the rest of each put runs beside them), every put is stored, and the waits are
+    /// counted.
+    #[test]
+    fn puts_from_many_threads_reach_the_volume_write_depth_at_a_time() {
+        for depth in [1, 2] {
+            let dir = tempfile::tempdir().unwrap();
+            let v = Arc::new(MemVolume::new("mem-vol", 64 << 20, A));
+            Store::format(&v, "site-a", &FormatOptions::default()).unwrap();
+            let opts = StoreOptions {
+                write_depth: depth,
+                ..StoreOptions::default()
+            };
+            let s = Store::open(v.clone(), dir.path(), opts).unwrap();
+            v.slow_writes(std::time::Duration::from_millis(30));
+            let key = |t: u8, i: u64| ShareKey {
+                file_id: [t + 1; 16],
+                chunk: i,
+                share: 0,
+            };
+            let meta = ShareMeta {
+                k: 2,
+                n: 3,
+                secret_len: 4096,
+            };
+            std::thread::scope(|sc| {
+                for t in 0..6u8 {
+                    let s = &s;
+                    sc.spawn(move || {
+                        for i in 0..3 {
+                            s.put(key(t, i), meta, &[t; 4096]).unwrap();
+                        }
+                    });
+                }
+            });
+            assert_eq!(v.writes_at_once(), depth, "write_depth {depth}");
+            let times = s.put_times();
+            assert_eq!(times.puts, 18);
+            assert!(times.write_queue_ns > 0, "six threads, {depth} at a time");
+            for t in 0..6u8 {
+                for i in 0..3 {
+                    assert_eq!(s.get(&key(t, i)).unwrap().bytes(), &[t; 4096][..]);
+                }
+            }
+        }
+    }
 
     /// A retiring record of its key's live entry (a replace whose index insert failed after
     /// its record was written, and whose cleanup failed too, flushed by another put's commit)
