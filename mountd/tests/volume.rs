@@ -110,14 +110,22 @@ fn durable_writes_under_way_together_share_their_fdatasyncs() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let v = UringVolume::open(&file_of(&dir, 16 << 20), &group_sync()).unwrap();
     assert_eq!(v.durability(), Durability::Fdatasync);
-    let before = v.group_syncs();
-    let pending: Vec<_> = (0..64u64)
+    // Every buffer filled first, then all submitted at once: filled one by one between the
+    // submissions (slow in a debug build on a busy machine), the first writes completed and
+    // were flushed alone while the last were still being made (42 syncs in one `make test`).
+    let bufs: Vec<_> = (0..64u64)
         .map(|i| {
             let data = pattern(i, 64 << 10);
             let mut b = v.alloc_buf(data.len());
             b.as_mut_slice().copy_from_slice(&data);
-            v.submit_write(b, i * (64 << 10), true)
+            b
         })
+        .collect();
+    let before = v.group_syncs();
+    let pending: Vec<_> = bufs
+        .into_iter()
+        .zip(0u64..)
+        .map(|(b, i)| v.submit_write(b, i * (64 << 10), true))
         .collect();
     for p in pending {
         p.wait().unwrap();
