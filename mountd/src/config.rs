@@ -484,7 +484,7 @@ durability = "fdatasync"
             e.to_string().contains("limits.fixed_buffers") && e.to_string().contains("x.toml"),
             "{e}"
         );
-        // A store that takes no put, or a typo driving the volume thousands deep.
+        // No share write at all, or a typo driving the volume thousands deep.
         for depth in [0, 1000] {
             let e = SiteConfig::parse(
                 &format!("{GOOD}write_depth = {depth}\n"),
