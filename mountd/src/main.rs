@@ -87,8 +87,9 @@ enum Cmd {
     },
     /// Measure store put/get of shares against fio on the same filesystem. Also reports where a
     /// put's time goes (`put_latency_us`, mean microseconds): the whole put, its transfer and
-    /// opening on the link, the wait for a store slot, the hand-off to the store's work, and
-    /// the store, of which the volume's write and the wait for the flush that made it durable.
+    /// opening on the link, the hand-off to the store's work, and the store, of which the wait
+    /// for a place among the volume's writes (`write_queue`), the volume's write, and the wait
+    /// for the flush that made it durable.
     Bench {
         #[command(flatten)]
         vol: VolumeArgs,

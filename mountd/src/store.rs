@@ -1838,7 +1838,12 @@ mod tests {
             assert_eq!(v.writes_at_once(), depth, "write_depth {depth}");
             let times = s.put_times();
             assert_eq!(times.puts, 18);
-            assert!(times.write_queue_ns > 0, "six threads, {depth} at a time");
+            // 18 writes of 30 ms, `depth` at a time, from 6 threads: the threads waited at
+            // the gate for far longer than one write in all.
+            assert!(
+                times.write_queue_ns >= 30_000_000,
+                "six threads, {depth} at a time: {times:?}"
+            );
             for t in 0..6u8 {
                 for i in 0..3 {
                     assert_eq!(s.get(&key(t, i)).unwrap().bytes(), &[t; 4096][..]);

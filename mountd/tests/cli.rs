@@ -407,7 +407,7 @@ fn put_latency_adds_up(j: &serde_json::Value, daemon: bool, flushes: bool) {
     }
     // A volume on a disk waits for the group fdatasync; on tmpfs the write is all there is.
     assert_eq!(us("flush_wait") > 0.0, flushes, "{l}");
-    // A put may find a place among the volume's writes at once (no wait).
+    // Reported (a put may find a place among the volume's writes at once: no wait).
     assert!(us("write_queue") >= 0.0, "{l}");
     assert!(
         us("store") >= us("write_queue") + us("volume_write") + us("flush_wait"),

@@ -141,11 +141,24 @@ fn durable_writes_under_way_together_share_their_fdatasyncs() {
     }
 }
 
+/// Plain and durable writes from many threads, then reads all in flight at once, with each
+/// durability mode (the group fdatasync's bookkeeping sees plain and durable writes mixed).
 #[test]
 fn many_concurrent_requests_from_threads_and_async() {
-    let dir = tempfile::tempdir().unwrap();
+    for durability in [Durability::RwfDsync, Durability::Fdatasync] {
+        concurrent_requests(durability);
+    }
+}
+
+fn concurrent_requests(durability: Durability) {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let path = file_of(&dir, 64 << 20);
-    let v = Arc::new(UringVolume::open(&path, &UringOptions::default()).unwrap());
+    let opts = UringOptions {
+        durability,
+        ..UringOptions::default()
+    };
+    let v = Arc::new(UringVolume::open(&path, &opts).unwrap());
+    assert_eq!(v.durability(), durability);
     let threads: Vec<_> = (0..8u64)
         .map(|t| {
             let v = Arc::clone(&v);

@@ -9,7 +9,7 @@ use qgenome_mountd::bench::pattern;
 use qgenome_mountd::layout::{ShareKey, ShareMeta};
 use qgenome_mountd::store::{FormatOptions, Store, StoreOptions};
 use qgenome_mountd::volume::{
-    create_file_volume, BlockDevice, UringOptions, UringVolume, VolumeError, VolumeKind,
+    create_file_volume, BlockDevice, Durability, UringOptions, UringVolume, VolumeError, VolumeKind,
 };
 
 const META: ShareMeta = ShareMeta {
@@ -194,10 +194,21 @@ impl Drop for Mounted {
 /// disk, and a later flush that succeeds does not say it is.
 #[test]
 fn after_a_failed_durable_write_the_volume_refuses_durable_writes_until_reopened() {
+    for durability in [Durability::RwfDsync, Durability::Fdatasync] {
+        refused_after_a_failed_durable_write(durability);
+    }
+}
+
+fn refused_after_a_failed_durable_write(durability: Durability) {
     let (_fs, lo) = failing_disk("3m");
-    let open = || UringVolume::open(&lo.dev, &UringOptions::default()).unwrap();
+    let opts = UringOptions {
+        durability,
+        ..UringOptions::default()
+    };
+    let open = || UringVolume::open(&lo.dev, &opts).unwrap();
     let v = open();
     assert_eq!(v.kind(), VolumeKind::BlockDevice);
+    assert_eq!(v.durability(), durability);
     let write = |v: &UringVolume, seed: u64, at: u64, durable: bool| {
         let mut b = v.alloc_buf(1 << 20);
         pattern(seed, &key(at), b.as_mut_slice());
