@@ -399,10 +399,10 @@ pub fn run_fio(
 /// sealed: the daemon's code path (`server::Server`, in this process on its own tokio
 /// runtime) and the client (`MountdSite`), with a link provisioned under `key_root` (use
 /// tmpfs so that the volume path is what is measured; removed afterwards).
-/// Puts `count` shares of `share_len` bytes through a daemon over sealed TCP from
-/// `connections` client threads (its store opened with `jobs` writes at the volume at once,
-/// `StoreOptions::write_depth`), then gets (and verifies) them from `jobs` threads, then
-/// deletes them.
+///
+/// Puts `count` shares of `share_len` bytes from `connections` client threads (the store
+/// given by the caller lets `jobs` writes reach the volume at once: `StoreOptions::write_depth`),
+/// then gets (and verifies) them from `jobs` threads, then deletes them.
 #[allow(clippy::too_many_arguments)]
 pub fn bench_daemon<D: BlockDevice>(
     store: Store<D>,
