@@ -7,13 +7,12 @@
 //! store, encode and seal the reply; write the reply. The blocking work runs on the task's
 //! own thread, a thread of the blocking pool taking over the worker's other tasks meanwhile
 //! (`block_in_place`; on a current-thread runtime, a blocking thread). A GET is the
-//! exception: its small frame
-//! is opened in the connection's task, which awaits the volume read itself and seals the
-//! reply there (no hand-off to a blocking thread and back; its reply buffer is what counts
-//! toward the in-flight bytes). One request at a time per connection;
-//! clients open several connections for concurrency. Connections of one link share the
-//! link's two streams (behind mutexes): the receiver tracks consumed key ranges exactly, so
-//! frames of different connections may arrive in any order.
+//! exception: its small frame is opened in the connection's task, which awaits the volume
+//! read itself and seals the reply there (no hand-off to a blocking thread and back; its
+//! reply buffer is what counts toward the in-flight bytes). One request at a time per
+//! connection; clients open several connections for concurrency. Connections of one link
+//! share the link's two streams (behind mutexes): the receiver tracks consumed key ranges
+//! exactly, so frames of different connections may arrive in any order.
 //!
 //! A bad frame (malformed, altered, replayed, sealed for another stream, truncated, absurd
 //! length) is logged with the link and the peer address and closes that connection only.
@@ -1994,6 +1993,13 @@ mod tests {
         assert!(lock(&counts.by_source).is_empty());
     }
 
+    /// The key of the share `server_with_share` holds in these tests.
+    const SHARE_K: WireKey = WireKey {
+        file: [3; 16],
+        chunk: 1,
+        share: 0,
+    };
+
     /// A server over an in-memory volume holding one share of `len` bytes under key `k`,
     /// with `inflight` bytes allowed in flight.
     fn server_with_share(
@@ -2027,11 +2033,7 @@ mod tests {
     #[tokio::test]
     async fn a_get_reply_holds_in_flight_bytes_for_its_share_not_its_request() {
         let dir = tempfile::tempdir().unwrap();
-        let k = WireKey {
-            file: [3; 16],
-            chunk: 1,
-            share: 0,
-        };
+        let k = SHARE_K;
         let srv = server_with_share(dir.path(), 64 << 20, &k, 3 << 20);
         let all = srv.memory.available_permits();
         let mut permit = Some(srv.reserve(100).await);
@@ -2068,11 +2070,7 @@ mod tests {
     async fn requests_are_served_on_a_current_thread_runtime() {
         use qgenome::sites::{MountdSite, ShareSite};
         let dir = tempfile::tempdir().unwrap();
-        let k = WireKey {
-            file: [3; 16],
-            chunk: 1,
-            share: 0,
-        };
+        let k = SHARE_K;
         let srv = server_with_share(dir.path(), 64 << 20, &k, 1000);
         let sock = dir.path().join("site.sock");
         let listeners = Listeners {

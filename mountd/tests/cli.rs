@@ -429,9 +429,7 @@ fn put_latency_adds_up(j: &serde_json::Value, daemon: bool, flushes: bool) {
         );
     } else {
         assert!(
-            ["link_open", "to_thread"]
-                .iter()
-                .all(|k| l.get(k).is_none()),
+            l.get("link_open").is_none() && l.get("to_thread").is_none(),
             "{l}"
         );
         assert!(us("put") >= us("store"), "{l}");

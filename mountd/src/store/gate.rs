@@ -52,17 +52,25 @@ impl WriteGate {
         }
         s.next_in += 1;
         s.writing += 1;
+        // The next ticket may find a place free too (only worth a wake-up if one is waiting).
+        let next_may_go = s.writing < self.depth && s.next_in != s.next_ticket;
         drop(s);
-        // The next ticket may find a place free too.
-        self.turn.notify_all();
+        if next_may_go {
+            self.turn.notify_all();
+        }
         Writing(self)
     }
 }
 
 impl Drop for Writing<'_> {
     fn drop(&mut self) {
-        self.0.lock().writing -= 1;
-        self.0.turn.notify_all();
+        let mut s = self.0.lock();
+        s.writing -= 1;
+        let waiting = s.next_in != s.next_ticket;
+        drop(s);
+        if waiting {
+            self.0.turn.notify_all();
+        }
     }
 }
 
